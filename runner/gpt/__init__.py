@@ -1,0 +1,1 @@
+"""The GPT model and its parallel strategies; imported inside rank processes only."""

@@ -1,0 +1,260 @@
+"""The GPT-2 model every strategy shards: config presets, name-seeded init, KV cache, HF loading.
+
+Reads like nanoGPT's model.py: GPTConfig, CausalSelfAttention, MLP, Block, GPT, in the order data
+flows through them. Nothing here knows about torch.distributed; strategies build their shards from
+the same `init_parameter` so that a shard equals the same slice of this reference model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from runner.gpt.config import PRESETS, GPTConfig
+
+__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "load_gpt2_state_dict", "init_parameter"]
+
+
+def parameter_seed(base_seed: int, name: str) -> int:
+    """A stable 63-bit seed for one parameter: the same on every rank, process and machine."""
+    digest = hashlib.sha256(f"{base_seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def init_std(name: str, config: GPTConfig) -> float | None:
+    """GPT-2's init: N(0, 0.02) for weights, scaled for residual projections; None means constant."""
+    if name.endswith("c_proj.weight"):
+        return 0.02 / math.sqrt(2 * config.n_layer)
+    if name.endswith(("wte.weight", "wpe.weight", "c_attn.weight", "c_fc.weight")):
+        return 0.02
+    return None
+
+
+def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: int) -> torch.Tensor:
+    """The full reference value of parameter `name` (float32, CPU), derived from its name alone.
+
+    A shard is `init_parameter(...)[slice]`: only one parameter is ever materialised at a time.
+    """
+    std = init_std(name, config)
+    if std is None:
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            return torch.ones(shape)
+        return torch.zeros(shape)
+    gen = torch.Generator().manual_seed(parameter_seed(seed, name))
+    return torch.randn(shape, generator=gen) * std
+
+
+@dataclass
+class LayerKVCache:
+    """Keys and values one attention layer has seen so far, shape [batch, heads, seq, head_dim]."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
+@dataclass
+class KVCache:
+    layers: list[LayerKVCache] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, n_layer: int) -> KVCache:
+        return cls([LayerKVCache() for _ in range(n_layer)])
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of q [B, h, Tq, d] over k, v [B, h, Tk, d]; the queries are the last Tq positions."""
+    tq, tk = q.shape[2], k.shape[2]
+    if tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if tq == 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    # Prefill after a cached prefix: query i sits at absolute position tk - tq + i.
+    mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:
+            k, v = cache.append(k, v)
+        y = attend(q, k, v).transpose(1, 2).contiguous().view(b, t, c)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP of 4x width, tied LM head."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight
+        init_module(self, config, seed)
+        if device is not None:
+            self.to(device)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [batch, seq, vocab]; with targets, (logits, mean cross-entropy loss)."""
+        x = self.embed(idx, 0 if cache is None else cache.length)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache.layers[i])
+        logits = self.lm_head(self.transformer.ln_f(x))
+        if targets is None:
+            return logits
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
+        t = idx.shape[1]
+        if start + t > self.config.block_size:
+            raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with a KV cache: prefill the prompt, then one token at a time."""
+        cache = KVCache.empty(self.config.n_layer)
+        logits = self(idx, cache=cache)
+        out = [idx]
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits = self(nxt, cache=cache)
+        return torch.cat(out, dim=1)
+
+
+def init_module(module: nn.Module, config: GPTConfig, seed: int, prefix: str = "") -> None:
+    """Fill every parameter of `module` with its name-seeded reference value (tied weights once)."""
+    with torch.no_grad():
+        for name, p in module.named_parameters(prefix=prefix.rstrip(".")):
+            p.copy_(init_parameter(name, tuple(p.shape), config, seed))
+
+
+# Hugging Face GPT-2 stores these as Conv1D, i.e. [in, out]; nn.Linear wants [out, in].
+_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+def convert_gpt2_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face GPT-2 layout -> this model's names and layouts (full tensors, float32)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
+        if name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name.endswith(_CONV1D_SUFFIXES):
+            value = value.t()
+        out[name] = value.float().contiguous()
+    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
+    return out
+
+
+def config_from_gpt2_state_dict(sd: dict[str, torch.Tensor], n_head: int | None = None) -> GPTConfig:
+    """Infer dims from a GPT-2 checkpoint; n_head is not in the tensors, so match a preset by width."""
+    conv = convert_gpt2_state_dict(sd)
+    vocab, n_embd = conv["transformer.wte.weight"].shape
+    block_size = conv["transformer.wpe.weight"].shape[0]
+    n_layer = 1 + max(int(k.split(".")[2]) for k in conv if k.startswith("transformer.h."))
+    if n_head is None:
+        by_width = {p.n_embd: p.n_head for p in PRESETS.values() if p.vocab_size == 50257}
+        n_head = by_width.get(n_embd, max(1, n_embd // 64))
+    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, block_size=block_size)
+
+
+def load_gpt2_state_dict(model: GPT, state_dict: dict[str, torch.Tensor]) -> GPT:
+    """Copy a Hugging Face GPT-2 state dict into `model`; raises ValueError naming what mismatches."""
+    conv = convert_gpt2_state_dict(state_dict)
+    own = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(own) - set(conv))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} tensors, first: {missing[:3]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            if tuple(conv[name].shape) != tuple(p.shape):
+                raise ValueError(f"{name}: checkpoint shape {tuple(conv[name].shape)} != model {tuple(p.shape)}")
+            p.copy_(conv[name])
+    return model
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a torch file loaded with weights_only=True (no pickled code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return sd
