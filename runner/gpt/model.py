@@ -41,6 +41,8 @@ def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: i
 
     A shard is `init_parameter(...)[slice]`: only one parameter is ever materialised at a time.
     """
+    if name == "lm_head.weight":  # tied to the token embedding: a stage holding only the head rebuilds wte
+        name = "transformer.wte.weight"
     std = init_std(name, config)
     if std is None:
         if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
@@ -258,3 +260,54 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ValueError(f"{path} is not a state dict of tensors")
     return sd
+
+
+class GPTStage(nn.Module):
+    """Consecutive blocks [first, last) of the GPT, with the embeddings on the first stage and
+    ln_f + LM head on the last. Parameter names equal the reference model's, so a stage is built
+    (and verified) by name. A stage that holds the head but not the embedding gets its own copy of
+    the tied weight; the strategy keeps both copies equal by summing their gradients.
+    """
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        first: int,
+        last: int,
+        seed: int = 0,
+        has_embed: bool = True,
+        has_head: bool = True,
+        block_factory=None,
+    ):
+        super().__init__()
+        self.config = config
+        self.first, self.last = first, last
+        self.has_embed, self.has_head = has_embed, has_head
+        make_block = block_factory or (lambda: Block(config))
+        modules: dict[str, nn.Module] = {"h": nn.ModuleDict({str(i): make_block() for i in range(first, last)})}
+        if has_embed:
+            modules["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        if has_head:
+            modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.transformer = nn.ModuleDict(modules)
+        if has_head:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if has_embed:
+                self.lm_head.weight = self.transformer.wte.weight
+        init_module(self, config, seed)
+
+    @property
+    def layer_ids(self) -> range:
+        return range(self.first, self.last)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """Token ids on the first stage, hidden states [b, t, h] elsewhere; logits from the last stage."""
+        if self.has_embed:
+            pos = torch.arange(start, start + x.shape[1], device=x.device)
+            x = self.transformer.wte(x) + self.transformer.wpe(pos)
+        for i in self.layer_ids:
+            x = self.transformer.h[str(i)](x, None if cache is None else cache.layers[i])
+        if self.has_head:
+            x = self.lm_head(self.transformer.ln_f(x))
+        return x

@@ -1,0 +1,132 @@
+"""Instrumented communication: every collective and point-to-point call goes through here and is counted.
+
+`GroupComm` wraps one process group; each call records the payload bytes (the tensor handed to it)
+and the seconds spent, by kind, into the rank's `CommStats`. Time blocked in `recv` counts as idle
+(waiting for a peer), everything else as communication. Counting is switched on only for timed steps.
+Autograd operators for tensor parallelism (identity/all-reduce conjugates) live at the bottom.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv")
+
+
+def _sync(t: torch.Tensor) -> None:
+    # CUDA ops are asynchronous: without this the clock would measure the launch, not the transfer.
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
+@dataclass
+class CommStats:
+    """Per-rank counters; `counting` is False during warm-up so only timed steps are reported."""
+
+    counting: bool = False
+    bytes: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
+    comm_s: float = 0.0
+    idle_s: float = 0.0
+
+    def record(self, kind: str, nbytes: int, seconds: float, idle: bool = False) -> None:
+        if not self.counting:
+            return
+        self.bytes[kind] += nbytes
+        self.calls[kind] += 1
+        if idle:
+            self.idle_s += seconds
+        else:
+            self.comm_s += seconds
+
+    def add_idle(self, seconds: float) -> None:
+        if self.counting:
+            self.idle_s += seconds
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+        self.comm_s = self.idle_s = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "comm_bytes": {k: int(self.bytes.get(k, 0)) for k in KINDS},
+            "comm_calls": {k: int(self.calls.get(k, 0)) for k in KINDS},
+            "comm_s": self.comm_s,
+            "idle_s": self.idle_s,
+        }
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class GroupComm:
+    """One process group (None for a group of one rank) with counted collectives."""
+
+    group: dist.ProcessGroup | None
+    ranks: list[int]
+    stats: CommStats
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def index(self) -> int:
+        """This rank's position inside the group."""
+        return self.ranks.index(dist.get_rank())
+
+    def _timed(self, kind: str, payload: torch.Tensor, fn, idle: bool = False):
+        start = time.perf_counter()
+        out = fn()
+        _sync(payload)
+        self.stats.record(kind, nbytes(payload), time.perf_counter() - start, idle=idle)
+        return out
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over the group, in place; returns t."""
+        if self.size > 1:
+            self._timed("all_reduce", t, lambda: dist.all_reduce(t, group=self.group))
+        return t
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's t along dim (rank order of the group)."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        self._timed("all_gather", t, lambda: dist.all_gather(parts, t, group=self.group))
+        return torch.cat(parts, dim=dim)
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Sum over the group, then keep this rank's 1/size chunk along dim."""
+        if self.size == 1:
+            return t
+        chunks = [c.contiguous() for c in t.chunk(self.size, dim=dim)]
+        out = torch.empty_like(chunks[0])
+        self._timed("reduce_scatter", t, lambda: dist.reduce_scatter(out, chunks, group=self.group))
+        return out
+
+    def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
+        if self.size > 1:
+            src = self.ranks[src_index]
+            self._timed("broadcast", t, lambda: dist.broadcast(t, src=src, group=self.group))
+        return t
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Blocking send to global rank dst."""
+        t = t.contiguous()
+        self._timed("send", t, lambda: dist.send(t, dst=dst))
+
+    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
+        """Blocking receive from global rank src; the wait counts as idle time."""
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        self._timed("recv", buf, lambda: dist.recv(buf, src=src), idle=True)
+        return buf

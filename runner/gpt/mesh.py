@@ -1,0 +1,113 @@
+"""The rank layout over tp x pp x dp and every process group built from it: the one place that knows ranks.
+
+Layout: tp is innermost, then dp, then pp:  rank = (pp_i * dp + dp_i) * tp + tp_i.
+Why this order: tensor-parallel peers exchange the most bytes (several all-reduces per layer), so
+they get consecutive ranks (the same node / NVLink island on real clusters); data-parallel peers
+all-reduce gradients once a step; pipeline neighbours only exchange activations, so they are
+farthest apart. This is Megatron's default order.
+
+`grid()` is pure arithmetic (tested without processes); `Mesh.build()` creates the groups with
+torch.distributed, on every rank in the same order, as new_group requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import product
+
+import torch.distributed as dist
+
+from runner.gpt.comm import CommStats, GroupComm
+
+
+@dataclass(frozen=True)
+class Coord:
+    tp: int
+    pp: int
+    dp: int
+
+
+def rank_of(c: Coord, tp: int, pp: int, dp: int) -> int:
+    return (c.pp * dp + c.dp) * tp + c.tp
+
+
+def coord_of(rank: int, tp: int, pp: int, dp: int) -> Coord:
+    return Coord(tp=rank % tp, dp=(rank // tp) % dp, pp=rank // (tp * dp))
+
+
+def grid(tp: int, pp: int, dp: int) -> dict[str, list[list[int]]]:
+    """Every group of each kind as sorted rank lists; the groups of one kind partition the ranks.
+
+    'embed' pairs the first and last pipeline stage of each (tp, dp) column: they both hold the
+    tied token embedding / LM head and must sum its gradient (only when pp > 1).
+    """
+    world = tp * pp * dp
+    if min(tp, pp, dp) < 1:
+        raise ValueError(f"degrees must be >= 1, got tp={tp} pp={pp} dp={dp}")
+    groups: dict[str, list[list[int]]] = {"tp": [], "pp": [], "dp": [], "embed": []}
+    for p, d in product(range(pp), range(dp)):
+        groups["tp"].append([rank_of(Coord(t, p, d), tp, pp, dp) for t in range(tp)])
+    for p, t in product(range(pp), range(tp)):
+        groups["dp"].append([rank_of(Coord(t, p, d), tp, pp, dp) for d in range(dp)])
+    for d, t in product(range(dp), range(tp)):
+        column = [rank_of(Coord(t, p, d), tp, pp, dp) for p in range(pp)]
+        groups["pp"].append(column)
+        if pp > 1:
+            groups["embed"].append([column[0], column[-1]])
+    assert all(sorted(sum(groups[k], [])) == list(range(world)) for k in ("tp", "pp", "dp"))
+    return groups
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the grid and a GroupComm for each kind of group it belongs to."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    rank: int
+    stats: CommStats
+    tp: GroupComm | None = None
+    pp: GroupComm | None = None
+    dp: GroupComm | None = None
+    embed: GroupComm | None = None  # first+last pipeline stage of this column, when pp > 1
+    world: GroupComm | None = None
+    _groups: dict[str, list[list[int]]] = field(default_factory=dict)
+
+    @property
+    def coord(self) -> Coord:
+        return coord_of(self.rank, self.tp_size, self.pp_size, self.dp_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.dp_size
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.coord.pp == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.coord.pp == self.pp_size - 1
+
+    def stage_rank(self, stage: int) -> int:
+        """Global rank of pipeline stage `stage` in this rank's (tp, dp) column."""
+        c = self.coord
+        return rank_of(Coord(c.tp, stage, c.dp), self.tp_size, self.pp_size, self.dp_size)
+
+    @classmethod
+    def build(cls, tp: int, pp: int, dp: int, stats: CommStats | None = None) -> Mesh:
+        """Create every group on every rank (new_group is collective) and keep this rank's."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if tp * pp * dp != world:
+            raise ValueError(f"tp x pp x dp = {tp * pp * dp} but the job has {world} ranks")
+        stats = stats or CommStats()
+        mesh = cls(tp, pp, dp, rank, stats, _groups=grid(tp, pp, dp))
+        mesh.world = GroupComm(dist.group.WORLD, list(range(world)), stats)
+        for kind in ("tp", "dp", "pp", "embed"):
+            for ranks in mesh._groups[kind]:
+                # Single-rank groups need no communicator; every rank still walks the same list.
+                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                if rank in ranks:
+                    setattr(mesh, kind, GroupComm(group, ranks, stats))
+        return mesh

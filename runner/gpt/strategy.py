@@ -1,0 +1,73 @@
+"""What every parallel strategy gives the job: a rank's shard of the GPT and the three workloads on it.
+
+A strategy holds parameters under the reference model's names (each possibly a slice of it), so the
+job can verify any strategy generically: compare each local gradient and weight with the same slice
+of the single-device reference, and the output ranks' logits with the reference logits of their rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn as nn
+
+from runner.gpt.config import GPTConfig
+from runner.gpt.mesh import Mesh
+
+
+class ParallelGPT(ABC):
+    """One rank's part of a parallel GPT. Subclasses fill in the workloads."""
+
+    def __init__(self, config: GPTConfig, mesh: Mesh, device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.mesh = mesh
+        self.device = device
+        self.dtype = dtype
+
+    # ---- what the rank holds -------------------------------------------------------------
+    @abstractmethod
+    def named_shards(self) -> dict[str, nn.Parameter]:
+        """Reference parameter name -> this rank's parameter (a tied copy appears under its own name)."""
+
+    def shard_index(self, name: str) -> tuple[slice, ...] | None:
+        """Which slice of the reference parameter `name` this rank holds; None means all of it."""
+        return None
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Unique parameters for the optimizer (tied weights once)."""
+        seen: dict[int, nn.Parameter] = {}
+        for p in self.named_shards().values():
+            seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # ---- where outputs land --------------------------------------------------------------
+    @property
+    @abstractmethod
+    def is_output_rank(self) -> bool:
+        """True where logits, loss and generated tokens are returned (None elsewhere)."""
+
+    def batch_rows(self, batch: int) -> slice:
+        """The rows of the global batch this rank's outputs cover (data parallelism narrows it)."""
+        return slice(0, batch)
+
+    # ---- workloads -----------------------------------------------------------------------
+    @abstractmethod
+    def forward_logits(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Prefill: logits [rows, seq, vocab] on output ranks, no autograd."""
+
+    @abstractmethod
+    def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+        """Loss (mean over the global batch) on output ranks; leaves complete gradients on every shard."""
+
+    @abstractmethod
+    def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
+        """Greedy decoding with a KV cache; prompt + new tokens [rows, seq + new] on output ranks."""
+
+    def figures(self) -> dict:
+        """Strategy-specific per-rank figures (bubble fraction, in-flight microbatches, ...)."""
+        return {}
