@@ -1,0 +1,47 @@
+"""Run a real torchrun job (gloo on CPU) from a spec dict in a tmp folder and read back what it wrote.
+
+Shared by every multi-rank strategy test: no mocks, the same entry point the runner launches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from runner.spec import RunSpec
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
+    """Launch `spec` with torchrun; return result.json, or raise with the rank logs on failure."""
+    problems = RunSpec.from_dict(spec).validate(gpu_count=0)
+    assert not problems, problems
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    world = RunSpec.from_dict(spec).world_size
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "0",
+        "-m", "runner.job", str(run_dir / "spec.json"),
+    ]  # fmt: skip
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or not (run_dir / "result.json").exists():
+        logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("rank*.log")))
+        raise AssertionError(f"torchrun exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}\n{logs}")
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
