@@ -54,11 +54,18 @@ class EventLog:
 
 def build_strategy(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype) -> ParallelGPT:
     """The one place that maps a strategy name to its implementation."""
-    config = spec.model_config()
     if spec.strategy in ("single", "layer"):
         from runner.gpt.layer_split import LayerSplitGPT
 
-        return LayerSplitGPT(config, mesh, device, dtype, spec.seed)
+        return LayerSplitGPT(spec, mesh, device, dtype)
+    if spec.strategy == "tensor":
+        from runner.gpt.tensor_parallel import TensorParallelGPT
+
+        return TensorParallelGPT(spec, mesh, device, dtype)
+    if spec.strategy == "pipeline":
+        from runner.gpt.pipeline import PipelineGPT
+
+        return PipelineGPT(spec, mesh, device, dtype)
     raise NotImplementedError(f"strategy {spec.strategy!r} is not implemented in this build")
 
 
@@ -231,6 +238,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         idx, targets = idx.to(device), targets.to(device)
         dist.barrier()
         start = time.perf_counter()
+        model.begin_step(step, start)
         loss = run_step(spec, model, optimizer, idx, targets)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -242,6 +250,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
             step_times.append(end - start)
             step_wall_total += end - start
         losses.append(loss)
+        for span in model.take_spans():
+            if timed:
+                events.emit("span", step=step, **span)
         if rank == 0:
             events.emit("step", step=step, total_steps=total, warmup=not timed, step_time_s=end - start, loss=loss)
 

@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runner.gpt.config import GPTConfig
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPTStage, KVCache
 from runner.gpt.strategy import ParallelGPT
+from runner.spec import RunSpec
 
 
 def stage_layers(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
@@ -28,12 +28,13 @@ def stage_layers(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
 
 
 class LayerSplitGPT(ParallelGPT):
-    def __init__(self, config: GPTConfig, mesh: Mesh, device: torch.device, dtype: torch.dtype, seed: int):
+    def __init__(self, spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype):
+        config = spec.model_config()
         super().__init__(config, mesh, device, dtype)
         self.stage_id, self.n_stages = mesh.coord.pp, mesh.pp_size
         first, last = stage_layers(config.n_layer, self.n_stages, self.stage_id)
         self.stage = GPTStage(
-            config, first, last, seed=seed, has_embed=mesh.is_first_stage, has_head=mesh.is_last_stage
+            config, first, last, seed=spec.seed, has_embed=mesh.is_first_stage, has_head=mesh.is_last_stage
         ).to(device=device, dtype=dtype)
         self.prev = mesh.stage_rank(self.stage_id - 1) if not mesh.is_first_stage else None
         self.next = mesh.stage_rank(self.stage_id + 1) if not mesh.is_last_stage else None

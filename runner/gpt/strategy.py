@@ -30,8 +30,10 @@ class ParallelGPT(ABC):
     def named_shards(self) -> dict[str, nn.Parameter]:
         """Reference parameter name -> this rank's parameter (a tied copy appears under its own name)."""
 
-    def shard_index(self, name: str) -> tuple[slice, ...] | None:
-        """Which slice of the reference parameter `name` this rank holds; None means all of it."""
+    def shard_index(self, name: str):
+        """Which part of the reference parameter `name` this rank holds, as an index `ref[index]`
+        (a tuple of slices, or a LongTensor of rows for shards gathered from several places such as
+        tensor-parallel Q/K/V); None means all of it."""
         return None
 
     def parameters(self) -> list[nn.Parameter]:
@@ -67,6 +69,16 @@ class ParallelGPT(ABC):
     @abstractmethod
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
         """Greedy decoding with a KV cache; prompt + new tokens [rows, seq + new] on output ranks."""
+
+    def begin_step(self, step: int, start: float) -> None:
+        """Called right after the barrier that starts each step; `start` is time.perf_counter() then.
+        Ranks take their zero from the same barrier, which aligns their timelines."""
+        self.step_start = start
+
+    def take_spans(self) -> list[dict]:
+        """Timeline spans recorded during the last step ({stage, microbatch, phase, start, end},
+        seconds since the step start); the job emits them as events for timed steps."""
+        return []
 
     def figures(self) -> dict:
         """Strategy-specific per-rank figures (bubble fraction, in-flight microbatches, ...)."""
