@@ -58,6 +58,11 @@ def build_strategy(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch
         from runner.gpt.layer_split import LayerSplitGPT
 
         return LayerSplitGPT(spec, mesh, device, dtype)
+    if spec.strategy == "data":
+        from runner.gpt.data_parallel import DataParallelGPT
+        from runner.gpt.layer_split import LayerSplitGPT
+
+        return DataParallelGPT(LayerSplitGPT(spec, mesh, device, dtype), mesh)
     if spec.strategy == "tensor":
         from runner.gpt.tensor_parallel import TensorParallelGPT
 
