@@ -1,0 +1,185 @@
+"""RunSpec validation: every problem is reported at once, names its field and says how to fix it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from runner.spec import (
+    IMPLEMENTED_STRATEGIES,
+    STRATEGIES,
+    RunSpec,
+    SpecError,
+    SpecProblem,
+)
+
+
+def fields_of(problems: list[SpecProblem]) -> set[str]:
+    return {p.field for p in problems}
+
+
+def test_defaults_are_valid():
+    assert RunSpec().validate(gpu_count=0) == []
+
+
+def test_layer_split_that_does_not_divide_the_layers_names_pp_and_the_choices():
+    (problem,) = RunSpec(strategy="layer", pp=3).validate()
+    assert problem.field == "pp"
+    assert problem.message == (
+        "layer split over 3 ranks needs n_layer divisible by 3; the tiny model has 4 layers, so use pp in 1, 2, 4"
+    )
+
+
+def test_every_problem_is_reported_at_once():
+    problems = RunSpec(batch=0, steps=0, seq=-1, workload="sing").validate()
+    assert fields_of(problems) == {"batch", "steps", "seq", "workload"}
+    assert all(p.message for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "fragment"),
+    [
+        ({"strategy": "zero"}, "strategy", "choose one of single, layer"),
+        ({"model": "gpt5"}, "model", "is not a preset"),
+        ({"strategy": "layer", "pp": 1}, "pp", "at least 2 ranks"),
+        ({"strategy": "single", "tp": 2}, "tp", "does not use tp"),
+        ({"seq": 200}, "seq", "exceeds the model's block_size 128"),
+        ({"workload": "generate", "seq": 120, "new_tokens": 16}, "seq", "plus 16 new tokens"),
+        ({"strategy": "data", "dp": 3, "batch": 8}, "batch", "divisible by dp 3"),
+        ({"strategy": "layer", "pp": 2, "microbatches": 4}, "microbatches", "does not use microbatches"),
+        ({"device": "cuda"}, "device", "no NVIDIA GPU is visible"),
+        ({"model": "custom", "n_layer": 2}, "n_head", "a custom model needs n_head"),
+        (
+            {"model": "custom", "n_layer": 2, "n_head": 3, "n_embd": 8, "vocab_size": 16, "block_size": 8},
+            "n_head",
+            "divisible by n_head 3",
+        ),
+        ({"weights": "/nonexistent/gpt2.safetensors"}, "weights", "no file at"),
+        ({"lr": 0.0}, "lr", "positive number"),
+        ({"time_limit_s": -1.0}, "time_limit_s", "positive number of seconds"),
+        ({"tags": ("",)}, "tags", "1 to 64 characters"),
+    ],
+)
+def test_bad_specs_name_the_field(changes, field, fragment):
+    problems = RunSpec(**changes).validate(gpu_count=0)
+    assert field in fields_of(problems), problems
+    assert any(fragment in p.message for p in problems if p.field == field), problems
+
+
+def test_cuda_with_too_few_gpus_says_how_many_are_needed():
+    problems = RunSpec(strategy="data", dp=4, batch=8, device="cuda").validate(gpu_count=2)
+    assert [p.message for p in problems if p.field == "device"] == [
+        "4 ranks need 4 GPUs but 2 are visible; lower the degrees or choose 'cpu'"
+    ]
+
+
+def test_auto_device_picks_cuda_only_when_enough_gpus():
+    spec = RunSpec(strategy="data", dp=2, batch=8)
+    assert spec.resolved_device(0) == "cpu"
+    assert spec.resolved_device(1) == "cpu"
+    assert spec.resolved_device(2) == "cuda"
+
+
+def test_world_size_and_degrees_per_strategy():
+    assert RunSpec(strategy="single").world_size == 1
+    assert RunSpec(strategy="layer", pp=4).world_size == 4
+    assert RunSpec(strategy="3d", tp=2, pp=2, dp=2).world_size == 8
+    assert RunSpec(strategy="layer", pp=4).degrees == (1, 4, 1)
+
+
+def test_json_round_trip():
+    spec = RunSpec(strategy="layer", pp=2, tags=("a", "b"), weights=None)
+    assert RunSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "fragment"),
+    [
+        ("[1, 2]", "spec", "must be a JSON object"),
+        ("{not json", "spec", "is not valid JSON"),
+        ('{"tp": "2"}', "tp", "whole number"),
+        ('{"tp": 2.5}', "tp", "whole number"),
+        ('{"tp": true}', "tp", "whole number"),
+        ('{"verify": "yes"}', "verify", "true or false"),
+        ('{"colour": "red"}', "colour", "is not a spec field"),
+        ('{"lr": "fast"}', "lr", "must be a number"),
+        ('{"tags": [1]}', "tags", "list of strings"),
+    ],
+)
+def test_malformed_json_is_refused_with_the_field(data, field, fragment):
+    with pytest.raises(SpecError) as err:
+        RunSpec.from_json(data)
+    assert any(p.field == field and fragment in p.message for p in err.value.problems), err.value.problems
+
+
+def test_weights_that_are_not_a_checkpoint_are_refused(tmp_path):
+    junk = tmp_path / "weights.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    (problem,) = RunSpec(weights=str(junk)).validate()
+    assert problem.field == "weights" and "not a readable GPT-2 checkpoint" in problem.message
+
+
+def test_memory_estimate_shrinks_with_the_split():
+    one = RunSpec(strategy="single", model="gpt2").memory_estimate()
+    two = RunSpec(strategy="layer", pp=2, model="gpt2").memory_estimate()
+    assert two["param_bytes"] < one["param_bytes"]
+    assert one["optimizer_bytes"] == 2 * one["param_bytes"]
+
+
+# ---- property-based: validation never crashes, and what it accepts is runnable -----------------
+spec_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "strategy": st.sampled_from([*STRATEGIES, "bogus"]),
+        "tp": st.integers(-2, 9),
+        "pp": st.integers(-2, 9),
+        "dp": st.integers(-2, 9),
+        "microbatches": st.integers(-1, 17),
+        "schedule": st.sampled_from(["gpipe", "1f1b", "zigzag"]),
+        "tp_style": st.sampled_from(["megatron", "gather", "ring"]),
+        "sequence_parallel": st.booleans(),
+        "model": st.sampled_from(["tiny", "small", "gpt2", "custom", "nope"]),
+        "n_layer": st.none() | st.integers(-1, 13),
+        "n_head": st.none() | st.integers(-1, 13),
+        "n_embd": st.none() | st.integers(-1, 130),
+        "vocab_size": st.none() | st.integers(-1, 600),
+        "block_size": st.none() | st.integers(-1, 300),
+        "workload": st.sampled_from(["forward", "generate", "train", "serve"]),
+        "batch": st.integers(-1, 33),
+        "seq": st.integers(-1, 300),
+        "new_tokens": st.integers(-1, 40),
+        "steps": st.integers(-1, 5),
+        "warmup": st.integers(-1, 3),
+        "device": st.sampled_from(["auto", "cpu", "cuda", "tpu"]),
+        "dtype": st.sampled_from(["float32", "bfloat16", "int8"]),
+        "verify": st.booleans(),
+        "lr": st.floats(allow_nan=True, allow_infinity=True),
+        "time_limit_s": st.floats(allow_nan=True, allow_infinity=True),
+        "tags": st.lists(st.text(max_size=70), max_size=3),
+        "seed": st.integers(-1, 2**31),
+    },
+)
+
+
+@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=spec_values, gpus=st.sampled_from([None, 0, 1, 8]))
+def test_any_spec_is_accepted_or_refused_with_messages(data, gpus):
+    spec = RunSpec.from_json(json.dumps(data))  # through JSON, as the CLI and the runner read it
+    problems = spec.validate(gpu_count=gpus)
+    for p in problems:
+        assert isinstance(p, SpecProblem) and p.field and p.message
+    if problems:
+        return
+    # Accepted means runnable: a known implemented strategy whose degrees fit the model and batch.
+    cfg = spec.model_config()
+    tp, pp, dp = spec.degrees
+    assert spec.strategy in IMPLEMENTED_STRATEGIES
+    assert spec.world_size == tp * pp * dp >= 1
+    assert cfg.n_embd % cfg.n_head == 0 and cfg.n_layer % pp == 0 and cfg.n_head % tp == 0
+    assert spec.batch % dp == 0
+    if spec.uses_microbatches:
+        assert (spec.batch // dp) % spec.microbatches == 0
+    assert spec.seq + (spec.new_tokens if spec.workload == "generate" else 0) <= cfg.block_size
