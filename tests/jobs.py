@@ -24,7 +24,10 @@ def free_port() -> int:
 
 
 def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
-    """Launch `spec` with torchrun; return result.json, or raise with the rank logs on failure."""
+    """Launch `spec` with torchrun; return result.json, or raise with the rank logs on failure.
+
+    Port 0: the launcher binds its rendezvous store itself, so parallel tests never race for a port.
+    """
     problems = RunSpec.from_dict(spec).validate(gpu_count=0)
     assert not problems, problems
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -33,7 +36,7 @@ def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     argv = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--max-restarts", "0",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
         "-m", "runner.job", str(run_dir / "spec.json"),
     ]  # fmt: skip
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

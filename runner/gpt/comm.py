@@ -44,6 +44,11 @@ class CommStats:
         else:
             self.comm_s += seconds
 
+    def record_time(self, seconds: float) -> None:
+        """Communication time with no new payload (waiting for an asynchronous call)."""
+        if self.counting:
+            self.comm_s += seconds
+
     def add_idle(self, seconds: float) -> None:
         if self.counting:
             self.idle_s += seconds
@@ -130,3 +135,30 @@ class GroupComm:
         buf = torch.empty(shape, dtype=dtype, device=device)
         self._timed("recv", buf, lambda: dist.recv(buf, src=src), idle=True)
         return buf
+
+    def all_reduce_async(self, t: torch.Tensor) -> PendingCollective:
+        """Start a sum over the group in place; the bytes count now, the time when it is waited for."""
+        if self.size == 1:
+            return PendingCollective(None, t, self.stats, "all_reduce")
+        start = time.perf_counter()
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+        self.stats.record("all_reduce", nbytes(t), time.perf_counter() - start)
+        return PendingCollective(work, t, self.stats, "all_reduce")
+
+
+@dataclass
+class PendingCollective:
+    """An asynchronous collective in flight; wait() blocks and counts the blocked time as communication."""
+
+    work: dist.Work | None
+    tensor: torch.Tensor
+    stats: CommStats
+    kind: str
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            start = time.perf_counter()
+            self.work.wait()
+            _sync(self.tensor)
+            self.stats.record_time(time.perf_counter() - start)
+        return self.tensor

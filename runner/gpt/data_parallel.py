@@ -1,26 +1,33 @@
 """Data parallelism: dp replicas of an inner strategy, each on batch/dp rows, gradients averaged.
 
 The inner strategy is whatever one replica is: the whole model for 'data', a tensor x pipeline
-grid for '3d'. Replica d takes rows [d*B/dp, (d+1)*B/dp) of the global batch. After the inner
-backward, gradients are summed over the data-parallel group in flat buckets and divided by dp, so
-every replica applies the same AdamW step and stays identical.
+grid for '3d'. Replica d takes rows [d*B/dp, (d+1)*B/dp) of the global batch. Gradients are summed
+over the data-parallel group in flat buckets of about 25 MB (DDP's default: few calls, bounded
+extra memory) and divided by dp, so every replica applies the same AdamW step and stays identical.
 
-Why reduce after backward rather than overlapping it with hooks (what DDP does): the inner
-strategies drive their own backward (a pipeline accumulates every microbatch into the same .grad,
-so a grad-ready hook would fire m times per step), and one reduction point keeps 'data' and '3d'
-on a single code path. The price is that this communication is not hidden behind compute; the
-per-rank `comm_s` figure shows exactly that exposed time.
+Overlap: when the inner strategy runs its backward as one pass that accumulates every gradient
+exactly once (the whole model, as in 'data'), each bucket's all-reduce starts asynchronously from a
+post-accumulate-grad hook the moment its last gradient is ready, in reverse layer order as backward
+produces them, and runs while backward continues; NCCL and gloo both progress asynchronous
+collectives on their own threads. When the inner strategy accumulates a gradient several times (a
+pipeline adds every microbatch into the same .grad, as in '3d'), a hook would fire too early, so the
+buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
+blocked on this communication, so the figure shows how much of it stayed exposed.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
+from runner.gpt.comm import PendingCollective
 from runner.gpt.mesh import Mesh
 from runner.gpt.strategy import ParallelGPT
 
-BUCKET_BYTES = 25 * 1024 * 1024  # DDP's default bucket size: few calls, bounded extra memory
+# DDP's default bucket size; the variable lets tests drive many buckets through a tiny model.
+BUCKET_BYTES = int(os.environ.get("LAB_DP_BUCKET_BYTES", 25 * 1024 * 1024))
 
 
 def grad_buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -> list[list[nn.Parameter]]:
@@ -42,8 +49,16 @@ class DataParallelGPT(ParallelGPT):
         super().__init__(inner.config, mesh, inner.device, inner.dtype)
         self.inner = inner
         self.dp = mesh.dp
-        # Every replica holds the same shapes in the same order, so buckets line up across ranks.
-        self.buckets = grad_buckets(inner.parameters())
+        # Every replica holds the same shapes in the same order, so buckets line up across ranks;
+        # reversed because backward produces the last layers' gradients first.
+        self.buckets = grad_buckets(list(reversed(inner.parameters())))
+        self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
+        self._pending: list[PendingCollective | None] = [None] * len(self.buckets)
+        self._missing: list[int] = []
+        if self.overlap:
+            for i, bucket in enumerate(self.buckets):
+                for p in bucket:
+                    p.register_post_accumulate_grad_hook(lambda _p, i=i: self._grad_ready(i))
 
     def named_shards(self) -> dict[str, nn.Parameter]:
         return self.inner.named_shards()
@@ -78,6 +93,7 @@ class DataParallelGPT(ParallelGPT):
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
         rows = self.batch_rows(idx.shape[0])
+        self._missing = [len(b) for b in self.buckets]
         loss = self.inner.forward_backward(idx[rows], targets[rows])
         self.average_gradients()
         if loss is None:
@@ -87,17 +103,33 @@ class DataParallelGPT(ParallelGPT):
         total = self.dp.all_reduce(torch.tensor([loss], dtype=torch.float64, device=self.device))
         return total.item() / self.mesh.dp_size
 
+    def _grad_ready(self, i: int) -> None:
+        if not self._missing:
+            return  # a backward outside forward_backward (none today) must not start collectives
+        self._missing[i] -= 1
+        if self._missing[i] == 0:
+            self._start_bucket(i)
+
+    @torch.no_grad()
+    def _start_bucket(self, i: int) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]])
+        self._pending[i] = self.dp.all_reduce_async(flat)
+
     @torch.no_grad()
     def average_gradients(self) -> None:
+        """Finish every bucket's sum (starting those no hook started), divide by dp, hand back as .grad."""
         if self.mesh.dp_size == 1:
             return
-        for bucket in self.buckets:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in bucket]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self.dp.all_reduce(flat)
+        for i in range(len(self.buckets)):
+            if self._pending[i] is None:
+                self._start_bucket(i)
+        for i, bucket in enumerate(self.buckets):
+            flat = self._pending[i].wait()
             flat /= self.mesh.dp_size
             offset = 0
-            for p, g in zip(bucket, grads, strict=True):
-                n = g.numel()
+            for p in bucket:
+                n = p.numel()
                 p.grad = flat[offset : offset + n].view_as(p)
                 offset += n
+        self._pending = [None] * len(self.buckets)
+        self._missing = []

@@ -36,6 +36,9 @@ class LayerSplitGPT(ParallelGPT):
         self.stage = GPTStage(
             config, first, last, seed=spec.seed, has_embed=mesh.is_first_stage, has_head=mesh.is_last_stage
         ).to(device=device, dtype=dtype)
+        # One stage and no tied-gradient sync after backward: every gradient is final once accumulated,
+        # which lets data parallelism start reducing it during backward.
+        self.single_backward_pass = self.n_stages == 1
         self.prev = mesh.stage_rank(self.stage_id - 1) if not mesh.is_first_stage else None
         self.next = mesh.stage_rank(self.stage_id + 1) if not mesh.is_last_stage else None
 
