@@ -417,3 +417,19 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         raise TypeError(f"must be a whole number (got {value!r})")
     return value
+
+
+def torchrun_argv(spec: RunSpec, spec_path: str, python: str | None = None, port: int = 0) -> list[str]:
+    """The exact command a run starts with (argv list, never a shell string); the launch page previews it.
+
+    Port 0 lets the launcher bind its rendezvous store itself, so concurrent runs never race for a port.
+    """
+    import sys
+
+    return [
+        python or sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(spec.world_size),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--max-restarts", "0",
+        "-m", "runner.job", spec_path,
+    ]  # fmt: skip

@@ -1,0 +1,230 @@
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|export, each with --json.
+
+Exit codes: 0 success; 1 the run (or command) did not succeed; 2 bad input (nothing queued);
+3 another runner already serves the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from runner.spec import (
+    DEVICES,
+    DTYPES,
+    SCHEDULES,
+    STRATEGIES,
+    TP_STYLES,
+    WORKLOADS,
+    RunSpec,
+    SpecError,
+)
+from storage import queries
+from storage.db import get_engine
+from storage.models import TERMINAL_STATES
+
+SPEC_FLAGS = {
+    "strategy": dict(choices=STRATEGIES, required=True),
+    "tp": dict(type=int),
+    "pp": dict(type=int),
+    "dp": dict(type=int),
+    "microbatches": dict(type=int),
+    "schedule": dict(choices=SCHEDULES),
+    "tp_style": dict(choices=TP_STYLES),
+    "sequence_parallel": dict(action="store_true", default=None),
+    "model": dict(),
+    "n_layer": dict(type=int),
+    "n_head": dict(type=int),
+    "n_embd": dict(type=int),
+    "vocab_size": dict(type=int),
+    "block_size": dict(type=int),
+    "workload": dict(choices=WORKLOADS),
+    "batch": dict(type=int),
+    "seq": dict(type=int),
+    "new_tokens": dict(type=int),
+    "steps": dict(type=int),
+    "warmup": dict(type=int),
+    "lr": dict(type=float),
+    "device": dict(choices=DEVICES),
+    "dtype": dict(choices=DTYPES),
+    "seed": dict(type=int),
+    "verify": dict(action="store_true", default=None),
+    "weights": dict(),
+    "time_limit_s": dict(type=float, flag="--time-limit"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m runner", description="Parallel GPT Lab runner and CLI")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="the runner loop (one per database)")
+    serve.add_argument("--max-cpu-jobs", type=int, default=1, help="CPU jobs that may run at once (default 1)")
+
+    submit = sub.add_parser("submit", help="validate and queue a run")
+    for name, opts in SPEC_FLAGS.items():
+        opts = dict(opts)
+        flag = opts.pop("flag", "--" + name.replace("_", "-"))
+        submit.add_argument(flag, dest=name, **opts)
+    submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
+    submit.add_argument("--user", help="who launched it (default: the OS user)")
+    submit.add_argument("--spec-json", help="a whole spec as JSON (flags override its fields)")
+    submit.add_argument("--wait", action="store_true", help="start a runner if needed and wait for the run to end")
+    submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+
+    sub.add_parser("list", help="runs, newest first").add_argument("--limit", type=int, default=20)
+    sub.add_parser("show", help="one run").add_argument("id", type=int)
+    sub.add_parser("cancel", help="cancel a queued or running run").add_argument("id", type=int)
+    logs = sub.add_parser("logs", help="a rank's log")
+    logs.add_argument("id", type=int)
+    logs.add_argument("--rank", type=int, default=0)
+    logs.add_argument("--follow", action="store_true")
+    export = sub.add_parser("export", help="every run as CSV or JSON")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    for p in sub.choices.values():
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> RunSpec:
+    data: dict = json.loads(args.spec_json) if args.spec_json else {}
+    if not isinstance(data, dict):
+        raise SpecError([])  # from_dict below reports it properly
+    for name in SPEC_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            data[name] = value
+    if args.tags:
+        data["tags"] = args.tags
+    return RunSpec.from_dict(data)
+
+
+def emit(args: argparse.Namespace, obj, text: str) -> None:
+    print(json.dumps(obj, indent=1, default=str) if args.json else text)
+
+
+def run_summary(run: dict) -> str:
+    r = run.get("result") or {}
+    parts = [
+        f"run {run['id']}: {run['status']}",
+        f"{run['spec']['strategy']} {run['spec']['model']} {run['spec']['workload']}",
+    ]
+    if r.get("tokens_per_s"):
+        parts.append(f"{r['tokens_per_s']:.0f} tokens/s, step p50 {r['step_time_s_p50'] * 1000:.1f} ms")
+    if run.get("error"):
+        parts.append(run["error"])
+    return " | ".join(parts)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from runner.service import ensure_runner, wait_for_runner
+
+    engine = get_engine()
+    try:
+        spec = spec_from_args(args)
+        status = queries.runner_status(engine)
+        gpu_count = len(status["gpus"]) if status and status["alive"] else None
+        run_id = queries.submit_run(engine, spec, user=args.user, gpu_count=gpu_count)
+    except (SpecError, json.JSONDecodeError) as exc:
+        problems = getattr(exc, "problems", None) or [f"spec-json: is not valid JSON ({exc})"]
+        if args.json:
+            print(json.dumps({"error": "invalid spec", "problems": [
+                {"field": getattr(p, "field", "spec"), "message": getattr(p, "message", str(p))} for p in problems]}))  # fmt: skip
+        else:
+            print("refused, nothing queued:", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+        return 2
+    if not args.wait:
+        emit(args, {"id": run_id, "status": "queued"}, f"queued run {run_id}")
+        return 0
+    ensure_runner()
+    if not wait_for_runner(engine):
+        print("no runner came up within 30 s; see LAB_HOME/runner.log", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:
+        run = queries.get_run(engine, run_id)
+        if run["status"] in TERMINAL_STATES:
+            break
+        if deadline and time.monotonic() > deadline:
+            emit(args, run, f"run {run_id} still {run['status']} after {args.timeout:g} s")
+            return 1
+        time.sleep(0.3)
+    emit(args, run, run_summary(run))
+    return 0 if run["status"] == "succeeded" else 1
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    run = queries.get_run(get_engine(), args.id)
+    if run is None:
+        print(f"no run {args.id}", file=sys.stderr)
+        return 1
+    if not run["run_dir"]:
+        print(f"run {args.id} has not started yet ({run['status']})", file=sys.stderr)
+        return 1
+    path = Path(run["run_dir"]) / f"rank{args.rank}.log"
+    if not path.exists():
+        print(f"no log for rank {args.rank} at {path}", file=sys.stderr)
+        return 1
+    with path.open(errors="replace") as f:
+        sys.stdout.write(f.read())
+        while args.follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                continue
+            if queries.get_run(get_engine(), args.id)["status"] in TERMINAL_STATES:
+                sys.stdout.write(f.read())
+                break
+            time.sleep(0.3)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from runner.service import Runner
+
+        return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs).serve()
+    if args.command == "submit":
+        return cmd_submit(args)
+    if args.command == "logs":
+        return cmd_logs(args)
+    engine = get_engine()
+    if args.command == "list":
+        df = queries.list_runs(engine, limit=args.limit)
+        emit(
+            args,
+            json.loads(df.to_json(orient="records", date_format="iso")),
+            df.to_string(index=False) if len(df) else "no runs",
+        )
+        return 0
+    if args.command in ("show", "cancel"):
+        run = queries.get_run(engine, args.id)
+        if run is None:
+            emit(args, {"error": f"no run {args.id}"}, f"no run {args.id}")
+            return 1
+        if args.command == "show":
+            emit(args, run, run_summary(run))
+            return 0
+        status = queries.request_cancel(engine, args.id)
+        emit(args, {"id": args.id, "status": status}, f"run {args.id}: {status}")
+        return 0 if status in ("cancelled", "cancelling") else 1
+    if args.command == "export":
+        if args.format == "csv":
+            for chunk in queries.iter_runs_csv(engine):
+                sys.stdout.write(chunk)
+        else:
+            ids = queries.list_runs(engine, limit=1_000_000)["id"].tolist()
+            print(json.dumps([queries.get_run(engine, int(i)) for i in ids], indent=1, default=str))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

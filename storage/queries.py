@@ -1,0 +1,481 @@
+"""Every read and write of the database that pages, the CLI and the runner make (see docs/storage-api.md).
+
+Filtering, paging and telemetry downsampling happen in SQL so pages stay fast with a team's whole
+history; functions return plain dicts or DataFrames, never live ORM objects, so callers hold no
+session. Claiming a queued run is one conditional UPDATE whose row count says who won.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from runner.spec import RunSpec, SpecError
+from storage.models import (
+    TERMINAL_STATES,
+    RankResult,
+    Run,
+    RunnerLease,
+    StepMetric,
+    TelemetrySample,
+    TimelineSpan,
+    utcnow,
+)
+
+RUNNER_STALE_S = 10.0  # a runner whose heartbeat is older than this is presumed dead
+
+LIST_COLUMNS = [
+    "id", "status", "strategy", "model", "workload", "world_size", "tp", "pp", "dp", "user", "tags",
+    "created_at", "finished_at", "tokens_per_s", "step_time_s_p50", "peak_mem_bytes_max", "note",
+]  # fmt: skip
+
+
+@dataclass
+class RunFilter:
+    status: list[str] | None = None
+    strategy: list[str] | None = None
+    model: list[str] | None = None
+    workload: list[str] | None = None
+    user: list[str] | None = None
+    tag: list[str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, query):
+        for column, values in (
+            (Run.status, self.status),
+            (Run.strategy, self.strategy),
+            (Run.model, self.model),
+            (Run.workload, self.workload),
+            (Run.user, self.user),
+        ):
+            if values:
+                query = query.where(column.in_(values))
+        if self.tag:
+            # Tags are a JSON list; matching the quoted element in its text form works on SQLite and PostgreSQL.
+            from sqlalchemy import String, cast
+
+            query = query.where(or_(*(cast(Run.tags, String).contains(f'"{t}"') for t in self.tag)))
+        if self.since:
+            query = query.where(Run.created_at >= self.since)
+        if self.until:
+            query = query.where(Run.created_at < self.until)
+        return query
+
+
+def default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.astimezone(UTC).isoformat() if dt else None
+
+
+# ---- submitting and reading runs ------------------------------------------------------------
+def submit_run(engine: Engine, spec: RunSpec, *, user: str | None = None, gpu_count: int | None = None) -> int:
+    """Validate and queue; raises SpecError (nothing queued) when the spec has any problem."""
+    problems = spec.validate(gpu_count=gpu_count)
+    if problems:
+        raise SpecError(problems)
+    tp, pp, dp = spec.degrees
+    with Session(engine) as s, s.begin():
+        run = Run(
+            status="queued",
+            strategy=spec.strategy,
+            model=spec.model,
+            workload=spec.workload,
+            world_size=spec.world_size,
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            device=spec.device,
+            spec=spec.to_dict(),
+            tags=list(spec.tags),
+            note="",
+            user=(user or default_user())[:64],
+            host=socket.gethostname()[:128],
+            created_at=utcnow(),
+            total_steps=spec.warmup + spec.steps,
+        )
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def _run_dict(run: Run, ranks: list[RankResult] | None = None) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "status": run.status,
+        "error": run.error,
+        "spec": run.spec,
+        "result": run.result,
+        "ranks": [_rank_dict(r) for r in ranks] if ranks is not None else [],
+        "user": run.user,
+        "host": run.host,
+        "tags": list(run.tags or []),
+        "note": run.note,
+        "created_at": _iso(run.created_at),
+        "started_at": _iso(run.started_at),
+        "finished_at": _iso(run.finished_at),
+        "progress": {"step": run.progress_step, "total": run.total_steps},
+        "wait_reason": run.wait_reason,
+        "exit_code": run.exit_code,
+        "failed_rank": run.failed_rank,
+        "traceback": run.traceback,
+        "run_dir": run.run_dir,
+        "torch_version": run.torch_version,
+        "device_names": list(run.device_names or []),
+        "gpus": list(run.gpus or []),
+        "cancel_requested": run.cancel_requested,
+    }
+
+
+def _rank_dict(r: RankResult) -> dict[str, Any]:
+    return {
+        "rank": r.rank,
+        "tp": r.tp,
+        "pp": r.pp,
+        "dp": r.dp,
+        "param_count": r.param_count,
+        "param_bytes": r.param_bytes,
+        "optimizer_bytes": r.optimizer_bytes,
+        "peak_mem_bytes": r.peak_mem_bytes,
+        "compute_s": r.compute_s,
+        "comm_s": r.comm_s,
+        "idle_s": r.idle_s,
+        "comm_bytes": r.comm_bytes,
+        "comm_calls": r.comm_calls,
+        **(r.extra or {}),
+    }
+
+
+def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            return None
+        ranks = s.scalars(select(RankResult).where(RankResult.run_id == run_id).order_by(RankResult.rank)).all()
+        return _run_dict(run, list(ranks))
+
+
+def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
+    cols = [getattr(Run, c) for c in LIST_COLUMNS]
+    query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc()).limit(limit).offset(offset)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return pd.DataFrame(rows, columns=LIST_COLUMNS)
+
+
+def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:
+    query = (filters or RunFilter()).apply(select(func.count(Run.id)))
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def distinct_values(engine: Engine, column: str) -> list[str]:
+    """Values present in runs.<column> (for filter choices), sorted."""
+    col = getattr(Run, column)
+    with engine.connect() as conn:
+        return sorted(v for (v,) in conn.execute(select(col).distinct()) if v)
+
+
+def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    with Session(engine) as s:
+        rows = s.scalars(
+            select(RankResult).where(RankResult.run_id.in_(run_ids)).order_by(RankResult.run_id, RankResult.rank)
+        ).all()
+        records = []
+        for r in rows:
+            d = _rank_dict(r)
+            d["run_id"] = r.run_id
+            for kind, n in (r.comm_bytes or {}).items():
+                d[f"comm_bytes_{kind}"] = n
+            d.pop("comm_bytes")
+            d.pop("comm_calls")
+            records.append(d)
+    return pd.DataFrame.from_records(records)
+
+
+def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
+    q = select(StepMetric.step, StepMetric.warmup, StepMetric.step_time_s, StepMetric.loss, StepMetric.t).where(
+        StepMetric.run_id == run_id
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(q.order_by(StepMetric.step)).all()
+    return pd.DataFrame(rows, columns=["step", "warmup", "step_time_s", "loss", "t"])
+
+
+def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:
+    """Samples averaged per (run, source, time bucket) in SQL, so a chart gets at most one point a bucket."""
+    bucket = func.floor(TelemetrySample.t_s / bucket_s)
+    q = (
+        select(
+            TelemetrySample.run_id,
+            TelemetrySample.source,
+            (bucket * bucket_s).label("t_s"),
+            func.avg(TelemetrySample.util_pct).label("util_pct"),
+            func.max(TelemetrySample.mem_bytes).label("mem_bytes"),
+        )
+        .where(TelemetrySample.run_id.in_(run_ids))
+        .group_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
+        .order_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return pd.DataFrame(rows, columns=["run_id", "source", "t_s", "util_pct", "mem_bytes"])
+
+
+def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:
+    cols = ["step", "rank", "stage", "microbatch", "phase", "start", "end"]
+    q = select(*(getattr(TimelineSpan, c) for c in cols)).where(TimelineSpan.run_id == run_id)
+    with engine.connect() as conn:
+        rows = conn.execute(q.order_by(TimelineSpan.step, TimelineSpan.rank, TimelineSpan.start)).all()
+    return pd.DataFrame(rows, columns=cols)
+
+
+# ---- changes a user makes -------------------------------------------------------------------
+def request_cancel(engine: Engine, run_id: int) -> str:
+    """A queued run is cancelled at once; a running one is flagged for the runner to stop."""
+    now = utcnow()
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued")
+            .values(status="cancelled", finished_at=now, error="cancelled before it started", wait_reason=None)
+        ).rowcount
+        if done:
+            return "cancelled"
+        flagged = conn.execute(
+            update(Run).where(Run.id == run_id, Run.status == "running").values(cancel_requested=True)
+        ).rowcount
+        if flagged:
+            return "cancelling"
+        status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar_one_or_none()
+    if status is None:
+        raise KeyError(f"no run {run_id}")
+    return status
+
+
+def update_run_meta(engine: Engine, run_id: int, *, note: str | None = None, tags: list[str] | None = None) -> None:
+    values: dict[str, Any] = {}
+    if note is not None:
+        values["note"] = note
+    if tags is not None:
+        values["tags"] = [t.strip() for t in tags if t.strip()]
+    if values:
+        with engine.begin() as conn:
+            if not conn.execute(update(Run).where(Run.id == run_id).values(**values)).rowcount:
+                raise KeyError(f"no run {run_id}")
+
+
+def delete_run(engine: Engine, run_id: int) -> None:
+    """Delete a finished or queued run and everything measured for it (a running one must be cancelled first)."""
+    with engine.begin() as conn:
+        status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar_one_or_none()
+        if status is None:
+            raise KeyError(f"no run {run_id}")
+        if status == "running":
+            raise ValueError(f"run {run_id} is running; cancel it before deleting")
+        for table in (RankResult, StepMetric, TelemetrySample, TimelineSpan):
+            conn.execute(delete(table).where(table.run_id == run_id))
+        conn.execute(delete(Run).where(Run.id == run_id))
+
+
+def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:
+    """CSV text of the filtered runs, streamed row by row from the query (header first)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+
+    def flush() -> str:
+        text = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        return text
+
+    writer.writerow(LIST_COLUMNS)
+    yield flush()
+    query = (filters or RunFilter()).apply(select(*(getattr(Run, c) for c in LIST_COLUMNS))).order_by(Run.id.desc())
+    with engine.connect() as conn:
+        for row in conn.execution_options(stream_results=True, yield_per=500).execute(query):
+            writer.writerow(
+                ["|".join(v) if isinstance(v, list) else _iso(v) if isinstance(v, datetime) else v for v in row]
+            )
+            yield flush()
+
+
+# ---- the runner's side ----------------------------------------------------------------------
+def runner_status(engine: Engine) -> dict[str, Any] | None:
+    with Session(engine) as s:
+        lease = s.get(RunnerLease, 1)
+        if lease is None:
+            return None
+        age = (utcnow() - lease.heartbeat_at).total_seconds()
+        return {
+            "runner_id": lease.runner_id,
+            "host": lease.host,
+            "pid": lease.pid,
+            "started_at": _iso(lease.started_at),
+            "last_seen": _iso(lease.heartbeat_at),
+            "age_s": age,
+            "alive": age < RUNNER_STALE_S,
+            "gpus": list(lease.gpus or []),
+            "gpu_note": lease.gpu_note,
+        }
+
+
+def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gpu_note: str) -> bool:
+    """Take the one runner lease if it is free, stale or already ours; True when we hold it."""
+    now = utcnow()
+    stale = now - timedelta(seconds=RUNNER_STALE_S)
+    values = dict(runner_id=runner_id, host=socket.gethostname()[:128], pid=pid, started_at=now, heartbeat_at=now,
+                  gpus=gpus, gpu_note=gpu_note[:300])  # fmt: skip
+    with engine.begin() as conn:
+        won = conn.execute(
+            update(RunnerLease)
+            .where(RunnerLease.id == 1, or_(RunnerLease.heartbeat_at < stale, RunnerLease.runner_id == runner_id))
+            .values(**values)
+        ).rowcount
+        if won:
+            return True
+        exists = conn.execute(select(RunnerLease.id).where(RunnerLease.id == 1)).first()
+    if exists:
+        return False
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(RunnerLease).values(id=1, **values))
+        return True
+    except Exception:  # another runner inserted the row first: IntegrityError on any backend
+        return False
+
+
+def heartbeat(engine: Engine, runner_id: str, gpus: list[dict] | None = None) -> bool:
+    """Refresh our lease; False means another runner took it (we must stop serving)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if gpus is not None:
+        values["gpus"] = gpus
+    with engine.begin() as conn:
+        return bool(
+            conn.execute(
+                update(RunnerLease).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id).values(**values)
+            ).rowcount
+        )
+
+
+def release_lease(engine: Engine, runner_id: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(delete(RunnerLease).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id))
+
+
+def queued_runs(engine: Engine) -> list[dict[str, Any]]:
+    """Queued runs, oldest first, with what the runner needs to place them."""
+    q = select(Run.id, Run.spec, Run.world_size).where(Run.status == "queued").order_by(Run.id)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int]) -> bool:
+    """queued -> running for exactly one caller: the UPDATE's row count says who won."""
+    with engine.begin() as conn:
+        return bool(
+            conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "queued")
+                .values(
+                    status="running",
+                    started_at=utcnow(),
+                    runner_id=runner_id,
+                    run_dir=run_dir,
+                    gpus=gpus,
+                    wait_reason=None,
+                )  # fmt: skip
+            ).rowcount
+        )
+
+
+def set_wait_reason(engine: Engine, run_id: int, reason: str | None) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id, Run.status == "queued").values(wait_reason=reason))
+
+
+def update_run(engine: Engine, run_id: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id).values(**values))
+
+
+def running_runs(engine: Engine) -> list[dict[str, Any]]:
+    q = select(
+        Run.id, Run.pid, Run.run_dir, Run.spec, Run.started_at, Run.events_offset, Run.gpus, Run.cancel_requested
+    )
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q.where(Run.status == "running").order_by(Run.id))]
+
+
+def cancel_requested(engine: Engine, run_id: int) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar_one_or_none())
+
+
+def add_step_metrics(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(StepMetric), [{"run_id": run_id, **r} for r in rows])
+
+
+def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(TelemetrySample), [{"run_id": run_id, **r} for r in rows])
+
+
+def add_spans(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(TimelineSpan), [{"run_id": run_id, **r} for r in rows])
+
+
+def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] | None = None, **values: Any) -> None:
+    """Move a run to a terminal state; with a result, store its summary and one row per rank."""
+    assert status in TERMINAL_STATES
+    values = {"status": status, "finished_at": utcnow(), "cancel_requested": False, **values}
+    ranks = []
+    if result is not None:
+        ranks = result.get("ranks") or []
+        summary = {k: v for k, v in result.items() if k != "ranks"}
+        values.update(
+            result=summary,
+            tokens_per_s=result.get("tokens_per_s"),
+            step_time_s_p50=result.get("step_time_s_p50"),
+            peak_mem_bytes_max=max((r.get("peak_mem_bytes") or 0 for r in ranks), default=None),
+            torch_version=result.get("torch_version"),
+            device_names=result.get("device_names") or [],
+        )
+    core = {"rank", "tp", "pp", "dp", "param_count", "param_bytes", "optimizer_bytes", "peak_mem_bytes", "compute_s",
+            "comm_s", "idle_s", "comm_bytes", "comm_calls"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id).values(**values))
+        if ranks:
+            conn.execute(delete(RankResult).where(RankResult.run_id == run_id))
+            conn.execute(
+                insert(RankResult),
+                [
+                    {
+                        "run_id": run_id,
+                        **{k: r[k] for k in core if k in r},
+                        "extra": {k: v for k, v in r.items() if k not in core},
+                    }  # fmt: skip
+                    for r in ranks
+                ],
+            )
