@@ -1,0 +1,201 @@
+"""History page: every run of the team (filtered and paged in SQL), charts, and one run's detail at ?run=ID."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from runner.spec import RunSpec
+from storage import queries
+from storage.models import TERMINAL_STATES
+from ui import charts
+from ui.format import human_bytes, human_duration, human_rate, status_label
+from ui.state import engine
+
+K = "history_"
+PAGE_SIZE = 50
+FILTERS = ("status", "strategy", "model", "workload", "user")
+
+
+def run_detail(run_id: int) -> None:
+    st.page_link("pages/history.py", label="All runs", icon=":material/arrow_back:")
+
+    @st.fragment(run_every=1.0)
+    def live() -> None:
+        run = queries.get_run(engine(), run_id)
+        if run is None:
+            st.error(f"There is no run {run_id}; it may have been deleted.")
+            return
+        spec = run["spec"]
+        st.title(f"Run {run_id}: {spec['strategy']} · {spec['model']} · {spec['workload']}")
+        st.subheader(status_label(run["status"]))
+        prog = run["progress"]
+        if run["status"] == "queued":
+            st.info(run["wait_reason"] or "waiting for the runner to pick it up")
+        if run["status"] in ("queued", "running"):
+            frac = prog["step"] / prog["total"] if prog["total"] else 0.0
+            st.progress(min(frac, 1.0), text=f"step {prog['step']} of {prog['total']}")
+            if st.button("Cancel", key=f"{K}cancel_{run_id}"):
+                st.toast(f"run {run_id}: {queries.request_cancel(engine(), run_id)}")
+        if run["status"] in ("failed", "lost", "cancelled") and run["error"]:
+            where = (
+                f" (rank {run['failed_rank']}, exit code {run['exit_code']})" if run["failed_rank"] is not None else ""
+            )
+            st.error(f"{run['error']}{where}")
+            if run["traceback"]:
+                st.code(run["traceback"], language="python")
+        r = run["result"] or {}
+        if r:
+            c = st.columns(5)
+            c[0].metric("throughput", human_rate(r.get("tokens_per_s")))
+            c[1].metric("step time p50", human_duration(r.get("step_time_s_p50")))
+            c[2].metric("step time p90", human_duration(r.get("step_time_s_p90")))
+            c[3].metric(
+                "peak memory (max rank)", human_bytes(max((x["peak_mem_bytes"] for x in run["ranks"]), default=None))
+            )
+            c[4].metric("achieved GFLOP/s", f"{r['achieved_gflops']:.2f}" if r.get("achieved_gflops") else "—")
+            if r.get("mfu") is not None:
+                st.caption(f"MFU {r['mfu']:.1%} on {', '.join(r.get('device_names') or [])}")
+            if r.get("bubble_fraction") is not None:
+                st.caption(
+                    f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {r.get('bubble_fraction_theory') or 0:.1%}"
+                )
+            v = r.get("verify")
+            if v:
+                st.markdown("**Verified against the single-device reference** (max abs differences)")
+                st.dataframe(pd.DataFrame([{k: v[k] for k in v if v[k] is not None}]), hide_index=True)
+        steps = queries.step_metrics(engine(), run_id)
+        if len(steps):
+            st.altair_chart(charts.step_time_chart(steps), width="stretch")
+        if run["ranks"]:
+            ranks = queries.rank_results(engine(), [run_id])
+            a, b = st.columns(2)
+            a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+            b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
+            table = ranks.drop(columns=["run_id"]).copy()
+            st.dataframe(table, hide_index=True)
+        series = queries.telemetry_series(engine(), [run_id])
+        if len(series):
+            a, b = st.columns(2)
+            a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
+            b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
+        if run["status"] in TERMINAL_STATES:
+            st.session_state[f"{K}done_{run_id}"] = True
+
+    live()
+    run = queries.get_run(engine(), run_id)
+    if run is None:
+        return
+    with st.expander("Spec", expanded=False):
+        st.json(run["spec"])
+    with st.expander("Logs"):
+        if run["run_dir"]:
+            world = RunSpec.from_dict(run["spec"]).world_size
+            rank = st.selectbox("rank", list(range(world)), key=f"{K}logrank_{run_id}")
+            path = Path(run["run_dir"]) / f"rank{rank}.log"
+            st.code(path.read_text(errors="replace")[-8000:] if path.exists() else "(no output yet)")
+        else:
+            st.caption("The run has not started yet.")
+    with st.expander("Notes and tags"):
+        note = st.text_area("note", value=run["note"], key=f"{K}note_{run_id}")
+        tags = st.text_input("tags", value=", ".join(run["tags"]), key=f"{K}tags_{run_id}")
+        if st.button("Save", key=f"{K}save_{run_id}"):
+            queries.update_run_meta(engine(), run_id, note=note, tags=[t for t in tags.split(",")])
+            st.toast("saved")
+    with st.expander("Delete this run"):
+        if run["status"] == "running":
+            st.caption("Cancel the run before deleting it.")
+        elif st.checkbox("Yes, delete it and everything measured for it", key=f"{K}confirm_{run_id}"):
+            if st.button("Delete", type="primary", key=f"{K}delete_{run_id}"):
+                queries.delete_run(engine(), run_id)
+                st.query_params.clear()
+                st.rerun()
+
+
+def run_list() -> None:
+    st.title("History")
+    total_all = queries.count_runs(engine())
+    if total_all == 0:
+        st.info("No runs yet. Launch one from the Launch page, or start with a tiny layer split on 2 ranks:")
+        if st.button("Launch a first tiny run", type="primary", key=K + "first"):
+            spec = RunSpec(strategy="layer", pp=2, model="tiny", workload="train", steps=5, verify=True)
+            run_id = queries.submit_run(engine(), spec)
+            st.query_params["run"] = str(run_id)
+            st.rerun()
+        return
+    params = st.query_params
+    with st.sidebar:
+        st.header("Filters")
+        chosen: dict[str, list[str]] = {}
+        for name in FILTERS:
+            options = queries.distinct_values(engine(), name)
+            default = [v for v in params.get_all(name) if v in options]
+            chosen[name] = st.multiselect(name, options, default=default, key=K + name)
+        tag = st.text_input("tag", value=params.get("tag", ""), key=K + "tag")
+    for name in FILTERS:
+        if chosen[name]:
+            params[name] = chosen[name]
+        elif name in params:
+            del params[name]
+    if tag:
+        params["tag"] = tag
+    elif "tag" in params:
+        del params["tag"]
+    filters = queries.RunFilter(**{n: chosen[n] or None for n in FILTERS}, tag=[tag] if tag else None)
+    total = queries.count_runs(engine(), filters)
+    pages = max(1, -(-total // PAGE_SIZE))
+    page = st.number_input(f"page (of {pages}, {total} runs)", min_value=1, max_value=pages, value=1, key=K + "page")
+    runs = queries.list_runs(engine(), filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+    view = runs.copy()
+    view["link"] = "?run=" + view["id"].astype(str)
+    view["status"] = view["status"].map(status_label)
+    view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
+    st.dataframe(
+        view,
+        hide_index=True,
+        column_order=[
+            "link",
+            "status",
+            "strategy",
+            "model",
+            "workload",
+            "world_size",
+            "tp",
+            "pp",
+            "dp",
+            "tokens_per_s",
+            "step_time_s_p50",
+            "peak_mem_bytes_max",
+            "user",
+            "tags",
+            "created_at",
+            "note",
+        ],  # fmt: skip
+        column_config={
+            "link": st.column_config.LinkColumn("run", display_text=r"\?run=(\d+)"),
+            "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
+            "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
+            "peak_mem_bytes_max": st.column_config.NumberColumn("peak mem (B)", format="%d"),
+            "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
+        },
+    )
+    st.download_button(
+        "Export these runs as CSV", data="".join(queries.iter_runs_csv(engine(), filters)), file_name="runs.csv",
+        mime="text/csv", key=K + "csv",
+    )  # fmt: skip
+    done = runs[runs["tokens_per_s"].notna()]
+    if len(done):
+        a, b = st.columns(2)
+        a.altair_chart(charts.throughput_chart(done), width="stretch")
+        ranks = queries.rank_results(engine(), [int(i) for i in done["id"].head(8)])
+        if len(ranks):
+            b.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+
+
+run_param = st.query_params.get("run")
+if run_param and run_param.isdigit():
+    run_detail(int(run_param))
+else:
+    run_list()

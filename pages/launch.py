@@ -1,0 +1,164 @@
+"""Launch page: pick a strategy, degrees, model and workload; see problems, memory and the command; launch."""
+
+from __future__ import annotations
+
+import shlex
+
+import streamlit as st
+
+from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError, torchrun_argv
+from storage import queries
+from storage.db import runs_dir
+from ui.format import human_bytes
+from ui.forms import STRATEGY_HELP, problems_by_field, spec_from_form, uses
+from ui.state import engine
+
+K = "launch_"  # widget keys are namespaced per page
+
+st.title("Launch a run")
+runner = queries.runner_status(engine())
+gpus = runner["gpus"] if runner and runner["alive"] else []
+gpu_count = len(gpus) if runner and runner["alive"] else None
+
+notes: dict[str, st.delta_generator.DeltaGenerator] = {}
+
+
+def note_slot(field: str) -> None:
+    """A place right under a widget where its validation messages appear."""
+    notes[field] = st.empty()
+
+
+values: dict = {"_gpu_count": gpu_count}
+left, mid, right = st.columns([1.1, 1, 1])
+with left:
+    st.subheader("Strategy")
+    values["strategy"] = st.selectbox(
+        "strategy", STRATEGIES, key=K + "strategy", index=STRATEGIES.index("layer"),
+        format_func=lambda s: s, help="\n".join(f"**{k}**: {v}" for k, v in STRATEGY_HELP.items()),
+    )  # fmt: skip
+    note_slot("strategy")
+    s = values["strategy"]
+    st.caption(STRATEGY_HELP[s])
+    c1, c2, c3 = st.columns(3)
+    values["tp"] = c1.number_input("tp", min_value=1, max_value=64, value=2, key=K + "tp", disabled=not uses(s, "tp"))
+    values["pp"] = c2.number_input("pp", min_value=1, max_value=64, value=2, key=K + "pp", disabled=not uses(s, "pp"))
+    values["dp"] = c3.number_input("dp", min_value=1, max_value=64, value=2, key=K + "dp", disabled=not uses(s, "dp"))
+    for f in ("tp", "pp", "dp"):
+        note_slot(f)
+    c1, c2 = st.columns(2)
+    values["microbatches"] = c1.number_input(
+        "microbatches",
+        min_value=1,
+        max_value=256,
+        value=4,
+        key=K + "microbatches",
+        disabled=not uses(s, "microbatches"),
+    )
+    values["schedule"] = c2.selectbox(
+        "schedule", SCHEDULES, index=1, key=K + "schedule", disabled=not uses(s, "schedule")
+    )
+    note_slot("microbatches")
+    c1, c2 = st.columns(2)
+    values["tp_style"] = c1.selectbox("tp style", TP_STYLES, key=K + "tp_style", disabled=not uses(s, "tp_style"))
+    values["sequence_parallel"] = c2.checkbox(
+        "sequence parallel", key=K + "sequence_parallel", disabled=not uses(s, "sequence_parallel")
+    )
+    note_slot("tp_style")
+    note_slot("sequence_parallel")
+
+with mid:
+    st.subheader("Model and workload")
+    presets = [*PRESETS, "custom"]
+    values["model"] = st.selectbox("model", presets, key=K + "model")
+    note_slot("model")
+    if values["model"] == "custom":
+        base = PRESETS["tiny"]
+        c1, c2, c3 = st.columns(3)
+        values["n_layer"] = c1.number_input("n_layer", min_value=1, value=base.n_layer, key=K + "n_layer")
+        values["n_head"] = c2.number_input("n_head", min_value=1, value=base.n_head, key=K + "n_head")
+        values["n_embd"] = c3.number_input("n_embd", min_value=1, value=base.n_embd, key=K + "n_embd")
+        c1, c2 = st.columns(2)
+        values["vocab_size"] = c1.number_input("vocab_size", min_value=1, value=base.vocab_size, key=K + "vocab")
+        values["block_size"] = c2.number_input("block_size", min_value=1, value=base.block_size, key=K + "block")
+        for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+            note_slot(f)
+    values["workload"] = st.radio("workload", WORKLOADS, index=2, key=K + "workload", horizontal=True)
+    note_slot("workload")
+    c1, c2, c3 = st.columns(3)
+    values["batch"] = c1.number_input("batch", min_value=1, value=8, key=K + "batch")
+    values["seq"] = c2.number_input("seq", min_value=1, value=64, key=K + "seq")
+    values["new_tokens"] = c3.number_input(
+        "new tokens", min_value=1, value=16, key=K + "new_tokens", disabled=values["workload"] != "generate"
+    )
+    for f in ("batch", "seq", "new_tokens"):
+        note_slot(f)
+    c1, c2 = st.columns(2)
+    values["steps"] = c1.number_input("timed steps", min_value=1, value=5, key=K + "steps")
+    values["warmup"] = c2.number_input("warm-up steps", min_value=0, value=1, key=K + "warmup")
+    note_slot("steps")
+    note_slot("warmup")
+
+with right:
+    st.subheader("Run")
+    c1, c2 = st.columns(2)
+    values["device"] = c1.selectbox("device", DEVICES, key=K + "device")
+    values["dtype"] = c2.selectbox("dtype", DTYPES, key=K + "dtype")
+    note_slot("device")
+    note_slot("dtype")
+    values["verify"] = st.checkbox(
+        "verify against the single-device reference", value=True, key=K + "verify",
+        help="runs the reference on the same inputs and reports max abs differences of logits, loss, gradients",
+    )  # fmt: skip
+    c1, c2 = st.columns(2)
+    values["seed"] = c1.number_input("seed", min_value=0, value=0, key=K + "seed")
+    values["time_limit_s"] = float(c2.number_input("time limit (s)", min_value=1, value=600, key=K + "time_limit"))
+    note_slot("time_limit_s")
+    values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
+    note_slot("tags")
+    values["weights"] = st.text_input(
+        "GPT-2 weights file (optional)", key=K + "weights", placeholder="/path/model.safetensors"
+    )
+    note_slot("weights")
+
+spec, problems = spec_from_form(values)
+by_field = problems_by_field(problems)
+for field, messages in by_field.items():
+    slot = notes.get(field)
+    text = "\n\n".join(messages)
+    if slot is not None:
+        slot.error(text, icon=":material/error:")
+    else:
+        st.error(f"**{field}**: {text}", icon=":material/error:")
+
+st.divider()
+info, devices = st.columns([2, 1])
+with info:
+    if spec is not None and not problems:
+        est = spec.memory_estimate()
+        c1, c2, c3 = st.columns(3)
+        c1.metric("ranks", spec.world_size)
+        c2.metric("parameters per rank (largest)", human_bytes(est["param_bytes"]))
+        c3.metric("AdamW state per rank", human_bytes(est["optimizer_bytes"]) if est["optimizer_bytes"] else "—")
+        st.caption("The command the runner will start (each run gets its own folder):")
+        st.code(shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True)
+    elif problems:
+        st.warning(f"{len(problems)} problem(s) to fix before launching; each is shown next to its field.")
+with devices:
+    st.subheader("Devices")
+    if runner is None or not runner["alive"]:
+        st.info("The runner is starting; devices appear when it reports.")
+    elif gpus:
+        for g in gpus:
+            st.write(f"GPU {g['index']}: **{g['name']}**, {human_bytes(g['memory_total'])}")
+    else:
+        st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
+        st.caption(runner["gpu_note"])
+
+if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
+    try:
+        run_id = queries.submit_run(engine(), spec, gpu_count=gpu_count)
+    except SpecError as exc:
+        for p in exc.problems:
+            st.error(str(p))
+    else:
+        st.switch_page("pages/history.py", query_params={"run": str(run_id)})

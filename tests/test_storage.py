@@ -1,0 +1,151 @@
+"""Storage: migrations build the schema, claims have one winner, filters and paging and downsampling run in SQL."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect, text
+
+from runner.spec import RunSpec, SpecError
+from storage import queries
+from storage.db import database_url
+
+TINY_LAYER = RunSpec(strategy="layer", pp=2, model="tiny", workload="train")
+
+
+def test_migrations_create_every_table_and_sqlite_runs_in_wal_mode(engine):
+    tables = set(inspect(engine).get_table_names())
+    assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
+            "alembic_version"} <= tables  # fmt: skip
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_default_database_lives_under_lab_home(lab_home):
+    assert database_url() == f"sqlite:///{lab_home / 'lab.db'}"
+
+
+def test_submit_refuses_invalid_specs_and_queues_nothing(engine):
+    with pytest.raises(SpecError) as err:
+        queries.submit_run(engine, RunSpec(strategy="layer", pp=3))
+    assert err.value.problems[0].field == "pp"
+    assert queries.count_runs(engine) == 0
+
+
+def test_submitted_run_reads_back_as_the_documented_json(engine):
+    run_id = queries.submit_run(engine, TINY_LAYER, user="ada")
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "queued" and run["user"] == "ada" and run["spec"] == TINY_LAYER.to_dict()
+    assert run["progress"] == {"step": 0, "total": TINY_LAYER.warmup + TINY_LAYER.steps}
+    assert datetime.fromisoformat(run["created_at"]).tzinfo is not None
+    assert {"id", "status", "error", "spec", "result", "ranks"} <= set(run)
+
+
+def test_a_queued_run_is_claimed_by_exactly_one_of_many_racers(engine):
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    wins = []
+    barrier = threading.Barrier(8)
+
+    def race(i):
+        barrier.wait()
+        if queries.claim_run(engine, run_id, f"runner-{i}", "/tmp/x", []):
+            wins.append(i)
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert queries.get_run(engine, run_id)["status"] == "running"
+
+
+def test_cancel_of_a_queued_run_is_immediate_and_of_a_running_run_is_a_request(engine):
+    a = queries.submit_run(engine, TINY_LAYER)
+    b = queries.submit_run(engine, TINY_LAYER)
+    assert queries.request_cancel(engine, a) == "cancelled"
+    assert queries.get_run(engine, a)["status"] == "cancelled"
+    queries.claim_run(engine, b, "r", "/tmp/x", [])
+    assert queries.request_cancel(engine, b) == "cancelling"
+    assert queries.cancel_requested(engine, b)
+    with pytest.raises(KeyError):
+        queries.request_cancel(engine, 999)
+
+
+def test_filters_and_paging_happen_in_sql(engine):
+    for i in range(30):
+        spec = RunSpec(strategy="data" if i % 3 == 0 else "layer", dp=2 if i % 3 == 0 else 1,
+                       pp=1 if i % 3 == 0 else 2, tags=("nightly",) if i % 2 else ())  # fmt: skip
+        queries.submit_run(engine, spec, user="bob" if i < 10 else "eve")
+    everything = queries.list_runs(engine, limit=100)
+    assert list(everything["id"]) == sorted(everything["id"], reverse=True)  # newest first
+    data = queries.RunFilter(strategy=["data"])
+    assert queries.count_runs(engine, data) == 10
+    page2 = queries.list_runs(engine, data, limit=4, offset=4)
+    assert len(page2) == 4 and set(page2["strategy"]) == {"data"}
+    assert queries.count_runs(engine, queries.RunFilter(user=["bob"], tag=["nightly"])) == 5
+    future = datetime.now(UTC) + timedelta(days=1)
+    assert queries.count_runs(engine, queries.RunFilter(since=future)) == 0
+    assert queries.distinct_values(engine, "user") == ["bob", "eve"]
+
+
+def test_telemetry_is_downsampled_per_bucket_in_sql(engine):
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    rows = [{"source": f"rank{r}", "t_s": i * 0.1, "util_pct": float(i % 10), "mem_bytes": 1000 + i}
+            for r in range(2) for i in range(100)]  # fmt: skip
+    queries.add_telemetry(engine, run_id, rows)
+    series = queries.telemetry_series(engine, [run_id], bucket_s=1.0)
+    assert len(series) == 2 * 10  # 10 one-second buckets per rank
+    first = series[(series["source"] == "rank0") & (series["t_s"] == 0)].iloc[0]
+    assert first["util_pct"] == pytest.approx(4.5) and first["mem_bytes"] == 1009
+
+
+def test_finish_stores_summary_and_ranks_and_delete_removes_everything(engine):
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    queries.claim_run(engine, run_id, "r", "/tmp/x", [])
+    result = {"tokens_per_s": 100.0, "step_time_s_p50": 0.5, "torch_version": "2.13.0", "device_names": ["cpu"],
+              "ranks": [{"rank": r, "tp": 0, "pp": r, "dp": 0, "param_count": 10, "param_bytes": 40,
+                         "optimizer_bytes": 80, "peak_mem_bytes": 1000 * (r + 1), "compute_s": 1.0, "comm_s": 0.5,
+                         "idle_s": 0.1, "comm_bytes": {"send": 64}, "comm_calls": {"send": 1},
+                         "bubble_fraction": 0.2} for r in range(2)]}  # fmt: skip
+    queries.finish_run(engine, run_id, "succeeded", result=result)
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "succeeded" and run["result"]["tokens_per_s"] == 100.0
+    assert [r["peak_mem_bytes"] for r in run["ranks"]] == [1000, 2000]
+    assert run["ranks"][0]["bubble_fraction"] == 0.2  # strategy figures survive in 'extra'
+    listed = queries.list_runs(engine)
+    assert listed.loc[0, "peak_mem_bytes_max"] == 2000
+    ranks = queries.rank_results(engine, [run_id])
+    assert list(ranks["comm_bytes_send"]) == [64, 64]
+    queries.update_run_meta(engine, run_id, note="fast one", tags=["a", " b "])
+    assert queries.get_run(engine, run_id)["tags"] == ["a", "b"]
+    queries.delete_run(engine, run_id)
+    assert queries.get_run(engine, run_id) is None
+    assert queries.rank_results(engine, [run_id]).empty
+
+
+def test_csv_export_streams_header_then_rows(engine):
+    for _ in range(3):
+        queries.submit_run(engine, TINY_LAYER)
+    chunks = list(queries.iter_runs_csv(engine))
+    assert chunks[0].startswith("id,status,strategy")
+    assert len(chunks) == 4
+
+
+def test_one_runner_lease_and_it_goes_stale(engine):
+    assert queries.acquire_lease(engine, "a", 1, [], "no GPU")
+    assert not queries.acquire_lease(engine, "b", 2, [], "no GPU")
+    assert queries.heartbeat(engine, "a") and not queries.heartbeat(engine, "b")
+    status = queries.runner_status(engine)
+    assert status["alive"] and status["runner_id"] == "a"
+    stale = datetime.now(UTC) - timedelta(seconds=queries.RUNNER_STALE_S + 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
+    assert not queries.runner_status(engine)["alive"]
+    assert queries.acquire_lease(engine, "b", 2, [], "no GPU")  # a crashed runner does not hold it forever
+    assert not queries.heartbeat(engine, "a")

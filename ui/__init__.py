@@ -1,0 +1,1 @@
+"""Page logic with tests: turning form values into specs, formatting figures, drawing charts."""
