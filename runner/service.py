@@ -241,21 +241,33 @@ class Runner:
 _TORCHRUN_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
+_CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
+
+
 def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str, str | None]:
-    """(failing rank, one-line error, first traceback of that rank) from events, torchrun.log and rank logs."""
-    if errors:
-        first = min(errors, key=lambda e: e.get("t", 0))
-        return (
-            first["rank"],
-            f"rank {first['rank']} raised {first.get('error', 'an exception')}",
-            first.get("traceback"),
-        )
+    """(failing rank, one-line error, first traceback of that rank) from torchrun.log, events and rank logs.
+
+    When one rank dies, its peers fail too (a closed connection, a collective timeout) and torchrun
+    stops the rest with SIGTERM; the root cause is, in order: torchrun's root-cause rank when a signal
+    killed it, a rank that raised something other than such a consequence, then any rank that raised,
+    then the rank torchrun reports first.
+    """
     log = (run_dir / "torchrun.log").read_text(errors="replace") if (run_dir / "torchrun.log").exists() else ""
-    m = _TORCHRUN_FAILURE.search(log)
-    if m:
-        rank, code = int(m.group(1)), int(m.group(2))
-        how = f"was killed by signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exited with code {code}"
-        return rank, f"rank {rank} {how}", first_traceback(run_dir / f"rank{rank}.log")
+    # torchrun names the first observed failure under "Root Cause"; the others it then stopped itself.
+    root = log[log.find("Root Cause") :] if "Root Cause" in log else log
+    exits = [(int(m.group(1)), int(m.group(2))) for m in _TORCHRUN_FAILURE.finditer(root)]
+    for rank, code in exits:
+        if code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
+            return rank, f"rank {rank} was killed by signal {-code} ({name})", first_traceback(run_dir / f"rank{rank}.log")
+    ordered = sorted(errors, key=lambda e: e.get("t", 0))
+    causes = [e for e in ordered if not any(c in e.get("error", "") for c in _CONSEQUENCES)] or ordered
+    if causes:
+        first = causes[0]
+        return first["rank"], f"rank {first['rank']} raised {first.get('error', 'an exception')}", first.get("traceback")
+    if exits:
+        rank, code = exits[0]
+        return rank, f"rank {rank} exited with code {code}", first_traceback(run_dir / f"rank{rank}.log")
     for path in sorted(run_dir.glob("rank*.log")):
         tb = first_traceback(path)
         if tb:

@@ -1,0 +1,68 @@
+"""The CLI as scripts use it: bad input refused with field-named messages (exit 2, nothing queued), --json shapes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from storage import queries
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "fragment"),
+    [
+        (["--strategy", "layer", "--pp", "3"], "pp", "needs n_layer divisible by 3"),
+        (["--strategy", "layer", "--pp", "0"], "pp", "must be at least 1"),
+        (["--strategy", "data", "--dp", "-2"], "dp", "must be at least 1"),
+        (["--strategy", "single", "--model", "gpt9"], "model", "is not a preset"),
+        (["--strategy", "single", "--weights", "/nope/model.safetensors"], "weights", "no file at"),
+        (["--strategy", "single", "--spec-json", '{"colour": 1}'], "colour", "is not a spec field"),
+    ],
+)
+def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
+    proc = cli("submit", *args, "--json")
+    assert proc.returncode == 2, proc.stderr
+    out = json.loads(proc.stdout)
+    assert any(p["field"] == field and fragment in p["message"] for p in out["problems"]), out
+    assert queries.count_runs(engine) == 0
+
+
+def test_unknown_strategy_is_refused_by_the_parser(engine):
+    proc = cli("submit", "--strategy", "zero")
+    assert proc.returncode == 2 and "invalid choice: 'zero'" in proc.stderr
+
+
+def test_a_checkpoint_that_is_not_gpt2_is_refused(engine, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "resnet.safetensors"
+    save_file({"conv1.weight": torch.zeros(2, 2)}, str(path))
+    proc = cli("submit", "--strategy", "single", "--weights", str(path))
+    assert proc.returncode == 2 and "has no GPT-2 tensors" in proc.stderr
+
+
+def test_submit_list_show_cancel_without_a_runner(engine):
+    proc = cli("submit", "--strategy", "layer", "--pp", "2", "--model", "tiny", "--tag", "smoke", "--json")
+    assert proc.returncode == 0, proc.stderr
+    run_id = json.loads(proc.stdout)["id"]
+    listed = json.loads(cli("list", "--json").stdout)
+    assert [r["id"] for r in listed] == [run_id] and listed[0]["tags"] == ["smoke"]
+    shown = json.loads(cli("show", str(run_id), "--json").stdout)
+    assert shown["status"] == "queued" and shown["spec"]["pp"] == 2
+    cancel = cli("cancel", str(run_id), "--json")
+    assert cancel.returncode == 0 and json.loads(cancel.stdout)["status"] == "cancelled"
+    assert cli("show", "999").returncode == 1
+    csv_out = cli("export", "--format", "csv").stdout.splitlines()
+    assert csv_out[0].startswith("id,status") and len(csv_out) == 2
