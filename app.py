@@ -16,16 +16,22 @@ from ui.state import engine
 
 st.set_page_config(page_title="Parallel GPT Lab", page_icon=":material/hub:", layout="wide")
 
-started = ensure_runner(database_url())
-status = queries.runner_status(engine())
-with st.sidebar:
-    if started:
-        st.info("Starting the runner…")
-    elif status and status["alive"]:
-        st.success(f"Runner alive, last seen {human_duration(max(status['age_s'], 0.0))} ago", icon=":material/check_circle:")
+ensure_runner(database_url())
+
+
+@st.fragment(run_every=2.0)
+def runner_badge() -> None:
+    status = queries.runner_status(engine())
+    if status and status["alive"]:
+        st.success(f"Runner alive, last seen {human_duration(max(status['age_s'], 0.0))} ago",
+                   icon=":material/check_circle:")  # fmt: skip
         st.caption(status["gpu_note"])
     else:
-        st.warning("No runner is serving this database; it is being started.")
+        st.warning("No runner is serving this database yet; it is starting.", icon=":material/hourglass_top:")
+
+
+with st.sidebar:
+    runner_badge()
 
 pages = [
     st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),

@@ -146,12 +146,15 @@ def run_list() -> None:
     filters = queries.RunFilter(**{n: chosen[n] or None for n in FILTERS}, tag=[tag] if tag else None)
     total = queries.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
-    page = st.number_input(f"page (of {pages}, {total} runs)", min_value=1, max_value=pages, value=1, key=K + "page")
+    page = st.columns(4)[0].number_input(
+        f"page (of {pages}, {total} runs)", min_value=1, max_value=pages, value=1, key=K + "page"
+    )
     runs = queries.list_runs(engine(), filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
     view = runs.copy()
     view["link"] = "?run=" + view["id"].astype(str)
     view["status"] = view["status"].map(status_label)
     view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
+    view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
     st.dataframe(
         view,
         hide_index=True,
@@ -177,7 +180,7 @@ def run_list() -> None:
             "link": st.column_config.LinkColumn("run", display_text=r"\?run=(\d+)"),
             "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
             "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
-            "peak_mem_bytes_max": st.column_config.NumberColumn("peak mem (B)", format="%d"),
+            "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
             "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
         },
     )

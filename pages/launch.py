@@ -140,19 +140,30 @@ with info:
         c2.metric("parameters per rank (largest)", human_bytes(est["param_bytes"]))
         c3.metric("AdamW state per rank", human_bytes(est["optimizer_bytes"]) if est["optimizer_bytes"] else "—")
         st.caption("The command the runner will start (each run gets its own folder):")
-        st.code(shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True)
+        st.code(
+            shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True
+        )
     elif problems:
         st.warning(f"{len(problems)} problem(s) to fix before launching; each is shown next to its field.")
-with devices:
+
+
+@st.fragment(run_every=2.0)
+def devices_panel() -> None:
+    """Refreshes by itself: the runner reports its devices a moment after it starts."""
     st.subheader("Devices")
-    if runner is None or not runner["alive"]:
+    status = queries.runner_status(engine())
+    if status is None or not status["alive"]:
         st.info("The runner is starting; devices appear when it reports.")
-    elif gpus:
-        for g in gpus:
+    elif status["gpus"]:
+        for g in status["gpus"]:
             st.write(f"GPU {g['index']}: **{g['name']}**, {human_bytes(g['memory_total'])}")
     else:
         st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
-        st.caption(runner["gpu_note"])
+        st.caption(status["gpu_note"])
+
+
+with devices:
+    devices_panel()
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:

@@ -1,0 +1,45 @@
+"""In real Chromium: launch a layer split from the page, watch it finish, see it in history; bad input blocks launch."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from storage import queries
+from tests.browser.conftest import screenshot, wait_for_app
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, engine):
+    page.goto(app_url)
+    wait_for_app(page)
+    page.get_by_text("Launch a run").wait_for()
+    page.get_by_text("No NVIDIA GPU is visible").wait_for(timeout=30_000)  # the runner reported its devices
+    screenshot(page, "launch")
+    page.get_by_role("button", name="Launch", exact=True).click()
+    page.wait_for_url(re.compile(r"history\?run=\d+"), timeout=30_000)
+    page.get_by_text("succeeded").first.wait_for(timeout=120_000)
+    page.get_by_text("Peak memory per rank").wait_for(timeout=30_000)
+    wait_for_app(page)
+    screenshot(page, "run-detail")
+    (run,) = queries.list_runs(engine).to_dict("records")
+    assert run["status"] == "succeeded" and run["strategy"] == "layer" and run["world_size"] == 2
+    page.goto(f"{app_url}/history")
+    wait_for_app(page)
+    page.get_by_text("Throughput per run").wait_for(timeout=30_000)
+    screenshot(page, "history")
+
+
+def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine):
+    page.goto(app_url)
+    wait_for_app(page)
+    pp = page.get_by_role("spinbutton", name="pp", exact=True)
+    pp.fill("3")
+    pp.press("Enter")
+    wait_for_app(page)
+    page.get_by_text("layer split over 3 ranks needs n_layer divisible by 3").wait_for(timeout=30_000)
+    screenshot(page, "launch-invalid")
+    assert page.get_by_role("button", name="Launch", exact=True).is_disabled()
+    assert queries.count_runs(engine) == 0
