@@ -20,7 +20,9 @@ FILTERS = ("status", "strategy", "model", "workload", "user")
 
 
 def run_detail(run_id: int) -> None:
-    st.page_link("pages/history.py", label="All runs", icon=":material/arrow_back:")
+    if st.button("All runs", icon=":material/arrow_back:", key=f"{K}back"):
+        st.query_params.clear()
+        st.rerun()
 
     @st.fragment(run_every=1.0)
     def live() -> None:
