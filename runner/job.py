@@ -157,6 +157,7 @@ class Verifier:
                 continue
             index = self.model.shard_index(name)
             ref = ref if index is None else ref[index]
+            mine = trim_padding(mine, ref.shape)
             self._max(key, (mine.detach().float().cpu() - ref.detach()).abs().max().item())
 
     def run(self, idx: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -309,6 +310,13 @@ def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, ta
     return loss
 
 
+def trim_padding(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The leading part of a shard that exists in the reference (a vocab slice may carry padding rows)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    return t[tuple(slice(0, n) for n in shape)]
+
+
 def load_shards(model: ParallelGPT, state_dict: dict) -> None:
     """Copy each local shard from a Hugging Face GPT-2 checkpoint (only this rank's slices)."""
     from runner.gpt.model import convert_gpt2_state_dict
@@ -318,7 +326,7 @@ def load_shards(model: ParallelGPT, state_dict: dict) -> None:
         for name, p in model.named_shards().items():
             index = model.shard_index(name)
             src = full[name] if index is None else full[name][index]
-            p.copy_(src.to(p.dtype))
+            trim_padding(p, src.shape).copy_(src.to(p.dtype))
 
 
 def write_result(spec, run_dir, world, device, backend, dtype, step_times, ranks, verify) -> None:

@@ -95,10 +95,10 @@ class GroupComm:
         self.stats.record(kind, nbytes(payload), time.perf_counter() - start, idle=idle)
         return out
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, in place; returns t."""
+    def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce over the group (sum unless op says otherwise), in place; returns t."""
         if self.size > 1:
-            self._timed("all_reduce", t, lambda: dist.all_reduce(t, group=self.group))
+            self._timed("all_reduce", t, lambda: dist.all_reduce(t, op=op, group=self.group))
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -162,3 +162,111 @@ class PendingCollective:
             _sync(self.tensor)
             self.stats.record_time(time.perf_counter() - start)
         return self.tensor
+
+
+# ---- tensor-parallel autograd operators (Megatron's mappings, named as there) --------------------
+# Each pair is conjugate: what one does forward, the other does backward, so a parallel region
+# entered with copy_to_tp and left with reduce_from_tp gives the reference gradients.
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient backward (entering a tensor-parallel region)."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_reduce(grad.contiguous()), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward (summing the partial outputs of a row-parallel layer); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x.contiguous())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """All-gather along the last dim forward; keep this rank's chunk backward (the gradient is replicated)."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.all_gather(x, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(ctx.comm.size, dim=-1)[ctx.comm.index].contiguous(), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Keep this rank's chunk of the sequence forward; all-gather the sequence backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.chunk(comm.size, dim=1)[comm.index].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad, dim=1), None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """All-gather the sequence forward (entering a tensor-parallel region from a sequence-parallel one);
+    reduce-scatter the sequence backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.all_gather(x, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.reduce_scatter(grad.contiguous(), dim=1), None
+
+
+class _ReduceScatterToSP(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward (leaving a row-parallel layer into a sequence-parallel
+    region); all-gather the sequence backward."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return comm.reduce_scatter(x.contiguous(), dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.comm.all_gather(grad.contiguous(), dim=1), None
+
+
+def copy_to_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _CopyToTP.apply(x, comm) if comm.size > 1 else x
+
+
+def reduce_from_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ReduceFromTP.apply(x, comm) if comm.size > 1 else x
+
+
+def gather_from_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _GatherFromTP.apply(x, comm) if comm.size > 1 else x
+
+
+def scatter_to_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ScatterToSP.apply(x, comm) if comm.size > 1 else x
+
+
+def gather_from_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _GatherFromSP.apply(x, comm) if comm.size > 1 else x
+
+
+def reduce_scatter_to_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ReduceScatterToSP.apply(x, comm) if comm.size > 1 else x
