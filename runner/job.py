@@ -285,6 +285,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         **model.figures(),
     }
+    if "bubble_fraction_theory" in mine and step_wall_total > 0:
+        # The bubble as measured: the share of the step this stage spent waiting for its neighbours.
+        mine["bubble_fraction"] = comm["idle_s"] / step_wall_total
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, mine)
     if rank == 0:

@@ -259,12 +259,20 @@ def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str
     for rank, code in exits:
         if code < 0:
             name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
-            return rank, f"rank {rank} was killed by signal {-code} ({name})", first_traceback(run_dir / f"rank{rank}.log")
+            return (
+                rank,
+                f"rank {rank} was killed by signal {-code} ({name})",
+                first_traceback(run_dir / f"rank{rank}.log"),
+            )
     ordered = sorted(errors, key=lambda e: e.get("t", 0))
     causes = [e for e in ordered if not any(c in e.get("error", "") for c in _CONSEQUENCES)] or ordered
     if causes:
         first = causes[0]
-        return first["rank"], f"rank {first['rank']} raised {first.get('error', 'an exception')}", first.get("traceback")
+        return (
+            first["rank"],
+            f"rank {first['rank']} raised {first.get('error', 'an exception')}",
+            first.get("traceback"),
+        )
     if exits:
         rank, code = exits[0]
         return rank, f"rank {rank} exited with code {code}", first_traceback(run_dir / f"rank{rank}.log")

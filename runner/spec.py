@@ -18,7 +18,7 @@ from runner.gpt.config import PRESETS, GPTConfig, count_parameters
 
 STRATEGIES = ("single", "layer", "tensor", "pipeline", "data", "3d")
 # Strategies the rank code implements today; the rest answer "not supported yet" in validate().
-IMPLEMENTED_STRATEGIES = frozenset({"single", "layer", "tensor", "data"})
+IMPLEMENTED_STRATEGIES = frozenset({"single", "layer", "tensor", "pipeline", "data"})
 WORKLOADS = ("forward", "generate", "train")
 SCHEDULES = ("gpipe", "1f1b")
 TP_STYLES = ("megatron", "gather")

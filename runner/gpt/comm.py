@@ -136,6 +136,15 @@ class GroupComm:
         self._timed("recv", buf, lambda: dist.recv(buf, src=src), idle=True)
         return buf
 
+    def isend(self, t: torch.Tensor, dst: int) -> PendingCollective:
+        """Start a send to global rank dst; never blocks, so neighbours sending to each other cannot deadlock.
+        The caller keeps the handle and waits for it before the step ends."""
+        t = t.contiguous()
+        start = time.perf_counter()
+        work = dist.isend(t, dst=dst)
+        self.stats.record("send", nbytes(t), time.perf_counter() - start)
+        return PendingCollective(work, t, self.stats, "send")
+
     def all_reduce_async(self, t: torch.Tensor) -> PendingCollective:
         """Start a sum over the group in place; the bytes count now, the time when it is waited for."""
         if self.size == 1:
@@ -164,109 +173,132 @@ class PendingCollective:
         return self.tensor
 
 
-# ---- tensor-parallel autograd operators (Megatron's mappings, named as there) --------------------
-# Each pair is conjugate: what one does forward, the other does backward, so a parallel region
-# entered with copy_to_tp and left with reduce_from_tp gives the reference gradients.
+# ---- tensor-parallel autograd operators (Megatron's mappings.py, named as there) ------------------
+# Each pair is conjugate: what one does forward, the other does backward. A tensor-parallel region is
+# entered with copy_to_parallel_region (every rank needs the whole input; its gradient is a sum of
+# per-rank partial gradients) and left with reduce_from_parallel_region (the outputs are partial sums;
+# their gradient is already whole on every rank), so the region gives the reference gradients.
+# Sequence-parallel twins work on dim 1 of [batch, seq, hidden]: outside the parallel region each rank
+# holds seq/tp positions, and the all-reduce becomes reduce-scatter (leaving) + all-gather (entering).
+# With a group of one rank every operator is the identity and adds no autograd node.
 
 
-class _CopyToTP(torch.autograd.Function):
-    """Identity forward; all-reduce of the input gradient backward (entering a tensor-parallel region)."""
+class _CopyToParallelRegion(torch.autograd.Function):
+    """Identity forward; all-reduce of the input gradient backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
         ctx.comm = comm
-        return x
+        return x.view_as(x)  # a new tensor object, so autograd records this node
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return ctx.comm.all_reduce(grad.contiguous()), None
 
 
-class _ReduceFromTP(torch.autograd.Function):
-    """All-reduce forward (summing the partial outputs of a row-parallel layer); identity backward."""
+class _ReduceFromParallelRegion(torch.autograd.Function):
+    """All-reduce forward (summing a row-parallel layer's partial outputs); identity backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
-        return comm.all_reduce(x.contiguous())
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+        return comm.all_reduce(x.contiguous().clone())  # never sum into a tensor autograd may have saved
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return grad, None
 
 
-class _GatherFromTP(torch.autograd.Function):
-    """All-gather along the last dim forward; keep this rank's chunk backward (the gradient is replicated)."""
+class _ScatterToParallelRegion(torch.autograd.Function):
+    """Keep this rank's chunk of the last dim forward; all-gather the last dim backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+        ctx.comm = comm
+        return x.chunk(comm.size, dim=-1)[comm.index].contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return ctx.comm.all_gather(grad, dim=-1), None
+
+
+class _GatherFromParallelRegion(torch.autograd.Function):
+    """All-gather the last dim forward; keep this rank's chunk backward (the gradient is replicated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
         ctx.comm = comm
         return comm.all_gather(x, dim=-1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return grad.chunk(ctx.comm.size, dim=-1)[ctx.comm.index].contiguous(), None
 
 
-class _ScatterToSP(torch.autograd.Function):
-    """Keep this rank's chunk of the sequence forward; all-gather the sequence backward."""
+class _ScatterToSequence(torch.autograd.Function):
+    """Keep this rank's seq/tp positions forward (a replicated tensor entering the sequence-parallel
+    region); all-gather the sequence backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
         ctx.comm = comm
         return x.chunk(comm.size, dim=1)[comm.index].contiguous()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return ctx.comm.all_gather(grad, dim=1), None
 
 
-class _GatherFromSP(torch.autograd.Function):
-    """All-gather the sequence forward (entering a tensor-parallel region from a sequence-parallel one);
-    reduce-scatter the sequence backward."""
+class _GatherFromSequence(torch.autograd.Function):
+    """All-gather the sequence forward (entering the tensor-parallel region from a sequence-parallel
+    one); reduce-scatter the sequence backward (each rank's gradient is a partial sum over its columns)."""
 
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
         ctx.comm = comm
         return comm.all_gather(x, dim=1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return ctx.comm.reduce_scatter(grad.contiguous(), dim=1), None
 
 
-class _ReduceScatterToSP(torch.autograd.Function):
-    """Reduce-scatter along the sequence forward (leaving a row-parallel layer into a sequence-parallel
-    region); all-gather the sequence backward."""
+class _ReduceScatterToSequence(torch.autograd.Function):
+    """Reduce-scatter along the sequence forward (leaving a row-parallel layer into the
+    sequence-parallel region); all-gather the sequence backward."""
 
     @staticmethod
-    def forward(ctx, x, comm):
+    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
         ctx.comm = comm
         return comm.reduce_scatter(x.contiguous(), dim=1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
         return ctx.comm.all_gather(grad.contiguous(), dim=1), None
 
 
-def copy_to_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _CopyToTP.apply(x, comm) if comm.size > 1 else x
+def copy_to_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _CopyToParallelRegion.apply(x, comm) if comm.size > 1 else x
 
 
-def reduce_from_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ReduceFromTP.apply(x, comm) if comm.size > 1 else x
+def reduce_from_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ReduceFromParallelRegion.apply(x, comm) if comm.size > 1 else x
 
 
-def gather_from_tp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _GatherFromTP.apply(x, comm) if comm.size > 1 else x
+def scatter_to_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ScatterToParallelRegion.apply(x, comm) if comm.size > 1 else x
 
 
-def scatter_to_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ScatterToSP.apply(x, comm) if comm.size > 1 else x
+def gather_from_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _GatherFromParallelRegion.apply(x, comm) if comm.size > 1 else x
 
 
-def gather_from_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _GatherFromSP.apply(x, comm) if comm.size > 1 else x
+def scatter_to_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ScatterToSequence.apply(x, comm) if comm.size > 1 else x
 
 
-def reduce_scatter_to_sp(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ReduceScatterToSP.apply(x, comm) if comm.size > 1 else x
+def gather_from_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _GatherFromSequence.apply(x, comm) if comm.size > 1 else x
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+    return _ReduceScatterToSequence.apply(x, comm) if comm.size > 1 else x
