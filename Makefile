@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
 
-.PHONY: run test test-fast lint bench clean-venv
+.PHONY: run test test-fast lint bench clean-venv postgres-server
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,12 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/python -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
-test: $(VENV)/.installed-dev /usr/bin/chromium
+# Debian's PostgreSQL server binaries: the storage and runner tests also run against a real server.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
+postgres-server:
+	@if [ -z "$(PG_INITDB)" ]; then apt-get update -qq && apt-get install -y -qq postgresql; fi
+
+test: $(VENV)/.installed-dev /usr/bin/chromium postgres-server
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 

@@ -25,6 +25,25 @@ def lab_home(tmp_path, monkeypatch):
 
 @pytest.fixture
 def engine(lab_home):
+    """The default SQLite database under the test's LAB_HOME."""
+    return get_engine()
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """One private PostgreSQL server for the session (Debian's binaries; `make test` installs them)."""
+    from tests.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_engine(request, lab_home, monkeypatch):
+    """The same test on SQLite and on a fresh PostgreSQL database (LAB_DB_URL, as a team would set it)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("LAB_DB_URL", request.getfixturevalue("pg_server").new_database())
     return get_engine()
 
 

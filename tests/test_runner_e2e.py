@@ -191,3 +191,40 @@ def test_time_limit_stops_the_run_as_failed_with_the_reason(engine):
     finally:
         stop_runner(engine)
         runner.wait(timeout=10)
+
+
+def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db_engine):
+    """The real runner, two CPU jobs at a time, drains a burst of submissions: all succeed, none twice."""
+    import threading
+
+    engine = db_engine
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def submit(n):
+        for _ in range(n):
+            run_id = queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+            with lock:
+                ids.append(run_id)
+
+    # 50 runs racing for claims are covered in test_storage (both backends); here 6 real jobs keep it quick.
+    threads = [threading.Thread(target=submit, args=(n,)) for n in (2, 2, 1, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    runner = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--max-cpu-jobs", "2"], cwd=REPO,
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        runs = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
+        assert [r["status"] for r in runs] == ["succeeded"] * 6
+        run_dirs = [r["run_dir"] for r in runs]
+        assert len(set(run_dirs)) == 6  # each launched once, in its own folder
+        for r in runs:
+            starts = [
+                line for line in Path(r["run_dir"], "events.jsonl").read_text().splitlines() if '"started"' in line
+            ]
+            assert len(starts) == 1
+    finally:
+        stop_runner(engine)
+        runner.wait(timeout=10)

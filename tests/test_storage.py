@@ -15,15 +15,64 @@ from storage.db import database_url
 TINY_LAYER = RunSpec(strategy="layer", pp=2, model="tiny", workload="train")
 
 
-def test_migrations_create_every_table_and_sqlite_runs_in_wal_mode(engine):
+@pytest.fixture
+def engine(db_engine):
+    """Every test in this module runs on SQLite and on PostgreSQL."""
+    return db_engine
+
+
+def test_migrations_create_every_table(engine):
     tables = set(inspect(engine).get_table_names())
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
             "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
+    from storage.db import get_engine
+
+    engine = get_engine()
+    with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+
+
+def test_fifty_runs_from_four_threads_are_each_claimed_exactly_once(engine):
+    """Submitters and claimers race: every run is claimed once, none twice, none lost."""
+    submitted, claims = [], []
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def submit(n):
+        for _ in range(n):
+            run_id = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
+            with lock:
+                submitted.append(run_id)
+
+    def claim(name):
+        while True:
+            finished = done.is_set()
+            for row in queries.queued_runs(engine):
+                if queries.claim_run(engine, row["id"], name, "/tmp/x", []):
+                    with lock:
+                        claims.append(row["id"])
+            if finished:
+                return
+
+    claimers = [threading.Thread(target=claim, args=(f"runner-{i}",)) for i in range(4)]
+    submitters = [threading.Thread(target=submit, args=(n,)) for n in (13, 13, 12, 12)]
+    for t in claimers + submitters:
+        t.start()
+    for t in submitters:
+        t.join()
+    done.set()
+    for t in claimers:
+        t.join()
+    assert len(submitted) == len(set(submitted)) == 50
+    assert sorted(claims) == sorted(submitted)  # each exactly once
+    assert queries.count_runs(engine, queries.RunFilter(status=["running"])) == 50
 
 
 def test_default_database_lives_under_lab_home(lab_home):
