@@ -10,9 +10,11 @@ With `sequence_parallel`, the LayerNorm/residual regions hold seq/tp positions a
 becomes a reduce-scatter + all-gather; the replicated parameters used inside those regions then see
 only part of the sequence, so their gradients are summed over the group after backward.
 
-Every parameter is named as in the reference GPT and built as `init_parameter(name)[shard_index]`.
-The pieces (TPEmbedding, TPBlock, TPHead) are modules of their own so that 3D parallelism can put
-them into pipeline stages.
+Every parameter is named as in the reference GPT and built as `init_parameter(name)[shard_index]`,
+one full parameter at a time. The pieces are separate so that 3D parallelism can put them into
+pipeline stages: `TensorParallelBlock` (named like a reference Block), `VocabParallelEmbedding`,
+`parallel_lm_logits` (the head) and `vocab_parallel_cross_entropy` (the loss). All communication goes
+through the tp group's GroupComm and the conjugate operators of runner/gpt/comm.py, so it is counted.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed import ReduceOp
 
 from runner.gpt.comm import (
     GroupComm,
-    copy_to_tp,
-    gather_from_sp,
-    gather_from_tp,
-    reduce_from_tp,
-    reduce_scatter_to_sp,
-    scatter_to_sp,
+    copy_to_parallel_region,
+    gather_from_parallel_region,
+    gather_from_sequence,
+    reduce_from_parallel_region,
+    reduce_scatter_to_sequence,
+    scatter_to_sequence,
 )
 from runner.gpt.config import GPTConfig
 from runner.gpt.mesh import Mesh
@@ -120,119 +122,190 @@ class _Linear(nn.Module):
         self.bias = _param(bias) if bias is not None else None
 
 
-class TPAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig, prefix: str, comm: GroupComm, seed: int, style: str):
-        super().__init__()
-        r, tp = comm.index, comm.size
-        self.comm, self.style = comm, style
-        self.n_local_heads = cfg.n_head // tp
-        self.head_dim = cfg.head_dim
-        shard = lambda leaf: build_shard(f"{prefix}attn.{leaf}", cfg, seed, r, tp, style)  # noqa: E731
-        self.c_attn = _Linear(shard("c_attn.weight"), shard("c_attn.bias") if cfg.bias else None)
-        self.c_proj = _Linear(shard("c_proj.weight"), shard("c_proj.bias") if cfg.bias else None)
-
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None, sp: bool) -> torch.Tensor:
-        x = gather_from_sp(x, self.comm) if sp else copy_to_tp(x, self.comm)
-        b, t, _ = x.shape
-        q, k, v = F.linear(x, self.c_attn.weight, self.c_attn.bias).chunk(3, dim=-1)
-        q, k, v = (z.view(b, t, self.n_local_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
-        if cache is not None:
-            k, v = cache.append(k, v)
-        y = attend(q, k, v).transpose(1, 2).reshape(b, t, self.n_local_heads * self.head_dim)
-        if self.style == "gather":
-            return F.linear(gather_from_tp(y, self.comm), self.c_proj.weight, self.c_proj.bias)
-        partial = F.linear(y, self.c_proj.weight)
-        out = reduce_scatter_to_sp(partial, self.comm) if sp else reduce_from_tp(partial, self.comm)
-        return out if self.c_proj.bias is None else out + self.c_proj.bias
-
-
-class TPMLP(nn.Module):
-    def __init__(self, cfg: GPTConfig, prefix: str, comm: GroupComm, seed: int, style: str):
-        super().__init__()
-        r, tp = comm.index, comm.size
-        self.comm = comm
-        shard = lambda leaf: build_shard(f"{prefix}mlp.{leaf}", cfg, seed, r, tp, style)  # noqa: E731
-        self.c_fc = _Linear(shard("c_fc.weight"), shard("c_fc.bias") if cfg.bias else None)
-        self.c_proj = _Linear(shard("c_proj.weight"), shard("c_proj.bias") if cfg.bias else None)
-
-    def forward(self, x: torch.Tensor, sp: bool) -> torch.Tensor:
-        x = gather_from_sp(x, self.comm) if sp else copy_to_tp(x, self.comm)
-        hidden = F.gelu(F.linear(x, self.c_fc.weight, self.c_fc.bias), approximate="tanh")
-        partial = F.linear(hidden, self.c_proj.weight)
-        out = reduce_scatter_to_sp(partial, self.comm) if sp else reduce_from_tp(partial, self.comm)
-        return out if self.c_proj.bias is None else out + self.c_proj.bias
-
-
 def _layer_norm(cfg: GPTConfig, prefix: str, seed: int) -> nn.LayerNorm:
+    """A replicated LayerNorm (it normalises over the hidden dim, which is never split)."""
     ln = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps, bias=cfg.bias)
     with torch.no_grad():
         ln.weight.copy_(init_parameter(f"{prefix}weight", (cfg.n_embd,), cfg, seed))
+        if ln.bias is not None:
+            ln.bias.copy_(init_parameter(f"{prefix}bias", (cfg.n_embd,), cfg, seed))
     return ln
 
 
-class TPBlock(nn.Module):
-    """One transformer block with heads and MLP columns split over `comm`; parameters named as in Block."""
+class _TensorParallelRegion(nn.Module):
+    """What attention and MLP share: how their input enters the parallel region and how a row-parallel
+    output leaves it. Under sequence parallelism (only without a KV cache: decoding adds one position at a
+    time, so there is no sequence to split) the input arrives as seq/tp positions and leaves the same way."""
 
-    def __init__(self, cfg: GPTConfig, layer: int, comm: GroupComm, seed: int, style: str):
+    comm: GroupComm
+    sequence_parallel: bool
+
+    def _enter(self, x: torch.Tensor, cache: LayerKVCache | None) -> torch.Tensor:
+        if self.sequence_parallel and cache is None:
+            return gather_from_sequence(x, self.comm)
+        return copy_to_parallel_region(x, self.comm)
+
+    def _leave(self, partial: torch.Tensor, bias: torch.Tensor | None, cache: LayerKVCache | None) -> torch.Tensor:
+        if self.sequence_parallel and cache is None:
+            out = reduce_scatter_to_sequence(partial, self.comm)
+        else:
+            out = reduce_from_parallel_region(partial, self.comm)
+        # The bias is added once, after the sum; added on every rank before it, it would count tp times.
+        return out if bias is None else out + bias
+
+
+class TensorParallelAttention(_TensorParallelRegion):
+    """heads/tp heads per rank: column-parallel Q, K, V; the output projection depends on the style."""
+
+    def __init__(self, cfg: GPTConfig, layer_id: int, comm: GroupComm, seed: int, style: str, sequence_parallel: bool):
         super().__init__()
-        prefix = f"transformer.h.{layer}."
-        self.ln_1 = _layer_norm(cfg, prefix + "ln_1.", seed)
-        self.attn = TPAttention(cfg, prefix, comm, seed, style)
-        self.ln_2 = _layer_norm(cfg, prefix + "ln_2.", seed)
-        self.mlp = TPMLP(cfg, prefix, comm, seed, style)
+        r, tp = comm.index, comm.size
+        self.comm, self.style, self.sequence_parallel = comm, style, sequence_parallel
+        self.n_local_heads = cfg.n_head // tp
+        self.head_dim = cfg.head_dim
+        prefix = f"transformer.h.{layer_id}.attn."
+        shard = lambda leaf: build_shard(prefix + leaf, cfg, seed, r, tp, style)  # noqa: E731
+        self.c_attn = _Linear(shard("c_attn.weight"), shard("c_attn.bias") if cfg.bias else None)
+        self.c_proj = _Linear(shard("c_proj.weight"), shard("c_proj.bias") if cfg.bias else None)
 
-    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None, sp: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, sp)
-        return x + self.mlp(self.ln_2(x), sp)
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = self._enter(x, cache)
+        b, t, _ = x.shape
+        q, k, v = F.linear(x, self.c_attn.weight, self.c_attn.bias).chunk(3, dim=-1)
+        q, k, v = (z.view(b, t, self.n_local_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:  # the sharded KV cache: each rank keeps only its own heads
+            k, v = cache.append(k, v)
+        y = attend(q, k, v).transpose(1, 2).reshape(b, t, self.n_local_heads * self.head_dim)
+        if self.style == "gather":
+            # The guide's variant: every rank gets all heads and applies the whole projection itself.
+            return F.linear(gather_from_parallel_region(y, self.comm), self.c_proj.weight, self.c_proj.bias)
+        return self._leave(F.linear(y, self.c_proj.weight), self.c_proj.bias, cache)
+
+
+class TensorParallelMLP(_TensorParallelRegion):
+    """Column-parallel c_fc (d_ff/tp columns), GELU on the local columns, row-parallel c_proj."""
+
+    def __init__(self, cfg: GPTConfig, layer_id: int, comm: GroupComm, seed: int, style: str, sequence_parallel: bool):
+        super().__init__()
+        r, tp = comm.index, comm.size
+        self.comm, self.sequence_parallel = comm, sequence_parallel
+        prefix = f"transformer.h.{layer_id}.mlp."
+        shard = lambda leaf: build_shard(prefix + leaf, cfg, seed, r, tp, style)  # noqa: E731
+        self.c_fc = _Linear(shard("c_fc.weight"), shard("c_fc.bias") if cfg.bias else None)
+        self.c_proj = _Linear(shard("c_proj.weight"), shard("c_proj.bias") if cfg.bias else None)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = self._enter(x, cache)
+        hidden = F.gelu(F.linear(x, self.c_fc.weight, self.c_fc.bias), approximate="tanh")
+        return self._leave(F.linear(hidden, self.c_proj.weight), self.c_proj.bias, cache)
+
+
+class TensorParallelBlock(nn.Module):
+    """One transformer block with heads and MLP columns split over `tp_comm`; parameter names as in Block,
+    so a pipeline stage (3D parallelism) can hold it in place of a Block. Input and output are
+    [b, s, h] replicated, or [b, s/tp, h] under sequence parallelism without a KV cache."""
+
+    def __init__(
+        self,
+        config: GPTConfig,
+        layer_id: int,
+        tp_comm: GroupComm,
+        seed: int,
+        style: str = "megatron",
+        sequence_parallel: bool = False,
+    ):
+        super().__init__()
+        if sequence_parallel and style != "megatron":
+            raise ValueError("sequence parallelism needs the 'megatron' style (its outputs are reduce-scattered)")
+        self.sequence_parallel = sequence_parallel
+        prefix = f"transformer.h.{layer_id}."
+        self.ln_1 = _layer_norm(config, prefix + "ln_1.", seed)
+        self.attn = TensorParallelAttention(config, layer_id, tp_comm, seed, style, sequence_parallel)
+        self.ln_2 = _layer_norm(config, prefix + "ln_2.", seed)
+        self.mlp = TensorParallelMLP(config, layer_id, tp_comm, seed, style, sequence_parallel)
+
+    def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        return x + self.mlp(self.ln_2(x), cache)
 
     def sequence_parallel_params(self) -> list[nn.Parameter]:
-        """Replicated parameters applied to a sequence shard: their gradients are partial sums under SP."""
+        """Replicated parameters applied to this rank's seq/tp positions only (LayerNorms, row-parallel
+        biases): under sequence parallelism their gradients are partial sums to be all-reduced."""
+        if not self.sequence_parallel:
+            return []
         out = [*self.ln_1.parameters(), *self.ln_2.parameters()]
-        for proj in (self.attn.c_proj, self.mlp.c_proj):
-            if proj.bias is not None and not (proj is self.attn.c_proj and self.attn.style == "gather"):
-                out.append(proj.bias)
-        return out
+        return out + [p.bias for p in (self.attn.c_proj, self.mlp.c_proj) if p.bias is not None]
 
 
 class VocabParallelEmbedding(nn.Module):
-    """Rows [start, start + V_pad/tp) of the token embedding; a token outside the range contributes 0."""
+    """Rows [start, start + V_pad/tp) of the token embedding (zero padding rows past the vocabulary).
+    Each rank looks up the tokens in its range and writes 0 for the others; the sum over ranks
+    (all-reduce, or reduce-scatter over the sequence under sequence parallelism) is the embedding.
+    The same weight is the vocab-parallel LM head (see parallel_lm_logits)."""
 
     def __init__(self, cfg: GPTConfig, comm: GroupComm, seed: int, name: str = "transformer.wte.weight"):
         super().__init__()
+        self.comm = comm
         self.per = padded_vocab(cfg.vocab_size, comm.size) // comm.size
         self.start = comm.index * self.per
+        self.valid = max(0, min(cfg.vocab_size - self.start, self.per))  # rows that are real tokens
         self.weight = _param(build_shard(name, cfg, seed, comm.index, comm.size, "megatron"))
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
         outside = (ids < self.start) | (ids >= self.start + self.per)
         local = (ids - self.start).clamp(0, self.per - 1)
-        return F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        partial = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if sequence_parallel:
+            return reduce_scatter_to_sequence(partial, self.comm)
+        return reduce_from_parallel_region(partial, self.comm)
+
+
+def parallel_lm_logits(x: torch.Tensor, head: VocabParallelEmbedding, sequence_parallel: bool = False) -> torch.Tensor:
+    """This rank's slice of the logits, [b, s, V_pad/tp], from hidden states x (replicated, or seq-sharded
+    under sequence parallelism). Padding columns are -inf: no token, never predicted, 0 in the softmax."""
+    if sequence_parallel:
+        x = gather_from_sequence(x, head.comm)
+    else:
+        x = copy_to_parallel_region(x, head.comm)
+    logits = F.linear(x, head.weight)
+    if head.valid < logits.shape[-1]:
+        pad = torch.arange(logits.shape[-1], device=x.device) >= head.valid
+        logits = logits.masked_fill(pad, float("-inf"))
+    return logits
+
+
+def gather_vocab_logits(local: torch.Tensor, comm: GroupComm, vocab_size: int) -> torch.Tensor:
+    """The full logits [.., V] on every rank: only where a user asked for them (forward output, sampling)."""
+    return comm.all_gather(local.contiguous(), dim=-1)[..., :vocab_size]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Mean cross entropy over logits split by vocabulary: three all-reduces of one number per token
-    (max, sum of exponentials, target logit) instead of gathering [tokens, vocab]."""
+    (max, sum of exponentials, target logit) instead of gathering [tokens, vocab] (Megatron's scheme)."""
 
     @staticmethod
-    def forward(ctx, logits, targets, start, comm):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, start: int, comm: GroupComm) -> torch.Tensor:
         logits = logits.float()
         per = logits.shape[-1]
+        # Any shift keeps the softmax exact; the global max keeps exp() from overflowing on every rank.
         m = logits.max(dim=-1).values
-        comm.all_reduce(m, op=dist.ReduceOp.MAX)
+        comm.all_reduce(m, op=ReduceOp.MAX)
         shifted = logits - m.unsqueeze(-1)
         exp = shifted.exp()
         sum_exp = exp.sum(dim=-1)
         comm.all_reduce(sum_exp)
-        inside = (targets >= start) & (targets < start + per)
+        inside = (targets >= start) & (targets < start + per)  # the rank holding the target's column
         local_t = (targets - start).clamp(0, per - 1)
         target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside
         comm.all_reduce(target_logit)
         loss = (sum_exp.log() - target_logit).mean()
-        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_t, inside)
+        exp.div_(sum_exp.unsqueeze(-1))  # softmax, in place: the saved tensor is the only [N, V/tp] kept
+        ctx.save_for_backward(exp, local_t, inside)
         return loss
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad: torch.Tensor):
+        # d loss / d logit = (softmax - onehot(target)) / N; each rank holds its own columns of both.
         softmax, local_t, inside = ctx.saved_tensors
         g = softmax.clone()
         g.scatter_add_(-1, local_t.unsqueeze(-1), -inside.to(g.dtype).unsqueeze(-1))
@@ -240,81 +313,117 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, start: int, comm: GroupComm):
-    """logits [N, V_pad/tp] of this rank's vocabulary slice, targets [N] -> mean loss (same on every rank)."""
+    """logits [N, V_pad/tp] of this rank's vocabulary slice starting at `start`, targets [N] -> the mean
+    loss, the same on every rank; no rank ever holds [N, V]."""
+    if comm.size == 1:
+        return F.cross_entropy(logits.float(), targets)
     return _VocabParallelCrossEntropy.apply(logits, targets, start, comm)
 
 
+class TensorParallelGPTModel(nn.Module):
+    """The whole GPT with every piece tensor-parallel. Module paths equal the reference GPT's, so
+    `named_parameters(remove_duplicate=False)` yields reference names (lm_head tied to wte)."""
+
+    def __init__(self, cfg: GPTConfig, comm: GroupComm, seed: int, style: str, sequence_parallel: bool):
+        super().__init__()
+        self.config, self.comm, self.sequence_parallel = cfg, comm, sequence_parallel
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=VocabParallelEmbedding(cfg, comm, seed),
+                wpe=_position_embedding(cfg, seed),
+                h=nn.ModuleList(
+                    TensorParallelBlock(cfg, i, comm, seed, style, sequence_parallel) for i in range(cfg.n_layer)
+                ),
+                ln_f=_layer_norm(cfg, "transformer.ln_f.", seed),
+            )
+        )
+        self.lm_head = self.transformer.wte  # tied: the same shard, listed under both reference names
+
+    def _sp(self, cache: KVCache | None) -> bool:
+        return self.sequence_parallel and cache is None
+
+    def local_logits(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
+        """This rank's vocabulary slice of the logits: for every position of `ids`, or with a KV cache
+        (decoding) for the last position only."""
+        sp = self._sp(cache)
+        x = embed_tokens(self.transformer.wte, self.transformer.wpe, ids, start, sp)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            x = x[:, -1:, :]  # decoding samples from the last position only: the head skips the others
+        return parallel_lm_logits(self.transformer.ln_f(x), self.lm_head, sp)
+
+    def sequence_parallel_params(self) -> list[nn.Parameter]:
+        if not self.sequence_parallel:
+            return []
+        return [p for b in self.transformer.h for p in b.sequence_parallel_params()] + list(
+            self.transformer.ln_f.parameters()
+        )
+
+
+def _position_embedding(cfg: GPTConfig, seed: int) -> nn.Embedding:
+    """Replicated learned positions (block_size rows: small next to the vocabulary)."""
+    wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+    with torch.no_grad():
+        wpe.weight.copy_(init_parameter("transformer.wpe.weight", (cfg.block_size, cfg.n_embd), cfg, seed))
+    return wpe
+
+
+def embed_tokens(
+    wte: VocabParallelEmbedding, wpe: nn.Embedding, ids: torch.Tensor, start: int = 0, sequence_parallel: bool = False
+) -> torch.Tensor:
+    """Token + position embedding: [b, s, h] replicated, or this rank's [b, s/tp, h] under sequence parallelism."""
+    tok = wte(ids, sequence_parallel=sequence_parallel)
+    pos = wpe(torch.arange(start, start + ids.shape[1], device=ids.device)).unsqueeze(0)
+    # Positions are replicated: under sequence parallelism each rank adds its own seq/tp of them.
+    return tok + (scatter_to_sequence(pos, wte.comm) if sequence_parallel else pos)
+
+
+# ---- pipeline-stage pieces (3D parallelism, runner/gpt/three_d.py) --------------------------------
+# A stage holds the embedding only on the first stage and the head only on the last, so these two are
+# modules of their own; module paths embed.*, h.<i>.*, head.* map to reference names by reference_names().
+
+TPBlock = TensorParallelBlock
+
+
 class TPEmbedding(nn.Module):
-    """Vocab-parallel token embedding + replicated positions; output replicated, or seq-sharded under SP."""
+    """The first stage's input: vocab-parallel tokens + replicated positions."""
 
     def __init__(self, cfg: GPTConfig, comm: GroupComm, seed: int):
         super().__init__()
-        self.comm = comm
         self.wte = VocabParallelEmbedding(cfg, comm, seed)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        with torch.no_grad():
-            self.wpe.weight.copy_(init_parameter("transformer.wpe.weight", (cfg.block_size, cfg.n_embd), cfg, seed))
+        self.wpe = _position_embedding(cfg, seed)
 
     def forward(self, ids: torch.Tensor, start: int = 0, sp: bool = False) -> torch.Tensor:
-        pos = self.wpe(torch.arange(start, start + ids.shape[1], device=ids.device))
-        partial = self.wte(ids)
-        if sp:
-            return reduce_scatter_to_sp(partial, self.comm) + scatter_to_sp(pos.unsqueeze(0), self.comm)
-        return reduce_from_tp(partial, self.comm) + pos
+        return embed_tokens(self.wte, self.wpe, ids, start, sp)
 
 
 class TPHead(nn.Module):
-    """Final LayerNorm and the vocab-parallel LM head (tied to the embedding when given it)."""
+    """The last stage's output: final LayerNorm, vocab-parallel LM head (tied to the embedding when the
+    stage also holds it, else its own copy named lm_head.weight) and the vocab-parallel loss."""
 
     def __init__(self, cfg: GPTConfig, comm: GroupComm, seed: int, tied: VocabParallelEmbedding | None):
         super().__init__()
         self.cfg, self.comm = cfg, comm
         self.ln_f = _layer_norm(cfg, "transformer.ln_f.", seed)
         self.lm_head = tied if tied is not None else VocabParallelEmbedding(cfg, comm, seed, "lm_head.weight")
-        self.start = self.lm_head.start
-        self.valid = max(0, min(cfg.vocab_size - self.start, self.lm_head.per))
 
     def local_logits(self, x: torch.Tensor, sp: bool = False) -> torch.Tensor:
-        x = self.ln_f(x)
-        x = gather_from_sp(x, self.comm) if sp else copy_to_tp(x, self.comm)
-        logits = F.linear(x, self.lm_head.weight)
-        if self.valid < logits.shape[-1]:  # padded vocabulary rows are no tokens: never predicted
-            logits = logits.masked_fill(torch.arange(logits.shape[-1], device=x.device) >= self.valid, float("-inf"))
-        return logits
+        return parallel_lm_logits(self.ln_f(x), self.lm_head, sp)
 
     def full_logits(self, local: torch.Tensor) -> torch.Tensor:
-        """Gather [.., V] (only where a user asked for logits)."""
-        return self.comm.all_gather(local.contiguous(), dim=-1)[..., : self.cfg.vocab_size]
+        return gather_vocab_logits(local, self.comm, self.cfg.vocab_size)
 
     def loss(self, local: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(local.flatten(0, 1), targets.flatten(), self.start, self.comm)
+        return vocab_parallel_cross_entropy(local.flatten(0, 1), targets.flatten(), self.lm_head.start, self.comm)
 
 
-class TPModel(nn.Module):
-    """The whole GPT with every layer tensor-parallel; module names match the reference's."""
-
-    def __init__(self, cfg: GPTConfig, comm: GroupComm, seed: int, style: str):
-        super().__init__()
-        embed = TPEmbedding(cfg, comm, seed)
-        self.embed = embed
-        self.h = nn.ModuleList(TPBlock(cfg, i, comm, seed, style) for i in range(cfg.n_layer))
-        self.head = TPHead(cfg, comm, seed, tied=embed.wte)
-
-    def hidden(self, ids: torch.Tensor, cache: KVCache | None = None, start: int = 0, sp: bool = False):
-        x = self.embed(ids, start, sp)
-        for i, block in enumerate(self.h):
-            x = block(x, None if cache is None else cache.layers[i], sp)
-        return x
-
-
-def reference_names(module_names: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
-    """Map TPModel's module paths to the reference GPT's parameter names."""
+def reference_names(module_params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """Map a stage's module paths (embed.*, h.<i>.*, head.*) to the reference GPT's parameter names."""
     out = {}
-    for path, p in module_names.items():
-        if path.startswith("embed.wte."):
-            out["transformer.wte.weight"] = p
-        elif path.startswith("embed.wpe."):
-            out["transformer.wpe.weight"] = p
+    for path, p in module_params.items():
+        if path.startswith("embed."):
+            out["transformer." + path.removeprefix("embed.")] = p
         elif path.startswith("h."):
             out["transformer." + path] = p
         elif path.startswith("head.ln_f."):
@@ -324,17 +433,31 @@ def reference_names(module_names: dict[str, nn.Parameter]) -> dict[str, nn.Param
     return out
 
 
+def all_reduce_sequence_parallel_grads(params: list[nn.Parameter], comm: GroupComm) -> None:
+    """Sum the partial gradients of replicated parameters used on seq/tp positions, in one flat all-reduce."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    with torch.no_grad():
+        flat = comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 class TensorParallelGPT(ParallelGPT):
+    """Strategy 'tensor': one TensorParallelGPTModel per rank of the tp group, the three workloads on it."""
+
     def __init__(self, spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype):
         cfg = spec.model_config()
         super().__init__(cfg, mesh, device, dtype)
         self.comm = mesh.tp
         self.style = spec.tp_style
-        self.sp = spec.sequence_parallel
-        self.model = TPModel(cfg, self.comm, spec.seed, self.style).to(device=device, dtype=dtype)
-        self._shards = reference_names(dict(self.model.named_parameters(remove_duplicate=False)))
-        self._sp_params = [p for b in self.model.h for p in b.sequence_parallel_params()]
-        self._sp_params += list(self.model.head.ln_f.parameters())
+        self.model = TensorParallelGPTModel(cfg, self.comm, spec.seed, self.style, spec.sequence_parallel)
+        self.model.to(device=device, dtype=dtype)
+        self._shards = dict(self.model.named_parameters(remove_duplicate=False))
+        self._sp_params = self.model.sequence_parallel_params()
 
     def named_shards(self) -> dict[str, nn.Parameter]:
         return self._shards
@@ -348,40 +471,25 @@ class TensorParallelGPT(ParallelGPT):
 
     @torch.no_grad()
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor | None:
-        local = self.model.head.local_logits(self.model.hidden(idx, sp=self.sp), sp=self.sp)
-        full = self.model.head.full_logits(local)
+        full = gather_vocab_logits(self.model.local_logits(idx), self.comm, self.config.vocab_size)
         return full if self.is_output_rank else None
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
-        local = self.model.head.local_logits(self.model.hidden(idx, sp=self.sp), sp=self.sp)
-        loss = self.model.head.loss(local, targets)
+        local = self.model.local_logits(idx)
+        loss = vocab_parallel_cross_entropy(local.flatten(0, 1), targets.flatten(), self.model.lm_head.start, self.comm)
         loss.backward()
-        if self.sp:
-            self._sync_sequence_parallel_grads()
+        all_reduce_sequence_parallel_grads(self._sp_params, self.comm)
         return loss.item() if self.is_output_rank else None
 
     @torch.no_grad()
-    def _sync_sequence_parallel_grads(self) -> None:
-        """Under SP, LayerNorms and row-parallel biases saw seq/tp positions each: sum their gradients."""
-        grads = [p.grad for p in self._sp_params if p.grad is not None]
-        if not grads:
-            return
-        flat = self.comm.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-    @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
-        # Decoding adds one position at a time: there is no sequence to split, so no SP here.
         cache = KVCache.empty(self.config.n_layer)
         tokens, pos, out = idx, 0, [idx]
         for i in range(new_tokens):
-            x = self.model.hidden(tokens, cache, start=pos)
+            local = self.model.local_logits(tokens, cache, start=pos)
             pos += tokens.shape[1]
-            last = self.model.head.local_logits(x[:, -1:, :])
-            nxt = self.model.head.full_logits(last)[:, -1, :].argmax(dim=-1, keepdim=True)
+            # Greedy sampling needs the whole vocabulary row of the last position: gather [b, 1, V] only.
+            nxt = gather_vocab_logits(local, self.comm, self.config.vocab_size)[:, -1, :].argmax(dim=-1, keepdim=True)
             out.append(nxt)
             tokens = nxt
             if i + 1 == new_tokens:
