@@ -11,7 +11,7 @@ import streamlit as st
 from runner.service import ensure_runner
 from storage import queries
 from storage.db import database_url
-from ui.format import human_duration
+from ui.format import human_age
 from ui.state import engine
 
 st.set_page_config(page_title="Parallel GPT Lab", page_icon=":material/hub:", layout="wide")
@@ -21,13 +21,24 @@ ensure_runner(database_url())
 
 @st.fragment(run_every=2.0)
 def runner_badge() -> None:
+    """The runner's heartbeat; refreshes by itself so a runner that dies shows up without a click."""
     status = queries.runner_status(engine())
     if status and status["alive"]:
-        st.success(f"Runner alive, last seen {human_duration(max(status['age_s'], 0.0))} ago",
-                   icon=":material/check_circle:")  # fmt: skip
-        st.caption(status["gpu_note"])
+        st.success(f"Runner alive, last seen {human_age(status['age_s'])} ago", icon=":material/check_circle:")
+        gpus = status["gpus"]
+        st.caption(
+            f"{len(gpus)} GPU(s): {', '.join(g['name'] for g in gpus)}"
+            if gpus
+            else "No GPU: runs use CPU processes (gloo)"
+        )
+    elif status:
+        st.warning(f"Runner not responding, last seen {human_age(status['age_s'])} ago", icon=":material/warning:")
+        # Only on a click: a fragment that spawned a runner every 2 s would race the one still starting.
+        if st.button("Start a runner", key="app_start_runner"):
+            ensure_runner(database_url())
+            st.toast("runner starting")
     else:
-        st.warning("No runner is serving this database yet; it is starting.", icon=":material/hourglass_top:")
+        st.info("Starting the runner…", icon=":material/hourglass_top:")
 
 
 with st.sidebar:
@@ -36,5 +47,7 @@ with st.sidebar:
 pages = [
     st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
     st.Page("pages/history.py", title="History", icon=":material/history:", url_path="history"),
+    st.Page("pages/live.py", title="Live", icon=":material/monitor_heart:", url_path="live"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
 ]
 st.navigation(pages).run()

@@ -11,7 +11,7 @@ from runner.spec import RunSpec
 from storage import queries
 from storage.models import TERMINAL_STATES
 from ui import charts
-from ui.format import human_bytes, human_duration, human_rate, status_label
+from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
 from ui.state import engine
 
 K = "history_"
@@ -24,7 +24,14 @@ def run_detail(run_id: int) -> None:
         st.query_params.clear()
         st.rerun()
 
-    @st.fragment(run_every=1.0)
+    first = queries.get_run(engine(), run_id)
+    if first is None:
+        st.error(f"There is no run {run_id}; it may have been deleted.")
+        return
+    active = first["status"] not in TERMINAL_STATES
+
+    # Refreshes every second while the run is queued or running; a finished run is drawn once.
+    @st.fragment(run_every=1.0 if active else None)
     def live() -> None:
         run = queries.get_run(engine(), run_id)
         if run is None:
@@ -76,15 +83,14 @@ def run_detail(run_id: int) -> None:
             a, b = st.columns(2)
             a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
             b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
-            table = ranks.drop(columns=["run_id"]).copy()
-            st.dataframe(table, hide_index=True)
+            st.dataframe(rank_table(ranks), hide_index=True)
         series = queries.telemetry_series(engine(), [run_id])
         if len(series):
             a, b = st.columns(2)
             a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
             b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
-        if run["status"] in TERMINAL_STATES:
-            st.session_state[f"{K}done_{run_id}"] = True
+        if active and run["status"] in TERMINAL_STATES:
+            st.rerun()  # the whole page once more: stop refreshing, and logs below see the end
 
     live()
     run = queries.get_run(engine(), run_id)
@@ -114,6 +120,56 @@ def run_detail(run_id: int) -> None:
                 queries.delete_run(engine(), run_id)
                 st.query_params.clear()
                 st.rerun()
+
+
+def runs_table(filters: queries.RunFilter, offset: int) -> None:
+    """The page of runs, CSV export and the comparison charts."""
+    runs = queries.list_runs(engine(), filters, limit=PAGE_SIZE, offset=offset)
+    view = runs.copy()
+    view["link"] = "?run=" + view["id"].astype(str)
+    view["status"] = view["status"].map(status_label)
+    view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
+    view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
+    st.dataframe(
+        view,
+        hide_index=True,
+        column_order=[
+            "link",
+            "status",
+            "strategy",
+            "model",
+            "workload",
+            "world_size",
+            "tp",
+            "pp",
+            "dp",
+            "tokens_per_s",
+            "step_time_s_p50",
+            "peak_mem_mib",
+            "user",
+            "tags",
+            "created_at",
+            "note",
+        ],  # fmt: skip
+        column_config={
+            "link": st.column_config.LinkColumn("run", display_text=r"\?run=(\d+)"),
+            "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
+            "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
+            "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
+            "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
+        },
+    )
+    st.download_button(
+        "Export these runs as CSV", data="".join(queries.iter_runs_csv(engine(), filters)), file_name="runs.csv",
+        mime="text/csv", key=K + "csv",
+    )  # fmt: skip
+    done = runs[runs["tokens_per_s"].notna()]
+    if len(done):
+        a, b = st.columns(2)
+        a.altair_chart(charts.throughput_chart(done), width="stretch")
+        ranks = queries.rank_results(engine(), [int(i) for i in done["id"].head(8)])
+        if len(ranks):
+            b.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
 
 
 def run_list() -> None:
@@ -148,55 +204,16 @@ def run_list() -> None:
     filters = queries.RunFilter(**{n: chosen[n] or None for n in FILTERS}, tag=[tag] if tag else None)
     total = queries.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
-    page = st.columns(4)[0].number_input(
-        f"page (of {pages}, {total} runs)", min_value=1, max_value=pages, value=1, key=K + "page"
-    )
-    runs = queries.list_runs(engine(), filters, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
-    view = runs.copy()
-    view["link"] = "?run=" + view["id"].astype(str)
-    view["status"] = view["status"].map(status_label)
-    view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
-    view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
-    st.dataframe(
-        view,
-        hide_index=True,
-        column_order=[
-            "link",
-            "status",
-            "strategy",
-            "model",
-            "workload",
-            "world_size",
-            "tp",
-            "pp",
-            "dp",
-            "tokens_per_s",
-            "step_time_s_p50",
-            "peak_mem_bytes_max",
-            "user",
-            "tags",
-            "created_at",
-            "note",
-        ],  # fmt: skip
-        column_config={
-            "link": st.column_config.LinkColumn("run", display_text=r"\?run=(\d+)"),
-            "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
-            "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
-            "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
-            "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
-        },
-    )
-    st.download_button(
-        "Export these runs as CSV", data="".join(queries.iter_runs_csv(engine(), filters)), file_name="runs.csv",
-        mime="text/csv", key=K + "csv",
-    )  # fmt: skip
-    done = runs[runs["tokens_per_s"].notna()]
-    if len(done):
-        a, b = st.columns(2)
-        a.altair_chart(charts.throughput_chart(done), width="stretch")
-        ranks = queries.rank_results(engine(), [int(i) for i in done["id"].head(8)])
-        if len(ranks):
-            b.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+    st.caption(f"{total} run{'s' if total != 1 else ''} match the filters, newest first")
+    page = 1
+    if pages > 1:
+        page = st.columns(4)[0].number_input(
+            f"page (of {pages})", min_value=1, max_value=pages, value=1, key=K + "page"
+        )
+    offset = (page - 1) * PAGE_SIZE
+    active = queries.count_runs(engine(), queries.RunFilter(status=["queued", "running"])) > 0
+    # Only while something is queued or running does the table refresh itself (every 2 s).
+    st.fragment(runs_table, run_every=2.0 if active else None)(filters, offset)
 
 
 run_param = st.query_params.get("run")

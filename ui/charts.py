@@ -24,16 +24,16 @@ def run_label(df: pd.DataFrame) -> pd.Series:
     return "#" + df["id"].astype(str) + " " + df["strategy"].astype(str) + " " + df["model"].astype(str)
 
 
-def throughput_chart(runs: pd.DataFrame) -> alt.Chart:
-    """Tokens/s per finished run, coloured by strategy."""
-    data = runs.dropna(subset=["tokens_per_s"]).copy()
+def throughput_chart(runs: pd.DataFrame, max_runs: int = 40) -> alt.Chart:
+    """Tokens/s per finished run, newest on top, coloured by strategy (horizontal: run labels stay readable)."""
+    data = runs.dropna(subset=["tokens_per_s"]).sort_values("id", ascending=False).head(max_runs).copy()
     data["run"] = run_label(data)
     return (
-        alt.Chart(data, title="Throughput per run")
+        alt.Chart(data, title="Throughput per run", height=alt.Step(22))
         .mark_bar()
         .encode(
-            x=alt.X("run:N", sort=alt.EncodingSortField("id", order="descending"), title=None),
-            y=alt.Y("tokens_per_s:Q", title="tokens / s"),
+            y=alt.Y("run:N", sort=alt.EncodingSortField("id", order="descending"), title=None),
+            x=alt.X("tokens_per_s:Q", title="tokens / s"),
             color=alt.Color("strategy:N", title="strategy"),
             tooltip=["id", "strategy", "model", "workload", "world_size", alt.Tooltip("tokens_per_s:Q", format=",.0f")],
         )
@@ -114,4 +114,78 @@ def telemetry_chart(series: pd.DataFrame, field: str, title: str) -> alt.Chart:
         alt.Chart(data, title=title)
         .mark_line()
         .encode(x=alt.X("t_s:Q", title="seconds since start"), y=y, color=alt.Color("line:N", title=None))
+    )
+
+
+PHASE_COLOURS = alt.Scale(
+    domain=["forward", "backward", "send", "recv_wait"], range=["#4c78a8", "#e45756", "#f58518", "#d3d3d3"]
+)
+
+
+def timeline_chart(spans: pd.DataFrame, title: str = "Pipeline timeline") -> alt.Chart:
+    """The guide's pipeline picture, measured: one row per stage (and rank), one bar per microbatch and phase."""
+    data = spans.copy()
+    data["lane"] = "stage " + data["stage"].astype(str) + " · rank " + data["rank"].astype(str)
+    data["start_ms"] = data["start"] * 1e3
+    data["end_ms"] = data["end"] * 1e3
+    data["label"] = data["microbatch"].astype(str)
+    base = alt.Chart(data, title=title).encode(
+        y=alt.Y("lane:N", title=None, sort=alt.EncodingSortField("stage")),
+        x=alt.X("start_ms:Q", title="ms since the step started"),
+        x2="end_ms:Q",
+    )
+    bars = base.mark_bar(height={"band": 0.8}).encode(
+        color=alt.Color("phase:N", scale=PHASE_COLOURS),
+        tooltip=[
+            "lane",
+            "phase",
+            "microbatch",
+            alt.Tooltip("start_ms:Q", format=".2f"),
+            alt.Tooltip("end_ms:Q", format=".2f"),
+        ],  # fmt: skip
+    )
+    text = (
+        alt.Chart(data[data["phase"].isin(["forward", "backward"])])
+        .mark_text(color="white", fontSize=10)
+        .encode(
+            y=alt.Y("lane:N", sort=alt.EncodingSortField("stage")),
+            x=alt.X("mid:Q"),
+            text="label:N",
+        )
+        .transform_calculate(mid="(datum.start_ms + datum.end_ms) / 2")
+    )
+    return bars + text
+
+
+def compare_bar_chart(table: pd.DataFrame, field: str, title: str) -> alt.Chart:
+    """One bar per compared run for one figure of the comparison table."""
+    data = table.copy()
+    data["label"] = "#" + data["run"].astype(str) + " " + data["strategy"] + " " + data["degrees"]
+    return (
+        alt.Chart(data, title=title, height=alt.Step(24))
+        .mark_bar()
+        .encode(
+            y=alt.Y("label:N", title=None, sort=None),
+            x=alt.X(f"{field}:Q", title=title),
+            color=alt.Color("strategy:N"),
+            tooltip=["label", alt.Tooltip(f"{field}:Q", format=",.4g")],
+        )
+    )
+
+
+def rank_memory_by_coord_chart(ranks: pd.DataFrame, coord: str) -> alt.Chart:
+    """Peak memory per rank, grouped by the rank's tp, pp or dp coordinate, one colour per run."""
+    data = ranks.copy()
+    data["run"] = "#" + data["run_id"].astype(str)
+    data["peak_mib"] = data["peak_mem_bytes"] / 2**20
+    return (
+        alt.Chart(data, title=f"Peak memory per rank, grouped by {coord}")
+        .mark_bar()
+        .encode(
+            x=alt.X(f"{coord}:O", title=coord),
+            xOffset="run:N",
+            y=alt.Y("mean(peak_mib):Q", title="peak memory (MiB, mean over ranks)"),
+            color=alt.Color("run:N"),
+            tooltip=["run", coord, alt.Tooltip("mean(peak_mib):Q", format=",.1f"), "count()"],
+        )
     )

@@ -1,0 +1,59 @@
+"""ui/charts.py: every chart builds from the frames storage.queries returns, and long series are thinned first."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ui import charts
+
+RANKS = pd.DataFrame({"run_id": [1, 1, 2, 2], "rank": [0, 1, 0, 1], "tp": [0, 0, 0, 1], "pp": [0, 1, 0, 0],
+                      "dp": [0, 0, 0, 0], "peak_mem_bytes": [2**20, 2**21, 2**22, 2**22], "param_bytes": [10] * 4,
+                      "compute_s": [1.0] * 4, "comm_s": [0.1, 0.2, 0.3, 0.3], "idle_s": [0.3, 0.0, 0.0, 0.0]})  # fmt: skip
+
+
+def test_throughput_is_one_bar_per_finished_run_newest_first():
+    runs = pd.DataFrame({"id": [3, 2, 1], "strategy": ["layer", "data", "data"], "model": ["tiny"] * 3,
+                         "workload": ["train"] * 3, "world_size": [2] * 3, "tokens_per_s": [100.0, None, 50.0]})  # fmt: skip
+    chart = charts.throughput_chart(runs)
+    spec = chart.to_dict()
+    assert spec["mark"]["type"] == "bar" and spec["encoding"]["x"]["field"] == "tokens_per_s"
+    assert chart.data["run"].tolist() == ["#3 layer tiny", "#1 data tiny"]
+
+
+def test_throughput_chart_caps_the_number_of_bars():
+    runs = pd.DataFrame({"id": range(500), "strategy": "data", "model": "tiny", "workload": "train",
+                         "world_size": 2, "tokens_per_s": 1.0})  # fmt: skip
+    assert len(charts.throughput_chart(runs, max_runs=40).data) == 40
+
+
+def test_rank_memory_groups_bars_by_rank_with_one_offset_per_run():
+    chart = charts.rank_memory_chart(RANKS)
+    enc = chart.to_dict()["encoding"]
+    assert enc["x"]["field"] == "rank" and enc["xOffset"]["field"] == "run"
+    assert chart.data["peak_mib"].tolist() == [1.0, 2.0, 4.0, 4.0]
+
+
+def test_rank_time_stacks_compute_comm_and_idle():
+    data = charts.rank_time_chart(RANKS).data
+    assert len(data) == 12 and set(data["part"]) == {"compute", "comm", "idle"}
+
+
+def test_step_time_marks_warmup_and_thins_long_runs():
+    steps = pd.DataFrame({"step": range(5000), "warmup": [True] + [False] * 4999, "step_time_s": 0.01, "loss": 1.0})
+    data = charts.step_time_chart(steps).data
+    assert len(data) <= charts.MAX_POINTS + 1 and data["phase"].iloc[0] == "warm-up"
+
+
+def test_telemetry_lines_per_source_in_mib():
+    series = pd.DataFrame({"run_id": 1, "source": ["rank0", "rank1"], "t_s": [0.0, 0.0], "util_pct": [50.0, 60.0],
+                           "mem_bytes": [2**20, 2**21]})  # fmt: skip
+    chart = charts.telemetry_chart(series, "mem_bytes", "memory (MiB)")
+    assert chart.to_dict()["encoding"]["y"]["field"] == "mem_mib"
+    assert chart.data["line"].tolist() == ["#1 rank0", "#1 rank1"]
+
+
+def test_thin_keeps_the_last_point_and_bounds_the_size():
+    df = pd.DataFrame({"x": range(10_001)})
+    out = charts.thin(df, max_points=100)
+    assert len(out) <= 101 and out["x"].iloc[-1] == 10_000
+    assert charts.thin(df.head(5)).equals(df.head(5))

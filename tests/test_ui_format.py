@@ -1,0 +1,53 @@
+"""ui/format.py: bytes, durations, heartbeat ages, rates, statuses and the per-rank table as people read them."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from ui.format import human_age, human_bytes, human_duration, human_rate, rank_table, status_label
+
+
+@pytest.mark.parametrize(
+    ("value", "text"), [(None, "—"), (math.nan, "—"), (512, "512 B"), (1536, "1.5 KiB"), (3 * 2**30, "3.0 GiB")]
+)
+def test_human_bytes(value, text):
+    assert human_bytes(value) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(None, "—"), (5e-6, "5 µs"), (0.0123, "12.3 ms"), (2.25, "2.2 s"), (75, "1 min 15 s"), (7260, "2 h 01 min")],
+)
+def test_human_duration(seconds, text):
+    assert human_duration(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.09, "1 s"), (-0.2, "1 s"), (1.4, "1 s"), (2.6, "3 s"), (125, "2 min 05 s")]
+)
+def test_a_heartbeat_age_reads_in_whole_seconds(seconds, text):
+    assert human_age(seconds) == text
+
+
+def test_human_rate_and_status():
+    assert human_rate(None) == "—"
+    assert human_rate(950) == "950 tok/s"
+    assert human_rate(12345) == "12.3 k tok/s"
+    assert human_rate(2.5e6) == "2.50 M tok/s"
+    assert status_label("failed") == "✖ failed"
+    assert status_label("odd") == "odd"
+
+
+def test_rank_table_shows_mib_and_only_collectives_that_moved_bytes():
+    ranks = pd.DataFrame({"run_id": [1, 1], "rank": [0, 1], "tp": [0, 0], "pp": [0, 1], "dp": [0, 0],
+                          "param_count": [10, 12], "param_bytes": [2**20, 2**21], "optimizer_bytes": [0, 0],
+                          "peak_mem_bytes": [3 * 2**20, 2**22], "compute_s": [0.123456, 1.0], "comm_s": [0.1, 0.2],
+                          "idle_s": [0.3, 0.0], "comm_bytes_send": [2**20, 0], "comm_bytes_all_reduce": [0, 0]})  # fmt: skip
+    table = rank_table(ranks)
+    assert "run_id" not in table and "all_reduce MiB" not in table
+    assert table["send MiB"].tolist() == [1.0, 0.0]
+    assert table["peak MiB"].tolist() == [3.0, 4.0]
+    assert table["compute s"].iloc[0] == 0.1235

@@ -1,0 +1,55 @@
+"""ui/forms.py: form values become a RunSpec, unused degrees go neutral, problems are keyed by the field they concern."""
+
+from __future__ import annotations
+
+from ui.forms import STRATEGY_HELP, USES, problems_by_field, spec_from_form, uses
+
+FORM = {"strategy": "layer", "tp": 2, "pp": 2, "dp": 2, "microbatches": 4, "model": "tiny", "workload": "train",
+        "batch": 8, "seq": 64, "steps": 5, "warmup": 1, "tags": "a, b", "weights": ""}  # fmt: skip
+
+
+def test_form_sets_unused_degrees_neutral_so_they_never_nag():
+    spec, problems = spec_from_form(FORM)
+    assert problems == []
+    assert (spec.tp, spec.pp, spec.dp, spec.microbatches) == (1, 2, 1, 1)
+    assert spec.tags == ("a", "b") and spec.weights is None
+
+
+def test_form_problems_are_keyed_by_field():
+    _, problems = spec_from_form({**FORM, "pp": 3, "batch": 0})
+    by_field = problems_by_field(problems)
+    assert set(by_field) == {"batch"}  # positivity is checked first; the split follows once batch is fixed
+    _, problems = spec_from_form({**FORM, "pp": 3})
+    assert "needs n_layer divisible by 3" in problems_by_field(problems)["pp"][0]
+
+
+def test_a_3d_split_keeps_every_degree_and_checks_the_batch_against_dp_and_microbatches():
+    spec, problems = spec_from_form(
+        {**FORM, "strategy": "3d", "tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "batch": 8}
+    )
+    assert problems == [] and (spec.tp, spec.pp, spec.dp, spec.microbatches) == (2, 2, 2, 2)
+    _, problems = spec_from_form({**FORM, "strategy": "3d", "dp": 2, "microbatches": 4, "batch": 6})
+    assert {"batch", "microbatches"} & set(problems_by_field(problems))
+
+
+def test_custom_dims_only_count_for_a_custom_model():
+    spec, problems = spec_from_form({**FORM, "n_layer": 7})
+    assert problems == [] and spec.n_layer is None
+    _, problems = spec_from_form({**FORM, "model": "custom", "n_layer": 3, "n_head": 4, "n_embd": 64,
+                                  "vocab_size": 100, "block_size": 64})  # fmt: skip
+    assert "pp" in problems_by_field(problems)
+
+
+def test_gpu_count_reaches_validation():
+    _, problems = spec_from_form({**FORM, "device": "cuda", "_gpu_count": 0})
+    assert "device" in problems_by_field(problems)
+
+
+def test_malformed_values_come_back_as_problems_not_exceptions():
+    spec, problems = spec_from_form({**FORM, "strategy": "zero", "batch": 1.5})
+    assert spec is None and problems
+
+
+def test_every_strategy_has_help_and_a_field_set():
+    assert set(USES) == set(STRATEGY_HELP)
+    assert uses("pipeline", "microbatches") and not uses("layer", "microbatches") and not uses("nope", "tp")

@@ -1,0 +1,204 @@
+"""The pages under Streamlit's AppTest against a real database in a temporary LAB_HOME (no browser).
+
+Page scripts start no runner; where a test needs one to be "alive" it holds the runner lease itself
+through the storage API, so the pages see exactly what a live runner would report.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from runner.spec import RunSpec
+from storage import queries
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
+
+
+def page(path: str, **query) -> AppTest:
+    at = AppTest.from_file(str(REPO / path), default_timeout=30)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+@contextmanager
+def runner_lease(engine, gpus: list[dict]):
+    """This process holds the lease as a runner would; released before the fixture's stop_runner could signal us."""
+    assert queries.acquire_lease(engine, "test-runner", os.getpid(), gpus, "test lease")
+    try:
+        yield
+    finally:
+        queries.release_lease(engine, "test-runner")
+
+
+def query_list(at: AppTest, name: str) -> list[str]:
+    """AppTest keeps a one-element query parameter as a plain string; compare as lists either way."""
+    value = at.query_params.get(name, [])
+    return [value] if isinstance(value, str) else list(value)
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+# ---- launch ----------------------------------------------------------------------------------
+def test_launch_page_shows_a_bad_degree_under_its_field_and_disables_launch(engine):
+    at = page("pages/launch.py")
+    assert not at.exception
+    at.number_input(key="launch_pp").set_value(3).run()
+    assert any("layer split over 3 ranks needs n_layer divisible by 3" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="launch_submit").disabled
+    assert not at.code  # no command preview for a spec that will not run
+    assert queries.count_runs(engine) == 0
+
+
+def test_a_tensor_degree_that_does_not_divide_the_heads_names_tp(engine):
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_strategy").select("tensor").run()
+    at.number_input(key="launch_tp").set_value(3).run()
+    assert any("n_head divisible by 3" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="launch_submit").disabled
+
+
+def test_launch_page_previews_the_torchrun_command_and_memory(engine):
+    at = page("pages/launch.py")
+    code = texts(at.code)
+    assert any("torch.distributed.run --nproc-per-node 2" in c and "-m runner.job" in c for c in code), code
+    assert [m.label for m in at.metric][:3] == ["ranks", "parameters per rank (largest)", "AdamW state per rank"]
+    # forward keeps no optimizer state
+    at.radio(key="launch_workload").set_value("forward").run()
+    assert at.metric[2].value == "—"
+
+
+def test_custom_model_dimensions_appear_and_are_validated(engine):
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_model").select("custom").run()
+    at.number_input(key="launch_n_layer").set_value(3).run()
+    assert any("n_layer divisible by 2" in e for e in texts(at.error)), texts(at.error)
+
+
+def test_devices_panel_says_cpu_processes_without_gpus(engine):
+    with runner_lease(engine, []):
+        at = page("pages/launch.py")
+    assert any("runs use CPU processes with the gloo backend" in m.value for m in at.markdown)
+
+
+def test_devices_panel_lists_the_runners_gpus_and_cuda_becomes_valid(engine):
+    with runner_lease(engine, [H100, {**H100, "index": 1}]):
+        at = page("pages/launch.py")
+        at.selectbox(key="launch_device").select("cuda").run()
+    assert any("NVIDIA H100 80GB HBM3" in m.value for m in at.markdown)
+    assert not at.error and not at.button(key="launch_submit").disabled
+
+
+def test_cuda_without_gpus_is_refused_next_to_device(engine):
+    with runner_lease(engine, []):
+        at = page("pages/launch.py")
+        at.selectbox(key="launch_device").select("cuda").run()
+    assert any("no NVIDIA GPU is visible" in e for e in texts(at.error)), texts(at.error)
+
+
+def test_launch_button_queues_the_run_with_the_form_values(engine):
+    at = page("pages/launch.py")
+    at.text_input(key="launch_tags").input("baseline, tiny").run()
+    at.button(key="launch_submit").click().run()
+    (run,) = queries.list_runs(engine).to_dict("records")
+    assert run["strategy"] == "layer" and run["pp"] == 2 and run["status"] == "queued"
+    assert list(run["tags"]) == ["baseline", "tiny"]
+
+
+# ---- history ---------------------------------------------------------------------------------
+def test_history_empty_state_offers_a_first_run(engine):
+    at = page("pages/history.py")
+    assert any("No runs yet" in i.value for i in at.info)
+    at.button(key="history_first").click().run()
+    (run,) = queries.list_runs(engine).to_dict("records")
+    assert (run["strategy"], run["pp"], run["model"]) == ("layer", 2, "tiny")
+    assert at.query_params["run"] == str(run["id"])
+
+
+def test_history_filters_come_from_the_query_string(engine):
+    queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    queries.submit_run(engine, RunSpec(strategy="data", dp=2))
+    at = page("pages/history.py", strategy="data")
+    assert at.multiselect(key="history_strategy").value == ["data"]
+    assert any(c.value.startswith("1 run match") for c in at.caption)
+    assert at.dataframe[0].value["strategy"].tolist() == ["data"]
+
+
+def test_choosing_a_filter_writes_it_to_the_query_string(engine):
+    queries.submit_run(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)))
+    queries.submit_run(engine, RunSpec(strategy="data", dp=2))
+    at = page("pages/history.py")
+    assert any(c.value.startswith("2 runs match") for c in at.caption)
+    at.multiselect(key="history_strategy").select("layer").run()
+    at.text_input(key="history_tag").input("nightly").run()
+    assert query_list(at, "strategy") == ["layer"] and query_list(at, "tag") == ["nightly"]
+    assert at.dataframe[0].value["strategy"].tolist() == ["layer"]
+    at.multiselect(key="history_strategy").unselect("layer").run()
+    assert "strategy" not in at.query_params
+
+
+def test_run_detail_shows_the_failure_reason_and_traceback(engine):
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
+    queries.finish_run(engine, run_id, "failed", error="rank 1 was killed by signal 9 (SIGKILL)", failed_rank=1,
+                       exit_code=1, traceback="Traceback (most recent call last):\n  boom")  # fmt: skip
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert any("rank 1 was killed by signal 9" in e and "rank 1, exit code 1" in e for e in texts(at.error))
+    assert any("Traceback" in c for c in texts(at.code))
+
+
+def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp_path):
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, verify=True))
+    queries.claim_run(engine, run_id, "r", str(tmp_path), [])
+    rank = {"tp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
+            "peak_mem_bytes": 300 * 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.02,
+            "comm_bytes": {"send": 2**20, "recv": 2**20, "all_reduce": 0}, "comm_calls": {"send": 5}}  # fmt: skip
+    result = {"tokens_per_s": 6868.0, "step_time_s_p50": 0.0746, "step_time_s_p90": 0.1388, "achieved_gflops": 10.1,
+              "bubble_fraction": 0.445, "bubble_fraction_theory": 0.5, "device_names": ["cpu"],
+              "verify": {"logits_max_abs_diff": 0.0, "loss_abs_diff": 0.0, "grads_max_abs_diff": 1e-7,
+                         "tokens_equal": None},
+              "ranks": [{**rank, "rank": 0, "pp": 0}, {**rank, "rank": 1, "pp": 1}]}  # fmt: skip
+    queries.finish_run(engine, run_id, "succeeded", result=result)
+    (tmp_path / "rank1.log").write_text("hello from rank 1\n")
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert any("succeeded" in h.value for h in at.subheader)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["throughput"] == "6.9 k tok/s" and metrics["peak memory (max rank)"] == "300.0 MiB"
+    assert any("bubble measured 44.5%, theory 50.0%" in c.value for c in at.caption)
+    verify, ranks = at.dataframe[0].value, at.dataframe[1].value
+    assert "tokens_equal" not in verify and verify["grads_max_abs_diff"].iloc[0] == pytest.approx(1e-7)
+    assert ranks["rank"].tolist() == [0, 1] and "send MiB" in ranks and "all_reduce MiB" not in ranks
+    at.selectbox(key=f"history_logrank_{run_id}").select(1).run()
+    assert any("hello from rank 1" in c for c in texts(at.code))
+
+
+def test_run_detail_of_a_missing_run_says_so(engine):
+    at = page("pages/history.py", run="42")
+    assert any("There is no run 42" in e for e in texts(at.error))
+
+
+def test_a_queued_run_can_be_cancelled_from_its_page(engine):
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    at = page("pages/history.py", run=str(run_id))
+    assert any("waiting" in i.value or "runner" in i.value for i in at.info)
+    at.button(key=f"history_cancel_{run_id}").click().run()
+    assert queries.get_run(engine, run_id)["status"] == "cancelled"
+
+
+# ---- app -------------------------------------------------------------------------------------
+def test_app_sidebar_shows_the_runner_heartbeat(engine):
+    with runner_lease(engine, []):
+        at = AppTest.from_file(str(REPO / "app.py"), default_timeout=30).run()
+        assert not at.exception
+        assert any(s.value.startswith("Runner alive, last seen 1 s ago") for s in at.sidebar.success)
+        assert any("CPU processes" in c.value for c in at.sidebar.caption)
