@@ -201,7 +201,10 @@ class _ReduceFromParallelRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-        return comm.all_reduce(x.contiguous().clone())  # never sum into a tensor autograd may have saved
+        # In place, as Megatron does: x is the fresh partial output of a row-parallel matmul, which no
+        # autograd node saves (the matmul saves its input and weight), so summing into it is safe and
+        # saves a copy of [b, s, h] per layer.
+        return comm.all_reduce(x.contiguous())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
