@@ -7,14 +7,20 @@ URL, PostgreSQL for a team, works by setting LAB_DB_URL.
 
 from __future__ import annotations
 
+import fcntl
+import math
 import os
+import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+_PG_MIGRATION_LOCK = 0x1AB_0001  # advisory lock key: "lab migrations"
 
 
 def lab_home() -> Path:
@@ -40,7 +46,41 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    try:
+        cursor.execute("SELECT floor(1.5)")
+    except sqlite3.OperationalError:
+        # Telemetry buckets use floor(); SQLite builds without its math functions get Python's.
+        dbapi_connection.create_function("floor", 1, lambda x: None if x is None else math.floor(x), deterministic=True)
     cursor.close()
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """One process at a time applies migrations, so an app and a runner starting together on a fresh
+    database do not both create the tables (SQLite runs DDL outside a transaction; PostgreSQL would
+    fail the second CREATE). SQLite: a lock file beside the database; PostgreSQL: an advisory lock.
+    """
+    if engine.dialect.name == "sqlite":
+        path = engine.url.database
+        if not path or path == ":memory:":
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+    elif engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_MIGRATION_LOCK})
+                conn.commit()
+    else:
+        yield
 
 
 def get_engine(url: str | None = None, migrate: bool = True) -> Engine:
@@ -55,7 +95,8 @@ def get_engine(url: str | None = None, migrate: bool = True) -> Engine:
             if migrate:
                 from storage.migrate import upgrade
 
-                upgrade(engine)
+                with _migration_lock(engine):
+                    upgrade(engine)
             _engines[url] = engine
         return engine
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import getpass
 import io
+import json
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, String, cast, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from runner.spec import RunSpec, SpecError
@@ -63,9 +64,9 @@ class RunFilter:
                 query = query.where(column.in_(values))
         if self.tag:
             # Tags are a JSON list; matching the quoted element in its text form works on SQLite and PostgreSQL.
-            from sqlalchemy import String, cast
-
-            query = query.where(or_(*(cast(Run.tags, String).contains(f'"{t}"') for t in self.tag)))
+            # autoescape: a tag with % or _ matches only itself.
+            text_tags = cast(Run.tags, String)
+            query = query.where(or_(*(text_tags.contains(json.dumps(t), autoescape=True) for t in self.tag)))
         if self.since:
             query = query.where(Run.created_at >= self.since)
         if self.until:
