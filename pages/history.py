@@ -204,7 +204,7 @@ def run_list() -> None:
     filters = queries.RunFilter(**{n: chosen[n] or None for n in FILTERS}, tag=[tag] if tag else None)
     total = queries.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
-    st.caption(f"{total} run{'s' if total != 1 else ''} match the filters, newest first")
+    st.caption(f"{total} run matches the filters" if total == 1 else f"{total} runs match the filters, newest first")
     page = 1
     if pages > 1:
         page = st.columns(4)[0].number_input(

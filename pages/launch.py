@@ -144,7 +144,8 @@ with info:
             shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True
         )
     elif problems:
-        st.warning(f"{len(problems)} problem(s) to fix before launching; each is shown next to its field.")
+        n = len(problems)
+        st.warning(f"{n} problem{'s' if n > 1 else ''} to fix before launching; each is shown next to its field.")
 
 
 @st.fragment(run_every=2.0)

@@ -66,3 +66,13 @@ def stop_runner(engine, timeout: float = 10.0) -> None:
             return
         time.sleep(0.1)
     os.kill(status["pid"], signal.SIGKILL)
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (for servers a test starts: streamlit, ...)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,9 +6,9 @@ its script is no longer running. Screenshots go to test-artifacts/ for a reviewe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,38 +24,77 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def app_url(lab_home):
-    port = free_port()
+def app_url(lab_home, free_port):
+    """`streamlit run app.py` in its own session on a free port; stopped with its runner and jobs at teardown."""
     env = {**os.environ, "LAB_HOME": str(lab_home), "PYTHONPATH": str(REPO)}
-    log = open(lab_home.parent / "streamlit.log", "wb")  # noqa: SIM115 (closed at teardown)
+    log_path = lab_home.parent / "streamlit.log"
+    log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(port),
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(free_port),
          "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    url = f"http://127.0.0.1:{free_port}"
+    try:
+        wait_healthy(url, proc, log_path)
+        yield url
+    finally:
+        stop_app_and_runner(proc, lab_home)
+        log.close()
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float = 60.0) -> None:
+    """Poll /_stcore/health until the server answers 200 (Streamlit's own e2e conftest does the same)."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return
         except OSError:
             pass
         if time.monotonic() > deadline or proc.poll() is not None:
-            raise AssertionError("streamlit did not come up: " + (lab_home.parent / "streamlit.log").read_text())
+            raise AssertionError("streamlit did not come up: " + log_path.read_text())
         time.sleep(0.2)
-    yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=15)
-    log.close()
+
+
+def kill_group(pgid: int, grace_s: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left after the grace period."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def stop_app_and_runner(proc: subprocess.Popen, lab_home: Path) -> None:
+    """Streamlit's group, then the runner it started and any job still running: each is its own session.
+
+    The runner records its pid in the runner_lease table and every run its torchrun pid (= group id), so
+    nothing is found by name and nothing of another test or user is touched.
+    """
+    from storage import queries
+    from storage.db import get_engine
+
+    kill_group(proc.pid)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    engine = get_engine()  # the test's LAB_HOME database (the lab_home fixture set the environment)
+    status = queries.runner_status(engine)
+    jobs = [r["pid"] for r in queries.running_runs(engine) if r["pid"]]
+    if status:
+        kill_group(status["pid"])  # start_new_session: the runner's pid is its group id
+    for pgid in jobs:  # a stopped runner leaves its jobs running on purpose (a new one adopts them)
+        kill_group(pgid)
 
 
 @pytest.fixture
@@ -76,4 +115,13 @@ def wait_for_app(page, timeout_ms: int = 60_000) -> None:
 
 
 def screenshot(page, name: str) -> None:
+    """The whole page: Streamlit scrolls inside its main section, so grow the viewport to its height first."""
+    size = page.viewport_size
+    height = page.evaluate(
+        '() => Math.max(...[...document.querySelectorAll(\'[data-testid="stMain"], [data-testid="stSidebar"]\')]'
+        ".map(e => e.scrollHeight), window.innerHeight)"
+    )
+    page.set_viewport_size({"width": size["width"], "height": min(int(height), 6000)})
+    page.wait_for_timeout(500)  # charts re-lay out to the new size
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.set_viewport_size(size)

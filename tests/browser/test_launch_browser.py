@@ -33,6 +33,11 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
 
 
 def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine):
+    page.goto(f"{app_url}/history")
+    wait_for_app(page)
+    page.get_by_text("No runs yet").wait_for(timeout=30_000)
+    assert page.get_by_role("button", name="Launch a first tiny run").is_visible()
+    screenshot(page, "history-empty")
     page.goto(app_url)
     wait_for_app(page)
     pp = page.get_by_role("spinbutton", name="pp", exact=True)
