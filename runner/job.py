@@ -58,6 +58,11 @@ def build_strategy(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch
         from runner.gpt.layer_split import LayerSplitGPT
 
         return LayerSplitGPT(spec, mesh, device, dtype)
+    if spec.strategy == "3d":
+        from runner.gpt.data_parallel import DataParallelGPT
+        from runner.gpt.three_d import ThreeDGPT
+
+        return DataParallelGPT(ThreeDGPT(spec, mesh, device, dtype), mesh)
     if spec.strategy == "data":
         from runner.gpt.data_parallel import DataParallelGPT
         from runner.gpt.layer_split import LayerSplitGPT
@@ -190,8 +195,10 @@ class Verifier:
             ref_opt.step()
             self._shard_diffs("weights_max_abs_diff", ref_params, grads=False)
         elif spec.workload == "forward" and model.is_output_rank:
+            # A data-parallel replica sees only its rows: compare with the reference loss on the same rows.
             loss = F.cross_entropy(logits.float().cpu().flatten(0, 1), targets[rows].flatten()).item()
-            self._max("loss_abs_diff", abs(loss - ref_loss.item()))
+            ref_rows_loss = F.cross_entropy(ref_logits[rows].flatten(0, 1), targets[rows].flatten()).item()
+            self._max("loss_abs_diff", abs(loss - ref_rows_loss))
         return self.reduce()
 
     def reduce(self) -> dict:

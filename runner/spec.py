@@ -18,7 +18,7 @@ from runner.gpt.config import PRESETS, GPTConfig, count_parameters
 
 STRATEGIES = ("single", "layer", "tensor", "pipeline", "data", "3d")
 # Strategies the rank code implements today; the rest answer "not supported yet" in validate().
-IMPLEMENTED_STRATEGIES = frozenset({"single", "layer", "tensor", "pipeline", "data"})
+IMPLEMENTED_STRATEGIES = frozenset(STRATEGIES)
 WORKLOADS = ("forward", "generate", "train")
 SCHEDULES = ("gpipe", "1f1b")
 TP_STYLES = ("megatron", "gather")
@@ -224,8 +224,8 @@ class RunSpec:
                 add(name, f"strategy '{s}' does not use {name}; set {name} to 1 or pick a strategy that uses it")
         if self.microbatches != 1 and not self.uses_microbatches:
             add("microbatches", f"strategy '{s}' does not use microbatches; set microbatches to 1 or use 'pipeline'")
-        if self.sequence_parallel and not (s in ("tensor", "3d") and self.tp_style == "megatron"):
-            add("sequence_parallel", "works only with strategy 'tensor' or '3d' and tp_style 'megatron'; turn it off")
+        if self.sequence_parallel and not (s == "tensor" and self.tp_style == "megatron"):
+            add("sequence_parallel", "works only with strategy 'tensor' and tp_style 'megatron'; turn it off")
         if s == "layer" and self.pp < 2:
             add("pp", "a layer split needs at least 2 ranks; set pp to 2 or more, or use strategy 'single'")
         if s == "tensor" and self.tp < 2:
@@ -419,10 +419,11 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def torchrun_argv(spec: RunSpec, spec_path: str, python: str | None = None, port: int = 0) -> list[str]:
+def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | None = None) -> list[str]:
     """The exact command a run starts with (argv list, never a shell string); the launch page previews it.
 
-    Port 0 lets the launcher bind its rendezvous store itself, so concurrent runs never race for a port.
+    Port 0 (the runner's choice) lets the launcher bind its rendezvous store itself, so concurrent runs
+    never race for a port between picking a free one and torchrun binding it. python: sys.executable.
     """
     import sys
 
