@@ -480,3 +480,30 @@ def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] 
                     for r in ranks
                 ],
             )
+
+
+def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
+    """The fastest succeeded run (tokens/s) of each strategy for one model and workload."""
+    best = (
+        select(Run.strategy, func.max(Run.tokens_per_s).label("best"))
+        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
+        .group_by(Run.strategy)
+        .subquery()
+    )
+    q = (
+        select(func.max(Run.id))
+        .join(best, (Run.strategy == best.c.strategy) & (Run.tokens_per_s == best.c.best))
+        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
+        .group_by(Run.strategy)
+    )
+    with engine.connect() as conn:
+        return sorted(int(i) for (i,) in conn.execute(q))
+
+
+def active_runs(engine: Engine) -> pd.DataFrame:
+    """Running and queued runs, oldest first, with progress and the reason a queued run waits."""
+    cols = ["id", "status", "strategy", "model", "workload", "world_size", "user", "created_at", "started_at",
+            "progress_step", "total_steps", "wait_reason", "cancel_requested"]  # fmt: skip
+    q = select(*(getattr(Run, c) for c in cols)).where(Run.status.in_(("running", "queued"))).order_by(Run.id)
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(q).all(), columns=cols)

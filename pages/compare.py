@@ -1,0 +1,116 @@
+"""Compare page: chosen runs (or the best of each strategy) side by side, the guide's table measured,
+ratios to a baseline, per-rank memory by coordinate, overlaid telemetry, pipeline timelines, spec differences."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from runner.spec import PRESETS, WORKLOADS
+from storage import queries
+from ui import charts
+from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.state import engine
+
+K = "compare_"
+
+st.title("Compare runs")
+recent = queries.list_runs(engine(), queries.RunFilter(status=["succeeded"]), limit=200)
+if recent.empty:
+    st.info("No finished runs yet: launch two runs with different strategies, then compare them here.")
+    st.stop()
+
+labels = {
+    int(r.id): f"#{r.id} {r.strategy} · {r.model} · {r.workload} · {r.world_size} ranks" for r in recent.itertuples()
+}
+from_link = [int(x) for x in st.query_params.get("runs", "").split(",") if x.isdigit() and int(x) in labels]
+
+with st.expander("Best of each strategy", expanded=not from_link):
+    c1, c2, c3 = st.columns([2, 2, 1])
+    model = c1.selectbox("model", list(PRESETS) + ["custom"], key=K + "best_model")
+    workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "best_workload")
+    if c3.button("Pick them", key=K + "best"):
+        best = queries.best_runs(engine(), model, workload)
+        if best:
+            st.query_params["runs"] = ",".join(map(str, best))
+            st.rerun()
+        st.warning(f"No succeeded {workload} runs of the {model} model yet.")
+
+chosen = st.multiselect(
+    "runs", list(labels), default=from_link, format_func=labels.get, key=K + "runs",
+    placeholder="pick two or more finished runs",
+)  # fmt: skip
+if chosen != from_link:
+    st.query_params["runs"] = ",".join(map(str, chosen))
+if len(chosen) < 1:
+    st.caption("Choose runs above; the selection is kept in the address, so the view can be shared.")
+    st.stop()
+
+runs = [r for r in (queries.get_run(engine(), i) for i in chosen) if r]
+table = comparison_table(runs)
+baseline = st.selectbox("baseline (others shown as ratios to it)", [None, *chosen], format_func=lambda i: "none" if i is None else labels[i], key=K + "baseline")  # fmt: skip
+shown = with_baseline(table, baseline) if baseline else table
+st.dataframe(
+    shown,
+    hide_index=True,
+    column_config={
+        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.4g"),
+        "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4g"),
+        "peak_mem_mib_max": st.column_config.NumberColumn("peak MiB (max rank)", format="%.4g"),
+        "params_share_max": st.column_config.NumberColumn("params share (max rank)", format="%.3f"),
+        "compute_share": st.column_config.NumberColumn("compute", format="%.3f"),
+        "comm_share": st.column_config.NumberColumn("comm", format="%.3f"),
+        "idle_share": st.column_config.NumberColumn("idle", format="%.3f"),
+        "comm_mib_per_step": st.column_config.NumberColumn("comm MiB/step", format="%.4g"),
+        "bubble_measured": st.column_config.NumberColumn("bubble", format="%.3f"),
+        "bubble_theory": st.column_config.NumberColumn("bubble theory", format="%.3f"),
+        "mfu": st.column_config.NumberColumn("MFU", format="%.3f"),
+        "gflops": st.column_config.NumberColumn("GFLOP/s", format="%.4g"),
+    },
+)
+
+st.subheader("The guide's comparison table, measured")
+st.dataframe(guide_table(runs), hide_index=True)
+
+a, b = st.columns(2)
+a.altair_chart(charts.compare_bar_chart(table, "tokens_per_s", "tokens / s"), width="stretch")
+b.altair_chart(charts.compare_bar_chart(table, "step_time_s_p50", "step time p50 (s)"), width="stretch")
+ranks = queries.rank_results(engine(), chosen)
+if not ranks.empty:
+    coord = st.radio("group per-rank bars by", ["rank", "tp", "pp", "dp"], horizontal=True, key=K + "coord")
+    a, b = st.columns(2)
+    if coord == "rank":
+        a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+    else:
+        a.altair_chart(charts.rank_memory_by_coord_chart(ranks, coord), width="stretch")
+    b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
+
+series = queries.telemetry_series(engine(), chosen)
+if not series.empty:
+    a, b = st.columns(2)
+    a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
+    b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
+
+for run in runs:
+    spans = queries.timeline_spans(engine(), run["id"])
+    if spans.empty:
+        continue
+    last = int(spans["step"].max())
+    r = run["result"] or {}
+    st.altair_chart(
+        charts.timeline_chart(
+            spans[spans["step"] == last], title=f"#{run['id']} {run['spec']['strategy']}: step {last}"
+        ),
+        width="stretch",
+    )
+    if r.get("bubble_fraction") is not None:
+        st.caption(
+            f"bubble measured {r['bubble_fraction']:.1%} (idle / step time, mean over ranks), "
+            f"theory (p-1)/(m+p-1) = {r.get('bubble_fraction_theory') or 0:.1%}"
+        )
+
+st.subheader("Settings that differ")
+diff = spec_differences(runs)
+if diff.empty:
+    st.caption("The specs are identical.")
+else:
+    st.dataframe(diff.astype(str))

@@ -1,0 +1,72 @@
+"""Live page: runs in progress (progress, elapsed and remaining time, telemetry, log tail, cancel) and the queue."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import streamlit as st
+
+from storage import queries
+from ui import charts
+from ui.format import human_duration, status_label
+from ui.state import engine
+
+K = "live_"
+
+st.title("Live")
+
+
+@st.fragment(run_every=1.0)
+def live_view() -> None:
+    active = queries.active_runs(engine())
+    running = active[active["status"] == "running"]
+    queued = active[active["status"] == "queued"]
+    if active.empty:
+        st.info("Nothing is running or queued. Launch a run and it appears here.")
+    for row in running.itertuples():
+        run = queries.get_run(engine(), int(row.id))
+        with st.container(border=True):
+            head, button = st.columns([5, 1])
+            head.markdown(f"**[#{row.id}](/history?run={row.id})** {row.strategy} · {row.model} · {row.workload} "
+                          f"· {row.world_size} ranks · {row.user}")  # fmt: skip
+            if row.cancel_requested:
+                button.caption("cancelling…")
+            elif button.button("Cancel", key=f"{K}cancel_{row.id}"):
+                queries.request_cancel(engine(), int(row.id))
+                st.toast(f"cancelling run {row.id}")
+            elapsed = (datetime.now(UTC) - row.started_at).total_seconds() if row.started_at else 0.0
+            steps = queries.step_metrics(engine(), int(row.id))
+            done, total = int(row.progress_step), int(row.total_steps)
+            remaining = None
+            if len(steps) and done:
+                remaining = float(steps["step_time_s"].mean()) * (total - done)
+            st.progress(min(done / total, 1.0) if total else 0.0,
+                        text=f"step {done} of {total} · elapsed {human_duration(elapsed)} · "
+                             f"remaining {human_duration(remaining) if remaining is not None else 'estimating…'}")  # fmt: skip
+            series = queries.telemetry_series(engine(), [int(row.id)])
+            if not series.empty:
+                a, b = st.columns(2)
+                a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
+                b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
+            if run and run["run_dir"]:
+                tails = []
+                for rank in range(int(row.world_size)):
+                    path = Path(run["run_dir"]) / f"rank{rank}.log"
+                    if path.exists():
+                        lines = path.read_text(errors="replace").splitlines()[-5:]
+                        tails.append(f"--- rank {rank}\n" + "\n".join(lines))
+                st.code("\n".join(tails) or "(no output yet)", language=None)
+    if not queued.empty:
+        st.subheader("Queue")
+        for row in queued.itertuples():
+            c1, c2 = st.columns([5, 1])
+            c1.markdown(f"{status_label('queued')} **#{row.id}** {row.strategy} · {row.model} · {row.world_size} ranks "
+                        f"— {row.wait_reason or 'waiting for the runner'}")  # fmt: skip
+            if c2.button("Cancel", key=f"{K}cancelq_{row.id}"):
+                queries.request_cancel(engine(), int(row.id))
+    st.caption(f"updated {time.strftime('%H:%M:%S')}")
+
+
+live_view()

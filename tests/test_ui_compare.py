@@ -1,0 +1,101 @@
+"""Compare and live pages: the comparison figures, the guide's table, baseline ratios, spec differences,
+best-of-each-strategy, timelines; and the live view of running and queued runs."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from runner.spec import RunSpec
+from storage import queries
+from tests.test_ui_pages import page, texts
+from ui import charts
+from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+
+
+def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, spans: bool = False) -> int:
+    """A succeeded run with a result shaped like a job's."""
+    run_id = queries.submit_run(engine, spec)
+    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
+    ranks = [{"rank": r, "tp": 0, "pp": r if spec.strategy in ("layer", "pipeline") else 0, "dp": 0,
+              "param_count": 100_000, "param_bytes": 400_000, "optimizer_bytes": 800_000,
+              "peak_mem_bytes": 2**20 * (r + 1), "compute_s": 1.0, "comm_s": 0.5, "idle_s": idle,
+              "comm_bytes": {"send": 1000}, "comm_calls": {"send": 2}} for r in range(spec.world_size)]  # fmt: skip
+    result = {"tokens_per_s": tokens_per_s, "step_time_s_p50": 1000 / tokens_per_s, "step_times_s": [0.1, 0.1],
+              "bubble_fraction": 0.25 if spans else None, "bubble_fraction_theory": 0.2 if spans else None,
+              "ranks": ranks}  # fmt: skip
+    queries.finish_run(engine, run_id, "succeeded", result=result)
+    if spans:
+        queries.add_spans(engine, run_id, [
+            {"step": 1, "rank": s, "stage": s, "microbatch": m, "phase": ph, "start": 0.01 * (m + s), "end": 0.01 * (m + s) + 0.005}
+            for s in range(2) for m in range(4) for ph in ("forward", "backward")])  # fmt: skip
+    return run_id
+
+
+def test_comparison_figures_ratios_and_differences(engine):
+    a = finished(engine, RunSpec(strategy="single", model="tiny"), 1000.0)
+    b = finished(engine, RunSpec(strategy="layer", pp=2, model="tiny"), 500.0, idle=1.5)
+    runs = [queries.get_run(engine, i) for i in (a, b)]
+    table = comparison_table(runs)
+    assert list(table["tokens_per_s"]) == [1000.0, 500.0]
+    assert table.loc[1, "idle_share"] == pytest.approx(1.5 / 3.0)
+    assert table.loc[1, "messages_per_step"] == 2 * 2 / 2  # 2 ranks x 2 calls over 2 timed steps
+    ratios = with_baseline(table, a)
+    assert list(ratios["tokens_per_s"]) == [1.0, 0.5]
+    diff = spec_differences(runs)
+    assert set(diff.index) == {"strategy", "pp"}
+    guide = guide_table(runs)
+    assert list(guide.columns) == ["run", "memory efficiency", "compute efficiency", "communication", "complexity"]
+    assert "idle 50%" in guide.loc[1, "compute efficiency"]
+
+
+def test_best_of_each_strategy_picks_the_fastest_succeeded_run(engine):
+    finished(engine, RunSpec(strategy="layer", pp=2), 100.0)
+    fast = finished(engine, RunSpec(strategy="layer", pp=2), 300.0)
+    single = finished(engine, RunSpec(strategy="single"), 200.0)
+    finished(engine, RunSpec(strategy="single", workload="forward"), 900.0)  # another workload
+    assert queries.best_runs(engine, "tiny", "train") == sorted([fast, single])
+
+
+def test_timeline_chart_draws_one_bar_per_stage_microbatch_and_phase():
+    spans = pd.DataFrame([{"step": 1, "rank": s, "stage": s, "microbatch": m, "phase": "forward",
+                           "start": 0.001 * m, "end": 0.001 * m + 0.0005} for s in range(2) for m in range(3)])  # fmt: skip
+    chart = charts.timeline_chart(spans).to_dict()
+    assert chart["layer"][0]["mark"]["type"] == "bar"
+    assert chart["layer"][0]["encoding"]["x2"]["field"] == "end_ms"
+
+
+def test_compare_page_from_a_shared_link(engine):
+    a = finished(engine, RunSpec(strategy="single"), 1000.0)
+    b = finished(engine, RunSpec(strategy="pipeline", pp=2, microbatches=4), 800.0, spans=True)
+    at = page("pages/compare.py", runs=f"{a},{b}")
+    assert not at.exception
+    assert at.multiselect(key="compare_runs").value == [a, b]
+    assert any("theory (p-1)/(m+p-1) = 20.0%" in c for c in texts(at.caption))
+    at.selectbox(key="compare_baseline").set_value(a).run()
+    assert not at.exception
+
+
+def test_compare_page_empty_state(engine):
+    at = page("pages/compare.py")
+    assert any("No finished runs yet" in i for i in texts(at.info))
+
+
+def test_live_page_lists_running_and_queued_runs_with_wait_reasons(engine):
+    running = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    queries.claim_run(engine, running, "r", "/tmp/none", [])
+    queries.update_run(engine, running, progress_step=2)
+    waiting = queries.submit_run(engine, RunSpec(strategy="single"))
+    queries.set_wait_reason(engine, waiting, "waiting for a CPU slot (1 of 1 CPU jobs running)")
+    at = page("pages/live.py")
+    assert not at.exception
+    assert any("waiting for a CPU slot" in m for m in texts(at.markdown))
+    at.button(key=f"live_cancelq_{waiting}").click().run()
+    assert queries.get_run(engine, waiting)["status"] == "cancelled"
+    at.button(key=f"live_cancel_{running}").click().run()
+    assert queries.get_run(engine, running)["cancel_requested"] is True
+
+
+def test_live_page_empty_state(engine):
+    at = page("pages/live.py")
+    assert any("Nothing is running or queued" in i for i in texts(at.info))
