@@ -78,6 +78,13 @@ def run_detail(run_id: int) -> None:
         steps = queries.step_metrics(engine(), run_id)
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")
+        spans = queries.timeline_spans(engine(), run_id)
+        if len(spans):
+            # The guide's assembly-line picture, measured: the last timed step (all steps look alike).
+            step = int(spans["step"].max())
+            last = spans[spans["step"] == step]
+            title = f"Pipeline timeline, step {step} (stage x microbatch; grey: waiting for a neighbour)"
+            st.altair_chart(charts.timeline_chart(last, title=title), width="stretch")
         if run["ranks"]:
             ranks = queries.rank_results(engine(), [run_id])
             a, b = st.columns(2)

@@ -168,6 +168,10 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
                          "tokens_equal": None},
               "ranks": [{**rank, "rank": 0, "pp": 0}, {**rank, "rank": 1, "pp": 1}]}  # fmt: skip
     queries.finish_run(engine, run_id, "succeeded", result=result)
+    queries.add_spans(engine, run_id, [
+        {"step": st, "rank": r, "stage": r, "microbatch": 0, "phase": ph, "start": t0, "end": t0 + 0.01}
+        for st in (1, 2) for r in (0, 1) for ph, t0 in (("forward", 0.01 * r), ("backward", 0.05 - 0.01 * r))
+    ])  # fmt: skip
     (tmp_path / "rank1.log").write_text("hello from rank 1\n")
     at = page("pages/history.py", run=str(run_id))
     assert not at.exception
@@ -178,6 +182,9 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
     verify, ranks = at.dataframe[0].value, at.dataframe[1].value
     assert "tokens_equal" not in verify and verify["grads_max_abs_diff"].iloc[0] == pytest.approx(1e-7)
     assert ranks["rank"].tolist() == [0, 1] and "send MiB" in ranks and "all_reduce MiB" not in ranks
+    charts = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert any("Pipeline timeline, step 2" in c for c in charts), "no timeline of the last step"
+
     at.selectbox(key=f"history_logrank_{run_id}").select(1).run()
     assert any("hello from rank 1" in c for c in texts(at.code))
 
