@@ -12,7 +12,9 @@ from storage import queries
 from storage.models import TERMINAL_STATES
 from ui import charts
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
-from ui.state import engine
+from ui.state import engine, enter_through_app
+
+enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "history_"
 PAGE_SIZE = 50

@@ -11,7 +11,9 @@ from storage import queries
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import STRATEGY_HELP, problems_by_field, spec_from_form, uses
-from ui.state import engine
+from ui.state import engine, enter_through_app
+
+enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "launch_"  # widget keys are namespaced per page
 

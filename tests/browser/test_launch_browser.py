@@ -33,9 +33,13 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
 
 
 def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine):
+    # The first visit of this fresh server is a deep link: app.py must still run around the page.
     page.goto(f"{app_url}/history")
     wait_for_app(page)
     page.get_by_text("No runs yet").wait_for(timeout=30_000)
+    page.get_by_text("Runner alive").wait_for(timeout=30_000)
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert "Launch" in nav and "History" in nav and "app" not in nav.split(), nav
     assert page.get_by_role("button", name="Launch a first tiny run").is_visible()
     screenshot(page, "history-empty")
     page.goto(app_url)
@@ -48,3 +52,11 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     screenshot(page, "launch-invalid")
     assert page.get_by_role("button", name="Launch", exact=True).is_disabled()
     assert queries.count_runs(engine) == 0
+
+
+def test_a_shared_link_opened_first_after_start_gets_the_whole_app(app_url, page, engine):
+    """Streamlit would run pages/history.py alone for a first request to /history; ui.serve prevents that."""
+    page.goto(f"{app_url}/history")
+    wait_for_app(page)
+    nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
+    assert "Launch" in nav and "Compare" in nav and "app" not in nav.split()
