@@ -277,14 +277,12 @@ class GPTStage(nn.Module):
         seed: int = 0,
         has_embed: bool = True,
         has_head: bool = True,
-        block_factory=None,
     ):
         super().__init__()
         self.config = config
         self.first, self.last = first, last
         self.has_embed, self.has_head = has_embed, has_head
-        make_block = block_factory or (lambda: Block(config))
-        modules: dict[str, nn.Module] = {"h": nn.ModuleDict({str(i): make_block() for i in range(first, last)})}
+        modules: dict[str, nn.Module] = {"h": nn.ModuleDict({str(i): Block(config) for i in range(first, last)})}
         if has_embed:
             modules["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
