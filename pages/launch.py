@@ -117,6 +117,10 @@ with right:
     note_slot("time_limit_s")
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
     note_slot("tags")
+    user = st.text_input(
+        "launched by", value=queries.default_user(), key=K + "user", max_chars=64,
+        help="recorded with the run so the team's history says who ran what",
+    ).strip() or queries.default_user()  # fmt: skip
     values["weights"] = st.text_input(
         "GPT-2 weights file (optional)", key=K + "weights", placeholder="/path/model.safetensors"
     )
@@ -170,7 +174,7 @@ with devices:
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:
-        run_id = queries.submit_run(engine(), spec, gpu_count=gpu_count)
+        run_id = queries.submit_run(engine(), spec, user=user, gpu_count=gpu_count)
     except SpecError as exc:
         for p in exc.problems:
             st.error(str(p))

@@ -99,3 +99,12 @@ def test_live_page_lists_running_and_queued_runs_with_wait_reasons(engine):
 def test_live_page_empty_state(engine):
     at = page("pages/live.py")
     assert any("Nothing is running or queued" in i for i in texts(at.info))
+
+
+def test_launch_records_who_launched_it(engine):
+    at = page("pages/launch.py")
+    assert at.text_input(key="launch_user").value == queries.default_user()
+    at.text_input(key="launch_user").set_value("ada").run()
+    at.button(key="launch_submit").click().run()
+    (run,) = queries.list_runs(engine).to_dict("records")
+    assert run["user"] == "ada"
