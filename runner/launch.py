@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from runner.spec import RunSpec, torchrun_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,10 +39,15 @@ def job_env(spec: RunSpec, gpus: list[int]) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
-    # Each rank is one process on a shared CPU: one intra-op thread each avoids oversubscription.
-    env.setdefault("OMP_NUM_THREADS", "1")
     if gpus:
+        # NVML numbers GPUs by PCI bus; make CUDA number them the same way so index g is the same device.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    else:
+        # Each rank is one process on a shared CPU: one intra-op thread each avoids oversubscription,
+        # whatever the user's shell had set. No GPU is visible, so a CPU run never takes GPU memory.
+        env["OMP_NUM_THREADS"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 
@@ -61,20 +68,49 @@ def start_job(run_id: int, spec: RunSpec, run_dir: Path, gpus: list[int]) -> Job
 
 
 def group_alive(pgid: int) -> bool:
+    """True while any process of the group runs; a group of zombies waiting to be reaped counts as gone."""
+    if pgid <= 0:
+        return False
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    # killpg succeeds on zombies too (an adopted job's torchrun is reaped by init, maybe late).
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                return True
+        except (OSError, psutil.Error):
+            continue
+    return False
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Send `sig` to the group; False when no process of it is left."""
+    if pgid <= 0:  # never signal our own group (0) or every process (-1)
+        return False
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
     return True
 
 
+def terminate_group(pgid: int) -> bool:
+    """SIGTERM to torchrun and every rank (torchrun forwards it too); False when the group is gone."""
+    return _signal_group(pgid, signal.SIGTERM)
+
+
+def kill_group(pgid: int) -> bool:
+    """SIGKILL whatever of the group is left; False when the group is gone."""
+    return _signal_group(pgid, signal.SIGKILL)
+
+
 def stop_group(pgid: int, grace_s: float = 5.0, popen: subprocess.Popen | None = None) -> None:
-    """SIGTERM the whole group, wait up to grace_s, then SIGKILL whatever is left."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
+    """Blocking stop: SIGTERM the whole group, wait up to grace_s, then SIGKILL whatever is left."""
+    if not terminate_group(pgid):
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
@@ -83,9 +119,9 @@ def stop_group(pgid: int, grace_s: float = 5.0, popen: subprocess.Popen | None =
         if not group_alive(pgid):
             return
         time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    if popen is not None:
-        popen.wait(timeout=5)
+    if kill_group(pgid):
+        if popen is not None:
+            popen.wait(timeout=5)
+        deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -1,7 +1,7 @@
 """Sampling what a job uses: NVML per GPU when an NVIDIA GPU is there, psutil per rank process otherwise.
 
 Each NVML field is read in its own try/except and stored as None when the device does not support
-it (as gpustat does). `detect_gpus()` says plainly why there is no GPU when there is none.
+it (as gpustat does). `detect_gpus()` returns [] and says plainly why when there is no GPU.
 """
 
 from __future__ import annotations
@@ -12,31 +12,49 @@ from dataclasses import dataclass, field
 import psutil
 
 
-def detect_gpus() -> tuple[list[dict], str]:
-    """(GPUs NVML sees as [{index, name, memory_total}], a sentence for the page)."""
+class GpuList(list):
+    """A list of GPUs ([{index, name, memory_total}]) that also says, in `reason`, why it is what it is."""
+
+    reason: str = ""
+
+
+def _gpus(found: list[dict], reason: str) -> GpuList:
+    gpus = GpuList(found)
+    gpus.reason = reason
+    return gpus
+
+
+def detect_gpus() -> GpuList:
+    """GPUs NVML sees as [{index, name, memory_total}]; [] when there is no NVIDIA GPU or driver.
+
+    `.reason` is a sentence for the page: why there is no GPU (no nvidia-ml-py, no driver library,
+    0 devices), or how many there are.
+    """
     try:
         import pynvml  # provided by nvidia-ml-py
     except ImportError:
-        return [], "no NVIDIA GPU: nvidia-ml-py is not installed, runs use CPU processes with gloo"
+        return _gpus([], "no NVIDIA GPU: nvidia-ml-py is not installed, runs use CPU processes with gloo")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        return [], f"no NVIDIA GPU: NVML is unavailable ({exc}); runs use CPU processes with gloo"
+        return _gpus([], f"no NVIDIA GPU: NVML is unavailable ({exc}); runs use CPU processes with gloo")
     try:
-        gpus = []
+        found = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             name = pynvml.nvmlDeviceGetName(h)
-            gpus.append({
+            found.append({
                 "index": i,
                 "name": name.decode() if isinstance(name, bytes) else name,
                 "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
             })  # fmt: skip
-        if not gpus:
-            return [], "no NVIDIA GPU: the driver reports 0 devices; runs use CPU processes with gloo"
-        return gpus, f"{len(gpus)} NVIDIA GPU(s) visible through NVML"
+    except pynvml.NVMLError as exc:
+        return _gpus([], f"no NVIDIA GPU: NVML failed to list devices ({exc}); runs use CPU processes with gloo")
     finally:
         pynvml.nvmlShutdown()
+    if not found:
+        return _gpus([], "no NVIDIA GPU: the driver reports 0 devices; runs use CPU processes with gloo")
+    return _gpus(found, f"{len(found)} NVIDIA GPU(s) visible through NVML")
 
 
 @dataclass
@@ -60,8 +78,12 @@ class Sampler:
         pynvml.nvmlInit()
         try:
             for index in self.gpus:
-                h = pynvml.nvmlDeviceGetHandleByIndex(index)
                 util = mem = None
+                try:
+                    h = pynvml.nvmlDeviceGetHandleByIndex(index)
+                except pynvml.NVMLError:
+                    rows.append({"source": f"gpu{index}", "t_s": t_s, "util_pct": None, "mem_bytes": None})
+                    continue
                 try:
                     util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
                 except pynvml.NVMLError:

@@ -1,0 +1,107 @@
+"""Launching and sampling on real processes: the exact torchrun argv, the job's environment, stopping a whole
+process group (SIGTERM, grace, SIGKILL), psutil samples per rank, the no-GPU path, and no torch in the app's imports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from runner.launch import group_alive, job_env, stop_group
+from runner.spec import RunSpec, torchrun_argv
+from runner.telemetry import Sampler, detect_gpus
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_torchrun_argv_is_the_documented_command_as_a_list():
+    spec = RunSpec(strategy="layer", pp=2)
+    argv = torchrun_argv(spec, "/lab/runs/7/spec.json", 29511, python="/venv/bin/python")
+    assert argv == [
+        "/venv/bin/python", "-m", "torch.distributed.run", "--nproc-per-node", "2",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29511", "--max-restarts", "0",
+        "-m", "runner.job", "/lab/runs/7/spec.json",
+    ]  # fmt: skip
+    assert torchrun_argv(spec, "s.json")[0] == sys.executable
+
+
+def test_cpu_jobs_get_one_thread_per_rank_and_gpu_jobs_their_devices(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    cpu = job_env(RunSpec(), [])
+    assert cpu["OMP_NUM_THREADS"] == "1" and cpu["CUDA_VISIBLE_DEVICES"] == ""
+    assert str(REPO) in cpu["PYTHONPATH"].split(os.pathsep)
+    gpu = job_env(RunSpec(strategy="layer", pp=2, device="cuda"), [2, 3])
+    assert gpu["CUDA_VISIBLE_DEVICES"] == "2,3" and gpu["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_detect_gpus_returns_nothing_and_says_why_without_an_nvidia_driver():
+    gpus = detect_gpus()
+    assert gpus == [] and isinstance(gpus, list)  # this machine has no NVIDIA GPU
+    assert gpus.reason.startswith("no NVIDIA GPU") and "gloo" in gpus.reason
+
+
+def _group_with_a_stubborn_child() -> subprocess.Popen:
+    """A session leader whose child ignores SIGTERM, as a hung rank would."""
+    code = (
+        "import signal, subprocess, sys, time\n"
+        "subprocess.Popen([sys.executable, '-c', 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not psutil.Process(proc.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the child install its SIGTERM handler
+    return proc
+
+
+def test_stop_group_terminates_then_kills_what_ignores_sigterm():
+    proc = _group_with_a_stubborn_child()
+    child = psutil.Process(proc.pid).children()[0]
+    started = time.monotonic()
+    stop_group(proc.pid, grace_s=1.0, popen=proc)
+    assert 1.0 <= time.monotonic() - started < 8
+    assert proc.returncode is not None
+    child_gone = not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+    assert child_gone and not group_alive(proc.pid)
+
+
+def test_sampler_reports_cpu_and_rss_of_each_rank_process():
+    # Two "ranks" under one parent, each with RANK in its environment as torchrun sets it.
+    code = (
+        "import os, subprocess, sys, time\n"
+        "kids = [subprocess.Popen([sys.executable, '-c', 'x = bytearray(30_000_000)\\nwhile True: pass'],"
+        " env={**os.environ, 'RANK': str(r)}) for r in range(2)]\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        sampler = Sampler(proc.pid, time.time())
+        deadline = time.monotonic() + 15
+        rows: list[dict] = []
+        while len(rows) < 2 and time.monotonic() < deadline:
+            rows = sampler.sample()
+            time.sleep(0.2)
+        time.sleep(0.5)
+        rows = sampler.sample()  # cpu_percent needs a previous call on the same process object
+        by_source = {r["source"]: r for r in rows}
+        assert set(by_source) == {"rank0", "rank1"}
+        assert all(r["mem_bytes"] > 30_000_000 for r in rows)
+        assert all(r["util_pct"] > 0 for r in rows) and all(r["t_s"] > 0 for r in rows)
+    finally:
+        stop_group(proc.pid, grace_s=1.0, popen=proc)
+    assert Sampler(proc.pid, time.time()).sample() == []  # a finished job samples as nothing, not an error
+
+
+def test_modules_the_app_imports_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "import runner.__main__, runner.service, runner.launch, runner.telemetry, runner.spec, storage.queries\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
