@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
-    data: dict = json.loads(args.spec_json) if args.spec_json else {}
-    if not isinstance(data, dict):
-        raise SpecError([])  # from_dict below reports it properly
+    if args.spec_json:
+        RunSpec.from_json(args.spec_json)  # a malformed or non-object document is refused as a spec problem
+        data = json.loads(args.spec_json)
+    else:
+        data = {}
     for name in SPEC_FLAGS:
         value = getattr(args, name, None)
         if value is not None:
@@ -128,11 +130,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         status = queries.runner_status(engine)
         gpu_count = len(status["gpus"]) if status and status["alive"] else None
         run_id = queries.submit_run(engine, spec, user=args.user, gpu_count=gpu_count)
-    except (SpecError, json.JSONDecodeError) as exc:
-        problems = getattr(exc, "problems", None) or [f"spec-json: is not valid JSON ({exc})"]
+    except SpecError as exc:
+        problems = exc.problems
         if args.json:
             print(json.dumps({"error": "invalid spec", "problems": [
-                {"field": getattr(p, "field", "spec"), "message": getattr(p, "message", str(p))} for p in problems]}))  # fmt: skip
+                {"field": p.field, "message": p.message} for p in problems]}))  # fmt: skip
         else:
             print("refused, nothing queued:", file=sys.stderr)
             for p in problems:
@@ -146,10 +148,14 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print("no runner came up within 30 s; see LAB_HOME/runner.log", file=sys.stderr)
         return 1
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    last_check = time.monotonic()
     while True:
         run = queries.get_run(engine, run_id)
         if run["status"] in TERMINAL_STATES:
             break
+        if time.monotonic() - last_check > 5:
+            ensure_runner()  # the runner died while we waited: start another (it adopts the live job)
+            last_check = time.monotonic()
         if deadline and time.monotonic() > deadline:
             emit(args, run, f"run {run_id} still {run['status']} after {args.timeout:g} s")
             return 1
@@ -170,6 +176,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"no log for rank {args.rank} at {path}", file=sys.stderr)
         return 1
+    if args.json:  # the whole log as it is now (--follow streams text only)
+        print(json.dumps({"id": args.id, "rank": args.rank, "path": str(path), "status": run["status"],
+                          "text": path.read_text(errors="replace")}))  # fmt: skip
+        return 0
     with path.open(errors="replace") as f:
         sys.stdout.write(f.read())
         while args.follow:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,8 +24,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
-from runner.launch import REPO_ROOT, Job, group_alive, start_job, stop_group
-from runner.spec import RunSpec
+from runner.launch import REPO_ROOT, Job, group_alive, kill_group, start_job, terminate_group
+from runner.spec import RunSpec, SpecError
 from runner.telemetry import Sampler, detect_gpus
 from storage import queries
 from storage.db import database_url, get_engine, lab_home, runs_dir
@@ -44,6 +45,8 @@ class Watched:
     events_offset: int = 0
     stopping: str | None = None  # 'cancelled' or 'failed' once we decided to stop it
     stop_reason: str | None = None
+    kill_at: float | None = None  # monotonic time after which a group that ignored SIGTERM gets SIGKILL
+    last_sample: float = 0.0
     errors: list[dict] = field(default_factory=list)
 
 
@@ -53,14 +56,15 @@ class Runner:
         self.max_cpu_jobs = max_cpu_jobs
         self.poll_s = poll_s
         self.runner_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.gpus, self.gpu_note = detect_gpus()
+        self.gpus = detect_gpus()
+        self.gpu_note = self.gpus.reason
         self.watched: dict[int, Watched] = {}
         self.stop = False
         self.torch_version = _torch_version()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def serve(self) -> int:
-        if not queries.acquire_lease(self.engine, self.runner_id, os.getpid(), self.gpus, self.gpu_note):
+        if not queries.acquire_lease(self.engine, self.runner_id, os.getpid(), list(self.gpus), self.gpu_note):
             status = queries.runner_status(self.engine) or {}
             print(f"another runner (pid {status.get('pid')} on {status.get('host')}) serves this database; exiting")
             return 3
@@ -72,12 +76,17 @@ class Runner:
         try:
             while not self.stop:
                 now = time.monotonic()
-                if now - last_beat >= HEARTBEAT_EVERY_S:
-                    if not queries.heartbeat(self.engine, self.runner_id):
-                        print("lost the runner lease to another runner; exiting", flush=True)
-                        return 4
-                    last_beat = now
-                self.tick()
+                try:
+                    if now - last_beat >= HEARTBEAT_EVERY_S:
+                        if not queries.heartbeat(self.engine, self.runner_id, list(self.gpus)):
+                            print("lost the runner lease to another runner; exiting", flush=True)
+                            return 4
+                        last_beat = now
+                    self.tick()
+                except Exception:  # a database hiccup or one odd run must not take the runner (and its jobs' watch) down
+                    traceback.print_exc()
+                    sys.stdout.flush()
+                    time.sleep(1.0)
                 time.sleep(self.poll_s)
         finally:
             # Jobs keep running without us: a restarted runner adopts them.
@@ -125,7 +134,17 @@ class Runner:
 
     def place_queued(self) -> None:
         for row in queries.queued_runs(self.engine):
-            spec = RunSpec.from_dict(row["spec"])
+            try:
+                spec = RunSpec.from_dict(row["spec"])
+                problems = spec.validate(gpu_count=len(self.gpus), check_weights=False)  # checked at submit
+            except SpecError as exc:
+                problems = exc.problems
+            if problems:
+                # Queued without knowing this machine's GPUs (no runner was up), or by an older version:
+                # it can never run here, so say why instead of letting it wait forever.
+                queries.finish_run(self.engine, row["id"], "failed",
+                                   error="cannot run on this runner: " + "; ".join(str(p) for p in problems))  # fmt: skip
+                continue
             want_gpu = spec.resolved_device(len(self.gpus)) == "cuda"
             if want_gpu:
                 free = self.free_gpus()
@@ -151,7 +170,10 @@ class Runner:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not queries.claim_run(self.engine, run_id, self.runner_id, str(run_dir), gpus):
             return  # cancelled meanwhile, or another runner (should not exist) won
-        (run_dir / "spec.json").write_text(json.dumps({**spec.to_dict(), "run_id": run_id, "run_dir": str(run_dir)}))
+        # The device the runner placed it on, so 'auto' cannot resolve differently inside the ranks.
+        device = "cuda" if gpus else "cpu"
+        doc = {**spec.to_dict(), "device": device, "run_id": run_id, "run_dir": str(run_dir)}
+        (run_dir / "spec.json").write_text(json.dumps(doc))
         try:
             job = start_job(run_id, spec, run_dir, gpus)
         except OSError as exc:
@@ -170,8 +192,8 @@ class Runner:
         code = w.job.returncode()
         if code is None:
             now = time.time()
-            if now - getattr(w, "_last_sample", 0.0) >= TELEMETRY_EVERY_S:
-                w._last_sample = now  # type: ignore[attr-defined]
+            if now - w.last_sample >= TELEMETRY_EVERY_S:
+                w.last_sample = now
                 queries.add_telemetry(self.engine, run_id, w.sampler.sample())
             if w.stopping is None:
                 if queries.cancel_requested(self.engine, run_id):
@@ -180,10 +202,16 @@ class Runner:
                     w.stopping = "failed"
                     w.stop_reason = f"exceeded its time limit of {w.spec.time_limit_s:g} s and was stopped"
                 if w.stopping:
-                    stop_group(w.job.pid, CANCEL_GRACE_S, w.job.popen)
-                    code = w.job.returncode()
-            if code is None:
-                return
+                    # SIGTERM now, SIGKILL on a later tick: the loop never blocks, so heartbeats and
+                    # other runs go on during the grace period.
+                    terminate_group(w.job.pid)
+                    w.kill_at = time.monotonic() + CANCEL_GRACE_S
+            elif w.kill_at is not None and time.monotonic() >= w.kill_at:
+                kill_group(w.job.pid)
+                w.kill_at = time.monotonic() + CANCEL_GRACE_S  # again later if something is still left
+            return
+        if w.stopping:
+            kill_group(w.job.pid)  # torchrun is gone; take any rank that outlived it along
         self.finalize(run_id, w, code)
 
     def ingest_events(self, run_id: int, w: Watched) -> None:

@@ -66,3 +66,26 @@ def test_submit_list_show_cancel_without_a_runner(engine):
     assert cli("show", "999").returncode == 1
     csv_out = cli("export", "--format", "csv").stdout.splitlines()
     assert csv_out[0].startswith("id,status") and len(csv_out) == 2
+
+
+def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
+    proc = cli("submit", "--strategy", "single", "--spec-json", "[1, 2]", "--json")
+    assert proc.returncode == 2
+    assert json.loads(proc.stdout)["problems"] == [
+        {"field": "spec", "message": "must be a JSON object of field: value pairs"}
+    ]
+    assert queries.count_runs(engine) == 0
+
+
+def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
+    from runner.spec import RunSpec
+
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    queries.claim_run(engine, run_id, "r", str(tmp_path), [])
+    (tmp_path / "rank1.log").write_text("hello from rank 1\n")
+    assert cli("logs", str(run_id), "--rank", "1").stdout == "hello from rank 1\n"
+    out = json.loads(cli("logs", str(run_id), "--rank", "1", "--json").stdout)
+    assert out == {"id": run_id, "rank": 1, "path": str(tmp_path / "rank1.log"), "status": "running",
+                   "text": "hello from rank 1\n"}  # fmt: skip
+    missing = cli("logs", str(run_id), "--rank", "5")
+    assert missing.returncode == 1 and "no log for rank 5" in missing.stderr

@@ -48,6 +48,25 @@ def wait_status(engine, run_id: int, statuses: set[str], timeout: float = 120) -
     raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")
 
 
+def test_submit_wait_runs_a_single_rank_train_and_stores_result_ranks_and_steps(engine):
+    proc = cli("submit", "--strategy", "single", "--model", "tiny", "--workload", "train", "--steps", "2",
+               "--wait", "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["status"] == "succeeded" and run["error"] is None and run["exit_code"] == 0
+    stored = queries.get_run(engine, run["id"])
+    assert stored["result"]["step_time_s_p50"] > 0 and stored["result"]["tokens_per_s"] > 0
+    assert [r["rank"] for r in stored["ranks"]] == [0] and stored["ranks"][0]["param_count"] > 0
+    assert stored["torch_version"].startswith("2.13.0") and stored["device_names"] == ["cpu"]
+    assert stored["started_at"] <= stored["finished_at"]
+    steps = queries.step_metrics(engine, run["id"])
+    assert list(steps["step"]) == [0, 1, 2] and list(steps["warmup"]) == [True, False, False]
+    listed = queries.list_runs(engine)
+    assert listed.loc[0, "id"] == run["id"] and listed.loc[0, "tokens_per_s"] > 0
+    assert set(queries.telemetry_series(engine, [run["id"]])["source"]) <= {"rank0"}
+    assert queries.runner_status(engine)["alive"]  # --wait started the runner, which keeps serving
+
+
 def test_submit_wait_runs_a_layer_split_and_stores_its_result(engine):
     proc = cli("submit", "--strategy", "layer", "--pp", "2", "--model", "tiny", "--workload", "train",
                "--steps", "3", "--verify", "--wait", "--json")  # fmt: skip

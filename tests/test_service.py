@@ -1,0 +1,215 @@
+"""The runner loop's decisions, in-process on real processes and real run folders (no torch needed): placing
+queued runs and saying why one waits, tailing events.jsonl incrementally, cancel and time limit without blocking
+the loop, adopting live jobs and marking dead ones lost, and naming the failing rank from what a job left behind."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from runner.launch import Job, group_alive
+from runner.service import Runner, Watched, diagnose_failure, first_traceback
+from runner.spec import RunSpec
+from runner.telemetry import Sampler
+from storage import queries
+
+TINY = RunSpec(strategy="single", model="tiny", steps=3, warmup=1)
+
+
+def sleeper(seconds: float = 30) -> subprocess.Popen:
+    """A stand-in job: its own process session, like torchrun started by the runner."""
+    return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"], start_new_session=True)
+
+
+def watch_fake_job(runner: Runner, engine, spec: RunSpec, run_dir: Path, proc: subprocess.Popen) -> int:
+    """Queue and claim a run, then have the runner watch `proc` as its job."""
+    run_id = queries.submit_run(engine, spec)
+    assert queries.claim_run(engine, run_id, runner.runner_id, str(run_dir), [])
+    queries.update_run(engine, run_id, pid=proc.pid)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    runner.watched[run_id] = Watched(Job(run_id, proc.pid, run_dir, proc), spec, [], now, Sampler(proc.pid, now))
+    return run_id
+
+
+def tick_until(runner: Runner, engine, run_id: int, statuses: set[str], timeout: float = 15) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runner.tick()
+        run = queries.get_run(engine, run_id)
+        if run["status"] in statuses:
+            return run
+        time.sleep(0.1)
+    raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")
+
+
+def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_instead_of_waiting(engine):
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, device="cuda"))  # no runner: GPUs unknown
+    Runner(engine).place_queued()
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "failed"
+    assert "device" in run["error"] and "no NVIDIA GPU is visible" in run["error"]
+
+
+def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):
+    runner = Runner(engine, max_cpu_jobs=1)
+    proc = sleeper()
+    try:
+        watch_fake_job(runner, engine, TINY, tmp_path / "a", proc)
+        waiting = queries.submit_run(engine, TINY)
+        runner.place_queued()
+        run = queries.get_run(engine, waiting)
+        assert run["status"] == "queued"
+        assert run["wait_reason"] == "waiting for a CPU slot (1 of 1 CPU jobs running)"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_events_are_ingested_incrementally_and_a_partial_line_waits_for_its_end(engine, tmp_path):
+    runner = Runner(engine)
+    proc = sleeper()
+    try:
+        run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", proc)
+        events = tmp_path / "run" / "events.jsonl"
+        step = lambda i: {"kind": "step", "rank": 0, "t": 1.0 + i, "step": i, "total_steps": 4, "warmup": i == 0,
+                          "step_time_s": 0.01, "loss": 6.0 - i}  # fmt: skip
+        span = {"kind": "span", "rank": 1, "t": 2.0, "step": 1, "stage": 1, "microbatch": 0, "phase": "forward",
+                "start": 0.001, "end": 0.004}  # fmt: skip
+        events.write_text(json.dumps(step(0)) + "\n" + json.dumps(span) + "\n" + json.dumps(step(1))[:20])
+        runner.tick()
+        assert queries.get_run(engine, run_id)["progress"] == {"step": 1, "total": 4}
+        assert len(queries.step_metrics(engine, run_id)) == 1
+        with events.open("a") as f:
+            f.write(json.dumps(step(1))[20:] + "\n" + json.dumps(step(2)) + "\n")
+        runner.tick()
+        runner.tick()  # nothing new: nothing stored twice
+        metrics = queries.step_metrics(engine, run_id)
+        assert list(metrics["step"]) == [0, 1, 2] and list(metrics["warmup"]) == [True, False, False]
+        assert queries.get_run(engine, run_id)["progress"]["step"] == 3
+        spans = queries.timeline_spans(engine, run_id)
+        assert spans.to_dict("records") == [{k: span[k] for k in spans.columns}]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_cancel_of_a_running_job_stops_its_process_group_without_blocking_the_loop(engine, tmp_path):
+    runner = Runner(engine)
+    proc = sleeper()
+    run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", proc)
+    assert queries.request_cancel(engine, run_id) == "cancelling"
+    started = time.monotonic()
+    runner.tick()
+    assert time.monotonic() - started < 1.0  # SIGTERM sent, the loop moved on
+    run = tick_until(runner, engine, run_id, {"cancelled", "failed", "succeeded"})
+    assert run["status"] == "cancelled" and run["error"] == "cancelled by request"
+    assert not group_alive(proc.pid)
+    assert run_id not in runner.watched
+
+
+def test_time_limit_fails_the_run_with_the_limit_named(engine, tmp_path):
+    runner = Runner(engine)
+    proc = sleeper()
+    run_id = watch_fake_job(runner, engine, RunSpec(strategy="single", time_limit_s=0.5), tmp_path / "run", proc)
+    run = tick_until(runner, engine, run_id, {"failed", "cancelled", "succeeded"})
+    assert run["status"] == "failed" and "time limit of 0.5 s" in run["error"]
+    assert not group_alive(proc.pid)
+
+
+def test_restart_adopts_a_live_job_and_marks_a_vanished_one_lost(engine, tmp_path):
+    live = sleeper()
+    try:
+        first = Runner(engine)
+        alive_id = watch_fake_job(first, engine, TINY, tmp_path / "alive", live)
+        dead = sleeper(0)
+        dead.wait()
+        dead_id = watch_fake_job(first, engine, TINY, tmp_path / "dead", dead)
+        second = Runner(engine)  # as after a crash: a new runner, the same database
+        second.recover()
+        assert alive_id in second.watched and second.watched[alive_id].job.popen is None
+        lost = queries.get_run(engine, dead_id)
+        assert lost["status"] == "lost" and "vanished" in lost["error"]
+        live.kill()
+        live.wait()
+        # The adopted job ended without a result.json: it failed, and the runner stops watching it.
+        run = tick_until(second, engine, alive_id, {"failed", "succeeded", "lost"})
+        assert run["status"] == "failed"
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()
+
+
+TORCHRUN_LOG = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+runner.job FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-24_10:00:01
+  host      : lab
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 101)
+  error_file: <N/A>
+  traceback : Signal 15 (SIGTERM) received by PID 101
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-24_10:00:00
+  host      : lab
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 102)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 102
+============================================================
+"""
+
+RANK_LOG = """\
+starting
+Traceback (most recent call last):
+  File "/repo/runner/job.py", line 10, in main
+    run()
+ValueError: shapes do not match
+later noise
+Traceback (most recent call last):
+  File "x", line 1
+RuntimeError: second
+"""
+
+
+def test_torchrun_root_cause_names_the_rank_killed_by_a_signal(tmp_path):
+    (tmp_path / "torchrun.log").write_text(TORCHRUN_LOG)
+    rank, error, _ = diagnose_failure(tmp_path, [])
+    assert rank == 1 and error == "rank 1 was killed by signal 9 (SIGKILL)"
+
+
+def test_the_rank_that_raised_first_is_blamed_not_the_peers_that_lost_their_connection(tmp_path):
+    errors = [
+        {"kind": "error", "rank": 0, "t": 5.0, "error": "RuntimeError: Connection closed by peer", "traceback": "tb0"},
+        {"kind": "error", "rank": 1, "t": 6.0, "error": "ValueError: shapes do not match", "traceback": "tb1"},
+    ]
+    rank, error, tb = diagnose_failure(tmp_path, errors)
+    assert (rank, tb) == (1, "tb1") and error == "rank 1 raised ValueError: shapes do not match"
+
+
+def test_without_events_the_first_traceback_of_a_rank_log_is_used(tmp_path):
+    (tmp_path / "rank2.log").write_text(RANK_LOG)
+    rank, error, tb = diagnose_failure(tmp_path, [])
+    assert rank == 2 and error == "rank 2 failed: ValueError: shapes do not match"
+    assert tb == first_traceback(tmp_path / "rank2.log")
+    assert tb.startswith("Traceback") and tb.endswith("ValueError: shapes do not match")
+
+
+@pytest.mark.parametrize("log", ["", "some launcher error\n"])
+def test_with_nothing_to_go_on_the_last_launcher_line_is_the_error(tmp_path, log):
+    (tmp_path / "torchrun.log").write_text(log)
+    rank, error, tb = diagnose_failure(tmp_path, [])
+    assert rank is None and tb is None
+    assert error == (log.strip() or "torchrun exited without a result")
