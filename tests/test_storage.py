@@ -198,3 +198,28 @@ def test_one_runner_lease_and_it_goes_stale(engine):
     assert not queries.runner_status(engine)["alive"]
     assert queries.acquire_lease(engine, "b", 2, [], "no GPU")  # a crashed runner does not hold it forever
     assert not queries.heartbeat(engine, "a")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+def test_six_processes_starting_on_a_fresh_database_all_get_the_schema(kind, tmp_path, request):
+    """An app, a runner and CLI calls may all start at once on an empty database: migrations take a lock."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LAB_HOME": str(tmp_path / "fresh")}
+    env.pop("LAB_DB_URL", None)
+    if kind == "postgres":
+        env["LAB_DB_URL"] = request.getfixturevalue("pg_server").new_database()
+    code = "from storage.db import get_engine; from storage import queries; print(queries.count_runs(get_engine()))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]  # fmt: skip
+    outcomes = [(p.wait(timeout=120), p.stdout.read().strip(), p.stderr.read()[-500:]) for p in procs]
+    assert all(rc == 0 and out == "0" for rc, out, _ in outcomes), outcomes
+
+
+def test_tag_filter_matches_whole_tags_only_even_with_like_wildcards(engine):
+    ids = {tag: queries.submit_run(engine, RunSpec(tags=(tag,))) for tag in ("a_b", "axb", "a%", "a_b2")}
+    for tag in ids:
+        found = queries.list_runs(engine, queries.RunFilter(tag=[tag]))
+        assert list(found["id"]) == [ids[tag]], tag
