@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,9 +168,12 @@ class Runner:
 
     def launch(self, run_id: int, spec: RunSpec, gpus: list[int]) -> None:
         run_dir = runs_dir() / str(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
         if not queries.claim_run(self.engine, run_id, self.runner_id, str(run_dir), gpus):
             return  # cancelled meanwhile, or another runner (should not exist) won
+        # A folder already there is stale (SQLite reuses the id of a deleted newest run): ranks append to
+        # events.jsonl, so old lines would be read as this run's.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
         # The device the runner placed it on, so 'auto' cannot resolve differently inside the ranks.
         device = "cuda" if gpus else "cpu"
         doc = {**spec.to_dict(), "device": device, "run_id": run_id, "run_dir": str(run_dir)}

@@ -11,10 +11,12 @@ import csv
 import getpass
 import io
 import json
+import shutil
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -22,6 +24,7 @@ from sqlalchemy import Engine, String, cast, delete, func, insert, or_, select, 
 from sqlalchemy.orm import Session
 
 from runner.spec import RunSpec, SpecError
+from storage.db import runs_dir
 from storage.models import (
     TERMINAL_STATES,
     RankResult,
@@ -283,16 +286,22 @@ def update_run_meta(engine: Engine, run_id: int, *, note: str | None = None, tag
 
 
 def delete_run(engine: Engine, run_id: int) -> None:
-    """Delete a finished or queued run and everything measured for it (a running one must be cancelled first)."""
+    """Delete a finished or queued run, everything measured for it and its run folder (a running one must be
+    cancelled first). The folder is removed only when it lies under this machine's LAB_HOME/runs: with a
+    team database the run may have run on another host."""
     with engine.begin() as conn:
-        status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar_one_or_none()
-        if status is None:
+        row = conn.execute(select(Run.status, Run.run_dir).where(Run.id == run_id)).first()
+        if row is None:
             raise KeyError(f"no run {run_id}")
-        if status == "running":
+        if row.status == "running":
             raise ValueError(f"run {run_id} is running; cancel it before deleting")
         for table in (RankResult, StepMetric, TelemetrySample, TimelineSpan):
             conn.execute(delete(table).where(table.run_id == run_id))
         conn.execute(delete(Run).where(Run.id == run_id))
+    if row.run_dir:
+        folder = Path(row.run_dir).resolve()
+        if folder.parent == runs_dir().resolve() and folder.name == str(run_id):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:

@@ -213,3 +213,23 @@ def test_with_nothing_to_go_on_the_last_launcher_line_is_the_error(tmp_path, log
     rank, error, tb = diagnose_failure(tmp_path, [])
     assert rank is None and tb is None
     assert error == (log.strip() or "torchrun exited without a result")
+
+
+def test_a_launch_never_reads_a_stale_folder_left_under_a_reused_run_id(engine):
+    from runner.launch import stop_group
+    from storage.db import runs_dir
+
+    run_id = queries.submit_run(engine, TINY)
+    stale = runs_dir() / str(run_id)
+    stale.mkdir(parents=True)
+    (stale / "events.jsonl").write_text('{"kind": "step", "rank": 0, "t": 1, "step": 99}\n')
+    (stale / "result.json").write_text("{}")
+    runner = Runner(engine)
+    runner.place_queued()
+    try:
+        assert run_id in runner.watched
+        assert sorted(p.name for p in stale.iterdir()) in (["spec.json"], ["spec.json", "torchrun.log"])
+        assert json.loads((stale / "spec.json").read_text())["device"] == "cpu"  # 'auto' placed
+    finally:
+        job = runner.watched[run_id].job
+        stop_group(job.pid, grace_s=2, popen=job.popen)

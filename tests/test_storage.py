@@ -223,3 +223,20 @@ def test_tag_filter_matches_whole_tags_only_even_with_like_wildcards(engine):
     for tag in ids:
         found = queries.list_runs(engine, queries.RunFilter(tag=[tag]))
         assert list(found["id"]) == [ids[tag]], tag
+
+
+def test_delete_removes_the_run_folder_under_lab_home_but_nothing_outside_it(engine, tmp_path):
+    from storage.db import runs_dir
+
+    inside, outside = (queries.submit_run(engine, TINY_LAYER) for _ in range(2))
+    folder = runs_dir() / str(inside)
+    elsewhere = tmp_path / "elsewhere" / str(outside)
+    for run_id, path in ((inside, folder), (outside, elsewhere)):
+        path.mkdir(parents=True)
+        (path / "events.jsonl").write_text("{}\n")
+        queries.claim_run(engine, run_id, "r", str(path), [])
+        queries.finish_run(engine, run_id, "failed", error="x")
+    queries.delete_run(engine, inside)
+    queries.delete_run(engine, outside)
+    assert not folder.exists()
+    assert (elsewhere / "events.jsonl").exists()  # e.g. a teammate's host path: never ours to remove
