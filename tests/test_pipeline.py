@@ -51,6 +51,10 @@ def test_train_matches_reference_in_schedule_order_with_bounded_activations(tmp_
         # Stored activations: GPipe keeps all m; 1F1B at most p - stage (its warm-up plus one).
         bound = m if schedule == "gpipe" else min(pp - r["pp"], m)
         assert r["max_inflight_microbatches"] == bound
+        # The bytes autograd kept (measured by a saved-tensors hook) follow the count: equal microbatches
+        # save equal bytes, so the peak is exactly `bound` microbatches' worth.
+        assert r["activation_bytes_per_microbatch"] > 0
+        assert r["peak_activation_bytes"] == bound * r["activation_bytes_per_microbatch"]
     assert result["bubble_fraction_theory"] == pytest.approx((pp - 1) / (m + pp - 1))
     assert 0.0 <= result["bubble_fraction"] <= 1.0
 

@@ -154,6 +154,15 @@ class GroupComm:
         self.stats.record("all_reduce", nbytes(t), time.perf_counter() - start)
         return PendingCollective(work, t, self.stats, "all_reduce")
 
+    def wait_for_peers(self) -> None:
+        """Block until every rank of the group arrives; the wait counts as idle (no payload, no call).
+        Called before a collective whose peers may still be computing, so that waiting for them is not
+        booked as communication time (e.g. the last pipeline stage waiting for the first one's backward)."""
+        if self.size > 1:
+            start = time.perf_counter()
+            dist.barrier(group=self.group)
+            self.stats.add_idle(time.perf_counter() - start)
+
 
 @dataclass
 class PendingCollective:

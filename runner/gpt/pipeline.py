@@ -8,7 +8,9 @@ sending to each other at once never deadlock. The schedules are plain functions 
 - `one_f_one_b`: p - s - 1 warm-up forwards, then one forward / one backward, then the remaining
   backwards (stores at most p - s activations).
 Each stage records (microbatch, phase, start, end) spans relative to the step start; `recv_wait` is
-time blocked waiting for a neighbour, which is what the pipeline bubble is made of.
+time blocked waiting for a neighbour, which is what the pipeline bubble is made of. Stored activations
+are counted two ways: microbatches in flight (forward done, backward not yet) and the bytes autograd
+saved for them (a saved-tensors hook sums the distinct storages each microbatch's forward keeps).
 `forward` and `generate` run microbatches through the stages as an assembly line; in `generate`
 every microbatch of requests keeps its own KV cache.
 """
@@ -16,7 +18,8 @@ every microbatch of requests keeps its own KV cache.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -78,6 +81,8 @@ class PipelineGPT(ParallelGPT):
         self._spans: list[dict] = []
         self._sends: list[PendingCollective] = []
         self.max_inflight = 0
+        self.peak_activation_bytes = 0
+        self.microbatch_activation_bytes = 0
         self.step_start = time.perf_counter()
         # One stage, one microbatch: each gradient is final once accumulated, so data parallelism may
         # start reducing it during backward.
@@ -150,9 +155,29 @@ class PipelineGPT(ParallelGPT):
     def _hidden_shape(self, mb: torch.Tensor) -> tuple[int, ...]:
         return (mb.shape[0], mb.shape[1], self.config.n_embd)
 
+    @contextmanager
+    def _saving_into(self, storages: dict[int, int]) -> Iterator[None]:
+        """Record, for every tensor autograd saves meanwhile, its storage and size in `storages` (by address).
+        Parameters are skipped: they live anyway; what a microbatch in flight costs is its activations."""
+        params = {q.untyped_storage().data_ptr() for q in self.stage.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages.setdefault(storage.data_ptr(), storage.nbytes())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+
     def figures(self) -> dict:
         p, m = self.n_stages, self.n_micro
-        return {"max_inflight_microbatches": self.max_inflight, "bubble_fraction_theory": (p - 1) / (m + p - 1)}
+        return {
+            "max_inflight_microbatches": self.max_inflight,
+            "peak_activation_bytes": self.peak_activation_bytes,
+            "activation_bytes_per_microbatch": self.microbatch_activation_bytes,
+            "bubble_fraction_theory": (p - 1) / (m + p - 1),
+        }
 
     # ---- workloads --------------------------------------------------------------------------
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
@@ -161,6 +186,7 @@ class PipelineGPT(ParallelGPT):
         outputs: dict[int, torch.Tensor] = {}
         total_loss = 0.0
         inflight = 0
+        saved: dict[int, int] = {}  # bytes autograd keeps for each microbatch in flight
 
         def forward(i: int) -> None:
             nonlocal total_loss, inflight
@@ -169,15 +195,21 @@ class PipelineGPT(ParallelGPT):
             else:
                 x = self._recv(self._hidden_shape(mbs[i]), self.dtype, self.prev, i).requires_grad_(True)
             start = time.perf_counter()
-            out = self.run_stage(x)
+            storages: dict[int, int] = {}
+            with self._saving_into(storages):
+                out = self.run_stage(x)
+                if self.next is None:
+                    # Each microbatch's mean loss over m microbatches: the gradients of the global mean.
+                    out = self.loss(out, tgts[i]) / self.n_micro
             if self.next is None:
-                # Each microbatch's mean loss over m microbatches: the gradients of the global mean.
-                out = self.loss(out, tgts[i]) / self.n_micro
                 total_loss += out.item()
             self._span(i, "forward", start, time.perf_counter())
             inputs[i], outputs[i] = x, out
             inflight += 1
             self.max_inflight = max(self.max_inflight, inflight)
+            saved[i] = sum(storages.values())
+            self.microbatch_activation_bytes = max(self.microbatch_activation_bytes, saved[i])
+            self.peak_activation_bytes = max(self.peak_activation_bytes, sum(saved.values()))
             if self.next is not None:
                 self._send(out.detach(), self.next, i)
 
@@ -190,6 +222,7 @@ class PipelineGPT(ParallelGPT):
             self._span(i, "backward", start, time.perf_counter())
             x = inputs.pop(i)
             inflight -= 1
+            del saved[i]
             if self.prev is not None:
                 self._send(x.grad, self.prev, i)
 
@@ -204,6 +237,9 @@ class PipelineGPT(ParallelGPT):
     def sync_tied_embedding(self) -> None:
         weight = self.tied_weight()
         if self.mesh.embed is not None and weight is not None and weight.grad is not None:
+            # The last stage gets here while the first one still runs its last backwards: that wait is
+            # pipeline bubble (idle), not the all-reduce's communication time.
+            self.mesh.embed.wait_for_peers()
             self.mesh.embed.all_reduce(weight.grad)
 
     @torch.no_grad()
