@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="start a runner if needed and wait for the run to end")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 
-    sub.add_parser("list", help="runs, newest first").add_argument("--limit", type=int, default=20)
+    listing = sub.add_parser("list", help="runs, newest first")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--offset", type=int, default=0)
+    add_filters(listing)
     sub.add_parser("show", help="one run").add_argument("id", type=int)
     sub.add_parser("cancel", help="cancel a queued or running run").add_argument("id", type=int)
     logs = sub.add_parser("logs", help="a rank's log")
@@ -84,9 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--follow", action="store_true")
     export = sub.add_parser("export", help="every run as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
+    add_filters(export)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
+
+
+FILTERS = ("status", "strategy", "model", "workload", "user", "tag")
+
+
+def add_filters(parser: argparse.ArgumentParser) -> None:
+    """The history page's filters as repeatable flags (any of the values given matches)."""
+    for name in FILTERS:
+        parser.add_argument(f"--{name}", action="append", dest=f"filter_{name}", metavar=name.upper())
+
+
+def filters_from(args: argparse.Namespace) -> queries.RunFilter:
+    return queries.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -207,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_logs(args)
     engine = get_engine()
     if args.command == "list":
-        df = queries.list_runs(engine, limit=args.limit)
+        df = queries.list_runs(engine, filters_from(args), limit=args.limit, offset=args.offset)
         emit(
             args,
             json.loads(df.to_json(orient="records", date_format="iso")),
@@ -227,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if status in ("cancelled", "cancelling") else 1
     if args.command == "export":
         if args.format == "csv":
-            for chunk in queries.iter_runs_csv(engine):
+            for chunk in queries.iter_runs_csv(engine, filters_from(args)):
                 sys.stdout.write(chunk)
         else:
-            ids = queries.list_runs(engine, limit=1_000_000)["id"].tolist()
+            ids = queries.list_runs(engine, filters_from(args), limit=1_000_000)["id"].tolist()
             print(json.dumps([queries.get_run(engine, int(i)) for i in ids], indent=1, default=str))
         return 0
     return 2

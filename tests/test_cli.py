@@ -89,3 +89,17 @@ def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
                    "text": "hello from rank 1\n"}  # fmt: skip
     missing = cli("logs", str(run_id), "--rank", "5")
     assert missing.returncode == 1 and "no log for rank 5" in missing.stderr
+
+
+def test_list_and_export_take_the_history_filters(engine):
+    from runner.spec import RunSpec
+
+    layer = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
+    single = queries.submit_run(engine, RunSpec(strategy="single"), user="bob")
+    assert [r["id"] for r in json.loads(cli("list", "--strategy", "layer", "--json").stdout)] == [layer]
+    both = json.loads(cli("list", "--user", "ada", "--user", "bob", "--json").stdout)
+    assert [r["id"] for r in both] == [single, layer]
+    assert [r["id"] for r in json.loads(cli("list", "--limit", "1", "--offset", "1", "--json").stdout)] == [layer]
+    exported = json.loads(cli("export", "--format", "json", "--tag", "nightly").stdout)
+    assert [r["id"] for r in exported] == [layer] and exported[0]["spec"]["pp"] == 2
+    assert len(cli("export", "--status", "succeeded").stdout.splitlines()) == 1  # the header only
