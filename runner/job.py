@@ -266,6 +266,13 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         for span in model.take_spans():
             if timed:
                 events.emit("span", step=step, **span)
+        # One line a step in every rank's log: what the Live page's log tail and `runner logs --follow` show.
+        phase = "warm-up" if not timed else "timed"
+        print(
+            f"step {step + 1}/{total} ({phase}) {(end - start) * 1e3:.1f} ms"
+            + (f" loss {loss:.4f}" if loss is not None else ""),
+            flush=True,
+        )
         if rank == 0:
             events.emit("step", step=step, total_steps=total, warmup=not timed, step_time_s=end - start, loss=loss)
 
