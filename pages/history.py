@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -19,6 +20,19 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 K = "history_"
 PAGE_SIZE = 50
 FILTERS = ("status", "strategy", "model", "workload", "user")
+
+
+def parse_day(text: str | None) -> date | None:
+    try:
+        return date.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+def day_range(days) -> tuple[date | None, date | None]:
+    """st.date_input gives (), (start,) while the second day is being picked, or (start, end)."""
+    days = tuple(days) if isinstance(days, list | tuple) else (days,) if days else ()
+    return (days[0] if days else None), (days[1] if len(days) > 1 else None)
 
 
 def run_detail(run_id: int) -> None:
@@ -201,6 +215,14 @@ def run_list() -> None:
             default = [v for v in params.get_all(name) if v in options]
             chosen[name] = st.multiselect(name, options, default=default, key=K + name)
         tag = st.text_input("tag", value=params.get("tag", ""), key=K + "tag")
+        linked = [d for d in (parse_day(params.get("since")), parse_day(params.get("until"))) if d]
+        days = st.date_input("created between", value=tuple(linked), key=K + "days", format="YYYY-MM-DD")
+    since, until = day_range(days)
+    for name, day in (("since", since), ("until", until)):
+        if day:
+            params[name] = day.isoformat()
+        elif name in params:
+            del params[name]
     for name in FILTERS:
         if chosen[name]:
             params[name] = chosen[name]
@@ -210,7 +232,12 @@ def run_list() -> None:
         params["tag"] = tag
     elif "tag" in params:
         del params["tag"]
-    filters = queries.RunFilter(**{n: chosen[n] or None for n in FILTERS}, tag=[tag] if tag else None)
+    filters = queries.RunFilter(
+        **{n: chosen[n] or None for n in FILTERS},
+        tag=[tag] if tag else None,
+        since=datetime.combine(since, time.min, tzinfo=UTC) if since else None,
+        until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC) if until else None,
+    )
     total = queries.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
     st.caption(f"{total} run matches the filters" if total == 1 else f"{total} runs match the filters, newest first")

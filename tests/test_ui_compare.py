@@ -108,3 +108,15 @@ def test_launch_records_who_launched_it(engine):
     at.button(key="launch_submit").click().run()
     (run,) = queries.list_runs(engine).to_dict("records")
     assert run["user"] == "ada"
+
+
+def test_history_date_filter_lives_in_the_query_string(engine):
+    from datetime import UTC, datetime, timedelta
+
+    old = queries.submit_run(engine, RunSpec(strategy="single"))
+    queries.update_run(engine, old, created_at=datetime.now(UTC) - timedelta(days=10))
+    queries.submit_run(engine, RunSpec(strategy="single"))
+    today = datetime.now(UTC).date().isoformat()
+    at = page("pages/history.py", since=today, until=today)
+    assert not at.exception
+    assert any("1 run matches the filters" in c for c in texts(at.caption)), texts(at.caption)
