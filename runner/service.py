@@ -26,6 +26,7 @@ from pathlib import Path
 from sqlalchemy import Engine
 
 from runner.launch import REPO_ROOT, Job, group_alive, kill_group, start_job, terminate_group
+from runner.logs import cap_run_logs
 from runner.spec import RunSpec, SpecError
 from runner.telemetry import Sampler, detect_gpus
 from storage import queries
@@ -84,7 +85,7 @@ class Runner:
                             return 4
                         last_beat = now
                     self.tick()
-                except Exception:  # a database hiccup or one odd run must not take the runner (and its jobs' watch) down
+                except Exception:  # a database hiccup or one odd run must not take the runner down
                     traceback.print_exc()
                     sys.stdout.flush()
                     time.sleep(1.0)
@@ -199,6 +200,7 @@ class Runner:
             if now - w.last_sample >= TELEMETRY_EVERY_S:
                 w.last_sample = now
                 queries.add_telemetry(self.engine, run_id, w.sampler.sample())
+                cap_run_logs(w.job.run_dir)
             if w.stopping is None:
                 if queries.cancel_requested(self.engine, run_id):
                     w.stopping, w.stop_reason = "cancelled", "cancelled by request"
