@@ -83,6 +83,7 @@ class PipelineGPT(ParallelGPT):
         self.max_inflight = 0
         self.peak_activation_bytes = 0
         self.microbatch_activation_bytes = 0
+        self._param_storages: set[int] | None = None
         self.step_start = time.perf_counter()
         # One stage, one microbatch: each gradient is final once accumulated, so data parallelism may
         # start reducing it during backward.
@@ -159,7 +160,9 @@ class PipelineGPT(ParallelGPT):
     def _saving_into(self, storages: dict[int, int]) -> Iterator[None]:
         """Record, for every tensor autograd saves meanwhile, its storage and size in `storages` (by address).
         Parameters are skipped: they live anyway; what a microbatch in flight costs is its activations."""
-        params = {q.untyped_storage().data_ptr() for q in self.stage.parameters()}
+        if self._param_storages is None:  # parameters keep their storage (optimizers update in place)
+            self._param_storages = {q.untyped_storage().data_ptr() for q in self.stage.parameters()}
+        params = self._param_storages
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
