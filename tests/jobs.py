@@ -48,3 +48,20 @@ def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
 
 def read_events(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+
+
+def wait_status(engine, run_id: int, statuses: set[str], timeout: float = 120, between=None) -> dict:
+    """Poll storage until the run reaches one of `statuses`; `between` runs before each look (a runner tick)."""
+    import time
+
+    from storage import queries
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if between is not None:
+            between()
+        run = queries.get_run(engine, run_id)
+        if run["status"] in statuses:
+            return run
+        time.sleep(0.1 if between is not None else 0.2)
+    raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")

@@ -16,6 +16,7 @@ import pytest
 from runner.spec import RunSpec
 from storage import queries
 from tests.conftest import stop_runner
+from tests.jobs import wait_status
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -36,16 +37,6 @@ def start_runner(engine) -> subprocess.Popen:
             return proc
         time.sleep(0.2)
     raise AssertionError("runner did not come up")
-
-
-def wait_status(engine, run_id: int, statuses: set[str], timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = queries.get_run(engine, run_id)
-        if run["status"] in statuses:
-            return run
-        time.sleep(0.2)
-    raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")
 
 
 def test_submit_wait_runs_a_single_rank_train_and_stores_result_ranks_and_steps(engine):

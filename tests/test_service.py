@@ -17,6 +17,7 @@ from runner.service import Runner, Watched, diagnose_failure, first_traceback
 from runner.spec import RunSpec
 from runner.telemetry import Sampler
 from storage import queries
+from tests.jobs import wait_status
 
 TINY = RunSpec(strategy="single", model="tiny", steps=3, warmup=1)
 
@@ -38,14 +39,7 @@ def watch_fake_job(runner: Runner, engine, spec: RunSpec, run_dir: Path, proc: s
 
 
 def tick_until(runner: Runner, engine, run_id: int, statuses: set[str], timeout: float = 15) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runner.tick()
-        run = queries.get_run(engine, run_id)
-        if run["status"] in statuses:
-            return run
-        time.sleep(0.1)
-    raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")
+    return wait_status(engine, run_id, statuses, timeout, between=runner.tick)
 
 
 def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_instead_of_waiting(engine):

@@ -12,18 +12,9 @@ from runner.spec import RunSpec
 from storage import queries
 from storage.models import TERMINAL_STATES
 from tests.browser.conftest import screenshot, wait_for_app
+from tests.jobs import wait_status as wait_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def wait_run(engine, run_id: int, statuses: set[str], timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = queries.get_run(engine, run_id)
-        if run["status"] in statuses:
-            return run
-        time.sleep(0.3)
-    raise AssertionError(f"run {run_id} is still {queries.get_run(engine, run_id)['status']}")
 
 
 def test_watch_a_run_live_and_cancel_it(app_url, page, engine):
