@@ -107,7 +107,9 @@ class Run(Base):
     step_time_s_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
     peak_mem_bytes_max: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
-    __table_args__ = (Index("ix_runs_status_created", "status", "created_at"),)
+    # AUTOINCREMENT on SQLite: a deleted run's id is never handed out again, so a shared link
+    # (?run=ID) can never come to show another run.
+    __table_args__ = (Index("ix_runs_status_created", "status", "created_at"), {"sqlite_autoincrement": True})
 
 
 class RankResult(Base):

@@ -26,7 +26,7 @@ def test_migrations_create_every_table(engine):
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
             "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0001"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
@@ -240,3 +240,31 @@ def test_delete_removes_the_run_folder_under_lab_home_but_nothing_outside_it(eng
     queries.delete_run(engine, outside)
     assert not folder.exists()
     assert (elsewhere / "events.jsonl").exists()  # e.g. a teammate's host path: never ours to remove
+
+
+def test_a_deleted_runs_id_is_never_given_to_a_new_run(engine):
+    first = queries.submit_run(engine, TINY_LAYER)
+    newest = queries.submit_run(engine, TINY_LAYER)
+    queries.delete_run(engine, newest)
+    again = queries.submit_run(engine, TINY_LAYER)
+    assert again not in (first, newest) and again > newest
+
+
+def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
+    """A team's history survives the upgrade: build the 0001 schema, add runs, then upgrade to head."""
+    from sqlalchemy import create_engine
+
+    from storage.migrate import upgrade
+
+    lab_home.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{lab_home / 'old.db'}"
+    old = create_engine(url)
+    upgrade(old, "0001")
+    first = queries.submit_run(old, TINY_LAYER, user="ada")
+    second = queries.submit_run(old, TINY_LAYER)
+    queries.update_run_meta(old, first, note="keep me")
+    upgrade(old, "head")
+    run = queries.get_run(old, first)
+    assert run["user"] == "ada" and run["note"] == "keep me" and queries.get_run(old, second)
+    queries.delete_run(old, second)
+    assert queries.submit_run(old, TINY_LAYER) > second
