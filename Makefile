@@ -24,7 +24,7 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 	apt-get update -qq && apt-get install -y -qq chromium
 
 run: $(VENV)/.installed-run
-	$(BIN)/python -m ui.serve --server.address 127.0.0.1 --server.port $(PORT)
+	$(BIN)/python -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
 
 # Debian's PostgreSQL server binaries: the storage and runner tests also run against a real server.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))

@@ -9,7 +9,9 @@ from runner.spec import PRESETS, WORKLOADS
 from storage import queries
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
-from ui.state import engine
+from ui.state import engine, enter_through_app
+
+enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "compare_"
 

@@ -11,7 +11,9 @@ import streamlit as st
 from storage import queries
 from ui import charts
 from ui.format import human_duration, status_label
-from ui.state import engine
+from ui.state import engine, enter_through_app
+
+enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "live_"
 

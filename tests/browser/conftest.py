@@ -31,7 +31,7 @@ def app_url(lab_home, free_port):
     log_path = lab_home.parent / "streamlit.log"
     log = open(log_path, "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ui.serve", "--server.headless", "true", "--server.port", str(free_port),
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true", "--server.port", str(free_port),
          "--server.address", "127.0.0.1", "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip

@@ -55,7 +55,7 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
 
 
 def test_a_shared_link_opened_first_after_start_gets_the_whole_app(app_url, page, engine):
-    """Streamlit would run pages/history.py alone for a first request to /history; ui.serve prevents that."""
+    """Streamlit would run pages/history.py alone for a first request to /history; enter_through_app prevents that."""
     page.goto(f"{app_url}/history")
     wait_for_app(page)
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
