@@ -402,4 +402,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Leave without interpreter finalisation: gloo's C++ worker threads can still hold work objects
+    # then, and tearing them down at that point aborts the process (SIGABRT, "terminate called without
+    # an active exception") after a run that had finished and written its result.
+    os._exit(code)
