@@ -287,21 +287,38 @@ def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str
     then the rank torchrun reports first.
     """
     log = (run_dir / "torchrun.log").read_text(errors="replace") if (run_dir / "torchrun.log").exists() else ""
-    # torchrun names the first observed failure under "Root Cause"; the others it then stopped itself.
+    # torchrun names the first observed failure under "Root Cause" and lists the others it saw; the ranks
+    # it stopped itself got SIGTERM. When several are observed at once the root cause can be a peer that
+    # merely lost its connection, so a rank killed by any other signal is the cause wherever it is listed.
     root = log[log.find("Root Cause") :] if "Root Cause" in log else log
     exits = [(int(m.group(1)), int(m.group(2))) for m in _TORCHRUN_FAILURE.finditer(root)]
-    for rank, code in exits:
-        if code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
-            return (
-                rank,
-                f"rank {rank} was killed by signal {-code} ({name})",
-                first_traceback(run_dir / f"rank{rank}.log"),
-            )
+    every = [(int(m.group(1)), int(m.group(2))) for m in _TORCHRUN_FAILURE.finditer(log)]
+    killed = [(r, c) for r, c in exits if c < 0 and c != -signal.SIGTERM]
+    killed += [(r, c) for r, c in every if c < 0 and c != -signal.SIGTERM]
+    killed += [(r, c) for r, c in exits if c < 0]
+    if killed:
+        rank, code = killed[0]
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
+        return rank, f"rank {rank} was killed by signal {-code} ({name})", first_traceback(run_dir / f"rank{rank}.log")
     ordered = sorted(errors, key=lambda e: e.get("t", 0))
-    causes = [e for e in ordered if not any(c in e.get("error", "") for c in _CONSEQUENCES)] or ordered
+    causes = [e for e in ordered if not any(c in e.get("error", "") for c in _CONSEQUENCES)]
     if causes:
         first = causes[0]
+        return (
+            first["rank"],
+            f"rank {first['rank']} raised {first.get('error', 'an exception')}",
+            first.get("traceback"),
+        )
+    silent = [(r, c) for r, c in every if r not in {e["rank"] for e in errors}]
+    if ordered and silent:  # the others only lost their peer: the rank that died without a word is the cause
+        rank, code = silent[0]
+        return (
+            rank,
+            f"rank {rank} exited with code {code} without an error",
+            first_traceback(run_dir / f"rank{rank}.log"),
+        )
+    if ordered:
+        first = ordered[0]
         return (
             first["rank"],
             f"rank {first['rank']} raised {first.get('error', 'an exception')}",

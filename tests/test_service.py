@@ -227,3 +227,28 @@ def test_a_launch_never_reads_a_stale_folder_left_under_a_reused_run_id(engine):
     finally:
         job = runner.watched[run_id].job
         stop_group(job.pid, grace_s=2, popen=job.popen)
+
+
+def test_a_killed_rank_is_the_cause_even_when_torchrun_names_its_peer_first(tmp_path):
+    """Both exits seen in one poll: torchrun's 'Root Cause' is rank 0, which only lost its connection."""
+    (tmp_path / "torchrun.log").write_text(
+        "Failures:\n[1]:\n  time      : t\n  host      : h\n  rank      : 1 (local_rank: 1)\n"
+        "  exitcode  : -9 (pid: 11)\n"
+        "Root Cause (first observed failure):\n[0]:\n  time      : t\n  host      : h\n"
+        "  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 10)\n"
+    )
+    errors = [
+        {"rank": 0, "t": 1.0, "error": "RuntimeError: Connection closed by peer [127.0.0.1]:1", "traceback": "tb"}
+    ]
+    rank, error, _ = diagnose_failure(tmp_path, errors)
+    assert rank == 1 and error == "rank 1 was killed by signal 9 (SIGKILL)"
+
+
+def test_a_rank_that_died_silently_is_the_cause_when_its_peers_only_lost_it(tmp_path):
+    (tmp_path / "torchrun.log").write_text(
+        "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 3 (pid: 11)\n"
+        "[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 10)\n"
+    )
+    errors = [{"rank": 0, "t": 1.0, "error": "RuntimeError: Connection closed by peer", "traceback": "tb"}]
+    rank, error, _ = diagnose_failure(tmp_path, errors)
+    assert rank == 1 and "exited with code 3 without an error" in error
