@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 
 from storage.db import dispose_engines, get_engine
@@ -48,24 +44,24 @@ def db_engine(request, lab_home, monkeypatch):
 
 
 def stop_runner(engine, timeout: float = 10.0) -> None:
-    """SIGTERM the runner serving `engine` (it releases its lease on the way out)."""
+    """Stop the runner serving `engine` (SIGTERM: it releases its lease on the way out).
+
+    Only a process that really is `python -m runner serve`: a test may hold the lease under a made-up pid.
+    """
+    import psutil
+
+    from runner.launch import stop_group
     from storage import queries
 
     status = queries.runner_status(engine)
     if not status:
         return
     try:
-        os.kill(status["pid"], signal.SIGTERM)
-    except ProcessLookupError:
+        cmdline = psutil.Process(status["pid"]).cmdline()
+    except psutil.Error:
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(status["pid"], 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    os.kill(status["pid"], signal.SIGKILL)
+    if "runner" in cmdline and "serve" in cmdline:
+        stop_group(status["pid"], timeout)  # the runner runs in its own session: its pid is its group
 
 
 @pytest.fixture

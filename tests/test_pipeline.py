@@ -89,4 +89,7 @@ def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tm
     f1 = next(
         e for e in spans if e["stage"] == 1 and e["phase"] == "forward" and e["microbatch"] == 0 and e["step"] == 1
     )
-    assert f1["start"] >= f0["end"]
+    # Each rank's zero is the moment it left the step's barrier; ranks leave it a fraction of a millisecond
+    # apart (more on a loaded machine), which bounds how finely two ranks' spans can be ordered.
+    barrier_skew_s = 0.005
+    assert f1["start"] >= f0["end"] - barrier_skew_s

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from runner.launch import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"
@@ -59,21 +60,9 @@ def wait_healthy(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: fl
         time.sleep(0.2)
 
 
-def kill_group(pgid: int, grace_s: float = 10.0) -> None:
-    """SIGTERM a process group, then SIGKILL whatever is left after the grace period."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+def kill_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM a process group, then SIGKILL whatever is left (zombies count as gone): the runner's own stop."""
+    stop_group(pgid, grace_s)
 
 
 def stop_app_and_runner(proc: subprocess.Popen, lab_home: Path) -> None:
