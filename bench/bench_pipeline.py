@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.results import write_section  # noqa: E402
 
 # 8 layers split over 2 or 4 stages; batch 16 so every m in MICROBATCHES divides it. Small enough that
 # p = 4 (4 ranks on 2 cores) runs every configuration in a couple of minutes.
@@ -279,15 +280,6 @@ def section(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path, notes: str = "") -> None:
-    """Replace (or add) the '## Pipeline parallelism' section, keeping every other section of the file."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    body = text + (("\n" + notes.strip() + "\n") if notes.strip() else "")
-    pattern = re.compile(r"## Pipeline parallelism\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
-    path.write_text(new)
-
-
 NOTES = """
 Reading the table. Both sides run the same stages, microbatches and float32 kernels and send the same
 activations and gradients, and their losses and gradients agree (last column; the 1e-8 differences are
@@ -331,7 +323,7 @@ def main() -> None:
     text = section(results)
     print(text)
     if not args.no_write:
-        write_section(text, REPO / "bench" / "RESULTS.md", NOTES)
+        write_section("Pipeline parallelism", text, REPO / "bench" / "RESULTS.md", NOTES)
 
 
 if __name__ == "__main__":

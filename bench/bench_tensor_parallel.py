@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.results import write_section  # noqa: E402
 
 # Model and batch: the 'small' preset's width with 4 layers, so a step is dominated by matmuls and the
 # four per-layer collectives rather than Python overhead, yet tp = 4 fits 2 CPU cores in seconds.
@@ -264,15 +265,6 @@ def section(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path, notes: str = "") -> None:
-    """Replace (or add) the '## Tensor parallelism' section, keeping every other section of the file."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    body = text + (("\n" + notes.strip() + "\n") if notes.strip() else "")
-    pattern = re.compile(r"## Tensor parallelism\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: body + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + body
-    path.write_text(new)
-
-
 NOTES = """
 Why the ratios are what they are. Both sides run the same float32 matmuls, attention and LayerNorms, and
 the same collectives (2 all-reduces of [b, s, h] per block forward, counted above), over the same gloo
@@ -302,7 +294,7 @@ def main() -> None:
         assert res["diffs"]["output"] < 1e-5 and res["diffs"]["grads"] < 1e-5, f"ours and theirs differ: {res}"
     text = section(results)
     print(text)
-    write_section(text, REPO / "bench" / "RESULTS.md", NOTES)
+    write_section("Tensor parallelism", text, REPO / "bench" / "RESULTS.md", NOTES)
 
 
 if __name__ == "__main__":
