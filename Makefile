@@ -21,7 +21,7 @@ $(VENV)/.installed-dev: requirements.txt requirements-dev.txt | $(BIN)/python
 
 # Debian's Chromium for the browser tests (Playwright's own browser download does not work here).
 /usr/bin/chromium:
-	apt-get update -qq && apt-get install -y -qq chromium
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 run: $(VENV)/.installed-run
 	$(BIN)/python -m streamlit run app.py --server.address 127.0.0.1 --server.port $(PORT)
@@ -29,7 +29,7 @@ run: $(VENV)/.installed-run
 # Debian's PostgreSQL server binaries: the storage and runner tests also run against a real server.
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 postgres-server:
-	@if [ -z "$(PG_INITDB)" ]; then apt-get update -qq && apt-get install -y -qq postgresql; fi
+	@if [ -z "$(PG_INITDB)" ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; fi
 
 test: $(VENV)/.installed-dev /usr/bin/chromium postgres-server
 	$(BIN)/ruff check .
