@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.results import write_section  # noqa: E402
+from runner.spec import torchrun_launcher  # noqa: E402
 
 # 8 layers split over 2 or 4 stages; batch 16 so every m in MICROBATCHES divides it. Small enough that
 # p = 4 (4 ranks on 2 cores) runs every configuration in a couple of minutes.
@@ -184,8 +185,7 @@ def launch(p: int, microbatches: list[int], size: str) -> dict:
         out = Path(tmp) / "result.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         argv = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(p),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
+            *torchrun_launcher(p),
             str(Path(__file__).resolve()), "--worker", str(out), "--n-embd", str(n_embd), "--seq", str(seq),
             "--microbatches", *map(str, microbatches),
         ]  # fmt: skip

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.results import write_section  # noqa: E402
+from runner.spec import torchrun_launcher  # noqa: E402
 
 # Model and batch: the 'small' preset's width with 4 layers, so a step is dominated by matmuls and the
 # four per-layer collectives rather than Python overhead, yet tp = 4 fits 2 CPU cores in seconds.
@@ -207,8 +208,7 @@ def launch(tp: int) -> dict:
         out = Path(tmp) / "result.json"
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
         argv = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp),
-            "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
+            *torchrun_launcher(tp),
             str(Path(__file__).resolve()), "--worker", str(out),
         ]  # fmt: skip
         subprocess.run(argv, cwd=REPO, env=env, check=True)

@@ -304,11 +304,7 @@ def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str
     causes = [e for e in ordered if not any(c in e.get("error", "") for c in _CONSEQUENCES)]
     if causes:
         first = causes[0]
-        return (
-            first["rank"],
-            f"rank {first['rank']} raised {first.get('error', 'an exception')}",
-            first.get("traceback"),
-        )
+        return _raised(first)
     silent = [(r, c) for r, c in every if r not in {e["rank"] for e in errors}]
     if ordered and silent:  # the others only lost their peer: the rank that died without a word is the cause
         rank, code = silent[0]
@@ -319,11 +315,7 @@ def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str
         )
     if ordered:
         first = ordered[0]
-        return (
-            first["rank"],
-            f"rank {first['rank']} raised {first.get('error', 'an exception')}",
-            first.get("traceback"),
-        )
+        return _raised(first)
     if exits:
         rank, code = exits[0]
         return rank, f"rank {rank} exited with code {code}", first_traceback(run_dir / f"rank{rank}.log")
@@ -334,6 +326,10 @@ def diagnose_failure(run_dir: Path, errors: list[dict]) -> tuple[int | None, str
             return rank, f"rank {rank} failed: {tb.strip().splitlines()[-1]}", tb
     tail = log.strip().splitlines()[-1] if log.strip() else "torchrun exited without a result"
     return None, tail[:500], None
+
+
+def _raised(event: dict) -> tuple[int, str, str | None]:
+    return event["rank"], f"rank {event['rank']} raised {event.get('error', 'an exception')}", event.get("traceback")
 
 
 def first_traceback(path: Path) -> str | None:

@@ -419,8 +419,8 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | None = None) -> list[str]:
-    """The exact command a run starts with (argv list, never a shell string); the launch page previews it.
+def torchrun_launcher(nproc: int, port: int = 0, python: str | None = None) -> list[str]:
+    """torchrun for `nproc` local ranks, up to (not including) the entry point it should run.
 
     Port 0 (the runner's choice) lets the launcher bind its rendezvous store itself, so concurrent runs
     never race for a port between picking a free one and torchrun binding it. python: sys.executable.
@@ -429,8 +429,12 @@ def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | No
 
     return [
         python or sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(spec.world_size),
+        "--nproc-per-node", str(nproc),
         "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
         "--max-restarts", "0",
-        "-m", "runner.job", spec_path,
     ]  # fmt: skip
+
+
+def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | None = None) -> list[str]:
+    """The exact command a run starts with (argv list, never a shell string); the launch page previews it."""
+    return [*torchrun_launcher(spec.world_size, port, python), "-m", "runner.job", spec_path]

@@ -9,10 +9,9 @@ import json
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
-from runner.spec import RunSpec
+from runner.spec import RunSpec, torchrun_argv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,17 +27,13 @@ def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
 
     Port 0: the launcher binds its rendezvous store itself, so parallel tests never race for a port.
     """
-    problems = RunSpec.from_dict(spec).validate(gpu_count=0)
+    run_spec = RunSpec.from_dict(spec)
+    problems = run_spec.validate(gpu_count=0)
     assert not problems, problems
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    world = RunSpec.from_dict(spec).world_size
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    argv = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--max-restarts", "0",
-        "-m", "runner.job", str(run_dir / "spec.json"),
-    ]  # fmt: skip
+    argv = torchrun_argv(run_spec, str(run_dir / "spec.json"))
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not (run_dir / "result.json").exists():
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("rank*.log")))
