@@ -19,7 +19,17 @@ def test_human_bytes(value, text):
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(None, "—"), (5e-6, "5 µs"), (0.0123, "12.3 ms"), (2.25, "2.2 s"), (75, "1 min 15 s"), (7260, "2 h 01 min")],
+    [
+        (None, "—"),
+        (5e-6, "5 µs"),
+        (0.0123, "12.3 ms"),
+        (2.25, "2.2 s"),
+        (75, "1 min 15 s"),
+        (7260, "2 h 01 min"),
+        (0.4 + 0.3 + 0.2 + 0.1, "1.0 s"),
+        (0.0009999, "1.0 ms"),
+        (59.97, "1 min 00 s"),
+    ],
 )
 def test_human_duration(seconds, text):
     assert human_duration(seconds) == text
@@ -49,5 +59,19 @@ def test_rank_table_shows_mib_and_only_collectives_that_moved_bytes():
     table = rank_table(ranks)
     assert "run_id" not in table and "all_reduce MiB" not in table
     assert table["send MiB"].tolist() == [1.0, 0.0]
-    assert table["peak MiB"].tolist() == [3.0, 4.0]
+    assert table["run's peak MiB"].tolist() == [3.0, 4.0]
     assert table["compute s"].iloc[0] == 0.1235
+    # recorded before peak RSS, CPU wait and wire estimates: no empty columns for them
+    assert not {"process peak RSS MiB", "cpu wait s"} & set(table) and not any("wire" in c for c in table)
+
+
+def test_rank_table_puts_absolute_rss_beside_the_runs_peak_and_wire_bytes_beside_payload():
+    ranks = pd.DataFrame({"run_id": [1, 1], "rank": [0, 1], "peak_mem_bytes": [2**20, 2**20],
+                          "peak_rss_bytes": [300 * 2**20, 301 * 2**20], "compute_s": [1.0, 1.0], "comm_s": [0.1, 0.1],
+                          "idle_s": [0.2, 0.2], "cpu_wait_s": [0.05, 0.0], "comm_bytes_all_reduce": [2**20, 2**20],
+                          "comm_wire_bytes": [{"all_reduce": 2**20, "send": 0}, {"all_reduce": 2**20, "send": 0}]})  # fmt: skip
+    table = rank_table(ranks)
+    assert table["run's peak MiB"].tolist() == [1.0, 1.0]
+    assert table["process peak RSS MiB"].tolist() == [300.0, 301.0]
+    assert table["cpu wait s"].tolist() == [0.05, 0.0]
+    assert table["all_reduce wire MiB"].tolist() == [1.0, 1.0] and "send wire MiB" not in table

@@ -30,11 +30,12 @@ def human_bytes(n: float | int | None) -> str:
 def human_duration(seconds: float | None) -> str:
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
         return "—"
-    if seconds < 1e-3:
+    # Each unit is chosen by the value as printed: 0.99999 s reads "1.0 s", not "1000.0 ms".
+    if round(seconds * 1e6) < 1000:
         return f"{seconds * 1e6:.0f} µs"
-    if seconds < 1:
+    if round(seconds * 1e3, 1) < 1000:
         return f"{seconds * 1e3:.1f} ms"
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f} s"
     minutes, sec = divmod(int(round(seconds)), 60)
     if minutes < 60:
@@ -71,17 +72,29 @@ MIB = 2**20
 
 
 def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """rank_results() rows for display: sizes in MiB, seconds rounded, only collectives that moved bytes."""
+    """rank_results() rows for display: sizes in MiB, seconds rounded, only collectives that moved bytes
+    (payload by kind, then the estimated wire bytes by kind), and only figures the run recorded."""
     out = pd.DataFrame({c: ranks[c] for c in ("rank", "tp", "pp", "dp") if c in ranks})
     if "param_count" in ranks:
         out["parameters"] = ranks["param_count"]
-    for col, name in (("param_bytes", "params MiB"), ("optimizer_bytes", "AdamW MiB"), ("peak_mem_bytes", "peak MiB")):
-        if col in ranks:
-            out[name] = (ranks[col] / MIB).round(2)
-    for col in ("compute_s", "comm_s", "idle_s"):
-        if col in ranks:
-            out[col.removesuffix("_s") + " s"] = ranks[col].round(4)
+    sizes = (
+        ("param_bytes", "params MiB"),
+        ("optimizer_bytes", "AdamW MiB"),
+        ("peak_mem_bytes", "run's peak MiB"),  # what the run itself allocated (above set-up on CPU)
+        ("peak_rss_bytes", "process peak RSS MiB"),  # the whole process: interpreter, torch, buffers
+    )
+    for col, name in sizes:
+        if col in ranks and ranks[col].notna().any():  # runs recorded before peak_rss_bytes have none
+            out[name] = (ranks[col].astype(float) / MIB).round(2)
+    for col in ("compute_s", "comm_s", "idle_s", "cpu_wait_s"):
+        if col in ranks and ranks[col].notna().any():
+            out[col.removesuffix("_s").replace("_", " ") + " s"] = ranks[col].astype(float).round(4)
     for col in sorted(c for c in ranks.columns if c.startswith("comm_bytes_")):
         if ranks[col].fillna(0).any():  # a layer split never all-reduces: no column of zeros
             out[col.removeprefix("comm_bytes_") + " MiB"] = (ranks[col] / MIB).round(3)
+    if "comm_wire_bytes" in ranks:  # a dict by kind per rank (None for runs recorded before wire estimates)
+        wire = pd.DataFrame([w if isinstance(w, dict) else {} for w in ranks["comm_wire_bytes"]], index=ranks.index)
+        for kind in sorted(wire.columns):
+            if wire[kind].fillna(0).any():
+                out[kind + " wire MiB"] = (wire[kind] / MIB).round(3)
     return out

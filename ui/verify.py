@@ -1,0 +1,72 @@
+"""The verify result as people read it: a verdict (pass, fail, off, or none for runs recorded before verdicts)
+and the differences against the single-device reference beside the tolerances they were judged by.
+
+The verdict itself is the job's (`verify["passed"]`, with its `failures`); nothing here re-judges numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+PASS, FAIL, OFF, NO_VERDICT = "pass", "fail", "off", "no verdict"
+
+# (label, abs key, rel key, tolerance key): the quantities verify compares, in the order a reader checks them.
+QUANTITIES = (
+    ("logits", "logits_max_abs_diff", "logits_max_rel_diff", "logits"),
+    ("loss", "loss_abs_diff", "loss_rel_diff", "loss"),
+    ("gradients", "grads_max_abs_diff", "grads_max_rel_diff", "grads"),
+    ("updated weights", "weights_max_abs_diff", None, "weights"),
+)
+# Which kind of difference each tolerance bounds (the contract: relative for logits, loss and gradients;
+# absolute for the weights after one optimizer step, whose relative change is dominated by tiny weights).
+TOLERANCE_KIND = {"logits": "rel", "loss": "rel", "grads": "rel", "weights": "abs"}
+
+
+def verdict(verify: dict[str, Any] | None) -> str:
+    """pass / fail / off (verify not run) / no verdict (a run stored before the job judged its differences)."""
+    if not verify:
+        return OFF
+    passed = verify.get("passed")
+    if passed is None:
+        return NO_VERDICT
+    return PASS if passed else FAIL
+
+
+def tolerance_text(verify: dict[str, Any]) -> str:
+    """'logits rel ≤ 1e-05, loss rel ≤ 1e-05, …' in the dtype the comparison ran in; '' when none were recorded."""
+    tolerances = verify.get("tolerances") or {}
+    parts = [
+        " ".join(filter(None, (name, TOLERANCE_KIND.get(name), f"≤ {tol:.0e}"))) for name, tol in tolerances.items()
+    ]
+    if not parts:
+        return ""
+    dtype = verify.get("dtype")
+    return ", ".join(parts) + (f" (compared in {dtype})" if dtype else "")
+
+
+def differences(verify: dict[str, Any]) -> pd.DataFrame:
+    """One row per compared quantity: max abs and max rel difference and the tolerance applied.
+
+    Quantities the workload does not have (no gradients in forward, no weights outside train) are left out;
+    a generate run adds whether the generated tokens are equal.
+    """
+    tolerances = verify.get("tolerances") or {}
+    rows = []
+    for label, abs_key, rel_key, tol_key in QUANTITIES:
+        abs_diff = verify.get(abs_key)
+        rel_diff = verify.get(rel_key) if rel_key else None
+        if abs_diff is None and rel_diff is None:
+            continue
+        tol = tolerances.get(tol_key)
+        rows.append({
+            "quantity": label,
+            "max abs diff": abs_diff,
+            "max rel diff": rel_diff,
+            "tolerance": f"{TOLERANCE_KIND[tol_key]} ≤ {tol:.0e}" if tol is not None else "—",
+        })  # fmt: skip
+    if verify.get("tokens_equal") is not None:
+        rows.append({"quantity": "generated tokens", "max abs diff": None, "max rel diff": None,
+                     "tolerance": "must match: " + ("they match" if verify["tokens_equal"] else "they DIFFER")})  # fmt: skip
+    return pd.DataFrame(rows, columns=["quantity", "max abs diff", "max rel diff", "tolerance"])
