@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import socket
 import statistics
 import sys
@@ -25,19 +24,12 @@ import torch.nn.functional as F
 
 from runner.gpt.data import synthetic_batch
 from runner.gpt.mesh import Mesh
-from runner.gpt.model import GPT, read_checkpoint
+from runner.gpt.model import read_checkpoint
 from runner.gpt.strategy import ParallelGPT
-from runner.spec import RunSpec
-
-# Peak dense FLOP/s by device name fragment: (float32 without TF32, bfloat16 tensor cores).
-PEAK_FLOPS = {
-    "H200": (67e12, 989e12),
-    "H100": (67e12, 989e12),
-    "A100": (19.5e12, 312e12),
-    "L40S": (91.6e12, 362e12),
-    "A10G": (31.2e12, 125e12),
-    "RTX 4090": (82.6e12, 165e12),
-}
+from runner.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
+from runner.resources import CpuWaitMeter, MemoryMeter, pin_rank
+from runner.spec import RunSpec, usable_cores
+from runner.verify import inject_fault, trim_padding, verify_pass
 
 
 class EventLog:
@@ -79,46 +71,6 @@ def build_strategy(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch
     raise NotImplementedError(f"strategy {spec.strategy!r} is not implemented in this build")
 
 
-def model_flops_per_step(spec: RunSpec) -> float:
-    """Model FLOPs of one step (PaLM's count: 2N per token forward, x3 with backward, plus attention)."""
-    cfg = spec.model_config()
-    n_dense = 12 * cfg.n_layer * cfg.n_embd**2 + cfg.vocab_size * cfg.n_embd
-    if spec.workload == "generate":
-        ctx = spec.seq + spec.new_tokens / 2  # mean context length while decoding
-        prefill = spec.batch * spec.seq * (2 * n_dense + 2 * cfg.n_layer * spec.seq * cfg.n_embd)
-        return prefill + spec.batch * spec.new_tokens * (2 * n_dense + 4 * cfg.n_layer * ctx * cfg.n_embd)
-    per_token = 2 * n_dense + 2 * cfg.n_layer * spec.seq * cfg.n_embd
-    tokens = spec.batch * spec.seq
-    return tokens * per_token * (3 if spec.workload == "train" else 1)
-
-
-def tokens_per_step(spec: RunSpec) -> int:
-    return spec.batch * (spec.new_tokens if spec.workload == "generate" else spec.seq)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for frag, (fp32, bf16) in PEAK_FLOPS.items():
-        if frag in name:
-            return bf16 if dtype == torch.bfloat16 else fp32
-    return None
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
 def redirect_output(run_dir: Path, rank: int) -> None:
     """Send this rank's stdout/stderr (Python and C++ alike) to rank<R>.log."""
     fd = os.open(run_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -138,90 +90,22 @@ def choose_device(spec: RunSpec, local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-class Verifier:
-    """Runs the single-device reference on the same inputs and records max abs differences."""
-
-    def __init__(self, spec: RunSpec, model: ParallelGPT, state_dict: dict | None):
-        self.spec = spec
-        self.model = model
-        self.ref = GPT(spec.model_config(), seed=spec.seed)
-        if state_dict is not None:
-            from runner.gpt.model import load_gpt2_state_dict
-
-            load_gpt2_state_dict(self.ref, state_dict)
-        self.diffs: dict[str, float] = {}
-
-    def _max(self, key: str, value: float) -> None:
-        self.diffs[key] = max(self.diffs.get(key, 0.0), float(value))
-
-    def _shard_diffs(self, key: str, ref_params: dict[str, torch.Tensor], grads: bool) -> None:
-        for name, p in self.model.named_shards().items():
-            ref = ref_params[name].grad if grads else ref_params[name]
-            mine = p.grad if grads else p
-            if ref is None or mine is None:
-                continue
-            index = self.model.shard_index(name)
-            ref = ref if index is None else ref[index]
-            mine = trim_padding(mine, ref.shape)
-            self._max(key, (mine.detach().float().cpu() - ref.detach()).abs().max().item())
-
-    def run(self, idx: torch.Tensor, targets: torch.Tensor) -> dict:
-        spec, model = self.spec, self.model
-        rows = model.batch_rows(idx.shape[0])
-        dev = model.device
-        if spec.workload == "generate":
-            ours = model.generate(idx.to(dev), spec.new_tokens)
-            if model.is_output_rank:
-                ref = self.ref.generate(idx, spec.new_tokens)[rows]
-                self.diffs["tokens_mismatch"] = float((ours.cpu() != ref).sum().item())
-        else:
-            logits = model.forward_logits(idx.to(dev))
-            with torch.no_grad():
-                ref_logits, ref_loss = self.ref(idx, targets)
-            if model.is_output_rank:
-                self._max("logits_max_abs_diff", (logits.float().cpu() - ref_logits[rows]).abs().max().item())
-        if spec.workload == "train":
-            ref_params = dict(self.ref.named_parameters(remove_duplicate=False))
-            self.ref.zero_grad(set_to_none=True)
-            _, ref_loss = self.ref(idx, targets)
-            ref_loss.backward()
-            loss = model.forward_backward(idx.to(dev), targets.to(dev))
-            if model.is_output_rank:
-                self._max("loss_abs_diff", abs(loss - ref_loss.item()))
-            self._shard_diffs("grads_max_abs_diff", ref_params, grads=True)
-            opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-            ref_opt = torch.optim.AdamW(self.ref.parameters(), lr=spec.lr)
-            opt.step()
-            ref_opt.step()
-            self._shard_diffs("weights_max_abs_diff", ref_params, grads=False)
-        elif spec.workload == "forward" and model.is_output_rank:
-            # A data-parallel replica sees only its rows: compare with the reference loss on the same rows.
-            loss = F.cross_entropy(logits.float().cpu().flatten(0, 1), targets[rows].flatten()).item()
-            ref_rows_loss = F.cross_entropy(ref_logits[rows].flatten(0, 1), targets[rows].flatten()).item()
-            self._max("loss_abs_diff", abs(loss - ref_rows_loss))
-        return self.reduce()
-
-    def reduce(self) -> dict:
-        """Max of every difference over all ranks (ranks without outputs contribute 0)."""
-        keys = ["logits_max_abs_diff", "loss_abs_diff", "grads_max_abs_diff", "weights_max_abs_diff", "tokens_mismatch"]
-        local = torch.tensor([self.diffs.get(k, -1.0) for k in keys], dtype=torch.float64)
-        dist.all_reduce(local, op=dist.ReduceOp.MAX)
-        out = {k: (None if v < 0 else v) for k, v in zip(keys, local.tolist(), strict=True)}
-        mismatch = out.pop("tokens_mismatch")
-        out["tokens_equal"] = None if mismatch is None else mismatch == 0
-        return out
-
-
 def run_job(spec: RunSpec, run_dir: Path) -> None:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     events = EventLog(run_dir / "events.jsonl", rank)
     device, backend = choose_device(spec, local_rank)
+    # Pin before the process group exists, so gloo's threads inherit the rank's core.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = usable_cores()  # before pinning narrows this process to one
+    core = pin_rank(local_rank, local_world) if device.type == "cpu" else None
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
     dist.init_process_group(backend, timeout=timeout)
     events.emit("started", world_size=world, device=device.type, backend=backend, pid=os.getpid())
+    memory = MemoryMeter.after_setup(device)
+    cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     tp, pp, dp = spec.degrees
     mesh = Mesh.build(tp, pp, dp)
@@ -231,12 +115,12 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     if spec.weights:
         state_dict = read_checkpoint(spec.weights)
         load_shards(model, state_dict)
+    inject_fault(model)
 
     verify = None
     if spec.verify:
         idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=-1)
-        verify = Verifier(spec, model, state_dict).run(idx, targets)
-        model.zero_grad()
+        verify = verify_pass(spec, model, state_dict, idx, targets)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr) if spec.workload == "train" else None
     total = spec.warmup + spec.steps
@@ -246,6 +130,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     vocab = spec.model_config().vocab_size
     for step in range(total):
         timed = step >= spec.warmup
+        if step == spec.warmup:  # the run's own memory and CPU wait are those of the timed steps
+            memory.start_timed()
+            cpu_wait.start_timed()
         mesh.stats.counting = timed
         idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, step)
         idx, targets = idx.to(device), targets.to(device)
@@ -292,7 +179,11 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "param_count": sum(p.numel() for p in params),
         "param_bytes": sum(p.numel() * p.element_size() for p in params),
         "optimizer_bytes": optimizer_bytes,
-        "peak_mem_bytes": peak_memory_bytes(device),
+        **memory.figures(),
+        "cpu_wait_s": cpu_wait.seconds() if device.type == "cpu" else None,
+        "cpu_core": core,
+        "cpu_oversubscribed": device.type == "cpu" and local_world > cores,
+        "cpu_cores": cores if device.type == "cpu" else None,
         "compute_s": max(0.0, step_wall_total - comm["comm_s"] - comm["idle_s"]),
         **comm,
         "loss": losses[-1] if losses else None,
@@ -305,7 +196,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        write_result(spec, run_dir, world, device, backend, dtype, step_times, gathered, verify)
+        write_result(spec, run_dir, world, device, backend, step_times, gathered, verify)
     events.emit("finished")
     dist.barrier()
     dist.destroy_process_group()
@@ -327,13 +218,6 @@ def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, ta
     return loss
 
 
-def trim_padding(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """The leading part of a shard that exists in the reference (a vocab slice may carry padding rows)."""
-    if tuple(t.shape) == tuple(shape):
-        return t
-    return t[tuple(slice(0, n) for n in shape)]
-
-
 def load_shards(model: ParallelGPT, state_dict: dict) -> None:
     """Copy each local shard from a Hugging Face GPT-2 checkpoint (only this rank's slices)."""
     from runner.gpt.model import convert_gpt2_state_dict
@@ -346,19 +230,22 @@ def load_shards(model: ParallelGPT, state_dict: dict) -> None:
             trim_padding(p, src.shape).copy_(src.to(p.dtype))
 
 
-def write_result(spec, run_dir, world, device, backend, dtype, step_times, ranks, verify) -> None:
+def write_result(spec, run_dir, world, device, backend, step_times, ranks, verify) -> None:
     losses = [r.get("loss") for r in ranks if r.get("loss") is not None]
     p50 = percentile(step_times, 0.5) if step_times else None
     flops = model_flops_per_step(spec)
     achieved = flops / p50 if p50 else None
-    peak = device_peak_flops(device, dtype)
+    names = sorted({r["device_name"] for r in ranks})
+    # One peak for the run: only when every rank is the same known device (else no MFU rather than a wrong one).
+    peak = device_peak_flops(names[0], spec.dtype) if device.type == "cuda" and len(names) == 1 else None
+    on_cpu = device.type == "cpu"
     stage_bubbles = [r["bubble_fraction"] for r in ranks if r.get("bubble_fraction") is not None]
     result = {
         "run_id": json.loads((run_dir / "spec.json").read_text()).get("run_id"),
         "world_size": world,
         "device": device.type,
         "backend": backend,
-        "device_names": sorted({r["device_name"] for r in ranks}),
+        "device_names": names,
         "torch_version": torch.__version__,
         "hostname": socket.gethostname(),
         "step_time_s_p50": p50,
@@ -366,12 +253,17 @@ def write_result(spec, run_dir, world, device, backend, dtype, step_times, ranks
         "step_time_s_mean": statistics.fmean(step_times) if step_times else None,
         "step_times_s": step_times,
         "tokens_per_s": tokens_per_step(spec) / p50 if p50 else None,
+        "flops_per_step": flops,
         "achieved_gflops": achieved / 1e9 if achieved else None,
+        "peak_flops": peak,
         "mfu": achieved / (peak * world) if achieved and peak else None,
         "loss": losses[-1] if losses else None,
         "bubble_fraction": statistics.fmean(stage_bubbles) if stage_bubbles else None,
         "bubble_fraction_theory": ranks[0].get("bubble_fraction_theory"),
         "verify": verify,
+        "cpu_oversubscribed": any(r.get("cpu_oversubscribed") for r in ranks),
+        "cpu_cores": ranks[0].get("cpu_cores"),
+        "cpu_pinned": on_cpu and all(r.get("cpu_core") is not None for r in ranks),
         "ranks": ranks,
     }
     tmp = run_dir / "result.json.tmp"

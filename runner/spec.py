@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -291,8 +292,6 @@ class RunSpec:
                 "device",
                 f"{self.world_size} ranks need {self.world_size} GPUs but {gpu_count} are visible; lower the degrees or choose 'cpu'",
             )
-        if self.dtype == "bfloat16" and self.resolved_device(gpu_count) == "cpu" and self.verify:
-            add("dtype", "verify compares at float32 tolerance; use float32 with verify")
 
     def _validate_weights(self, add) -> None:
         path = Path(self.weights or "").expanduser()
@@ -342,6 +341,31 @@ class RunSpec:
         params = first_stage if pp > 1 else count_parameters(cfg) // tp + (8 * h * cfg.n_layer if tp > 1 else 0)
         optimizer = 2 * params * 4 if self.workload == "train" else 0
         return {"param_count": params, "param_bytes": params * bytes_per, "optimizer_bytes": optimizer}
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | None:
+    """A warning when a CPU run would start more rank processes than there are cores, else None.
+
+    With more ranks than cores the kernel time-slices them: a rank's measured idle and bubble time then
+    includes waiting for a core, not only waiting for its peers. The job measures that wait per rank
+    (cpu_wait_s) and marks the run oversubscribed; this is the warning shown before launch.
+    """
+    cores = usable_cores() if cores is None else cores
+    if world_size <= cores:
+        return None
+    return (
+        f"{world_size} ranks on {cores} CPU core{'s' if cores != 1 else ''}: ranks will take turns on the cores, "
+        f"so idle time and the pipeline bubble will include waiting for a core. The run is marked oversubscribed "
+        f"and reports each rank's CPU wait; for figures of the schedule alone use at most {cores} ranks."
+    )
 
 
 def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,109 @@
+"""Run-level figures and their definitions: model FLOPs, tokens per step, device peak FLOP/s, percentiles.
+
+Torch-free, so pages, the CLI and tests can use the same definitions the job writes into result.json.
+
+Model FLOPs follow PaLM (Chowdhery et al., 2022, appendix B): a trained token costs 6N + 12·l·h·s
+FLOPs, where N counts the parameters that multiply activations (the tied embedding / LM head once,
+the learned positions not: they are added, not multiplied), l is the number of layers, h the model
+width and s the attention context. The attention term counts QKᵀ and AV over the whole context, as
+PaLM does (it does not halve for the causal mask). A forward pass is a third of the training cost:
+2N + 4·l·h·s per token. Generation is a prefill of the prompt followed by one decode pass per further
+token: `generate(new_tokens)` runs 1 prefill (which yields the first new token) and new_tokens - 1
+decode passes of one token each, the j-th of which attends over seq + j positions.
+
+Device peaks are the published dense (no sparsity) tensor/vector figures of the exact model and form
+factor. float32 uses the plain FP32 peak because PyTorch leaves TF32 off for matmuls by default
+(`torch.backends.cuda.matmul.allow_tf32 = False`); bfloat16 uses the dense BF16 tensor-core peak.
+A device not in the table gets no peak, hence no MFU, rather than a wrong one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from runner.gpt.config import GPTConfig, count_parameters
+
+
+def matmul_parameters(cfg: GPTConfig) -> int:
+    """N of the FLOP count: every parameter except the learned position embeddings (tied head once)."""
+    return count_parameters(cfg) - cfg.block_size * cfg.n_embd
+
+
+def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:
+    """One token through the model once, attending over `context` positions: 2N + 4·l·h·context."""
+    return 2 * matmul_parameters(cfg) + 4 * cfg.n_layer * cfg.n_embd * context
+
+
+def model_flops(cfg: GPTConfig, workload: str, batch: int, seq: int, new_tokens: int = 0) -> float:
+    """Model FLOPs of one step of `workload` on a [batch, seq] input (the global batch, all ranks)."""
+    if workload == "train":
+        return 3 * batch * seq * forward_flops_per_token(cfg, seq)
+    if workload == "forward":
+        return batch * seq * forward_flops_per_token(cfg, seq)
+    if workload == "generate":
+        prefill = batch * seq * forward_flops_per_token(cfg, seq)
+        decode = sum(batch * forward_flops_per_token(cfg, seq + j) for j in range(1, new_tokens))
+        return prefill + decode
+    raise ValueError(f"unknown workload {workload!r}")
+
+
+def model_flops_per_step(spec) -> float:
+    """Model FLOPs of one step of a RunSpec."""
+    return model_flops(spec.model_config(), spec.workload, spec.batch, spec.seq, spec.new_tokens)
+
+
+def tokens_per_step(spec) -> int:
+    """Tokens a step produces: the whole input for forward and train, the new tokens for generate."""
+    return spec.batch * (spec.new_tokens if spec.workload == "generate" else spec.seq)
+
+
+@dataclass(frozen=True)
+class DevicePeak:
+    """Published dense peaks of one device model and form factor, in FLOP/s."""
+
+    label: str
+    fp32: float
+    bf16: float
+
+
+# Order matters: a more specific form factor comes before the plain name it contains.
+# Sources: NVIDIA data sheets (H100/H200 "Tensor Core GPU" datasheets, A100 datasheet, L40S, L4, A10,
+# Ada "RTX 4090" whitepaper); the dense figure is half the "with sparsity" one.
+_PEAKS: list[tuple[re.Pattern[str], DevicePeak]] = [
+    (re.compile(r"\bH100\b.*\bNVL\b"), DevicePeak("H100 NVL", 60e12, 835e12)),
+    (re.compile(r"\bH100\b.*\bPCIe\b", re.I), DevicePeak("H100 PCIe", 51e12, 756e12)),
+    (re.compile(r"\bH100\b.*(\bSXM|HBM3\b)"), DevicePeak("H100 SXM", 67e12, 989e12)),
+    (re.compile(r"\bH200\b.*\bNVL\b"), DevicePeak("H200 NVL", 60e12, 835e12)),
+    (re.compile(r"\bH200\b"), DevicePeak("H200 SXM", 67e12, 989e12)),
+    (re.compile(r"\bA100\b.*\bPCIe\b", re.I), DevicePeak("A100 PCIe", 19.5e12, 312e12)),
+    (re.compile(r"\bA100\b.*\bSXM", re.I), DevicePeak("A100 SXM", 19.5e12, 312e12)),
+    (re.compile(r"\bL40S\b"), DevicePeak("L40S", 91.6e12, 362e12)),
+    (re.compile(r"\bL4\b"), DevicePeak("L4", 30.3e12, 121e12)),
+    (re.compile(r"\bA10\b"), DevicePeak("A10", 31.2e12, 125e12)),
+    (re.compile(r"\bRTX 4090\b"), DevicePeak("GeForce RTX 4090", 82.6e12, 165.2e12)),
+]
+
+
+def device_peak(name: str) -> DevicePeak | None:
+    """The peak entry for a CUDA device name as torch.cuda.get_device_name() reports it, or None."""
+    for pattern, peak in _PEAKS:
+        if pattern.search(name):
+            return peak
+    return None
+
+
+def device_peak_flops(name: str, dtype: str) -> float | None:
+    """Dense peak FLOP/s of device `name` for dtype 'float32' or 'bfloat16'; None for unknown devices."""
+    peak = device_peak(name)
+    if peak is None:
+        return None
+    return peak.bf16 if dtype == "bfloat16" else peak.fp32
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile q in [0, 1] of a non-empty list."""
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)

@@ -1,0 +1,165 @@
+"""What a rank takes from its host: the core it is pinned to, its wait for a core, and its own memory.
+
+CPU runs share the machine's cores. When there are at least as many usable cores as ranks, each rank is
+pinned to its own core (`pin_rank`), so no two ranks time-slice one core and their timings are theirs.
+With more ranks than cores the run is oversubscribed and each rank measures how long it was runnable
+but not running: the second field of /proc/self/schedstat (`run_delay`, nanoseconds spent waiting on a
+run queue; see the kernel's Documentation/scheduler/sched-stats.rst). It is the main thread's figure,
+the thread that runs the model (CPU jobs run with one intra-op thread).
+
+Memory is the run's own (`MemoryMeter`):
+- CUDA: the caching allocator's peak of allocated bytes, reset right before the timed steps
+  (torch.cuda.reset_peak_memory_stats), so set-up and the verify pass do not count.
+- CPU: peak RSS during the timed steps minus the rank's RSS after process set-up (interpreter, torch
+  primed by one tiny step so its lazily allocated buffers count as set-up, and the process group; before
+  the model is built). Linux restarts the peak (VmHWM) at the current RSS
+  when "5" is written to /proc/self/clear_refs (since 4.0); freed verify memory is handed back to the
+  kernel first (malloc_trim), so it cannot hide inside the new baseline. The absolute peak RSS is
+  reported beside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+
+
+def pin_rank(local_rank: int, local_world: int) -> int | None:
+    """Pin this process to its own core when every local rank can have one; returns the core or None."""
+    try:
+        cores = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux: no pinning, no wait figures
+        return None
+    if local_world > len(cores):
+        return None
+    core = cores[local_rank]
+    os.sched_setaffinity(0, {core})
+    return core
+
+
+def cpu_wait_ns() -> int | None:
+    """Nanoseconds this (main) thread has spent runnable but waiting for a core, or None off Linux."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            return int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int:
+    """Resident set size now (falls back to the lifetime peak where /proc is missing)."""
+    kib = _status_kib("VmRSS")
+    return kib * 1024 if kib is not None else peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last reset (VmHWM), else the lifetime peak from getrusage."""
+    kib = _status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory(device: torch.device) -> None:
+    """Give memory freed by a finished pass (the verify reference) back before the next measurement."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: freed pages may stay resident
+        pass
+
+
+def _prime_torch() -> None:
+    """One small forward, backward and AdamW step of the ops a GPT uses, so the memory torch allocates lazily
+    on first use (math library buffers, autograd and optimizer machinery, about 80 MB on CPU) belongs to
+    set-up rather than to the first model that runs."""
+    F = torch.nn.functional
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    w = torch.randn(64, 256, requires_grad=True)
+    h = F.gelu(F.layer_norm(x, (64,)) @ w, approximate="tanh")
+    q = h.view(4, 16, 4, 64).transpose(1, 2)
+    a = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+    F.cross_entropy(a.transpose(1, 2).reshape(64, 256), torch.zeros(64, dtype=torch.long)).backward()
+    torch.optim.AdamW([x, w]).step()
+    release_freed_memory(torch.device("cpu"))
+
+
+@dataclass
+class MemoryMeter:
+    """Measures one rank's own peak memory over the timed steps (see the module docstring)."""
+
+    device: torch.device
+    baseline_rss: int = 0
+    peak_resettable: bool = True
+
+    @classmethod
+    def after_setup(cls, device: torch.device) -> MemoryMeter:
+        """Call once the process group exists and before the model is built."""
+        if device.type == "cpu":  # CUDA's figure is the allocator's own, which set-up does not touch
+            _prime_torch()
+        return cls(device=device, baseline_rss=rss_bytes())
+
+    def start_timed(self) -> None:
+        """Call right before the first timed step."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # outside any timed step
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.peak_resettable = _reset_peak_rss()
+
+    def figures(self) -> dict:
+        peak_rss = peak_rss_bytes()
+        if self.device.type == "cuda":
+            own = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            own = max(0, peak_rss - self.baseline_rss)
+        return {
+            "peak_mem_bytes": own,
+            "peak_rss_bytes": peak_rss,
+            "mem_baseline_bytes": self.baseline_rss,
+            # Without a resettable peak the RSS peak is the process's lifetime one (set-up and verify included).
+            "peak_rss_scope": "timed steps" if self.peak_resettable else "process lifetime",
+        }
+
+
+@dataclass
+class CpuWaitMeter:
+    """Seconds of waiting for a core during the timed steps (None off Linux)."""
+
+    start_ns: int | None = None
+
+    def start_timed(self) -> None:
+        self.start_ns = cpu_wait_ns()
+
+    def seconds(self) -> float | None:
+        now = cpu_wait_ns()
+        if now is None or self.start_ns is None:
+            return None
+        return (now - self.start_ns) / 1e9
