@@ -57,12 +57,23 @@ st.dataframe(
     column_config={
         "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.4g"),
         "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4g"),
-        "peak_mem_mib_max": st.column_config.NumberColumn("peak MiB (max rank)", format="%.4g"),
+        "verify": st.column_config.TextColumn("verify", help="the job's verdict against the single-device reference"),
+        "peak_mem_mib_max": st.column_config.NumberColumn(
+            "run's peak MiB (max rank)", format="%.4g", help="GPU: allocated by the run; CPU: RSS above set-up"
+        ),
+        "peak_rss_mib_max": st.column_config.NumberColumn("process peak RSS MiB (max rank)", format="%.4g"),
         "params_share_max": st.column_config.NumberColumn("params share (max rank)", format="%.3f"),
         "compute_share": st.column_config.NumberColumn("compute", format="%.3f"),
         "comm_share": st.column_config.NumberColumn("comm", format="%.3f"),
         "idle_share": st.column_config.NumberColumn("idle", format="%.3f"),
-        "comm_mib_per_step": st.column_config.NumberColumn("comm MiB/step", format="%.4g"),
+        "comm_mib_per_step": st.column_config.NumberColumn(
+            "payload MiB/step", format="%.4g", help="logical tensor bytes of every collective and send, all ranks"
+        ),
+        "wire_mib_per_rank_step": st.column_config.NumberColumn(
+            "wire MiB/step (busiest rank)",
+            format="%.4g",
+            help="estimated bytes one rank puts on the wire: ring all-reduce 2(n-1)/n·S, gather/scatter (n-1)/n·S",
+        ),
         "bubble_measured": st.column_config.NumberColumn("bubble", format="%.3f"),
         "bubble_theory": st.column_config.NumberColumn("bubble theory", format="%.3f"),
         "mfu": st.column_config.NumberColumn("MFU", format="%.3f"),

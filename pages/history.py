@@ -5,15 +5,16 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 from runner.spec import RunSpec
 from storage import queries
 from storage.models import TERMINAL_STATES
 from ui import charts
+from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
 from ui.state import engine, enter_through_app
+from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
@@ -33,6 +34,30 @@ def day_range(days) -> tuple[date | None, date | None]:
     """st.date_input gives (), (start,) while the second day is being picked, or (start, end)."""
     days = tuple(days) if isinstance(days, list | tuple) else (days,) if days else ()
     return (days[0] if days else None), (days[1] if len(days) > 1 else None)
+
+
+def verify_panel(v: dict) -> None:
+    """The job's verdict as a badge (failures listed, tolerances named) beside the differences it judged."""
+    badge, table = st.columns([1, 1.3])
+    with badge:
+        result = verdict(v)
+        if result == PASS:
+            st.success("**Verify: PASS** · matches the single-device reference within tolerance", icon=":material/check_circle:")  # fmt: skip
+        elif result == FAIL:
+            failures = "\n".join(f"- {f}" for f in v.get("failures") or ["(no failure recorded)"])
+            st.error(f"**Verify: FAIL** · differs from the single-device reference:\n\n{failures}", icon=":material/cancel:")  # fmt: skip
+        else:
+            st.info("**Verify: no verdict** (recorded before verdicts): the differences beside were not judged against tolerances", icon=":material/help:")  # fmt: skip
+        if tolerance_text(v):
+            st.caption(f"tolerances: {tolerance_text(v)}")
+    table.dataframe(
+        differences(v),
+        hide_index=True,
+        column_config={
+            "max abs diff": st.column_config.NumberColumn(format="%.3e"),
+            "max rel diff": st.column_config.NumberColumn(format="%.3e"),
+        },
+    )
 
 
 def run_detail(run_id: int) -> None:
@@ -78,19 +103,33 @@ def run_detail(run_id: int) -> None:
             c[1].metric("step time p50", human_duration(r.get("step_time_s_p50")))
             c[2].metric("step time p90", human_duration(r.get("step_time_s_p90")))
             c[3].metric(
-                "peak memory (max rank)", human_bytes(max((x["peak_mem_bytes"] for x in run["ranks"]), default=None))
+                "run's peak memory (max rank)",
+                human_bytes(max((x["peak_mem_bytes"] for x in run["ranks"]), default=None)),
+                help="GPU: memory the run allocated; CPU: resident memory above the rank's state after set-up",
             )
             c[4].metric("achieved GFLOP/s", f"{r['achieved_gflops']:.2f}" if r.get("achieved_gflops") else "—")
+            rss = [x["peak_rss_bytes"] for x in run["ranks"] if x.get("peak_rss_bytes") is not None]
+            if rss:
+                st.caption(f"process peak RSS (max rank, interpreter and torch included): {human_bytes(max(rss))}")
+            devices = ", ".join(r.get("device_names") or [])
             if r.get("mfu") is not None:
-                st.caption(f"MFU {r['mfu']:.1%} on {', '.join(r.get('device_names') or [])}")
+                peak = f" of {r['peak_flops'] / 1e12:.1f} TFLOP/s peak" if r.get("peak_flops") else ""
+                st.caption(f"MFU {r['mfu']:.1%}{peak} on {devices}")
+            elif r.get("device") == "cuda":
+                st.caption(f"no MFU: the peak FLOP/s of {devices or 'this GPU'} is not known")
             if r.get("bubble_fraction") is not None:
                 st.caption(
                     f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {r.get('bubble_fraction_theory') or 0:.1%}"
                 )
-            v = r.get("verify")
-            if v:
-                st.markdown("**Verified against the single-device reference** (max abs differences)")
-                st.dataframe(pd.DataFrame([{k: v[k] for k in v if v[k] is not None}]), hide_index=True)
+            warning = oversubscription_warning(r, run["ranks"])
+            if warning:
+                st.warning(warning, icon=":material/warning:")
+            elif (wait := contention(run["ranks"])) and wait.wait_s > 0:  # other processes took cores
+                st.caption("CPU contention: " + contention_text(run["ranks"], r.get("bubble_fraction") is not None))
+            if r.get("verify"):
+                verify_panel(r["verify"])
+            elif run["spec"].get("verify") is False:
+                st.caption("verify: off (not compared with the single-device reference)")
         steps = queries.step_metrics(engine(), run_id)
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")

@@ -31,6 +31,15 @@ def test_rank_memory_groups_bars_by_rank_with_one_offset_per_run():
     enc = chart.to_dict()["encoding"]
     assert enc["x"]["field"] == "rank" and enc["xOffset"]["field"] == "run"
     assert chart.data["peak_mib"].tolist() == [1.0, 2.0, 4.0, 4.0]
+    assert chart.data["rss_mib"].isna().all()  # recorded before peak RSS: no bar and no number made up
+
+
+def test_rank_memory_names_the_runs_own_peak_and_shows_the_process_rss_beside_it():
+    chart = charts.rank_memory_chart(RANKS.assign(peak_rss_bytes=[300 * 2**20] * 4))
+    spec = chart.to_dict()
+    assert spec["title"]["text"] == "Run's peak memory per rank"
+    assert "process peak RSS (MiB)" in [t.get("title") for t in spec["encoding"]["tooltip"]]
+    assert chart.data["rss_mib"].tolist() == [300.0] * 4
 
 
 def test_rank_time_stacks_compute_comm_and_idle():

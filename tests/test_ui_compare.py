@@ -49,6 +49,35 @@ def test_comparison_figures_ratios_and_differences(engine):
     assert "idle 50%" in guide.loc[1, "compute efficiency"]
 
 
+def test_compare_reads_verify_as_a_verdict_and_communication_as_payload_and_wire_bytes(engine):
+    from tests.test_ui_pages import VERIFY, finished_run
+
+    tp = {"comm_bytes": {"all_reduce": 4 * 2**20}, "comm_wire_bytes": {"all_reduce": 4 * 2**20},
+          "comm_calls": {"all_reduce": 8}}  # fmt: skip
+    pipe = {"comm_bytes": {"send": 2**20}, "comm_wire_bytes": {"send": 2**20}, "comm_calls": {"send": 4, "recv": 4}}
+    legacy = {"comm_bytes": {"send": 2**20, "recv": 2**20}, "comm_calls": {"send": 4, "recv": 4}}
+    ids = [
+        finished_run(engine, RunSpec(strategy="tensor", tp=2), {"verify": VERIFY, "mfu": None}, [tp, tp]),
+        finished_run(engine, RunSpec(strategy="pipeline", pp=2, microbatches=4),
+                     {"verify": {**VERIFY, "passed": False}, "bubble_fraction": 0.3, "bubble_fraction_theory": 0.2},
+                     [pipe, {}]),  # hand-made: only rank 0 sent
+        finished_run(engine, RunSpec(strategy="layer", pp=2), {"verify": None}, [legacy, {}]),
+        finished_run(engine, RunSpec(strategy="layer", pp=2), {"verify": {"logits_max_abs_diff": 0.0}}, [legacy, {}]),
+    ]  # fmt: skip
+    table = comparison_table([queries.get_run(engine, i) for i in ids])
+    assert table["verify"].tolist() == ["pass", "fail", "off", "no verdict"]
+    # payload: all ranks per timed step (2 steps); point-to-point counted once, at the sender, old runs too
+    assert table["comm_mib_per_step"].tolist() == [4.0, 0.5, 0.5, 0.5]
+    # wire: the busiest rank per timed step; none recorded before wire estimates (blank, not 0)
+    assert table["wire_mib_per_rank_step"].iloc[:2].tolist() == [2.0, 0.5]
+    assert table["wire_mib_per_rank_step"].iloc[2:].isna().all()
+    assert table["bubble_measured"].isna().tolist() == [True, False, True, True]
+    assert table["mfu"].isna().all()
+    at = page("pages/compare.py", runs=",".join(map(str, ids)))
+    assert not at.exception
+    assert at.dataframe[0].value["verify"].tolist() == ["pass", "fail", "off", "no verdict"]
+
+
 def test_best_of_each_strategy_picks_the_fastest_succeeded_run(engine):
     finished(engine, RunSpec(strategy="layer", pp=2), 100.0)
     fast = finished(engine, RunSpec(strategy="layer", pp=2), 300.0)

@@ -177,16 +177,86 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
     assert not at.exception
     assert any("succeeded" in h.value for h in at.subheader)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["throughput"] == "6.9 k tok/s" and metrics["peak memory (max rank)"] == "300.0 MiB"
+    assert metrics["throughput"] == "6.9 k tok/s" and metrics["run's peak memory (max rank)"] == "300.0 MiB"
     assert any("bubble measured 44.5%, theory 50.0%" in c.value for c in at.caption)
+    # stored before verdicts: its differences are shown, but never as a pass
+    assert not at.success and any("Verify: no verdict** (recorded before verdicts)" in i for i in texts(at.info))
     verify, ranks = at.dataframe[0].value, at.dataframe[1].value
-    assert "tokens_equal" not in verify and verify["grads_max_abs_diff"].iloc[0] == pytest.approx(1e-7)
+    assert verify["quantity"].tolist() == ["logits", "loss", "gradients"]
+    assert verify["max abs diff"].iloc[2] == pytest.approx(1e-7)
     assert ranks["rank"].tolist() == [0, 1] and "send MiB" in ranks and "all_reduce MiB" not in ranks
     charts = [c.proto.spec for c in at.get("vega_lite_chart")]
     assert any("Pipeline timeline, step 2" in c for c in charts), "no timeline of the last step"
 
     at.selectbox(key=f"history_logrank_{run_id}").select(1).run()
     assert any("hello from rank 1" in c for c in texts(at.code))
+
+
+def finished_run(engine, spec: RunSpec, result: dict, ranks: list[dict]) -> int:
+    """A succeeded run whose result.json held `result` and `ranks` (shaped as the job writes them)."""
+    run_id = queries.submit_run(engine, spec)
+    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
+    base = {"tp": 0, "pp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
+            "peak_mem_bytes": 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.0, "comm_bytes": {},
+            "comm_calls": {}}  # fmt: skip
+    result = {"tokens_per_s": 1000.0, "step_time_s_p50": 0.1, "step_times_s": [0.1, 0.1], "device": "cpu",
+              "ranks": [{**base, "rank": i, **r} for i, r in enumerate(ranks)], **result}  # fmt: skip
+    queries.finish_run(engine, run_id, "succeeded", result=result)
+    return run_id
+
+
+TOLERANCES = {"logits": 1e-5, "loss": 1e-5, "grads": 1e-5, "weights": 1e-6}
+VERIFY = {"passed": True, "dtype": "float32", "tolerances": TOLERANCES, "failures": [],
+          "logits_max_abs_diff": 2e-7, "logits_max_rel_diff": 3e-7, "loss_abs_diff": 0.0, "loss_rel_diff": 0.0,
+          "grads_max_abs_diff": 1e-8, "grads_max_rel_diff": 2e-6, "weights_max_abs_diff": 1e-9,
+          "tokens_equal": None}  # fmt: skip
+
+
+def test_a_verify_within_tolerance_shows_a_pass_badge_and_the_tolerances(engine):
+    run_id = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True), {"verify": VERIFY}, [{}, {}])
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert any(s.startswith("**Verify: PASS**") for s in texts(at.success)) and not at.error
+    assert any("grads rel ≤ 1e-05" in c and "weights abs ≤ 1e-06" in c for c in texts(at.caption))
+    table = at.dataframe[0].value
+    assert table["quantity"].tolist() == ["logits", "loss", "gradients", "updated weights"]
+    assert {"max abs diff", "max rel diff", "tolerance"} <= set(table.columns)
+
+
+def test_a_verify_beyond_tolerance_shows_a_fail_badge_listing_each_failure(engine):
+    failed = {**VERIFY, "passed": False, "grads_max_rel_diff": 0.031,
+              "failures": ["grads: max rel diff 3.1e-02 > 1e-05", "weights: max abs diff 2.0e-03 > 1e-06"]}  # fmt: skip
+    run_id = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True), {"verify": failed}, [{}, {}])
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception and not at.success
+    (badge,) = [e for e in texts(at.error) if "Verify: FAIL" in e]
+    assert "- grads: max rel diff 3.1e-02 > 1e-05" in badge and "- weights: max abs diff 2.0e-03 > 1e-06" in badge
+    assert at.dataframe[0].value.set_index("quantity").loc["gradients", "max rel diff"] == pytest.approx(0.031)
+
+
+def test_an_oversubscribed_run_says_how_much_idle_and_bubble_was_waiting_for_a_core(engine):
+    result = {"cpu_oversubscribed": True, "cpu_cores": 2, "world_size": 4, "bubble_fraction": 0.5,
+              "bubble_fraction_theory": 0.43}  # fmt: skip
+    ranks = [{"pp": i, "idle_s": 0.5, "cpu_wait_s": w} for i, w in enumerate((0.4, 0.3, 0.3, 0.2))]
+    run_id = finished_run(engine, RunSpec(strategy="pipeline", pp=4, microbatches=4), result, ranks)
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    (warning,) = texts(at.warning)
+    assert warning.startswith("Oversubscribed: 4 ranks on 2 CPU cores")
+    assert (
+        "waited 1.2 s for a CPU core in total against 2.0 s idle: up to 60% of the idle time and the bubble" in warning
+    )
+    assert any("verify: off" in c for c in texts(at.caption))
+
+
+def test_an_unknown_gpu_shows_no_mfu_and_a_run_within_its_cores_no_warning(engine):
+    result = {"device": "cuda", "device_names": ["Mystery GPU"], "mfu": None, "peak_flops": None,
+              "cpu_oversubscribed": False}  # fmt: skip
+    run_id = finished_run(engine, RunSpec(strategy="data", dp=2), result, [{"cpu_wait_s": 0.0}, {"cpu_wait_s": 0.0}])
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception and not at.warning
+    assert any("no MFU: the peak FLOP/s of Mystery GPU is not known" in c for c in texts(at.caption))
+    assert not any(c.startswith("MFU") or "bubble" in c for c in texts(at.caption))
 
 
 def test_run_detail_of_a_missing_run_says_so(engine):

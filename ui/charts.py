@@ -40,19 +40,26 @@ def throughput_chart(runs: pd.DataFrame, max_runs: int = 40) -> alt.Chart:
     )
 
 
+MEMORY_TITLE = alt.TitleParams(
+    "Run's peak memory per rank", subtitle="GPU: allocated by the run; CPU: RSS above the rank's set-up"
+)
+
+
 def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
-    """Peak memory per rank, grouped by run."""
+    """The run's own peak memory per rank, grouped by run; the process's absolute peak RSS in the tooltip."""
     data = ranks.copy()
     data["run"] = "#" + data["run_id"].astype(str)
     data["peak_mib"] = data["peak_mem_bytes"] / 2**20
     data["param_mib"] = data["param_bytes"] / 2**20
+    rss = data["peak_rss_bytes"] if "peak_rss_bytes" in data else pd.Series(float("nan"), index=data.index)
+    data["rss_mib"] = rss.astype(float) / 2**20
     return (
-        alt.Chart(data, title="Peak memory per rank")
+        alt.Chart(data, title=MEMORY_TITLE)
         .mark_bar()
         .encode(
             x=alt.X("rank:O", title="rank"),
             xOffset="run:N",
-            y=alt.Y("peak_mib:Q", title="peak memory (MiB)"),
+            y=alt.Y("peak_mib:Q", title="run's peak memory (MiB)"),
             color=alt.Color("run:N", title="run"),
             tooltip=[
                 "run",
@@ -60,7 +67,8 @@ def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
                 "tp",
                 "pp",
                 "dp",
-                alt.Tooltip("peak_mib:Q", format=",.1f"),
+                alt.Tooltip("peak_mib:Q", format=",.1f", title="run's peak (MiB)"),
+                alt.Tooltip("rss_mib:Q", format=",.1f", title="process peak RSS (MiB)"),
                 alt.Tooltip("param_mib:Q", format=",.2f", title="parameters (MiB)"),
             ],  # fmt: skip
         )
@@ -179,12 +187,12 @@ def rank_memory_by_coord_chart(ranks: pd.DataFrame, coord: str) -> alt.Chart:
     data["run"] = "#" + data["run_id"].astype(str)
     data["peak_mib"] = data["peak_mem_bytes"] / 2**20
     return (
-        alt.Chart(data, title=f"Peak memory per rank, grouped by {coord}")
+        alt.Chart(data, title=f"Run's peak memory per rank, grouped by {coord}")
         .mark_bar()
         .encode(
             x=alt.X(f"{coord}:O", title=coord),
             xOffset="run:N",
-            y=alt.Y("mean(peak_mib):Q", title="peak memory (MiB, mean over ranks)"),
+            y=alt.Y("mean(peak_mib):Q", title="run's peak memory (MiB, mean over ranks)"),
             color=alt.Color("run:N"),
             tooltip=["run", coord, alt.Tooltip("mean(peak_mib):Q", format=",.1f"), "count()"],
         )

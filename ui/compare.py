@@ -9,10 +9,26 @@ import pandas as pd
 
 from runner.gpt.config import count_parameters
 from runner.spec import RunSpec
+from ui.verify import verdict
 
 
 def _ranks(run: dict) -> list[dict]:
     return run.get("ranks") or []
+
+
+def payload_bytes(rank: dict) -> int:
+    """Payload bytes a rank sent, all kinds: point-to-point counts once, at the sender.
+
+    Runs recorded before that convention also counted the receiving side as `recv`; leaving it out puts
+    old and new runs on the same footing.
+    """
+    return sum(n for kind, n in (rank.get("comm_bytes") or {}).items() if kind != "recv")
+
+
+def wire_mib_per_step(ranks: list[dict], steps: int) -> float | None:
+    """Estimated wire MiB per timed step of the busiest rank; None for runs recorded without wire estimates."""
+    wires = [sum(r["comm_wire_bytes"].values()) for r in ranks if r.get("comm_wire_bytes") is not None]
+    return max(wires) / steps / 2**20 if wires else None
 
 
 def run_figures(run: dict) -> dict[str, Any]:
@@ -32,20 +48,28 @@ def run_figures(run: dict) -> dict[str, Any]:
         "ranks": spec.world_size,
         "model": spec.model,
         "workload": spec.workload,
+        "verify": verdict(r.get("verify")),
         "tokens_per_s": r.get("tokens_per_s"),
         "step_time_s_p50": r.get("step_time_s_p50"),
         "peak_mem_mib_max": max((x["peak_mem_bytes"] for x in ranks), default=float("nan")) / 2**20,
+        "peak_rss_mib_max": _max_mib(ranks, "peak_rss_bytes"),
         "params_share_max": max((x["param_count"] for x in ranks), default=float("nan")) / full_params,
         "compute_share": sum(x["compute_s"] for x in ranks) / busy,
         "comm_share": sum(x["comm_s"] for x in ranks) / busy,
         "idle_share": sum(x["idle_s"] for x in ranks) / busy,
-        "comm_mib_per_step": sum(sum((x.get("comm_bytes") or {}).values()) for x in ranks) / steps / 2**20,
+        "comm_mib_per_step": sum(payload_bytes(x) for x in ranks) / steps / 2**20,
+        "wire_mib_per_rank_step": wire_mib_per_step(ranks, steps),
         "messages_per_step": sum(sum((x.get("comm_calls") or {}).values()) for x in ranks) / steps,
         "bubble_measured": r.get("bubble_fraction"),
         "bubble_theory": r.get("bubble_fraction_theory"),
         "mfu": r.get("mfu"),
         "gflops": r.get("achieved_gflops"),
     }
+
+
+def _max_mib(ranks: list[dict], key: str) -> float | None:
+    values = [x[key] for x in ranks if x.get(key) is not None]
+    return max(values) / 2**20 if values else None
 
 
 def comparison_table(runs: list[dict]) -> pd.DataFrame:
@@ -85,10 +109,14 @@ def guide_table(runs: list[dict]) -> pd.DataFrame:
             "compute efficiency": f"{_level(f['compute_share'], 0.75, 0.5, True)}: ranks compute "
                                   f"{f['compute_share']:.0%} of the time, idle {f['idle_share']:.0%}",
             "communication": f"{_level(f['comm_share'], 0.1, 0.3, False)}: {f['comm_mib_per_step']:.2f} MiB "
-                             f"per step, {f['comm_share']:.0%} of the time",
+                             f"payload per step{_wire(f['wire_mib_per_rank_step'])}, {f['comm_share']:.0%} of the time",
             "complexity": f"{kinds} kind(s) of collective, {f['messages_per_step']:.0f} messages per step",
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def _wire(mib: float | None) -> str:
+    return f" ({mib:.2f} MiB on the wire from the busiest rank)" if mib is not None else ""
 
 
 def _find(runs: list[dict], run_id: int) -> dict:
