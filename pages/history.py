@@ -103,9 +103,10 @@ def run_detail(run_id: int) -> None:
             c[1].metric("step time p50", human_duration(r.get("step_time_s_p50")))
             c[2].metric("step time p90", human_duration(r.get("step_time_s_p90")))
             c[3].metric(
-                "run's peak memory (max rank)",
+                "run's peak memory",
                 human_bytes(max((x["peak_mem_bytes"] for x in run["ranks"]), default=None)),
-                help="GPU: memory the run allocated; CPU: resident memory above the rank's state after set-up",
+                help="the largest rank's. GPU: memory the run allocated; CPU: resident memory above the rank's "
+                "state after set-up (interpreter, torch, process group)",
             )
             c[4].metric("achieved GFLOP/s", f"{r['achieved_gflops']:.2f}" if r.get("achieved_gflops") else "—")
             rss = [x["peak_rss_bytes"] for x in run["ranks"] if x.get("peak_rss_bytes") is not None]

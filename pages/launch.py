@@ -6,16 +6,18 @@ import shlex
 
 import streamlit as st
 
+from runner.selftest import submit_selftest
 from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError, torchrun_argv
 from storage import queries
 from storage.db import runs_dir
 from ui.format import human_bytes
-from ui.forms import STRATEGY_HELP, problems_by_field, spec_from_form, uses
+from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "launch_"  # widget keys are namespaced per page
+SELFTEST_TAG = "selftest"  # the tag runner.selftest puts on its runs; History filters on it
 
 st.title("Launch a run")
 runner = queries.runner_status(engine())
@@ -149,6 +151,9 @@ with info:
         st.code(
             shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True
         )
+        crowded = oversubscription_warning(spec, gpu_count)
+        if crowded:
+            st.warning(crowded, icon=":material/warning:")
     elif problems:
         n = len(problems)
         st.warning(f"{n} problem{'s' if n > 1 else ''} to fix before launching; each is shown next to its field.")
@@ -167,6 +172,27 @@ def devices_panel() -> None:
     else:
         st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
+    c1, c2 = st.columns([1, 1.4], vertical_alignment="bottom")
+    device = c1.selectbox("self-test on", DEVICES, key=K + "selftest_device")
+    if c2.button(
+        "Run the self-test", key=K + "selftest", icon=":material/fact_check:",
+        help="queues every strategy these devices allow, each verified against the single-device reference",
+    ):  # fmt: skip
+        # Kept in the session: this panel redraws every 2 s and the outcome must outlive that.
+        try:
+            st.session_state[K + "selftest_ids"] = submit_selftest(engine(), device=device, user=user)
+            st.session_state[K + "selftest_error"] = None
+        except SpecError as exc:  # e.g. cuda chosen where the runner sees no GPU
+            st.session_state[K + "selftest_error"] = "; ".join(p.message for p in exc.problems)
+    if st.session_state.get(K + "selftest_error"):
+        st.error(f"The self-test was not queued: {st.session_state[K + 'selftest_error']}", icon=":material/error:")
+    queued = st.session_state.get(K + "selftest_ids")
+    if queued:
+        links = ", ".join(f"[#{i}](/history?run={i})" for i in queued)
+        st.success(f"Queued {len(queued)} self-test runs: {links}. [All self-test runs](/history?tag={SELFTEST_TAG})")
+    elif queued is not None:
+        gpus = len(status["gpus"]) if status and status["alive"] else 0
+        st.warning(f"No self-test run fits these devices (the runner sees {gpus} GPU(s)): choose auto or cpu.")
 
 
 with devices:

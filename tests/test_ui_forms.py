@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ui.forms import STRATEGY_HELP, USES, problems_by_field, spec_from_form, uses
+from ui.forms import STRATEGY_HELP, USES, oversubscription_warning, problems_by_field, spec_from_form, uses
 
 FORM = {"strategy": "layer", "tp": 2, "pp": 2, "dp": 2, "microbatches": 4, "model": "tiny", "workload": "train",
         "batch": 8, "seq": 64, "steps": 5, "warmup": 1, "tags": "a, b", "weights": ""}  # fmt: skip
@@ -53,3 +53,13 @@ def test_malformed_values_come_back_as_problems_not_exceptions():
 def test_every_strategy_has_help_and_a_field_set():
     assert set(USES) == set(STRATEGY_HELP)
     assert uses("pipeline", "microbatches") and not uses("layer", "microbatches") and not uses("nope", "tp")
+
+
+def test_oversubscription_is_judged_only_for_runs_that_land_on_cpu():
+    spec, _ = spec_from_form({**FORM, "pp": 4})
+    assert oversubscription_warning(spec, gpu_count=0, cores=2).startswith("4 ranks on 2 CPU cores")
+    assert oversubscription_warning(spec, gpu_count=0, cores=4) is None
+    assert oversubscription_warning(spec, gpu_count=4, cores=2) is None  # 'auto' with 4 GPUs runs on them
+    assert oversubscription_warning(spec, gpu_count=None, cores=2) is None  # no runner report: device unknown
+    on_cpu, _ = spec_from_form({**FORM, "pp": 4, "device": "cpu"})
+    assert oversubscription_warning(on_cpu, gpu_count=None, cores=2) is not None

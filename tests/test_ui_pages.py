@@ -113,6 +113,50 @@ def test_launch_button_queues_the_run_with_the_form_values(engine):
     assert list(run["tags"]) == ["baseline", "tiny"]
 
 
+def test_launch_warns_before_a_cpu_run_with_more_ranks_than_cores(engine, monkeypatch):
+    import runner.spec
+
+    monkeypatch.setattr(runner.spec, "usable_cores", lambda: 2)  # this machine, as the warning sees it
+    with runner_lease(engine, []):
+        at = page("pages/launch.py")
+        assert not at.warning  # pp=2 on 2 cores
+        at.number_input(key="launch_pp").set_value(4).run()
+    (warning,) = texts(at.warning)
+    assert warning.startswith("4 ranks on 2 CPU cores") and "oversubscribed" in warning
+    assert not at.button(key="launch_submit").disabled  # a warning, not a refusal
+
+
+def test_no_oversubscription_warning_for_a_gpu_run(engine, monkeypatch):
+    import runner.spec
+
+    monkeypatch.setattr(runner.spec, "usable_cores", lambda: 1)
+    with runner_lease(engine, [H100, {**H100, "index": 1}]):
+        at = page("pages/launch.py")
+    assert not at.warning
+
+
+def test_the_self_test_button_queues_runs_tagged_selftest_and_links_them(engine):
+    with runner_lease(engine, []):
+        at = page("pages/launch.py")
+        at.selectbox(key="launch_selftest_device").select("cpu").run()
+        at.text_input(key="launch_user").set_value("grace").run()
+        at.button(key="launch_selftest").click().run()
+    runs = queries.list_runs(engine).to_dict("records")
+    assert runs and all("selftest" in r["tags"] and r["user"] == "grace" for r in runs)
+    (done,) = texts(at.success)
+    assert f"Queued {len(runs)} self-test runs" in done and "(/history?tag=selftest)" in done
+    assert all(f"[#{r['id']}](/history?run={r['id']})" in done for r in runs)
+
+
+def test_a_self_test_on_cuda_without_gpus_queues_nothing_and_says_why(engine):
+    with runner_lease(engine, []):
+        at = page("pages/launch.py")
+        at.selectbox(key="launch_selftest_device").select("cuda").run()
+        at.button(key="launch_selftest").click().run()
+    assert queries.count_runs(engine) == 0
+    assert any("No self-test run fits these devices (the runner sees 0 GPU(s))" in w for w in texts(at.warning))
+
+
 # ---- history ---------------------------------------------------------------------------------
 def test_history_empty_state_offers_a_first_run(engine):
     at = page("pages/history.py")
@@ -177,7 +221,7 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
     assert not at.exception
     assert any("succeeded" in h.value for h in at.subheader)
     metrics = {m.label: m.value for m in at.metric}
-    assert metrics["throughput"] == "6.9 k tok/s" and metrics["run's peak memory (max rank)"] == "300.0 MiB"
+    assert metrics["throughput"] == "6.9 k tok/s" and metrics["run's peak memory"] == "300.0 MiB"
     assert any("bubble measured 44.5%, theory 50.0%" in c.value for c in at.caption)
     # stored before verdicts: its differences are shown, but never as a pass
     assert not at.success and any("Verify: no verdict** (recorded before verdicts)" in i for i in texts(at.info))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem
+from runner.spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
 
 # Degrees and options each strategy uses; the form disables the rest and sends their neutral value.
 USES: dict[str, set[str]] = {
@@ -58,3 +58,17 @@ def problems_by_field(problems: list[SpecProblem]) -> dict[str, list[str]]:
     for p in problems:
         out.setdefault(p.field, []).append(p.message)
     return out
+
+
+def oversubscription_warning(spec: RunSpec, gpu_count: int | None, cores: int | None = None) -> str | None:
+    """The warning before launching a CPU run with more ranks than cores; None for GPU runs.
+
+    With the runner not reporting yet (gpu_count None) an 'auto' run's device is unknown, so only an explicit
+    'cpu' run is judged then. `cores` defaults to the usable cores of the machine serving this page, which is
+    the runner's own in the usual set-up (app and runner on one host).
+    """
+    if gpu_count is None and spec.device != "cpu":
+        return None
+    if spec.resolved_device(gpu_count or 0) != "cpu":
+        return None
+    return cpu_oversubscription(spec.world_size, cores)

@@ -50,7 +50,8 @@ def differences(verify: dict[str, Any]) -> pd.DataFrame:
     """One row per compared quantity: max abs and max rel difference and the tolerance applied.
 
     Quantities the workload does not have (no gradients in forward, no weights outside train) are left out;
-    a generate run adds whether the generated tokens are equal.
+    a generate run adds whether the generated tokens are equal. Runs stored before verdicts recorded only
+    absolute differences, so their table has only that column.
     """
     tolerances = verify.get("tolerances") or {}
     rows = []
@@ -69,4 +70,10 @@ def differences(verify: dict[str, Any]) -> pd.DataFrame:
     if verify.get("tokens_equal") is not None:
         rows.append({"quantity": "generated tokens", "max abs diff": None, "max rel diff": None,
                      "tolerance": "must match: " + ("they match" if verify["tokens_equal"] else "they DIFFER")})  # fmt: skip
-    return pd.DataFrame(rows, columns=["quantity", "max abs diff", "max rel diff", "tolerance"])
+    table = pd.DataFrame(rows, columns=["quantity", "max abs diff", "max rel diff", "tolerance"])
+    # A run stored before verdicts has neither relative differences nor tolerances: no columns of blanks.
+    if table["max rel diff"].isna().all():
+        table = table.drop(columns="max rel diff")
+    if (table["tolerance"] == "—").all():
+        table = table.drop(columns="tolerance")
+    return table
