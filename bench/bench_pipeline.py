@@ -1,4 +1,4 @@
-"""Our pipeline schedules against PyTorch's own (`torch.distributed.pipelining`), and the measured bubble.
+"""Our pipeline schedules against PyTorch's own (`torch.distributed.pipelining`), on the same stages.
 
 Both sides run the same GPT stages (runner.gpt.model.GPTStage, name-seeded weights: stage s holds layers
 [s*L/p, (s+1)*L/p), the embedding on the first, ln_f + LM head on the last) on the same global batch cut
@@ -8,14 +8,13 @@ copy of the stage in `PipelineStage` and runs `ScheduleGPipe` / `Schedule1F1B` w
 and a loss of CE / m per microbatch, which is our loss (mean over the global batch). Each side then sums
 the tied embedding / LM head gradient between first and last stage the same way, so a step leaves the
 reference gradients on both. A step is zero_grad + forward + backward (no optimizer: that is not the
-schedule's work), timed from barrier to barrier, alternating ours and theirs every round so drift in
-the machine hits both alike. Before timing, the summed losses and every gradient are compared.
+schedule's work), timed from barrier to barrier. Every round runs each configuration once (rotated
+order) with ours and theirs back to back, flipping which goes first every round, so drift in the
+machine hits both alike. Before timing, the summed losses and every gradient are compared. Only p
+values up to the usable cores run by default. The bubble, taken apart, is bench/bench_bubble.py's.
 
-The bubble is measured as a `pipeline` run measures it: per stage, time blocked in recv plus time waiting
-at the end-of-step barrier, over the step time; overall = mean over stages, beside (p-1)/(m+p-1).
-
-Run: `python bench/bench_pipeline.py` (or `make bench`). It starts torchrun itself for p in {2, 4} and
-writes the "## Pipeline parallelism" section of bench/RESULTS.md (other sections are kept).
+Run: `python bench/bench_pipeline.py` (or `make bench`; `--quick` or BENCH_QUICK=1 for a short run). It
+starts torchrun itself and writes the "## Pipeline parallelism" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import write_section  # noqa: E402
+from bench.results import compare_sentence, machine_lines, quick_mode, spread, usable_cores, write_section  # noqa: E402
 from runner.spec import torchrun_launcher  # noqa: E402
 
 # 8 layers split over 2 or 4 stages; batch 16 so every m in MICROBATCHES divides it. Small enough that
@@ -46,10 +44,11 @@ BATCH, SEED = 16, 0
 SIZES = {"compute-bound": (128, 64), "overhead-bound": (32, 8)}
 MICROBATCHES = (1, 2, 4, 8, 16)
 SCHEDULES = ("gpipe", "1f1b")
-WARMUP, ROUNDS = 2, 9
+FULL = {"warmup": 2, "rounds": 9, "microbatches": list(MICROBATCHES)}
+QUICK = {"warmup": 1, "rounds": 3, "microbatches": [1, 4, 16]}
 
 
-def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int) -> None:
+def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup: int, rounds: int) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -133,8 +132,8 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int) -> Non
                 "grad_diff": grad_diff,
             }
 
-    # ---- timing and the measured bubble ----
-    def step(side: str, schedule: str, m: int) -> tuple[float, float]:
+    # ---- timing: every configuration once per round (rotated), ours and theirs back to back ----
+    def step(side: str, schedule: str, m: int) -> float:
         zero_grad()
         mesh.stats.reset()
         mesh.stats.counting = side == "ours"
@@ -144,42 +143,35 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int) -> Non
             run_ours(schedule, m, start)
         else:
             run_theirs(schedule, m)
-        work_end = time.perf_counter()
-        dist.barrier()  # the step ends when the slowest stage ends; waiting for it is bubble too
-        end = time.perf_counter()
+        dist.barrier()  # the step ends when the slowest stage ends
         mesh.stats.counting = False
-        idle = mesh.stats.idle_s + (end - work_end)
-        return end - start, idle / (end - start)
+        return time.perf_counter() - start
 
-    times: dict[str, dict[str, list[float]]] = {}
-    bubbles: dict[str, list[float]] = {}
-    inflight: dict[str, int] = {}
-    for schedule in SCHEDULES:
-        for m in microbatches:
+    configs = [(s, m) for s in SCHEDULES for m in microbatches]
+    times = {f"{s}/{m}": {"ours": [], "theirs": []} for s, m in configs}
+    inflight = dict.fromkeys(times, 0)
+    for r in range(warmup + rounds):
+        for schedule, m in configs[r % len(configs) :] + configs[: r % len(configs)]:
             key = f"{schedule}/{m}"
-            times[key] = {"ours": [], "theirs": []}
-            bubbles[key] = []
-            ours.max_inflight = 0
-            for r in range(WARMUP + ROUNDS):
-                for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
-                    if side == "theirs" and not supported(schedule, m):
-                        continue
-                    seconds, bubble = step(side, schedule, m)
-                    if r >= WARMUP:
-                        times[key][side].append(seconds)
-                        if side == "ours":
-                            bubbles[key].append(bubble)
-            inflight[key] = ours.max_inflight
-    mine = {"checks": checks, "bubbles": bubbles, "inflight": inflight}
+            for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
+                if side == "theirs" and not supported(schedule, m):
+                    continue
+                ours.max_inflight = 0
+                seconds = step(side, schedule, m)
+                if side == "ours":
+                    inflight[key] = max(inflight[key], ours.max_inflight)
+                if r >= warmup:
+                    times[key][side].append(seconds)
+    mine = {"checks": checks, "inflight": inflight}
     gathered: list[dict] = [{} for _ in range(p)]
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        # Times are the same on every rank (barrier to barrier); bubbles and checks are per stage.
+        # Times are the same on every rank (barrier to barrier); checks and in-flight counts are per stage.
         Path(out_path).write_text(json.dumps({"p": p, "times": times, "stages": gathered}))
     dist.destroy_process_group()
 
 
-def launch(p: int, microbatches: list[int], size: str) -> dict:
+def launch(p: int, microbatches: list[int], size: str, settings: dict) -> dict:
     n_embd, seq = SIZES[size]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
@@ -188,6 +180,7 @@ def launch(p: int, microbatches: list[int], size: str) -> dict:
             *torchrun_launcher(p),
             str(Path(__file__).resolve()), "--worker", str(out), "--n-embd", str(n_embd), "--seq", str(seq),
             "--microbatches", *map(str, microbatches),
+            "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
         ]  # fmt: skip
         subprocess.run(argv, cwd=REPO, env=env, check=True)
         return {**json.loads(out.read_text()), "size": size}
@@ -208,122 +201,142 @@ def check(res: dict) -> dict[str, float]:
     return worst
 
 
-def cpu_name() -> str:
-    try:
-        return next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+def pair_ratios(t: dict) -> list[float]:
+    """ours / theirs of the two back-to-back steps of each round."""
+    return [a / b for a, b in zip(t["ours"], t["theirs"], strict=True)]
 
 
-def section(results: list[dict]) -> str:
-    import torch
-
+def section(results: list[dict], settings: dict, skipped: list[int], quick: bool) -> str:
     d = DIMS
     lines = [
         "## Pipeline parallelism",
         "",
-        f"`python bench/bench_pipeline.py`, {time.strftime('%Y-%m-%d')}. Ours: `PipelineGPT.forward_backward` "
-        "(runner/gpt/pipeline.py: `gpipe` / `one_f_one_b`). Theirs: PyTorch's `torch.distributed.pipelining` "
-        "(`PipelineStage`, `ScheduleGPipe` / `Schedule1F1B`, `scale_grads=False`) on the same stages.",
+        f"`python bench/bench_pipeline.py{' --quick' if quick else ''}`, {time.strftime('%Y-%m-%d %H:%M')}. Ours: "
+        "`PipelineGPT.forward_backward` (runner/gpt/pipeline.py: `gpipe` / `one_f_one_b`). Theirs: PyTorch's "
+        "`torch.distributed.pipelining` (`PipelineStage`, `ScheduleGPipe` / `Schedule1F1B`, `scale_grads=False`) "
+        "on the same stages.",
         "",
-        f"- machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}; "
-        "CPU ranks, gloo, one thread per rank",
-        f"- versions: Python {platform.python_version()}, torch {torch.__version__}",
+        *machine_lines(),
         f"- model: {d['n_layer']} layers split evenly over p stages, n_head {d['n_head']}, vocab {d['vocab_size']}, "
         f"float32; batch {BATCH} rows cut into m microbatches; sizes: "
         + "; ".join(f"{k} = n_embd {e}, seq {q}" for k, (e, q) in SIZES.items())
         + "; same weights (name-seeded), inputs and microbatches on both sides",
         "- step: zero_grad + forward + backward (loss = mean over the global batch) + the tied embedding's "
-        f"gradient sum; {WARMUP} warm-up rounds, then {ROUNDS} rounds alternating ours/theirs; barrier to barrier",
-        "- bubble (ours, measured): per stage (recv wait + end-of-step barrier wait) / step time, mean over "
-        "stages and timed rounds; theory (p-1)/(m+p-1)",
-        "- in flight: most microbatch activations one stage held at once (first stage; GPipe m, 1F1B p)",
+        f"gradient sum; barrier to barrier; {settings['warmup']} warm-up round(s), then {settings['rounds']} rounds, "
+        "each running every configuration once (rotated order), ours and theirs back to back (order flipped every "
+        "round); a trial's ratio is ours / theirs within one round. Ours runs with its instrumentation on (counted "
+        "messages, spans, saved-activation bytes), as a `pipeline` run does",
+        "- in flight: most microbatch activations the first stage held at once (GPipe m, 1F1B p)",
+        "- the bubble of our pipeline, taken apart, is in the section 'Pipeline bubble'",
         "",
-        "| size | p | m | schedule | ours median (ms) | theirs median (ms) | ours / theirs | bubble measured "
-        "| bubble theory | per stage | in flight | max abs diff loss, grads |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| size | p | m | schedule | ours median (ms) | theirs median (ms) | ours / theirs: median (range) "
+        "| in flight | max abs diff loss, grads |",
+        "|---|---:|---:|---|---:|---:|---|---:|---:|",
     ]
+    refused = []
     for res in results:
         p = res["p"]
         worst = check(res)
         for key, t in res["times"].items():
             schedule, m = key.split("/")
-            m = int(m)
             ours = statistics.median(t["ours"]) * 1e3
-            theirs = statistics.median(t["theirs"]) * 1e3 if t["theirs"] else None
-            per_stage = [statistics.fmean(stage["bubbles"][key]) for stage in res["stages"]]
-            measured = statistics.fmean(per_stage)
-            theory = (p - 1) / (m + p - 1)
-            inflight = res["stages"][0]["inflight"][key]
-            vs = f"{theirs:.1f} | {ours / theirs:.2f}" if theirs else "refused (m < p) | -"
+            if t["theirs"]:
+                med, lo, hi = spread(pair_ratios(t))
+                vs = f"{statistics.median(t['theirs']) * 1e3:.1f} | {med:.2f} ({lo:.2f}..{hi:.2f})"
+            else:
+                vs = "refused | -"
+                if f"p {p} m {m}" not in refused:
+                    refused.append(f"p {p} m {m}")
             diff = f"{worst[key]:.1e}" if key in worst else "-"
-            lines.append(
-                f"| {res['size']} | {p} | {m} | {schedule} | {ours:.1f} | {vs} | {measured:.2f} "
-                f"| {theory:.2f} | {' '.join(f'{b:.2f}' for b in per_stage)} | {inflight} | {diff} |"
-            )
-    lines.append("")
-    for size in SIZES:
-        ratios = [
-            statistics.median(t["ours"]) / statistics.median(t["theirs"])
-            for res in results
-            if res["size"] == size
-            for t in res["times"].values()
-            if t["theirs"]
-        ]
-        if ratios:
-            lines.append(f"Ratio ours/theirs, {size}, over {len(ratios)} configurations: median "
-                         f"{statistics.median(ratios):.2f}, best {min(ratios):.2f}, worst {max(ratios):.2f}.")  # fmt: skip
+            inflight = res["stages"][0]["inflight"][key]
+            lines.append(f"| {res['size']} | {p} | {m} | {schedule} | {ours:.1f} | {vs} | {inflight} | {diff} |")
+    lines += ["", *sentences(results, refused, skipped)]
     return "\n".join(lines) + "\n"
 
 
-NOTES = """
-Reading the table. Both sides run the same stages, microbatches and float32 kernels and send the same
-activations and gradients, and their losses and gradients agree (last column; the 1e-8 differences are
-GPipe's backward order: ours runs backwards last-in first-out as GPipe does, theirs first-in first-out).
-So a step is the same arithmetic on both sides and the ratio can only come from per-microbatch framework
-work. At the compute-bound size that work is a few percent of a step and the ratios scatter around 1.0
-within the noise of this machine; we do not reach the 0.9 we aimed for, and we do not claim to. At the
-overhead-bound size the per-microbatch work is what is timed: ours records spans, counts saved-tensor
-bytes through an autograd hook, counts every message, and adds one small barrier per step between first
-and last stage (so that the last stage's wait for the first one's final backward is booked as bubble,
-not as all-reduce time); that instrumentation is the product's point, and it is what costs us there.
-Schedule1F1B refuses m < p (ours runs it as warm-up then cool-down).
-
-The measured bubble follows (p-1)/(m+p-1) where the theory's assumptions hold (m = 1, 2: stages wait
-for each other) and stays above it for larger m: the theory assumes every stage owns a processor and
-free communication, while here p ranks share 2 cores with other work, so a stage that could compute is
-often waiting for a core, and the per-microbatch send/recv latency of gloo grows relative to ever
-smaller microbatches. With p = 4 on 2 cores at most two stages compute at once, so the measured bubble
-cannot fall much below 0.5. In flight: GPipe stores all m microbatches' activations on the first stage,
-1F1B at most p (the test suite asserts both, and that the saved bytes equal that count times one
-microbatch's). These CPU figures come from a 2-core machine shared with other jobs (load average 4 to
-12 during the run): repeated runs move medians by up to 2x at the compute-bound size, so read ratios
-and bubbles, not absolute times.
-"""
+def sentences(results: list[dict], refused: list[str], skipped: list[int]) -> list[str]:
+    """What the table says, written from it."""
+    out = []
+    for size in SIZES:
+        mine = [
+            (res, key, t) for res in results if res["size"] == size for key, t in res["times"].items() if t["theirs"]
+        ]
+        if not mine:
+            continue
+        medians = [statistics.median(pair_ratios(t)) for _, _, t in mine]
+        straddle = sum(min(pair_ratios(t)) < 1 < max(pair_ratios(t)) for _, _, t in mine)
+        best = min(zip(medians, mine, strict=True), key=lambda x: x[0])
+        worst = max(zip(medians, mine, strict=True), key=lambda x: x[0])
+        name = lambda item: f"p {item[1][0]['p']} {item[1][1].replace('/', ' m ')}"  # noqa: E731
+        out.append(
+            "- "
+            + compare_sentence(f"{size}, over {len(mine)} configurations", medians, "configuration medians")
+            + f" Best {best[0]:.2f} ({name(best)}), worst {worst[0]:.2f} ({name(worst)}); in {straddle} of "
+            f"{len(mine)} configurations the trials themselves went both ways."
+        )
+    diffs = {
+        schedule: max(
+            (check(res).get(k, 0.0) for res in results for k in res["times"] if k.startswith(schedule)), default=0.0
+        )
+        for schedule in SCHEDULES
+    }
+    text = (
+        f"- Same results: losses and gradients agree to {max(diffs.values()):.1e} at most "
+        f"(gpipe {diffs['gpipe']:.1e}, 1f1b {diffs['1f1b']:.1e})"
+    )
+    if diffs["gpipe"] > 0 and diffs["1f1b"] == 0:
+        text += (
+            "; only gpipe differs at all: ours runs its backwards last-in first-out as GPipe does, theirs first-in "
+            "first-out, so float32 gradients are summed in another order"
+        )
+    out.append(text + ".")
+    inflight = {
+        f"{s} m {m}": {res["stages"][0]["inflight"][f"{s}/{m}"] for res in results}
+        for s in SCHEDULES
+        for m in sorted({int(k.split("/")[1]) for res in results for k in res["times"]})
+    }
+    out.append(
+        "- In flight on the first stage, by schedule and m (over sizes and p): "
+        + ", ".join(f"{k}: {'/'.join(map(str, sorted(v)))}" for k, v in inflight.items())
+        + "."
+    )
+    if refused:
+        out.append(f"- Schedule1F1B refused m < p ({', '.join(refused)}); ours runs it (warm-up then cool-down).")
+    if skipped:
+        out.append(
+            f"- not run: p {', '.join(map(str, skipped))} (more ranks than the {usable_cores()} usable cores; "
+            "pass --p to run them anyway)."
+        )
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
-    parser.add_argument("--p", type=int, nargs="*", default=[2, 4])
-    parser.add_argument("--microbatches", type=int, nargs="*", default=list(MICROBATCHES))
+    parser.add_argument("--p", type=int, nargs="*", help="pipeline degrees (default: 2 and 4, up to the usable cores)")
+    parser.add_argument("--microbatches", type=int, nargs="*")
     parser.add_argument("--n-embd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--size", nargs="*", choices=list(SIZES), default=list(SIZES))
+    parser.add_argument("--quick", action="store_true", help="a short run (also BENCH_QUICK=1)")
     parser.add_argument("--no-write", action="store_true", help="print the section, leave RESULTS.md alone")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.microbatches, args.n_embd, args.seq)
+        worker(args.worker, args.microbatches, args.n_embd, args.seq, args.warmup, args.rounds)
         return
-    results = [launch(p, args.microbatches, size) for size in args.size for p in args.p]
-    text = section(results)
+    quick = quick_mode(args.quick)
+    settings = QUICK if quick else FULL
+    microbatches = args.microbatches or settings["microbatches"]
+    wanted = args.p or [2, 4]
+    run = [p for p in wanted if args.p or p <= usable_cores()]
+    skipped = [p for p in wanted if p not in run]
+    results = [launch(p, microbatches, size, settings) for size in args.size for p in run]
+    text = section(results, settings, skipped, quick)
     print(text)
     if not args.no_write:
-        write_section("Pipeline parallelism", text, REPO / "bench" / "RESULTS.md", NOTES)
+        write_section("Pipeline parallelism", text, REPO / "bench" / "RESULTS.md")
 
 
 if __name__ == "__main__":

@@ -80,5 +80,5 @@ def compare_sentence(what: str, ratios: list[float], noun: str = "interleaved pa
         verdict = "ours and theirs tie"
     text = f"{what}: {verdict} (ratio ours/theirs {med:.2f}, median of {len(ratios)} {noun}, range {lo:.2f}..{hi:.2f})"
     if lo < 1 < hi:
-        text += "; the range straddles 1.0, so single trials go both ways"
+        text += f"; the range straddles 1.0: some {noun} favour each side"
     return text + "."
