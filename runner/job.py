@@ -272,6 +272,10 @@ def write_result(spec, run_dir, world, device, backend, step_times, ranks, verif
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun gives each rank a session of its own: without this a rank outlives a killed torchrun.
+    from runner.launch import die_with_launcher
+
+    die_with_launcher()
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: torchrun ... -m runner.job RUN_DIR/spec.json", file=sys.stderr)

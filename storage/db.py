@@ -40,10 +40,31 @@ def database_url() -> str:
     return os.environ.get("LAB_DB_URL") or f"sqlite:///{lab_home() / 'lab.db'}"
 
 
+RUNNER_STALE_S = 30.0  # default: a runner whose heartbeat is older than this is presumed dead
+
+
+def runner_stale_s() -> float:
+    """Seconds without a heartbeat after which a runner's lease may be taken (LAB_RUNNER_STALE_S).
+
+    Every process of one team must use the same value; every wait on the database is bounded by a third
+    of it (db_wait_s), so a runner that is merely blocked on a lock never looks dead.
+    """
+    return float(os.environ.get("LAB_RUNNER_STALE_S") or RUNNER_STALE_S)
+
+
+def db_wait_s() -> float:
+    """The longest any statement waits for a lock: a third of the runner lease's stale limit.
+
+    A runner blocked on the database must never look dead to another runner, so every wait ends (with an
+    error the runner's loop survives) well before its heartbeat goes stale.
+    """
+    return runner_stale_s() / 3
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(db_wait_s() * 1000)}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     try:
@@ -73,6 +94,8 @@ def _migration_lock(engine: Engine) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
     elif engine.dialect.name == "postgresql":
         with engine.connect() as conn:
+            # Waiting for another process's migration is not a lock wait to bound (lock_timeout below).
+            conn.execute(text("SET LOCAL lock_timeout = 0"))
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": _PG_MIGRATION_LOCK})
             try:
                 yield
@@ -89,7 +112,11 @@ def get_engine(url: str | None = None, migrate: bool = True) -> Engine:
     with _lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = create_engine(url, pool_pre_ping=True)
+            connect_args = {}
+            if url.startswith("postgresql"):
+                # Row locks (a claim, a lease takeover) wait at most this long, then the statement fails.
+                connect_args["options"] = f"-c lock_timeout={int(db_wait_s() * 1000)}"
+            engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
             if engine.dialect.name == "sqlite":
                 event.listen(engine, "connect", _sqlite_pragmas)
             if migrate:

@@ -97,6 +97,9 @@ class Run(Base):
     total_steps: Mapped[int] = mapped_column(Integer, default=0)
     run_dir: Mapped[str | None] = mapped_column(String(512), nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Each rank's [pid, start time]: torchrun gives every rank a session of its own, so the runner signals
+    # and watches the ranks themselves, also after a restart.
+    rank_pids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     runner_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)
     events_offset: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -11,6 +11,7 @@ import csv
 import getpass
 import io
 import json
+import math
 import shutil
 import socket
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from sqlalchemy import Engine, String, cast, delete, func, insert, or_, select, 
 from sqlalchemy.orm import Session
 
 from runner.spec import RunSpec, SpecError
-from storage.db import runs_dir
+from storage.db import RUNNER_STALE_S, runner_stale_s, runs_dir  # noqa: F401 (RUNNER_STALE_S: re-exported)
 from storage.models import (
     TERMINAL_STATES,
     RankResult,
@@ -36,7 +37,30 @@ from storage.models import (
     utcnow,
 )
 
-RUNNER_STALE_S = 10.0  # a runner whose heartbeat is older than this is presumed dead
+
+def finite_json(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """`value` with every NaN or infinity replaced by None, and the paths where that happened.
+
+    PostgreSQL's JSON refuses NaN and SQLite's stores a token no other JSON reader accepts; a diverged
+    run's loss is exactly that, so results are made finite before they are stored.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [f"{path or 'value'} = {value}"]
+    if isinstance(value, dict):
+        out, where = {}, []
+        for k, v in value.items():
+            out[k], w = finite_json(v, f"{path}.{k}" if path else str(k))
+            where += w
+        return out, where
+    if isinstance(value, (list, tuple)):
+        out_list, where = [], []
+        for i, v in enumerate(value):
+            item, w = finite_json(v, f"{path}[{i}]")
+            out_list.append(item)
+            where += w
+        return out_list, where
+    return value, []
+
 
 LIST_COLUMNS = [
     "id", "status", "strategy", "model", "workload", "world_size", "tp", "pp", "dp", "user", "tags",
@@ -340,24 +364,28 @@ def runner_status(engine: Engine) -> dict[str, Any] | None:
             "started_at": _iso(lease.started_at),
             "last_seen": _iso(lease.heartbeat_at),
             "age_s": age,
-            "alive": age < RUNNER_STALE_S,
+            "alive": age < runner_stale_s(),
             "gpus": list(lease.gpus or []),
             "gpu_note": lease.gpu_note,
         }
 
 
-def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gpu_note: str) -> bool:
-    """Take the one runner lease if it is free, stale or already ours; True when we hold it."""
+def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gpu_note: str,
+                  takeover_from: str | None = None) -> bool:  # fmt: skip
+    """Take the one runner lease if it is free, stale or already ours; True when we hold it.
+
+    takeover_from: the id of a holder known to be dead (its process on this host is gone), taken over
+    without waiting for its heartbeat to go stale.
+    """
     now = utcnow()
-    stale = now - timedelta(seconds=RUNNER_STALE_S)
+    stale = now - timedelta(seconds=runner_stale_s())
     values = dict(runner_id=runner_id, host=socket.gethostname()[:128], pid=pid, started_at=now, heartbeat_at=now,
                   gpus=gpus, gpu_note=gpu_note[:300])  # fmt: skip
+    takeable = [RunnerLease.heartbeat_at < stale, RunnerLease.runner_id == runner_id]
+    if takeover_from:
+        takeable.append(RunnerLease.runner_id == takeover_from)
     with engine.begin() as conn:
-        won = conn.execute(
-            update(RunnerLease)
-            .where(RunnerLease.id == 1, or_(RunnerLease.heartbeat_at < stale, RunnerLease.runner_id == runner_id))
-            .values(**values)
-        ).rowcount
+        won = conn.execute(update(RunnerLease).where(RunnerLease.id == 1, or_(*takeable)).values(**values)).rowcount
         if won:
             return True
         exists = conn.execute(select(RunnerLease.id).where(RunnerLease.id == 1)).first()
@@ -396,14 +424,25 @@ def queued_runs(engine: Engine) -> list[dict[str, Any]]:
         return [dict(r._mapping) for r in conn.execute(q)]
 
 
-def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int]) -> bool:
-    """queued -> running for exactly one caller: the UPDATE's row count says who won."""
+def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int], *,
+              require_lease: bool = False) -> bool:  # fmt: skip
+    """queued -> running for exactly one caller: the UPDATE's row count says who won.
+
+    require_lease (the runner always sets it): the claim also needs the runner lease to be still ours,
+    checked in the same transaction, so a runner that was frozen or cut off while another took over
+    launches nothing. On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
+    this claim and then sees it; on SQLite the single UPDATE holds the database's write lock throughout.
+    """
+    owns_lease = select(RunnerLease.id).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id).exists()
+    claim = update(Run).where(Run.id == run_id, Run.status == "queued")
+    if require_lease:
+        claim = claim.where(owns_lease)
     with engine.begin() as conn:
+        if require_lease and engine.dialect.name != "sqlite":
+            conn.execute(select(RunnerLease.id).where(RunnerLease.id == 1).with_for_update())
         return bool(
             conn.execute(
-                update(Run)
-                .where(Run.id == run_id, Run.status == "queued")
-                .values(
+                claim.values(
                     status="running",
                     started_at=utcnow(),
                     runner_id=runner_id,
@@ -427,7 +466,16 @@ def update_run(engine: Engine, run_id: int, **values: Any) -> None:
 
 def running_runs(engine: Engine) -> list[dict[str, Any]]:
     q = select(
-        Run.id, Run.pid, Run.run_dir, Run.spec, Run.started_at, Run.events_offset, Run.gpus, Run.cancel_requested
+        Run.id,
+        Run.pid,
+        Run.run_dir,
+        Run.spec,
+        Run.started_at,
+        Run.events_offset,
+        Run.gpus,
+        Run.cancel_requested,
+        Run.rank_pids,
+        Run.runner_id,
     )
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q.where(Run.status == "running").order_by(Run.id))]
@@ -439,9 +487,10 @@ def cancel_requested(engine: Engine, run_id: int) -> bool:
 
 
 def add_step_metrics(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    """Store step rows; a non-finite loss (a diverged run) is stored as NULL on every backend."""
     if rows:
         with engine.begin() as conn:
-            conn.execute(insert(StepMetric), [{"run_id": run_id, **r} for r in rows])
+            conn.execute(insert(StepMetric), [{"run_id": run_id, **finite_json(r)[0]} for r in rows])
 
 
 def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
@@ -456,14 +505,22 @@ def add_spans(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
             conn.execute(insert(TimelineSpan), [{"run_id": run_id, **r} for r in rows])
 
 
-def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] | None = None, **values: Any) -> None:
-    """Move a run to a terminal state; with a result, store its summary and one row per rank."""
+def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] | None = None, **values: Any) -> bool:
+    """Move a queued or running run to a terminal state; with a result, store its summary and one row per rank.
+
+    Non-finite numbers in the result are stored as null and listed in the summary's `non_finite`
+    ("loss = nan", "ranks[0].loss = nan"), so the value that was there is not silently lost. A run that
+    already ended keeps its ending (a second runner finalising it changes nothing); False then.
+    """
     assert status in TERMINAL_STATES
     values = {"status": status, "finished_at": utcnow(), "cancel_requested": False, **values}
     ranks = []
     if result is not None:
+        result, non_finite = finite_json(result)
         ranks = result.get("ranks") or []
         summary = {k: v for k, v in result.items() if k != "ranks"}
+        if non_finite:
+            summary["non_finite"] = non_finite
         values.update(
             result=summary,
             tokens_per_s=result.get("tokens_per_s"),
@@ -475,20 +532,23 @@ def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] 
     core = {"rank", "tp", "pp", "dp", "param_count", "param_bytes", "optimizer_bytes", "peak_mem_bytes", "compute_s",
             "comm_s", "idle_s", "comm_bytes", "comm_calls"}  # fmt: skip
     with engine.begin() as conn:
-        conn.execute(update(Run).where(Run.id == run_id).values(**values))
-        if ranks:
+        moved = conn.execute(
+            update(Run).where(Run.id == run_id, Run.status.in_(("queued", "running"))).values(**values)
+        ).rowcount
+        if moved and ranks:
             conn.execute(delete(RankResult).where(RankResult.run_id == run_id))
             conn.execute(
                 insert(RankResult),
                 [
                     {
                         "run_id": run_id,
-                        **{k: r[k] for k in core if k in r},
+                        **{k: r[k] for k in core if k in r and r[k] is not None},
                         "extra": {k: v for k, v in r.items() if k not in core},
                     }  # fmt: skip
                     for r in ranks
                 ],
             )
+    return bool(moved)
 
 
 def best_runs(engine: Engine, model: str, workload: str) -> list[int]:

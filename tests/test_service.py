@@ -5,6 +5,8 @@ the loop, adopting live jobs and marking dead ones lost, and naming the failing 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -219,6 +221,7 @@ def test_a_launch_never_reads_a_stale_folder_left_under_a_reused_run_id(engine):
     (stale / "events.jsonl").write_text('{"kind": "step", "rank": 0, "t": 1, "step": 99}\n')
     (stale / "result.json").write_text("{}")
     runner = Runner(engine)
+    assert runner.acquire()  # a launch needs the lease
     runner.place_queued()
     try:
         assert run_id in runner.watched
@@ -252,3 +255,117 @@ def test_a_rank_that_died_silently_is_the_cause_when_its_peers_only_lost_it(tmp_
     errors = [{"rank": 0, "t": 1.0, "error": "RuntimeError: Connection closed by peer", "traceback": "tb"}]
     rank, error, _ = diagnose_failure(tmp_path, errors)
     assert rank == 1 and "exited with code 3 without an error" in error
+
+
+# A stand-in torchrun: starts one "rank" in a session of its own (as torchrun does) that ignores SIGTERM.
+FAKE_TORCHRUN = """
+import subprocess, sys, time
+subprocess.Popen([sys.executable, "-c",
+                  "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"],
+                 start_new_session=True)
+time.sleep(120)
+"""
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_rank_left_by_a_killed_torchrun_is_found_by_a_restarted_runner_stopped_and_holds_its_slot_till_gone(
+    engine, tmp_path
+):
+    """torchrun killed while no runner watched: the new runner adopts the run by its recorded rank pid (torchrun's
+    group is gone), SIGKILLs the rank that ignores SIGTERM, and the next CPU run starts only once it is gone."""
+    from runner.launch import stop_group
+
+    first = Runner(engine)
+    torchrun = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], start_new_session=True)
+    run_id = watch_fake_job(first, engine, TINY, tmp_path / "run", torchrun)
+    deadline = time.monotonic() + 15
+    while not (rows := [r for r in queries.running_runs(engine) if r["id"] == run_id and r["rank_pids"]]):
+        assert time.monotonic() < deadline, "the runner never recorded the rank"
+        first.tick()
+        time.sleep(0.1)
+    ((rank_pid, _),) = rows[0]["rank_pids"]
+    torchrun.kill()  # the first runner is gone too: nobody ticks it again
+    torchrun.wait()
+    assert not group_alive(torchrun.pid) and alive(rank_pid)  # its own session: nothing took the rank along
+    second = Runner(engine, max_cpu_jobs=1)
+    assert second.acquire()
+    waiting = queries.submit_run(engine, TINY)
+    second.recover()
+    assert run_id in second.watched  # adopted because its rank lives, not marked lost
+    deadline = time.monotonic() + 30
+    try:
+        while queries.get_run(engine, run_id)["status"] == "running" or waiting not in second.watched:
+            assert time.monotonic() < deadline, queries.get_run(engine, run_id)
+            second.tick()
+            # Checked after the tick: a rank alive now was alive throughout it, so the slot was still taken.
+            assert not (alive(rank_pid) and queries.get_run(engine, waiting)["status"] != "queued")
+            time.sleep(0.05)
+        run = queries.get_run(engine, run_id)
+        assert run["status"] == "failed" and "the runner stopped them" in run["error"], run["error"]
+        assert not alive(rank_pid)
+    finally:
+        if alive(rank_pid):
+            os.kill(rank_pid, signal.SIGKILL)
+        if waiting in second.watched:
+            job = second.watched[waiting].job
+            stop_group(job.pid, grace_s=2, popen=job.popen)
+
+
+def test_a_runner_that_lost_its_lease_launches_nothing(db_engine):
+    """Frozen past the stale limit while another runner took over, it wakes up in the middle of its loop."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    engine = db_engine
+    frozen = Runner(engine)
+    assert frozen.acquire()
+    stale = datetime.now(UTC) - timedelta(seconds=queries.runner_stale_s() + 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
+    assert Runner(engine).acquire()
+    run_id = queries.submit_run(engine, TINY)
+    frozen.place_queued()
+    assert queries.get_run(engine, run_id)["status"] == "queued" and not frozen.watched
+    assert not queries.heartbeat(engine, frozen.runner_id)  # and its next heartbeat tells it to leave
+
+
+def test_unreadable_stored_rows_fail_their_own_run_and_never_the_runner(db_engine, tmp_path):
+    engine = db_engine
+    runner = Runner(engine)
+    assert runner.acquire()
+    bad_queued = queries.submit_run(engine, TINY)
+    queries.update_run(engine, bad_queued, spec=["not", "a", "spec"])
+    gone, live_bad, bad_pids = (queries.submit_run(engine, TINY) for _ in range(3))
+    live = sleeper()
+    try:
+        for run_id, pid in ((gone, 2**22 + 7), (live_bad, live.pid), (bad_pids, live.pid)):
+            assert queries.claim_run(engine, run_id, "old-runner", str(tmp_path / str(run_id)), [])
+            queries.update_run(engine, run_id, pid=pid)
+        queries.update_run(engine, gone, spec={"strategy": 7, "bogus": 1})
+        queries.update_run(engine, live_bad, spec={"strategy": 7, "bogus": 1})
+        queries.update_run(engine, bad_pids, rank_pids="garbage")
+        runner.recover()
+        run = queries.get_run(engine, gone)
+        assert run["status"] == "failed" and "stored spec cannot be read" in run["error"] and "bogus" in run["error"]
+        run = queries.get_run(engine, bad_pids)
+        assert run["status"] == "failed" and "could not read this run's stored row" in run["error"]
+        runner.place_queued()
+        run = queries.get_run(engine, bad_queued)
+        assert run["status"] == "failed" and "must be a JSON object" in run["error"]
+        # The live one cannot be held to its limits without its spec: its processes are stopped, and it says why.
+        run = tick_until(runner, engine, live_bad, {"failed", "cancelled", "succeeded", "lost"})
+        assert run["status"] == "failed" and "its processes were stopped" in run["error"]
+        assert live.wait(timeout=10) is not None
+    finally:
+        if live.poll() is None:
+            live.kill()
+            live.wait()

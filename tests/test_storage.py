@@ -26,7 +26,7 @@ def test_migrations_create_every_table(engine):
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
             "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0002"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
@@ -36,7 +36,8 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
     with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
-        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 30000
+        # A writer waits at most a third of the lease's stale limit, so a runner blocked on a lock never looks dead.
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 10000 < queries.RUNNER_STALE_S * 1000
 
 
 def test_fifty_runs_from_four_threads_are_each_claimed_exactly_once(engine):
@@ -268,3 +269,42 @@ def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
     assert run["user"] == "ada" and run["note"] == "keep me" and queries.get_run(old, second)
     queries.delete_run(old, second)
     assert queries.submit_run(old, TINY_LAYER) > second
+
+
+def test_postgres_lock_waits_end_before_a_runner_lease_goes_stale(pg_server, lab_home, monkeypatch):
+    from storage.db import get_engine
+
+    monkeypatch.setenv("LAB_DB_URL", pg_server.new_database())
+    with get_engine().connect() as conn:
+        assert conn.execute(text("SHOW lock_timeout")).scalar() == "10s"
+
+
+def test_non_finite_numbers_are_stored_as_null_with_a_note_and_an_ended_run_keeps_its_ending(engine):
+    """A diverged run's NaN loss: PostgreSQL's JSON refuses NaN, SQLite's would store a token no reader accepts."""
+    nan, inf = float("nan"), float("inf")
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    queries.claim_run(engine, run_id, "r", "/tmp/x", [])
+    queries.add_step_metrics(engine, run_id, [{"step": 0, "warmup": False, "step_time_s": 0.1, "loss": nan, "t": 1.0}])
+    result = {"loss": nan, "tokens_per_s": 10.0, "step_time_s_p50": 0.1, "verify": {"loss_abs_diff": inf},
+              "ranks": [{"rank": 0, "loss": nan, "compute_s": nan, "peak_mem_bytes": 1}]}  # fmt: skip
+    assert queries.finish_run(engine, run_id, "failed", result=result, error="loss became NaN at step 1")
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "failed" and run["error"] == "loss became NaN at step 1"
+    assert run["result"]["loss"] is None and run["result"]["verify"] == {"loss_abs_diff": None}
+    assert run["result"]["non_finite"] == ["loss = nan", "verify.loss_abs_diff = inf", "ranks[0].loss = nan",
+                                           "ranks[0].compute_s = nan"]  # fmt: skip
+    assert run["ranks"][0]["loss"] is None and run["result"]["tokens_per_s"] == 10.0
+    assert queries.step_metrics(engine, run_id)["loss"].isna().all()
+    assert not queries.finish_run(engine, run_id, "succeeded")  # a second finaliser changes nothing
+    assert queries.get_run(engine, run_id)["status"] == "failed"
+
+
+def test_a_claim_needs_the_lease_when_asked_and_a_dead_holder_is_taken_over_at_once(engine):
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    assert queries.acquire_lease(engine, "a", 1, [], "no GPU")
+    assert not queries.claim_run(engine, run_id, "b", "/tmp/x", [], require_lease=True)
+    assert queries.get_run(engine, run_id)["status"] == "queued"
+    assert not queries.acquire_lease(engine, "b", 2, [], "no GPU")
+    assert queries.acquire_lease(engine, "b", 2, [], "no GPU", takeover_from="a")  # 'a' is known to be dead
+    assert not queries.claim_run(engine, run_id, "a", "/tmp/x", [], require_lease=True)
+    assert queries.claim_run(engine, run_id, "b", "/tmp/x", [], require_lease=True)
