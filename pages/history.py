@@ -38,7 +38,7 @@ def day_range(days) -> tuple[date | None, date | None]:
 
 def verify_panel(v: dict) -> None:
     """The job's verdict as a badge (failures listed, tolerances named) beside the differences it judged."""
-    badge, table = st.columns([1, 1.3])
+    badge, table = st.columns([1, 1.6])
     with badge:
         result = verdict(v)
         if result == PASS:
@@ -54,8 +54,8 @@ def verify_panel(v: dict) -> None:
         differences(v),
         hide_index=True,
         column_config={
-            "max abs diff": st.column_config.NumberColumn(format="%.3e"),
-            "max rel diff": st.column_config.NumberColumn(format="%.3e"),
+            "max abs diff": st.column_config.NumberColumn(format="%.2e"),
+            "max rel diff": st.column_config.NumberColumn(format="%.2e"),
         },
     )
 

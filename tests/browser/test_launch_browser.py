@@ -21,7 +21,8 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
     page.get_by_role("button", name="Launch", exact=True).click()
     page.wait_for_url(re.compile(r"history\?run=\d+"), timeout=30_000)
     page.get_by_text("succeeded").first.wait_for(timeout=120_000)
-    page.get_by_text("Peak memory per rank").wait_for(timeout=30_000)
+    page.get_by_text("Run's peak memory per rank").wait_for(timeout=30_000)
+    page.get_by_text("Verify: PASS").wait_for(timeout=30_000)  # the job's own verdict, not a label
     wait_for_app(page)
     screenshot(page, "run-detail")
     (run,) = queries.list_runs(engine).to_dict("records")
