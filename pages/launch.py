@@ -111,7 +111,8 @@ with right:
     note_slot("dtype")
     values["verify"] = st.checkbox(
         "verify against the single-device reference", value=True, key=K + "verify",
-        help="runs the reference on the same inputs and reports max abs differences of logits, loss, gradients",
+        help="runs the reference on the same inputs and judges logits, loss, gradients and updated weights against "
+        "tolerances for the dtype: a pass or fail on the run page, with every difference beside it",
     )  # fmt: skip
     c1, c2 = st.columns(2)
     values["seed"] = c1.number_input("seed", min_value=0, value=0, key=K + "seed")
