@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runner.gpt.data import synthetic_batch
-from runner.gpt.mesh import Mesh
+from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.model import read_checkpoint
 from runner.gpt.strategy import ParallelGPT
 from runner.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
@@ -136,19 +136,21 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         mesh.stats.counting = timed
         idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, step)
         idx, targets = idx.to(device), targets.to(device)
-        dist.barrier()
-        start = time.perf_counter()
-        model.begin_step(step, start)
+        barrier()
+        # Every figure of the step comes from one clock (runner/gpt/timing.py): host time on CPU, CUDA
+        # events on GPU, turned into seconds once the step is over; nothing inside it drains the device.
+        clock = mesh.clock
+        clock.start_step()
+        model.begin_step(step, time.perf_counter())
         loss = run_step(spec, model, optimizer, idx, targets)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        work_end = time.perf_counter()
-        dist.barrier()  # the step ends when the slowest rank ends; waiting for it is idle time
-        end = time.perf_counter()
+        work_end = clock.mark()
+        barrier()  # the step ends when the slowest rank ends; waiting for it is idle time
+        end_mark = clock.mark()
+        mesh.stats.time(work_end, end_mark, idle=True)
+        seconds = clock.end_step(end_mark)  # the step's one synchronize on CUDA
         if timed:
-            mesh.stats.add_idle(end - work_end)
-            step_times.append(end - start)
-            step_wall_total += end - start
+            step_times.append(seconds)
+            step_wall_total += seconds
         losses.append(loss)
         for span in model.take_spans():
             if timed:
@@ -156,12 +158,12 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         # One line a step in every rank's log: what the Live page's log tail and `runner logs --follow` show.
         phase = "warm-up" if not timed else "timed"
         print(
-            f"step {step + 1}/{total} ({phase}) {(end - start) * 1e3:.1f} ms"
+            f"step {step + 1}/{total} ({phase}) {seconds * 1e3:.1f} ms"
             + (f" loss {loss:.4f}" if loss is not None else ""),
             flush=True,
         )
         if rank == 0:
-            events.emit("step", step=step, total_steps=total, warmup=not timed, step_time_s=end - start, loss=loss)
+            events.emit("step", step=step, total_steps=total, warmup=not timed, step_time_s=seconds, loss=loss)
 
     mesh.stats.counting = False
     optimizer_bytes = 0
@@ -190,15 +192,16 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         **model.figures(),
     }
-    if "bubble_fraction_theory" in mine and step_wall_total > 0:
-        # The bubble as measured: the share of the step this stage spent waiting for its neighbours.
+    if "bubble_fraction_theory" in mine and step_wall_total > 0:  # only where a pipeline trains
+        # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
+        # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.
         mine["bubble_fraction"] = comm["idle_s"] / step_wall_total
     gathered: list[dict] = [{} for _ in range(world)]
     dist.all_gather_object(gathered, mine)
     if rank == 0:
         write_result(spec, run_dir, world, device, backend, step_times, gathered, verify)
     events.emit("finished")
-    dist.barrier()
+    barrier()
     dist.destroy_process_group()
 
 

@@ -49,12 +49,17 @@ def test_layer_split_counts_activation_bytes_and_shards_parameters(tmp_path):
     result = run_torchrun(spec(strategy="layer", pp=2, workload="train", steps=steps, verify=False), tmp_path)
     r0, r1 = result["ranks"]
     act = b * s * h * 4
-    # Forward activations go 0 -> 1, their gradients 1 -> 0, once per timed step.
-    assert r0["comm_bytes"]["send"] == r1["comm_bytes"]["send"] == act * steps
-    assert r0["comm_bytes"]["recv"] == r1["comm_bytes"]["recv"] == act * steps
-    # The tied embedding is held by both ends and its gradient summed once per step.
+    # Forward activations go 0 -> 1, their gradients 1 -> 0, once per timed step; a message is counted
+    # once, at its sender (a receive is a call without bytes), and puts its own size on the wire.
+    for r in (r0, r1):
+        assert r["comm_bytes"]["send"] == r["comm_wire_bytes"]["send"] == act * steps
+        assert r["comm_calls"]["send"] == r["comm_calls"]["recv"] == steps
+        assert "recv" not in r["comm_bytes"]
+    # The tied embedding is held by both ends and its gradient summed once per step; a ring all-reduce
+    # over 2 ranks sends 2(n-1)/n = 1 times the tensor from each.
     wte = 512 * h * 4
-    assert r0["comm_bytes"]["all_reduce"] == r1["comm_bytes"]["all_reduce"] == wte * steps
+    for r in (r0, r1):
+        assert r["comm_bytes"]["all_reduce"] == r["comm_wire_bytes"]["all_reduce"] == wte * steps
     # Each rank holds 2 of the 4 blocks; the whole model is never on one rank.
     assert r0["param_count"] < 241024 and r1["param_count"] < 241024
     assert r0["idle_s"] > 0 and r1["idle_s"] > 0

@@ -55,8 +55,8 @@ def test_train_matches_reference_in_schedule_order_with_bounded_activations(tmp_
         # save equal bytes, so the peak is exactly `bound` microbatches' worth.
         assert r["activation_bytes_per_microbatch"] > 0
         assert r["peak_activation_bytes"] == bound * r["activation_bytes_per_microbatch"]
-    assert result["bubble_fraction_theory"] == pytest.approx((pp - 1) / (m + pp - 1))
-    assert 0.0 <= result["bubble_fraction"] <= 1.0
+    # A pipeline that trains reports its bubble on every stage (its value: tests/test_pipeline_bubble.py).
+    assert all(r["bubble_fraction"] is not None for r in result["ranks"])
 
 
 def test_1f1b_warm_up_is_p_minus_stage_minus_1_forwards_then_alternation():
@@ -75,6 +75,9 @@ def test_assembly_line_forward_and_generation_match_reference(tmp_path, pp, m, w
         assert v["tokens_equal"] is True
     else:
         assert v["logits_max_abs_diff"] <= TOL and v["loss_abs_diff"] <= TOL
+    # No backward, no bubble to report: the fields are there only where a pipeline trains.
+    assert result["bubble_fraction"] is None and result["bubble_fraction_theory"] is None
+    assert all("bubble_fraction" not in r for r in result["ranks"])
 
 
 def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tmp_path):

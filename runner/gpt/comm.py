@@ -1,74 +1,123 @@
 """Instrumented communication: every collective and point-to-point call goes through here and is counted.
 
-`GroupComm` wraps one process group; each call records the payload bytes (the tensor handed to it)
-and the seconds spent, by kind, into the rank's `CommStats`. Time blocked in `recv` counts as idle
-(waiting for a peer), everything else as communication. Counting is switched on only for timed steps.
+`GroupComm` wraps one process group; each call records, by kind, into the rank's `CommStats`:
+- payload bytes, with one convention for every kind: S is the full logical tensor of the operation --
+  all_reduce: the tensor; all_gather: the gathered output (group size x the local shard);
+  reduce_scatter: the full input; broadcast: the tensor; send: the tensor. Point-to-point traffic is
+  counted once, at the sender; a receive counts as a call (kind recv) with no bytes;
+- estimated wire bytes, what this rank puts on the network for it with the bandwidth-optimal
+  algorithms NCCL uses (the bus-bandwidth factors of nccl-tests, doc/PERFORMANCE.md; Patarasuk & Yuan,
+  "Bandwidth optimal all-reduce algorithms for clusters of workstations", JPDC 2009; Thakur,
+  Rabenseifner & Gropp, "Optimization of collective communication operations in MPICH", IJHPCA 2005):
+  ring all_reduce 2(n-1)/n * S (a reduce-scatter then an all-gather), all_gather and reduce_scatter
+  (n-1)/n * S, broadcast S (pipelined ring: every rank but the last forwards the whole tensor), send S;
+- seconds, through the rank's StepClock (runner/gpt/timing.py): host time on CPU, CUDA events on the
+  current stream on GPU, resolved at the end of the step. Time blocked on a receive (waiting for a
+  peer) is idle; everything else is communication. On CUDA the figure is how long the compute stream
+  stood still for the call, so communication that overlaps compute on the device costs nothing here.
+
+So sequence parallelism's reduce-scatter + all-gather put exactly the wire bytes of the all-reduce
+they replace on the network (Korthikanti et al., "Reducing activation recomputation in large
+transformer models", 2022, section 4.2.2), while counting two payloads of S where the all-reduce
+counts one.
+
+Instrumentation is on only while `CommStats.counting` is True (the job sets it for timed steps). With
+counting False a call goes straight to torch.distributed: no clock mark, no counter; with the clock
+also disabled (`stats.clock.enabled = False`) the pipeline records no spans either, so a benchmark can
+time a step with no instrumentation at all and compare.
 Autograd operators for tensor parallelism (identity/all-reduce conjugates) live at the bottom.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv")
+from runner.gpt.timing import Mark, StepClock
 
-
-def _sync(t: torch.Tensor) -> None:
-    # CUDA ops are asynchronous: without this the clock would measure the launch, not the transfer.
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
-
-
-@dataclass
-class CommStats:
-    """Per-rank counters; `counting` is False during warm-up so only timed steps are reported."""
-
-    counting: bool = False
-    bytes: Counter = field(default_factory=Counter)
-    calls: Counter = field(default_factory=Counter)
-    comm_s: float = 0.0
-    idle_s: float = 0.0
-
-    def record(self, kind: str, nbytes: int, seconds: float, idle: bool = False) -> None:
-        if not self.counting:
-            return
-        self.bytes[kind] += nbytes
-        self.calls[kind] += 1
-        if idle:
-            self.idle_s += seconds
-        else:
-            self.comm_s += seconds
-
-    def record_time(self, seconds: float) -> None:
-        """Communication time with no new payload (waiting for an asynchronous call)."""
-        if self.counting:
-            self.comm_s += seconds
-
-    def add_idle(self, seconds: float) -> None:
-        if self.counting:
-            self.idle_s += seconds
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
-        self.comm_s = self.idle_s = 0.0
-
-    def as_dict(self) -> dict:
-        return {
-            "comm_bytes": {k: int(self.bytes.get(k, 0)) for k in KINDS},
-            "comm_calls": {k: int(self.calls.get(k, 0)) for k in KINDS},
-            "comm_s": self.comm_s,
-            "idle_s": self.idle_s,
-        }
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send")  # kinds that carry bytes
+CALL_KINDS = (*KINDS, "recv")
 
 
 def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def wire_bytes(kind: str, payload: int, n: int) -> int:
+    """Estimated bytes one rank of an n-rank group sends for an operation of payload S (see the module
+    docstring for the algorithms and sources); rounded down to whole bytes."""
+    if kind == "all_reduce":
+        return 2 * (n - 1) * payload // n
+    if kind in ("all_gather", "reduce_scatter"):
+        return (n - 1) * payload // n
+    if kind in ("broadcast", "send"):
+        return payload
+    return 0  # recv: the sender counts the message
+
+
+@dataclass
+class CommStats:
+    """Per-rank counters; `counting` is False during warm-up so only timed steps are reported.
+
+    comm_s and idle_s resolve the clock's pending intervals when read (on CUDA: read them at the end
+    of a step, where the job resolves anyway)."""
+
+    counting: bool = False
+    clock: StepClock = field(default_factory=StepClock)
+    bytes: Counter = field(default_factory=Counter)
+    wire: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
+    _comm_s: float = 0.0
+    _idle_s: float = 0.0
+
+    def record(self, kind: str, payload: int, group_size: int) -> None:
+        """One call of `kind` with payload S (0 for recv) in a group of group_size ranks."""
+        if not self.counting:
+            return
+        self.calls[kind] += 1
+        if kind in KINDS:
+            self.bytes[kind] += payload
+            self.wire[kind] += wire_bytes(kind, payload, group_size)
+
+    def time(self, start: Mark, end: Mark, idle: bool = False) -> None:
+        """Book the interval between two clock marks as communication (or idle) time."""
+        if self.counting:
+            self.clock.add(start, end, self._add_idle if idle else self._add_comm)
+
+    def _add_comm(self, start: float, end: float) -> None:
+        self._comm_s += end - start
+
+    def _add_idle(self, start: float, end: float) -> None:
+        self._idle_s += end - start
+
+    @property
+    def comm_s(self) -> float:
+        self.clock.resolve()
+        return self._comm_s
+
+    @property
+    def idle_s(self) -> float:
+        self.clock.resolve()
+        return self._idle_s
+
+    def reset(self) -> None:
+        self.clock.resolve()
+        self.bytes.clear()
+        self.wire.clear()
+        self.calls.clear()
+        self._comm_s = self._idle_s = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "comm_bytes": {k: int(self.bytes.get(k, 0)) for k in KINDS},
+            "comm_wire_bytes": {k: int(self.wire.get(k, 0)) for k in KINDS},
+            "comm_calls": {k: int(self.calls.get(k, 0)) for k in CALL_KINDS},
+            "comm_s": self.comm_s,
+            "idle_s": self.idle_s,
+        }
 
 
 @dataclass
@@ -88,17 +137,20 @@ class GroupComm:
         """This rank's position inside the group."""
         return self.ranks.index(dist.get_rank())
 
-    def _timed(self, kind: str, payload: torch.Tensor, fn, idle: bool = False):
-        start = time.perf_counter()
+    def _counted(self, kind: str, payload: int, fn, idle: bool = False):
+        stats = self.stats
+        if not stats.counting:  # instrumentation off: not even a clock mark
+            return fn()
+        start = stats.clock.mark()
         out = fn()
-        _sync(payload)
-        self.stats.record(kind, nbytes(payload), time.perf_counter() - start, idle=idle)
+        stats.time(start, stats.clock.mark(), idle=idle)
+        stats.record(kind, payload, self.size)
         return out
 
     def all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """Reduce over the group (sum unless op says otherwise), in place; returns t."""
         if self.size > 1:
-            self._timed("all_reduce", t, lambda: dist.all_reduce(t, op=op, group=self.group))
+            self._counted("all_reduce", nbytes(t), lambda: dist.all_reduce(t, op=op, group=self.group))
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -107,7 +159,7 @@ class GroupComm:
             return t
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        self._timed("all_gather", t, lambda: dist.all_gather(parts, t, group=self.group))
+        self._counted("all_gather", nbytes(t) * self.size, lambda: dist.all_gather(parts, t, group=self.group))
         return torch.cat(parts, dim=dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -116,52 +168,96 @@ class GroupComm:
             return t
         chunks = [c.contiguous() for c in t.chunk(self.size, dim=dim)]
         out = torch.empty_like(chunks[0])
-        self._timed("reduce_scatter", t, lambda: dist.reduce_scatter(out, chunks, group=self.group))
+        self._counted("reduce_scatter", nbytes(t), lambda: dist.reduce_scatter(out, chunks, group=self.group))
         return out
 
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         if self.size > 1:
             src = self.ranks[src_index]
-            self._timed("broadcast", t, lambda: dist.broadcast(t, src=src, group=self.group))
+            self._counted("broadcast", nbytes(t), lambda: dist.broadcast(t, src=src, group=self.group))
         return t
 
-    def send(self, t: torch.Tensor, dst: int) -> None:
-        """Blocking send to global rank dst."""
-        t = t.contiguous()
-        self._timed("send", t, lambda: dist.send(t, dst=dst))
+    def exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> P2PBatch:
+        """Start sends (tensor, global dst) and receives (buffer, global src) as one batch.
 
-    def recv(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, src: int) -> torch.Tensor:
-        """Blocking receive from global rank src; the wait counts as idle time."""
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        self._timed("recv", buf, lambda: dist.recv(buf, src=src), idle=True)
-        return buf
-
-    def isend(self, t: torch.Tensor, dst: int) -> PendingCollective:
-        """Start a send to global rank dst; never blocks, so neighbours sending to each other cannot deadlock.
-        The caller keeps the handle and waits for it before the step ends."""
-        t = t.contiguous()
-        start = time.perf_counter()
-        work = dist.isend(t, dst=dst)
-        self.stats.record("send", nbytes(t), time.perf_counter() - start)
-        return PendingCollective(work, t, self.stats, "send")
+        One `batch_isend_irecv`: on NCCL the operations form one group and progress together, so a
+        send and a receive between the same two ranks cannot wait on each other whatever their size
+        (runner/gpt/pipeline.py has the argument); gloo starts each one asynchronously. Ranks are
+        global. NCCL needs every rank of the group to have joined a collective on it before a batch
+        that involves only some of them: the pipeline exchanges on the default group (Mesh.build ends
+        with a barrier on it) or on a two-rank group. The payloads are counted now; the caller waits on
+        the returned batch."""
+        ops = [dist.P2POp(dist.isend, t, dst, group=self.group) for t, dst in sends]
+        ops += [dist.P2POp(dist.irecv, buf, src, group=self.group) for buf, src in recvs]
+        if not ops:
+            return P2PBatch([], self.stats)
+        stats = self.stats
+        start = stats.clock.mark() if stats.counting else None
+        works = dist.batch_isend_irecv(ops)
+        if stats.counting:
+            stats.time(start, stats.clock.mark())  # starting them (on CUDA: nothing the stream waits for)
+            for t, _ in sends:
+                stats.record("send", nbytes(t), 2)
+            for _ in recvs:
+                stats.record("recv", 0, 2)
+        return P2PBatch(works, stats)
 
     def all_reduce_async(self, t: torch.Tensor) -> PendingCollective:
         """Start a sum over the group in place; the bytes count now, the time when it is waited for."""
         if self.size == 1:
-            return PendingCollective(None, t, self.stats, "all_reduce")
-        start = time.perf_counter()
+            return PendingCollective(None, t, self.stats)
+        stats = self.stats
+        start = stats.clock.mark() if stats.counting else None
         work = dist.all_reduce(t, group=self.group, async_op=True)
-        self.stats.record("all_reduce", nbytes(t), time.perf_counter() - start)
-        return PendingCollective(work, t, self.stats, "all_reduce")
+        if stats.counting:
+            stats.time(start, stats.clock.mark())
+            stats.record("all_reduce", nbytes(t), self.size)
+        return PendingCollective(work, t, stats)
 
     def wait_for_peers(self) -> None:
-        """Block until every rank of the group arrives; the wait counts as idle (no payload, no call).
+        """Wait until every rank of the group arrives; the wait counts as idle (no payload, no call).
+
         Called before a collective whose peers may still be computing, so that waiting for them is not
-        booked as communication time (e.g. the last pipeline stage waiting for the first one's backward)."""
+        booked as that collective's communication time (e.g. the last pipeline stage waiting for the
+        first one's backward). It is an all-reduce of one number rather than a barrier: on NCCL a
+        barrier blocks the host and drains the device, whereas this only makes the compute stream wait,
+        and it completes when the last peer has reached it on the device as on the host."""
         if self.size > 1:
-            start = time.perf_counter()
-            dist.barrier(group=self.group)
-            self.stats.add_idle(time.perf_counter() - start)
+            stats = self.stats
+            start = stats.clock.mark() if stats.counting else None
+            token = torch.zeros(1, device=_device_of(self.group))
+            dist.all_reduce(token, group=self.group)
+            if stats.counting:
+                stats.time(start, stats.clock.mark(), idle=True)
+
+
+def _device_of(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a group's tensors must live: the current CUDA device for NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass
+class P2PBatch:
+    """Point-to-point operations in flight (GroupComm.exchange)."""
+
+    works: list[dist.Work]
+    stats: CommStats
+
+    def wait(self, idle: bool) -> None:
+        """Block until every operation of the batch has completed (on CUDA: make the current stream
+        wait for them). The time counts as idle when the batch holds a receive the caller needs (it
+        waits for a neighbour), as communication otherwise."""
+        if not self.works:
+            return
+        stats = self.stats
+        start = stats.clock.mark() if stats.counting else None
+        for work in self.works:
+            work.wait()
+        if stats.counting:
+            stats.time(start, stats.clock.mark(), idle=idle)
+        self.works = []
 
 
 @dataclass
@@ -171,14 +267,16 @@ class PendingCollective:
     work: dist.Work | None
     tensor: torch.Tensor
     stats: CommStats
-    kind: str
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
-            start = time.perf_counter()
+            stats = self.stats
+            start = stats.clock.mark() if stats.counting else None
+            # On CUDA this makes the current stream wait for the collective, not the host.
             self.work.wait()
-            _sync(self.tensor)
-            self.stats.record_time(time.perf_counter() - start)
+            if stats.counting:
+                stats.time(start, stats.clock.mark())
+            self.work = None
         return self.tensor
 
 

@@ -7,7 +7,9 @@ all-reduce gradients once a step; pipeline neighbours only exchange activations,
 farthest apart. This is Megatron's default order.
 
 `grid()` is pure arithmetic (tested without processes); `Mesh.build()` creates the groups with
-torch.distributed, on every rank in the same order, as new_group requires.
+torch.distributed, on every rank in the same order, as new_group requires, and gives the rank's
+counters a StepClock for its device (CUDA events under NCCL, the host clock under gloo). `barrier()`
+is the one barrier every caller uses: valid on NCCL as on gloo.
 """
 
 from __future__ import annotations
@@ -15,9 +17,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import product
 
+import torch
 import torch.distributed as dist
 
 from runner.gpt.comm import CommStats, GroupComm
+from runner.gpt.timing import StepClock
+
+
+def rank_device() -> torch.device:
+    """The device this rank's tensors and clock live on: the current CUDA device under NCCL (the job
+    calls torch.cuda.set_device before creating the process group), the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
+    """dist.barrier on `group` (default: every rank). On NCCL the barrier is an all-reduce on a device,
+    so it names this rank's device: left to guess, PyTorch picks cuda:(rank % devices), which is wrong
+    for subgroups and warns that it can hang. An NCCL barrier blocks the host until it has completed
+    on the device; the job uses it only between steps."""
+    if dist.get_backend(group) == "nccl":
+        dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier(group=group)
 
 
 @dataclass(frozen=True)
@@ -102,6 +125,7 @@ class Mesh:
         if tp * pp * dp != world:
             raise ValueError(f"tp x pp x dp = {tp * pp * dp} but the job has {world} ranks")
         stats = stats or CommStats()
+        stats.clock.device = rank_device()  # keeps a clock the caller switched off switched off
         mesh = cls(tp, pp, dp, rank, stats, _groups=grid(tp, pp, dp))
         mesh.world = GroupComm(dist.group.WORLD, list(range(world)), stats)
         for kind in ("tp", "dp", "pp", "embed"):
@@ -110,4 +134,11 @@ class Mesh:
                 group = dist.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:
                     setattr(mesh, kind, GroupComm(group, ranks, stats))
+        # A collective on the default group before any point-to-point batch: NCCL requires every rank
+        # of a group to take part in its first operation, and pipeline batches involve two ranks.
+        barrier()
         return mesh
+
+    @property
+    def clock(self) -> StepClock:
+        return self.stats.clock

@@ -1,23 +1,51 @@
 """Pipeline parallelism: stages of consecutive layers fed with microbatches, GPipe or 1F1B, with timelines.
 
 Stage s holds layers [s*L/p, (s+1)*L/p) (embedding on the first, LM head on the last). Activations
-go forward and their gradients backward by point-to-point messages between neighbours. Sends are
-asynchronous (isend, waited for at the end of the step) and receives blocking, so two neighbours
-sending to each other at once never deadlock. The schedules are plain functions over two callbacks:
+go forward and their gradients backward by point-to-point messages between neighbours. The schedules
+are plain functions over two callbacks:
 - `gpipe`: every microbatch's forward, then every backward (stores m activations);
 - `one_f_one_b`: p - s - 1 warm-up forwards, then one forward / one backward, then the remaining
   backwards (stores at most p - s activations).
-Each stage records (microbatch, phase, start, end) spans relative to the step start; `recv_wait` is
-time blocked waiting for a neighbour, which is what the pipeline bubble is made of. Stored activations
-are counted two ways: microbatches in flight (forward done, backward not yet) and the bytes autograd
-saved for them (a saved-tensors hook sums the distinct storages each microbatch's forward keeps).
-`forward` and `generate` run microbatches through the stages as an assembly line; in `generate`
-every microbatch of requests keeps its own KV cache.
+
+Point-to-point, and why it cannot deadlock (`StageLinks`). A stage never sends on its own: what an
+operation (a forward or backward of one microbatch) produces waits in an outbox and leaves in one
+batch (`batch_isend_irecv`) with the receive the stage's next operation needs, or alone right before
+an operation that receives nothing; the stage waits only on batches holding a receive, and on its
+remaining sends at the end. In 1F1B's steady state stage s sends activation i+1 to s+1 and then needs
+gradient i from it, while s+1 sends gradient i and then needs activation i+1: with a send followed by a
+separate receive, both ends send first, and on NCCL a send larger than its buffers completes only once
+the peer receives -- while p2p operations of one communicator run in order on one stream, so each
+peer's receive sits behind its own send and 1F1B deadlocks (Megatron-LM sends and receives together,
+pipeline_parallel/p2p_communication.py, for this reason). Here both ends post {send, receive} as one
+NCCL group, which completes as a whole. In general: model each rank as running its batches one after
+another, each finishing only when every send in it meets its receive posted by the peer (no
+buffering at all, stricter than NCCL and gloo); a send produced by operation k leaves in the batch
+right before operation k+1, so it is on offer from the moment its producer finished, for as long as
+the sender waits for anything, and the receiver posts the matching receive right before the
+operation that consumes it. Every wait is thus for a message its peer's schedule produces earlier in
+the pipeline's dependency order (forwards flow up the stages, backwards down, each stage in schedule
+order), which has no cycle, so every batch completes. Generation also returns each new token from the
+last stage to the first, against the flow of activations: on the same stream a token waiting for
+the first stage to finish sending this round's activations would block the last stage's receives of
+them, so tokens travel on the first and last stages' own two-rank group (a stream of their own).
+tests/test_comm_p2p.py replays the batches the real code issues for every stage of GPipe and 1F1B
+(p up to 8; train, forward and generate) in that unbuffered model, and shows that the model catches
+the deadlock of a send started on its own before the receive.
+
+Timing comes from the rank's StepClock (runner/gpt/timing.py): host time on CPU, CUDA events on GPU,
+resolved at the end of the step. Each stage records (microbatch, phase, start, end) spans since the
+step's origin: `forward` and `backward` (compute), `recv_wait` (blocked on a batch holding a receive:
+the pipeline bubble is made of these, booked as idle time) and `send` (starting sends that travel
+alone, and waiting for the last ones at the end of the step). Stored activations are counted two
+ways: microbatches in flight (forward done, backward not yet) and the bytes autograd saved for them
+(a saved-tensors hook sums the distinct storages each microbatch's forward keeps). The last stage
+sums its microbatches' losses on the device and reads the total once, after the schedule, so no
+microbatch waits for the host. `forward` and `generate` run microbatches through the stages as an
+assembly line; in `generate` every microbatch of requests keeps its own KV cache.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -25,10 +53,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runner.gpt.comm import PendingCollective
+from runner.gpt.comm import GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPTStage, KVCache
 from runner.gpt.strategy import ParallelGPT
+from runner.gpt.timing import Mark, StepClock
 from runner.spec import RunSpec
 
 
@@ -65,6 +94,68 @@ def stage_layers(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
     return stage * per, (stage + 1) * per
 
 
+class StageLinks:
+    """One stage's point-to-point traffic: sends wait in an outbox and leave batched with the next receive
+    on the same communicator (see the module docstring for why this cannot deadlock).
+
+    `comm` carries activations and their gradients (the default group: every rank joined a collective
+    on it in Mesh.build, which NCCL needs before batches between two of its ranks). A message may name
+    another communicator -- generation returns each new token from the last stage to the first over the
+    pair's own group, so on NCCL it travels on a stream of its own and a token waiting for the first
+    stage never holds up the activations behind it. `span(microbatch, phase, start, end)` records
+    timeline spans between clock marks."""
+
+    def __init__(self, comm: GroupComm, clock: StepClock, span: Callable[[int, str, Mark, Mark], None]):
+        self.comm, self.clock, self._span = comm, clock, span
+        self._outbox: list[tuple[torch.Tensor, int, int, GroupComm]] = []  # (tensor, global dst, microbatch, comm)
+        self._inflight: list[tuple[P2PBatch, list[torch.Tensor], int]] = []  # kept alive until waited for
+
+    def send(self, t: torch.Tensor, dst: int, microbatch: int, comm: GroupComm | None = None) -> None:
+        """Queue t for global rank dst; it leaves with this stage's next receive on the same
+        communicator, or on its own right before the next operation."""
+        self._outbox.append((t.contiguous(), dst, microbatch, comm or self.comm))
+
+    def recv(
+        self, shape, dtype: torch.dtype, device: torch.device, src: int, microbatch: int, comm: GroupComm | None = None
+    ) -> torch.Tensor:
+        """Receive from global rank src, sending the outbox's messages for the same communicator in the
+        same batch (the others leave first, on their own); the wait is idle time."""
+        comm = comm or self.comm
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        along = [m for m in self._outbox if m[3] is comm]
+        self._outbox = [m for m in self._outbox if m[3] is not comm]
+        self.flush()
+        start = self.clock.mark()
+        batch = comm.exchange([(t, dst) for t, dst, _, _ in along], [(buf, src)])
+        batch.wait(idle=True)
+        self._span(microbatch, "recv_wait", start, self.clock.mark())
+        return buf
+
+    def flush(self) -> None:
+        """Start the outbox's sends now, one batch per communicator; never waits for them."""
+        if not self._outbox:
+            return
+        sends, self._outbox = self._outbox, []
+        start = self.clock.mark()
+        comms = {id(m[3]): m[3] for m in sends}  # communicators in first-use order
+        for comm in comms.values():
+            mine = [m for m in sends if m[3] is comm]
+            batch = comm.exchange([(t, dst) for t, dst, _, _ in mine], [])
+            self._inflight.append((batch, [t for t, _, _, _ in mine], mine[-1][2]))
+        self._span(sends[-1][2], "send", start, self.clock.mark())
+
+    def finish(self) -> None:
+        """Send what is left and wait for every send still in flight (the end of a schedule)."""
+        self.flush()
+        if not self._inflight:
+            return
+        start = self.clock.mark()
+        for batch, _, _ in self._inflight:
+            batch.wait(idle=False)
+        self._span(self._inflight[-1][2], "send", start, self.clock.mark())
+        self._inflight = []
+
+
 class PipelineGPT(ParallelGPT):
     """One stage of the pipeline. Subclasses (3D) replace build_stage / run_stage / loss / logits."""
 
@@ -79,12 +170,12 @@ class PipelineGPT(ParallelGPT):
         self.next = mesh.stage_rank(self.stage_id + 1) if not mesh.is_last_stage else None
         self.stage = self.build_stage().to(device=device, dtype=dtype)
         self._spans: list[dict] = []
-        self._sends: list[PendingCollective] = []
+        self.clock = mesh.stats.clock
+        self.links = StageLinks(mesh.world, self.clock, self._span)
         self.max_inflight = 0
         self.peak_activation_bytes = 0
         self.microbatch_activation_bytes = 0
         self._param_storages: set[int] | None = None
-        self.step_start = time.perf_counter()
         # One stage, one microbatch: each gradient is final once accumulated, so data parallelism may
         # start reducing it during backward.
         self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1
@@ -130,28 +221,27 @@ class PipelineGPT(ParallelGPT):
         self._spans = []
 
     def take_spans(self) -> list[dict]:
+        self.clock.resolve()  # a no-op where the job has resolved the step already
         spans, self._spans = self._spans, []
         return spans
 
-    def _span(self, microbatch: int, phase: str, start: float, end: float) -> None:
-        self._spans.append({"stage": self.stage_id, "microbatch": microbatch, "phase": phase,
-                            "start": start - self.step_start, "end": end - self.step_start})  # fmt: skip
+    def _span(self, microbatch: int, phase: str, start: Mark, end: Mark) -> None:
+        def sink(start_s: float, end_s: float) -> None:
+            self._spans.append({"stage": self.stage_id, "microbatch": microbatch, "phase": phase,
+                                "start": start_s, "end": end_s})  # fmt: skip
+
+        self.clock.add(start, end, sink)
 
     def _recv(self, shape, dtype, src: int, microbatch: int) -> torch.Tensor:
-        start = time.perf_counter()
-        t = self.mesh.pp.recv(shape, dtype, self.device, src)
-        self._span(microbatch, "recv_wait", start, time.perf_counter())
-        return t
+        return self.links.recv(shape, dtype, self.device, src, microbatch)
 
     def _send(self, t: torch.Tensor, dst: int, microbatch: int) -> None:
-        start = time.perf_counter()
-        self._sends.append(self.mesh.pp.isend(t, dst))
-        self._span(microbatch, "send", start, time.perf_counter())
+        self.links.send(t, dst, microbatch)
 
-    def _finish_sends(self) -> None:
-        for pending in self._sends:
-            pending.wait()
-        self._sends = []
+    def _begin_compute(self) -> Mark:
+        """Start an operation: sends its receive did not carry (it had none) leave now; returns its start."""
+        self.links.flush()
+        return self.clock.mark()
 
     def _hidden_shape(self, mb: torch.Tensor) -> tuple[int, ...]:
         return (mb.shape[0], mb.shape[1], self.config.n_embd)
@@ -175,19 +265,24 @@ class PipelineGPT(ParallelGPT):
 
     def figures(self) -> dict:
         p, m = self.n_stages, self.n_micro
-        return {
+        out = {
             "max_inflight_microbatches": self.max_inflight,
             "peak_activation_bytes": self.peak_activation_bytes,
             "activation_bytes_per_microbatch": self.microbatch_activation_bytes,
-            "bubble_fraction_theory": (p - 1) / (m + p - 1),
         }
+        if p > 1 and self.spec.workload == "train":
+            # Only where a pipeline trains: (p-1)/(m+p-1) is the idle share of each stage when every
+            # stage's forward and backward take equal times and messages cost nothing (GPipe, Huang et
+            # al. 2019; the same for 1F1B, Narayanan et al. 2021). The job measures the real one.
+            out["bubble_fraction_theory"] = (p - 1) / (m + p - 1)
+        return out
 
     # ---- workloads --------------------------------------------------------------------------
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
         mbs, tgts = idx.chunk(self.n_micro), targets.chunk(self.n_micro)
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         inflight = 0
         saved: dict[int, int] = {}  # bytes autograd keeps for each microbatch in flight
 
@@ -197,7 +292,7 @@ class PipelineGPT(ParallelGPT):
                 x = mbs[i]
             else:
                 x = self._recv(self._hidden_shape(mbs[i]), self.dtype, self.prev, i).requires_grad_(True)
-            start = time.perf_counter()
+            start = self._begin_compute()
             storages: dict[int, int] = {}
             with self._saving_into(storages):
                 out = self.run_stage(x)
@@ -205,8 +300,8 @@ class PipelineGPT(ParallelGPT):
                     # Each microbatch's mean loss over m microbatches: the gradients of the global mean.
                     out = self.loss(out, tgts[i]) / self.n_micro
             if self.next is None:
-                total_loss += out.item()
-            self._span(i, "forward", start, time.perf_counter())
+                total_loss += out.detach().float()  # read once after the schedule, not per microbatch
+            self._span(i, "forward", start, self.clock.mark())
             inputs[i], outputs[i] = x, out
             inflight += 1
             self.max_inflight = max(self.max_inflight, inflight)
@@ -220,9 +315,9 @@ class PipelineGPT(ParallelGPT):
             nonlocal inflight
             out = outputs.pop(i)
             grad = None if self.next is None else self._recv(tuple(out.shape), out.dtype, self.next, i)
-            start = time.perf_counter()
+            start = self._begin_compute()
             out.backward(grad)
-            self._span(i, "backward", start, time.perf_counter())
+            self._span(i, "backward", start, self.clock.mark())
             x = inputs.pop(i)
             inflight -= 1
             del saved[i]
@@ -233,9 +328,9 @@ class PipelineGPT(ParallelGPT):
             gpipe(self.n_micro, forward, backward)
         else:
             one_f_one_b(self.n_micro, self.n_stages, self.stage_id, forward, backward)
-        self._finish_sends()
+        self.links.finish()
         self.sync_tied_embedding()
-        return total_loss if self.next is None else None
+        return total_loss.item() if self.next is None else None
 
     def sync_tied_embedding(self) -> None:
         weight = self.tied_weight()
@@ -250,14 +345,14 @@ class PipelineGPT(ParallelGPT):
         outs = []
         for i, mb in enumerate(idx.chunk(self.n_micro)):
             x = mb if self.prev is None else self._recv(self._hidden_shape(mb), self.dtype, self.prev, i)
-            start = time.perf_counter()
+            start = self._begin_compute()
             out = self.run_stage(x)
-            self._span(i, "forward", start, time.perf_counter())
+            self._span(i, "forward", start, self.clock.mark())
             if self.next is not None:
                 self._send(out, self.next, i)
             else:
                 outs.append(self.logits(out))
-        self._finish_sends()
+        self.links.finish()
         return torch.cat(outs) if self.next is None else None
 
     @torch.no_grad()
@@ -273,13 +368,14 @@ class PipelineGPT(ParallelGPT):
                 width = tokens[i].shape[1] if t == 0 else 1
                 if self.prev is None:
                     if t > 0 and self.n_stages > 1:  # the token the last stage picked one round ago
-                        tokens[i] = self._recv((mb.shape[0], 1), torch.long, last_rank, i)
+                        tokens[i] = self.links.recv((mb.shape[0], 1), torch.long, self.device, last_rank, i,
+                                                    comm=self.mesh.embed)  # fmt: skip
                     x = tokens[i]
                 else:
                     x = self._recv((mb.shape[0], width, self.config.n_embd), self.dtype, self.prev, i)
-                start = time.perf_counter()
+                start = self._begin_compute()
                 out = self.run_stage(x, cache=caches[i], start=pos[i])
-                self._span(i, "forward", start, time.perf_counter())
+                self._span(i, "forward", start, self.clock.mark())
                 pos[i] += width
                 if self.next is not None:
                     self._send(out, self.next, i)
@@ -289,8 +385,8 @@ class PipelineGPT(ParallelGPT):
                     if self.n_stages == 1:
                         tokens[i] = nxt
                     elif t + 1 < new_tokens:
-                        self._send(nxt, first_rank, i)
-        self._finish_sends()
+                        self.links.send(nxt, first_rank, i, comm=self.mesh.embed)
+        self.links.finish()
         if self.next is None:
             return torch.cat([torch.cat(parts, dim=1) for parts in produced])
         return None

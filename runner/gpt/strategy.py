@@ -71,13 +71,15 @@ class ParallelGPT(ABC):
         """Greedy decoding with a KV cache; prompt + new tokens [rows, seq + new] on output ranks."""
 
     def begin_step(self, step: int, start: float) -> None:
-        """Called right after the barrier that starts each step; `start` is time.perf_counter() then.
-        Ranks take their zero from the same barrier, which aligns their timelines."""
+        """Called right after the barrier that starts each step and the clock's start_step();
+        `start` is time.perf_counter() then. Timeline spans are measured from the clock's origin
+        (runner/gpt/timing.py), which every rank takes on leaving the same barrier, so the ranks'
+        timelines line up."""
         self.step_start = start
 
     def take_spans(self) -> list[dict]:
         """Timeline spans recorded during the last step ({stage, microbatch, phase, start, end},
-        seconds since the step start); the job emits them as events for timed steps."""
+        seconds since the step's clock origin); the job emits them as events for timed steps."""
         return []
 
     def figures(self) -> dict:
