@@ -38,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import machine_lines, quick_mode, write_section  # noqa: E402
+from bench.results import machine_lines, quick_mode, signed, write_section  # noqa: E402
 from runner.spec import torchrun_launcher  # noqa: E402
 
 P = 2
@@ -249,7 +249,7 @@ def sentences(rows: list[dict]) -> list[str]:
     for schedule in SCHEDULES:
         mine = [r for r in rows if r["schedule"] == schedule]
         lo, hi = mine[0], mine[-1]
-        gaps = ", ".join(f"m {r['m']}: {r['measured'] - r['theory']:+.2f}" for r in mine)
+        gaps = ", ".join(f"m {r['m']}: {signed(r['measured'] - r['theory'])}" for r in mine)
         out.append(
             f"- {schedule}: measured {lo['measured']:.2f} against theory {lo['theory']:.2f} at m = {lo['m']}, "
             f"{hi['measured']:.2f} against {hi['theory']:.2f} at m = {hi['m']}; measured minus theory by m: {gaps}."
@@ -306,18 +306,18 @@ def sentences(rows: list[dict]) -> list[str]:
     if abs(gap) < 0.01:
         verdict = (
             f"matches the unequal-stage model to within 0.01 of the window on average (range "
-            f"{min(gaps):+.2f}..{max(gaps):+.2f}): at this size messages add no idle time the model misses"
+            f"{signed(min(gaps))}..{signed(max(gaps))}): at this size messages add no idle time the model misses"
         )
     elif gap > 0:
         verdict = (
             f"idles {gap:.2f} of the window more than the unequal-stage model on average (range "
-            f"{min(gaps):+.2f}..{max(gaps):+.2f}): the model takes messages as instant, the measurement includes "
+            f"{signed(min(gaps))}..{signed(max(gaps))}): the model takes messages as instant, the measurement includes "
             "each message's latency (gloo over loopback) and the Python between spans"
         )
     else:
         verdict = (
             f"idles {-gap:.2f} of the window less than the unequal-stage model on average (range "
-            f"{min(gaps):+.2f}..{max(gaps):+.2f}): message latency is not visible at this size; the stage times "
+            f"{signed(min(gaps))}..{signed(max(gaps))}): message latency is not visible at this size; the stage times "
             "the model uses come from the same noisy spans"
         )
     out.append(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import re
 import statistics
 from pathlib import Path
@@ -68,17 +69,35 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
 
 
+def median_ci(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median (seeded, so a section is reproducible from its data).
+    With few trials it is wide, which is the point: a verdict is given only where it excludes the
+    threshold."""
+    if len(values) < 2:
+        return values[0], values[0]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    cut = int((1 - level) / 2 * resamples)
+    return meds[cut], meds[resamples - 1 - cut]
+
+
 def compare_sentence(what: str, ratios: list[float], noun: str = "interleaved pairs") -> str:
-    """One sentence from per-trial ratios ours/theirs: which side is faster and by how much, the median,
-    and the range; when the range straddles 1.0 it says so, since then this run cannot tell them apart."""
+    """One sentence from per-trial ratios ours/theirs: the median, its 95% interval and the range, and a
+    verdict (faster / slower) only when the interval excludes 1.0; otherwise it says this run cannot tell."""
     med, lo, hi = spread(ratios)
-    if med < 1:
-        verdict = f"ours is {1 - med:.0%} faster"
-    elif med > 1:
-        verdict = f"ours is {med - 1:.0%} slower"
+    ci_lo, ci_hi = median_ci(ratios)
+    if ci_hi < 1:
+        verdict = f"ours is faster by {1 - med:.0%}"
+    elif ci_lo > 1:
+        verdict = f"ours is slower by {med - 1:.0%}"
     else:
-        verdict = "ours and theirs tie"
-    text = f"{what}: {verdict} (ratio ours/theirs {med:.2f}, median of {len(ratios)} {noun}, range {lo:.2f}..{hi:.2f})"
-    if lo < 1 < hi:
-        text += f"; the range straddles 1.0: some {noun} favour each side"
-    return text + "."
+        verdict = "no difference this run can resolve"
+    return (
+        f"{what}: {verdict} (ratio ours/theirs: median {med:.2f} of {len(ratios)} {noun}, 95% interval of the "
+        f"median {ci_lo:.2f}..{ci_hi:.2f}, range {lo:.2f}..{hi:.2f})."
+    )
+
+
+def signed(x: float, digits: int = 2) -> str:
+    """x with its sign, never '-0.00'."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
