@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -57,7 +56,10 @@ RESCAN_EVERY_S = 5.0  # running rows are re-read this often, so a job no runner 
 # A claimed run without a pid is being launched (by a runner that may just have lost its lease): its
 # devices stay reserved this long before the run counts as lost.
 LAUNCH_GRACE_S = 60.0
-FINALIZE_ATTEMPTS = 3  # a result that cannot be stored after this many tries fails the run with the reason
+FINALIZE_ATTEMPTS = 3
+LOG_TAIL_BYTES = (
+    64 * 1024
+)  # the latest part of each log kept in the database, for members on other machines  # a result that cannot be stored after this many tries fails the run with the reason
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Watched:
     orphans_stopped: bool = False  # torchrun exited while ranks lived on, and they were told to stop
     stored_ranks: int = -1  # how many rank pids storage holds (-1: pid not stored yet)
     finalize_failures: int = 0
+    log_sizes: dict[str, int] = field(default_factory=dict)  # log name -> size when its tail was last stored
 
 
 class Runner:
@@ -84,7 +87,8 @@ class Runner:
         self.engine = engine
         self.max_cpu_jobs = max_cpu_jobs
         self.poll_s = poll_s
-        self.runner_id = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.host = queries.this_host()
+        self.runner_id = f"{self.host[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.gpus = detect_gpus()
         self.gpu_note = self.gpus.reason
         self.watched: dict[int, Watched] = {}
@@ -100,19 +104,20 @@ class Runner:
         args = (self.engine, self.runner_id, os.getpid(), list(self.gpus), self.gpu_note)
         if queries.acquire_lease(*args):
             return True
-        status = queries.runner_status(self.engine) or {}
-        if status.get("host") == socket.gethostname()[:128] and status.get("pid") and not _process_runs(status["pid"]):
+        status = queries.runner_status(self.engine, self.host) or {}
+        if status.get("pid") and not _process_runs(status["pid"]):
             return queries.acquire_lease(*args, takeover_from=status["runner_id"])
         return False
 
     def serve(self) -> int:
         if not self.acquire():
-            status = queries.runner_status(self.engine) or {}
-            print(f"another runner (pid {status.get('pid')} on {status.get('host')}) serves this database; exiting")
+            status = queries.runner_status(self.engine, self.host) or {}
+            print(f"another runner (pid {status.get('pid')}) serves this database for host {self.host}; exiting")
             return 3
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        print(f"runner {self.runner_id} serving {self.engine.url.render_as_string()} ({self.gpu_note})", flush=True)
+        print(f"runner {self.runner_id} serving {self.engine.url.render_as_string()} as host {self.host} "
+              f"({self.gpu_note})", flush=True)  # fmt: skip
         last_beat = time.monotonic()
         last_scan: float | None = None
         try:
@@ -151,7 +156,9 @@ class Runner:
         reason (its processes stopped); one run's trouble never stops the scan or the runner.
         """
         self.pending.clear()
-        for row in queries.running_runs(self.engine):
+        for run_id in queries.lose_runs_of_silent_hosts(self.engine, host_lost_s()):
+            print(f"run {run_id}: lost (its host stopped reporting)", flush=True)
+        for row in queries.running_runs(self.engine, host=self.host):
             if row["id"] in self.watched:
                 continue
             try:
@@ -211,7 +218,7 @@ class Runner:
         return [g["index"] for g in self.gpus if g["index"] not in busy]
 
     def place_queued(self) -> None:
-        for row in queries.queued_runs(self.engine):
+        for row in queries.queued_runs(self.engine, host=self.host):
             try:
                 spec = RunSpec.from_dict(row["spec"])
                 problems = spec.validate(gpu_count=len(self.gpus), check_weights=False)  # checked at submit
@@ -219,6 +226,15 @@ class Runner:
                 problems = exc.problems
             except Exception as exc:  # a stored row no code path expected: fail that run, serve the others
                 problems = [f"its stored spec cannot be read ({type(exc).__name__}: {exc})"]
+            if (
+                problems
+                and row["target_host"] is None
+                and any(h["alive"] and h["host"] != self.host for h in queries.hosts(self.engine))
+            ):
+                # Aimed at any host: another one may have what this one lacks.
+                queries.set_wait_reason(self.engine, row["id"], "waiting for a host that can run it (not "
+                                        f"{self.host}: {'; '.join(str(p) for p in problems)})"[:200])  # fmt: skip
+                continue
             if problems:
                 # Queued without knowing this machine's GPUs (no runner was up), or by an older version:
                 # it can never run here, so say why instead of letting it wait forever.
@@ -288,6 +304,7 @@ class Runner:
                 w.last_sample = now
                 queries.add_telemetry(self.engine, run_id, w.sampler.sample())
                 cap_run_logs(job.run_dir)
+                self.store_log_tails(run_id, w)
             if w.stopping is None and not w.orphans_stopped:
                 if queries.cancel_requested(self.engine, run_id):
                     w.stopping, w.stop_reason = "cancelled", "cancelled by request"
@@ -359,6 +376,24 @@ class Runner:
             values["progress_step"] = progress
         queries.update_run(self.engine, run_id, **values)
 
+    def store_log_tails(self, run_id: int, w: Watched) -> None:
+        """The latest LOG_TAIL_BYTES of each log that grew, into the database (teammates read them there)."""
+        for path in [w.job.run_dir / "torchrun.log", *sorted(w.job.run_dir.glob("rank*.log"))]:
+            try:
+                size = path.stat().st_size
+                if w.log_sizes.get(path.stem) == size:
+                    continue
+                with path.open("rb") as f:
+                    f.seek(max(0, size - LOG_TAIL_BYTES))
+                    tail = f.read(LOG_TAIL_BYTES)
+            except OSError:
+                continue
+            if size > LOG_TAIL_BYTES:
+                tail = tail[tail.find(b"\n") + 1 :]  # start at a whole line
+            queries.store_log_tail(self.engine, run_id, path.stem, tail.decode(errors="replace").replace("\x00", ""),
+                                   size)  # fmt: skip
+            w.log_sizes[path.stem] = size
+
     def outcome(self, w: Watched, code: int) -> tuple[str, dict]:
         """The terminal status and stored fields for a job whose every process is gone."""
         result_path = w.job.run_dir / "result.json"
@@ -396,6 +431,7 @@ class Runner:
     def finalize(self, run_id: int, w: Watched, code: int) -> None:
         """Store the final status, then forget the run (a failure to store keeps it watched for a retry)."""
         self.ingest_events(run_id, w)
+        self.store_log_tails(run_id, w)
         status, fields = self.outcome(w, code)
         try:
             queries.finish_run(self.engine, run_id, status, **fields)
@@ -407,6 +443,12 @@ class Runner:
                                error=f"its outcome ({status}) could not be stored: {type(exc).__name__}: {exc}"[:2000])  # fmt: skip
         del self.watched[run_id]
         print(f"run {run_id}: {status} (exit {code})", flush=True)
+
+
+def host_lost_s() -> float:
+    """How long a host's runner may stay silent before its running runs are `lost` (LAB_HOST_LOST_S; default
+    four stale limits, at least 2 minutes): long enough for a restart, short enough to see."""
+    return float(os.environ.get("LAB_HOST_LOST_S") or max(120.0, 4 * queries.runner_stale_s()))
 
 
 def _number_name(x: float) -> str:

@@ -23,6 +23,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -83,7 +84,10 @@ class Run(Base):
     tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
     note: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[str] = mapped_column(String(64), index=True, default="")
-    host: Mapped[str] = mapped_column(String(128), default="")
+    host: Mapped[str] = mapped_column(String(128), default="")  # where it was submitted from
+    # Where it may run: a host name (LAB_HOST), or None for any host with the devices it needs.
+    target_host: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    runner_host: Mapped[str | None] = mapped_column(String(128), nullable=True)  # where it runs (set at claim)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -180,15 +184,31 @@ class TimelineSpan(Base):
 
 
 class RunnerLease(Base):
-    """At most one row (id 1): the runner serving this database, with its heartbeat."""
+    """One row per host: the runner serving this database from that machine, its heartbeat and its devices."""
 
     __tablename__ = "runner_lease"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     runner_id: Mapped[str] = mapped_column(String(64))
-    host: Mapped[str] = mapped_column(String(128))
+    host: Mapped[str] = mapped_column(String(128), unique=True)
     pid: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
     gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)
     gpu_note: Mapped[str] = mapped_column(String(300), default="")
+
+
+class RunLog(Base):
+    """The latest part of one log of a run (torchrun, rank0, ...), kept by the runner of the host it runs on,
+    so any member of a team can read any run's logs from any machine."""
+
+    __tablename__ = "run_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(32))
+    text: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(BigInteger)  # the whole file's size when the tail was taken
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (UniqueConstraint("run_id", "name", name="uq_run_logs_run_id"),)

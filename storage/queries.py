@@ -12,6 +12,7 @@ import getpass
 import io
 import json
 import math
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from storage.models import (
     TERMINAL_STATES,
     RankResult,
     Run,
+    RunLog,
     RunnerLease,
     StepMetric,
     TelemetrySample,
@@ -113,8 +115,17 @@ def _iso(dt: datetime | None) -> str | None:
 
 
 # ---- submitting and reading runs ------------------------------------------------------------
-def submit_run(engine: Engine, spec: RunSpec, *, user: str | None = None, gpu_count: int | None = None) -> int:
-    """Validate and queue; raises SpecError (nothing queued) when the spec has any problem."""
+ANY_HOST = "*"  # a run aimed at any host whose runner has the devices it needs
+
+
+def submit_run(
+    engine: Engine, spec: RunSpec, *, user: str | None = None, gpu_count: int | None = None, run_on: str | None = None
+) -> int:
+    """Validate and queue; raises SpecError (nothing queued) when the spec has any problem.
+
+    run_on: the host it runs on (default: this one, LAB_HOST, so a job runs where it was launched), or
+    ANY_HOST for whichever host can place it first.
+    """
     problems = spec.validate(gpu_count=gpu_count)
     if problems:
         raise SpecError(problems)
@@ -134,7 +145,8 @@ def submit_run(engine: Engine, spec: RunSpec, *, user: str | None = None, gpu_co
             tags=list(spec.tags),
             note="",
             user=(user or default_user())[:64],
-            host=socket.gethostname()[:128],
+            host=this_host(),
+            target_host=None if run_on == ANY_HOST else (run_on or this_host())[:128],
             created_at=utcnow(),
             total_steps=spec.warmup + spec.steps,
         )
@@ -153,6 +165,8 @@ def _run_dict(run: Run, ranks: list[RankResult] | None = None) -> dict[str, Any]
         "ranks": [_rank_dict(r) for r in ranks] if ranks is not None else [],
         "user": run.user,
         "host": run.host,
+        "target_host": run.target_host,
+        "runner_host": run.runner_host,
         "tags": list(run.tags or []),
         "note": run.note,
         "created_at": _iso(run.created_at),
@@ -319,7 +333,7 @@ def delete_run(engine: Engine, run_id: int) -> None:
             raise KeyError(f"no run {run_id}")
         if row.status == "running":
             raise ValueError(f"run {run_id} is running; cancel it before deleting")
-        for table in (RankResult, StepMetric, TelemetrySample, TimelineSpan):
+        for table in (RankResult, StepMetric, TelemetrySample, TimelineSpan, RunLog):
             conn.execute(delete(table).where(table.run_id == run_id))
         conn.execute(delete(Run).where(Run.id == run_id))
     if row.run_dir:
@@ -351,51 +365,68 @@ def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[
 
 
 # ---- the runner's side ----------------------------------------------------------------------
-def runner_status(engine: Engine) -> dict[str, Any] | None:
+def this_host() -> str:
+    """This machine's name in a team's database: LAB_HOST, else the host name (one runner per host)."""
+    return (os.environ.get("LAB_HOST") or socket.gethostname())[:128]
+
+
+def _lease_dict(lease: RunnerLease) -> dict[str, Any]:
+    age = (utcnow() - lease.heartbeat_at).total_seconds()
+    return {
+        "runner_id": lease.runner_id,
+        "host": lease.host,
+        "pid": lease.pid,
+        "started_at": _iso(lease.started_at),
+        "last_seen": _iso(lease.heartbeat_at),
+        "age_s": age,
+        "alive": age < runner_stale_s(),
+        "gpus": list(lease.gpus or []),
+        "gpu_note": lease.gpu_note,
+    }
+
+
+def runner_status(engine: Engine, host: str | None = None) -> dict[str, Any] | None:
+    """The lease of the runner serving `host` (default: this machine), or None when none ever served it."""
     with Session(engine) as s:
-        lease = s.get(RunnerLease, 1)
-        if lease is None:
-            return None
-        age = (utcnow() - lease.heartbeat_at).total_seconds()
-        return {
-            "runner_id": lease.runner_id,
-            "host": lease.host,
-            "pid": lease.pid,
-            "started_at": _iso(lease.started_at),
-            "last_seen": _iso(lease.heartbeat_at),
-            "age_s": age,
-            "alive": age < runner_stale_s(),
-            "gpus": list(lease.gpus or []),
-            "gpu_note": lease.gpu_note,
-        }
+        lease = s.scalars(select(RunnerLease).where(RunnerLease.host == (host or this_host()))).first()
+        return _lease_dict(lease) if lease is not None else None
+
+
+def hosts(engine: Engine) -> list[dict[str, Any]]:
+    """Every host whose runner serves or served this database, alive first, with its devices and last heartbeat
+    (what the Launch page lists and a run's target host is chosen from)."""
+    with Session(engine) as s:
+        leases = [_lease_dict(lease) for lease in s.scalars(select(RunnerLease).order_by(RunnerLease.host))]
+    return sorted(leases, key=lambda h: not h["alive"])
 
 
 def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gpu_note: str,
-                  takeover_from: str | None = None) -> bool:  # fmt: skip
-    """Take the one runner lease if it is free, stale or already ours; True when we hold it.
+                  takeover_from: str | None = None, host: str | None = None) -> bool:  # fmt: skip
+    """Take this host's runner lease if it is free, stale or already ours; True when we hold it.
 
     takeover_from: the id of a holder known to be dead (its process on this host is gone), taken over
     without waiting for its heartbeat to go stale.
     """
+    host = host or this_host()
     now = utcnow()
     stale = now - timedelta(seconds=runner_stale_s())
-    values = dict(runner_id=runner_id, host=socket.gethostname()[:128], pid=pid, started_at=now, heartbeat_at=now,
-                  gpus=gpus, gpu_note=gpu_note[:300])  # fmt: skip
+    values = dict(runner_id=runner_id, host=host, pid=pid, started_at=now, heartbeat_at=now, gpus=gpus,
+                  gpu_note=gpu_note[:300])  # fmt: skip
     takeable = [RunnerLease.heartbeat_at < stale, RunnerLease.runner_id == runner_id]
     if takeover_from:
         takeable.append(RunnerLease.runner_id == takeover_from)
     with engine.begin() as conn:
-        won = conn.execute(update(RunnerLease).where(RunnerLease.id == 1, or_(*takeable)).values(**values)).rowcount
-        if won:
+        won = conn.execute(update(RunnerLease).where(RunnerLease.host == host, or_(*takeable)).values(**values))
+        if won.rowcount:
             return True
-        exists = conn.execute(select(RunnerLease.id).where(RunnerLease.id == 1)).first()
+        exists = conn.execute(select(RunnerLease.id).where(RunnerLease.host == host)).first()
     if exists:
         return False
     try:
         with engine.begin() as conn:
-            conn.execute(insert(RunnerLease).values(id=1, **values))
+            conn.execute(insert(RunnerLease).values(**values))
         return True
-    except Exception:  # another runner inserted the row first: IntegrityError on any backend
+    except Exception:  # another runner of this host inserted the row first: IntegrityError on any backend
         return False
 
 
@@ -406,20 +437,21 @@ def heartbeat(engine: Engine, runner_id: str, gpus: list[dict] | None = None) ->
         values["gpus"] = gpus
     with engine.begin() as conn:
         return bool(
-            conn.execute(
-                update(RunnerLease).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id).values(**values)
-            ).rowcount
+            conn.execute(update(RunnerLease).where(RunnerLease.runner_id == runner_id).values(**values)).rowcount
         )
 
 
 def release_lease(engine: Engine, runner_id: str) -> None:
     with engine.begin() as conn:
-        conn.execute(delete(RunnerLease).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id))
+        conn.execute(delete(RunnerLease).where(RunnerLease.runner_id == runner_id))
 
 
-def queued_runs(engine: Engine) -> list[dict[str, Any]]:
-    """Queued runs, oldest first, with what the runner needs to place them."""
-    q = select(Run.id, Run.spec, Run.world_size).where(Run.status == "queued").order_by(Run.id)
+def queued_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]:
+    """Queued runs, oldest first, with what the runner needs to place them; with `host`, only those that may
+    run there (aimed at it, or at any host)."""
+    q = select(Run.id, Run.spec, Run.world_size, Run.target_host).where(Run.status == "queued").order_by(Run.id)
+    if host is not None:
+        q = q.where(or_(Run.target_host.is_(None), Run.target_host == host))
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q)]
 
@@ -433,19 +465,20 @@ def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: l
     launches nothing. On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
     this claim and then sees it; on SQLite the single UPDATE holds the database's write lock throughout.
     """
-    owns_lease = select(RunnerLease.id).where(RunnerLease.id == 1, RunnerLease.runner_id == runner_id).exists()
+    owns_lease = select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).exists()
     claim = update(Run).where(Run.id == run_id, Run.status == "queued")
     if require_lease:
         claim = claim.where(owns_lease)
     with engine.begin() as conn:
         if require_lease and engine.dialect.name != "sqlite":
-            conn.execute(select(RunnerLease.id).where(RunnerLease.id == 1).with_for_update())
+            conn.execute(select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).with_for_update())
         return bool(
             conn.execute(
                 claim.values(
                     status="running",
                     started_at=utcnow(),
                     runner_id=runner_id,
+                    runner_host=this_host(),
                     run_dir=run_dir,
                     gpus=gpus,
                     wait_reason=None,
@@ -464,7 +497,8 @@ def update_run(engine: Engine, run_id: int, **values: Any) -> None:
         conn.execute(update(Run).where(Run.id == run_id).values(**values))
 
 
-def running_runs(engine: Engine) -> list[dict[str, Any]]:
+def running_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]:
+    """Running runs, oldest first; with `host`, those running there (and any from before hosts were recorded)."""
     q = select(
         Run.id,
         Run.pid,
@@ -476,9 +510,61 @@ def running_runs(engine: Engine) -> list[dict[str, Any]]:
         Run.cancel_requested,
         Run.rank_pids,
         Run.runner_id,
-    )
+        Run.runner_host,
+    ).where(Run.status == "running")
+    if host is not None:
+        q = q.where(or_(Run.runner_host.is_(None), Run.runner_host == host))
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(q.where(Run.status == "running").order_by(Run.id))]
+        return [dict(r._mapping) for r in conn.execute(q.order_by(Run.id))]
+
+
+def lose_runs_of_silent_hosts(engine: Engine, silent_for_s: float) -> list[int]:
+    """Runs still `running` on a host whose runner has sent no heartbeat for `silent_for_s` become `lost`, with
+    the host and the time it was last seen; returns their ids. (A runner that stopped cleanly removed its
+    lease: its jobs keep running and its next start adopts them.)"""
+    cutoff = utcnow() - timedelta(seconds=silent_for_s)
+    with engine.begin() as conn:
+        silent = conn.execute(
+            select(RunnerLease.host, RunnerLease.heartbeat_at).where(RunnerLease.heartbeat_at < cutoff)
+        ).all()
+        lost = []
+        for host, seen in silent:
+            ids = conn.execute(select(Run.id).where(Run.status == "running", Run.runner_host == host)).scalars().all()
+            if ids:
+                conn.execute(
+                    update(Run)
+                    .where(Run.id.in_(ids), Run.status == "running")
+                    .values(
+                        status="lost",
+                        finished_at=utcnow(),
+                        cancel_requested=False,
+                        error=f"its host {host} stopped reporting (its runner was last seen {_iso(seen)}, "
+                        f"over {silent_for_s:g} s ago)",
+                    )  # fmt: skip
+                )
+                lost += ids
+    return lost
+
+
+def store_log_tail(engine: Engine, run_id: int, name: str, text: str, size: int) -> None:
+    """Keep the latest part of one of a run's logs in the database (one row per run and log, replaced)."""
+    values = {"text": text, "size": size, "updated_at": utcnow()}
+    with engine.begin() as conn:
+        if not conn.execute(
+            update(RunLog).where(RunLog.run_id == run_id, RunLog.name == name).values(**values)
+        ).rowcount:
+            conn.execute(insert(RunLog).values(run_id=run_id, name=name, **values))
+
+
+def run_logs(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """The stored log tails of a run, by name ('torchrun', 'rank0', ...): {text, size, updated_at}; readable
+    from any machine of the team, whichever host ran it."""
+    q = select(RunLog.name, RunLog.text, RunLog.size, RunLog.updated_at).where(RunLog.run_id == run_id)
+    with engine.connect() as conn:
+        return {
+            r.name: {"text": r.text, "size": r.size, "updated_at": _iso(r.updated_at)}
+            for r in conn.execute(q.order_by(RunLog.name))
+        }
 
 
 def cancel_requested(engine: Engine, run_id: int) -> bool:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -157,7 +159,7 @@ def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
     wait_progress(engine, run_id, steps=1)
     os.kill(runner.pid, signal.SIGKILL)  # the runner dies; its job lives on in its own session
     runner.wait(timeout=10)
-    runner = start_runner_after_stale(engine)
+    runner = start_runner(engine)  # its holder's process is gone on this host: taken over without waiting
     try:
         run = wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180)
         assert run["status"] == "succeeded", run
@@ -178,17 +180,6 @@ def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
     finally:
         stop_runner(engine)
         runner.wait(timeout=10)
-
-
-def start_runner_after_stale(engine) -> subprocess.Popen:
-    """A killed runner's lease goes stale after RUNNER_STALE_S; a new runner then takes over."""
-    deadline = time.monotonic() + queries.RUNNER_STALE_S + 30
-    while time.monotonic() < deadline:
-        status = queries.runner_status(engine)
-        if not status or not status["alive"]:
-            return start_runner(engine)
-        time.sleep(0.5)
-    raise AssertionError("lease never went stale")
 
 
 def test_time_limit_stops_the_run_as_failed_with_the_reason(engine):
@@ -238,3 +229,170 @@ def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db
     finally:
         stop_runner(engine)
         runner.wait(timeout=10)
+
+
+def rank_pids(engine, run_id: int, n: int) -> list[int]:
+    """The pids of a running job's n ranks (torchrun's children), once all have started."""
+    pid = run_pid(engine, run_id)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ranks = [c.pid for c in psutil.Process(pid).children()]
+        if len(ranks) == n:
+            return ranks
+        time.sleep(0.1)
+    raise AssertionError("ranks never all started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_sigkill_of_torchrun_leaves_no_rank_alive_and_the_next_run_starts_only_after_them(engine):
+    """torchrun gives each rank its own session, so killing torchrun's group alone would orphan them."""
+    runner = start_runner(engine)  # one CPU job at a time: the next run needs the slot the killed one held
+    try:
+        victim = queries.submit_run(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
+        after = queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+        wait_status(engine, victim, {"running"})
+        wait_progress(engine, victim, steps=1)
+        ranks = rank_pids(engine, victim, 2)
+        os.kill(run_pid(engine, victim), signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while any(alive(p) for p in ranks):
+            assert time.monotonic() < deadline, [p for p in ranks if alive(p)]
+            time.sleep(0.05)
+        gone = time.time()
+        failed = wait_status(engine, victim, {"failed", "succeeded", "cancelled", "lost"}, timeout=60)
+        assert failed["status"] == "failed", failed
+        nxt = wait_status(engine, after, {"succeeded", "failed"}, timeout=120)
+        assert nxt["status"] == "succeeded"
+        assert datetime.fromisoformat(nxt["started_at"]).timestamp() >= gone - 0.2  # never beside a live rank
+    finally:
+        stop_runner(engine)
+        runner.wait(timeout=10)
+
+
+def test_a_rank_that_ignores_sigterm_is_gone_after_cancel(engine):
+    """The real job under real torchrun, rank 1 ignoring SIGTERM; the runner in-process, ticked by the test."""
+    from runner.launch import TORCHRUN_SHUTDOWN_S
+    from runner.service import CANCEL_GRACE_S, Runner
+
+    runner = Runner(engine)
+    assert runner.acquire()
+    runner.job_entry = ("-m", "tests.stubborn_job")
+    run_id = queries.submit_run(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
+    deadline = time.monotonic() + 120
+    while queries.get_run(engine, run_id)["progress"]["step"] < 1 or len(runner.watched[run_id].job.ranks) < 2:
+        assert time.monotonic() < deadline, "no progress"
+        runner.tick()
+        time.sleep(0.1)
+    job = runner.watched[run_id].job
+    pids = [job.pid, *job.ranks]
+    try:
+        started = time.monotonic()
+        assert queries.request_cancel(engine, run_id) == "cancelling"
+        run = wait_status(engine, run_id, {"cancelled", "failed", "succeeded"}, timeout=CANCEL_GRACE_S + 30,
+                          between=runner.tick)  # fmt: skip
+        assert run["status"] == "cancelled"
+        assert not [p for p in pids if alive(p)]
+        # torchrun's own SIGKILL after its grace took the stubborn rank; the runner's would follow 5 s later.
+        assert time.monotonic() - started < CANCEL_GRACE_S + 5
+        assert time.monotonic() - started >= TORCHRUN_SHUTDOWN_S - 1  # it really did ignore SIGTERM
+    finally:
+        for p in pids:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_diverged_run_ends_failed_naming_the_step_and_unreadable_rows_never_stop_the_runner(db_engine):
+    """`submit --lr 1e6 --wait` on SQLite and on PostgreSQL (whose JSON refuses NaN), with rows the runner cannot
+    read waiting for it: a queued run whose spec is not an object and a running one whose spec no longer parses."""
+    engine = db_engine
+    bad_queued = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
+    queries.update_run(engine, bad_queued, spec=["not", "a", "spec"])
+    bad_running = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
+    queries.claim_run(engine, bad_running, "a-runner-long-gone", "/nonexistent", [])
+    queries.update_run(engine, bad_running, pid=2**22 + 99, spec={"strategy": 7})
+    proc = cli("submit", "--strategy", "single", "--model", "tiny", "--lr", "1e6", "--wait", "--json",
+               "--timeout", "240")  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    run = json.loads(proc.stdout)
+    assert run["status"] == "failed", run
+    assert re.fullmatch(r"loss became (NaN|inf|-inf) at step \d+: training diverged .*", run["error"]), run["error"]
+    assert run["result"]["tokens_per_s"] > 0  # the timings were real and are kept
+    assert run["result"]["loss"] is None and any(n.startswith("loss = ") for n in run["result"]["non_finite"])
+    assert queries.step_metrics(engine, run["id"])["loss"].isna().any()
+    assert "must be a JSON object" in queries.get_run(engine, bad_queued)["error"]
+    assert "stored spec cannot be read" in queries.get_run(engine, bad_running)["error"]
+
+
+def test_a_runner_frozen_past_the_stale_limit_is_replaced_and_launches_nothing_after_sigcont(engine, monkeypatch):
+    monkeypatch.setenv("LAB_RUNNER_STALE_S", "6")  # for this test, its runners and their database waits (2 s)
+    frozen = start_runner(engine)
+    successor = None
+    try:
+        os.kill(frozen.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 20
+        while queries.runner_status(engine)["alive"]:
+            assert time.monotonic() < deadline, "the frozen runner's lease never went stale"
+            time.sleep(0.2)
+        ids = [queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+               for _ in range(3)]  # fmt: skip
+        successor = start_runner(engine)
+        os.kill(frozen.pid, signal.SIGCONT)  # it wakes up in its loop with runs queued
+        assert frozen.wait(timeout=30) == 4  # "lost the runner lease to another runner"
+        runs = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
+        assert [r["status"] for r in runs] == ["succeeded"] * 3
+        from sqlalchemy import text
+
+        with engine.connect() as conn:
+            owners = conn.execute(text("SELECT runner_id FROM runs")).scalars().all()
+        assert all(f"-{successor.pid}-" in owner for owner in owners), owners
+    finally:
+        if frozen.poll() is None:
+            os.kill(frozen.pid, signal.SIGCONT)
+            frozen.kill()
+            frozen.wait()
+        stop_runner(engine)
+        if successor is not None:
+            successor.wait(timeout=10)
+
+
+def test_two_hosts_on_one_postgres_each_run_their_own_runs_and_read_each_others_logs(
+    pg_server, lab_home, tmp_path, monkeypatch
+):
+    """Two members' machines (two LAB_HOME, two LAB_HOST) on one team database: each runner holds its own lease,
+    runs only what was aimed at its host, and stores log tails any member reads without the other's disk."""
+    from runner.launch import stop_group
+    from storage.db import get_engine
+
+    url = pg_server.new_database()
+    monkeypatch.setenv("LAB_DB_URL", url)
+    engine = get_engine()
+    runners = {}
+    try:
+        for host in ("alpha", "beta"):
+            env = {**os.environ, "LAB_HOST": host, "LAB_HOME": str(tmp_path / host), "LAB_DB_URL": url}
+            runners[host] = subprocess.Popen([sys.executable, "-m", "runner", "serve"], cwd=REPO, env=env,
+                                             start_new_session=True, stdout=subprocess.DEVNULL,
+                                             stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 60
+        while sorted(h["host"] for h in queries.hosts(engine) if h["alive"]) != ["alpha", "beta"]:
+            assert time.monotonic() < deadline, queries.hosts(engine)
+            time.sleep(0.2)
+        spec = RunSpec(strategy="single", model="tiny", steps=2)
+        ids = {host: queries.submit_run(engine, spec, run_on=host) for host in ("beta", "alpha")}
+        for host, run_id in ids.items():
+            run = wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180)
+            assert run["status"] == "succeeded", run
+            assert run["target_host"] == run["runner_host"] == host
+            assert Path(run["run_dir"]).is_relative_to(tmp_path / host)
+            logs = queries.run_logs(engine, run_id)  # from this third machine's view: the database only
+            assert "step 3/3" in logs["rank0"]["text"] and logs["rank0"]["size"] > 0
+            assert "torchrun" in logs
+    finally:
+        for proc in runners.values():
+            stop_group(proc.pid, 10, popen=proc)

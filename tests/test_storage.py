@@ -24,9 +24,9 @@ def engine(db_engine):
 def test_migrations_create_every_table(engine):
     tables = set(inspect(engine).get_table_names())
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
-            "alembic_version"} <= tables  # fmt: skip
+            "run_logs", "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
@@ -253,7 +253,7 @@ def test_a_deleted_runs_id_is_never_given_to_a_new_run(engine):
 
 def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
     """A team's history survives the upgrade: build the 0001 schema, add runs, then upgrade to head."""
-    from sqlalchemy import create_engine
+    from sqlalchemy import MetaData, Table, create_engine, insert
 
     from storage.migrate import upgrade
 
@@ -261,8 +261,18 @@ def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
     url = f"sqlite:///{lab_home / 'old.db'}"
     old = create_engine(url)
     upgrade(old, "0001")
-    first = queries.submit_run(old, TINY_LAYER, user="ada")
-    second = queries.submit_run(old, TINY_LAYER)
+    runs = Table("runs", MetaData(), autoload_with=old)  # the table as 0001 made it, not as the models are now
+
+    def submit_then(user: str) -> int:
+        row = dict(status="queued", strategy="layer", model="tiny", workload="train", world_size=2, tp=1, pp=2, dp=1,
+                   device="auto", spec=TINY_LAYER.to_dict(), tags=[], note="", user=user, host="h",
+                   created_at=datetime.now(UTC), cancel_requested=False, progress_step=0, total_steps=6, gpus=[],
+                   events_offset=0, device_names=[])  # fmt: skip
+        with old.begin() as conn:
+            return conn.execute(insert(runs).values(**row)).inserted_primary_key[0]
+
+    first = submit_then("ada")
+    second = submit_then("bob")
     queries.update_run_meta(old, first, note="keep me")
     upgrade(old, "head")
     run = queries.get_run(old, first)
@@ -308,3 +318,38 @@ def test_a_claim_needs_the_lease_when_asked_and_a_dead_holder_is_taken_over_at_o
     assert queries.acquire_lease(engine, "b", 2, [], "no GPU", takeover_from="a")  # 'a' is known to be dead
     assert not queries.claim_run(engine, run_id, "a", "/tmp/x", [], require_lease=True)
     assert queries.claim_run(engine, run_id, "b", "/tmp/x", [], require_lease=True)
+
+
+def test_each_host_holds_its_own_lease_and_sees_only_the_runs_it_may_run(engine):
+    assert queries.acquire_lease(engine, "ra", 1, [{"index": 0, "name": "H100"}], "1 GPU", host="alpha")
+    assert queries.acquire_lease(engine, "rb", 2, [], "no GPU", host="beta")  # another host: its own lease
+    assert not queries.acquire_lease(engine, "rb2", 3, [], "no GPU", host="beta")
+    assert [(h["host"], h["alive"], len(h["gpus"])) for h in queries.hosts(engine)] == [("alpha", True, 1),
+                                                                                        ("beta", True, 0)]  # fmt: skip
+    assert queries.runner_status(engine, "alpha")["runner_id"] == "ra"
+    here = queries.submit_run(engine, TINY_LAYER)  # default: the submitting host (LAB_HOST or its name)
+    anywhere = queries.submit_run(engine, TINY_LAYER, run_on=queries.ANY_HOST)
+    on_beta = queries.submit_run(engine, TINY_LAYER, run_on="beta")
+    assert queries.get_run(engine, here)["target_host"] == queries.this_host()
+    assert [r["id"] for r in queries.queued_runs(engine, host="beta")] == [anywhere, on_beta]
+    assert [r["id"] for r in queries.queued_runs(engine, host="alpha")] == [anywhere]
+    queries.release_lease(engine, "ra")
+    assert [h["host"] for h in queries.hosts(engine)] == ["beta"]
+
+
+def test_a_silent_hosts_running_runs_are_lost_with_the_host_named_and_log_tails_are_kept(engine, monkeypatch):
+    monkeypatch.setenv("LAB_HOST", "gamma")
+    assert queries.acquire_lease(engine, "rg", 1, [], "no GPU")
+    run_id = queries.submit_run(engine, TINY_LAYER)
+    assert queries.claim_run(engine, run_id, "rg", "/x", [], require_lease=True)
+    queries.store_log_tail(engine, run_id, "rank0", "step 1/3\n", 9)
+    queries.store_log_tail(engine, run_id, "rank0", "step 1/3\nstep 2/3\n", 18)  # replaced, not added
+    assert queries.run_logs(engine, run_id)["rank0"]["text"].endswith("step 2/3\n")
+    assert queries.lose_runs_of_silent_hosts(engine, 60) == []
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": datetime.now(UTC) - timedelta(hours=1)})
+    assert queries.lose_runs_of_silent_hosts(engine, 60) == [run_id]
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "lost" and "its host gamma stopped reporting" in run["error"]
+    queries.delete_run(engine, run_id)
+    assert queries.run_logs(engine, run_id) == {}
