@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runner", description="Parallel GPT Lab runner and CLI")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="the runner loop (one per database)")
+    serve = sub.add_parser("serve", help="the runner loop (one per host and database)")
     serve.add_argument("--max-cpu-jobs", type=int, default=1, help="CPU jobs that may run at once (default 1)")
+    serve.add_argument("--host", help="this machine's name in a team database (default: LAB_HOST, else the host name)")
 
     submit = sub.add_parser("submit", help="validate and queue a run")
     for name, opts in SPEC_FLAGS.items():
@@ -215,8 +216,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
+        import os
+
         from runner.service import Runner
 
+        if args.host:
+            os.environ["LAB_HOST"] = args.host  # one lease per host name; its jobs inherit it too
         return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs).serve()
     if args.command == "submit":
         return cmd_submit(args)

@@ -158,6 +158,7 @@ class Runner:
         self.pending.clear()
         for run_id in queries.lose_runs_of_silent_hosts(self.engine, host_lost_s()):
             print(f"run {run_id}: lost (its host stopped reporting)", flush=True)
+        queries.explain_runs_for_absent_hosts(self.engine)
         for row in queries.running_runs(self.engine, host=self.host):
             if row["id"] in self.watched:
                 continue

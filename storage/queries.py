@@ -546,6 +546,21 @@ def lose_runs_of_silent_hosts(engine: Engine, silent_for_s: float) -> list[int]:
     return lost
 
 
+def explain_runs_for_absent_hosts(engine: Engine) -> None:
+    """Queued runs aimed at a host whose runner is not alive say so (no runner elsewhere will take them)."""
+    alive = [h["host"] for h in hosts(engine) if h["alive"]]
+    q = select(Run.id, Run.target_host).where(
+        Run.status == "queued", Run.target_host.is_not(None), Run.target_host.not_in(alive)
+    )
+    with engine.begin() as conn:
+        for run_id, host in conn.execute(q).all():
+            conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.status == "queued")
+                .values(wait_reason=f"waiting for a runner on host {host} (none is running there)"[:200])
+            )
+
+
 def store_log_tail(engine: Engine, run_id: int, name: str, text: str, size: int) -> None:
     """Keep the latest part of one of a run's logs in the database (one row per run and log, replaced)."""
     values = {"text": text, "size": size, "updated_at": utcnow()}

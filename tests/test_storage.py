@@ -335,6 +335,12 @@ def test_each_host_holds_its_own_lease_and_sees_only_the_runs_it_may_run(engine)
     assert [r["id"] for r in queries.queued_runs(engine, host="alpha")] == [anywhere]
     queries.release_lease(engine, "ra")
     assert [h["host"] for h in queries.hosts(engine)] == ["beta"]
+    on_alpha = queries.submit_run(engine, TINY_LAYER, run_on="alpha")
+    queries.explain_runs_for_absent_hosts(engine)
+    assert (
+        queries.get_run(engine, on_alpha)["wait_reason"] == "waiting for a runner on host alpha (none is running there)"
+    )
+    assert queries.get_run(engine, on_beta)["wait_reason"] is None
 
 
 def test_a_silent_hosts_running_runs_are_lost_with_the_host_named_and_log_tails_are_kept(engine, monkeypatch):
