@@ -82,7 +82,7 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     model = Timed(spec, mesh, torch.device("cpu"), torch.float32)
     assert model.tied_weight() is not None, "p = 2: both stages hold the tied embedding / LM head"
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    clock = getattr(mesh.stats, "clock", None)  # runner/gpt/timing.py's StepClock, where the pipeline has one
+    clock = mesh.clock  # runner/gpt/timing.py: the spans' origin is the clock's, taken as the job takes it
     idx, targets = synthetic_batch(spec.model_config().vocab_size, BATCH, SEQ, SEED, step=0)
 
     def step(schedule: str, m: int) -> dict[str, float]:
@@ -92,8 +92,7 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
         dist.barrier()
         wait0 = cpu_wait_ns()
         start = time.perf_counter()
-        if clock is not None:  # spans are measured from the clock's origin, taken as the job takes it
-            clock.start_step()
+        clock.start_step()
         model.begin_step(0, start)
         optimizer.zero_grad(set_to_none=True)
         model.tied = (0.0, 0.0)
@@ -150,6 +149,16 @@ def launch(settings: dict) -> dict:
         return json.loads(out.read_text())
 
 
+def unequal_stage_bubble(forward: list[float], backward: list[float], m: int) -> float:
+    """Mean idle share of the stages when stage s takes forward[s] and backward[s] per microbatch and
+    messages are free: the m forwards stream through the stages at the pace of the slowest one, after
+    the first microbatch has crossed all of them, and the backwards likewise, so a step lasts
+    T = sum_s (f_s + b_s) + (m - 1)(max f + max b) and stage s works m (f_s + b_s) of it. With equal
+    stages this is (p-1)/(m+p-1)."""
+    step = sum(forward) + sum(backward) + (m - 1) * (max(forward) + max(backward))
+    return statistics.fmean(1 - m * (f + b) / step for f, b in zip(forward, backward, strict=True))
+
+
 def mean_part(stage: dict, key: str, part: str) -> float:
     return statistics.fmean(s[part] for s in stage["steps"][key])
 
@@ -164,8 +173,7 @@ def analyse(res: dict, key: str) -> dict:
     # Per-microbatch compute of each stage, forward and backward apart, from the spans.
     f = [mean_part(st, key, "forward") / m for st in stages]
     b = [mean_part(st, key, "backward") / m for st in stages]
-    ideal = sum(f) + sum(b) + (m - 1) * (max(f) + max(b))
-    unequal = statistics.fmean(1 - m * (fs + bs) / ideal for fs, bs in zip(f, b, strict=True))
+    unequal = unequal_stage_bubble(f, b, m)
     # The schedule alone, as measured, comparable with the model: per step, the window ends with the last
     # span on any stage; a stage idles in it while blocked in recv and after its own last span.
     in_schedule = []

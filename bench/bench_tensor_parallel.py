@@ -60,14 +60,22 @@ def collective_kind(op) -> str:
     return name
 
 
+def fused_qkv_rows(cfg, tp: int):
+    """c_attn's rows in the order that makes ColwiseParallel's contiguous chunk r (rows [r*3h/tp,
+    (r+1)*3h/tp)) hold rank r's q, k and v heads, which is exactly our shard of rank r."""
+    import torch
+
+    from runner.gpt.tensor_parallel import shard_index
+
+    return torch.cat([shard_index("transformer.h.0.attn.c_attn.weight", cfg, r, tp, "megatron") for r in range(tp)])
+
+
 def theirs_block(block, tp_mesh, cfg):
     """The reference Block parallelized by PyTorch's tensor parallel API, c_attn fused as in ours."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
-    from runner.gpt.tensor_parallel import shard_index
 
     tp = tp_mesh.size()
 
@@ -77,10 +85,7 @@ def theirs_block(block, tp_mesh, cfg):
             h = cfg.n_embd
             self.head_dim = cfg.head_dim
             self.c_attn = nn.Linear(h, 3 * h)
-            # ColwiseParallel gives rank r rows [r*3h/tp, (r+1)*3h/tp): put rank r's q, k, v heads there.
-            rows = torch.cat(
-                [shard_index("transformer.h.0.attn.c_attn.weight", cfg, r, tp, "megatron") for r in range(tp)]
-            )
+            rows = fused_qkv_rows(cfg, tp)
             with torch.no_grad():
                 self.c_attn.weight.copy_(attn.c_attn.weight[rows])
                 self.c_attn.bias.copy_(attn.c_attn.bias[rows])

@@ -15,3 +15,35 @@ def test_a_section_is_replaced_in_place_and_others_are_kept(tmp_path):
     assert "new tp" in text and "old tp" not in text
     assert text.index("## Tensor parallelism") < text.index("## Pipeline parallelism")
     assert "pp\n\nwhy" in text
+
+
+def test_the_pytorch_side_of_the_tp_benchmark_holds_our_shards():
+    # bench_tensor_parallel compares like with like only if ColwiseParallel's contiguous chunk r of the
+    # reordered c_attn is exactly our rank r's q, k, v rows (and so one all-reduce per region, as ours).
+    import torch
+
+    from bench.bench_tensor_parallel import fused_qkv_rows
+    from runner.gpt.config import GPTConfig
+    from runner.gpt.model import init_parameter
+    from runner.gpt.tensor_parallel import build_shard
+
+    cfg = GPTConfig(n_layer=1, n_head=4, n_embd=16, vocab_size=32, block_size=8)
+    for tp in (2, 4):
+        for leaf in ("weight", "bias"):
+            name = f"transformer.h.0.attn.c_attn.{leaf}"
+            full = init_parameter(name, (3 * 16, 16) if leaf == "weight" else (3 * 16,), cfg, 0)
+            theirs = full[fused_qkv_rows(cfg, tp)].chunk(tp)
+            for r in range(tp):
+                assert torch.equal(theirs[r], build_shard(name, cfg, 0, r, tp, "megatron"))
+
+
+def test_the_unequal_stage_model_is_the_textbook_bubble_when_stages_are_equal():
+    from bench.bench_bubble import unequal_stage_bubble
+
+    for p in (2, 4):
+        for m in (1, 2, 8):
+            assert abs(unequal_stage_bubble([1.0] * p, [2.0] * p, m) - (p - 1) / (m + p - 1)) < 1e-12
+    # A slower last stage: the others wait for it every microbatch, so more idle than the formula says,
+    # and it no longer goes to 0 as m grows.
+    assert unequal_stage_bubble([1.0, 1.5], [2.0, 3.0], 16) > 1 / 17
+    assert unequal_stage_bubble([1.0, 1.5], [2.0, 3.0], 10_000) > 0.15
