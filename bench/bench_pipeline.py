@@ -57,8 +57,11 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
     from runner.gpt.pipeline import PipelineGPT
+    from runner.resources import pin_rank
     from runner.spec import RunSpec
 
+    # Each rank on its own core, as a job pins them (before the process group, so gloo's threads follow).
+    pin_rank(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
@@ -104,6 +107,7 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
 
     def run_ours(schedule: str, m: int, start: float) -> float | None:
         ours.n_micro, ours.schedule = m, schedule
+        mesh.clock.start_step()  # as the job starts a step: the spans' origin
         ours.begin_step(0, start)
         loss = ours.forward_backward(idx, targets)
         ours.take_spans()

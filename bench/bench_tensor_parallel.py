@@ -129,9 +129,12 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     from runner.gpt.mesh import Mesh
     from runner.gpt.model import Block, init_module
     from runner.gpt.tensor_parallel import TensorParallelBlock
+    from runner.resources import pin_rank
 
     # CommDebugMode's module tracker warns that the blocks' input needs no gradient: true, and meant.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    # Each rank on its own core, as a job pins them (before the process group, so gloo's threads follow).
+    pin_rank(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     tp, rank = dist.get_world_size(), dist.get_rank()
