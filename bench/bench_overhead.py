@@ -103,6 +103,8 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
             written = time.perf_counter()
             calls = sum(mesh.stats.calls.values())
             mesh.stats.reset()
+            # Off must mean off: nothing counted, no span kept (else the comparison measures nothing).
+            assert on or (calls == 0 and not spans), f"{variant}: {calls} calls, {len(spans)} spans recorded"
             return {"seconds": end - start, "writing": written - end, "calls": calls, "spans": len(spans)}
 
         times = {v: [] for v in variants}
