@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -206,9 +207,53 @@ class RunSpec:
         self._validate_model(add)
         self._validate_shape(add)
         self._validate_device(add, gpu_count)
+        self._validate_host_resources(add, gpu_count)
         if self.weights and check_weights:
             self._validate_weights(add)
         return p
+
+    def _validate_host_resources(self, add, gpu_count: int | None) -> None:
+        """Upper bounds for a CPU run on this machine: ranks against cores, memory against RAM.
+
+        Checked where the run is placed too (the runner validates again on its own host), so a spec
+        queued from a bigger machine is refused with the limit of the one that would run it.
+        """
+        on_cpu = self.device == "cpu" or (gpu_count is not None and self.resolved_device(gpu_count) == "cpu")
+        if not on_cpu:
+            return
+        cores = usable_cores()
+        if self.world_size > CPU_RANKS_PER_CORE * cores:
+            add(
+                _widest_degree(self),
+                f"{self.world_size} CPU ranks on {cores} core{'s' if cores != 1 else ''} is more than the "
+                f"{CPU_RANKS_PER_CORE * cores} ({CPU_RANKS_PER_CORE} per core) this machine can time-slice; lower the degrees",
+            )
+        need = self.host_memory_estimate()
+        total = _host_memory_bytes()
+        if total and need > total:
+            add(
+                "batch",
+                f"needs about {need / 2**30:.1f} GiB over its {self.world_size} rank(s) (weights, gradients, optimizer "
+                f"state and the activations of batch {self.batch} x seq {self.seq}) but this machine has "
+                f"{total / 2**30:.1f} GiB; lower batch or seq, or use a smaller model",
+            )
+
+    def host_memory_estimate(self) -> int:
+        """Bytes a CPU run needs over all its ranks, estimated: process baseline, weights, gradients and
+        AdamW state of the largest rank, activations saved for backward (Korthikanti et al. 2022: 34*s*b*h plus
+        5*a*s^2*b per layer at 16 bits, doubled at 32) and the logits with their gradient."""
+        cfg = self.model_config()
+        tp, pp, dp = self.degrees
+        mem = self.memory_estimate()
+        width = 2 if self.dtype == "bfloat16" else 4
+        train = self.workload == "train"
+        per_rank = RANK_BASELINE_BYTES + mem["param_bytes"] * (2 if train else 1) + mem["optimizer_bytes"]
+        rows = max(1, self.batch // dp)
+        seq = self.seq + (self.new_tokens if self.workload == "generate" else 0)
+        per_layer = (34 * seq * rows * cfg.n_embd + 5 * cfg.n_head * seq * seq * rows) * width // 2 // tp
+        layers = cfg.n_layer // pp if train else 1  # inference keeps one layer's activations at a time
+        logits = rows * seq * cfg.vocab_size * 4 // tp * (2 if train else 1)
+        return self.world_size * (per_rank + layers * per_layer + logits)
 
     def _validate_degrees(self, add) -> None:
         s = self.strategy
@@ -319,6 +364,29 @@ class RunSpec:
                 "weights",
                 f"{path.name} has vocab x width {tuple(wte)} but the {self.model} model has {(cfg.vocab_size, cfg.n_embd)}; pick the matching preset",
             )
+            return
+        # The rest of the layout, so a checkpoint of another depth or context (distilgpt2 for gpt2) is refused
+        # here instead of failing inside the job.
+        layers = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
+        if len(layers) != cfg.n_layer:
+            add(
+                "weights",
+                f"{path.name} has {len(layers)} layers but the {self.model} model has {cfg.n_layer}; pick the preset of that depth",
+            )
+        wpe = shapes.get("wpe.weight") or shapes.get("transformer.wpe.weight")
+        if wpe is not None and tuple(wpe) != (cfg.block_size, cfg.n_embd):
+            add(
+                "weights",
+                f"{path.name} has {wpe[0]} positions but the {self.model} model has block_size {cfg.block_size}; pick the matching preset",
+            )
+        expected = {"attn.c_attn.weight": (cfg.n_embd, 3 * cfg.n_embd), "mlp.c_fc.weight": (cfg.n_embd, cfg.d_ff)}
+        for suffix, shape in expected.items():
+            found = {tuple(v) for k, v in shapes.items() if k.endswith(suffix)}
+            if found and found != {shape}:
+                add(
+                    "weights",
+                    f"{path.name} has {suffix} of shape {sorted(found)[0]} but the {self.model} model needs {shape}",
+                )
 
     def resolved_device(self, gpu_count: int) -> str:
         """'cuda' or 'cpu': what 'auto' becomes given the GPUs the runner sees."""
@@ -341,6 +409,25 @@ class RunSpec:
         params = first_stage if pp > 1 else count_parameters(cfg) // tp + (8 * h * cfg.n_layer if tp > 1 else 0)
         optimizer = 2 * params * 4 if self.workload == "train" else 0
         return {"param_count": params, "param_bytes": params * bytes_per, "optimizer_bytes": optimizer}
+
+
+CPU_RANKS_PER_CORE = 4  # beyond this, time-slicing makes a CPU run's figures meaningless and the machine crawl
+RANK_BASELINE_BYTES = 200 * 2**20  # a rank process with torch and its process group, before any tensor
+
+
+def _widest_degree(spec: RunSpec) -> str:
+    """The degree that contributes most ranks (the field to lower), or 'strategy' for a single rank."""
+    tp, pp, dp = spec.degrees
+    return max((("tp", tp), ("pp", pp), ("dp", dp)), key=lambda d: d[1])[0] if spec.world_size > 1 else "strategy"
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError):
+        return None
 
 
 def usable_cores() -> int:
