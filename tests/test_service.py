@@ -369,3 +369,29 @@ def test_unreadable_stored_rows_fail_their_own_run_and_never_the_runner(db_engin
         if live.poll() is None:
             live.kill()
             live.wait()
+
+
+def test_a_run_a_replaced_runner_is_still_launching_keeps_its_slot_and_is_adopted_by_a_later_scan(engine, tmp_path):
+    """Claimed by another runner that has not stored its pid yet: not lost, its CPU slot held; once its pid is
+    stored, the periodic re-scan adopts it."""
+    runner = Runner(engine, max_cpu_jobs=1)
+    assert runner.acquire()
+    launching = queries.submit_run(engine, TINY)
+    assert queries.claim_run(engine, launching, "replaced-runner", str(tmp_path / "run"), [])
+    waiting = queries.submit_run(engine, TINY)
+    runner.recover()
+    assert queries.get_run(engine, launching)["status"] == "running" and launching in runner.pending
+    runner.place_queued()
+    assert queries.get_run(engine, waiting)["wait_reason"] == "waiting for a CPU slot (1 of 1 CPU jobs running)"
+    job = sleeper()
+    try:
+        (tmp_path / "run").mkdir()
+        queries.update_run(engine, launching, pid=job.pid)  # the other runner got as far as storing its pid
+        runner.recover()
+        assert launching in runner.watched and not runner.pending
+    finally:
+        job.kill()
+        job.wait()
+    assert queries.request_cancel(engine, waiting) == "cancelled"  # nothing more to launch in this test
+    run = tick_until(runner, engine, launching, {"failed", "succeeded", "lost"})
+    assert run["status"] == "failed"  # it ended without a result
