@@ -1,7 +1,7 @@
-"""The command line: python -m runner serve|submit|list|show|cancel|logs|export, each with --json.
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest, each with --json.
 
-Exit codes: 0 success; 1 the run (or command) did not succeed; 2 bad input (nothing queued);
-3 another runner already serves the database.
+Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
+self-test row failed; 2 bad input (nothing queued); 3 another runner already serves the database.
 """
 
 from __future__ import annotations
@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("id", type=int)
     logs.add_argument("--rank", type=int, default=0)
     logs.add_argument("--follow", action="store_true")
+    selftest = sub.add_parser("selftest", help="every strategy x workload the devices allow, verified (first command on a new machine)")
+    selftest.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when torch sees a GPU, else CPU")
+    selftest.add_argument("--user", help="who launched it (default: the OS user)")
+    selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     export = sub.add_parser("export", help="every run as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     add_filters(export)
@@ -179,7 +183,48 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 1
         time.sleep(0.3)
     emit(args, run, run_summary(run))
-    return 0 if run["status"] == "succeeded" else 1
+    if run["status"] != "succeeded":
+        return 1
+    verify = (run.get("result") or {}).get("verify")
+    if verify and verify.get("passed") is not True:
+        if not args.json:
+            print("verify FAILED: " + "; ".join(verify.get("failures") or ["no verdict"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from runner import selftest
+
+    engine = get_engine()
+    if not args.json:
+        print("Parallel GPT Lab self-test")
+
+    def show(row: selftest.Row) -> None:
+        if not args.json:
+            print(selftest.format_row(row), flush=True)
+
+    env, rows, fatal = selftest.run_selftest(engine, args.device, user=args.user, timeout_s=args.timeout,
+                                             on_row=show, on_environment=None if args.json else print)  # fmt: skip
+    passed = fatal is None and all(r.ok for r in rows) and any(r.run_id for r in rows)
+    if args.json:
+        print(json.dumps({"environment": env, "fatal": fatal, "passed": passed,
+                          "rows": [{**asdict(r), "ok": r.ok} for r in rows]}, indent=1, default=str))  # fmt: skip
+        return 0 if passed else 1
+    for row in rows:
+        if row.run_id is None:
+            print(selftest.format_row(row))
+    ran = [r for r in rows if r.run_id is not None or r.verdict == "error"]
+    failed = [r for r in rows if not r.ok]
+    if fatal:
+        print(f"FAILED: {fatal}")
+    else:
+        print(f"{'PASSED' if passed else 'FAILED'}: {len(ran) - len(failed)} of {len(ran)} runs passed verify"
+              + (f", {len(rows) - len(ran)} skipped" if len(rows) > len(ran) else "")
+              + "; runs are in History under the tag 'selftest'")  # fmt: skip
+    return 0 if passed else 1
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -227,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_submit(args)
     if args.command == "logs":
         return cmd_logs(args)
+    if args.command == "selftest":
+        return cmd_selftest(args)
     engine = get_engine()
     if args.command == "list":
         df = queries.list_runs(engine, filters_from(args), limit=args.limit, offset=args.offset)

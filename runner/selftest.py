@@ -1,0 +1,277 @@
+"""The self-test: every strategy x workload the present devices allow, verified, one row each.
+
+`python -m runner selftest [--device auto|cpu|cuda] [--json]` is the first command on a new machine. It
+reports what it finds (torch, CUDA, the NVIDIA driver through NVML, NCCL, gloo, CPU cores), queues one
+tiny run per strategy and workload with verify on (tag `selftest`, so they land in History like any run),
+waits for them through the normal runner, and prints per run: the verdict, step time, peak memory per
+rank and communication payload beside the leading-order theory. It exits 1 when any run fails or its
+verify fails, and when CUDA was asked for but is not usable.
+
+Layouts are the smallest that exercise each strategy: two ranks per parallel dimension, 3D as 2x2x2 when
+eight ranks fit (always on CPU, where ranks are processes; on GPUs only with eight of them) and 2x2x1
+with four GPUs. A layout that needs more GPUs than present is listed as skipped, with the reason.
+
+Communication theory (`comm_theory_bytes`) is the leading order of the textbook picture, summed over
+ranks, one step, payload bytes with the project's one convention (docs/run-folder.md); what it leaves out
+is small at this size and is shown as the measured remainder, not hidden:
+- tensor (Megatron): 2 all-reduces of [tokens, h] per layer forward and 2 more backward (Shoeybi et
+  al., 2019), on each of the tp ranks (embedding, LM-head, loss and logits-gather traffic left out);
+- layer / pipeline: one activation of [tokens, h] across each of the p - 1 stage boundaries forward, and
+  its gradient backward (the tied-embedding gradient all-reduce and generated tokens left out);
+- data: every rank all-reduces the gradient of every parameter once per training step (the loss
+  all-reduce left out);
+- 3d: the three combined over the mesh.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from runner.gpt.config import count_parameters
+from runner.spec import RunSpec, SpecError, usable_cores
+from storage import queries
+from storage.models import TERMINAL_STATES
+
+# A tiny run takes seconds; a hang (a deadlocked exchange) must fail its row, not stall the self-test.
+BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, verify=True, time_limit_s=120.0,
+               tags=("selftest",))  # fmt: skip
+WORKLOADS = ("forward", "generate", "train")
+
+
+def layouts(gpus: int, device: str) -> list[tuple[RunSpec | None, str]]:
+    """(spec without workload, label) per strategy; spec None with the reason where the devices do not allow it."""
+    budget = gpus if device == "cuda" else 8  # CPU ranks are processes: the 3D layout of 8 always fits
+
+    def fits(spec: RunSpec, label: str) -> tuple[RunSpec | None, str]:
+        if spec.world_size > budget:
+            return None, f"{label}: needs {spec.world_size} GPUs, {gpus} present"
+        return spec, label
+
+    three_d = replace(BASE, strategy="3d", tp=2, pp=2, dp=2, microbatches=2)
+    if budget < 8:
+        three_d = replace(three_d, dp=1)
+    return [
+        fits(replace(BASE, strategy="single"), "single"),
+        fits(replace(BASE, strategy="layer", pp=2), "layer pp=2"),
+        fits(replace(BASE, strategy="tensor", tp=2), "tensor tp=2"),
+        fits(replace(BASE, strategy="pipeline", pp=2, microbatches=4, schedule="1f1b"), "pipeline pp=2 m=4 1f1b"),
+        fits(replace(BASE, strategy="pipeline", pp=2, microbatches=4, schedule="gpipe"), "pipeline pp=2 m=4 gpipe"),
+        fits(replace(BASE, strategy="data", dp=2), "data dp=2"),
+        fits(three_d, f"3d tp=2 pp=2 dp={three_d.dp} m=2"),
+    ]
+
+
+def selftest_specs(device: str, gpus: int, cores: int | None = None) -> list[tuple[RunSpec | None, str]]:
+    """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda'); spec None where skipped.
+    A gpipe schedule differs from 1f1b only in training, so it is tested there alone."""
+    del cores  # CPU layouts do not depend on the core count; oversubscribed runs say so in their result
+    rows: list[tuple[RunSpec | None, str]] = []
+    for spec, label in layouts(gpus, device):
+        for workload in WORKLOADS:
+            if "gpipe" in label and workload != "train":
+                continue
+            if spec is None:
+                rows.append((None, f"{label} {workload} skipped ({label.split(': ', 1)[1]})"))
+            else:
+                rows.append((replace(spec, workload=workload, device=device), f"{label} {workload}"))
+    return rows
+
+
+def comm_theory_bytes(spec: RunSpec) -> int:
+    """Leading-order communication payload of one step, summed over ranks (see the module docstring)."""
+    cfg = spec.model_config()
+    elem = 2 if spec.dtype == "bfloat16" else 4
+    tp, pp, dp = spec.degrees
+    tokens = spec.batch * (spec.seq + spec.new_tokens - 1 if spec.workload == "generate" else spec.seq)
+    activation = tokens * cfg.n_embd * elem  # one [tokens, h] tensor over the global batch
+    directions = 2 if spec.workload == "train" else 1
+    total = 0
+    if tp > 1:  # every tp rank all-reduces each layer's two partial sums; pp stages and dp replicas split the work
+        total += directions * 2 * cfg.n_layer * activation * tp
+    if pp > 1:  # every tp rank of a boundary sends its (replicated) activation
+        total += directions * (pp - 1) * activation * tp
+    if dp > 1 and spec.workload == "train":
+        total += dp * count_parameters(cfg) * elem
+    return total
+
+
+@dataclass
+class Row:
+    label: str
+    run_id: int | None = None
+    status: str = "skipped"
+    verdict: str = "skipped"
+    step_time_s: float | None = None
+    peak_mem_bytes: list[int] = field(default_factory=list)
+    comm_bytes: int | None = None
+    comm_theory_bytes: int | None = None
+    failures: list[str] = field(default_factory=list)
+    oversubscribed: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict in ("pass", "skipped")
+
+
+def environment() -> dict:
+    """What the machine offers, read the way the job will use it (torch is imported here, not in the app)."""
+    import torch
+    import torch.distributed as dist
+
+    from runner.telemetry import detect_gpus
+
+    gpus = detect_gpus()
+    env: dict = {
+        "torch": torch.__version__,
+        "cpu_cores": usable_cores(),
+        "gloo": dist.is_gloo_available(),
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+        "nvml_gpus": [g["name"] for g in gpus],
+        "nvml_note": gpus.reason,
+        "nccl": None,
+        "driver": None,
+    }
+    if torch.cuda.is_available() and dist.is_nccl_available():
+        version = torch.cuda.nccl.version()
+        env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        pynvml.nvmlShutdown()
+    except Exception as exc:  # noqa: BLE001 - any NVML failure means "no driver to report"
+        env["driver"] = None
+        env["driver_note"] = f"{type(exc).__name__}: {exc}"[:200]
+    return env
+
+
+def environment_lines(env: dict) -> list[str]:
+    lines = [
+        f"torch {env['torch']}, {env['cpu_cores']} CPU cores usable, gloo {'available' if env['gloo'] else 'MISSING'}",
+        f"NVIDIA driver: {env['driver'] or 'not found'}" + ("" if env["driver"] else f" ({env.get('driver_note', '')})"),
+        f"NVML GPUs: {', '.join(env['nvml_gpus']) or 'none'}" + (f" ({env['nvml_note']})" if env["nvml_note"] else ""),
+        f"CUDA in torch: {'available, ' + ', '.join(env['cuda_devices']) if env['cuda_available'] else 'not available'}",
+        f"NCCL: {env['nccl'] or 'not available'}",
+    ]
+    return lines
+
+
+def resolve_device(requested: str, env: dict) -> tuple[str | None, str | None]:
+    """('cpu' | 'cuda', None), or (None, why) when CUDA was asked for and cannot be used."""
+    if requested == "cpu":
+        return "cpu", None
+    usable = env["cuda_available"] and env["nccl"] is not None and env["cuda_devices"]
+    if requested == "cuda" and not usable:
+        why = "CUDA was asked for but " + (
+            "torch sees no CUDA device" if not env["cuda_available"] else "NCCL is not available in this torch build"
+        )
+        return None, why
+    return ("cuda" if usable else "cpu"), None
+
+
+def submit_selftest(engine, device: str = "auto", user: str | None = None, gpus: int | None = None) -> list[int]:
+    """Queue the self-test runs (tag 'selftest') and return their ids; skipped layouts are not queued.
+
+    gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any."""
+    if gpus is None:
+        status = queries.runner_status(engine)
+        gpus = len(status["gpus"]) if status and status["alive"] else 0
+    chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
+    ids = []
+    for spec, _label in selftest_specs(chosen, gpus):
+        if spec is not None:
+            ids.append(queries.submit_run(engine, spec, user=user, gpu_count=gpus))
+    return ids
+
+
+def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
+    run = queries.get_run(engine, run_id)
+    row = Row(label=label, run_id=run_id, status=run["status"], comm_theory_bytes=comm_theory_bytes(spec))
+    result = run.get("result") or {}
+    verify = result.get("verify") or {}
+    if run["status"] != "succeeded":
+        row.verdict = "error"
+        row.failures = [run.get("error") or f"run ended {run['status']}"]
+    elif verify.get("passed") is True:
+        row.verdict = "pass"
+    else:
+        row.verdict = "fail"
+        row.failures = list(verify.get("failures") or ["verify gave no verdict"])
+    row.step_time_s = result.get("step_time_s_p50")
+    ranks = sorted(run.get("ranks") or [], key=lambda r: r["rank"])
+    row.peak_mem_bytes = [int(r.get("peak_mem_bytes") or 0) for r in ranks]
+    if ranks:
+        row.comm_bytes = sum(sum((r.get("comm_bytes") or {}).values()) for r in ranks)
+    row.oversubscribed = bool(result.get("cpu_oversubscribed"))
+    return row
+
+
+def run_selftest(engine, requested: str = "auto", user: str | None = None, timeout_s: float = 600.0,
+                 on_row=None, on_environment=None) -> tuple[dict, list[Row], str | None]:  # fmt: skip
+    """Check the environment, queue and wait for every run; returns (environment, rows, fatal reason).
+    on_environment(line) hears the environment report before anything runs; on_row(row) each finished run."""
+    from runner.service import ensure_runner, wait_for_runner
+
+    env = environment()
+    if on_environment is not None:
+        for line in environment_lines(env):
+            on_environment(line)
+    device, fatal = resolve_device(requested, env)
+    if device is None:
+        return env, [], fatal
+    gpus = len(env["cuda_devices"]) if device == "cuda" else 0
+    planned = selftest_specs(device, gpus)
+    rows: list[Row] = []
+    queued: list[tuple[int, str, RunSpec]] = []
+    for spec, label in planned:
+        if spec is None:
+            rows.append(Row(label=label))
+            continue
+        try:
+            queued.append((queries.submit_run(engine, spec, user=user, gpu_count=gpus), label, spec))
+        except SpecError as exc:
+            rows.append(Row(label=label, status="refused", verdict="error", failures=[str(exc)]))
+    ensure_runner()
+    if not wait_for_runner(engine):
+        return env, rows, "no runner came up within 30 s; see LAB_HOME/runner.log"
+    deadline = time.monotonic() + timeout_s
+    for run_id, label, spec in queued:
+        while queries.get_run(engine, run_id)["status"] not in TERMINAL_STATES:
+            if time.monotonic() > deadline:
+                queries.request_cancel(engine, run_id)
+                break
+            time.sleep(0.3)
+        row = collect(engine, run_id, label, spec)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return env, rows, None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def format_row(row: Row) -> str:
+    if row.run_id is None:
+        return f"{'SKIP':5} {row.label}"
+    step = f"{row.step_time_s * 1e3:8.1f} ms" if row.step_time_s is not None else "       - ms"
+    mem = "/".join(_mib(b) for b in row.peak_mem_bytes) or "-"
+    comm = "-"
+    if row.comm_bytes is not None:
+        comm = f"{row.comm_bytes:,} B"
+        if row.comm_theory_bytes:
+            comm += f" (theory {row.comm_theory_bytes:,} B, x{row.comm_bytes / row.comm_theory_bytes:.2f})"
+        elif row.comm_theory_bytes == 0:
+            comm += " (theory 0 B)"
+    line = f"{row.verdict.upper():5} run {row.run_id:<5} {row.label:40} {step}  peak MiB/rank {mem:24} comm {comm}"
+    if row.oversubscribed:
+        line += "  [oversubscribed]"
+    for failure in row.failures:
+        line += f"\n      {failure}"
+    return line
