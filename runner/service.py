@@ -355,14 +355,17 @@ class Runner:
                 kind = e.get("kind")
                 if kind == "step":
                     loss = e.get("loss")
-                    steps.append({"step": int(e["step"]), "warmup": bool(e.get("warmup")),
-                                  "step_time_s": float(e["step_time_s"]), "loss": loss, "t": float(e["t"])})  # fmt: skip
+                    row = {"step": int(e["step"]), "warmup": bool(e.get("warmup")),
+                           "step_time_s": _finite(e["step_time_s"]), "loss": loss, "t": _finite(e["t"])}  # fmt: skip
+                    steps.append(row)
                     progress = int(e["step"]) + 1
                     if isinstance(loss, float) and not math.isfinite(loss) and w.diverged is None:
                         # The step as the rank logs print it ("step 3/5"), counting from 1.
                         w.diverged = f"loss became {_number_name(loss)} at step {int(e['step']) + 1}"
                 elif kind == "span":
-                    spans.append({k: e[k] for k in ("step", "rank", "stage", "microbatch", "phase", "start", "end")})
+                    span = {k: e[k] for k in ("step", "rank", "stage", "microbatch", "phase", "start", "end")}
+                    span["start"], span["end"] = _finite(span["start"]), _finite(span["end"])
+                    spans.append(span)
                 elif kind == "error":
                     w.errors.append(e)
                 elif kind == "started" and e.get("pid"):
@@ -450,6 +453,14 @@ def host_lost_s() -> float:
     """How long a host's runner may stay silent before its running runs are `lost` (LAB_HOST_LOST_S; default
     four stale limits, at least 2 minutes): long enough for a restart, short enough to see."""
     return float(os.environ.get("LAB_HOST_LOST_S") or max(120.0, 4 * queries.runner_stale_s()))
+
+
+def _finite(value) -> float:
+    """A number a column cannot hold empty; ValueError (the line is skipped) when it is not a finite number."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"not a finite number: {value}")
+    return number
 
 
 def _number_name(x: float) -> str:

@@ -77,7 +77,9 @@ def test_events_are_ingested_incrementally_and_a_partial_line_waits_for_its_end(
                           "step_time_s": 0.01, "loss": 6.0 - i}  # fmt: skip
         span = {"kind": "span", "rank": 1, "t": 2.0, "step": 1, "stage": 1, "microbatch": 0, "phase": "forward",
                 "start": 0.001, "end": 0.004}  # fmt: skip
-        events.write_text(json.dumps(step(0)) + "\n" + json.dumps(span) + "\n" + json.dumps(step(1))[:20])
+        odd = [{**step(9), "step_time_s": float("nan")}, {**span, "end": float("inf")}, {"kind": "step"}, [1, 2]]
+        lines = [json.dumps(step(0)), json.dumps(span), *map(json.dumps, odd), "not json"]  # odd lines are skipped
+        events.write_text("\n".join(lines) + "\n" + json.dumps(step(1))[:20])
         runner.tick()
         assert queries.get_run(engine, run_id)["progress"] == {"step": 1, "total": 4}
         assert len(queries.step_metrics(engine, run_id)) == 1
