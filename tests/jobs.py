@@ -11,7 +11,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from runner.spec import RunSpec, torchrun_argv
+from runner.spec import RunSpec, torchrun_argv, torchrun_launcher
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,18 +22,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_torchrun(spec: dict, run_dir: Path, timeout: float = 300) -> dict:
+def run_torchrun(
+    spec: dict, run_dir: Path, timeout: float = 300, module: str = "runner.job", env: dict | None = None
+) -> dict:
     """Launch `spec` with torchrun; return result.json, or raise with the rank logs on failure.
 
     Port 0: the launcher binds its rendezvous store itself, so parallel tests never race for a port.
+    `module` replaces the job's entry point with a test's own (one that patches the job, then runs it);
+    `env` adds environment variables for the ranks.
     """
     run_spec = RunSpec.from_dict(spec)
     problems = run_spec.validate(gpu_count=0)
     assert not problems, problems
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
     argv = torchrun_argv(run_spec, str(run_dir / "spec.json"))
+    if module != "runner.job":
+        argv = [*torchrun_launcher(run_spec.world_size), "-m", module, str(run_dir / "spec.json")]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not (run_dir / "result.json").exists():
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(run_dir.glob("rank*.log")))

@@ -55,7 +55,7 @@ def test_train_matches_reference_in_schedule_order_with_bounded_activations(tmp_
         # save equal bytes, so the peak is exactly `bound` microbatches' worth.
         assert r["activation_bytes_per_microbatch"] > 0
         assert r["peak_activation_bytes"] == bound * r["activation_bytes_per_microbatch"]
-    # A pipeline that trains reports its bubble on every stage (its value: tests/test_pipeline_bubble.py).
+    # A pipeline that trains reports its bubble on every stage (its value: the known-durations test below).
     assert all(r["bubble_fraction"] is not None for r in result["ranks"])
 
 
@@ -96,3 +96,28 @@ def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tm
     # apart (more on a loaded machine), which bounds how finely two ranks' spans can be ordered.
     barrier_skew_s = 0.005
     assert f1["start"] >= f0["end"] - barrier_skew_s
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_measured_bubble_is_what_known_stage_durations_imply(tmp_path, schedule):
+    """Stages that sleep known times per microbatch (tests/pipeline_sleep_job.py), stage 1 twice as slow
+    as stage 0: forward F0 = 20 ms, backward B0 = 40 ms; F1 = 40 ms, B1 = 80 ms; m = 4, p = 2.
+
+    By hand, for both schedules: stage 1 is the bottleneck and never waits once microbatch 0 has
+    reached it, F0 after the start (stage 0's forwards, F0 <= F1, and in 1F1B stage 0's F + B <= stage
+    1's F + B keep it fed); after its last backward, stage 0 still runs one backward, B0. So the step
+    lasts T = F0 + m (F1 + B1) + B0 = 540 ms, and each stage is idle for what it does not compute:
+    bubble_s = 1 - m (F_s + B_s) / T, i.e. 5/9 on stage 0 and 1/9 on stage 1 -- neither is the
+    balanced-stage theory (p-1)/(m+p-1) = 0.2. Tolerance: 0.04 of the step (22 ms) for what is not
+    sleep (the messages, the optimizer, a loaded machine waking a rank up late)."""
+    f0, b0, f1, b1, m = 0.020, 0.040, 0.040, 0.080, 4
+    spec = {"strategy": "pipeline", "model": "tiny", "pp": 2, "microbatches": m, "schedule": schedule,
+            "batch": 4, "seq": 8, "steps": 2, "warmup": 1, "verify": False, "workload": "train"}  # fmt: skip
+    env = {"LAB_TEST_STAGE_SECONDS": f"{f0},{b0};{f1},{b1}"}
+    result = run_torchrun(spec, tmp_path, module="tests.pipeline_sleep_job", env=env)
+    step = f0 + m * (f1 + b1) + b0
+    expected = [1 - m * (f0 + b0) / step, 1 - m * (f1 + b1) / step]
+    measured = [r["bubble_fraction"] for r in sorted(result["ranks"], key=lambda r: r["pp"])]
+    assert measured == pytest.approx(expected, abs=0.04)
+    assert result["step_time_s_p50"] == pytest.approx(step, rel=0.1)
+    assert result["bubble_fraction"] == pytest.approx(sum(expected) / 2, abs=0.04)

@@ -53,13 +53,21 @@ def assert_matches(result: dict, workload: str) -> None:
         assert v["weights_max_abs_diff"] <= WEIGHT_TOL
 
 
+def ring(kind: str, payload: int, n: int) -> int:
+    """Bytes one rank sends in a bandwidth-optimal ring (nccl-tests' bus-bandwidth factors): all-reduce
+    2(n-1)/n of the tensor, all-gather and reduce-scatter (n-1)/n of the full tensor."""
+    return (2 if kind == "all_reduce" else 1) * (n - 1) * payload // n
+
+
 def expected_train_comm(style: str, tp: int) -> tuple[dict[str, int], dict[str, int]]:
-    """(calls, bytes) per kind for one train step on one rank. Payload = the tensor handed to the call.
+    """(calls, payload bytes) per kind for one train step on one rank. Payload S = the full logical
+    tensor of the operation: all-reduce the tensor, all-gather the gathered output, reduce-scatter the
+    full input.
 
     Layers (the theory): megatron, 2 all-reduces of b*s*h forward (attention and MLP outputs) and 2
     backward (the gradients of their inputs, at copy_to_parallel_region). gather: attention all-gathers
-    its heads forward (payload b*s*h/tp) instead of all-reducing. sequence_parallel: every all-reduce
-    becomes a reduce-scatter (payload b*s*h) + an all-gather (payload b*s/tp*h).
+    its heads forward (output b*s*h) instead of all-reducing. sequence_parallel: every all-reduce
+    becomes a reduce-scatter of b*s*h + an all-gather back to b*s*h.
     Around the layers: the embedding's forward reduction, the LM head input's backward reduction, the
     loss's 3 all-reduces of one float per token (max, sum of exponentials, target logit), and under
     sequence parallelism the position embedding's backward all-gather ([1, s/tp, h]) and one all-reduce
@@ -67,19 +75,19 @@ def expected_train_comm(style: str, tp: int) -> tuple[dict[str, int], dict[str, 
     No all-gather of logits: the loss never needs the full vocabulary.
     """
     loss_calls, loss_bytes = 3, 3 * PER_TOKEN
-    zero = {"all_reduce": 0, "all_gather": 0, "reduce_scatter": 0, "broadcast": 0, "send": 0, "recv": 0}
-    calls, nbytes = dict(zero), dict(zero)
+    kinds = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send")
+    calls, nbytes = dict.fromkeys((*kinds, "recv"), 0), dict.fromkeys(kinds, 0)
     if style == "megatron":
         calls["all_reduce"] = 4 * L + 2 + loss_calls
         nbytes["all_reduce"] = (4 * L + 2) * ACT + loss_bytes
     elif style == "gather":
-        calls["all_gather"], nbytes["all_gather"] = L, L * ACT // tp
+        calls["all_gather"], nbytes["all_gather"] = L, L * ACT
         calls["all_reduce"] = 3 * L + 2 + loss_calls
         nbytes["all_reduce"] = (3 * L + 2) * ACT + loss_bytes
     else:
         calls["reduce_scatter"], nbytes["reduce_scatter"] = 4 * L + 2, (4 * L + 2) * ACT
         calls["all_gather"] = 4 * L + 2 + 1
-        nbytes["all_gather"] = (4 * L + 2) * ACT // tp + S // tp * H * 4
+        nbytes["all_gather"] = (4 * L + 2) * ACT + S * H * 4
         replicated_grads = (L * 6 * H + 2 * H) * 4
         calls["all_reduce"], nbytes["all_reduce"] = loss_calls + 1, loss_bytes + replicated_grads
     return calls, nbytes
@@ -92,12 +100,24 @@ def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style
     assert_matches(result, "train")
     assert [r["tp"] for r in result["ranks"]] == list(range(tp))
     calls, nbytes = expected_train_comm(style, tp)
+    # Wire bytes of the activations' reductions (4 per layer, the embedding's and the head input's): in
+    # Megatron all-reduces, 2(n-1)/n each; under sequence parallelism each is a reduce-scatter plus an
+    # all-gather, (n-1)/n + (n-1)/n -- the same bytes on the wire (Korthikanti et al. 2022, 4.2.2).
+    activations_wire = (4 * L + 2) * 2 * (tp - 1) * ACT // tp
     for r in result["ranks"]:
         assert r["comm_calls"] == {k: STEPS * n for k, n in calls.items()}
         assert r["comm_bytes"] == {k: STEPS * n for k, n in nbytes.items()}
+        # Every payload here is a multiple of tp bytes, so the per-call estimates add up exactly.
+        assert r["comm_wire_bytes"] == {k: STEPS * ring(k, n, tp) for k, n in nbytes.items()}
+        wire = r["comm_wire_bytes"]
         if style == "megatron":  # the layers alone, as the theory states it: 4 all-reduces of b*s*h each
             around_layers = 2 * ACT + 3 * PER_TOKEN
             assert r["comm_bytes"]["all_reduce"] - STEPS * around_layers == STEPS * L * 4 * (B * S * H * 4)
+            loss_wire = 3 * ring("all_reduce", PER_TOKEN, tp)
+            assert wire["all_reduce"] - STEPS * loss_wire == STEPS * activations_wire
+        if style == "sequence_parallel":
+            positions_wire = ring("all_gather", S * H * 4, tp)  # the position embedding's gradient
+            assert wire["reduce_scatter"] + wire["all_gather"] - STEPS * positions_wire == STEPS * activations_wire
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -123,11 +143,11 @@ def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, t
     per_pos = B * H * 4
     row_parallel = 2 if style != "gather" else 1  # all-reduces per layer per pass (gather: MLP only)
     all_reduce = {"calls": new * (1 + row_parallel * L), "bytes": positions * per_pos * (1 + row_parallel * L)}
-    # Sampling gathers the last position's logits only, [b, 1, V/tp] per pass; never [b, s, V].
-    all_gather = {"calls": new, "bytes": new * B * V // tp * 4}
+    # Sampling gathers the last position's logits only, [b, 1, V] per pass; never [b, s, V].
+    all_gather = {"calls": new, "bytes": new * B * V * 4}
     if style == "gather":
         all_gather["calls"] += new * L
-        all_gather["bytes"] += positions * per_pos // tp * L
+        all_gather["bytes"] += positions * per_pos * L
     for r in result["ranks"]:
         assert r["comm_calls"]["all_reduce"] == STEPS * all_reduce["calls"]
         assert r["comm_bytes"]["all_reduce"] == STEPS * all_reduce["bytes"]
@@ -137,14 +157,15 @@ def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, t
 
 
 def test_forward_gathers_full_logits_once(tmp_path):
-    """The forward workload returns full logits: one all-gather of [b, s, V/tp] per step, besides the
+    """The forward workload returns full logits: one all-gather into [b, s, V] per step, besides the
     sequence-parallel all-gathers of activations (2 per layer and the LM head's input)."""
     tp = 4
     result = run_torchrun(spec(tp=tp, workload="forward", sequence_parallel=True), tmp_path)
     assert_matches(result, "forward")
     for r in result["ranks"]:
-        logits_bytes = B * S * V // tp * 4
-        assert r["comm_bytes"]["all_gather"] == STEPS * ((2 * L + 1) * ACT // tp + logits_bytes)
+        logits_bytes = B * S * V * 4
+        assert r["comm_bytes"]["all_gather"] == STEPS * ((2 * L + 1) * ACT + logits_bytes)
+        assert r["comm_wire_bytes"]["all_gather"] == STEPS * (tp - 1) * ((2 * L + 1) * ACT + logits_bytes) // tp
         assert r["comm_calls"]["reduce_scatter"] == STEPS * (1 + 2 * L)
 
 
