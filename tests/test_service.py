@@ -397,3 +397,42 @@ def test_a_run_a_replaced_runner_is_still_launching_keeps_its_slot_and_is_adopte
     assert queries.request_cancel(engine, waiting) == "cancelled"  # nothing more to launch in this test
     run = tick_until(runner, engine, launching, {"failed", "succeeded", "lost"})
     assert run["status"] == "failed"  # it ended without a result
+
+
+# A stand-in torchrun that itself ignores SIGTERM, with a rank (own session) that ignores it too.
+DEAF_TORCHRUN = FAKE_TORCHRUN.replace("import subprocess, sys, time", "import signal, subprocess, sys, time\n"
+                                      "signal.signal(signal.SIGTERM, signal.SIG_IGN)")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cancel_sigkills_only_after_torchruns_own_grace_and_then_every_rank(engine, tmp_path):
+    """Nothing honours SIGTERM: the runner leaves torchrun its own grace (TORCHRUN_SHUTDOWN_S) to stop its ranks,
+    then SIGKILLs torchrun and the rank it recorded, which torchrun's group never contained."""
+    from runner.launch import TORCHRUN_SHUTDOWN_S
+    from runner.service import CANCEL_GRACE_S
+
+    runner = Runner(engine)
+    torchrun = subprocess.Popen([sys.executable, "-c", DEAF_TORCHRUN], start_new_session=True)
+    run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", torchrun)
+    rank_pid = None
+    try:
+        deadline = time.monotonic() + 15
+        while not runner.watched[run_id].job.ranks:
+            assert time.monotonic() < deadline, "the runner never recorded the rank"
+            runner.tick()
+            time.sleep(0.1)
+        (rank_pid,) = runner.watched[run_id].job.ranks
+        assert queries.request_cancel(engine, run_id) == "cancelling"
+        started = time.monotonic()
+        while time.monotonic() - started < TORCHRUN_SHUTDOWN_S - 0.5:
+            runner.tick()
+            assert torchrun.poll() is None and alive(rank_pid)  # SIGTERM only, so far
+            time.sleep(0.2)
+        run = tick_until(runner, engine, run_id, {"cancelled", "failed"}, timeout=CANCEL_GRACE_S + 10)
+        assert run["status"] == "cancelled" and torchrun.poll() == -signal.SIGKILL and not alive(rank_pid)
+        assert time.monotonic() - started >= CANCEL_GRACE_S - 0.5
+    finally:
+        for pid in (torchrun.pid, rank_pid):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        torchrun.wait()
