@@ -48,6 +48,20 @@ def test_many_small_buckets_overlapped_with_backward_still_match(tmp_path, monke
         assert r["comm_bytes"]["all_reduce"] == 2 * (241024 * 4 + 8)  # same payload, just split
 
 
+def test_bucket_all_reduces_finish_while_backward_still_runs(tmp_path, monkeypatch):
+    """Overlap, observed: with 64 KiB buckets, a model whose backward takes tens of milliseconds, and
+    gloo completing the all-reduces on its own thread, buckets started from the gradient hooks have
+    completed before backward ends (completion times from the works' futures, tests/dp_overlap_job.py).
+    Without overlap -- every bucket started after backward, as for a pipeline inside -- none could."""
+    monkeypatch.setenv("LAB_DP_BUCKET_BYTES", str(64 * 1024))
+    dims = {"model": "custom", "n_layer": 8, "n_head": 4, "n_embd": 128, "vocab_size": 512, "block_size": 64}
+    result = run_torchrun(spec(dp=2, workload="train", seq=64, verify=False, **dims), tmp_path,
+                          module="tests.dp_overlap_job")  # fmt: skip
+    for r in result["ranks"]:
+        assert r["test_buckets"] > 10
+        assert r["test_buckets_done_in_backward"] >= 1, r
+
+
 def test_buckets_keep_order_and_respect_the_size():
     import torch
 
