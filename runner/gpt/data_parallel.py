@@ -12,7 +12,10 @@ produces them, and runs while backward continues; NCCL and gloo both progress as
 collectives on their own threads. When the inner strategy accumulates a gradient several times (a
 pipeline adds every microbatch into the same .grad, as in '3d'), a hook would fire too early, so the
 buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
-blocked on this communication, so the figure shows how much of it stayed exposed.
+blocked on this communication (CPU: its main thread in work.wait(); CUDA: its compute stream waiting
+for the NCCL stream, timed by events, runner/gpt/timing.py), so the figure shows how much of it stayed
+exposed. The overlap is observed, not assumed: tests/test_data_parallel.py records when each bucket's
+all-reduce completes on gloo and finds buckets done before backward has ended.
 """
 
 from __future__ import annotations
