@@ -15,9 +15,12 @@ Communication theory (`comm_theory_bytes`) is the leading order of the textbook 
 ranks, one step, payload bytes with the project's one convention (docs/run-folder.md); what it leaves out
 is small at this size and is shown as the measured remainder, not hidden:
 - tensor (Megatron): 2 all-reduces of [tokens, h] per layer forward and 2 more backward (Shoeybi et
-  al., 2019), on each of the tp ranks (embedding, LM-head, loss and logits-gather traffic left out);
+  al., 2019), plus the vocabulary-parallel embedding's all-reduce forward and the LM head input's backward,
+  on each of the tp ranks; a forward workload all-gathers the logits [tokens, V] to every tp rank of the
+  last stage (the loss's per-token all-reduces and generate's next-token logits left out);
 - layer / pipeline: one activation of [tokens, h] across each of the p - 1 stage boundaries forward, and
-  its gradient backward (the tied-embedding gradient all-reduce and generated tokens left out);
+  its gradient backward; in training the first and last stage all-reduce the tied embedding's gradient
+  [V, h] (its vocabulary slice under tensor parallelism) in every (tp, dp) column (generated tokens left out);
 - data: every rank all-reduces the gradient of every parameter once per training step (the loss
   all-reduce left out);
 - 3d: the three combined over the mesh.
@@ -39,14 +42,14 @@ BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, v
 WORKLOADS = ("forward", "generate", "train")
 
 
-def layouts(gpus: int, device: str) -> list[tuple[RunSpec | None, str]]:
-    """(spec without workload, label) per strategy; spec None with the reason where the devices do not allow it."""
+def layouts(gpus: int, device: str) -> list[tuple[RunSpec | None, str, str | None]]:
+    """(spec without workload, label, None) per strategy; (None, label, reason) where the devices do not allow it."""
     budget = gpus if device == "cuda" else 8  # CPU ranks are processes: the 3D layout of 8 always fits
 
-    def fits(spec: RunSpec, label: str) -> tuple[RunSpec | None, str]:
+    def fits(spec: RunSpec, label: str) -> tuple[RunSpec | None, str, str | None]:
         if spec.world_size > budget:
-            return None, f"{label}: needs {spec.world_size} GPUs, {gpus} present"
-        return spec, label
+            return None, label, f"needs {spec.world_size} GPUs, {gpus} present"
+        return spec, label, None
 
     three_d = replace(BASE, strategy="3d", tp=2, pp=2, dp=2, microbatches=2)
     if budget < 8:
@@ -67,12 +70,12 @@ def selftest_specs(device: str, gpus: int, cores: int | None = None) -> list[tup
     A gpipe schedule differs from 1f1b only in training, so it is tested there alone."""
     del cores  # CPU layouts do not depend on the core count; oversubscribed runs say so in their result
     rows: list[tuple[RunSpec | None, str]] = []
-    for spec, label in layouts(gpus, device):
+    for spec, label, reason in layouts(gpus, device):
         for workload in WORKLOADS:
             if "gpipe" in label and workload != "train":
                 continue
             if spec is None:
-                rows.append((None, f"{label} {workload} skipped ({label.split(': ', 1)[1]})"))
+                rows.append((None, f"{label} {workload} skipped ({reason})"))
             else:
                 rows.append((replace(spec, workload=workload, device=device), f"{label} {workload}"))
     return rows
@@ -87,10 +90,15 @@ def comm_theory_bytes(spec: RunSpec) -> int:
     activation = tokens * cfg.n_embd * elem  # one [tokens, h] tensor over the global batch
     directions = 2 if spec.workload == "train" else 1
     total = 0
+    vocab = -(-cfg.vocab_size // tp) * tp  # padded to a multiple of tp
     if tp > 1:  # every tp rank all-reduces each layer's two partial sums; pp stages and dp replicas split the work
-        total += directions * 2 * cfg.n_layer * activation * tp
+        total += directions * (2 * cfg.n_layer + 1) * activation * tp
+        if spec.workload == "forward":
+            total += tp * spec.batch * spec.seq * vocab * elem
     if pp > 1:  # every tp rank of a boundary sends its (replicated) activation
         total += directions * (pp - 1) * activation * tp
+        if spec.workload == "train":  # two ranks per (tp, dp) column, each with a V/tp slice
+            total += 2 * dp * vocab * cfg.n_embd * elem
     if dp > 1 and spec.workload == "train":
         total += dp * count_parameters(cfg) * elem
     return total
@@ -104,7 +112,7 @@ class Row:
     verdict: str = "skipped"
     step_time_s: float | None = None
     peak_mem_bytes: list[int] = field(default_factory=list)
-    comm_bytes: int | None = None
+    comm_bytes: int | None = None  # payload of one step, summed over ranks
     comm_theory_bytes: int | None = None
     failures: list[str] = field(default_factory=list)
     oversubscribed: bool = False
@@ -205,8 +213,8 @@ def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
     row.step_time_s = result.get("step_time_s_p50")
     ranks = sorted(run.get("ranks") or [], key=lambda r: r["rank"])
     row.peak_mem_bytes = [int(r.get("peak_mem_bytes") or 0) for r in ranks]
-    if ranks:
-        row.comm_bytes = sum(sum((r.get("comm_bytes") or {}).values()) for r in ranks)
+    if ranks:  # the job counts every timed step; the theory is one step
+        row.comm_bytes = sum(sum((r.get("comm_bytes") or {}).values()) for r in ranks) // max(1, spec.steps)
     row.oversubscribed = bool(result.get("cpu_oversubscribed"))
     return row
 

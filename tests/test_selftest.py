@@ -1,0 +1,95 @@
+"""The self-test: which runs the devices allow, what it refuses, and the CPU self-test itself end to end
+(this is how `make test` runs it: the real CLI, the real runner, real torchrun jobs)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runner.selftest import comm_theory_bytes, resolve_device, selftest_specs
+from runner.spec import RunSpec
+from storage import queries
+from tests.jobs import REPO
+
+STRATEGIES = {"single", "layer", "tensor", "pipeline", "data", "3d"}
+
+
+def test_cpu_runs_every_strategy_and_workload_verified():
+    rows = selftest_specs("cpu", gpus=0)
+    specs = [s for s, _ in rows if s is not None]
+    assert len(specs) == len(rows) == 19  # 6 strategies x 3 workloads, plus gpipe's training
+    assert {s.strategy for s in specs} == STRATEGIES
+    assert all(s.verify and s.device == "cpu" and "selftest" in s.tags for s in specs)
+    assert all(s.validate(gpu_count=0) == [] for s in specs)
+    three_d = {(s.tp, s.pp, s.dp) for s in specs if s.strategy == "3d"}
+    assert three_d == {(2, 2, 2)}
+
+
+def test_one_gpu_runs_only_single_and_names_what_it_skips():
+    rows = selftest_specs("cuda", gpus=1)
+    ran = [s for s, _ in rows if s is not None]
+    assert {s.strategy for s in ran} == {"single"} and len(ran) == 3
+    skipped = [label for s, label in rows if s is None]
+    assert "tensor tp=2 train skipped (needs 2 GPUs, 1 present)" in skipped
+    assert any(label.startswith("3d tp=2 pp=2 dp=1") and "needs 4 GPUs, 1 present" in label for label in skipped)
+
+
+def test_four_gpus_take_3d_without_data_parallelism():
+    specs = [s for s, _ in selftest_specs("cuda", gpus=4) if s is not None]
+    assert {(s.tp, s.pp, s.dp) for s in specs if s.strategy == "3d"} == {(2, 2, 1)}
+    assert {s.strategy for s in specs} == STRATEGIES
+
+
+def test_cuda_asked_for_without_cuda_is_a_failure_with_the_reason():
+    env = {"cuda_available": False, "nccl": None, "cuda_devices": []}
+    assert resolve_device("cuda", env) == (None, "CUDA was asked for but torch sees no CUDA device")
+    assert resolve_device("auto", env) == ("cpu", None)
+
+
+def test_comm_theory_counts_megatron_all_reduces_by_hand():
+    # tiny: 4 layers, h = 64. tp=2 train on 8 x 32 tokens: 4 all-reduces of 8*32*64 floats per layer plus the
+    # embedding's (forward) and the head input's (backward), on each of 2 ranks.
+    spec = RunSpec(strategy="tensor", tp=2, model="tiny", workload="train", batch=8, seq=32)
+    assert comm_theory_bytes(spec) == 2 * (4 * 4 + 2) * (8 * 32 * 64 * 4)
+    # Forward: 2 per layer + the embedding's, and the logits (8*32 tokens x 512 vocab) gathered on both ranks.
+    forward = RunSpec(strategy="tensor", tp=2, model="tiny", workload="forward", batch=8, seq=32)
+    assert comm_theory_bytes(forward) == 2 * (2 * 4 + 1) * (8 * 32 * 64 * 4) + 2 * 8 * 32 * 512 * 4
+    # A 2-stage pipeline forward: one activation across the one boundary.
+    assert comm_theory_bytes(RunSpec(strategy="pipeline", pp=2, model="tiny", workload="forward")) == 8 * 64 * 64 * 4
+    # Training adds the gradient back and the tied embedding's gradient (512 x 64) all-reduced on both stages.
+    train = RunSpec(strategy="pipeline", pp=2, model="tiny", workload="train")
+    assert comm_theory_bytes(train) == 2 * 8 * 64 * 64 * 4 + 2 * 512 * 64 * 4
+
+
+def test_selftest_cuda_here_fails_before_queueing_anything(engine):
+    proc = subprocess.run([sys.executable, "-m", "runner", "selftest", "--device", "cuda"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 1
+    assert "NVIDIA driver:" in proc.stdout and "FAILED: CUDA was asked for" in proc.stdout
+    assert queries.count_runs(engine) == 0
+
+
+@pytest.mark.slow
+def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
+    proc = subprocess.run([sys.executable, "-m", "runner", "selftest", "--device", "cpu", "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    out = json.loads(proc.stdout)
+    failed = [r for r in out["rows"] if not r["ok"]]
+    assert proc.returncode == 0 and out["passed"], failed or proc.stderr[-3000:]
+    assert len(out["rows"]) == 19 and all(r["verdict"] == "pass" for r in out["rows"])
+    assert out["environment"]["gloo"] is True
+    stored = queries.list_runs(engine, queries.RunFilter(tag=["selftest"]), limit=100)
+    assert len(stored) == 19 and set(stored["status"]) == {"succeeded"}
+    for row in out["rows"]:
+        run = queries.get_run(engine, row["run_id"])
+        assert run["result"]["verify"]["passed"] is True
+        assert len(row["peak_mem_bytes"]) == run["world_size"] and min(row["peak_mem_bytes"]) > 0
+        # Counted payload against the textbook's leading terms: never below them, and what they leave out
+        # (loss all-reduces, generated tokens, next-token logits) is small at this size.
+        if row["comm_theory_bytes"]:
+            assert 1.0 <= row["comm_bytes"] / row["comm_theory_bytes"] <= 1.15, row
+        else:
+            assert row["comm_bytes"] == 0, row
