@@ -31,6 +31,8 @@ def test_data_parallel_train_matches_reference_on_global_batch(tmp_path, dp):
         assert r["param_count"] == 241024
         assert r["comm_calls"]["all_reduce"] == 2 * 2  # gradient bucket + loss, for 2 timed steps
         assert r["comm_bytes"]["all_reduce"] == 2 * (grad_bytes + 8)
+        # A ring all-reduce sends 2(dp-1)/dp of the tensor from each rank: the payload at dp = 2, 1.5x at 4.
+        assert r["comm_wire_bytes"]["all_reduce"] == 2 * (2 * (dp - 1) * (grad_bytes + 8) // dp)
 
 
 def test_data_parallel_generate_gives_reference_tokens(tmp_path):
