@@ -176,3 +176,28 @@ def test_vocab_parallel_loss_on_a_vocabulary_that_is_not_a_multiple_of_tp(tmp_pa
     assert_matches(result, "train")
     gen = run_torchrun(spec(tp=4, workload="generate", new_tokens=5, **dims), tmp_path / "gen")
     assert_matches(gen, "generate")
+
+
+def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_loss_stays_exact(tmp_path):
+    """vocab 5 on tp=4: slices of 2 rows, so rank 2 holds one real token and rank 3 none (all padding, -inf
+    logits). The loss used to be NaN there (-inf * 0 for targets the rank does not hold). One train step,
+    no warm-up: the step's loss is that of the initial weights on step 0's batch, computed here by the
+    single-device reference. (verify off: it compares every shard and rank 3's vocabulary shard is empty.)"""
+    import math
+
+    import torch
+
+    from runner.gpt.data import synthetic_batch
+    from runner.gpt.model import GPT
+    from runner.spec import RunSpec
+
+    dims = {"model": "custom", "n_layer": 1, "n_head": 4, "n_embd": 32, "vocab_size": 5, "block_size": 16}
+    s = spec(tp=4, workload="train", steps=1, warmup=0, batch=2, seq=8, verify=False, **dims)
+    assert padded_vocab(5, 4) // 4 * 3 >= 5  # rank 3's slice starts past the vocabulary
+    result = run_torchrun(s, tmp_path)
+    idx, targets = synthetic_batch(5, 2, 8, 0, step=0)
+    with torch.no_grad():
+        _, ref_loss = GPT(RunSpec.from_dict(s).model_config(), seed=0)(idx, targets)
+    losses = [r["loss"] for r in result["ranks"] if r.get("loss") is not None]
+    assert losses and all(math.isfinite(x) for x in losses), losses
+    assert abs(result["loss"] - ref_loss.item()) <= TOL, (result["loss"], ref_loss.item())

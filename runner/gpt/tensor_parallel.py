@@ -296,7 +296,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         comm.all_reduce(sum_exp)
         inside = (targets >= start) & (targets < start + per)  # the rank holding the target's column
         local_t = (targets - start).clamp(0, per - 1)
-        target_logit = shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1) * inside
+        # torch.where, not `* inside`: a rank whose slice holds no real token (vocab < ~tp^2 leaves the last
+        # ranks all padding) gathers a -inf column for targets it does not hold, and -inf * 0 is NaN.
+        target_logit = torch.where(inside, shifted.gather(-1, local_t.unsqueeze(-1)).squeeze(-1), 0.0)
         comm.all_reduce(target_logit)
         loss = (sum_exp.log() - target_logit).mean()
         exp.div_(sum_exp.unsqueeze(-1))  # softmax, in place: the saved tensor is the only [N, V/tp] kept
