@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, time, timedelta
-from pathlib import Path
 
 import streamlit as st
 
@@ -13,6 +12,7 @@ from storage.models import TERMINAL_STATES
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
+from ui.hosts import read_log, where_text
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
@@ -162,11 +162,15 @@ def run_detail(run_id: int) -> None:
     with st.expander("Spec", expanded=False):
         st.json(run["spec"])
     with st.expander("Logs"):
-        if run["run_dir"]:
+        # The run folder when this machine ran it, else the tails its host's runner stored in the database.
+        stored = queries.run_logs(engine(), run_id)
+        if run["run_dir"] or stored:
+            here = queries.this_host()
             world = RunSpec.from_dict(run["spec"]).world_size
             rank = st.selectbox("rank", list(range(world)), key=f"{K}logrank_{run_id}")
-            path = Path(run["run_dir"]) / f"rank{rank}.log"
-            st.code(path.read_text(errors="replace")[-8000:] if path.exists() else "(no output yet)")
+            st.caption(where_text(run, stored, here))
+            text = read_log(run, f"rank{rank}", stored, here)
+            st.code(text if text is not None else "(no output yet)")
         else:
             st.caption("The run has not started yet.")
     with st.expander("Notes and tags"):

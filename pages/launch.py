@@ -12,6 +12,7 @@ from storage import queries
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
+from ui.hosts import HERE, host_lines, target_for, targets
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -20,9 +21,9 @@ K = "launch_"  # widget keys are namespaced per page
 SELFTEST_TAG = "selftest"  # the tag runner.selftest puts on its runs; History filters on it
 
 st.title("Launch a run")
-runner = queries.runner_status(engine())
-gpus = runner["gpus"] if runner and runner["alive"] else []
-gpu_count = len(gpus) if runner and runner["alive"] else None
+here = queries.this_host()
+# Every host serving this database, read once per rerun: the "Run on" choices and their GPU counts.
+run_on_options = targets(queries.hosts(engine()), here)
 
 notes: dict[str, st.delta_generator.DeltaGenerator] = {}
 
@@ -32,7 +33,7 @@ def note_slot(field: str) -> None:
     notes[field] = st.empty()
 
 
-values: dict = {"_gpu_count": gpu_count}
+values: dict = {}
 left, mid, right = st.columns([1.1, 1, 1])
 with left:
     st.subheader("Strategy")
@@ -104,6 +105,18 @@ with mid:
 
 with right:
     st.subheader("Run")
+    keys = [t.key for t in run_on_options]
+    if st.session_state.get(K + "run_on") not in keys:
+        st.session_state[K + "run_on"] = HERE  # the host chosen before stopped reporting
+    target = target_for(
+        st.selectbox(
+            "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).label,
+            help="this machine (jobs run where they are launched), another host whose runner is alive, or whichever "
+            "host first has the devices it needs. The form is checked against that host's GPUs.",
+        ),
+        run_on_options,
+    )  # fmt: skip
+    values["_gpu_count"] = target.gpu_count
     c1, c2 = st.columns(2)
     values["device"] = c1.selectbox("device", DEVICES, key=K + "device")
     values["dtype"] = c2.selectbox("dtype", DTYPES, key=K + "dtype")
@@ -152,7 +165,8 @@ with info:
         st.code(
             shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True
         )
-        crowded = oversubscription_warning(spec, gpu_count)
+        # The cores judged are this machine's: only said where the run will run here.
+        crowded = oversubscription_warning(spec, target.gpu_count) if target.key == HERE else None
         if crowded:
             st.warning(crowded, icon=":material/warning:")
     elif problems:
@@ -173,6 +187,11 @@ def devices_panel() -> None:
     else:
         st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
+    live, silent = host_lines(queries.hosts(engine()), here)
+    if len(live) > 1 or silent:  # a team database: every host a run can be sent to
+        st.markdown("**Hosts alive**\n\n" + ("\n".join(f"- {line}" for line in live) or "none"))
+        if silent:
+            st.caption("Not reporting (runs aimed there wait): " + "; ".join(silent))
     c1, c2 = st.columns([1, 1.4], vertical_alignment="bottom")
     device = c1.selectbox("self-test on", DEVICES, key=K + "selftest_device")
     if c2.button(
@@ -201,7 +220,7 @@ with devices:
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:
-        run_id = queries.submit_run(engine(), spec, user=user, gpu_count=gpu_count)
+        run_id = queries.submit_run(engine(), spec, user=user, gpu_count=target.gpu_count, run_on=target.run_on)
     except SpecError as exc:
         for p in exc.problems:
             st.error(str(p))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import streamlit as st
 
 from storage import queries
 from ui import charts
 from ui.format import human_duration, status_label
+from ui.hosts import log_source, read_log, where_text
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -52,13 +52,17 @@ def live_view() -> None:
                 a, b = st.columns(2)
                 a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
                 b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
-            if run and run["run_dir"]:
+            # Ranks' last lines: from the run folder when it ran here, else from the tails its host stored.
+            stored = queries.run_logs(engine(), int(row.id)) if run else {}
+            if run and (run["run_dir"] or stored):
+                here = queries.this_host()
+                if log_source(run, stored, here) == "database":
+                    st.caption(where_text(run, stored, here))
                 tails = []
                 for rank in range(int(row.world_size)):
-                    path = Path(run["run_dir"]) / f"rank{rank}.log"
-                    if path.exists():
-                        lines = path.read_text(errors="replace").splitlines()[-5:]
-                        tails.append(f"--- rank {rank}\n" + "\n".join(lines))
+                    log = read_log(run, f"rank{rank}", stored, here, limit=4000)
+                    if log is not None:
+                        tails.append(f"--- rank {rank}\n" + "\n".join(log.splitlines()[-5:]))
                 st.code("\n".join(tails) or "(no output yet)", language=None)
     if not queued.empty:
         st.subheader("Queue")

@@ -1,0 +1,180 @@
+"""A team database with several hosts, seen from the pages: Launch's "Run on" choice validated against the
+target host's GPUs, the hosts alive with their devices, and logs of a run that ran on another host read
+from the database (run page and Live page), under AppTest with a real database in a temporary LAB_HOME.
+
+Two hosts are simulated as the storage tests do: this process acquires one runner lease per host name
+(LAB_HOST names this machine), so the pages see exactly what two live runners would report.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+from streamlit.testing.v1 import AppTest
+
+from runner.spec import RunSpec
+from storage import queries
+from ui.hosts import HERE, devices_text, log_source, read_log, targets, where_text
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
+TWO_H100 = [H100, {**H100, "index": 1}]
+
+
+@pytest.fixture
+def two_hosts(engine, monkeypatch):
+    """alpha (this machine, no GPU) and beta (2 H100s), both with a live runner lease."""
+    monkeypatch.setenv("LAB_HOST", "alpha")
+    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no NVIDIA GPU", host="alpha")
+    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), TWO_H100, "2 GPUs", host="beta")
+    yield engine
+    for runner_id in ("runner-alpha", "runner-beta"):
+        queries.release_lease(engine, runner_id)
+
+
+def page(path: str, **query) -> AppTest:
+    at = AppTest.from_file(str(REPO / path), default_timeout=30)
+    for k, v in query.items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def make_silent(engine, host: str) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t WHERE host = :h"),
+                     {"t": datetime.now(UTC) - timedelta(hours=1), "h": host})  # fmt: skip
+
+
+# ---- the choice as data ----------------------------------------------------------------------
+def test_targets_offer_this_machine_each_other_live_host_and_any_with_their_gpu_counts(two_hosts):
+    options = targets(queries.hosts(two_hosts), "alpha")
+    assert [(t.key, t.run_on, t.gpu_count) for t in options] == [
+        (HERE, None, 0),
+        ("beta", "beta", 2),
+        (queries.ANY_HOST, queries.ANY_HOST, 2),  # any: accepted when the best-equipped live host can place it
+    ]
+    assert options[1].label == "beta: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)"
+    assert options[0].label == "this machine (alpha): CPU only (gloo)"
+
+
+def test_a_silent_host_is_not_a_target_and_this_machine_without_a_runner_is_unknown(two_hosts):
+    make_silent(two_hosts, "beta")
+    options = targets(queries.hosts(two_hosts), "alpha")
+    assert [t.key for t in options] == [HERE, queries.ANY_HOST]
+    assert options[-1].gpu_count == 0  # only alpha is alive, and it has no GPU
+    make_silent(two_hosts, "alpha")
+    (mine, anywhere) = targets(queries.hosts(two_hosts), "alpha")
+    assert mine.gpu_count is None and "runner not reporting" in mine.label  # device checks skipped, as before
+    assert anywhere.gpu_count is None and "none live now" in anywhere.label
+
+
+def test_devices_text_names_mixed_gpus_without_a_size():
+    mixed = [H100, {"index": 1, "name": "NVIDIA A100-SXM4-40GB", "memory_total": 40 * 2**30}]
+    assert devices_text({"gpus": mixed}) == "2 GPUs: NVIDIA A100-SXM4-40GB, NVIDIA H100 80GB HBM3"
+    assert devices_text({"gpus": [H100]}) == "1 GPU: NVIDIA H100 80GB HBM3 (80.0 GiB)"
+
+
+# ---- launch ----------------------------------------------------------------------------------
+def test_launch_validates_against_the_chosen_hosts_gpus_and_queues_the_run_there(two_hosts):
+    engine = two_hosts
+    at = page("pages/launch.py")
+    assert not at.exception
+    assert at.selectbox(key="launch_run_on").options == [
+        "this machine (alpha): CPU only (gloo)",
+        "beta: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)",
+        "any host with the devices (2 live)",
+    ]
+    at.selectbox(key="launch_device").select("cuda").run()
+    assert any("no NVIDIA GPU is visible" in e for e in texts(at.error)), texts(at.error)  # alpha has none
+    assert at.button(key="launch_submit").disabled
+    at.selectbox(key="launch_run_on").select("beta").run()
+    assert not at.error and not at.button(key="launch_submit").disabled  # beta's 2 GPUs fit pp=2
+    at.number_input(key="launch_pp").set_value(4).run()
+    assert any("4 ranks need 4 GPUs but 2 are visible" in e for e in texts(at.error)), texts(at.error)
+    at.number_input(key="launch_pp").set_value(2).run()
+    at.button(key="launch_submit").click().run()
+    (run,) = queries.list_runs(engine).to_dict("records")
+    stored = queries.get_run(engine, int(run["id"]))
+    assert stored["target_host"] == "beta" and stored["host"] == "alpha" and stored["spec"]["device"] == "cuda"
+    assert [r["id"] for r in queries.queued_runs(engine, host="alpha")] == []  # alpha's runner leaves it alone
+
+
+def test_launch_on_any_host_queues_an_untargeted_run(two_hosts):
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_run_on").select(queries.ANY_HOST).run()
+    at.selectbox(key="launch_device").select("cuda").run()
+    assert not at.error
+    at.button(key="launch_submit").click().run()
+    (run,) = queries.list_runs(two_hosts).to_dict("records")
+    assert queries.get_run(two_hosts, int(run["id"]))["target_host"] is None
+    assert [r["id"] for r in queries.queued_runs(two_hosts, host="beta")] == [run["id"]]
+
+
+def test_the_devices_panel_lists_every_host_alive_and_the_silent_ones_apart(two_hosts, engine):
+    assert queries.acquire_lease(engine, "runner-gamma", os.getpid(), [], "no GPU", host="gamma")
+    make_silent(engine, "gamma")
+    try:
+        at = page("pages/launch.py")
+    finally:
+        queries.release_lease(engine, "runner-gamma")
+    (hosts,) = [m for m in texts(at.markdown) if m.startswith("**Hosts alive**")]
+    assert "**alpha** (this machine): CPU only (gloo)" in hosts
+    assert "**beta**: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)" in hosts and "gamma" not in hosts
+    assert any("Not reporting" in c and "gamma: not reporting" in c for c in texts(at.caption))
+    assert "gamma" not in " ".join(at.selectbox(key="launch_run_on").options)
+
+
+# ---- logs of a run that ran elsewhere --------------------------------------------------------
+def ran_on_beta(engine, run_dir: str = "/nonexistent/beta/runs/1") -> int:
+    """A run claimed by beta's runner whose folder is on beta, with its log tails in the database."""
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
+    with engine.begin() as conn:  # beta's claim: claim_run records the claiming process's own host
+        conn.execute(text("UPDATE runs SET status = 'running', runner_id = 'runner-beta', runner_host = 'beta', "
+                          "run_dir = :d, started_at = :t WHERE id = :i"),
+                     {"d": run_dir, "t": datetime.now(UTC), "i": run_id})  # fmt: skip
+    queries.store_log_tail(engine, run_id, "rank0", "rank 0 on beta\nstep 1/6\n", 24)
+    queries.store_log_tail(engine, run_id, "rank1", "rank 1 on beta\nstep 1/6\n", 24)
+    return run_id
+
+
+def test_log_source_prefers_this_machines_folder_and_falls_back_to_the_database(two_hosts, tmp_path):
+    run_id = ran_on_beta(two_hosts)
+    run, stored = queries.get_run(two_hosts, run_id), queries.run_logs(two_hosts, run_id)
+    assert log_source(run, stored, "alpha") == "database"
+    assert read_log(run, "rank1", stored, "alpha") == "rank 1 on beta\nstep 1/6\n"
+    assert where_text(run, stored, "alpha").startswith("ran on beta: these are the log tails")
+    # A folder at the same path here belongs to another run: beta ran this one.
+    (tmp_path / "rank0.log").write_text("someone else's run\n")
+    assert log_source({**run, "run_dir": str(tmp_path)}, stored, "alpha") == "database"
+    # On beta itself the folder is read.
+    (tmp_path / "rank0.log").write_text("the whole file\n")
+    assert read_log({**run, "run_dir": str(tmp_path)}, "rank0", stored, "beta") == "the whole file\n"
+    assert log_source({**run, "run_dir": None}, {}, "alpha") == "none"
+
+
+def test_the_run_page_shows_logs_of_a_run_that_ran_on_another_host(two_hosts):
+    run_id = ran_on_beta(two_hosts)
+    queries.finish_run(two_hosts, run_id, "failed", error="rank 1 exited with code 1")
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert any("rank 0 on beta" in c for c in texts(at.code)), texts(at.code)
+    at.selectbox(key=f"history_logrank_{run_id}").select(1).run()
+    assert any("rank 1 on beta" in c for c in texts(at.code)), texts(at.code)
+    assert any(c.startswith("ran on beta: these are the log tails") for c in texts(at.caption))
+
+
+def test_the_live_page_tails_a_run_running_on_another_host_from_the_database(two_hosts):
+    ran_on_beta(two_hosts)
+    at = page("pages/live.py")
+    assert not at.exception
+    (tails,) = [c for c in texts(at.code) if "--- rank 0" in c]
+    assert "rank 0 on beta" in tails and "rank 1 on beta" in tails
+    assert any("ran on beta" in c for c in texts(at.caption))

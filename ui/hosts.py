@@ -1,0 +1,140 @@
+"""Where a run goes: the hosts of a team database and the Launch page's "Run on" choice, as plain data.
+
+Every machine serving the database runs its own runner (one lease per host, see storage.queries.hosts).
+A run targets this machine (the default: jobs run where they were launched), another host whose runner
+is alive, or any host with the devices it needs. The form is validated against the target's devices,
+not against the machine serving the page.
+
+Logs live in two places: the run folder on the host that ran it, and bounded tails in the database
+(queries.run_logs). `log_source` decides which one a page reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.queries import ANY_HOST
+from ui.format import human_age, human_bytes
+
+HERE = ""  # the choice "this machine": submit_run's default, LAB_HOST or the host name
+
+
+@dataclass(frozen=True)
+class Target:
+    """One option of "Run on": what it says, what submit_run gets, and the GPU count validation uses."""
+
+    key: str  # HERE, a host name or ANY_HOST
+    label: str
+    run_on: str | None  # submit_run(run_on=...): None for this machine
+    gpu_count: int | None  # None: not known (no live runner reports it), device checks are skipped
+
+
+def devices_text(host: dict[str, Any]) -> str:
+    """'2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)' or 'CPU only (gloo)'."""
+    gpus = host.get("gpus") or []
+    if not gpus:
+        return "CPU only (gloo)"
+    names = sorted({g.get("name") or "GPU" for g in gpus})
+    sizes = {g.get("memory_total") for g in gpus}
+    size = (
+        f" ({human_bytes(sizes.pop())}{' each' if len(gpus) > 1 else ''})"
+        if len(sizes) == 1 and None not in sizes
+        else ""
+    )
+    return f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}: {', '.join(names)}{size}"
+
+
+def targets(hosts: list[dict[str, Any]], here: str) -> list[Target]:
+    """The "Run on" options: this machine first, then every other live host, then any host.
+
+    This machine is always offered (its runner may be starting: the run waits for it); a host whose runner
+    is not alive is not, since nothing would run there. "Any host" is validated against the live host with
+    the most GPUs: a run some host can place is accepted, and the runner that claims it checks again.
+    """
+    live = [h for h in hosts if h["alive"]]
+    mine = next((h for h in live if h["host"] == here), None)
+    out = [
+        Target(
+            HERE,
+            f"this machine ({here}): {devices_text(mine)}" if mine else f"this machine ({here}): runner not reporting",
+            None,
+            len(mine["gpus"]) if mine else None,
+        )
+    ]
+    out += [
+        Target(h["host"], f"{h['host']}: {devices_text(h)}", h["host"], len(h["gpus"]))
+        for h in live
+        if h["host"] != here
+    ]
+    most = max((len(h["gpus"]) for h in live), default=None)
+    out.append(
+        Target(
+            ANY_HOST,
+            f"any host with the devices ({len(live)} live)" if live else "any host with the devices (none live now)",
+            ANY_HOST,
+            most,
+        )
+    )
+    return out
+
+
+def target_for(key: str, options: list[Target]) -> Target:
+    """The option chosen by key; this machine when the key is gone (its host stopped reporting)."""
+    return next((t for t in options if t.key == key), options[0])
+
+
+def host_lines(hosts: list[dict[str, Any]], here: str) -> tuple[list[str], list[str]]:
+    """(live hosts, silent hosts) as markdown lines for the devices panel, this machine marked."""
+    live, silent = [], []
+    for h in hosts:
+        name = f"**{h['host']}**" + (" (this machine)" if h["host"] == here else "")
+        if h["alive"]:
+            live.append(f"{name}: {devices_text(h)}, last seen {human_age(h['age_s'])} ago")
+        else:
+            silent.append(f"{h['host']}: not reporting, last seen {human_age(h['age_s'])} ago")
+    return live, silent
+
+
+def log_source(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str) -> str:
+    """Where this machine reads a run's logs: 'folder' when it has the run's folder (it ran here),
+    'database' when only the tails stored in the database can be read (it ran on another host), 'none'
+    when neither has anything yet.
+
+    A folder at the recorded path on this machine is another run's when the run ran elsewhere (two hosts
+    may use the same LAB_HOME path, and run ids restart in a fresh database): the stored tails win then.
+    """
+    folder = bool(run.get("run_dir")) and Path(run["run_dir"]).is_dir()
+    elsewhere = run.get("runner_host") not in (None, here)
+    if folder and not elsewhere:
+        return "folder"
+    if stored:
+        return "database"
+    return "folder" if folder else "none"
+
+
+def read_log(
+    run: dict[str, Any], name: str, stored: dict[str, dict[str, Any]], here: str, limit: int = 8000
+) -> str | None:
+    """The last `limit` characters of log `name` ('rank0', 'torchrun') from the run folder when it is here,
+    else from the database's tail; None when neither has it."""
+    if log_source(run, stored, here) == "folder":
+        path = Path(run["run_dir"]) / f"{name}.log"
+        return path.read_text(errors="replace")[-limit:] if path.exists() else None
+    entry = stored.get(name)
+    return entry["text"][-limit:] if entry is not None else None
+
+
+def where_text(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str) -> str:
+    """A caption saying where the logs shown come from."""
+    host = run.get("runner_host") or run.get("target_host")
+    source = log_source(run, stored, here)
+    if source == "database":
+        cut = any((e.get("size") or 0) > len(e["text"].encode()) for e in stored.values())
+        return f"ran on {host or 'another host'}: these are the log tails its runner stored in the database" + (
+            " (a long log's latest part only; the whole file is in the run folder on that host)" if cut else ""
+        )
+    if source == "folder":
+        return f"from the run folder {run['run_dir']}" + (f" on {host}" if host and host != here else "")
+    return f"no log yet: the run's host ({host}) has not stored any" if host and host != here else "no log yet"
