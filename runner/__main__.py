@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
     submit.add_argument("--user", help="who launched it (default: the OS user)")
     submit.add_argument("--spec-json", help="a whole spec as JSON (flags override its fields)")
+    submit.add_argument("--host", dest="run_on", metavar="HOST|any",
+                        help="the host whose runner runs it (default: this machine), or 'any' host with the devices")
     submit.add_argument("--wait", action="store_true", help="start a runner if needed and wait for the run to end")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 
@@ -143,15 +145,26 @@ def run_summary(run: dict) -> str:
     return " | ".join(parts)
 
 
+def target_gpu_count(engine, run_on: str | None) -> int | None:
+    """The GPU count a submission is validated against: the target host's (this machine's by default), or
+    for any host the best-equipped live one's; None when no live runner reports it (checks skipped)."""
+    live = [h for h in queries.hosts(engine) if h["alive"]]
+    if run_on == queries.ANY_HOST:
+        return max((len(h["gpus"]) for h in live), default=None)
+    host = next((h for h in live if h["host"] == (run_on or queries.this_host())), None)
+    return len(host["gpus"]) if host else None
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from runner.service import ensure_runner, wait_for_runner
 
     engine = get_engine()
+    run_on = queries.ANY_HOST if args.run_on == "any" else args.run_on or None
+    elsewhere = run_on not in (None, queries.ANY_HOST, queries.this_host())
     try:
         spec = spec_from_args(args)
-        status = queries.runner_status(engine)
-        gpu_count = len(status["gpus"]) if status and status["alive"] else None
-        run_id = queries.submit_run(engine, spec, user=args.user, gpu_count=gpu_count)
+        run_id = queries.submit_run(engine, spec, user=args.user, gpu_count=target_gpu_count(engine, run_on),
+                                    run_on=run_on)  # fmt: skip
     except SpecError as exc:
         problems = exc.problems
         if args.json:
@@ -162,20 +175,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
         return 2
+    target = queries.get_run(engine, run_id)["target_host"]
     if not args.wait:
-        emit(args, {"id": run_id, "status": "queued"}, f"queued run {run_id}")
+        where = f" on {target}" if target else " for any host with the devices"
+        if elsewhere and not any(h["alive"] and h["host"] == target for h in queries.hosts(engine)):
+            where += f" (no runner is alive on {target} now: it waits for one)"
+        emit(args, {"id": run_id, "status": "queued", "target_host": target}, f"queued run {run_id}{where}")
         return 0
-    ensure_runner()
-    if not wait_for_runner(engine):
-        print("no runner came up within 30 s; see LAB_HOME/runner.log", file=sys.stderr)
-        return 1
+    if not elsewhere:  # another host's runner is that host's business: only this machine's is started here
+        ensure_runner()
+        if not wait_for_runner(engine):
+            print("no runner came up within 30 s; see LAB_HOME/runner.log", file=sys.stderr)
+            return 1
     deadline = time.monotonic() + args.timeout if args.timeout else None
     last_check = time.monotonic()
     while True:
         run = queries.get_run(engine, run_id)
         if run["status"] in TERMINAL_STATES:
             break
-        if time.monotonic() - last_check > 5:
+        if time.monotonic() - last_check > 5 and not elsewhere:
             ensure_runner()  # the runner died while we waited: start another (it adopts the live job)
             last_check = time.monotonic()
         if deadline and time.monotonic() > deadline:
@@ -228,17 +246,19 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    run = queries.get_run(get_engine(), args.id)
+    """A rank's log from its run folder when this machine ran it, else the tail its host's runner stored in the
+    database (a teammate's run on another host)."""
+    engine = get_engine()
+    run = queries.get_run(engine, args.id)
     if run is None:
         print(f"no run {args.id}", file=sys.stderr)
         return 1
-    if not run["run_dir"]:
-        print(f"run {args.id} has not started yet ({run['status']})", file=sys.stderr)
-        return 1
-    path = Path(run["run_dir"]) / f"rank{args.rank}.log"
-    if not path.exists():
-        print(f"no log for rank {args.rank} at {path}", file=sys.stderr)
-        return 1
+    name = f"rank{args.rank}"
+    path = Path(run["run_dir"]) / f"{name}.log" if run["run_dir"] else None
+    # A file at the recorded path is another run's when a different host ran this one (same LAB_HOME path).
+    here = run["runner_host"] in (None, queries.this_host()) and path is not None and path.exists()
+    if not here:
+        return logs_from_database(args, engine, run, name)
     if args.json:  # the whole log as it is now (--follow streams text only)
         print(json.dumps({"id": args.id, "rank": args.rank, "path": str(path), "status": run["status"],
                           "text": path.read_text(errors="replace")}))  # fmt: skip
@@ -251,10 +271,48 @@ def cmd_logs(args: argparse.Namespace) -> int:
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 continue
-            if queries.get_run(get_engine(), args.id)["status"] in TERMINAL_STATES:
+            if queries.get_run(engine, args.id)["status"] in TERMINAL_STATES:
                 sys.stdout.write(f.read())
                 break
             time.sleep(0.3)
+    return 0
+
+
+def logs_from_database(args: argparse.Namespace, engine, run: dict, name: str) -> int:
+    """The stored tail of log `name`; with --follow, what each refresh of the tail added (by the log's size)."""
+    entry = queries.run_logs(engine, args.id).get(name)
+    host = run["runner_host"] or run["target_host"] or "another host"
+    if entry is None:
+        if not run["run_dir"] and run["status"] == "queued":
+            print(f"run {args.id} has not started yet ({run['status']})", file=sys.stderr)
+        else:
+            print(f"no log for rank {args.rank}: not in this machine's run folder and {host} stored none",
+                  file=sys.stderr)  # fmt: skip
+        return 1
+    if args.json:
+        print(json.dumps({"id": args.id, "rank": args.rank, "path": None, "source": "database", "host": host,
+                          "status": run["status"], "size": entry["size"], "text": entry["text"]}))  # fmt: skip
+        return 0
+    if entry["size"] > len(entry["text"].encode()):
+        print(f"[run {args.id} ran on {host}: the last {len(entry['text'].encode())} of {entry['size']} bytes, "
+              "as its runner stored them]", file=sys.stderr)  # fmt: skip
+    sys.stdout.write(entry["text"])
+    sys.stdout.flush()
+    size = entry["size"]
+    while args.follow:
+        ended = queries.get_run(engine, args.id)["status"] in TERMINAL_STATES
+        entry = queries.run_logs(engine, args.id).get(name) or entry
+        grown = entry["size"] - size
+        if grown > 0:
+            data = entry["text"].encode()
+            if grown > len(data):  # more was written between two looks than the stored tail holds
+                sys.stdout.write(f"\n[... {grown - len(data)} bytes not kept in the database ...]\n")
+            sys.stdout.write(data[-grown:].decode(errors="replace"))
+            sys.stdout.flush()
+            size = entry["size"]
+        if ended:  # the runner stores the tails once more before it records the end
+            break
+        time.sleep(1.0)
     return 0
 
 

@@ -103,3 +103,76 @@ def test_list_and_export_take_the_history_filters(engine):
     exported = json.loads(cli("export", "--format", "json", "--tag", "nightly").stdout)
     assert [r["id"] for r in exported] == [layer] and exported[0]["spec"]["pp"] == 2
     assert len(cli("export", "--status", "succeeded").stdout.splitlines()) == 1  # the header only
+
+
+# ---- a team database: runs aimed at a host, logs of a run that ran on another ---------------------
+H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
+
+
+@pytest.fixture
+def two_hosts(engine, monkeypatch):
+    """This machine is alpha (no GPU); beta has 2 GPUs. Both leases held by this process, as two live runners."""
+    import os
+
+    monkeypatch.setenv("LAB_HOST", "alpha")  # the CLI subprocesses inherit it
+    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), [H100, {**H100, "index": 1}], "2", host="beta")
+    yield engine
+    queries.release_lease(engine, "runner-alpha")
+    queries.release_lease(engine, "runner-beta")
+
+
+def test_submit_host_validates_against_that_hosts_gpus_and_aims_the_run_there(two_hosts):
+    cuda = ["submit", "--strategy", "data", "--dp", "2", "--model", "tiny", "--device", "cuda", "--json"]
+    here = cli(*cuda)
+    assert here.returncode == 2 and "no NVIDIA GPU is visible" in here.stdout  # alpha, this machine, has none
+    on_beta = cli(*cuda, "--host", "beta")
+    assert on_beta.returncode == 0, on_beta.stdout + on_beta.stderr
+    run_id = json.loads(on_beta.stdout)["id"]
+    assert queries.get_run(two_hosts, run_id)["target_host"] == "beta"
+    anywhere = cli(*cuda[:-1], "--host", "any")
+    assert anywhere.returncode == 0 and "for any host with the devices" in anywhere.stdout, anywhere.stderr
+    any_id = int(anywhere.stdout.split()[2])
+    assert queries.get_run(two_hosts, any_id)["target_host"] is None
+    assert [r["id"] for r in queries.queued_runs(two_hosts, host="alpha")] == [any_id]
+    too_wide = cli(*cuda[:4], "4", *cuda[5:], "--host", "beta")
+    assert too_wide.returncode == 2 and "4 ranks need 4 GPUs but 2 are visible" in too_wide.stdout
+    gone = cli("submit", "--strategy", "single", "--host", "delta")
+    assert gone.returncode == 0 and "no runner is alive on delta now" in gone.stdout
+
+
+def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts, tmp_path):
+    import subprocess
+    import time
+
+    from sqlalchemy import text
+
+    from runner.spec import RunSpec
+
+    engine = two_hosts
+    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
+    # beta's claim; its run folder is on beta, and a folder at that path here is not this run's
+    (tmp_path / "rank1.log").write_text("another run's log on alpha\n")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET status = 'running', runner_id = 'runner-beta', runner_host = 'beta', "
+                          "run_dir = :d WHERE id = :i"), {"d": str(tmp_path), "i": run_id})  # fmt: skip
+    queries.store_log_tail(engine, run_id, "rank1", "step 1/3\n", 9)
+    assert cli("logs", str(run_id), "--rank", "1").stdout == "step 1/3\n"
+    out = json.loads(cli("logs", str(run_id), "--rank", "1", "--json").stdout)
+    assert (out["source"], out["host"], out["text"], out["size"]) == ("database", "beta", "step 1/3\n", 9)
+    missing = cli("logs", str(run_id), "--rank", "0")
+    assert missing.returncode == 1 and "beta stored none" in missing.stderr
+
+    follow = subprocess.Popen([sys.executable, "-m", "runner", "logs", str(run_id), "--rank", "1", "--follow"],
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(3)  # it printed the tail and polls
+        queries.store_log_tail(engine, run_id, "rank1", "step 1/3\nstep 2/3\n", 18)
+        time.sleep(2)
+        queries.store_log_tail(engine, run_id, "rank1", "step 3/3\n", 27)  # the stored tail keeps the end only
+        queries.finish_run(engine, run_id, "succeeded")
+        stdout, stderr = follow.communicate(timeout=30)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, stderr
+    assert stdout == "step 1/3\nstep 2/3\nstep 3/3\n"
