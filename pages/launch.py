@@ -128,8 +128,11 @@ with right:
         "tolerances for the dtype: a pass or fail on the run page, with every difference beside it",
     )  # fmt: skip
     c1, c2 = st.columns(2)
-    values["seed"] = c1.number_input("seed", min_value=0, value=0, key=K + "seed")
+    # Text, not a number input: the browser's numbers stop at 2**53 and a seed may be any size.
+    seed_text = c1.text_input("seed", value="0", key=K + "seed", help="any whole number of 0 or more").strip()
+    values["seed"] = int(seed_text) if seed_text.isdecimal() and seed_text.isascii() else seed_text
     values["time_limit_s"] = float(c2.number_input("time limit (s)", min_value=1, value=600, key=K + "time_limit"))
+    note_slot("seed")
     note_slot("time_limit_s")
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
     note_slot("tags")

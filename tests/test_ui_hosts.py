@@ -178,3 +178,16 @@ def test_the_live_page_tails_a_run_running_on_another_host_from_the_database(two
     (tails,) = [c for c in texts(at.code) if "--- rank 0" in c]
     assert "rank 0 on beta" in tails and "rank 1 on beta" in tails
     assert any("ran on beta" in c for c in texts(at.caption))
+
+
+# ---- seeds -------------------------------------------------------------------------------------
+def test_the_launch_form_takes_a_seed_of_any_size_and_names_a_bad_one(engine):
+    at = page("pages/launch.py")
+    at.text_input(key="launch_seed").input("forty-two").run()
+    assert any("must be a whole number (got 'forty-two')" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="launch_submit").disabled
+    at.text_input(key="launch_seed").input(str(2**63 + 5)).run()  # past int64, and past the browser's 2**53
+    assert not at.error
+    at.button(key="launch_submit").click().run()
+    (run,) = queries.list_runs(engine).to_dict("records")
+    assert queries.get_run(engine, int(run["id"]))["spec"]["seed"] == 2**63 + 5
