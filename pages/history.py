@@ -12,7 +12,7 @@ from storage.models import TERMINAL_STATES
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
-from ui.hosts import read_log, where_text
+from ui.hosts import placement_text, read_log, where_text
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
@@ -81,6 +81,7 @@ def run_detail(run_id: int) -> None:
         spec = run["spec"]
         st.title(f"Run {run_id}: {spec['strategy']} · {spec['model']} · {spec['workload']}")
         st.subheader(status_label(run["status"]))
+        st.caption(placement_text(run))  # in a team database: whose run, and which host's runner has it
         prog = run["progress"]
         if run["status"] == "queued":
             st.info(run["wait_reason"] or "waiting for the runner to pick it up")

@@ -191,3 +191,13 @@ def test_the_launch_form_takes_a_seed_of_any_size_and_names_a_bad_one(engine):
     at.button(key="launch_submit").click().run()
     (run,) = queries.list_runs(engine).to_dict("records")
     assert queries.get_run(engine, int(run["id"]))["spec"]["seed"] == 2**63 + 5
+
+
+def test_the_run_page_says_who_launched_it_where_and_which_host_runs_it(two_hosts):
+    queued = queries.submit_run(two_hosts, RunSpec(strategy="single"), user="ada", run_on="beta")
+    anywhere = queries.submit_run(two_hosts, RunSpec(strategy="single"), user="ada", run_on=queries.ANY_HOST)
+    running = ran_on_beta(two_hosts)
+    captions = {i: texts(page("pages/history.py", run=str(i)).caption) for i in (queued, anywhere, running)}
+    assert "launched by ada on alpha · aimed at beta" in captions[queued]
+    assert "launched by ada on alpha · for any host with the devices" in captions[anywhere]
+    assert any(c.endswith("on alpha · runs on beta") for c in captions[running]), captions[running]

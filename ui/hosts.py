@@ -138,3 +138,19 @@ def where_text(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str
     if source == "folder":
         return f"from the run folder {run['run_dir']}" + (f" on {host}" if host and host != here else "")
     return f"no log yet: the run's host ({host}) has not stored any" if host and host != here else "no log yet"
+
+
+def placement_text(run: dict[str, Any]) -> str:
+    """Who launched a run from where, and where it runs: 'launched by ada on alpha · ran on beta', or for a
+    queued run 'aimed at beta' / 'for any host with the devices'."""
+    head = f"launched by {run.get('user') or 'unknown'} on {run.get('host') or 'an unrecorded host'}"
+    if run.get("runner_host"):
+        verb = "runs" if run.get("status") == "running" else "ran"
+        return f"{head} · {verb} on {run['runner_host']}"
+    if run.get("status") != "queued":
+        return head
+    return (
+        f"{head} · aimed at {run['target_host']}"
+        if run.get("target_host")
+        else f"{head} · for any host with the devices"
+    )
