@@ -141,6 +141,7 @@ def test_submit_host_validates_against_that_hosts_gpus_and_aims_the_run_there(tw
     assert gone.returncode == 0 and "no runner is alive on delta now" in gone.stdout
 
 
+@pytest.mark.slow  # a --follow process polling while tails are stored
 def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts, tmp_path):
     import subprocess
     import time
