@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from runner.gpt.data import synthetic_batch
+from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.model import read_checkpoint
 from runner.gpt.strategy import ParallelGPT
@@ -109,7 +109,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
     tp, pp, dp = spec.degrees
     mesh = Mesh.build(tp, pp, dp)
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(fold_seed(spec.seed))
     model = build_strategy(spec, mesh, device, dtype)
     state_dict = None
     if spec.weights:

@@ -77,10 +77,11 @@ def test_validate_accepts_any_non_negative_seed():
 
 
 @pytest.mark.slow
-def test_a_job_with_a_seed_past_int64_runs_and_verifies(tmp_path):
-    """Through torchrun as the runner launches it: 2 layer ranks, seed 2**63+5, verified."""
+def test_a_job_with_a_seed_past_uint64_runs_and_verifies(tmp_path):
+    """Through torchrun as the runner launches it: 2 layer ranks, seed 2**64+5 (past what torch.manual_seed
+    takes too), verified."""
     from tests.jobs import run_torchrun
 
     result = run_torchrun({"strategy": "layer", "pp": 2, "model": "tiny", "workload": "train", "batch": 2, "seq": 16,
-                           "steps": 1, "warmup": 0, "seed": 2**63 + 5, "verify": True}, tmp_path)  # fmt: skip
+                           "steps": 1, "warmup": 0, "seed": 2**64 + 5, "verify": True}, tmp_path)  # fmt: skip
     assert result["verify"]["passed"], result["verify"]

@@ -182,7 +182,7 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
     """vocab 5 on tp=4: slices of 2 rows, so rank 2 holds one real token and rank 3 none (all padding, -inf
     logits). The loss used to be NaN there (-inf * 0 for targets the rank does not hold). One train step,
     no warm-up: the step's loss is that of the initial weights on step 0's batch, computed here by the
-    single-device reference. (verify off: it compares every shard and rank 3's vocabulary shard is empty.)"""
+    single-device reference; verify (which skips rank 3's empty vocabulary shard) passes as well."""
     import math
 
     import torch
@@ -192,7 +192,7 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
     from runner.spec import RunSpec
 
     dims = {"model": "custom", "n_layer": 1, "n_head": 4, "n_embd": 32, "vocab_size": 5, "block_size": 16}
-    s = spec(tp=4, workload="train", steps=1, warmup=0, batch=2, seq=8, verify=False, **dims)
+    s = spec(tp=4, workload="train", steps=1, warmup=0, batch=2, seq=8, verify=True, **dims)
     assert padded_vocab(5, 4) // 4 * 3 >= 5  # rank 3's slice starts past the vocabulary
     result = run_torchrun(s, tmp_path)
     idx, targets = synthetic_batch(5, 2, 8, 0, step=0)
@@ -201,3 +201,4 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
     losses = [r["loss"] for r in result["ranks"] if r.get("loss") is not None]
     assert losses and all(math.isfinite(x) for x in losses), losses
     assert abs(result["loss"] - ref_loss.item()) <= TOL, (result["loss"], ref_loss.item())
+    assert result["verify"]["passed"], result["verify"]
