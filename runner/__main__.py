@@ -1,7 +1,7 @@
 """The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest, each with --json.
 
 Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
-self-test row failed; 2 bad input (nothing queued); 3 another runner already serves the database.
+self-test row failed; 2 bad input (nothing queued); 3 another runner already serves this host on the database.
 """
 
 from __future__ import annotations
