@@ -128,7 +128,7 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     from runner.gpt.config import GPTConfig
     from runner.gpt.mesh import Mesh
     from runner.gpt.model import Block, init_module
-    from runner.gpt.tensor_parallel import TensorParallelBlock
+    from runner.gpt.tensor_parallel import TensorParallelBlock, shard_index
     from runner.resources import pin_rank
 
     # CommDebugMode's module tracker warns that the blocks' input needs no gradient: true, and meant.
@@ -143,9 +143,21 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     tp_mesh = init_device_mesh("cpu", (tp,))
     ours = nn.Sequential(*(TensorParallelBlock(cfg, i, mesh.tp, SEED) for i in range(cfg.n_layer)))
     ref_blocks = []
+    noise = torch.Generator().manual_seed(2)
     for i in range(cfg.n_layer):
         b = Block(cfg)
         init_module(b, cfg, SEED, prefix=f"transformer.h.{i}.")
+        with torch.no_grad():
+            # GPT-2's init makes every bias 0 and every LayerNorm weight 1, under which a bias added on
+            # every rank before the sum (tp times) would go unnoticed: perturb them, then give ours the
+            # same values, each rank its own shard.
+            for p in b.parameters():
+                if p.dim() == 1:
+                    p.add_(torch.randn(p.shape, generator=noise) * 0.1)
+            ref = dict(b.named_parameters())
+            for name, q in ours[i].named_parameters():
+                index = shard_index(f"transformer.h.{i}.{name}", cfg, mesh.tp.index, tp, "megatron")
+                q.copy_(ref[name] if index is None else ref[name][index])
         ref_blocks.append(b)
     theirs = nn.Sequential(*(theirs_block(b, tp_mesh, cfg) for b in ref_blocks))
     models = {"ours": ours, "theirs": theirs}
@@ -282,7 +294,8 @@ def section(results: list[dict], settings: dict, skipped: list[int], quick: bool
         "",
         *machine_lines(),
         f"- model: {d['n_layer']} blocks, n_embd {d['n_embd']}, n_head {d['n_head']}, float32; "
-        f"input [{BATCH}, {SEQ}, {d['n_embd']}], same weights (name-seeded) and inputs on both sides",
+        f"input [{BATCH}, {SEQ}, {d['n_embd']}], same weights (name-seeded, biases and LayerNorm weights "
+        "perturbed so a misplaced bias would show) and inputs on both sides",
         f"- steps: `forward` = no-grad forward of the blocks; `train` = forward + backward of mean(out^2) + AdamW; "
         f"{settings['warmup']} warm-up round(s), then {settings['rounds']} rounds, each running both workloads on "
         "both sides back to back (side order flipped every round, workload order every other round); "
