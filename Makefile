@@ -42,11 +42,11 @@ lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Every bench/*.py script, one after another; nothing to do (and no error) while bench/ has none.
+# Every bench/bench_*.py script, one after another; nothing to do (and no error) while bench/ has none.
 bench: $(VENV)/.installed-dev
-	@set -e; found=0; for script in bench/*.py; do [ -e "$$script" ] || continue; found=1; \
+	@set -e; found=0; for script in bench/bench_*.py; do [ -e "$$script" ] || continue; found=1; \
 	  echo "== $$script"; $(BIN)/python "$$script"; done; \
-	[ $$found = 1 ] || echo "no bench/*.py scripts yet"
+	[ $$found = 1 ] || echo "no bench/bench_*.py scripts yet"
 
 clean-venv:
 	rm -rf $(VENV)
