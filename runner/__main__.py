@@ -73,8 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
     submit.add_argument("--user", help="who launched it (default: the OS user)")
     submit.add_argument("--spec-json", help="a whole spec as JSON (flags override its fields)")
-    submit.add_argument("--host", dest="run_on", metavar="HOST|any",
-                        help="the host whose runner runs it (default: this machine), or 'any' host with the devices")
+    submit.add_argument(
+        "--host",
+        dest="run_on",
+        metavar="HOST|any",
+        help="the host whose runner runs it (default: this machine), or 'any' host with the devices",
+    )
     submit.add_argument("--wait", action="store_true", help="start a runner if needed and wait for the run to end")
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 
@@ -88,8 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("id", type=int)
     logs.add_argument("--rank", type=int, default=0)
     logs.add_argument("--follow", action="store_true")
-    selftest = sub.add_parser("selftest", help="every strategy x workload the devices allow, verified (first command on a new machine)")
-    selftest.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when torch sees a GPU, else CPU")
+    selftest = sub.add_parser(
+        "selftest", help="every strategy x workload the devices allow, verified (first command on a new machine)"
+    )
+    selftest.add_argument(
+        "--device", choices=DEVICES, default="auto", help="auto: CUDA when torch sees a GPU, else CPU"
+    )
     selftest.add_argument("--user", help="who launched it (default: the OS user)")
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     export = sub.add_parser("export", help="every run as CSV or JSON")

@@ -161,7 +161,8 @@ def environment() -> dict:
 def environment_lines(env: dict) -> list[str]:
     lines = [
         f"torch {env['torch']}, {env['cpu_cores']} CPU cores usable, gloo {'available' if env['gloo'] else 'MISSING'}",
-        f"NVIDIA driver: {env['driver'] or 'not found'}" + ("" if env["driver"] else f" ({env.get('driver_note', '')})"),
+        f"NVIDIA driver: {env['driver'] or 'not found'}"
+        + ("" if env["driver"] else f" ({env.get('driver_note', '')})"),
         f"NVML GPUs: {', '.join(env['nvml_gpus']) or 'none'}" + (f" ({env['nvml_note']})" if env["nvml_note"] else ""),
         f"CUDA in torch: {'available, ' + ', '.join(env['cuda_devices']) if env['cuda_available'] else 'not available'}",
         f"NCCL: {env['nccl'] or 'not available'}",

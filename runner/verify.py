@@ -56,8 +56,17 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 # Reduced over ranks with MAX; -1 marks "this rank has no such figure".
-_KEYS = ("logits_abs", "logits_ref", "loss_abs", "loss_ref", "grads_abs", "grads_ref", "weights_abs", "weights_ref",
-         "mismatch")
+_KEYS = (
+    "logits_abs",
+    "logits_ref",
+    "loss_abs",
+    "loss_ref",
+    "grads_abs",
+    "grads_ref",
+    "weights_abs",
+    "weights_ref",
+    "mismatch",
+)
 
 
 class _Differences:

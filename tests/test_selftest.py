@@ -86,7 +86,10 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
     for row in out["rows"]:
         run = queries.get_run(engine, row["run_id"])
         assert run["result"]["verify"]["passed"] is True
-        assert len(row["peak_mem_bytes"]) == run["world_size"] and min(row["peak_mem_bytes"]) > 0
+        assert (
+            len(row["peak_mem_bytes"]) == len(run["ranks"]) == run["spec"]["tp"] * run["spec"]["pp"] * run["spec"]["dp"]
+            and min(row["peak_mem_bytes"]) > 0
+        )
         # Counted payload against the textbook's leading terms: never below them, and what they leave out
         # (loss all-reduces, generated tokens, next-token logits) is small at this size.
         if row["comm_theory_bytes"]:
