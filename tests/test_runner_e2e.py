@@ -153,7 +153,7 @@ def test_cancel_of_a_running_4_rank_job_leaves_no_process(engine):
 
 def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
     runner = start_runner(engine)
-    spec = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=30, batch=8, seq=128)
+    spec = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=15, batch=8, seq=128)
     run_id = queries.submit_run(engine, spec)
     wait_status(engine, run_id, {"running"})
     wait_progress(engine, run_id, steps=1)
