@@ -29,17 +29,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import machine_lines, quick_mode, signed, write_section  # noqa: E402
-from runner.spec import torchrun_launcher  # noqa: E402
+from bench.results import exit_worker, machine_lines, quick_mode, run_worker, signed, write_section  # noqa: E402
 
 P = 2
 MODEL, BATCH, SEQ, SEED = "small", 16, 32, 0
@@ -136,17 +133,8 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
 
 
 def launch(settings: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        argv = [
-            *torchrun_launcher(P),
-            str(Path(__file__).resolve()), "--worker", str(out),
-            "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
-            "--microbatches", *map(str, settings["microbatches"]),
-        ]  # fmt: skip
-        subprocess.run(argv, cwd=REPO, env=env, check=True)
-        return json.loads(out.read_text())
+    return run_worker(__file__, P, "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
+                      "--microbatches", *map(str, settings["microbatches"]))  # fmt: skip
 
 
 def unequal_stage_bubble(forward: list[float], backward: list[float], m: int) -> float:
@@ -360,7 +348,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.warmup, args.rounds, args.microbatches)
-        return
+        exit_worker()
     quick = quick_mode(args.quick)
     settings = QUICK if quick else FULL
     text = section(launch(settings), settings, quick)

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import machine_lines, median_ci, quick_mode, spread, write_section  # noqa: E402
-from runner.spec import torchrun_launcher  # noqa: E402
+from bench.results import exit_worker, machine_lines, median_ci, quick_mode, run_worker, spread, write_section  # noqa: E402
 
 GOAL = 0.02
 MODEL, BATCH, SEQ = "small", 8, 64
@@ -163,16 +161,8 @@ def isolated_cost(mesh, model, probe: dict[str, int], repeats: int = 200) -> flo
 
 
 def launch(name: str, settings: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        argv = [
-            *torchrun_launcher(2),
-            str(Path(__file__).resolve()), "--worker", str(out), "--strategy", name,
-            "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
-        ]  # fmt: skip
-        subprocess.run(argv, cwd=REPO, env=env, check=True)
-        return json.loads(out.read_text())
+    return run_worker(__file__, 2, "--strategy", name,
+                      "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]))  # fmt: skip
 
 
 def overheads(t: dict, a: str, b: str) -> list[float]:
@@ -282,7 +272,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.strategy, args.warmup, args.rounds)
-        return
+        exit_worker()
     quick = quick_mode(args.quick)
     settings = QUICK if quick else FULL
     results = [launch(name, settings) for name in STRATEGIES]

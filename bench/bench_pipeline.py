@@ -23,17 +23,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import compare_sentence, machine_lines, quick_mode, spread, usable_cores, write_section  # noqa: E402
-from runner.spec import torchrun_launcher  # noqa: E402
+from bench.results import (  # noqa: E402
+    compare_sentence,
+    exit_worker,
+    machine_lines,
+    quick_mode,
+    run_worker,
+    spread,
+    usable_cores,
+    write_section,
+)
 
 # 8 layers split over 2 or 4 stages; batch 16 so every m in MICROBATCHES divides it. Small enough that
 # p = 4 (4 ranks on 2 cores) runs every configuration in a couple of minutes.
@@ -177,17 +183,10 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
 
 def launch(p: int, microbatches: list[int], size: str, settings: dict) -> dict:
     n_embd, seq = SIZES[size]
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        argv = [
-            *torchrun_launcher(p),
-            str(Path(__file__).resolve()), "--worker", str(out), "--n-embd", str(n_embd), "--seq", str(seq),
-            "--microbatches", *map(str, microbatches),
-            "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
-        ]  # fmt: skip
-        subprocess.run(argv, cwd=REPO, env=env, check=True)
-        return {**json.loads(out.read_text()), "size": size}
+    result = run_worker(__file__, p, "--n-embd", str(n_embd), "--seq", str(seq),
+                        "--microbatches", *map(str, microbatches),
+                        "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]))  # fmt: skip
+    return {**result, "size": size}
 
 
 def check(res: dict) -> dict[str, float]:
@@ -329,7 +328,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.microbatches, args.n_embd, args.seq, args.warmup, args.rounds)
-        return
+        exit_worker()
     quick = quick_mode(args.quick)
     settings = QUICK if quick else FULL
     microbatches = args.microbatches or settings["microbatches"]

@@ -29,9 +29,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,8 +37,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import compare_sentence, machine_lines, quick_mode, spread, usable_cores, write_section  # noqa: E402
-from runner.spec import torchrun_launcher  # noqa: E402
+from bench.results import (  # noqa: E402
+    compare_sentence,
+    exit_worker,
+    machine_lines,
+    quick_mode,
+    run_worker,
+    spread,
+    usable_cores,
+    write_section,
+)
 
 # Model and batch: the 'small' preset's width with 4 layers, so a step is dominated by matmuls and the
 # per-layer collectives rather than Python overhead, and a run takes well under a minute on 2 cores.
@@ -251,16 +257,7 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
 
 
 def launch(tp: int, settings: dict) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "result.json"
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-        argv = [
-            *torchrun_launcher(tp),
-            str(Path(__file__).resolve()), "--worker", str(out),
-            "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]),
-        ]  # fmt: skip
-        subprocess.run(argv, cwd=REPO, env=env, check=True)
-        return json.loads(out.read_text())
+    return run_worker(__file__, tp, "--warmup", str(settings["warmup"]), "--rounds", str(settings["rounds"]))
 
 
 def check(res: dict) -> None:
@@ -363,7 +360,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args.worker, args.warmup, args.rounds)
-        return
+        exit_worker()
     quick = quick_mode(args.quick)
     settings = QUICK if quick else FULL
     wanted = args.tp or ([2] if quick else [2, 4])

@@ -1,16 +1,25 @@
 """bench/RESULTS.md: each benchmark script owns one '## ...' section and rewrites only that one.
 
-Also what the scripts share: quick mode, the machine description and ratio summaries, so that every
-sentence of a section is written from the numbers measured in the same run."""
+Also what the scripts share: launching a script's own torchrun worker, quick mode, the machine
+description and ratio summaries, so that every sentence of a section is written from the numbers
+measured in the same run."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import random
 import re
 import statistics
+import subprocess
+import tempfile
 from pathlib import Path
+
+from runner.spec import torchrun_launcher
+from runner.spec import usable_cores as usable_cores
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def write_section(heading: str, text: str, path: Path, notes: str = "") -> None:
@@ -30,12 +39,26 @@ def quick_mode(argv_flag: bool = False) -> bool:
     return argv_flag or os.environ.get("BENCH_QUICK", "") not in ("", "0")
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+def exit_worker() -> None:
+    """End a finished worker rank without interpreter finalisation, as runner/job.py does: gloo's C++
+    threads torn down then can abort the process (SIGABRT, "terminate called without an active
+    exception") after its result was written, and torchrun would report the benchmark as failed."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_worker(script: str, nproc: int, *args: str) -> dict:
+    """Run `script --worker OUT *args` under torchrun with `nproc` ranks (one OMP thread each, as the
+    runner starts CPU jobs) and return the JSON its rank 0 wrote to OUT."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        argv = [*torchrun_launcher(nproc), str(Path(script).resolve()), "--worker", str(out), *args]
+        subprocess.run(argv, cwd=REPO, env=env, check=True)
+        return json.loads(out.read_text())
 
 
 def cpu_name() -> str:

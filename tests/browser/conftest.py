@@ -71,12 +71,23 @@ def stop_app_and_runner(proc: subprocess.Popen, lab_home: Path) -> None:
     The runner records its pid in the runner_lease table and every run its torchrun pid (= group id), so
     nothing is found by name and nothing of another test or user is touched.
     """
+    import psutil
+
     from storage import queries
     from storage.db import get_engine
 
+    # A runner the app spawned moments ago may not hold its lease yet: it is still the app's child, in
+    # a session of its own, so take the app's children before the app goes.
+    spawned: list[int] = []
+    with contextlib.suppress(psutil.Error):
+        spawned = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     kill_group(proc.pid)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+    for pid in spawned:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.getpgid(pid) == pid:  # a session leader the app started (the runner): its whole group
+                kill_group(pid)
     engine = get_engine()  # the test's LAB_HOME database (the lab_home fixture set the environment)
     status = queries.runner_status(engine)
     jobs = [r["pid"] for r in queries.running_runs(engine) if r["pid"]]
