@@ -2,6 +2,8 @@
 
 CPU runs share the machine's cores. When there are at least as many usable cores as ranks, each rank is
 pinned to its own core (`pin_rank`), so no two ranks time-slice one core and their timings are theirs.
+Pinning knows only its own job: two CPU jobs run at once (`serve --max-cpu-jobs 2`) pin to the same
+cores, and the wait each rank measures (below) shows that contention rather than hiding it.
 With more ranks than cores the run is oversubscribed and each rank measures how long it was runnable
 but not running: the second field of /proc/self/schedstat (`run_delay`, nanoseconds spent waiting on a
 run queue; see the kernel's Documentation/scheduler/sched-stats.rst). It is the main thread's figure,

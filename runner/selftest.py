@@ -65,10 +65,10 @@ def layouts(gpus: int, device: str) -> list[tuple[RunSpec | None, str, str | Non
     ]
 
 
-def selftest_specs(device: str, gpus: int, cores: int | None = None) -> list[tuple[RunSpec | None, str]]:
+def selftest_specs(device: str, gpus: int) -> list[tuple[RunSpec | None, str]]:
     """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda'); spec None where skipped.
-    A gpipe schedule differs from 1f1b only in training, so it is tested there alone."""
-    del cores  # CPU layouts do not depend on the core count; oversubscribed runs say so in their result
+    A gpipe schedule differs from 1f1b only in training, so it is tested there alone. CPU layouts do not
+    depend on the core count: an oversubscribed run says so in its result."""
     rows: list[tuple[RunSpec | None, str]] = []
     for spec, label, reason in layouts(gpus, device):
         for workload in WORKLOADS:
