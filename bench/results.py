@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from runner.spec import torchrun_launcher
+from runner.launch import torchrun_launcher
 from runner.spec import usable_cores as usable_cores
 
 REPO = Path(__file__).resolve().parent.parent

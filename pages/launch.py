@@ -6,8 +6,9 @@ import shlex
 
 import streamlit as st
 
+from runner.launch import torchrun_argv
 from runner.selftest import submit_selftest
-from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError, torchrun_argv
+from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError
 from storage import queries
 from storage.db import runs_dir
 from ui.format import human_bytes

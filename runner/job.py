@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from runner.checkpoint import read_checkpoint
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
-from runner.gpt.model import read_checkpoint
 from runner.gpt.strategy import ParallelGPT
 from runner.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
 from runner.resources import CpuWaitMeter, MemoryMeter, pin_rank
@@ -223,7 +223,7 @@ def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, ta
 
 def load_shards(model: ParallelGPT, state_dict: dict) -> None:
     """Copy each local shard from a Hugging Face GPT-2 checkpoint (only this rank's slices)."""
-    from runner.gpt.model import convert_gpt2_state_dict
+    from runner.checkpoint import convert_gpt2_state_dict
 
     full = convert_gpt2_state_dict(state_dict)
     with torch.no_grad():

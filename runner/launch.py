@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-from runner.spec import RunSpec, torchrun_argv, torchrun_launcher
+from runner.spec import RunSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # torchrun's own wait between SIGTERM and SIGKILL for its ranks (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; torch's
@@ -257,3 +257,22 @@ def stop_group(pgid: int, grace_s: float = 5.0, popen: subprocess.Popen | None =
         deadline = time.monotonic() + 5  # SIGKILL is delivered asynchronously
         while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def torchrun_launcher(nproc: int, port: int = 0, python: str | None = None) -> list[str]:
+    """torchrun for `nproc` local ranks, up to (not including) the entry point it should run.
+
+    Port 0 (the runner's choice) lets the launcher bind its rendezvous store itself, so concurrent runs
+    never race for a port between picking a free one and torchrun binding it. python: sys.executable.
+    """
+    return [
+        python or sys.executable, "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+        "--max-restarts", "0",
+    ]  # fmt: skip
+
+
+def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | None = None) -> list[str]:
+    """The exact command a run starts with (argv list, never a shell string); the launch page previews it."""
+    return [*torchrun_launcher(spec.world_size, port, python), "-m", "runner.job", spec_path]

@@ -11,11 +11,11 @@ import json
 import math
 import os
 import re
-import struct
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from runner.checkpoint import checkpoint_shapes
 from runner.gpt.config import PRESETS, GPTConfig, count_parameters
 
 STRATEGIES = ("single", "layer", "tensor", "pipeline", "data", "3d")
@@ -455,31 +455,6 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
     )
 
 
-def checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes in a checkpoint without building a model: safetensors header, else torch.load(weights_only)."""
-    if path.suffix == ".safetensors":
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                raise ValueError("file too short for safetensors")
-            (n,) = struct.unpack("<Q", head)
-            if n > 100_000_000:
-                raise ValueError("safetensors header is implausibly large")
-            meta = json.loads(f.read(n))
-        return {k: tuple(v["shape"]) for k, v in meta.items() if k != "__metadata__"}
-    import torch  # only for non-safetensors checkpoints; the page path avoids it
-
-    try:
-        sd = torch.load(path, map_location="meta", weights_only=True)
-    except Exception as exc:  # torch raises many types for a non-checkpoint file
-        raise ValueError(str(exc).splitlines()[0][:200]) from exc
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise ValueError("not a state dict")
-    return {k: tuple(v.shape) for k, v in sd.items() if hasattr(v, "shape")}
-
-
 def _choice(add, name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         add(name, f"'{value}' is not allowed; choose one of {', '.join(options)}")
@@ -528,24 +503,3 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         raise TypeError(f"must be a whole number (got {value!r})")
     return value
-
-
-def torchrun_launcher(nproc: int, port: int = 0, python: str | None = None) -> list[str]:
-    """torchrun for `nproc` local ranks, up to (not including) the entry point it should run.
-
-    Port 0 (the runner's choice) lets the launcher bind its rendezvous store itself, so concurrent runs
-    never race for a port between picking a free one and torchrun binding it. python: sys.executable.
-    """
-    import sys
-
-    return [
-        python or sys.executable, "-m", "torch.distributed.run",
-        "--nproc-per-node", str(nproc),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-        "--max-restarts", "0",
-    ]  # fmt: skip
-
-
-def torchrun_argv(spec: RunSpec, spec_path: str, port: int = 0, python: str | None = None) -> list[str]:
-    """The exact command a run starts with (argv list, never a shell string); the launch page previews it."""
-    return [*torchrun_launcher(spec.world_size, port, python), "-m", "runner.job", spec_path]

@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from runner.gpt.model import GPT, load_gpt2_state_dict
+from runner.checkpoint import load_gpt2_state_dict
+from runner.gpt.model import GPT
 from runner.gpt.strategy import ParallelGPT
 from runner.resources import release_freed_memory
 from runner.spec import RunSpec

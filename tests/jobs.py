@@ -11,7 +11,8 @@ import socket
 import subprocess
 from pathlib import Path
 
-from runner.spec import RunSpec, torchrun_argv, torchrun_launcher
+from runner.launch import torchrun_argv, torchrun_launcher
+from runner.spec import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 

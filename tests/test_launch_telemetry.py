@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 
-from runner.launch import group_alive, job_env, stop_group
-from runner.spec import RunSpec, torchrun_argv
+from runner.launch import group_alive, job_env, stop_group, torchrun_argv
+from runner.spec import RunSpec
 from runner.telemetry import Sampler, detect_gpus
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,14 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from runner.checkpoint import load_gpt2_state_dict, read_checkpoint
 from runner.gpt.config import PRESETS, GPTConfig, count_parameters
-from runner.gpt.model import (
-    GPT,
-    GPTStage,
-    init_parameter,
-    load_gpt2_state_dict,
-    read_checkpoint,
-)
+from runner.gpt.model import GPT, GPTStage, init_parameter
 
 TINY = PRESETS["tiny"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ import torch.nn.functional as F
 
 from runner.gpt.config import PRESETS, GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "load_gpt2_state_dict", "init_parameter"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "init_parameter"]
 
 
 def parameter_seed(base_seed: int, name: str) -> int:
@@ -199,67 +198,6 @@ def init_module(module: nn.Module, config: GPTConfig, seed: int, prefix: str = "
     with torch.no_grad():
         for name, p in module.named_parameters(prefix=prefix.rstrip(".")):
             p.copy_(init_parameter(name, tuple(p.shape), config, seed))
-
-
-# Hugging Face GPT-2 stores these as Conv1D, i.e. [in, out]; nn.Linear wants [out, in].
-_CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-
-
-def convert_gpt2_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face GPT-2 layout -> this model's names and layouts (full tensors, float32)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, value in sd.items():
-        name = key if key.startswith(("transformer.", "lm_head.")) else f"transformer.{key}"
-        if name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if name.endswith(_CONV1D_SUFFIXES):
-            value = value.t()
-        out[name] = value.float().contiguous()
-    out.setdefault("lm_head.weight", out.get("transformer.wte.weight"))
-    return out
-
-
-def config_from_gpt2_state_dict(sd: dict[str, torch.Tensor], n_head: int | None = None) -> GPTConfig:
-    """Infer dims from a GPT-2 checkpoint; n_head is not in the tensors, so match a preset by width."""
-    conv = convert_gpt2_state_dict(sd)
-    vocab, n_embd = conv["transformer.wte.weight"].shape
-    block_size = conv["transformer.wpe.weight"].shape[0]
-    n_layer = 1 + max(int(k.split(".")[2]) for k in conv if k.startswith("transformer.h."))
-    if n_head is None:
-        by_width = {p.n_embd: p.n_head for p in PRESETS.values() if p.vocab_size == 50257}
-        n_head = by_width.get(n_embd, max(1, n_embd // 64))
-    return GPTConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab, block_size=block_size)
-
-
-def load_gpt2_state_dict(model: GPT, state_dict: dict[str, torch.Tensor]) -> GPT:
-    """Copy a Hugging Face GPT-2 state dict into `model`; raises ValueError naming what mismatches."""
-    conv = convert_gpt2_state_dict(state_dict)
-    own = dict(model.named_parameters(remove_duplicate=False))
-    missing = sorted(set(own) - set(conv))
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} tensors, first: {missing[:3]}")
-    with torch.no_grad():
-        for name, p in own.items():
-            if tuple(conv[name].shape) != tuple(p.shape):
-                raise ValueError(f"{name}: checkpoint shape {tuple(conv[name].shape)} != model {tuple(p.shape)}")
-            p.copy_(conv[name])
-    return model
-
-
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file or a torch file loaded with weights_only=True (no pickled code)."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
-    return sd
 
 
 class GPTStage(nn.Module):
