@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from runner.checkpoint import read_checkpoint
+from runner.gpt.build import build_parallel_gpt
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
@@ -42,33 +43,6 @@ class EventLog:
     def emit(self, kind: str, **fields) -> None:
         line = json.dumps({"kind": kind, "rank": self.rank, "t": time.time(), **fields}) + "\n"
         os.write(self.fd, line.encode())
-
-
-def build_strategy(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype) -> ParallelGPT:
-    """The one place that maps a strategy name to its implementation."""
-    if spec.strategy in ("single", "layer"):
-        from runner.gpt.layer_split import LayerSplitGPT
-
-        return LayerSplitGPT(spec, mesh, device, dtype)
-    if spec.strategy == "3d":
-        from runner.gpt.data_parallel import DataParallelGPT
-        from runner.gpt.three_d import ThreeDGPT
-
-        return DataParallelGPT(ThreeDGPT(spec, mesh, device, dtype), mesh)
-    if spec.strategy == "data":
-        from runner.gpt.data_parallel import DataParallelGPT
-        from runner.gpt.layer_split import LayerSplitGPT
-
-        return DataParallelGPT(LayerSplitGPT(spec, mesh, device, dtype), mesh)
-    if spec.strategy == "tensor":
-        from runner.gpt.tensor_parallel import TensorParallelGPT
-
-        return TensorParallelGPT(spec, mesh, device, dtype)
-    if spec.strategy == "pipeline":
-        from runner.gpt.pipeline import PipelineGPT
-
-        return PipelineGPT(spec, mesh, device, dtype)
-    raise NotImplementedError(f"strategy {spec.strategy!r} is not implemented in this build")
 
 
 def redirect_output(run_dir: Path, rank: int) -> None:
@@ -110,7 +84,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     tp, pp, dp = spec.degrees
     mesh = Mesh.build(tp, pp, dp)
     torch.manual_seed(fold_seed(spec.seed))
-    model = build_strategy(spec, mesh, device, dtype)
+    model = build_parallel_gpt(spec, mesh, device, dtype)
     state_dict = None
     if spec.weights:
         state_dict = read_checkpoint(spec.weights)
