@@ -52,9 +52,10 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.job import EventLog, build_strategy, run_step
+    from runner.job import EventLog, run_step
     from runner.resources import pin_rank
     from runner.spec import RunSpec
 
@@ -64,7 +65,7 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     dist.init_process_group("gloo")
     spec = RunSpec(model=MODEL, batch=BATCH, seq=SEQ, workload="train", **STRATEGIES[name])
     mesh = Mesh.build(*spec.degrees)
-    model = build_strategy(spec, mesh, torch.device("cpu"), torch.float32)
+    model = build_parallel_gpt(spec, mesh, torch.device("cpu"), torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=0)
     clock = mesh.stats.clock
