@@ -1,0 +1,12 @@
+"""data: dp replicas of the whole model, each on a slice of the batch, gradients all-reduced."""
+
+from runner.strategies.registry import Strategy, register
+
+DATA = register(
+    Strategy(
+        name="data",
+        help="dp replicas on slices of the batch, gradients all-reduced",
+        degrees=("dp",),
+        min_degree={"dp": 2},
+    )
+)
