@@ -43,6 +43,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def iso_utc(dt: datetime | None) -> str | None:
+    """A stored time as the ISO text pages and the CLI show (UTC), None for none."""
+    return dt.astimezone(UTC).isoformat() if dt else None
+
+
 class UTCDateTime(TypeDecorator):
     """Timezone-aware UTC in and out; SQLite keeps no zone, so it is restored on read."""
 

@@ -1,0 +1,192 @@
+"""What the runner writes while it serves runs: pick and claim queued runs, progress, metrics, telemetry, spans,
+log tails, and the final status with the result.
+
+Only runner/service.py calls these. Claiming a queued run is one conditional UPDATE whose row count
+says who won; finishing is conditional too, so a run that already ended keeps its ending. Numbers are
+made finite before they are stored (PostgreSQL's JSON refuses NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from sqlalchemy import Engine, delete, insert, or_, select, update
+
+from storage import ranks
+from storage.hosts import this_host
+from storage.models import (
+    TERMINAL_STATES,
+    RankResult,
+    Run,
+    RunLog,
+    RunnerLease,
+    StepMetric,
+    TelemetrySample,
+    TimelineSpan,
+    utcnow,
+)
+
+
+def finite_json(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """`value` with every NaN or infinity replaced by None, and the paths where that happened.
+
+    PostgreSQL's JSON refuses NaN and SQLite's stores a token no other JSON reader accepts; a diverged
+    run's loss is exactly that, so results are made finite before they are stored.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [f"{path or 'value'} = {value}"]
+    if isinstance(value, dict):
+        out, where = {}, []
+        for k, v in value.items():
+            out[k], w = finite_json(v, f"{path}.{k}" if path else str(k))
+            where += w
+        return out, where
+    if isinstance(value, (list, tuple)):
+        out_list, where = [], []
+        for i, v in enumerate(value):
+            item, w = finite_json(v, f"{path}[{i}]")
+            out_list.append(item)
+            where += w
+        return out_list, where
+    return value, []
+
+
+def queued_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]:
+    """Queued runs, oldest first, with what the runner needs to place them; with `host`, only those that may
+    run there (aimed at it, or at any host)."""
+    q = select(Run.id, Run.spec, Run.world_size, Run.target_host).where(Run.status == "queued").order_by(Run.id)
+    if host is not None:
+        q = q.where(or_(Run.target_host.is_(None), Run.target_host == host))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int], *,
+              require_lease: bool = False) -> bool:  # fmt: skip
+    """queued -> running for exactly one caller: the UPDATE's row count says who won.
+
+    require_lease (the runner always sets it): the claim also needs the runner lease to be still ours,
+    checked in the same transaction, so a runner that was frozen or cut off while another took over
+    launches nothing. On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
+    this claim and then sees it; on SQLite the single UPDATE holds the database's write lock throughout.
+    """
+    owns_lease = select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).exists()
+    claim = update(Run).where(Run.id == run_id, Run.status == "queued")
+    if require_lease:
+        claim = claim.where(owns_lease)
+    with engine.begin() as conn:
+        if require_lease and engine.dialect.name != "sqlite":
+            conn.execute(select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).with_for_update())
+        return bool(
+            conn.execute(
+                claim.values(
+                    status="running",
+                    started_at=utcnow(),
+                    runner_id=runner_id,
+                    runner_host=this_host(),
+                    run_dir=run_dir,
+                    gpus=gpus,
+                    wait_reason=None,
+                )  # fmt: skip
+            ).rowcount
+        )
+
+
+def set_wait_reason(engine: Engine, run_id: int, reason: str | None) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id, Run.status == "queued").values(wait_reason=reason))
+
+
+def update_run(engine: Engine, run_id: int, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run).where(Run.id == run_id).values(**values))
+
+
+def running_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]:
+    """Running runs, oldest first; with `host`, those running there (and any from before hosts were recorded)."""
+    q = select(
+        Run.id,
+        Run.pid,
+        Run.run_dir,
+        Run.spec,
+        Run.started_at,
+        Run.events_offset,
+        Run.gpus,
+        Run.cancel_requested,
+        Run.rank_pids,
+        Run.runner_id,
+        Run.runner_host,
+    ).where(Run.status == "running")
+    if host is not None:
+        q = q.where(or_(Run.runner_host.is_(None), Run.runner_host == host))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(q.order_by(Run.id))]
+
+
+def cancel_requested(engine: Engine, run_id: int) -> bool:
+    with engine.connect() as conn:
+        return bool(conn.execute(select(Run.cancel_requested).where(Run.id == run_id)).scalar_one_or_none())
+
+
+def store_log_tail(engine: Engine, run_id: int, name: str, text: str, size: int) -> None:
+    """Keep the latest part of one of a run's logs in the database (one row per run and log, replaced)."""
+    values = {"text": text, "size": size, "updated_at": utcnow()}
+    with engine.begin() as conn:
+        if not conn.execute(
+            update(RunLog).where(RunLog.run_id == run_id, RunLog.name == name).values(**values)
+        ).rowcount:
+            conn.execute(insert(RunLog).values(run_id=run_id, name=name, **values))
+
+
+def add_step_metrics(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    """Store step rows; a non-finite loss (a diverged run) is stored as NULL on every backend."""
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(StepMetric), [{"run_id": run_id, **finite_json(r)[0]} for r in rows])
+
+
+def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(TelemetrySample), [{"run_id": run_id, **r} for r in rows])
+
+
+def add_spans(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(insert(TimelineSpan), [{"run_id": run_id, **r} for r in rows])
+
+
+def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] | None = None, **values: Any) -> bool:
+    """Move a queued or running run to a terminal state; with a result, store its summary and one row per rank.
+
+    Non-finite numbers in the result are stored as null and listed in the summary's `non_finite`
+    ("loss = nan", "ranks[0].loss = nan"), so the value that was there is not silently lost. A run that
+    already ended keeps its ending (a second runner finalising it changes nothing); False then.
+    """
+    assert status in TERMINAL_STATES
+    values = {"status": status, "finished_at": utcnow(), "cancel_requested": False, **values}
+    rank_figures = []
+    if result is not None:
+        result, non_finite = finite_json(result)
+        rank_figures = result.get("ranks") or []
+        summary = {k: v for k, v in result.items() if k != "ranks"}
+        if non_finite:
+            summary["non_finite"] = non_finite
+        values.update(
+            result=summary,
+            tokens_per_s=result.get("tokens_per_s"),
+            step_time_s_p50=result.get("step_time_s_p50"),
+            peak_mem_bytes_max=max((r.get("peak_mem_bytes") or 0 for r in rank_figures), default=None),
+            torch_version=result.get("torch_version"),
+            device_names=result.get("device_names") or [],
+        )
+    with engine.begin() as conn:
+        moved = conn.execute(
+            update(Run).where(Run.id == run_id, Run.status.in_(("queued", "running"))).values(**values)
+        ).rowcount
+        if moved and rank_figures:
+            conn.execute(delete(RankResult).where(RankResult.run_id == run_id))
+            conn.execute(insert(RankResult), [ranks.to_row(run_id, r) for r in rank_figures])
+    return bool(moved)

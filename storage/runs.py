@@ -1,0 +1,272 @@
+"""Run rows as the app and the CLI read and change them: insert, get, list, filter, count, cancel, edit, delete, export.
+
+Filtering and paging happen in SQL so pages stay fast with a team's whole history; functions return
+plain dicts or DataFrames, never live ORM objects, so callers hold no session. This module stores
+what it is given: specs are validated before they get here (runner/api.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+from sqlalchemy import Engine, String, cast, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage import ranks
+from storage.db import runs_dir
+from storage.hosts import ANY_HOST, this_host
+from storage.models import RankResult, Run, RunLog, StepMetric, TelemetrySample, TimelineSpan, iso_utc, utcnow
+
+if TYPE_CHECKING:
+    from runner.spec import RunSpec
+
+LIST_COLUMNS = [
+    "id", "status", "strategy", "model", "workload", "world_size", "tp", "pp", "dp", "user", "tags",
+    "created_at", "finished_at", "tokens_per_s", "step_time_s_p50", "peak_mem_bytes_max", "note",
+]  # fmt: skip
+
+
+@dataclass
+class RunFilter:
+    status: list[str] | None = None
+    strategy: list[str] | None = None
+    model: list[str] | None = None
+    workload: list[str] | None = None
+    user: list[str] | None = None
+    tag: list[str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def apply(self, query):
+        for column, values in (
+            (Run.status, self.status),
+            (Run.strategy, self.strategy),
+            (Run.model, self.model),
+            (Run.workload, self.workload),
+            (Run.user, self.user),
+        ):
+            if values:
+                query = query.where(column.in_(values))
+        if self.tag:
+            # Tags are a JSON list; matching the quoted element in its text form works on SQLite and PostgreSQL.
+            # autoescape: a tag with % or _ matches only itself.
+            text_tags = cast(Run.tags, String)
+            query = query.where(or_(*(text_tags.contains(json.dumps(t), autoescape=True) for t in self.tag)))
+        if self.since:
+            query = query.where(Run.created_at >= self.since)
+        if self.until:
+            query = query.where(Run.created_at < self.until)
+        return query
+
+
+def default_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
+
+
+def insert_run(engine: Engine, spec: RunSpec, *, user: str | None = None, run_on: str | None = None) -> int:
+    """Queue an already validated spec (nothing is checked here: runner/api.py validates first); its run id.
+
+    run_on: the host it runs on (default: this one, LAB_HOST, so a job runs where it was launched), or
+    ANY_HOST for whichever host can place it first.
+    """
+    tp, pp, dp = spec.degrees
+    with Session(engine) as s, s.begin():
+        run = Run(
+            status="queued",
+            strategy=spec.strategy,
+            model=spec.model,
+            workload=spec.workload,
+            world_size=spec.world_size,
+            tp=tp,
+            pp=pp,
+            dp=dp,
+            device=spec.device,
+            spec=spec.to_dict(),
+            tags=list(spec.tags),
+            note="",
+            user=(user or default_user())[:64],
+            host=this_host(),
+            target_host=None if run_on == ANY_HOST else (run_on or this_host())[:128],
+            created_at=utcnow(),
+            total_steps=spec.warmup + spec.steps,
+        )
+        s.add(run)
+        s.flush()
+        return run.id
+
+
+def _run_dict(run: Run, rank_rows: list[RankResult] | None = None) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "status": run.status,
+        "error": run.error,
+        "spec": run.spec,
+        "result": run.result,
+        "ranks": [ranks.from_row(r) for r in rank_rows] if rank_rows is not None else [],
+        "world_size": run.world_size,
+        "user": run.user,
+        "host": run.host,
+        "target_host": run.target_host,
+        "runner_host": run.runner_host,
+        "tags": list(run.tags or []),
+        "note": run.note,
+        "created_at": iso_utc(run.created_at),
+        "started_at": iso_utc(run.started_at),
+        "finished_at": iso_utc(run.finished_at),
+        "progress": {"step": run.progress_step, "total": run.total_steps},
+        "wait_reason": run.wait_reason,
+        "exit_code": run.exit_code,
+        "failed_rank": run.failed_rank,
+        "traceback": run.traceback,
+        "run_dir": run.run_dir,
+        "torch_version": run.torch_version,
+        "device_names": list(run.device_names or []),
+        "gpus": list(run.gpus or []),
+        "cancel_requested": run.cancel_requested,
+    }
+
+
+def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    """The run JSON (docs/storage-api.md): its row, summary result and per-rank figures; None if no such run."""
+    with Session(engine) as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            return None
+        rows = s.scalars(select(RankResult).where(RankResult.run_id == run_id).order_by(RankResult.rank)).all()
+        return _run_dict(run, list(rows))
+
+
+def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
+    cols = [getattr(Run, c) for c in LIST_COLUMNS]
+    query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc()).limit(limit).offset(offset)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    return pd.DataFrame(rows, columns=LIST_COLUMNS)
+
+
+def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:
+    query = (filters or RunFilter()).apply(select(func.count(Run.id)))
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())
+
+
+def distinct_values(engine: Engine, column: str) -> list[str]:
+    """Values present in runs.<column> (for filter choices), sorted."""
+    col = getattr(Run, column)
+    with engine.connect() as conn:
+        return sorted(v for (v,) in conn.execute(select(col).distinct()) if v)
+
+
+def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
+    """The fastest succeeded run (tokens/s) of each strategy for one model and workload."""
+    best = (
+        select(Run.strategy, func.max(Run.tokens_per_s).label("best"))
+        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
+        .group_by(Run.strategy)
+        .subquery()
+    )
+    q = (
+        select(func.max(Run.id))
+        .join(best, (Run.strategy == best.c.strategy) & (Run.tokens_per_s == best.c.best))
+        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
+        .group_by(Run.strategy)
+    )
+    with engine.connect() as conn:
+        return sorted(int(i) for (i,) in conn.execute(q))
+
+
+def active_runs(engine: Engine) -> pd.DataFrame:
+    """Running and queued runs, oldest first, with progress and the reason a queued run waits."""
+    cols = ["id", "status", "strategy", "model", "workload", "world_size", "user", "created_at", "started_at",
+            "progress_step", "total_steps", "wait_reason", "cancel_requested"]  # fmt: skip
+    q = select(*(getattr(Run, c) for c in cols)).where(Run.status.in_(("running", "queued"))).order_by(Run.id)
+    with engine.connect() as conn:
+        return pd.DataFrame(conn.execute(q).all(), columns=cols)
+
+
+def request_cancel(engine: Engine, run_id: int) -> str:
+    """A queued run is cancelled at once; a running one is flagged for the runner to stop."""
+    now = utcnow()
+    with engine.begin() as conn:
+        done = conn.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "queued")
+            .values(status="cancelled", finished_at=now, error="cancelled before it started", wait_reason=None)
+        ).rowcount
+        if done:
+            return "cancelled"
+        flagged = conn.execute(
+            update(Run).where(Run.id == run_id, Run.status == "running").values(cancel_requested=True)
+        ).rowcount
+        if flagged:
+            return "cancelling"
+        status = conn.execute(select(Run.status).where(Run.id == run_id)).scalar_one_or_none()
+    if status is None:
+        raise KeyError(f"no run {run_id}")
+    return status
+
+
+def update_run_meta(engine: Engine, run_id: int, *, note: str | None = None, tags: list[str] | None = None) -> None:
+    values: dict[str, Any] = {}
+    if note is not None:
+        values["note"] = note
+    if tags is not None:
+        values["tags"] = [t.strip() for t in tags if t.strip()]
+    if values:
+        with engine.begin() as conn:
+            if not conn.execute(update(Run).where(Run.id == run_id).values(**values)).rowcount:
+                raise KeyError(f"no run {run_id}")
+
+
+def delete_run(engine: Engine, run_id: int) -> None:
+    """Delete a finished or queued run, everything measured for it and its run folder (a running one must be
+    cancelled first). The folder is removed only when it lies under this machine's LAB_HOME/runs: with a
+    team database the run may have run on another host."""
+    with engine.begin() as conn:
+        row = conn.execute(select(Run.status, Run.run_dir).where(Run.id == run_id)).first()
+        if row is None:
+            raise KeyError(f"no run {run_id}")
+        if row.status == "running":
+            raise ValueError(f"run {run_id} is running; cancel it before deleting")
+        for table in (RankResult, StepMetric, TelemetrySample, TimelineSpan, RunLog):
+            conn.execute(delete(table).where(table.run_id == run_id))
+        conn.execute(delete(Run).where(Run.id == run_id))
+    if row.run_dir:
+        folder = Path(row.run_dir).resolve()
+        if folder.parent == runs_dir().resolve() and folder.name == str(run_id):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:
+    """CSV text of the filtered runs, streamed row by row from the query (header first)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+
+    def flush() -> str:
+        text = buf.getvalue()
+        buf.seek(0)
+        buf.truncate()
+        return text
+
+    writer.writerow(LIST_COLUMNS)
+    yield flush()
+    query = (filters or RunFilter()).apply(select(*(getattr(Run, c) for c in LIST_COLUMNS))).order_by(Run.id.desc())
+    with engine.connect() as conn:
+        for row in conn.execution_options(stream_results=True, yield_per=500).execute(query):
+            writer.writerow(
+                ["|".join(v) if isinstance(v, list) else iso_utc(v) if isinstance(v, datetime) else v for v in row]
+            )
+            yield flush()

@@ -1,0 +1,81 @@
+"""What was measured during runs, read for charts: per-rank figures, step metrics, telemetry, timeline spans, log tails.
+
+Each reader returns a DataFrame (or plain dicts) with the columns its chart uses; telemetry is
+downsampled in SQL so a chart gets at most one point per bucket however long the run was.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from storage import ranks
+from storage.models import RankResult, RunLog, StepMetric, TelemetrySample, TimelineSpan, iso_utc
+
+
+def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """One row per (run, rank): the rank's figures, bytes moved per collective kind as comm_bytes_<kind>."""
+    with Session(engine) as s:
+        rows = s.scalars(
+            select(RankResult).where(RankResult.run_id.in_(run_ids)).order_by(RankResult.run_id, RankResult.rank)
+        ).all()
+        records = []
+        for r in rows:
+            d = ranks.from_row(r)
+            d["run_id"] = r.run_id
+            for kind, n in (d.pop("comm_bytes") or {}).items():
+                d[f"comm_bytes_{kind}"] = n
+            d.pop("comm_calls")
+            records.append(d)
+    return pd.DataFrame.from_records(records)
+
+
+def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
+    q = select(StepMetric.step, StepMetric.warmup, StepMetric.step_time_s, StepMetric.loss, StepMetric.t).where(
+        StepMetric.run_id == run_id
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(q.order_by(StepMetric.step)).all()
+    return pd.DataFrame(rows, columns=["step", "warmup", "step_time_s", "loss", "t"])
+
+
+def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:
+    """Samples averaged per (run, source, time bucket) in SQL, so a chart gets at most one point a bucket."""
+    bucket = func.floor(TelemetrySample.t_s / bucket_s)
+    q = (
+        select(
+            TelemetrySample.run_id,
+            TelemetrySample.source,
+            (bucket * bucket_s).label("t_s"),
+            func.avg(TelemetrySample.util_pct).label("util_pct"),
+            func.max(TelemetrySample.mem_bytes).label("mem_bytes"),
+        )
+        .where(TelemetrySample.run_id.in_(run_ids))
+        .group_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
+        .order_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
+    )
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return pd.DataFrame(rows, columns=["run_id", "source", "t_s", "util_pct", "mem_bytes"])
+
+
+def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:
+    cols = ["step", "rank", "stage", "microbatch", "phase", "start", "end"]
+    q = select(*(getattr(TimelineSpan, c) for c in cols)).where(TimelineSpan.run_id == run_id)
+    with engine.connect() as conn:
+        rows = conn.execute(q.order_by(TimelineSpan.step, TimelineSpan.rank, TimelineSpan.start)).all()
+    return pd.DataFrame(rows, columns=cols)
+
+
+def run_logs(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """The stored log tails of a run, by name ('torchrun', 'rank0', ...): {text, size, updated_at}; readable
+    from any machine of the team, whichever host ran it."""
+    q = select(RunLog.name, RunLog.text, RunLog.size, RunLog.updated_at).where(RunLog.run_id == run_id)
+    with engine.connect() as conn:
+        return {
+            r.name: {"text": r.text, "size": r.size, "updated_at": iso_utc(r.updated_at)}
+            for r in conn.execute(q.order_by(RunLog.name))
+        }
