@@ -94,6 +94,17 @@ def test_submitted_run_reads_back_as_the_documented_json(engine):
     assert run["progress"] == {"step": 0, "total": TINY_LAYER.warmup + TINY_LAYER.steps}
     assert datetime.fromisoformat(run["created_at"]).tzinfo is not None
     assert {"id", "status", "error", "spec", "result", "ranks"} <= set(run)
+    # The degrees stored at submit come back with the run: readers never re-parse the spec for them.
+    assert (run["world_size"], run["tp"], run["pp"], run["dp"]) == (2, 1, 2, 1)
+
+
+def test_insert_run_stores_what_it_is_given_without_validating(engine):
+    """Storage only stores: validation is the API's job (runner/api.py), so an invalid spec is not refused here."""
+    from storage.runs import insert_run
+
+    run_id = insert_run(engine, RunSpec(strategy="layer", pp=3), user="ada", run_on="*")
+    run = queries.get_run(engine, run_id)
+    assert run["status"] == "queued" and run["pp"] == 3 and run["target_host"] is None
 
 
 def test_a_queued_run_is_claimed_by_exactly_one_of_many_racers(engine):
