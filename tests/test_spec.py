@@ -8,13 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner.estimates import memory_estimate
 from runner.spec import (
-    IMPLEMENTED_STRATEGIES,
     STRATEGIES,
     RunSpec,
     SpecError,
     SpecProblem,
 )
+from runner.strategies import NEUTRAL, ParallelDims, get_strategy
 
 
 def fields_of(problems: list[SpecProblem]) -> set[str]:
@@ -29,7 +30,7 @@ def test_layer_split_that_does_not_divide_the_layers_names_pp_and_the_choices():
     (problem,) = RunSpec(strategy="layer", pp=3).validate()
     assert problem.field == "pp"
     assert problem.message == (
-        "layer split over 3 ranks needs n_layer divisible by 3; the tiny model has 4 layers, so use pp in 1, 2, 4"
+        "splitting the layers over 3 ranks needs n_layer divisible by 3; the tiny model has 4 layers, so use pp in 1, 2, 4"
     )
 
 
@@ -45,11 +46,31 @@ def test_every_problem_is_reported_at_once():
         ({"strategy": "zero"}, "strategy", "choose one of single, layer"),
         ({"model": "gpt5"}, "model", "is not a preset"),
         ({"strategy": "layer", "pp": 1}, "pp", "at least 2 ranks"),
-        ({"strategy": "single", "tp": 2}, "tp", "does not use tp"),
+        (
+            {"strategy": "single", "tp": 2},
+            "tp",
+            "does not use tp; set tp to 1 or pick a strategy that uses it (tensor, 3d)",
+        ),
+        ({"strategy": "tensor", "tp": 1}, "tp", "needs at least 2 ranks in tp (got 1); set tp to 2 or more"),
+        ({"strategy": "pipeline", "pp": 1}, "pp", "needs at least 2 ranks in pp"),
+        ({"strategy": "data", "dp": 1}, "dp", "needs at least 2 ranks in dp"),
+        ({"strategy": "3d", "tp": 2, "sequence_parallel": True}, "sequence_parallel", "does not use sequence_parallel"),
+        (
+            {"strategy": "tensor", "tp": 2, "tp_style": "gather", "sequence_parallel": True},
+            "sequence_parallel",
+            "works only with tp_style 'megatron'",
+        ),
+        ({"strategy": "tensor", "tp": 2, "sequence_parallel": True, "seq": 63}, "seq", "seq divisible by tp 2"),
+        ({"strategy": "3d", "pp": 3}, "pp", "needs n_layer divisible by 3"),
+        ({"strategy": "3d", "tp": 3}, "tp", "needs n_head divisible by 3"),
         ({"seq": 200}, "seq", "exceeds the model's block_size 128"),
         ({"workload": "generate", "seq": 120, "new_tokens": 16}, "seq", "plus 16 new tokens"),
         ({"strategy": "data", "dp": 3, "batch": 8}, "batch", "divisible by dp 3"),
-        ({"strategy": "layer", "pp": 2, "microbatches": 4}, "microbatches", "does not use microbatches"),
+        (
+            {"strategy": "layer", "pp": 2, "microbatches": 4},
+            "microbatches",
+            "does not use microbatches; set microbatches to 1",
+        ),
         ({"device": "cuda"}, "device", "no NVIDIA GPU is visible"),
         ({"model": "custom", "n_layer": 2}, "n_head", "a custom model needs n_head"),
         (
@@ -87,7 +108,11 @@ def test_world_size_and_degrees_per_strategy():
     assert RunSpec(strategy="single").world_size == 1
     assert RunSpec(strategy="layer", pp=4).world_size == 4
     assert RunSpec(strategy="3d", tp=2, pp=2, dp=2).world_size == 8
-    assert RunSpec(strategy="layer", pp=4).degrees == (1, 4, 1)
+    assert RunSpec(strategy="layer", pp=4).degrees == ParallelDims(tp=1, pp=4, dp=1)
+    assert tuple(RunSpec(strategy="layer", pp=4).degrees) == (1, 4, 1)
+    # Degrees a strategy does not use count as 1, and an unknown strategy is one rank (validate refuses it).
+    assert tuple(RunSpec(strategy="data", tp=3, pp=5, dp=2).degrees) == (1, 1, 2)
+    assert RunSpec(strategy="bogus", tp=2).world_size == 1
 
 
 def test_json_round_trip():
@@ -123,10 +148,11 @@ def test_weights_that_are_not_a_checkpoint_are_refused(tmp_path):
 
 
 def test_memory_estimate_shrinks_with_the_split():
-    one = RunSpec(strategy="single", model="gpt2").memory_estimate()
-    two = RunSpec(strategy="layer", pp=2, model="gpt2").memory_estimate()
+    one = memory_estimate(RunSpec(strategy="single", model="gpt2"))
+    two = memory_estimate(RunSpec(strategy="layer", pp=2, model="gpt2"))
     assert two["param_bytes"] < one["param_bytes"]
     assert one["optimizer_bytes"] == 2 * one["param_bytes"]
+    assert RunSpec(strategy="single", model="gpt2").memory_estimate() == one  # the page's method delegates
 
 
 # ---- property-based: validation never crashes, and what it accepts is runnable -----------------
@@ -173,11 +199,17 @@ def test_any_spec_is_accepted_or_refused_with_messages(data, gpus):
         assert isinstance(p, SpecProblem) and p.field and p.message
     if problems:
         return
-    # Accepted means runnable: a known implemented strategy whose degrees fit the model and batch.
+    # Accepted means runnable: a registered strategy whose degrees fit the model and batch.
     cfg = spec.model_config()
     tp, pp, dp = spec.degrees
-    assert spec.strategy in IMPLEMENTED_STRATEGIES
+    strategy = get_strategy(spec.strategy)  # a registered strategy
     assert spec.world_size == tp * pp * dp >= 1
+    for name, neutral in NEUTRAL.items():  # what the strategy does not use is neutral; what it uses, at its minimum
+        assert strategy.uses(name) or getattr(spec, name) == neutral, name
+    for name, least in strategy.min_degree.items():
+        assert getattr(spec.degrees, name) == getattr(spec, name) >= least
+    if spec.sequence_parallel:
+        assert spec.strategy == "tensor" and spec.tp_style == "megatron" and spec.seq % spec.tp == 0
     assert cfg.n_embd % cfg.n_head == 0 and cfg.n_layer % pp == 0 and cfg.n_head % tp == 0
     assert spec.batch % dp == 0
     if spec.uses_microbatches:

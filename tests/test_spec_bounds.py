@@ -8,7 +8,9 @@ import struct
 
 import psutil
 
-from runner.spec import CPU_RANKS_PER_CORE, RunSpec, usable_cores
+from runner.estimates import host_memory_estimate
+from runner.spec import RunSpec, usable_cores
+from runner.spec_validation import CPU_RANKS_PER_CORE
 
 
 def test_more_cpu_ranks_than_the_cores_can_time_slice_are_refused_naming_the_degree():
@@ -24,14 +26,14 @@ def test_more_cpu_ranks_than_the_cores_can_time_slice_are_refused_naming_the_deg
 
 def test_a_run_that_cannot_fit_in_this_machines_memory_is_refused_with_both_sizes():
     spec = RunSpec(strategy="single", model="gpt2-xl", batch=32, seq=1024, device="cpu")
-    assert spec.host_memory_estimate() > psutil.virtual_memory().total
+    assert host_memory_estimate(spec) > psutil.virtual_memory().total
     (problem,) = spec.validate(gpu_count=0)
     assert problem.field == "batch"
     total = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
     assert "batch 32 x seq 1024" in problem.message and total in problem.message
     # The same model with a small batch fits, and the estimate grows with the batch.
     small = RunSpec(strategy="single", model="tiny", batch=8, seq=64, device="cpu")
-    assert small.validate(gpu_count=0) == [] and small.host_memory_estimate() < spec.host_memory_estimate()
+    assert small.validate(gpu_count=0) == [] and host_memory_estimate(small) < host_memory_estimate(spec)
 
 
 def gpt2_header(path, n_layer: int, positions: int = 1024, width: int = 768) -> None:
