@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ui.forms import STRATEGY_HELP, USES, oversubscription_warning, problems_by_field, spec_from_form, uses
+import pytest
+
+from runner.spec import RunSpec
+from runner.strategies import NEUTRAL, OPTIONS, get_strategy, strategy_names
+from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
 
 FORM = {"strategy": "layer", "tp": 2, "pp": 2, "dp": 2, "microbatches": 4, "model": "tiny", "workload": "train",
         "batch": 8, "seq": 64, "steps": 5, "warmup": 1, "tags": "a, b", "weights": ""}  # fmt: skip
@@ -51,8 +55,42 @@ def test_malformed_values_come_back_as_problems_not_exceptions():
 
 
 def test_every_strategy_has_help_and_a_field_set():
-    assert set(USES) == set(STRATEGY_HELP)
+    assert list(STRATEGY_HELP) == list(strategy_names())
+    assert all(STRATEGY_HELP[name] == get_strategy(name).help and STRATEGY_HELP[name].strip() for name in STRATEGY_HELP)
     assert uses("pipeline", "microbatches") and not uses("layer", "microbatches") and not uses("nope", "tp")
+    assert not uses("3d", "sequence_parallel")  # the spec refuses it for 3d, so the form does not offer it
+
+
+# A value other than the neutral one for each field that has one, and a valid one for each choice.
+OTHER = {"tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "sequence_parallel": True, "schedule": "gpipe",
+         "tp_style": "gather"}  # fmt: skip
+FIELDS = ("tp", "pp", "dp", *OPTIONS)
+
+
+@pytest.mark.parametrize("strategy", strategy_names())
+@pytest.mark.parametrize("field", FIELDS)
+def test_the_form_offers_a_field_iff_the_strategy_uses_it_and_the_spec_refuses_unused_values(strategy, field):
+    """A property over the registry: the form's enabled fields and the spec's refusals are the same facts."""
+    s = get_strategy(strategy)
+    assert uses(strategy, field) == s.uses(field) == (field in s.degrees or field in s.options)
+    if field not in NEUTRAL:
+        return  # schedule and tp_style have no neutral value: a strategy that does not use them ignores them
+    base = {"strategy": strategy, **s.min_degree}
+    assert RunSpec(**base).validate() == []
+    problems = RunSpec(**{**base, field: OTHER[field]}).validate()
+    if s.uses(field):  # used: a non-neutral value is the point, and is accepted
+        assert problems == []
+        spec, form_problems = spec_from_form({**FORM, **base, field: OTHER[field]})
+        assert form_problems == [] and getattr(spec, field) == OTHER[field]
+    else:  # unused: the spec refuses it, naming the field; the form never sends it
+        assert [p.field for p in problems] == [field]
+        assert f"strategy '{strategy}' does not use {field}" in problems[0].message
+        spec, form_problems = spec_from_form({**FORM, **base, field: OTHER[field]})
+        assert form_problems == [] and getattr(spec, field) == NEUTRAL[field]
+
+
+def test_neutral_values_are_the_spec_defaults():
+    assert {name: getattr(RunSpec(), name) for name in NEUTRAL} == NEUTRAL
 
 
 def test_oversubscription_is_judged_only_for_runs_that_land_on_cpu():

@@ -1,38 +1,36 @@
-"""The launch form as data: which fields a strategy uses, and form values -> RunSpec + per-field problems."""
+"""The launch form as data: which fields a strategy uses, and form values -> RunSpec + per-field problems.
+
+What a strategy uses, its help and the neutral value of the fields it does not use all come from the
+strategy registry (runner/strategies), the same facts the spec validates against.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from runner.spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
+from runner.strategies import NEUTRAL, get_strategy, strategy_names
 
-# Degrees and options each strategy uses; the form disables the rest and sends their neutral value.
-USES: dict[str, set[str]] = {
-    "single": set(),
-    "layer": {"pp"},
-    "tensor": {"tp", "tp_style", "sequence_parallel"},
-    "pipeline": {"pp", "microbatches", "schedule"},
-    "data": {"dp"},
-    "3d": {"tp", "pp", "dp", "microbatches", "schedule", "tp_style", "sequence_parallel"},
-}
-NEUTRAL: dict[str, Any] = {"tp": 1, "pp": 1, "dp": 1, "microbatches": 1, "sequence_parallel": False}
 
-STRATEGY_HELP = {
-    "single": "the whole model on one device: the reference every other strategy is checked against",
-    "layer": "consecutive layers per rank, whole batch at a time (the guide's 'model parallelism')",
-    "tensor": "every layer's heads and MLP columns split over tp ranks (Megatron)",
-    "pipeline": "stages of layers fed with microbatches, GPipe or 1F1B schedule",
-    "data": "dp replicas on slices of the batch, gradients all-reduced",
-    "3d": "tensor x pipeline x data on one device mesh",
-}
+def __getattr__(name: str) -> Any:
+    """`STRATEGY_HELP`: {strategy name: one-line help}, read from the registry each time."""
+    if name == "STRATEGY_HELP":
+        return {n: get_strategy(n).help for n in strategy_names()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def uses(strategy: str, field: str) -> bool:
-    return field in USES.get(strategy, set())
+    """Whether the form enables `field` for `strategy`: exactly when the registry says the strategy uses it."""
+    try:
+        return get_strategy(strategy).uses(field)
+    except ValueError:
+        return False
 
 
 def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecProblem]]:
-    """Form values -> (spec, problems). Fields the strategy does not use are set neutral, so they never nag."""
+    """Form values -> (spec, problems). Fields the strategy does not use are set neutral, so they never nag.
+
+    Tags as "a, b" and an empty weights path are read by RunSpec.from_dict itself."""
     strategy = values.get("strategy", "single")
     gpu_count = values.get("_gpu_count")
     data = {k: v for k, v in values.items() if v is not None and not k.startswith("_")}
@@ -42,10 +40,6 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
     if data.get("model") != "custom":
         for dim in MODEL_DIMS:
             data.pop(dim, None)
-    if isinstance(data.get("tags"), str):
-        data["tags"] = [t.strip() for t in data["tags"].split(",") if t.strip()]
-    if data.get("weights") == "":
-        data["weights"] = None
     try:
         spec = RunSpec.from_dict(data)
     except SpecError as exc:
