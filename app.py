@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import streamlit as st
 
-from runner.service import ensure_runner
-from storage import queries
-from storage.db import database_url
+from runner import api
 from ui.format import human_age
 from ui.state import engine
 
 st.set_page_config(page_title="Parallel GPT Lab", page_icon=":material/hub:", layout="wide")
 
-ensure_runner(database_url())
+api.ensure_runner()
 
 
 @st.fragment(run_every=2.0)
 def runner_badge() -> None:
     """The runner's heartbeat; refreshes by itself so a runner that dies shows up without a click."""
-    status = queries.runner_status(engine())
+    status = api.runner_status(engine())
     if status and status["alive"]:
         st.success(f"Runner alive, last seen {human_age(status['age_s'])} ago", icon=":material/check_circle:")
         gpus = status["gpus"]
@@ -35,7 +33,7 @@ def runner_badge() -> None:
         st.warning(f"Runner not responding, last seen {human_age(status['age_s'])} ago", icon=":material/warning:")
         # Only on a click: a fragment that spawned a runner every 2 s would race the one still starting.
         if st.button("Start a runner", key="app_start_runner"):
-            ensure_runner(database_url())
+            api.ensure_runner()
             st.toast("runner starting")
     else:
         st.info("Starting the runner…", icon=":material/hourglass_top:")

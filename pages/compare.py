@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from runner import api
 from runner.spec import PRESETS, WORKLOADS
-from storage import queries
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
 from ui.state import engine, enter_through_app
@@ -16,7 +16,7 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 K = "compare_"
 
 st.title("Compare runs")
-recent = queries.list_runs(engine(), queries.RunFilter(status=["succeeded"]), limit=200)
+recent = api.list_runs(engine(), api.RunFilter(status=["succeeded"]), limit=200)
 if recent.empty:
     st.info("No finished runs yet: launch two runs with different strategies, then compare them here.")
     st.stop()
@@ -31,7 +31,7 @@ with st.expander("Best of each strategy", expanded=not from_link):
     model = c1.selectbox("model", list(PRESETS) + ["custom"], key=K + "best_model")
     workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "best_workload")
     if c3.button("Pick them", key=K + "best"):
-        best = queries.best_runs(engine(), model, workload)
+        best = api.best_runs(engine(), model, workload)
         if best:
             st.query_params["runs"] = ",".join(map(str, best))
             st.rerun()
@@ -47,7 +47,7 @@ if len(chosen) < 1:
     st.caption("Choose runs above; the selection is kept in the address, so the view can be shared.")
     st.stop()
 
-runs = [r for r in (queries.get_run(engine(), i) for i in chosen) if r]
+runs = [r for r in (api.get_run(engine(), i) for i in chosen) if r]
 table = comparison_table(runs)
 baseline = st.selectbox("baseline (others shown as ratios to it)", [None, *chosen], format_func=lambda i: "none" if i is None else labels[i], key=K + "baseline")  # fmt: skip
 shown = with_baseline(table, baseline) if baseline else table
@@ -87,7 +87,7 @@ st.dataframe(guide_table(runs), hide_index=True)
 a, b = st.columns(2)
 a.altair_chart(charts.compare_bar_chart(table, "tokens_per_s", "tokens / s"), width="stretch")
 b.altair_chart(charts.compare_bar_chart(table, "step_time_s_p50", "step time p50 (s)"), width="stretch")
-ranks = queries.rank_results(engine(), chosen)
+ranks = api.rank_results(engine(), chosen)
 if not ranks.empty:
     coord = st.radio("group per-rank bars by", ["rank", "tp", "pp", "dp"], horizontal=True, key=K + "coord")
     a, b = st.columns(2)
@@ -97,14 +97,14 @@ if not ranks.empty:
         a.altair_chart(charts.rank_memory_by_coord_chart(ranks, coord), width="stretch")
     b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
 
-series = queries.telemetry_series(engine(), chosen)
+series = api.telemetry_series(engine(), chosen)
 if not series.empty:
     a, b = st.columns(2)
     a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
     b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
 
 for run in runs:
-    spans = queries.timeline_spans(engine(), run["id"])
+    spans = api.timeline_spans(engine(), run["id"])
     if spans.empty:
         continue
     last = int(spans["step"].max())

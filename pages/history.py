@@ -6,13 +6,12 @@ from datetime import UTC, date, datetime, time, timedelta
 
 import streamlit as st
 
+from runner import api
 from runner.spec import RunSpec
-from storage import queries
-from storage.models import TERMINAL_STATES
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
-from ui.hosts import placement_text, read_log, where_text
+from ui.hosts import placement_text, where_text
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
@@ -20,6 +19,7 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
 K = "history_"
 PAGE_SIZE = 50
+LOG_TAIL_BYTES = 8000  # of the chosen rank's log, on the run page
 FILTERS = ("status", "strategy", "model", "workload", "user")
 
 
@@ -65,16 +65,17 @@ def run_detail(run_id: int) -> None:
         st.query_params.clear()
         st.rerun()
 
-    first = queries.get_run(engine(), run_id)
-    if first is None:
+    run = api.get_run(engine(), run_id)  # the one read of this rerun; the live part re-reads on its own reruns
+    if run is None:
         st.error(f"There is no run {run_id}; it may have been deleted.")
         return
-    active = first["status"] not in TERMINAL_STATES
+    active = not api.is_terminal(run["status"])
+    first_draw = [run]  # the live part's first draw, in this rerun, uses the run read above
 
     # Refreshes every second while the run is queued or running; a finished run is drawn once.
     @st.fragment(run_every=1.0 if active else None)
     def live() -> None:
-        run = queries.get_run(engine(), run_id)
+        run = first_draw.pop() if first_draw else api.get_run(engine(), run_id)
         if run is None:
             st.error(f"There is no run {run_id}; it may have been deleted.")
             return
@@ -89,7 +90,7 @@ def run_detail(run_id: int) -> None:
             frac = prog["step"] / prog["total"] if prog["total"] else 0.0
             st.progress(min(frac, 1.0), text=f"step {prog['step']} of {prog['total']}")
             if st.button("Cancel", key=f"{K}cancel_{run_id}"):
-                st.toast(f"run {run_id}: {queries.request_cancel(engine(), run_id)}")
+                st.toast(f"run {run_id}: {api.cancel(engine(), run_id)}")
         if run["status"] in ("failed", "lost", "cancelled") and run["error"]:
             where = (
                 f" (rank {run['failed_rank']}, exit code {run['exit_code']})" if run["failed_rank"] is not None else ""
@@ -132,10 +133,10 @@ def run_detail(run_id: int) -> None:
                 verify_panel(r["verify"])
             elif run["spec"].get("verify") is False:
                 st.caption("verify: off (not compared with the single-device reference)")
-        steps = queries.step_metrics(engine(), run_id)
+        steps = api.step_metrics(engine(), run_id)
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")
-        spans = queries.timeline_spans(engine(), run_id)
+        spans = api.timeline_spans(engine(), run_id)
         if len(spans):
             # The guide's assembly-line picture, measured: the last timed step (all steps look alike).
             step = int(spans["step"].max())
@@ -143,56 +144,51 @@ def run_detail(run_id: int) -> None:
             title = f"Pipeline timeline, step {step} (stage x microbatch; grey: waiting for a neighbour)"
             st.altair_chart(charts.timeline_chart(last, title=title), width="stretch")
         if run["ranks"]:
-            ranks = queries.rank_results(engine(), [run_id])
+            ranks = api.rank_results(engine(), [run_id])
             a, b = st.columns(2)
             a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
             b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
             st.dataframe(rank_table(ranks), hide_index=True)
-        series = queries.telemetry_series(engine(), [run_id])
+        series = api.telemetry_series(engine(), [run_id])
         if len(series):
             a, b = st.columns(2)
             a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
             b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
-        if active and run["status"] in TERMINAL_STATES:
+        if active and api.is_terminal(run["status"]):
             st.rerun()  # the whole page once more: stop refreshing, and logs below see the end
 
     live()
-    run = queries.get_run(engine(), run_id)
-    if run is None:
-        return
     with st.expander("Spec", expanded=False):
         st.json(run["spec"])
     with st.expander("Logs"):
         # The run folder when this machine ran it, else the tails its host's runner stored in the database.
-        stored = queries.run_logs(engine(), run_id)
+        stored = api.log_tails(engine(), run_id)
         if run["run_dir"] or stored:
-            here = queries.this_host()
-            world = RunSpec.from_dict(run["spec"]).world_size
-            rank = st.selectbox("rank", list(range(world)), key=f"{K}logrank_{run_id}")
-            st.caption(where_text(run, stored, here))
-            text = read_log(run, f"rank{rank}", stored, here)
-            st.code(text if text is not None else "(no output yet)")
+            rank = st.selectbox("rank", list(range(run["world_size"])), key=f"{K}logrank_{run_id}")
+            st.caption(where_text(run, stored, api.this_host()))
+            log = api.log(engine(), run, f"rank{rank}", tail_bytes=LOG_TAIL_BYTES, stored=stored)
+            st.code(log.text if log.text is not None else "(no output yet)")
         else:
             st.caption("The run has not started yet.")
     with st.expander("Notes and tags"):
         note = st.text_area("note", value=run["note"], key=f"{K}note_{run_id}")
         tags = st.text_input("tags", value=", ".join(run["tags"]), key=f"{K}tags_{run_id}")
         if st.button("Save", key=f"{K}save_{run_id}"):
-            queries.update_run_meta(engine(), run_id, note=note, tags=[t for t in tags.split(",")])
+            api.update_meta(engine(), run_id, note=note, tags=[t for t in tags.split(",")])
             st.toast("saved")
     with st.expander("Delete this run"):
         if run["status"] == "running":
             st.caption("Cancel the run before deleting it.")
         elif st.checkbox("Yes, delete it and everything measured for it", key=f"{K}confirm_{run_id}"):
             if st.button("Delete", type="primary", key=f"{K}delete_{run_id}"):
-                queries.delete_run(engine(), run_id)
+                api.delete(engine(), run_id)
                 st.query_params.clear()
                 st.rerun()
 
 
-def runs_table(filters: queries.RunFilter, offset: int) -> None:
+def runs_table(filters: api.RunFilter, offset: int) -> None:
     """The page of runs, CSV export and the comparison charts."""
-    runs = queries.list_runs(engine(), filters, limit=PAGE_SIZE, offset=offset)
+    runs = api.list_runs(engine(), filters, limit=PAGE_SIZE, offset=offset)
     view = runs.copy()
     view["link"] = "?run=" + view["id"].astype(str)
     view["status"] = view["status"].map(status_label)
@@ -228,26 +224,26 @@ def runs_table(filters: queries.RunFilter, offset: int) -> None:
         },
     )
     st.download_button(
-        "Export these runs as CSV", data="".join(queries.iter_runs_csv(engine(), filters)), file_name="runs.csv",
+        "Export these runs as CSV", data="".join(api.export_csv(engine(), filters)), file_name="runs.csv",
         mime="text/csv", key=K + "csv",
     )  # fmt: skip
     done = runs[runs["tokens_per_s"].notna()]
     if len(done):
         a, b = st.columns(2)
         a.altair_chart(charts.throughput_chart(done), width="stretch")
-        ranks = queries.rank_results(engine(), [int(i) for i in done["id"].head(8)])
+        ranks = api.rank_results(engine(), [int(i) for i in done["id"].head(8)])
         if len(ranks):
             b.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
 
 
 def run_list() -> None:
     st.title("History")
-    total_all = queries.count_runs(engine())
+    total_all = api.count_runs(engine())
     if total_all == 0:
         st.info("No runs yet. Launch one from the Launch page, or start with a tiny layer split on 2 ranks:")
         if st.button("Launch a first tiny run", type="primary", key=K + "first"):
             spec = RunSpec(strategy="layer", pp=2, model="tiny", workload="train", steps=5, verify=True)
-            run_id = queries.submit_run(engine(), spec)
+            run_id = api.submit(engine(), spec)
             st.query_params["run"] = str(run_id)
             st.rerun()
         return
@@ -256,7 +252,7 @@ def run_list() -> None:
         st.header("Filters")
         chosen: dict[str, list[str]] = {}
         for name in FILTERS:
-            options = queries.distinct_values(engine(), name)
+            options = api.filter_values(engine(), name)
             default = [v for v in params.get_all(name) if v in options]
             chosen[name] = st.multiselect(name, options, default=default, key=K + name)
         tag = st.text_input("tag", value=params.get("tag", ""), key=K + "tag")
@@ -277,13 +273,13 @@ def run_list() -> None:
         params["tag"] = tag
     elif "tag" in params:
         del params["tag"]
-    filters = queries.RunFilter(
+    filters = api.RunFilter(
         **{n: chosen[n] or None for n in FILTERS},
         tag=[tag] if tag else None,
         since=datetime.combine(since, time.min, tzinfo=UTC) if since else None,
         until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC) if until else None,
     )
-    total = queries.count_runs(engine(), filters)
+    total = api.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
     st.caption(f"{total} run matches the filters" if total == 1 else f"{total} runs match the filters, newest first")
     page = 1
@@ -292,7 +288,7 @@ def run_list() -> None:
             f"page (of {pages})", min_value=1, max_value=pages, value=1, key=K + "page"
         )
     offset = (page - 1) * PAGE_SIZE
-    active = queries.count_runs(engine(), queries.RunFilter(status=["queued", "running"])) > 0
+    active = api.count_runs(engine(), api.RunFilter(status=["queued", "running"])) > 0
     # Only while something is queued or running does the table refresh itself (every 2 s).
     st.fragment(runs_table, run_every=2.0 if active else None)(filters, offset)
 

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import shlex
-
 import streamlit as st
 
-from runner.launch import torchrun_argv
-from runner.selftest import submit_selftest
+from runner import api
 from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError
-from storage import queries
-from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
 from ui.hosts import HERE, host_lines, target_for, targets
@@ -22,9 +17,9 @@ K = "launch_"  # widget keys are namespaced per page
 SELFTEST_TAG = "selftest"  # the tag runner.selftest puts on its runs; History filters on it
 
 st.title("Launch a run")
-here = queries.this_host()
+here = api.this_host()
 # Every host serving this database, read once per rerun: the "Run on" choices and their GPU counts.
-run_on_options = targets(queries.hosts(engine()), here)
+run_on_options = targets(api.hosts(engine()), here)
 
 notes: dict[str, st.delta_generator.DeltaGenerator] = {}
 
@@ -138,9 +133,9 @@ with right:
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
     note_slot("tags")
     user = st.text_input(
-        "launched by", value=queries.default_user(), key=K + "user", max_chars=64,
+        "launched by", value=api.default_user(), key=K + "user", max_chars=64,
         help="recorded with the run so the team's history says who ran what",
-    ).strip() or queries.default_user()  # fmt: skip
+    ).strip() or api.default_user()  # fmt: skip
     values["weights"] = st.text_input(
         "GPT-2 weights file (optional)", key=K + "weights", placeholder="/path/model.safetensors"
     )
@@ -166,9 +161,7 @@ with info:
         c2.metric("parameters per rank (largest)", human_bytes(est["param_bytes"]))
         c3.metric("AdamW state per rank", human_bytes(est["optimizer_bytes"]) if est["optimizer_bytes"] else "—")
         st.caption("The command the runner will start (each run gets its own folder):")
-        st.code(
-            shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json"))), language="bash", wrap_lines=True
-        )
+        st.code(api.torchrun_command(spec), language="bash", wrap_lines=True)
         # The cores judged are this machine's: only said where the run will run here.
         crowded = oversubscription_warning(spec, target.gpu_count) if target.key == HERE else None
         if crowded:
@@ -182,7 +175,7 @@ with info:
 def devices_panel() -> None:
     """Refreshes by itself: the runner reports its devices a moment after it starts."""
     st.subheader("Devices")
-    status = queries.runner_status(engine())
+    status = api.runner_status(engine())
     if status is None or not status["alive"]:
         st.info("The runner is starting; devices appear when it reports.")
     elif status["gpus"]:
@@ -191,7 +184,7 @@ def devices_panel() -> None:
     else:
         st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
-    live, silent = host_lines(queries.hosts(engine()), here)
+    live, silent = host_lines(api.hosts(engine()), here)
     if len(live) > 1 or silent:  # a team database: every host a run can be sent to
         st.markdown("**Hosts alive**\n\n" + ("\n".join(f"- {line}" for line in live) or "none"))
         if silent:
@@ -204,7 +197,7 @@ def devices_panel() -> None:
     ):  # fmt: skip
         # Kept in the session: this panel redraws every 2 s and the outcome must outlive that.
         try:
-            st.session_state[K + "selftest_ids"] = submit_selftest(engine(), device=device, user=user)
+            st.session_state[K + "selftest_ids"] = api.submit_selftest(engine(), device=device, user=user)
             st.session_state[K + "selftest_error"] = None
         except SpecError as exc:  # e.g. cuda chosen where the runner sees no GPU
             st.session_state[K + "selftest_error"] = "; ".join(p.message for p in exc.problems)
@@ -224,7 +217,7 @@ with devices:
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:
-        run_id = queries.submit_run(engine(), spec, user=user, gpu_count=target.gpu_count, run_on=target.run_on)
+        run_id = api.submit(engine(), spec, user=user, gpu_count=target.gpu_count, run_on=target.run_on)
     except SpecError as exc:
         for p in exc.problems:
             st.error(str(p))

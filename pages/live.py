@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import streamlit as st
 
-from storage import queries
+from runner import api
 from ui import charts
 from ui.format import human_duration, status_label
-from ui.hosts import log_source, read_log, where_text
+from ui.hosts import last_lines, stored_logs_caption
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -22,13 +22,13 @@ st.title("Live")
 
 @st.fragment(run_every=1.0)
 def live_view() -> None:
-    active = queries.active_runs(engine())
+    active = api.active_runs(engine())
     running = active[active["status"] == "running"]
     queued = active[active["status"] == "queued"]
     if active.empty:
         st.info("Nothing is running or queued. Launch a run and it appears here.")
     for row in running.itertuples():
-        run = queries.get_run(engine(), int(row.id))
+        run = api.get_run(engine(), int(row.id))
         with st.container(border=True):
             head, button = st.columns([5, 1])
             head.markdown(f"**[#{row.id}](/history?run={row.id})** {row.strategy} · {row.model} · {row.workload} "
@@ -36,10 +36,10 @@ def live_view() -> None:
             if row.cancel_requested:
                 button.caption("cancelling…")
             elif button.button("Cancel", key=f"{K}cancel_{row.id}"):
-                queries.request_cancel(engine(), int(row.id))
+                api.cancel(engine(), int(row.id))
                 st.toast(f"cancelling run {row.id}")
             elapsed = (datetime.now(UTC) - row.started_at).total_seconds() if row.started_at else 0.0
-            steps = queries.step_metrics(engine(), int(row.id))
+            steps = api.step_metrics(engine(), int(row.id))
             done, total = int(row.progress_step), int(row.total_steps)
             remaining = None
             if len(steps) and done:
@@ -47,23 +47,20 @@ def live_view() -> None:
             st.progress(min(done / total, 1.0) if total else 0.0,
                         text=f"step {done} of {total} · elapsed {human_duration(elapsed)} · "
                              f"remaining {human_duration(remaining) if remaining is not None else 'estimating…'}")  # fmt: skip
-            series = queries.telemetry_series(engine(), [int(row.id)])
+            series = api.telemetry_series(engine(), [int(row.id)])
             if not series.empty:
                 a, b = st.columns(2)
                 a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
                 b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
             # Ranks' last lines: from the run folder when it ran here, else from the tails its host stored.
-            stored = queries.run_logs(engine(), int(row.id)) if run else {}
+            stored = api.log_tails(engine(), int(row.id)) if run else {}
             if run and (run["run_dir"] or stored):
-                here = queries.this_host()
-                if log_source(run, stored, here) == "database":
-                    st.caption(where_text(run, stored, here))
-                tails = []
-                for rank in range(int(row.world_size)):
-                    log = read_log(run, f"rank{rank}", stored, here, limit=4000)
-                    if log is not None:
-                        tails.append(f"--- rank {rank}\n" + "\n".join(log.splitlines()[-5:]))
-                st.code("\n".join(tails) or "(no output yet)", language=None)
+                logs = [
+                    api.log(engine(), run, f"rank{r}", tail_bytes=4000, stored=stored) for r in range(run["world_size"])
+                ]
+                if (caption := stored_logs_caption(run, stored, api.this_host())) is not None:
+                    st.caption(caption)
+                st.code(last_lines(logs, 5) or "(no output yet)", language=None)
     if not queued.empty:
         st.subheader("Queue")
         for row in queued.itertuples():
@@ -71,7 +68,7 @@ def live_view() -> None:
             c1.markdown(f"{status_label('queued')} **#{row.id}** {row.strategy} · {row.model} · {row.world_size} ranks "
                         f"— {row.wait_reason or 'waiting for the runner'}")  # fmt: skip
             if c2.button("Cancel", key=f"{K}cancelq_{row.id}"):
-                queries.request_cancel(engine(), int(row.id))
+                api.cancel(engine(), int(row.id))
     st.caption(f"updated {time.strftime('%H:%M:%S')}")
 
 

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
+from runner import api
 from runner.spec import (
     DEVICES,
     DTYPES,
@@ -22,9 +22,7 @@ from runner.spec import (
     RunSpec,
     SpecError,
 )
-from storage import queries
 from storage.db import get_engine
-from storage.models import TERMINAL_STATES
 
 SPEC_FLAGS = {
     "strategy": dict(choices=STRATEGIES, required=True),
@@ -117,8 +115,8 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(f"--{name}", action="append", dest=f"filter_{name}", metavar=name.upper())
 
 
-def filters_from(args: argparse.Namespace) -> queries.RunFilter:
-    return queries.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
+def filters_from(args: argparse.Namespace) -> api.RunFilter:
+    return api.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
 
 
 def spec_from_args(args: argparse.Namespace) -> RunSpec:
@@ -153,26 +151,12 @@ def run_summary(run: dict) -> str:
     return " | ".join(parts)
 
 
-def target_gpu_count(engine, run_on: str | None) -> int | None:
-    """The GPU count a submission is validated against: the target host's (this machine's by default), or
-    for any host the best-equipped live one's; None when no live runner reports it (checks skipped)."""
-    live = [h for h in queries.hosts(engine) if h["alive"]]
-    if run_on == queries.ANY_HOST:
-        return max((len(h["gpus"]) for h in live), default=None)
-    host = next((h for h in live if h["host"] == (run_on or queries.this_host())), None)
-    return len(host["gpus"]) if host else None
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    from runner.service import ensure_runner, wait_for_runner
-
     engine = get_engine()
-    run_on = queries.ANY_HOST if args.run_on == "any" else args.run_on or None
-    elsewhere = run_on not in (None, queries.ANY_HOST, queries.this_host())
+    run_on = api.ANY_HOST if args.run_on == "any" else args.run_on or None
+    elsewhere = run_on not in (None, api.ANY_HOST, api.this_host())
     try:
-        spec = spec_from_args(args)
-        run_id = queries.submit_run(engine, spec, user=args.user, gpu_count=target_gpu_count(engine, run_on),
-                                    run_on=run_on)  # fmt: skip
+        run_id = api.submit(engine, spec_from_args(args), user=args.user, run_on=run_on)
     except SpecError as exc:
         problems = exc.problems
         if args.json:
@@ -183,26 +167,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
         return 2
-    target = queries.get_run(engine, run_id)["target_host"]
+    target = api.get_run(engine, run_id)["target_host"]
     if not args.wait:
         where = f" on {target}" if target else " for any host with the devices"
-        if elsewhere and not any(h["alive"] and h["host"] == target for h in queries.hosts(engine)):
+        if elsewhere and not any(h["alive"] and h["host"] == target for h in api.hosts(engine)):
             where += f" (no runner is alive on {target} now: it waits for one)"
         emit(args, {"id": run_id, "status": "queued", "target_host": target}, f"queued run {run_id}{where}")
         return 0
     if not elsewhere:  # another host's runner is that host's business: only this machine's is started here
-        ensure_runner()
-        if not wait_for_runner(engine):
+        api.ensure_runner()
+        if not api.wait_for_runner(engine):
             print("no runner came up within 30 s; see LAB_HOME/runner.log", file=sys.stderr)
             return 1
     deadline = time.monotonic() + args.timeout if args.timeout else None
     last_check = time.monotonic()
     while True:
-        run = queries.get_run(engine, run_id)
-        if run["status"] in TERMINAL_STATES:
+        run = api.get_run(engine, run_id)
+        if api.is_terminal(run["status"]):
             break
         if time.monotonic() - last_check > 5 and not elsewhere:
-            ensure_runner()  # the runner died while we waited: start another (it adopts the live job)
+            api.ensure_runner()  # the runner died while we waited: start another (it adopts the live job)
             last_check = time.monotonic()
         if deadline and time.monotonic() > deadline:
             emit(args, run, f"run {run_id} still {run['status']} after {args.timeout:g} s")
@@ -255,72 +239,36 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """A rank's log from its run folder when this machine ran it, else the tail its host's runner stored in the
-    database (a teammate's run on another host)."""
+    database (a teammate's run on another host); --follow streams what either gains until the run ends."""
     engine = get_engine()
-    run = queries.get_run(engine, args.id)
+    run = api.get_run(engine, args.id)
     if run is None:
         print(f"no run {args.id}", file=sys.stderr)
         return 1
-    name = f"rank{args.rank}"
-    path = Path(run["run_dir"]) / f"{name}.log" if run["run_dir"] else None
-    # A file at the recorded path is another run's when a different host ran this one (same LAB_HOME path).
-    here = run["runner_host"] in (None, queries.this_host()) and path is not None and path.exists()
-    if not here:
-        return logs_from_database(args, engine, run, name)
-    if args.json:  # the whole log as it is now (--follow streams text only)
-        print(json.dumps({"id": args.id, "rank": args.rank, "path": str(path), "status": run["status"],
-                          "text": path.read_text(errors="replace")}))  # fmt: skip
-        return 0
-    with path.open(errors="replace") as f:
-        sys.stdout.write(f.read())
-        while args.follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                continue
-            if queries.get_run(engine, args.id)["status"] in TERMINAL_STATES:
-                sys.stdout.write(f.read())
-                break
-            time.sleep(0.3)
-    return 0
-
-
-def logs_from_database(args: argparse.Namespace, engine, run: dict, name: str) -> int:
-    """The stored tail of log `name`; with --follow, what each refresh of the tail added (by the log's size)."""
-    entry = queries.run_logs(engine, args.id).get(name)
+    log = api.log(engine, run, f"rank{args.rank}")
     host = run["runner_host"] or run["target_host"] or "another host"
-    if entry is None:
+    if log.text is None:
         if not run["run_dir"] and run["status"] == "queued":
             print(f"run {args.id} has not started yet ({run['status']})", file=sys.stderr)
         else:
             print(f"no log for rank {args.rank}: not in this machine's run folder and {host} stored none",
                   file=sys.stderr)  # fmt: skip
         return 1
-    if args.json:
-        print(json.dumps({"id": args.id, "rank": args.rank, "path": None, "source": "database", "host": host,
-                          "status": run["status"], "size": entry["size"], "text": entry["text"]}))  # fmt: skip
+    if args.json:  # the log as it is now (--follow streams text only)
+        out = {"id": args.id, "rank": args.rank, "path": log.path, "status": run["status"], "text": log.text}
+        if log.source == "database":
+            out.update(source="database", host=host, size=log.size)
+        print(json.dumps(out))
         return 0
-    if entry["size"] > len(entry["text"].encode()):
-        print(f"[run {args.id} ran on {host}: the last {len(entry['text'].encode())} of {entry['size']} bytes, "
+    if log.cut:
+        print(f"[run {args.id} ran on {host}: the last {len(log.text.encode())} of {log.size} bytes, "
               "as its runner stored them]", file=sys.stderr)  # fmt: skip
-    sys.stdout.write(entry["text"])
+    sys.stdout.write(log.text)
     sys.stdout.flush()
-    size = entry["size"]
-    while args.follow:
-        ended = queries.get_run(engine, args.id)["status"] in TERMINAL_STATES
-        entry = queries.run_logs(engine, args.id).get(name) or entry
-        grown = entry["size"] - size
-        if grown > 0:
-            data = entry["text"].encode()
-            if grown > len(data):  # more was written between two looks than the stored tail holds
-                sys.stdout.write(f"\n[... {grown - len(data)} bytes not kept in the database ...]\n")
-            sys.stdout.write(data[-grown:].decode(errors="replace"))
+    if args.follow:
+        for chunk in api.follow(engine, run, log):
+            sys.stdout.write(chunk)
             sys.stdout.flush()
-            size = entry["size"]
-        if ended:  # the runner stores the tails once more before it records the end
-            break
-        time.sleep(1.0)
     return 0
 
 
@@ -342,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_selftest(args)
     engine = get_engine()
     if args.command == "list":
-        df = queries.list_runs(engine, filters_from(args), limit=args.limit, offset=args.offset)
+        df = api.list_runs(engine, filters_from(args), limit=args.limit, offset=args.offset)
         emit(
             args,
             json.loads(df.to_json(orient="records", date_format="iso")),
@@ -350,23 +298,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
     if args.command in ("show", "cancel"):
-        run = queries.get_run(engine, args.id)
+        run = api.get_run(engine, args.id)
         if run is None:
             emit(args, {"error": f"no run {args.id}"}, f"no run {args.id}")
             return 1
         if args.command == "show":
             emit(args, run, run_summary(run))
             return 0
-        status = queries.request_cancel(engine, args.id)
+        status = api.cancel(engine, args.id)
         emit(args, {"id": args.id, "status": status}, f"run {args.id}: {status}")
         return 0 if status in ("cancelled", "cancelling") else 1
     if args.command == "export":
         if args.format == "csv":
-            for chunk in queries.iter_runs_csv(engine, filters_from(args)):
+            for chunk in api.export_csv(engine, filters_from(args)):
                 sys.stdout.write(chunk)
         else:
-            ids = queries.list_runs(engine, filters_from(args), limit=1_000_000)["id"].tolist()
-            print(json.dumps([queries.get_run(engine, int(i)) for i in ids], indent=1, default=str))
+            print(json.dumps(api.export_runs(engine, filters_from(args)), indent=1, default=str))
         return 0
     return 2
 

@@ -31,10 +31,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from runner import api
 from runner.gpt.config import count_parameters
 from runner.spec import RunSpec, SpecError, usable_cores
-from storage import queries
-from storage.models import TERMINAL_STATES
 
 # A tiny run takes seconds; a hang (a deadlocked exchange) must fail its row, not stall the self-test.
 BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, verify=True, time_limit_s=120.0,
@@ -183,23 +182,8 @@ def resolve_device(requested: str, env: dict) -> tuple[str | None, str | None]:
     return ("cuda" if usable else "cpu"), None
 
 
-def submit_selftest(engine, device: str = "auto", user: str | None = None, gpus: int | None = None) -> list[int]:
-    """Queue the self-test runs (tag 'selftest') and return their ids; skipped layouts are not queued.
-
-    gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any."""
-    if gpus is None:
-        status = queries.runner_status(engine)
-        gpus = len(status["gpus"]) if status and status["alive"] else 0
-    chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
-    ids = []
-    for spec, _label in selftest_specs(chosen, gpus):
-        if spec is not None:
-            ids.append(queries.submit_run(engine, spec, user=user, gpu_count=gpus))
-    return ids
-
-
 def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
-    run = queries.get_run(engine, run_id)
+    run = api.get_run(engine, run_id)
     row = Row(label=label, run_id=run_id, status=run["status"], comm_theory_bytes=comm_theory_bytes(spec))
     result = run.get("result") or {}
     verify = result.get("verify") or {}
@@ -224,8 +208,6 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
                  on_row=None, on_environment=None) -> tuple[dict, list[Row], str | None]:  # fmt: skip
     """Check the environment, queue and wait for every run; returns (environment, rows, fatal reason).
     on_environment(line) hears the environment report before anything runs; on_row(row) each finished run."""
-    from runner.service import ensure_runner, wait_for_runner
-
     env = environment()
     if on_environment is not None:
         for line in environment_lines(env):
@@ -242,17 +224,17 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
             rows.append(Row(label=label))
             continue
         try:
-            queued.append((queries.submit_run(engine, spec, user=user, gpu_count=gpus), label, spec))
+            queued.append((api.submit(engine, spec, user=user, gpu_count=gpus), label, spec))
         except SpecError as exc:
             rows.append(Row(label=label, status="refused", verdict="error", failures=[str(exc)]))
-    ensure_runner()
-    if not wait_for_runner(engine):
+    api.ensure_runner()
+    if not api.wait_for_runner(engine):
         return env, rows, "no runner came up within 30 s; see LAB_HOME/runner.log"
     deadline = time.monotonic() + timeout_s
     for run_id, label, spec in queued:
-        while queries.get_run(engine, run_id)["status"] not in TERMINAL_STATES:
+        while not api.is_terminal(api.get_run(engine, run_id)["status"]):
             if time.monotonic() > deadline:
-                queries.request_cancel(engine, run_id)
+                api.cancel(engine, run_id)
                 break
             time.sleep(0.3)
         row = collect(engine, run_id, label, spec)

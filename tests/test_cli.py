@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import api
 from storage import queries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, f
     assert proc.returncode == 2, proc.stderr
     out = json.loads(proc.stdout)
     assert any(p["field"] == field and fragment in p["message"] for p in out["problems"]), out
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
 
 
 def test_unknown_strategy_is_refused_by_the_parser(engine):
@@ -74,13 +75,13 @@ def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
     assert json.loads(proc.stdout)["problems"] == [
         {"field": "spec", "message": "must be a JSON object of field: value pairs"}
     ]
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
 
 
 def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
     from runner.spec import RunSpec
 
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
     queries.claim_run(engine, run_id, "r", str(tmp_path), [])
     (tmp_path / "rank1.log").write_text("hello from rank 1\n")
     assert cli("logs", str(run_id), "--rank", "1").stdout == "hello from rank 1\n"
@@ -94,8 +95,8 @@ def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
 def test_list_and_export_take_the_history_filters(engine):
     from runner.spec import RunSpec
 
-    layer = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
-    single = queries.submit_run(engine, RunSpec(strategy="single"), user="bob")
+    layer = api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
+    single = api.submit(engine, RunSpec(strategy="single"), user="bob")
     assert [r["id"] for r in json.loads(cli("list", "--strategy", "layer", "--json").stdout)] == [layer]
     both = json.loads(cli("list", "--user", "ada", "--user", "bob", "--json").stdout)
     assert [r["id"] for r in both] == [single, layer]
@@ -129,11 +130,11 @@ def test_submit_host_validates_against_that_hosts_gpus_and_aims_the_run_there(tw
     on_beta = cli(*cuda, "--host", "beta")
     assert on_beta.returncode == 0, on_beta.stdout + on_beta.stderr
     run_id = json.loads(on_beta.stdout)["id"]
-    assert queries.get_run(two_hosts, run_id)["target_host"] == "beta"
+    assert api.get_run(two_hosts, run_id)["target_host"] == "beta"
     anywhere = cli(*cuda[:-1], "--host", "any")
     assert anywhere.returncode == 0 and "for any host with the devices" in anywhere.stdout, anywhere.stderr
     any_id = int(anywhere.stdout.split()[2])
-    assert queries.get_run(two_hosts, any_id)["target_host"] is None
+    assert api.get_run(two_hosts, any_id)["target_host"] is None
     assert [r["id"] for r in queries.queued_runs(two_hosts, host="alpha")] == [any_id]
     too_wide = cli(*cuda[:4], "4", *cuda[5:], "--host", "beta")
     assert too_wide.returncode == 2 and "4 ranks need 4 GPUs but 2 are visible" in too_wide.stdout
@@ -151,7 +152,7 @@ def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts
     from runner.spec import RunSpec
 
     engine = two_hosts
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
     # beta's claim; its run folder is on beta, and a folder at that path here is not this run's
     (tmp_path / "rank1.log").write_text("another run's log on alpha\n")
     with engine.begin() as conn:

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from runner import api
 from runner.selftest import comm_theory_bytes, resolve_device, selftest_specs
 from runner.spec import RunSpec
-from storage import queries
 from tests.jobs import REPO
 
 STRATEGIES = {"single", "layer", "tensor", "pipeline", "data", "3d"}
@@ -69,7 +69,7 @@ def test_selftest_cuda_here_fails_before_queueing_anything(engine):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1
     assert "NVIDIA driver:" in proc.stdout and "FAILED: CUDA was asked for" in proc.stdout
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
 
 
 @pytest.mark.slow
@@ -81,10 +81,10 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
     assert proc.returncode == 0 and out["passed"], failed or proc.stderr[-3000:]
     assert len(out["rows"]) == 19 and all(r["verdict"] == "pass" for r in out["rows"])
     assert out["environment"]["gloo"] is True
-    stored = queries.list_runs(engine, queries.RunFilter(tag=["selftest"]), limit=100)
+    stored = api.list_runs(engine, api.RunFilter(tag=["selftest"]), limit=100)
     assert len(stored) == 19 and set(stored["status"]) == {"succeeded"}
     for row in out["rows"]:
-        run = queries.get_run(engine, row["run_id"])
+        run = api.get_run(engine, row["run_id"])
         assert run["result"]["verify"]["passed"] is True
         assert (
             len(row["peak_mem_bytes"]) == len(run["ranks"]) == run["spec"]["tp"] * run["spec"]["pp"] * run["spec"]["dp"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from runner import api
 from runner.spec import RunSpec
 from storage import queries
 from tests.test_ui_pages import page, texts
@@ -15,7 +16,7 @@ from ui.compare import comparison_table, guide_table, spec_differences, with_bas
 
 def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, spans: bool = False) -> int:
     """A succeeded run with a result shaped like a job's."""
-    run_id = queries.submit_run(engine, spec)
+    run_id = api.submit(engine, spec)
     queries.claim_run(engine, run_id, "r", "/tmp/none", [])
     ranks = [{"rank": r, "tp": 0, "pp": r if spec.strategy in ("layer", "pipeline") else 0, "dp": 0,
               "param_count": 100_000, "param_bytes": 400_000, "optimizer_bytes": 800_000,
@@ -35,7 +36,7 @@ def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, span
 def test_comparison_figures_ratios_and_differences(engine):
     a = finished(engine, RunSpec(strategy="single", model="tiny"), 1000.0)
     b = finished(engine, RunSpec(strategy="layer", pp=2, model="tiny"), 500.0, idle=1.5)
-    runs = [queries.get_run(engine, i) for i in (a, b)]
+    runs = [api.get_run(engine, i) for i in (a, b)]
     table = comparison_table(runs)
     assert list(table["tokens_per_s"]) == [1000.0, 500.0]
     assert table.loc[1, "idle_share"] == pytest.approx(1.5 / 3.0)
@@ -64,7 +65,7 @@ def test_compare_reads_verify_as_a_verdict_and_communication_as_payload_and_wire
         finished_run(engine, RunSpec(strategy="layer", pp=2), {"verify": None}, [legacy, {}]),
         finished_run(engine, RunSpec(strategy="layer", pp=2), {"verify": {"logits_max_abs_diff": 0.0}}, [legacy, {}]),
     ]  # fmt: skip
-    table = comparison_table([queries.get_run(engine, i) for i in ids])
+    table = comparison_table([api.get_run(engine, i) for i in ids])
     assert table["verify"].tolist() == ["pass", "fail", "off", "no verdict"]
     # payload: all ranks per timed step (2 steps); point-to-point counted once, at the sender, old runs too
     assert table["comm_mib_per_step"].tolist() == [4.0, 0.5, 0.5, 0.5]
@@ -83,7 +84,7 @@ def test_best_of_each_strategy_picks_the_fastest_succeeded_run(engine):
     fast = finished(engine, RunSpec(strategy="layer", pp=2), 300.0)
     single = finished(engine, RunSpec(strategy="single"), 200.0)
     finished(engine, RunSpec(strategy="single", workload="forward"), 900.0)  # another workload
-    assert queries.best_runs(engine, "tiny", "train") == sorted([fast, single])
+    assert api.best_runs(engine, "tiny", "train") == sorted([fast, single])
 
 
 def test_timeline_chart_draws_one_bar_per_stage_microbatch_and_phase():
@@ -111,18 +112,18 @@ def test_compare_page_empty_state(engine):
 
 
 def test_live_page_lists_running_and_queued_runs_with_wait_reasons(engine):
-    running = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    running = api.submit(engine, RunSpec(strategy="layer", pp=2))
     queries.claim_run(engine, running, "r", "/tmp/none", [])
     queries.update_run(engine, running, progress_step=2)
-    waiting = queries.submit_run(engine, RunSpec(strategy="single"))
+    waiting = api.submit(engine, RunSpec(strategy="single"))
     queries.set_wait_reason(engine, waiting, "waiting for a CPU slot (1 of 1 CPU jobs running)")
     at = page("pages/live.py")
     assert not at.exception
     assert any("waiting for a CPU slot" in m for m in texts(at.markdown))
     at.button(key=f"live_cancelq_{waiting}").click().run()
-    assert queries.get_run(engine, waiting)["status"] == "cancelled"
+    assert api.get_run(engine, waiting)["status"] == "cancelled"
     at.button(key=f"live_cancel_{running}").click().run()
-    assert queries.get_run(engine, running)["cancel_requested"] is True
+    assert api.get_run(engine, running)["cancel_requested"] is True
 
 
 def test_live_page_empty_state(engine):
@@ -132,19 +133,19 @@ def test_live_page_empty_state(engine):
 
 def test_launch_records_who_launched_it(engine):
     at = page("pages/launch.py")
-    assert at.text_input(key="launch_user").value == queries.default_user()
+    assert at.text_input(key="launch_user").value == api.default_user()
     at.text_input(key="launch_user").set_value("ada").run()
     at.button(key="launch_submit").click().run()
-    (run,) = queries.list_runs(engine).to_dict("records")
+    (run,) = api.list_runs(engine).to_dict("records")
     assert run["user"] == "ada"
 
 
 def test_history_date_filter_lives_in_the_query_string(engine):
     from datetime import UTC, datetime, timedelta
 
-    old = queries.submit_run(engine, RunSpec(strategy="single"))
+    old = api.submit(engine, RunSpec(strategy="single"))
     queries.update_run(engine, old, created_at=datetime.now(UTC) - timedelta(days=10))
-    queries.submit_run(engine, RunSpec(strategy="single"))
+    api.submit(engine, RunSpec(strategy="single"))
     today = datetime.now(UTC).date().isoformat()
     at = page("pages/history.py", since=today, until=today)
     assert not at.exception

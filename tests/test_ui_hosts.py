@@ -16,9 +16,11 @@ import pytest
 from sqlalchemy import text
 from streamlit.testing.v1 import AppTest
 
+from runner import api
+from runner.logs import log_source, run_log
 from runner.spec import RunSpec
 from storage import queries
-from ui.hosts import HERE, devices_text, log_source, read_log, targets, where_text
+from ui.hosts import HERE, devices_text, targets, where_text
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
@@ -55,11 +57,11 @@ def make_silent(engine, host: str) -> None:
 
 # ---- the choice as data ----------------------------------------------------------------------
 def test_targets_offer_this_machine_each_other_live_host_and_any_with_their_gpu_counts(two_hosts):
-    options = targets(queries.hosts(two_hosts), "alpha")
+    options = targets(api.hosts(two_hosts), "alpha")
     assert [(t.key, t.run_on, t.gpu_count) for t in options] == [
         (HERE, None, 0),
         ("beta", "beta", 2),
-        (queries.ANY_HOST, queries.ANY_HOST, 2),  # any: accepted when the best-equipped live host can place it
+        (api.ANY_HOST, api.ANY_HOST, 2),  # any: accepted when the best-equipped live host can place it
     ]
     assert options[1].label == "beta: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)"
     assert options[0].label == "this machine (alpha): CPU only (gloo)"
@@ -67,11 +69,11 @@ def test_targets_offer_this_machine_each_other_live_host_and_any_with_their_gpu_
 
 def test_a_silent_host_is_not_a_target_and_this_machine_without_a_runner_is_unknown(two_hosts):
     make_silent(two_hosts, "beta")
-    options = targets(queries.hosts(two_hosts), "alpha")
-    assert [t.key for t in options] == [HERE, queries.ANY_HOST]
+    options = targets(api.hosts(two_hosts), "alpha")
+    assert [t.key for t in options] == [HERE, api.ANY_HOST]
     assert options[-1].gpu_count == 0  # only alpha is alive, and it has no GPU
     make_silent(two_hosts, "alpha")
-    (mine, anywhere) = targets(queries.hosts(two_hosts), "alpha")
+    (mine, anywhere) = targets(api.hosts(two_hosts), "alpha")
     assert mine.gpu_count is None and "runner not reporting" in mine.label  # device checks skipped, as before
     assert anywhere.gpu_count is None and "none live now" in anywhere.label
 
@@ -101,20 +103,20 @@ def test_launch_validates_against_the_chosen_hosts_gpus_and_queues_the_run_there
     assert any("4 ranks need 4 GPUs but 2 are visible" in e for e in texts(at.error)), texts(at.error)
     at.number_input(key="launch_pp").set_value(2).run()
     at.button(key="launch_submit").click().run()
-    (run,) = queries.list_runs(engine).to_dict("records")
-    stored = queries.get_run(engine, int(run["id"]))
+    (run,) = api.list_runs(engine).to_dict("records")
+    stored = api.get_run(engine, int(run["id"]))
     assert stored["target_host"] == "beta" and stored["host"] == "alpha" and stored["spec"]["device"] == "cuda"
     assert [r["id"] for r in queries.queued_runs(engine, host="alpha")] == []  # alpha's runner leaves it alone
 
 
 def test_launch_on_any_host_queues_an_untargeted_run(two_hosts):
     at = page("pages/launch.py")
-    at.selectbox(key="launch_run_on").select(queries.ANY_HOST).run()
+    at.selectbox(key="launch_run_on").select(api.ANY_HOST).run()
     at.selectbox(key="launch_device").select("cuda").run()
     assert not at.error
     at.button(key="launch_submit").click().run()
-    (run,) = queries.list_runs(two_hosts).to_dict("records")
-    assert queries.get_run(two_hosts, int(run["id"]))["target_host"] is None
+    (run,) = api.list_runs(two_hosts).to_dict("records")
+    assert api.get_run(two_hosts, int(run["id"]))["target_host"] is None
     assert [r["id"] for r in queries.queued_runs(two_hosts, host="beta")] == [run["id"]]
 
 
@@ -135,7 +137,7 @@ def test_the_devices_panel_lists_every_host_alive_and_the_silent_ones_apart(two_
 # ---- logs of a run that ran elsewhere --------------------------------------------------------
 def ran_on_beta(engine, run_dir: str = "/nonexistent/beta/runs/1") -> int:
     """A run claimed by beta's runner whose folder is on beta, with its log tails in the database."""
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2), run_on="beta")
     with engine.begin() as conn:  # beta's claim: claim_run records the claiming process's own host
         conn.execute(text("UPDATE runs SET status = 'running', runner_id = 'runner-beta', runner_host = 'beta', "
                           "run_dir = :d, started_at = :t WHERE id = :i"),
@@ -147,16 +149,16 @@ def ran_on_beta(engine, run_dir: str = "/nonexistent/beta/runs/1") -> int:
 
 def test_log_source_prefers_this_machines_folder_and_falls_back_to_the_database(two_hosts, tmp_path):
     run_id = ran_on_beta(two_hosts)
-    run, stored = queries.get_run(two_hosts, run_id), queries.run_logs(two_hosts, run_id)
+    run, stored = api.get_run(two_hosts, run_id), api.log_tails(two_hosts, run_id)
     assert log_source(run, stored, "alpha") == "database"
-    assert read_log(run, "rank1", stored, "alpha") == "rank 1 on beta\nstep 1/6\n"
+    assert run_log(run, "rank1", stored, "alpha").text == "rank 1 on beta\nstep 1/6\n"
     assert where_text(run, stored, "alpha").startswith("ran on beta: these are the log tails")
     # A folder at the same path here belongs to another run: beta ran this one.
     (tmp_path / "rank0.log").write_text("someone else's run\n")
     assert log_source({**run, "run_dir": str(tmp_path)}, stored, "alpha") == "database"
     # On beta itself the folder is read.
     (tmp_path / "rank0.log").write_text("the whole file\n")
-    assert read_log({**run, "run_dir": str(tmp_path)}, "rank0", stored, "beta") == "the whole file\n"
+    assert run_log({**run, "run_dir": str(tmp_path)}, "rank0", stored, "beta").text == "the whole file\n"
     assert log_source({**run, "run_dir": None}, {}, "alpha") == "none"
 
 
@@ -189,13 +191,13 @@ def test_the_launch_form_takes_a_seed_of_any_size_and_names_a_bad_one(engine):
     at.text_input(key="launch_seed").input(str(2**63 + 5)).run()  # past int64, and past the browser's 2**53
     assert not at.error
     at.button(key="launch_submit").click().run()
-    (run,) = queries.list_runs(engine).to_dict("records")
-    assert queries.get_run(engine, int(run["id"]))["spec"]["seed"] == 2**63 + 5
+    (run,) = api.list_runs(engine).to_dict("records")
+    assert api.get_run(engine, int(run["id"]))["spec"]["seed"] == 2**63 + 5
 
 
 def test_the_run_page_says_who_launched_it_where_and_which_host_runs_it(two_hosts):
-    queued = queries.submit_run(two_hosts, RunSpec(strategy="single"), user="ada", run_on="beta")
-    anywhere = queries.submit_run(two_hosts, RunSpec(strategy="single"), user="ada", run_on=queries.ANY_HOST)
+    queued = api.submit(two_hosts, RunSpec(strategy="single"), user="ada", run_on="beta")
+    anywhere = api.submit(two_hosts, RunSpec(strategy="single"), user="ada", run_on=api.ANY_HOST)
     running = ran_on_beta(two_hosts)
     captions = {i: texts(page("pages/history.py", run=str(i)).caption) for i in (queued, anywhere, running)}
     assert "launched by ada on alpha · aimed at beta" in captions[queued]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from runner import api
 from runner.spec import RunSpec
 from storage import queries
 
@@ -52,10 +53,11 @@ def test_launch_page_shows_a_bad_degree_under_its_field_and_disables_launch(engi
     at = page("pages/launch.py")
     assert not at.exception
     at.number_input(key="launch_pp").set_value(3).run()
-    assert any("layer split over 3 ranks needs n_layer divisible by 3" in e for e in texts(at.error)), texts(at.error)
+    errors = texts(at.error)
+    assert any("splitting the layers over 3 ranks needs n_layer divisible by 3" in e for e in errors), errors
     assert at.button(key="launch_submit").disabled
     assert not at.code  # no command preview for a spec that will not run
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
 
 
 def test_a_tensor_degree_that_does_not_divide_the_heads_names_tp(engine):
@@ -108,7 +110,7 @@ def test_launch_button_queues_the_run_with_the_form_values(engine):
     at = page("pages/launch.py")
     at.text_input(key="launch_tags").input("baseline, tiny").run()
     at.button(key="launch_submit").click().run()
-    (run,) = queries.list_runs(engine).to_dict("records")
+    (run,) = api.list_runs(engine).to_dict("records")
     assert run["strategy"] == "layer" and run["pp"] == 2 and run["status"] == "queued"
     assert list(run["tags"]) == ["baseline", "tiny"]
 
@@ -141,7 +143,7 @@ def test_the_self_test_button_queues_runs_tagged_selftest_and_links_them(engine)
         at.selectbox(key="launch_selftest_device").select("cpu").run()
         at.text_input(key="launch_user").set_value("grace").run()
         at.button(key="launch_selftest").click().run()
-    runs = queries.list_runs(engine).to_dict("records")
+    runs = api.list_runs(engine).to_dict("records")
     assert runs and all("selftest" in r["tags"] and r["user"] == "grace" for r in runs)
     (done,) = texts(at.success)
     assert f"Queued {len(runs)} self-test runs" in done and "(/history?tag=selftest)" in done
@@ -153,7 +155,7 @@ def test_a_self_test_on_cuda_without_gpus_queues_nothing_and_says_why(engine):
         at = page("pages/launch.py")
         at.selectbox(key="launch_selftest_device").select("cuda").run()
         at.button(key="launch_selftest").click().run()
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
     assert any("No self-test run fits these devices (the runner sees 0 GPU(s))" in w for w in texts(at.warning))
 
 
@@ -162,14 +164,14 @@ def test_history_empty_state_offers_a_first_run(engine):
     at = page("pages/history.py")
     assert any("No runs yet" in i.value for i in at.info)
     at.button(key="history_first").click().run()
-    (run,) = queries.list_runs(engine).to_dict("records")
+    (run,) = api.list_runs(engine).to_dict("records")
     assert (run["strategy"], run["pp"], run["model"]) == ("layer", 2, "tiny")
     assert at.query_params["run"] == str(run["id"])
 
 
 def test_history_filters_come_from_the_query_string(engine):
-    queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
-    queries.submit_run(engine, RunSpec(strategy="data", dp=2))
+    api.submit(engine, RunSpec(strategy="layer", pp=2))
+    api.submit(engine, RunSpec(strategy="data", dp=2))
     at = page("pages/history.py", strategy="data")
     assert at.multiselect(key="history_strategy").value == ["data"]
     assert any(c.value.startswith("1 run match") for c in at.caption)
@@ -177,8 +179,8 @@ def test_history_filters_come_from_the_query_string(engine):
 
 
 def test_choosing_a_filter_writes_it_to_the_query_string(engine):
-    queries.submit_run(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)))
-    queries.submit_run(engine, RunSpec(strategy="data", dp=2))
+    api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)))
+    api.submit(engine, RunSpec(strategy="data", dp=2))
     at = page("pages/history.py")
     assert any(c.value.startswith("2 runs match") for c in at.caption)
     at.multiselect(key="history_strategy").select("layer").run()
@@ -190,7 +192,7 @@ def test_choosing_a_filter_writes_it_to_the_query_string(engine):
 
 
 def test_run_detail_shows_the_failure_reason_and_traceback(engine):
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
     queries.claim_run(engine, run_id, "r", "/tmp/none", [])
     queries.finish_run(engine, run_id, "failed", error="rank 1 was killed by signal 9 (SIGKILL)", failed_rank=1,
                        exit_code=1, traceback="Traceback (most recent call last):\n  boom")  # fmt: skip
@@ -201,7 +203,7 @@ def test_run_detail_shows_the_failure_reason_and_traceback(engine):
 
 
 def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp_path):
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, verify=True))
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, verify=True))
     queries.claim_run(engine, run_id, "r", str(tmp_path), [])
     rank = {"tp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
             "peak_mem_bytes": 300 * 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.02,
@@ -238,7 +240,7 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
 
 def finished_run(engine, spec: RunSpec, result: dict, ranks: list[dict]) -> int:
     """A succeeded run whose result.json held `result` and `ranks` (shaped as the job writes them)."""
-    run_id = queries.submit_run(engine, spec)
+    run_id = api.submit(engine, spec)
     queries.claim_run(engine, run_id, "r", "/tmp/none", [])
     base = {"tp": 0, "pp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
             "peak_mem_bytes": 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.0, "comm_bytes": {},
@@ -309,11 +311,11 @@ def test_run_detail_of_a_missing_run_says_so(engine):
 
 
 def test_a_queued_run_can_be_cancelled_from_its_page(engine):
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2))
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
     at = page("pages/history.py", run=str(run_id))
     assert any("waiting" in i.value or "runner" in i.value for i in at.info)
     at.button(key=f"history_cancel_{run_id}").click().run()
-    assert queries.get_run(engine, run_id)["status"] == "cancelled"
+    assert api.get_run(engine, run_id)["status"] == "cancelled"
 
 
 # ---- app -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""One function per chart: each takes a DataFrame from storage.queries and returns an Altair chart.
+"""One function per chart: each takes a DataFrame from runner.api and returns an Altair chart.
 
 Series are downsampled before drawing (telemetry already per time bucket in SQL; long step series
 thinned here) so a chart never ships more than a few thousand points to the browser.

@@ -1,33 +1,33 @@
 """Where a run goes: the hosts of a team database and the Launch page's "Run on" choice, as plain data.
 
-Every machine serving the database runs its own runner (one lease per host, see storage.queries.hosts).
+Every machine serving the database runs its own runner (one lease per host, see runner.api.hosts).
 A run targets this machine (the default: jobs run where they were launched), another host whose runner
 is alive, or any host with the devices it needs. The form is validated against the target's devices,
 not against the machine serving the page.
 
-Logs live in two places: the run folder on the host that ran it, and bounded tails in the database
-(queries.run_logs). `log_source` decides which one a page reads.
+Logs live in two places: the run folder on the host that ran it, and bounded tails in the database;
+runner.logs reads them (`log_source` decides which one) and `where_text` says which one a page shows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from storage.queries import ANY_HOST
+from runner.api import ANY_HOST
+from runner.logs import LogText, log_source
 from ui.format import human_age, human_bytes
 
-HERE = ""  # the choice "this machine": submit_run's default, LAB_HOST or the host name
+HERE = ""  # the choice "this machine": api.submit's default, LAB_HOST or the host name
 
 
 @dataclass(frozen=True)
 class Target:
-    """One option of "Run on": what it says, what submit_run gets, and the GPU count validation uses."""
+    """One option of "Run on": what it says, what api.submit gets, and the GPU count validation uses."""
 
     key: str  # HERE, a host name or ANY_HOST
     label: str
-    run_on: str | None  # submit_run(run_on=...): None for this machine
+    run_on: str | None  # api.submit(run_on=...): None for this machine
     gpu_count: int | None  # None: not known (no live runner reports it), device checks are skipped
 
 
@@ -97,33 +97,13 @@ def host_lines(hosts: list[dict[str, Any]], here: str) -> tuple[list[str], list[
     return live, silent
 
 
-def log_source(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str) -> str:
-    """Where this machine reads a run's logs: 'folder' when it has the run's folder (it ran here),
-    'database' when only the tails stored in the database can be read (it ran on another host), 'none'
-    when neither has anything yet.
-
-    A folder at the recorded path on this machine is another run's when the run ran elsewhere (two hosts
-    may use the same LAB_HOME path, and run ids restart in a fresh database): the stored tails win then.
-    """
-    folder = bool(run.get("run_dir")) and Path(run["run_dir"]).is_dir()
-    elsewhere = run.get("runner_host") not in (None, here)
-    if folder and not elsewhere:
-        return "folder"
-    if stored:
-        return "database"
-    return "folder" if folder else "none"
-
-
-def read_log(
-    run: dict[str, Any], name: str, stored: dict[str, dict[str, Any]], here: str, limit: int = 8000
-) -> str | None:
-    """The last `limit` characters of log `name` ('rank0', 'torchrun') from the run folder when it is here,
-    else from the database's tail; None when neither has it."""
-    if log_source(run, stored, here) == "folder":
-        path = Path(run["run_dir"]) / f"{name}.log"
-        return path.read_text(errors="replace")[-limit:] if path.exists() else None
-    entry = stored.get(name)
-    return entry["text"][-limit:] if entry is not None else None
+def last_lines(logs: list[LogText], lines: int = 5) -> str:
+    """The Live page's log tail: the last `lines` lines of each rank's log that has any, under its name."""
+    return "\n".join(
+        f"--- rank {log.name.removeprefix('rank')}\n" + "\n".join(log.text.splitlines()[-lines:])
+        for log in logs
+        if log.text is not None
+    )
 
 
 def where_text(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str) -> str:
@@ -138,6 +118,11 @@ def where_text(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str
     if source == "folder":
         return f"from the run folder {run['run_dir']}" + (f" on {host}" if host and host != here else "")
     return f"no log yet: the run's host ({host}) has not stored any" if host and host != here else "no log yet"
+
+
+def stored_logs_caption(run: dict[str, Any], stored: dict[str, dict[str, Any]], here: str) -> str | None:
+    """where_text for a run whose logs come from the database (it ran on another host); None otherwise."""
+    return where_text(run, stored, here) if log_source(run, stored, here) == "database" else None
 
 
 def placement_text(run: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import time
 import psutil
 import pytest
 
+from runner import api
 from runner.spec import RunSpec
 from storage import queries
 from storage.models import TERMINAL_STATES
@@ -21,7 +22,7 @@ def test_watch_a_run_live_and_cancel_it(app_url, page, engine):
     page.goto(app_url)  # the app starts the runner
     wait_for_app(page)
     slow = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=2000, batch=8, seq=128)
-    run_id = queries.submit_run(engine, slow)
+    run_id = api.submit(engine, slow)
     run = wait_run(engine, run_id, {"running"})
     page.goto(f"{app_url}/live")
     page.get_by_text("remaining").first.wait_for(timeout=60_000)  # the progress line of the running run
@@ -39,8 +40,8 @@ def test_watch_a_run_live_and_cancel_it(app_url, page, engine):
 def test_compare_two_real_runs(app_url, page, engine):
     page.goto(app_url)
     wait_for_app(page)
-    a = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, model="tiny", steps=2))
-    b = queries.submit_run(engine, RunSpec(strategy="pipeline", pp=2, microbatches=4, model="tiny", steps=2))
+    a = api.submit(engine, RunSpec(strategy="layer", pp=2, model="tiny", steps=2))
+    b = api.submit(engine, RunSpec(strategy="pipeline", pp=2, microbatches=4, model="tiny", steps=2))
     for run_id in (a, b):
         assert wait_run(engine, run_id, set(TERMINAL_STATES))["status"] == "succeeded"
     page.goto(f"{app_url}/compare?runs={a},{b}")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from storage import queries
+from runner import api
 from tests.browser.conftest import screenshot, wait_for_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -25,7 +25,7 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
     page.get_by_text("Verify: PASS").wait_for(timeout=30_000)  # the job's own verdict, not a label
     wait_for_app(page)
     screenshot(page, "run-detail")
-    (run,) = queries.list_runs(engine).to_dict("records")
+    (run,) = api.list_runs(engine).to_dict("records")
     assert run["status"] == "succeeded" and run["strategy"] == "layer" and run["world_size"] == 2
     page.goto(f"{app_url}/history")
     wait_for_app(page)
@@ -49,10 +49,10 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     pp.fill("3")
     pp.press("Enter")
     wait_for_app(page)
-    page.get_by_text("layer split over 3 ranks needs n_layer divisible by 3").wait_for(timeout=30_000)
+    page.get_by_text("splitting the layers over 3 ranks needs n_layer divisible by 3").wait_for(timeout=30_000)
     screenshot(page, "launch-invalid")
     assert page.get_by_role("button", name="Launch", exact=True).is_disabled()
-    assert queries.count_runs(engine) == 0
+    assert api.count_runs(engine) == 0
 
 
 def test_a_shared_link_opened_first_after_start_gets_the_whole_app(app_url, page, engine):

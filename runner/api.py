@@ -1,0 +1,271 @@
+"""The one module the pages and the CLI call to change or read runs; storage below it only stores.
+
+Changing runs: `submit` parses and validates a spec against the target host's GPUs (the weights file
+it names is read and checked here too) and only then stores it, so a refused spec stores nothing and
+its SpecError lists every problem by field; `cancel`, `update_meta` and `delete` change a stored run;
+`submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
+the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
+a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
+`export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.logs): the run
+folder when this machine ran it, else the tail its host stored in the database; `follow` streams it.
+
+Torch-free: the app imports it. Every function takes the engine first; nothing holds a session.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import Engine
+
+from runner import logs as log_reader
+from runner.logs import LogText
+from runner.spec import RunSpec, SpecError
+from storage import queries
+from storage.db import runs_dir
+from storage.models import TERMINAL_STATES
+
+ANY_HOST = queries.ANY_HOST  # run_on= for "whichever host first has the devices"
+RunFilter = queries.RunFilter
+FILTER_COLUMNS = ("status", "strategy", "model", "workload", "user")  # the columns filter_values answers for
+HOST_GPUS: Any = object()  # submit's default gpu_count: the target host's, as its runner reports it
+
+__all__ = [
+    "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
+    "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values", "follow", "get_run",
+    "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results", "runner_status",
+    "step_metrics", "submit", "submit_selftest", "target_gpu_count", "telemetry_series", "this_host",
+    "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
+]  # fmt: skip
+
+
+def this_host() -> str:
+    """This machine's name in the database: LAB_HOST, else the host name."""
+    return queries.this_host()
+
+
+def default_user() -> str:
+    """Who launches when nobody says: the OS user."""
+    return queries.default_user()
+
+
+def ensure_runner() -> bool:
+    """Start this machine's runner (`python -m runner serve`) unless a live one serves the database; True
+    when one was started now. It is its own process session: it outlives the app and the CLI."""
+    from runner.service import ensure_runner as start
+
+    return start()
+
+
+def wait_for_runner(engine: Engine, timeout_s: float = 30.0) -> bool:
+    """Wait until this machine's runner reports alive; False after `timeout_s`."""
+    from runner.service import wait_for_runner as wait
+
+    return wait(engine, timeout_s)
+
+
+def is_terminal(status: str) -> bool:
+    """Whether a run in `status` has ended (succeeded, failed, cancelled, lost)."""
+    return status in TERMINAL_STATES
+
+
+# ---- changing runs --------------------------------------------------------------------------
+def parse_spec(data: RunSpec | Mapping[str, Any]) -> RunSpec:
+    """A RunSpec from a spec or a field: value mapping; SpecError naming every malformed field."""
+    return data if isinstance(data, RunSpec) else RunSpec.from_dict(dict(data))
+
+
+def target_gpu_count(engine: Engine, run_on: str | None) -> int | None:
+    """The GPU count a submission is validated against: the target host's (this machine's by default), or
+    for any host the best-equipped live one's; None when no live runner reports it (device checks skipped)."""
+    live = [h for h in hosts(engine) if h["alive"]]
+    if run_on == ANY_HOST:
+        return max((len(h["gpus"]) for h in live), default=None)
+    host = next((h for h in live if h["host"] == (run_on or this_host())), None)
+    return len(host["gpus"]) if host else None
+
+
+def submit(
+    engine: Engine,
+    spec: RunSpec | Mapping[str, Any],
+    *,
+    user: str | None = None,
+    run_on: str | None = None,
+    gpu_count: int | None = HOST_GPUS,
+) -> int:
+    """Validate, then queue; returns the new run's id. Raises SpecError with every problem (nothing stored).
+
+    run_on: the host whose runner runs it (default this machine), or ANY_HOST. gpu_count: what the device
+    checks assume (default: the target host's, see target_gpu_count; None skips them). A weights file the
+    spec names is read and checked here, on the machine submitting.
+    """
+    spec = parse_spec(spec)
+    if gpu_count is HOST_GPUS:
+        gpu_count = target_gpu_count(engine, run_on)
+    problems = spec.validate(gpu_count=gpu_count)
+    if problems:
+        raise SpecError(problems)
+    return _store(engine, spec, user=user, run_on=run_on, gpu_count=gpu_count)
+
+
+def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None, gpu_count: int | None) -> int:
+    """Queue an already validated spec (storage only stores)."""
+    # TODO(H3 storage split): the store-only insert; the shim's submit_run validates once more meanwhile.
+    return queries.submit_run(engine, spec, user=user, gpu_count=gpu_count, run_on=run_on)
+
+
+def submit_selftest(
+    engine: Engine, device: str = "auto", user: str | None = None, gpus: int | None = None
+) -> list[int]:
+    """Queue the self-test runs (tag 'selftest') and return their ids; skipped layouts are not queued.
+
+    gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any.
+    Raises SpecError (nothing more queued) when a run does not fit, e.g. cuda where no GPU is seen.
+    """
+    from runner.selftest import selftest_specs  # the self-test's layouts; it submits through here itself
+
+    if gpus is None:
+        status = runner_status(engine)
+        gpus = len(status["gpus"]) if status and status["alive"] else 0
+    chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
+    return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus) if spec]
+
+
+def cancel(engine: Engine, run_id: int) -> str:
+    """'cancelled' for a queued run (at once), 'cancelling' for a running one (its runner stops it), else its
+    status as it is; KeyError when there is no such run."""
+    return queries.request_cancel(engine, run_id)
+
+
+def update_meta(engine: Engine, run_id: int, *, note: str | None = None, tags: list[str] | None = None) -> None:
+    """Change a run's note and/or tags (blank tags dropped); KeyError when there is no such run."""
+    queries.update_run_meta(engine, run_id, note=note, tags=tags)
+
+
+def delete(engine: Engine, run_id: int) -> None:
+    """Delete a run that is not running, everything measured for it and its folder on this machine."""
+    queries.delete_run(engine, run_id)
+
+
+# ---- reading runs ---------------------------------------------------------------------------
+def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    """One run with its ranks, in one read; None when there is no such run. Carries the stored world_size."""
+    run = queries.get_run(engine, run_id)
+    if run is not None and "world_size" not in run:
+        # TODO(H3): storage's run dict carries the stored column; until then the same number from the spec.
+        run["world_size"] = RunSpec.from_dict(run["spec"]).world_size
+    return run
+
+
+def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
+    """A page of runs, newest first, filtered in SQL (one row per run, the History table's columns)."""
+    return queries.list_runs(engine, filters, limit=limit, offset=offset)
+
+
+def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:
+    return queries.count_runs(engine, filters)
+
+
+def filter_values(engine: Engine, column: str) -> list[str]:
+    """The values present in one of FILTER_COLUMNS, sorted (a filter's choices)."""
+    if column not in FILTER_COLUMNS:
+        raise ValueError(f"no filter on {column!r}; one of {', '.join(FILTER_COLUMNS)}")
+    return queries.distinct_values(engine, column)
+
+
+def active_runs(engine: Engine) -> pd.DataFrame:
+    """Running and queued runs, oldest first, with progress and why a queued one waits."""
+    return queries.active_runs(engine)
+
+
+def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
+    """The fastest succeeded run of each strategy for one model and workload."""
+    return queries.best_runs(engine, model, workload)
+
+
+def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
+    return queries.step_metrics(engine, run_id)
+
+
+def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:
+    return queries.timeline_spans(engine, run_id)
+
+
+def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:
+    return queries.telemetry_series(engine, run_ids, bucket_s)
+
+
+def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """Per-rank figures of the runs, one row per (run, rank), flat for charts."""
+    return queries.rank_results(engine, run_ids)
+
+
+def hosts(engine: Engine) -> list[dict[str, Any]]:
+    """Every host whose runner serves or served the database, alive first, with its devices."""
+    return queries.hosts(engine)
+
+
+def runner_status(engine: Engine, host: str | None = None) -> dict[str, Any] | None:
+    """The lease of the runner serving `host` (default this machine); None when none ever did."""
+    return queries.runner_status(engine, host)
+
+
+def export_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:
+    """The filtered runs as CSV text, streamed (header first)."""
+    return queries.iter_runs_csv(engine, filters)
+
+
+def export_runs(engine: Engine, filters: RunFilter | None = None) -> list[dict[str, Any]]:
+    """Every filtered run in full (as get_run gives it), newest first."""
+    ids = list_runs(engine, filters, limit=1_000_000)["id"].tolist()
+    return [run for run in (get_run(engine, int(i)) for i in ids) if run is not None]
+
+
+def torchrun_command(spec: RunSpec) -> str:
+    """The command line the runner will start for `spec` (its folder shown as runs/<id>)."""
+    from runner.launch import torchrun_argv
+
+    return shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json")))
+
+
+# ---- logs -----------------------------------------------------------------------------------
+def log_tails(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
+    """The log tails the run's host stored in the database, by name: {text, size, updated_at}."""
+    return queries.run_logs(engine, run_id)
+
+
+def log(
+    engine: Engine,
+    run: dict[str, Any],
+    name: str,
+    *,
+    tail_bytes: int | None = None,
+    stored: dict[str, dict[str, Any]] | None = None,
+) -> LogText:
+    """Log `name` ('rank0', 'torchrun') of `run` (a get_run dict): from its folder when this machine ran it,
+    else the tail its host stored (`stored`: log_tails, read here when not given and needed)."""
+    here = this_host()
+    if stored is None:
+        if log_reader.ran_here(run, here):
+            got = log_reader.run_log(run, name, {}, here, tail_bytes)
+            if got.text is not None:
+                return got
+        stored = log_tails(engine, run["id"])
+    return log_reader.run_log(run, name, stored, here, tail_bytes)
+
+
+def follow(engine: Engine, run: dict[str, Any], first: LogText, poll_s: float | None = None) -> Iterator[str]:
+    """What log `first.name` gains after `first` (a whole log as `log` read it), until the run ends."""
+
+    def ended() -> bool:
+        now = get_run(engine, run["id"])
+        return now is None or is_terminal(now["status"])
+
+    if first.source == "folder":
+        yield from log_reader.follow_log(run["run_dir"], first.name, ended, first.size or 0, poll_s or 0.3)
+    elif first.source == "database":
+        fetch = lambda: log_tails(engine, run["id"]).get(first.name)  # noqa: E731
+        yield from log_reader.follow_stored(fetch, ended, first.size or 0, poll_s or 1.0)

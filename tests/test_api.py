@@ -1,0 +1,172 @@
+"""runner.api, the module pages and the CLI call: validate before storing (a refused spec stores nothing and
+names every field), a stored run read back once with its world_size, and logs through the one reader
+(runner.logs): a rank log's tail from the run folder, the database's stored tails where the folder is not
+this machine's, and following either until the run ends."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+from sqlalchemy import text
+
+from runner import api
+from runner.logs import follow_log, follow_stored, log_names, read_log, read_log_tail
+from runner.spec import RunSpec, SpecError
+from storage import queries
+
+
+def fields(exc: pytest.ExceptionInfo[SpecError]) -> dict[str, str]:
+    return {p.field: p.message for p in exc.value.problems}
+
+
+# ---- submit ---------------------------------------------------------------------------------
+def test_a_bad_spec_stores_nothing_and_names_every_field(engine):
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {"strategy": "layer", "pp": 3, "seq": 4096, "weights": "/nope/model.safetensors"})
+    got = fields(exc)
+    assert "needs n_layer divisible by 3" in got["pp"] and "exceeds the model's block_size" in got["seq"], got
+    assert "no file at" in got["weights"]
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {"strategy": "single", "colour": 1})
+    assert "is not a spec field" in fields(exc)["colour"]
+    assert api.count_runs(engine) == 0
+
+
+def test_a_good_spec_is_stored_and_read_back_once_with_its_world_size(engine):
+    run_id = api.submit(engine, {"strategy": "data", "dp": 2, "model": "tiny", "tags": ["a"]}, user="ada")
+    run = api.get_run(engine, run_id)
+    assert (run["status"], run["world_size"], run["user"], run["tags"]) == ("queued", 2, "ada", ["a"])
+    assert RunSpec.from_dict(run["spec"]) == RunSpec(strategy="data", dp=2, model="tiny", tags=("a",))
+    assert run["ranks"] == [] and api.get_run(engine, run_id + 1) is None
+    three_d = api.submit(engine, RunSpec(strategy="3d", tp=2, pp=2, dp=2, microbatches=2))
+    assert api.get_run(engine, three_d)["world_size"] == 8
+
+
+def test_a_missing_weights_file_is_refused_before_anything_is_stored(engine, monkeypatch):
+    def store(*args, **kwargs):
+        raise AssertionError("storage was asked to store a refused spec")
+
+    monkeypatch.setattr(api, "_store", store)
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {"strategy": "single", "weights": "/nope/model.safetensors"})
+    assert "no file at '/nope/model.safetensors'" in fields(exc)["weights"]
+    assert api.count_runs(engine) == 0
+
+
+def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
+    monkeypatch.setenv("LAB_HOST", "alpha")
+    h100 = {"index": 0, "name": "H100", "memory_total": 80 * 2**30}
+    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), [h100, {**h100, "index": 1}], "2", host="beta")
+    try:
+        cuda = {"strategy": "data", "dp": 2, "model": "tiny", "device": "cuda"}
+        with pytest.raises(SpecError) as exc:
+            api.submit(engine, cuda)  # this machine, alpha, has no GPU
+        assert "no NVIDIA GPU is visible" in fields(exc)["device"]
+        assert api.get_run(engine, api.submit(engine, cuda, run_on="beta"))["target_host"] == "beta"
+        assert api.get_run(engine, api.submit(engine, cuda, run_on=api.ANY_HOST))["target_host"] is None
+        assert api.submit(engine, cuda, gpu_count=None)  # None: device checks skipped
+        assert api.submit_selftest(engine, device="cuda") == []  # alpha's runner reports no GPU: nothing fits
+        assert api.count_runs(engine) == 3
+    finally:
+        queries.release_lease(engine, "runner-alpha")
+        queries.release_lease(engine, "runner-beta")
+
+
+def test_filters_cancel_notes_and_delete_go_through_the_api(engine):
+    layer = api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
+    single = api.submit(engine, RunSpec(strategy="single"), user="bob")
+    assert api.list_runs(engine, api.RunFilter(tag=["nightly"]))["id"].tolist() == [layer]
+    assert api.filter_values(engine, "user") == ["ada", "bob"]
+    with pytest.raises(ValueError, match="no filter on 'spec'"):
+        api.filter_values(engine, "spec")
+    assert api.cancel(engine, single) == "cancelled" and api.is_terminal("cancelled")
+    api.update_meta(engine, layer, note="baseline", tags=["x", " "])
+    assert (api.get_run(engine, layer)["note"], api.get_run(engine, layer)["tags"]) == ("baseline", ["x"])
+    assert [r["id"] for r in api.export_runs(engine)] == [single, layer]
+    assert "".join(api.export_csv(engine)).count("\n") == 3
+    api.delete(engine, single)
+    assert api.get_run(engine, single) is None and api.count_runs(engine) == 1
+
+
+# ---- the one log reader ---------------------------------------------------------------------
+def test_the_reader_gives_a_rank_logs_tail_from_a_whole_line(tmp_path):
+    lines = [f"step {i}\n" for i in range(1000)]
+    (tmp_path / "rank1.log").write_text("".join(lines))
+    (tmp_path / "rank10.log").write_text("")
+    (tmp_path / "rank2.log").write_text("x\n")
+    (tmp_path / "torchrun.log").write_text("t\n")
+    assert log_names(tmp_path) == ["torchrun", "rank1", "rank2", "rank10"]
+    assert read_log(tmp_path, "rank1") == "".join(lines)
+    tail, size = read_log_tail(tmp_path, "rank1", 100)
+    assert size == len("".join(lines)) and tail.startswith("step ") and "".join(lines).endswith(tail)
+    assert len(tail) <= 100 and tail.splitlines()[-1] == "step 999"
+    assert read_log(tmp_path, "rank7") is None and read_log(tmp_path / "nowhere", "rank0") is None
+
+
+def ran_elsewhere(engine, run_dir) -> int:
+    """A run that host beta ran (its folder there), with its log tails stored in the database."""
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2), gpu_count=None)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runs SET status = 'running', runner_host = 'beta', run_dir = :d WHERE id = :i"),
+                     {"d": str(run_dir), "i": run_id})  # fmt: skip
+    queries.store_log_tail(engine, run_id, "rank1", "step 2/3\nstep 3/3\n", 100)
+    return run_id
+
+
+def test_a_log_comes_from_this_machines_folder_else_from_the_stored_tails(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAB_HOST", "alpha")
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
+    queries.claim_run(engine, run_id, "r", str(tmp_path), [])  # claimed by this machine, alpha
+    (tmp_path / "rank0.log").write_text("rank 0 here\n" * 100)
+    log = api.log(engine, api.get_run(engine, run_id), "rank0", tail_bytes=30)
+    assert (log.source, log.text, log.size, log.cut) == ("folder", "rank 0 here\nrank 0 here\n", 1200, True)
+    assert log.path == str(tmp_path / "rank0.log")
+    queries.store_log_tail(engine, run_id, "rank1", "stored by alpha's runner\n", 25)
+    assert api.log(engine, api.get_run(engine, run_id), "rank1").text == "stored by alpha's runner\n"
+
+    # beta ran this one: a file at the same path here is another run's, the stored tail is the log
+    other = ran_elsewhere(engine, tmp_path)
+    (tmp_path / "rank1.log").write_text("another run's log on alpha\n")
+    log = api.log(engine, api.get_run(engine, other), "rank1")
+    assert (log.source, log.text, log.size, log.path, log.cut) == ("database", "step 2/3\nstep 3/3\n", 100, None, True)
+    assert api.log(engine, api.get_run(engine, other), "rank1", tail_bytes=10).text == "step 3/3\n"
+    missing = api.log(engine, api.get_run(engine, other), "rank0")
+    assert (missing.source, missing.text) == ("none", None)
+
+
+def test_following_a_folder_log_streams_appended_lines_until_the_run_ends(tmp_path):
+    path = tmp_path / "rank0.log"
+    path.write_text("first\n")
+    ended = threading.Event()
+
+    def writer():
+        with path.open("a") as f:
+            for line in ("second\n", "third ü\n"):
+                time.sleep(0.2)
+                f.write(line)
+                f.flush()
+        f.close()
+        with path.open("a") as f:
+            f.write("last words\n")
+        ended.set()
+
+    threading.Thread(target=writer).start()
+    assert "".join(follow_log(tmp_path, "rank0", ended.is_set, poll_s=0.05)) == "first\nsecond\nthird ü\nlast words\n"
+    assert "".join(follow_log(tmp_path, "rank0", lambda: True, start=6)) == "second\nthird ü\nlast words\n"
+
+
+def test_following_a_stored_tail_prints_what_each_refresh_added_and_marks_a_gap():
+    looks = iter(
+        [
+            {"text": "a\nb\n", "size": 4},  # nothing new after the first 4 bytes
+            {"text": "a\nb\nc\n", "size": 6},
+            {"text": "z\n", "size": 20},  # 14 bytes more, only the last 2 kept
+        ]
+    )
+    ends = iter([False, False, True])
+    got = "".join(follow_stored(lambda: next(looks), lambda: next(ends), size=4, poll_s=0))
+    assert got == "c\n\n[... 12 bytes not kept in the database ...]\nz\n"
