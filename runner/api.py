@@ -23,13 +23,14 @@ from sqlalchemy import Engine
 
 from runner import logs as log_reader
 from runner.logs import LogText
+from runner.records import RunStatus
 from runner.spec import RunSpec, SpecError
-from storage import queries
+from storage import hosts as host_rows
+from storage import runs, series
 from storage.db import runs_dir
-from storage.models import TERMINAL_STATES
+from storage.hosts import ANY_HOST  # run_on= for "whichever host first has the devices"
+from storage.runs import RunFilter
 
-ANY_HOST = queries.ANY_HOST  # run_on= for "whichever host first has the devices"
-RunFilter = queries.RunFilter
 FILTER_COLUMNS = ("status", "strategy", "model", "workload", "user")  # the columns filter_values answers for
 HOST_GPUS: Any = object()  # submit's default gpu_count: the target host's, as its runner reports it
 
@@ -44,12 +45,12 @@ __all__ = [
 
 def this_host() -> str:
     """This machine's name in the database: LAB_HOST, else the host name."""
-    return queries.this_host()
+    return host_rows.this_host()
 
 
 def default_user() -> str:
     """Who launches when nobody says: the OS user."""
-    return queries.default_user()
+    return runs.default_user()
 
 
 def ensure_runner() -> bool:
@@ -69,7 +70,7 @@ def wait_for_runner(engine: Engine, timeout_s: float = 30.0) -> bool:
 
 def is_terminal(status: str) -> bool:
     """Whether a run in `status` has ended (succeeded, failed, cancelled, lost)."""
-    return status in TERMINAL_STATES
+    return RunStatus(status).is_terminal
 
 
 # ---- changing runs --------------------------------------------------------------------------
@@ -108,13 +109,12 @@ def submit(
     problems = spec.validate(gpu_count=gpu_count)
     if problems:
         raise SpecError(problems)
-    return _store(engine, spec, user=user, run_on=run_on, gpu_count=gpu_count)
+    return _store(engine, spec, user=user, run_on=run_on)
 
 
-def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None, gpu_count: int | None) -> int:
+def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None) -> int:
     """Queue an already validated spec (storage only stores)."""
-    # TODO(H3 storage split): the store-only insert; the shim's submit_run validates once more meanwhile.
-    return queries.submit_run(engine, spec, user=user, gpu_count=gpu_count, run_on=run_on)
+    return runs.insert_run(engine, spec, user=user, run_on=run_on)
 
 
 def submit_selftest(
@@ -137,85 +137,82 @@ def submit_selftest(
 def cancel(engine: Engine, run_id: int) -> str:
     """'cancelled' for a queued run (at once), 'cancelling' for a running one (its runner stops it), else its
     status as it is; KeyError when there is no such run."""
-    return queries.request_cancel(engine, run_id)
+    return runs.request_cancel(engine, run_id)
 
 
 def update_meta(engine: Engine, run_id: int, *, note: str | None = None, tags: list[str] | None = None) -> None:
     """Change a run's note and/or tags (blank tags dropped); KeyError when there is no such run."""
-    queries.update_run_meta(engine, run_id, note=note, tags=tags)
+    runs.update_run_meta(engine, run_id, note=note, tags=tags)
 
 
 def delete(engine: Engine, run_id: int) -> None:
     """Delete a run that is not running, everything measured for it and its folder on this machine."""
-    queries.delete_run(engine, run_id)
+    runs.delete_run(engine, run_id)
 
 
 # ---- reading runs ---------------------------------------------------------------------------
 def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
-    """One run with its ranks, in one read; None when there is no such run. Carries the stored world_size."""
-    run = queries.get_run(engine, run_id)
-    if run is not None and "world_size" not in run:
-        # TODO(H3): storage's run dict carries the stored column; until then the same number from the spec.
-        run["world_size"] = RunSpec.from_dict(run["spec"]).world_size
-    return run
+    """One run with its ranks, in one read; None when there is no such run. Carries the stored world_size
+    and degrees (tp, pp, dp): nothing needs to parse the spec again for them."""
+    return runs.get_run(engine, run_id)
 
 
 def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
     """A page of runs, newest first, filtered in SQL (one row per run, the History table's columns)."""
-    return queries.list_runs(engine, filters, limit=limit, offset=offset)
+    return runs.list_runs(engine, filters, limit=limit, offset=offset)
 
 
 def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:
-    return queries.count_runs(engine, filters)
+    return runs.count_runs(engine, filters)
 
 
 def filter_values(engine: Engine, column: str) -> list[str]:
     """The values present in one of FILTER_COLUMNS, sorted (a filter's choices)."""
     if column not in FILTER_COLUMNS:
         raise ValueError(f"no filter on {column!r}; one of {', '.join(FILTER_COLUMNS)}")
-    return queries.distinct_values(engine, column)
+    return runs.distinct_values(engine, column)
 
 
 def active_runs(engine: Engine) -> pd.DataFrame:
     """Running and queued runs, oldest first, with progress and why a queued one waits."""
-    return queries.active_runs(engine)
+    return runs.active_runs(engine)
 
 
 def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
     """The fastest succeeded run of each strategy for one model and workload."""
-    return queries.best_runs(engine, model, workload)
+    return runs.best_runs(engine, model, workload)
 
 
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
-    return queries.step_metrics(engine, run_id)
+    return series.step_metrics(engine, run_id)
 
 
 def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:
-    return queries.timeline_spans(engine, run_id)
+    return series.timeline_spans(engine, run_id)
 
 
 def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:
-    return queries.telemetry_series(engine, run_ids, bucket_s)
+    return series.telemetry_series(engine, run_ids, bucket_s)
 
 
 def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
     """Per-rank figures of the runs, one row per (run, rank), flat for charts."""
-    return queries.rank_results(engine, run_ids)
+    return series.rank_results(engine, run_ids)
 
 
 def hosts(engine: Engine) -> list[dict[str, Any]]:
     """Every host whose runner serves or served the database, alive first, with its devices."""
-    return queries.hosts(engine)
+    return host_rows.hosts(engine)
 
 
 def runner_status(engine: Engine, host: str | None = None) -> dict[str, Any] | None:
     """The lease of the runner serving `host` (default this machine); None when none ever did."""
-    return queries.runner_status(engine, host)
+    return host_rows.runner_status(engine, host)
 
 
 def export_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:
     """The filtered runs as CSV text, streamed (header first)."""
-    return queries.iter_runs_csv(engine, filters)
+    return runs.iter_runs_csv(engine, filters)
 
 
 def export_runs(engine: Engine, filters: RunFilter | None = None) -> list[dict[str, Any]]:
@@ -234,7 +231,7 @@ def torchrun_command(spec: RunSpec) -> str:
 # ---- logs -----------------------------------------------------------------------------------
 def log_tails(engine: Engine, run_id: int) -> dict[str, dict[str, Any]]:
     """The log tails the run's host stored in the database, by name: {text, size, updated_at}."""
-    return queries.run_logs(engine, run_id)
+    return series.run_logs(engine, run_id)
 
 
 def log(

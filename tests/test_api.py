@@ -15,7 +15,8 @@ from sqlalchemy import text
 from runner import api
 from runner.logs import follow_log, follow_stored, log_names, read_log, read_log_tail
 from runner.spec import RunSpec, SpecError
-from storage import queries
+from storage import hosts as leases
+from storage import runner_rows
 
 
 def fields(exc: pytest.ExceptionInfo[SpecError]) -> dict[str, str]:
@@ -59,8 +60,8 @@ def test_a_missing_weights_file_is_refused_before_anything_is_stored(engine, mon
 def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
     monkeypatch.setenv("LAB_HOST", "alpha")
     h100 = {"index": 0, "name": "H100", "memory_total": 80 * 2**30}
-    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
-    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), [h100, {**h100, "index": 1}], "2", host="beta")
+    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    assert leases.acquire_lease(engine, "runner-beta", os.getpid(), [h100, {**h100, "index": 1}], "2", host="beta")
     try:
         cuda = {"strategy": "data", "dp": 2, "model": "tiny", "device": "cuda"}
         with pytest.raises(SpecError) as exc:
@@ -72,8 +73,8 @@ def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
         assert api.submit_selftest(engine, device="cuda") == []  # alpha's runner reports no GPU: nothing fits
         assert api.count_runs(engine) == 3
     finally:
-        queries.release_lease(engine, "runner-alpha")
-        queries.release_lease(engine, "runner-beta")
+        leases.release_lease(engine, "runner-alpha")
+        leases.release_lease(engine, "runner-beta")
 
 
 def test_filters_cancel_notes_and_delete_go_through_the_api(engine):
@@ -113,19 +114,19 @@ def ran_elsewhere(engine, run_dir) -> int:
     with engine.begin() as conn:
         conn.execute(text("UPDATE runs SET status = 'running', runner_host = 'beta', run_dir = :d WHERE id = :i"),
                      {"d": str(run_dir), "i": run_id})  # fmt: skip
-    queries.store_log_tail(engine, run_id, "rank1", "step 2/3\nstep 3/3\n", 100)
+    runner_rows.store_log_tail(engine, run_id, "rank1", "step 2/3\nstep 3/3\n", 100)
     return run_id
 
 
 def test_a_log_comes_from_this_machines_folder_else_from_the_stored_tails(engine, tmp_path, monkeypatch):
     monkeypatch.setenv("LAB_HOST", "alpha")
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
-    queries.claim_run(engine, run_id, "r", str(tmp_path), [])  # claimed by this machine, alpha
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])  # claimed by this machine, alpha
     (tmp_path / "rank0.log").write_text("rank 0 here\n" * 100)
     log = api.log(engine, api.get_run(engine, run_id), "rank0", tail_bytes=30)
     assert (log.source, log.text, log.size, log.cut) == ("folder", "rank 0 here\nrank 0 here\n", 1200, True)
     assert log.path == str(tmp_path / "rank0.log")
-    queries.store_log_tail(engine, run_id, "rank1", "stored by alpha's runner\n", 25)
+    runner_rows.store_log_tail(engine, run_id, "rank1", "stored by alpha's runner\n", 25)
     assert api.log(engine, api.get_run(engine, run_id), "rank1").text == "stored by alpha's runner\n"
 
     # beta ran this one: a file at the same path here is another run's, the stored tail is the log

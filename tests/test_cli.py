@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from storage import queries
+from storage import hosts as leases
+from storage import runner_rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
     from runner.spec import RunSpec
 
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
-    queries.claim_run(engine, run_id, "r", str(tmp_path), [])
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
     (tmp_path / "rank1.log").write_text("hello from rank 1\n")
     assert cli("logs", str(run_id), "--rank", "1").stdout == "hello from rank 1\n"
     out = json.loads(cli("logs", str(run_id), "--rank", "1", "--json").stdout)
@@ -116,11 +117,11 @@ def two_hosts(engine, monkeypatch):
     import os
 
     monkeypatch.setenv("LAB_HOST", "alpha")  # the CLI subprocesses inherit it
-    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
-    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), [H100, {**H100, "index": 1}], "2", host="beta")
+    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    assert leases.acquire_lease(engine, "runner-beta", os.getpid(), [H100, {**H100, "index": 1}], "2", host="beta")
     yield engine
-    queries.release_lease(engine, "runner-alpha")
-    queries.release_lease(engine, "runner-beta")
+    leases.release_lease(engine, "runner-alpha")
+    leases.release_lease(engine, "runner-beta")
 
 
 def test_submit_host_validates_against_that_hosts_gpus_and_aims_the_run_there(two_hosts):
@@ -135,7 +136,7 @@ def test_submit_host_validates_against_that_hosts_gpus_and_aims_the_run_there(tw
     assert anywhere.returncode == 0 and "for any host with the devices" in anywhere.stdout, anywhere.stderr
     any_id = int(anywhere.stdout.split()[2])
     assert api.get_run(two_hosts, any_id)["target_host"] is None
-    assert [r["id"] for r in queries.queued_runs(two_hosts, host="alpha")] == [any_id]
+    assert [r["id"] for r in runner_rows.queued_runs(two_hosts, host="alpha")] == [any_id]
     too_wide = cli(*cuda[:4], "4", *cuda[5:], "--host", "beta")
     assert too_wide.returncode == 2 and "4 ranks need 4 GPUs but 2 are visible" in too_wide.stdout
     gone = cli("submit", "--strategy", "single", "--host", "delta")
@@ -158,7 +159,7 @@ def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts
     with engine.begin() as conn:
         conn.execute(text("UPDATE runs SET status = 'running', runner_id = 'runner-beta', runner_host = 'beta', "
                           "run_dir = :d WHERE id = :i"), {"d": str(tmp_path), "i": run_id})  # fmt: skip
-    queries.store_log_tail(engine, run_id, "rank1", "step 1/3\n", 9)
+    runner_rows.store_log_tail(engine, run_id, "rank1", "step 1/3\n", 9)
     assert cli("logs", str(run_id), "--rank", "1").stdout == "step 1/3\n"
     out = json.loads(cli("logs", str(run_id), "--rank", "1", "--json").stdout)
     assert (out["source"], out["host"], out["text"], out["size"]) == ("database", "beta", "step 1/3\n", 9)
@@ -169,10 +170,10 @@ def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts
                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         time.sleep(3)  # it printed the tail and polls
-        queries.store_log_tail(engine, run_id, "rank1", "step 1/3\nstep 2/3\n", 18)
+        runner_rows.store_log_tail(engine, run_id, "rank1", "step 1/3\nstep 2/3\n", 18)
         time.sleep(2)
-        queries.store_log_tail(engine, run_id, "rank1", "step 3/3\n", 27)  # the stored tail keeps the end only
-        queries.finish_run(engine, run_id, "succeeded")
+        runner_rows.store_log_tail(engine, run_id, "rank1", "step 3/3\n", 27)  # the stored tail keeps the end only
+        runner_rows.finish_run(engine, run_id, "succeeded")
         stdout, stderr = follow.communicate(timeout=30)
     finally:
         follow.kill()

@@ -8,7 +8,7 @@ import pytest
 
 from runner import api
 from runner.spec import RunSpec
-from storage import queries
+from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
@@ -17,7 +17,7 @@ from ui.compare import comparison_table, guide_table, spec_differences, with_bas
 def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, spans: bool = False) -> int:
     """A succeeded run with a result shaped like a job's."""
     run_id = api.submit(engine, spec)
-    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
+    runner_rows.claim_run(engine, run_id, "r", "/tmp/none", [])
     ranks = [{"rank": r, "tp": 0, "pp": r if spec.strategy in ("layer", "pipeline") else 0, "dp": 0,
               "param_count": 100_000, "param_bytes": 400_000, "optimizer_bytes": 800_000,
               "peak_mem_bytes": 2**20 * (r + 1), "compute_s": 1.0, "comm_s": 0.5, "idle_s": idle,
@@ -25,9 +25,9 @@ def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, span
     result = {"tokens_per_s": tokens_per_s, "step_time_s_p50": 1000 / tokens_per_s, "step_times_s": [0.1, 0.1],
               "bubble_fraction": 0.25 if spans else None, "bubble_fraction_theory": 0.2 if spans else None,
               "ranks": ranks}  # fmt: skip
-    queries.finish_run(engine, run_id, "succeeded", result=result)
+    runner_rows.finish_run(engine, run_id, "succeeded", result=result)
     if spans:
-        queries.add_spans(engine, run_id, [
+        runner_rows.add_spans(engine, run_id, [
             {"step": 1, "rank": s, "stage": s, "microbatch": m, "phase": ph, "start": 0.01 * (m + s), "end": 0.01 * (m + s) + 0.005}
             for s in range(2) for m in range(4) for ph in ("forward", "backward")])  # fmt: skip
     return run_id
@@ -113,10 +113,10 @@ def test_compare_page_empty_state(engine):
 
 def test_live_page_lists_running_and_queued_runs_with_wait_reasons(engine):
     running = api.submit(engine, RunSpec(strategy="layer", pp=2))
-    queries.claim_run(engine, running, "r", "/tmp/none", [])
-    queries.update_run(engine, running, progress_step=2)
+    runner_rows.claim_run(engine, running, "r", "/tmp/none", [])
+    runner_rows.update_run(engine, running, progress_step=2)
     waiting = api.submit(engine, RunSpec(strategy="single"))
-    queries.set_wait_reason(engine, waiting, "waiting for a CPU slot (1 of 1 CPU jobs running)")
+    runner_rows.set_wait_reason(engine, waiting, "waiting for a CPU slot (1 of 1 CPU jobs running)")
     at = page("pages/live.py")
     assert not at.exception
     assert any("waiting for a CPU slot" in m for m in texts(at.markdown))
@@ -144,7 +144,7 @@ def test_history_date_filter_lives_in_the_query_string(engine):
     from datetime import UTC, datetime, timedelta
 
     old = api.submit(engine, RunSpec(strategy="single"))
-    queries.update_run(engine, old, created_at=datetime.now(UTC) - timedelta(days=10))
+    runner_rows.update_run(engine, old, created_at=datetime.now(UTC) - timedelta(days=10))
     api.submit(engine, RunSpec(strategy="single"))
     today = datetime.now(UTC).date().isoformat()
     at = page("pages/history.py", since=today, until=today)

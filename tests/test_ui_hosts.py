@@ -19,7 +19,8 @@ from streamlit.testing.v1 import AppTest
 from runner import api
 from runner.logs import log_source, run_log
 from runner.spec import RunSpec
-from storage import queries
+from storage import hosts as leases
+from storage import runner_rows
 from ui.hosts import HERE, devices_text, targets, where_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,11 +32,11 @@ TWO_H100 = [H100, {**H100, "index": 1}]
 def two_hosts(engine, monkeypatch):
     """alpha (this machine, no GPU) and beta (2 H100s), both with a live runner lease."""
     monkeypatch.setenv("LAB_HOST", "alpha")
-    assert queries.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no NVIDIA GPU", host="alpha")
-    assert queries.acquire_lease(engine, "runner-beta", os.getpid(), TWO_H100, "2 GPUs", host="beta")
+    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no NVIDIA GPU", host="alpha")
+    assert leases.acquire_lease(engine, "runner-beta", os.getpid(), TWO_H100, "2 GPUs", host="beta")
     yield engine
     for runner_id in ("runner-alpha", "runner-beta"):
-        queries.release_lease(engine, runner_id)
+        leases.release_lease(engine, runner_id)
 
 
 def page(path: str, **query) -> AppTest:
@@ -106,7 +107,7 @@ def test_launch_validates_against_the_chosen_hosts_gpus_and_queues_the_run_there
     (run,) = api.list_runs(engine).to_dict("records")
     stored = api.get_run(engine, int(run["id"]))
     assert stored["target_host"] == "beta" and stored["host"] == "alpha" and stored["spec"]["device"] == "cuda"
-    assert [r["id"] for r in queries.queued_runs(engine, host="alpha")] == []  # alpha's runner leaves it alone
+    assert [r["id"] for r in runner_rows.queued_runs(engine, host="alpha")] == []  # alpha's runner leaves it alone
 
 
 def test_launch_on_any_host_queues_an_untargeted_run(two_hosts):
@@ -117,16 +118,16 @@ def test_launch_on_any_host_queues_an_untargeted_run(two_hosts):
     at.button(key="launch_submit").click().run()
     (run,) = api.list_runs(two_hosts).to_dict("records")
     assert api.get_run(two_hosts, int(run["id"]))["target_host"] is None
-    assert [r["id"] for r in queries.queued_runs(two_hosts, host="beta")] == [run["id"]]
+    assert [r["id"] for r in runner_rows.queued_runs(two_hosts, host="beta")] == [run["id"]]
 
 
 def test_the_devices_panel_lists_every_host_alive_and_the_silent_ones_apart(two_hosts, engine):
-    assert queries.acquire_lease(engine, "runner-gamma", os.getpid(), [], "no GPU", host="gamma")
+    assert leases.acquire_lease(engine, "runner-gamma", os.getpid(), [], "no GPU", host="gamma")
     make_silent(engine, "gamma")
     try:
         at = page("pages/launch.py")
     finally:
-        queries.release_lease(engine, "runner-gamma")
+        leases.release_lease(engine, "runner-gamma")
     (hosts,) = [m for m in texts(at.markdown) if m.startswith("**Hosts alive**")]
     assert "**alpha** (this machine): CPU only (gloo)" in hosts
     assert "**beta**: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)" in hosts and "gamma" not in hosts
@@ -142,8 +143,8 @@ def ran_on_beta(engine, run_dir: str = "/nonexistent/beta/runs/1") -> int:
         conn.execute(text("UPDATE runs SET status = 'running', runner_id = 'runner-beta', runner_host = 'beta', "
                           "run_dir = :d, started_at = :t WHERE id = :i"),
                      {"d": run_dir, "t": datetime.now(UTC), "i": run_id})  # fmt: skip
-    queries.store_log_tail(engine, run_id, "rank0", "rank 0 on beta\nstep 1/6\n", 24)
-    queries.store_log_tail(engine, run_id, "rank1", "rank 1 on beta\nstep 1/6\n", 24)
+    runner_rows.store_log_tail(engine, run_id, "rank0", "rank 0 on beta\nstep 1/6\n", 24)
+    runner_rows.store_log_tail(engine, run_id, "rank1", "rank 1 on beta\nstep 1/6\n", 24)
     return run_id
 
 
@@ -164,7 +165,7 @@ def test_log_source_prefers_this_machines_folder_and_falls_back_to_the_database(
 
 def test_the_run_page_shows_logs_of_a_run_that_ran_on_another_host(two_hosts):
     run_id = ran_on_beta(two_hosts)
-    queries.finish_run(two_hosts, run_id, "failed", error="rank 1 exited with code 1")
+    runner_rows.finish_run(two_hosts, run_id, "failed", error="rank 1 exited with code 1")
     at = page("pages/history.py", run=str(run_id))
     assert not at.exception
     assert any("rank 0 on beta" in c for c in texts(at.code)), texts(at.code)

@@ -15,7 +15,8 @@ from streamlit.testing.v1 import AppTest
 
 from runner import api
 from runner.spec import RunSpec
-from storage import queries
+from storage import hosts as leases
+from storage import runner_rows
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
@@ -31,11 +32,11 @@ def page(path: str, **query) -> AppTest:
 @contextmanager
 def runner_lease(engine, gpus: list[dict]):
     """This process holds the lease as a runner would; released before the fixture's stop_runner could signal us."""
-    assert queries.acquire_lease(engine, "test-runner", os.getpid(), gpus, "test lease")
+    assert leases.acquire_lease(engine, "test-runner", os.getpid(), gpus, "test lease")
     try:
         yield
     finally:
-        queries.release_lease(engine, "test-runner")
+        leases.release_lease(engine, "test-runner")
 
 
 def query_list(at: AppTest, name: str) -> list[str]:
@@ -193,8 +194,8 @@ def test_choosing_a_filter_writes_it_to_the_query_string(engine):
 
 def test_run_detail_shows_the_failure_reason_and_traceback(engine):
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
-    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
-    queries.finish_run(engine, run_id, "failed", error="rank 1 was killed by signal 9 (SIGKILL)", failed_rank=1,
+    runner_rows.claim_run(engine, run_id, "r", "/tmp/none", [])
+    runner_rows.finish_run(engine, run_id, "failed", error="rank 1 was killed by signal 9 (SIGKILL)", failed_rank=1,
                        exit_code=1, traceback="Traceback (most recent call last):\n  boom")  # fmt: skip
     at = page("pages/history.py", run=str(run_id))
     assert not at.exception
@@ -204,7 +205,7 @@ def test_run_detail_shows_the_failure_reason_and_traceback(engine):
 
 def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp_path):
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, verify=True))
-    queries.claim_run(engine, run_id, "r", str(tmp_path), [])
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
     rank = {"tp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
             "peak_mem_bytes": 300 * 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.02,
             "comm_bytes": {"send": 2**20, "recv": 2**20, "all_reduce": 0}, "comm_calls": {"send": 5}}  # fmt: skip
@@ -213,8 +214,8 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
               "verify": {"logits_max_abs_diff": 0.0, "loss_abs_diff": 0.0, "grads_max_abs_diff": 1e-7,
                          "tokens_equal": None},
               "ranks": [{**rank, "rank": 0, "pp": 0}, {**rank, "rank": 1, "pp": 1}]}  # fmt: skip
-    queries.finish_run(engine, run_id, "succeeded", result=result)
-    queries.add_spans(engine, run_id, [
+    runner_rows.finish_run(engine, run_id, "succeeded", result=result)
+    runner_rows.add_spans(engine, run_id, [
         {"step": st, "rank": r, "stage": r, "microbatch": 0, "phase": ph, "start": t0, "end": t0 + 0.01}
         for st in (1, 2) for r in (0, 1) for ph, t0 in (("forward", 0.01 * r), ("backward", 0.05 - 0.01 * r))
     ])  # fmt: skip
@@ -241,13 +242,13 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
 def finished_run(engine, spec: RunSpec, result: dict, ranks: list[dict]) -> int:
     """A succeeded run whose result.json held `result` and `ranks` (shaped as the job writes them)."""
     run_id = api.submit(engine, spec)
-    queries.claim_run(engine, run_id, "r", "/tmp/none", [])
+    runner_rows.claim_run(engine, run_id, "r", "/tmp/none", [])
     base = {"tp": 0, "pp": 0, "dp": 0, "param_count": 1000, "param_bytes": 4000, "optimizer_bytes": 8000,
             "peak_mem_bytes": 2**20, "compute_s": 0.5, "comm_s": 0.01, "idle_s": 0.0, "comm_bytes": {},
             "comm_calls": {}}  # fmt: skip
     result = {"tokens_per_s": 1000.0, "step_time_s_p50": 0.1, "step_times_s": [0.1, 0.1], "device": "cpu",
               "ranks": [{**base, "rank": i, **r} for i, r in enumerate(ranks)], **result}  # fmt: skip
-    queries.finish_run(engine, run_id, "succeeded", result=result)
+    runner_rows.finish_run(engine, run_id, "succeeded", result=result)
     return run_id
 
 

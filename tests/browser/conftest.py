@@ -73,7 +73,8 @@ def stop_app_and_runner(proc: subprocess.Popen, lab_home: Path) -> None:
     """
     import psutil
 
-    from storage import queries
+    from storage import hosts as leases
+    from storage import runner_rows
     from storage.db import get_engine
 
     # A runner the app spawned moments ago may not hold its lease yet: it is still the app's child, in
@@ -89,8 +90,8 @@ def stop_app_and_runner(proc: subprocess.Popen, lab_home: Path) -> None:
             if os.getpgid(pid) == pid:  # a session leader the app started (the runner): its whole group
                 kill_group(pid)
     engine = get_engine()  # the test's LAB_HOME database (the lab_home fixture set the environment)
-    status = queries.runner_status(engine)
-    jobs = [r["pid"] for r in queries.running_runs(engine) if r["pid"]]
+    status = leases.runner_status(engine)
+    jobs = [r["pid"] for r in runner_rows.running_runs(engine) if r["pid"]]
     if status:
         kill_group(status["pid"])  # start_new_session: the runner's pid is its group id
     for pgid in jobs:  # a stopped runner leaves its jobs running on purpose (a new one adopts them)

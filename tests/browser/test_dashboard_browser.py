@@ -10,7 +10,7 @@ import pytest
 
 from runner import api
 from runner.spec import RunSpec
-from storage import queries
+from storage import runner_rows
 from storage.models import TERMINAL_STATES
 from tests.browser.conftest import screenshot, wait_for_app
 from tests.jobs import wait_status as wait_run
@@ -28,7 +28,7 @@ def test_watch_a_run_live_and_cancel_it(app_url, page, engine):
     page.get_by_text("remaining").first.wait_for(timeout=60_000)  # the progress line of the running run
     page.get_by_text("--- rank 1").wait_for(timeout=30_000)  # log tails of both ranks
     screenshot(page, "live")
-    pids = [p.pid for p in psutil.Process(queries.running_runs(engine)[0]["pid"]).children(recursive=True)]
+    pids = [p.pid for p in psutil.Process(runner_rows.running_runs(engine)[0]["pid"]).children(recursive=True)]
     page.get_by_role("button", name="Cancel").first.click()
     run = wait_run(engine, run_id, set(TERMINAL_STATES), timeout=30)
     assert run["status"] == "cancelled"
