@@ -4,7 +4,7 @@ Pages, the CLI, the runner and the rank processes all speak RunSpec. It imports 
 validate a form instantly. What a strategy uses and needs comes from the registry (runner/strategies);
 `validate()` (rules in runner/spec_validation.py) returns every problem at once, each naming the field
 and the fix, and nothing with a problem is ever queued. Memory estimates live in runner/estimates.py.
-The host facts a spec is judged against here (usable cores) and the oversubscription warning are here too.
+Also here: the cores this host offers a CPU run (`usable_cores`) and the warning when its ranks outnumber them.
 """
 
 from __future__ import annotations
