@@ -27,6 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from runner.records import TERMINAL_STATUSES, RunStatus
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -35,8 +37,9 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "lost")
-RUN_STATES = ("queued", "running", *TERMINAL_STATES)
+# The run states are runner.records.RunStatus; these tuples of their values are what SQL filters take.
+RUN_STATES = tuple(s.value for s in RunStatus)
+TERMINAL_STATES = tuple(s.value for s in TERMINAL_STATUSES)
 
 
 def utcnow() -> datetime:
@@ -76,7 +79,7 @@ class Run(Base):
     __tablename__ = "runs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=RunStatus.QUEUED.value)
     strategy: Mapped[str] = mapped_column(String(16), index=True)
     model: Mapped[str] = mapped_column(String(32), index=True)
     workload: Mapped[str] = mapped_column(String(16), index=True)

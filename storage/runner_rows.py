@@ -9,14 +9,15 @@ made finite before they are stored (PostgreSQL's JSON refuses NaN).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Engine, delete, insert, or_, select, update
 
+from runner.records import Result, RunStatus, Span, Step
 from storage import ranks
 from storage.hosts import this_host
 from storage.models import (
-    TERMINAL_STATES,
     RankResult,
     Run,
     RunLog,
@@ -139,11 +140,16 @@ def store_log_tail(engine: Engine, run_id: int, name: str, text: str, size: int)
             conn.execute(insert(RunLog).values(run_id=run_id, name=name, **values))
 
 
-def add_step_metrics(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
-    """Store step rows; a non-finite loss (a diverged run) is stored as NULL on every backend."""
+def add_step_metrics(engine: Engine, run_id: int, steps: Sequence[Step]) -> None:
+    """Store step events; a non-finite loss (a diverged run) is stored as NULL on every backend."""
+    rows = [
+        {"run_id": run_id, "step": e.step, "warmup": e.warmup, "step_time_s": e.step_time_s,
+         "loss": finite_json(e.loss)[0], "t": e.t}
+        for e in steps
+    ]  # fmt: skip
     if rows:
         with engine.begin() as conn:
-            conn.execute(insert(StepMetric), [{"run_id": run_id, **finite_json(r)[0]} for r in rows])
+            conn.execute(insert(StepMetric), rows)
 
 
 def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
@@ -152,41 +158,47 @@ def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> No
             conn.execute(insert(TelemetrySample), [{"run_id": run_id, **r} for r in rows])
 
 
-def add_spans(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+def add_spans(engine: Engine, run_id: int, spans: Sequence[Span | Mapping[str, Any]]) -> None:
+    """Store timeline spans (records, or mappings with Span's keys: read through Span.from_dict)."""
+    rows = []
+    for e in spans:
+        span = e if isinstance(e, Span) else Span.from_dict(dict(e))
+        rows.append({"run_id": run_id, "step": span.step, "rank": span.rank, "stage": span.stage,
+                     "microbatch": span.microbatch, "phase": span.phase, "start": span.start, "end": span.end})  # fmt: skip
     if rows:
         with engine.begin() as conn:
-            conn.execute(insert(TimelineSpan), [{"run_id": run_id, **r} for r in rows])
+            conn.execute(insert(TimelineSpan), rows)
 
 
-def finish_run(engine: Engine, run_id: int, status: str, result: dict[str, Any] | None = None, **values: Any) -> bool:
+def finish_run(engine: Engine, run_id: int, status: RunStatus | str, result: Result | Mapping[str, Any] | None = None,
+               **values: Any) -> bool:  # fmt: skip
     """Move a queued or running run to a terminal state; with a result, store its summary and one row per rank.
 
     Non-finite numbers in the result are stored as null and listed in the summary's `non_finite`
     ("loss = nan", "ranks[0].loss = nan"), so the value that was there is not silently lost. A run that
     already ended keeps its ending (a second runner finalising it changes nothing); False then.
     """
-    assert status in TERMINAL_STATES
-    values = {"status": status, "finished_at": utcnow(), "cancel_requested": False, **values}
-    rank_figures = []
+    status = RunStatus(status)
+    assert status.is_terminal
+    values = {"status": status.value, "finished_at": utcnow(), "cancel_requested": False, **values}
+    stored: Result | None = None
     if result is not None:
-        result, non_finite = finite_json(result)
-        rank_figures = result.get("ranks") or []
-        summary = {k: v for k, v in result.items() if k != "ranks"}
+        finite, non_finite = finite_json(result.to_dict() if isinstance(result, Result) else dict(result))
+        stored = Result.from_dict(finite)
         if non_finite:
-            summary["non_finite"] = non_finite
+            stored.other["non_finite"] = non_finite
         values.update(
-            result=summary,
-            tokens_per_s=result.get("tokens_per_s"),
-            step_time_s_p50=result.get("step_time_s_p50"),
-            peak_mem_bytes_max=max((r.get("peak_mem_bytes") or 0 for r in rank_figures), default=None),
-            torch_version=result.get("torch_version"),
-            device_names=result.get("device_names") or [],
+            result=stored.summary(),
+            tokens_per_s=stored.tokens_per_s,
+            step_time_s_p50=stored.step_time_s_p50,
+            peak_mem_bytes_max=max((r.peak_mem_bytes or 0 for r in stored.ranks), default=None),
+            torch_version=stored.torch_version,
+            device_names=stored.device_names or [],
         )
+    live = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
     with engine.begin() as conn:
-        moved = conn.execute(
-            update(Run).where(Run.id == run_id, Run.status.in_(("queued", "running"))).values(**values)
-        ).rowcount
-        if moved and rank_figures:
+        moved = conn.execute(update(Run).where(Run.id == run_id, Run.status.in_(live)).values(**values)).rowcount
+        if moved and stored is not None and stored.ranks:
             conn.execute(delete(RankResult).where(RankResult.run_id == run_id))
-            conn.execute(insert(RankResult), [ranks.to_row(run_id, r) for r in rank_figures])
+            conn.execute(insert(RankResult), [ranks.to_row(run_id, r) for r in stored.ranks])
     return bool(moved)

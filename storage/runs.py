@@ -115,7 +115,7 @@ def _run_dict(run: Run, rank_rows: list[RankResult] | None = None) -> dict[str, 
         "error": run.error,
         "spec": run.spec,
         "result": run.result,
-        "ranks": [ranks.from_row(r) for r in rank_rows] if rank_rows is not None else [],
+        "ranks": [ranks.from_row(r).to_dict() for r in rank_rows] if rank_rows is not None else [],
         "world_size": run.world_size,  # as stored at submit: readers need not re-parse the spec
         "tp": run.tp,
         "pp": run.pp,

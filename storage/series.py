@@ -24,7 +24,7 @@ def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
         ).all()
         records = []
         for r in rows:
-            d = ranks.from_row(r)
+            d = ranks.from_row(r).to_dict()
             d["run_id"] = r.run_id
             for kind, n in (d.pop("comm_bytes") or {}).items():
                 d[f"comm_bytes_{kind}"] = n

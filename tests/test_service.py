@@ -14,8 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from runner.failures import diagnose_failure, first_traceback
 from runner.launch import Job, group_alive
-from runner.service import Runner, Watched, diagnose_failure, first_traceback
+from runner.logs import read_log
+from runner.records import Error
+from runner.service import Runner, Watched
 from runner.spec import RunSpec
 from runner.telemetry import Sampler
 from storage import queries
@@ -190,8 +193,8 @@ def test_torchrun_root_cause_names_the_rank_killed_by_a_signal(tmp_path):
 
 def test_the_rank_that_raised_first_is_blamed_not_the_peers_that_lost_their_connection(tmp_path):
     errors = [
-        {"kind": "error", "rank": 0, "t": 5.0, "error": "RuntimeError: Connection closed by peer", "traceback": "tb0"},
-        {"kind": "error", "rank": 1, "t": 6.0, "error": "ValueError: shapes do not match", "traceback": "tb1"},
+        Error(rank=0, t=5.0, error="RuntimeError: Connection closed by peer", traceback="tb0"),
+        Error(rank=1, t=6.0, error="ValueError: shapes do not match", traceback="tb1"),
     ]
     rank, error, tb = diagnose_failure(tmp_path, errors)
     assert (rank, tb) == (1, "tb1") and error == "rank 1 raised ValueError: shapes do not match"
@@ -201,7 +204,7 @@ def test_without_events_the_first_traceback_of_a_rank_log_is_used(tmp_path):
     (tmp_path / "rank2.log").write_text(RANK_LOG)
     rank, error, tb = diagnose_failure(tmp_path, [])
     assert rank == 2 and error == "rank 2 failed: ValueError: shapes do not match"
-    assert tb == first_traceback(tmp_path / "rank2.log")
+    assert tb == first_traceback(read_log(tmp_path, "rank2"))
     assert tb.startswith("Traceback") and tb.endswith("ValueError: shapes do not match")
 
 
@@ -242,9 +245,7 @@ def test_a_killed_rank_is_the_cause_even_when_torchrun_names_its_peer_first(tmp_
         "Root Cause (first observed failure):\n[0]:\n  time      : t\n  host      : h\n"
         "  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 10)\n"
     )
-    errors = [
-        {"rank": 0, "t": 1.0, "error": "RuntimeError: Connection closed by peer [127.0.0.1]:1", "traceback": "tb"}
-    ]
+    errors = [Error(rank=0, t=1.0, error="RuntimeError: Connection closed by peer [127.0.0.1]:1", traceback="tb")]
     rank, error, _ = diagnose_failure(tmp_path, errors)
     assert rank == 1 and error == "rank 1 was killed by signal 9 (SIGKILL)"
 
@@ -254,7 +255,7 @@ def test_a_rank_that_died_silently_is_the_cause_when_its_peers_only_lost_it(tmp_
         "Root Cause (first observed failure):\n[0]:\n  rank      : 1 (local_rank: 1)\n  exitcode  : 3 (pid: 11)\n"
         "[1]:\n  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 10)\n"
     )
-    errors = [{"rank": 0, "t": 1.0, "error": "RuntimeError: Connection closed by peer", "traceback": "tb"}]
+    errors = [Error(rank=0, t=1.0, error="RuntimeError: Connection closed by peer", traceback="tb")]
     rank, error, _ = diagnose_failure(tmp_path, errors)
     assert rank == 1 and "exited with code 3 without an error" in error
 

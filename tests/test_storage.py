@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import inspect, text
 
+from runner.records import Step
 from runner.spec import RunSpec, SpecError
 from storage import queries
 from storage.db import database_url
@@ -305,7 +306,7 @@ def test_non_finite_numbers_are_stored_as_null_with_a_note_and_an_ended_run_keep
     nan, inf = float("nan"), float("inf")
     run_id = queries.submit_run(engine, TINY_LAYER)
     queries.claim_run(engine, run_id, "r", "/tmp/x", [])
-    queries.add_step_metrics(engine, run_id, [{"step": 0, "warmup": False, "step_time_s": 0.1, "loss": nan, "t": 1.0}])
+    queries.add_step_metrics(engine, run_id, [Step(rank=0, t=1.0, step=0, warmup=False, step_time_s=0.1, loss=nan)])
     result = {"loss": nan, "tokens_per_s": 10.0, "step_time_s_p50": 0.1, "verify": {"loss_abs_diff": inf},
               "ranks": [{"rank": 0, "loss": nan, "compute_s": nan, "peak_mem_bytes": 1}]}  # fmt: skip
     assert queries.finish_run(engine, run_id, "failed", result=result, error="loss became NaN at step 1")
