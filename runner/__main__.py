@@ -12,20 +12,12 @@ import sys
 import time
 
 from runner import api
-from runner.spec import (
-    DEVICES,
-    DTYPES,
-    SCHEDULES,
-    STRATEGIES,
-    TP_STYLES,
-    WORKLOADS,
-    RunSpec,
-    SpecError,
-)
+from runner.spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, RunSpec, SpecError
+from runner.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
-SPEC_FLAGS = {
-    "strategy": dict(choices=STRATEGIES, required=True),
+SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from the registry (registry_opts)
+    "strategy": dict(required=True),
     "tp": dict(type=int),
     "pp": dict(type=int),
     "dp": dict(type=int),
@@ -55,6 +47,17 @@ SPEC_FLAGS = {
 }
 
 
+def registry_opts(name: str) -> dict:
+    """What the strategy registry says about a spec flag: --strategy's choices with each one's help, and for
+    a degree or option the strategies that use it."""
+    if name == "strategy":
+        names = strategy_names()
+        text = "; ".join(f"{n}: {get_strategy(n).help}" for n in names)
+        return dict(choices=names, help=text.replace("%", "%%"))
+    users = users_of(name)
+    return dict(help=f"used by {', '.join(users)}") if users else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m runner", description="Parallel GPT Lab runner and CLI")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="validate and queue a run")
     for name, opts in SPEC_FLAGS.items():
-        opts = dict(opts)
+        opts = {**opts, **registry_opts(name)}
         flag = opts.pop("flag", "--" + name.replace("_", "-"))
         submit.add_argument(flag, dest=name, **opts)
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from runner import api
 from runner.gpt.config import count_parameters
 from runner.spec import RunSpec, SpecError, usable_cores
+from runner.strategies import get_strategy, strategy_names
 
 # A tiny run takes seconds; a hang (a deadlocked exchange) must fail its row, not stall the self-test.
 BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, verify=True, time_limit_s=120.0,
@@ -41,39 +42,49 @@ BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, v
 WORKLOADS = ("forward", "generate", "train")
 
 
-def layouts(gpus: int, device: str) -> list[tuple[RunSpec | None, str, str | None]]:
-    """(spec without workload, label, None) per strategy; (None, label, reason) where the devices do not allow it."""
+# What the self-test adds to the smallest layout (2 for every degree a strategy uses): microbatches where a
+# strategy takes them (3D's eight ranks keep 2, so its CPU run stays short), and the schedules tested beside
+# the default one (in training only; 3D runs the same pipeline engine, so gpipe is tested once).
+MICROBATCHES = {"3d": 2}
+DEFAULT_MICROBATCHES = 4
+MORE_SCHEDULES = {"pipeline": ("gpipe",)}
+
+
+def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
+    """(spec without workload, label, why it cannot run here or None) per registered strategy, and per extra
+    schedule. A layout over several degrees that does not fit drops data parallelism first (3D as 2x2x1 on
+    four GPUs)."""
     budget = gpus if device == "cuda" else 8  # CPU ranks are processes: the 3D layout of 8 always fits
-
-    def fits(spec: RunSpec, label: str) -> tuple[RunSpec | None, str, str | None]:
-        if spec.world_size > budget:
-            return None, label, f"needs {spec.world_size} GPUs, {gpus} present"
-        return spec, label, None
-
-    three_d = replace(BASE, strategy="3d", tp=2, pp=2, dp=2, microbatches=2)
-    if budget < 8:
-        three_d = replace(three_d, dp=1)
-    return [
-        fits(replace(BASE, strategy="single"), "single"),
-        fits(replace(BASE, strategy="layer", pp=2), "layer pp=2"),
-        fits(replace(BASE, strategy="tensor", tp=2), "tensor tp=2"),
-        fits(replace(BASE, strategy="pipeline", pp=2, microbatches=4, schedule="1f1b"), "pipeline pp=2 m=4 1f1b"),
-        fits(replace(BASE, strategy="pipeline", pp=2, microbatches=4, schedule="gpipe"), "pipeline pp=2 m=4 gpipe"),
-        fits(replace(BASE, strategy="data", dp=2), "data dp=2"),
-        fits(three_d, f"3d tp=2 pp=2 dp={three_d.dp} m=2"),
-    ]
+    rows = []
+    for name in strategy_names():
+        strategy = get_strategy(name)
+        fields: dict = {d: max(2, strategy.min_degree.get(d, 2)) for d in strategy.degrees}
+        if strategy.uses("microbatches"):
+            fields["microbatches"] = MICROBATCHES.get(name, DEFAULT_MICROBATCHES)
+        spec = replace(BASE, strategy=name, **fields)
+        if spec.world_size > budget and len(strategy.degrees) > 1 and "dp" in fields:
+            spec = replace(spec, dp=1)
+        label = " ".join([name, *(f"{d}={getattr(spec, d)}" for d in strategy.degrees)])
+        label += f" m={spec.microbatches}" if strategy.uses("microbatches") else ""
+        variants = [(spec, label)]
+        if name in MORE_SCHEDULES:
+            variants = [(replace(spec, schedule=x), f"{label} {x}") for x in (spec.schedule, *MORE_SCHEDULES[name])]
+        for variant, text in variants:
+            too_many = variant.world_size > budget
+            rows.append((variant, text, f"needs {variant.world_size} GPUs, {gpus} present" if too_many else None))
+    return rows
 
 
 def selftest_specs(device: str, gpus: int) -> list[tuple[RunSpec | None, str]]:
     """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda'); spec None where skipped.
-    A gpipe schedule differs from 1f1b only in training, so it is tested there alone. CPU layouts do not
-    depend on the core count: an oversubscribed run says so in its result."""
+    A schedule other than the default (gpipe beside 1f1b) differs only in training, so it is tested there
+    alone. CPU layouts do not depend on the core count: an oversubscribed run says so in its result."""
     rows: list[tuple[RunSpec | None, str]] = []
     for spec, label, reason in layouts(gpus, device):
         for workload in WORKLOADS:
-            if "gpipe" in label and workload != "train":
+            if spec.schedule != BASE.schedule and workload != "train":
                 continue
-            if spec is None:
+            if reason is not None:
                 rows.append((None, f"{label} {workload} skipped ({reason})"))
             else:
                 rows.append((replace(spec, workload=workload, device=device), f"{label} {workload}"))

@@ -45,6 +45,24 @@ def test_unknown_strategy_is_refused_by_the_parser(engine):
     assert proc.returncode == 2 and "invalid choice: 'zero'" in proc.stderr
 
 
+def test_strategy_choices_and_help_come_from_the_registry():
+    from runner.__main__ import build_parser
+    from runner.strategies import Strategy, get_strategy, registered, strategy_names
+
+    def flags(parser):
+        submit = parser._subparsers._group_actions[0].choices["submit"]
+        return {a.dest: a for a in submit._actions}
+
+    strategy = flags(build_parser())["strategy"]
+    assert tuple(strategy.choices) == strategy_names()
+    assert all(f"{n}: {get_strategy(n).help}" in strategy.help for n in strategy_names())
+    assert flags(build_parser())["microbatches"].help == "used by pipeline, 3d"
+    with registered(Strategy(name="zero", help="sharded data parallelism, 100% of a test", degrees=("dp",))):
+        got = flags(build_parser())
+        assert "zero" in got["strategy"].choices and got["dp"].help == "used by data, 3d, zero"
+        assert "zero: sharded data parallelism, 100%% of a test" in got["strategy"].help  # argparse's escape
+
+
 def test_a_checkpoint_that_is_not_gpt2_is_refused(engine, tmp_path):
     import torch
     from safetensors.torch import save_file

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from runner import api
-from runner.selftest import comm_theory_bytes, resolve_device, selftest_specs
+from runner.selftest import comm_theory_bytes, layouts, resolve_device, selftest_specs
 from runner.spec import RunSpec
 from tests.jobs import REPO
 
@@ -96,3 +96,17 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
             assert 1.0 <= row["comm_bytes"] / row["comm_theory_bytes"] <= 1.15, row
         else:
             assert row["comm_bytes"] == 0, row
+
+
+def test_the_self_test_lists_what_the_registry_holds_a_new_strategy_included():
+    from runner.strategies import Strategy, registered, strategy_names
+
+    assert [label.split()[0] for _, label, _ in layouts(0, "cpu")] == [
+        "single", "layer", "tensor", "pipeline", "pipeline", "data", "3d",
+    ]  # fmt: skip
+    assert {label.split()[0] for _, label, _ in layouts(0, "cpu")} == set(strategy_names())
+    with registered(Strategy(name="zero", help="sharded data parallelism (a test's)", degrees=("dp",))):
+        rows = [(s, label) for s, label in selftest_specs("cpu", gpus=0) if label.startswith("zero")]
+        assert [label for _, label in rows] == ["zero dp=2 forward", "zero dp=2 generate", "zero dp=2 train"]
+        assert all(s.strategy == "zero" and s.world_size == 2 and s.verify for s, _ in rows)
+    assert "zero" not in {label.split()[0] for _, label in selftest_specs("cpu", gpus=0)}

@@ -1,4 +1,4 @@
-"""ui/charts.py: every chart builds from the frames storage.queries returns, and long series are thinned first."""
+"""ui/charts.py: every chart builds from the frames runner.api returns, and long series are thinned first."""
 
 from __future__ import annotations
 
