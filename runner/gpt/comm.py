@@ -318,19 +318,6 @@ class _ReduceFromParallelRegion(torch.autograd.Function):
         return grad, None
 
 
-class _ScatterToParallelRegion(torch.autograd.Function):
-    """Keep this rank's chunk of the last dim forward; all-gather the last dim backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-        ctx.comm = comm
-        return x.chunk(comm.size, dim=-1)[comm.index].contiguous()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return ctx.comm.all_gather(grad, dim=-1), None
-
-
 class _GatherFromParallelRegion(torch.autograd.Function):
     """All-gather the last dim forward; keep this rank's chunk backward (the gradient is replicated)."""
 
@@ -386,29 +373,19 @@ class _ReduceScatterToSequence(torch.autograd.Function):
         return ctx.comm.all_gather(grad.contiguous(), dim=1), None
 
 
-def copy_to_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _CopyToParallelRegion.apply(x, comm) if comm.size > 1 else x
+def _region_operator(function: type[torch.autograd.Function]):
+    """The operator as a function of (x, comm): the identity, with no autograd node, on a group of one rank."""
+
+    def apply(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
+        return function.apply(x, comm) if comm.size > 1 else x
+
+    apply.__doc__ = function.__doc__
+    return apply
 
 
-def reduce_from_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ReduceFromParallelRegion.apply(x, comm) if comm.size > 1 else x
-
-
-def scatter_to_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ScatterToParallelRegion.apply(x, comm) if comm.size > 1 else x
-
-
-def gather_from_parallel_region(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _GatherFromParallelRegion.apply(x, comm) if comm.size > 1 else x
-
-
-def scatter_to_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ScatterToSequence.apply(x, comm) if comm.size > 1 else x
-
-
-def gather_from_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _GatherFromSequence.apply(x, comm) if comm.size > 1 else x
-
-
-def reduce_scatter_to_sequence(x: torch.Tensor, comm: GroupComm) -> torch.Tensor:
-    return _ReduceScatterToSequence.apply(x, comm) if comm.size > 1 else x
+copy_to_parallel_region = _region_operator(_CopyToParallelRegion)
+reduce_from_parallel_region = _region_operator(_ReduceFromParallelRegion)
+gather_from_parallel_region = _region_operator(_GatherFromParallelRegion)
+scatter_to_sequence = _region_operator(_ScatterToSequence)
+gather_from_sequence = _region_operator(_GatherFromSequence)
+reduce_scatter_to_sequence = _region_operator(_ReduceScatterToSequence)

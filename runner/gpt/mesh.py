@@ -119,8 +119,14 @@ class Mesh:
         return rank_of(Coord(c.tp, stage, c.dp), self.tp_size, self.pp_size, self.dp_size)
 
     @classmethod
-    def build(cls, tp: int, pp: int, dp: int, stats: CommStats | None = None) -> Mesh:
-        """Create every group on every rank (new_group is collective) and keep this rank's."""
+    def build(cls, dims, stats: CommStats | None = None, *old_dp) -> Mesh:
+        """Create every group on every rank (new_group is collective) and keep this rank's.
+
+        `dims` is the run's degrees (runner/strategies/dims.py ParallelDims; anything that unpacks as
+        tp, pp, dp)."""
+        if isinstance(dims, int):  # TEMPORARY: runner/job.py's Mesh.build(tp, pp, dp) until it passes dims
+            dims, stats = (dims, stats, *old_dp), None
+        tp, pp, dp = dims
         rank, world = dist.get_rank(), dist.get_world_size()
         if tp * pp * dp != world:
             raise ValueError(f"tp x pp x dp = {tp * pp * dp} but the job has {world} ranks")

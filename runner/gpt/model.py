@@ -1,14 +1,25 @@
-"""The GPT-2 model every strategy shards: config presets, name-seeded init, KV cache, HF loading.
+"""The GPT-2 model every strategy starts from: name-seeded init, KV cache, the one greedy generate loop.
 
-Reads like nanoGPT's model.py: GPTConfig, CausalSelfAttention, MLP, Block, GPT, in the order data
-flows through them. Nothing here knows about torch.distributed; strategies build their shards from
-the same `init_parameter` so that a shard equals the same slice of this reference model.
+Reads like nanoGPT's model.py: CausalSelfAttention, MLP, Block, GPT, in the order data flows through
+them. Nothing here knows about torch.distributed. Parallelism is applied to this model from outside
+(torchtitan's way): runner/gpt/tp_plan.py swaps layers for tensor-parallel ones, `cut_stage` removes
+the blocks a pipeline stage does not hold. The pieces a stage lacks are absent (None) and passed
+through: without the embedding the model takes hidden states, without the head it returns them.
+Blocks live in a ModuleDict keyed by layer id, so every parameter keeps its reference name
+`transformer.h.<i>.…` whatever was removed.
+
+Values come last: a model built on the meta device is given its values by `materialize`, each
+parameter `init_parameter(reference name, reference shape)[index]`, where a parameter that a strategy
+sliced records its reference shape and index (`Shard`). So any shard is built alone, one full
+parameter at a time, and equals the same slice of the single-device reference.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +28,8 @@ import torch.nn.functional as F
 
 from runner.gpt.config import PRESETS, GPTConfig
 
-__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "init_parameter"]
+__all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "Shard", "WholeVocabulary", "cut_stage", "greedy_generate",
+           "init_parameter", "materialize", "shard_of"]  # fmt: skip
 
 
 def parameter_seed(base_seed: int, name: str) -> int:
@@ -38,7 +50,7 @@ def init_std(name: str, config: GPTConfig) -> float | None:
 def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: int) -> torch.Tensor:
     """The full reference value of parameter `name` (float32, CPU), derived from its name alone.
 
-    A shard is `init_parameter(...)[slice]`: only one parameter is ever materialised at a time.
+    A shard is `init_parameter(...)[index]`: only one parameter is ever materialised at a time.
     """
     if name == "lm_head.weight":  # tied to the token embedding: a stage holding only the head rebuilds wte
         name = "transformer.wte.weight"
@@ -49,6 +61,20 @@ def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: i
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed(parameter_seed(seed, name))
     return torch.randn(shape, generator=gen) * std
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What part of a reference parameter a sliced parameter holds: `reference[index]`, where index is a
+    tuple of slices or a LongTensor of rows; rows past the reference (vocabulary padding) are zeros."""
+
+    reference_shape: tuple[int, ...]
+    index: object = None
+
+
+def shard_of(p: nn.Parameter) -> Shard:
+    """The Shard a strategy recorded on `p`; the whole parameter when none did."""
+    return getattr(p, "shard", None) or Shard(tuple(p.shape))
 
 
 @dataclass
@@ -79,10 +105,6 @@ class KVCache:
     def empty(cls, n_layer: int) -> KVCache:
         return cls([LayerKVCache() for _ in range(n_layer)])
 
-    @property
-    def length(self) -> int:
-        return self.layers[0].length if self.layers else 0
-
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of q [B, h, Tq, d] over k, v [B, h, Tk, d]; the queries are the last Tq positions."""
@@ -97,20 +119,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    """Heads and positions are read from c_attn's output (width of Q / head_dim), so an attention whose
+    c_attn holds only some heads, or gathers the sequence (tensor parallelism), runs unchanged."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.n_embd = config.n_embd
+        self.head_dim = config.head_dim
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        qkv = self.c_attn(x)
+        b, t, _ = qkv.shape  # not x's: a sequence-parallel c_attn gathers the sequence on the way in
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
         if cache is not None:
             k, v = cache.append(k, v)
-        y = attend(q, k, v).transpose(1, 2).contiguous().view(b, t, c)
+        y = attend(q, k, v).transpose(1, 2).reshape(b, t, -1)
         return self.c_proj(y)
 
 
@@ -138,7 +162,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP of 4x width, tied LM head."""
+    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP of 4x width, tied LM head.
+
+    `GPT(config, seed)` is the whole single-device model with its reference values. Built under
+    `torch.device("meta")` it has shapes only, for a strategy to slice and cut before `materialize`.
+    """
 
     def __init__(self, config: GPTConfig, seed: int = 0, device: torch.device | str | None = None):
         super().__init__()
@@ -147,103 +175,143 @@ class GPT(nn.Module):
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                h=nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)}),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
-        init_module(self, config, seed)
-        if device is not None:
-            self.to(device)
+        if self.lm_head.weight.device.type != "meta":
+            materialize(self, seed, device=device)
 
     def forward(
         self,
-        idx: torch.Tensor,
+        x: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        start: int = 0,
+        last_only: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits [batch, seq, vocab]; with targets, (logits, mean cross-entropy loss)."""
-        x = self.embed(idx, 0 if cache is None else cache.length)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache.layers[i])
-        logits = self.lm_head(self.transformer.ln_f(x))
+        """Token ids (or hidden states without the embedding) at positions start.. -> logits [b, t, vocab]
+        (or hidden states without the head; with `last_only`, the head sees the last position only).
+        With targets, (logits, mean cross-entropy loss): a convenience of the whole model."""
+        if self.transformer.wte is not None:
+            x = self.embed(x, start)
+        for i, block in self.transformer.h.items():
+            x = block(x, None if cache is None else cache.layers[int(i)])
+        if self.lm_head is not None:
+            if last_only:
+                x = x[:, -1:, :]
+            x = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
-            return logits
-        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            return x
+        return x, WholeVocabulary().loss(x, targets)
 
     def embed(self, idx: torch.Tensor, start: int = 0) -> torch.Tensor:
         t = idx.shape[1]
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
-        pos = torch.arange(start, start + t, device=idx.device)
+        pos = torch.arange(start, start + t, device=idx.device).unsqueeze(0)  # [1, t]: broadcast over the batch
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding with a KV cache: prefill the prompt, then one token at a time."""
         cache = KVCache.empty(self.config.n_layer)
-        logits = self(idx, cache=cache)
-        out = [idx]
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1, :].argmax(dim=-1, keepdim=True)
-            out.append(nxt)
-            if i + 1 < max_new_tokens:
-                logits = self(nxt, cache=cache)
-        return torch.cat(out, dim=1)
+
+        def step(_mb: int, tokens: torch.Tensor, start: int, _round: int) -> torch.Tensor:
+            logits = self(tokens, cache=cache, start=start, last_only=True)
+            return logits[:, -1, :].argmax(dim=-1, keepdim=True)
+
+        return greedy_generate([idx], max_new_tokens, step)[0]
 
 
-def init_module(module: nn.Module, config: GPTConfig, seed: int, prefix: str = "") -> None:
-    """Fill every parameter of `module` with its name-seeded reference value (tied weights once)."""
-    with torch.no_grad():
-        for name, p in module.named_parameters(prefix=prefix.rstrip(".")):
-            p.copy_(init_parameter(name, tuple(p.shape), config, seed))
+class WholeVocabulary:
+    """The output functions of a model whose head holds the whole vocabulary: its loss is plain cross
+    entropy and its logits are already full (runner/gpt/tp_layers.py TPState gives the same three for a
+    vocab-parallel head)."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+    def whole_sequences(self) -> AbstractContextManager:
+        return nullcontext()
 
 
-class GPTStage(nn.Module):
-    """Consecutive blocks [first, last) of the GPT, with the embeddings on the first stage and
-    ln_f + LM head on the last. Parameter names equal the reference model's, so a stage is built
-    (and verified) by name. A stage that holds the head but not the embedding gets its own copy of
-    the tied weight; the strategy keeps both copies equal by summing their gradients.
+Step = Callable[[int, torch.Tensor, int, int], "torch.Tensor | None"]
+
+
+def greedy_generate(prompts: Sequence[torch.Tensor], new_tokens: int, step: Step) -> list[torch.Tensor]:
+    """The one greedy decoding loop, over microbatches of prompts as an assembly line.
+
+    Round r runs one pass of every microbatch i in order: `step(i, tokens, start, r)` feeds `tokens`
+    (the prompt in round 0, then the token picked one round earlier) at positions start.. through the
+    model with microbatch i's KV cache and returns the next token [b, 1] -- or None where this rank
+    does not pick tokens (a pipeline stage before the last, which gets its input from its neighbour
+    instead). So a prompt is prefilled once, then new_tokens - 1 single-token passes follow.
+    Returns each microbatch's prompt followed by the tokens picked here.
     """
+    tokens = list(prompts)
+    starts = [0] * len(prompts)
+    out = [[p] for p in prompts]
+    for r in range(new_tokens):
+        for i in range(len(prompts)):
+            nxt = step(i, tokens[i], starts[i], r)
+            starts[i] += tokens[i].shape[1]
+            tokens[i] = tokens[i][:, -1:] if nxt is None else nxt  # one position a pass from now on
+            if nxt is not None:
+                out[i].append(nxt)
+    return [torch.cat(parts, dim=1) for parts in out]
 
-    def __init__(
-        self,
-        config: GPTConfig,
-        first: int,
-        last: int,
-        seed: int = 0,
-        has_embed: bool = True,
-        has_head: bool = True,
-    ):
-        super().__init__()
-        self.config = config
-        self.first, self.last = first, last
-        self.has_embed, self.has_head = has_embed, has_head
-        modules: dict[str, nn.Module] = {"h": nn.ModuleDict({str(i): Block(config) for i in range(first, last)})}
-        if has_embed:
-            modules["wte"] = nn.Embedding(config.vocab_size, config.n_embd)
-            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)
-        if has_head:
-            modules["ln_f"] = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.transformer = nn.ModuleDict(modules)
-        if has_head:
-            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-            if has_embed:
-                self.lm_head.weight = self.transformer.wte.weight
-        init_module(self, config, seed)
 
-    @property
-    def layer_ids(self) -> range:
-        return range(self.first, self.last)
+def cut_stage(model: GPT, first: int, last: int, has_embed: bool, has_head: bool) -> GPT:
+    """Keep blocks [first, last) of `model` and, where asked, the embedding and the head (final LayerNorm +
+    LM head); the rest is removed (None: passed through). Names are unchanged. A stage with the head but
+    not the embedding keeps the tied weight as its own lm_head.weight (init maps it to wte's value)."""
+    for i in list(model.transformer.h.keys()):
+        if not first <= int(i) < last:
+            del model.transformer.h[i]
+    if not has_embed:
+        model.transformer.wte = None
+        model.transformer.wpe = None
+    if not has_head:
+        model.transformer.ln_f = None
+        model.lm_head = None
+    return model
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        """Token ids on the first stage, hidden states [b, t, h] elsewhere; logits from the last stage."""
-        if self.has_embed:
-            pos = torch.arange(start, start + x.shape[1], device=x.device)
-            x = self.transformer.wte(x) + self.transformer.wpe(pos)
-        for i in self.layer_ids:
-            x = self.transformer.h[str(i)](x, None if cache is None else cache.layers[i])
-        if self.has_head:
-            x = self.lm_head(self.transformer.ln_f(x))
-        return x
+
+@torch.no_grad()
+def materialize(
+    model: nn.Module,
+    seed: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    config: GPTConfig | None = None,
+) -> nn.Module:
+    """Give every parameter its value, by name: `init_parameter(name, reference shape)[index]` with the
+    `Shard` its slicer recorded (zero rows past the reference, e.g. vocabulary padding), then on `device`
+    in `dtype`, keeping the attributes set on it. Tied parameters stay tied (the first name visited draws
+    the value)."""
+    config = config or model.config
+    made: dict[int, nn.Parameter] = {}
+    for prefix, module in model.named_modules():
+        for leaf, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                name = f"{prefix}.{leaf}" if prefix else leaf
+                shard = shard_of(p)
+                full = init_parameter(name, shard.reference_shape, config, seed)
+                value = full if shard.index is None else full[shard.index]
+                if tuple(value.shape) != tuple(p.shape):
+                    padded = torch.zeros(p.shape)
+                    padded[tuple(slice(0, n) for n in value.shape)] = value
+                    value = padded
+                new = nn.Parameter(value.to(device=device, dtype=dtype or p.dtype).contiguous(), p.requires_grad)
+                new.__dict__.update(p.__dict__)  # what strategies noted on it: its Shard, sequence-parallel marks
+                made[id(p)] = new
+            module._parameters[leaf] = made[id(p)]
+    return model

@@ -1,6 +1,10 @@
-"""Pipeline parallelism: stages of consecutive layers fed with microbatches, GPipe or 1F1B, with timelines.
+"""The one engine every strategy runs: pipeline stages fed with microbatches, GPipe or 1F1B, with timelines.
 
-Stage s holds layers [s*L/p, (s+1)*L/p) (embedding on the first, LM head on the last). Activations
+Stage s is the GPT cut to layers [s*L/p, (s+1)*L/p) (runner/gpt/model.py cut_stage: the embedding on the
+first, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full logits come
+from the output functions it is given (plain, or vocab-parallel under tensor parallelism). With p = 1
+and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split ('layer');
+runner/gpt/build.py composes it for every strategy. Activations
 go forward and their gradients backward by point-to-point messages between neighbours. The schedules
 are plain functions over two callbacks:
 - `gpipe`: every microbatch's forward, then every backward (stores m activations);
@@ -51,14 +55,13 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from runner.gpt.comm import GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
-from runner.gpt.model import GPTStage, KVCache
+from runner.gpt.model import GPT, KVCache, WholeVocabulary, greedy_generate, shard_of
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, StepClock
-from runner.spec import RunSpec
+from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
 
 
 def gpipe(n_micro: int, forward: Callable[[int], None], backward: Callable[[int], None]) -> None:
@@ -157,18 +160,21 @@ class StageLinks:
 
 
 class PipelineGPT(ParallelGPT):
-    """One stage of the pipeline. Subclasses (3D) replace build_stage / run_stage / loss / logits."""
+    """One stage of the pipeline: `stage` is the GPT cut to this stage's blocks (runner/gpt/model.py
+    cut_stage, tensor-parallel or not); `output` turns the last stage's output into the loss and full
+    logits. With one stage and one microbatch it is the plain model ('single', 'tensor'); with one
+    microbatch it is the guide's layer split ('layer')."""
 
-    def __init__(self, spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype):
-        super().__init__(spec.model_config(), mesh, device, dtype)
-        self.spec = spec
+    def __init__(self, stage: GPT, output: WholeVocabulary | TPState, mesh: Mesh, device: torch.device, dtype: torch.dtype,
+                 microbatches: int = 1, schedule: str = "1f1b", workload: str = "train"):  # fmt: skip
+        super().__init__(stage.config, mesh, device, dtype)
+        self.stage, self.output = stage, output
         self.stage_id, self.n_stages = mesh.coord.pp, mesh.pp_size
-        self.n_micro = self.microbatches(spec)
-        self.schedule = spec.schedule
-        self.first, self.last = stage_layers(self.config.n_layer, self.n_stages, self.stage_id)
+        self.n_micro, self.schedule, self.workload = microbatches, schedule, workload
         self.prev = mesh.stage_rank(self.stage_id - 1) if not mesh.is_first_stage else None
         self.next = mesh.stage_rank(self.stage_id + 1) if not mesh.is_last_stage else None
-        self.stage = self.build_stage().to(device=device, dtype=dtype)
+        self._shards = dict(stage.named_parameters(remove_duplicate=False))
+        self._sp_params = [p for p in stage.parameters() if getattr(p, "sequence_parallel", False)]
         self._spans: list[dict] = []
         self.clock = mesh.stats.clock
         self.links = StageLinks(mesh.world, self.clock, self._span)
@@ -177,28 +183,20 @@ class PipelineGPT(ParallelGPT):
         self.microbatch_activation_bytes = 0
         self._param_storages: set[int] | None = None
         # One stage, one microbatch: each gradient is final once accumulated, so data parallelism may
-        # start reducing it during backward.
-        self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1
+        # start reducing it during backward (not under sequence parallelism: some are summed afterwards).
+        self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1 and not self._sp_params
 
-    def microbatches(self, spec: RunSpec) -> int:
-        return spec.microbatches
-
-    # ---- what a stage is (overridden by 3D) --------------------------------------------------
-    def build_stage(self) -> nn.Module:
-        return GPTStage(self.config, self.first, self.last, seed=self.spec.seed,
-                        has_embed=self.prev is None, has_head=self.next is None)  # fmt: skip
-
-    def run_stage(self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0) -> torch.Tensor:
-        return self.stage(x, cache=cache, start=start)
+    # ---- what the stage computes ----------------------------------------------------------
+    def run_stage(
+        self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+    ) -> torch.Tensor:
+        return self.stage(x, cache=cache, start=start, last_only=last_only)
 
     def loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(out.flatten(0, 1).float(), targets.flatten())
-
-    def logits(self, out: torch.Tensor) -> torch.Tensor:
-        return out
+        return self.output.loss(out, targets)
 
     def next_token(self, out: torch.Tensor) -> torch.Tensor:
-        return out[:, -1, :].argmax(dim=-1, keepdim=True)
+        return self.output.full_logits(out[:, -1:, :])[:, -1, :].argmax(dim=-1, keepdim=True)
 
     def tied_weight(self) -> nn.Parameter | None:
         """This stage's copy of the tied embedding / LM head weight, if it holds one."""
@@ -209,11 +207,14 @@ class PipelineGPT(ParallelGPT):
         return None
 
     def named_shards(self) -> dict[str, nn.Parameter]:
-        return dict(self.stage.named_parameters(remove_duplicate=False))
+        return self._shards
+
+    def shard_index(self, name: str):
+        return shard_of(self._shards[name]).index
 
     @property
     def is_output_rank(self) -> bool:
-        return self.next is None
+        return self.next is None and (self.mesh.tp is None or self.mesh.tp.index == 0)
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def begin_step(self, step: int, start: float) -> None:
@@ -270,7 +271,7 @@ class PipelineGPT(ParallelGPT):
             "peak_activation_bytes": self.peak_activation_bytes,
             "activation_bytes_per_microbatch": self.microbatch_activation_bytes,
         }
-        if p > 1 and self.spec.workload == "train":
+        if p > 1 and self.workload == "train":
             # Only where a pipeline trains: (p-1)/(m+p-1) is the idle share of each stage when every
             # stage's forward and backward take equal times and messages cost nothing (GPipe, Huang et
             # al. 2019; the same for 1F1B, Narayanan et al. 2021). The job measures the real one.
@@ -330,7 +331,9 @@ class PipelineGPT(ParallelGPT):
             one_f_one_b(self.n_micro, self.n_stages, self.stage_id, forward, backward)
         self.links.finish()
         self.sync_tied_embedding()
-        return total_loss.item() if self.next is None else None
+        if self._sp_params:
+            all_reduce_sequence_parallel_grads(self._sp_params, self.mesh.tp)
+        return total_loss.item() if self.is_output_rank else None
 
     def sync_tied_embedding(self) -> None:
         weight = self.tied_weight()
@@ -351,42 +354,36 @@ class PipelineGPT(ParallelGPT):
             if self.next is not None:
                 self._send(out, self.next, i)
             else:
-                outs.append(self.logits(out))
+                outs.append(self.output.full_logits(out))  # under tensor parallelism every tp rank gathers
         self.links.finish()
-        return torch.cat(outs) if self.next is None else None
+        return torch.cat(outs) if self.is_output_rank else None
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
         mbs = idx.chunk(self.n_micro)
         caches = [KVCache.empty(self.config.n_layer) for _ in mbs]
-        tokens = list(mbs)
-        pos = [0] * len(mbs)
-        produced: list[list[torch.Tensor]] = [[mb] for mb in mbs]
         first_rank, last_rank = self.mesh.stage_rank(0), self.mesh.stage_rank(self.n_stages - 1)
-        for t in range(new_tokens):
-            for i, mb in enumerate(mbs):
-                width = tokens[i].shape[1] if t == 0 else 1
-                if self.prev is None:
-                    if t > 0 and self.n_stages > 1:  # the token the last stage picked one round ago
-                        tokens[i] = self.links.recv((mb.shape[0], 1), torch.long, self.device, last_rank, i,
-                                                    comm=self.mesh.embed)  # fmt: skip
-                    x = tokens[i]
-                else:
-                    x = self._recv((mb.shape[0], width, self.config.n_embd), self.dtype, self.prev, i)
-                start = self._begin_compute()
-                out = self.run_stage(x, cache=caches[i], start=pos[i])
-                self._span(i, "forward", start, self.clock.mark())
-                pos[i] += width
-                if self.next is not None:
-                    self._send(out, self.next, i)
-                else:
-                    nxt = self.next_token(out)
-                    produced[i].append(nxt)
-                    if self.n_stages == 1:
-                        tokens[i] = nxt
-                    elif t + 1 < new_tokens:
-                        self.links.send(nxt, first_rank, i, comm=self.mesh.embed)
+
+        def step(i: int, tokens: torch.Tensor, pos: int, round_: int) -> torch.Tensor | None:
+            rows = mbs[i].shape[0]
+            if self.prev is not None:
+                x = self._recv((rows, tokens.shape[1], self.config.n_embd), self.dtype, self.prev, i)
+            elif round_ > 0 and self.n_stages > 1:  # the token the last stage picked one round ago
+                x = self.links.recv((rows, 1), torch.long, self.device, last_rank, i, comm=self.mesh.embed)
+            else:
+                x = tokens
+            start = self._begin_compute()
+            out = self.run_stage(x, cache=caches[i], start=pos, last_only=True)
+            self._span(i, "forward", start, self.clock.mark())
+            if self.next is not None:
+                self._send(out, self.next, i)
+                return None
+            nxt = self.next_token(out)
+            if self.n_stages > 1 and round_ + 1 < new_tokens:
+                self.links.send(nxt, first_rank, i, comm=self.mesh.embed)
+            return nxt
+
+        with self.output.whole_sequences():  # one position a pass: nothing to split over the sequence
+            out = greedy_generate(list(mbs), new_tokens, step)
         self.links.finish()
-        if self.next is None:
-            return torch.cat([torch.cat(parts, dim=1) for parts in produced])
-        return None
+        return torch.cat(out) if self.is_output_rank else None

@@ -1,0 +1,104 @@
+"""Tensor parallelism applied by a plan, checked without processes: every parameter is named by the plan,
+each rank's slice is the same slice of the name-seeded reference, and the ranks' slices tile it.
+
+The collectives of the applied layers are exercised on real gloo ranks by tests/test_tensor_parallel.py
+and tests/test_three_d.py (the job's verify pass against the single-device reference)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from runner.gpt.config import GPTConfig
+from runner.gpt.model import GPT, cut_stage, materialize, shard_of
+from runner.gpt.tp_layers import padded_vocab
+from runner.gpt.tp_plan import apply_tensor_parallel, plan_pattern, tensor_parallel_plan
+
+# vocab 30 is not a multiple of 4: the last rank holds padding rows.
+CFG = GPTConfig(n_layer=2, n_head=4, n_embd=16, vocab_size=30, block_size=8)
+SHARDED = ("attn.c_attn.weight", "attn.c_attn.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "wte.weight",
+           "lm_head.weight")  # fmt: skip
+
+
+def is_sharded(name: str, style: str) -> bool:
+    """ "gather" keeps attention's output projection whole; "megatron" splits its input columns."""
+    return name.endswith(SHARDED) or (style == "megatron" and name.endswith("attn.c_proj.weight"))
+
+
+def applied(tp: int, rank: int, style: str = "megatron", sequence_parallel: bool = False) -> tuple[GPT, object]:
+    with torch.device("meta"):
+        model = GPT(CFG)
+    comm = SimpleNamespace(size=tp, index=rank)  # only its coordinates are read while applying
+    state = apply_tensor_parallel(model, comm, style, sequence_parallel)
+    return materialize(model, seed=3), state
+
+
+@pytest.mark.parametrize("style", ["megatron", "gather"])
+def test_the_plan_names_every_parameter_of_the_gpt(style):
+    plan = tensor_parallel_plan(style)
+    with torch.device("meta"):
+        model = GPT(CFG)
+    for name, _ in model.named_parameters(remove_duplicate=False):
+        assert plan_pattern(plan, name.rpartition(".")[0]) is not None, name
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("style", ["megatron", "gather"])
+def test_each_rank_holds_a_slice_of_the_reference_and_the_slices_tile_it(tp, style):
+    ref = dict(GPT(CFG, seed=3).named_parameters(remove_duplicate=False))
+    covered = {name: torch.zeros(p.shape, dtype=torch.long) for name, p in ref.items()}
+    for rank in range(tp):
+        model, _ = applied(tp, rank, style)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        assert params.keys() == ref.keys()  # reference names, the tied head included
+        assert params["lm_head.weight"] is params["transformer.wte.weight"]
+        for name, p in params.items():
+            shard = shard_of(p)
+            assert shard.reference_shape == tuple(ref[name].shape), name
+            assert (shard.index is not None) == is_sharded(name, style), name
+            mine = ref[name] if shard.index is None else ref[name][shard.index]
+            assert torch.equal(p[tuple(slice(0, n) for n in mine.shape)], mine), name
+            if shard.index is not None:
+                covered[name][shard.index] += 1
+                assert p.numel() * tp <= ref[name].numel() + tp * CFG.n_embd  # a 1/tp slice (+ padding)
+            else:
+                covered[name] += 1
+    for name, count in covered.items():
+        assert torch.all(count == (1 if is_sharded(name, style) else tp)), name
+    # The vocabulary is padded up to a multiple of tp with zero rows.
+    last, _ = applied(tp, tp - 1, style)
+    per = padded_vocab(CFG.vocab_size, tp) // tp
+    assert last.transformer.wte.weight.shape == (per, CFG.n_embd)
+    assert torch.all(last.transformer.wte.weight[CFG.vocab_size - (tp - 1) * per :] == 0)
+
+
+def test_sequence_parallel_marks_exactly_the_replicated_parameters_used_on_part_of_the_sequence():
+    model, state = applied(2, 0, sequence_parallel=True)
+    marked = {n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", False)}
+    h = "transformer.h.{}."
+    expected = {h.format(i) + leaf for i in range(CFG.n_layer) for leaf in
+                ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias", "attn.c_proj.bias", "mlp.c_proj.bias")}  # fmt: skip
+    assert marked == expected | {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+    assert state.sequence_sharded
+    with state.whole_sequences():  # decoding: one position a pass, nothing to split
+        assert not state.sequence_sharded
+    assert state.sequence_sharded
+    with pytest.raises(ValueError, match="megatron"):
+        applied(2, 0, style="gather", sequence_parallel=True)
+
+
+def test_a_tensor_parallel_stage_keeps_reference_names_and_its_shards():
+    with torch.device("meta"):
+        model = GPT(CFG)
+    apply_tensor_parallel(model, SimpleNamespace(size=2, index=1))
+    materialize(cut_stage(model, 1, 2, has_embed=False, has_head=True), seed=3)
+    ref = dict(GPT(CFG, seed=3).named_parameters(remove_duplicate=False))
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert names == [n for n in ref if n.startswith("transformer.h.1.") or n in
+                     ("transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight")]  # fmt: skip
+    head = model.lm_head.weight  # its own copy of the tied weight: rank 1's rows of wte
+    assert torch.equal(head[: CFG.vocab_size - 15], ref["transformer.wte.weight"][15:])
+    c_attn = model.transformer.h["1"].attn.c_attn.weight
+    assert torch.equal(c_attn, ref["transformer.h.1.attn.c_attn.weight"][shard_of(c_attn).index])
