@@ -51,6 +51,7 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     import torch
     import torch.distributed as dist
 
+    from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
     from runner.gpt.pipeline import PipelineGPT
@@ -61,7 +62,7 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     core = pin_rank(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", P)))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    mesh = Mesh.build(1, P, 1)
+    mesh = Mesh.build((1, P, 1))
     spec = RunSpec(strategy="pipeline", model=MODEL, pp=P, batch=BATCH, seq=SEQ, seed=SEED)
 
     class Timed(PipelineGPT):
@@ -76,7 +77,8 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
             wait = self.mesh.stats.idle_s - idle0
             self.tied = (wait, time.perf_counter() - start - wait)
 
-    model = Timed(spec, mesh, torch.device("cpu"), torch.float32)
+    built = build_parallel_gpt(spec, mesh, torch.device("cpu"), torch.float32)  # the job's stage and output
+    model = Timed(built.stage, built.output, mesh, built.device, built.dtype, schedule=spec.schedule)
     assert model.tied_weight() is not None, "p = 2: both stages hold the tied embedding / LM head"
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     clock = mesh.clock  # runner/gpt/timing.py: the spans' origin is the clock's, taken as the job takes it

@@ -64,12 +64,12 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     spec = RunSpec(model=MODEL, batch=BATCH, seq=SEQ, workload="train", **STRATEGIES[name])
-    mesh = Mesh.build(*spec.degrees)
+    mesh = Mesh.build(spec.degrees)
     model = build_parallel_gpt(spec, mesh, torch.device("cpu"), torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=0)
     clock = mesh.stats.clock
-    hooked = hasattr(model, "_saving_into")  # the pipeline's saved-activation bytes hook
+    hooked = hasattr(model, "_saving_into")  # the engine's saved-activation bytes hook (not wrapped in dp)
     variants = ["on", "off"] + (["bare"] if hooked else [])
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,7 +204,7 @@ def section(results: list[dict], settings: dict, quick: bool) -> str:
         f"- step: the job's training step (runner.job.run_step), barrier to barrier, clock resolved; "
         f"{settings['warmup']} warm-up round(s), then {settings['rounds']} rounds, each running every variant "
         "once in a rotated order; a trial's overhead is on / off - 1 within one round",
-        "- bare (pipeline only): also the saved-tensors hook that measures activation bytes replaced by a "
+        "- bare: also the engine's saved-tensors hook that measures activation bytes replaced by a "
         "no-op; the switch leaves that hook on",
         "",
         "| strategy | on median (ms) | off median (ms) | overhead on vs off: median (range) | bare median (ms) "

@@ -1,6 +1,6 @@
 """Our pipeline schedules against PyTorch's own (`torch.distributed.pipelining`), on the same stages.
 
-Both sides run the same GPT stages (runner.gpt.model.GPTStage, name-seeded weights: stage s holds layers
+Both sides run the same GPT stages (runner.gpt.model's GPT cut by cut_stage, name-seeded weights: stage s holds layers
 [s*L/p, (s+1)*L/p), the embedding on the first, ln_f + LM head on the last) on the same global batch cut
 into the same m microbatches, over the same gloo ranks. Ours is `PipelineGPT.forward_backward` (the very
 code a `pipeline` run executes: `gpipe` / `one_f_one_b` over counted isend/recv); theirs wraps a second
@@ -60,9 +60,9 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     import torch.nn.functional as F
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+    from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.gpt.pipeline import PipelineGPT
     from runner.resources import pin_rank
     from runner.spec import RunSpec
 
@@ -72,11 +72,11 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     dist.init_process_group("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cpu")
-    mesh = Mesh.build(1, p, 1)
+    mesh = Mesh.build((1, p, 1))
     dims = {**DIMS, "n_embd": n_embd}
     spec = RunSpec(strategy="pipeline", model="custom", **dims, pp=p, batch=BATCH, seq=seq, seed=SEED)
-    ours = PipelineGPT(spec, mesh, device, torch.float32)
-    their_module = ours.build_stage()  # a second stage with the same name-seeded weights
+    ours = build_parallel_gpt(spec, mesh, device, torch.float32)  # the pipeline engine, as a job builds it
+    their_module = build_parallel_gpt(spec, mesh, device, torch.float32).stage  # same name-seeded weights
     first, last = rank == 0, rank == p - 1
     idx, targets = synthetic_batch(DIMS["vocab_size"], BATCH, seq, SEED, step=0)
     tied_theirs = their_module.transformer.wte.weight if first else (their_module.lm_head.weight if last else None)

@@ -1,7 +1,7 @@
 """Our tensor parallelism against PyTorch's own (`torch.distributed.tensor.parallel`), on the same blocks.
 
 Both sides run L GPT-2 blocks built from the same name-seeded weights, on the same inputs, backend and
-ranks: ours is `TensorParallelBlock` (conjugate autograd operators over counted gloo/NCCL collectives);
+ranks: ours is the GPT's blocks with tensor parallelism applied by runner/gpt/tp_plan.py (conjugate autograd operators over counted gloo/NCCL collectives);
 theirs is the reference block parallelized with ColwiseParallel on the fused c_attn and on c_fc,
 RowwiseParallel on both c_proj. c_attn stays one linear as in ours: its rows are reordered so that
 ColwiseParallel's contiguous chunk r holds rank r's q, k and v heads, which is exactly our shard. So
@@ -71,9 +71,9 @@ def fused_qkv_rows(cfg, tp: int):
     (r+1)*3h/tp)) hold rank r's q, k and v heads, which is exactly our shard of rank r."""
     import torch
 
-    from runner.gpt.tensor_parallel import shard_index
+    from runner.gpt.tp_plan import qkv_rows
 
-    return torch.cat([shard_index("transformer.h.0.attn.c_attn.weight", cfg, r, tp, "megatron") for r in range(tp)])
+    return torch.cat([qkv_rows(cfg.n_embd, r, tp) for r in range(tp)])
 
 
 def theirs_block(block, tp_mesh, cfg):
@@ -133,8 +133,8 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
 
     from runner.gpt.config import GPTConfig
     from runner.gpt.mesh import Mesh
-    from runner.gpt.model import Block, init_module
-    from runner.gpt.tensor_parallel import TensorParallelBlock, shard_index
+    from runner.gpt.model import GPT, cut_stage, materialize, shard_of
+    from runner.gpt.tp_plan import apply_tensor_parallel
     from runner.resources import pin_rank
 
     # CommDebugMode's module tracker warns that the blocks' input needs no gradient: true, and meant.
@@ -145,14 +145,18 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     dist.init_process_group("gloo")
     tp, rank = dist.get_world_size(), dist.get_rank()
     cfg = GPTConfig(**DIMS)
-    mesh = Mesh.build(tp, 1, 1)
+    mesh = Mesh.build((tp, 1, 1))
     tp_mesh = init_device_mesh("cpu", (tp,))
-    ours = nn.Sequential(*(TensorParallelBlock(cfg, i, mesh.tp, SEED) for i in range(cfg.n_layer)))
+    # Ours: the GPT with tensor parallelism applied by the plan, cut to its blocks (hidden states in and out).
+    with torch.device("meta"):
+        gpt = GPT(cfg)
+    apply_tensor_parallel(gpt, mesh.tp)
+    ours = materialize(cut_stage(gpt, 0, cfg.n_layer, has_embed=False, has_head=False), SEED)
+    reference = GPT(cfg, SEED)
     ref_blocks = []
     noise = torch.Generator().manual_seed(2)
     for i in range(cfg.n_layer):
-        b = Block(cfg)
-        init_module(b, cfg, SEED, prefix=f"transformer.h.{i}.")
+        b = reference.transformer.h[str(i)]
         with torch.no_grad():
             # GPT-2's init makes every bias 0 and every LayerNorm weight 1, under which a bias added on
             # every rank before the sum (tp times) would go unnoticed: perturb them, then give ours the
@@ -161,8 +165,8 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
                 if p.dim() == 1:
                     p.add_(torch.randn(p.shape, generator=noise) * 0.1)
             ref = dict(b.named_parameters())
-            for name, q in ours[i].named_parameters():
-                index = shard_index(f"transformer.h.{i}.{name}", cfg, mesh.tp.index, tp, "megatron")
+            for name, q in ours.transformer.h[str(i)].named_parameters():
+                index = shard_of(q).index
                 q.copy_(ref[name] if index is None else ref[name][index])
         ref_blocks.append(b)
     theirs = nn.Sequential(*(theirs_block(b, tp_mesh, cfg) for b in ref_blocks))
@@ -285,7 +289,7 @@ def section(results: list[dict], settings: dict, skipped: list[int], quick: bool
         "## Tensor parallelism",
         "",
         f"`python bench/bench_tensor_parallel.py{' --quick' if quick else ''}`, {time.strftime('%Y-%m-%d %H:%M')}. "
-        "Ours: `TensorParallelBlock` (runner/gpt/tensor_parallel.py, megatron style). Theirs: PyTorch's "
+        "Ours: the GPT's blocks, tensor parallelism applied by the plan (runner/gpt/tp_plan.py, megatron style). Theirs: PyTorch's "
         "`torch.distributed.tensor.parallel` on the same blocks: ColwiseParallel on the fused c_attn (rows "
         "reordered so each rank's chunk holds its own q, k, v heads, as ours) and c_fc, RowwiseParallel on both c_proj.",
         "",

@@ -35,7 +35,7 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
-def run_stage(self: PipelineGPT, x: torch.Tensor, cache=None, start: int = 0) -> torch.Tensor:
+def run_stage(self: PipelineGPT, x: torch.Tensor, cache=None, start: int = 0, last_only: bool = False) -> torch.Tensor:
     if self.prev is None:
         x = self.stage.transformer.wte(x)  # token ids -> hidden states that carry a gradient
     forward_s, backward_s = SECONDS[self.stage_id]

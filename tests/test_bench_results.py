@@ -20,21 +20,29 @@ def test_a_section_is_replaced_in_place_and_others_are_kept(tmp_path):
 def test_the_pytorch_side_of_the_tp_benchmark_holds_our_shards():
     # bench_tensor_parallel compares like with like only if ColwiseParallel's contiguous chunk r of the
     # reordered c_attn is exactly our rank r's q, k, v rows (and so one all-reduce per region, as ours).
+    from types import SimpleNamespace
+
     import torch
 
     from bench.bench_tensor_parallel import fused_qkv_rows
     from runner.gpt.config import GPTConfig
-    from runner.gpt.model import init_parameter
-    from runner.gpt.tensor_parallel import build_shard
+    from runner.gpt.model import GPT, init_parameter, materialize
+    from runner.gpt.tp_plan import apply_tensor_parallel
 
     cfg = GPTConfig(n_layer=1, n_head=4, n_embd=16, vocab_size=32, block_size=8)
     for tp in (2, 4):
+        shards = []
+        for r in range(tp):  # our rank r's c_attn, as the plan slices it and materialize fills it
+            with torch.device("meta"):
+                model = GPT(cfg)
+            apply_tensor_parallel(model, SimpleNamespace(size=tp, index=r))
+            shards.append(dict(materialize(model, seed=0).named_parameters()))
         for leaf in ("weight", "bias"):
             name = f"transformer.h.0.attn.c_attn.{leaf}"
             full = init_parameter(name, (3 * 16, 16) if leaf == "weight" else (3 * 16,), cfg, 0)
             theirs = full[fused_qkv_rows(cfg, tp)].chunk(tp)
             for r in range(tp):
-                assert torch.equal(theirs[r], build_shard(name, cfg, 0, r, tp, "megatron"))
+                assert torch.equal(theirs[r], shards[r][name])
 
 
 def test_the_unequal_stage_model_is_the_textbook_bubble_when_stages_are_equal():

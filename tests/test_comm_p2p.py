@@ -1,7 +1,7 @@
 """The pipeline's point-to-point traffic cannot deadlock, checked on the batches the real code issues.
 
-Every stage of a pipeline runs `PipelineGPT` (the real schedules, the real StageLinks) in this one
-process, with a communicator that records each batch it is handed and each wait instead of sending.
+Every stage of a pipeline is built as the job builds it (runner/gpt/build.py: the real engine, its
+schedules and StageLinks) and runs in this one process, with a communicator that records each batch it is handed and each wait instead of sending.
 The recorded programs are then replayed in a model of the transport that is stricter than NCCL and
 gloo: no buffering at all (a send completes only when its receive is posted and vice versa), the
 batches of one rank on one communicator run one after another (NCCL runs a communicator's
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from runner.gpt.build import build_parallel_gpt
 from runner.gpt.comm import CommStats, GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
-from runner.gpt.pipeline import PipelineGPT
 from runner.spec import RunSpec
 
 
@@ -83,7 +83,7 @@ def record(schedule: str, p: int, m: int, workload: str) -> list[Program]:
         mesh = Mesh(1, p, 1, stage, CommStats())
         mesh.world = RecordingComm("world", list(range(p)), stage, program)
         mesh.embed = RecordingComm("embed", [0, p - 1], stage, program) if stage in (0, p - 1) else None
-        model = PipelineGPT(spec, mesh, torch.device("cpu"), torch.float32)
+        model = build_parallel_gpt(spec, mesh, torch.device("cpu"), torch.float32)
         if workload == "train":
             model.forward_backward(idx, idx)
         elif workload == "forward":

@@ -7,7 +7,7 @@ import torch
 
 from runner.checkpoint import load_gpt2_state_dict, read_checkpoint
 from runner.gpt.config import PRESETS, GPTConfig, count_parameters
-from runner.gpt.model import GPT, GPTStage, init_parameter
+from runner.gpt.model import GPT, cut_stage, init_parameter, materialize
 
 TINY = PRESETS["tiny"]
 
@@ -42,7 +42,7 @@ def test_init_is_deterministic_per_name_and_seed():
     c = GPT(TINY, seed=4)
     assert not torch.equal(a.transformer.wte.weight, c.transformer.wte.weight)
     # Different names draw different values even with equal shapes.
-    assert not torch.equal(a.transformer.h[0].attn.c_attn.weight, a.transformer.h[1].attn.c_attn.weight)
+    assert not torch.equal(a.transformer.h["0"].attn.c_attn.weight, a.transformer.h["1"].attn.c_attn.weight)
 
 
 def test_a_shard_equals_the_same_slice_of_the_reference():
@@ -55,20 +55,45 @@ def test_a_shard_equals_the_same_slice_of_the_reference():
 def test_gpt2_init_statistics():
     model = GPT(PRESETS["small"], seed=0)
     assert model.transformer.wte.weight.std().item() == pytest.approx(0.02, rel=0.02)
-    proj = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    proj = model.transformer.h["0"].mlp.c_proj.weight.std().item()
     assert proj == pytest.approx(0.02 / (2 * PRESETS["small"].n_layer) ** 0.5, rel=0.05)
-    assert torch.all(model.transformer.h[0].attn.c_attn.bias == 0)
+    assert torch.all(model.transformer.h["0"].attn.c_attn.bias == 0)
     assert torch.all(model.transformer.ln_f.weight == 1)
+
+
+def _stage(first: int, last: int, has_embed: bool, has_head: bool) -> GPT:
+    with torch.device("meta"):
+        model = GPT(TINY)
+    return materialize(cut_stage(model, first, last, has_embed, has_head), seed=1)
 
 
 def test_stages_chained_equal_the_whole_model():
     ref = GPT(TINY, seed=1)
-    first = GPTStage(TINY, 0, 2, seed=1, has_embed=True, has_head=False)
-    last = GPTStage(TINY, 2, 4, seed=1, has_embed=False, has_head=True)
+    first = _stage(0, 2, has_embed=True, has_head=False)
+    last = _stage(2, 4, has_embed=False, has_head=True)
     idx = torch.randint(0, TINY.vocab_size, (2, 9))
     assert torch.equal(last(first(idx)), ref(idx))
     # The head-only stage rebuilt the tied embedding from its name.
     assert torch.equal(last.lm_head.weight, ref.transformer.wte.weight)
+
+
+def test_a_cut_stage_keeps_reference_names_and_values():
+    """cut_stage removes blocks and the embedding or head; what stays keeps the reference's names and values."""
+    ref = dict(GPT(TINY, seed=1).named_parameters(remove_duplicate=False))
+    middle = _stage(1, 3, has_embed=False, has_head=False)
+    names = [n for n, _ in middle.named_parameters(remove_duplicate=False)]
+    assert names == [n for n in ref if n.startswith(("transformer.h.1.", "transformer.h.2."))]
+    for name, p in middle.named_parameters():
+        assert torch.equal(p, ref[name]), name
+    head_only = _stage(3, 4, has_embed=False, has_head=True)
+    held = {n for n, _ in head_only.named_parameters(remove_duplicate=False)}
+    assert {"lm_head.weight", "transformer.ln_f.weight"} <= held and "transformer.wte.weight" not in held
+    # Both ends and the whole model: the tied weight is one parameter under two names.
+    whole = _stage(0, 4, has_embed=True, has_head=True)
+    assert whole.lm_head.weight is whole.transformer.wte.weight
+    # A middle stage takes hidden states and returns hidden states.
+    x = torch.randn(2, 5, TINY.n_embd)
+    assert middle(x).shape == x.shape
 
 
 def test_kv_cache_generation_equals_recomputing_the_prefix():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.gpt.tensor_parallel import padded_vocab
+from runner.gpt.tp_layers import padded_vocab
 from tests.jobs import run_torchrun
 
 pytestmark = pytest.mark.slow
