@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
-
 import streamlit as st
 
 from runner import api
 from runner.spec import RunSpec
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
+from ui.filters import FILTERS, day_range, parse_day, run_filter
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
 from ui.hosts import placement_text, where_text
+from ui.run_detail import failure_text, peak_memory, progress, result_captions
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
@@ -20,20 +20,6 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 K = "history_"
 PAGE_SIZE = 50
 LOG_TAIL_BYTES = 8000  # of the chosen rank's log, on the run page
-FILTERS = ("status", "strategy", "model", "workload", "user")
-
-
-def parse_day(text: str | None) -> date | None:
-    try:
-        return date.fromisoformat(text) if text else None
-    except ValueError:
-        return None
-
-
-def day_range(days) -> tuple[date | None, date | None]:
-    """st.date_input gives (), (start,) while the second day is being picked, or (start, end)."""
-    days = tuple(days) if isinstance(days, list | tuple) else (days,) if days else ()
-    return (days[0] if days else None), (days[1] if len(days) > 1 else None)
 
 
 def verify_panel(v: dict) -> None:
@@ -83,19 +69,15 @@ def run_detail(run_id: int) -> None:
         st.title(f"Run {run_id}: {spec['strategy']} · {spec['model']} · {spec['workload']}")
         st.subheader(status_label(run["status"]))
         st.caption(placement_text(run))  # in a team database: whose run, and which host's runner has it
-        prog = run["progress"]
         if run["status"] == "queued":
             st.info(run["wait_reason"] or "waiting for the runner to pick it up")
         if run["status"] in ("queued", "running"):
-            frac = prog["step"] / prog["total"] if prog["total"] else 0.0
-            st.progress(min(frac, 1.0), text=f"step {prog['step']} of {prog['total']}")
+            frac, text = progress(run)
+            st.progress(frac, text=text)
             if st.button("Cancel", key=f"{K}cancel_{run_id}"):
                 st.toast(f"run {run_id}: {api.cancel(engine(), run_id)}")
-        if run["status"] in ("failed", "lost", "cancelled") and run["error"]:
-            where = (
-                f" (rank {run['failed_rank']}, exit code {run['exit_code']})" if run["failed_rank"] is not None else ""
-            )
-            st.error(f"{run['error']}{where}")
+        if failure := failure_text(run):
+            st.error(failure)
             if run["traceback"]:
                 st.code(run["traceback"], language="python")
         r = run["result"] or {}
@@ -106,24 +88,13 @@ def run_detail(run_id: int) -> None:
             c[2].metric("step time p90", human_duration(r.get("step_time_s_p90")))
             c[3].metric(
                 "run's peak memory",
-                human_bytes(max((x["peak_mem_bytes"] for x in run["ranks"]), default=None)),
+                human_bytes(peak_memory(run)),
                 help="the largest rank's. GPU: memory the run allocated; CPU: resident memory above the rank's "
                 "state after set-up (interpreter, torch, process group)",
             )
             c[4].metric("achieved GFLOP/s", f"{r['achieved_gflops']:.2f}" if r.get("achieved_gflops") else "—")
-            rss = [x["peak_rss_bytes"] for x in run["ranks"] if x.get("peak_rss_bytes") is not None]
-            if rss:
-                st.caption(f"process peak RSS (max rank, interpreter and torch included): {human_bytes(max(rss))}")
-            devices = ", ".join(r.get("device_names") or [])
-            if r.get("mfu") is not None:
-                peak = f" of {r['peak_flops'] / 1e12:.1f} TFLOP/s peak" if r.get("peak_flops") else ""
-                st.caption(f"MFU {r['mfu']:.1%}{peak} on {devices}")
-            elif r.get("device") == "cuda":
-                st.caption(f"no MFU: the peak FLOP/s of {devices or 'this GPU'} is not known")
-            if r.get("bubble_fraction") is not None:
-                st.caption(
-                    f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {r.get('bubble_fraction_theory') or 0:.1%}"
-                )
+            for caption in result_captions(run):
+                st.caption(caption)
             warning = oversubscription_warning(r, run["ranks"])
             if warning:
                 st.warning(warning, icon=":material/warning:")
@@ -273,12 +244,7 @@ def run_list() -> None:
         params["tag"] = tag
     elif "tag" in params:
         del params["tag"]
-    filters = api.RunFilter(
-        **{n: chosen[n] or None for n in FILTERS},
-        tag=[tag] if tag else None,
-        since=datetime.combine(since, time.min, tzinfo=UTC) if since else None,
-        until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC) if until else None,
-    )
+    filters = run_filter(chosen, tag, since, until)
     total = api.count_runs(engine(), filters)
     pages = max(1, -(-total // PAGE_SIZE))
     st.caption(f"{total} run matches the filters" if total == 1 else f"{total} runs match the filters, newest first")

@@ -1,0 +1,54 @@
+"""ui/run_detail.py and ui/filters.py: what the run page says about a run and the History filters, as data."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+
+from ui.filters import day_range, parse_day, run_filter
+from ui.run_detail import failure_text, peak_memory, progress, result_captions
+
+
+def run(**changes):
+    base = {"status": "succeeded", "error": None, "failed_rank": None, "exit_code": None, "result": {},
+            "ranks": [], "progress": {"step": 0, "total": 0}}  # fmt: skip
+    return {**base, **changes}
+
+
+def test_progress_is_a_fraction_of_the_steps_and_never_over_one():
+    assert progress(run(progress={"step": 3, "total": 6})) == (0.5, "step 3 of 6")
+    assert progress(run(progress={"step": 7, "total": 6}))[0] == 1.0
+    assert progress(run(progress={"step": 0, "total": 0})) == (0.0, "step 0 of 0")
+
+
+def test_the_failure_line_names_the_rank_and_its_exit_code():
+    failed = run(status="failed", error="rank 1 was killed by signal 9 (SIGKILL)", failed_rank=1, exit_code=-9)
+    assert failure_text(failed) == "rank 1 was killed by signal 9 (SIGKILL) (rank 1, exit code -9)"
+    assert failure_text(run(status="cancelled", error="cancelled before it started")) == "cancelled before it started"
+    assert failure_text(run(status="succeeded", error="stale")) is None
+    assert failure_text(run(status="failed")) is None
+
+
+def test_captions_say_rss_mfu_or_why_not_and_the_bubble():
+    ranks = [{"peak_mem_bytes": 3 * 2**20, "peak_rss_bytes": 2**30}, {"peak_mem_bytes": 5 * 2**20}]
+    gpu = {"mfu": 0.123, "peak_flops": 989e12, "device_names": ["NVIDIA H100"], "bubble_fraction": 0.2,
+           "bubble_fraction_theory": 0.2}  # fmt: skip
+    assert result_captions(run(result=gpu, ranks=ranks)) == [
+        "process peak RSS (max rank, interpreter and torch included): 1.0 GiB",
+        "MFU 12.3% of 989.0 TFLOP/s peak on NVIDIA H100",
+        "pipeline bubble measured 20.0%, theory 20.0%",
+    ]
+    unknown = {"device": "cuda", "device_names": ["Some GPU"]}
+    assert result_captions(run(result=unknown)) == ["no MFU: the peak FLOP/s of Some GPU is not known"]
+    assert result_captions(run(result={"device": "cpu"})) == []
+    assert peak_memory(run(ranks=ranks)) == 5 * 2**20 and peak_memory(run()) is None
+
+
+def test_filters_from_days_and_choices():
+    assert parse_day("2026-11-24") == date(2026, 11, 24) and parse_day("soon") is None and parse_day(None) is None
+    assert day_range(()) == (None, None)
+    assert day_range((date(2026, 1, 1),)) == (date(2026, 1, 1), None)
+    assert day_range([date(2026, 1, 1), date(2026, 1, 3)]) == (date(2026, 1, 1), date(2026, 1, 3))
+    f = run_filter({"strategy": ["layer"], "user": []}, "nightly", date(2026, 1, 1), date(2026, 1, 3))
+    assert (f.strategy, f.user, f.status, f.tag) == (["layer"], None, None, ["nightly"])
+    assert (f.since, f.until) == (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 4, tzinfo=UTC))  # end inclusive
+    assert run_filter({}, "", None, None).tag is None

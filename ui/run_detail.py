@@ -1,0 +1,47 @@
+"""What the run page says about one run, as plain text from its get_run dict: progress, the failure line and
+the captions under its figures (process RSS, MFU, pipeline bubble). The page only lays these out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ui.format import human_bytes
+
+
+def progress(run: dict[str, Any]) -> tuple[float, str]:
+    """(fraction done, 'step s of n') of a queued or running run."""
+    prog = run["progress"]
+    frac = prog["step"] / prog["total"] if prog["total"] else 0.0
+    return min(frac, 1.0), f"step {prog['step']} of {prog['total']}"
+
+
+def failure_text(run: dict[str, Any]) -> str | None:
+    """The error of a failed, lost or cancelled run with the failing rank and its exit code; None otherwise."""
+    if run["status"] not in ("failed", "lost", "cancelled") or not run.get("error"):
+        return None
+    where = f" (rank {run['failed_rank']}, exit code {run['exit_code']})" if run.get("failed_rank") is not None else ""
+    return f"{run['error']}{where}"
+
+
+def peak_memory(run: dict[str, Any]) -> int | None:
+    """The run's peak memory: its largest rank's."""
+    return max((r["peak_mem_bytes"] for r in run["ranks"] if r.get("peak_mem_bytes") is not None), default=None)
+
+
+def result_captions(run: dict[str, Any]) -> list[str]:
+    """The lines under a finished run's figures: process peak RSS, MFU (or why there is none), bubble."""
+    r = run.get("result") or {}
+    out = []
+    rss = [x["peak_rss_bytes"] for x in run["ranks"] if x.get("peak_rss_bytes") is not None]
+    if rss:
+        out.append(f"process peak RSS (max rank, interpreter and torch included): {human_bytes(max(rss))}")
+    devices = ", ".join(r.get("device_names") or [])
+    if r.get("mfu") is not None:
+        peak = f" of {r['peak_flops'] / 1e12:.1f} TFLOP/s peak" if r.get("peak_flops") else ""
+        out.append(f"MFU {r['mfu']:.1%}{peak} on {devices}")
+    elif r.get("device") == "cuda":
+        out.append(f"no MFU: the peak FLOP/s of {devices or 'this GPU'} is not known")
+    if r.get("bubble_fraction") is not None:
+        theory = r.get("bubble_fraction_theory") or 0
+        out.append(f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {theory:.1%}")
+    return out
