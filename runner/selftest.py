@@ -2,12 +2,12 @@
 
 `python -m runner selftest [--device auto|cpu|cuda] [--json]` is the first command on a new machine. It
 reports what it finds (torch, CUDA, the NVIDIA driver through NVML, NCCL, gloo, CPU cores), queues one
-tiny run per strategy and workload with verify on (tag `selftest`, so they land in History like any run),
-waits for them through the normal runner, and prints per run: the verdict, step time, peak memory per
+tiny run per registered strategy (runner.strategies) and workload with verify on (tag `selftest`, so they
+land in History like any run), submitted through runner.api, waits for them through the normal runner, and prints per run: the verdict, step time, peak memory per
 rank and communication payload beside the leading-order theory. It exits 1 when any run fails or its
 verify fails, and when CUDA was asked for but is not usable.
 
-Layouts are the smallest that exercise each strategy: two ranks per parallel dimension, 3D as 2x2x2 when
+Layouts are the smallest that exercise each strategy: two ranks per degree it uses, 3D as 2x2x2 when
 eight ranks fit (always on CPU, where ranks are processes; on GPUs only with eight of them) and 2x2x1
 with four GPUs. A layout that needs more GPUs than present is listed as skipped, with the reason.
 
