@@ -36,10 +36,10 @@ HOST_GPUS: Any = object()  # submit's default gpu_count: the target host's, as i
 
 __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
-    "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values", "follow", "get_run",
-    "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results", "runner_status",
-    "step_metrics", "submit", "submit_selftest", "target_gpu_count", "telemetry_series", "this_host",
-    "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
+    "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
+    "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
+    "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "telemetry_series",
+    "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
 
