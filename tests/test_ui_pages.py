@@ -203,6 +203,26 @@ def test_run_detail_shows_the_failure_reason_and_traceback(engine):
     assert any("Traceback" in c for c in texts(at.code))
 
 
+def test_the_run_page_reads_the_run_once_per_rerun_and_uses_its_stored_world_size(engine, tmp_path, monkeypatch):
+    from sqlalchemy import text
+
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
+    runner_rows.finish_run(engine, run_id, "succeeded")
+    with engine.begin() as conn:  # a stored world size the spec does not say: the page must use the column
+        conn.execute(text("UPDATE runs SET world_size = 3 WHERE id = :i"), {"i": run_id})
+    (tmp_path / "rank2.log").write_text("the third rank\n")
+    reads = []
+    get_run = api.get_run
+    monkeypatch.setattr(api, "get_run", lambda *a, **k: reads.append(a[1:]) or get_run(*a, **k))
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception and reads == [(run_id,)]
+    ranks = at.selectbox(key=f"history_logrank_{run_id}")
+    assert ranks.options == ["0", "1", "2"]
+    ranks.select(2).run()
+    assert "the third rank" in texts(at.code) and len(reads) == 2  # one more rerun, one more read
+
+
 def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp_path):
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, verify=True))
     runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
