@@ -1,8 +1,9 @@
 """The torchrun entry point, one process per rank: build the shard -> verify -> warm up -> timed steps -> result.
 
 `python -m runner.job RUN_DIR/spec.json` under torchrun. Each rank writes its output to
-`rank<R>.log`, progress and timelines to `events.jsonl`; rank 0 gathers every rank's figures and
-writes `result.json` (formats in docs/run-folder.md). The job never touches the database.
+`rank<R>.log`, progress and timelines to `events.jsonl` (runner.records events); rank 0 gathers every
+rank's RankFigures and writes `result.json` (a runner.records.Result; formats in docs/run-folder.md).
+The strategy's model comes from the registry (runner.strategies.build). The job never touches the database.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from runner import strategies
 from runner.checkpoint import read_checkpoint
-from runner.gpt.build import build_parallel_gpt
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
 from runner.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
+from runner.records import Error, Event, Finished, RankFigures, Result, Span, Started, Step
 from runner.resources import CpuWaitMeter, MemoryMeter, pin_rank
 from runner.spec import RunSpec, usable_cores
 from runner.verify import inject_fault, trim_padding, verify_pass
@@ -40,9 +42,8 @@ class EventLog:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self.rank = rank
 
-    def emit(self, kind: str, **fields) -> None:
-        line = json.dumps({"kind": kind, "rank": self.rank, "t": time.time(), **fields}) + "\n"
-        os.write(self.fd, line.encode())
+    def emit(self, event: Event) -> None:
+        os.write(self.fd, event.to_json_line().encode())
 
 
 def redirect_output(run_dir: Path, rank: int) -> None:
@@ -77,14 +78,13 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
     dist.init_process_group(backend, timeout=timeout)
-    events.emit("started", world_size=world, device=device.type, backend=backend, pid=os.getpid())
+    events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid()))
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    tp, pp, dp = spec.degrees
-    mesh = Mesh.build(tp, pp, dp)
+    mesh = Mesh.build(spec.degrees)
     torch.manual_seed(fold_seed(spec.seed))
-    model = build_parallel_gpt(spec, mesh, device, dtype)
+    model = strategies.build(spec, mesh, device, dtype)
     state_dict = None
     if spec.weights:
         state_dict = read_checkpoint(spec.weights)
@@ -128,7 +128,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         losses.append(loss)
         for span in model.take_spans():
             if timed:
-                events.emit("span", step=step, **span)
+                events.emit(Span(rank, time.time(), step=step, **span))
         # One line a step in every rank's log: what the Live page's log tail and `runner logs --follow` show.
         phase = "warm-up" if not timed else "timed"
         print(
@@ -137,7 +137,8 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
             flush=True,
         )
         if rank == 0:
-            events.emit("step", step=step, total_steps=total, warmup=not timed, step_time_s=seconds, loss=loss)
+            events.emit(Step(rank, time.time(), step=step, total_steps=total, warmup=not timed, step_time_s=seconds,
+                             loss=loss))  # fmt: skip
 
     mesh.stats.counting = False
     optimizer_bytes = 0
@@ -147,7 +148,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     params = model.parameters()
     comm = mesh.stats.as_dict()
     c = mesh.coord
-    mine = {
+    # One flat dict, as every version wrote it; keys RankFigures does not declare (the strategy's own
+    # figures, ParallelGPT.figures()) land in its `strategy`.
+    mine = RankFigures.from_dict({
         "rank": rank,
         "tp": c.tp,
         "pp": c.pp,
@@ -165,16 +168,16 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "loss": losses[-1] if losses else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         **model.figures(),
-    }
-    if "bubble_fraction_theory" in mine and step_wall_total > 0:  # only where a pipeline trains
+    })  # fmt: skip
+    if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains
         # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
         # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.
-        mine["bubble_fraction"] = comm["idle_s"] / step_wall_total
-    gathered: list[dict] = [{} for _ in range(world)]
+        mine.bubble_fraction = comm["idle_s"] / step_wall_total
+    gathered: list[RankFigures | None] = [None for _ in range(world)]
     dist.all_gather_object(gathered, mine)
     if rank == 0:
-        write_result(spec, run_dir, world, device, backend, step_times, gathered, verify)
-    events.emit("finished")
+        write_result(spec, run_dir, world, device, backend, step_times, [g for g in gathered if g], verify)
+    events.emit(Finished(rank, time.time()))
     barrier()
     dist.destroy_process_group()
 
@@ -207,44 +210,44 @@ def load_shards(model: ParallelGPT, state_dict: dict) -> None:
             trim_padding(p, src.shape).copy_(src.to(p.dtype))
 
 
-def write_result(spec, run_dir, world, device, backend, step_times, ranks, verify) -> None:
-    losses = [r.get("loss") for r in ranks if r.get("loss") is not None]
+def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[RankFigures], verify) -> None:
+    losses = [r.loss for r in ranks if r.loss is not None]
     p50 = percentile(step_times, 0.5) if step_times else None
     flops = model_flops_per_step(spec)
     achieved = flops / p50 if p50 else None
-    names = sorted({r["device_name"] for r in ranks})
+    names = sorted({r.device_name for r in ranks if r.device_name})
     # One peak for the run: only when every rank is the same known device (else no MFU rather than a wrong one).
     peak = device_peak_flops(names[0], spec.dtype) if device.type == "cuda" and len(names) == 1 else None
     on_cpu = device.type == "cpu"
-    stage_bubbles = [r["bubble_fraction"] for r in ranks if r.get("bubble_fraction") is not None]
-    result = {
-        "run_id": json.loads((run_dir / "spec.json").read_text()).get("run_id"),
-        "world_size": world,
-        "device": device.type,
-        "backend": backend,
-        "device_names": names,
-        "torch_version": torch.__version__,
-        "hostname": socket.gethostname(),
-        "step_time_s_p50": p50,
-        "step_time_s_p90": percentile(step_times, 0.9) if step_times else None,
-        "step_time_s_mean": statistics.fmean(step_times) if step_times else None,
-        "step_times_s": step_times,
-        "tokens_per_s": tokens_per_step(spec) / p50 if p50 else None,
-        "flops_per_step": flops,
-        "achieved_gflops": achieved / 1e9 if achieved else None,
-        "peak_flops": peak,
-        "mfu": achieved / (peak * world) if achieved and peak else None,
-        "loss": losses[-1] if losses else None,
-        "bubble_fraction": statistics.fmean(stage_bubbles) if stage_bubbles else None,
-        "bubble_fraction_theory": ranks[0].get("bubble_fraction_theory"),
-        "verify": verify,
-        "cpu_oversubscribed": any(r.get("cpu_oversubscribed") for r in ranks),
-        "cpu_cores": ranks[0].get("cpu_cores"),
-        "cpu_pinned": on_cpu and all(r.get("cpu_core") is not None for r in ranks),
-        "ranks": ranks,
-    }
+    stage_bubbles = [r.bubble_fraction for r in ranks if r.bubble_fraction is not None]
+    result = Result(
+        run_id=json.loads((run_dir / "spec.json").read_text()).get("run_id"),
+        world_size=world,
+        device=device.type,
+        backend=backend,
+        device_names=names,
+        torch_version=torch.__version__,
+        hostname=socket.gethostname(),
+        step_time_s_p50=p50,
+        step_time_s_p90=percentile(step_times, 0.9) if step_times else None,
+        step_time_s_mean=statistics.fmean(step_times) if step_times else None,
+        step_times_s=step_times,
+        tokens_per_s=tokens_per_step(spec) / p50 if p50 else None,
+        flops_per_step=flops,
+        achieved_gflops=achieved / 1e9 if achieved else None,
+        peak_flops=peak,
+        mfu=achieved / (peak * world) if achieved and peak else None,
+        loss=losses[-1] if losses else None,
+        bubble_fraction=statistics.fmean(stage_bubbles) if stage_bubbles else None,
+        bubble_fraction_theory=ranks[0].strategy.get("bubble_fraction_theory"),
+        verify=verify,
+        cpu_oversubscribed=any(r.cpu_oversubscribed for r in ranks),
+        cpu_cores=ranks[0].cpu_cores,
+        cpu_pinned=on_cpu and all(r.cpu_core is not None for r in ranks),
+        ranks=ranks,
+    )
     tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
+    tmp.write_text(result.to_json())
     tmp.replace(run_dir / "result.json")
 
 
@@ -269,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         tb = traceback.format_exc()
         print(tb, file=sys.stderr, flush=True)
         if not isinstance(exc, KeyboardInterrupt):
-            EventLog(run_dir / "events.jsonl", rank).emit("error", error=f"{type(exc).__name__}: {exc}", traceback=tb)
+            error = Error(rank, time.time(), error=f"{type(exc).__name__}: {exc}", traceback=tb)
+            EventLog(run_dir / "events.jsonl", rank).emit(error)
         return 1
     return 0
 
