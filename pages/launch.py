@@ -5,9 +5,11 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
-from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, STRATEGIES, TP_STYLES, WORKLOADS, SpecError
+from runner.estimates import memory_estimate
+from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, SpecError
+from runner.strategies import get_strategy, strategy_names
 from ui.format import human_bytes
-from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
+from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses
 from ui.hosts import HERE, host_lines, target_for, targets
 from ui.state import engine, enter_through_app
 
@@ -33,13 +35,14 @@ values: dict = {}
 left, mid, right = st.columns([1.1, 1, 1])
 with left:
     st.subheader("Strategy")
+    names = strategy_names()  # what a strategy is comes from the registry: names, help, fields used
     values["strategy"] = st.selectbox(
-        "strategy", STRATEGIES, key=K + "strategy", index=STRATEGIES.index("layer"),
-        format_func=lambda s: s, help="\n".join(f"**{k}**: {v}" for k, v in STRATEGY_HELP.items()),
+        "strategy", names, key=K + "strategy", index=names.index("layer"),
+        help="\n".join(f"**{n}**: {get_strategy(n).help}" for n in names),
     )  # fmt: skip
     note_slot("strategy")
     s = values["strategy"]
-    st.caption(STRATEGY_HELP[s])
+    st.caption(get_strategy(s).help)
     c1, c2, c3 = st.columns(3)
     values["tp"] = c1.number_input("tp", min_value=1, max_value=64, value=2, key=K + "tp", disabled=not uses(s, "tp"))
     values["pp"] = c2.number_input("pp", min_value=1, max_value=64, value=2, key=K + "pp", disabled=not uses(s, "pp"))
@@ -155,7 +158,7 @@ st.divider()
 info, devices = st.columns([2, 1])
 with info:
     if spec is not None and not problems:
-        est = spec.memory_estimate()
+        est = memory_estimate(spec)
         c1, c2, c3 = st.columns(3)
         c1.metric("ranks", spec.world_size)
         c2.metric("parameters per rank (largest)", human_bytes(est["param_bytes"]))
