@@ -39,6 +39,7 @@ def test_comparison_figures_ratios_and_differences(engine):
     runs = [api.get_run(engine, i) for i in (a, b)]
     table = comparison_table(runs)
     assert list(table["tokens_per_s"]) == [1000.0, 500.0]
+    assert table["ranks"].tolist() == [1, 2] and table.loc[1, "degrees"] == "tp1 pp2 dp1"  # the stored ones
     assert table.loc[1, "idle_share"] == pytest.approx(1.5 / 3.0)
     assert table.loc[1, "messages_per_step"] == 2 * 2 / 2  # 2 ranks x 2 calls over 2 timed steps
     ratios = with_baseline(table, a)

@@ -32,20 +32,20 @@ def wire_mib_per_step(ranks: list[dict], steps: int) -> float | None:
 
 
 def run_figures(run: dict) -> dict[str, Any]:
-    """One row of measured figures for a finished run."""
+    """One row of measured figures for a finished run (a get_run dict: its stored degrees and world size)."""
     r = run.get("result") or {}
-    spec = RunSpec.from_dict(run["spec"])
+    spec = RunSpec.from_dict(run["spec"])  # the model's dimensions and the schedule
     ranks = _ranks(run)
     busy = sum(x["compute_s"] + x["comm_s"] + x["idle_s"] for x in ranks) or float("nan")
     steps = max(len(r.get("step_times_s") or []), 1)
     full_params = count_parameters(spec.model_config())
-    tp, pp, dp = spec.degrees
+    tp, pp, dp = run["tp"], run["pp"], run["dp"]
     return {
         "run": run["id"],
         "strategy": spec.strategy,
         "degrees": f"tp{tp} pp{pp} dp{dp}"
         + (f" m{spec.microbatches} {spec.schedule}" if spec.uses_microbatches else ""),
-        "ranks": spec.world_size,
+        "ranks": run["world_size"],
         "model": spec.model,
         "workload": spec.workload,
         "verify": verdict(r.get("verify")),
