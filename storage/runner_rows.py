@@ -179,7 +179,8 @@ def finish_run(engine: Engine, run_id: int, status: RunStatus | str, result: Res
     already ended keeps its ending (a second runner finalising it changes nothing); False then.
     """
     status = RunStatus(status)
-    assert status.is_terminal
+    if not status.is_terminal:
+        raise ValueError(f"finish_run needs a terminal state, not {status}")
     values = {"status": status.value, "finished_at": utcnow(), "cancel_requested": False, **values}
     stored: Result | None = None
     if result is not None:

@@ -51,9 +51,9 @@ def stop_runner(engine, timeout: float = 10.0) -> None:
     import psutil
 
     from runner.launch import stop_group
-    from storage import queries
+    from storage import hosts
 
-    status = queries.runner_status(engine)
+    status = hosts.runner_status(engine)
     if not status:
         return
     try:

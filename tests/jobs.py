@@ -56,14 +56,14 @@ def wait_status(engine, run_id: int, statuses: set[str], timeout: float = 120, b
     """Poll storage until the run reaches one of `statuses`; `between` runs before each look (a runner tick)."""
     import time
 
-    from storage import queries
+    from storage import runs
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if between is not None:
             between()
-        run = queries.get_run(engine, run_id)
+        run = runs.get_run(engine, run_id)
         if run["status"] in statuses:
             return run
         time.sleep(0.1 if between is not None else 0.2)
-    raise AssertionError(f"run {run_id} still {queries.get_run(engine, run_id)['status']}")
+    raise AssertionError(f"run {run_id} still {runs.get_run(engine, run_id)['status']}")

@@ -12,7 +12,7 @@ import pytest
 
 from runner.records import Error, Finished, RankFigures, Result, RunStatus, Span, Started, Step, parse_event
 from runner.spec import RunSpec
-from storage import queries
+from storage import runner_rows, runs, series
 
 # Written by the job before records existed (commit 6d3e754, a 2-stage pipeline on CPU; one rank kept).
 PREVIOUS_RESULT_JSON = '{"run_id": 7, "world_size": 2, "device": "cpu", "backend": "gloo", "device_names": ["cpu"], "torch_version": "2.13.0+cpu", "hostname": "vm", "step_time_s_p50": 0.02385720250003942, "step_time_s_p90": 0.024108175699620916, "step_time_s_mean": 0.02385720250003942, "step_times_s": [0.02417091899951629, 0.023543486000562552], "tokens_per_s": 21461.024191715438, "flops_per_step": 815923200, "achieved_gflops": 34.20028815191772, "peak_flops": null, "mfu": null, "loss": 6.260825157165527, "bubble_fraction": 0.28527581855441686, "bubble_fraction_theory": 0.3333333333333333, "verify": null, "cpu_oversubscribed": false, "cpu_cores": 2, "cpu_pinned": true, "ranks": [{"rank": 0, "tp": 0, "pp": 0, "dp": 0, "param_count": 140928, "param_bytes": 563712, "optimizer_bytes": 1127528, "peak_mem_bytes": 13271040, "peak_rss_bytes": 336506880, "mem_baseline_bytes": 323235840, "peak_rss_scope": "timed steps", "cpu_wait_s": 0.000597799, "cpu_core": 0, "cpu_oversubscribed": false, "cpu_cores": 2, "compute_s": 0.022668786004942376, "comm_bytes": {"all_reduce": 262144, "all_gather": 0, "reduce_scatter": 0, "broadcast": 0, "send": 262144}, "comm_wire_bytes": {"all_reduce": 262144, "all_gather": 0, "reduce_scatter": 0, "broadcast": 0, "send": 262144}, "comm_calls": {"all_reduce": 2, "all_gather": 0, "reduce_scatter": 0, "broadcast": 0, "send": 4, "recv": 4}, "comm_s": 0.008631584998511244, "idle_s": 0.01641403399662522, "loss": null, "device_name": "cpu", "max_inflight_microbatches": 2, "peak_activation_bytes": 4236288, "activation_bytes_per_microbatch": 2118144, "bubble_fraction_theory": 0.3333333333333333, "bubble_fraction": 0.3440058405129038}]}'
@@ -111,21 +111,21 @@ def test_is_terminal_is_exactly_what_storage_and_the_runner_treat_as_final(engin
     assert set(RUN_STATES) == {s.value for s in RunStatus}
     spec = RunSpec(strategy="single", model="tiny")
     for status in RunStatus:
-        run_id = queries.insert_run(engine, spec)
-        queries.claim_run(engine, run_id, "r", "/tmp/x", [])
+        run_id = runs.insert_run(engine, spec)
+        runner_rows.claim_run(engine, run_id, "r", "/tmp/x", [])
         if not status.is_terminal:
-            with pytest.raises((AssertionError, ValueError)):
-                queries.finish_run(engine, run_id, status)  # only a terminal state ends a run
-            queries.finish_run(engine, run_id, RunStatus.CANCELLED)
+            with pytest.raises(ValueError):
+                runner_rows.finish_run(engine, run_id, status)  # only a terminal state ends a run
+            runner_rows.finish_run(engine, run_id, RunStatus.CANCELLED)
             continue
-        assert queries.finish_run(engine, run_id, status)
+        assert runner_rows.finish_run(engine, run_id, status)
         # Final: nothing moves it again, and the runner neither places nor watches it.
         for again in RunStatus:
             if again.is_terminal:
-                assert not queries.finish_run(engine, run_id, again)
-        assert queries.request_cancel(engine, run_id) == status
-        assert queries.get_run(engine, run_id)["status"] == status
-        assert run_id not in [r["id"] for r in queries.queued_runs(engine) + queries.running_runs(engine)]
+                assert not runner_rows.finish_run(engine, run_id, again)
+        assert runs.request_cancel(engine, run_id) == status
+        assert runs.get_run(engine, run_id)["status"] == status
+        assert run_id not in [r["id"] for r in runner_rows.queued_runs(engine) + runner_rows.running_runs(engine)]
 
 
 def test_a_run_stored_by_the_previous_version_at_revision_0004_upgrades_and_reads_as_records(lab_home):
@@ -142,13 +142,13 @@ def test_a_run_stored_by_the_previous_version_at_revision_0004_upgrades_and_read
     old = create_engine(url)
     upgrade(old, "0004")
     meta = MetaData()
-    runs = Table("runs", meta, autoload_with=old)
+    runs_table = Table("runs", meta, autoload_with=old)
     rank_results = Table("rank_results", meta, autoload_with=old)
     core = ("rank", "tp", "pp", "dp", "param_count", "param_bytes", "optimizer_bytes", "peak_mem_bytes", "compute_s",
             "comm_s", "idle_s", "comm_bytes", "comm_calls")  # fmt: skip
     now = datetime.now(UTC)
     with old.begin() as conn:
-        run_id = conn.execute(insert(runs).values(
+        run_id = conn.execute(insert(runs_table).values(
             status="succeeded", strategy="pipeline", model="tiny", workload="train", world_size=2, tp=1, pp=2, dp=1,
             device="cpu", spec={"strategy": "pipeline", "pp": 2, "model": "tiny"}, tags=[], note="", user="ada",
             host="h", created_at=now, finished_at=now, cancel_requested=False, progress_step=3, total_steps=3,
@@ -160,9 +160,9 @@ def test_a_run_stored_by_the_previous_version_at_revision_0004_upgrades_and_read
             extra={k: v for k, v in old_rank.items() if k not in core},
         ))  # fmt: skip
     upgrade(old, "head")
-    run = queries.get_run(old, run_id)
+    run = runs.get_run(old, run_id)
     assert run["status"] == "succeeded" and run["world_size"] == 2 and run["pp"] == 2
     assert run["ranks"] == [old_rank]  # the same figures, as one record
     assert Result.from_dict({**run["result"], "ranks": run["ranks"]}).to_dict() == old_result
-    frame = queries.rank_results(old, [run_id])
+    frame = series.rank_results(old, [run_id])
     assert frame.loc[0, "comm_bytes_send"] == 262144 and frame.loc[0, "max_inflight_microbatches"] == 2

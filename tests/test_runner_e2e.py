@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runner import api
 from runner.spec import RunSpec
-from storage import queries
+from storage import hosts, runner_rows, runs, series
 from tests.conftest import stop_runner
 from tests.jobs import wait_status
 
@@ -34,7 +35,7 @@ def start_runner(engine) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        status = queries.runner_status(engine)
+        status = hosts.runner_status(engine)
         if status and status["alive"] and status["pid"] == proc.pid:
             return proc
         time.sleep(0.2)
@@ -47,17 +48,17 @@ def test_submit_wait_runs_a_single_rank_train_and_stores_result_ranks_and_steps(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = json.loads(proc.stdout)
     assert run["status"] == "succeeded" and run["error"] is None and run["exit_code"] == 0
-    stored = queries.get_run(engine, run["id"])
+    stored = runs.get_run(engine, run["id"])
     assert stored["result"]["step_time_s_p50"] > 0 and stored["result"]["tokens_per_s"] > 0
     assert [r["rank"] for r in stored["ranks"]] == [0] and stored["ranks"][0]["param_count"] > 0
     assert stored["torch_version"].startswith("2.13.0") and stored["device_names"] == ["cpu"]
     assert stored["started_at"] <= stored["finished_at"]
-    steps = queries.step_metrics(engine, run["id"])
+    steps = series.step_metrics(engine, run["id"])
     assert list(steps["step"]) == [0, 1, 2] and list(steps["warmup"]) == [True, False, False]
-    listed = queries.list_runs(engine)
+    listed = runs.list_runs(engine)
     assert listed.loc[0, "id"] == run["id"] and listed.loc[0, "tokens_per_s"] > 0
-    assert set(queries.telemetry_series(engine, [run["id"]])["source"]) <= {"rank0"}
-    assert queries.runner_status(engine)["alive"]  # --wait started the runner, which keeps serving
+    assert set(series.telemetry_series(engine, [run["id"]])["source"]) <= {"rank0"}
+    assert hosts.runner_status(engine)["alive"]  # --wait started the runner, which keeps serving
 
 
 def test_submit_wait_runs_a_layer_split_and_stores_its_result(engine):
@@ -69,10 +70,10 @@ def test_submit_wait_runs_a_layer_split_and_stores_its_result(engine):
     assert run["result"]["verify"]["grads_max_abs_diff"] <= 1e-5
     assert run["result"]["tokens_per_s"] > 0
     assert [r["rank"] for r in run["ranks"]] == [0, 1] and all(r["peak_mem_bytes"] > 0 for r in run["ranks"])
-    stored = queries.get_run(engine, run["id"])
+    stored = runs.get_run(engine, run["id"])
     assert stored["progress"] == {"step": 4, "total": 4}
-    assert len(queries.step_metrics(engine, run["id"])) == 4
-    assert set(queries.telemetry_series(engine, [run["id"]])["source"]) <= {"rank0", "rank1"}
+    assert len(series.step_metrics(engine, run["id"])) == 4
+    assert set(series.telemetry_series(engine, [run["id"]])["source"]) <= {"rank0", "rank1"}
     assert Path(stored["run_dir"], "rank1.log").exists()
     logs = cli("logs", str(run["id"]), "--rank", "1")
     assert logs.returncode == 0
@@ -82,8 +83,8 @@ def test_a_killed_rank_fails_the_run_with_the_rank_named_and_the_queue_goes_on(e
     runner = start_runner(engine)
     try:
         slow = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=200, batch=8, seq=128)
-        victim = queries.submit_run(engine, slow)
-        after = queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=2))
+        victim = api.submit(engine, slow)
+        after = api.submit(engine, RunSpec(strategy="single", model="tiny", steps=2))
         run = wait_status(engine, victim, {"running"})
         deadline = time.monotonic() + 60
         rank1 = None
@@ -110,7 +111,7 @@ def test_a_killed_rank_fails_the_run_with_the_rank_named_and_the_queue_goes_on(e
 def run_pid(engine, run_id: int) -> int:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        pid = queries.get_run(engine, run_id) and _pid(engine, run_id)
+        pid = runs.get_run(engine, run_id) and _pid(engine, run_id)
         if pid:
             return pid
         time.sleep(0.1)
@@ -118,13 +119,13 @@ def run_pid(engine, run_id: int) -> int:
 
 
 def _pid(engine, run_id: int) -> int | None:
-    rows = [r for r in queries.running_runs(engine) if r["id"] == run_id]
+    rows = [r for r in runner_rows.running_runs(engine) if r["id"] == run_id]
     return rows[0]["pid"] if rows else None
 
 
 def wait_progress(engine, run_id: int, steps: int = 2, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while queries.get_run(engine, run_id)["progress"]["step"] < steps:
+    while runs.get_run(engine, run_id)["progress"]["step"] < steps:
         assert time.monotonic() < deadline, "no progress"
         time.sleep(0.2)
 
@@ -133,14 +134,14 @@ def test_cancel_of_a_running_4_rank_job_leaves_no_process(engine):
     runner = start_runner(engine)
     try:
         spec = RunSpec(strategy="layer", pp=4, model="small", workload="train", steps=500, batch=8, seq=128)
-        run_id = queries.submit_run(engine, spec)
+        run_id = api.submit(engine, spec)
         wait_status(engine, run_id, {"running"})
         pid = run_pid(engine, run_id)
         wait_progress(engine, run_id, steps=1)
         pids = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
         assert len(pids) >= 5  # torchrun + 4 ranks
         started = time.monotonic()
-        assert queries.request_cancel(engine, run_id) == "cancelling"
+        assert runs.request_cancel(engine, run_id) == "cancelling"
         run = wait_status(engine, run_id, {"cancelled", "failed", "succeeded"}, timeout=30)
         assert run["status"] == "cancelled"
         assert time.monotonic() - started < 5 + 5  # grace period plus a few seconds
@@ -154,7 +155,7 @@ def test_cancel_of_a_running_4_rank_job_leaves_no_process(engine):
 def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
     runner = start_runner(engine)
     spec = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=15, batch=8, seq=128)
-    run_id = queries.submit_run(engine, spec)
+    run_id = api.submit(engine, spec)
     wait_status(engine, run_id, {"running"})
     wait_progress(engine, run_id, steps=1)
     os.kill(runner.pid, signal.SIGKILL)  # the runner dies; its job lives on in its own session
@@ -168,15 +169,15 @@ def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
         stop_runner(engine)
         runner.wait(timeout=10)
     # A running run whose processes are gone becomes lost when a runner starts.
-    ghost = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
-    queries.claim_run(engine, ghost, "dead-runner", "/nonexistent", [])
-    queries.update_run(engine, ghost, pid=2**22 + 12345)
-    before = queries.get_run(engine, run_id)
+    ghost = api.submit(engine, RunSpec(strategy="single", model="tiny"))
+    runner_rows.claim_run(engine, ghost, "dead-runner", "/nonexistent", [])
+    runner_rows.update_run(engine, ghost, pid=2**22 + 12345)
+    before = runs.get_run(engine, run_id)
     runner = start_runner(engine)
     try:
         lost = wait_status(engine, ghost, {"lost"}, timeout=30)
         assert "vanished" in lost["error"]
-        assert queries.get_run(engine, run_id) == before  # nothing else changed
+        assert runs.get_run(engine, run_id) == before  # nothing else changed
     finally:
         stop_runner(engine)
         runner.wait(timeout=10)
@@ -186,7 +187,7 @@ def test_time_limit_stops_the_run_as_failed_with_the_reason(engine):
     runner = start_runner(engine)
     try:
         spec = RunSpec(strategy="single", model="small", workload="train", steps=10_000, time_limit_s=8)
-        run_id = queries.submit_run(engine, spec)
+        run_id = api.submit(engine, spec)
         run = wait_status(engine, run_id, {"failed", "succeeded"}, timeout=60)
         assert run["status"] == "failed" and "time limit of 8 s" in run["error"]
     finally:
@@ -204,7 +205,7 @@ def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db
 
     def submit(n):
         for _ in range(n):
-            run_id = queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+            run_id = api.submit(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
             with lock:
                 ids.append(run_id)
 
@@ -217,11 +218,11 @@ def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db
     runner = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--max-cpu-jobs", "2"], cwd=REPO,
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        runs = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
-        assert [r["status"] for r in runs] == ["succeeded"] * 6
-        run_dirs = [r["run_dir"] for r in runs]
+        ended = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
+        assert [r["status"] for r in ended] == ["succeeded"] * 6
+        run_dirs = [r["run_dir"] for r in ended]
         assert len(set(run_dirs)) == 6  # each launched once, in its own folder
-        for r in runs:
+        for r in ended:
             starts = [
                 line for line in Path(r["run_dir"], "events.jsonl").read_text().splitlines() if '"started"' in line
             ]
@@ -254,8 +255,8 @@ def test_sigkill_of_torchrun_leaves_no_rank_alive_and_the_next_run_starts_only_a
     """torchrun gives each rank its own session, so killing torchrun's group alone would orphan them."""
     runner = start_runner(engine)  # one CPU job at a time: the next run needs the slot the killed one held
     try:
-        victim = queries.submit_run(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
-        after = queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+        victim = api.submit(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
+        after = api.submit(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
         wait_status(engine, victim, {"running"})
         wait_progress(engine, victim, steps=1)
         ranks = rank_pids(engine, victim, 2)
@@ -283,9 +284,9 @@ def test_a_rank_that_ignores_sigterm_is_gone_after_cancel(engine):
     runner = Runner(engine)
     assert runner.acquire()
     runner.job_entry = ("-m", "tests.stubborn_job")
-    run_id = queries.submit_run(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
+    run_id = api.submit(engine, RunSpec(strategy="data", dp=2, model="tiny", steps=100_000))
     deadline = time.monotonic() + 120
-    while queries.get_run(engine, run_id)["progress"]["step"] < 1 or len(runner.watched[run_id].job.ranks) < 2:
+    while runs.get_run(engine, run_id)["progress"]["step"] < 1 or len(runner.watched[run_id].job.ranks) < 2:
         assert time.monotonic() < deadline, "no progress"
         runner.tick()
         time.sleep(0.1)
@@ -293,7 +294,7 @@ def test_a_rank_that_ignores_sigterm_is_gone_after_cancel(engine):
     pids = [job.pid, *job.ranks]
     try:
         started = time.monotonic()
-        assert queries.request_cancel(engine, run_id) == "cancelling"
+        assert runs.request_cancel(engine, run_id) == "cancelling"
         run = wait_status(engine, run_id, {"cancelled", "failed", "succeeded"}, timeout=CANCEL_GRACE_S + 30,
                           between=runner.tick)  # fmt: skip
         assert run["status"] == "cancelled"
@@ -311,11 +312,11 @@ def test_a_diverged_run_ends_failed_naming_the_step_and_unreadable_rows_never_st
     """`submit --lr 1e6 --wait` on SQLite and on PostgreSQL (whose JSON refuses NaN), with rows the runner cannot
     read waiting for it: a queued run whose spec is not an object and a running one whose spec no longer parses."""
     engine = db_engine
-    bad_queued = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
-    queries.update_run(engine, bad_queued, spec=["not", "a", "spec"])
-    bad_running = queries.submit_run(engine, RunSpec(strategy="single", model="tiny"))
-    queries.claim_run(engine, bad_running, "a-runner-long-gone", "/nonexistent", [])
-    queries.update_run(engine, bad_running, pid=2**22 + 99, spec={"strategy": 7})
+    bad_queued = api.submit(engine, RunSpec(strategy="single", model="tiny"))
+    runner_rows.update_run(engine, bad_queued, spec=["not", "a", "spec"])
+    bad_running = api.submit(engine, RunSpec(strategy="single", model="tiny"))
+    runner_rows.claim_run(engine, bad_running, "a-runner-long-gone", "/nonexistent", [])
+    runner_rows.update_run(engine, bad_running, pid=2**22 + 99, spec={"strategy": 7})
     proc = cli("submit", "--strategy", "single", "--model", "tiny", "--lr", "1e6", "--wait", "--json",
                "--timeout", "240")  # fmt: skip
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -324,9 +325,9 @@ def test_a_diverged_run_ends_failed_naming_the_step_and_unreadable_rows_never_st
     assert re.fullmatch(r"loss became (NaN|inf|-inf) at step \d+: training diverged .*", run["error"]), run["error"]
     assert run["result"]["tokens_per_s"] > 0  # the timings were real and are kept
     assert run["result"]["loss"] is None and any(n.startswith("loss = ") for n in run["result"]["non_finite"])
-    assert queries.step_metrics(engine, run["id"])["loss"].isna().any()
-    assert "must be a JSON object" in queries.get_run(engine, bad_queued)["error"]
-    assert "stored spec cannot be read" in queries.get_run(engine, bad_running)["error"]
+    assert series.step_metrics(engine, run["id"])["loss"].isna().any()
+    assert "must be a JSON object" in runs.get_run(engine, bad_queued)["error"]
+    assert "stored spec cannot be read" in runs.get_run(engine, bad_running)["error"]
 
 
 def test_a_runner_frozen_past_the_stale_limit_is_replaced_and_launches_nothing_after_sigcont(engine, monkeypatch):
@@ -336,16 +337,16 @@ def test_a_runner_frozen_past_the_stale_limit_is_replaced_and_launches_nothing_a
     try:
         os.kill(frozen.pid, signal.SIGSTOP)
         deadline = time.monotonic() + 20
-        while queries.runner_status(engine)["alive"]:
+        while hosts.runner_status(engine)["alive"]:
             assert time.monotonic() < deadline, "the frozen runner's lease never went stale"
             time.sleep(0.2)
-        ids = [queries.submit_run(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
+        ids = [api.submit(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
                for _ in range(3)]  # fmt: skip
         successor = start_runner(engine)
         os.kill(frozen.pid, signal.SIGCONT)  # it wakes up in its loop with runs queued
         assert frozen.wait(timeout=30) == 4  # "lost the runner lease to another runner"
-        runs = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
-        assert [r["status"] for r in runs] == ["succeeded"] * 3
+        ended = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
+        assert [r["status"] for r in ended] == ["succeeded"] * 3
         from sqlalchemy import text
 
         with engine.connect() as conn:
@@ -380,17 +381,17 @@ def test_two_hosts_on_one_postgres_each_run_their_own_runs_and_read_each_others_
                                              start_new_session=True, stdout=subprocess.DEVNULL,
                                              stderr=subprocess.DEVNULL)  # fmt: skip
         deadline = time.monotonic() + 60
-        while sorted(h["host"] for h in queries.hosts(engine) if h["alive"]) != ["alpha", "beta"]:
-            assert time.monotonic() < deadline, queries.hosts(engine)
+        while sorted(h["host"] for h in hosts.hosts(engine) if h["alive"]) != ["alpha", "beta"]:
+            assert time.monotonic() < deadline, hosts.hosts(engine)
             time.sleep(0.2)
         spec = RunSpec(strategy="single", model="tiny", steps=2)
-        ids = {host: queries.submit_run(engine, spec, run_on=host) for host in ("beta", "alpha")}
+        ids = {host: api.submit(engine, spec, run_on=host) for host in ("beta", "alpha")}
         for host, run_id in ids.items():
             run = wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180)
             assert run["status"] == "succeeded", run
             assert run["target_host"] == run["runner_host"] == host
             assert Path(run["run_dir"]).is_relative_to(tmp_path / host)
-            logs = queries.run_logs(engine, run_id)  # from this third machine's view: the database only
+            logs = series.run_logs(engine, run_id)  # from this third machine's view: the database only
             assert "step 3/3" in logs["rank0"]["text"] and logs["rank0"]["size"] > 0
             assert "torchrun" in logs
     finally:

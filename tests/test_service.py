@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import api
 from runner.failures import diagnose_failure, first_traceback
 from runner.launch import Job, group_alive
 from runner.logs import read_log
@@ -21,7 +22,7 @@ from runner.records import Error
 from runner.service import Runner, Watched
 from runner.spec import RunSpec
 from runner.telemetry import Sampler
-from storage import queries
+from storage import db, hosts, runner_rows, runs, series
 from tests.jobs import wait_status
 
 TINY = RunSpec(strategy="single", model="tiny", steps=3, warmup=1)
@@ -34,9 +35,9 @@ def sleeper(seconds: float = 30) -> subprocess.Popen:
 
 def watch_fake_job(runner: Runner, engine, spec: RunSpec, run_dir: Path, proc: subprocess.Popen) -> int:
     """Queue and claim a run, then have the runner watch `proc` as its job."""
-    run_id = queries.submit_run(engine, spec)
-    assert queries.claim_run(engine, run_id, runner.runner_id, str(run_dir), [])
-    queries.update_run(engine, run_id, pid=proc.pid)
+    run_id = api.submit(engine, spec)
+    assert runner_rows.claim_run(engine, run_id, runner.runner_id, str(run_dir), [])
+    runner_rows.update_run(engine, run_id, pid=proc.pid)
     run_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     runner.watched[run_id] = Watched(Job(run_id, proc.pid, run_dir, proc), spec, [], now, Sampler(proc.pid, now))
@@ -48,9 +49,9 @@ def tick_until(runner: Runner, engine, run_id: int, statuses: set[str], timeout:
 
 
 def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_instead_of_waiting(engine):
-    run_id = queries.submit_run(engine, RunSpec(strategy="layer", pp=2, device="cuda"))  # no runner: GPUs unknown
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, device="cuda"))  # no runner: GPUs unknown
     Runner(engine).place_queued()
-    run = queries.get_run(engine, run_id)
+    run = runs.get_run(engine, run_id)
     assert run["status"] == "failed"
     assert "device" in run["error"] and "no NVIDIA GPU is visible" in run["error"]
 
@@ -60,9 +61,9 @@ def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):
     proc = sleeper()
     try:
         watch_fake_job(runner, engine, TINY, tmp_path / "a", proc)
-        waiting = queries.submit_run(engine, TINY)
+        waiting = api.submit(engine, TINY)
         runner.place_queued()
-        run = queries.get_run(engine, waiting)
+        run = runs.get_run(engine, waiting)
         assert run["status"] == "queued"
         assert run["wait_reason"] == "waiting for a CPU slot (1 of 1 CPU jobs running)"
     finally:
@@ -84,16 +85,16 @@ def test_events_are_ingested_incrementally_and_a_partial_line_waits_for_its_end(
         lines = [json.dumps(step(0)), json.dumps(span), *map(json.dumps, odd), "not json"]  # odd lines are skipped
         events.write_text("\n".join(lines) + "\n" + json.dumps(step(1))[:20])
         runner.tick()
-        assert queries.get_run(engine, run_id)["progress"] == {"step": 1, "total": 4}
-        assert len(queries.step_metrics(engine, run_id)) == 1
+        assert runs.get_run(engine, run_id)["progress"] == {"step": 1, "total": 4}
+        assert len(series.step_metrics(engine, run_id)) == 1
         with events.open("a") as f:
             f.write(json.dumps(step(1))[20:] + "\n" + json.dumps(step(2)) + "\n")
         runner.tick()
         runner.tick()  # nothing new: nothing stored twice
-        metrics = queries.step_metrics(engine, run_id)
+        metrics = series.step_metrics(engine, run_id)
         assert list(metrics["step"]) == [0, 1, 2] and list(metrics["warmup"]) == [True, False, False]
-        assert queries.get_run(engine, run_id)["progress"]["step"] == 3
-        spans = queries.timeline_spans(engine, run_id)
+        assert runs.get_run(engine, run_id)["progress"]["step"] == 3
+        spans = series.timeline_spans(engine, run_id)
         assert spans.to_dict("records") == [{k: span[k] for k in spans.columns}]
     finally:
         proc.kill()
@@ -104,7 +105,7 @@ def test_cancel_of_a_running_job_stops_its_process_group_without_blocking_the_lo
     runner = Runner(engine)
     proc = sleeper()
     run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", proc)
-    assert queries.request_cancel(engine, run_id) == "cancelling"
+    assert runs.request_cancel(engine, run_id) == "cancelling"
     started = time.monotonic()
     runner.tick()
     assert time.monotonic() - started < 1.0  # SIGTERM sent, the loop moved on
@@ -134,7 +135,7 @@ def test_restart_adopts_a_live_job_and_marks_a_vanished_one_lost(engine, tmp_pat
         second = Runner(engine)  # as after a crash: a new runner, the same database
         second.recover()
         assert alive_id in second.watched and second.watched[alive_id].job.popen is None
-        lost = queries.get_run(engine, dead_id)
+        lost = runs.get_run(engine, dead_id)
         assert lost["status"] == "lost" and "vanished" in lost["error"]
         live.kill()
         live.wait()
@@ -220,7 +221,7 @@ def test_a_launch_never_reads_a_stale_folder_left_under_a_reused_run_id(engine):
     from runner.launch import stop_group
     from storage.db import runs_dir
 
-    run_id = queries.submit_run(engine, TINY)
+    run_id = api.submit(engine, TINY)
     stale = runs_dir() / str(run_id)
     stale.mkdir(parents=True)
     (stale / "events.jsonl").write_text('{"kind": "step", "rank": 0, "t": 1, "step": 99}\n')
@@ -290,7 +291,7 @@ def test_a_rank_left_by_a_killed_torchrun_is_found_by_a_restarted_runner_stopped
     torchrun = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], start_new_session=True)
     run_id = watch_fake_job(first, engine, TINY, tmp_path / "run", torchrun)
     deadline = time.monotonic() + 15
-    while not (rows := [r for r in queries.running_runs(engine) if r["id"] == run_id and r["rank_pids"]]):
+    while not (rows := [r for r in runner_rows.running_runs(engine) if r["id"] == run_id and r["rank_pids"]]):
         assert time.monotonic() < deadline, "the runner never recorded the rank"
         first.tick()
         time.sleep(0.1)
@@ -300,18 +301,18 @@ def test_a_rank_left_by_a_killed_torchrun_is_found_by_a_restarted_runner_stopped
     assert not group_alive(torchrun.pid) and alive(rank_pid)  # its own session: nothing took the rank along
     second = Runner(engine, max_cpu_jobs=1)
     assert second.acquire()
-    waiting = queries.submit_run(engine, TINY)
+    waiting = api.submit(engine, TINY)
     second.recover()
     assert run_id in second.watched  # adopted because its rank lives, not marked lost
     deadline = time.monotonic() + 30
     try:
-        while queries.get_run(engine, run_id)["status"] == "running" or waiting not in second.watched:
-            assert time.monotonic() < deadline, queries.get_run(engine, run_id)
+        while runs.get_run(engine, run_id)["status"] == "running" or waiting not in second.watched:
+            assert time.monotonic() < deadline, runs.get_run(engine, run_id)
             second.tick()
             # Checked after the tick: a rank alive now was alive throughout it, so the slot was still taken.
-            assert not (alive(rank_pid) and queries.get_run(engine, waiting)["status"] != "queued")
+            assert not (alive(rank_pid) and runs.get_run(engine, waiting)["status"] != "queued")
             time.sleep(0.05)
-        run = queries.get_run(engine, run_id)
+        run = runs.get_run(engine, run_id)
         assert run["status"] == "failed" and "the runner stopped them" in run["error"], run["error"]
         assert not alive(rank_pid)
     finally:
@@ -331,38 +332,38 @@ def test_a_runner_that_lost_its_lease_launches_nothing(db_engine):
     engine = db_engine
     frozen = Runner(engine)
     assert frozen.acquire()
-    stale = datetime.now(UTC) - timedelta(seconds=queries.runner_stale_s() + 1)
+    stale = datetime.now(UTC) - timedelta(seconds=db.runner_stale_s() + 1)
     with engine.begin() as conn:
         conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
     assert Runner(engine).acquire()
-    run_id = queries.submit_run(engine, TINY)
+    run_id = api.submit(engine, TINY)
     frozen.place_queued()
-    assert queries.get_run(engine, run_id)["status"] == "queued" and not frozen.watched
-    assert not queries.heartbeat(engine, frozen.runner_id)  # and its next heartbeat tells it to leave
+    assert runs.get_run(engine, run_id)["status"] == "queued" and not frozen.watched
+    assert not hosts.heartbeat(engine, frozen.runner_id)  # and its next heartbeat tells it to leave
 
 
 def test_unreadable_stored_rows_fail_their_own_run_and_never_the_runner(db_engine, tmp_path):
     engine = db_engine
     runner = Runner(engine)
     assert runner.acquire()
-    bad_queued = queries.submit_run(engine, TINY)
-    queries.update_run(engine, bad_queued, spec=["not", "a", "spec"])
-    gone, live_bad, bad_pids = (queries.submit_run(engine, TINY) for _ in range(3))
+    bad_queued = api.submit(engine, TINY)
+    runner_rows.update_run(engine, bad_queued, spec=["not", "a", "spec"])
+    gone, live_bad, bad_pids = (api.submit(engine, TINY) for _ in range(3))
     live = sleeper()
     try:
         for run_id, pid in ((gone, 2**22 + 7), (live_bad, live.pid), (bad_pids, live.pid)):
-            assert queries.claim_run(engine, run_id, "old-runner", str(tmp_path / str(run_id)), [])
-            queries.update_run(engine, run_id, pid=pid)
-        queries.update_run(engine, gone, spec={"strategy": 7, "bogus": 1})
-        queries.update_run(engine, live_bad, spec={"strategy": 7, "bogus": 1})
-        queries.update_run(engine, bad_pids, rank_pids="garbage")
+            assert runner_rows.claim_run(engine, run_id, "old-runner", str(tmp_path / str(run_id)), [])
+            runner_rows.update_run(engine, run_id, pid=pid)
+        runner_rows.update_run(engine, gone, spec={"strategy": 7, "bogus": 1})
+        runner_rows.update_run(engine, live_bad, spec={"strategy": 7, "bogus": 1})
+        runner_rows.update_run(engine, bad_pids, rank_pids="garbage")
         runner.recover()
-        run = queries.get_run(engine, gone)
+        run = runs.get_run(engine, gone)
         assert run["status"] == "failed" and "stored spec cannot be read" in run["error"] and "bogus" in run["error"]
-        run = queries.get_run(engine, bad_pids)
+        run = runs.get_run(engine, bad_pids)
         assert run["status"] == "failed" and "could not read this run's stored row" in run["error"]
         runner.place_queued()
-        run = queries.get_run(engine, bad_queued)
+        run = runs.get_run(engine, bad_queued)
         assert run["status"] == "failed" and "must be a JSON object" in run["error"]
         # The live one cannot be held to its limits without its spec: its processes are stopped, and it says why.
         run = tick_until(runner, engine, live_bad, {"failed", "cancelled", "succeeded", "lost"})
@@ -379,23 +380,23 @@ def test_a_run_a_replaced_runner_is_still_launching_keeps_its_slot_and_is_adopte
     stored, the periodic re-scan adopts it."""
     runner = Runner(engine, max_cpu_jobs=1)
     assert runner.acquire()
-    launching = queries.submit_run(engine, TINY)
-    assert queries.claim_run(engine, launching, "replaced-runner", str(tmp_path / "run"), [])
-    waiting = queries.submit_run(engine, TINY)
+    launching = api.submit(engine, TINY)
+    assert runner_rows.claim_run(engine, launching, "replaced-runner", str(tmp_path / "run"), [])
+    waiting = api.submit(engine, TINY)
     runner.recover()
-    assert queries.get_run(engine, launching)["status"] == "running" and launching in runner.pending
+    assert runs.get_run(engine, launching)["status"] == "running" and launching in runner.pending
     runner.place_queued()
-    assert queries.get_run(engine, waiting)["wait_reason"] == "waiting for a CPU slot (1 of 1 CPU jobs running)"
+    assert runs.get_run(engine, waiting)["wait_reason"] == "waiting for a CPU slot (1 of 1 CPU jobs running)"
     job = sleeper()
     try:
         (tmp_path / "run").mkdir()
-        queries.update_run(engine, launching, pid=job.pid)  # the other runner got as far as storing its pid
+        runner_rows.update_run(engine, launching, pid=job.pid)  # the other runner got as far as storing its pid
         runner.recover()
         assert launching in runner.watched and not runner.pending
     finally:
         job.kill()
         job.wait()
-    assert queries.request_cancel(engine, waiting) == "cancelled"  # nothing more to launch in this test
+    assert runs.request_cancel(engine, waiting) == "cancelled"  # nothing more to launch in this test
     run = tick_until(runner, engine, launching, {"failed", "succeeded", "lost"})
     assert run["status"] == "failed"  # it ended without a result
 
@@ -423,7 +424,7 @@ def test_cancel_sigkills_only_after_torchruns_own_grace_and_then_every_rank(engi
             runner.tick()
             time.sleep(0.1)
         (rank_pid,) = runner.watched[run_id].job.ranks
-        assert queries.request_cancel(engine, run_id) == "cancelling"
+        assert runs.request_cancel(engine, run_id) == "cancelling"
         started = time.monotonic()
         while time.monotonic() - started < TORCHRUN_SHUTDOWN_S - 0.5:
             runner.tick()
