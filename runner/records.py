@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -147,11 +146,6 @@ class Finished(Event):
 
 
 EVENT_KINDS: dict[str, type[Event]] = {c.kind: c for c in (Started, Step, Span, Error, Finished)}
-
-
-def now() -> float:
-    """The time stamp events carry (Unix seconds)."""
-    return time.time()
 
 
 def parse_event(line: str | bytes) -> Event | None:
