@@ -25,6 +25,8 @@ from storage import runner_rows as rows
 
 @dataclass
 class Watched:
+    """A run this runner watches: its processes, spec and devices, and how far its folder has been read."""
+
     job: Job
     spec: RunSpec
     gpus: list[int]
