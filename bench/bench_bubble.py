@@ -57,12 +57,13 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     from runner.gpt.pipeline import PipelineGPT
     from runner.resources import cpu_wait_ns, pin_rank
     from runner.spec import RunSpec
+    from runner.strategies.dims import ParallelDims
 
     rank = int(os.environ["RANK"])
     core = pin_rank(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", P)))
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    mesh = Mesh.build((1, P, 1))
+    mesh = Mesh.build(ParallelDims(pp=P))
     spec = RunSpec(strategy="pipeline", model=MODEL, pp=P, batch=BATCH, seq=SEQ, seed=SEED)
 
     class Timed(PipelineGPT):

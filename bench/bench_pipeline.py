@@ -65,6 +65,7 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from runner.gpt.mesh import Mesh
     from runner.resources import pin_rank
     from runner.spec import RunSpec
+    from runner.strategies.dims import ParallelDims
 
     # Each rank on its own core, as a job pins them (before the process group, so gloo's threads follow).
     pin_rank(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
@@ -72,7 +73,7 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     dist.init_process_group("gloo")
     p, rank = dist.get_world_size(), dist.get_rank()
     device = torch.device("cpu")
-    mesh = Mesh.build((1, p, 1))
+    mesh = Mesh.build(ParallelDims(pp=p))
     dims = {**DIMS, "n_embd": n_embd}
     spec = RunSpec(strategy="pipeline", model="custom", **dims, pp=p, batch=BATCH, seq=seq, seed=SEED)
     ours = build_parallel_gpt(spec, mesh, device, torch.float32)  # the pipeline engine, as a job builds it

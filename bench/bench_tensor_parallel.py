@@ -136,6 +136,7 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     from runner.gpt.model import GPT, cut_stage, materialize, shard_of
     from runner.gpt.tp_plan import apply_tensor_parallel
     from runner.resources import pin_rank
+    from runner.strategies.dims import ParallelDims
 
     # CommDebugMode's module tracker warns that the blocks' input needs no gradient: true, and meant.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -145,7 +146,7 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     dist.init_process_group("gloo")
     tp, rank = dist.get_world_size(), dist.get_rank()
     cfg = GPTConfig(**DIMS)
-    mesh = Mesh.build((tp, 1, 1))
+    mesh = Mesh.build(ParallelDims(tp=tp))
     tp_mesh = init_device_mesh("cpu", (tp,))
     # Ours: the GPT with tensor parallelism applied by the plan, cut to its blocks (hidden states in and out).
     with torch.device("meta"):

@@ -6,7 +6,7 @@ they get consecutive ranks (the same node / NVLink island on real clusters); dat
 all-reduce gradients once a step; pipeline neighbours only exchange activations, so they are
 farthest apart. This is Megatron's default order.
 
-`grid()` is pure arithmetic (tested without processes); `Mesh.build()` creates the groups with
+`grid()` is pure arithmetic (tested without processes); `Mesh.build(dims)` creates the groups with
 torch.distributed, on every rank in the same order, as new_group requires, and gives the rank's
 counters a StepClock for its device (CUDA events under NCCL, the host clock under gloo). `barrier()`
 is the one barrier every caller uses: valid on NCCL as on gloo.
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from runner.gpt.comm import CommStats, GroupComm
 from runner.gpt.timing import StepClock
+from runner.strategies.dims import ParallelDims
 
 
 def rank_device() -> torch.device:
@@ -119,13 +120,9 @@ class Mesh:
         return rank_of(Coord(c.tp, stage, c.dp), self.tp_size, self.pp_size, self.dp_size)
 
     @classmethod
-    def build(cls, dims, stats: CommStats | None = None, *old_dp) -> Mesh:
-        """Create every group on every rank (new_group is collective) and keep this rank's.
-
-        `dims` is the run's degrees (runner/strategies/dims.py ParallelDims; anything that unpacks as
-        tp, pp, dp)."""
-        if isinstance(dims, int):  # TEMPORARY: runner/job.py's Mesh.build(tp, pp, dp) until it passes dims
-            dims, stats = (dims, stats, *old_dp), None
+    def build(cls, dims: ParallelDims, stats: CommStats | None = None) -> Mesh:
+        """Create every group on every rank (new_group is collective) and keep this rank's, for the
+        run's degrees (validated when `dims` was made)."""
         tp, pp, dp = dims
         rank, world = dist.get_rank(), dist.get_world_size()
         if tp * pp * dp != world:
