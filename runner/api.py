@@ -56,14 +56,14 @@ def default_user() -> str:
 def ensure_runner() -> bool:
     """Start this machine's runner (`python -m runner serve`) unless a live one serves the database; True
     when one was started now. It is its own process session: it outlives the app and the CLI."""
-    from runner.service import ensure_runner as start
+    from runner.supervisor import ensure_runner as start
 
     return start()
 
 
 def wait_for_runner(engine: Engine, timeout_s: float = 30.0) -> bool:
     """Wait until this machine's runner reports alive; False after `timeout_s`."""
-    from runner.service import wait_for_runner as wait
+    from runner.supervisor import wait_for_runner as wait
 
     return wait(engine, timeout_s)
 

@@ -249,5 +249,6 @@ def _rewrite(path: Path, size: int, head_len: int, tail_len: int, cap: int) -> i
 
 
 def cap_run_logs(run_dir: Path, cap: int = LOG_CAP_BYTES) -> None:
-    for path in [run_dir / "torchrun.log", *run_dir.glob("rank*.log")]:
-        cap_log(path, cap)
+    """cap_log on torchrun.log and every rank's log of a run folder."""
+    for name in log_names(run_dir):
+        cap_log(log_path(run_dir, name), cap)

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from runner import api
-from runner.logs import follow_log, follow_stored, log_names, read_log, read_log_tail
+from runner.logs import cap_run_logs, follow_log, follow_stored, log_names, read_log, read_log_tail
 from runner.spec import RunSpec, SpecError
 from storage import hosts as leases
 from storage import runner_rows
@@ -106,6 +106,15 @@ def test_the_reader_gives_a_rank_logs_tail_from_a_whole_line(tmp_path):
     assert size == len("".join(lines)) and tail.startswith("step ") and "".join(lines).endswith(tail)
     assert len(tail) <= 100 and tail.splitlines()[-1] == "step 999"
     assert read_log(tmp_path, "rank7") is None and read_log(tmp_path / "nowhere", "rank0") is None
+
+
+def test_capping_a_run_folder_caps_torchruns_and_every_ranks_log(tmp_path):
+    for name in ("torchrun", "rank0", "rank11"):
+        (tmp_path / f"{name}.log").write_text(("x" * 99 + "\n") * 1000)  # 100 kB each
+    (tmp_path / "notes.log").write_text("y" * 200_000)  # not a run's log: left alone
+    cap_run_logs(tmp_path, cap=40_000)
+    assert all((tmp_path / f"{n}.log").stat().st_size < 40_000 for n in ("torchrun", "rank0", "rank11"))
+    assert (tmp_path / "notes.log").stat().st_size == 200_000
 
 
 def ran_elsewhere(engine, run_dir) -> int:
