@@ -310,7 +310,8 @@ def materialize(
                     padded = torch.zeros(p.shape)
                     padded[tuple(slice(0, n) for n in value.shape)] = value
                     value = padded
-                new = nn.Parameter(value.to(device=device, dtype=dtype or p.dtype).contiguous(), p.requires_grad)
+                where = device if device is not None else (p.device if p.device.type != "meta" else "cpu")
+                new = nn.Parameter(value.to(device=where, dtype=dtype or p.dtype).contiguous(), p.requires_grad)
                 new.__dict__.update(p.__dict__)  # what strategies noted on it: its Shard, sequence-parallel marks
                 made[id(p)] = new
             module._parameters[leaf] = made[id(p)]

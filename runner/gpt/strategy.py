@@ -17,7 +17,8 @@ from runner.gpt.mesh import Mesh
 
 
 class ParallelGPT(ABC):
-    """One rank's part of a parallel GPT. Subclasses fill in the workloads."""
+    """One rank's part of a parallel GPT. Two implement it: the engine every strategy runs
+    (runner/gpt/pipeline.py PipelineGPT) and data parallelism around it (runner/gpt/data_parallel.py)."""
 
     def __init__(self, config: GPTConfig, mesh: Mesh, device: torch.device, dtype: torch.dtype):
         self.config = config
