@@ -75,8 +75,11 @@ def is_terminal(status: str) -> bool:
 
 # ---- changing runs --------------------------------------------------------------------------
 def parse_spec(data: RunSpec | Mapping[str, Any]) -> RunSpec:
-    """A RunSpec from a spec or a field: value mapping; SpecError naming every malformed field."""
-    return data if isinstance(data, RunSpec) else RunSpec.from_dict(dict(data))
+    """A RunSpec from a spec or a field: value mapping; SpecError naming every malformed field (or saying
+    that `data` is no mapping at all)."""
+    if isinstance(data, RunSpec):
+        return data
+    return RunSpec.from_dict(dict(data) if isinstance(data, Mapping) else data)
 
 
 def target_gpu_count(engine: Engine, run_on: str | None) -> int | None:

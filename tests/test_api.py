@@ -33,6 +33,9 @@ def test_a_bad_spec_stores_nothing_and_names_every_field(engine):
     with pytest.raises(SpecError) as exc:
         api.submit(engine, {"strategy": "single", "colour": 1})
     assert "is not a spec field" in fields(exc)["colour"]
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, [1, 2])  # type: ignore[arg-type]  # what a JSON document that is no object gives
+    assert fields(exc) == {"spec": "must be a JSON object of field: value pairs"}
     assert api.count_runs(engine) == 0
 
 
