@@ -9,8 +9,9 @@ import streamlit as st
 
 from runner import api
 from ui import charts
-from ui.format import human_duration, status_label
+from ui.format import status_label
 from ui.hosts import last_lines, stored_logs_caption
+from ui.run_detail import live_progress
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -38,15 +39,10 @@ def live_view() -> None:
             elif button.button("Cancel", key=f"{K}cancel_{row.id}"):
                 api.cancel(engine(), int(row.id))
                 st.toast(f"cancelling run {row.id}")
-            elapsed = (datetime.now(UTC) - row.started_at).total_seconds() if row.started_at else 0.0
-            steps = api.step_metrics(engine(), int(row.id))
-            done, total = int(row.progress_step), int(row.total_steps)
-            remaining = None
-            if len(steps) and done:
-                remaining = float(steps["step_time_s"].mean()) * (total - done)
-            st.progress(min(done / total, 1.0) if total else 0.0,
-                        text=f"step {done} of {total} · elapsed {human_duration(elapsed)} · "
-                             f"remaining {human_duration(remaining) if remaining is not None else 'estimating…'}")  # fmt: skip
+            steps = api.step_metrics(engine(), int(row.id))["step_time_s"].tolist()
+            frac, text = live_progress(row.started_at, steps, int(row.progress_step), int(row.total_steps),
+                                       datetime.now(UTC))  # fmt: skip
+            st.progress(frac, text=text)
             series = api.telemetry_series(engine(), [int(row.id)])
             if not series.empty:
                 a, b = st.columns(2)

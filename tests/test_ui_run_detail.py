@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 from ui.filters import day_range, parse_day, run_filter
-from ui.run_detail import failure_text, peak_memory, progress, result_captions
+from ui.run_detail import failure_text, live_progress, peak_memory, progress, result_captions
 
 
 def run(**changes):
@@ -18,6 +18,13 @@ def test_progress_is_a_fraction_of_the_steps_and_never_over_one():
     assert progress(run(progress={"step": 3, "total": 6})) == (0.5, "step 3 of 6")
     assert progress(run(progress={"step": 7, "total": 6}))[0] == 1.0
     assert progress(run(progress={"step": 0, "total": 0})) == (0.0, "step 0 of 0")
+
+
+def test_live_progress_says_elapsed_and_remaining_time():
+    start, now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC), datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC)
+    assert live_progress(start, [0.5, 1.5], 2, 6, now) == (1 / 3, "step 2 of 6 · elapsed 30.0 s · remaining 4.0 s")
+    assert live_progress(None, [], 0, 6, now) == (0.0, "step 0 of 6 · elapsed 0 µs · remaining estimating…")
+    assert live_progress(start, [1.0], 9, 6, now)[0] == 1.0
 
 
 def test_the_failure_line_names_the_rank_and_its_exit_code():

@@ -1,11 +1,14 @@
-"""What the run page says about one run, as plain text from its get_run dict: progress, the failure line and
-the captions under its figures (process RSS, MFU, pipeline bubble). The page only lays these out."""
+"""What the run and Live pages say about one run, as plain text from its get_run dict: progress (with elapsed
+and remaining time on the Live page), the failure line and the captions under its figures (process RSS, MFU,
+pipeline bubble). The pages only lay these out."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from ui.format import human_bytes
+from ui.format import human_bytes, human_duration
 
 
 def progress(run: dict[str, Any]) -> tuple[float, str]:
@@ -13,6 +16,18 @@ def progress(run: dict[str, Any]) -> tuple[float, str]:
     prog = run["progress"]
     frac = prog["step"] / prog["total"] if prog["total"] else 0.0
     return min(frac, 1.0), f"step {prog['step']} of {prog['total']}"
+
+
+def live_progress(
+    started_at: datetime | None, step_times: Sequence[float], done: int, total: int, now: datetime
+) -> tuple[float, str]:
+    """(fraction done, 'step s of n · elapsed … · remaining …') of a running run; the remaining time is the
+    mean step time so far times the steps left ('estimating…' before the first step)."""
+    elapsed = (now - started_at).total_seconds() if started_at else 0.0
+    remaining = sum(step_times) / len(step_times) * (total - done) if len(step_times) and done else None
+    frac = min(done / total, 1.0) if total else 0.0
+    left = human_duration(remaining) if remaining is not None else "estimating…"
+    return frac, f"step {done} of {total} · elapsed {human_duration(elapsed)} · remaining {left}"
 
 
 def failure_text(run: dict[str, Any]) -> str | None:
