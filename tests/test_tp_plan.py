@@ -1,8 +1,8 @@
 """Tensor parallelism applied by a plan, checked without processes: every parameter is named by the plan,
 each rank's slice is the same slice of the name-seeded reference, and the ranks' slices tile it.
 
-The collectives of the applied layers are exercised on real gloo ranks by tests/test_tensor_parallel.py
-and tests/test_three_d.py (the job's verify pass against the single-device reference)."""
+The applied model alone is compared with the reference on real gloo ranks (tests/tp_apply_job.py, the last
+test here); inside the job's engine, by tests/test_tensor_parallel.py and tests/test_three_d.py."""
 
 from __future__ import annotations
 
