@@ -162,11 +162,13 @@ class StageLinks:
 class PipelineGPT(ParallelGPT):
     """One stage of the pipeline: `stage` is the GPT cut to this stage's blocks (runner/gpt/model.py
     cut_stage, tensor-parallel or not); `output` turns the last stage's output into the loss and full
-    logits. With one stage and one microbatch it is the plain model ('single', 'tensor'); with one
-    microbatch it is the guide's layer split ('layer')."""
+    logits. With one stage and one microbatch it is the whole model, tensor-parallel or not ('single',
+    'tensor'); with one microbatch it is the guide's layer split ('layer')."""
 
-    def __init__(self, stage: GPT, output: WholeVocabulary | TPState, mesh: Mesh, device: torch.device, dtype: torch.dtype,
-                 microbatches: int = 1, schedule: str = "1f1b", workload: str = "train"):  # fmt: skip
+    def __init__(
+        self, stage: GPT, output: WholeVocabulary | TPState, mesh: Mesh, device: torch.device, dtype: torch.dtype,
+        microbatches: int = 1, schedule: str = "1f1b", workload: str = "train",
+    ):  # fmt: skip
         super().__init__(stage.config, mesh, device, dtype)
         self.stage, self.output = stage, output
         self.stage_id, self.n_stages = mesh.coord.pp, mesh.pp_size
