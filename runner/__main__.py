@@ -122,7 +122,8 @@ def filters_from(args: argparse.Namespace) -> api.RunFilter:
     return api.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
 
 
-def spec_from_args(args: argparse.Namespace) -> RunSpec:
+def spec_from_args(args: argparse.Namespace) -> dict:
+    """The spec's fields from --spec-json with the flags given on top (api.submit parses and validates them)."""
     if args.spec_json:
         RunSpec.from_json(args.spec_json)  # a malformed or non-object document is refused as a spec problem
         data = json.loads(args.spec_json)
@@ -134,7 +135,7 @@ def spec_from_args(args: argparse.Namespace) -> RunSpec:
             data[name] = value
     if args.tags:
         data["tags"] = args.tags
-    return RunSpec.from_dict(data)
+    return data
 
 
 def emit(args: argparse.Namespace, obj, text: str) -> None:
