@@ -183,3 +183,19 @@ def test_following_a_stored_tail_prints_what_each_refresh_added_and_marks_a_gap(
     ends = iter([False, False, True])
     got = "".join(follow_stored(lambda: next(looks), lambda: next(ends), size=4, poll_s=0))
     assert got == "c\n\n[... 12 bytes not kept in the database ...]\nz\n"
+
+
+def test_what_the_app_imports_of_h4s_modules_imports_no_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys\n"
+        "import runner.api, runner.logs, runner.selftest, runner.__main__\n"
+        "import ui.charts, ui.compare, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail, ui.verify\n"
+        "print('torch' in sys.modules)\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
