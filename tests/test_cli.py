@@ -197,3 +197,28 @@ def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts
         follow.kill()
     assert follow.returncode == 0, stderr
     assert stdout == "step 1/3\nstep 2/3\nstep 3/3\n"
+
+
+@pytest.mark.slow  # a --follow process polling while the rank writes
+def test_logs_follow_streams_this_machines_rank_log_until_the_run_ends(engine, tmp_path):
+    import time
+
+    run_id = api.submit(engine, {"strategy": "layer", "pp": 2})
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])  # claimed by this machine
+    log = tmp_path / "rank0.log"
+    log.write_text("step 1/3\n")
+    follow = subprocess.Popen([sys.executable, "-m", "runner", "logs", str(run_id), "--follow"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(3)  # it printed the log and polls
+        with log.open("a") as f:
+            f.write("step 2/3\n")
+        time.sleep(1)
+        with log.open("a") as f:
+            f.write("step 3/3\n")
+        runner_rows.finish_run(engine, run_id, "succeeded")
+        stdout, stderr = follow.communicate(timeout=30)
+    finally:
+        follow.kill()
+    assert follow.returncode == 0, stderr
+    assert stdout == "step 1/3\nstep 2/3\nstep 3/3\n"
