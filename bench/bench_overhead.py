@@ -56,6 +56,7 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
     from runner.job import EventLog, run_step
+    from runner.records import Span
     from runner.resources import pin_rank
     from runner.spec import RunSpec
 
@@ -98,7 +99,7 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
             end = time.perf_counter()
             spans = model.take_spans()
             for span in spans:
-                events.emit("span", step=n, **span)
+                events.emit(Span(rank, time.time(), step=n, **span))  # as the job writes them
             written = time.perf_counter()
             calls = sum(mesh.stats.calls.values())
             mesh.stats.reset()
