@@ -60,7 +60,7 @@ def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: i
             return torch.ones(shape)
         return torch.zeros(shape)
     gen = torch.Generator().manual_seed(parameter_seed(seed, name))
-    return torch.randn(shape, generator=gen) * std
+    return torch.randn(shape, generator=gen).mul_(std)
 
 
 @dataclass(frozen=True)
@@ -171,18 +171,20 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig, seed: int = 0, device: torch.device | str | None = None):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)}),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        target = torch.get_default_device()  # meta inside `with torch.device("meta")`
+        with torch.device("meta"):  # shapes first: each value is then made once, by name
+            self.transformer = nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.vocab_size, config.n_embd),
+                    wpe=nn.Embedding(config.block_size, config.n_embd),
+                    h=nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)}),
+                    ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+                )
             )
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
-        if self.lm_head.weight.device.type != "meta":
-            materialize(self, seed, device=device)
+        if target.type != "meta":
+            materialize(self, seed, device=device if device is not None else target)
 
     def forward(
         self,
