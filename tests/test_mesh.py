@@ -51,3 +51,23 @@ def test_tensor_parallel_peers_are_consecutive_ranks():
 def test_bad_degrees_are_refused():
     with pytest.raises(ValueError, match="degrees must be >= 1"):
         grid(0, 1, 1)
+
+
+def test_mesh_build_takes_the_degrees_object_and_refuses_a_wrong_world_size(tmp_path):
+    """One gloo rank in this process: Mesh.build(ParallelDims) lays it out; degrees whose product is not
+    the job's world size are refused with both numbers named."""
+    import torch.distributed as dist
+
+    from runner.gpt.mesh import Mesh
+    from runner.strategies.dims import ParallelDims
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        mesh = Mesh.build(ParallelDims())
+        assert (mesh.tp_size, mesh.pp_size, mesh.dp_size, mesh.coord) == (1, 1, 1, Coord(tp=0, pp=0, dp=0))
+        assert mesh.tp.size == mesh.pp.size == mesh.dp.size == 1 and mesh.embed is None
+        with pytest.raises(ValueError, match="tp x pp x dp = 2 but the job has 1 ranks"):
+            Mesh.build(ParallelDims(tp=2))
+    finally:
+        dist.destroy_process_group()
