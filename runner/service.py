@@ -27,7 +27,6 @@ from pathlib import Path
 import psutil
 from sqlalchemy import Engine
 
-from runner.failures import diagnose_failure, first_traceback  # noqa: F401 (old import path of tests)
 from runner.launch import (
     JOB_ENTRY,
     TORCHRUN_SHUTDOWN_S,
@@ -40,7 +39,6 @@ from runner.launch import (
 from runner.logs import cap_run_logs
 from runner.records import RunStatus
 from runner.spec import RunSpec, SpecError
-from runner.supervisor import ensure_runner, wait_for_runner  # noqa: F401 (old import path, runner/api.py uses it)
 from runner.telemetry import Sampler, detect_gpus
 from runner.watched import Watched
 from storage import hosts as hosts_db
