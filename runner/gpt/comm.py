@@ -281,7 +281,7 @@ class PendingCollective:
 
 
 # ---- tensor-parallel autograd operators (Megatron's mappings.py, named as there) ------------------
-# Each pair is conjugate: what one does forward, the other does backward. A tensor-parallel region is
+# Conjugate operators: each one's backward is what its counterpart does forward. A tensor-parallel region is
 # entered with copy_to_parallel_region (every rank needs the whole input; its gradient is a sum of
 # per-rank partial gradients) and left with reduce_from_parallel_region (the outputs are partial sums;
 # their gradient is already whole on every rank), so the region gives the reference gradients.
