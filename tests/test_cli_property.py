@@ -8,10 +8,10 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from runner import api
 from runner.__main__ import main
 from runner.spec import RunSpec
 from runner.strategies import strategy_names
-from storage import queries
 from storage.db import get_engine
 from tests.test_spec import spec_values
 
@@ -40,7 +40,7 @@ def test_a_thousand_generated_specs_are_queued_or_refused_with_messages(lab_home
     )
     @given(text=spec_json)
     def check(text):
-        before = queries.count_runs(engine)
+        before = api.count_runs(engine)
         try:
             strategy = json.loads(text).get("strategy", "single")
         except (ValueError, AttributeError):
@@ -51,13 +51,13 @@ def test_a_thousand_generated_specs_are_queued_or_refused_with_messages(lab_home
         out = capsys.readouterr().out
         reply = json.loads(out)
         if code == 0:
-            run = queries.get_run(engine, reply["id"])
+            run = api.get_run(engine, reply["id"])
             assert run["status"] == "queued"
             assert RunSpec.from_dict(run["spec"]).validate() == []  # queued means runnable
-            assert queries.count_runs(engine) == before + 1
+            assert api.count_runs(engine) == before + 1
         else:
             assert code == 2, out
             assert reply["problems"] and all(p["field"] and p["message"] for p in reply["problems"])
-            assert queries.count_runs(engine) == before  # nothing queued
+            assert api.count_runs(engine) == before  # nothing queued
 
     check()

@@ -100,7 +100,7 @@ def test_sampler_reports_cpu_and_rss_of_each_rank_process():
 def test_modules_the_app_imports_do_not_import_torch():
     code = (
         "import sys\n"
-        "import runner.__main__, runner.service, runner.launch, runner.telemetry, runner.spec, storage.queries\n"
+        "import runner.__main__, runner.service, runner.launch, runner.telemetry, runner.spec\n"
         "import runner.records, runner.failures, runner.supervisor, runner.watched, runner.api, runner.strategies\n"
         "import storage.runs, storage.series, storage.hosts, storage.runner_rows, storage.ranks\n"
         "print('torch' in sys.modules)\n"

@@ -13,8 +13,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import insert
 
+from runner import api
 from runner.spec import RunSpec
-from storage import queries
 from storage.models import RankResult, Run, TelemetrySample
 
 pytestmark = pytest.mark.slow
@@ -66,22 +66,18 @@ def timed(fn, *args, **kwargs):
 
 def test_page_queries_stay_within_budget_at_ten_thousand_runs_and_a_million_samples(engine):
     fill(engine)
-    assert queries.count_runs(engine) == N_RUNS
+    assert api.count_runs(engine) == N_RUNS
     checks = {
-        "history first page": lambda: queries.list_runs(engine, limit=50),
-        "history page 150": lambda: queries.list_runs(engine, limit=50, offset=7_450),
-        "filtered count": lambda: queries.count_runs(
-            engine, queries.RunFilter(strategy=["tensor"], status=["succeeded"])
-        ),
-        "filtered page": lambda: queries.list_runs(
-            engine, queries.RunFilter(user=["user3"], tag=["nightly"]), limit=50
-        ),
-        "filter choices": lambda: queries.distinct_values(engine, "user"),
-        "run detail": lambda: queries.get_run(engine, 9_999),
-        "ranks of 8 runs": lambda: queries.rank_results(engine, list(range(1, 9))),
-        "best of each strategy": lambda: queries.best_runs(engine, "gpt2", "train"),
-        "telemetry of 2 long runs": lambda: queries.telemetry_series(engine, [1, 2], bucket_s=10.0),
-        "active runs": lambda: queries.active_runs(engine),
+        "history first page": lambda: api.list_runs(engine, limit=50),
+        "history page 150": lambda: api.list_runs(engine, limit=50, offset=7_450),
+        "filtered count": lambda: api.count_runs(engine, api.RunFilter(strategy=["tensor"], status=["succeeded"])),
+        "filtered page": lambda: api.list_runs(engine, api.RunFilter(user=["user3"], tag=["nightly"]), limit=50),
+        "filter choices": lambda: api.filter_values(engine, "user"),
+        "run detail": lambda: api.get_run(engine, 9_999),
+        "ranks of 8 runs": lambda: api.rank_results(engine, list(range(1, 9))),
+        "best of each strategy": lambda: api.best_runs(engine, "gpt2", "train"),
+        "telemetry of 2 long runs": lambda: api.telemetry_series(engine, [1, 2], bucket_s=10.0),
+        "active runs": lambda: api.active_runs(engine),
     }
     slow = {}
     for name, fn in checks.items():
@@ -90,5 +86,5 @@ def test_page_queries_stay_within_budget_at_ten_thousand_runs_and_a_million_samp
         if seconds > BUDGET_S:
             slow[name] = round(seconds, 3)
     assert not slow, f"over the {BUDGET_S} s budget: {slow}"
-    series, _ = timed(queries.telemetry_series, engine, [1, 2], bucket_s=10.0)
+    series, _ = timed(api.telemetry_series, engine, [1, 2], bucket_s=10.0)
     assert len(series) == 2 * 2 * 500  # 5,000 samples a source downsampled to 500 buckets of 10 s
