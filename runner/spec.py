@@ -14,7 +14,6 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from runner import estimates
 from runner.gpt.config import PRESETS, GPTConfig
 from runner.strategies import ParallelDims, Strategy, get_strategy, strategy_names
 
@@ -159,7 +158,7 @@ class RunSpec:
             raise SpecError([SpecProblem("spec", f"is not valid JSON ({exc.msg} at line {exc.lineno})")]) from exc
         return cls.from_dict(data)
 
-    # ---- validation and estimates (their own modules) ------------------------------------
+    # ---- validation (its own module) ------------------------------------
     def validate(self, gpu_count: int | None = None, check_weights: bool = True) -> list[SpecProblem]:
         """Every problem with this spec, each naming its field and the fix; [] means runnable.
 
@@ -168,10 +167,6 @@ class RunSpec:
         from runner.spec_validation import validate_spec  # it imports this module
 
         return validate_spec(self, gpu_count=gpu_count, check_weights=check_weights)
-
-    def memory_estimate(self) -> dict[str, int]:
-        """runner.estimates.memory_estimate(self): bytes per rank of parameters and AdamW state."""
-        return estimates.memory_estimate(self)
 
 
 def usable_cores() -> int:
