@@ -1,12 +1,11 @@
-"""Starting and stopping a job: torchrun in its own process session, and every rank it starts.
+"""torchrun's command line and environment, and the process-group primitives every local stop uses.
 
-torchrun starts each rank in a session of its own, so a signal to torchrun's process group never
-reaches the ranks. A job therefore belongs to its run by two means: each rank asks the kernel to
-SIGKILL it when torchrun dies (`die_with_launcher`, PR_SET_PDEATHSIG), and the runner records every
-rank pid (torchrun's children, and the pid each rank reports in its `started` event) with its start
-time, so it can signal the ranks directly and tell whether the last of them is gone, also after a
-runner restart. Stop = SIGTERM to torchrun and every rank, then SIGKILL once torchrun's own grace
-(TORCHRUN_SHUTDOWN_S) has passed, as TorchX's local scheduler and Ray's job supervisor do.
+The runner starts a local job through runner.launchers.local (the Job handle, the rank pids, cancel:
+SIGTERM, grace, SIGKILL); the Slurm backend (runner.launchers.slurm) renders the same torchrun command
+into its sbatch script. What lives here is shared: `torchrun_argv` (the exact command, which the launch
+page previews), `job_env`, `die_with_launcher` (called first in every rank: PR_SET_PDEATHSIG, so the
+kernel SIGKILLs a rank whose torchrun died), and `group_alive` / `terminate_group` / `kill_group` /
+`stop_group` on a process group (torchrun runs in a session of its own).
 """
 
 from __future__ import annotations
@@ -16,8 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -30,108 +27,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN_SHUTDOWN_S = 10
 JOB_ENTRY = ("-m", "runner.job")
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class Job:
-    run_id: int
-    pid: int  # torchrun's pid, which is also the process group id (start_new_session)
-    run_dir: Path
-    popen: subprocess.Popen | None = None  # None for a job adopted after a runner restart
-    ranks: dict[int, float] = field(default_factory=dict)  # rank pid -> its start time (psutil create_time)
-
-    def returncode(self) -> int | None:
-        """torchrun's exit status once it is gone (None while it runs; -1 if adopted and not ours to reap)."""
-        if self.popen is not None:
-            return self.popen.poll()
-        return None if group_alive(self.pid) else -1
-
-    def discover_ranks(self) -> bool:
-        """Record torchrun's children (its ranks) while torchrun runs; True when one was new."""
-        if self.returncode() is not None:
-            return False  # an exited torchrun's pid may belong to someone else by now
-        try:
-            children = psutil.Process(self.pid).children()
-        except psutil.Error:
-            return False
-        new = False
-        for child in children:
-            if child.pid not in self.ranks:
-                try:
-                    self.ranks[child.pid] = child.create_time()
-                    new = True
-                except psutil.Error:
-                    continue
-        return new
-
-    def add_rank(self, pid: int, reported_at: float) -> bool:
-        """Record a pid a rank reported itself (its `started` event); True when it was new and is alive.
-
-        A process with that pid that started after the report is not the rank (the id was reused).
-        """
-        if pid in self.ranks or pid <= 1:
-            return False
-        try:
-            created = psutil.Process(pid).create_time()
-        except psutil.Error:
-            return False
-        if created > reported_at + 1.0:
-            return False
-        self.ranks[pid] = created
-        return True
-
-    def live_ranks(self) -> list[int]:
-        return [pid for pid, created in self.ranks.items() if rank_alive(pid, created)]
-
-    def alive(self) -> bool:
-        """True while torchrun or any recorded rank (or a process in a rank's group) still runs."""
-        return self.returncode() is None or bool(self.live_ranks())
-
-    def signal_ranks(self, sig: signal.Signals) -> int:
-        """Send `sig` to each live rank's process group (a rank leads its own session); returns how many."""
-        sent = 0
-        for pid in self.live_ranks():
-            try:
-                os.killpg(pid, sig)
-            except ProcessLookupError:
-                try:  # not a group leader (another launcher): the process itself
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    continue
-            except PermissionError:
-                continue
-            sent += 1
-        return sent
-
-    def rank_pids_doc(self) -> list[list[float]]:
-        """The recorded ranks as stored in runs.rank_pids: [[pid, start time], ...]."""
-        return [[pid, created] for pid, created in sorted(self.ranks.items())]
-
-
-def ranks_from_doc(doc: list | None) -> dict[int, float]:
-    return {int(pid): float(created) for pid, created in (doc or [])}
-
-
-def rank_alive(pid: int, created: float) -> bool:
-    """The rank with this pid and start time still runs, or a process of its group does.
-
-    A process now holding the pid but started at another time means the id was reused, so the rank and
-    its group are gone (Linux never hands out an id that a live group still uses).
-    """
-    if pid <= 1:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        same = abs(proc.create_time() - created) < 1.0
-        if same and proc.status() != psutil.STATUS_ZOMBIE:
-            return True
-        if not same:
-            return False
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.Error:
-        return True  # cannot look: assume it runs rather than free its devices early
-    return group_alive(pid)
 
 
 def die_with_launcher() -> None:
@@ -173,30 +68,6 @@ def job_env(spec: RunSpec, gpus: list[int]) -> dict[str, str]:
         env["OMP_NUM_THREADS"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
-
-
-def start_job(run_id: int, spec: RunSpec, run_dir: Path, gpus: list[int], entry: Sequence[str] = JOB_ENTRY) -> Job:
-    """Spawn torchrun for `spec` (spec.json must already be in run_dir); stdout+stderr -> torchrun.log.
-
-    `entry` is what torchrun runs per rank (runner.job; a test may give a script of its own).
-    """
-    spec_path = str(run_dir / "spec.json")
-    argv = (
-        torchrun_argv(spec, spec_path)
-        if tuple(entry) == JOB_ENTRY
-        else [*torchrun_launcher(spec.world_size), *entry, spec_path]
-    )
-    with open(run_dir / "torchrun.log", "ab") as log:
-        popen = subprocess.Popen(
-            argv,
-            cwd=REPO_ROOT,
-            env=job_env(spec, gpus),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    return Job(run_id=run_id, pid=popen.pid, run_dir=run_dir, popen=popen)
 
 
 def group_alive(pgid: int) -> bool:

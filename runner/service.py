@@ -3,8 +3,10 @@
 It holds a lease row with a heartbeat (a crashed runner's lease goes stale and another may take
 over; each claim checks, in its own transaction, that the lease is still ours), places runs on free
 GPUs or CPU slots, tails each job's events.jsonl into storage, samples telemetry, enforces cancel
-requests and time limits, and records why a run failed. A run's processes are torchrun and every
-rank it started (each in a session of its own, see runner.launch); the run keeps its devices until
+requests and time limits, and records why a run failed. It starts, polls, cancels and collects jobs
+through a launcher (runner.launchers: local torchrun, or Slurm); each run records its backend and the
+backend's job id, so a restarted runner re-attaches through the same backend. A local run's processes
+are torchrun and every rank it started (each in a session of its own); the run keeps its devices until
 the last of them is gone. At start and every few seconds it adopts running runs it does not watch
 whose processes still live and marks the others `lost`; a stored row it cannot read fails that run,
 never the runner. It is the only writer of results; jobs never touch the database. No torch import
@@ -27,27 +29,16 @@ from pathlib import Path
 import psutil
 from sqlalchemy import Engine
 
-from runner.launch import (
-    JOB_ENTRY,
-    TORCHRUN_SHUTDOWN_S,
-    Job,
-    kill_group,
-    ranks_from_doc,
-    start_job,
-    terminate_group,
-)
+from runner.launchers import Launcher, LocalLauncher
 from runner.logs import cap_run_logs
 from runner.records import RunStatus
 from runner.spec import RunSpec, SpecError
-from runner.telemetry import Sampler, detect_gpus
+from runner.telemetry import detect_gpus
 from runner.watched import Watched
 from storage import hosts as hosts_db
 from storage import runner_rows as rows
 from storage.db import runner_stale_s, runs_dir
 
-# SIGKILL only after torchrun had its own grace to stop its ranks (it SIGKILLs them after TORCHRUN_SHUTDOWN_S).
-CANCEL_GRACE_S = TORCHRUN_SHUTDOWN_S + 5.0
-ORPHAN_GRACE_S = 5.0  # ranks left after torchrun exited: SIGTERM, then SIGKILL this much later
 TELEMETRY_EVERY_S = 1.0
 HEARTBEAT_EVERY_S = 1.0
 RESCAN_EVERY_S = 5.0  # running rows are re-read this often, so a job no runner watches is adopted
@@ -58,8 +49,12 @@ FINALIZE_ATTEMPTS = 3  # a result that cannot be stored after this many tries fa
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_cpu_jobs: int = 1, poll_s: float = 0.25):
+    def __init__(self, engine: Engine, max_cpu_jobs: int = 1, poll_s: float = 0.25, launcher: Launcher | None = None):
         self.engine = engine
+        # New runs go to `launcher` (local torchrun by default); a run is re-attached through the launcher
+        # of the backend it recorded.
+        self.launcher: Launcher = launcher or LocalLauncher()
+        self.launchers: dict[str, Launcher] = {"local": LocalLauncher(), self.launcher.backend: self.launcher}
         self.max_cpu_jobs = max_cpu_jobs
         self.poll_s = poll_s
         self.host = hosts_db.this_host()
@@ -69,9 +64,20 @@ class Runner:
         self.watched: dict[int, Watched] = {}
         # Runs claimed (by a replaced runner) whose processes are not known yet: run id -> devices reserved.
         self.pending: dict[int, list[int]] = {}
-        self.job_entry: tuple[str, ...] = JOB_ENTRY
         self.stop = False
         self.torch_version = _torch_version()
+
+    @property
+    def job_entry(self) -> tuple[str, ...]:
+        """What torchrun runs per rank in new runs (runner.job; a test may give a script of its own)."""
+        return self.launcher.entry
+
+    @job_entry.setter
+    def job_entry(self, entry: tuple[str, ...]) -> None:
+        self.launcher.entry = tuple(entry)
+
+    def launcher_of(self, job) -> Launcher:
+        return self.launchers[job.backend]
 
     # ---- lifecycle -------------------------------------------------------------------------
     def acquire(self) -> bool:
@@ -145,32 +151,39 @@ class Runner:
                 print(f"run {row['id']}: failed, unreadable row ({exc})", flush=True)
 
     def _take_over(self, row: dict) -> None:
-        run_id, pid, run_dir = row["id"], row["pid"], row["run_dir"]
+        run_id, run_dir = row["id"], row["run_dir"]
+        backend = row.get("backend") or "local"
+        launcher = self.launchers.get(backend)
+        if launcher is None:
+            print(f"run {run_id}: runs on {backend}, which this runner does not serve; left to a {backend} runner",
+                  flush=True)  # fmt: skip
+            return
         gpus = [int(g) for g in row["gpus"] or []]
-        job = Job(run_id=run_id, pid=pid or 0, run_dir=Path(run_dir or "."), ranks=ranks_from_doc(row["rank_pids"]))
-        alive = bool(run_dir) and bool(pid) and job.alive()
+        job = launcher.attach(run_id, row)
+        alive = bool(run_dir) and bool(job.job_id) and not launcher.poll(job).done
         try:
             spec, unreadable = RunSpec.from_dict(row["spec"]), None
         except SpecError as exc:
             spec, unreadable = RunSpec(), f"its stored spec cannot be read ({exc})"
         started = row["started_at"].timestamp() if row["started_at"] else time.time()
         if alive:
-            w = Watched(job, spec, gpus, started, Sampler(pid, started, gpus), events_offset=row["events_offset"] or 0,
-                        stored_ranks=len(job.ranks))  # fmt: skip
+            w = Watched(job, spec, gpus, started, launcher.sampler(job, started, gpus),
+                        events_offset=row["events_offset"] or 0, stored_ranks=len(job.ranks))  # fmt: skip
             if unreadable:  # it cannot be watched against its limits: stop it and say why
                 w.stopping, w.stop_reason = RunStatus.FAILED, unreadable + "; its processes were stopped"
             self.watched[run_id] = w
             rows.update_run(self.engine, run_id, runner_id=self.runner_id)
-            print(f"run {run_id}: adopted its live processes (torchrun pid {pid}, ranks {sorted(job.ranks)})",
+            print(f"run {run_id}: adopted its live job ({backend} job {job.job_id}, ranks {sorted(job.ranks)})",
                   flush=True)  # fmt: skip
         elif unreadable:
             rows.finish_run(self.engine, run_id, RunStatus.FAILED, error=unreadable)
             print(f"run {run_id}: failed, {unreadable}", flush=True)
-        elif run_dir and (Path(run_dir) / "result.json").exists():
-            # It finished while no runner watched: its result is complete, keep it.
-            self.watched[run_id] = Watched(job, spec, [], time.time(), Sampler(pid or 0, time.time()),
+        elif run_dir and ((Path(run_dir) / "result.json").exists() or (job.job_id and not launcher.places_locally)):
+            # It finished while no runner watched: its result is complete, keep it (a scheduler's job also left
+            # its exit code, and its logs say why it failed).
+            self.watched[run_id] = Watched(job, spec, [], time.time(), launcher.sampler(job, time.time(), []),
                                            events_offset=row["events_offset"] or 0, stored_ranks=len(job.ranks))  # fmt: skip
-        elif not pid and time.time() - started < LAUNCH_GRACE_S:
+        elif not job.job_id and time.time() - started < LAUNCH_GRACE_S:
             self.pending[run_id] = gpus  # being launched right now by the runner that claimed it
         else:
             rows.finish_run(
@@ -197,7 +210,9 @@ class Runner:
         for row in rows.queued_runs(self.engine, host=self.host):
             try:
                 spec = RunSpec.from_dict(row["spec"])
-                problems = spec.validate(gpu_count=len(self.gpus), check_weights=False)  # checked at submit
+                gpu_count = len(self.gpus) if self.launcher.places_locally else self.launcher.gpu_count(spec)
+                problems = spec.validate(gpu_count=gpu_count, check_weights=False)  # weights checked at submit
+                problems = problems or self.launcher.problems(spec)
             except SpecError as exc:
                 problems = exc.problems
             except Exception as exc:  # a stored row no code path expected: fail that run, serve the others
@@ -216,6 +231,9 @@ class Runner:
                 # it can never run here, so say why instead of letting it wait forever.
                 rows.finish_run(self.engine, row["id"], RunStatus.FAILED,
                                 error="cannot run on this runner: " + "; ".join(str(p) for p in problems))  # fmt: skip
+                continue
+            if not self.launcher.places_locally:  # the scheduler places it and queues it meanwhile
+                self.launch(row["id"], spec, [], device=spec.resolved_device(gpu_count))
                 continue
             want_gpu = spec.resolved_device(len(self.gpus)) == "cuda"
             if want_gpu:
@@ -238,9 +256,11 @@ class Runner:
                 gpus = []
             self.launch(row["id"], spec, gpus)
 
-    def launch(self, run_id: int, spec: RunSpec, gpus: list[int]) -> None:
+    def launch(self, run_id: int, spec: RunSpec, gpus: list[int], device: str | None = None) -> None:
         run_dir = runs_dir() / str(run_id)
-        if not rows.claim_run(self.engine, run_id, self.runner_id, str(run_dir), gpus, require_lease=True):
+        launcher = self.launcher
+        if not rows.claim_run(self.engine, run_id, self.runner_id, str(run_dir), gpus, require_lease=True,
+                              backend=launcher.backend):  # fmt: skip
             return  # cancelled meanwhile, or this runner lost its lease: it launches nothing
         try:
             # A folder already there is stale (SQLite reuses the id of a deleted newest run): ranks append to
@@ -248,34 +268,38 @@ class Runner:
             shutil.rmtree(run_dir, ignore_errors=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             # The device the runner placed it on, so 'auto' cannot resolve differently inside the ranks.
-            device = "cuda" if gpus else "cpu"
+            device = device or ("cuda" if gpus else "cpu")
             doc = {**spec.to_dict(), "device": device, "run_id": run_id, "run_dir": str(run_dir)}
             (run_dir / "spec.json").write_text(json.dumps(doc))
-            job = start_job(run_id, spec, run_dir, gpus, entry=self.job_entry)
+            job = launcher.submit(run_id, spec, run_dir, gpus)
         except Exception as exc:  # claimed but not started: the run must not stay 'running' with no process
-            rows.finish_run(self.engine, run_id, RunStatus.FAILED, error=f"could not start torchrun: {exc}")
+            rows.finish_run(self.engine, run_id, RunStatus.FAILED, error=f"{launcher.submit_failure}: {exc}")
             return
         started = time.time()
-        # Watched before anything else can fail: the pid is stored (again) by watch() until it is.
-        self.watched[run_id] = Watched(job, spec, gpus, started, Sampler(job.pid, started, gpus))
-        rows.update_run(self.engine, run_id, pid=job.pid, torch_version=self.torch_version,
-                        device_names=[g["name"] for g in self.gpus if g["index"] in gpus] or ["cpu"])  # fmt: skip
+        # Watched before anything else can fail: the job id is stored (again) by watch() until it is.
+        self.watched[run_id] = Watched(job, spec, gpus, started, launcher.sampler(job, started, gpus))
+        names = [g["name"] for g in self.gpus if g["index"] in gpus] or [device if device == "cuda" else "cpu"]
+        rows.update_run(self.engine, run_id, **launcher.record(job), torch_version=self.torch_version,
+                        device_names=names)  # fmt: skip
         self.watched[run_id].stored_ranks = 0
-        print(f"run {run_id}: started {spec.strategy} on {len(gpus) or spec.world_size} {'GPUs' if gpus else 'CPU ranks'}",
-              flush=True)  # fmt: skip
+        where = f"{launcher.backend} job {job.job_id}"
+        print(f"run {run_id}: started {spec.strategy} on {len(gpus) or spec.world_size} "
+              f"{'GPUs' if device == 'cuda' else 'CPU ranks'} ({where})", flush=True)  # fmt: skip
 
     def watch(self, run_id: int) -> None:
         w = self.watched[run_id]
         job = w.job
+        launcher = self.launcher_of(job)
         w.ingest_events(self.engine, run_id)
-        job.discover_ranks()
+        launcher.track(job)
         if len(job.ranks) != w.stored_ranks:
-            rows.update_run(self.engine, run_id, pid=job.pid, rank_pids=job.rank_pids_doc())
+            rows.update_run(self.engine, run_id, **launcher.record(job))
             w.stored_ranks = len(job.ranks)
-        code = job.returncode()
-        lingering = job.live_ranks()
-        if code is None or lingering:
+        state = launcher.poll(job)
+        if not state.done:
             now = time.time()
+            if state.pending:
+                w.started = now  # its time limit counts from when the scheduler starts it
             if now - w.last_sample >= TELEMETRY_EVERY_S:
                 w.last_sample = now
                 rows.add_telemetry(self.engine, run_id, w.sampler.sample())
@@ -287,36 +311,25 @@ class Runner:
                 elif now - w.started > w.spec.time_limit_s:
                     w.stopping = RunStatus.FAILED
                     w.stop_reason = f"exceeded its time limit of {w.spec.time_limit_s:g} s and was stopped"
-                elif code is not None:
+                elif state.lingering:
                     # torchrun is gone (killed, crashed) while ranks live on: they can only hold their devices.
-                    print(f"run {run_id}: torchrun exited ({code}) but ranks {lingering} still run; stopping them",
+                    print(f"run {run_id}: torchrun exited ({state.exit_code}) but ranks still run; stopping them",
                           flush=True)  # fmt: skip
                     w.orphans_stopped = True
-                    job.signal_ranks(signal.SIGTERM)
-                    w.kill_at = time.monotonic() + ORPHAN_GRACE_S
-            if w.stopping and w.kill_at is None:
-                # SIGTERM to torchrun (which stops its ranks, SIGKILL after its own grace) and to every rank
-                # (each in its own session, out of torchrun's group); our SIGKILL comes on a later tick,
-                # so heartbeats and other runs go on meanwhile.
-                if code is None:
-                    terminate_group(job.pid)
-                job.signal_ranks(signal.SIGTERM)
-                w.kill_at = time.monotonic() + CANCEL_GRACE_S
-            elif w.kill_at is not None and time.monotonic() >= w.kill_at:
-                if code is None:
-                    kill_group(job.pid)
-                job.signal_ranks(signal.SIGKILL)
-                w.kill_at = time.monotonic() + ORPHAN_GRACE_S  # again later if something is still left
+            if w.stopping or w.orphans_stopped:
+                # SIGTERM on the first call, SIGKILL on a later tick once the backend's grace has passed, so
+                # heartbeats and other runs go on meanwhile.
+                launcher.cancel(job)
             return
-        if w.stopping:
-            kill_group(job.pid)  # torchrun is gone; take anything left in its group along
-        self.finalize(run_id, w, code)
+        self.finalize(run_id, w, launcher)
 
-    def finalize(self, run_id: int, w: Watched, code: int) -> None:
+    def finalize(self, run_id: int, w: Watched, launcher: Launcher) -> None:
         """Store the final status, then forget the run (a failure to store keeps it watched for a retry)."""
         w.ingest_events(self.engine, run_id)
         w.store_log_tails(self.engine, run_id)
-        status, fields = w.outcome(code)
+        collected = launcher.collect(w.job)
+        code = collected.exit_code
+        status, fields = w.outcome(collected)
         try:
             rows.finish_run(self.engine, run_id, status, **fields)
         except Exception as exc:

@@ -1,23 +1,23 @@
 """One run the runner watches: its processes and limits, and what it reads from the run folder into storage.
 
-Watched holds a running job's state between runner ticks. ingest_events() reads the new lines of
+Watched holds a running job's state between runner ticks; `job` is the backend's handle (runner.launchers). ingest_events() reads the new lines of
 events.jsonl (runner.records events) and stores steps, spans and progress; store_log_tails() keeps
 the latest part of each log in the database; outcome() decides, once every process is gone, the
-terminal status from result.json, the stop decision and the failure diagnosis. No torch import.
+terminal status from what the launcher collected (exit code, result.json), the stop decision and the failure
+diagnosis. No torch import.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
 from runner.failures import diagnose_failure
-from runner.launch import Job
+from runner.launchers.base import Collected, Handle
 from runner.logs import LOG_TAIL_BYTES, log_names, log_path, read_log_tail
-from runner.records import Error, Result, RunStatus, Span, Started, Step, parse_event
+from runner.records import Error, RunStatus, Span, Started, Step, parse_event
 from runner.spec import RunSpec
 from runner.telemetry import Sampler
 from storage import runner_rows as rows
@@ -27,7 +27,7 @@ from storage import runner_rows as rows
 class Watched:
     """A run this runner watches: its processes, spec and devices, and how far its folder has been read."""
 
-    job: Job
+    job: Handle  # runner.launchers.local.Job, runner.launchers.slurm.SlurmJob
     spec: RunSpec
     gpus: list[int]
     started: float
@@ -35,11 +35,10 @@ class Watched:
     events_offset: int = 0
     stopping: RunStatus | None = None  # CANCELLED or FAILED once we decided to stop it
     stop_reason: str | None = None
-    kill_at: float | None = None  # monotonic time after which processes that ignored SIGTERM get SIGKILL
     last_sample: float = 0.0
     errors: list[Error] = field(default_factory=list)
     diverged: str | None = None  # "loss became NaN at step 3" once a step reported a non-finite loss
-    orphans_stopped: bool = False  # torchrun exited while ranks lived on, and they were told to stop
+    orphans_stopped: bool = False  # the launcher exited while processes lived on, and they were told to stop
     stored_ranks: int = -1  # how many rank pids storage holds (-1: pid not stored yet)
     finalize_failures: int = 0
     log_sizes: dict[str, int] = field(default_factory=dict)  # log name -> size when its tail was last stored
@@ -94,16 +93,9 @@ class Watched:
             rows.store_log_tail(engine, run_id, name, text.replace("\x00", ""), size)
             self.log_sizes[name] = size
 
-    def outcome(self, code: int) -> tuple[RunStatus, dict]:
-        """The terminal status and stored fields for a job whose every process is gone."""
-        result_path = self.job.run_dir / "result.json"
-        result: Result | None = None
-        unreadable = None
-        if result_path.exists():
-            try:
-                result = Result.from_dict(json.loads(result_path.read_text()))
-            except (OSError, ValueError, TypeError) as exc:
-                result, unreadable = None, f"its result.json cannot be read ({exc})"
+    def outcome(self, collected: Collected) -> tuple[RunStatus, dict]:
+        """The terminal status and stored fields for a job whose every process is gone (launcher.collect)."""
+        code, result, unreadable = collected.exit_code, collected.result, collected.unreadable
         if self.stopping == RunStatus.CANCELLED:
             return RunStatus.CANCELLED, dict(result=None, error=self.stop_reason, exit_code=code)
         if self.stopping == RunStatus.FAILED:
@@ -125,6 +117,8 @@ class Watched:
             error = f"torchrun ended (exit {code}) while ranks still ran; the runner stopped them ({error})"
         if self.diverged:
             error = f"{error} (after its {self.diverged})"
+        if collected.note:
+            error = f"{error} ({collected.note})"
         return RunStatus.FAILED, dict(error=error, traceback=tb, exit_code=code, failed_rank=failed_rank)
 
 

@@ -113,6 +113,10 @@ class Run(Base):
     # and watches the ranks themselves, also after a restart.
     rank_pids: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
     runner_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Where it was launched ("local": torchrun on the runner's machine; "slurm": an sbatch job) and that
+    # backend's id for it (torchrun's pid, the Slurm job id), so a restarted runner re-attaches the same way.
+    backend: Mapped[str] = mapped_column(String(16), default="local", server_default="local")
+    backend_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)
     events_offset: Mapped[int] = mapped_column(BigInteger, default=0)
     torch_version: Mapped[str | None] = mapped_column(String(64), nullable=True)

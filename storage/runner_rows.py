@@ -64,12 +64,12 @@ def queued_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]
 
 
 def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int], *,
-              require_lease: bool = False) -> bool:  # fmt: skip
+              require_lease: bool = False, backend: str = "local") -> bool:  # fmt: skip
     """queued -> running for exactly one caller: the UPDATE's row count says who won.
 
     require_lease (the runner always sets it): the claim also needs the runner lease to be still ours,
     checked in the same transaction, so a runner that was frozen or cut off while another took over
-    launches nothing. On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
+    launches nothing. `backend` is where it will be launched ("local" | "slurm"). On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
     this claim and then sees it; on SQLite the single UPDATE holds the database's write lock throughout.
     """
     owns_lease = select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).exists()
@@ -89,6 +89,8 @@ def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: l
                     run_dir=run_dir,
                     gpus=gpus,
                     wait_reason=None,
+                    backend=backend,
+                    backend_job_id=None,
                 )  # fmt: skip
             ).rowcount
         )
@@ -118,6 +120,8 @@ def running_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]
         Run.rank_pids,
         Run.runner_id,
         Run.runner_host,
+        Run.backend,
+        Run.backend_job_id,
     ).where(Run.status == "running")
     if host is not None:
         q = q.where(or_(Run.runner_host.is_(None), Run.runner_host == host))

@@ -135,6 +135,8 @@ def _run_dict(run: Run, rank_rows: list[RankResult] | None = None) -> dict[str, 
         "failed_rank": run.failed_rank,
         "traceback": run.traceback,
         "run_dir": run.run_dir,
+        "backend": run.backend or "local",  # where it was launched: "local" | "slurm"
+        "backend_job_id": run.backend_job_id,  # torchrun's pid, or the Slurm job id
         "torch_version": run.torch_version,
         "device_names": list(run.device_names or []),
         "gpus": list(run.gpus or []),

@@ -102,6 +102,7 @@ def test_modules_the_app_imports_do_not_import_torch():
         "import sys\n"
         "import runner.__main__, runner.service, runner.launch, runner.telemetry, runner.spec\n"
         "import runner.records, runner.failures, runner.supervisor, runner.watched, runner.api, runner.strategies\n"
+        "import runner.launchers, runner.launchers.local, runner.launchers.slurm\n"
         "import storage.runs, storage.series, storage.hosts, storage.runner_rows, storage.ranks\n"
         "print('torch' in sys.modules)\n"
     )

@@ -279,7 +279,8 @@ def test_sigkill_of_torchrun_leaves_no_rank_alive_and_the_next_run_starts_only_a
 def test_a_rank_that_ignores_sigterm_is_gone_after_cancel(engine):
     """The real job under real torchrun, rank 1 ignoring SIGTERM; the runner in-process, ticked by the test."""
     from runner.launch import TORCHRUN_SHUTDOWN_S
-    from runner.service import CANCEL_GRACE_S, Runner
+    from runner.launchers.local import CANCEL_GRACE_S
+    from runner.service import Runner
 
     runner = Runner(engine)
     assert runner.acquire()

@@ -16,7 +16,8 @@ import pytest
 
 from runner import api
 from runner.failures import diagnose_failure, first_traceback
-from runner.launch import Job, group_alive
+from runner.launch import group_alive
+from runner.launchers.local import Job
 from runner.logs import read_log
 from runner.records import Error
 from runner.service import Runner, Watched
@@ -411,7 +412,7 @@ def test_cancel_sigkills_only_after_torchruns_own_grace_and_then_every_rank(engi
     """Nothing honours SIGTERM: the runner leaves torchrun its own grace (TORCHRUN_SHUTDOWN_S) to stop its ranks,
     then SIGKILLs torchrun and the rank it recorded, which torchrun's group never contained."""
     from runner.launch import TORCHRUN_SHUTDOWN_S
-    from runner.service import CANCEL_GRACE_S
+    from runner.launchers.local import CANCEL_GRACE_S
 
     runner = Runner(engine)
     torchrun = subprocess.Popen([sys.executable, "-c", DEAF_TORCHRUN], start_new_session=True)

@@ -28,7 +28,7 @@ def test_migrations_create_every_table(engine):
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
             "run_logs", "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):
@@ -290,6 +290,7 @@ def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
     upgrade(old, "head")
     run = runs.get_run(old, first)
     assert run["user"] == "ada" and run["note"] == "keep me" and runs.get_run(old, second)
+    assert run["backend"] == "local" and run["backend_job_id"] is None  # launched locally, as every run before 0005
     runs.delete_run(old, second)
     assert api.submit(old, TINY_LAYER) > second
 
