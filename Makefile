@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 8501
 
-.PHONY: run test test-fast lint bench clean-venv postgres-server
+.PHONY: run test test-fast lint bench clean-venv postgres-server slurm-tools slurm-dev slurm-dev-stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 postgres-server:
 	@if [ -z "$(PG_INITDB)" ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; fi
 
-test: $(VENV)/.installed-dev /usr/bin/chromium postgres-server
+# Debian's Slurm (22.05) and munge: the Slurm tests start a real two-node cluster on this machine (tests/slurm_cluster.py).
+slurm-tools:
+	@missing=; for cmd in slurmctld slurmd sbatch munged; do PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client munge; fi
+
+test: $(VENV)/.installed-dev /usr/bin/chromium postgres-server slurm-tools
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist worksteal
 
@@ -47,6 +52,14 @@ bench: $(VENV)/.installed-dev
 	@set -e; found=0; for script in bench/bench_*.py; do [ -e "$$script" ] || continue; found=1; \
 	  echo "== $$script"; $(BIN)/python "$$script"; done; \
 	[ $$found = 1 ] || echo "no bench/bench_*.py scripts yet"
+
+# A local two-node Slurm cluster (nodes n1, n2; partition lab) under LAB_HOME/slurm-dev, for trying the Slurm
+# backend: prints the `export SLURM_CONF=...` line to use it. Running it again finds it running; stop it with slurm-dev-stop.
+slurm-dev: $(VENV)/.installed-run slurm-tools
+	$(BIN)/python -m scripts.slurm_dev start
+
+slurm-dev-stop: $(VENV)/.installed-run
+	$(BIN)/python -m scripts.slurm_dev stop
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Developer commands run with `python -m scripts.<name>` from the repository root (see the Makefile)."""
