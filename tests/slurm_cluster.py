@@ -269,9 +269,9 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
                 return
             dead = [name for name, proc in self._daemons().items() if proc is None]
             if dead:
-                raise RuntimeError(f"{what}: {', '.join(dead)} exited\n{self.logs()}")
+                raise RuntimeError(f"Slurm cluster under {self.root}: {what}; {', '.join(dead)} exited\n{self.logs()}")
             time.sleep(0.2)
-        raise RuntimeError(f"{what} within {timeout:.0f} s\n{self.logs()}")
+        raise RuntimeError(f"Slurm cluster under {self.root}: {what} within {timeout:.0f} s\n{self.logs()}")
 
     def _wait_idle(self, timeout: float) -> None:
         """Both nodes idle, or (a restart that recovered running jobs) responding and in use."""
