@@ -79,6 +79,13 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _environ(proc: psutil.Process) -> dict[str, str]:
     try:
         return proc.environ()
@@ -339,8 +346,8 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
             return False
 
     def processes(self) -> list[psutil.Process]:
-        """Every live process of this cluster: the daemons, slurmstepd (marked through slurmd's environment),
-        and the jobs' processes (their SLURM_CONF is ours and they carry a SLURM_JOB_ID), with descendants."""
+        """Every live process of this cluster: the daemons, slurmstepd (see `_ours`), the jobs' processes
+        (their SLURM_CONF is ours and they carry a SLURM_JOB_ID), and all their descendants."""
         found: dict[int, psutil.Process] = {p.pid: p for p in self._daemons().values() if p is not None}
         conf = str(self.conf)
         for proc in psutil.process_iter(["name"]):
@@ -354,21 +361,12 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
             if env.get(MARKER) == str(self.root) or (env.get("SLURM_CONF") == conf and "SLURM_JOB_ID" in env):
                 found[proc.pid] = proc
         for proc in list(found.values()):
-            if proc.pid in [p.pid for p in self._daemons().values() if p is not None] and "slurmd" not in proc.name():
-                continue  # slurmctld's and munged's children are theirs to end
             try:
                 for child in proc.children(recursive=True):
                     found.setdefault(child.pid, child)
             except psutil.Error:
                 pass
-        alive = []
-        for proc in found.values():
-            try:
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(proc)
-            except psutil.Error:
-                pass
-        return alive
+        return [proc for proc in found.values() if _alive(proc)]
 
     def jobs(self) -> dict[str, str]:
         """{job id: state} of every job slurmctld still knows (finished ones for MinJobAge, 300 s)."""
@@ -409,6 +407,11 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
         if "slurmctld" in daemons and self.conf.exists():
             self.cancel_all(grace)  # so the saved state a later start recovers has no job left running
         daemon_pids = {p.pid for p in daemons.values()}
+        for name in ("slurmctld", "munged"):  # their helpers (slurmscriptd) are theirs to end on TERM
+            try:
+                daemon_pids |= {c.pid for c in daemons[name].children(recursive=True)} if name in daemons else set()
+            except psutil.Error:
+                pass
         others = [p for p in self.processes() if p.pid not in daemon_pids]
         for proc in others:  # slurmstepd and the jobs: nothing to save
             try:
@@ -425,7 +428,7 @@ PartitionName={self.partition} Nodes={",".join(self.nodes)} Default=YES MaxTime=
                 pass
         psutil.wait_procs(procs + others, timeout=grace)
         for _ in range(3):  # KILL what is left, including anything the cluster started meanwhile
-            left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] + self.processes()
+            left = [p for p in procs if _alive(p)] + self.processes()
             if not left:
                 break
             for proc in left:

@@ -105,7 +105,7 @@ def test_stop_leaves_no_process_of_the_cluster(tmp_path):
     cluster = SlurmCluster(tmp_path / "c").start()
     try:
         daemons = cluster.processes()
-        assert sorted(p.name() for p in daemons) == ["munged", "slurmctld", "slurmd", "slurmd"]
+        assert sorted(p.name() for p in daemons) == ["munged", "slurmctld", "slurmd", "slurmd", "slurmscriptd"]
         job_id = cluster.run(
             "sbatch", "--parsable", "-N2", "--output=/dev/null", f"--chdir={tmp_path}", "--wrap", "srun sleep 300"
         ).stdout.strip()
