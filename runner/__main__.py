@@ -12,6 +12,7 @@ import sys
 import time
 
 from runner import api
+from runner.launchers import add_serve_arguments, launcher_from_args
 from runner.spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, RunSpec, SpecError
 from runner.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the runner loop (one per host and database)")
     serve.add_argument("--max-cpu-jobs", type=int, default=1, help="CPU jobs that may run at once (default 1)")
     serve.add_argument("--host", help="this machine's name in a team database (default: LAB_HOST, else the host name)")
+    add_serve_arguments(serve)  # --backend local|slurm and the cluster's partition, account, nodes
 
     submit = sub.add_parser("submit", help="validate and queue a run")
     for name, opts in SPEC_FLAGS.items():
@@ -285,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.host:
             os.environ["LAB_HOST"] = args.host  # one lease per host name; its jobs inherit it too
-        return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs).serve()
+        try:
+            launcher = launcher_from_args(args)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs, launcher=launcher).serve()
     if args.command == "submit":
         return cmd_submit(args)
     if args.command == "logs":
