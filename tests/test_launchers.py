@@ -117,7 +117,7 @@ def test_sbatch_for_a_two_node_pipeline_on_cpu(tmp_path):
     script = render_sbatch(spec, "/lab/runs/7", nodes=2, partition="lab", run_id=7, python="/venv/bin/python")
     assert script.startswith("#!/bin/bash\n")
     assert directives(script) == [
-        "--job-name=lab-run-7", "--nodes=2", "--ntasks-per-node=1", "--time=3",
+        "--job-name=lab-run-7", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=3",
         "--output=/lab/runs/7/torchrun.log", "--error=/lab/runs/7/torchrun.log", f"--chdir={REPO_ROOT}",
         "--partition=lab",
     ]  # fmt: skip
@@ -129,6 +129,7 @@ def test_sbatch_for_a_two_node_pipeline_on_cpu(tmp_path):
     lines = script.splitlines()
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
     assert "export OMP_NUM_THREADS=1" in lines and "export CUDA_VISIBLE_DEVICES=" in lines
+    assert "export SRUN_CPUS_PER_TASK=1" in lines  # srun (Slurm 22.05+) does not inherit --cpus-per-task
     # the script's own exit code, written after srun, so the outcome survives Slurm forgetting the job
     after = lines[lines.index(srun_line(script)) + 1 :]
     assert after[:3] == ["code=$?", 'echo "$code" > /lab/runs/7/exit_code.part && mv /lab/runs/7/exit_code.part '
@@ -147,6 +148,7 @@ def test_sbatch_for_a_2x2_3d_run_on_gpus_asks_for_two_gpus_per_node_and_the_acco
     ]  # fmt: skip
     assert ' --nnodes "$SLURM_NNODES" --nproc-per-node 2 ' in srun_line(script)
     assert "export CUDA_DEVICE_ORDER=PCI_BUS_ID" in script and "CUDA_VISIBLE_DEVICES" not in script
+    assert "cpus-per-task" not in script.lower() and "CPUS_PER_TASK" not in script
 
 
 def test_tensor_parallelism_across_nodes_and_an_uneven_layout_are_refused_naming_the_field():

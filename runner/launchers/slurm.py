@@ -1,7 +1,7 @@
 """The Slurm backend: one sbatch job per run, one torchrun per node, c10d rendezvous on the job's first node.
 
 `render_sbatch` writes the script from the spec: `--nodes N --ntasks-per-node=1`, `--gres=gpu:G` on
-GPUs (none on CPU), `--time` from spec.time_limit_s, `--output`/`--error` into the run folder's
+GPUs (on CPU no GRES, `--cpus-per-task=R`: a core per rank, as OMP_NUM_THREADS=1 assumes), `--time` from spec.time_limit_s, `--output`/`--error` into the run folder's
 torchrun.log (every node's torchrun writes there through srun; each rank writes its own rankR.log),
 `--partition` / `--account`. Its body finds the first node's address (`scontrol show hostnames
 "$SLURM_JOB_NODELIST"`, then that node's NodeAddr), runs `srun python -m torch.distributed.run --nnodes
@@ -115,7 +115,7 @@ def render_sbatch(spec: RunSpec, run_dir: Path | str, *, nodes: int, partition: 
         f"--job-name=lab-run-{run_id}" if run_id is not None else "--job-name=lab-run",
         f"--nodes={nodes}",
         "--ntasks-per-node=1",
-        *([f"--gres=gpu:{per_node}"] if gpu else []),
+        *([f"--gres=gpu:{per_node}"] if gpu else [f"--cpus-per-task={per_node}"]),
         f"--time={slurm_time(spec.time_limit_s)}",
         f"--output={run_dir / 'torchrun.log'}",
         f"--error={run_dir / 'torchrun.log'}",
@@ -127,7 +127,8 @@ def render_sbatch(spec: RunSpec, run_dir: Path | str, *, nodes: int, partition: 
         f"export PYTHONPATH={q(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export PYTHONUNBUFFERED=1",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}",
-        *(["export CUDA_DEVICE_ORDER=PCI_BUS_ID"] if gpu else ["export OMP_NUM_THREADS=1", "export CUDA_VISIBLE_DEVICES="]),
+        *(["export CUDA_DEVICE_ORDER=PCI_BUS_ID"] if gpu else ["export OMP_NUM_THREADS=1", "export CUDA_VISIBLE_DEVICES=",
+                                                            f"export SRUN_CPUS_PER_TASK={per_node}"]),
     ]  # fmt: skip
     torchrun = " ".join([
         "srun", "--kill-on-bad-exit=1", q(python or sys.executable), "-m", "torch.distributed.run",

@@ -1,0 +1,136 @@
+"""The Slurm backend against a real two-node cluster (tests/slurm_cluster.py: slurmctld, two slurmd, munged):
+a 2-node x 1-rank pipeline run through the launcher and through the runner, verified against the reference;
+a cancel that leaves nothing on either node; a restarted runner that re-attaches to the Slurm job it finds."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runner import api
+from runner.launchers.local import CANCEL_GRACE_S
+from runner.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, scontrol_job
+from runner.service import Runner
+from runner.spec import RunSpec
+from storage import runs
+from tests.jobs import wait_status
+
+pytestmark = pytest.mark.slow
+# The session's `slurm_cluster` fixture (skips only when the Slurm or munge binaries are missing).
+pytest_plugins = ["tests.slurm_cluster"]
+
+PIPELINE = RunSpec(strategy="pipeline", pp=2, microbatches=2, model="tiny", steps=2, verify=True)
+THREE_D = RunSpec(strategy="3d", tp=2, pp=2, microbatches=2, model="tiny", steps=2, verify=True)  # tp inside a node
+
+
+def prepare(run_dir: Path, spec: RunSpec, run_id: int) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doc = {**spec.to_dict(), "device": "cpu", "run_id": run_id, "run_dir": str(run_dir)}
+    (run_dir / "spec.json").write_text(json.dumps(doc))
+    return run_dir
+
+
+def launcher_for(cluster) -> SlurmLauncher:
+    return SlurmLauncher(cluster.partition, nodes=2, env=cluster.env())
+
+
+def job_processes(cluster, slurm_id: str) -> list[psutil.Process]:
+    """Live processes of the job on any node (the batch script, srun, torchrun, the ranks)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            env = proc.environ()
+        except (psutil.Error, OSError):
+            continue
+        if env.get("SLURM_JOB_ID") == slurm_id and env.get("SLURM_CONF") == str(cluster.conf):
+            found.append(proc)
+    return found
+
+
+def rank_nodes(cluster, slurm_id: str) -> dict[str, str]:
+    """{RANK: node} of the job's live rank processes."""
+    out = {}
+    for proc in job_processes(cluster, slurm_id):
+        try:
+            env = proc.environ()
+            if "runner.job" in " ".join(proc.cmdline()) and "RANK" in env and "LOCAL_RANK" in env:
+                out[env["RANK"]] = env.get("SLURMD_NODENAME", "")
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+@pytest.mark.parametrize("spec", [PIPELINE, THREE_D], ids=["pipeline-2x1", "3d-2x2"])
+def test_a_two_node_run_verifies_against_the_reference(slurm_cluster, tmp_path, spec):
+    launcher = launcher_for(slurm_cluster)
+    run_dir = prepare(tmp_path / "run", spec, 1)
+    job = launcher.submit(1, spec, run_dir, [])
+    assert job.backend == "slurm" and job.job_id.isdigit() and launcher.record(job) == {"backend_job_id": job.job_id}
+    deadline = time.monotonic() + 180
+    while not (state := launcher.poll(job)).done:
+        assert time.monotonic() < deadline, f"{state}\n{slurm_cluster.logs()}"
+        time.sleep(0.5)
+    got = launcher.collect(job)
+    log = (run_dir / "torchrun.log").read_text() if (run_dir / "torchrun.log").exists() else ""
+    assert (state.exit_code, state.state, got.exit_code, got.note) == (0, "COMPLETED", 0, None), log
+    assert got.result is not None and got.result.verify["passed"] is True
+    assert [r.rank for r in got.result.ranks] == list(range(spec.world_size))
+    assert (run_dir / EXIT_CODE_NAME).read_text().strip() == "0"  # the script's own record of its exit
+    assert (run_dir / SCRIPT_NAME).read_text() == launcher.script(1, spec, run_dir)
+    assert launcher.logs(job) == ["torchrun", *(f"rank{r}" for r in range(spec.world_size))]
+    info = scontrol_job(job.job_id, slurm_cluster.env())
+    assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
+
+
+def test_cancel_leaves_nothing_of_the_job_on_either_node(slurm_cluster, tmp_path):
+    launcher = launcher_for(slurm_cluster)
+    spec = RunSpec(strategy="pipeline", pp=2, microbatches=2, model="tiny", steps=100_000)
+    job = launcher.submit(2, spec, prepare(tmp_path / "run", spec, 2), [])
+    try:
+        deadline = time.monotonic() + 120
+        while sorted(rank_nodes(slurm_cluster, job.job_id).items(), key=lambda kv: kv[1]) not in (
+            [("0", "n1"), ("1", "n2")],
+            [("1", "n1"), ("0", "n2")],
+        ):  # one rank on each node (which rank is where is the rendezvous's choice)
+            assert time.monotonic() < deadline, rank_nodes(slurm_cluster, job.job_id)
+            time.sleep(0.3)
+        started = time.monotonic()
+        while not (state := launcher.poll(job)).done:
+            assert time.monotonic() - started < CANCEL_GRACE_S + 30, state
+            launcher.cancel(job)
+            time.sleep(0.3)
+        assert state.state == "CANCELLED" and state.exit_code != 0
+        deadline = time.monotonic() + 15
+        while job_processes(slurm_cluster, job.job_id):
+            assert time.monotonic() < deadline, job_processes(slurm_cluster, job.job_id)
+            time.sleep(0.2)
+        got = launcher.collect(job)
+        assert got.result is None and got.note == f"Slurm job {job.job_id} ended CANCELLED"
+    finally:
+        slurm_cluster.cancel_all()
+
+
+def test_a_runner_for_slurm_runs_it_and_a_restarted_runner_re_attaches(slurm_cluster, engine):
+    """The runner submits through the Slurm launcher and records the backend and job id; a second runner (the first
+    one gone, as after a crash) re-attaches to the Slurm job from the stored row and stores its verified result."""
+    first = Runner(engine, launcher=launcher_for(slurm_cluster))
+    assert first.acquire()
+    run_id = api.submit(engine, PIPELINE)
+    first.place_queued()
+    run = runs.get_run(engine, run_id)
+    assert run["status"] == "running" and run["backend"] == "slurm" and run["backend_job_id"].isdigit()
+    assert Path(run["run_dir"], SCRIPT_NAME).exists()
+    first.watched.clear()  # the first runner is gone; its lease is taken over
+    second = Runner(engine, launcher=launcher_for(slurm_cluster))
+    second.runner_id = first.runner_id  # holds the lease the first one had
+    second.recover()
+    assert run_id in second.watched and second.watched[run_id].job.job_id == run["backend_job_id"]
+    run = wait_status(engine, run_id, {"succeeded", "failed", "cancelled", "lost"}, timeout=180, between=second.tick)
+    assert run["status"] == "succeeded", run
+    assert run["result"]["verify"]["passed"] is True and [r["rank"] for r in run["ranks"]] == [0, 1]
