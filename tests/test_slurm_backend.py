@@ -134,3 +134,62 @@ def test_a_runner_for_slurm_runs_it_and_a_restarted_runner_re_attaches(slurm_clu
     run = wait_status(engine, run_id, {"succeeded", "failed", "cancelled", "lost"}, timeout=180, between=second.tick)
     assert run["status"] == "succeeded", run
     assert run["result"]["verify"]["passed"] is True and [r["rank"] for r in run["ranks"]] == [0, 1]
+
+
+def rank_pid(cluster, slurm_id: str, rank: str) -> tuple[int, str]:
+    """(pid, node) of one live rank process of the job."""
+    for proc in job_processes(cluster, slurm_id):
+        try:
+            env = proc.environ()
+            if "runner.job" in " ".join(proc.cmdline()) and env.get("RANK") == rank and "LOCAL_RANK" in env:
+                return proc.pid, env.get("SLURMD_NODENAME", "")
+        except (psutil.Error, OSError):
+            continue
+    raise LookupError(rank)
+
+
+def running_on_both_nodes(cluster, runner: Runner, engine, run_id: int) -> str:
+    """Tick the runner until the run's two ranks live, one on each node; its Slurm job id."""
+    deadline = time.monotonic() + 120
+    while True:
+        runner.tick()
+        slurm_id = runs.get_run(engine, run_id)["backend_job_id"]
+        if slurm_id and sorted(rank_nodes(cluster, slurm_id).values()) == ["n1", "n2"]:
+            return slurm_id
+        assert time.monotonic() < deadline, runs.get_run(engine, run_id)
+        time.sleep(0.3)
+
+
+def test_a_runner_cancels_a_slurm_run_and_nothing_is_left_on_either_node(slurm_cluster, engine):
+    runner = Runner(engine, launcher=launcher_for(slurm_cluster))
+    assert runner.acquire()
+    run_id = api.submit(engine, RunSpec(strategy="pipeline", pp=2, microbatches=2, model="tiny", steps=100_000))
+    try:
+        slurm_id = running_on_both_nodes(slurm_cluster, runner, engine, run_id)
+        assert runs.request_cancel(engine, run_id) == "cancelling"
+        run = wait_status(engine, run_id, {"cancelled", "failed", "succeeded"}, timeout=CANCEL_GRACE_S + 30,
+                          between=runner.tick)  # fmt: skip
+        assert run["status"] == "cancelled" and run["error"] == "cancelled by request"
+        deadline = time.monotonic() + 15
+        while job_processes(slurm_cluster, slurm_id):
+            assert time.monotonic() < deadline, job_processes(slurm_cluster, slurm_id)
+            time.sleep(0.2)
+    finally:
+        slurm_cluster.cancel_all()
+
+
+def test_a_killed_rank_on_a_slurm_node_fails_the_run_naming_the_rank_and_the_node(slurm_cluster, engine):
+    runner = Runner(engine, launcher=launcher_for(slurm_cluster))
+    assert runner.acquire()
+    run_id = api.submit(engine, RunSpec(strategy="pipeline", pp=2, microbatches=2, model="tiny", steps=100_000))
+    try:
+        slurm_id = running_on_both_nodes(slurm_cluster, runner, engine, run_id)
+        pid, node = rank_pid(slurm_cluster, slurm_id, "1")
+        psutil.Process(pid).kill()
+        run = wait_status(engine, run_id, {"failed", "cancelled", "succeeded"}, timeout=90, between=runner.tick)
+        assert run["status"] == "failed" and run["failed_rank"] == 1, run
+        assert run["error"].startswith("rank 1 was killed by signal 9 (SIGKILL)"), run["error"]
+        assert f"first failure on node {node}: task " in run["error"], run["error"]
+        assert run["exit_code"] != 0
+    finally:
+        slurm_cluster.cancel_all()

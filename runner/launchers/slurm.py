@@ -21,6 +21,7 @@ consecutive ranks) inside one node: `layout_problems` says what is wrong, naming
 from __future__ import annotations
 
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from typing import Any
 from runner.launch import JOB_ENTRY, REPO_ROOT, TORCHRUN_SHUTDOWN_S
 from runner.launchers.base import Collected, JobState, NoSampler, read_result, run_logs
 from runner.launchers.local import CANCEL_GRACE_S, ORPHAN_GRACE_S
+from runner.logs import read_log
 from runner.spec import RunSpec, SpecProblem
 
 SCRIPT_NAME = "job.sbatch"
@@ -45,6 +47,10 @@ COMMAND_TIMEOUT_S = 20.0
 PENDING_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD"}
 ACTIVE_STATES = PENDING_STATES | {"RUNNING", "COMPLETING", "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT",
                                   "STOPPED"}  # fmt: skip
+
+
+# srun's line for a node whose task failed: "srun: error: n2: task 1: Exited with exit code 1"
+SRUN_TASK_ERROR = re.compile(r"^srun: error: (?P<node>[^\s:]+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)$", re.M)
 
 
 class SlurmError(RuntimeError):
@@ -207,6 +213,14 @@ def scontrol_job(slurm_id: str, env: dict[str, str] | None = None) -> dict[str, 
     return out or None
 
 
+def first_failed_node(run_dir: Path) -> tuple[str, str] | None:
+    """The node srun reported first as failing, and what it said ("task 1: Exited with exit code 1"), from the job's
+    output (torchrun.log); None when srun reported no failing task."""
+    text = read_log(run_dir, "torchrun") or ""
+    m = SRUN_TASK_ERROR.search(text)
+    return (m["node"], f"task {m['tasks']}: {m['what'].strip()}") if m else None
+
+
 def exit_code_of(scontrol_exit: str | None) -> int | None:
     """scontrol's ExitCode "code:signal" as one number: -signal when a signal ended it."""
     if not scontrol_exit or ":" not in scontrol_exit:
@@ -343,8 +357,11 @@ class SlurmLauncher:
         code = state.exit_code if state.exit_code is not None else -1
         got = read_result(job.run_dir, code)
         if job.slurm_state and job.slurm_state not in ("COMPLETED", "gone"):
-            return Collected(got.exit_code, got.result, got.unreadable, note=f"Slurm job {job.slurm_id} ended "
-                             f"{job.slurm_state}")  # fmt: skip
+            note = f"Slurm job {job.slurm_id} ended {job.slurm_state}"
+            node = first_failed_node(job.run_dir) if not job.slurm_state.startswith("CANCELLED") else None
+            if node:  # a cancelled job's tasks all fail: no node to name
+                note += f"; first failure on node {node[0]}: {node[1]}"
+            return Collected(got.exit_code, got.result, got.unreadable, note=note)
         return got
 
     def sampler(self, job: SlurmJob, started: float, gpus: list[int]) -> NoSampler:
