@@ -5,6 +5,10 @@ a cancel that leaves nothing on either node; a restarted runner that re-attaches
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +16,7 @@ import psutil
 import pytest
 
 from runner import api
+from runner.launch import REPO_ROOT
 from runner.launchers.local import CANCEL_GRACE_S
 from runner.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, scontrol_job
 from runner.service import Runner
@@ -193,3 +198,53 @@ def test_a_killed_rank_on_a_slurm_node_fails_the_run_naming_the_rank_and_the_nod
         assert run["exit_code"] != 0
     finally:
         slurm_cluster.cancel_all()
+
+
+def serve_slurm(cluster, engine, *extra: str) -> subprocess.Popen:
+    """`python -m runner serve --backend slurm --partition lab --nodes 2` against this cluster, once it holds the lease."""
+    from storage import hosts
+
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "serve", "--backend", "slurm", "--partition",
+                             cluster.partition, "--nodes", "2", *extra], cwd=REPO_ROOT, env=cluster.env(),
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ((status := hosts.runner_status(engine)) and status["alive"] and status["pid"] == proc.pid):
+        assert time.monotonic() < deadline and proc.poll() is None, "the Slurm runner did not come up"
+        time.sleep(0.2)
+    return proc
+
+
+def test_serve_backend_slurm_runs_a_submitted_run_and_a_killed_runner_is_replaced_without_losing_it(
+    slurm_cluster, engine
+):
+    """The CLI's Slurm runner: SIGKILLed while its run's Slurm job runs, a new one re-attaches to the job (the run is
+    neither lost nor started twice) and stores the verified result."""
+    from tests.conftest import stop_runner
+
+    missing = subprocess.run([sys.executable, "-m", "runner", "serve", "--backend", "slurm"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, env=slurm_cluster.env(), timeout=60)  # fmt: skip
+    assert missing.returncode == 2 and "--backend slurm needs --partition" in missing.stderr
+    before = set(slurm_cluster.jobs())
+    first = serve_slurm(slurm_cluster, engine)
+    second = None
+    try:
+        run_id = api.submit(engine, PIPELINE)
+        deadline = time.monotonic() + 30
+        while not (run := runs.get_run(engine, run_id))["backend_job_id"]:
+            assert time.monotonic() < deadline, run
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+        second = serve_slurm(slurm_cluster, engine)
+        run = wait_status(engine, run_id, {"succeeded", "failed", "cancelled", "lost"}, timeout=180)
+        assert run["status"] == "succeeded", run
+        assert run["backend"] == "slurm" and run["result"]["verify"]["passed"] is True
+        new = {job: state for job, state in slurm_cluster.jobs().items() if job not in before}
+        assert new == {run["backend_job_id"]: "COMPLETED"}  # one Slurm job: never submitted twice
+    finally:
+        stop_runner(engine)
+        if first.poll() is None:
+            first.kill()
+        slurm_cluster.cancel_all()
+    if second is not None:
+        second.wait(timeout=10)
