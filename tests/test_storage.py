@@ -287,10 +287,13 @@ def test_upgrading_a_version_0001_database_keeps_its_runs(lab_home):
     first = submit_then("ada")
     second = submit_then("bob")
     runs.update_run_meta(old, first, note="keep me")
+    with old.begin() as conn:  # a run a runner had started: its torchrun pid becomes its local job id
+        conn.execute(runs_table.update().where(runs_table.c.id == second).values(pid=4242))
     upgrade(old, "head")
     run = runs.get_run(old, first)
     assert run["user"] == "ada" and run["note"] == "keep me" and runs.get_run(old, second)
     assert run["backend"] == "local" and run["backend_job_id"] is None  # launched locally, as every run before 0005
+    assert (runs.get_run(old, second)["backend"], runs.get_run(old, second)["backend_job_id"]) == ("local", "4242")
     runs.delete_run(old, second)
     assert api.submit(old, TINY_LAYER) > second
 
