@@ -64,6 +64,7 @@ class Runner:
         self.watched: dict[int, Watched] = {}
         # Runs claimed (by a replaced runner) whose processes are not known yet: run id -> devices reserved.
         self.pending: dict[int, list[int]] = {}
+        self.foreign: set[int] = set()  # running runs of a backend this runner has no launcher for (told once)
         self.stop = False
         self.torch_version = _torch_version()
 
@@ -154,9 +155,11 @@ class Runner:
         run_id, run_dir = row["id"], row["run_dir"]
         backend = row.get("backend") or "local"
         launcher = self.launchers.get(backend)
-        if launcher is None:
-            print(f"run {run_id}: runs on {backend}, which this runner does not serve; left to a {backend} runner",
-                  flush=True)  # fmt: skip
+        if launcher is None:  # a Slurm run seen by a local runner of the same host: said once, left alone
+            if run_id not in self.foreign:
+                self.foreign.add(run_id)
+                print(f"run {run_id}: runs on {backend}, which this runner does not serve; left to a {backend} "
+                      "runner", flush=True)  # fmt: skip
             return
         gpus = [int(g) for g in row["gpus"] or []]
         job = launcher.attach(run_id, row)

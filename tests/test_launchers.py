@@ -185,3 +185,17 @@ def test_a_runner_for_slurm_fails_a_queued_run_whose_tp_would_cross_nodes(engine
     Runner(engine, launcher=SlurmLauncher("lab", nodes=2)).place_queued()
     run = runs.get_run(engine, run_id)
     assert run["status"] == "failed" and "tp: tensor parallelism must stay within a node" in run["error"]
+
+
+def test_a_local_runner_leaves_a_slurm_run_of_its_host_alone_instead_of_marking_it_lost(engine, tmp_path):
+    from storage import runner_rows
+
+    run_id = api.submit(engine, TINY)
+    assert runner_rows.claim_run(engine, run_id, "slurm-runner", str(tmp_path), [], backend="slurm")
+    runner_rows.update_run(engine, run_id, backend_job_id="99")
+    runner = Runner(engine)  # local only
+    runner.recover()
+    runner.recover()  # told once, still left alone
+    run = runs.get_run(engine, run_id)
+    assert run["status"] == "running" and run["backend"] == "slurm" and run["backend_job_id"] == "99"
+    assert run_id not in runner.watched and runner.foreign == {run_id}
