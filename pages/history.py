@@ -131,6 +131,10 @@ def run_detail(run_id: int) -> None:
     live()
     with st.expander("Spec", expanded=False):
         st.json(run["spec"])
+    script = api.job_script(run)
+    if script is not None:
+        with st.expander(f"Slurm job script (job {run.get('backend_job_id')})"):
+            st.code(script, language="bash")
     with st.expander("Logs"):
         # The run folder when this machine ran it, else the tails its host's runner stored in the database.
         stored = api.log_tails(engine(), run_id)

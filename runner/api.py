@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from sqlalchemy import Engine
 
 from runner import logs as log_reader
+from runner.launchers.slurm import SCRIPT_NAME
 from runner.logs import LogText
 from runner.records import RunStatus
 from runner.spec import RunSpec, SpecError
@@ -158,6 +160,17 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
     """One run with its ranks, in one read; None when there is no such run. Carries the stored world_size
     and degrees (tp, pp, dp): nothing needs to parse the spec again for them."""
     return runs.get_run(engine, run_id)
+
+
+def job_script(run: Mapping[str, Any]) -> str | None:
+    """The sbatch script a Slurm run was submitted with (a get_run dict), read from its run folder on the
+    cluster's shared filesystem; None for a local run or where the folder is not readable from here."""
+    if run.get("backend") != "slurm" or not run.get("run_dir"):
+        return None
+    try:
+        return (Path(run["run_dir"]) / SCRIPT_NAME).read_text()
+    except OSError:
+        return None
 
 
 def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:

@@ -199,3 +199,11 @@ def test_what_the_app_imports_of_h4s_modules_imports_no_torch():
     repo = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_slurm_runs_job_script_is_read_from_its_folder_and_a_local_run_has_none(tmp_path):
+    (tmp_path / "job.sbatch").write_text("#!/bin/bash\n#SBATCH --nodes=2\n")
+    slurm = {"backend": "slurm", "backend_job_id": "17", "run_dir": str(tmp_path)}
+    assert api.job_script(slurm) == "#!/bin/bash\n#SBATCH --nodes=2\n"
+    assert api.job_script({**slurm, "backend": "local"}) is None
+    assert api.job_script({**slurm, "run_dir": str(tmp_path / "elsewhere")}) is None  # folder not on this machine
