@@ -167,6 +167,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         **comm,
         "loss": losses[-1] if losses else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
         **model.figures(),
     })  # fmt: skip
     if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains

@@ -195,6 +195,7 @@ class RankFigures:
     comm_calls: dict[str, int] | None = None
     loss: float | None = None
     device_name: str | None = None
+    host: str | None = None  # the node it ran on: SLURMD_NODENAME under Slurm, else the host name
     bubble_fraction: float | None = None  # measured: the share of the step this stage stood idle
     strategy: dict[str, Any] = field(default_factory=dict)
 

@@ -61,8 +61,15 @@ def test_rank_table_shows_mib_and_only_collectives_that_moved_bytes():
     assert table["send MiB"].tolist() == [1.0, 0.0]
     assert table["run's peak MiB"].tolist() == [3.0, 4.0]
     assert table["compute s"].iloc[0] == 0.1235
-    # recorded before peak RSS, CPU wait and wire estimates: no empty columns for them
-    assert not {"process peak RSS MiB", "cpu wait s"} & set(table) and not any("wire" in c for c in table)
+    # recorded before peak RSS, CPU wait, wire estimates and nodes: no empty columns for them
+    assert not {"process peak RSS MiB", "cpu wait s", "node"} & set(table) and not any("wire" in c for c in table)
+
+
+def test_rank_table_names_the_node_each_rank_ran_on_beside_its_rank():
+    ranks = pd.DataFrame({"run_id": [1, 1], "rank": [0, 1], "tp": [0, 0], "pp": [0, 1], "dp": [0, 0],
+                          "host": ["n1", "n2"], "compute_s": [1.0, 1.0]})  # fmt: skip
+    table = rank_table(ranks)
+    assert list(table.columns[:2]) == ["rank", "node"] and table["node"].tolist() == ["n1", "n2"]
 
 
 def test_rank_table_puts_absolute_rss_beside_the_runs_peak_and_wire_bytes_beside_payload():

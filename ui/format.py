@@ -72,9 +72,11 @@ MIB = 2**20
 
 
 def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
-    """rank_results() rows for display: sizes in MiB, seconds rounded, only collectives that moved bytes
+    """rank_results() rows for display: the node each rank ran on, sizes in MiB, seconds rounded, only collectives that moved bytes
     (payload by kind, then the estimated wire bytes by kind), and only figures the run recorded."""
     out = pd.DataFrame({c: ranks[c] for c in ("rank", "tp", "pp", "dp") if c in ranks})
+    if "host" in ranks and ranks["host"].notna().any():  # the node each rank ran on (runs before it have none)
+        out.insert(1, "node", ranks["host"])
     if "param_count" in ranks:
         out["parameters"] = ranks["param_count"]
     sizes = (
