@@ -86,6 +86,11 @@ def test_a_two_node_run_verifies_against_the_reference(slurm_cluster, tmp_path, 
     assert (state.exit_code, state.state, got.exit_code, got.note) == (0, "COMPLETED", 0, None), log
     assert got.result is not None and got.result.verify["passed"] is True
     assert [r.rank for r in got.result.ranks] == list(range(spec.world_size))
+    # Every rank names its node; the ranks of one tensor-parallel group share a node, the stages do not.
+    nodes = [r.host for r in got.result.ranks]
+    assert set(nodes) == {"n1", "n2"}, nodes
+    tp = spec.degrees.tp
+    assert all(len(set(nodes[g : g + tp])) == 1 for g in range(0, len(nodes), tp)), nodes
     assert (run_dir / EXIT_CODE_NAME).read_text().strip() == "0"  # the script's own record of its exit
     assert (run_dir / SCRIPT_NAME).read_text() == launcher.script(1, spec, run_dir)
     assert launcher.logs(job) == ["torchrun", *(f"rank{r}" for r in range(spec.world_size))]
