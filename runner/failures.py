@@ -2,7 +2,8 @@
 
 When one rank dies its peers fail too (a closed connection, a collective timeout) and torchrun stops
 the rest; diagnose_failure() finds the root cause among those. Logs are read through runner.logs
-(the one log reader). No torch import: the runner imports this.
+(the one log reader). On a run over several nodes, `rank_nodes` tells which node the failing rank ran on
+(each rank's `started` event names it). No torch import: the runner imports this.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import signal
 from pathlib import Path
 
 from runner.logs import log_names, read_log
-from runner.records import Error
+from runner.records import Error, Started, parse_event
 
 _TORCHRUN_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank:\s*\d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 _CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Timed out", "timed out", "Broken pipe")
@@ -89,3 +90,21 @@ def first_traceback(text: str | None) -> str | None:
         if line and not line.startswith((" ", "\t", "Traceback", "During handling", "The above")):
             break  # the exception line closes the traceback
     return "\n".join(out)
+
+
+def rank_nodes(run_dir: Path) -> dict[int, str]:
+    """The node each rank ran on, from the ranks' `started` events ({} for runs written before they named it)."""
+    try:
+        text = (run_dir / "events.jsonl").read_text(errors="replace")
+    except OSError:
+        return {}
+    events = (parse_event(line) for line in text.splitlines())
+    return {e.rank: e.host for e in events if isinstance(e, Started) and e.host}
+
+
+def with_node(error: str, run_dir: Path, rank: int | None) -> str:
+    """`error` naming the failing rank's node, where the run spanned several nodes (on one it says nothing)."""
+    nodes = rank_nodes(run_dir)
+    if rank is None or rank not in nodes or len(set(nodes.values())) < 2:
+        return error
+    return f"{error} (rank {rank} ran on node {nodes[rank]})"

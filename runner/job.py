@@ -78,7 +78,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
     dist.init_process_group(backend, timeout=timeout)
-    events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid()))
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the node, as Slurm names it
+    events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid(),
+                        host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
@@ -167,7 +169,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         **comm,
         "loss": losses[-1] if losses else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "host": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+        "host": host,
         **model.figures(),
     })  # fmt: skip
     if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains

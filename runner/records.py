@@ -77,13 +77,14 @@ class Started(Event):
     device: str = ""
     backend: str = ""
     pid: int | None = None
+    host: str | None = None  # the node it runs on (SLURMD_NODENAME under Slurm, else the host name)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Started:
         pid = d.get("pid")
         return cls(rank=int(d["rank"]), t=_finite(d["t"]), world_size=int(d.get("world_size") or 0),
                    device=str(d.get("device") or ""), backend=str(d.get("backend") or ""),
-                   pid=int(pid) if pid else None)  # fmt: skip
+                   pid=int(pid) if pid else None, host=d.get("host") or None)  # fmt: skip
 
 
 @dataclass(frozen=True)

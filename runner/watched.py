@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
-from runner.failures import diagnose_failure
+from runner.failures import diagnose_failure, with_node
 from runner.launchers.base import Collected, Handle
 from runner.logs import LOG_TAIL_BYTES, log_names, log_path, read_log_tail
 from runner.records import Error, RunStatus, Span, Started, Step, parse_event
@@ -113,6 +113,7 @@ class Watched:
         if unreadable and code in (0, -1):
             return RunStatus.FAILED, dict(error=unreadable, exit_code=code)
         failed_rank, error, tb = diagnose_failure(self.job.run_dir, self.errors)
+        error = with_node(error, self.job.run_dir, failed_rank)
         if self.orphans_stopped:
             error = f"torchrun ended (exit {code}) while ranks still ran; the runner stopped them ({error})"
         if self.diverged:

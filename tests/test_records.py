@@ -180,3 +180,20 @@ def test_a_run_stored_by_the_previous_version_at_revision_0004_upgrades_and_read
     )
     frame = series.rank_results(old, [run_id])
     assert frame.loc[0, "comm_bytes_send"] == 262144 and frame.loc[0, "max_inflight_microbatches"] == 2
+
+
+def test_a_started_event_names_its_node_and_the_failing_ranks_node_is_found_on_a_multi_node_run(tmp_path):
+    from runner.failures import rank_nodes, with_node
+
+    lines = [Started(r, 1.0, world_size=2, device="cpu", backend="gloo", pid=10 + r, host=h).to_json_line()
+             for r, h in ((0, "n1"), (1, "n2"))]  # fmt: skip
+    assert parse_event(lines[1]) == Started(1, 1.0, world_size=2, device="cpu", backend="gloo", pid=11, host="n2")
+    (tmp_path / "events.jsonl").write_text("".join(lines))
+    assert rank_nodes(tmp_path) == {0: "n1", 1: "n2"}
+    assert with_node("rank 1 raised X", tmp_path, 1) == "rank 1 raised X (rank 1 ran on node n2)"
+    # One node (a local run), an unknown rank, or events from before ranks named their node: nothing added.
+    (tmp_path / "events.jsonl").write_text(lines[0])
+    assert with_node("rank 0 raised X", tmp_path, 0) == "rank 0 raised X"
+    assert with_node("torchrun failed", tmp_path, None) == "torchrun failed"
+    (tmp_path / "events.jsonl").write_text('{"kind": "started", "rank": 0, "t": 1, "pid": 5}\n')
+    assert rank_nodes(tmp_path) == {}

@@ -22,6 +22,7 @@ from runner.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, s
 from runner.service import Runner
 from runner.spec import RunSpec
 from storage import runs
+from storage.db import runs_dir
 from tests.jobs import wait_status
 
 pytestmark = pytest.mark.slow
@@ -195,11 +196,18 @@ def test_a_killed_rank_on_a_slurm_node_fails_the_run_naming_the_rank_and_the_nod
     try:
         slurm_id = running_on_both_nodes(slurm_cluster, runner, engine, run_id)
         pid, node = rank_pid(slurm_cluster, slurm_id, "1")
+        # Killed once both ranks have started (not while still importing torch), so each named its node.
+        events = runs_dir() / str(run_id) / "events.jsonl"
+        deadline = time.monotonic() + 60
+        while not (events.exists() and events.read_text().count('"kind": "started"') == 2):
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.2)
         psutil.Process(pid).kill()
         run = wait_status(engine, run_id, {"failed", "cancelled", "succeeded"}, timeout=90, between=runner.tick)
         assert run["status"] == "failed" and run["failed_rank"] == 1, run
         assert run["error"].startswith("rank 1 was killed by signal 9 (SIGKILL)"), run["error"]
         assert f"first failure on node {node}: task " in run["error"], run["error"]
+        assert f"(rank 1 ran on node {node})" in run["error"], run["error"]  # from the rank's own started event
         assert run["exit_code"] != 0
     finally:
         slurm_cluster.cancel_all()
