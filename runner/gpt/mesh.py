@@ -6,6 +6,12 @@ they get consecutive ranks (the same node / NVLink island on real clusters); dat
 all-reduce gradients once a step; pipeline neighbours only exchange activations, so they are
 farthest apart. This is Megatron's default order.
 
+Across nodes: torchrun numbers ranks node by node (node k holds ranks k*R .. k*R + R-1 for R ranks per
+node), so with tp dividing R a tensor-parallel group never leaves its node, and pipeline stages -- the
+outermost coordinate -- land on different nodes once the job has more than one. The Slurm launcher refuses
+a tp that does not divide the ranks per node (runner/launchers/slurm.py layout_problems), and the run
+page's per-rank table shows each rank's node.
+
 `grid()` is pure arithmetic (tested without processes); `Mesh.build(dims)` creates the groups with
 torch.distributed, on every rank in the same order, as new_group requires, and gives the rank's
 counters a StepClock for its device (CUDA events under NCCL, the host clock under gloo). `barrier()`
