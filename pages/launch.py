@@ -6,7 +6,7 @@ import streamlit as st
 
 from runner import api
 from runner.estimates import memory_estimate
-from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, SpecError
+from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, SpecError
 from runner.strategies import get_strategy, strategy_names
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses
@@ -62,6 +62,23 @@ with left:
         "schedule", SCHEDULES, index=1, key=K + "schedule", disabled=not uses(s, "schedule")
     )
     note_slot("microbatches")
+    note_slot("schedule")
+    interleaved = uses(s, "virtual_stages") and values["schedule"] == "interleaved-1f1b"
+    c1, c2 = st.columns(2)
+    values["virtual_stages"] = c1.number_input(
+        "virtual stages", min_value=1, max_value=64, value=2 if interleaved else 1, key=K + "virtual_stages",
+        disabled=not interleaved, help="model chunks per pipeline rank (interleaved-1f1b only): the bubble shrinks "
+        "to (p-1)/(v*m + p-1) at the cost of v times the point-to-point sends",
+    )  # fmt: skip
+    values["zero_stage"] = c2.selectbox(
+        "ZeRO stage", ZERO_STAGES, key=K + "zero_stage", disabled=not uses(s, "zero_stage"),
+        help="sharded data parallelism over the dp replicas: 0 none, 1 optimizer state, 2 and gradients, "
+        "3 and parameters (gathered before use)",
+    )  # fmt: skip
+    if not interleaved:  # a disabled field keeps what was typed; the spec gets the neutral value
+        values["virtual_stages"] = 1
+    note_slot("virtual_stages")
+    note_slot("zero_stage")
     c1, c2 = st.columns(2)
     values["tp_style"] = c1.selectbox("tp style", TP_STYLES, key=K + "tp_style", disabled=not uses(s, "tp_style"))
     values["sequence_parallel"] = c2.checkbox(
@@ -96,6 +113,14 @@ with mid:
     )
     for f in ("batch", "seq", "new_tokens"):
         note_slot(f)
+    values["checkpoint"] = st.text_input(
+        "activation checkpointing", value="none", key=K + "checkpoint",
+        disabled=values["workload"] != "train", help="none; blocks (every block recomputes its activations in "
+        "backward); every-K (every K-th block, e.g. every-2): memory saved against recompute time",
+    ).strip() or "none"  # fmt: skip
+    if values["workload"] != "train":
+        values["checkpoint"] = "none"
+    note_slot("checkpoint")
     c1, c2 = st.columns(2)
     values["steps"] = c1.number_input("timed steps", min_value=1, value=5, key=K + "steps")
     values["warmup"] = c2.number_input("warm-up steps", min_value=0, value=1, key=K + "warmup")

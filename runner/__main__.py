@@ -13,7 +13,7 @@ import time
 
 from runner import api
 from runner.launchers import add_serve_arguments, launcher_from_args
-from runner.spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, RunSpec, SpecError
+from runner.spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
 from runner.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
@@ -24,8 +24,11 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "dp": dict(type=int),
     "microbatches": dict(type=int),
     "schedule": dict(choices=SCHEDULES),
+    "virtual_stages": dict(type=int),
     "tp_style": dict(choices=TP_STYLES),
     "sequence_parallel": dict(action="store_true", default=None),
+    "zero_stage": dict(type=int, choices=ZERO_STAGES),
+    "checkpoint": dict(help="activation checkpointing: none, blocks, or every-K (every K-th block), train only"),
     "model": dict(),
     "n_layer": dict(type=int),
     "n_head": dict(type=int),
@@ -45,6 +48,7 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "verify": dict(action="store_true", default=None),
     "weights": dict(),
     "time_limit_s": dict(type=float, flag="--time-limit"),
+    "nodes": dict(type=int, help="Slurm: nodes the run spreads over (nodes x GPUs per node = ranks)"),
 }
 
 

@@ -98,7 +98,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=-1)
         verify = verify_pass(spec, model, state_dict, idx, targets)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr) if spec.workload == "train" else None
+    optimizer = model.make_optimizer(spec.lr) if spec.workload == "train" else None
     total = spec.warmup + spec.steps
     step_times: list[float] = []
     losses: list[float | None] = []
@@ -197,7 +197,7 @@ def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, ta
         return None
     optimizer.zero_grad(set_to_none=True)
     loss = model.forward_backward(idx, targets)
-    optimizer.step()
+    model.optimizer_step(optimizer)
     return loss
 
 

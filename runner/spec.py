@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -18,10 +19,12 @@ from runner.gpt.config import PRESETS, GPTConfig
 from runner.strategies import ParallelDims, Strategy, get_strategy, strategy_names
 
 WORKLOADS = ("forward", "generate", "train")
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 TP_STYLES = ("megatron", "gather")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "bf16-mixed")  # bf16-mixed: float32 weights, bf16 compute
+ZERO_STAGES = (0, 1, 2, 3)
+CHECKPOINT_POLICIES = ("none", "blocks", "every-K")  # every-K: every K-th block, e.g. "every-2"
 MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
 
 
@@ -59,8 +62,11 @@ class RunSpec:
     dp: int = 1
     microbatches: int = 1
     schedule: str = "1f1b"
+    virtual_stages: int = 1  # v model chunks per pipeline rank (interleaved-1f1b)
     tp_style: str = "megatron"
     sequence_parallel: bool = False
+    zero_stage: int = 0  # ZeRO over the dp replicas: 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    checkpoint: str = "none"  # activation checkpointing: none, blocks, or every-K (every K-th block)
     model: str = "tiny"
     n_layer: int | None = None
     n_head: int | None = None
@@ -80,6 +86,7 @@ class RunSpec:
     verify: bool = False
     weights: str | None = None
     time_limit_s: float = 600.0
+    nodes: int | None = None  # Slurm nodes the run spreads over (None: the runner decides; one machine locally)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
     # ---- derived (from the strategy registry) --------------------------------------------
@@ -108,6 +115,20 @@ class RunSpec:
     def uses_microbatches(self) -> bool:
         s = self.strategy_info
         return s is not None and s.uses("microbatches")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are checkpointed: 0 for none, 1 for blocks, K for every-K.
+
+        Raises ValueError for a policy that is none of those (validate() reports it first)."""
+        if self.checkpoint == "none":
+            return 0
+        if self.checkpoint == "blocks":
+            return 1
+        m = re.fullmatch(r"every-([1-9][0-9]*)", self.checkpoint)
+        if m is None:
+            raise ValueError(f"checkpoint {self.checkpoint!r} is not none, blocks or every-K")
+        return int(m.group(1))
 
     def model_config(self) -> GPTConfig:
         """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate)."""
@@ -196,7 +217,8 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
 
 _BOOL_FIELDS = {"sequence_parallel", "verify"}
 _FLOAT_FIELDS = {"lr", "time_limit_s"}
-_STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype"}
+_STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint"}
+_OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "nodes"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -225,8 +247,8 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
             raise TypeError("must be a list of strings")
         return tuple(value)
-    # Everything else is an integer (optionally None for model dims).
-    if value is None and key in MODEL_DIMS:
+    # Everything else is an integer (optionally None for model dims and nodes).
+    if value is None and key in _OPTIONAL_INT_FIELDS:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         if isinstance(value, float) and value.is_integer():

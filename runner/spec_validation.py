@@ -17,7 +17,18 @@ from pathlib import Path
 from runner.checkpoint import checkpoint_shapes
 from runner.estimates import host_memory_estimate
 from runner.gpt.config import PRESETS
-from runner.spec import DEVICES, DTYPES, MODEL_DIMS, SCHEDULES, TP_STYLES, WORKLOADS, RunSpec, SpecProblem, usable_cores
+from runner.spec import (
+    DEVICES,
+    DTYPES,
+    MODEL_DIMS,
+    SCHEDULES,
+    TP_STYLES,
+    WORKLOADS,
+    ZERO_STAGES,
+    RunSpec,
+    SpecProblem,
+    usable_cores,
+)
 from runner.strategies import NEUTRAL, Strategy, get_strategy, strategy_names, users_of
 from runner.strategies.registry import Add
 
@@ -39,6 +50,7 @@ def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bo
     if p:
         return p  # degree arithmetic below assumes positive numbers and known choices
     _validate_strategy(spec, get_strategy(spec.strategy), add)
+    _validate_options(spec, add)
     _validate_model(spec, add)
     _validate_shape(spec, add)
     _validate_device(spec, add, gpu_count)
@@ -67,7 +79,17 @@ def _validate_fields(spec: RunSpec, add: Add) -> None:
         for dim in MODEL_DIMS:
             if getattr(spec, dim) is None:
                 add(dim, f"a custom model needs {dim}; set it or pick a preset")
-    for name in ("tp", "pp", "dp", "microbatches", "batch", "seq", "steps"):
+    if spec.zero_stage not in ZERO_STAGES:
+        add("zero_stage", f"must be one of {', '.join(map(str, ZERO_STAGES))} (got {spec.zero_stage}): 0 plain data "
+                          "parallelism, 1 optimizer state sharded, 2 and gradients, 3 and parameters")  # fmt: skip
+    try:
+        _ = spec.checkpoint_every
+    except ValueError:
+        add("checkpoint", f"'{spec.checkpoint}' is not allowed; choose none, blocks, or every-K with K a whole number "
+                          "of 1 or more (every-2 checkpoints every second block)")  # fmt: skip
+    if spec.nodes is not None and spec.nodes < 1:
+        add("nodes", f"must be at least 1 (got {spec.nodes}); leave it empty to let the runner decide")
+    for name in ("tp", "pp", "dp", "microbatches", "virtual_stages", "batch", "seq", "steps"):
         if getattr(spec, name) < 1:
             add(name, f"must be at least 1 (got {getattr(spec, name)})")
     for dim in MODEL_DIMS:
@@ -109,6 +131,41 @@ def _validate_strategy(spec: RunSpec, s: Strategy, add: Add) -> None:
     s.check(spec, add)
     if spec.world_size > MAX_WORLD_SIZE:
         add("strategy", f"needs {spec.world_size} ranks; at most {MAX_WORLD_SIZE} run on one machine")
+
+
+def _validate_options(spec: RunSpec, add: Add) -> None:
+    """Options that need a workload or another option: ZeRO and checkpointing shard or drop what only training
+    has; virtual stages belong to the interleaved schedule, which needs them and its own divisibility."""
+    s = get_strategy(spec.strategy)  # an option the strategy does not use is refused once, as unused
+    if spec.zero_stage and s.uses("zero_stage") and spec.workload != "train":
+        add("zero_stage", f"ZeRO shards optimizer state, gradients and (stage 3) the weights of a training step; "
+                          f"workload '{spec.workload}' has none to shard: set zero_stage to 0 or workload to train")  # fmt: skip
+    elif spec.zero_stage and s.uses("zero_stage") and spec.degrees.dp < 2:
+        add("zero_stage", "ZeRO shards over the data-parallel replicas: set dp to 2 or more, or zero_stage to 0")
+    if spec.checkpoint != "none" and spec.workload != "train":
+        add("checkpoint", f"checkpointing recomputes activations during backward; workload '{spec.workload}' has no "
+                          "backward: set checkpoint to none or workload to train")  # fmt: skip
+    interleaved = spec.schedule == "interleaved-1f1b" and s.uses("virtual_stages")
+    if spec.virtual_stages > 1 and s.uses("virtual_stages") and not interleaved:
+        add("virtual_stages", "only the interleaved-1f1b schedule runs several model chunks per rank: set "
+                              "virtual_stages to 1, or schedule to interleaved-1f1b")  # fmt: skip
+    if not interleaved:
+        return
+    pp, v = spec.degrees.pp, spec.virtual_stages
+    if pp < 2:
+        add("schedule", "interleaved-1f1b interleaves model chunks over the pipeline's ranks: set pp to 2 or more, "
+                        "or choose gpipe or 1f1b")  # fmt: skip
+        return
+    if v < 2:
+        add("virtual_stages", "interleaved-1f1b needs at least 2 model chunks per rank (with 1 it is plain 1f1b): "
+                              "set virtual_stages to 2 or more")  # fmt: skip
+    cfg = spec.model_config()
+    if cfg.n_layer % (pp * v):
+        add("virtual_stages", f"{pp} ranks x {v} chunks = {pp * v} chunks must divide the model's {cfg.n_layer} "
+                              f"layers; use virtual_stages in {_divisors(max(1, cfg.n_layer // pp))} with pp {pp}")  # fmt: skip
+    if spec.microbatches % pp:
+        add("microbatches", f"interleaved-1f1b sends microbatches round the {pp} ranks in groups of {pp}: use a "
+                            f"multiple of {pp} microbatches")  # fmt: skip
 
 
 def _validate_model(spec: RunSpec, add: Add) -> None:

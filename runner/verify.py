@@ -137,7 +137,7 @@ def _run(spec: RunSpec, model: ParallelGPT, ref: GPT, idx: torch.Tensor, targets
             diffs.note("loss_abs", abs(loss - ref_loss.item()))
             diffs.note("loss_ref", abs(ref_loss.item()))
         _compare_shards(model, ref, diffs, "grads_abs", "grads_ref", grads=True)
-        torch.optim.AdamW(model.parameters(), lr=spec.lr).step()
+        model.optimizer_step(model.make_optimizer(spec.lr))  # ZeRO steps its own shard of the state
         torch.optim.AdamW(ref.parameters(), lr=spec.lr).step()
         _compare_shards(model, ref, diffs, "weights_abs", "weights_ref", grads=False)
     elif spec.workload == "forward" and model.is_output_rank:

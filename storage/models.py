@@ -172,6 +172,7 @@ class TelemetrySample(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     source: Mapped[str] = mapped_column(String(16))  # 'gpu0' (NVML) or 'rank1' (psutil)
+    host: Mapped[str | None] = mapped_column(String(128), nullable=True)  # the node sampled (None: the runner's host)
     t_s: Mapped[float] = mapped_column(Float)  # seconds since the run started
     util_pct: Mapped[float | None] = mapped_column(Float, nullable=True)
     mem_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
@@ -208,6 +209,9 @@ class RunnerLease(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
     gpus: Mapped[list[Any]] = mapped_column(JSON, default=list)
     gpu_note: Mapped[str] = mapped_column(String(300), default="")
+    # A Slurm runner's partition as sinfo reads it ({partition, account, nodes: [{name, cpus, gpus, state}]});
+    # None for a runner that launches on its own machine.
+    cluster: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class RunLog(Base):

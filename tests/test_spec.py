@@ -82,6 +82,35 @@ def test_every_problem_is_reported_at_once():
         ({"lr": 0.0}, "lr", "positive number"),
         ({"time_limit_s": -1.0}, "time_limit_s", "positive number of seconds"),
         ({"tags": ("",)}, "tags", "1 to 64 characters"),
+        ({"strategy": "data", "dp": 2, "zero_stage": 4}, "zero_stage", "must be one of 0, 1, 2, 3"),
+        ({"strategy": "data", "dp": 2, "zero_stage": 2, "workload": "forward"}, "zero_stage", "workload to train"),
+        ({"strategy": "3d", "pp": 2, "zero_stage": 1}, "zero_stage", "set dp to 2 or more"),
+        ({"strategy": "pipeline", "pp": 2, "zero_stage": 1}, "zero_stage", "does not use zero_stage"),
+        ({"checkpoint": "every"}, "checkpoint", "every-K with K a whole number"),
+        ({"checkpoint": "every-0"}, "checkpoint", "every-K with K a whole number"),
+        ({"checkpoint": "blocks", "workload": "generate"}, "checkpoint", "has no backward"),
+        ({"strategy": "pipeline", "pp": 2, "virtual_stages": 2}, "virtual_stages", "schedule to interleaved-1f1b"),
+        (
+            {"strategy": "pipeline", "pp": 2, "microbatches": 2, "schedule": "interleaved-1f1b"},
+            "virtual_stages",
+            "at least 2 model chunks",
+        ),
+        (
+            {"strategy": "pipeline", "pp": 2, "microbatches": 2, "schedule": "interleaved-1f1b", "virtual_stages": 4},
+            "virtual_stages",
+            "8 chunks must divide the model's 4 layers",
+        ),
+        (
+            {"strategy": "pipeline", "pp": 2, "microbatches": 1, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+            "microbatches",
+            "multiple of 2 microbatches",
+        ),
+        (
+            {"strategy": "3d", "microbatches": 2, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+            "schedule",
+            "set pp to 2 or more",
+        ),
+        ({"nodes": 0}, "nodes", "at least 1"),
     ],
 )
 def test_bad_specs_name_the_field(changes, field, fragment):
@@ -214,3 +243,25 @@ def test_any_spec_is_accepted_or_refused_with_messages(data, gpus):
     if spec.uses_microbatches:
         assert (spec.batch // dp) % spec.microbatches == 0
     assert spec.seq + (spec.new_tokens if spec.workload == "generate" else 0) <= cfg.block_size
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"strategy": "data", "dp": 2, "zero_stage": 3},
+        {"strategy": "3d", "tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 1},
+        {"strategy": "pipeline", "pp": 2, "microbatches": 4, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+        {"strategy": "pipeline", "pp": 2, "microbatches": 4, "schedule": "zb-h1"},
+        {"checkpoint": "every-2"},
+        {"dtype": "bf16-mixed"},
+        {"nodes": 2},
+    ],
+)
+def test_the_new_options_are_accepted_where_they_apply(changes):
+    assert RunSpec(**changes).validate(gpu_count=0) == []
+
+
+def test_checkpoint_policy_reads_as_every_how_many_blocks():
+    assert [RunSpec(checkpoint=c).checkpoint_every for c in ("none", "blocks", "every-1", "every-3")] == [0, 1, 1, 3]
+    with pytest.raises(ValueError):
+        _ = RunSpec(checkpoint="every-x").checkpoint_every

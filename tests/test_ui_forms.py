@@ -63,7 +63,9 @@ def test_every_strategy_has_help_and_a_field_set():
 
 # A value other than the neutral one for each field that has one, and a valid one for each choice.
 OTHER = {"tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "sequence_parallel": True, "schedule": "gpipe",
-         "tp_style": "gather"}  # fmt: skip
+         "tp_style": "gather", "virtual_stages": 2, "zero_stage": 1}  # fmt: skip
+# What a used option needs beside it to be valid: virtual stages the interleaved schedule over 2 stages, ZeRO 2 replicas.
+NEEDS = {"virtual_stages": {"schedule": "interleaved-1f1b", "pp": 2, "microbatches": 2}, "zero_stage": {"dp": 2}}
 FIELDS = ("tp", "pp", "dp", *OPTIONS)
 
 
@@ -78,7 +80,9 @@ def test_the_form_offers_a_field_iff_the_strategy_uses_it_and_the_spec_refuses_u
     base = {"strategy": strategy, **s.min_degree}
     assert RunSpec(**base).validate() == []
     problems = RunSpec(**{**base, field: OTHER[field]}).validate()
-    if s.uses(field):  # used: a non-neutral value is the point, and is accepted
+    if s.uses(field):  # used: a non-neutral value is the point, and is accepted (with what it needs)
+        base = {**base, **NEEDS.get(field, {})}
+        problems = RunSpec(**{**base, field: OTHER[field]}).validate()
         assert problems == []
         spec, form_problems = spec_from_form({**FORM, **base, field: OTHER[field]})
         assert form_problems == [] and getattr(spec, field) == OTHER[field]

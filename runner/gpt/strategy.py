@@ -44,6 +44,14 @@ class ParallelGPT(ABC):
             seen.setdefault(id(p), p)
         return list(seen.values())
 
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The optimizer of a training run: AdamW over this rank's parameters (ZeRO keeps a shard of its state)."""
+        return torch.optim.AdamW(self.parameters(), lr=lr)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One update after forward_backward (ZeRO steps its shard, then gathers the updated weights)."""
+        optimizer.step()
+
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None

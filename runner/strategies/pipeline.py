@@ -7,7 +7,7 @@ PIPELINE = register(
         name="pipeline",
         help="stages of layers fed with microbatches, GPipe or 1F1B schedule",
         degrees=("pp",),
-        options=("microbatches", "schedule"),
+        options=("microbatches", "schedule", "virtual_stages"),
         min_degree={"pp": 2},
     )
 )

@@ -21,9 +21,10 @@ from runner.strategies.dims import DEGREES, ParallelDims
 if TYPE_CHECKING:
     from runner.spec import RunSpec
 
-OPTIONS = ("microbatches", "schedule", "tp_style", "sequence_parallel")
+OPTIONS = ("microbatches", "schedule", "virtual_stages", "tp_style", "sequence_parallel", "zero_stage")
 # The value a field must keep when the strategy does not use it (the RunSpec default too).
-NEUTRAL: dict[str, Any] = {"tp": 1, "pp": 1, "dp": 1, "microbatches": 1, "sequence_parallel": False}
+NEUTRAL: dict[str, Any] = {"tp": 1, "pp": 1, "dp": 1, "microbatches": 1, "virtual_stages": 1,
+                           "sequence_parallel": False, "zero_stage": 0}  # fmt: skip
 
 Add = Callable[[str, str], None]  # add(field, message): report one problem
 

@@ -7,6 +7,6 @@ THREE_D = register(
         name="3d",
         help="tensor x pipeline x data on one device mesh",
         degrees=("tp", "pp", "dp"),
-        options=("microbatches", "schedule", "tp_style"),
+        options=("microbatches", "schedule", "virtual_stages", "tp_style", "zero_stage"),
     )
 )
