@@ -6,8 +6,10 @@ import streamlit as st
 
 from runner import api
 from runner.estimates import memory_estimate
+from runner.launchers.slurm import nodes_for, render_sbatch
 from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, SpecError
 from runner.strategies import get_strategy, strategy_names
+from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses
 from ui.hosts import HERE, host_lines, target_for, targets
@@ -135,12 +137,26 @@ with right:
     target = target_for(
         st.selectbox(
             "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).label,
-            help="this machine (jobs run where they are launched), another host whose runner is alive, or whichever "
-            "host first has the devices it needs. The form is checked against that host's GPUs.",
+            help="this machine (jobs run where they are launched), another host whose runner is alive, a Slurm "
+            "partition (a runner started with `serve --backend slurm`; its nodes and GPUs as sinfo reports them), or "
+            "whichever host first has the devices it needs. The form is checked against that target.",
         ),
         run_on_options,
     )  # fmt: skip
     values["_gpu_count"] = target.gpu_count
+    values["_target"] = target  # the spec is judged against where it runs: a partition's nodes and layout rules
+    if not target.is_slurm and st.session_state.get(K + "nodes") is not None:
+        st.session_state[K + "nodes"] = None  # nodes apply to a partition only: a disabled box shows nothing
+    values["nodes"] = st.number_input(
+        "nodes", min_value=1, max_value=1024, value=None, step=1, key=K + "nodes", disabled=not target.is_slurm,
+        placeholder=f"runner decides (partition {target.partition.name} has {target.node_count})"
+        if target.is_slurm else "Slurm partitions only",
+        help="Slurm nodes the run spreads over: nodes x GPUs per node (ranks per node on CPU nodes) = world size; "
+        "tensor parallelism stays inside a node, pipeline stages go across nodes. Empty: the runner decides.",
+    )  # fmt: skip
+    note_slot("nodes")
+    if target.is_slurm and target.partition.error:
+        st.warning(f"The partition's nodes are unknown: {target.partition.error}", icon=":material/warning:")
     c1, c2 = st.columns(2)
     values["device"] = c1.selectbox("device", DEVICES, key=K + "device")
     values["dtype"] = c2.selectbox("dtype", DTYPES, key=K + "dtype")
@@ -188,8 +204,19 @@ with info:
         c1.metric("ranks", spec.world_size)
         c2.metric("parameters per rank (largest)", human_bytes(est["param_bytes"]))
         c3.metric("AdamW state per rank", human_bytes(est["optimizer_bytes"]) if est["optimizer_bytes"] else "—")
-        st.caption("The command the runner will start (each run gets its own folder):")
-        st.code(api.torchrun_command(spec), language="bash", wrap_lines=True)
+        if target.is_slurm:
+            part = target.partition
+            nodes = nodes_for(spec, part.default_nodes, part.gpus_per_node)
+            per_node = spec.world_size // nodes
+            st.caption(f"One Slurm job on partition {part.name}: {nodes} node{'s' if nodes != 1 else ''} x {per_node} "
+                       f"rank{'s' if per_node != 1 else ''}, one torchrun per node with c10d rendezvous on the first "
+                       "node. The script its runner will submit (the folder shown as runs/<id>):")  # fmt: skip
+            script = render_sbatch(spec, runs_dir() / "<id>", nodes=nodes, partition=part.name, account=part.account,
+                                   gpus_per_node=part.gpus_per_node)  # fmt: skip
+            st.code(script, language="bash", wrap_lines=True)
+        else:
+            st.caption("The command the runner will start (each run gets its own folder):")
+            st.code(api.torchrun_command(spec), language="bash", wrap_lines=True)
         # The cores judged are this machine's: only said where the run will run here.
         crowded = oversubscription_warning(spec, target.gpu_count) if target.key == HERE else None
         if crowded:
@@ -245,7 +272,7 @@ with devices:
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:
-        run_id = api.submit(engine(), spec, user=user, gpu_count=target.gpu_count, run_on=target.run_on)
+        run_id = api.submit(engine(), spec, user=user, gpu_count=target.gpus_for(spec), run_on=target.run_on)
     except SpecError as exc:
         for p in exc.problems:
             st.error(str(p))

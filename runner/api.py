@@ -1,7 +1,8 @@
 """The one module the pages and the CLI call to change or read runs; storage below it only stores.
 
-Changing runs: `submit` parses and validates a spec against the target host's GPUs (the weights file
-it names is read and checked here too) and only then stores it, so a refused spec stores nothing and
+Changing runs: `submit` parses and validates a spec against the target host's GPUs, or on a Slurm
+runner's partition against its nodes and layout rules (runner.cluster; the weights file it names is
+read and checked here too) and only then stores it, so a refused spec stores nothing and
 its SpecError lists every problem by field; `cancel`, `update_meta` and `delete` change a stored run;
 `submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
 the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
@@ -23,6 +24,7 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from runner import logs as log_reader
+from runner.cluster import Partition, gpu_count_on, placement_problems
 from runner.launchers.slurm import SCRIPT_NAME
 from runner.logs import LogText
 from runner.records import RunStatus
@@ -40,7 +42,8 @@ __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
-    "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "telemetry_series",
+    "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "target_partition",
+    "target_problems", "telemetry_series",
     "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
@@ -94,6 +97,29 @@ def target_gpu_count(engine: Engine, run_on: str | None) -> int | None:
     return len(host["gpus"]) if host else None
 
 
+def target_partition(engine: Engine, run_on: str | None) -> tuple[Partition | None, bool]:
+    """(the Slurm partition the target host's runner published, whether the target is known): the host's
+    last lease, alive or not, since a Slurm runner restarting still serves the same partition. (None, False)
+    when no runner ever reported for that host (nothing to judge `nodes` by)."""
+    if run_on == ANY_HOST:
+        return None, True
+    lease = host_rows.runner_status(engine, run_on or this_host())
+    if lease is None:
+        return None, False
+    return (Partition.from_dict(lease["cluster"]) if lease.get("cluster") else None), True
+
+
+def target_problems(engine: Engine, spec: RunSpec, run_on: str | None) -> list[Any]:
+    """What keeps `spec` from running on the target beyond its own rules: on a Slurm partition its nodes and
+    the layout (nodes x GPUs per node = world size, tensor parallelism inside a node), elsewhere an empty
+    `nodes` (runner.cluster.placement_problems)."""
+    partition, known = target_partition(engine, run_on)
+    if not known:
+        return []
+    where = "any host" if run_on == ANY_HOST else "this machine" if run_on in (None, this_host()) else f"host {run_on}"
+    return placement_problems(spec, partition, where)
+
+
 def submit(
     engine: Engine,
     spec: RunSpec | Mapping[str, Any],
@@ -105,13 +131,16 @@ def submit(
     """Validate, then queue; returns the new run's id. Raises SpecError with every problem (nothing stored).
 
     run_on: the host whose runner runs it (default this machine), or ANY_HOST. gpu_count: what the device
-    checks assume (default: the target host's, see target_gpu_count; None skips them). A weights file the
-    spec names is read and checked here, on the machine submitting.
+    checks assume (default: the target host's, see target_gpu_count, or on a Slurm partition the run's nodes
+    x GPUs per node; None skips them). The target's own problems (target_problems) are added either way. A
+    weights file the spec names is read and checked here, on the machine submitting.
     """
     spec = parse_spec(spec)
     if gpu_count is HOST_GPUS:
-        gpu_count = target_gpu_count(engine, run_on)
+        partition, _ = target_partition(engine, run_on)
+        gpu_count = gpu_count_on(spec, partition) if partition else target_gpu_count(engine, run_on)
     problems = spec.validate(gpu_count=gpu_count)
+    problems += [p for p in target_problems(engine, spec, run_on) if p not in problems]
     if problems:
         raise SpecError(problems)
     return _store(engine, spec, user=user, run_on=run_on)

@@ -29,6 +29,7 @@ from pathlib import Path
 import psutil
 from sqlalchemy import Engine
 
+from runner.cluster import partition_or_error
 from runner.launchers import Launcher, LocalLauncher
 from runner.logs import cap_run_logs
 from runner.records import RunStatus
@@ -41,6 +42,9 @@ from storage.db import runner_stale_s, runs_dir
 
 TELEMETRY_EVERY_S = 1.0
 HEARTBEAT_EVERY_S = 1.0
+# A Slurm runner re-reads its partition (sinfo) this often and publishes it in its lease: node states change
+# on the scale of jobs, and sinfo asks slurmctld, which every runner tick would load for nothing.
+CLUSTER_EVERY_S = 30.0
 RESCAN_EVERY_S = 5.0  # running rows are re-read this often, so a job no runner watches is adopted
 # A claimed run without a pid is being launched (by a runner that may just have lost its lease): its
 # devices stay reserved this long before the run counts as lost.
@@ -61,6 +65,8 @@ class Runner:
         self.runner_id = f"{self.host[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.gpus = detect_gpus()
         self.gpu_note = self.gpus.reason
+        self.cluster: dict | None = None  # a Slurm runner's partition as published in its lease
+        self.cluster_read_at: float | None = None
         self.watched: dict[int, Watched] = {}
         # Runs claimed (by a replaced runner) whose processes are not known yet: run id -> devices reserved.
         self.pending: dict[int, list[int]] = {}
@@ -81,14 +87,34 @@ class Runner:
         return self.launchers[job.backend]
 
     # ---- lifecycle -------------------------------------------------------------------------
+    def read_cluster(self) -> dict | None:
+        """A Slurm runner's partition read now with sinfo (nodes, CPUs, GPUs, states; or the error sinfo gave),
+        as its lease publishes it; None for a runner whose launcher places runs on this machine."""
+        partition = getattr(self.launcher, "partition", None)
+        if self.launcher.places_locally or not partition:
+            return None
+        self.cluster_read_at = time.monotonic()
+        self.cluster = partition_or_error(partition, getattr(self.launcher, "account", None),
+                                          default_nodes=getattr(self.launcher, "nodes", None),
+                                          env=getattr(self.launcher, "env", None)).to_dict()  # fmt: skip
+        return self.cluster
+
+    def cluster_due(self) -> dict | None:
+        """The partition re-read when CLUSTER_EVERY_S has passed since the last read, else None (unchanged)."""
+        if self.cluster_read_at is None or time.monotonic() - self.cluster_read_at < CLUSTER_EVERY_S:
+            return None
+        return self.read_cluster()
+
     def acquire(self) -> bool:
         """Take the lease; a holder on this host whose process is gone is taken over without waiting."""
+        if self.cluster_read_at is None:
+            self.read_cluster()
         args = (self.engine, self.runner_id, os.getpid(), list(self.gpus), self.gpu_note)
-        if hosts_db.acquire_lease(*args):
+        if hosts_db.acquire_lease(*args, cluster=self.cluster):
             return True
         status = hosts_db.runner_status(self.engine, self.host) or {}
         if status.get("pid") and not _process_runs(status["pid"]):
-            return hosts_db.acquire_lease(*args, takeover_from=status["runner_id"])
+            return hosts_db.acquire_lease(*args, takeover_from=status["runner_id"], cluster=self.cluster)
         return False
 
     def serve(self) -> int:
@@ -100,6 +126,10 @@ class Runner:
         signal.signal(signal.SIGINT, self._on_signal)
         print(f"runner {self.runner_id} serving {self.engine.url.render_as_string()} as host {self.host} "
               f"({self.gpu_note})", flush=True)  # fmt: skip
+        if self.cluster is not None:
+            print(f"Slurm partition {self.cluster['partition']}: " + (self.cluster["error"] or ", ".join(
+                f"{n['name']} ({n['cpus']} CPUs, {n['gpus']} GPUs, {n['state']})" for n in self.cluster["nodes"])),
+                flush=True)  # fmt: skip
         last_beat = time.monotonic()
         last_scan: float | None = None
         try:
@@ -111,6 +141,11 @@ class Runner:
                             print("lost the runner lease to another runner; exiting", flush=True)
                             return 4
                         last_beat = now
+                        # Right after a heartbeat: a slow sinfo (bounded by SINFO_TIMEOUT_S) delays the next one,
+                        # never this one.
+                        cluster = self.cluster_due()
+                        if cluster is not None:
+                            hosts_db.heartbeat(self.engine, self.runner_id, cluster=cluster)
                     if last_scan is None or now - last_scan >= RESCAN_EVERY_S:
                         last_scan = now
                         self.recover()
@@ -329,6 +364,7 @@ class Runner:
     def finalize(self, run_id: int, w: Watched, launcher: Launcher) -> None:
         """Store the final status, then forget the run (a failure to store keeps it watched for a retry)."""
         w.ingest_events(self.engine, run_id)
+        rows.add_telemetry(self.engine, run_id, w.sampler.sample())  # the nodes' last samples (Slurm runs)
         w.store_log_tails(self.engine, run_id)
         collected = launcher.collect(w.job)
         code = collected.exit_code

@@ -38,6 +38,9 @@ def _lease_dict(lease: RunnerLease) -> dict[str, Any]:
         "alive": age < runner_stale_s(),
         "gpus": list(lease.gpus or []),
         "gpu_note": lease.gpu_note,
+        # A Slurm runner's partition (runner.cluster.Partition.to_dict: name, account, nodes with cpus, gpus
+        # and state, or the error sinfo gave); None for a machine's own runner.
+        "cluster": lease.cluster or None,
     }
 
 
@@ -57,17 +60,19 @@ def hosts(engine: Engine) -> list[dict[str, Any]]:
 
 
 def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gpu_note: str,
-                  takeover_from: str | None = None, host: str | None = None) -> bool:  # fmt: skip
+                  takeover_from: str | None = None, host: str | None = None,
+                  cluster: dict[str, Any] | None = None) -> bool:  # fmt: skip
     """Take this host's runner lease if it is free, stale or already ours; True when we hold it.
 
     takeover_from: the id of a holder known to be dead (its process on this host is gone), taken over
-    without waiting for its heartbeat to go stale.
+    without waiting for its heartbeat to go stale. cluster: a Slurm runner's partition (None for a machine's
+    runner), published for the Launch page and submit to validate against.
     """
     host = host or this_host()
     now = utcnow()
     stale = now - timedelta(seconds=runner_stale_s())
     values = dict(runner_id=runner_id, host=host, pid=pid, started_at=now, heartbeat_at=now, gpus=gpus,
-                  gpu_note=gpu_note[:300])  # fmt: skip
+                  gpu_note=gpu_note[:300], cluster=cluster)  # fmt: skip
     takeable = [RunnerLease.heartbeat_at < stale, RunnerLease.runner_id == runner_id]
     if takeover_from:
         takeable.append(RunnerLease.runner_id == takeover_from)
@@ -86,11 +91,15 @@ def acquire_lease(engine: Engine, runner_id: str, pid: int, gpus: list[dict], gp
         return False
 
 
-def heartbeat(engine: Engine, runner_id: str, gpus: list[dict] | None = None) -> bool:
-    """Refresh our lease; False means another runner took it (we must stop serving)."""
+def heartbeat(engine: Engine, runner_id: str, gpus: list[dict] | None = None,
+              cluster: dict[str, Any] | None = None) -> bool:  # fmt: skip
+    """Refresh our lease (and, when given, the devices or the partition it publishes); False means another
+    runner took it (we must stop serving)."""
     values: dict[str, Any] = {"heartbeat_at": utcnow()}
     if gpus is not None:
         values["gpus"] = gpus
+    if cluster is not None:
+        values["cluster"] = cluster
     with engine.begin() as conn:
         return bool(
             conn.execute(update(RunnerLease).where(RunnerLease.runner_id == runner_id).values(**values)).rowcount

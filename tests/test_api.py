@@ -80,6 +80,58 @@ def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
         leases.release_lease(engine, "runner-beta")
 
 
+A100 = {  # what a Slurm runner publishes (runner.cluster.Partition.to_dict): 2 nodes x 4 GPUs
+    "partition": "a100", "account": "ml", "default_nodes": None, "error": None,
+    "nodes": [{"name": f"g{i}", "cpus": 64, "gpus": 4, "state": "idle"} for i in (1, 2)],
+}  # fmt: skip
+
+
+@pytest.fixture
+def slurm_lab(engine, monkeypatch):
+    """alpha (this machine, no GPU) and a Slurm runner for partition a100 serving host slurm-lab."""
+    monkeypatch.setenv("LAB_HOST", "alpha")
+    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    assert leases.acquire_lease(engine, "runner-slurm", os.getpid(), [], "no GPU", host="slurm-lab", cluster=A100)
+    yield engine
+    leases.release_lease(engine, "runner-alpha")
+    leases.release_lease(engine, "runner-slurm")
+
+
+def test_a_slurm_target_is_judged_by_its_partition_before_anything_is_stored(slurm_lab):
+    engine = slurm_lab
+    # 8 ranks = 2 nodes x 4 GPUs, tp=4 inside each node: accepted (alpha itself has no GPU at all)
+    good = {"strategy": "3d", "tp": 4, "pp": 2, "microbatches": 2, "model": "small", "device": "cuda", "nodes": 2}
+    run_id = api.submit(engine, good, run_on="slurm-lab")
+    assert api.get_run(engine, run_id)["spec"]["nodes"] == 2
+    assert api.submit(engine, {**good, "nodes": None}, run_on="slurm-lab")  # the runner decides: 8 / 4 = 2 nodes
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {**good, "nodes": 4}, run_on="slurm-lab")
+    got = {f: " | ".join(p.message for p in exc.value.problems if p.field == f) for f in fields(exc)}
+    assert "must be <= the partition's nodes: a100 has 2, the run asks for 4; choose 2 or fewer" in got["nodes"]
+    assert "tensor parallelism must stay within a node: tp=4 does not divide the 2 ranks per node" in got["tp"]
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {**good, "nodes": 1}, run_on="slurm-lab")
+    assert "nodes x GPUs per node must equal the world size: 1 x 4 = 4, the spec has 8 ranks" in fields(exc)["nodes"]
+    with pytest.raises(SpecError) as exc:  # nodes where there is no partition
+        api.submit(engine, {"strategy": "pipeline", "pp": 2, "microbatches": 2, "nodes": 2})
+    assert fields(exc) == {"nodes": "nodes only apply to a Slurm partition: leave it empty for this machine"}
+    assert api.count_runs(engine) == 2
+
+
+def test_the_cli_submit_to_a_slurm_host_gets_the_same_messages(slurm_lab, lab_home):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LAB_HOME": str(lab_home), "LAB_HOST": "alpha"}
+    argv = [sys.executable, "-m", "runner", "submit", "--strategy", "tensor", "--tp", "2", "--nodes", "2",
+            "--host", "slurm-lab", "--json"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    problems = {p["field"]: p["message"] for p in __import__("json").loads(proc.stdout)["problems"]}
+    assert "nodes x GPUs per node must equal the world size: 2 x 4 = 8, the spec has 2 ranks" in problems["nodes"]
+    assert api.count_runs(slurm_lab) == 0
+
+
 def test_filters_cancel_notes_and_delete_go_through_the_api(engine):
     layer = api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
     single = api.submit(engine, RunSpec(strategy="single"), user="bob")

@@ -174,3 +174,25 @@ def test_runner_default_nodes_apply_when_the_spec_says_none() -> None:
     assert placement_problems(RunSpec(strategy="pipeline", pp=2, microbatches=2), lab) == []
     (p,) = placement_problems(RunSpec(strategy="pipeline", pp=3, microbatches=3), lab)
     assert p.field == "nodes" and "3 ranks cannot be spread evenly over 2 nodes" in p.message
+
+
+def test_a_slurm_runner_publishes_its_partition_in_its_lease(slurm_cluster, engine, monkeypatch):
+    from runner import service
+    from runner.launchers.slurm import SlurmLauncher
+    from storage import hosts as leases
+
+    monkeypatch.setenv("LAB_HOST", "slurm-lab")
+    runner = service.Runner(engine, launcher=SlurmLauncher("lab", nodes=2, env=slurm_cluster.env()))
+    assert runner.acquire()
+    try:
+        cluster = leases.runner_status(engine, "slurm-lab")["cluster"]
+        assert [n["name"] for n in cluster["nodes"]] == ["n1", "n2"]
+        assert (cluster["partition"], cluster["default_nodes"], cluster["error"]) == ("lab", 2, None)
+        assert runner.cluster_due() is None  # read a moment ago: not again before CLUSTER_EVERY_S
+        monkeypatch.setattr(service, "CLUSTER_EVERY_S", 0.0)
+        runner.launcher.partition = "nope"  # what a later sinfo would say about a partition that went away
+        assert "no node in partition 'nope'" in runner.cluster_due()["error"]
+    finally:
+        leases.release_lease(engine, runner.runner_id)
+    local = service.Runner(engine)
+    assert local.read_cluster() is None  # a machine's runner publishes no partition

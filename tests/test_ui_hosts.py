@@ -204,3 +204,104 @@ def test_the_run_page_says_who_launched_it_where_and_which_host_runs_it(two_host
     assert "launched by ada on alpha · aimed at beta" in captions[queued]
     assert "launched by ada on alpha · for any host with the devices" in captions[anywhere]
     assert any(c.endswith("on alpha · runs on beta") for c in captions[running]), captions[running]
+
+
+# ---- a Slurm partition as a target -------------------------------------------------------------
+# What a Slurm runner publishes in its lease (runner.cluster.Partition.to_dict, from sinfo): the local
+# two-node cluster's partition with 4 CPUs a node.
+LAB = {
+    "partition": "lab", "account": None, "default_nodes": None, "error": None,
+    "nodes": [{"name": "n1", "cpus": 4, "gpus": 0, "state": "idle"},
+              {"name": "n2", "cpus": 4, "gpus": 0, "state": "idle"}],
+}  # fmt: skip
+
+
+@pytest.fixture
+def with_slurm(two_hosts):
+    """alpha, beta and a live Slurm runner for partition `lab` holding the lease of host slurm-lab."""
+    assert leases.acquire_lease(two_hosts, "runner-slurm", os.getpid(), [], "no NVIDIA GPU", host="slurm-lab",
+                                cluster=LAB)  # fmt: skip
+    yield two_hosts
+    leases.release_lease(two_hosts, "runner-slurm")
+
+
+def test_a_slurm_runner_is_a_partition_target_with_its_nodes(with_slurm):
+    options = targets(api.hosts(with_slurm), "alpha")
+    assert [t.key for t in options] == [HERE, "beta", "slurm-lab", api.ANY_HOST]
+    slurm = options[2]
+    assert slurm.label == "Slurm partition lab (slurm-lab): 2 nodes x 4 CPUs, no GPUs, 2 idle"
+    assert (slurm.is_slurm, slurm.run_on, slurm.node_count, slurm.gpus_per_node, slurm.cpus_per_node) == (
+        True, "slurm-lab", 2, 0, 4)  # fmt: skip
+    assert options[-1].gpu_count == 2  # "any host" is judged by the machines' runners, beta's 2 GPUs
+    assert not options[0].is_slurm and options[0].node_count is None
+
+
+def test_a_gpu_partition_and_one_sinfo_could_not_read_are_labelled(with_slurm):
+    gpu = {
+        **LAB,
+        "partition": "a100",
+        "nodes": [
+            {"name": f"g{i}", "cpus": 64, "gpus": 4, "state": s} for i, s in enumerate(["mixed", "idle", "down*"])
+        ],
+    }
+    hosts = [{**h, "cluster": gpu} if h["host"] == "slurm-lab" else h for h in api.hosts(with_slurm)]
+    (slurm,) = [t for t in targets(hosts, "alpha") if t.is_slurm]
+    assert slurm.label == "Slurm partition a100 (slurm-lab): 3 nodes x 64 CPUs, 4 GPUs each, 1 idle, 1 down or drained"
+    assert slurm.gpus_for(RunSpec(strategy="data", dp=8, device="cuda", nodes=2)) == 8  # 2 nodes x 4 GPUs
+    broken = {**LAB, "nodes": [], "error": "sinfo could not read partition 'lab': connect failure"}
+    hosts = [{**h, "cluster": broken} if h["host"] == "slurm-lab" else h for h in api.hosts(with_slurm)]
+    (slurm,) = [t for t in targets(hosts, "alpha") if t.is_slurm]
+    assert slurm.label == (
+        "Slurm partition lab (slurm-lab): nodes unknown (sinfo could not read partition 'lab': connect failure)"
+    )
+
+
+def test_the_lease_carries_the_partition_and_a_heartbeat_refreshes_it(with_slurm):
+    assert api.runner_status(with_slurm, "slurm-lab")["cluster"] == LAB
+    assert api.runner_status(with_slurm, "beta")["cluster"] is None  # a machine's runner publishes none
+    drained = {**LAB, "nodes": [LAB["nodes"][0], {**LAB["nodes"][1], "state": "drained"}]}
+    assert leases.heartbeat(with_slurm, "runner-slurm", cluster=drained)
+    assert api.runner_status(with_slurm, "slurm-lab")["cluster"]["nodes"][1]["state"] == "drained"
+    assert leases.heartbeat(with_slurm, "runner-slurm")  # a plain heartbeat keeps what was published
+    assert api.runner_status(with_slurm, "slurm-lab")["cluster"] == drained
+
+
+def test_launch_on_a_slurm_partition_takes_nodes_and_checks_the_layout_before_launch(with_slurm):
+    engine = with_slurm
+    at = page("pages/launch.py")
+    assert not at.exception
+    assert "Slurm partition lab (slurm-lab): 2 nodes x 4 CPUs, no GPUs, 2 idle" in at.selectbox(
+        key="launch_run_on").options  # fmt: skip
+    assert at.number_input(key="launch_nodes").disabled  # this machine: no nodes to choose
+    at.selectbox(key="launch_run_on").select("slurm-lab").run()
+    assert not at.number_input(key="launch_nodes").disabled
+    at.selectbox(key="launch_strategy").select("pipeline").run()
+    at.number_input(key="launch_nodes").set_value(2).run()
+    assert not at.error and not at.button(key="launch_submit").disabled, texts(at.error)
+    assert any("#SBATCH --nodes=2" in c for c in texts(at.code)), texts(at.code)  # the job its runner submits
+    # three nodes on a two-node partition: named at the field, nothing can be launched
+    at.number_input(key="launch_pp").set_value(3).run()
+    at.number_input(key="launch_nodes").set_value(3).run()
+    assert any("must be <= the partition's nodes: lab has 2, the run asks for 3; choose 2 or fewer" in e
+               for e in texts(at.error)), texts(at.error)  # fmt: skip
+    assert at.button(key="launch_submit").disabled
+    # tensor parallelism split over nodes
+    at.number_input(key="launch_pp").set_value(2).run()
+    at.selectbox(key="launch_strategy").select("tensor").run()
+    at.number_input(key="launch_nodes").set_value(2).run()
+    assert any("tensor parallelism must stay within a node: tp=2" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="launch_submit").disabled
+    at.selectbox(key="launch_strategy").select("pipeline").run()
+    at.button(key="launch_submit").click().run()
+    (run,) = api.list_runs(engine).to_dict("records")
+    stored = api.get_run(engine, int(run["id"]))
+    assert stored["target_host"] == "slurm-lab" and stored["spec"]["nodes"] == 2 and stored["spec"]["pp"] == 2
+
+
+def test_leaving_the_partition_clears_nodes(with_slurm):
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_run_on").select("slurm-lab").run()
+    at.number_input(key="launch_nodes").set_value(2).run()
+    at.selectbox(key="launch_run_on").select(HERE).run()
+    assert at.number_input(key="launch_nodes").disabled and at.number_input(key="launch_nodes").value is None
+    assert not at.error

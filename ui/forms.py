@@ -1,7 +1,9 @@
 """The launch form as data: which fields a strategy uses, and form values -> RunSpec + per-field problems.
 
 What a strategy uses, its help and the neutral value of the fields it does not use all come from the
-strategy registry (runner/strategies), the same facts the spec validates against.
+strategy registry (runner/strategies), the same facts the spec validates against. The problems include
+the target's (`_target`, a ui.hosts.Target): on a Slurm partition its nodes and the layout rules, elsewhere
+that `nodes` stays empty, the same checks api.submit makes.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ def uses(strategy: str, field: str) -> bool:
 def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecProblem]]:
     """Form values -> (spec, problems). Fields the strategy does not use are set neutral, so they never nag.
 
-    Tags as "a, b" and an empty weights path are read by RunSpec.from_dict itself."""
+    `_target` (a ui.hosts.Target) judges the spec against where it runs: a Slurm partition's GPUs are nodes x
+    GPUs per node, and its placement problems (runner.cluster) are added. Without a target `_gpu_count` is the
+    GPU count the device checks assume. Tags as "a, b" and an empty weights path are read by
+    RunSpec.from_dict itself."""
     strategy = values.get("strategy", "single")
     gpu_count = values.get("_gpu_count")
+    target = values.get("_target")
     data = {k: v for k, v in values.items() if v is not None and not k.startswith("_")}
     for name, neutral in NEUTRAL.items():
         if not uses(strategy, name):
@@ -44,7 +50,10 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         spec = RunSpec.from_dict(data)
     except SpecError as exc:
         return None, exc.problems
-    return spec, spec.validate(gpu_count=gpu_count)
+    if target is None:
+        return spec, spec.validate(gpu_count=gpu_count)
+    problems = spec.validate(gpu_count=target.gpus_for(spec))
+    return spec, problems + [p for p in target.problems(spec) if p not in problems]
 
 
 def problems_by_field(problems: list[SpecProblem]) -> dict[str, list[str]]:

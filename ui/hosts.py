@@ -2,8 +2,10 @@
 
 Every machine serving the database runs its own runner (one lease per host, see runner.api.hosts).
 A run targets this machine (the default: jobs run where they were launched), another host whose runner
-is alive, or any host with the devices it needs. The form is validated against the target's devices,
-not against the machine serving the page.
+is alive, a Slurm partition (a runner started with `serve --backend slurm` publishes its partition's
+nodes, CPUs and GPUs, read with sinfo, in its lease), or any host with the devices it needs. The form is
+validated against the target's devices, not against the machine serving the page: on a partition, its
+nodes x GPUs per node and the rule that tensor parallelism stays inside a node (runner.cluster).
 
 Logs live in two places: the run folder on the host that ran it, and bounded tails in the database;
 runner.logs reads them (`log_source` decides which one) and `where_text` says which one a page shows.
@@ -15,7 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.api import ANY_HOST
+from runner.cluster import Partition, gpu_count_on, placement_problems
 from runner.logs import LogText, log_source
+from runner.spec import RunSpec, SpecProblem
 from ui.format import human_age, human_bytes
 
 HERE = ""  # the choice "this machine": api.submit's default, LAB_HOST or the host name
@@ -29,6 +33,61 @@ class Target:
     label: str
     run_on: str | None  # api.submit(run_on=...): None for this machine
     gpu_count: int | None  # None: not known (no live runner reports it), device checks are skipped
+    partition: Partition | None = None  # a Slurm runner's partition (its nodes as sinfo saw them)
+
+    @property
+    def is_slurm(self) -> bool:
+        return self.partition is not None
+
+    @property
+    def node_count(self) -> int | None:
+        return self.partition.node_count if self.partition else None
+
+    @property
+    def gpus_per_node(self) -> int | None:
+        return self.partition.gpus_per_node if self.partition else None
+
+    @property
+    def cpus_per_node(self) -> int | None:
+        return self.partition.cpus_per_node if self.partition else None
+
+    @property
+    def where(self) -> str:
+        """How the "nodes only apply to a Slurm partition" message names this target."""
+        return "this machine" if self.key == HERE else "any host" if self.key == ANY_HOST else f"host {self.key}"
+
+    def gpus_for(self, spec: RunSpec | None) -> int | None:
+        """The GPUs a run of `spec` gets here: on a partition its nodes x GPUs per node, else the host's."""
+        if self.partition is not None and spec is not None:
+            return gpu_count_on(spec, self.partition)
+        return self.gpu_count
+
+    def problems(self, spec: RunSpec) -> list[SpecProblem]:
+        """What keeps `spec` from running on this target beyond the spec's own rules (runner.cluster)."""
+        return placement_problems(spec, self.partition, self.where)
+
+
+def partition_of(host: dict[str, Any]) -> Partition | None:
+    """A host's published Slurm partition (its lease's `cluster`), None for a machine's runner."""
+    cluster = host.get("cluster")
+    return Partition.from_dict(cluster) if cluster else None
+
+
+def partition_text(p: Partition) -> str:
+    """'2 nodes x 4 CPUs, no GPUs, 2 idle' or '3 nodes x 64 CPUs, 4 GPUs each, 1 idle' (or why nodes are unknown)."""
+    if p.error:
+        return f"nodes unknown ({p.error})"
+    n = p.node_count
+    gpus = f"{p.gpus_per_node} GPU{'s' if p.gpus_per_node != 1 else ''} each" if p.gpus_per_node else "no GPUs"
+    down = n - p.usable_count
+    return f"{n} node{'s' if n != 1 else ''} x {p.cpus_per_node} CPUs, {gpus}, {p.idle_count} idle" + (
+        f", {down} down or drained" if down else ""
+    )
+
+
+def slurm_label(host: dict[str, Any], p: Partition) -> str:
+    """'Slurm partition lab (slurm-lab): 2 nodes x 4 CPUs, no GPUs, 2 idle'."""
+    return f"Slurm partition {p.name} ({host['host']}): {partition_text(p)}"
 
 
 def devices_text(host: dict[str, Any]) -> str:
@@ -63,12 +122,16 @@ def targets(hosts: list[dict[str, Any]], here: str) -> list[Target]:
             len(mine["gpus"]) if mine else None,
         )
     ]
-    out += [
-        Target(h["host"], f"{h['host']}: {devices_text(h)}", h["host"], len(h["gpus"]))
-        for h in live
-        if h["host"] != here
-    ]
-    most = max((len(h["gpus"]) for h in live), default=None)
+    for h in live:
+        if h["host"] == here and not partition_of(h):
+            continue
+        p = partition_of(h)
+        if p is not None:  # a Slurm runner: its GPUs are the partition's, per run (nodes x GPUs per node)
+            out.append(Target(h["host"], slurm_label(h, p), h["host"], p.node_count * p.gpus_per_node, p))
+        else:
+            out.append(Target(h["host"], f"{h['host']}: {devices_text(h)}", h["host"], len(h["gpus"])))
+    # "Any host" means a machine's runner: a partition's GPUs are spread over nodes (validated per partition).
+    most = max((len(h["gpus"]) for h in live if not partition_of(h)), default=None)
     out.append(
         Target(
             ANY_HOST,
@@ -90,8 +153,10 @@ def host_lines(hosts: list[dict[str, Any]], here: str) -> tuple[list[str], list[
     live, silent = [], []
     for h in hosts:
         name = f"**{h['host']}**" + (" (this machine)" if h["host"] == here else "")
+        p = partition_of(h)
+        what = f"Slurm partition {p.name}, {partition_text(p)}" if p else devices_text(h)
         if h["alive"]:
-            live.append(f"{name}: {devices_text(h)}, last seen {human_age(h['age_s'])} ago")
+            live.append(f"{name}: {what}, last seen {human_age(h['age_s'])} ago")
         else:
             silent.append(f"{h['host']}: not reporting, last seen {human_age(h['age_s'])} ago")
     return live, silent
