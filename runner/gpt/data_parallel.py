@@ -16,11 +16,17 @@ blocked on this communication (CPU: its main thread in work.wait(); CUDA: its co
 for the NCCL stream, timed by events, runner/gpt/timing.py), so the figure shows how much of it stayed
 exposed. The overlap is observed, not assumed: tests/test_data_parallel.py records when each bucket's
 all-reduce completes on gloo and finds buckets done before backward has ended.
+
+With `zero_stage` 1-3 the buckets give way to ZeRO (runner/gpt/zero.py ZeroShards): the same rows, loss and
+overlap rule, but gradients, optimizer state and (stage 3) parameters sharded over the replicas; what the
+rank holds (named_shards, parameters), its optimizer and its step come from there. Every stage reports
+`zero_stage` and `grad_bytes` (the gradients held after the step's reduction) among its figures.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -28,6 +34,7 @@ import torch.nn as nn
 from runner.gpt.comm import PendingCollective
 from runner.gpt.mesh import Mesh
 from runner.gpt.strategy import ParallelGPT
+from runner.gpt.zero import ZeroShards
 
 # DDP's default bucket size; the variable lets tests drive many buckets through a tiny model.
 BUCKET_BYTES = int(os.environ.get("LAB_DP_BUCKET_BYTES", 25 * 1024 * 1024))
@@ -48,26 +55,47 @@ def grad_buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -
 
 
 class DataParallelGPT(ParallelGPT):
-    def __init__(self, inner: ParallelGPT, mesh: Mesh):
+    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0):
         super().__init__(inner.config, mesh, inner.device, inner.dtype)
         self.inner = inner
         self.dp = mesh.dp
+        self.zero_stage = zero_stage
+        self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
+        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap) if zero_stage else None
+        self.grad_bytes = 0
         # Every replica holds the same shapes in the same order, so buckets line up across ranks;
         # reversed because backward produces the last layers' gradients first.
-        self.buckets = grad_buckets(list(reversed(inner.parameters())))
-        self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
+        self.buckets = [] if self.zero else grad_buckets(list(reversed(inner.parameters())))
         self._pending: list[PendingCollective | None] = [None] * len(self.buckets)
         self._missing: list[int] = []
-        if self.overlap:
+        if self.overlap and not self.zero:
             for i, bucket in enumerate(self.buckets):
                 for p in bucket:
                     p.register_post_accumulate_grad_hook(lambda _p, i=i: self._grad_ready(i))
 
     def named_shards(self) -> dict[str, nn.Parameter]:
-        return self.inner.named_shards()
+        return self.zero.named_shards() if self.zero else self.inner.named_shards()
 
     def shard_index(self, name: str):
-        return self.inner.shard_index(name)
+        return self.zero.shard_index(name) if self.zero else self.inner.shard_index(name)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self.zero.parameters() if self.zero else super().parameters()
+
+    def zero_grad(self) -> None:
+        if self.zero:
+            self.zero.zero_grad()
+        else:
+            super().zero_grad()
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        return self.zero.make_optimizer(lr) if self.zero else super().make_optimizer(lr)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.zero:
+            self.zero.optimizer_step(optimizer)
+        else:
+            optimizer.step()
 
     @property
     def is_output_rank(self) -> bool:
@@ -86,19 +114,30 @@ class DataParallelGPT(ParallelGPT):
         return self.inner.take_spans()
 
     def figures(self) -> dict:
-        return self.inner.figures()
+        if self.zero:
+            return {**self.inner.figures(), **self.zero.figures()}
+        return {**self.inner.figures(), "zero_stage": 0, "grad_bytes": self.grad_bytes}
+
+    def _workload(self, train: bool):
+        return self.zero.workload(train) if self.zero else nullcontext()
 
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor | None:
-        return self.inner.forward_logits(idx[self.batch_rows(idx.shape[0])])
+        with self._workload(train=False):
+            return self.inner.forward_logits(idx[self.batch_rows(idx.shape[0])])
 
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
-        return self.inner.generate(idx[self.batch_rows(idx.shape[0])], new_tokens)
+        with self._workload(train=False):
+            return self.inner.generate(idx[self.batch_rows(idx.shape[0])], new_tokens)
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
         rows = self.batch_rows(idx.shape[0])
-        self._missing = [len(b) for b in self.buckets]
-        loss = self.inner.forward_backward(idx[rows], targets[rows])
-        self.average_gradients()
+        if self.zero:
+            with self.zero.workload(train=True):  # reduces (ZeRO's way) when the inner backward is done
+                loss = self.inner.forward_backward(idx[rows], targets[rows])
+        else:
+            self._missing = [len(b) for b in self.buckets]
+            loss = self.inner.forward_backward(idx[rows], targets[rows])
+            self.average_gradients()
         if loss is None:
             return None
         # The global loss is the mean of the replicas' means (equal rows each); only output ranks
@@ -126,9 +165,11 @@ class DataParallelGPT(ParallelGPT):
         for i in range(len(self.buckets)):
             if self._pending[i] is None:
                 self._start_bucket(i)
+        self.grad_bytes = 0
         for i, bucket in enumerate(self.buckets):
             flat = self._pending[i].wait()
             flat /= self.mesh.dp_size
+            self.grad_bytes += flat.numel() * flat.element_size()
             offset = 0
             for p in bucket:
                 n = p.numel()

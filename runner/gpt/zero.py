@@ -1,0 +1,451 @@
+"""ZeRO (Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion Parameter Models", SC 2020)
+over the data-parallel group: stage 1 shards the optimizer state, 2 also the gradients, 3 also the parameters.
+
+Owns `ZeroShards`, which `DataParallelGPT(inner, mesh, zero_stage=k)` (runner/gpt/data_parallel.py) uses in
+place of its all-reduce buckets for k > 0, and the two asynchronous counted collectives it needs.
+
+Layout. A rank's parameters are grouped into units, FSDP's granularity: one per transformer block this rank
+holds, and one "outer" unit for the rest (embeddings, final LayerNorm, head; the tied weight once). Each unit
+is a flat buffer of its parameters in a fixed order, zero-padded to dp * S elements with S = ceil(Psi_u/dp);
+data-parallel rank r owns elements [r*S, (r+1)*S). So a rank holds S_u = ceil(Psi_u/dp) elements of each
+unit, and its share exceeds Psi/dp by less than one element per unit (the padding, reported as
+`zero_flat_padding_elements`). What each stage keeps between steps (float32 AdamW: 4 bytes a parameter,
+4 a gradient, 8 of state -- the paper's mixed-precision 2 + 2 + K=12 with K's master copy folded in):
+
+    stage  parameters      gradients       optimizer state     per step, per unit
+    1      4 Psi           4 Psi           8 sum S_u           all-reduce of gradients, all-gather after the step
+    2      4 Psi           4 sum S_u       8 sum S_u           reduce-scatter of gradients, all-gather after the step
+    3      4 sum S_u       4 sum S_u       8 sum S_u           all-gather before each use (forward, again for
+                                                               backward), reduce-scatter of gradients
+
+(plus AdamW's 4-byte step counter per optimized tensor, one per unit). Parameters of stages 1 and 2 are
+views into their unit's flat buffer, and the rank's shard is a view of its own slice, so AdamW updates
+the shard in place and one all-gather per unit refreshes everyone's copy; no master copy is kept twice.
+Stage 3 keeps only the shard; a unit's flat buffer exists while it is in use: its storage is allocated
+and all-gathered before the block runs (forward pre-hook; the next block's all-gather is started at the
+same time: prefetch), released after it (forward hook), gathered again when its output's gradient
+arrives (a tensor hook: just before the block's backward; the block before it prefetched), and
+released once every parameter of the unit has its gradient (post-accumulate-grad hooks), which is when
+its gradients are flattened, reduce-scattered, and the full gradients dropped. The outer unit stays
+gathered from the start to the end of a workload (FSDP's root unit does the same): the tied weight is
+used at both ends. Releasing is `untyped_storage().resize_(0)` on the flat buffer, as FSDP1 does: the
+parameters stay the same objects (their Shard records, hooks and the tensors autograd saved keep
+pointing at the same storage), and a later all-gather into the re-grown storage gives them back the same
+values. A block run again during backward (activation checkpointing) is gathered but not released there.
+
+Overlap. When the inner strategy runs one backward pass that accumulates each gradient once (the whole
+model, 'data'), a unit's reduction starts from its last post-accumulate-grad hook and runs while backward
+continues, as the plain data-parallel buckets do. Inside a pipeline ('3d' with microbatches) a gradient
+is accumulated once per microbatch, so the reductions start after the inner backward (all of a stage's
+gradients then exist at once, in stage 2 and 3 too: the at-rest figures are sharded, the peak of the step
+is not). Stage 3 in a pipeline gathers each block for each microbatch's forward and backward: 2m
+all-gathers a block a step, which is why DeepSpeed refuses ZeRO-2/3 with pipeline parallelism; here it
+works and its communication shows in the counters.
+
+Why our own implementation rather than PyTorch's FSDP2 `fully_shard` with counting around it:
+- every byte goes through our counted GroupComm bookkeeping (runner/gpt/comm.py conventions: all_gather
+  payload = the gathered buffer, reduce_scatter payload = the full input), so a ZeRO run's per-rank
+  communication sits beside every other strategy's in the same figures; FSDP2 issues its collectives
+  inside DTensor and its own streams, where only a debug mode (CommDebugMode) could count them;
+- the data-parallel dimension composes with our tensor-parallel layers (plain Parameters carrying Shard
+  records) and our pipeline engine; FSDP2 wants DTensor parameters on a DeviceMesh, which our
+  tensor parallelism does not produce;
+- it runs on gloo with CPU ranks as on NCCL: gloo in the installed torch has reduce_scatter_tensor and
+  all_gather_into_tensor (checked: both, asynchronous too, and the in-place all-gather whose input is the
+  output's own slice), so no emulation is needed;
+- per-rank bytes are ours to state exactly (the table above), which the tests check against the paper.
+bench/bench_zero.py measures what this costs against FSDP2 on the same model.
+
+Verification sees the truth: with stage 1 a rank holds whole parameters and gradients (the inner
+strategy's named_shards); with stages 2 and 3 it holds slices, so named_shards() maps each reference name
+to a 1-D view of the part of this rank's shard that falls in that parameter, and shard_index() to the
+reference elements it holds (a tuple of index tensors, so `ref[index]` is that 1-D slice, vocabulary
+padding excluded: it sits at the end of a parameter's flat range, where trim_padding cuts it).
+
+CUDA: collectives run on NCCL's stream; `work.wait()` makes the compute stream wait for them, never the
+host. Buffers are allocated (storage re-grown) on the compute stream before the collective is issued and
+NCCL's stream waits for the compute stream at issue, so a block freed earlier on the compute stream is not
+written early. A reduce-scatter's input and an all-gather's output stay referenced until waited for, so
+the caching allocator cannot hand their memory to another kernel while NCCL still uses it; a unit is
+released only after its pending all-gather was waited for.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from runner.gpt.comm import GroupComm, PendingCollective, nbytes
+from runner.gpt.model import Shard, shard_of
+
+BLOCK_NAME = re.compile(r"^(transformer\.h\.\d+)\.")
+
+# The current names, with a fallback for releases that only have the older ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _counted_async(comm: GroupComm, kind: str, payload: int, start_fn, keep: torch.Tensor) -> PendingCollective:
+    """Start an asynchronous collective, counted like GroupComm.all_reduce_async: bytes now, time when waited."""
+    stats = comm.stats
+    start = stats.clock.mark() if stats.counting else None
+    work = start_fn()
+    if stats.counting:
+        stats.time(start, stats.clock.mark())
+        stats.record(kind, payload, comm.size)
+    return PendingCollective(work, keep, stats)
+
+
+def all_gather_async(comm: GroupComm, out: torch.Tensor, shard: torch.Tensor) -> PendingCollective:
+    """out (group size x shard.numel(), flat) = every rank's shard in group order; payload = out's bytes."""
+    fn = lambda: _all_gather_single(out, shard, group=comm.group, async_op=True)  # noqa: E731
+    return _counted_async(comm, "all_gather", nbytes(out), fn, out)
+
+
+def reduce_scatter_async(
+    comm: GroupComm, out: torch.Tensor, flat: torch.Tensor
+) -> tuple[PendingCollective, torch.Tensor]:
+    """out = this rank's chunk of the sum of every rank's flat; payload = flat's bytes. Returns the pending
+    collective and flat, which the caller keeps until waiting (NCCL still reads it)."""
+    fn = lambda: _reduce_scatter_single(out, flat, group=comm.group, async_op=True)  # noqa: E731
+    return _counted_async(comm, "reduce_scatter", nbytes(flat), fn, out), flat
+
+
+@dataclass
+class Unit:
+    """One flat buffer of parameters (a block, or the outer rest) and this rank's slice of it."""
+
+    name: str
+    params: list[nn.Parameter]
+    offsets: list[int]
+    numel: int  # Psi_u, without padding
+    shard_numel: int  # S_u = ceil(Psi_u / dp)
+    full: torch.Tensor  # dp * S_u elements; under stage 3 its storage exists only while gathered
+    shard: nn.Parameter  # S_u elements: what AdamW updates
+    module: nn.Module | None = None
+    gathered: bool = True
+    pending_gather: PendingCollective | None = None
+    pending_reduce: PendingCollective | None = None
+    reduce_input: torch.Tensor | None = None
+    grads_missing: int = 0
+
+    @property
+    def padded(self) -> int:
+        return self.full.numel()
+
+
+@dataclass
+class Piece:
+    """The part of reference parameter `name` in this rank's shard: elements [lo, hi) of the parameter's
+    flat order, at [lo + offset - r*S, ...) of its unit's shard."""
+
+    unit: Unit
+    param: nn.Parameter
+    lo: int
+    hi: int
+    at: int  # where lo sits in unit.shard
+
+
+@dataclass
+class _Flags:
+    in_workload: bool = False
+    train: bool = False
+
+
+class ZeroShards:
+    """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
+    (a ParallelGPT whose named_shards() are its parameters under reference names)."""
+
+    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+        self.inner, self.comm, self.stage, self.overlap = inner, comm, stage, overlap
+        self.n, self.r = comm.size, comm.index
+        named = inner.named_shards()
+        self.names = dict(named)
+        groups: dict[str, list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for name, p in named.items():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            m = BLOCK_NAME.match(name)
+            groups.setdefault(m.group(1) if m else "outer", []).append(p)
+        blocks = sorted((k for k in groups if k != "outer"), key=lambda k: int(k.rsplit(".", 1)[1]))
+        modules = _block_modules(inner)
+        self.blocks = [self._make_unit(k, groups[k], modules.get(k)) for k in blocks]
+        self.outer = self._make_unit("outer", groups["outer"], None) if "outer" in groups else None
+        self.units = ([self.outer] if self.outer else []) + self.blocks
+        self._unit_of = {id(p): u for u in self.units for p in u.params}
+        self.pieces = self._pieces(named)
+        # Stages 1, 2: gather from the shards before the first use, so whatever was written into them after
+        # building (a checkpoint's slices, a test's fault) reaches every rank's whole parameters.
+        self._fresh = False
+        self._flags = _Flags()
+        self.grad_bytes = 0
+        for u in self.units:
+            for p in u.params:
+                p.register_post_accumulate_grad_hook(lambda p: self._grad_ready(p))
+        if stage == 3:
+            for i, u in enumerate(self.blocks):
+                if u.module is None:
+                    raise ValueError(f"ZeRO-3: no module found for {u.name}")
+                u.module.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i))
+                u.module.register_forward_hook(lambda _m, _a, out, i=i: self._after_block(i, out))
+            for u in self.units:
+                self._release(u)
+
+    # ---- layout ----------------------------------------------------------------------------------
+    def _make_unit(self, name: str, params: list[nn.Parameter], module: nn.Module | None) -> Unit:
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += p.numel()
+        per = math.ceil(total / self.n)
+        first = params[0]
+        full = torch.zeros(per * self.n, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for p, off in zip(params, offsets, strict=True):
+                full[off : off + p.numel()].copy_(p.detach().reshape(-1))
+                # set_data, not a view: the parameter keeps its own version counter, so writing the flat
+                # buffer (an all-gather) never trips autograd's check on tensors it saved.
+                p.data = full[off : off + p.numel()].view_as(p)
+        mine = full[self.r * per : (self.r + 1) * per]
+        if self.stage == 3:
+            shard = nn.Parameter(mine.clone())  # the only copy kept between uses
+        else:
+            shard = nn.Parameter(torch.empty(0, dtype=full.dtype, device=full.device))
+            shard.data = mine  # AdamW updates this rank's slice of the full buffer in place
+        return Unit(name, params, offsets, total, per, full, shard, module)
+
+    def _pieces(self, named: dict[str, nn.Parameter]) -> dict[str, Piece]:
+        out = {}
+        for name, p in named.items():
+            u = self._unit_of[id(p)]
+            off = u.offsets[[id(q) for q in u.params].index(id(p))]
+            start, stop = self.r * u.shard_numel, (self.r + 1) * u.shard_numel
+            lo, hi = max(off, start), min(off + p.numel(), stop)
+            if lo < hi:
+                out[name] = Piece(u, p, lo - off, hi - off, lo - start)
+        return out
+
+    # ---- what the rank holds ---------------------------------------------------------------------
+    def shards(self) -> list[nn.Parameter]:
+        return [u.shard for u in self.units]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What the rank holds between steps: whole parameters (stages 1, 2) or its shards (stage 3)."""
+        return self.shards() if self.stage == 3 else self.inner.parameters()
+
+    def named_shards(self) -> dict[str, nn.Parameter]:
+        if self.stage == 1:
+            return self.inner.named_shards()
+        out = {}
+        for name, piece in self.pieces.items():
+            shard = piece.unit.shard
+            view = nn.Parameter(shard.detach()[piece.at : piece.at + piece.hi - piece.lo], requires_grad=False)
+            if shard.grad is not None:
+                view.grad = shard.grad[piece.at : piece.at + piece.hi - piece.lo]
+            out[name] = view
+        return out
+
+    def shard_index(self, name: str):
+        if self.stage == 1:
+            return self.inner.shard_index(name)
+        piece = self.pieces[name]
+        return flat_piece_index(shard_of(piece.param), piece.lo, piece.hi)
+
+    def zero_grad(self) -> None:
+        for u in self.units:
+            u.shard.grad = None
+            for p in u.params:
+                p.grad = None
+
+    def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """AdamW over this rank's shards only: its state is 2 x sum S_u elements (and one step counter a unit)."""
+        return torch.optim.AdamW(self.shards(), lr=lr)
+
+    @torch.no_grad()
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+        if self.stage < 3:  # refresh every rank's whole parameters from the updated shards
+            self._gather_all()
+        self._fresh = True
+
+    def figures(self) -> dict:
+        return {
+            "zero_stage": self.stage,
+            "grad_bytes": self.grad_bytes,
+            "zero_units": len(self.units),
+            "zero_flat_padding_elements": sum(u.padded - u.numel for u in self.units),
+        }
+
+    # ---- workloads ---------------------------------------------------------------------------------
+    @contextmanager
+    def workload(self, train: bool) -> Iterator[None]:
+        """Around one forward_logits / generate / forward_backward of the inner strategy."""
+        if self.stage < 3 and not self._fresh:
+            self._gather_all()
+        self._fresh = True
+        self._flags = _Flags(in_workload=True, train=train)
+        if train:
+            self.zero_grad()  # each forward_backward computes fresh gradients
+            for u in self.units:
+                u.grads_missing = len(u.params)
+        if self.stage == 3 and self.outer is not None:
+            self._gather(self.outer, wait=True)
+        try:
+            yield
+            if train:
+                self._finish_gradients()
+        finally:
+            self._flags = _Flags()
+            if self.stage == 3:
+                for u in self.units:
+                    self._release(u)
+
+    def _gather_all(self) -> None:
+        """Stages 1, 2: every unit's full buffer from the ranks' shards (in place: a shard is its own slice)."""
+        pending = [all_gather_async(self.comm, u.full, u.shard.detach()) for u in self.units]
+        for work in pending:
+            work.wait()
+
+    # ---- stage 3: gather before use, release after -------------------------------------------------
+    def _gather(self, u: Unit, wait: bool) -> None:
+        if not u.gathered and u.pending_gather is None:
+            storage = u.full.untyped_storage()
+            storage.resize_(u.padded * u.full.element_size())
+            u.pending_gather = all_gather_async(self.comm, u.full, u.shard.detach())
+        if wait and u.pending_gather is not None:
+            u.pending_gather.wait()
+            u.pending_gather = None
+            u.gathered = True
+
+    def _release(self, u: Unit) -> None:
+        if self.stage < 3:
+            return
+        if u.pending_gather is not None:  # never free memory a collective still writes
+            u.pending_gather.wait()
+            u.pending_gather = None
+        u.full.untyped_storage().resize_(0)
+        u.gathered = False
+
+    def _before_block(self, i: int) -> None:
+        self._gather(self.blocks[i], wait=True)
+        if i + 1 < len(self.blocks) and not _in_backward():
+            self._gather(self.blocks[i + 1], wait=False)  # prefetch: runs while this block computes
+
+    def _after_block(self, i: int, out) -> None:
+        if _in_backward():
+            return  # recomputed for backward (checkpointing): its backward follows, keep it
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            out.register_hook(lambda g, i=i: self._before_block_backward(i, g))
+        self._release(self.blocks[i])
+
+    def _before_block_backward(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        self._gather(self.blocks[i], wait=True)
+        if i > 0:
+            self._gather(self.blocks[i - 1], wait=False)
+        return grad
+
+    # ---- gradients -----------------------------------------------------------------------------------
+    def _grad_ready(self, p: nn.Parameter) -> None:
+        if not self._flags.train:
+            return
+        u = self._unit_of[id(p)]
+        u.grads_missing -= 1
+        if u.grads_missing:
+            return
+        u.grads_missing = len(u.params)  # the next microbatch's backward counts again
+        if self.stage == 3 and u is not self.outer:
+            self._release(u)
+        if self.overlap:
+            self._start_reduce(u)
+
+    @torch.no_grad()
+    def _start_reduce(self, u: Unit) -> None:
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in u.params]
+        pad = u.padded - u.numel
+        if pad:
+            parts.append(torch.zeros(pad, dtype=u.full.dtype, device=u.full.device))
+        flat = torch.cat(parts)
+        if self.stage == 1:
+            u.pending_reduce = self.comm.all_reduce_async(flat)
+            return
+        for p in u.params:
+            p.grad = None  # only the shard's slice of the gradient is kept (stages 2, 3)
+        out = torch.empty(u.shard_numel, dtype=flat.dtype, device=flat.device)
+        u.pending_reduce, u.reduce_input = reduce_scatter_async(self.comm, out, flat)
+
+    @torch.no_grad()
+    def _finish_gradients(self) -> None:
+        for u in self.units:
+            if u.pending_reduce is None:
+                self._start_reduce(u)
+        held = 0
+        for u in self.units:
+            reduced = u.pending_reduce.wait()
+            u.pending_reduce, u.reduce_input = None, None
+            reduced /= self.n  # the mean over replicas, as plain data parallelism
+            if self.stage == 1:
+                for p, off in zip(u.params, u.offsets, strict=True):
+                    p.grad = reduced[off : off + p.numel()].view_as(p)
+                u.shard.grad = reduced[self.r * u.shard_numel : (self.r + 1) * u.shard_numel]
+            else:
+                u.shard.grad = reduced
+            held += nbytes(reduced)
+        self.grad_bytes = held
+
+
+def _in_backward() -> bool:
+    """True while autograd's engine runs a backward on this thread (a block recomputed for it)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _block_modules(inner) -> dict[str, nn.Module]:
+    """Reference block name ('transformer.h.3') -> its module, from the inner strategy's model(s)."""
+    out: dict[str, nn.Module] = {}
+    roots = [v for v in vars(inner).values() if isinstance(v, nn.Module)]
+    roots += [m for v in vars(inner).values() if isinstance(v, (list, tuple)) for m in v if isinstance(m, nn.Module)]
+    for root in roots:
+        for name, module in root.named_modules():
+            if re.fullmatch(r"transformer\.h\.\d+", name):
+                out[name] = module
+    return out
+
+
+def flat_piece_index(shard: Shard, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
+    """Index into the reference parameter picking elements [lo, hi) of a rank's parameter in flat order
+    (the parameter being `reference[shard.index]`, maybe with zero padding rows after it): `ref[index]`
+    is then the 1-D slice those elements hold; padding elements have no reference and are left out."""
+    ref_shape = shard.reference_shape
+    index = shard.index
+    if index is None:
+        held = tuple(ref_shape)
+    elif isinstance(index, torch.Tensor):
+        held = (len(index), *ref_shape[1:])
+    else:
+        held = tuple(len(range(*s.indices(n))) for s, n in zip(index, ref_shape, strict=False))
+        held += tuple(ref_shape[len(index) :])
+    valid = math.prod(held)  # padding rows come after every held element in flat order
+    pos = torch.arange(lo, max(lo, min(hi, valid)))
+    coords = torch.unravel_index(pos, held)
+    if index is None:
+        return tuple(coords)
+    if isinstance(index, torch.Tensor):
+        return (index.cpu()[coords[0]], *coords[1:])
+    mapped = []
+    for d, c in enumerate(coords):
+        if d < len(index):
+            start, _, step = index[d].indices(ref_shape[d])
+            mapped.append(start + c * step)
+        else:
+            mapped.append(c)
+    return tuple(mapped)
