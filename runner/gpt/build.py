@@ -2,24 +2,29 @@
 
     GPT on the meta device (shapes only)
     -> tensor parallelism applied by the plan, if tp > 1        (runner/gpt/tp_plan.py)
-    -> cut to this rank's pipeline stage                        (runner/gpt/model.py cut_stage)
+    -> cut to this rank's pipeline stage, or its v chunks       (runner/gpt/pipeline.py cut_chunks)
     -> values by name, on the device in the dtype               (runner/gpt/model.py materialize)
+    -> the forward's precision: autocast under bf16-mixed       (runner/gpt/precision.py)
+    -> activation checkpointing of the policy's blocks          (runner/gpt/checkpointing.py)
     -> the pipeline engine over it, m microbatches              (runner/gpt/pipeline.py)
-    -> data parallelism around it, if dp > 1                    (runner/gpt/data_parallel.py)
+    -> data parallelism around it, if dp > 1, ZeRO if asked     (runner/gpt/data_parallel.py, zero.py)
 
 'single' is all of it with every degree 1, 'layer' pp stages with one microbatch, 'tensor' tp ranks
 with one stage, 'pipeline' stages with microbatches, 'data' dp replicas, '3d' everything: the spec's
-degrees and options (unused ones are 1 / off) say which steps do anything.
+degrees and options (unused ones are 1 / off) say which steps do anything. Precision and
+checkpointing report their figures through the engine (`PipelineGPT.figure_sources`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from runner.gpt.checkpointing import CheckpointMeter, apply_activation_checkpointing, policy_every
 from runner.gpt.data_parallel import DataParallelGPT
 from runner.gpt.mesh import Mesh
-from runner.gpt.model import GPT, WholeVocabulary, cut_stage, materialize
-from runner.gpt.pipeline import PipelineGPT, stage_layers
+from runner.gpt.model import GPT, WholeVocabulary, materialize
+from runner.gpt.pipeline import PipelineGPT, cut_chunks
+from runner.gpt.precision import PrecisionFigures, precision_of
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.tp_plan import apply_tensor_parallel
 from runner.spec import RunSpec
@@ -34,9 +39,18 @@ def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: t
     if mesh.tp_size > 1:
         output = apply_tensor_parallel(model, mesh.tp, spec.tp_style, spec.sequence_parallel)
     stage, n_stages = mesh.coord.pp, mesh.pp_size
-    first, last = stage_layers(config.n_layer, n_stages, stage)
-    cut_stage(model, first, last, has_embed=stage == 0, has_head=stage == n_stages - 1)
-    materialize(model, spec.seed, device=device, dtype=dtype)
-    engine = PipelineGPT(model, output, mesh, device, dtype, microbatches=spec.microbatches,
+    chunks = cut_chunks(model, n_stages, stage, spec.virtual_stages)  # rank r holds virtual stages r, r+p, ...
+    precision = precision_of(spec.dtype)
+    every = policy_every(spec.checkpoint)
+    meter = CheckpointMeter(spec.checkpoint, mesh.clock, mesh.stats) if every else None
+    for chunk in chunks:
+        materialize(chunk, spec.seed, device=device, dtype=dtype)
+        chunk.compute_context = precision.compute_context(device.type)
+        if meter is not None:
+            apply_activation_checkpointing(chunk, every, meter)
+    engine = PipelineGPT(chunks, output, mesh, device, dtype, microbatches=spec.microbatches,
                          schedule=spec.schedule, workload=spec.workload)  # fmt: skip
-    return DataParallelGPT(engine, mesh) if mesh.dp_size > 1 else engine
+    engine.figure_sources.append(PrecisionFigures(precision, engine.parameters))
+    if meter is not None:
+        engine.figure_sources.append(meter)
+    return DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage) if mesh.dp_size > 1 else engine

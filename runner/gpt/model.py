@@ -8,6 +8,12 @@ through: without the embedding the model takes hidden states, without the head i
 Blocks live in a ModuleDict keyed by layer id, so every parameter keeps its reference name
 `transformer.h.<i>.…` whatever was removed.
 
+Two switches are set from outside, by runner/gpt/build.py: `GPT.compute_context` (the context the
+forward runs in: autocast to bfloat16 under bf16-mixed, runner/gpt/precision.py) and a block's
+`checkpoint_runner` (activation checkpointing, runner/gpt/checkpointing.py), which the forward uses
+for that block while autograd records and no KV cache is in use. Both default to off, so the
+reference model is plain float32.
+
 Values come last: a model built on the meta device is given its values by `materialize`, each
 parameter `init_parameter(reference name, reference shape)[index]`, where a parameter that a strategy
 sliced records its reference shape and index (`Shard`). So any shard is built alone, one full
@@ -155,6 +161,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
+        # Set by activation checkpointing (runner/gpt/checkpointing.py) on the blocks it checkpoints:
+        # GPT.forward then runs the block through it while training.
+        self.checkpoint_runner: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache)
@@ -183,6 +192,8 @@ class GPT(nn.Module):
             )
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight
+        # The context every forward runs in: autocast under bf16-mixed (runner/gpt/precision.py).
+        self.compute_context: Callable[[], AbstractContextManager] = nullcontext
         if target.type != "meta":
             materialize(self, seed, device=device if device is not None else target)
 
@@ -197,14 +208,19 @@ class GPT(nn.Module):
         """Token ids (or hidden states without the embedding) at positions start.. -> logits [b, t, vocab]
         (or hidden states without the head; with `last_only`, the head sees the last position only).
         With targets, (logits, mean cross-entropy loss): a convenience of the whole model."""
-        if self.transformer.wte is not None:
-            x = self.embed(x, start)
-        for i, block in self.transformer.h.items():
-            x = block(x, None if cache is None else cache.layers[int(i)])
-        if self.lm_head is not None:
-            if last_only:
-                x = x[:, -1:, :]
-            x = self.lm_head(self.transformer.ln_f(x))
+        with self.compute_context():
+            if self.transformer.wte is not None:
+                x = self.embed(x, start)
+            recording = torch.is_grad_enabled()  # training: checkpointed blocks drop their activations
+            for i, block in self.transformer.h.items():
+                if block.checkpoint_runner is not None and cache is None and recording:
+                    x = block.checkpoint_runner(block, x)
+                else:
+                    x = block(x, None if cache is None else cache.layers[int(i)])
+            if self.lm_head is not None:
+                if last_only:
+                    x = x[:, -1:, :]
+                x = self.lm_head(self.transformer.ln_f(x))
         if targets is None:
             return x
         return x, WholeVocabulary().loss(x, targets)
