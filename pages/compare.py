@@ -9,6 +9,7 @@ from runner import api
 from runner.spec import PRESETS, WORKLOADS
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.nodes import ranks_by_node, with_node
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -89,13 +90,19 @@ a.altair_chart(charts.compare_bar_chart(table, "tokens_per_s", "tokens / s"), wi
 b.altair_chart(charts.compare_bar_chart(table, "step_time_s_p50", "step time p50 (s)"), width="stretch")
 ranks = api.rank_results(engine(), chosen)
 if not ranks.empty:
-    coord = st.radio("group per-rank bars by", ["rank", "tp", "pp", "dp"], horizontal=True, key=K + "coord")
+    coord = st.radio("group per-rank bars by", ["rank", "tp", "pp", "dp", "node"], horizontal=True, key=K + "coord",
+                     help="node: the machine each rank ran on (a Slurm run spreads its ranks over nodes)")  # fmt: skip
     a, b = st.columns(2)
     if coord == "rank":
         a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+    elif coord == "node":
+        a.altair_chart(charts.rank_memory_by_coord_chart(with_node(ranks), "node"), width="stretch")
     else:
         a.altair_chart(charts.rank_memory_by_coord_chart(ranks, coord), width="stretch")
     b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
+    if coord == "node":
+        st.caption("Per node: its ranks' figures summed (bytes held, peak memory together, seconds)")
+        st.dataframe(ranks_by_node(ranks), hide_index=True)
 
 series = api.telemetry_series(engine(), chosen)
 if not series.empty:

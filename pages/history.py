@@ -11,6 +11,7 @@ from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.filters import FILTERS, day_range, parse_day, run_filter
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
 from ui.hosts import placement_text, where_text
+from ui.nodes import nodes_caption
 from ui.run_detail import failure_text, peak_memory, progress, result_captions
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
@@ -125,6 +126,8 @@ def run_detail(run_id: int) -> None:
             a, b = st.columns(2)
             a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
             b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
+            if (per_node := nodes_caption(series)) is not None:  # a multi-node run: every node, latest sample
+                st.caption("Per node: " + per_node)
         if active and api.is_terminal(run["status"]):
             st.rerun()  # the whole page once more: stop refreshing, and logs below see the end
 

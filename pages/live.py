@@ -11,6 +11,7 @@ from runner import api
 from ui import charts
 from ui.format import status_label
 from ui.hosts import last_lines, stored_logs_caption
+from ui.nodes import nodes_caption
 from ui.run_detail import live_progress
 from ui.state import engine, enter_through_app
 
@@ -48,6 +49,8 @@ def live_view() -> None:
                 a, b = st.columns(2)
                 a.altair_chart(charts.telemetry_chart(series, "util_pct", "utilisation (%)"), width="stretch")
                 b.altair_chart(charts.telemetry_chart(series, "mem_bytes", "memory (MiB)"), width="stretch")
+                if (per_node := nodes_caption(series)) is not None:  # a multi-node run: every node, latest sample
+                    st.caption("Per node: " + per_node)
             # Ranks' last lines: from the run folder when it ran here, else from the tails its host stored.
             stored = api.log_tails(engine(), int(row.id)) if run else {}
             if run and (run["run_dir"] or stored):

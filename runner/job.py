@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from runner import strategies
+from runner import node_telemetry, strategies
 from runner.checkpoint import read_checkpoint
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
@@ -65,6 +65,13 @@ def choose_device(spec: RunSpec, local_rank: int) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
+def gpu_uuids(device: torch.device) -> list[str]:
+    """This node's GPUs of the job in CUDA order, as NVML names them ("GPU-<uuid>"); [] on CPU."""
+    if device.type != "cuda":
+        return []
+    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+
+
 def run_job(spec: RunSpec, run_dir: Path) -> None:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
@@ -77,8 +84,12 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     core = pin_rank(local_rank, local_world) if device.type == "cpu" else None
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
-    dist.init_process_group(backend, timeout=timeout)
     host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the node, as Slurm names it
+    # A multi-node job is sampled on each node by a process the node's first rank starts (runner/node_telemetry.py).
+    node_sampler = None
+    if os.environ.get(node_telemetry.ENV) and local_rank == 0:
+        node_sampler = node_telemetry.start_node_sampler(run_dir, host, os.getppid(), gpu_uuids(device))
+    dist.init_process_group(backend, timeout=timeout)
     events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid(),
                         host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
@@ -182,6 +193,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         write_result(spec, run_dir, world, device, backend, step_times, [g for g in gathered if g], verify)
     events.emit(Finished(rank, time.time()))
     barrier()
+    node_telemetry.stop_node_sampler(node_sampler)  # on a crash it dies with this process (PR_SET_PDEATHSIG)
     dist.destroy_process_group()
 
 

@@ -59,30 +59,38 @@ def detect_gpus() -> GpuList:
 
 @dataclass
 class Sampler:
-    """Samples one job: GPUs it was given (NVML) or its rank processes (psutil), as rows for storage."""
+    """Samples one job: GPUs it was given (NVML) or its rank processes (psutil), as rows for storage.
+
+    GPUs are named by NVML index (`gpus`, the runner's own machine, where NVML and the job count alike), or by
+    UUID (`gpu_uuids`, on a Slurm node, where CUDA_VISIBLE_DEVICES renumbers the job's GPUs from 0 and NVML
+    does not: the UUID is the one name both agree on); a UUID-named GPU's source is gpu<its CUDA index>.
+    """
 
     root_pid: int
     started: float
     gpus: list[int] = field(default_factory=list)
+    gpu_uuids: list[str] = field(default_factory=list)
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
     _ranks: dict[int, int] = field(default_factory=dict)
 
     def sample(self) -> list[dict]:
         t_s = time.time() - self.started
-        return self._sample_gpus(t_s) if self.gpus else self._sample_processes(t_s)
+        return self._sample_gpus(t_s) if self.gpus or self.gpu_uuids else self._sample_processes(t_s)
 
     def _sample_gpus(self, t_s: float) -> list[dict]:
         import pynvml
 
         rows = []
+        named = [(f"gpu{i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in self.gpus]
+        named += [(f"gpu{i}", pynvml.nvmlDeviceGetHandleByUUID, u) for i, u in enumerate(self.gpu_uuids)]
         pynvml.nvmlInit()
         try:
-            for index in self.gpus:
+            for source, handle_of, key in named:
                 util = mem = None
                 try:
-                    h = pynvml.nvmlDeviceGetHandleByIndex(index)
+                    h = handle_of(key)
                 except pynvml.NVMLError:
-                    rows.append({"source": f"gpu{index}", "t_s": t_s, "util_pct": None, "mem_bytes": None})
+                    rows.append({"source": source, "t_s": t_s, "util_pct": None, "mem_bytes": None})
                     continue
                 try:
                     util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
@@ -92,7 +100,7 @@ class Sampler:
                     mem = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
                 except pynvml.NVMLError:
                     pass
-                rows.append({"source": f"gpu{index}", "t_s": t_s, "util_pct": util, "mem_bytes": mem})
+                rows.append({"source": source, "t_s": t_s, "util_pct": util, "mem_bytes": mem})
         finally:
             pynvml.nvmlShutdown()
         return rows

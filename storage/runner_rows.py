@@ -157,9 +157,10 @@ def add_step_metrics(engine: Engine, run_id: int, steps: Sequence[Step]) -> None
 
 
 def add_telemetry(engine: Engine, run_id: int, rows: list[dict[str, Any]]) -> None:
+    """Store samples ({source, t_s, util_pct, mem_bytes}, and `host` where a node took them: NULL is the runner's)."""
     if rows:
         with engine.begin() as conn:
-            conn.execute(insert(TelemetrySample), [{"run_id": run_id, **r} for r in rows])
+            conn.execute(insert(TelemetrySample), [{"run_id": run_id, "host": None, **r} for r in rows])
 
 
 def add_spans(engine: Engine, run_id: int, spans: Sequence[Span | Mapping[str, Any]]) -> None:

@@ -43,23 +43,28 @@ def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
 
 
 def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:
-    """Samples averaged per (run, source, time bucket) in SQL, so a chart gets at most one point a bucket."""
+    """Samples averaged per (run, node, source, time bucket) in SQL, so a chart gets at most one point a bucket.
+
+    `host` is the node a sample was taken on: "" for samples the runner took on its own host (every local run),
+    the node's name for a multi-node run's (each node samples its own GPUs or rank processes)."""
     bucket = func.floor(TelemetrySample.t_s / bucket_s)
+    host = func.coalesce(TelemetrySample.host, "")
     q = (
         select(
             TelemetrySample.run_id,
+            host.label("host"),
             TelemetrySample.source,
             (bucket * bucket_s).label("t_s"),
             func.avg(TelemetrySample.util_pct).label("util_pct"),
             func.max(TelemetrySample.mem_bytes).label("mem_bytes"),
         )
         .where(TelemetrySample.run_id.in_(run_ids))
-        .group_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
-        .order_by(TelemetrySample.run_id, TelemetrySample.source, bucket)
+        .group_by(TelemetrySample.run_id, host, TelemetrySample.source, bucket)
+        .order_by(TelemetrySample.run_id, host, TelemetrySample.source, bucket)
     )
     with engine.connect() as conn:
         rows = conn.execute(q).all()
-    return pd.DataFrame(rows, columns=["run_id", "source", "t_s", "util_pct", "mem_bytes"])
+    return pd.DataFrame(rows, columns=["run_id", "host", "source", "t_s", "util_pct", "mem_bytes"])
 
 
 def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:

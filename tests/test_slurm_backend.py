@@ -19,6 +19,7 @@ from runner import api
 from runner.launch import REPO_ROOT
 from runner.launchers.local import CANCEL_GRACE_S
 from runner.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, scontrol_job
+from runner.node_telemetry import NodeFilesSampler
 from runner.service import Runner
 from runner.spec import RunSpec
 from storage import runs
@@ -97,6 +98,11 @@ def test_a_two_node_run_verifies_against_the_reference(slurm_cluster, tmp_path, 
     assert launcher.logs(job) == ["torchrun", *(f"rank{r}" for r in range(spec.world_size))]
     info = scontrol_job(job.job_id, slurm_cluster.env())
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
+    # Each node sampled its own rank processes, and only those (runner/node_telemetry.py).
+    sampled = {}
+    for row in NodeFilesSampler(run_dir, 0.0).sample():
+        sampled.setdefault(row["host"], set()).add(row["source"])
+    assert sampled == {n: {f"rank{r}" for r, h in enumerate(nodes) if h == n} for n in ("n1", "n2")}, sampled
 
 
 def test_cancel_leaves_nothing_of_the_job_on_either_node(slurm_cluster, tmp_path):
@@ -145,6 +151,11 @@ def test_a_runner_for_slurm_runs_it_and_a_restarted_runner_re_attaches(slurm_clu
     run = wait_status(engine, run_id, {"succeeded", "failed", "cancelled", "lost"}, timeout=180, between=second.tick)
     assert run["status"] == "succeeded", run
     assert run["result"]["verify"]["passed"] is True and [r["rank"] for r in run["ranks"]] == [0, 1]
+    # Both nodes' samples reached storage, each tagged with its node.
+    samples = api.telemetry_series(engine, [run_id])
+    assert set(zip(samples["host"], samples["source"], strict=True)) == {
+        (r["host"], f"rank{r['rank']}") for r in run["ranks"]
+    }, samples
 
 
 def rank_pid(cluster, slurm_id: str, rank: str) -> tuple[int, str]:

@@ -111,9 +111,12 @@ def step_time_chart(steps: pd.DataFrame) -> alt.Chart:
 
 
 def telemetry_chart(series: pd.DataFrame, field: str, title: str) -> alt.Chart:
-    """util_pct or mem_bytes over time, one line per (run, GPU or rank process)."""
+    """util_pct or mem_bytes over time, one line per (run, node, GPU or rank process); the node is named where
+    a run's samples come from its nodes (a multi-node run), "#7 n2 rank1"."""
     data = thin(series.copy())
-    data["line"] = "#" + data["run_id"].astype(str) + " " + data["source"].astype(str)
+    hosts = data["host"].fillna("") if "host" in data else [""] * len(data)
+    data["line"] = [" ".join(p for p in (f"#{r}", str(h), str(s)) if p)
+                    for r, h, s in zip(data["run_id"], hosts, data["source"], strict=True)]  # fmt: skip
     y = alt.Y(f"{field}:Q", title=title)
     if field == "mem_bytes":
         data["mem_mib"] = data["mem_bytes"] / 2**20

@@ -106,10 +106,3 @@ def read_result(run_dir: Path, exit_code: int) -> Collected:
 def run_logs(run_dir: Path) -> list[str]:
     """The logs of a run folder ('torchrun' first, then each rank's), as runner.logs lists them."""
     return log_names(run_dir)
-
-
-class NoSampler:
-    """Telemetry for a job whose processes are not on this machine: nothing to sample here."""
-
-    def sample(self) -> list[dict]:
-        return []

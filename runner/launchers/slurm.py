@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.launch import JOB_ENTRY, REPO_ROOT, TORCHRUN_SHUTDOWN_S
-from runner.launchers.base import Collected, JobState, NoSampler, read_result, run_logs
+from runner.launchers.base import Collected, JobState, read_result, run_logs
 from runner.launchers.local import CANCEL_GRACE_S, ORPHAN_GRACE_S
 from runner.logs import read_log
+from runner.node_telemetry import ENV as NODE_TELEMETRY_ENV
+from runner.node_telemetry import NodeFilesSampler
 from runner.spec import RunSpec, SpecProblem
 
 SCRIPT_NAME = "job.sbatch"
@@ -132,6 +134,7 @@ def render_sbatch(spec: RunSpec, run_dir: Path | str, *, nodes: int, partition: 
     env = [
         f"export PYTHONPATH={q(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}",
         "export PYTHONUNBUFFERED=1",
+        f"export {NODE_TELEMETRY_ENV}=1  # each node samples its own ranks or GPUs into the run folder",
         f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT={TORCHRUN_SHUTDOWN_S}",
         *(["export CUDA_DEVICE_ORDER=PCI_BUS_ID"] if gpu else ["export OMP_NUM_THREADS=1", "export CUDA_VISIBLE_DEVICES=",
                                                             f"export SRUN_CPUS_PER_TASK={per_node}"]),
@@ -364,5 +367,6 @@ class SlurmLauncher:
             return Collected(got.exit_code, got.result, got.unreadable, note=note)
         return got
 
-    def sampler(self, job: SlurmJob, started: float, gpus: list[int]) -> NoSampler:
-        return NoSampler()  # the ranks run on the nodes; per-node telemetry is sampled there
+    def sampler(self, job: SlurmJob, started: float, gpus: list[int]) -> NodeFilesSampler:
+        """The nodes sample themselves (runner/node_telemetry.py); the runner reads their files in the run folder."""
+        return NodeFilesSampler(job.run_dir, started)
