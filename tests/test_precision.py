@@ -1,0 +1,159 @@
+"""bf16-mixed: float32 master weights, gradients and AdamW state; bf16 matmuls under autocast; results within
+the bound runner/verify.py documents against the float32 reference; and a real multi-rank run that verifies,
+sends float32 activations between stages and reduces float32 gradients.
+
+The reference is the plain float32 GPT; the bf16 evidence is read from the operators that actually ran
+(a TorchDispatchMode below autocast sees the dtypes each aten kernel received).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from runner.gpt.data import synthetic_batch
+from runner.gpt.model import GPT, PRESETS, cut_stage
+from runner.gpt.precision import PRECISIONS, precision_of
+from runner.verify import TOLERANCES
+from tests.jobs import run_torchrun
+
+CONFIG = PRESETS["tiny"]  # 4 layers, d=64, 4 heads, vocab 512
+MATMULS = ("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm", "aten._scaled_dot_product")
+
+
+class KernelDtypes(TorchDispatchMode):
+    """Records (operator, dtypes of its floating-point tensor inputs) for every matmul-like aten kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, set[torch.dtype]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith(MATMULS):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.calls.append((name, dtypes))
+        return func(*args, **(kwargs or {}))
+
+
+def model_in(dtype: str, seed: int = 0) -> GPT:
+    precision = precision_of(dtype)
+    model = GPT(CONFIG, seed=seed).to(precision.param_dtype)
+    model.compute_context = precision.compute_context("cpu")
+    return model
+
+
+def test_the_three_precisions():
+    assert {n: (p.param_dtype, p.compute_dtype, p.mixed) for n, p in PRECISIONS.items()} == {
+        "float32": (torch.float32, torch.float32, False),
+        "bfloat16": (torch.bfloat16, torch.bfloat16, False),
+        "bf16-mixed": (torch.float32, torch.bfloat16, True),
+    }
+    with pytest.raises(ValueError, match="float32, bfloat16, bf16-mixed"):
+        precision_of("fp16")
+
+
+def test_bf16_mixed_keeps_parameters_gradients_and_adamw_state_in_float32():
+    model = model_in("bf16-mixed")
+    idx, targets = synthetic_batch(CONFIG.vocab_size, 4, 32, seed=0, step=0)
+    logits, loss = model(idx, targets)
+    assert logits.dtype == torch.bfloat16  # the head's matmul ran in bf16 ...
+    assert loss.dtype == torch.float32  # ... the loss is taken in float32
+    loss.backward()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer.step()
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+        state = optimizer.state[p]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32, name
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [("bf16-mixed", torch.bfloat16), ("float32", torch.float32)])
+def test_matmuls_run_in_the_compute_dtype_forward_and_backward(dtype, expected):
+    model = model_in(dtype)
+    idx, targets = synthetic_batch(CONFIG.vocab_size, 2, 16, seed=0, step=0)
+    with KernelDtypes() as forward:
+        _, loss = model(idx, targets)
+    with KernelDtypes() as backward:
+        loss.backward()
+    # Per block: c_attn, attention, c_proj, c_fc, c_proj; plus the head.
+    assert len(forward.calls) >= 5 * CONFIG.n_layer + 1
+    assert all(dtypes == {expected} for _, dtypes in forward.calls), forward.calls
+    assert any(name.startswith("aten._scaled_dot_product") for name, _ in forward.calls)
+    # Backward runs outside autocast, on the dtypes the forward saved: its matmuls are bf16 too. (Attention's
+    # backward also takes the forward's log-sum-exp, which the kernel keeps in float32 by design.)
+    assert len(backward.calls) >= 2 * (4 * CONFIG.n_layer + 1)
+    for name, dtypes in backward.calls:
+        assert dtypes == {expected} if not name.startswith("aten._scaled_dot_product") else expected in dtypes
+
+
+def test_the_residual_stream_and_so_a_stage_boundary_stay_float32():
+    """Why pipeline stages send float32 under bf16-mixed: a stage's output is float32 (LayerNorm and the
+    residual add promote the bf16 branch outputs), so nothing is rounded at the cut."""
+    whole = model_in("bf16-mixed")
+    first = cut_stage(copy.deepcopy(whole), 0, 2, has_embed=True, has_head=False)
+    second = cut_stage(copy.deepcopy(whole), 2, 4, has_embed=False, has_head=True)
+    idx, _ = synthetic_batch(CONFIG.vocab_size, 2, 16, seed=0, step=0)
+    with torch.no_grad():
+        hidden = first(idx)
+        assert hidden.dtype == torch.float32
+        # Split at the stage boundary, the model computes exactly what it computes whole.
+        assert torch.equal(second(hidden), whole(idx))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_loss_logits_and_gradients_are_within_the_documented_bound_of_float32(seed):
+    idx, targets = synthetic_batch(CONFIG.vocab_size, 8, 64, seed=seed, step=-1)
+    errors = {}
+    ref = GPT(CONFIG, seed=seed)
+    ref_logits, ref_loss = ref(idx, targets)
+    ref_loss.backward()
+    ref_grads = dict(ref.named_parameters())
+    for dtype in ("bf16-mixed", "bfloat16"):
+        model = model_in(dtype, seed)
+        logits, loss = model(idx, targets)
+        loss.backward()
+        grad_err = max((p.grad.float() - ref_grads[n].grad).abs().max().item() for n, p in model.named_parameters())
+        errors[dtype] = {
+            "logits": ((logits.float() - ref_logits).abs().max() / ref_logits.abs().max()).item(),
+            "loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
+            "grads": grad_err / max(p.grad.abs().max().item() for p in ref_grads.values()),
+        }
+    mixed, tol = errors["bf16-mixed"], TOLERANCES["bf16-mixed"]
+    assert mixed["logits"] <= tol.logits and mixed["loss"] <= tol.loss and mixed["grads"] <= tol.grads, mixed
+    # It really computed in bf16: far from float32's bound (8 significant bits, u = 2^-8 = 3.9e-3).
+    assert mixed["logits"] > 100 * TOLERANCES["float32"].logits and mixed["grads"] > 100 * TOLERANCES["float32"].grads
+    # Master weights and a float32 residual stream round less than pure bfloat16 does.
+    assert mixed["logits"] < errors["bfloat16"]["logits"] and mixed["grads"] < errors["bfloat16"]["grads"], errors
+    # The bound is tighter than pure bfloat16's, and leaves room for depth (measured values are 3-6x below).
+    assert (tol.logits, tol.loss, tol.grads) < (TOLERANCES["bfloat16"].logits, TOLERANCES["bfloat16"].loss, 1.0)
+    assert tol.grads < TOLERANCES["bfloat16"].grads
+
+
+@pytest.mark.slow
+def test_bf16_mixed_3d_run_verifies_and_keeps_float32_on_the_wire(tmp_path):
+    """pp=2 x dp=2 with 2 microbatches: verify passes with bf16-mixed's bound; stages send float32
+    activations and gradients, and the data-parallel reduction carries float32 gradients."""
+    steps, batch, seq = 2, 8, 16
+    result = run_torchrun(dict(strategy="3d", tp=1, pp=2, dp=2, microbatches=2, model="tiny", workload="train",
+                               batch=batch, seq=seq, steps=steps, warmup=1, dtype="bf16-mixed", verify=True),
+                          tmp_path)  # fmt: skip
+    verify = result["verify"]
+    assert verify["dtype"] == "bf16-mixed" and verify["passed"] is True, verify
+    assert verify["tolerances"]["grads"] == TOLERANCES["bf16-mixed"].grads
+    assert 1e-5 < verify["logits_max_rel_diff"] <= TOLERANCES["bf16-mixed"].logits
+    for r in result["ranks"]:
+        assert (r["precision"], r["param_dtype"], r["compute_dtype"], r["grad_dtype"]) == (
+            "bf16-mixed", "float32", "bfloat16", "float32")  # fmt: skip
+        # Every timed step each stage sends its replica's batch/dp rows of hidden states (stage 0) or their
+        # gradients (stage 1): [rows, seq, d] float32, 4 bytes an element -- half that in bf16.
+        assert r["comm_bytes"]["send"] == steps * (batch // 2) * seq * CONFIG.n_embd * 4
+        # All-reduces a step: the data-parallel buckets carry every gradient of the stage at 4 bytes a
+        # parameter (float32), the tied embedding's gradient is summed between the first and last stage
+        # (vocab x d, float32), and the last stage's replicas average their loss (one float64).
+        tied = CONFIG.vocab_size * CONFIG.n_embd * 4
+        loss = 8 if r["pp"] == 1 else 0
+        assert r["comm_bytes"]["all_reduce"] == steps * (r["param_count"] * 4 + tied + loss)
