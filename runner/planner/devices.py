@@ -1,0 +1,164 @@
+"""What a layout runs on, for the planner: a `Devices` record and the ways to get one (torch-free).
+
+- `preset(name, count, gpus_per_node)`: known GPUs. Peak FLOP/s come from runner/metrics.py's table
+  (`device_peak_flops`, NVIDIA data sheets, dense); memory is what the driver reports for the part
+  (nvidia-smi's total: H100 80GB 81,559 MiB, A100 80GB 81,920 MiB); bandwidths are per GPU, one
+  direction: NVLink 4 (H100 SXM) 450 GB/s, NVLink 3 (A100 SXM) 300 GB/s, PCIe 5 x16 64 GB/s, PCIe 4 x16
+  32 GB/s; between nodes one 400 Gb/s NIC per GPU (DGX H100) = 50 GB/s, 200 Gb/s (DGX A100) = 25 GB/s.
+- `from_gpus(gpus)`: the [{name, memory_total}] list runner/telemetry.detect_gpus returns and runner
+  leases store (api.hosts), one node.
+- `from_partition(partition, kind)`: a Slurm partition (runner/cluster.Partition, read with sinfo): its
+  nodes x GPUs per node, the GPUs described by a preset kind (sinfo does not say which GPU).
+- `described(...)`: anything else, by hand.
+- `cpu_host(...)`: this machine's CPU ranks, from a calibration (runner/planner/calibrate.py) when there is one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from runner.metrics import device_peak_flops
+
+MiB, GiB, GB = 2**20, 2**30, 1e9
+
+
+@dataclass(frozen=True)
+class Devices:
+    """count devices of one kind, gpus_per_node to a node. Bandwidths are bytes/s per device, one direction;
+    peak FLOP/s per dtype ('float32', 'bfloat16'). reserve_bytes: memory the framework takes before any tensor
+    (CUDA context, allocator slack), not available to the model."""
+
+    name: str
+    count: int
+    memory_bytes: int
+    peak_fp32: float
+    peak_bf16: float
+    bw_intra: float
+    bw_inter: float
+    gpus_per_node: int
+    reserve_bytes: int = 1 * GiB
+    source: str = "described"
+
+    def peak(self, dtype: str) -> float:
+        """Peak FLOP/s for a run's dtype: bf16-mixed computes in bfloat16."""
+        return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed") else self.peak_fp32
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.memory_bytes - self.reserve_bytes
+
+    @property
+    def nodes(self) -> int:
+        return max(1, -(-self.count // self.gpus_per_node))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        per = f"{self.gpus_per_node} a node, " if self.count > self.gpus_per_node else ""
+        return (f"{self.count} x {self.name} ({per}{self.memory_bytes / GiB:.1f} GiB, "
+                f"{self.peak_bf16 / 1e12:.0f} TFLOP/s bf16, {self.peak_fp32 / 1e12:.1f} fp32; "
+                f"{self.bw_intra / GB:.0f} GB/s in a node, {self.bw_inter / GB:.0f} GB/s between nodes)")  # fmt: skip
+
+
+def _peaks(nvml_name: str) -> tuple[float, float]:
+    return device_peak_flops(nvml_name, "float32") or 0.0, device_peak_flops(nvml_name, "bfloat16") or 0.0
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A known GPU: the name NVML reports (for the peak table), memory, bandwidths, GPUs in its usual node."""
+
+    label: str
+    nvml_name: str
+    memory_bytes: int
+    bw_intra: float
+    bw_inter: float
+    gpus_per_node: int
+
+
+KINDS: dict[str, Kind] = {
+    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8),
+    "h100-pcie": Kind("H100 PCIe", "NVIDIA H100 PCIe", 81559 * MiB, 64 * GB, 50 * GB, 8),
+    "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8),
+    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8),
+    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8),
+    "l40s": Kind("L40S", "NVIDIA L40S", 46068 * MiB, 32 * GB, 25 * GB, 8),
+    "l4": Kind("L4", "NVIDIA L4", 23034 * MiB, 32 * GB, 12.5 * GB, 8),
+    "a10": Kind("A10", "NVIDIA A10", 23028 * MiB, 32 * GB, 12.5 * GB, 4),
+    "rtx-4090": Kind("GeForce RTX 4090", "NVIDIA GeForce RTX 4090", 24564 * MiB, 32 * GB, 12.5 * GB, 8),
+}
+
+
+def preset(kind: str, count: int, gpus_per_node: int | None = None) -> Devices:
+    """count GPUs of a known kind (KINDS), gpus_per_node to a node (default: the kind's usual node)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown GPU kind {kind!r}; known: {', '.join(KINDS)}")
+    k = KINDS[kind]
+    fp32, bf16 = _peaks(k.nvml_name)
+    per = gpus_per_node or min(count, k.gpus_per_node)
+    return Devices(k.label, count, k.memory_bytes, fp32, bf16, k.bw_intra, k.bw_inter, per, source=f"preset {kind}")
+
+
+def kind_of(nvml_name: str) -> str | None:
+    """The KINDS key of a device name as NVML reports it, or None."""
+    lowered = nvml_name.lower()
+    for key, k in KINDS.items():
+        if k.nvml_name.lower() == lowered:
+            return key
+    for key, k in KINDS.items():
+        words = k.label.lower().split()
+        if all(w in lowered for w in words[:2]):
+            return key
+    return None
+
+
+def from_gpus(gpus: Sequence[Mapping[str, Any]], host: str = "this host") -> Devices | None:
+    """The GPUs of one host ([{name, memory_total}], as detect_gpus and a runner lease give them); None if none."""
+    if not gpus:
+        return None
+    name = str(gpus[0].get("name", "GPU"))
+    memory = min(int(g.get("memory_total") or 0) for g in gpus)
+    key = kind_of(name)
+    fp32, bf16 = _peaks(name)
+    k = KINDS.get(key) if key else None
+    intra = k.bw_intra if k else 32 * GB
+    inter = k.bw_inter if k else 12.5 * GB
+    return Devices(name, len(gpus), memory, fp32, bf16, intra, inter, len(gpus), source=f"detected on {host}")
+
+
+def from_partition(partition: Any, kind: str, nodes: int | None = None) -> Devices:
+    """A Slurm partition (runner.cluster.Partition) of GPUs of a known kind: nodes x its GPUs per node."""
+    per = partition.gpus_per_node
+    if per < 1:
+        raise ValueError(f"partition {partition.name} has no GPUs per node in sinfo's GRES")
+    n = nodes or partition.usable_count or partition.node_count
+    dev = preset(kind, n * per, per)
+    return replace(dev, source=f"Slurm partition {partition.name} ({n} nodes x {per} GPUs)")
+
+
+def described(
+    count: int,
+    memory_gib: float,
+    peak_tflops: float,
+    bw_intra_gbs: float,
+    bw_inter_gbs: float,
+    gpus_per_node: int,
+    name: str = "described GPU",
+    peak_fp32_tflops: float | None = None,
+) -> Devices:
+    """Devices described by hand: peak_tflops is the bfloat16 peak (fp32: peak_fp32_tflops, default 1/15 of it,
+    the H100 SXM ratio)."""  # fmt: skip
+    fp32 = (peak_fp32_tflops if peak_fp32_tflops is not None else peak_tflops / 15) * 1e12
+    return Devices(name, count, int(memory_gib * GiB), fp32, peak_tflops * 1e12, bw_intra_gbs * GB,
+                   bw_inter_gbs * GB, gpus_per_node)  # fmt: skip
+
+
+def cpu_host(cores: int, memory_bytes: int, flops: float, allreduce_bw: float, host: str = "this host") -> Devices:
+    """CPU ranks of one machine: `cores` ranks sharing its memory (each gets an equal part), at a measured
+    matmul rate per rank and all-reduce bandwidth (runner/planner/calibrate.py)."""
+    per_rank = memory_bytes // max(1, cores)
+    return Devices(f"CPU core ({host})", cores, per_rank, flops, flops, allreduce_bw, allreduce_bw, cores,
+                   reserve_bytes=200 * MiB, source=f"CPU of {host}")  # fmt: skip

@@ -1,0 +1,135 @@
+"""Every tp x pp x dp (x ZeRO) layout of a device count: feasible ones ranked by predicted step time,
+infeasible ones with their reason (torch-free).
+
+A layout is feasible when the model splits that way (heads, width, layers, batch divide; runner/planner/
+memory.layout_problems), tensor parallelism stays inside a node (tp divides the GPUs of a node: Megatron's
+rule, and the one runner/launchers/slurm.py enforces), and the busiest rank's predicted bytes fit in the
+device's memory less its reserve. Ranking: predicted step time (runner/planner/step_time.py), then less
+memory. `plan()` returns both lists; `Plan.to_dict()` is what `python -m runner plan --json` prints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from runner.gpt.config import GPTConfig
+from runner.planner.devices import Devices
+from runner.planner.memory import GiB, Layout, RankMemory, Workload, layout_memory, layout_problems
+from runner.planner.step_time import DEFAULT_EFFICIENCY, StepTime, predict_step
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One layout with its predictions; `reasons` is empty when it fits."""
+
+    layout: Layout
+    memory: RankMemory | None
+    step: StepTime | None
+    reasons: tuple[str, ...] = ()
+    microbatches: int = 1
+
+    @property
+    def feasible(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict:
+        lay = self.layout
+        return {
+            "tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero_stage": lay.zero_stage, "label": lay.label(),
+            "microbatches": self.microbatches,
+            "feasible": self.feasible, "reasons": list(self.reasons),
+            "memory": self.memory.to_dict() if self.memory else None,
+            "memory_gib": self.memory.total / GiB if self.memory else None,
+            "step": self.step.to_dict() if self.step else None,
+            "step_s": self.step.total if self.step else None,
+        }  # fmt: skip
+
+
+@dataclass
+class Plan:
+    model: GPTConfig
+    work: Workload
+    devices: Devices
+    feasible: list[Candidate] = field(default_factory=list)
+    infeasible: list[Candidate] = field(default_factory=list)
+    efficiency: float = DEFAULT_EFFICIENCY
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.feasible[0] if self.feasible else None
+
+    def find(self, tp: int, pp: int, dp: int, zero_stage: int = 0) -> Candidate | None:
+        for c in self.feasible + self.infeasible:
+            if (c.layout.tp, c.layout.pp, c.layout.dp, c.layout.zero_stage) == (tp, pp, dp, zero_stage):
+                return c
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "workload": self.work.__dict__,
+            "devices": self.devices.to_dict(),
+            "efficiency": self.efficiency,
+            "feasible": [c.to_dict() for c in self.feasible],
+            "infeasible": [c.to_dict() for c in self.infeasible],
+        }
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
+             efficiency: float = DEFAULT_EFFICIENCY) -> Candidate:  # fmt: skip
+    """One layout judged: its reasons not to run, its memory and step time when the model splits that way."""
+    reasons = list(layout_problems(cfg, layout, work))
+    if layout.world_size > devices.count:
+        reasons.append(f"needs {layout.world_size} devices, you have {devices.count}")
+    if layout.tp > devices.gpus_per_node:
+        reasons.append(f"tp {layout.tp} exceeds the {devices.gpus_per_node} GPUs of a node")
+    elif devices.gpus_per_node % layout.tp:
+        reasons.append(f"tp {layout.tp} does not divide the {devices.gpus_per_node} GPUs of a node")
+    split = not any(r.startswith(("n_head", "n_embd", "n_layer", "batch", "interleaved")) for r in reasons)
+    mem = layout_memory(cfg, layout, work) if split else None
+    step = predict_step(cfg, layout, work, devices, efficiency) if split else None
+    if mem is not None and mem.total > devices.usable_bytes:
+        reasons.append(f"needs {mem.total / GiB:.1f} GiB per GPU, you have {devices.usable_bytes / GiB:.1f} GiB"
+                       f" (of {devices.memory_bytes / GiB:.1f} GiB, {devices.reserve_bytes / GiB:.1f} reserved)")  # fmt: skip
+    return Candidate(layout, mem, step, tuple(reasons), work.microbatches_for(layout))
+
+
+def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...] = (0,),
+         efficiency: float = DEFAULT_EFFICIENCY, use_all: bool = True) -> Plan:  # fmt: skip
+    """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
+    (ZeRO only where dp > 1), judged and ranked."""
+    counts = [devices.count] if use_all else list(range(1, devices.count + 1))
+    out = Plan(cfg, work, devices, efficiency=efficiency)
+    for n in counts:
+        for tp in divisors(n):
+            for pp in divisors(n // tp):
+                dp = n // tp // pp
+                for z in zero_stages:
+                    if z and (dp < 2 or work.workload != "train"):
+                        continue
+                    c = evaluate(cfg, Layout(tp, pp, dp, z), work, devices, efficiency)
+                    (out.feasible if c.feasible else out.infeasible).append(c)
+    out.feasible.sort(key=lambda c: (c.step.total, c.memory.total))  # type: ignore[union-attr]
+    out.infeasible.sort(key=lambda c: (len(c.reasons), c.memory.total if c.memory else float("inf")))
+    return out
+
+
+# The guide's GPT-3 175B example, answered (issue 15 item 5): Brown et al. 2020 trained on 3.2M-token
+# batches (1536 sequences of 2048); Megatron-style settings that make it fit: bf16-mixed, ZeRO-1 over the
+# 16 replicas, every block checkpointed, 1F1B with microbatches of one sequence.
+GUIDE_175B_WORK = Workload(workload="train", batch=1536, seq=2048, dtype="bf16-mixed", checkpoint="blocks",
+                           schedule="1f1b", sequence_parallel=False)  # fmt: skip
+GUIDE_175B_LAYOUT = Layout(tp=4, pp=8, dp=16, zero_stage=1)
+GUIDE_LAYOUTS: tuple[Layout, ...] = (
+    GUIDE_175B_LAYOUT,  # the guide: 8-way pipeline x 4-way tensor x 16-way data
+    replace(GUIDE_175B_LAYOUT, zero_stage=0),  # the same unsharded
+    Layout(tp=8, pp=8, dp=8, zero_stage=1),  # Megatron-LM 2021's choice for 175B-class (t=8 within a node)
+    Layout(tp=8, pp=16, dp=4, zero_stage=1),
+    Layout(tp=8, pp=64, dp=1),  # model parallel only
+    Layout(tp=1, pp=1, dp=512, zero_stage=3),  # pure sharded data parallelism
+    Layout(tp=1, pp=1, dp=1),  # one GPU
+)

@@ -1,0 +1,416 @@
+"""Bytes per device of a tp x pp x dp (x ZeRO) layout: the lab's one memory model (torch-free).
+
+Owns the model presets of the planner (`MODELS`), the layout and option records (`Layout`, `Workload`),
+the exact per-rank parameter count of our GPT split by a layout (`rank_parameters`), and
+`rank_memory` / `layout_memory`: parameters, gradients, AdamW state, activations of the microbatches in
+flight, KV cache. runner/estimates.py (the Launch page's estimate) calls this module.
+
+Parameters, exactly as our model holds them (runner/gpt/model.py, tp_plan.py, pipeline.py). A GPT-2
+block of width h with biases has 12h^2 + 13h parameters: c_attn 3h^2 + 3h, attention c_proj h^2 + h,
+c_fc 4h^2 + 4h, MLP c_proj 4h^2 + h, two LayerNorms 2h each. Megatron tensor parallelism over t splits
+the column layers (c_attn, c_fc: weights and biases) and the row layers' weights; the row layers' biases
+and the LayerNorms stay whole: 12h^2/t + 7h/t + 6h per rank (the "gather" style keeps attention's c_proj
+whole: 11h^2/t + 7h/t + h^2 + 6h). The token embedding has V_pad/t rows of h, V_pad = V rounded up to a
+multiple of t (tp_layers.padded_vocab); the learned positions (block_size x h) and the final LayerNorm are
+whole. The LM head is tied to the token embedding: counted once where one rank holds both (pp = 1), and
+held again by the last pipeline stage otherwise (cut_stage keeps it as that stage's lm_head.weight).
+GPT-2 124M: 50257*768 + 1024*768 + 12*(12*768^2 + 13*768) + 2*768 = 124,439,808.
+
+What a rank keeps between steps (workload train), w = 4 bytes for float32 and bf16-mixed (float32 master
+weights, runner/gpt/precision.py), 2 for pure bfloat16:
+- parameters Psi*w, gradients Psi*w (a gradient has its parameter's dtype), AdamW's two moments 2*Psi*w
+  (created like the parameter) plus one 4-byte float32 step counter per optimized tensor;
+- ZeRO (Rajbhandari et al., SC 2020) over the dp replicas, as runner/gpt/zero.py lays it out: one unit per
+  block and one "outer" unit (embeddings, final LayerNorm, head), each padded to dp*S_u with
+  S_u = ceil(Psi_u/dp). Stage 1 shards the optimizer state (2*w*sum S_u, one step counter a unit),
+  stage 2 also the gradients (w*sum S_u at rest), stage 3 also the parameters (w*sum S_u at rest, plus
+  the gathered outer unit and two gathered blocks -- the one running and the prefetched one -- during a
+  step). The paper's mixed-precision figures are (2 + 2 + K)Psi, (2 + 2)Psi + K*Psi/Nd,
+  2Psi + (2 + K)Psi/Nd and (2 + 2 + K)Psi/Nd with K = 12; ours differ in where the 16 bytes a parameter
+  sit (float32 parameters and gradients, 8 bytes of moments: the master copy is the parameter itself),
+  so stage 1 here saves 8 bytes a parameter, not 12, and `zero_paper_bytes` gives the paper's for
+  comparison.
+- bf16-mixed: autocast casts each float32 weight to bfloat16 once per forward (2 bytes a matmul
+  weight), and autograd keeps that copy for the backward: one copy per microbatch in flight unless the
+  block is checkpointed, then one transient copy (the recompute casts again).
+
+Activations (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022,
+section 4, Table 2), bytes per transformer layer for a microbatch of b sequences of s tokens, width h,
+a heads, 16-bit activations (doubled for float32):
+    no parallelism                       s*b*h*(34 + 5*a*s/h)
+    tensor parallel t                    s*b*h*(10 + 24/t + 5*a*s/(h*t))
+    tensor + sequence parallel           s*b*h*(34 + 5*a*s/h)/t
+    full recompute (checkpointed block)  2*s*b*h (its input; /t under sequence parallelism)
+The 34 counts dropout masks and the 5as/h the stored attention scores; our model has no dropout and
+uses scaled_dot_product_attention, so the formula is an upper bound here (stated, not hidden).
+A checkpointed stage also needs one block's full activations while that block is recomputed.
+Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
+GPipe m; 1F1B min(p - r, m); ZB-H1 min(p - r, m) (Qi et al. 2023: the same peak as 1F1B); interleaved
+1F1B min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each (Megatron's warm-up
+count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth on rank 0).
+The last stage also holds a microbatch's logits and their gradient, float32 b*s*V_pad/t each.
+Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t * w bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+
+from runner.gpt.config import PRESETS, GPTConfig
+
+GiB = 2**30
+
+# The planner's models: the lab's presets plus well-known sizes in GPT-2 shape (learned positions,
+# LayerNorm, GELU MLP of 4h, biases, multi-head attention without grouped-query heads, tied head).
+# GPT-3 (Brown et al. 2020, table 2.1): 175B is 96 layers, d_model 12288, 96 heads; 13B is 40 layers,
+# 40 heads of 128 -- the table prints d_model 5140, which 40 heads do not divide; 40 x 128 = 5120 is used.
+# Llama-2-7B/70B-sized: their layers, heads and width (Touvron et al. 2023) in GPT-2 shape (no SwiGLU, no
+# GQA, no RoPE), so counts differ a little from Llama's own: 7B-sized is ~6.7B, 70B-sized ~64.7B.
+MODELS: dict[str, GPTConfig] = {
+    **PRESETS,
+    "gpt3-13b": GPTConfig(n_layer=40, n_head=40, n_embd=5120, vocab_size=50257, block_size=2048),
+    "gpt3-175b": GPTConfig(n_layer=96, n_head=96, n_embd=12288, vocab_size=50257, block_size=2048),
+    "llama2-7b-sized": GPTConfig(n_layer=32, n_head=32, n_embd=4096, vocab_size=32000, block_size=4096),
+    "llama2-70b-sized": GPTConfig(n_layer=80, n_head=64, n_embd=8192, vocab_size=32000, block_size=4096),
+}
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+DTYPES = ("float32", "bfloat16", "bf16-mixed")
+WORKLOADS = ("forward", "generate", "train")
+ADAM_STEP_BYTES = 4  # AdamW's `step` is a float32 0-d tensor per optimized tensor (torch.optim.AdamW)
+LOGIT_BYTES = 4  # cross entropy runs in float32 (the loss is cast to float32 under bf16-mixed too)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """tp x pp x dp ranks (tp innermost, runner/gpt/mesh.py) and the ZeRO stage over dp."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero_stage: int = 0
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def label(self) -> str:
+        zero = f" zero{self.zero_stage}" if self.zero_stage else ""
+        return f"tp{self.tp} pp{self.pp} dp{self.dp}{zero}"
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What runs on the layout: the spec fields the memory and the step time depend on.
+
+    batch is the global batch (all replicas); microbatches is m per replica (pipeline only; 0 = choose:
+    microbatches of one sequence when pp > 1, else 1)."""
+
+    workload: str = "train"
+    batch: int = 8
+    seq: int = 1024
+    new_tokens: int = 16
+    dtype: str = "float32"
+    checkpoint: str = "none"
+    schedule: str = "1f1b"
+    microbatches: int = 0
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    tp_style: str = "megatron"
+
+    @property
+    def checkpoint_every(self) -> int:
+        """0 for none, 1 for blocks, K for every-K (as RunSpec.checkpoint_every)."""
+        if self.checkpoint == "none":
+            return 0
+        if self.checkpoint == "blocks":
+            return 1
+        m = re.fullmatch(r"every-([1-9][0-9]*)", self.checkpoint)
+        if m is None:
+            raise ValueError(f"checkpoint {self.checkpoint!r} is not none, blocks or every-K")
+        return int(m.group(1))
+
+    @property
+    def param_width(self) -> int:
+        """Bytes per parameter element: 2 for pure bfloat16, else 4 (bf16-mixed keeps float32 masters)."""
+        return 2 if self.dtype == "bfloat16" else 4
+
+    @property
+    def activation_width(self) -> int:
+        """Bytes per activation element: 2 under bfloat16 and bf16-mixed (autocast), 4 under float32."""
+        return 4 if self.dtype == "float32" else 2
+
+    def microbatches_for(self, layout: Layout) -> int:
+        """m for this layout: the given one, or (0) one sequence per microbatch when pipelined, else 1."""
+        if self.microbatches:
+            return self.microbatches
+        return max(1, self.batch // layout.dp) if layout.pp > 1 else 1
+
+
+def padded_vocab(vocab_size: int, tp: int) -> int:
+    """The vocabulary rounded up to a multiple of tp (as runner/gpt/tp_layers.padded_vocab, torch-free)."""
+    return math.ceil(vocab_size / tp) * tp
+
+
+# ---- parameters ---------------------------------------------------------------------------------------
+def block_parameters(cfg: GPTConfig, tp: int = 1, tp_style: str = "megatron") -> int:
+    """Parameters of one transformer block on one tensor-parallel rank (see the module docstring)."""
+    h, b = cfg.n_embd, 1 if cfg.bias else 0
+    f = cfg.d_ff
+    layer_norms = 2 * (h + h * b)  # replicated
+    c_attn = (3 * h * h + 3 * h * b) // tp  # column: Q, K, V of this rank's heads
+    c_fc = (h * f + f * b) // tp  # column
+    mlp_proj = f * h // tp + h * b  # row: weight split by input columns, bias whole
+    attn_proj = h * h // tp + h * b if tp_style == "megatron" else h * h + h * b  # "gather": whole
+    return layer_norms + c_attn + c_fc + mlp_proj + attn_proj
+
+
+def block_tensors(cfg: GPTConfig) -> int:
+    """Parameter tensors of one block (AdamW keeps one step counter per tensor): 6 weights + 6 biases."""
+    return 12 if cfg.bias else 6
+
+
+@dataclass(frozen=True)
+class StageParameters:
+    """What pipeline rank `stage` holds on one tensor-parallel rank: its blocks and its outer parameters."""
+
+    stage: int
+    layers: tuple[int, ...]  # global layer ids of the rank's blocks (all its chunks)
+    block: int  # parameters of each block
+    outer: int  # embeddings, final LayerNorm, head (tied weight once)
+    outer_tensors: int
+    matmul: int  # parameters that multiply activations (autocast casts them): no positions, no LayerNorms
+
+    @property
+    def total(self) -> int:
+        return self.block * len(self.layers) + self.outer
+
+
+def stage_layers(n_layer: int, pp: int, v: int, stage: int) -> tuple[int, ...]:
+    """Global layer ids of pipeline rank `stage`: chunk c is virtual stage c*pp + stage of pp*v equal ones
+    (runner/gpt/pipeline.py cut_chunks)."""
+    per = n_layer // (pp * v)
+    return tuple(i for c in range(v) for i in range((c * pp + stage) * per, (c * pp + stage + 1) * per))
+
+
+def rank_parameters(
+    cfg: GPTConfig, layout: Layout, stage: int, v: int = 1, tp_style: str = "megatron"
+) -> StageParameters:
+    """Parameters of one rank of pipeline stage `stage` (before ZeRO), exactly as the model holds them."""
+    h, b = cfg.n_embd, 1 if cfg.bias else 0
+    tp, pp = layout.tp, layout.pp
+    vocab_rows = padded_vocab(cfg.vocab_size, tp) // tp
+    has_embed = stage == 0
+    has_head = stage == pp - 1
+    outer, tensors, matmul = 0, 0, 0
+    if has_embed:
+        outer += vocab_rows * h + cfg.block_size * h
+        tensors += 2
+        matmul += vocab_rows * h
+    if has_head:
+        outer += h + h * b  # final LayerNorm
+        tensors += 2 if b else 1
+        if not has_embed:  # the tied weight again, as this stage's own lm_head.weight
+            outer += vocab_rows * h
+            tensors += 1
+        matmul += vocab_rows * h if not has_embed else 0
+    layers = stage_layers(cfg.n_layer, pp, v, stage)
+    blk = block_parameters(cfg, tp, tp_style)
+    blk_matmul = blk - 2 * (h + h * b)
+    return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers))
+
+
+def full_parameters(cfg: GPTConfig) -> int:
+    """The whole model's parameters (tied head once): rank_parameters of a 1 x 1 x 1 layout."""
+    return rank_parameters(cfg, Layout(), 0).total
+
+
+# ---- activations --------------------------------------------------------------------------------------
+def layer_activation_bytes(s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Korthikanti et al. 2022 Table 2: 16-bit activation bytes one transformer layer saves for backward."""
+    if tp > 1 and sequence_parallel:
+        return s * b * h * (34 + 5 * a * s / h) / tp
+    return s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+
+
+def checkpointed_layer_bytes(s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Korthikanti et al. 2022 (full recompute): a checkpointed layer keeps only its 16-bit input, 2sbh
+    (sequence-sharded under sequence parallelism)."""
+    return 2 * s * b * h / (tp if tp > 1 and sequence_parallel else 1)
+
+
+def in_flight(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> float:
+    """Microbatches whose activations pipeline rank `stage` holds at its peak, in units of the rank's whole
+    share of layers (an interleaved chunk-microbatch counts 1/v)."""
+    if pp <= 1:
+        return 1.0
+    if schedule == "gpipe":
+        return float(m)
+    if schedule == "interleaved-1f1b":
+        chunks = min(2 * (pp - stage - 1) + (v - 1) * pp + 1, v * m)
+        return chunks / v
+    return float(min(pp - stage, m))  # 1f1b and zb-h1
+
+
+def zero_paper_bytes(psi: float, nd: int, stage: int, k: int = 12) -> float:
+    """Rajbhandari et al. 2020 figure 1: model-state bytes per device under mixed-precision Adam."""
+    if stage == 0:
+        return (2 + 2 + k) * psi
+    if stage == 1:
+        return (2 + 2) * psi + k * psi / nd
+    if stage == 2:
+        return 2 * psi + (2 + k) * psi / nd
+    return (2 + 2 + k) * psi / nd
+
+
+# ---- the rank's memory --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankMemory:
+    """Predicted bytes of one rank (pipeline stage `stage`); `total` is what must fit on the device."""
+
+    stage: int
+    param_count: int  # parameters held between steps (shards under ZeRO-3)
+    param_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    kv_cache_bytes: int
+    transient_bytes: int  # during a step only: gathered ZeRO-3 units, autocast copies, logits, recompute
+    microbatch_size: int
+    in_flight: float
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def states_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def total(self) -> int:
+        return self.states_bytes + self.activation_bytes + self.kv_cache_bytes + self.transient_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "notes": list(self.notes), "total": self.total}
+
+
+def _shard(n: int, dp: int) -> int:
+    return math.ceil(n / dp)
+
+
+def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> RankMemory:
+    """Bytes on one rank of pipeline stage `stage` (any tp and dp coordinate: they hold the same)."""
+    tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero_stage
+    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    sp = rank_parameters(cfg, layout, stage, v, work.tp_style)
+    w = work.param_width
+    train = work.workload == "train"
+    psi = sp.total
+    n_tensors = sp.outer_tensors + block_tensors(cfg) * len(sp.layers)
+    units = [sp.block] * len(sp.layers) + ([sp.outer] if sp.outer else [])
+    sharded = sum(_shard(u, dp) for u in units)
+    notes: list[str] = []
+    zero = zero if dp > 1 else 0
+    params = sharded if zero == 3 else psi
+    grads = 0
+    optimizer = 0
+    transient = 0
+    if train:
+        grads = sharded if zero >= 2 else psi
+        optimizer = (
+            (2 * sharded * w + ADAM_STEP_BYTES * len(units))
+            if zero >= 1
+            else (2 * psi * w + ADAM_STEP_BYTES * n_tensors)
+        )
+        if zero >= 2 and pp > 1:  # inside a pipeline all of the stage's full gradients exist before reducing
+            transient += (psi - sharded) * w
+            notes.append("ZeRO-2/3 in a pipeline: the stage's full gradients exist until the reduce-scatter")
+    if zero == 3:  # gathered during a step: the outer unit, the running block and the prefetched one
+        gathered = sp.outer + min(2, len(sp.layers)) * sp.block
+        transient += gathered * w
+        if train and pp == 1:
+            transient += sp.block * w  # one unit's full gradients before its reduce-scatter
+    m = work.microbatches_for(layout)
+    rows = max(1, work.batch // dp)
+    mb = max(1, rows // m) if work.workload == "train" else rows
+    s, h, a = work.seq, cfg.n_embd, cfg.n_head
+    scale = work.activation_width / 2  # the paper counts 16-bit activations
+    flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
+    activations = 0.0
+    kv = 0
+    if train:
+        every = work.checkpoint_every
+        full = layer_activation_bytes(s, mb, h, a, tp, work.sequence_parallel) * scale
+        ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * scale
+        n_ckpt = sum(1 for i in sp.layers if every and (i + 1) % every == 0)
+        per_microbatch = n_ckpt * ckpt + (len(sp.layers) - n_ckpt) * full
+        activations = flight * per_microbatch
+        if n_ckpt:
+            transient += int(full)  # the block being recomputed
+        if stage == pp - 1:
+            transient += 2 * mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
+        if work.dtype == "bf16-mixed":
+            # autocast's bf16 weight copies: kept by autograd per microbatch in flight unless recomputed
+            copies = 1 if every == 1 else math.ceil(flight)
+            transient += 2 * sp.matmul * copies
+            notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
+    else:
+        # inference keeps no activations for backward: one layer's working set at a time
+        transient += int(layer_activation_bytes(s, mb, h, a, tp, work.sequence_parallel) * scale)
+        if stage == pp - 1:
+            transient += mb * (s if work.workload == "forward" else 1) * padded_vocab(cfg.vocab_size, tp) // tp * 4
+        if work.workload == "generate":
+            kv = 2 * len(sp.layers) * mb * (s + work.new_tokens) * (h // tp) * work.activation_width
+    return RankMemory(
+        stage=stage,
+        param_count=params,
+        param_bytes=params * w,
+        grad_bytes=grads * w,
+        optimizer_bytes=optimizer,
+        activation_bytes=int(activations),
+        kv_cache_bytes=kv,
+        transient_bytes=int(transient),
+        microbatch_size=mb,
+        in_flight=flight,
+        notes=tuple(notes),
+    )
+
+
+def layout_memory(cfg: GPTConfig, layout: Layout, work: Workload) -> RankMemory:
+    """The rank that needs the most bytes (pipeline stages differ: the first holds the most microbatches,
+    the first and last the embedding and head)."""
+    return max((rank_memory(cfg, layout, work, r) for r in range(layout.pp)), key=lambda m: m.total)
+
+
+def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]:
+    """Why this layout cannot run this model at all (divisibility, options), whatever the device."""
+    out = []
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    if cfg.n_head % tp:
+        out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
+    if cfg.d_ff % tp or cfg.n_embd % tp:
+        out.append(f"n_embd {cfg.n_embd} not divisible by tp {tp}")
+    if cfg.n_layer % (pp * v):
+        what = f"pp {pp} x virtual stages {v}" if v > 1 else f"pp {pp}"
+        out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
+    if work.batch % dp:
+        out.append(f"batch {work.batch} not divisible by dp {dp}")
+    elif pp > 1:
+        m = work.microbatches_for(layout)
+        if (work.batch // dp) % m:
+            out.append(f"batch per replica {work.batch // dp} not divisible by {m} microbatches")
+        if v > 1 and m % pp:
+            out.append(f"interleaved-1f1b needs microbatches ({m}) to be a multiple of pp {pp}")
+    if layout.zero_stage and (dp < 2 or work.workload != "train"):
+        out.append("ZeRO needs dp >= 2 and workload train")
+    if work.sequence_parallel and tp > 1 and work.seq % tp:
+        out.append(f"seq {work.seq} not divisible by tp {tp} (sequence parallelism)")
+    if work.seq + (work.new_tokens if work.workload == "generate" else 0) > cfg.block_size:
+        out.append(f"seq {work.seq} exceeds the model's block_size {cfg.block_size}")
+    return out
+
+
+def with_dims(cfg: GPTConfig, **dims: int | None) -> GPTConfig:
+    """A config with custom dimensions applied (None leaves one as it is)."""
+    return replace(cfg, **{k: v for k, v in dims.items() if v is not None})
