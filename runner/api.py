@@ -99,13 +99,15 @@ def target_gpu_count(engine: Engine, run_on: str | None) -> int | None:
 
 def target_partition(engine: Engine, run_on: str | None) -> tuple[Partition | None, bool]:
     """(the Slurm partition the target host's runner published, whether the target is known): the host's
-    last lease, alive or not, since a Slurm runner restarting still serves the same partition. (None, False)
-    when no runner ever reported for that host (nothing to judge `nodes` by)."""
+    last lease, alive or not, since a Slurm runner restarting still serves the same partition. This machine
+    without a lease counts as a machine (its runner, which `submit --wait` starts, is a local one); (None,
+    False) for another host whose runner never reported (nothing to judge `nodes` by)."""
     if run_on == ANY_HOST:
         return None, True
+    here = run_on in (None, this_host())
     lease = host_rows.runner_status(engine, run_on or this_host())
     if lease is None:
-        return None, False
+        return None, here
     return (Partition.from_dict(lease["cluster"]) if lease.get("cluster") else None), True
 
 

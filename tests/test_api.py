@@ -115,7 +115,12 @@ def test_a_slurm_target_is_judged_by_its_partition_before_anything_is_stored(slu
     with pytest.raises(SpecError) as exc:  # nodes where there is no partition
         api.submit(engine, {"strategy": "pipeline", "pp": 2, "microbatches": 2, "nodes": 2})
     assert fields(exc) == {"nodes": "nodes only apply to a Slurm partition: leave it empty for this machine"}
-    assert api.count_runs(engine) == 2
+    leases.release_lease(engine, "runner-alpha")  # this machine's runner not started yet: still a machine
+    with pytest.raises(SpecError) as exc:
+        api.submit(engine, {"strategy": "pipeline", "pp": 2, "microbatches": 2, "nodes": 2})
+    assert "nodes only apply to a Slurm partition" in fields(exc)["nodes"]
+    assert api.submit(engine, {"strategy": "single", "nodes": 1}, run_on="gamma")  # never reported: judged there
+    assert api.count_runs(engine) == 3
 
 
 def test_the_cli_submit_to_a_slurm_host_gets_the_same_messages(slurm_lab, lab_home):
