@@ -376,32 +376,46 @@ class ZeroShards:
         if pad:
             parts.append(torch.zeros(pad, dtype=u.full.dtype, device=u.full.device))
         flat = torch.cat(parts)
-        if self.stage == 1:
+        if self.stage == 1:  # the reduced flat buffer becomes the gradients: nothing extra to bound
             u.pending_reduce = self.comm.all_reduce_async(flat)
             return
         for p in u.params:
             p.grad = None  # only the shard's slice of the gradient is kept (stages 2, 3)
+        # At most one reduce-scatter in flight, as FSDP2 does: each holds a whole unit's flat gradient
+        # until it completes, so letting them pile up during backward would bring back the full
+        # gradients' memory that stage 2 removes. The previous one had this unit's backward to finish.
+        for other in self.units:
+            if other.pending_reduce is not None:
+                self._complete_reduce(other)
         out = torch.empty(u.shard_numel, dtype=flat.dtype, device=flat.device)
         u.pending_reduce, u.reduce_input = reduce_scatter_async(self.comm, out, flat)
 
     @torch.no_grad()
+    def _complete_reduce(self, u: Unit) -> None:
+        reduced = u.pending_reduce.wait()
+        u.pending_reduce, u.reduce_input = None, None
+        reduced /= self.n  # the mean over replicas, as plain data parallelism
+        if self.stage == 1:
+            for p, off in zip(u.params, u.offsets, strict=True):
+                p.grad = reduced[off : off + p.numel()].view_as(p)
+            u.shard.grad = reduced[self.r * u.shard_numel : (self.r + 1) * u.shard_numel]
+        else:
+            u.shard.grad = reduced
+
+    @torch.no_grad()
     def _finish_gradients(self) -> None:
+        """Reduce what backward did not start (all of it inside a pipeline), then complete every reduction."""
         for u in self.units:
-            if u.pending_reduce is None:
+            if u.pending_reduce is None and u.shard.grad is None:
                 self._start_reduce(u)
-        held = 0
         for u in self.units:
-            reduced = u.pending_reduce.wait()
-            u.pending_reduce, u.reduce_input = None, None
-            reduced /= self.n  # the mean over replicas, as plain data parallelism
-            if self.stage == 1:
-                for p, off in zip(u.params, u.offsets, strict=True):
-                    p.grad = reduced[off : off + p.numel()].view_as(p)
-                u.shard.grad = reduced[self.r * u.shard_numel : (self.r + 1) * u.shard_numel]
-            else:
-                u.shard.grad = reduced
-            held += nbytes(reduced)
-        self.grad_bytes = held
+            if u.pending_reduce is not None:
+                self._complete_reduce(u)
+        held = {}
+        for u in self.units:  # stage 1's shard gradient is a view of its unit's: count storages once
+            g = u.shard.grad
+            held[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
+        self.grad_bytes = sum(held.values())
 
 
 def _in_backward() -> bool:
