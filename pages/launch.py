@@ -12,7 +12,7 @@ from runner.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses
-from ui.hosts import HERE, host_lines, target_for, targets
+from ui.hosts import HERE, host_lines, partition_text, target_for, targets
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -145,6 +145,8 @@ with right:
     )  # fmt: skip
     values["_gpu_count"] = target.gpu_count
     values["_target"] = target  # the spec is judged against where it runs: a partition's nodes and layout rules
+    if target.is_slurm:  # the choice's label is cut to the box's width: the partition's facts in full
+        st.caption(f"Partition {target.partition.name}: {partition_text(target.partition)} (from sinfo)")
     if not target.is_slurm and st.session_state.get(K + "nodes") is not None:
         st.session_state[K + "nodes"] = None  # nodes apply to a partition only: a disabled box shows nothing
     values["nodes"] = st.number_input(

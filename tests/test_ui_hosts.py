@@ -275,6 +275,7 @@ def test_launch_on_a_slurm_partition_takes_nodes_and_checks_the_layout_before_la
     assert at.number_input(key="launch_nodes").disabled  # this machine: no nodes to choose
     at.selectbox(key="launch_run_on").select("slurm-lab").run()
     assert not at.number_input(key="launch_nodes").disabled
+    assert "Partition lab: 2 nodes x 4 CPUs, no GPUs, 2 idle (from sinfo)" in texts(at.caption)
     at.selectbox(key="launch_strategy").select("pipeline").run()
     at.number_input(key="launch_nodes").set_value(2).run()
     assert not at.error and not at.button(key="launch_submit").disabled, texts(at.error)
