@@ -101,16 +101,15 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
 def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...] = (0,),
          efficiency: float = DEFAULT_EFFICIENCY, use_all: bool = True) -> Plan:  # fmt: skip
     """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
-    (ZeRO only where dp > 1), judged and ranked."""
+    (a layout without data parallelism, or not training, takes stage 0), judged and ranked."""
     counts = [devices.count] if use_all else list(range(1, devices.count + 1))
     out = Plan(cfg, work, devices, efficiency=efficiency)
     for n in counts:
         for tp in divisors(n):
             for pp in divisors(n // tp):
                 dp = n // tp // pp
-                for z in zero_stages:
-                    if z and (dp < 2 or work.workload != "train"):
-                        continue
+                shardable = dp > 1 and work.workload == "train"
+                for z in sorted({z if shardable else 0 for z in zero_stages}):
                     c = evaluate(cfg, Layout(tp, pp, dp, z), work, devices, efficiency)
                     (out.feasible if c.feasible else out.infeasible).append(c)
     out.feasible.sort(key=lambda c: (c.step.total, c.memory.total))  # type: ignore[union-attr]

@@ -1,0 +1,165 @@
+"""`python -m runner plan` and `python -m runner calibrate`: parsers and what they run.
+
+runner/__main__.py wires them: `add_plan_parser(sub)` / `add_calibrate_parser(sub)` add the subcommands,
+and `run_plan(args)` / `run_calibrate(args)` run them (exit status). The plan is a ranked table of the
+feasible layouts with predicted memory per device and step time, then the infeasible ones with their
+reasons; `--json` prints `Plan.to_dict()` for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from runner.planner.devices import KINDS, Devices, described, from_partition, preset
+from runner.planner.layouts import Plan, plan
+from runner.planner.memory import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload, with_dims
+from runner.planner.step_time import DEFAULT_EFFICIENCY
+
+
+def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `plan` subcommand on an argparse subparsers object."""
+    p = sub.add_parser("plan", help="which tp x pp x dp (x ZeRO) layout for a model on these devices")
+    p.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="a preset (dimensions below override)")
+    for dim in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+        p.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=int, default=None)
+    p.add_argument("--workload", default="train", choices=WORKLOADS)
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences, all replicas)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's block_size)")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES)
+    p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
+    p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
+    p.add_argument("--microbatches", type=int, default=0, help="per replica; 0: one sequence each when pipelined")
+    p.add_argument("--virtual-stages", type=int, default=1)
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
+    p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY, help="share of peak FLOP/s reached")
+    dev = p.add_argument_group("devices: a known GPU (--gpu), this host (--this-host), a Slurm partition, or described")
+    dev.add_argument("--gpus", type=int, default=8, help="device count")
+    dev.add_argument("--gpu", default=None, choices=sorted(KINDS), help="a known GPU kind")
+    dev.add_argument("--gpus-per-node", type=int, default=None)
+    dev.add_argument("--this-host", action="store_true", help="this host's GPUs (NVML), else its calibrated CPU")
+    dev.add_argument("--partition", default=None, help="a Slurm partition (sinfo); with --gpu for the GPU kind")
+    dev.add_argument("--memory-gib", type=float, default=None, help="described: memory per device")
+    dev.add_argument("--tflops", type=float, default=None, help="described: bf16 peak TFLOP/s per device")
+    dev.add_argument("--bw-intra", type=float, default=None, help="described: GB/s per device within a node")
+    dev.add_argument("--bw-inter", type=float, default=None, help="described: GB/s per device between nodes")
+    p.add_argument("--top", type=int, default=15, help="rows of each table (--json prints all)")
+    p.add_argument("--json", action="store_true")
+    return p
+
+
+def devices_from_args(args: argparse.Namespace) -> Devices:
+    """The devices the arguments describe; raises ValueError saying what is missing."""
+    if args.this_host:
+        from runner.planner.calibrate import this_host_devices
+
+        return this_host_devices()
+    if args.partition:
+        from runner.cluster import read_partition
+
+        if not args.gpu:
+            raise ValueError("--partition needs --gpu KIND (sinfo does not say which GPU the nodes have)")
+        return from_partition(read_partition(args.partition), args.gpu)
+    if args.memory_gib is not None or args.tflops is not None:
+        missing = [f for f in ("memory_gib", "tflops", "bw_intra", "bw_inter") if getattr(args, f) is None]
+        if missing:
+            raise ValueError("described devices need " + ", ".join("--" + m.replace("_", "-") for m in missing))
+        per = args.gpus_per_node or min(args.gpus, 8)
+        return described(args.gpus, args.memory_gib, args.tflops, args.bw_intra, args.bw_inter, per)
+    return preset(args.gpu or "h100-80gb", args.gpus, args.gpus_per_node)
+
+
+def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
+    return Workload(
+        workload=args.workload,
+        batch=args.batch,
+        seq=args.seq or block_size,
+        new_tokens=args.new_tokens,
+        dtype=args.dtype,
+        checkpoint=args.checkpoint,
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        virtual_stages=args.virtual_stages,
+        sequence_parallel=args.sequence_parallel,
+    )
+
+
+def format_plan(result: Plan, top: int = 15) -> str:
+    """The ranked table and the infeasible list, as plain text."""
+    lines = [
+        f"{result.devices.describe()} [{result.devices.source}]",
+        f"model: {result.model.n_layer} layers, {result.model.n_head} heads, width {result.model.n_embd}; "
+        f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
+        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; compute at {result.efficiency:.0%} of peak",
+        "",
+        f"{'layout':<22}{'mb':>5}{'GiB/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
+        f"{'step s':>9}{'bubble':>8}{'comm s':>8}",
+    ]
+    for c in result.feasible[:top]:
+        m, s = c.memory, c.step
+        assert m is not None and s is not None
+        comm = s.tp_comm_s + s.pp_comm_s + s.dp_comm_s
+        lines.append(
+            f"{c.layout.label():<22}{c.microbatches:>5}{m.total / GiB:>10.1f}{m.param_bytes / GiB:>9.1f}"
+            f"{m.grad_bytes / GiB:>8.1f}{m.optimizer_bytes / GiB:>8.1f}{m.activation_bytes / GiB:>8.1f}"
+            f"{(m.kv_cache_bytes + m.transient_bytes) / GiB:>8.1f}{s.total:>9.3g}{s.bubble_fraction:>8.1%}{comm:>8.3g}"
+        )
+    if len(result.feasible) > top:
+        lines.append(f"... {len(result.feasible) - top} more feasible (--top N or --json)")
+    if not result.feasible:
+        lines.append("(no layout fits)")
+    lines += ["", f"infeasible ({len(result.infeasible)}):"]
+    for c in result.infeasible[:top]:
+        lines.append(f"  {c.layout.label():<22}{'; '.join(c.reasons)}")
+    if len(result.infeasible) > top:
+        lines.append(f"  ... {len(result.infeasible) - top} more")
+    return "\n".join(lines)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; 2 on bad arguments."""
+    cfg = with_dims(
+        MODELS[args.model], **{d: getattr(args, d) for d in MODELS[args.model].to_dict() if hasattr(args, d)}
+    )
+    try:
+        zero = tuple(sorted({int(z) for z in str(args.zero).split(",") if z.strip()}))
+        if any(z not in (0, 1, 2, 3) for z in zero):
+            raise ValueError("--zero takes stages 0 to 3")
+        devices = devices_from_args(args)
+        work = workload_from_args(args, cfg.block_size)
+        work.checkpoint_every  # noqa: B018 -- raises ValueError for a bad policy
+    except ValueError as exc:
+        print(f"plan: {exc}", file=sys.stderr)
+        return 2
+    result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(format_plan(result, args.top))
+    return 0
+
+
+def add_calibrate_parser(sub: Any) -> argparse.ArgumentParser:
+    """The `calibrate` subcommand: measure this host's matmul rate and all-reduce bandwidth and store them."""
+    p = sub.add_parser("calibrate", help="measure this host's matmul rate and link bandwidth for the planner")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--size", type=int, default=1024, help="matmul size n (n x n times n x n)")
+    p.add_argument("--mib", type=int, default=16, help="all-reduce payload in MiB")
+    p.add_argument("--no-store", action="store_true", help="print only, do not store in the database")
+    return p
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from runner.planner.calibrate import calibrate_and_store
+
+    try:
+        cal = calibrate_and_store(device=args.device, size=args.size, mib=args.mib, store=not args.no_store)
+    except RuntimeError as exc:
+        print(f"calibrate: {exc}", file=sys.stderr)
+        return 1
+    print(cal.describe())
+    return 0

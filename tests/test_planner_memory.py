@@ -1,0 +1,175 @@
+"""The planner's memory model against hand-computed cases and the papers' own numbers (no torch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runner.gpt.config import PRESETS, count_parameters
+from runner.planner.devices import preset
+from runner.planner.layouts import GUIDE_175B_LAYOUT, GUIDE_175B_WORK, evaluate
+from runner.planner.memory import (
+    MODELS,
+    GiB,
+    Layout,
+    Workload,
+    checkpointed_layer_bytes,
+    full_parameters,
+    in_flight,
+    layer_activation_bytes,
+    layout_memory,
+    rank_memory,
+    rank_parameters,
+    zero_paper_bytes,
+)
+
+TINY = PRESETS["tiny"]  # 4 layers, 4 heads, width 64, vocabulary 512, 128 positions
+
+
+def test_gpt2_124m_parameters_exact():
+    # GPT-2 small as published in Hugging Face's gpt2 checkpoint: 124,439,808 with the head tied
+    assert full_parameters(MODELS["gpt2"]) == 124_439_808
+    assert count_parameters(MODELS["gpt2"]) == 124_439_808  # the model's own count agrees
+
+
+def test_gpt3_175b_is_175b():
+    # Brown et al. 2020 table 2.1: 175.0B; ours (GPT-2 shape, learned positions of 2048) 174.6B
+    assert full_parameters(MODELS["gpt3-175b"]) == pytest.approx(175.0e9, rel=0.005)
+    assert full_parameters(MODELS["gpt3-13b"]) == pytest.approx(13.0e9, rel=0.02)
+
+
+def test_tensor_parallel_rank_parameters_by_hand():
+    # tiny over tp 2, Megatron style, counted one tensor at a time:
+    h, V, P = 64, 512, 128
+    ln = 2 * (h + h)  # ln_1, ln_2 whole
+    c_attn = (3 * h * h + 3 * h) // 2
+    attn_proj = h * h // 2 + h  # row-parallel weight split, bias whole
+    c_fc = (4 * h * h + 4 * h) // 2
+    mlp_proj = 4 * h * h // 2 + h
+    block = ln + c_attn + attn_proj + c_fc + mlp_proj
+    assert block == 25184
+    expect = V // 2 * h + P * h + 4 * block + 2 * h
+    assert rank_parameters(TINY, Layout(tp=2), 0).total == expect == 125440
+
+
+def test_vocabulary_padding_and_pipeline_head():
+    # gpt2's 50257 rows over tp 4: 12565 rows a rank (50260 padded); pp 2: the last stage holds the tied head
+    # again as its own lm_head, plus the final LayerNorm
+    cfg, h = MODELS["gpt2"], 768
+    first = rank_parameters(cfg, Layout(tp=4, pp=2), 0)
+    last = rank_parameters(cfg, Layout(tp=4, pp=2), 1)
+    block = 2 * 2 * h + (3 * h * h + 3 * h) // 4 + h * h // 4 + h + (4 * h * h + 4 * h) // 4 + 4 * h * h // 4 + h
+    assert first.total == 12565 * h + 1024 * h + 6 * block
+    assert last.total == 6 * block + 2 * h + 12565 * h
+
+
+def test_adam_state_by_hand():
+    # float32 AdamW: exp_avg + exp_avg_sq, 4 bytes each a parameter, and a 4-byte step per tensor:
+    # gpt2 has 12 blocks x 12 tensors + wte, wpe, ln_f.weight, ln_f.bias = 148 tensors
+    m = rank_memory(MODELS["gpt2"], Layout(), Workload(batch=1, seq=8), 0)
+    assert m.param_bytes == 4 * 124_439_808
+    assert m.grad_bytes == 4 * 124_439_808
+    assert m.optimizer_bytes == 8 * 124_439_808 + 4 * 148
+    # pure bfloat16: everything in 2 bytes (AdamW's moments follow the parameter's dtype)
+    bf = rank_memory(MODELS["gpt2"], Layout(), Workload(batch=1, seq=8, dtype="bfloat16"), 0)
+    assert bf.optimizer_bytes == 4 * 124_439_808 + 4 * 148
+    # bf16-mixed keeps float32 master weights: the model states are float32's
+    mixed = rank_memory(MODELS["gpt2"], Layout(), Workload(batch=1, seq=8, dtype="bf16-mixed"), 0)
+    assert mixed.states_bytes == m.states_bytes
+    # inference keeps no gradients or optimizer state
+    fwd = rank_memory(MODELS["gpt2"], Layout(), Workload(workload="forward", batch=1, seq=8), 0)
+    assert fwd.grad_bytes == fwd.optimizer_bytes == 0
+
+
+def test_zero_paper_figure_1():
+    # Rajbhandari et al. 2020, figure 1: 7.5B parameters, Nd = 64, K = 12:
+    # baseline 120 GB, P_os 31.4 GB, P_os+g 16.6 GB, P_os+g+p 1.88 GB
+    psi = 7.5e9
+    assert zero_paper_bytes(psi, 64, 0) / 1e9 == pytest.approx(120, abs=0.05)
+    assert zero_paper_bytes(psi, 64, 1) / 1e9 == pytest.approx(31.4, abs=0.05)
+    assert zero_paper_bytes(psi, 64, 2) / 1e9 == pytest.approx(16.6, abs=0.1)
+    assert zero_paper_bytes(psi, 64, 3) / 1e9 == pytest.approx(1.88, abs=0.01)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_by_hand(stage):
+    # gpt2 over dp 8, float32: 13 units (12 blocks of 7,087,872 and the outer 38,597,376 + 786,432 + 1,536)
+    psi, dp = 124_439_808, 8
+    block, outer = 12 * 768 * 768 + 13 * 768, 50257 * 768 + 1024 * 768 + 2 * 768
+    assert 12 * block + outer == psi
+    shards = 12 * -(-block // dp) + -(-outer // dp)  # ceil: each unit padded to a multiple of dp
+    m = rank_memory(MODELS["gpt2"], Layout(dp=dp, zero_stage=stage), Workload(batch=8, seq=8), 0)
+    params = {1: 4 * psi, 2: 4 * psi, 3: 4 * shards}[stage]
+    grads = {1: 4 * psi, 2: 4 * shards, 3: 4 * shards}[stage]
+    assert (m.param_bytes, m.grad_bytes, m.optimizer_bytes) == (params, grads, 8 * shards + 4 * 13)
+    # the paper's shape with our widths (4 + 4 + 8 bytes, master = the parameter): 8Psi + 8Psi/Nd,
+    # 4Psi + 12Psi/Nd, 16Psi/Nd, up to the padding (< 1 element a unit)
+    paper_shape = {1: 8 * psi + 8 * psi / dp, 2: 4 * psi + 12 * psi / dp, 3: 16 * psi / dp}[stage]
+    assert m.states_bytes == pytest.approx(paper_shape, abs=16 * 13 + 4 * 13)
+
+
+def test_korthikanti_activations_small_case():
+    # s = 4, b = 2, h = 8, a = 2: sbh = 64
+    assert layer_activation_bytes(4, 2, 8, 2) == 64 * (34 + 5 * 2 * 4 / 8)  # 2496
+    assert layer_activation_bytes(4, 2, 8, 2) == 2496
+    assert layer_activation_bytes(4, 2, 8, 2, tp=2) == 64 * (10 + 24 / 2 + 5 * 2 * 4 / (8 * 2))  # 1568
+    assert layer_activation_bytes(4, 2, 8, 2, tp=2, sequence_parallel=True) == 2496 / 2
+    assert checkpointed_layer_bytes(4, 2, 8) == 128  # 2sbh
+    assert checkpointed_layer_bytes(4, 2, 8, tp=2, sequence_parallel=True) == 64
+
+
+def test_korthikanti_gpt3_175b_layer():
+    # Korthikanti et al. section 4.1 / table 2 for GPT-3 175B (s 2048, b 1, h 12288, a 96), t = 8:
+    # sbh(10 + 24/8 + 5*96*2048/(12288*8)) = sbh * 23 bytes; with sequence parallelism sbh * 34 + 80 / 8
+    sbh = 2048 * 12288
+    assert layer_activation_bytes(2048, 1, 12288, 96, tp=8) == pytest.approx(sbh * 23)
+    assert layer_activation_bytes(2048, 1, 12288, 96, tp=8, sequence_parallel=True) == pytest.approx(sbh * 114 / 8)
+
+
+def test_microbatches_in_flight():
+    assert [in_flight("1f1b", 4, 8, r) for r in range(4)] == [4, 3, 2, 1]
+    assert in_flight("1f1b", 4, 2, 0) == 2  # fewer microbatches than stages
+    assert in_flight("gpipe", 4, 8, 3) == 8
+    assert in_flight("zb-h1", 4, 8, 0) == 4
+    # interleaved, p 4, v 2: Korthikanti eq. 5, L(1 + (p-1)/(p v)) layers' worth on rank 0, in units of
+    # the rank's L/p layers: p (1 + (p-1)/(p v)) = 5.5
+    assert in_flight("interleaved-1f1b", 4, 8, 0, v=2) == pytest.approx(4 * (1 + 3 / 8))
+
+
+def test_activations_of_a_1f1b_stage_by_hand():
+    # tiny, pp 2, batch 8, m 4 (b 2), seq 16, float32 (4-byte activations: twice the paper's 16-bit)
+    w = Workload(batch=8, seq=16, microbatches=4, schedule="1f1b")
+    m0 = rank_memory(TINY, Layout(pp=2), w, 0)
+    per_layer = 16 * 2 * 64 * (34 + 5 * 4 * 16 / 64) * 2
+    assert m0.in_flight == 2 and m0.microbatch_size == 2
+    assert m0.activation_bytes == int(2 * 2 * per_layer)  # 2 microbatches x 2 layers
+    ck = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="blocks"), 0)
+    assert ck.activation_bytes == int(2 * 2 * (2 * 16 * 2 * 64) * 2)  # 2sbh a layer, 4 bytes
+    every2 = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="every-2"), 0)
+    assert every2.activation_bytes == int(2 * (per_layer + 2 * 16 * 2 * 64 * 2))  # layer 1 checkpointed
+
+
+def test_kv_cache_by_hand():
+    w = Workload(workload="generate", batch=2, seq=10, new_tokens=6)
+    m = rank_memory(TINY, Layout(), w, 0)
+    assert m.kv_cache_bytes == 2 * 4 * 2 * (10 + 6) * 64 * 4  # K and V, 4 layers, b 2, 16 positions, h, fp32
+    assert rank_memory(TINY, Layout(tp=2), w, 0).kv_cache_bytes == m.kv_cache_bytes // 2
+
+
+def test_guide_175b_layout_fits_on_80_gib_and_one_gpu_does_not():
+    cfg, h100 = MODELS["gpt3-175b"], preset("h100-80gb", 512, 8)
+    guide = evaluate(cfg, GUIDE_175B_LAYOUT, GUIDE_175B_WORK, h100)
+    assert guide.feasible, guide.reasons
+    assert guide.memory is not None and 40 * GiB < guide.memory.total < 78 * GiB
+    # by hand: 174.6B / (4 x 8) parameters a rank ~ 5.6e9, 4 bytes each for weights and gradients
+    assert guide.memory.param_bytes == pytest.approx(4 * 5.6e9, rel=0.02)
+    one = evaluate(cfg, Layout(), GUIDE_175B_WORK, h100)
+    assert not one.feasible
+    assert one.reasons[0].startswith("needs ") and "GiB per GPU, you have 78.6 GiB" in one.reasons[0]
+    unsharded = evaluate(cfg, Layout(tp=4, pp=8, dp=16), GUIDE_175B_WORK, h100)
+    assert not unsharded.feasible and "GiB per GPU" in unsharded.reasons[0]
+
+
+def test_worst_rank_is_reported():
+    w = Workload(batch=8, seq=16, microbatches=4)
+    worst = layout_memory(TINY, Layout(pp=2), w)
+    assert worst.total == max(rank_memory(TINY, Layout(pp=2), w, r).total for r in range(2))
