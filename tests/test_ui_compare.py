@@ -151,3 +151,28 @@ def test_history_date_filter_lives_in_the_query_string(engine):
     at = page("pages/history.py", since=today, until=today)
     assert not at.exception
     assert any("1 run matches the filters" in c for c in texts(at.caption)), texts(at.caption)
+
+
+def test_guide_table_states_memory_as_bytes_per_rank_against_the_unsharded_run(engine):
+    """ZeRO-3 over 2 ranks of the tiny GPT (figures as the job measured them, tests/test_zero.py) holds half
+    the model state of the unsharded run: measured against a compared 'single' run when there is one,
+    else against the whole model's state computed from its 241024 parameters (4 + 4 + 8 bytes each)."""
+    from tests.test_ui_pages import finished_run
+
+    psi = 241024
+    single = {"param_count": psi, "param_bytes": 4 * psi, "optimizer_bytes": 8 * psi + 4 * 52}
+    zero3 = {"param_count": psi // 2, "param_bytes": 2 * psi, "grad_bytes": 2 * psi, "optimizer_bytes": 4 * psi + 20,
+             "zero_stage": 3}  # fmt: skip
+    a = finished_run(engine, RunSpec(strategy="single"), {}, [single])
+    b = finished_run(engine, RunSpec(strategy="data", dp=2, zero_stage=3), {}, [zero3, zero3])
+    both = guide_table([api.get_run(engine, i) for i in (a, b)])["memory efficiency"].tolist()
+    held, unsharded = (8 * psi + 20) / 2**20, (16 * psi + 208) / 2**20
+    assert both[0] == (f"{unsharded:.2f} MiB per rank (parameters {4 * psi / 2**20:.2f} + gradients "
+                       f"{4 * psi / 2**20:.2f} + optimizer {(8 * psi + 208) / 2**20:.2f}) = 1.00x the unsharded "
+                       f"{unsharded:.2f} MiB (#{a} single, measured)")  # fmt: skip
+    assert both[1] == (f"{held:.2f} MiB per rank (parameters {2 * psi / 2**20:.2f} + gradients "
+                       f"{2 * psi / 2**20:.2f} + optimizer {(4 * psi + 20) / 2**20:.2f}, ZeRO-3) = 0.50x the "
+                       f"unsharded {unsharded:.2f} MiB (#{a} single, measured)")  # fmt: skip
+    alone = guide_table([api.get_run(engine, b)])["memory efficiency"].iloc[0]
+    assert alone.endswith(f"= 0.50x the unsharded {16 * psi / 2**20:.2f} MiB (whole model, computed)")
+    assert not any(word in cell for cell in [*both, alone] for word in ("excellent", "good", "poor"))

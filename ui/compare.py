@@ -1,5 +1,13 @@
 """Comparing runs: the side-by-side figures, the guide's comparison table filled with measurements,
-ratios to a baseline run, and the spec settings that differ. Pure functions of get_run() dicts."""
+ratios to a baseline run, and the spec settings that differ. Pure functions of get_run() dicts.
+
+Memory efficiency is stated in bytes, not words: the model state the largest rank held between steps
+(its parameters, gradients and optimizer state, as the job measured them; a rank without a `grad_bytes`
+figure holds one gradient per parameter it holds when training) against what the unsharded run holds --
+a compared run of the same model, workload and dtype whose ranks hold the whole model (plain data
+parallelism, 'single'), measured; else the whole model's state computed from its parameter count
+(parameters, and in training a gradient and AdamW's two moments each, at the run's bytes per element).
+"""
 
 from __future__ import annotations
 
@@ -54,6 +62,7 @@ def run_figures(run: dict) -> dict[str, Any]:
         "peak_mem_mib_max": max((x["peak_mem_bytes"] for x in ranks), default=float("nan")) / 2**20,
         "peak_rss_mib_max": _max_mib(ranks, "peak_rss_bytes"),
         "params_share_max": max((x["param_count"] for x in ranks), default=float("nan")) / full_params,
+        "state_mib_max": _max_mib([{"state": state_bytes(x, spec.workload)} for x in ranks], "state"),
         "compute_share": sum(x["compute_s"] for x in ranks) / busy,
         "comm_share": sum(x["comm_s"] for x in ranks) / busy,
         "idle_share": sum(x["idle_s"] for x in ranks) / busy,
@@ -70,6 +79,68 @@ def run_figures(run: dict) -> dict[str, Any]:
 def _max_mib(ranks: list[dict], key: str) -> float | None:
     values = [x[key] for x in ranks if x.get(key) is not None]
     return max(values) / 2**20 if values else None
+
+
+def state_bytes(rank: dict, workload: str) -> int | None:
+    """Model-state bytes a rank held between steps: parameters, gradients and optimizer state (training)."""
+    params = rank.get("param_bytes")
+    if params is None:
+        return None
+    if workload != "train":
+        return params
+    grads = rank.get("grad_bytes")
+    # Only sharded gradients (ZeRO 2, 3) differ from the parameters; older runs did not record them.
+    return params + (params if grads is None else grads) + (rank.get("optimizer_bytes") or 0)
+
+
+def _largest_state(run: dict) -> dict | None:
+    """The rank holding the most model state, or None without figures."""
+    workload = run["spec"].get("workload", "train")
+    held = [(state_bytes(x, workload), x) for x in _ranks(run) if state_bytes(x, workload) is not None]
+    return max(held, key=lambda h: h[0])[1] if held else None
+
+
+def _holds_whole_model(run: dict) -> bool:
+    spec = RunSpec.from_dict(run["spec"])
+    ranks = _ranks(run)
+    full = count_parameters(spec.model_config())
+    unsharded = all(not x.get("zero_stage") for x in ranks)
+    return bool(ranks) and unsharded and all(x.get("param_count") == full for x in ranks)
+
+
+def unsharded_reference(run: dict, runs: list[dict]) -> tuple[int, str] | None:
+    """(bytes, where from) that one rank of the unsharded run holds, for the same model, workload and dtype."""
+    spec = RunSpec.from_dict(run["spec"])
+    same = (spec.model_config(), spec.workload, spec.dtype)
+    for other in runs:
+        o = RunSpec.from_dict(other["spec"])
+        if other.get("result") and (o.model_config(), o.workload, o.dtype) == same and _holds_whole_model(other):
+            rank = _largest_state(other)
+            if rank is not None:
+                return state_bytes(rank, o.workload), f"#{other['id']} {o.strategy}, measured"
+    rank = _largest_state(run)
+    if rank is None or not rank.get("param_count"):
+        return None
+    per_element = rank["param_bytes"] / rank["param_count"]
+    copies = 4 if spec.workload == "train" else 1  # parameter, gradient, AdamW's exp_avg and exp_avg_sq
+    return round(count_parameters(spec.model_config()) * per_element * copies), "whole model, computed"
+
+
+def memory_efficiency(run: dict, runs: list[dict]) -> str:
+    """The guide table's memory cell: the largest rank's model state against the unsharded run's, in MiB."""
+    rank = _largest_state(run)
+    ref = unsharded_reference(run, runs)
+    if rank is None or ref is None:
+        return "—"
+    workload = run["spec"].get("workload", "train")
+    held = state_bytes(rank, workload)
+    parts = f"parameters {rank['param_bytes'] / 2**20:.2f}"
+    if workload == "train":
+        grads = rank["param_bytes"] if rank.get("grad_bytes") is None else rank["grad_bytes"]
+        parts += f" + gradients {grads / 2**20:.2f} + optimizer {(rank.get('optimizer_bytes') or 0) / 2**20:.2f}"
+    zero = f", ZeRO-{rank['zero_stage']}" if rank.get("zero_stage") else ""
+    return (f"{held / 2**20:.2f} MiB per rank ({parts}{zero}) = {held / ref[0]:.2f}x the unsharded "
+            f"{ref[0] / 2**20:.2f} MiB ({ref[1]})")  # fmt: skip
 
 
 def comparison_table(runs: list[dict]) -> pd.DataFrame:
@@ -104,8 +175,7 @@ def guide_table(runs: list[dict]) -> pd.DataFrame:
                     default=0)  # fmt: skip
         rows.append({
             "run": f"#{f['run']} {f['strategy']} ({f['degrees']})",
-            "memory efficiency": f"{_level(f['params_share_max'], 0.3, 0.9, False)}: largest rank holds "
-                                 f"{f['params_share_max']:.0%} of the parameters",
+            "memory efficiency": memory_efficiency(_find(runs, f["run"]), runs),
             "compute efficiency": f"{_level(f['compute_share'], 0.75, 0.5, True)}: ranks compute "
                                   f"{f['compute_share']:.0%} of the time, idle {f['idle_share']:.0%}",
             "communication": f"{_level(f['comm_share'], 0.1, 0.3, False)}: {f['comm_mib_per_step']:.2f} MiB "
