@@ -34,7 +34,11 @@ bfloat16 measured 4.3e-3 to 8.8e-3 and 4.7e-3 to 1.2e-2 -- and below pure bfloat
 master weights and the float32 residual stream round less. Weights after one AdamW step: the
 parameters are float32 (no storage rounding, weights_rel 0), but a gradient within its bf16 error of
 zero may take the other sign, and Adam's first step is about lr·sign(g): up to 2 lr.
-tests/test_precision.py checks these bounds on the same model against the float32 reference.
+tests/test_precision.py checks these bounds on the same model against the float32 reference. What the
+bound cannot see: an error smaller than bf16's own rounding. On the tiny model, an MLP weight scaled by
+1.01 moves logits and gradients by less than bf16-mixed already differs (4e-3 to 5e-3); scaled by 1.1 it
+crosses the logits bound (2.5e-2). Gross mistakes (a gradient not averaged, a shard or stage missing)
+are tens of percent and fail; subtle ones are caught by verifying the same strategy in float32.
 
 Fault injection for tests: LAB_FAULT_CORRUPT_SHARD=<reference parameter name> scales that parameter
 by 1.01 on the ranks that hold it, after the model is built, so a test can watch verify fail.
