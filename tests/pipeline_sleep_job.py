@@ -1,7 +1,9 @@
 """Test-only job entry: the real `runner.job` with pipeline stages of known durations.
 
-Each stage's forward sleeps F_s and its backward B_s seconds per microbatch (LAB_TEST_STAGE_SECONDS,
-"F0,B0;F1,B1;..."), around a tensor that still flows through the real schedules, point-to-point
+Each (virtual) stage's forward sleeps F_s and its backward B_s seconds per microbatch, and where a third
+figure W_s is given, the gradient of one of its weights sleeps W_s more (LAB_TEST_STAGE_SECONDS,
+"F0,B0[,W0];F1,B1[,W1];...", one entry per virtual stage): a whole backward takes B_s + W_s, ZB-H1's input
+pass B_s and its weight pass W_s. A tensor still flows through the real schedules, point-to-point
 batches, clock and step loop. So the bubble the job measures can be checked against the one those
 durations imply (tests/test_pipeline.py). Launched by tests.jobs.run_torchrun(module=...).
 """
@@ -35,11 +37,18 @@ class _Sleep(torch.autograd.Function):
         return grad, None, None
 
 
-def run_stage(self: PipelineGPT, x: torch.Tensor, cache=None, start: int = 0, last_only: bool = False) -> torch.Tensor:
-    if self.prev is None:
-        x = self.stage.transformer.wte(x)  # token ids -> hidden states that carry a gradient
-    forward_s, backward_s = SECONDS[self.stage_id]
-    return _Sleep.apply(x, forward_s, backward_s)
+def run_stage(
+    self: PipelineGPT, x: torch.Tensor, cache=None, start: int = 0, last_only: bool = False, chunk: int = 0
+) -> torch.Tensor:
+    j = self.virtual_stage(chunk)
+    if j == 0:
+        x = self.chunks[0].transformer.wte(x)  # token ids -> hidden states that carry a gradient
+    forward_s, backward_s, *weight_s = SECONDS[j]
+    y = _Sleep.apply(x, forward_s, backward_s)
+    if weight_s:  # a branch to one weight whose gradient takes W_s: a split backward's W pass runs it
+        weight = next(iter(self.chunks[chunk].transformer.h.values())).ln_1.weight
+        y = y + 0 * _Sleep.apply(weight, 0.0, weight_s[0])
+    return y
 
 
 PipelineGPT.run_stage = run_stage

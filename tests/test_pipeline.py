@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.gpt.pipeline import gpipe, one_f_one_b
+from runner.gpt.schedules import schedule_ops
 from tests.jobs import read_events, run_torchrun
 
 pytestmark = pytest.mark.slow
@@ -29,10 +29,7 @@ def compute_order(events: list[dict], stage: int, step: int) -> list[tuple[str, 
 
 
 def expected_order(schedule: str, m: int, p: int, s: int) -> list[tuple[str, int]]:
-    order: list[tuple[str, int]] = []
-    fwd, bwd = (lambda i: order.append(("F", i))), (lambda i: order.append(("B", i)))
-    gpipe(m, fwd, bwd) if schedule == "gpipe" else one_f_one_b(m, p, s, fwd, bwd)
-    return order
+    return [(op.kind, op.microbatch) for op in schedule_ops(schedule, m, p, s)]
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

@@ -1,55 +1,65 @@
-"""The one engine every strategy runs: pipeline stages fed with microbatches, GPipe or 1F1B, with timelines.
+"""The one engine every strategy runs: pipeline stages fed with microbatches on a schedule, with timelines.
 
-Stage s is the GPT cut to layers [s*L/p, (s+1)*L/p) (runner/gpt/model.py cut_stage: the embedding on the
-first, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full logits come
-from the output functions it is given (plain, or vocab-parallel under tensor parallelism). With p = 1
-and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split ('layer');
-runner/gpt/build.py composes it for every strategy. Activations
-go forward and their gradients backward by point-to-point messages between neighbours. The schedules
-are plain functions over two callbacks:
-- `gpipe`: every microbatch's forward, then every backward (stores m activations);
-- `one_f_one_b`: p - s - 1 warm-up forwards, then one forward / one backward, then the remaining
-  backwards (stores at most p - s activations).
+Rank r of p holds v model chunks (runner/gpt/schedules.py): chunk c is virtual stage c*p + r, the GPT cut
+to layers [j*L/(pv), (j+1)*L/(pv)) of virtual stage j (runner/gpt/model.py cut_stage: the embedding on
+virtual stage 0, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full
+logits come from the output functions it is given (plain, or vocab-parallel under tensor parallelism).
+With p = 1 and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split
+('layer'); runner/gpt/build.py composes it for every strategy (`cut_chunks` cuts a rank's chunks). A
+training step runs the rank's list of operations from runner/gpt/schedules.py (`schedule_ops`: GPipe,
+1F1B, interleaved 1F1B, ZB-H1) as it is: F (forward of one chunk on one microbatch), B (its backward; in
+ZB-H1 only the input gradient) and W (ZB-H1's weight gradients). Activations go forward and their
+gradients backward by point-to-point messages between the ranks of neighbouring virtual stages (with
+v > 1 the last rank feeds the first one again).
 
 Point-to-point, and why it cannot deadlock (`StageLinks`). A stage never sends on its own: what an
-operation (a forward or backward of one microbatch) produces waits in an outbox and leaves in one
-batch (`batch_isend_irecv`) with the receive the stage's next operation needs, or alone right before
-an operation that receives nothing; the stage waits only on batches holding a receive, and on its
-remaining sends at the end. In 1F1B's steady state stage s sends activation i+1 to s+1 and then needs
-gradient i from it, while s+1 sends gradient i and then needs activation i+1: with a send followed by a
-separate receive, both ends send first, and on NCCL a send larger than its buffers completes only once
-the peer receives -- while p2p operations of one communicator run in order on one stream, so each
-peer's receive sits behind its own send and 1F1B deadlocks (Megatron-LM sends and receives together,
-pipeline_parallel/p2p_communication.py, for this reason). Here both ends post {send, receive} as one
-NCCL group, which completes as a whole. In general: model each rank as running its batches one after
-another, each finishing only when every send in it meets its receive posted by the peer (no
-buffering at all, stricter than NCCL and gloo); a send produced by operation k leaves in the batch
-right before operation k+1, so it is on offer from the moment its producer finished, for as long as
-the sender waits for anything, and the receiver posts the matching receive right before the
-operation that consumes it. Every wait is thus for a message its peer's schedule produces earlier in
-the pipeline's dependency order (forwards flow up the stages, backwards down, each stage in schedule
-order), which has no cycle, so every batch completes. Generation also returns each new token from the
-last stage to the first, against the flow of activations: on the same stream a token waiting for
-the first stage to finish sending this round's activations would block the last stage's receives of
-them, so tokens travel on the first and last stages' own two-rank group (a stream of their own).
-tests/test_comm_p2p.py replays the batches the real code issues for every stage of GPipe and 1F1B
-(p up to 8; train, forward and generate) in that unbuffered model, and shows that the model catches
-the deadlock of a send started on its own before the receive.
+operation produces waits in an outbox and leaves in one batch (`batch_isend_irecv`) with the receive the
+stage's next operation needs, or alone right before an operation that receives nothing; the stage waits
+only on batches holding a receive, and on its remaining sends at the end. In 1F1B's steady state stage s
+sends activation i+1 to s+1 and then needs gradient i from it, while s+1 sends gradient i and then needs
+activation i+1: with a send followed by a separate receive, both ends send first, and on NCCL a send
+larger than its buffers completes only once the peer receives -- while p2p operations of one
+communicator run in order on one stream, so each peer's receive sits behind its own send and 1F1B
+deadlocks (Megatron-LM sends and receives together, pipeline_parallel/p2p_communication.py, for this
+reason). Here both ends post {send, receive} as one NCCL group, which completes as a whole. In general:
+model each rank as running its batches one after another, each finishing only when every send in it
+meets its receive posted by the peer (no buffering at all, stricter than NCCL and gloo); a send
+produced by operation k leaves in the batch right before operation k+1, so it is on offer from the
+moment its producer finished, for as long as the sender waits for anything, and the receiver posts the
+matching receive right before the operation that consumes it. Every wait is thus for a message its
+peer's schedule produces earlier in the pipeline's dependency order (forwards flow up the virtual
+stages, backwards down, each rank in schedule order), which has no cycle, so every batch completes.
+
+Which message is which. NCCL (and gloo with one tag) matches the k-th message from rank a to rank b
+with the k-th receive b posts from a. With one neighbour each way and one chunk, a pair carries one kind
+of message in the same order at both ends. Interleaved with p = 2, though, rank 0 sends rank 1 both
+activations and gradients, in rank 0's order, while rank 1 consumes them in its own. So in training
+each rank derives, from its peers' schedules, the order in which each peer sends to it
+(`_incoming`); to get a message it receives, in the same batch, everything that peer sends before it,
+keeping the early ones until their operation runs -- the peer's FIFO order, which both ends then agree
+on, and no receive waits for a message that is not sent before the one it needs.
+Generation also returns each new token from the last stage to the first, against the flow of
+activations: on the same stream a token waiting for the first stage to finish sending this round's
+activations would block the last stage's receives of them, so tokens travel on the first and last
+stages' own two-rank group (a stream of their own). tests/test_comm_p2p.py and
+tests/test_pipeline_schedules.py replay the batches the real code issues in that unbuffered model.
 
 Timing comes from the rank's StepClock (runner/gpt/timing.py): host time on CPU, CUDA events on GPU,
-resolved at the end of the step. Each stage records (microbatch, phase, start, end) spans since the
-step's origin: `forward` and `backward` (compute), `recv_wait` (blocked on a batch holding a receive:
-the pipeline bubble is made of these, booked as idle time) and `send` (starting sends that travel
-alone, and waiting for the last ones at the end of the step). Stored activations are counted two
-ways: microbatches in flight (forward done, backward not yet) and the bytes autograd saved for them
-(a saved-tensors hook sums the distinct storages each microbatch's forward keeps). The last stage
-sums its microbatches' losses on the device and reads the total once, after the schedule, so no
-microbatch waits for the host. `forward` and `generate` run microbatches through the stages as an
-assembly line; in `generate` every microbatch of requests keeps its own KV cache.
+resolved at the end of the step. Each rank records (virtual stage, microbatch, phase, start, end) spans
+since the step's origin: `forward`, `backward` and `weight` (compute: ZB-H1's B is `backward`, its W
+`weight`), `recv_wait` (blocked on a batch holding a receive: the pipeline bubble is made of these,
+booked as idle time) and `send` (starting sends that travel alone, and waiting for the last ones at the
+end of the step). Stored activations are counted two ways: chunk-microbatches in flight (forward done,
+backward -- in ZB-H1 its W -- not yet) and the bytes autograd saved for them (a saved-tensors hook sums
+the distinct storages each forward keeps). The last stage sums its microbatches' losses on the device
+and reads the total once, after the schedule, so no microbatch waits for the host. `forward` and
+`generate` run each microbatch through the rank's chunks in order, as an assembly line; in `generate`
+every microbatch of requests keeps its own KV cache.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -58,35 +68,21 @@ import torch.nn as nn
 
 from runner.gpt.comm import GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
-from runner.gpt.model import GPT, KVCache, WholeVocabulary, greedy_generate, shard_of
+from runner.gpt.model import GPT, KVCache, WholeVocabulary, cut_stage, greedy_generate, shard_of
+from runner.gpt.schedules import (
+    Key,
+    bubble_fraction_theory,
+    input_grad_pass,
+    lockstep_plan,
+    schedule_ops,
+    splits_backward,
+    weight_grad_pass,
+)
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, StepClock
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
 
-
-def gpipe(n_micro: int, forward: Callable[[int], None], backward: Callable[[int], None]) -> None:
-    """All forwards, then all backwards (in reverse order, as GPipe does)."""
-    for i in range(n_micro):
-        forward(i)
-    for i in reversed(range(n_micro)):
-        backward(i)
-
-
-def one_f_one_b(
-    n_micro: int, n_stages: int, stage: int, forward: Callable[[int], None], backward: Callable[[int], None]
-) -> None:
-    """Warm-up forwards (p - stage - 1), steady one-forward-one-backward, cool-down backwards."""
-    warmup = min(n_stages - stage - 1, n_micro)
-    for i in range(warmup):
-        forward(i)
-    for i in range(n_micro - warmup):
-        forward(warmup + i)
-        backward(i)
-    for i in range(n_micro - warmup, n_micro):
-        backward(i)
-
-
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+LOCKSTEP = ("interleaved-1f1b", "zb-h1")  # schedules whose messages travel in lockstep ticks
 
 
 def stage_layers(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
@@ -97,30 +93,53 @@ def stage_layers(n_layer: int, n_stages: int, stage: int) -> tuple[int, int]:
     return stage * per, (stage + 1) * per
 
 
+def cut_chunks(model: GPT, n_stages: int, stage: int, v: int = 1) -> list[GPT]:
+    """Rank `stage`'s v chunks of `model` (meta, tensor-parallel or not): chunk c is virtual stage c*p + stage.
+    With v = 1 it is `model` itself cut to the stage. Otherwise each chunk is a shell sharing the model's
+    modules (blocks, embedding, head) with containers of its own, so cutting one leaves the others whole."""
+    total = n_stages * v
+    if v > 1 and n_stages < 2:
+        raise ValueError("interleaving needs at least 2 pipeline ranks")
+    chunks = []
+    for c in range(v):
+        j = c * n_stages + stage
+        chunk = model if v == 1 else _shell(model)
+        first, last = stage_layers(model.config.n_layer, total, j)
+        chunks.append(cut_stage(chunk, first, last, has_embed=j == 0, has_head=j == total - 1))
+    return chunks
+
+
+def _shell(model: GPT) -> GPT:
+    shell = copy.copy(model)  # shares the submodules; the containers below are replaced, not shared
+    shell._modules = dict(model._modules)
+    shell.transformer = nn.ModuleDict(dict(model.transformer.items()))
+    shell.transformer.h = nn.ModuleDict(dict(model.transformer.h.items()))
+    return shell
+
+
 class StageLinks:
-    """One stage's point-to-point traffic: sends wait in an outbox and leave batched with the next receive
+    """One rank's point-to-point traffic: sends wait in an outbox and leave batched with the next receive
     on the same communicator (see the module docstring for why this cannot deadlock).
 
     `comm` carries activations and their gradients (the default group: every rank joined a collective
     on it in Mesh.build, which NCCL needs before batches between two of its ranks). A message may name
     another communicator -- generation returns each new token from the last stage to the first over the
     pair's own group, so on NCCL it travels on a stream of its own and a token waiting for the first
-    stage never holds up the activations behind it. `span(microbatch, phase, start, end)` records
+    stage never holds up the activations behind it. `span(stage, microbatch, phase, start, end)` records
     timeline spans between clock marks."""
 
-    def __init__(self, comm: GroupComm, clock: StepClock, span: Callable[[int, str, Mark, Mark], None]):
+    def __init__(self, comm: GroupComm, clock: StepClock, span: Callable[[int, int, str, Mark, Mark], None]):
         self.comm, self.clock, self._span = comm, clock, span
-        self._outbox: list[tuple[torch.Tensor, int, int, GroupComm]] = []  # (tensor, global dst, microbatch, comm)
-        self._inflight: list[tuple[P2PBatch, list[torch.Tensor], int]] = []  # kept alive until waited for
+        self._outbox: list[tuple[torch.Tensor, int, tuple[int, int], GroupComm]] = []  # (t, dst, (stage, mb), comm)
+        self._inflight: list[tuple[P2PBatch, list[torch.Tensor], tuple[int, int]]] = []  # alive until waited for
 
-    def send(self, t: torch.Tensor, dst: int, microbatch: int, comm: GroupComm | None = None) -> None:
-        """Queue t for global rank dst; it leaves with this stage's next receive on the same
-        communicator, or on its own right before the next operation."""
-        self._outbox.append((t.contiguous(), dst, microbatch, comm or self.comm))
+    def send(self, t: torch.Tensor, dst: int, at: tuple[int, int], comm: GroupComm | None = None) -> None:
+        """Queue t for global rank dst (`at`: the (stage, microbatch) it belongs to, for the timeline); it
+        leaves with this rank's next receive on the same communicator, or on its own before the next operation."""
+        self._outbox.append((t.contiguous(), dst, at, comm or self.comm))
 
-    def recv(
-        self, shape, dtype: torch.dtype, device: torch.device, src: int, microbatch: int, comm: GroupComm | None = None
-    ) -> torch.Tensor:
+    def recv(self, shape, dtype: torch.dtype, device: torch.device, src: int, at: tuple[int, int],
+             comm: GroupComm | None = None) -> torch.Tensor:  # fmt: skip
         """Receive from global rank src, sending the outbox's messages for the same communicator in the
         same batch (the others leave first, on their own); the wait is idle time."""
         comm = comm or self.comm
@@ -128,11 +147,28 @@ class StageLinks:
         along = [m for m in self._outbox if m[3] is comm]
         self._outbox = [m for m in self._outbox if m[3] is not comm]
         self.flush()
-        start = self.clock.mark()
         batch = comm.exchange([(t, dst) for t, dst, _, _ in along], [(buf, src)])
-        batch.wait(idle=True)
-        self._span(microbatch, "recv_wait", start, self.clock.mark())
+        self.wait(batch, at)
         return buf
+
+    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
+             at: tuple[int, int]) -> P2PBatch:  # fmt: skip
+        """Start one batch of sends (tensor, global dst) and receives (buffer, global src) on `comm` now (a
+        lockstep tick); the caller waits for it when it needs a buffer (`wait`), the end of the step otherwise."""
+        start = self.clock.mark()
+        batch = self.comm.exchange([(t.contiguous(), dst) for t, dst in sends], recvs)
+        if sends:
+            self._span(*at, "send", start, self.clock.mark())
+        if not recvs:
+            self._inflight.append((batch, [t for t, _ in sends], at))
+        return batch
+
+    def wait(self, batch: P2PBatch, at: tuple[int, int]) -> None:
+        """Wait for a batch holding a receive this rank needs now: idle time (once; later calls return)."""
+        if batch.works:
+            start = self.clock.mark()
+            batch.wait(idle=True)
+            self._span(*at, "recv_wait", start, self.clock.mark())
 
     def flush(self) -> None:
         """Start the outbox's sends now, one batch per communicator; never waits for them."""
@@ -145,7 +181,7 @@ class StageLinks:
             mine = [m for m in sends if m[3] is comm]
             batch = comm.exchange([(t, dst) for t, dst, _, _ in mine], [])
             self._inflight.append((batch, [t for t, _, _, _ in mine], mine[-1][2]))
-        self._span(sends[-1][2], "send", start, self.clock.mark())
+        self._span(*sends[-1][2], "send", start, self.clock.mark())
 
     def finish(self) -> None:
         """Send what is left and wait for every send still in flight (the end of a schedule)."""
@@ -155,28 +191,29 @@ class StageLinks:
         start = self.clock.mark()
         for batch, _, _ in self._inflight:
             batch.wait(idle=False)
-        self._span(self._inflight[-1][2], "send", start, self.clock.mark())
+        self._span(*self._inflight[-1][2], "send", start, self.clock.mark())
         self._inflight = []
 
 
 class PipelineGPT(ParallelGPT):
-    """One stage of the pipeline: `stage` is the GPT cut to this stage's blocks (runner/gpt/model.py
-    cut_stage, tensor-parallel or not); `output` turns the last stage's output into the loss and full
-    logits. With one stage and one microbatch it is the whole model, tensor-parallel or not ('single',
-    'tensor'); with one microbatch it is the guide's layer split ('layer')."""
+    """One pipeline rank: `chunks` are its model chunks (one GPT cut to one virtual stage each, chunk c being
+    virtual stage c*p + rank; a single GPT is one chunk); `output` turns the last stage's output into the
+    loss and full logits. With one stage and one microbatch it is the whole model, tensor-parallel or not
+    ('single', 'tensor'); with one microbatch it is the guide's layer split ('layer')."""
 
     def __init__(
-        self, stage: GPT, output: WholeVocabulary | TPState, mesh: Mesh, device: torch.device, dtype: torch.dtype,
-        microbatches: int = 1, schedule: str = "1f1b", workload: str = "train",
+        self, chunks: GPT | list[GPT], output: WholeVocabulary | TPState, mesh: Mesh, device: torch.device,
+        dtype: torch.dtype, microbatches: int = 1, schedule: str = "1f1b", workload: str = "train",
     ):  # fmt: skip
-        super().__init__(stage.config, mesh, device, dtype)
-        self.stage, self.output = stage, output
-        self.stage_id, self.n_stages = mesh.coord.pp, mesh.pp_size
+        self.chunks = [chunks] if isinstance(chunks, GPT) else list(chunks)
+        super().__init__(self.chunks[0].config, mesh, device, dtype)
+        self.output = output
+        self.stage_id, self.n_stages, self.v = mesh.coord.pp, mesh.pp_size, len(self.chunks)
         self.n_micro, self.schedule, self.workload = microbatches, schedule, workload
-        self.prev = mesh.stage_rank(self.stage_id - 1) if not mesh.is_first_stage else None
-        self.next = mesh.stage_rank(self.stage_id + 1) if not mesh.is_last_stage else None
-        self._shards = dict(stage.named_parameters(remove_duplicate=False))
-        self._sp_params = [p for p in stage.parameters() if getattr(p, "sequence_parallel", False)]
+        self._shards: dict[str, nn.Parameter] = {}
+        for chunk in self.chunks:
+            self._shards.update(chunk.named_parameters(remove_duplicate=False))
+        self._sp_params = [p for p in self.parameters() if getattr(p, "sequence_parallel", False)]
         self._spans: list[dict] = []
         self.clock = mesh.stats.clock
         self.links = StageLinks(mesh.world, self.clock, self._span)
@@ -184,15 +221,34 @@ class PipelineGPT(ParallelGPT):
         self.peak_activation_bytes = 0
         self.microbatch_activation_bytes = 0
         self._param_storages: set[int] | None = None
-        # One stage, one microbatch: each gradient is final once accumulated, so data parallelism may
-        # start reducing it during backward (not under sequence parallelism: some are summed afterwards).
-        self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1 and not self._sp_params
+        self.figure_sources: list = []  # objects with figures() -> dict that build.py attaches (checkpointing, precision)
+        # One stage, one microbatch, one chunk: each gradient is final once accumulated, so data parallelism
+        # may start reducing it during backward (not under sequence parallelism: some are summed afterwards).
+        self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1 and self.v == 1 and not self._sp_params
 
-    # ---- what the stage computes ----------------------------------------------------------
+    @property
+    def stage(self) -> GPT:
+        """The rank's one chunk (schedules without interleaving; benchmarks read it)."""
+        assert self.v == 1, "an interleaved rank holds several chunks: use .chunks"
+        return self.chunks[0]
+
+    # ---- where things are -------------------------------------------------------------------
+    @property
+    def n_virtual(self) -> int:
+        return self.n_stages * self.v
+
+    def virtual_stage(self, chunk: int) -> int:
+        return chunk * self.n_stages + self.stage_id
+
+    def rank_of_virtual(self, j: int) -> int:
+        """Global rank holding virtual stage j (of this rank's tensor- and data-parallel column)."""
+        return self.mesh.stage_rank(j % self.n_stages)
+
+    # ---- what a chunk computes --------------------------------------------------------------
     def run_stage(
-        self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False
+        self, x: torch.Tensor, cache: KVCache | None = None, start: int = 0, last_only: bool = False, chunk: int = 0
     ) -> torch.Tensor:
-        return self.stage(x, cache=cache, start=start, last_only=last_only)
+        return self.chunks[chunk](x, cache=cache, start=start, last_only=last_only)
 
     def loss(self, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.output.loss(out, targets)
@@ -201,11 +257,11 @@ class PipelineGPT(ParallelGPT):
         return self.output.full_logits(out[:, -1:, :])[:, -1, :].argmax(dim=-1, keepdim=True)
 
     def tied_weight(self) -> nn.Parameter | None:
-        """This stage's copy of the tied embedding / LM head weight, if it holds one."""
-        if self.prev is None:
-            return self.stage.transformer.wte.weight
-        if self.next is None:
-            return self.stage.lm_head.weight
+        """This rank's copy of the tied embedding / LM head weight, if it holds one."""
+        if self.stage_id == 0:
+            return self.chunks[0].transformer.wte.weight
+        if self.stage_id == self.n_stages - 1:
+            return self.chunks[-1].lm_head.weight
         return None
 
     def named_shards(self) -> dict[str, nn.Parameter]:
@@ -216,7 +272,8 @@ class PipelineGPT(ParallelGPT):
 
     @property
     def is_output_rank(self) -> bool:
-        return self.next is None and (self.mesh.tp is None or self.mesh.tp.index == 0)
+        last = self.stage_id == self.n_stages - 1
+        return last and (self.mesh.tp is None or self.mesh.tp.index == 0)
 
     # ---- bookkeeping ------------------------------------------------------------------------
     def begin_step(self, step: int, start: float) -> None:
@@ -228,18 +285,12 @@ class PipelineGPT(ParallelGPT):
         spans, self._spans = self._spans, []
         return spans
 
-    def _span(self, microbatch: int, phase: str, start: Mark, end: Mark) -> None:
+    def _span(self, stage: int, microbatch: int, phase: str, start: Mark, end: Mark) -> None:
         def sink(start_s: float, end_s: float) -> None:
-            self._spans.append({"stage": self.stage_id, "microbatch": microbatch, "phase": phase,
+            self._spans.append({"stage": stage, "microbatch": microbatch, "phase": phase,
                                 "start": start_s, "end": end_s})  # fmt: skip
 
         self.clock.add(start, end, sink)
-
-    def _recv(self, shape, dtype, src: int, microbatch: int) -> torch.Tensor:
-        return self.links.recv(shape, dtype, self.device, src, microbatch)
-
-    def _send(self, t: torch.Tensor, dst: int, microbatch: int) -> None:
-        self.links.send(t, dst, microbatch)
 
     def _begin_compute(self) -> Mark:
         """Start an operation: sends its receive did not carry (it had none) leave now; returns its start."""
@@ -254,7 +305,7 @@ class PipelineGPT(ParallelGPT):
         """Record, for every tensor autograd saves meanwhile, its storage and size in `storages` (by address).
         Parameters are skipped: they live anyway; what a microbatch in flight costs is its activations."""
         if self._param_storages is None:  # parameters keep their storage (optimizers update in place)
-            self._param_storages = {q.untyped_storage().data_ptr() for q in self.stage.parameters()}
+            self._param_storages = {q.untyped_storage().data_ptr() for q in self.parameters()}
         params = self._param_storages
 
         def pack(t: torch.Tensor) -> torch.Tensor:
@@ -274,63 +325,117 @@ class PipelineGPT(ParallelGPT):
             "activation_bytes_per_microbatch": self.microbatch_activation_bytes,
         }
         if p > 1 and self.workload == "train":
-            # Only where a pipeline trains: (p-1)/(m+p-1) is the idle share of each stage when every
-            # stage's forward and backward take equal times and messages cost nothing (GPipe, Huang et
-            # al. 2019; the same for 1F1B, Narayanan et al. 2021). The job measures the real one.
-            out["bubble_fraction_theory"] = (p - 1) / (m + p - 1)
+            # Only where a pipeline trains: the idle share of each stage by theory, for this schedule
+            # (runner/gpt/schedules.py bubble_fraction_theory states each formula's assumptions). The job
+            # measures the real one.
+            out["bubble_fraction_theory"] = bubble_fraction_theory(self.schedule, p, m, self.v)
+        for source in self.figure_sources:
+            out.update(source.figures())
         return out
 
     # ---- workloads --------------------------------------------------------------------------
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+        p, v, rank, last = self.n_stages, self.v, self.stage_id, self.n_virtual - 1
         mbs, tgts = idx.chunk(self.n_micro), targets.chunk(self.n_micro)
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
+        split = splits_backward(self.schedule)
+        inputs: dict[tuple[int, int], torch.Tensor] = {}
+        outputs: dict[tuple[int, int], torch.Tensor] = {}
+        pending: dict[tuple[int, int], object] = {}  # what a split backward's W needs, by (chunk, microbatch)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
-        inflight = 0
-        saved: dict[int, int] = {}  # bytes autograd keeps for each microbatch in flight
+        saved: dict[tuple[int, int], int] = {}  # bytes autograd keeps for each chunk-microbatch in flight
+        # Interleaved and ZB-H1 exchange their messages in lockstep ticks (schedules.lockstep_plan; module
+        # docstring); GPipe and 1F1B send with the next receive, which their order makes safe.
+        plan = lockstep_plan(self.schedule, self.n_micro, p, v)[rank] if self.schedule in LOCKSTEP else None
+        produced: dict[Key, torch.Tensor] = {}  # lockstep: outputs waiting for their tick
+        posted: dict[Key, tuple[P2PBatch, torch.Tensor]] = {}  # lockstep: receives started, not yet used
 
-        def forward(i: int) -> None:
-            nonlocal total_loss, inflight
-            if self.prev is None:
-                x = mbs[i]
+        def send(t: torch.Tensor, key: Key, at: tuple[int, int]) -> None:
+            if plan is None:
+                self.links.send(t, self.rank_of_virtual(key[1]), at)
             else:
-                x = self._recv(self._hidden_shape(mbs[i]), self.dtype, self.prev, i).requires_grad_(True)
+                produced[key] = t
+
+        def receive(key: Key) -> torch.Tensor:
+            at = key[1:]
+            if plan is not None:
+                batch, buf = posted.pop(key)
+                self.links.wait(batch, at)
+                return buf
+            src = self.rank_of_virtual(key[1] - 1 if key[0] == "act" else key[1] + 1)
+            return self.links.recv(self._hidden_shape(mbs[key[2]]), self.dtype, self.device, src, at)
+
+        def exchange(tick: int) -> None:
+            sends = [(produced.pop(key), self.mesh.stage_rank(dst)) for dst, key in plan.sends.get(tick, [])]
+            keys = [key for _, key in plan.recvs.get(tick, [])]
+            bufs = [torch.empty(self._hidden_shape(mbs[key[2]]), dtype=self.dtype, device=self.device) for key in keys]
+            srcs = [self.mesh.stage_rank(src) for src, _ in plan.recvs.get(tick, [])]
+            first = (plan.sends.get(tick) or plan.recvs[tick])[0][1]
+            batch = self.links.post(sends, list(zip(bufs, srcs, strict=True)), first[1:])
+            posted.update((key, (batch, buf)) for key, buf in zip(keys, bufs, strict=True))
+
+        def release(at: tuple[int, int]) -> None:
+            del saved[at]  # its activations are freed: the last pass that needed them has run
+
+        def forward(c: int, i: int) -> None:
+            j = self.virtual_stage(c)
+            x = mbs[i] if j == 0 else receive(("act", j, i)).requires_grad_(True)
             start = self._begin_compute()
             storages: dict[int, int] = {}
             with self._saving_into(storages):
-                out = self.run_stage(x)
-                if self.next is None:
+                out = self.run_stage(x, chunk=c)
+                if j == last:
                     # Each microbatch's mean loss over m microbatches: the gradients of the global mean.
                     out = self.loss(out, tgts[i]) / self.n_micro
-            if self.next is None:
-                total_loss += out.detach().float()  # read once after the schedule, not per microbatch
-            self._span(i, "forward", start, self.clock.mark())
-            inputs[i], outputs[i] = x, out
-            inflight += 1
-            self.max_inflight = max(self.max_inflight, inflight)
-            saved[i] = sum(storages.values())
-            self.microbatch_activation_bytes = max(self.microbatch_activation_bytes, saved[i])
+            if j == last:
+                total_loss.add_(out.detach().float())  # read once after the schedule, not per microbatch
+            self._span(j, i, "forward", start, self.clock.mark())
+            inputs[(c, i)], outputs[(c, i)] = x, out
+            saved[(c, i)] = sum(storages.values())
+            self.max_inflight = max(self.max_inflight, len(saved))
+            self.microbatch_activation_bytes = max(self.microbatch_activation_bytes, saved[(c, i)])
             self.peak_activation_bytes = max(self.peak_activation_bytes, sum(saved.values()))
-            if self.next is not None:
-                self._send(out.detach(), self.next, i)
+            if j < last:
+                send(out.detach(), ("act", j + 1, i), (j, i))
 
-        def backward(i: int) -> None:
-            nonlocal inflight
-            out = outputs.pop(i)
-            grad = None if self.next is None else self._recv(tuple(out.shape), out.dtype, self.next, i)
+        def backward(c: int, i: int) -> None:
+            j = self.virtual_stage(c)
+            out, x = outputs.pop((c, i)), inputs.pop((c, i))
+            grad = None if j == last else receive(("grad", j, i))
             start = self._begin_compute()
-            out.backward(grad)
-            self._span(i, "backward", start, self.clock.mark())
-            x = inputs.pop(i)
-            inflight -= 1
-            del saved[i]
-            if self.prev is not None:
-                self._send(x.grad, self.prev, i)
+            if not split:
+                out.backward(grad)
+                dx = x.grad
+                release((c, i))
+            elif j == 0:  # no input gradient to compute on the first stage: W runs the whole backward
+                pending[(c, i)] = (out, grad)
+                dx = None
+            else:
+                dx, pending[(c, i)] = input_grad_pass(out, grad, x, list(self.chunks[c].parameters()))
+            self._span(j, i, "backward", start, self.clock.mark())
+            if j > 0:
+                send(dx, ("grad", j - 1, i), (j, i))
 
-        if self.schedule == "gpipe":
-            gpipe(self.n_micro, forward, backward)
-        else:
-            one_f_one_b(self.n_micro, self.n_stages, self.stage_id, forward, backward)
+        def weight(c: int, i: int) -> None:
+            j = self.virtual_stage(c)
+            start = self._begin_compute()
+            work = pending.pop((c, i))
+            if j == 0:
+                out, grad = work
+                out.backward(grad)
+            else:
+                weight_grad_pass(work)
+            del work
+            self._span(j, i, "weight", start, self.clock.mark())
+            release((c, i))
+
+        run = {"F": forward, "B": backward, "W": weight}
+        ops = plan.ops if plan is not None else schedule_ops(self.schedule, self.n_micro, p, rank, v)
+        for k, op in enumerate(ops):
+            for tick in plan.ticks_before[k] if plan is not None else ():
+                exchange(tick)
+            run[op.kind](op.chunk, op.microbatch)
+        for tick in plan.ticks_after if plan is not None else ():
+            exchange(tick)
         self.links.finish()
         self.sync_tied_embedding()
         if self._sp_params:
@@ -347,42 +452,51 @@ class PipelineGPT(ParallelGPT):
 
     @torch.no_grad()
     def forward_logits(self, idx: torch.Tensor) -> torch.Tensor | None:
-        outs = []
+        last, outs = self.n_virtual - 1, []
         for i, mb in enumerate(idx.chunk(self.n_micro)):
-            x = mb if self.prev is None else self._recv(self._hidden_shape(mb), self.dtype, self.prev, i)
-            start = self._begin_compute()
-            out = self.run_stage(x)
-            self._span(i, "forward", start, self.clock.mark())
-            if self.next is not None:
-                self._send(out, self.next, i)
-            else:
-                outs.append(self.output.full_logits(out))  # under tensor parallelism every tp rank gathers
+            for c in range(self.v):  # each microbatch through this rank's chunks in turn
+                j = self.virtual_stage(c)
+                x = mb
+                if j > 0:
+                    x = self.links.recv(self._hidden_shape(mb), self.dtype, self.device, self.rank_of_virtual(j - 1),
+                                        (j, i))  # fmt: skip
+                start = self._begin_compute()
+                out = self.run_stage(x, chunk=c)
+                self._span(j, i, "forward", start, self.clock.mark())
+                if j < last:
+                    self.links.send(out, self.rank_of_virtual(j + 1), (j, i))
+                else:
+                    outs.append(self.output.full_logits(out))  # under tensor parallelism every tp rank gathers
         self.links.finish()
         return torch.cat(outs) if self.is_output_rank else None
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, new_tokens: int) -> torch.Tensor | None:
         mbs = idx.chunk(self.n_micro)
-        caches = [KVCache.empty(self.config.n_layer) for _ in mbs]
-        first_rank, last_rank = self.mesh.stage_rank(0), self.mesh.stage_rank(self.n_stages - 1)
+        caches = [KVCache.empty(self.config.n_layer) for _ in mbs]  # indexed by layer id: one for all chunks
+        last = self.n_virtual - 1
+        first_rank, last_rank = self.rank_of_virtual(0), self.rank_of_virtual(last)
 
         def step(i: int, tokens: torch.Tensor, pos: int, round_: int) -> torch.Tensor | None:
-            rows = mbs[i].shape[0]
-            if self.prev is not None:
-                x = self._recv((rows, tokens.shape[1], self.config.n_embd), self.dtype, self.prev, i)
-            elif round_ > 0 and self.n_stages > 1:  # the token the last stage picked one round ago
-                x = self.links.recv((rows, 1), torch.long, self.device, last_rank, i, comm=self.mesh.embed)
-            else:
-                x = tokens
-            start = self._begin_compute()
-            out = self.run_stage(x, cache=caches[i], start=pos, last_only=True)
-            self._span(i, "forward", start, self.clock.mark())
-            if self.next is not None:
-                self._send(out, self.next, i)
-                return None
-            nxt = self.next_token(out)
-            if self.n_stages > 1 and round_ + 1 < new_tokens:
-                self.links.send(nxt, first_rank, i, comm=self.mesh.embed)
+            rows, nxt = mbs[i].shape[0], None
+            for c in range(self.v):
+                j = self.virtual_stage(c)
+                if j > 0:
+                    x = self.links.recv((rows, tokens.shape[1], self.config.n_embd), self.dtype, self.device,
+                                        self.rank_of_virtual(j - 1), (j, i))  # fmt: skip
+                elif round_ > 0 and last > 0:  # the token the last stage picked one round ago
+                    x = self.links.recv((rows, 1), torch.long, self.device, last_rank, (j, i), comm=self.mesh.embed)
+                else:
+                    x = tokens
+                start = self._begin_compute()
+                out = self.run_stage(x, cache=caches[i], start=pos, last_only=True, chunk=c)
+                self._span(j, i, "forward", start, self.clock.mark())
+                if j < last:
+                    self.links.send(out, self.rank_of_virtual(j + 1), (j, i))
+                    continue
+                nxt = self.next_token(out)
+                if last > 0 and round_ + 1 < new_tokens:
+                    self.links.send(nxt, first_rank, (j, i), comm=self.mesh.embed)
             return nxt
 
         with self.output.whole_sequences():  # one position a pass: nothing to split over the sequence
