@@ -8,7 +8,8 @@ while the reference GPT trains on the same global batches with torch.optim.AdamW
 every reference parameter it holds a part of, the reference elements (flat positions of
 `ref[shard_index(name)]`) with its gradient before the last step and its weight after it; rank 0 scatters
 them into whole tensors (counting how many ranks covered each element) and writes to OUT, per stage:
-the loss of every step, the largest differences from the reference, elements no rank covered, and each
+the loss of every step, the largest differences from the reference, elements no rank covered, the
+trained model's prefill logits and greedy tokens against the trained reference's, and each
 rank's bytes measured the way runner/job.py measures them (parameters(), optimizer.state) plus the
 strategy's figures and the communication of the last step.
 """
@@ -97,12 +98,26 @@ def run_stage(spec: RunSpec, mesh: Mesh, stage: int, steps: int) -> dict:
         mesh.stats.counting = False
         ref_opt.step()
     weights = rank_report(model, ref, "weights")
+    # The trained weights serve the other workloads too: prefill logits and greedy tokens of this rank's rows.
+    idx, _ = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, steps)
+    rows = model.batch_rows(idx.shape[0])
+    logits = model.forward_logits(idx)
+    tokens = model.generate(idx[:, :8], 4)
+    with torch.no_grad():
+        ref_logits = ref(idx)[rows]
+    ref_tokens = ref.generate(idx[:, :8], 4)[rows]
+    outputs = {
+        "logits_max_abs": None if logits is None else (logits - ref_logits).abs().max().item(),
+        "logits_max_ref": ref_logits.abs().max().item(),
+        "tokens_equal": None if tokens is None else bool(torch.equal(tokens, ref_tokens)),
+    }
     opt_bytes = sum(
         t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
     mine = {
         "rank": dist.get_rank(),
         "losses": losses,
+        **outputs,
         "param_count": sum(p.numel() for p in model.parameters()),
         "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
         "optimizer_bytes": opt_bytes,
