@@ -13,6 +13,7 @@ from ui.format import human_bytes, human_duration, human_rate, rank_table, statu
 from ui.hosts import placement_text, where_text
 from ui.nodes import nodes_caption
 from ui.run_detail import failure_text, peak_memory, progress, result_captions
+from ui.simulated import timeline_pair, timeline_pair_chart
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
 
@@ -109,7 +110,13 @@ def run_detail(run_id: int) -> None:
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")
         spans = api.timeline_spans(engine(), run_id)
-        if len(spans):
+        # A finished training pipeline: its last step measured above the same step simulated from the run's own
+        # pass times (ui/simulated.py), what the schedule alone gives against what the machine took.
+        pair = timeline_pair(spans, spec, r) if api.is_terminal(run["status"]) else None
+        if pair is not None:
+            st.altair_chart(timeline_pair_chart(pair), width="stretch")
+            st.caption(pair.caption)
+        elif len(spans):
             # The guide's assembly-line picture, measured: the last timed step (all steps look alike).
             step = int(spans["step"].max())
             last = spans[spans["step"] == step]

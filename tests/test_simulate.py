@@ -182,3 +182,54 @@ def test_deadlocked_lists_are_reported_not_looped(monkeypatch):
     monkeypatch.setattr(module, "schedule_ops", lambda *a, **k: [Op("B", 0, 0), Op("F", 0, 0)])
     with pytest.raises(ValueError, match="deadlock"):
         module.simulate("gpipe", p=2, m=1, forward=1.0, backward=1.0)
+
+
+# ---- the run page: simulated beside measured ------------------------------------------------------------
+PIPELINE_SPEC = {"strategy": "pipeline", "model": "tiny", "pp": 2, "microbatches": 2, "schedule": "gpipe"}
+
+
+def test_timeline_pair_of_a_finished_pipeline_run():
+    from ui.simulated import timeline_pair, timeline_pair_chart
+
+    pair = timeline_pair(hand_measured_spans(), PIPELINE_SPEC, {"bubble_fraction": 0.4})
+    assert pair is not None and pair.step == 3
+    assert pair.sim.step_time == pytest.approx(12.4)  # the hand-drawn simulation above
+    assert set(pair.simulated["rank"]) == {0, 1} and set(pair.measured["stage"]) == {0, 1}
+    assert "forward 1100.0 / 1500.0 ms, backward 2100.0 / 3000.0 ms per stage" in pair.caption
+    assert "transfer 100.00 ms (median of 3 receives)" in pair.caption
+    assert f"idles {1 - 15.4 / 24.8:.1%}" in pair.caption and "job's own figure" in pair.caption
+    spec = timeline_pair_chart(pair).to_dict()
+    assert len(spec["vconcat"]) == 2  # measured above simulated, one shared time axis
+    assert spec["resolve"]["scale"]["x"] == "shared"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"strategy": "layer", "model": "tiny", "pp": 2},  # no schedule: stages run one after another
+        {**PIPELINE_SPEC, "workload": "forward"},  # no backward to schedule
+        {**PIPELINE_SPEC, "pp": 1},
+        {**PIPELINE_SPEC, "pp": 4},  # spans of stages 2 and 3 missing: nothing honest to simulate
+    ],
+)
+def test_no_simulated_timeline_where_no_schedule_made_the_spans(spec):
+    from ui.simulated import timeline_pair
+
+    assert timeline_pair(hand_measured_spans(), spec, None) is None
+
+
+def test_run_page_draws_the_simulated_timeline_under_the_measured_one(engine, tmp_path):
+    from runner import api
+    from runner.spec import RunSpec
+    from storage import runner_rows
+    from tests.test_ui_pages import page
+
+    run_id = api.submit(engine, RunSpec.from_dict(PIPELINE_SPEC))
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
+    runner_rows.finish_run(engine, run_id, "succeeded", result={"bubble_fraction": 0.4, "ranks": []})
+    runner_rows.add_spans(engine, run_id, hand_measured_spans().to_dict("records"))
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    charts = [c.proto.spec for c in at.get("vega_lite_chart")]
+    assert any("Pipeline timeline, step 3, measured" in c and "Simulated: the schedule alone" in c for c in charts)
+    assert any("Simulated from this run's own mean pass times" in c.value for c in at.caption)

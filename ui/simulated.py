@@ -1,0 +1,96 @@
+"""The run page's simulated timeline: a measured pipeline run's own mean pass and transfer times run through its
+schedule alone (runner/planner/simulate.py), drawn with the same chart as the measured timeline, and the two
+bubbles side by side -- what the schedule alone gives against what the machine took.
+
+Owns the choice of which runs get one (pipeline stages > 1, training, finished, every virtual stage seen in
+the spans), the pairing of the measured last step with the simulated one on a shared time axis, and the
+caption's words. pages/history.py only lays it out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import altair as alt
+import pandas as pd
+
+from runner.planner.simulate import Simulation, simulate_from_spans, spans_bubble
+from runner.spec import RunSpec
+from ui import charts
+from ui.format import human_duration
+
+
+@dataclass
+class TimelinePair:
+    """The measured last step, the same step simulated, and the caption comparing their bubbles."""
+
+    step: int
+    measured: pd.DataFrame
+    simulated: pd.DataFrame
+    sim: Simulation
+    spans_bubble: float  # the measured timeline's idle share, counted the simulator's way
+    caption: str
+
+
+def pipeline_shape(spec: dict[str, Any]) -> tuple[str, int, int, int] | None:
+    """(schedule, p, m, v) of a run whose spans a schedule made: a pipeline that trains; None otherwise."""
+    try:
+        info = RunSpec.from_dict(spec).strategy_info
+    except (TypeError, ValueError):  # a spec this version cannot read has no schedule to simulate
+        return None
+    p = int(spec.get("pp") or 1)
+    if info is None or not info.uses("schedule") or p < 2 or spec.get("workload", "train") != "train":
+        return None
+    return spec.get("schedule") or "1f1b", p, int(spec.get("microbatches") or 1), int(spec.get("virtual_stages") or 1)
+
+
+def _ms_list(values: list[float]) -> str:
+    return " / ".join(f"{x * 1e3:.1f}" for x in values)
+
+
+def timeline_pair(spans: pd.DataFrame, spec: dict[str, Any], result: dict[str, Any] | None) -> TimelinePair | None:
+    """The measured and simulated timelines of a finished pipeline run, or None where there is nothing to
+    simulate (not a training pipeline, or spans missing for a virtual stage)."""
+    shape = pipeline_shape(spec)
+    if shape is None or not len(spans):
+        return None
+    schedule, p, m, v = shape
+    seen = set(spans.loc[spans["phase"] == "forward", "stage"].astype(int))
+    if seen != set(range(p * v)):
+        return None
+    step = int(spans["step"].max())
+    sim = simulate_from_spans(spans, schedule, p, m, v)
+    measured_bubble = spans_bubble(spans)
+    inputs = sim.inputs
+    times = (
+        f"forward {_ms_list(inputs['forward'])} ms, backward {_ms_list(inputs['backward'])} ms"
+        + (f", weight {_ms_list(inputs['weight'])} ms" if schedule == "zb-h1" else "")
+        + f" per stage; transfer {inputs['transfer'] * 1e3:.2f} ms (median of {inputs['transfer_samples']} receives)"
+    )
+    job = (result or {}).get("bubble_fraction")
+    job_text = (
+        f"; the job's own figure, whose step also holds the optimizer, the tied-embedding sum and the "
+        f"end-of-step barrier, is {job:.1%}"
+        if job is not None
+        else ""
+    )
+    caption = (
+        f"Simulated from this run's own mean pass times ({times}): the {schedule} schedule alone takes "
+        f"{human_duration(sim.step_time)} and idles {sim.bubble_mean:.1%} of it "
+        f"(per stage {', '.join(f'{b:.1%}' for b in sim.bubble)}); the machine's timeline idles "
+        f"{measured_bubble:.1%} between its passes{job_text}."
+    )
+    return TimelinePair(step, spans[spans["step"] == step], sim.spans, sim, measured_bubble, caption)
+
+
+def timeline_pair_chart(pair: TimelinePair) -> alt.VConcatChart:
+    """Measured above simulated, one time axis: the same chart function draws both."""
+    measured = charts.timeline_chart(
+        pair.measured,
+        title=f"Pipeline timeline, step {pair.step}, measured (stage x microbatch; grey: waiting for a neighbour)",
+    )
+    simulated = charts.timeline_chart(
+        pair.simulated, title="Simulated: the schedule alone, on this run's mean pass and transfer times"
+    )
+    return alt.vconcat(measured, simulated).resolve_scale(x="shared")
