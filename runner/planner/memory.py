@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 from runner.gpt.config import PRESETS, GPTConfig
 
@@ -414,3 +415,49 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
 def with_dims(cfg: GPTConfig, **dims: int | None) -> GPTConfig:
     """A config with custom dimensions applied (None leaves one as it is)."""
     return replace(cfg, **{k: v for k, v in dims.items() if v is not None})
+
+
+# ---- a RunSpec's layout (what runner/estimates.py and the Launch page ask) ----------------------------
+def spec_layout(spec: Any) -> Layout:
+    """The Layout of a runner.spec.RunSpec (its degrees; ZeRO only where it shards something)."""
+    tp, pp, dp = spec.degrees
+    zero = spec.zero_stage if dp > 1 and spec.workload == "train" else 0
+    return Layout(tp, pp, dp, zero)
+
+
+def spec_workload(spec: Any) -> Workload:
+    """The Workload of a runner.spec.RunSpec."""
+    _, pp, _ = spec.degrees
+    return Workload(
+        workload=spec.workload,
+        batch=spec.batch,
+        seq=spec.seq,
+        new_tokens=spec.new_tokens,
+        dtype=spec.dtype,
+        checkpoint=spec.checkpoint,
+        schedule=spec.schedule,
+        microbatches=spec.microbatches if pp > 1 else 1,
+        virtual_stages=spec.virtual_stages,
+        sequence_parallel=spec.sequence_parallel,
+        tp_style=spec.tp_style,
+    )
+
+
+def spec_rank_memory(spec: Any) -> list[RankMemory]:
+    """Predicted bytes of every pipeline stage of a RunSpec (index = pp coordinate; tp and dp peers hold
+    the same)."""
+    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec)
+    return [rank_memory(cfg, layout, work, r) for r in range(layout.pp)]
+
+
+def spec_memory(spec: Any) -> RankMemory:
+    """The busiest rank of a RunSpec."""
+    return max(spec_rank_memory(spec), key=lambda m: m.total)
+
+
+def spec_host_bytes(spec: Any, rank_baseline_bytes: int) -> int:
+    """Bytes every rank of a RunSpec needs together (a CPU run on one host): each rank's predicted bytes
+    plus a process baseline (torch and its process group before any tensor)."""
+    layout = spec_layout(spec)
+    per_stage = spec_rank_memory(spec)
+    return sum(m.total for m in per_stage) * layout.tp * layout.dp + layout.world_size * rank_baseline_bytes
