@@ -5,6 +5,8 @@ rules (nodes x ranks per node, tensor parallelism inside a node), which refuse a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -130,6 +132,12 @@ def test_sbatch_for_a_two_node_pipeline_on_cpu(tmp_path):
     assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in lines
     assert "export OMP_NUM_THREADS=1" in lines and "export CUDA_VISIBLE_DEVICES=" in lines
     assert "export SRUN_CPUS_PER_TASK=1" in lines  # srun (Slurm 22.05+) does not inherit --cpus-per-task
+    assert "export LAB_NODE_TELEMETRY=1  # each node samples its own ranks or GPUs into the run folder" in lines
+    # The rendezvous port: one the first node (where the batch script and the c10d store run) has free.
+    (port_line,) = [x for x in lines if x.startswith("port=")]
+    got = subprocess.run(["bash", "-c", port_line.replace("/venv/bin/python", sys.executable) + '; echo "$port"'],
+                         capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert got.isdigit() and 0 < int(got) < 65536
     # the script's own exit code, written after srun, so the outcome survives Slurm forgetting the job
     after = lines[lines.index(srun_line(script)) + 1 :]
     assert after[:3] == ["code=$?", 'echo "$code" > /lab/runs/7/exit_code.part && mv /lab/runs/7/exit_code.part '
@@ -199,3 +207,11 @@ def test_a_local_runner_leaves_a_slurm_run_of_its_host_alone_instead_of_marking_
     run = runs.get_run(engine, run_id)
     assert run["status"] == "running" and run["backend"] == "slurm" and run["backend_job_id"] == "99"
     assert run_id not in runner.watched and runner.foreign == {run_id}
+
+
+def test_a_machines_runner_refuses_nodes():
+    """A run with nodes that reached a machine's own runner (queued for a host not yet reporting) is refused,
+    not run on one machine as if it had its nodes."""
+    (problem,) = LocalLauncher().problems(RunSpec(strategy="pipeline", pp=2, microbatches=2, nodes=2))
+    assert problem.field == "nodes" and "only apply to a Slurm partition" in problem.message
+    assert LocalLauncher().problems(RunSpec(strategy="pipeline", pp=2, microbatches=2)) == []

@@ -30,7 +30,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="where runs are launched: torchrun on this machine (local, default) or Slurm jobs")  # fmt: skip
     serve.add_argument("--partition", help="Slurm: the partition runs are submitted to (required with --backend slurm)")
     serve.add_argument("--account", help="Slurm: the account runs are charged to")
-    serve.add_argument("--gpus-per-node", type=int, default=0, help="Slurm: GPUs per node (0: CPU nodes, gloo)")
+    serve.add_argument("--gpus-per-node", type=int, default=None,
+                       help="Slurm: GPUs a run uses per node (default: the partition's GRES as sinfo reports it; "
+                            "0: CPU nodes, gloo)")  # fmt: skip
     serve.add_argument("--nodes", type=int, default=None,
                        help="Slurm: nodes a run takes (default: world size / GPUs per node; one on CPU)")  # fmt: skip
 
@@ -41,8 +43,17 @@ def launcher_from_args(args: argparse.Namespace) -> Launcher:
         return LocalLauncher()
     if not args.partition:
         raise ValueError("--backend slurm needs --partition")
-    return make_launcher("slurm", partition=args.partition, account=args.account,
-                         gpus_per_node=args.gpus_per_node, nodes=args.nodes)  # fmt: skip
+    gpus = args.gpus_per_node
+    if gpus is None:  # what the Launch page validates against: the partition's GPUs, read with sinfo
+        from runner.cluster import ClusterError, read_partition
+
+        try:
+            gpus = read_partition(args.partition, args.account).gpus_per_node
+        except ClusterError as exc:
+            print(f"GPUs per node unknown ({exc}); submitting CPU jobs: pass --gpus-per-node to say", flush=True)
+            gpus = 0
+    return make_launcher("slurm", partition=args.partition, account=args.account, gpus_per_node=gpus,
+                         nodes=args.nodes)  # fmt: skip
 
 
 __all__ = [

@@ -35,7 +35,7 @@ from runner.launch import (
     torchrun_launcher,
 )
 from runner.launchers.base import Collected, JobState, read_result, run_logs
-from runner.spec import RunSpec
+from runner.spec import RunSpec, SpecProblem
 from runner.telemetry import Sampler
 
 # SIGKILL only after torchrun had its own grace to stop its ranks (it SIGKILLs them after TORCHRUN_SHUTDOWN_S).
@@ -235,5 +235,12 @@ class LocalLauncher:
     def sampler(self, job: Job, started: float, gpus: list[int]) -> Sampler:
         return Sampler(job.pid, started, gpus)
 
-    def problems(self, spec: RunSpec) -> list:
-        return []  # this machine's GPUs, cores and memory are checked by the spec's own validation
+    def problems(self, spec: RunSpec) -> list[SpecProblem]:
+        """Only what is particular to this machine's launcher (GPUs, cores and memory: the spec's own validation).
+
+        api.submit refuses nodes for a machine already; a run queued for a host that had not reported yet (or by
+        an older client) is refused here, not run on one machine as if it had its nodes."""
+        if spec.nodes is not None:
+            return [SpecProblem("nodes", f"nodes={spec.nodes} only apply to a Slurm partition: leave nodes empty for "
+                                         "a machine's own runner, or send the run to a Slurm runner's host")]  # fmt: skip
+        return []

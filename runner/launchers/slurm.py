@@ -6,8 +6,9 @@ torchrun.log (every node's torchrun writes there through srun; each rank writes 
 `--partition` / `--account`. Its body finds the first node's address (`scontrol show hostnames
 "$SLURM_JOB_NODELIST"`, then that node's NodeAddr), runs `srun python -m torch.distributed.run --nnodes
 $SLURM_NNODES --nproc-per-node R --rdzv-backend c10d --rdzv-endpoint $head:$port --rdzv-id $SLURM_JOB_ID
--m runner.job <run_dir>/spec.json` (the port derived from the job id, so two jobs sharing a first node
-do not meet) and finally writes srun's exit status into <run_dir>/exit_code, so the outcome survives
+-m runner.job <run_dir>/spec.json` (the port one the first node's kernel gives as free when the script
+starts there: the c10d store listens on that node, and a port derived from the job id would collide
+between two clusters, or two job-id sequences, sharing a machine) and finally writes srun's exit status into <run_dir>/exit_code, so the outcome survives
 Slurm forgetting the job. The script is kept in the run folder as job.sbatch (the run page reads it
 there: the run folders are on the cluster's shared filesystem).
 
@@ -41,8 +42,6 @@ from runner.spec import RunSpec, SpecProblem
 
 SCRIPT_NAME = "job.sbatch"
 EXIT_CODE_NAME = "exit_code"
-PORT_BASE = 29500  # the rendezvous port is PORT_BASE + job id % PORT_SPAN
-PORT_SPAN = 20000
 POLL_EVERY_S = 1.0  # squeue/scontrol at most this often per job
 COMMAND_TIMEOUT_S = 20.0
 # Slurm states in which the job (or its processes, while COMPLETING) may still run.
@@ -155,7 +154,9 @@ def render_sbatch(spec: RunSpec, run_dir: Path | str, *, nodes: int, partition: 
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
         "head=$(scontrol show node \"$head_node\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p' | head -n1)",
         'head=${head:-$head_node}',
-        f"port=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+        "# the batch script runs on that first node, where torchrun's c10d store will listen: a port free there",
+        f"port=$({q(python or sys.executable)} -c " + q("import socket; s = socket.socket(); s.bind(('', 0)); "
+                                                         "print(s.getsockname()[1])") + ")",
         torchrun,
         "code=$?",
         f'echo "$code" > {exit_file}.part && mv {exit_file}.part {exit_file}',
