@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import collections
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -233,3 +236,21 @@ def test_run_page_draws_the_simulated_timeline_under_the_measured_one(engine, tm
     charts = [c.proto.spec for c in at.get("vega_lite_chart")]
     assert any("Pipeline timeline, step 3, measured" in c and "Simulated: the schedule alone" in c for c in charts)
     assert any("Simulated from this run's own mean pass times" in c.value for c in at.caption)
+
+
+def test_a_simulated_step_alone_is_drawn_with_the_measured_chart():
+    from ui.simulated import simulated_chart
+
+    sim = simulate("interleaved-1f1b", p=2, m=4, forward=0.5, backward=1.0, v=2)
+    spec = simulated_chart(sim).to_dict()
+    assert "interleaved-1f1b, v = 2: p = 2, m = 4" in str(spec) and "bubble 11.1%" in str(spec)
+
+
+@pytest.mark.skipif(
+    not (Path(__file__).resolve().parent.parent / "runner" / "schedule_ops.py").exists(),
+    reason="H-pipe's torch-free runner/schedule_ops.py has not landed; the simulator falls back to the engine's",
+)
+def test_the_simulator_and_its_page_part_import_without_torch():
+    code = "import sys, runner.planner.simulate, ui.simulated; sys.exit('torch' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

@@ -94,3 +94,10 @@ def timeline_pair_chart(pair: TimelinePair) -> alt.VConcatChart:
         pair.simulated, title="Simulated: the schedule alone, on this run's mean pass and transfer times"
     )
     return alt.vconcat(measured, simulated).resolve_scale(x="shared")
+
+
+def simulated_chart(sim: Simulation, title: str | None = None) -> alt.LayerChart:
+    """A simulated step alone (the planner's predicted timeline), drawn as a measured one is."""
+    name = sim.schedule + (f", v = {sim.v}" if sim.v > 1 else "")
+    default = f"Simulated {name}: p = {sim.p}, m = {sim.m}, step {human_duration(sim.step_time)}, bubble {sim.bubble_mean:.1%}"
+    return charts.timeline_chart(sim.spans, title=title or default)
