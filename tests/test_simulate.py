@@ -54,6 +54,20 @@ def test_1f1b_p2_m2_drawn_by_hand():
     assert sorted(zip(waits["stage"], waits["start"], waits["end"], strict=True)) == [(0, 2, 4), (0, 6, 7), (1, 0, 1)]
 
 
+def test_zb_h1_p2_m2_drawn_by_hand():
+    # F = B = W = 1. Stage 0 runs F0 F1 B0 W0 B1 W1 (its W right behind its B); stage 1 (rank 1) leaves its first
+    # W for later: F0 B0 F1 B1 W0 W1. Stage 1: F0 [1,2] B0 [2,3] F1 [3,4] B1 [4,5] W0 [5,6] W1 [6,7];
+    # stage 0: F0 [0,1] F1 [1,2] B0 [3,4] W0 [4,5] B1 [5,6] W1 [6,7]. Step 7 of which each computes 6.
+    sim = simulate("zb-h1", p=2, m=2, forward=1.0, backward=1.0, weight=1.0)
+    assert compute_spans(sim) == [
+        (0, "F", 0, 0, 1), (0, "F", 1, 1, 2), (0, "B", 0, 3, 4), (0, "W", 0, 4, 5), (0, "B", 1, 5, 6),
+        (0, "W", 1, 6, 7),
+        (1, "F", 0, 1, 2), (1, "B", 0, 2, 3), (1, "F", 1, 3, 4), (1, "B", 1, 4, 5), (1, "W", 0, 5, 6),
+        (1, "W", 1, 6, 7),
+    ]  # fmt: skip
+    assert sim.bubble == pytest.approx([1 / 7, 1 / 7])  # (p-1)/(3m+p-1)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 @pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (3, 5), (4, 8), (4, 2)])
 def test_gpipe_and_1f1b_match_the_closed_form(schedule, p, m):
