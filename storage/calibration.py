@@ -1,6 +1,8 @@
-"""Calibrations: a host's measured matmul rate and all-reduce bandwidth per device kind (table `calibrations`,
-revision 0007). `python -m runner calibrate` stores one row per measurement; the planner reads the newest row
-of a host and device (runner/planner/calibrate.py). Plain dicts out, no live ORM objects.
+"""The planner's tables (revision 0007): `calibrations`, a host's measured matmul rate and all-reduce bandwidth
+per device kind (`python -m runner calibrate` stores one row per dtype measured; the planner reads the newest of
+a host, runner/planner/calibrate.py), and `plan_predictions`, what the planner predicted for a run launched from a
+plan (the Planner page stores it after api.submit; Compare reads it beside the measured figures).
+Plain dicts out, no live ORM objects.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Engine, Float, Index, Integer, String, select
+from sqlalchemy import JSON, Engine, Float, ForeignKey, Index, Integer, String, select
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from storage.models import Base, UTCDateTime, iso_utc, utcnow
@@ -80,3 +82,37 @@ def calibrations(engine: Engine, host: str | None = None) -> list[dict[str, Any]
         q = q.where(Calibration.host == host)
     with Session(engine) as s:
         return [_as_dict(r) for r in s.scalars(q.order_by(Calibration.measured_at.desc(), Calibration.id.desc()))]
+
+
+class PlanPrediction(Base):
+    """What the planner predicted for a run launched from a plan (runner/planner, ui/planner.py): the layout,
+    memory per pipeline stage, step time and bubble, as `ui.planner.prediction_record` writes them."""
+
+    __tablename__ = "plan_predictions"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    prediction: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+def store_prediction(engine: Engine, run_id: int, prediction: dict[str, Any]) -> None:
+    """Keep the planner's prediction for run `run_id` (replacing an earlier one)."""
+    with Session(engine) as s:
+        s.merge(PlanPrediction(run_id=run_id, created_at=utcnow(), prediction=prediction))
+        s.commit()
+
+
+def prediction_of(engine: Engine, run_id: int) -> dict[str, Any] | None:
+    """The prediction a run was launched with, or None (not launched from a plan)."""
+    with Session(engine) as s:
+        row = s.get(PlanPrediction, run_id)
+        return dict(row.prediction) if row is not None else None
+
+
+def predictions(engine: Engine, run_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Predictions of the given runs that have one, by run id."""
+    if not run_ids:
+        return {}
+    with Session(engine) as s:
+        rows = s.scalars(select(PlanPrediction).where(PlanPrediction.run_id.in_(run_ids)))
+        return {r.run_id: dict(r.prediction) for r in rows}

@@ -73,6 +73,14 @@ class Calibration:
         when = f"calibrated {self.measured_at[:10]}: " if self.measured_at else "calibrated: "
         return f"{when}{self.device_name} on {self.host}: {rates}; all-reduce ({self.backend}, {self.allreduce_ranks} ranks) {bw}"
 
+    def store(self, engine: Any) -> list[int]:
+        """One row per dtype measured, all with the same measured_at (that is how `stored` finds them together)."""
+        from storage.calibration import store_calibration
+        from storage.models import utcnow
+
+        now = utcnow()
+        return [store_calibration(engine, {**self.to_row(dt), "measured_at": now}) for dt in self.matmul_flops]
+
     def to_row(self, dtype: str) -> dict[str, Any]:
         return {
             "host": self.host,
@@ -161,12 +169,9 @@ def calibrate_and_store(device: str = "auto", size: int = 1024, mib: int = 16, s
     """calibrate(), then one row per dtype in the database (unless store is False)."""
     cal = calibrate(device, size, mib)
     if store:
-        from storage.calibration import store_calibration
         from storage.db import get_engine
 
-        engine = engine or get_engine()
-        for dt in cal.matmul_flops:
-            store_calibration(engine, cal.to_row(dt))
+        cal.store(engine or get_engine())
     return cal
 
 

@@ -47,7 +47,7 @@ class Devices:
 
     @property
     def usable_bytes(self) -> int:
-        return self.memory_bytes - self.reserve_bytes
+        return max(0, self.memory_bytes - self.reserve_bytes)
 
     @property
     def nodes(self) -> int:

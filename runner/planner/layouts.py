@@ -128,7 +128,7 @@ GUIDE_LAYOUTS: tuple[Layout, ...] = (
     replace(GUIDE_175B_LAYOUT, zero_stage=0),  # the same unsharded
     Layout(tp=8, pp=8, dp=8, zero_stage=1),  # Megatron-LM 2021's choice for 175B-class (t=8 within a node)
     Layout(tp=8, pp=16, dp=4, zero_stage=1),
-    Layout(tp=8, pp=64, dp=1),  # model parallel only
+    Layout(tp=1, pp=8, dp=1),  # the guide's model-parallel example: 8 GPUs of ~22B parameters each
     Layout(tp=1, pp=1, dp=512, zero_stage=3),  # pure sharded data parallelism
     Layout(tp=1, pp=1, dp=1),  # one GPU
 )

@@ -1,7 +1,9 @@
-"""calibrations: a host's measured matmul rate and all-reduce bandwidth per device kind, for the planner
+"""calibrations and plan_predictions: the planner's measured host figures and the predictions runs were launched with
 
-`python -m runner calibrate` (runner/planner/calibrate.py) measures them; the planner uses the newest row of a
-host in place of published peaks (storage/calibration.py).
+`python -m runner calibrate` (runner/planner/calibrate.py) measures a host's matmul rate and all-reduce
+bandwidth; the planner uses the newest row of a host in place of published peaks. A run launched from a plan
+(the Planner page's "Launch this layout") keeps what the planner predicted for it (memory per rank, step time,
+bubble), so Compare can put prediction beside measurement. Both tables: storage/calibration.py.
 
 Revision ID: 0007
 Revises: 0006
@@ -34,8 +36,19 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_calibrations")),
     )
     op.create_index("ix_calibrations_host", "calibrations", ["host", "measured_at"])
+    op.create_table(
+        "plan_predictions",
+        sa.Column("run_id", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("prediction", sa.JSON(), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["runs.id"], name=op.f("fk_plan_predictions_run_id_runs"), ondelete="CASCADE"
+        ),
+        sa.PrimaryKeyConstraint("run_id", name=op.f("pk_plan_predictions")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("plan_predictions")
     op.drop_index("ix_calibrations_host", table_name="calibrations")
     op.drop_table("calibrations")

@@ -1,0 +1,127 @@
+"""Layouts, step time, devices, the `plan` CLI and the calibration store (no torch except the one calibration run)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from runner.planner.calibrate import Calibration, devices_from_calibration, stored
+from runner.planner.cli import add_plan_parser, run_plan
+from runner.planner.devices import described, from_gpus, from_partition, preset
+from runner.planner.layouts import evaluate, plan
+from runner.planner.memory import MODELS, Layout, Workload
+from runner.planner.step_time import predict_step, ring_allreduce_s
+
+GB = 1e9
+
+
+def test_infeasible_reasons_name_the_cause():
+    gpt2, h100 = MODELS["gpt2"], preset("h100-80gb", 16, 8)
+    w = Workload(batch=16, seq=1024)
+    assert "n_head 12 not divisible by tp 8" in evaluate(gpt2, Layout(tp=8, dp=2), w, h100).reasons
+    assert "tp 16 exceeds the 8 GPUs of a node" in evaluate(gpt2, Layout(tp=16), w, h100).reasons
+    assert "n_layer 12 not divisible by pp 8" in evaluate(gpt2, Layout(pp=8, dp=2), w, h100).reasons
+    small = described(1, 24, 100, 10, 10, 1)  # 24 GiB, 1 GiB of it reserved for the CUDA context
+    (reason,) = evaluate(gpt2, Layout(), w, small).reasons
+    assert reason.startswith("needs ") and ", you have 23.0 GiB (of 24.0 GiB, 1.0 reserved)" in reason
+
+
+def test_every_layout_is_listed_once_and_feasible_ones_are_ranked():
+    p = plan(MODELS["gpt2"], Workload(batch=16, seq=1024), preset("a100-40gb", 16, 8), zero_stages=(0, 1))
+    labels = [c.layout.label() for c in p.feasible + p.infeasible]
+    assert len(labels) == len(set(labels))
+    # 16 = 2^4 = tp x pp x dp: C(6, 2) = 15 ordered factorizations; 5 have dp = 1 (tp x pp = 1x16, 2x8, 4x4,
+    # 8x2, 16x1), the other 10 come again with ZeRO-1
+    assert len(labels) == 15 + 10
+    times = [c.step.total for c in p.feasible]
+    assert times == sorted(times) and p.best is p.feasible[0]
+
+
+def test_data_parallel_all_reduce_time_by_hand():
+    # gpt2 over dp 8 on one node at 100 GB/s (link efficiency 1): ring all-reduce of 4-byte gradients,
+    # 2 (n-1)/n x 497,759,232 bytes / 1e11
+    dev = described(8, 80, 100, 100, 10, 8)
+    s = predict_step(MODELS["gpt2"], Layout(dp=8), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1.0)
+    assert s.dp_comm_s == pytest.approx(2 * 7 / 8 * 124_439_808 * 4 / 100e9)
+    assert ring_allreduce_s(1e9, 1, 1e9) == 0
+    # across nodes (2 GPUs a node) the same bytes go at the between-node bandwidth
+    two = described(8, 80, 100, 100, 10, 2)
+    s2 = predict_step(MODELS["gpt2"], Layout(dp=8), Workload(batch=8, seq=1024, dtype="float32"), two, 0.5, 1.0)
+    assert s2.dp_comm_s == pytest.approx(10 * s.dp_comm_s)
+
+
+def test_compute_and_bubble_by_hand():
+    # gpt2 train, batch 8 x 1024, float32: PaLM's 6N + 12 l h s a token, N without the positions
+    n = 124_439_808 - 1024 * 768
+    flops = 8 * 1024 * (6 * n + 12 * 12 * 768 * 1024)
+    dev = described(4, 80, 100, 1000, 1000, 4, peak_fp32_tflops=10)
+    s = predict_step(MODELS["gpt2"], Layout(pp=4), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1.0)
+    assert s.flops == pytest.approx(flops)
+    assert s.compute_s == pytest.approx(flops / 4 / (10e12 * 0.5))
+    # 1F1B, p 4, m 8 (one sequence each): bubble (p-1)/(m+p-1) = 3/11 of the pipelined time
+    assert s.bubble_fraction == pytest.approx(3 / 11)
+    assert s.bubble_s / (s.compute_s + s.bubble_s) == pytest.approx(3 / 11)
+    ck = predict_step(MODELS["gpt2"], Layout(pp=4), Workload(batch=8, seq=1024, checkpoint="blocks"), dev)
+    assert ck.flops == pytest.approx(flops * 4 / 3)  # one more forward of every block
+
+
+def test_tensor_parallel_bytes_by_hand():
+    # tp 2 in a node at 100 GB/s: 4 all-reduces a layer of b s h float32, 2 (t-1)/t of it each, 12 layers
+    dev = described(2, 80, 100, 100, 10, 2)
+    s = predict_step(MODELS["gpt2"], Layout(tp=2), Workload(batch=2, seq=1024, dtype="float32"), dev, 0.5, 1.0)
+    assert s.tp_comm_s == pytest.approx(12 * 4 * (2 * 1 / 2) * 2 * 1024 * 768 * 4 / 100e9)
+
+
+def test_devices_from_nvml_and_partition():
+    dev = from_gpus([{"name": "NVIDIA H100 80GB HBM3", "memory_total": 85_520_809_984}] * 4)
+    assert dev.count == 4 and dev.peak("bf16-mixed") == 989e12 and dev.peak("float32") == 67e12
+    from runner.cluster import parse_sinfo
+
+    part = parse_sinfo("n1|64|gpu:8|idle\nn2|64|gpu:8|mixed\n", "gpu")
+    d = from_partition(part, "a100-80gb")
+    assert (d.count, d.gpus_per_node) == (16, 8) and "partition gpu" in d.source
+
+
+def test_plan_cli_json(capsys):
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", "--model", "gpt3-175b", "--gpus", "512", "--gpu", "h100-80gb",
+                              "--gpus-per-node", "8", "--batch", "1536", "--seq", "2048", "--zero", "0,1",
+                              "--checkpoint", "blocks", "--json"])  # fmt: skip
+    assert run_plan(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    guide = [c for c in out["feasible"] if (c["tp"], c["pp"], c["dp"], c["zero_stage"]) == (4, 8, 16, 1)]
+    assert guide and guide[0]["memory_gib"] < 78
+    assert any("n_head 96 not divisible by tp 512" in r for c in out["infeasible"] for r in c["reasons"])
+
+
+def test_plan_cli_table_and_bad_arguments(capsys):
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    assert run_plan(parser.parse_args(["plan", "--model", "gpt2", "--gpus", "4", "--gpu", "l4"])) == 0
+    text = capsys.readouterr().out
+    assert "GiB/GPU" in text and "infeasible" in text and "n_head 12 not divisible by tp 8" not in text
+    assert run_plan(parser.parse_args(["plan", "--memory-gib", "10"])) == 2
+    assert "--tflops" in capsys.readouterr().err
+
+
+def test_calibration_stored_and_used(engine):
+    cal = Calibration("box", "cpu", "AMD EPYC", {"float32": 40e9, "bfloat16": 140e9}, 1.9e9, 2, "gloo")
+    assert len(cal.store(engine)) == 2
+    back = stored(engine, "box")
+    assert back is not None and back.matmul_flops == cal.matmul_flops and back.allreduce_bytes_per_s == 1.9e9
+    assert stored(engine, "other") is None
+    dev = devices_from_calibration(back, 2, 24 * 2**30)
+    assert (dev.count, dev.peak("float32"), dev.bw_intra) == (2, 40e9, 1.9e9)
+    assert "calibrated" in dev.source and "40.0 GFLOP/s float32" in dev.source and "1.90 GB/s" in dev.source
+
+
+def test_calibrate_measures_this_host():
+    from runner.planner.calibrate import measure_allreduce, measure_matmul
+
+    mm = measure_matmul("cpu", 256, "float32")
+    assert 1e8 < mm["flops"] < 1e13  # a core does 0.1 to 10,000 GFLOP/s
+    ar = measure_allreduce("cpu", mib=1, ranks=2)
+    assert ar["ranks"] == 2 and ar["busbw"] > 1e6
