@@ -1,0 +1,95 @@
+"""The Planner page's logic (ui/planner.py) and the page under Streamlit's AppTest, against a real database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from runner import api
+from runner.planner.devices import cpu_host
+from runner.planner.memory import Layout, Workload
+from storage.calibration import prediction_of
+from ui import planner as P
+
+REPO = Path(__file__).resolve().parent.parent
+TWO_CORES = cpu_host(2, 8 * 2**30, 10e9, 1e9)
+
+
+def test_guide_table_answers_the_guides_175b_example():
+    t = P.guide_table()
+    row = t[t.layout == "tp4 pp8 dp16 zero1"].iloc[0]
+    assert bool(row.fits) and 40 < row["GiB per GPU"] < 78 and row["step s"] > 0
+    unsharded = t[t.layout == "tp4 pp8 dp16"].iloc[0]
+    assert not unsharded.fits and "GiB per GPU, you have 78.6 GiB" in unsharded["why not"]
+    # the guide's own model-parallel example: 8 GPUs of ~22B parameters do not hold 175B with AdamW
+    model_parallel = t[t.layout == "tp1 pp8 dp1"].iloc[0]
+    assert not model_parallel.fits and model_parallel["params GiB"] > 80
+    assert not t[t.layout == "tp1 pp1 dp1"].iloc[0].fits
+
+
+def test_strategy_for_each_layout():
+    assert P.strategy_for(Layout(), 1) == "single"
+    assert P.strategy_for(Layout(tp=2), 1) == "tensor"
+    assert P.strategy_for(Layout(pp=2), 1) == "layer"
+    assert P.strategy_for(Layout(pp=2), 4) == "pipeline"
+    assert P.strategy_for(Layout(dp=2, zero_stage=3), 1) == "data"
+    assert P.strategy_for(Layout(tp=2, dp=2), 1) == "3d"
+
+
+def test_every_feasible_tiny_layout_becomes_a_valid_spec():
+    inputs = P.PlannerInputs("tiny", {}, Workload(batch=8, seq=64, dtype="float32"), (0, 1, 2, 3), 1.0)
+    p = P.plan(inputs.config(), inputs.work, TWO_CORES, zero_stages=inputs.zero_stages, use_all=False)
+    assert len(p.feasible) >= 7  # single, tensor, pipeline, data and data with ZeRO 1-3
+    for c in p.feasible:
+        spec = P.spec_for(inputs, c, "cpu")
+        assert spec.validate(gpu_count=0) == [], (c.layout.label(), spec)
+        assert tuple(spec.degrees) == (c.layout.tp, c.layout.pp, c.layout.dp) and "plan" in spec.tags
+        assert spec.zero_stage == c.layout.zero_stage
+
+
+def test_custom_dimensions_reach_the_spec():
+    inputs = P.PlannerInputs("tiny", {"n_layer": 2, "n_embd": 32}, Workload(batch=4, seq=32, dtype="float32"))
+    c = P.plan(inputs.config(), inputs.work, TWO_CORES, use_all=False).feasible[0]
+    spec = P.spec_for(inputs, c, "cpu")
+    assert (spec.model_config().n_layer, spec.model_config().n_embd) == (2, 32)
+
+
+def test_launch_stores_the_prediction_and_compare_reads_it(engine):
+    inputs = P.PlannerInputs("tiny", {}, Workload(batch=4, seq=32, dtype="float32", microbatches=2), (0,), 1.0)
+    p = P.plan(inputs.config(), inputs.work, TWO_CORES, use_all=False)
+    c = next(c for c in p.feasible if c.layout == Layout(pp=2))
+    run_id = P.launch(engine, inputs, c, TWO_CORES, steps=2)
+    run = api.get_run(engine, run_id)
+    assert run["status"] == "queued" and "plan" in run["tags"]
+    pred = prediction_of(engine, run_id)
+    assert pred["layout"] == {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 0} and len(pred["stages"]) == 2
+    # what Compare shows: the rank's measured figures beside the prediction
+    measured = [{"rank": r, "pp": r, "param_bytes": s["param_bytes"], "optimizer_bytes": s["optimizer_bytes"] + 4,
+                 "max_inflight_microbatches": s["in_flight"], "bubble_fraction": 0.4}
+                for r, s in enumerate(pred["stages"])]  # fmt: skip
+    t = P.predicted_vs_measured(pred, measured, step_time_s=0.2)
+    params = t[t.figure == "parameter bytes"]
+    assert list(params.ratio) == [1.0, 1.0]
+    assert set(t.figure) == {"parameter bytes", "optimizer bytes", "microbatches in flight", "bubble", "step time s"}
+    # a pipeline of 2 with 2 microbatches: (p-1)/(m+p-1) = 1/3 predicted
+    assert t[t.figure == "bubble"].predicted.iloc[0] == 1 / 3
+
+
+def test_planner_page_renders_and_launches(engine):
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    assert not at.exception
+    assert any("GPT-3 175B" in e.label for e in at.expander)
+    assert "tp4 pp8 dp16 zero1" in list(at.dataframe[0].value.layout)
+    at.selectbox(key="planner_model").set_value("tiny")
+    at.number_input(key="planner_seq").set_value(64)
+    at.selectbox(key="planner_dtype").set_value("float32")
+    at.radio(key="planner_source").set_value("this host")
+    at.run()
+    assert not at.exception
+    assert len(at.dataframe[1].value) > 0  # the feasible layouts of the tiny model on this host
+    at.button(key="planner_launch").click().run()
+    assert not at.exception
+    assert any("queued, tagged 'plan'" in s.value for s in at.success), [e.value for e in at.error]
+    (run,) = api.list_runs(engine).itertuples()
+    assert prediction_of(engine, int(run.id)) is not None
