@@ -71,18 +71,14 @@ class Ours:
         import torch
 
         from runner.gpt.build import build_parallel_gpt
-        from runner.gpt.data_parallel import DataParallelGPT
         from runner.gpt.mesh import Mesh
 
         spec = spec_for(zero_stage)
         self.mesh = Mesh.build(spec.degrees)
         self.mesh.stats.counting = False
         self.mesh.stats.clock.enabled = False
-        model = build_parallel_gpt(spec, self.mesh, torch.device("cpu"), torch.float32)
-        if model.zero_stage != zero_stage:  # a build.py that does not pass zero_stage yet
-            model = DataParallelGPT(model.inner, self.mesh, zero_stage=zero_stage)
-        self.model = model
-        self.opt = model.make_optimizer(LR)
+        self.model = build_parallel_gpt(spec, self.mesh, torch.device("cpu"), torch.float32)
+        self.opt = self.model.make_optimizer(LR)
 
     def step(self, idx, targets) -> float:
         self.opt.zero_grad(set_to_none=True)

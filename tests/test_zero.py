@@ -173,7 +173,7 @@ def test_3d_pp2_dp2_sharded_inside_a_pipeline_matches_reference(tmp_path):
 def test_job_verifies_zero3_and_reports_its_bytes(tmp_path):
     """The real job (verify pass, timed steps, figures) on data dp=2 with ZeRO-3."""
     spec = {**BASE, "strategy": "data", "dp": 2, "zero_stage": 3, "steps": 2, "warmup": 1, "verify": True}
-    result = run_torchrun(spec, tmp_path, module="tests.zero_job")
+    result = run_torchrun(spec, tmp_path)
     assert result["verify"]["passed"], result["verify"]
     want = paper_bytes(3, [OUTER] + [BLOCK] * L, 2, TENSORS)
     for r in result["ranks"]:
@@ -200,3 +200,16 @@ def test_flat_piece_index_picks_the_reference_elements_a_slice_holds():
         for lo, hi in [(0, flat.numel()), (3, 11), (valid - 2, flat.numel()), (valid, flat.numel())]:
             picked = ref[flat_piece_index(Shard((7, 5), index), lo, hi)]
             assert torch.equal(picked, flat[lo : max(lo, min(hi, valid))])
+
+
+def test_job_verifies_zero3_in_an_interleaved_pipeline_with_checkpointed_blocks(tmp_path):
+    """ZeRO-3 as the data dimension of 3d with the other options of this release: interleaved 1F1B over two
+    chunks a rank (a rank's blocks 0 and 2, gathered per use) and blocks recomputed in backward, which run
+    a block's forward again inside backward (gathered there, not released until its gradients are in)."""
+    spec = {**BASE, "strategy": "3d", "pp": 2, "dp": 2, "zero_stage": 3, "microbatches": 4, "batch": 16,
+            "schedule": "interleaved-1f1b", "virtual_stages": 2, "checkpoint": "blocks", "steps": 2, "warmup": 1,
+            "verify": True}  # fmt: skip
+    result = run_torchrun(spec, tmp_path)
+    assert result["verify"]["passed"], result["verify"]
+    for r in result["ranks"]:
+        assert r["zero_stage"] == 3 and r["recompute_calls"] > 0

@@ -82,6 +82,11 @@ class DataParallelGPT(ParallelGPT):
     def parameters(self) -> list[nn.Parameter]:
         return self.zero.parameters() if self.zero else super().parameters()
 
+    def grad_holders(self) -> list[nn.Parameter]:
+        """The tensors whose .grad holds this rank's gradients after forward_backward: its ZeRO shards
+        (under stage 2 the whole parameters hold none), else the parameters."""
+        return self.zero.shards() if self.zero else self.parameters()
+
     def zero_grad(self) -> None:
         if self.zero:
             self.zero.zero_grad()
