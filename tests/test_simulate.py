@@ -268,3 +268,29 @@ def test_the_simulator_and_its_page_part_import_without_torch():
     code = "import sys, runner.planner.simulate, ui.simulated; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+# ---- against the real engine ----------------------------------------------------------------------------
+@pytest.mark.slow  # a torchrun job each (a few seconds on a quiet machine)
+@pytest.mark.parametrize("schedule,v", [("interleaved-1f1b", 2), ("zb-h1", 1)])
+def test_simulated_ranks_run_the_same_passes_in_the_same_order_as_the_engine(tmp_path, schedule, v):
+    """A real tiny pipeline job (torchrun, gloo): per rank, the simulated compute spans are the measured ones --
+    the same (stage, microbatch, phase) in the same order -- and the times are read from its spans."""
+    from tests.jobs import read_events, run_torchrun
+
+    p, m = 2, 4
+    spec = {"strategy": "pipeline", "model": "tiny", "batch": 8, "seq": 16, "steps": 1, "warmup": 1, "pp": p,
+            "microbatches": m, "schedule": schedule, "virtual_stages": v, "workload": "train"}  # fmt: skip
+    run_torchrun(spec, tmp_path)
+    spans = pd.DataFrame([e for e in read_events(tmp_path) if e["kind"] == "span"])[SPAN_COLUMNS]
+    sim = simulate_from_spans(spans, schedule, p, m, v)
+
+    def order(frame: pd.DataFrame, rank: int) -> list[tuple[int, int, str]]:
+        rows = frame[(frame["rank"] == rank) & frame["phase"].isin(["forward", "backward", "weight"])]
+        return [(r.stage, r.microbatch, r.phase) for r in rows.sort_values("start").itertuples()]
+
+    for rank in range(p):
+        assert order(sim.spans, rank) == order(spans, rank)
+    t = measured_times(spans, p, v)
+    assert all(x > 0 for x in t.forward) and t.transfer_samples > 0
+    assert 0 < sim.bubble_mean < 1
