@@ -44,7 +44,8 @@ LR = 1e-3
 BASE = {"model": "tiny", "batch": 8, "seq": 32, "workload": "train", "lr": LR}
 STEPS = 3
 
-pytestmark = pytest.mark.slow
+
+slow = pytest.mark.slow  # the multi-process tests (10-25 s each on 2 cores)
 
 
 def run_worker(spec: dict, stages: str, steps: int, tmp_path: Path) -> dict:
@@ -89,6 +90,7 @@ def paper_bytes(stage: int, units: list[int], nd: int, tensors: int) -> dict[str
     }
 
 
+@slow
 def test_data_dp2_every_stage_matches_reference_and_the_papers_bytes(tmp_path):
     result = run_worker({**BASE, "strategy": "data", "dp": 2}, "0,1,2,3", STEPS, tmp_path)
     units = [OUTER] + [BLOCK] * L
@@ -124,6 +126,7 @@ def test_data_dp2_every_stage_matches_reference_and_the_papers_bytes(tmp_path):
     assert wire[3] == 4 * (3 * PSI - OUTER) // 2
 
 
+@slow
 def test_data_dp3_shards_carry_the_stated_padding(tmp_path):
     result = run_worker({**BASE, "strategy": "data", "dp": 3, "batch": 6}, "3", 2, tmp_path)
     units = [OUTER] + [BLOCK] * L
@@ -137,6 +140,7 @@ def test_data_dp3_shards_carry_the_stated_padding(tmp_path):
         assert 0 < r["param_bytes"] - 4 * PSI / 3 < 4 * 5
 
 
+@slow
 def test_3d_tp2_dp2_every_stage_matches_reference(tmp_path):
     spec = {**BASE, "strategy": "3d", "tp": 2, "dp": 2, "sequence_parallel": True}
     result = run_worker(spec, "1,3", STEPS, tmp_path)
@@ -153,6 +157,7 @@ def test_3d_tp2_dp2_every_stage_matches_reference(tmp_path):
             assert {k: r[k] for k in want} == want, (stage, r)
 
 
+@slow
 def test_3d_pp2_dp2_sharded_inside_a_pipeline_matches_reference(tmp_path):
     spec = {**BASE, "strategy": "3d", "pp": 2, "dp": 2, "microbatches": 2}
     result = run_worker(spec, "2,3", STEPS, tmp_path)
@@ -170,6 +175,7 @@ def test_3d_pp2_dp2_sharded_inside_a_pipeline_matches_reference(tmp_path):
     assert r0["comm_calls"]["all_gather"] == 1 + 2 * 2 * 2  # outer once + 2 blocks x 2 microbatches x 2
 
 
+@slow
 def test_job_verifies_zero3_and_reports_its_bytes(tmp_path):
     """The real job (verify pass, timed steps, figures) on data dp=2 with ZeRO-3."""
     spec = {**BASE, "strategy": "data", "dp": 2, "zero_stage": 3, "steps": 2, "warmup": 1, "verify": True}
@@ -202,6 +208,7 @@ def test_flat_piece_index_picks_the_reference_elements_a_slice_holds():
             assert torch.equal(picked, flat[lo : max(lo, min(hi, valid))])
 
 
+@slow
 def test_job_verifies_zero3_in_an_interleaved_pipeline_with_checkpointed_blocks(tmp_path):
     """ZeRO-3 as the data dimension of 3d with the other options of this release: interleaved 1F1B over two
     chunks a rank (a rank's blocks 0 and 2, gathered per use) and blocks recomputed in backward, which run
