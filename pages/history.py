@@ -10,7 +10,7 @@ from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.filters import FILTERS, day_range, parse_day, run_filter
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
-from ui.hosts import placement_text, where_text
+from ui.hosts import placement_text, ran_on, where_text
 from ui.nodes import nodes_caption
 from ui.run_detail import failure_text, peak_memory, progress, result_captions
 from ui.simulated import timeline_pair, timeline_pair_chart
@@ -179,6 +179,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
     view["status"] = view["status"].map(status_label)
     view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
     view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
+    view["ran_on"] = [ran_on(h, b) for h, b in zip(view["runner_host"], view["backend"], strict=True)]
     st.dataframe(
         view,
         hide_index=True,
@@ -195,6 +196,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             "tokens_per_s",
             "step_time_s_p50",
             "peak_mem_mib",
+            "ran_on",
             "user",
             "tags",
             "created_at",
@@ -206,6 +208,11 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
             "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
             "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
+            "ran_on": st.column_config.TextColumn(
+                "ran on",
+                help="the host whose runner ran it; (Slurm): submitted to "
+                "that runner's Slurm cluster, its ranks on the cluster's nodes",
+            ),
         },
     )
     st.download_button(

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 LIST_COLUMNS = [
     "id", "status", "strategy", "model", "workload", "world_size", "tp", "pp", "dp", "user", "tags",
-    "created_at", "finished_at", "tokens_per_s", "step_time_s_p50", "peak_mem_bytes_max", "note",
+    "created_at", "finished_at", "tokens_per_s", "step_time_s_p50", "peak_mem_bytes_max", "note", "runner_host",
+    "backend",
 ]  # fmt: skip
 
 

@@ -21,7 +21,7 @@ from runner.logs import log_source, run_log
 from runner.spec import RunSpec
 from storage import hosts as leases
 from storage import runner_rows
-from ui.hosts import HERE, devices_text, targets, where_text
+from ui.hosts import HERE, devices_text, ran_on, targets, where_text
 
 REPO = Path(__file__).resolve().parent.parent
 H100 = {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total": 80 * 2**30}
@@ -306,3 +306,9 @@ def test_leaving_the_partition_clears_nodes(with_slurm):
     at.selectbox(key="launch_run_on").select(HERE).run()
     assert at.number_input(key="launch_nodes").disabled and at.number_input(key="launch_nodes").value is None
     assert not at.error
+
+
+def test_history_says_where_a_run_ran_and_that_slurm_ran_it():
+    assert ran_on("slurm-lab", "slurm") == "slurm-lab (Slurm)"
+    assert ran_on("vm", "local") == "vm"
+    assert ran_on(None, "local") == ""  # queued: no runner took it yet

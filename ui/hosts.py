@@ -204,3 +204,11 @@ def placement_text(run: dict[str, Any]) -> str:
         if run.get("target_host")
         else f"{head} · for any host with the devices"
     )
+
+
+def ran_on(runner_host: str | None, backend: str | None) -> str:
+    """History's "ran on" cell: the host whose runner ran it, and "(Slurm)" where that runner submitted it to a
+    Slurm cluster (its ranks ran on the cluster's nodes); "" while no runner has taken it."""
+    if not runner_host:
+        return ""
+    return f"{runner_host} (Slurm)" if backend == "slurm" else runner_host
