@@ -30,14 +30,16 @@ matching receive right before the operation that consumes it. Every wait is thus
 peer's schedule produces earlier in the pipeline's dependency order (forwards flow up the virtual
 stages, backwards down, each rank in schedule order), which has no cycle, so every batch completes.
 
-Which message is which. NCCL (and gloo with one tag) matches the k-th message from rank a to rank b
-with the k-th receive b posts from a. With one neighbour each way and one chunk, a pair carries one kind
-of message in the same order at both ends. Interleaved with p = 2, though, rank 0 sends rank 1 both
-activations and gradients, in rank 0's order, while rank 1 consumes them in its own. So in training
-each rank derives, from its peers' schedules, the order in which each peer sends to it
-(`_incoming`); to get a message it receives, in the same batch, everything that peer sends before it,
-keeping the early ones until their operation runs -- the peer's FIFO order, which both ends then agree
-on, and no receive waits for a message that is not sent before the one it needs.
+Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/gpt/schedules.py
+lockstep_plan, as Megatron's interleaved schedule sends and receives once per step): the argument
+above breaks for interleaving -- with p = 2, rank 0's batch {send activation for rank 1's chunk 0,
+receive a gradient} can wait on rank 1's {send an activation for rank 0's chunk 1, receive a gradient}
+while each send's receive is posted only after the other's batch (seen on gloo). Every rank derives,
+from all ranks' schedules run on a model clock, the tick at which each message is produced; at that
+tick sender and receiver both post it in one batch, the receiver possibly ahead of need (the buffer
+waits, and the rank waits on it only when the operation consuming it starts). By induction over ticks
+every batch completes. The order of messages between two ranks is then the same at both ends
+(NCCL and gloo match the k-th send with the k-th receive).
 Generation also returns each new token from the last stage to the first, against the flow of
 activations: on the same stream a token waiting for the first stage to finish sending this round's
 activations would block the last stage's receives of them, so tokens travel on the first and last
@@ -369,8 +371,12 @@ class PipelineGPT(ParallelGPT):
             keys = [key for _, key in plan.recvs.get(tick, [])]
             bufs = [torch.empty(self._hidden_shape(mbs[key[2]]), dtype=self.dtype, device=self.device) for key in keys]
             srcs = [self.mesh.stage_rank(src) for src, _ in plan.recvs.get(tick, [])]
-            first = (plan.sends.get(tick) or plan.recvs[tick])[0][1]
-            batch = self.links.post(sends, list(zip(bufs, srcs, strict=True)), first[1:])
+            if plan.sends.get(tick):  # the timeline books the batch on the stage that sends, else the receiver
+                kind, j, i = plan.sends[tick][0][1]
+                at = (j - 1 if kind == "act" else j + 1, i)
+            else:
+                at = keys[0][1:]
+            batch = self.links.post(sends, list(zip(bufs, srcs, strict=True)), at)
             posted.update((key, (batch, buf)) for key, buf in zip(keys, bufs, strict=True))
 
         def release(at: tuple[int, int]) -> None:
