@@ -93,3 +93,24 @@ def test_planner_page_renders_and_launches(engine):
     assert any("queued, tagged 'plan'" in s.value for s in at.success), [e.value for e in at.error]
     (run,) = api.list_runs(engine).itertuples()
     assert prediction_of(engine, int(run.id)) is not None
+
+
+def test_a_run_launched_from_a_plan_is_compared_with_its_prediction(engine, tmp_path):
+    # plan -> launch (queued, prediction stored) -> the same spec run for real by torchrun -> stored result ->
+    # plan_comparisons: the measured bytes equal the predicted ones, and the bubble and step time sit beside
+    from storage import runner_rows
+    from tests.jobs import run_torchrun
+
+    inputs = P.PlannerInputs("tiny", {}, Workload(batch=4, seq=32, dtype="float32", microbatches=4), (0,), 1.0)
+    p = P.plan(inputs.config(), inputs.work, TWO_CORES, use_all=False)
+    c = next(c for c in p.feasible if c.layout == Layout(pp=2))
+    run_id = P.launch(engine, inputs, c, TWO_CORES, steps=2)
+    spec = api.get_run(engine, run_id)["spec"]
+    runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
+    result = run_torchrun({**spec, "warmup": 0}, tmp_path / "run")
+    runner_rows.finish_run(engine, run_id, "succeeded", result=result)
+    t = P.plan_comparisons(engine, [run_id])[run_id]
+    exact = t[t.figure.isin(["parameter bytes", "optimizer bytes", "microbatches in flight"])]
+    assert len(exact) == 6 and list(exact.ratio) == [1.0] * 6
+    assert {"bubble", "step time s"} <= set(t.figure)
+    assert P.plan_comparisons(engine, [run_id + 1]) == {}

@@ -229,3 +229,23 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
 def devices_described(count: int, memory_gib: float, tflops: float, bw_intra: float, bw_inter: float,
                       gpus_per_node: int) -> Devices:  # fmt: skip
     return described(count, memory_gib, tflops, bw_intra, bw_inter, gpus_per_node)
+
+
+def plan_comparisons(engine: Any, run_ids: list[int]) -> dict[int, pd.DataFrame]:
+    """For each of `run_ids` launched from a plan: its prediction against its measured per-rank figures and
+    median step time (what pages/compare.py shows); runs without a prediction are left out."""
+    from runner import api
+    from storage.calibration import predictions
+
+    preds = predictions(engine, run_ids)
+    if not preds:
+        return {}
+    ranks = api.rank_results(engine, list(preds))
+    out = {}
+    for run_id, pred in preds.items():
+        mine = ranks[ranks.run_id == run_id] if not ranks.empty else ranks
+        records = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}  # NaN -> None
+                   for r in mine.to_dict("records")]  # fmt: skip
+        run = api.get_run(engine, run_id) or {}
+        out[run_id] = predicted_vs_measured(pred, records, (run.get("result") or {}).get("step_time_s_p50"))
+    return out
