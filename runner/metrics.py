@@ -14,7 +14,11 @@ decode passes of one token each, the j-th of which attends over seq + j position
 Device peaks are the published dense (no sparsity) tensor/vector figures of the exact model and form
 factor. float32 uses the plain FP32 peak because PyTorch leaves TF32 off for matmuls by default
 (`torch.backends.cuda.matmul.allow_tf32 = False`); bfloat16 uses the dense BF16 tensor-core peak.
-A device not in the table gets no peak, hence no MFU, rather than a wrong one.
+A device not in the table gets no peak, hence no MFU, rather than a wrong one. bf16-mixed runs its
+matmuls in bf16 under autocast, so its MFU is against the BF16 peak.
+
+The pipeline bubble each schedule implies (`bubble_fraction_theory`: GPipe/1F1B, interleaved 1F1B, ZB-H1)
+states its own assumptions; runner/gpt/schedules.py defines the schedules.
 """
 
 from __future__ import annotations
@@ -98,7 +102,30 @@ def device_peak_flops(name: str, dtype: str) -> float | None:
     peak = device_peak(name)
     if peak is None:
         return None
-    return peak.bf16 if dtype == "bfloat16" else peak.fp32
+    return peak.bf16 if dtype in ("bfloat16", "bf16-mixed") else peak.fp32  # bf16-mixed multiplies in bf16
+
+
+def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:
+    """The idle share of each stage's step by theory, messages costing nothing.
+
+    - gpipe and 1f1b: (p-1)/(m+p-1), with every stage's forward taking t_F and backward t_B: the step lasts
+      (m + p - 1)(t_F + t_B) and each stage computes m(t_F + t_B) of it (Huang et al. 2019; the same for 1F1B,
+      Narayanan et al. 2021, which only bounds the activations kept).
+    - interleaved-1f1b: (p-1)/(v*m + p-1): each chunk's passes take 1/v of a stage's, so the ramp of p - 1
+      passes shrinks v-fold against the same m(t_F + t_B) of work (Narayanan et al. 2021, section 2.2:
+      bubble time (p-1)(t_F + t_B)/v).
+    - zb-h1: (p-1)/(3m + p-1), assuming the forward, the input-gradient pass B and the weight-gradient pass W
+      take equal times (t_F = t_B = t_W = t, so 1F1B's whole backward is 2t): the bubble is
+      (p-1)(t_F + t_B - t_W) = (p-1)t (Qi et al. 2023, section 3.1), against m(t_F + t_B + t_W) = 3mt of
+      work -- a third of 1F1B's (p-1)3t bubble. With W cheaper than that, the bubble grows towards 1F1B's.
+    """
+    if p <= 1:
+        return 0.0
+    if schedule == "interleaved-1f1b":
+        return (p - 1) / (v * m + p - 1)
+    if schedule == "zb-h1":
+        return (p - 1) / (3 * m + p - 1)
+    return (p - 1) / (m + p - 1)
 
 
 def percentile(values: list[float], q: float) -> float:

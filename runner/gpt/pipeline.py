@@ -73,7 +73,6 @@ from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, KVCache, WholeVocabulary, cut_stage, greedy_generate, shard_of
 from runner.gpt.schedules import (
     Key,
-    bubble_fraction_theory,
     input_grad_pass,
     lockstep_plan,
     schedule_ops,
@@ -83,6 +82,7 @@ from runner.gpt.schedules import (
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, StepClock
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
+from runner.metrics import bubble_fraction_theory
 
 LOCKSTEP = ("interleaved-1f1b", "zb-h1")  # schedules whose messages travel in lockstep ticks
 
@@ -328,7 +328,7 @@ class PipelineGPT(ParallelGPT):
         }
         if p > 1 and self.workload == "train":
             # Only where a pipeline trains: the idle share of each stage by theory, for this schedule
-            # (runner/gpt/schedules.py bubble_fraction_theory states each formula's assumptions). The job
+            # (runner/metrics.py bubble_fraction_theory states each formula's assumptions). The job
             # measures the real one.
             out["bubble_fraction_theory"] = bubble_fraction_theory(self.schedule, p, m, self.v)
         for source in self.figure_sources:

@@ -23,7 +23,7 @@ so a microbatch goes round the ranks v times; with v = 1 the chunk is the stage.
   over fill the cool-down, where 1F1B idles. Every stage then holds at most p microbatches (a microbatch's
   activations live until its W), as 1F1B's first stage does.
 
-The theory of each (`bubble_fraction_theory`) is the idle share of a stage when messages cost nothing and
+The theory of each (runner/metrics.py `bubble_fraction_theory`) is the idle share of a stage when messages cost nothing and
 the passes take the times the formula names; runner/gpt/pipeline.py runs these lists as they are.
 
 The split backward (`input_grad_pass`, `weight_grad_pass`) follows torch.distributed.pipelining's
@@ -119,29 +119,6 @@ def schedule_ops(schedule: str, m: int, p: int, rank: int, v: int = 1) -> list[O
 def splits_backward(schedule: str) -> bool:
     """True where the schedule's B computes input gradients only and a W pass the weights'."""
     return schedule == "zb-h1"
-
-
-def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:
-    """The idle share of each stage's step by theory, messages costing nothing.
-
-    - gpipe and 1f1b: (p-1)/(m+p-1), with every stage's forward taking t_F and backward t_B: the step lasts
-      (m + p - 1)(t_F + t_B) and each stage computes m(t_F + t_B) of it (Huang et al. 2019; the same for 1F1B,
-      Narayanan et al. 2021, which only bounds the activations kept).
-    - interleaved-1f1b: (p-1)/(v*m + p-1): each chunk's passes take 1/v of a stage's, so the ramp of p - 1
-      passes shrinks v-fold against the same m(t_F + t_B) of work (Narayanan et al. 2021, section 2.2:
-      bubble time (p-1)(t_F + t_B)/v).
-    - zb-h1: (p-1)/(3m + p-1), assuming the forward, the input-gradient pass B and the weight-gradient pass W
-      take equal times (t_F = t_B = t_W = t, so 1F1B's whole backward is 2t): the bubble is
-      (p-1)(t_F + t_B - t_W) = (p-1)t (Qi et al. 2023, section 3.1), against m(t_F + t_B + t_W) = 3mt of
-      work -- a third of 1F1B's (p-1)3t bubble. With W cheaper than that, the bubble grows towards 1F1B's.
-    """
-    if p <= 1:
-        return 0.0
-    if schedule == "interleaved-1f1b":
-        return (p - 1) / (v * m + p - 1)
-    if schedule == "zb-h1":
-        return (p - 1) / (3 * m + p - 1)
-    return (p - 1) / (m + p - 1)
 
 
 # ---- the split backward --------------------------------------------------------------------------------
