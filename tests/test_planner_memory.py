@@ -129,7 +129,7 @@ def test_microbatches_in_flight():
     assert [in_flight("1f1b", 4, 8, r) for r in range(4)] == [4, 3, 2, 1]
     assert in_flight("1f1b", 4, 2, 0) == 2  # fewer microbatches than stages
     assert in_flight("gpipe", 4, 8, 3) == 8
-    assert in_flight("zb-h1", 4, 8, 0) == 4
+    assert [in_flight("zb-h1", 4, 8, r) for r in range(4)] == [4, 4, 4, 4]  # W passes r behind: p on every rank
     # interleaved, p 4, v 2: Korthikanti eq. 5, L(1 + (p-1)/(p v)) layers' worth on rank 0, in units of
     # the rank's L/p layers: p (1 + (p-1)/(p v)) = 5.5
     assert in_flight("interleaved-1f1b", 4, 8, 0, v=2) == pytest.approx(4 * (1 + 3 / 8))

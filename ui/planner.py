@@ -174,6 +174,8 @@ def prediction_record(inputs: PlannerInputs, c: Candidate, devices: Devices) -> 
     return {
         "layout": {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp, "zero_stage": c.layout.zero_stage},
         "microbatches": c.microbatches,
+        "schedule": inputs.work.schedule,
+        "virtual_stages": inputs.work.virtual_stages if inputs.work.schedule == "interleaved-1f1b" else 1,
         "stages": stages,
         "step": c.step.to_dict() if c.step else None,
         "devices": devices.to_dict(),
@@ -212,9 +214,11 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
             rows.append({"rank": r.get("rank"), "figure": what, "predicted": pred[key], "measured": measured,
                          "ratio": pred[key] / measured if measured else None})  # fmt: skip
         if r.get("max_inflight_microbatches") is not None and len(stages) > 1:
-            rows.append({"rank": r.get("rank"), "figure": "microbatches in flight", "predicted": pred["in_flight"],
+            # the engine counts chunk-microbatches; the memory model in units of the rank's v chunks
+            flight = pred["in_flight"] * (prediction.get("virtual_stages") or 1)
+            rows.append({"rank": r.get("rank"), "figure": "microbatches in flight", "predicted": flight,
                          "measured": r["max_inflight_microbatches"],
-                         "ratio": pred["in_flight"] / r["max_inflight_microbatches"] if r["max_inflight_microbatches"] else None})  # fmt: skip
+                         "ratio": flight / r["max_inflight_microbatches"] if r["max_inflight_microbatches"] else None})  # fmt: skip
         if r.get("bubble_fraction") is not None and prediction.get("step"):
             predicted = prediction["step"]["bubble_fraction"]
             rows.append({"rank": r.get("rank"), "figure": "bubble", "predicted": predicted,

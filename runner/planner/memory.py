@@ -45,7 +45,9 @@ The 34 counts dropout masks and the 5as/h the stored attention scores; our model
 uses scaled_dot_product_attention, so the formula is an upper bound here (stated, not hidden).
 A checkpointed stage also needs one block's full activations while that block is recomputed.
 Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
-GPipe m; 1F1B min(p - r, m); ZB-H1 min(p - r, m) (Qi et al. 2023: the same peak as 1F1B); interleaved
+GPipe m; 1F1B min(p - r, m); ZB-H1 min(p, m) on every rank (Qi et al. 2023: 1F1B's peak, p microbatches; our
+schedule runs rank r's W passes r microbatches behind its B passes, and a microbatch's activations live until
+its W, runner/gpt/schedules.py); interleaved
 1F1B min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each (Megatron's warm-up
 count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth on rank 0).
 The last stage also holds a microbatch's logits and their gradient, float32 b*s*V_pad/t each.
@@ -252,7 +254,9 @@ def in_flight(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> float:
     if schedule == "interleaved-1f1b":
         chunks = min(2 * (pp - stage - 1) + (v - 1) * pp + 1, v * m)
         return chunks / v
-    return float(min(pp - stage, m))  # 1f1b and zb-h1
+    if schedule == "zb-h1":  # rank r runs its W passes r microbatches behind its B: (p - r) + r held until W
+        return float(min(pp, m))
+    return float(min(pp - stage, m))  # 1f1b
 
 
 def zero_paper_bytes(psi: float, nd: int, stage: int, k: int = 12) -> float:
