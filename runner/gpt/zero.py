@@ -153,12 +153,6 @@ class Piece:
     at: int  # where lo sits in unit.shard
 
 
-@dataclass
-class _Flags:
-    in_workload: bool = False
-    train: bool = False
-
-
 class ZeroShards:
     """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
     (a ParallelGPT whose named_shards() are its parameters under reference names)."""
@@ -169,7 +163,6 @@ class ZeroShards:
         self.inner, self.comm, self.stage, self.overlap = inner, comm, stage, overlap
         self.n, self.r = comm.size, comm.index
         named = inner.named_shards()
-        self.names = dict(named)
         groups: dict[str, list[nn.Parameter]] = {}
         seen: set[int] = set()
         for name, p in named.items():
@@ -188,7 +181,7 @@ class ZeroShards:
         # Stages 1, 2: gather from the shards before the first use, so whatever was written into them after
         # building (a checkpoint's slices, a test's fault) reaches every rank's whole parameters.
         self._fresh = False
-        self._flags = _Flags()
+        self._training = False  # inside a forward_backward: gradient hooks act only then
         self.grad_bytes = 0
         for u in self.units:
             for p in u.params:
@@ -199,8 +192,6 @@ class ZeroShards:
                     raise ValueError(f"ZeRO-3: no module found for {u.name}")
                 u.module.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i))
                 u.module.register_forward_hook(lambda _m, _a, out, i=i: self._after_block(i, out))
-            for u in self.units:
-                self._release(u)
 
     # ---- layout ----------------------------------------------------------------------------------
     def _make_unit(self, name: str, params: list[nn.Parameter], module: nn.Module | None) -> Unit:
@@ -223,7 +214,9 @@ class ZeroShards:
         else:
             shard = nn.Parameter(torch.empty(0, dtype=full.dtype, device=full.device))
             shard.data = mine  # AdamW updates this rank's slice of the full buffer in place
-        return Unit(name, params, offsets, total, per, full, shard, module)
+        unit = Unit(name, params, offsets, total, per, full, shard, module)
+        self._release(unit)  # stage 3: from now on the whole unit exists only while in use
+        return unit
 
     def _pieces(self, named: dict[str, nn.Parameter]) -> dict[str, Piece]:
         out = {}
@@ -294,7 +287,7 @@ class ZeroShards:
         if self.stage < 3 and not self._fresh:
             self._gather_all()
         self._fresh = True
-        self._flags = _Flags(in_workload=True, train=train)
+        self._training = train
         if train:
             self.zero_grad()  # each forward_backward computes fresh gradients
             for u in self.units:
@@ -306,7 +299,7 @@ class ZeroShards:
             if train:
                 self._finish_gradients()
         finally:
-            self._flags = _Flags()
+            self._training = False
             if self.stage == 3:
                 for u in self.units:
                     self._release(u)
@@ -357,7 +350,7 @@ class ZeroShards:
 
     # ---- gradients -----------------------------------------------------------------------------------
     def _grad_ready(self, p: nn.Parameter) -> None:
-        if not self._flags.train:
+        if not self._training:
             return
         u = self._unit_of[id(p)]
         u.grads_missing -= 1
