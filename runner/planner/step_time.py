@@ -19,7 +19,7 @@ communication (per rank, not overlapped with compute: an upper bound; each colle
   pipeline 2m gathers (runner/gpt/zero.py).
 Where a group falls (runner/gpt/mesh.py: rank = (pp_i·dp + dp_i)·tp + tp_i, tp innermost, then dp, then
 pp): a group whose ranks span k consecutive ranks stays in a node when k <= GPUs per node.
-bubble: the schedule's idle share (runner/gpt/schedules.py bubble_fraction_theory: (p-1)/(m+p-1) for
+bubble: the schedule's idle share (runner/metrics.py bubble_fraction_theory, H-pipe's one definition: (p-1)/(m+p-1) for
 GPipe and 1F1B, (p-1)/(v·m+p-1) interleaved, (p-1)/(3m+p-1) ZB-H1): the pipelined part of the step lasts
 compute / (1 - bubble).
 """
@@ -29,25 +29,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from runner.gpt.config import GPTConfig
-from runner.metrics import model_flops
+from runner.metrics import bubble_fraction_theory, model_flops
 from runner.planner.devices import Devices
 from runner.planner.memory import Layout, Workload, rank_parameters
-
-try:  # H-pipe's torch-free home of the schedules' theory, once it exists
-    from runner.schedule_ops import bubble_fraction_theory  # type: ignore[import-not-found]
-except ImportError:  # runner/gpt/schedules.py has it but imports torch, which the app must not need here
-
-    def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:
-        """The idle share of a stage (Huang et al. 2019; Narayanan et al. 2021; Qi et al. 2023): as
-        runner/gpt/schedules.bubble_fraction_theory."""
-        if p <= 1:
-            return 0.0
-        if schedule == "interleaved-1f1b":
-            return (p - 1) / (v * m + p - 1)
-        if schedule == "zb-h1":
-            return (p - 1) / (3 * m + p - 1)
-        return (p - 1) / (m + p - 1)
-
 
 DEFAULT_EFFICIENCY = 0.5
 DEFAULT_LINK_EFFICIENCY = 0.8
