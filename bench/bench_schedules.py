@@ -71,8 +71,8 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.gpt.schedules import schedule_ops
     from runner.resources import pin_rank
+    from runner.schedule_ops import schedule_ops
     from runner.spec import RunSpec
     from runner.strategies.dims import ParallelDims
 

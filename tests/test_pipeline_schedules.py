@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,9 +28,10 @@ from runner.gpt.comm import CommStats
 from runner.gpt.config import PRESETS
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, cut_stage
-from runner.gpt.schedules import input_grad_pass, schedule_ops, weight_grad_pass
+from runner.gpt.schedules import input_grad_pass, weight_grad_pass
+from runner.schedule_ops import schedule_ops
 from runner.spec import RunSpec
-from tests.jobs import read_events, run_torchrun
+from tests.jobs import REPO, read_events, run_torchrun
 from tests.test_comm_p2p import Program, RecordingComm, completes_without_buffering
 
 TOL, WEIGHT_TOL = 1e-5, 5e-5
@@ -244,3 +247,9 @@ def test_interleaving_with_1f1bs_batching_deadlocks(monkeypatch):
     and rank 1 each wait on a batch whose send the other receives only after its own batch (p = 2)."""
     monkeypatch.setattr(pipeline, "LOCKSTEP", ())
     assert not completes_without_buffering(record("interleaved-1f1b", 2, 2, 4))
+
+
+def test_schedule_lists_import_without_torch():
+    """The app and the planner's simulator read the same op lists without importing torch."""
+    code = "import sys, runner.schedule_ops; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,12 +1,12 @@
 """The one engine every strategy runs: pipeline stages fed with microbatches on a schedule, with timelines.
 
-Rank r of p holds v model chunks (runner/gpt/schedules.py): chunk c is virtual stage c*p + r, the GPT cut
+Rank r of p holds v model chunks (runner/schedule_ops.py): chunk c is virtual stage c*p + r, the GPT cut
 to layers [j*L/(pv), (j+1)*L/(pv)) of virtual stage j (runner/gpt/model.py cut_stage: the embedding on
 virtual stage 0, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full
 logits come from the output functions it is given (plain, or vocab-parallel under tensor parallelism).
 With p = 1 and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split
 ('layer'); runner/gpt/build.py composes it for every strategy (`cut_chunks` cuts a rank's chunks). A
-training step runs the rank's list of operations from runner/gpt/schedules.py (`schedule_ops`: GPipe,
+training step runs the rank's list of operations from runner/schedule_ops.py (`schedule_ops`: GPipe,
 1F1B, interleaved 1F1B, ZB-H1) as it is: F (forward of one chunk on one microbatch), B (its backward; in
 ZB-H1 only the input gradient) and W (ZB-H1's weight gradients). Activations go forward and their
 gradients backward by point-to-point messages between the ranks of neighbouring virtual stages (with
@@ -30,7 +30,7 @@ matching receive right before the operation that consumes it. Every wait is thus
 peer's schedule produces earlier in the pipeline's dependency order (forwards flow up the virtual
 stages, backwards down, each rank in schedule order), which has no cycle, so every batch completes.
 
-Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/gpt/schedules.py
+Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/schedule_ops.py
 lockstep_plan, as Megatron's interleaved schedule sends and receives once per step): the argument
 above breaks for interleaving -- with p = 2, rank 0's batch {send activation for rank 1's chunk 0,
 receive a gradient} can wait on rank 1's {send an activation for rank 0's chunk 1, receive a gradient}
@@ -71,18 +71,12 @@ import torch.nn as nn
 from runner.gpt.comm import GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, KVCache, WholeVocabulary, cut_stage, greedy_generate, shard_of
-from runner.gpt.schedules import (
-    Key,
-    input_grad_pass,
-    lockstep_plan,
-    schedule_ops,
-    splits_backward,
-    weight_grad_pass,
-)
+from runner.gpt.schedules import input_grad_pass, weight_grad_pass
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, StepClock
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
 from runner.metrics import bubble_fraction_theory
+from runner.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
 
 LOCKSTEP = ("interleaved-1f1b", "zb-h1")  # schedules whose messages travel in lockstep ticks
 
@@ -305,14 +299,17 @@ class PipelineGPT(ParallelGPT):
     @contextmanager
     def _saving_into(self, storages: dict[int, int]) -> Iterator[None]:
         """Record, for every tensor autograd saves meanwhile, its storage and size in `storages` (by address).
-        Parameters are skipped: they live anyway; what a microbatch in flight costs is its activations."""
-        if self._param_storages is None:  # parameters keep their storage (optimizers update in place)
-            self._param_storages = {q.untyped_storage().data_ptr() for q in self.parameters()}
+        Parameters are skipped: they live anyway; what a microbatch in flight costs is its activations. They are
+        known by storage identity, not address: ZeRO-3 frees a gathered block's storage and re-grows it at a
+        new address each use, and its weights are saved as views (w.t()), so neither an address set nor an
+        isinstance check would catch them."""
+        if self._param_storages is None:  # parameters keep their storage object (optimizers update in place)
+            self._param_storages = {q.untyped_storage()._cdata for q in self.parameters()}
         params = self._param_storages
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
+            if storage._cdata not in params:
                 storages.setdefault(storage.data_ptr(), storage.nbytes())
             return t
 
