@@ -157,3 +157,20 @@ def test_bf16_mixed_3d_run_verifies_and_keeps_float32_on_the_wire(tmp_path):
         tied = CONFIG.vocab_size * CONFIG.n_embd * 4
         loss = 8 if r["pp"] == 1 else 0
         assert r["comm_bytes"]["all_reduce"] == steps * (r["param_count"] * 4 + tied + loss)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_tensor_parallel_sums_bf16_partial_outputs_and_float32_gradients(tmp_path):
+    """tp=2: each forward row-parallel sum (attention's and the MLP's c_proj, 2 a layer) carries a bf16
+    matmul output; the embedding's sum and every backward all-reduce (the gradient of a float32 LayerNorm
+    output entering a parallel region, 2 a layer plus the head's) are float32; the vocab-parallel loss
+    all-reduces 3 float32 numbers a token."""
+    batch, seq, d, L = 4, 16, CONFIG.n_embd, CONFIG.n_layer
+    result = run_torchrun(dict(strategy="tensor", tp=2, model="tiny", workload="train", batch=batch, seq=seq,
+                               steps=1, warmup=0, dtype="bf16-mixed", verify=True), tmp_path)  # fmt: skip
+    assert result["verify"]["passed"] is True, result["verify"]
+    elements, tokens = batch * seq * d, batch * seq
+    expected = 2 * L * elements * 2 + elements * 4 + (2 * L + 1) * elements * 4 + 3 * tokens * 4
+    for r in result["ranks"]:
+        assert r["comm_calls"]["all_reduce"] == 2 * L + 1 + 2 * L + 1 + 3
+        assert r["comm_bytes"]["all_reduce"] == expected  # float32 throughout would be 2 * L * elements * 2 more

@@ -24,8 +24,10 @@ What crosses the wire, and why:
   halve those bytes but round the residual stream at every stage boundary, so a pipelined bf16-mixed
   run would no longer compute what the same model computes unsplit; we keep the exact cut.
 - Tensor-parallel collectives carry what the layer produced: a row-parallel layer's partial sums come
-  out of a bf16 matmul, so that all-reduce (reduce-scatter under sequence parallelism) is bf16, as in
-  Megatron-LM; gathered inputs and reductions of float32 gradients stay float32.
+  out of a bf16 matmul, so those forward all-reduces (reduce-scatters under sequence parallelism) are
+  bf16, as in Megatron-LM; the embedding's sum, the gathered LayerNorm outputs and every backward
+  all-reduce (the gradient of a float32 LayerNorm output entering a parallel region) are float32.
+  tests/test_precision.py counts these bytes exactly.
 
 On CUDA, autocast casts each float32 weight to bf16 once per autocast region (its weight cache,
 emptied when GPT.forward leaves the region), the bf16 matmuls run on tensor cores with float32
