@@ -260,10 +260,6 @@ def test_a_simulated_step_alone_is_drawn_with_the_measured_chart():
     assert "interleaved-1f1b, v = 2: p = 2, m = 4" in str(spec) and "bubble 11.1%" in str(spec)
 
 
-@pytest.mark.skipif(
-    not (Path(__file__).resolve().parent.parent / "runner" / "schedule_ops.py").exists(),
-    reason="H-pipe's torch-free runner/schedule_ops.py has not landed; the simulator falls back to the engine's",
-)
 def test_the_simulator_and_its_page_part_import_without_torch():
     code = "import sys, runner.planner.simulate, ui.simulated; sys.exit('torch' in sys.modules)"
     root = Path(__file__).resolve().parent.parent

@@ -18,12 +18,18 @@ engine records its blocked receives, and the bubble of a rank is its idle share 
 lasts until the last rank's last operation ends (the job's end-of-step barrier makes every rank wait for
 it), as runner/job.py measures `bubble_fraction` = idle seconds / step seconds.
 
+One coupling of the engine is not modelled: it exchanges each message in a batch at a lockstep tick shared
+by sender and receiver (runner/schedule_ops.py lockstep_plan), so a sender whose link does not buffer would
+wait there for its receiver; here a message leaves when its pass ends (gloo on CPU and NCCL buffer small
+activations, so the sender goes on), and a run where it does not shows as a measured bubble above the
+simulated one.
+
 Everything not in the schedule is left out on purpose: the optimizer step, the tied-embedding gradient sum
 between the first and last stage, Python between operations and the cost of posting a send. That is the
 point of `simulate_from_spans`: a measured run's own mean pass durations, run through the schedule alone,
 set against what the machine took.
 
-Torch-free: the Streamlit app and the planner import it.
+Torch-free (the Streamlit app and the planner import it): the op lists come from runner/schedule_ops.py.
 """
 
 from __future__ import annotations
@@ -35,15 +41,11 @@ from typing import Any
 
 import pandas as pd
 
-try:  # H-pipe's torch-free op lists (runner/schedule_ops.py); until they move, the engine's own module
-    from runner.schedule_ops import schedule_ops
-except ImportError:  # pragma: no cover - only while runner/schedule_ops.py does not exist yet
-    from runner.gpt.schedules import schedule_ops
+from runner.schedule_ops import schedule_ops, splits_backward  # the engine's own lists, torch-free
 
 SPAN_COLUMNS = ["step", "rank", "stage", "microbatch", "phase", "start", "end"]
 PHASES = {"F": "forward", "B": "backward", "W": "weight"}  # the engine's span phase per op kind
 KINDS = {phase: kind for kind, phase in PHASES.items()}
-SPLIT = ("zb-h1",)  # schedules whose B is the input gradient only and W the weights' (pipeline.py)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def simulate(
     """
     n = p * v
     f, b = _per_stage(forward, n, "forward"), _per_stage(backward, n, "backward")
-    w = _per_stage(weight, n, "weight") if schedule in SPLIT else [0.0] * n
+    w = _per_stage(weight, n, "weight") if splits_backward(schedule) else [0.0] * n
     dur = {"F": f, "B": b, "W": w}
     lists = [schedule_ops(schedule, m, p, r, v) for r in range(p)]
     names = list(ranks) if ranks is not None else list(range(p))
