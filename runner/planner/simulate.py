@@ -20,9 +20,9 @@ it), as runner/job.py measures `bubble_fraction` = idle seconds / step seconds.
 
 One coupling of the engine is not modelled: it exchanges each message in a batch at a lockstep tick shared
 by sender and receiver (runner/schedule_ops.py lockstep_plan), so a sender whose link does not buffer would
-wait there for its receiver; here a message leaves when its pass ends (gloo on CPU and NCCL buffer small
-activations, so the sender goes on), and a run where it does not shows as a measured bubble above the
-simulated one.
+wait there for its receiver; here a message leaves when its pass ends and the sender goes on. Where the
+real sends do wait, the measured bubble comes out above the simulated one (bench/bench_simulator.py measures
+how far on CPU).
 
 Everything not in the schedule is left out on purpose: the optimizer step, the tied-embedding gradient sum
 between the first and last stage, Python between operations and the cost of posting a send. That is the
