@@ -47,5 +47,6 @@ pages = [
     st.Page("pages/history.py", title="History", icon=":material/history:", url_path="history"),
     st.Page("pages/live.py", title="Live", icon=":material/monitor_heart:", url_path="live"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/planner.py", title="Planner", icon=":material/architecture:", url_path="planner"),
 ]
 st.navigation(pages).run()

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_filters(export)
     for p in sub.choices.values():
         p.add_argument("--json", action="store_true", help="machine-readable output")
+    from runner.planner.cli import add_calibrate_parser, add_plan_parser  # torch-free; declares its own --json
+
+    add_plan_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 
@@ -303,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_logs(args)
     if args.command == "selftest":
         return cmd_selftest(args)
+    if args.command in ("plan", "calibrate"):
+        from runner.planner.cli import run_calibrate, run_plan
+
+        return run_plan(args) if args.command == "plan" else run_calibrate(args)
     engine = get_engine()
     if args.command == "list":
         df = api.list_runs(engine, filters_from(args), limit=args.limit, offset=args.offset)

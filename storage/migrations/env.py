@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+import storage.calibration  # noqa: F401 -- the planner's tables (revision 0007) on Base.metadata
 from storage.models import Base
 
 config = context.config
