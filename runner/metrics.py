@@ -128,6 +128,14 @@ def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:
     return (p - 1) / (m + p - 1)
 
 
+def bubble_theory_formula(schedule: str) -> str:
+    """The formula bubble_fraction_theory uses for `schedule`, for captions beside the measurement."""
+    return {
+        "interleaved-1f1b": "(p-1)/(v·m+p-1)",
+        "zb-h1": "(p-1)/(3m+p-1), taking F = B = W",
+    }.get(schedule, "(p-1)/(m+p-1)")
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated quantile q in [0, 1] of a non-empty list."""
     ordered = sorted(values)

@@ -253,3 +253,27 @@ def test_schedule_lists_import_without_torch():
     """The app and the planner's simulator read the same op lists without importing torch."""
     code = "import sys, runner.schedule_ops; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_timeline_draws_weight_passes_one_row_per_device_with_theory_beside():
+    import pandas as pd
+
+    from ui.charts import PHASE_COLOURS, timeline_chart, timeline_lanes
+
+    rows = [
+        {"step": 1, "rank": r, "stage": c * 2 + r, "microbatch": i, "phase": ph, "start": t, "end": t + 0.001}
+        for r in range(2)
+        for c in range(2)
+        for i in range(2)
+        for t, ph in ((0.001 * (c * 4 + i), "forward"), (0.01 + 0.001 * (c * 4 + i), "backward"))
+    ]
+    spans = pd.DataFrame(rows)
+    # Interleaved: a row per device, naming its virtual stages (Megatron's figure), not one per virtual stage.
+    assert set(timeline_lanes(spans)) == {"rank 0 · stages 0, 2", "rank 1 · stages 1, 3"}
+    one_chunk = spans[spans["stage"] < 2]
+    assert set(timeline_lanes(one_chunk)) == {"stage 0 · rank 0", "stage 1 · rank 1"}
+    assert "weight" in PHASE_COLOURS.domain
+    spec = timeline_chart(spans.assign(phase="weight"), bubble=(0.25, 1 / 9)).to_dict()
+    assert spec["title"]["subtitle"] == "bubble: measured 25.0%, theory 11.1%"
+    labels = {d["label"] for d in spec["datasets"][next(iter(spec["datasets"]))]}
+    assert "2:0" in labels  # virtual stage 2, microbatch 0: the row holds two virtual stages

@@ -129,26 +129,48 @@ def telemetry_chart(series: pd.DataFrame, field: str, title: str) -> alt.Chart:
 
 
 PHASE_COLOURS = alt.Scale(
-    domain=["forward", "backward", "send", "recv_wait"], range=["#4c78a8", "#e45756", "#f58518", "#d3d3d3"]
+    domain=["forward", "backward", "weight", "send", "recv_wait"],
+    range=["#4c78a8", "#e45756", "#54a24b", "#f58518", "#d3d3d3"],
 )
+COMPUTE_PHASES = ["forward", "backward", "weight"]  # ZB-H1 splits a backward into backward (B) and weight (W)
 
 
-def timeline_chart(spans: pd.DataFrame, title: str = "Pipeline timeline") -> alt.Chart:
-    """The guide's pipeline picture, measured: one row per stage (and rank), one bar per microbatch and phase."""
+def timeline_lanes(spans: pd.DataFrame) -> pd.Series:
+    """One lane per stage ("stage 1 · rank 1"), or per rank where a rank runs several virtual stages (interleaved
+    1F1B: "rank 0 · stages 0, 2"), so each row is one device's time, as in Megatron's figure."""
+    per_rank = spans.groupby("rank")["stage"].agg(lambda s: sorted(set(int(x) for x in s)))
+    if per_rank.map(len).max() <= 1:
+        return "stage " + spans["stage"].astype(str) + " · rank " + spans["rank"].astype(str)
+    names = {r: f"rank {r} · stages {', '.join(map(str, st))}" for r, st in per_rank.items()}
+    return spans["rank"].map(names)
+
+
+def timeline_chart(
+    spans: pd.DataFrame, title: str = "Pipeline timeline", bubble: tuple[float | None, float | None] | None = None
+) -> alt.LayerChart:
+    """The guide's pipeline picture, measured: one row per stage (or per rank holding several virtual stages),
+    one bar per microbatch and phase; compute bars are labelled with the microbatch (and the virtual stage when
+    a row holds several). `bubble` = (measured, theory) puts the schedule's theory beside the measurement."""
     data = spans.copy()
-    data["lane"] = "stage " + data["stage"].astype(str) + " · rank " + data["rank"].astype(str)
+    data["lane"] = timeline_lanes(data)
+    data["order"] = data.groupby("lane")["stage"].transform("min")
     data["start_ms"] = data["start"] * 1e3
     data["end_ms"] = data["end"] * 1e3
-    data["label"] = data["microbatch"].astype(str)
-    base = alt.Chart(data, title=title).encode(
-        y=alt.Y("lane:N", title=None, sort=alt.EncodingSortField("stage")),
-        x=alt.X("start_ms:Q", title="ms since the step started"),
-        x2="end_ms:Q",
-    )
+    several = data.groupby("lane")["stage"].nunique().max() > 1
+    data["label"] = (data["stage"].astype(str) + ":" if several else "") + data["microbatch"].astype(str)
+    if bubble is not None and any(x is not None for x in bubble):
+        measured, theory = bubble
+        parts = [f"measured {measured:.1%}" if measured is not None else None,
+                 f"theory {theory:.1%}" if theory is not None else None]  # fmt: skip
+        title = alt.TitleParams(title, subtitle="bubble: " + ", ".join(p for p in parts if p))
+    lane = alt.Y("lane:N", title=None, sort=alt.EncodingSortField("order"))
+    base = alt.Chart(data).encode(y=lane, x=alt.X("start_ms:Q", title="ms since the step started"),
+                                               x2="end_ms:Q")  # fmt: skip
     bars = base.mark_bar(height={"band": 0.8}).encode(
         color=alt.Color("phase:N", scale=PHASE_COLOURS),
         tooltip=[
             "lane",
+            "stage",
             "phase",
             "microbatch",
             alt.Tooltip("start_ms:Q", format=".2f"),
@@ -156,16 +178,12 @@ def timeline_chart(spans: pd.DataFrame, title: str = "Pipeline timeline") -> alt
         ],  # fmt: skip
     )
     text = (
-        alt.Chart(data[data["phase"].isin(["forward", "backward"])])
+        alt.Chart(data[data["phase"].isin(COMPUTE_PHASES)])
         .mark_text(color="white", fontSize=10)
-        .encode(
-            y=alt.Y("lane:N", sort=alt.EncodingSortField("stage")),
-            x=alt.X("mid:Q"),
-            text="label:N",
-        )
+        .encode(y=lane, x=alt.X("mid:Q"), text="label:N")
         .transform_calculate(mid="(datum.start_ms + datum.end_ms) / 2")
     )
-    return bars + text
+    return (bars + text).properties(title=title)
 
 
 def compare_bar_chart(table: pd.DataFrame, field: str, title: str) -> alt.Chart:
