@@ -22,7 +22,7 @@ is small at this size and is shown as the measured remainder, not hidden:
   its gradient backward; in training the first and last stage all-reduce the tied embedding's gradient
   [V, h] (its vocabulary slice under tensor parallelism) in every (tp, dp) column (generated tokens left out);
 - data: every rank all-reduces the gradient of every parameter once per training step (the loss
-  all-reduce left out);
+  all-reduce left out); with ZeRO, ZERO_PASSES of the model's bytes;
 - 3d: the three combined over the mesh.
 """
 
@@ -40,6 +40,13 @@ from runner.strategies import get_strategy, strategy_names
 BASE = RunSpec(model="tiny", batch=8, seq=32, new_tokens=4, steps=2, warmup=1, verify=True, time_limit_s=120.0,
                tags=("selftest",))  # fmt: skip
 WORKLOADS = ("forward", "generate", "train")
+# Passes of the model's bytes per data-parallel rank and step, in the payload convention (an all-reduce's payload
+# is its tensor, a reduce-scatter's its full input, an all-gather's its full output; Rajbhandari et al. 2020,
+# section 7): plain all-reduce 1; ZeRO-1 all-reduce + all-gather 2; ZeRO-2 reduce-scatter + all-gather 2.
+# ZeRO-3 (zero3_bytes) gathers every block before its forward and again before its backward -- per microbatch
+# inside a pipeline -- and keeps the embeddings and final LayerNorm gathered for the whole step (FSDP's root
+# unit), then reduce-scatters every gradient once.
+ZERO_PASSES = {0: 1, 1: 2, 2: 2}
 
 
 # What the self-test adds to the smallest layout (2 for every degree a strategy uses): microbatches where a
@@ -48,6 +55,17 @@ WORKLOADS = ("forward", "generate", "train")
 MICROBATCHES = {"3d": 2}
 DEFAULT_MICROBATCHES = 4
 MORE_SCHEDULES = {"pipeline": ("gpipe",)}
+# Issue 14's options, each on the smallest layout that exercises it, in training (what they change): ZeRO stages
+# alone and as 3D's data dimension, the interleaved and zero-bubble schedules, activation checkpointing, and
+# bf16-mixed precision (verified against its own documented bound, runner/verify.py).
+OPTION_VARIANTS: dict[str, list[dict]] = {
+    "pipeline": [{"schedule": "interleaved-1f1b", "virtual_stages": 2}, {"schedule": "zb-h1"},
+                 {"checkpoint": "blocks"}, {"dtype": "bf16-mixed"}],
+    "data": [{"zero_stage": 1}, {"zero_stage": 2}, {"zero_stage": 3}],
+    "3d": [{"zero_stage": 3}],
+    "single": [{"checkpoint": "every-2"}],
+}  # fmt: skip
+SHORT = {"schedule": "", "dtype": "", "virtual_stages": "v", "zero_stage": "zero", "checkpoint": "checkpoint"}
 
 
 def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
@@ -69,6 +87,11 @@ def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
         variants = [(spec, label)]
         if name in MORE_SCHEDULES:
             variants = [(replace(spec, schedule=x), f"{label} {x}") for x in (spec.schedule, *MORE_SCHEDULES[name])]
+        for changes in OPTION_VARIANTS.get(name, []):
+            if "zero_stage" in changes and spec.dp < 2:
+                continue  # 3D without its data dimension here (too few GPUs): nothing to shard over
+            words = [f"{SHORT[k]}={v}" if SHORT[k] else str(v) for k, v in changes.items()]
+            variants.append((replace(spec, **changes), " ".join([label, *words])))
         for variant, text in variants:
             too_many = variant.world_size > budget
             rows.append((variant, text, f"needs {variant.world_size} GPUs, {gpus} present" if too_many else None))
@@ -82,13 +105,18 @@ def selftest_specs(device: str, gpus: int) -> list[tuple[RunSpec | None, str]]:
     rows: list[tuple[RunSpec | None, str]] = []
     for spec, label, reason in layouts(gpus, device):
         for workload in WORKLOADS:
-            if spec.schedule != BASE.schedule and workload != "train":
+            if workload != "train" and (spec.schedule != BASE.schedule or _is_option_variant(spec)):
                 continue
             if reason is not None:
                 rows.append((None, f"{label} {workload} skipped ({reason})"))
             else:
                 rows.append((replace(spec, workload=workload, device=device), f"{label} {workload}"))
     return rows
+
+
+def _is_option_variant(spec: RunSpec) -> bool:
+    """Whether `spec` is one of OPTION_VARIANTS (tested in training only)."""
+    return (spec.zero_stage, spec.checkpoint, spec.dtype, spec.virtual_stages) != (0, "none", BASE.dtype, 1)
 
 
 def comm_theory_bytes(spec: RunSpec) -> int:
@@ -105,12 +133,17 @@ def comm_theory_bytes(spec: RunSpec) -> int:
         total += directions * (2 * cfg.n_layer + 1) * activation * tp
         if spec.workload == "forward":
             total += tp * spec.batch * spec.seq * vocab * elem
-    if pp > 1:  # every tp rank of a boundary sends its (replicated) activation
-        total += directions * (pp - 1) * activation * tp
+    if pp > 1:  # every tp rank of a boundary sends its (replicated) activation; v chunks a rank: pp*v - 1 boundaries
+        total += directions * (pp * spec.virtual_stages - 1) * activation * tp
         if spec.workload == "train":  # two ranks per (tp, dp) column, each with a V/tp slice
             total += 2 * dp * vocab * cfg.n_embd * elem
-    if dp > 1 and spec.workload == "train":
-        total += dp * count_parameters(cfg) * elem
+    if dp > 1 and spec.workload == "train" and spec.zero_stage == 3:
+        outer = (cfg.vocab_size + cfg.block_size + 2) * cfg.n_embd
+        blocks = count_parameters(cfg) - outer
+        gathers = spec.microbatches if pp > 1 else 1  # a pipeline runs each block once per microbatch
+        total += dp * elem * (2 * gathers * blocks + outer + count_parameters(cfg))
+    elif dp > 1 and spec.workload == "train":  # ZeRO-1 and 2 add an all-gather of the updated weights
+        total += dp * count_parameters(cfg) * elem * ZERO_PASSES[spec.zero_stage]
     return total
 
 

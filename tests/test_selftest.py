@@ -20,7 +20,20 @@ STRATEGIES = {"single", "layer", "tensor", "pipeline", "data", "3d"}
 def test_cpu_runs_every_strategy_and_workload_verified():
     rows = selftest_specs("cpu", gpus=0)
     specs = [s for s, _ in rows if s is not None]
-    assert len(specs) == len(rows) == 19  # 6 strategies x 3 workloads, plus gpipe's training
+    assert len(specs) == len(rows) == 28  # 6 strategies x 3 workloads, gpipe's training, 9 options' training
+    options = {(s.strategy, s.schedule, s.virtual_stages, s.zero_stage, s.checkpoint, s.dtype) for s in specs}
+    assert {o for o in options if o[1:] != ("1f1b", 1, 0, "none", "float32")} == {
+        ("pipeline", "gpipe", 1, 0, "none", "float32"),
+        ("pipeline", "interleaved-1f1b", 2, 0, "none", "float32"),
+        ("pipeline", "zb-h1", 1, 0, "none", "float32"),
+        ("pipeline", "1f1b", 1, 0, "blocks", "float32"),
+        ("pipeline", "1f1b", 1, 0, "none", "bf16-mixed"),
+        ("data", "1f1b", 1, 1, "none", "float32"),
+        ("data", "1f1b", 1, 2, "none", "float32"),
+        ("data", "1f1b", 1, 3, "none", "float32"),
+        ("3d", "1f1b", 1, 3, "none", "float32"),
+        ("single", "1f1b", 1, 0, "every-2", "float32"),
+    }
     assert {s.strategy for s in specs} == STRATEGIES
     assert all(s.verify and s.device == "cpu" and "selftest" in s.tags for s in specs)
     assert all(s.validate(gpu_count=0) == [] for s in specs)
@@ -31,7 +44,7 @@ def test_cpu_runs_every_strategy_and_workload_verified():
 def test_one_gpu_runs_only_single_and_names_what_it_skips():
     rows = selftest_specs("cuda", gpus=1)
     ran = [s for s, _ in rows if s is not None]
-    assert {s.strategy for s in ran} == {"single"} and len(ran) == 3
+    assert {s.strategy for s in ran} == {"single"} and len(ran) == 4  # 3 workloads, and checkpointing's training
     skipped = [label for s, label in rows if s is None]
     assert "tensor tp=2 train skipped (needs 2 GPUs, 1 present)" in skipped
     assert any(label.startswith("3d tp=2 pp=2 dp=1") and "needs 4 GPUs, 1 present" in label for label in skipped)
@@ -79,10 +92,10 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
     out = json.loads(proc.stdout)
     failed = [r for r in out["rows"] if not r["ok"]]
     assert proc.returncode == 0 and out["passed"], failed or proc.stderr[-3000:]
-    assert len(out["rows"]) == 19 and all(r["verdict"] == "pass" for r in out["rows"])
+    assert len(out["rows"]) == 28 and all(r["verdict"] == "pass" for r in out["rows"])
     assert out["environment"]["gloo"] is True
     stored = api.list_runs(engine, api.RunFilter(tag=["selftest"]), limit=100)
-    assert len(stored) == 19 and set(stored["status"]) == {"succeeded"}
+    assert len(stored) == 28 and set(stored["status"]) == {"succeeded"}
     for row in out["rows"]:
         run = api.get_run(engine, row["run_id"])
         assert run["result"]["verify"]["passed"] is True
@@ -102,7 +115,7 @@ def test_the_self_test_lists_what_the_registry_holds_a_new_strategy_included():
     from runner.strategies import Strategy, registered, strategy_names
 
     assert [label.split()[0] for _, label, _ in layouts(0, "cpu")] == [
-        "single", "layer", "tensor", "pipeline", "pipeline", "data", "3d",
+        "single", "single", "layer", "tensor", *["pipeline"] * 6, *["data"] * 4, "3d", "3d",
     ]  # fmt: skip
     assert {label.split()[0] for _, label, _ in layouts(0, "cpu")} == set(strategy_names())
     with registered(Strategy(name="zero", help="sharded data parallelism (a test's)", degrees=("dp",))):
