@@ -10,6 +10,7 @@ from runner.spec import PRESETS, WORKLOADS
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
 from ui.nodes import ranks_by_node, with_node
+from ui.planner import plan_comparisons
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -103,6 +104,11 @@ if not ranks.empty:
     if coord == "node":
         st.caption("Per node: its ranks' figures summed (bytes held, peak memory together, seconds)")
         st.dataframe(ranks_by_node(ranks), hide_index=True)
+
+# Runs launched from the Planner: its prediction beside what they measured (issue 15's proof).
+for run_id, table in plan_comparisons(engine(), chosen).items():
+    st.markdown(f"**#{run_id}: the planner's prediction against the measurement**")
+    st.dataframe(table, hide_index=True)
 
 series = api.telemetry_series(engine(), chosen)
 if not series.empty:
