@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -45,6 +46,7 @@ from bench.results import (  # noqa: E402
     quick_mode,
     run_worker,
     spread,
+    usable_cores,
     write_section,
 )
 
@@ -285,6 +287,13 @@ def section(res: dict, memory: dict[str, list[dict]], settings: dict, quick: boo
             )
     lines.append("")
     lines.append("- " + compare_sentence("Step time", ratios, noun="interleaved rounds"))
+    load, cores = os.getloadavg()[0], usable_cores()
+    if load > cores:
+        lines.append(
+            f"- The machine ran other work meanwhile (load average {load:.1f} on {cores} usable cores): both sides "
+            "were timed under the same contention, alternating round by round, so the ratio compares them fairly, "
+            "but the absolute step times are inflated by waiting for a core."
+        )
 
     def mean_of(side: str, key) -> float:
         return statistics.fmean(key(m) for m in memory[side])
