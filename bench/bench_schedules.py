@@ -3,7 +3,7 @@
 Both sides run the same GPT chunks (runner/gpt/build.py as a `pipeline` run builds them, name-seeded weights:
 rank r holds virtual stages r, r+p, ... with v chunks per rank) on the same global batch cut into the same
 m microbatches, over the same gloo ranks. Ours is `PipelineGPT.forward_backward` (runner/gpt/pipeline.py,
-the very code a run executes, op lists from runner/gpt/schedules.py); theirs wraps a second copy of each
+the very code a run executes, op lists from runner/schedule_ops.py); theirs wraps a second copy of each
 chunk in a `PipelineStage` and runs:
 - interleaved-1f1b (v = 2) against `ScheduleInterleaved1F1B` (same Megatron order and warm-up);
 - zb-h1 (v = 1) against `ScheduleInterleavedZeroBubble` with one stage per rank, PyTorch's "ZB1P", whose
@@ -196,7 +196,7 @@ def section(results: list[dict], settings: dict, quick: bool) -> str:
         "## Pipeline schedules",
         "",
         f"`python bench/bench_schedules.py{' --quick' if quick else ''}`, {time.strftime('%Y-%m-%d %H:%M')}. Ours: "
-        "`PipelineGPT.forward_backward` (runner/gpt/pipeline.py, op lists from runner/gpt/schedules.py). Theirs: "
+        "`PipelineGPT.forward_backward` (runner/gpt/pipeline.py, op lists from runner/schedule_ops.py). Theirs: "
         "PyTorch's `torch.distributed.pipelining` (`PipelineStage` per chunk; `ScheduleInterleaved1F1B` against "
         "our interleaved-1f1b, `ScheduleInterleavedZeroBubble` with one stage per rank against our zb-h1; "
         "`scale_grads=False`) on the same chunks.",
@@ -268,6 +268,12 @@ def sentences(results: list[dict]) -> list[str]:
             )  # the ranks' median
             gaps.append((measured - theory(schedule, int(m)), res["size"], key))
     lo, hi = min(gaps), max(gaps)
+    pairs = [[statistics.median(s["bubble"][key]) for s in res["stages"]] for res in results for key in res["times"]]
+    first_more = sum(b[0] > b[-1] for b in pairs)
+    out.append(
+        f"- Rank 0 idled more than rank {P - 1} in {first_more} of {len(pairs)} configurations: besides its layers "
+        "the last rank runs the LM head and the loss, so the stages are not equal and the first waits for the last."
+    )
     out.append(
         f"- Our measured bubble minus theory ranges from {lo[0]:+.2f} ({lo[1]} {lo[2]}) to {hi[0]:+.2f} ({hi[1]} "
         f"{hi[2]}): on CPU the theory's assumptions (free messages, F = B = W for zb-h1, equal stages) do not hold, "

@@ -31,6 +31,7 @@ simulator (runner/planner/simulate.py) runs the same lists with durations.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 
 from runner.metrics import bubble_fraction_theory
@@ -142,6 +143,7 @@ class RankPlan:
     recvs: dict[int, list[tuple[int, Key]]]  # tick -> [(source pipeline rank, message)]
 
 
+@functools.lru_cache(maxsize=64)  # the same plan every step; the engine only reads it
 def lockstep_plan(schedule: str, m: int, p: int, v: int = 1) -> list[RankPlan]:
     """Every rank's plan: the schedules run on a model clock (F = 1, B = 2, or B = W = 1 when split), each
     operation as early as its input allows; a message belongs to the tick its producer ends at, and both ends

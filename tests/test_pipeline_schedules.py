@@ -89,7 +89,7 @@ def test_zb_h1_order_defers_weight_passes_by_rank():
 
 def test_split_backward_gives_the_whole_backwards_gradients():
     """B (input gradient only) then W (weights from B's recorded branch points) equal one whole backward,
-    and B leaves every weight gradient unset."""
+    B leaves every weight gradient unset, and W accumulates each one once."""
     cfg = PRESETS["tiny"]
     whole = cut_stage(GPT(cfg, seed=0), 1, cfg.n_layer, has_embed=False, has_head=True)
     split = copy.deepcopy(whole)
@@ -105,7 +105,11 @@ def test_split_backward_gives_the_whole_backwards_gradients():
     dx, groups = input_grad_pass(loss(split, x2), None, x2, list(split.parameters()))
     assert torch.equal(dx, x1.grad)
     assert all(p.grad is None for p in split.parameters())
+    accumulated = []  # W accumulates through autograd, so gradient hooks fire (ZeRO reduces from them)
+    for name, q in split.named_parameters():
+        q.register_post_accumulate_grad_hook(lambda _q, name=name: accumulated.append(name))
     weight_grad_pass(groups)
+    assert sorted(accumulated) == sorted(name for name, _ in split.named_parameters())
     for (name, a), b in zip(whole.named_parameters(), split.parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-7, rtol=0), name
 

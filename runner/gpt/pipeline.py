@@ -342,7 +342,7 @@ class PipelineGPT(ParallelGPT):
         pending: dict[tuple[int, int], object] = {}  # what a split backward's W needs, by (chunk, microbatch)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         saved: dict[tuple[int, int], int] = {}  # bytes autograd keeps for each chunk-microbatch in flight
-        # Interleaved and ZB-H1 exchange their messages in lockstep ticks (schedules.lockstep_plan; module
+        # Interleaved and ZB-H1 exchange their messages in lockstep ticks (runner/schedule_ops.py lockstep_plan; module
         # docstring); GPipe and 1F1B send with the next receive, which their order makes safe.
         plan = lockstep_plan(self.schedule, self.n_micro, p, v)[rank] if self.schedule in LOCKSTEP else None
         produced: dict[Key, torch.Tensor] = {}  # lockstep: outputs waiting for their tick

@@ -108,6 +108,7 @@ def input_grad_pass(
 
 def weight_grad_pass(groups: list[WeightGroup]) -> None:
     """W: from what B recorded at each branch point, the parameters' gradients alone, accumulated into .grad.
+    The graph is freed as it goes (each branch point is run once).
     Where a group's gradient enters through several nodes, one of which lies behind another, each node is
     held to its recorded gradient so nothing is counted twice (torch's clamp)."""
     for group in groups:
@@ -124,11 +125,9 @@ def weight_grad_pass(groups: list[WeightGroup]) -> None:
             for node, recorded in zip(group.nodes, group.grads, strict=True):
                 handles.append(node.register_prehook(lambda _g, rec=recorded: rec))
         try:
-            targets = [GradientEdge(_node_of(p), 0) for p in group.params]
-            dws = torch.autograd.grad(edges, targets, grad_outputs=grads, allow_unused=True)
+            # Accumulated by autograd itself (AccumulateGrad), so gradient hooks fire as in a whole backward:
+            # ZeRO reduces a unit's gradients from its parameters' post-accumulate-grad hooks.
+            torch.autograd.backward(edges, grad_tensors=grads, inputs=group.params)
         finally:
             for h in handles:
                 h.remove()
-        for p, dw in zip(group.params, dws, strict=True):
-            if dw is not None:
-                p.grad = dw if p.grad is None else p.grad + dw
