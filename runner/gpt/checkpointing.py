@@ -31,15 +31,21 @@ What the run reports (`CheckpointMeter.figures()`, in the rank's strategy figure
   tests/test_checkpointing.py checks it against an independent count of a plain and a checkpointed
   forward.
 - `activation_bytes_saved_peak`: the most such bytes dropped at one moment of a timed step (a
-  block's forward adds its bytes, its recompute in backward takes them back), i.e. with m microbatches
-  in flight, how much less the stage holds at its fullest.
+  block's forward adds its bytes, its first recompute in backward takes them back), i.e. with m
+  microbatches in flight, how much less the stage holds at its fullest. Under zb-h1 a block's
+  recomputed tensors are freed again after the input-gradient pass and rebuilt for the weight-gradient
+  pass, while a plain run would hold the weights' inputs until then: that saving is not added, so the
+  figure is a lower bound there. (The process's measured peak falls by less than this figure when the
+  peak moves into backward, where the gradients and one block's recompute are allocated.)
 - `recompute_s`: seconds spent re-running checkpointed forwards inside backward, over the timed steps
   (the same span as comm_s and compute_s), between marks of the rank's StepClock
   (runner/gpt/timing.py). On CUDA those marks are events recorded on the current stream of the
   autograd thread that runs the recompute, which is the stream the forward ran on, so the interval is
   device time of the recomputed kernels, read at the step's one synchronize. A recompute that
   PyTorch stops early (once every tensor backward needs is rebuilt) ends its interval there.
-- `recompute_calls`, `checkpointed_blocks`, `checkpoint`.
+- `recompute_calls` (a block is recomputed once per backward pass that reaches it: once per microbatch
+  with GPipe/1F1B/interleaved; under zb-h1 once for B plus once per weight-gradient autograd call),
+  `checkpointed_blocks`, `checkpoint`.
 """
 
 from __future__ import annotations
