@@ -50,9 +50,7 @@ def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: t
             apply_activation_checkpointing(chunk, every, meter)
     engine = PipelineGPT(chunks, output, mesh, device, dtype, microbatches=spec.microbatches,
                          schedule=spec.schedule, workload=spec.workload)  # fmt: skip
-    built = DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage) if mesh.dp_size > 1 else engine
-    # The outermost model's parameters: under ZeRO 2/3 they are the rank's shards, which hold the gradients.
-    engine.figure_sources.append(PrecisionFigures(precision, built.parameters))
+    engine.figure_sources.append(PrecisionFigures(precision, engine.parameters()))  # before ZeRO reshapes them
     if meter is not None:
         engine.figure_sources.append(meter)
-    return built
+    return DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage) if mesh.dp_size > 1 else engine

@@ -91,17 +91,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class PrecisionFigures:
-    """The rank's precision as figures: the configured dtypes and the gradient dtype actually found on
-    the parameters (None when no gradient is held, e.g. a forward-only run)."""
+    """The rank's precision as figures: the configured dtypes and the dtype of the gradients autograd actually
+    accumulated into the parameters (seen by a post-accumulate-grad hook, so also where a strategy frees or
+    shards the full gradients afterwards, as ZeRO does); None until a backward ran (a forward-only run)."""
 
-    def __init__(self, precision: Precision, parameters: Callable[[], list[nn.Parameter]]):
-        self.precision, self._parameters = precision, parameters
+    def __init__(self, precision: Precision, parameters: list[nn.Parameter]):
+        self.precision = precision
+        self.grad_dtypes: set[str] = set()
+        for p in parameters:
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(self._seen)
+
+    def _seen(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self.grad_dtypes.add(_dtype_name(p.grad.dtype))
 
     def figures(self) -> dict:
-        grads = {_dtype_name(p.grad.dtype) for p in self._parameters() if p.grad is not None}
         return {
             "precision": self.precision.name,
             "param_dtype": _dtype_name(self.precision.param_dtype),
             "compute_dtype": _dtype_name(self.precision.compute_dtype),
-            "grad_dtype": ",".join(sorted(grads)) if grads else None,
+            "grad_dtype": ",".join(sorted(self.grad_dtypes)) or None,
         }
