@@ -142,7 +142,7 @@ def test_data_dp3_shards_carry_the_stated_padding(tmp_path):
 
 @slow
 def test_3d_tp2_dp2_every_stage_matches_reference(tmp_path):
-    spec = {**BASE, "strategy": "3d", "tp": 2, "dp": 2, "sequence_parallel": True}
+    spec = {**BASE, "strategy": "3d", "tp": 2, "dp": 2}
     result = run_worker(spec, "1,3", STEPS, tmp_path)
     # Megatron's split of one block over tp = 2: c_attn, c_fc rows and both c_proj columns halved, the
     # row-parallel biases and LayerNorms whole; the vocabulary halved, positions and ln_f whole.

@@ -141,6 +141,7 @@ def main() -> None:
     out, spec_json, stages, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     dist.init_process_group("gloo")
     spec = RunSpec.from_dict(json.loads(spec_json))
+    assert not spec.validate(gpu_count=0), spec.validate(gpu_count=0)  # only what a user can launch
     torch.manual_seed(0)
     mesh = Mesh.build(spec.degrees)
     results = {str(s): run_stage(spec, mesh, int(s), steps) for s in stages.split(",")}

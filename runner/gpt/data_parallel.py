@@ -55,13 +55,15 @@ def grad_buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -
 
 
 class DataParallelGPT(ParallelGPT):
-    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0):
+    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0, seed: int | None = None):
+        """`seed` lets ZeRO give values to parameters the builder left on the meta device (stage 3 built
+        lazily: one parameter at a time, only this rank's shard kept)."""
         super().__init__(inner.config, mesh, inner.device, inner.dtype)
         self.inner = inner
         self.dp = mesh.dp
         self.zero_stage = zero_stage
         self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
-        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap) if zero_stage else None
+        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed) if zero_stage else None
         self.grad_bytes = 0
         # Every replica holds the same shapes in the same order, so buckets line up across ranks;
         # reversed because backward produces the last layers' gradients first.

@@ -32,6 +32,9 @@ used at both ends. Releasing is `untyped_storage().resize_(0)` on the flat buffe
 parameters stay the same objects (their Shard records, hooks and the tensors autograd saved keep
 pointing at the same storage), and a later all-gather into the re-grown storage gives them back the same
 values. A block run again during backward (activation checkpointing) is gathered but not released there.
+Parameters the builder left on the meta device get their values here, one parameter at a time through
+`materialize` under its reference name, so a stage-3 rank never holds more than one unit of the model
+(built the other way, the rank first materializes its whole part and then shards it).
 
 Overlap. When the inner strategy runs one backward pass that accumulates each gradient once (the whole
 model, 'data'), a unit's reduction starts from its last post-accumulate-grad hook and runs while backward
@@ -83,7 +86,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from runner.gpt.comm import GroupComm, PendingCollective, nbytes
-from runner.gpt.model import Shard, shard_of
+from runner.gpt.model import Shard, materialize, shard_of
 
 BLOCK_NAME = re.compile(r"^(transformer\.h\.\d+)\.")
 
@@ -157,18 +160,18 @@ class ZeroShards:
     """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
     (a ParallelGPT whose named_shards() are its parameters under reference names)."""
 
-    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool):
+    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool, seed: int | None = None):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
-        self.inner, self.comm, self.stage, self.overlap = inner, comm, stage, overlap
+        self.inner, self.comm, self.stage, self.overlap, self.seed = inner, comm, stage, overlap, seed
         self.n, self.r = comm.size, comm.index
         named = inner.named_shards()
         groups: dict[str, list[nn.Parameter]] = {}
-        seen: set[int] = set()
+        self._name_of: dict[int, str] = {}  # a reference name of each parameter (the first, for a tied one)
         for name, p in named.items():
-            if id(p) in seen:
+            if id(p) in self._name_of:
                 continue
-            seen.add(id(p))
+            self._name_of[id(p)] = name
             m = BLOCK_NAME.match(name)
             groups.setdefault(m.group(1) if m else "outer", []).append(p)
         blocks = sorted((k for k in groups if k != "outer"), key=lambda k: int(k.rsplit(".", 1)[1]))
@@ -200,14 +203,13 @@ class ZeroShards:
             offsets.append(total)
             total += p.numel()
         per = math.ceil(total / self.n)
-        first = params[0]
-        full = torch.zeros(per * self.n, dtype=first.dtype, device=first.device)
+        dtype, device = self.inner.dtype, self.inner.device
+        full = torch.zeros(per * self.n, dtype=dtype, device=device)
         with torch.no_grad():
             for p, off in zip(params, offsets, strict=True):
-                full[off : off + p.numel()].copy_(p.detach().reshape(-1))
-                # set_data, not a view: the parameter keeps its own version counter, so writing the flat
-                # buffer (an all-gather) never trips autograd's check on tensors it saved.
-                p.data = full[off : off + p.numel()].view_as(p)
+                value = self._initial_value(p) if p.is_meta else p.detach()
+                full[off : off + p.numel()].copy_(value.reshape(-1))
+                _point_at(p, full[off : off + p.numel()].view(p.shape))
         mine = full[self.r * per : (self.r + 1) * per]
         if self.stage == 3:
             shard = nn.Parameter(mine.clone())  # the only copy kept between uses
@@ -217,6 +219,22 @@ class ZeroShards:
         unit = Unit(name, params, offsets, total, per, full, shard, module)
         self._release(unit)  # stage 3: from now on the whole unit exists only while in use
         return unit
+
+    def _initial_value(self, p: nn.Parameter) -> torch.Tensor:
+        """The value `materialize` gives a parameter left on the meta device (ZeRO-3 built lazily: the rank
+        makes one parameter at a time and keeps its shard, never the whole model)."""
+        if self.seed is None:
+            raise ValueError("ZeRO: a parameter is still on the meta device and no seed was given to make it")
+        name = self._name_of[id(p)]
+        holder = root = nn.Module()
+        *path, leaf = name.split(".")
+        for part in path:  # the reference name as module path, so materialize draws the same values
+            child = nn.Module()
+            holder.add_module(part, child)
+            holder = child
+        holder.register_parameter(leaf, p)
+        materialize(root, self.seed, device=self.inner.device, dtype=self.inner.dtype, config=self.inner.config)
+        return holder._parameters[leaf].detach()
 
     def _pieces(self, named: dict[str, nn.Parameter]) -> dict[str, Piece]:
         out = {}
@@ -409,6 +427,24 @@ class ZeroShards:
             g = u.shard.grad
             held[g.untyped_storage().data_ptr()] = g.untyped_storage().nbytes()
         self.grad_bytes = sum(held.values())
+
+
+def _point_at(p: nn.Parameter, view: torch.Tensor) -> None:
+    """Make parameter p hold `view` (a slice of its unit's flat buffer), keeping the same Python object --
+    its Shard record, marks, hooks and the modules and engine that reference it.
+
+    set_data rather than a view, so the parameter keeps its own version counter and writing the flat buffer
+    (an all-gather) never trips autograd's check on tensors it saved. A meta parameter cannot take CPU or
+    CUDA data that way; swap_tensors exchanges the whole tensor (attributes travel with it, so they are put
+    back)."""
+    if not p.is_meta:
+        p.data = view
+        return
+    attributes = dict(p.__dict__)
+    real = nn.Parameter(torch.empty(0, dtype=view.dtype, device=view.device), requires_grad=p.requires_grad)
+    real.data = view
+    torch.utils.swap_tensors(p, real)
+    p.__dict__.update(attributes)
 
 
 def _in_backward() -> bool:
