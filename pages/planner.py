@@ -70,6 +70,15 @@ try:
         from runner.planner.calibrate import this_host_devices
 
         devices = this_host_devices(engine())
+    elif source == "a runner's host":
+        from runner.planner.devices import from_lease
+
+        leases = [h for h in api.hosts(engine()) if h.get("gpus")]
+        if not leases:
+            problem = "No runner has reported GPUs (a runner's lease lists the GPUs NVML sees on its host)."
+        else:
+            lease = d1.selectbox("host", leases, format_func=lambda h: f"{h['host']} ({len(h['gpus'])} GPUs)")
+            devices = from_lease(lease)
     elif source == "Slurm partition":
         from runner.cluster import Partition
 

@@ -9,7 +9,7 @@ import pytest
 
 from runner.planner.calibrate import Calibration, devices_from_calibration, stored
 from runner.planner.cli import add_plan_parser, run_plan
-from runner.planner.devices import described, from_gpus, from_partition, preset
+from runner.planner.devices import described, from_gpus, from_lease, from_partition, preset
 from runner.planner.layouts import evaluate, plan
 from runner.planner.memory import MODELS, Layout, Workload
 from runner.planner.step_time import predict_step, ring_allreduce_s
@@ -77,6 +77,10 @@ def test_tensor_parallel_bytes_by_hand():
 def test_devices_from_nvml_and_partition():
     dev = from_gpus([{"name": "NVIDIA H100 80GB HBM3", "memory_total": 85_520_809_984}] * 4)
     assert dev.count == 4 and dev.peak("bf16-mixed") == 989e12 and dev.peak("float32") == 67e12
+    lease = {"host": "gpu-box", "gpus": [{"name": "NVIDIA A100-SXM4-40GB", "memory_total": 42_949_672_960}] * 2}
+    other = from_lease(lease)
+    assert other is not None and other.count == 2 and other.peak("float32") == 19.5e12 and "gpu-box" in other.source
+    assert from_lease({"host": "cpu-box", "gpus": []}) is None
     from runner.cluster import parse_sinfo
 
     part = parse_sinfo("n1|64|gpu:8|idle\nn2|64|gpu:8|mixed\n", "gpu")

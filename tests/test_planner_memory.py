@@ -15,6 +15,7 @@ from runner.planner.memory import (
     checkpointed_layer_bytes,
     full_parameters,
     in_flight,
+    lab_layer_activation_bytes,
     layer_activation_bytes,
     layout_memory,
     rank_memory,
@@ -125,6 +126,17 @@ def test_korthikanti_gpt3_175b_layer():
     assert layer_activation_bytes(2048, 1, 12288, 96, tp=8, sequence_parallel=True) == pytest.approx(sbh * 114 / 8)
 
 
+def test_our_blocks_saved_values_by_hand():
+    # s 4, b 2, h 8 (sbh 64): float32 2 LN inputs + c_attn, c_fc inputs + 13 split values = 17 x 4 bytes
+    assert lab_layer_activation_bytes(4, 2, 8) == 64 * 17 * 4
+    assert lab_layer_activation_bytes(4, 2, 8, tp=2) == 64 * (4 * 4 + 13 * 4 / 2)
+    assert lab_layer_activation_bytes(4, 2, 8, tp=2, sequence_parallel=True) == 64 * 17 * 4 / 2
+    # bf16-mixed: float32 residual stream (LayerNorm inputs), bf16 matmul inputs and outputs: 8 + 4 + 26
+    assert lab_layer_activation_bytes(4, 2, 8, residual=4, compute=2) == 64 * 38
+    # at 16 bits it is Korthikanti's 34 without the scores' 5as/h
+    assert lab_layer_activation_bytes(4, 2, 8, residual=2, compute=2) == layer_activation_bytes(4, 2, 8, 2) - 64 * 5
+
+
 def test_microbatches_in_flight():
     assert [in_flight("1f1b", 4, 8, r) for r in range(4)] == [4, 3, 2, 1]
     assert in_flight("1f1b", 4, 2, 0) == 2  # fewer microbatches than stages
@@ -137,15 +149,21 @@ def test_microbatches_in_flight():
 
 def test_activations_of_a_1f1b_stage_by_hand():
     # tiny, pp 2, batch 8, m 4 (b 2), seq 16, float32 (4-byte activations: twice the paper's 16-bit)
-    w = Workload(batch=8, seq=16, microbatches=4, schedule="1f1b")
-    m0 = rank_memory(TINY, Layout(pp=2), w, 0)
+    naive = Workload(batch=8, seq=16, microbatches=4, schedule="1f1b", attention="naive")
+    m0 = rank_memory(TINY, Layout(pp=2), naive, 0)
     per_layer = 16 * 2 * 64 * (34 + 5 * 4 * 16 / 64) * 2
     assert m0.in_flight == 2 and m0.microbatch_size == 2
     assert m0.activation_bytes == int(2 * 2 * per_layer)  # 2 microbatches x 2 layers
+    # our fused attention keeps no s x s scores: 17 float32 values per s*b*h a layer
+    sdpa = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4), 0)
+    assert sdpa.activation_bytes == 2 * 2 * 17 * 16 * 2 * 64 * 4
     ck = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="blocks"), 0)
     assert ck.activation_bytes == int(2 * 2 * (2 * 16 * 2 * 64) * 2)  # 2sbh a layer, 4 bytes
     every2 = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="every-2"), 0)
-    assert every2.activation_bytes == int(2 * (per_layer + 2 * 16 * 2 * 64 * 2))  # layer 1 checkpointed
+    assert every2.activation_bytes == 2 * (17 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 2)  # layer 1 checkpointed
+    # the last stage also keeps each microbatch's float32 log-softmax, b s V: 1 in flight there
+    last = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4), 1)
+    assert last.activation_bytes == 2 * 17 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
 
 
 def test_kv_cache_by_hand():

@@ -20,7 +20,7 @@ from runner.planner.memory import MODELS, GiB, Layout, Workload, rank_memory, wi
 from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec import RunSpec
 
-DEVICE_SOURCES = ("known GPU", "this host", "Slurm partition", "described")
+DEVICE_SOURCES = ("known GPU", "this host", "a runner's host", "Slurm partition", "described")
 PLAN_TAG = "plan"
 
 

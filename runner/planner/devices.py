@@ -6,7 +6,7 @@
   direction: NVLink 4 (H100 SXM) 450 GB/s, NVLink 3 (A100 SXM) 300 GB/s, PCIe 5 x16 64 GB/s, PCIe 4 x16
   32 GB/s; between nodes one 400 Gb/s NIC per GPU (DGX H100) = 50 GB/s, 200 Gb/s (DGX A100) = 25 GB/s.
 - `from_gpus(gpus)`: the [{name, memory_total}] list runner/telemetry.detect_gpus returns and runner
-  leases store (api.hosts), one node.
+  leases store, one node; `from_lease(lease)` for another host's runner (api.hosts).
 - `from_partition(partition, kind)`: a Slurm partition (runner/cluster.Partition, read with sinfo): its
   nodes x GPUs per node, the GPUs described by a preset kind (sinfo does not say which GPU).
 - `described(...)`: anything else, by hand.
@@ -127,6 +127,11 @@ def from_gpus(gpus: Sequence[Mapping[str, Any]], host: str = "this host") -> Dev
     intra = k.bw_intra if k else 32 * GB
     inter = k.bw_inter if k else 12.5 * GB
     return Devices(name, len(gpus), memory, fp32, bf16, intra, inter, len(gpus), source=f"detected on {host}")
+
+
+def from_lease(lease: Mapping[str, Any]) -> Devices | None:
+    """The GPUs a runner's lease reports for its host (runner.api.hosts() entries); None when it has none."""
+    return from_gpus(lease.get("gpus") or [], str(lease.get("host", "a host")))
 
 
 def from_partition(partition: Any, kind: str, nodes: int | None = None) -> Devices:

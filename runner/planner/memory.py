@@ -41,8 +41,15 @@ a heads, 16-bit activations (doubled for float32):
     tensor parallel t                    s*b*h*(10 + 24/t + 5*a*s/(h*t))
     tensor + sequence parallel           s*b*h*(34 + 5*a*s/h)/t
     full recompute (checkpointed block)  2*s*b*h (its input; /t under sequence parallelism)
-The 34 counts dropout masks and the 5as/h the stored attention scores; our model has no dropout and
-uses scaled_dot_product_attention, so the formula is an upper bound here (stated, not hidden).
+The 5as/h term is the attention scores, their softmax and its dropout mask. Our model attends with
+scaled_dot_product_attention (a fused kernel, FlashAttention's way), keeps no s x s matrix and has no dropout,
+so by default (`Workload.attention = "sdpa"`) the planner counts what our block saves, value by value
+(`lab_layer_activation_bytes`): the two LayerNorm inputs at the residual stream's width w_r, the c_attn and
+c_fc inputs at the compute width w_c (whole under tensor parallelism), and split over t: q, k, v, the attention
+output, c_proj's input, GELU's input and output, 13 values -- s*b*h*(2w_r + 2w_c + 13w_c/t), all over t under
+sequence parallelism. At 16 bits and t = 1 that is Korthikanti's 34 without the scores; float32 68,
+bf16-mixed (float32 residual, bf16 matmul inputs) 38. "naive" keeps the paper's formula. Real runs' saved
+bytes land within 10% (tests/test_planner_measured.py). A checkpointed layer keeps its input at w_r.
 A checkpointed stage also needs one block's full activations while that block is recomputed.
 Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
 GPipe m; 1F1B min(p - r, m); ZB-H1 min(p, m) on every rank (Qi et al. 2023: 1F1B's peak, p microbatches; our
@@ -50,7 +57,8 @@ schedule runs rank r's W passes r microbatches behind its B passes, and a microb
 its W, runner/gpt/schedules.py); interleaved
 1F1B min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each (Megatron's warm-up
 count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth on rank 0).
-The last stage also holds a microbatch's logits and their gradient, float32 b*s*V_pad/t each.
+The last stage also keeps each microbatch's float32 log-softmax (b*s*V_pad/t) for the cross entropy's
+backward, and its gradient of the same size while that backward runs.
 Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t * w bytes.
 """
 
@@ -122,6 +130,7 @@ class Workload:
     virtual_stages: int = 1
     sequence_parallel: bool = False
     tp_style: str = "megatron"
+    attention: str = "sdpa"  # "sdpa": fused, no s x s scores kept (our model); "naive": the paper's 5as/h term
 
     @property
     def checkpoint_every(self) -> int:
@@ -185,6 +194,7 @@ class StageParameters:
     outer: int  # embeddings, final LayerNorm, head (tied weight once)
     outer_tensors: int
     matmul: int  # parameters that multiply activations (autocast casts them): no positions, no LayerNorms
+    block_matmul: int = 0  # of them, one block's
 
     @property
     def total(self) -> int:
@@ -222,7 +232,7 @@ def rank_parameters(
     layers = stage_layers(cfg.n_layer, pp, v, stage)
     blk = block_parameters(cfg, tp, tp_style)
     blk_matmul = blk - 2 * (h + h * b)
-    return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers))
+    return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)
 
 
 def full_parameters(cfg: GPTConfig) -> int:
@@ -231,11 +241,30 @@ def full_parameters(cfg: GPTConfig) -> int:
 
 
 # ---- activations --------------------------------------------------------------------------------------
-def layer_activation_bytes(s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Korthikanti et al. 2022 Table 2: 16-bit activation bytes one transformer layer saves for backward."""
+def layer_activation_bytes(
+    s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False, scores: bool = True
+) -> float:
+    """Korthikanti et al. 2022 Table 2: 16-bit activation bytes one transformer layer saves for backward.
+    scores=False drops the 5as/h term (attention scores, softmax and its dropout): a fused attention kernel
+    (FlashAttention, scaled_dot_product_attention) keeps no s x s matrix."""
+    attn = 5 * a * s / h if scores else 0.0
     if tp > 1 and sequence_parallel:
-        return s * b * h * (34 + 5 * a * s / h) / tp
-    return s * b * h * (10 + 24 / tp + 5 * a * s / (h * tp))
+        return s * b * h * (34 + attn) / tp
+    return s * b * h * (10 + 24 / tp + attn / tp)
+
+
+def lab_layer_activation_bytes(
+    s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False, residual: int = 4, compute: int = 4
+) -> float:
+    """Bytes our GPT block (runner/gpt/model.py) saves for backward, value by value (see the module docstring):
+    2 LayerNorm inputs at the residual stream's width, the c_attn and c_fc inputs at the compute width (whole
+    under tensor parallelism), and at the compute width split over tp: q, k, v, the attention output, c_proj's
+    input, GELU's input and output (3 + 1 + 1 + 4 + 4 = 13 values of s*b*h). Sequence parallelism splits all."""
+    whole = 2 * residual + 2 * compute
+    split = 13 * compute
+    if tp > 1 and sequence_parallel:
+        return s * b * h * (whole + split) / tp
+    return s * b * h * (whole + split / tp)
 
 
 def checkpointed_layer_bytes(s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False) -> float:
@@ -303,6 +332,16 @@ def _shard(n: int, dp: int) -> int:
     return math.ceil(n / dp)
 
 
+def _layer_bytes(work: Workload, s: int, b: int, h: int, a: int, tp: int) -> float:
+    """One layer's saved bytes for a microbatch: our block's own count ("sdpa"), or Korthikanti's formula with
+    the attention scores ("naive", 16-bit figures scaled to the activation width)."""
+    if work.attention == "naive":
+        return layer_activation_bytes(s, b, h, a, tp, work.sequence_parallel) * work.activation_width / 2
+    residual = 2 if work.dtype == "bfloat16" else 4  # bf16-mixed: the residual stream stays float32
+    compute = 4 if work.dtype == "float32" else 2
+    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, residual, compute)
+
+
 def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> RankMemory:
     """Bytes on one rank of pipeline stage `stage` (any tp and dp coordinate: they hold the same)."""
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero_stage
@@ -339,29 +378,34 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     rows = max(1, work.batch // dp)
     mb = max(1, rows // m) if work.workload == "train" else rows
     s, h, a = work.seq, cfg.n_embd, cfg.n_head
-    scale = work.activation_width / 2  # the paper counts 16-bit activations
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
     activations = 0.0
     kv = 0
     if train:
         every = work.checkpoint_every
-        full = layer_activation_bytes(s, mb, h, a, tp, work.sequence_parallel) * scale
-        ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * scale
+        full = _layer_bytes(work, s, mb, h, a, tp)
+        residual = 4 if work.dtype in ("float32", "bf16-mixed") else 2  # bf16-mixed keeps the residual in float32
+        ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
         n_ckpt = sum(1 for i in sp.layers if every and (i + 1) % every == 0)
         per_microbatch = n_ckpt * ckpt + (len(sp.layers) - n_ckpt) * full
-        activations = flight * per_microbatch
         if n_ckpt:
             transient += int(full)  # the block being recomputed
-        if stage == pp - 1:
-            transient += 2 * mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
+        if stage == pp - 1:  # cross entropy keeps its float32 log-softmax per microbatch; its gradient is transient
+            logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
+            per_microbatch += logits
+            transient += logits
         if work.dtype == "bf16-mixed":
-            # autocast's bf16 weight copies: kept by autograd per microbatch in flight unless recomputed
-            copies = 1 if every == 1 else math.ceil(flight)
-            transient += 2 * sp.matmul * copies
+            # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (they are saved
+            # tensors, not parameters); a checkpointed block's are dropped and re-cast in its recompute
+            kept = sum(1 for i in sp.layers if not (every and (i + 1) % every == 0))
+            per_microbatch += 2 * (sp.matmul - sp.block_matmul * (len(sp.layers) - kept))
+            if n_ckpt:
+                transient += 2 * sp.block_matmul
             notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
+        activations = flight * per_microbatch
     else:
         # inference keeps no activations for backward: one layer's working set at a time
-        transient += int(layer_activation_bytes(s, mb, h, a, tp, work.sequence_parallel) * scale)
+        transient += int(_layer_bytes(work, s, mb, h, a, tp))
         if stage == pp - 1:
             transient += mb * (s if work.workload == "forward" else 1) * padded_vocab(cfg.vocab_size, tp) // tp * 4
         if work.workload == "generate":
