@@ -24,7 +24,7 @@ def test_infeasible_reasons_name_the_cause():
     assert "tp 16 exceeds the 8 GPUs of a node" in evaluate(gpt2, Layout(tp=16), w, h100).reasons
     assert "n_layer 12 not divisible by pp 8" in evaluate(gpt2, Layout(pp=8, dp=2), w, h100).reasons
     small = described(1, 24, 100, 10, 10, 1)  # 24 GiB, 1 GiB of it reserved for the CUDA context
-    (reason,) = evaluate(gpt2, Layout(), w, small).reasons
+    (reason,) = evaluate(gpt2, Layout(), Workload(batch=64, seq=1024), small).reasons
     assert reason.startswith("needs ") and ", you have 23.0 GiB (of 24.0 GiB, 1.0 reserved)" in reason
 
 
