@@ -111,6 +111,10 @@ def test_data_dp2_every_stage_matches_reference_and_the_papers_bytes(tmp_path):
     assert total[2] == 10 * PSI + 4 * 5
     assert total[3] == 8 * PSI + 4 * 5
 
+    # Stages 2, 3 keep at most one unit's whole flat gradient waiting for its reduce-scatter (else they
+    # would pile up during backward into the full gradients that sharding them removes).
+    assert all(r["zero_reduce_buffers_peak"] == 1 for s in (2, 3) for r in result[str(s)]["ranks"])
+
     # Communication of one step (payload: all-reduce the tensor, all-gather the gathered buffer,
     # reduce-scatter the full input; plus the 8-byte loss all-reduce of every stage).
     comm = {s: result[str(s)]["ranks"][0]["comm_bytes"] for s in (0, 1, 2, 3)}

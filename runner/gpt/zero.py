@@ -186,6 +186,7 @@ class ZeroShards:
         self._fresh = False
         self._training = False  # inside a forward_backward: gradient hooks act only then
         self.grad_bytes = 0
+        self.reduce_inputs_peak = 0  # most whole-unit gradient buffers awaiting their reduce-scatter at once
         for u in self.units:
             for p in u.params:
                 p.register_post_accumulate_grad_hook(lambda p: self._grad_ready(p))
@@ -296,6 +297,7 @@ class ZeroShards:
             "grad_bytes": self.grad_bytes,
             "zero_units": len(self.units),
             "zero_flat_padding_elements": sum(u.padded - u.numel for u in self.units),
+            "zero_reduce_buffers_peak": self.reduce_inputs_peak,
         }
 
     # ---- workloads ---------------------------------------------------------------------------------
@@ -400,6 +402,7 @@ class ZeroShards:
                 self._complete_reduce(other)
         out = torch.empty(u.shard_numel, dtype=flat.dtype, device=flat.device)
         u.pending_reduce, u.reduce_input = reduce_scatter_async(self.comm, out, flat)
+        self.reduce_inputs_peak = max(self.reduce_inputs_peak, sum(v.reduce_input is not None for v in self.units))
 
     @torch.no_grad()
     def _complete_reduce(self, u: Unit) -> None:
