@@ -180,7 +180,12 @@ def measured_times(spans: pd.DataFrame, p: int, v: int = 1) -> MeasuredTimes:
     n = p * v
     compute = spans[spans["phase"].isin(list(PHASES.values()))]
     fwd, bwd, wgt = (_mean_durations(compute, ph, n) for ph in ("forward", "backward", "weight"))
-    ends = {(row.step, KINDS[row.phase], row.stage, row.microbatch): row.end for row in compute.itertuples()}
+    # Pass ends by (step, kind, stage, microbatch); a list, since in a 3d run every data- and tensor-parallel
+    # replica of a stage runs the same pass. The spans do not say which replica sent to which, so the latest end
+    # inside the receive's window counts: exact with one replica, at most the replicas' skew short otherwise.
+    ends: dict[tuple, list[float]] = {}
+    for row in compute.itertuples():
+        ends.setdefault((row.step, KINDS[row.phase], row.stage, row.microbatch), []).append(row.end)
     samples: list[float] = []
     for (_step, _rank), lane in spans.sort_values("start").groupby(["step", "rank"]):
         rows = list(lane.itertuples())
@@ -194,9 +199,9 @@ def measured_times(spans: pd.DataFrame, p: int, v: int = 1) -> MeasuredTimes:
             sender = (row.step, "F", row.stage - 1, row.microbatch) if kind == "F" else None
             if kind == "B" and row.stage < n - 1:
                 sender = (row.step, "B", row.stage + 1, row.microbatch)
-            sent = ends.get(sender) if sender else None
-            if sent is not None and row.start <= sent <= row.end:
-                samples.append(row.end - sent)
+            inside = [e for e in ends.get(sender, []) if row.start <= e <= row.end] if sender else []
+            if inside:
+                samples.append(row.end - max(inside))
     ranks = []
     for r in range(p):
         held = spans.loc[spans["stage"] % p == r, "rank"]
