@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
+from runner.metrics import bubble_theory_formula
 from runner.spec import PRESETS, WORKLOADS
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
@@ -124,14 +125,16 @@ for run in runs:
     r = run["result"] or {}
     st.altair_chart(
         charts.timeline_chart(
-            spans[spans["step"] == last], title=f"#{run['id']} {run['spec']['strategy']}: step {last}"
+            spans[spans["step"] == last], title=f"#{run['id']} {run['spec']['strategy']}: step {last}",
+            bubble=(r.get("bubble_fraction"), r.get("bubble_fraction_theory")),
         ),
         width="stretch",
-    )
+    )  # fmt: skip
     if r.get("bubble_fraction") is not None:
+        formula = bubble_theory_formula(run["spec"].get("schedule", "1f1b"))
         st.caption(
             f"bubble measured {r['bubble_fraction']:.1%} (idle / step time, mean over ranks), "
-            f"theory (p-1)/(m+p-1) = {r.get('bubble_fraction_theory') or 0:.1%}"
+            f"theory {formula} = {r.get('bubble_fraction_theory') or 0:.1%}"
         )
 
 st.subheader("Settings that differ")
