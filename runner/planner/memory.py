@@ -32,7 +32,10 @@ weights, runner/gpt/precision.py), 2 for pure bfloat16:
   comparison.
 - bf16-mixed: autocast casts each float32 weight to bfloat16 once per forward (2 bytes a matmul
   weight), and autograd keeps that copy for the backward: one copy per microbatch in flight unless the
-  block is checkpointed, then one transient copy (the recompute casts again).
+  block is checkpointed. Checkpointed or not, autocast's cast cache holds every copy made during a forward
+  until GPT.forward leaves the autocast region, so a stage's whole bf16 copy exists during its forward --
+  under ZeRO-3 as well (the cache keeps casts of blocks whose shards were released), which is why FSDP
+  casts parameters itself (MixedPrecisionPolicy) instead of autocast.
 
 Activations (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022,
 section 4, Table 2), bytes per transformer layer for a microbatch of b sequences of s tokens, width h,
@@ -396,11 +399,10 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             transient += logits
         if work.dtype == "bf16-mixed":
             # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (they are saved
-            # tensors, not parameters); a checkpointed block's are dropped and re-cast in its recompute
-            kept = sum(1 for i in sp.layers if not (every and (i + 1) % every == 0))
-            per_microbatch += 2 * (sp.matmul - sp.block_matmul * (len(sp.layers) - kept))
-            if n_ckpt:
-                transient += 2 * sp.block_matmul
+            # tensors, not parameters); a checkpointed block's are not saved, but autocast's cast cache holds
+            # every weight cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
+            per_microbatch += 2 * (sp.matmul - sp.block_matmul * n_ckpt)
+            transient += 2 * sp.block_matmul * n_ckpt
             notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
         activations = flight * per_microbatch
     else:
