@@ -131,6 +131,8 @@ def comm_theory_bytes(spec: RunSpec) -> int:
     vocab = -(-cfg.vocab_size // tp) * tp  # padded to a multiple of tp
     if tp > 1:  # every tp rank all-reduces each layer's two partial sums; pp stages and dp replicas split the work
         total += directions * (2 * cfg.n_layer + 1) * activation * tp
+        if spec.dtype == "bf16-mixed":  # the layers' forward partial sums come out of bf16 matmuls: half the bytes
+            total -= cfg.n_layer * activation * tp
         if spec.workload == "forward":
             total += tp * spec.batch * spec.seq * vocab * elem
     if pp > 1:  # every tp rank of a boundary sends its (replicated) activation; v chunks a rank: pp*v - 1 boundaries

@@ -70,6 +70,10 @@ def test_comm_theory_counts_megatron_all_reduces_by_hand():
     # Forward: 2 per layer + the embedding's, and the logits (8*32 tokens x 512 vocab) gathered on both ranks.
     forward = RunSpec(strategy="tensor", tp=2, model="tiny", workload="forward", batch=8, seq=32)
     assert comm_theory_bytes(forward) == 2 * (2 * 4 + 1) * (8 * 32 * 64 * 4) + 2 * 8 * 32 * 512 * 4
+    # bf16-mixed: the 2 row-parallel sums a layer forward are bf16 (2 bytes); the embedding's and every backward
+    # sum stay float32.
+    mixed = RunSpec(strategy="tensor", tp=2, model="tiny", workload="train", batch=8, seq=32, dtype="bf16-mixed")
+    assert comm_theory_bytes(mixed) == 2 * (4 * 2 * 2 + (1 + 2 * 4 + 1) * 4) * (8 * 32 * 64)
     # A 2-stage pipeline forward: one activation across the one boundary.
     assert comm_theory_bytes(RunSpec(strategy="pipeline", pp=2, model="tiny", workload="forward")) == 8 * 64 * 64 * 4
     # Training adds the gradient back and the tied embedding's gradient (512 x 64) all-reduced on both stages.
