@@ -7,7 +7,7 @@ import streamlit as st
 
 from runner import api
 from runner.planner.devices import KINDS, from_partition, preset
-from runner.planner.memory import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload
+from runner.planner.models import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload
 from runner.spec import SpecError
 from ui import planner as P
 from ui.state import engine, enter_through_app

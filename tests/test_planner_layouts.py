@@ -11,7 +11,7 @@ from runner.planner.calibrate import Calibration, devices_from_calibration, stor
 from runner.planner.cli import add_plan_parser, run_plan
 from runner.planner.devices import described, from_gpus, from_lease, from_partition, preset
 from runner.planner.layouts import evaluate, plan
-from runner.planner.memory import MODELS, Layout, Workload
+from runner.planner.models import MODELS, Layout, Workload
 from runner.planner.step_time import predict_step, ring_allreduce_s
 
 GB = 1e9

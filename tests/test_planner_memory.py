@@ -8,10 +8,6 @@ from runner.gpt.config import PRESETS, count_parameters
 from runner.planner.devices import preset
 from runner.planner.layouts import GUIDE_175B_LAYOUT, GUIDE_175B_WORK, evaluate
 from runner.planner.memory import (
-    MODELS,
-    GiB,
-    Layout,
-    Workload,
     checkpointed_layer_bytes,
     full_parameters,
     in_flight,
@@ -22,6 +18,7 @@ from runner.planner.memory import (
     rank_parameters,
     zero_paper_bytes,
 )
+from runner.planner.models import MODELS, GiB, Layout, Workload
 
 TINY = PRESETS["tiny"]  # 4 layers, 4 heads, width 64, vocabulary 512, 128 positions
 

@@ -8,7 +8,7 @@ from streamlit.testing.v1 import AppTest
 
 from runner import api
 from runner.planner.devices import cpu_host
-from runner.planner.memory import Layout, Workload
+from runner.planner.models import Layout, Workload
 from storage.calibration import prediction_of
 from ui import planner as P
 

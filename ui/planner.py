@@ -16,7 +16,8 @@ import pandas as pd
 from runner.gpt.config import PRESETS
 from runner.planner.devices import Devices, described, preset
 from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Plan, evaluate, plan
-from runner.planner.memory import MODELS, GiB, Layout, Workload, rank_memory, with_dims
+from runner.planner.memory import rank_memory
+from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec import RunSpec
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from runner.planner.devices import KINDS, Devices, described, from_partition, preset
 from runner.planner.layouts import Plan, plan
-from runner.planner.memory import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload, with_dims
+from runner.planner.models import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 
 from runner.gpt.config import GPTConfig
 from runner.planner.devices import Devices
-from runner.planner.memory import GiB, Layout, RankMemory, Workload, layout_memory, layout_problems
+from runner.planner.memory import RankMemory, layout_memory, layout_problems
+from runner.planner.models import GiB, Layout, Workload
 from runner.planner.step_time import DEFAULT_EFFICIENCY, StepTime, predict_step
 
 

@@ -68,105 +68,17 @@ Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t * w bytes.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from runner.gpt.config import PRESETS, GPTConfig
-
-GiB = 2**30
-
-# The planner's models: the lab's presets plus well-known sizes in GPT-2 shape (learned positions,
-# LayerNorm, GELU MLP of 4h, biases, multi-head attention without grouped-query heads, tied head).
-# GPT-3 (Brown et al. 2020, table 2.1): 175B is 96 layers, d_model 12288, 96 heads; 13B is 40 layers,
-# 40 heads of 128 -- the table prints d_model 5140, which 40 heads do not divide; 40 x 128 = 5120 is used.
-# Llama-2-7B/70B-sized: their layers, heads and width (Touvron et al. 2023) in GPT-2 shape (no SwiGLU, no
-# GQA, no RoPE), so counts differ a little from Llama's own: 7B-sized is ~6.7B, 70B-sized ~64.7B.
-MODELS: dict[str, GPTConfig] = {
-    **PRESETS,
-    "gpt3-13b": GPTConfig(n_layer=40, n_head=40, n_embd=5120, vocab_size=50257, block_size=2048),
-    "gpt3-175b": GPTConfig(n_layer=96, n_head=96, n_embd=12288, vocab_size=50257, block_size=2048),
-    "llama2-7b-sized": GPTConfig(n_layer=32, n_head=32, n_embd=4096, vocab_size=32000, block_size=4096),
-    "llama2-70b-sized": GPTConfig(n_layer=80, n_head=64, n_embd=8192, vocab_size=32000, block_size=4096),
-}
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
-DTYPES = ("float32", "bfloat16", "bf16-mixed")
-WORKLOADS = ("forward", "generate", "train")
-ADAM_STEP_BYTES = 4  # AdamW's `step` is a float32 0-d tensor per optimized tensor (torch.optim.AdamW)
-LOGIT_BYTES = 4  # cross entropy runs in float32 (the loss is cast to float32 under bf16-mixed too)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """tp x pp x dp ranks (tp innermost, runner/gpt/mesh.py) and the ZeRO stage over dp."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero_stage: int = 0
-
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    def label(self) -> str:
-        zero = f" zero{self.zero_stage}" if self.zero_stage else ""
-        return f"tp{self.tp} pp{self.pp} dp{self.dp}{zero}"
-
-
-@dataclass(frozen=True)
-class Workload:
-    """What runs on the layout: the spec fields the memory and the step time depend on.
-
-    batch is the global batch (all replicas); microbatches is m per replica (pipeline only; 0 = choose:
-    microbatches of one sequence when pp > 1, else 1)."""
-
-    workload: str = "train"
-    batch: int = 8
-    seq: int = 1024
-    new_tokens: int = 16
-    dtype: str = "float32"
-    checkpoint: str = "none"
-    schedule: str = "1f1b"
-    microbatches: int = 0
-    virtual_stages: int = 1
-    sequence_parallel: bool = False
-    tp_style: str = "megatron"
-    attention: str = "sdpa"  # "sdpa": fused, no s x s scores kept (our model); "naive": the paper's 5as/h term
-
-    @property
-    def checkpoint_every(self) -> int:
-        """0 for none, 1 for blocks, K for every-K (as RunSpec.checkpoint_every)."""
-        if self.checkpoint == "none":
-            return 0
-        if self.checkpoint == "blocks":
-            return 1
-        m = re.fullmatch(r"every-([1-9][0-9]*)", self.checkpoint)
-        if m is None:
-            raise ValueError(f"checkpoint {self.checkpoint!r} is not none, blocks or every-K")
-        return int(m.group(1))
-
-    @property
-    def param_width(self) -> int:
-        """Bytes per parameter element: 2 for pure bfloat16, else 4 (bf16-mixed keeps float32 masters)."""
-        return 2 if self.dtype == "bfloat16" else 4
-
-    @property
-    def activation_width(self) -> int:
-        """Bytes per activation element: 2 under bfloat16 and bf16-mixed (autocast), 4 under float32."""
-        return 4 if self.dtype == "float32" else 2
-
-    def microbatches_for(self, layout: Layout) -> int:
-        """m for this layout: the given one, or (0) one sequence per microbatch when pipelined, else 1."""
-        if self.microbatches:
-            return self.microbatches
-        return max(1, self.batch // layout.dp) if layout.pp > 1 else 1
-
-
-def padded_vocab(vocab_size: int, tp: int) -> int:
-    """The vocabulary rounded up to a multiple of tp (as runner/gpt/tp_layers.padded_vocab, torch-free)."""
-    return math.ceil(vocab_size / tp) * tp
+from runner.gpt.config import GPTConfig
+from runner.planner.models import (  # the inputs: presets, Layout, Workload (runner/planner/models.py)
+    ADAM_STEP_BYTES,
+    LOGIT_BYTES,
+    Layout,
+    Workload,
+    padded_vocab,
+)
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
@@ -460,11 +372,6 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
     if work.seq + (work.new_tokens if work.workload == "generate" else 0) > cfg.block_size:
         out.append(f"seq {work.seq} exceeds the model's block_size {cfg.block_size}")
     return out
-
-
-def with_dims(cfg: GPTConfig, **dims: int | None) -> GPTConfig:
-    """A config with custom dimensions applied (None leaves one as it is)."""
-    return replace(cfg, **{k: v for k, v in dims.items() if v is not None})
 
 
 # ---- a RunSpec's layout (what runner/estimates.py and the Launch page ask) ----------------------------

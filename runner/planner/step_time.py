@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 from runner.gpt.config import GPTConfig
 from runner.metrics import bubble_fraction_theory, model_flops
 from runner.planner.devices import Devices
-from runner.planner.memory import Layout, Workload, rank_parameters
+from runner.planner.memory import rank_parameters
+from runner.planner.models import Layout, Workload
 
 DEFAULT_EFFICIENCY = 0.5
 DEFAULT_LINK_EFFICIENCY = 0.8
