@@ -2,7 +2,7 @@
 infeasible ones with their reason (torch-free).
 
 A layout is feasible when the model splits that way (heads, width, layers, batch divide; runner/planner/
-memory.layout_problems), tensor parallelism stays inside a node (tp divides the GPUs of a node: Megatron's
+layout_problems), tensor parallelism stays inside a node (tp divides the GPUs of a node: Megatron's
 rule, and the one runner/launchers/slurm.py enforces), and the busiest rank's predicted bytes fit in the
 device's memory less its reserve. Ranking: predicted step time (runner/planner/step_time.py), then less
 memory. `plan()` returns both lists; `Plan.to_dict()` is what `python -m runner plan --json` prints.
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from runner.gpt.config import GPTConfig
 from runner.planner.devices import Devices
-from runner.planner.memory import RankMemory, layout_memory, layout_problems
+from runner.planner.memory import RankMemory, layout_memory
 from runner.planner.models import GiB, Layout, Workload
 from runner.planner.step_time import DEFAULT_EFFICIENCY, StepTime, predict_step
 
@@ -74,6 +74,35 @@ class Plan:
             "feasible": [c.to_dict() for c in self.feasible],
             "infeasible": [c.to_dict() for c in self.infeasible],
         }
+
+
+def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]:
+    """Why this layout cannot run this model at all (divisibility, options), whatever the device."""
+    out = []
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    if cfg.n_head % tp:
+        out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
+    if cfg.d_ff % tp or cfg.n_embd % tp:
+        out.append(f"n_embd {cfg.n_embd} not divisible by tp {tp}")
+    if cfg.n_layer % (pp * v):
+        what = f"pp {pp} x virtual stages {v}" if v > 1 else f"pp {pp}"
+        out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
+    if work.batch % dp:
+        out.append(f"batch {work.batch} not divisible by dp {dp}")
+    elif pp > 1:
+        m = work.microbatches_for(layout)
+        if (work.batch // dp) % m:
+            out.append(f"batch per replica {work.batch // dp} not divisible by {m} microbatches")
+        if v > 1 and m % pp:
+            out.append(f"interleaved-1f1b needs microbatches ({m}) to be a multiple of pp {pp}")
+    if layout.zero_stage and (dp < 2 or work.workload != "train"):
+        out.append("ZeRO needs dp >= 2 and workload train")
+    if work.sequence_parallel and tp > 1 and work.seq % tp:
+        out.append(f"seq {work.seq} not divisible by tp {tp} (sequence parallelism)")
+    if work.seq + (work.new_tokens if work.workload == "generate" else 0) > cfg.block_size:
+        out.append(f"seq {work.seq} exceeds the model's block_size {cfg.block_size}")
+    return out
 
 
 def divisors(n: int) -> list[int]:

@@ -345,35 +345,6 @@ def layout_memory(cfg: GPTConfig, layout: Layout, work: Workload) -> RankMemory:
     return max((rank_memory(cfg, layout, work, r) for r in range(layout.pp)), key=lambda m: m.total)
 
 
-def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]:
-    """Why this layout cannot run this model at all (divisibility, options), whatever the device."""
-    out = []
-    tp, pp, dp = layout.tp, layout.pp, layout.dp
-    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
-    if cfg.n_head % tp:
-        out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
-    if cfg.d_ff % tp or cfg.n_embd % tp:
-        out.append(f"n_embd {cfg.n_embd} not divisible by tp {tp}")
-    if cfg.n_layer % (pp * v):
-        what = f"pp {pp} x virtual stages {v}" if v > 1 else f"pp {pp}"
-        out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
-    if work.batch % dp:
-        out.append(f"batch {work.batch} not divisible by dp {dp}")
-    elif pp > 1:
-        m = work.microbatches_for(layout)
-        if (work.batch // dp) % m:
-            out.append(f"batch per replica {work.batch // dp} not divisible by {m} microbatches")
-        if v > 1 and m % pp:
-            out.append(f"interleaved-1f1b needs microbatches ({m}) to be a multiple of pp {pp}")
-    if layout.zero_stage and (dp < 2 or work.workload != "train"):
-        out.append("ZeRO needs dp >= 2 and workload train")
-    if work.sequence_parallel and tp > 1 and work.seq % tp:
-        out.append(f"seq {work.seq} not divisible by tp {tp} (sequence parallelism)")
-    if work.seq + (work.new_tokens if work.workload == "generate" else 0) > cfg.block_size:
-        out.append(f"seq {work.seq} exceeds the model's block_size {cfg.block_size}")
-    return out
-
-
 # ---- a RunSpec's layout (what runner/estimates.py and the Launch page ask) ----------------------------
 def spec_layout(spec: Any) -> Layout:
     """The Layout of a runner.spec.RunSpec (its degrees; ZeRO only where it shards something)."""
