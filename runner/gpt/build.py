@@ -43,14 +43,18 @@ def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: t
     precision = precision_of(spec.dtype)
     every = policy_every(spec.checkpoint)
     meter = CheckpointMeter(spec.checkpoint, mesh.clock, mesh.stats) if every else None
+    lazy = spec.zero_stage == 3 and mesh.dp_size > 1  # ZeRO-3 makes each parameter itself and keeps its shard
     for chunk in chunks:
-        materialize(chunk, spec.seed, device=device, dtype=dtype)
+        if not lazy:
+            materialize(chunk, spec.seed, device=device, dtype=dtype)
         chunk.compute_context = precision.compute_context(device.type)
         if meter is not None:
             apply_activation_checkpointing(chunk, every, meter)
     engine = PipelineGPT(chunks, output, mesh, device, dtype, microbatches=spec.microbatches,
                          schedule=spec.schedule, workload=spec.workload)  # fmt: skip
-    engine.figure_sources.append(PrecisionFigures(precision, engine.parameters()))  # before ZeRO reshapes them
+    built = DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage, seed=spec.seed) if mesh.dp_size > 1 else engine
+    # After ZeRO-3 gave the parameters their values (it swaps them in, which would drop hooks set before).
+    engine.figure_sources.append(PrecisionFigures(precision, engine.parameters()))
     if meter is not None:
         engine.figure_sources.append(meter)
-    return DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage) if mesh.dp_size > 1 else engine
+    return built
