@@ -120,6 +120,21 @@ st.dataframe(P.feasible_table(result), hide_index=True, use_container_width=True
 with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"):
     st.dataframe(P.infeasible_table(result), hide_index=True, use_container_width=True)
 
+piped = [c for c in result.feasible if c.layout.pp > 1][:30]
+if piped and work.workload == "train":
+    st.subheader("Predicted pipeline timeline")
+    from ui.simulated import simulated_chart
+
+    pick = st.selectbox("layout", piped, format_func=lambda c: c.layout.label(), key=K + "sim_choice")
+    sim = P.simulated_step(inputs, pick, devices)
+    if sim is not None:
+        st.caption(
+            "Simulated from the step-time model's pass times (runner/planner/simulate.py): equal stages, "
+            f"messages {sim.inputs.get('transfer', 0) * 1e3:.3g} ms; the bubble theory for this schedule is "
+            f"{pick.step.bubble_fraction:.1%}."
+        )
+        st.altair_chart(simulated_chart(sim), use_container_width=True)
+
 st.subheader("Launch a layout here")
 from runner.planner.calibrate import this_host_devices  # noqa: E402 -- only once a plan exists
 

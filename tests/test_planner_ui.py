@@ -81,6 +81,7 @@ def test_planner_page_renders_and_launches(engine):
     assert not at.exception
     assert any("GPT-3 175B" in e.label for e in at.expander)
     assert "tp4 pp8 dp16 zero1" in list(at.dataframe[0].value.layout)
+    assert at.get("arrow_vega_lite_chart")  # the predicted pipeline timeline of a pipelined gpt2 layout
     at.selectbox(key="planner_model").set_value("tiny")
     at.number_input(key="planner_seq").set_value(64)
     at.selectbox(key="planner_dtype").set_value("float32")
@@ -114,3 +115,15 @@ def test_a_run_launched_from_a_plan_is_compared_with_its_prediction(engine, tmp_
     assert len(exact) == 6 and list(exact.ratio) == [1.0] * 6
     assert {"bubble", "step time s"} <= set(t.figure)
     assert P.plan_comparisons(engine, [run_id + 1]) == {}
+
+
+def test_simulated_pipeline_step_meets_the_bubble_theory():
+    # with messages that cost nothing (a huge link) the simulated 1F1B step idles (p-1)/(m+p-1) of the time
+    from runner.planner.devices import described
+
+    fast = described(8, 80, 100, 1e9, 1e9, 8)
+    inputs = P.PlannerInputs("tiny", {}, Workload(batch=8, seq=64, microbatches=4), (0,))
+    c = P.evaluate(inputs.config(), Layout(pp=4, dp=2), inputs.work, fast)
+    sim = P.simulated_step(inputs, c, fast)
+    assert abs(sim.bubble_mean - 3 / 7) < 1e-6 and c.step.bubble_fraction == 3 / 7
+    assert P.simulated_step(inputs, P.evaluate(inputs.config(), Layout(dp=8), inputs.work, fast), fast) is None

@@ -8,7 +8,7 @@ runner.api.submit like any run (validated first); the run gets the tag "plan" an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -254,3 +254,36 @@ def plan_comparisons(engine: Any, run_ids: list[int]) -> dict[int, pd.DataFrame]
         run = api.get_run(engine, run_id) or {}
         out[run_id] = predicted_vs_measured(pred, records, (run.get("result") or {}).get("step_time_s_p50"))
     return out
+
+
+def simulated_step(inputs: PlannerInputs, c: Candidate, devices: Devices) -> Any:
+    """The planner's predicted pipeline timeline of candidate `c` (H-sim's runner/planner/simulate.py), from the
+    step-time model's per-microbatch pass times: one stage's share of a microbatch's training FLOPs at the stated
+    efficiency, forward a third, backward two thirds (with the recomputed forward under checkpointing; zb-h1
+    splits it into B and W of a third each), a message b*s*h at the pipeline's link; equal stages (the LM head's
+    extra work on the last stage is left out). None when there is no pipeline or no training."""
+    from runner.planner.simulate import simulate
+    from runner.planner.step_time import DEFAULT_LINK_EFFICIENCY, group_bandwidth, step_flops
+
+    lay, work = c.layout, inputs.work
+    if lay.pp < 2 or work.workload != "train" or c.step is None:
+        return None
+    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    m = c.microbatches
+    rate = devices.peak(work.dtype) * inputs.efficiency
+    plain = step_flops(inputs.config(), replace(work, checkpoint="none"))
+    recompute = step_flops(inputs.config(), work) - plain
+    per_pass = plain / 3 / (lay.dp * m) / (lay.pp * v * lay.tp) / rate  # one forward of one chunk
+    extra = recompute / (lay.dp * m) / (lay.pp * v * lay.tp) / rate
+    width = 2 if work.dtype == "bfloat16" else 4
+    mb = max(1, work.batch // lay.dp // m)
+    transfer = (
+        mb
+        * work.seq
+        * inputs.config().n_embd
+        * width
+        / group_bandwidth(devices, lay.world_size, DEFAULT_LINK_EFFICIENCY)
+    )
+    if work.schedule == "zb-h1":
+        return simulate(work.schedule, lay.pp, m, per_pass, per_pass + extra, per_pass, transfer, v)
+    return simulate(work.schedule, lay.pp, m, per_pass, 2 * per_pass + extra, 0.0, transfer, v)
