@@ -30,7 +30,7 @@ with st.expander("The guide's example: GPT-3 175B on 512 80-GiB GPUs", expanded=
     st.dataframe(
         P.guide_table()[["layout", "fits", "GiB per GPU", "step s", "bubble", "comm s", "why not"]],
         hide_index=True,
-        use_container_width=True,
+        width="stretch",
     )
 
 st.subheader("Your plan")
@@ -116,9 +116,9 @@ result = P.plan(inputs.config(), work, devices, zero_stages=inputs.zero_stages, 
                 use_all=use_all)  # fmt: skip
 
 st.markdown(f"**{len(result.feasible)} feasible layouts**, fastest first")
-st.dataframe(P.feasible_table(result), hide_index=True, use_container_width=True)
+st.dataframe(P.feasible_table(result), hide_index=True, width="stretch")
 with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"):
-    st.dataframe(P.infeasible_table(result), hide_index=True, use_container_width=True)
+    st.dataframe(P.infeasible_table(result), hide_index=True, width="stretch")
 
 piped = [c for c in result.feasible if c.layout.pp > 1][:30]
 if piped and work.workload == "train":
@@ -133,7 +133,7 @@ if piped and work.workload == "train":
             f"messages {sim.inputs.get('transfer', 0) * 1e3:.3g} ms; the bubble theory for this schedule is "
             f"{pick.step.bubble_fraction:.1%}."
         )
-        st.altair_chart(simulated_chart(sim), use_container_width=True)
+        st.altair_chart(simulated_chart(sim), width="stretch")
 
 st.subheader("Launch a layout here")
 from runner.planner.calibrate import this_host_devices  # noqa: E402 -- only once a plan exists

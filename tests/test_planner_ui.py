@@ -81,7 +81,7 @@ def test_planner_page_renders_and_launches(engine):
     assert not at.exception
     assert any("GPT-3 175B" in e.label for e in at.expander)
     assert "tp4 pp8 dp16 zero1" in list(at.dataframe[0].value.layout)
-    assert at.get("arrow_vega_lite_chart")  # the predicted pipeline timeline of a pipelined gpt2 layout
+    assert at.get("vega_lite_chart")  # the predicted pipeline timeline of a pipelined gpt2 layout
     at.selectbox(key="planner_model").set_value("tiny")
     at.number_input(key="planner_seq").set_value(64)
     at.selectbox(key="planner_dtype").set_value("float32")
