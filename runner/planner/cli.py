@@ -48,6 +48,7 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     dev.add_argument("--bw-intra", type=float, default=None, help="described: GB/s per device within a node")
     dev.add_argument("--bw-inter", type=float, default=None, help="described: GB/s per device between nodes")
     p.add_argument("--top", type=int, default=15, help="rows of each table (--json prints all)")
+    p.add_argument("--fewer", action="store_true", help="also layouts that leave some devices unused")
     p.add_argument("--json", action="store_true")
     return p
 
@@ -90,23 +91,25 @@ def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
 
 def format_plan(result: Plan, top: int = 15) -> str:
     """The ranked table and the infeasible list, as plain text."""
+    biggest = max((c.memory.total for c in result.feasible + result.infeasible if c.memory), default=0)
+    unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", 2**20)
     lines = [
         f"{result.devices.describe()} [{result.devices.source}]",
         f"model: {result.model.n_layer} layers, {result.model.n_head} heads, width {result.model.n_embd}; "
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
         f"checkpoint {result.work.checkpoint}, {result.work.schedule}; compute at {result.efficiency:.0%} of peak",
         "",
-        f"{'layout':<22}{'mb':>5}{'GiB/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
-        f"{'step s':>9}{'bubble':>8}{'comm s':>8}",
+        f"{'layout':<22}{'mb':>5}{unit + '/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
+        f"{'step s':>9}{'bubble':>8}{'comm s':>9}",
     ]
     for c in result.feasible[:top]:
         m, s = c.memory, c.step
         assert m is not None and s is not None
         comm = s.tp_comm_s + s.pp_comm_s + s.dp_comm_s
         lines.append(
-            f"{c.layout.label():<22}{c.microbatches:>5}{m.total / GiB:>10.1f}{m.param_bytes / GiB:>9.1f}"
-            f"{m.grad_bytes / GiB:>8.1f}{m.optimizer_bytes / GiB:>8.1f}{m.activation_bytes / GiB:>8.1f}"
-            f"{(m.kv_cache_bytes + m.transient_bytes) / GiB:>8.1f}{s.total:>9.3g}{s.bubble_fraction:>8.1%}{comm:>8.3g}"
+            f"{c.layout.label():<22}{c.microbatches:>5}{m.total / div:>10.1f}{m.param_bytes / div:>9.1f}"
+            f"{m.grad_bytes / div:>8.1f}{m.optimizer_bytes / div:>8.1f}{m.activation_bytes / div:>8.1f}"
+            f"{(m.kv_cache_bytes + m.transient_bytes) / div:>8.1f}{s.total:>9.3g}{s.bubble_fraction:>8.1%}{comm:>9.3g}"
         )
     if len(result.feasible) > top:
         lines.append(f"... {len(result.feasible) - top} more feasible (--top N or --json)")
@@ -135,7 +138,7 @@ def run_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"plan: {exc}", file=sys.stderr)
         return 2
-    result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency)
+    result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency, use_all=not args.fewer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -59,8 +59,12 @@ class Devices:
     def describe(self) -> str:
         per = f"{self.gpus_per_node} a node, " if self.count > self.gpus_per_node else ""
         return (f"{self.count} x {self.name} ({per}{self.memory_bytes / GiB:.1f} GiB, "
-                f"{self.peak_bf16 / 1e12:.0f} TFLOP/s bf16, {self.peak_fp32 / 1e12:.1f} fp32; "
-                f"{self.bw_intra / GB:.0f} GB/s in a node, {self.bw_inter / GB:.0f} GB/s between nodes)")  # fmt: skip
+                f"{_rate(self.peak_bf16)} bf16, {_rate(self.peak_fp32)} fp32; "
+                f"{self.bw_intra / GB:.3g} GB/s in a node, {self.bw_inter / GB:.3g} GB/s between nodes)")  # fmt: skip
+
+
+def _rate(flops: float) -> str:
+    return f"{flops / 1e12:.3g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.3g} GFLOP/s"
 
 
 def _peaks(nvml_name: str) -> tuple[float, float]:
