@@ -40,6 +40,17 @@ CASES = {
     "3d": {"strategy": "3d", "tp": 2, "pp": 2, "dp": 1, "microbatches": 2},
     "3d-zero3": {"strategy": "3d", "tp": 1, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 3},
     "tensor-bf16-mixed": {"strategy": "tensor", "tp": 2, "dtype": "bf16-mixed"},
+    # the "small" preset (8 layers, width 256, vocabulary 8192), sequence 64
+    "small-pipeline": {"strategy": "pipeline", "pp": 2, "microbatches": 2, "model": "small", "seq": 64},
+    "small-3d-zero1": {"strategy": "3d", "tp": 2, "pp": 1, "dp": 2, "zero_stage": 1, "model": "small", "seq": 64},
+    "small-checkpoint": {
+        "strategy": "pipeline",
+        "pp": 2,
+        "microbatches": 2,
+        "model": "small",
+        "seq": 64,
+        "checkpoint": "every-2",
+    },
 }
 # One of each dimension in the default suite (~10 s each on 2 cores); every case (12, ~3.5 min on 2 shared
 # cores) with LAB_PLANNER_ALL_STRATEGIES=1, kept out of `make test` to hold the suite under 15 minutes.
