@@ -138,6 +138,10 @@ class Unit:
     pending_reduce: PendingCollective | None = None
     reduce_input: torch.Tensor | None = None
     grads_missing: int = 0
+    # Backwards that reached this block (its output's gradient arrived) whose parameter gradients are not all
+    # in yet. Zero-bubble pipelines run them apart (B: input gradients, W later: weight gradients, with other
+    # microbatches' forwards between), and W still reads the weights, so the block stays gathered meanwhile.
+    awaiting_weight_grads: int = 0
 
     @property
     def padded(self) -> int:
@@ -320,9 +324,9 @@ class ZeroShards:
                 self._finish_gradients()
         finally:
             self._training = False
-            if self.stage == 3:
-                for u in self.units:
-                    self._release(u)
+            for u in self.units:
+                u.awaiting_weight_grads = 0
+                self._release(u)  # stage 3 only
 
     def _gather_all(self) -> None:
         """Stages 1, 2: every unit's full buffer from the ranks' shards (in place: a shard is its own slice)."""
@@ -360,10 +364,12 @@ class ZeroShards:
             return  # recomputed for backward (checkpointing): its backward follows, keep it
         if isinstance(out, torch.Tensor) and out.requires_grad:
             out.register_hook(lambda g, i=i: self._before_block_backward(i, g))
-        self._release(self.blocks[i])
+        if not self.blocks[i].awaiting_weight_grads:
+            self._release(self.blocks[i])
 
     def _before_block_backward(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         self._gather(self.blocks[i], wait=True)
+        self.blocks[i].awaiting_weight_grads += 1
         if i > 0:
             self._gather(self.blocks[i - 1], wait=False)
         return grad
@@ -377,7 +383,8 @@ class ZeroShards:
         if u.grads_missing:
             return
         u.grads_missing = len(u.params)  # the next microbatch's backward counts again
-        if self.stage == 3 and u is not self.outer:
+        u.awaiting_weight_grads = max(0, u.awaiting_weight_grads - 1)
+        if self.stage == 3 and u is not self.outer and not u.awaiting_weight_grads:
             self._release(u)
         if self.overlap:
             self._start_reduce(u)
