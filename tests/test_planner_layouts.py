@@ -15,6 +15,7 @@ from runner.planner.models import MODELS, Layout, Workload
 from runner.planner.step_time import predict_step, ring_allreduce_s
 
 GB = 1e9
+PRESETS_TINY = MODELS["tiny"]
 
 
 def test_infeasible_reasons_name_the_cause():
@@ -129,3 +130,12 @@ def test_calibrate_measures_this_host():
     assert 1e8 < mm["flops"] < 1e13  # a core does 0.1 to 10,000 GFLOP/s
     ar = measure_allreduce("cpu", mib=1, ranks=2)
     assert ar["ranks"] == 2 and ar["busbw"] > 1e6
+
+
+def test_microbatches_and_chunks_only_apply_to_pipelines():
+    # tiny has 4 layers: interleaved with v = 4 splits over pp 1 (no pipeline: nothing to interleave) but not pp 2
+    w = Workload(batch=8, seq=64, schedule="interleaved-1f1b", virtual_stages=4, microbatches=4)
+    dev = preset("h100-80gb", 2, 2)
+    alone = evaluate(PRESETS_TINY, Layout(dp=2), w, dev)
+    assert alone.feasible and alone.microbatches == 1 and alone.memory.microbatch_size == 4
+    assert "n_layer 4 not divisible by pp 2 x virtual stages 4" in evaluate(PRESETS_TINY, Layout(pp=2), w, dev).reasons

@@ -268,7 +268,7 @@ def simulated_step(inputs: PlannerInputs, c: Candidate, devices: Devices) -> Any
     lay, work = c.layout, inputs.work
     if lay.pp < 2 or work.workload != "train" or c.step is None:
         return None
-    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    v = work.chunks_for(lay)
     m = c.microbatches
     rate = devices.peak(work.dtype) * inputs.efficiency
     plain = step_flops(inputs.config(), replace(work, checkpoint="none"))

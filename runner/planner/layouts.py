@@ -79,7 +79,7 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
     """Why this layout cannot run this model at all (divisibility, options), whatever the device."""
     out = []
     tp, pp, dp = layout.tp, layout.pp, layout.dp
-    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    v = work.chunks_for(layout)
     if cfg.n_head % tp:
         out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
     if cfg.d_ff % tp or cfg.n_embd % tp:

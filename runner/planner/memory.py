@@ -260,7 +260,7 @@ def _layer_bytes(work: Workload, s: int, b: int, h: int, a: int, tp: int) -> flo
 def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> RankMemory:
     """Bytes on one rank of pipeline stage `stage` (any tp and dp coordinate: they hold the same)."""
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero_stage
-    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    v = work.chunks_for(layout)
     sp = rank_parameters(cfg, layout, stage, v, work.tp_style)
     w = work.param_width
     train = work.workload == "train"

@@ -95,10 +95,15 @@ class Workload:
         return 4 if self.dtype == "float32" else 2
 
     def microbatches_for(self, layout: Layout) -> int:
-        """m for this layout: the given one, or (0) one sequence per microbatch when pipelined, else 1."""
-        if self.microbatches:
-            return self.microbatches
-        return max(1, self.batch // layout.dp) if layout.pp > 1 else 1
+        """m for this layout: 1 without a pipeline (only pipelines split the batch); else the given one, or
+        (0) one sequence per microbatch."""
+        if layout.pp < 2:
+            return 1
+        return self.microbatches or max(1, self.batch // layout.dp)
+
+    def chunks_for(self, layout: Layout) -> int:
+        """v, the model chunks per pipeline rank: virtual_stages under interleaved-1f1b with a pipeline, else 1."""
+        return self.virtual_stages if self.schedule == "interleaved-1f1b" and layout.pp > 1 else 1
 
 
 def padded_vocab(vocab_size: int, tp: int) -> int:

@@ -86,7 +86,7 @@ def predict_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Device
     """The step time of `work` on `layout` over `devices` (see the module docstring for every term)."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     train = work.workload == "train"
-    v = work.virtual_stages if work.schedule == "interleaved-1f1b" else 1
+    v = work.chunks_for(layout)
     m = work.microbatches_for(layout)
     flops = step_flops(cfg, work)
     compute = flops / layout.world_size / (devices.peak(work.dtype) * efficiency)
