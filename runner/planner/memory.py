@@ -1,9 +1,9 @@
 """Bytes per device of a tp x pp x dp (x ZeRO) layout: the lab's one memory model (torch-free).
 
-Owns the model presets of the planner (`MODELS`), the layout and option records (`Layout`, `Workload`),
-the exact per-rank parameter count of our GPT split by a layout (`rank_parameters`), and
+Owns the exact per-rank parameter count of our GPT split by a layout (`rank_parameters`) and
 `rank_memory` / `layout_memory`: parameters, gradients, AdamW state, activations of the microbatches in
-flight, KV cache. runner/estimates.py (the Launch page's estimate) calls this module.
+flight, KV cache; and a RunSpec's figures (`spec_*`), which runner/estimates.py (the Launch page's estimate
+and the CPU memory check) calls. Its inputs -- presets, `Layout`, `Workload` -- are runner/planner/models.py.
 
 Parameters, exactly as our model holds them (runner/gpt/model.py, tp_plan.py, pipeline.py). A GPT-2
 block of width h with biases has 12h^2 + 13h parameters: c_attn 3h^2 + 3h, attention c_proj h^2 + h,
@@ -55,14 +55,16 @@ bf16-mixed (float32 residual, bf16 matmul inputs) 38. "naive" keeps the paper's 
 bytes land within 10% (tests/test_planner_measured.py). A checkpointed layer keeps its input at w_r.
 A checkpointed stage also needs one block's full activations while that block is recomputed.
 Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
-GPipe m; 1F1B min(p - r, m); ZB-H1 min(p, m) on every rank (Qi et al. 2023: 1F1B's peak, p microbatches; our
-schedule runs rank r's W passes r microbatches behind its B passes, and a microbatch's activations live until
-its W, runner/gpt/schedules.py); interleaved
-1F1B min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each (Megatron's warm-up
-count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth on rank 0).
+- GPipe: m;
+- 1F1B: min(p - r, m);
+- ZB-H1: min(p, m) on every rank (Qi et al. 2023: 1F1B's peak of p; our schedule runs rank r's W passes r
+  microbatches behind its B passes and a microbatch's activations live until its W);
+- interleaved 1F1B: min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each
+  (Megatron's warm-up count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth
+  on rank 0).
 The last stage also keeps each microbatch's float32 log-softmax (b*s*V_pad/t) for the cross entropy's
 backward, and its gradient of the same size while that backward runs.
-Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t * w bytes.
+Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t values (float32, else bf16).
 """
 
 from __future__ import annotations
