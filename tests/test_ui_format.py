@@ -82,3 +82,16 @@ def test_rank_table_puts_absolute_rss_beside_the_runs_peak_and_wire_bytes_beside
     assert table["process peak RSS MiB"].tolist() == [300.0, 301.0]
     assert table["cpu wait s"].tolist() == [0.05, 0.0]
     assert table["all_reduce wire MiB"].tolist() == [1.0, 1.0] and "send wire MiB" not in table
+
+
+def test_rank_table_shows_zero_sharding_checkpointing_and_precision_where_the_run_recorded_them():
+    ranks = pd.DataFrame({"run_id": [1, 1], "rank": [0, 1], "param_bytes": [2**21, 2**21], "grad_bytes": [2**20, 2**20],
+                          "optimizer_bytes": [2**21, 2**21], "zero_stage": [2, 2], "precision": ["bf16-mixed"] * 2,
+                          "activation_bytes_saved_peak": [3 * 2**20, 2**20], "recompute_s": [0.01234, 0.02],
+                          "compute_s": [1.0, 1.0]})  # fmt: skip
+    table = rank_table(ranks)
+    assert table["grads MiB"].tolist() == [1.0, 1.0] and table["ZeRO"].tolist() == [2, 2]
+    assert table["checkpointing saved MiB"].tolist() == [3.0, 1.0] and table["recompute s"].tolist() == [0.0123, 0.02]
+    assert table["precision"].tolist() == ["bf16-mixed", "bf16-mixed"]
+    plain = rank_table(ranks.assign(zero_stage=0).drop(columns=["precision", "grad_bytes", "recompute_s"]))
+    assert not {"ZeRO", "precision", "grads MiB", "recompute s"} & set(plain)

@@ -81,14 +81,21 @@ def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         out["parameters"] = ranks["param_count"]
     sizes = (
         ("param_bytes", "params MiB"),
+        ("grad_bytes", "grads MiB"),  # ZeRO runs record what a rank holds after the reduction
         ("optimizer_bytes", "AdamW MiB"),
+        ("peak_activation_bytes", "activations kept MiB"),  # saved for backward at the step's peak (pipelines)
+        ("activation_bytes_saved_peak", "checkpointing saved MiB"),  # what checkpointing did not keep
         ("peak_mem_bytes", "run's peak MiB"),  # what the run itself allocated (above set-up on CPU)
         ("peak_rss_bytes", "process peak RSS MiB"),  # the whole process: interpreter, torch, buffers
     )
     for col, name in sizes:
         if col in ranks and ranks[col].notna().any():  # runs recorded before peak_rss_bytes have none
             out[name] = (ranks[col].astype(float) / MIB).round(2)
-    for col in ("compute_s", "comm_s", "idle_s", "cpu_wait_s"):
+    if "zero_stage" in ranks and ranks["zero_stage"].fillna(0).any():
+        out["ZeRO"] = ranks["zero_stage"]
+    if "precision" in ranks and ranks["precision"].notna().any():
+        out["precision"] = ranks["precision"]
+    for col in ("compute_s", "comm_s", "idle_s", "recompute_s", "cpu_wait_s"):
         if col in ranks and ranks[col].notna().any():
             out[col.removesuffix("_s").replace("_", " ") + " s"] = ranks[col].astype(float).round(4)
     for col in sorted(c for c in ranks.columns if c.startswith("comm_bytes_")):
