@@ -162,8 +162,15 @@ def test_interleaved_chunks_serve_forward_and_generation(tmp_path, workload):
 
 
 @pytest.mark.slow
-def test_3d_with_interleaved_schedule_matches_reference(tmp_path):
-    s = {**spec(microbatches=2, schedule="interleaved-1f1b", virtual_stages=2), "strategy": "3d", "tp": 2, "dp": 1}
+@pytest.mark.parametrize(
+    "degrees",
+    [{"tp": 2, "dp": 1, "schedule": "interleaved-1f1b", "virtual_stages": 2},
+     {"tp": 1, "dp": 2, "schedule": "zb-h1", "zero_stage": 3}],
+)  # fmt: skip
+def test_3d_with_the_new_schedules_matches_reference(tmp_path, degrees):
+    """Interleaving under tensor parallelism; ZB-H1 under ZeRO-3, whose blocks are gathered for the forward and
+    for B and released after (W needs only the saved activations and recorded gradients, not the weights)."""
+    s = {**spec(microbatches=2), "strategy": "3d", **degrees}
     verdict = run_torchrun(s, tmp_path)["verify"]
     assert verdict["passed"], verdict["failures"]
     assert verdict["grads_max_abs_diff"] <= TOL
