@@ -7,8 +7,8 @@ import streamlit as st
 
 from runner import api
 from runner.planner.devices import KINDS, from_partition, preset
-from runner.planner.models import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload
-from runner.spec import SpecError
+from runner.planner.models import MODELS, GiB, Workload
+from runner.spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.state import engine, enter_through_app
 

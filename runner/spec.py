@@ -35,6 +35,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def checkpoint_interval(policy: str) -> int:
+    """Every how many blocks activations are checkpointed: 0 for none, 1 for blocks, K for every-K.
+
+    Raises ValueError for a policy that is none of those (validate() reports it first)."""
+    if policy == "none":
+        return 0
+    if policy == "blocks":
+        return 1
+    m = re.fullmatch(r"every-([1-9][0-9]*)", policy)
+    if m is None:
+        raise ValueError(f"checkpoint {policy!r} is not none, blocks or every-K")
+    return int(m.group(1))
+
+
 @dataclass(frozen=True)
 class SpecProblem:
     """One thing wrong with a spec: the field it concerns and a sentence saying how to fix it."""
@@ -118,17 +132,8 @@ class RunSpec:
 
     @property
     def checkpoint_every(self) -> int:
-        """Every how many blocks activations are checkpointed: 0 for none, 1 for blocks, K for every-K.
-
-        Raises ValueError for a policy that is none of those (validate() reports it first)."""
-        if self.checkpoint == "none":
-            return 0
-        if self.checkpoint == "blocks":
-            return 1
-        m = re.fullmatch(r"every-([1-9][0-9]*)", self.checkpoint)
-        if m is None:
-            raise ValueError(f"checkpoint {self.checkpoint!r} is not none, blocks or every-K")
-        return int(m.group(1))
+        """Every how many blocks activations are checkpointed (checkpoint_interval of the policy)."""
+        return checkpoint_interval(self.checkpoint)
 
     def model_config(self) -> GPTConfig:
         """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate)."""

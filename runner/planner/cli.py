@@ -15,8 +15,9 @@ from typing import Any
 
 from runner.planner.devices import KINDS, Devices, described, from_partition, preset
 from runner.planner.layouts import Plan, plan
-from runner.planner.models import DTYPES, MODELS, SCHEDULES, WORKLOADS, GiB, Workload, with_dims
+from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
+from runner.spec import DTYPES, SCHEDULES, WORKLOADS
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:

@@ -6,10 +6,10 @@ models share. runner/planner/memory.py re-exports them.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 
 from runner.gpt.config import PRESETS, GPTConfig
+from runner.spec import checkpoint_interval
 
 GiB = 2**30
 
@@ -27,9 +27,6 @@ MODELS: dict[str, GPTConfig] = {
     "llama2-70b-sized": GPTConfig(n_layer=80, n_head=64, n_embd=8192, vocab_size=32000, block_size=4096),
 }
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
-DTYPES = ("float32", "bfloat16", "bf16-mixed")
-WORKLOADS = ("forward", "generate", "train")
 ADAM_STEP_BYTES = 4  # AdamW's `step` is a float32 0-d tensor per optimized tensor (torch.optim.AdamW)
 LOGIT_BYTES = 4  # cross entropy runs in float32 (the loss is cast to float32 under bf16-mixed too)
 
@@ -74,15 +71,8 @@ class Workload:
 
     @property
     def checkpoint_every(self) -> int:
-        """0 for none, 1 for blocks, K for every-K (as RunSpec.checkpoint_every)."""
-        if self.checkpoint == "none":
-            return 0
-        if self.checkpoint == "blocks":
-            return 1
-        m = re.fullmatch(r"every-([1-9][0-9]*)", self.checkpoint)
-        if m is None:
-            raise ValueError(f"checkpoint {self.checkpoint!r} is not none, blocks or every-K")
-        return int(m.group(1))
+        """0 for none, 1 for blocks, K for every-K (the spec's own reading of the policy)."""
+        return checkpoint_interval(self.checkpoint)
 
     @property
     def param_width(self) -> int:
