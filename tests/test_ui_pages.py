@@ -116,6 +116,35 @@ def test_launch_button_queues_the_run_with_the_form_values(engine):
     assert list(run["tags"]) == ["baseline", "tiny"]
 
 
+def test_launch_queues_issue_14s_options_from_the_page(engine):
+    """Interleaved pipeline with its virtual stages, checkpointing and bf16-mixed; then ZeRO on data parallelism."""
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_strategy").select("pipeline").run()
+    assert at.number_input(key="launch_virtual_stages").disabled  # only the interleaved schedule has chunks
+    at.selectbox(key="launch_schedule").select("interleaved-1f1b").run()
+    at.number_input(key="launch_virtual_stages").set_value(2).run()
+    at.text_input(key="launch_checkpoint").input("every-2").run()
+    at.selectbox(key="launch_dtype").select("bf16-mixed").run()
+    assert at.selectbox(key="launch_zero_stage").disabled  # a pipeline has no data replicas to shard over
+    at.button(key="launch_submit").click().run()
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_strategy").select("data").run()
+    at.selectbox(key="launch_zero_stage").select(3).run()
+    at.button(key="launch_submit").click().run()
+    specs = [api.get_run(engine, int(i))["spec"] for i in sorted(api.list_runs(engine)["id"])]
+    got = [(s["strategy"], s["schedule"], s["virtual_stages"], s["checkpoint"], s["dtype"], s["zero_stage"])
+           for s in specs]  # fmt: skip
+    assert got[0] == ("pipeline", "interleaved-1f1b", 2, "every-2", "bf16-mixed", 0)
+    assert (got[1][0], got[1][5]) == ("data", 3)
+
+
+def test_launch_refuses_checkpointing_a_pipeline_by_a_bad_policy_under_its_field(engine):
+    at = page("pages/launch.py")
+    at.text_input(key="launch_checkpoint").input("sometimes").run()
+    assert any("every-K with K a whole number" in e for e in texts(at.error)), texts(at.error)
+    assert at.button(key="launch_submit").disabled
+
+
 def test_launch_warns_before_a_cpu_run_with_more_ranks_than_cores(engine, monkeypatch):
     import runner.spec
 
