@@ -13,6 +13,7 @@ from runner import api
 from runner.selftest import comm_theory_bytes, layouts, resolve_device, selftest_specs
 from runner.spec import RunSpec
 from tests.jobs import REPO
+from tests.test_planner_measured import compare
 
 STRATEGIES = {"single", "layer", "tensor", "pipeline", "data", "3d"}
 
@@ -107,6 +108,12 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
             len(row["peak_mem_bytes"]) == len(run["ranks"]) == run["spec"]["tp"] * run["spec"]["pp"] * run["spec"]["dp"]
             and min(row["peak_mem_bytes"]) > 0
         )
+        # The planner's memory model against every strategy and option the self-test ran (tests/test_planner_measured.py
+        # `compare`): parameter, AdamW and ZeRO gradient bytes and in-flight microbatches, to the byte. (Its
+        # activation bytes are not held to 10% at this shape: checkpointed blocks' last stage comes out 18% under,
+        # bf16-mixed 16% over -- open in issue 15.)
+        spec = RunSpec.from_dict(run["spec"])
+        assert compare(spec, run["ranks"], tolerance=0.0, exact_only=True) == [], row["label"]
         # Counted payload against the textbook's leading terms: never below them, and what they leave out
         # (loss all-reduces, generated tokens, next-token logits) is small at this size.
         if row["comm_theory_bytes"]:
