@@ -68,7 +68,7 @@ OPTION_VARIANTS: dict[str, list[dict]] = {
 SHORT = {"schedule": "", "dtype": "", "virtual_stages": "v", "zero_stage": "zero", "checkpoint": "checkpoint"}
 
 
-def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
+def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec, str, str | None]]:
     """(spec without workload, label, why it cannot run here or None) per registered strategy, and per extra
     schedule. A layout over several degrees that does not fit drops data parallelism first (3D as 2x2x1 on
     four GPUs)."""
@@ -87,7 +87,7 @@ def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
         variants = [(spec, label)]
         if name in MORE_SCHEDULES:
             variants = [(replace(spec, schedule=x), f"{label} {x}") for x in (spec.schedule, *MORE_SCHEDULES[name])]
-        for changes in OPTION_VARIANTS.get(name, []):
+        for changes in OPTION_VARIANTS.get(name, []) if options else []:
             if "zero_stage" in changes and spec.dp < 2:
                 continue  # 3D without its data dimension here (too few GPUs): nothing to shard over
             words = [f"{SHORT[k]}={v}" if SHORT[k] else str(v) for k, v in changes.items()]
@@ -98,12 +98,12 @@ def layouts(gpus: int, device: str) -> list[tuple[RunSpec, str, str | None]]:
     return rows
 
 
-def selftest_specs(device: str, gpus: int) -> list[tuple[RunSpec | None, str]]:
+def selftest_specs(device: str, gpus: int, options: bool = True) -> list[tuple[RunSpec | None, str]]:
     """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda'); spec None where skipped.
     A schedule other than the default (gpipe beside 1f1b) differs only in training, so it is tested there
     alone. CPU layouts do not depend on the core count: an oversubscribed run says so in its result."""
     rows: list[tuple[RunSpec | None, str]] = []
-    for spec, label, reason in layouts(gpus, device):
+    for spec, label, reason in layouts(gpus, device, options):
         for workload in WORKLOADS:
             if workload != "train" and (spec.schedule != BASE.schedule or _is_option_variant(spec)):
                 continue
@@ -251,9 +251,10 @@ def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
 
 
 def run_selftest(engine, requested: str = "auto", user: str | None = None, timeout_s: float = 600.0,
-                 on_row=None, on_environment=None) -> tuple[dict, list[Row], str | None]:  # fmt: skip
+                 on_row=None, on_environment=None, options: bool = True) -> tuple[dict, list[Row], str | None]:  # fmt: skip
     """Check the environment, queue and wait for every run; returns (environment, rows, fatal reason).
-    on_environment(line) hears the environment report before anything runs; on_row(row) each finished run."""
+    on_environment(line) hears the environment report before anything runs; on_row(row) each finished run;
+    options=False leaves out OPTION_VARIANTS (the strategies alone)."""
     env = environment()
     if on_environment is not None:
         for line in environment_lines(env):
@@ -262,7 +263,7 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
     if device is None:
         return env, [], fatal
     gpus = len(env["cuda_devices"]) if device == "cuda" else 0
-    planned = selftest_specs(device, gpus)
+    planned = selftest_specs(device, gpus, options)
     rows: list[Row] = []
     queued: list[tuple[int, str, RunSpec]] = []
     for spec, label in planned:

@@ -72,13 +72,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# The self-test end to end is the suite's longest test by far (28 verified runs one after another, about 3 minutes):
-# started last, it would run alone while the other worker idles. Started first, the rest of the suite shares the
-# other worker around it (longest-first scheduling).
-LONGEST_FIRST = ("tests/test_selftest.py::test_cpu_selftest_passes_end_to_end_and_stores_its_runs",)
-
-
-def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)  # stable: everything else keeps its order
