@@ -52,6 +52,10 @@ LAUNCH_GRACE_S = 60.0
 FINALIZE_ATTEMPTS = 3  # a result that cannot be stored after this many tries fails the run with the reason
 
 
+class LeaseLost(Exception):
+    """Another runner holds this host's lease now (this one was frozen or cut off past the stale limit)."""
+
+
 class Runner:
     def __init__(self, engine: Engine, max_cpu_jobs: int = 1, poll_s: float = 0.25, launcher: Launcher | None = None):
         self.engine = engine
@@ -138,8 +142,7 @@ class Runner:
                 try:
                     if now - last_beat >= HEARTBEAT_EVERY_S:
                         if not hosts_db.heartbeat(self.engine, self.runner_id, list(self.gpus)):
-                            print("lost the runner lease to another runner; exiting", flush=True)
-                            return 4
+                            raise LeaseLost
                         last_beat = now
                         # Right after a heartbeat: a slow sinfo (bounded by SINFO_TIMEOUT_S) delays the next one,
                         # never this one.
@@ -150,6 +153,9 @@ class Runner:
                         last_scan = now
                         self.recover()
                     self.tick()
+                except LeaseLost:
+                    print("lost the runner lease to another runner; exiting", flush=True)
+                    return 4
                 except Exception:  # a database hiccup or one odd run must not take the runner down
                     traceback.print_exc()
                     sys.stdout.flush()
@@ -170,8 +176,12 @@ class Runner:
         """Take over running runs nobody here watches: adopt those whose processes live, close the rest.
 
         Runs at start and every RESCAN_EVERY_S. A run whose stored row cannot be read is failed with the
-        reason (its processes stopped); one run's trouble never stops the scan or the runner.
+        reason (its processes stopped); one run's trouble never stops the scan or the runner. Only the lease's
+        holder scans: a runner frozen past the stale limit may wake up here, and the runs it would find are its
+        successor's (LeaseLost; adoption itself checks the lease again in its own transaction).
         """
+        if not hosts_db.heartbeat(self.engine, self.runner_id):
+            raise LeaseLost
         self.pending.clear()
         for run_id in hosts_db.lose_runs_of_silent_hosts(self.engine, host_lost_s()):
             print(f"run {run_id}: lost (its host stopped reporting)", flush=True)
@@ -209,8 +219,11 @@ class Runner:
                         events_offset=row["events_offset"] or 0, stored_ranks=len(job.ranks))  # fmt: skip
             if unreadable:  # it cannot be watched against its limits: stop it and say why
                 w.stopping, w.stop_reason = RunStatus.FAILED, unreadable + "; its processes were stopped"
+            if not rows.adopt_run(self.engine, run_id, self.runner_id):
+                if not hosts_db.heartbeat(self.engine, self.runner_id):
+                    raise LeaseLost
+                return  # it ended meanwhile
             self.watched[run_id] = w
-            rows.update_run(self.engine, run_id, runner_id=self.runner_id)
             print(f"run {run_id}: adopted its live job ({backend} job {job.job_id}, ranks {sorted(job.ranks)})",
                   flush=True)  # fmt: skip
         elif unreadable:

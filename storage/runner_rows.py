@@ -63,22 +63,31 @@ def queued_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]
         return [dict(r._mapping) for r in conn.execute(q)]
 
 
+def _lease_is(runner_id: str):
+    return select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).exists()
+
+
+def _lock_lease(conn, engine: Engine, runner_id: str) -> None:
+    """On PostgreSQL lock our lease row first (FOR UPDATE), so a takeover waits for this transaction and then
+    sees it; on SQLite the single UPDATE that follows holds the database's write lock throughout."""
+    if engine.dialect.name != "sqlite":
+        conn.execute(select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).with_for_update())
+
+
 def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: list[int], *,
               require_lease: bool = False, backend: str = "local") -> bool:  # fmt: skip
     """queued -> running for exactly one caller: the UPDATE's row count says who won.
 
     require_lease (the runner always sets it): the claim also needs the runner lease to be still ours,
     checked in the same transaction, so a runner that was frozen or cut off while another took over
-    launches nothing. `backend` is where it will be launched ("local" | "slurm"). On PostgreSQL the lease row is locked first (FOR UPDATE), so a takeover waits for
-    this claim and then sees it; on SQLite the single UPDATE holds the database's write lock throughout.
+    launches nothing. `backend` is where it will be launched ("local" | "slurm").
     """
-    owns_lease = select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).exists()
     claim = update(Run).where(Run.id == run_id, Run.status == "queued")
     if require_lease:
-        claim = claim.where(owns_lease)
+        claim = claim.where(_lease_is(runner_id))
     with engine.begin() as conn:
-        if require_lease and engine.dialect.name != "sqlite":
-            conn.execute(select(RunnerLease.id).where(RunnerLease.runner_id == runner_id).with_for_update())
+        if require_lease:
+            _lock_lease(conn, engine, runner_id)
         return bool(
             conn.execute(
                 claim.values(
@@ -94,6 +103,17 @@ def claim_run(engine: Engine, run_id: int, runner_id: str, run_dir: str, gpus: l
                 )  # fmt: skip
             ).rowcount
         )
+
+
+def adopt_run(engine: Engine, run_id: int, runner_id: str) -> bool:
+    """A running run becomes ours to watch, only while the runner lease is ours (checked in the same
+    transaction, as for a claim): a runner frozen in the middle of a rescan while another took over wakes up
+    to find it cannot adopt the successor's live jobs. False: the run is no longer running, or the lease is
+    gone (the caller must stop serving)."""
+    with engine.begin() as conn:
+        _lock_lease(conn, engine, runner_id)
+        adopt = update(Run).where(Run.id == run_id, Run.status == "running", _lease_is(runner_id))
+        return bool(conn.execute(adopt.values(runner_id=runner_id)).rowcount)
 
 
 def set_wait_reason(engine: Engine, run_id: int, reason: str | None) -> None:

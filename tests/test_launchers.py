@@ -202,6 +202,7 @@ def test_a_local_runner_leaves_a_slurm_run_of_its_host_alone_instead_of_marking_
     assert runner_rows.claim_run(engine, run_id, "slurm-runner", str(tmp_path), [], backend="slurm")
     runner_rows.update_run(engine, run_id, backend_job_id="99")
     runner = Runner(engine)  # local only
+    assert runner.acquire()
     runner.recover()
     runner.recover()  # told once, still left alone
     run = runs.get_run(engine, run_id)

@@ -134,6 +134,7 @@ def test_restart_adopts_a_live_job_and_marks_a_vanished_one_lost(engine, tmp_pat
         dead.wait()
         dead_id = watch_fake_job(first, engine, TINY, tmp_path / "dead", dead)
         second = Runner(engine)  # as after a crash: a new runner, the same database
+        assert second.acquire()
         second.recover()
         assert alive_id in second.watched and second.watched[alive_id].job.popen is None
         lost = runs.get_run(engine, dead_id)
@@ -341,6 +342,39 @@ def test_a_runner_that_lost_its_lease_launches_nothing(db_engine):
     frozen.place_queued()
     assert runs.get_run(engine, run_id)["status"] == "queued" and not frozen.watched
     assert not hosts.heartbeat(engine, frozen.runner_id)  # and its next heartbeat tells it to leave
+
+
+def test_a_runner_that_lost_its_lease_adopts_none_of_its_successors_live_jobs(db_engine, tmp_path):
+    """Frozen in the middle of a re-scan while another runner took over: it wakes up to find the successor's live
+    job, and must neither take the run over (its row keeps the successor as owner) nor watch it; it leaves
+    instead (LeaseLost, the serve loop's exit 4). Adoption also checks the lease inside its own transaction, so a
+    takeover between the scan's check and the adoption leaves the run with its owner."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from runner.service import LeaseLost
+
+    engine = db_engine
+    frozen = Runner(engine)
+    assert frozen.acquire()
+    stale = datetime.now(UTC) - timedelta(seconds=db.runner_stale_s() + 1)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
+    successor = Runner(engine)
+    assert successor.acquire()
+    job = sleeper()
+    try:
+        run_id = watch_fake_job(successor, engine, TINY, tmp_path / "run", job)
+        with pytest.raises(LeaseLost):
+            frozen.recover()
+        assert not runner_rows.adopt_run(engine, run_id, frozen.runner_id)
+        (row,) = [r for r in runner_rows.running_runs(engine) if r["id"] == run_id]
+        assert row["runner_id"] == successor.runner_id and not frozen.watched
+        assert runner_rows.adopt_run(engine, run_id, successor.runner_id)  # the holder's own adoption goes through
+    finally:
+        job.kill()
+        job.wait()
 
 
 def test_unreadable_stored_rows_fail_their_own_run_and_never_the_runner(db_engine, tmp_path):
