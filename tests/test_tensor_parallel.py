@@ -93,8 +93,8 @@ def expected_train_comm(style: str, tp: int) -> tuple[dict[str, int], dict[str, 
     return calls, nbytes
 
 
-@pytest.mark.parametrize("style", list(STYLES))
-@pytest.mark.parametrize("tp", [2, 4])
+# Every style on tp 2; tp 4 (the collectives' counts and bytes scale with it) on the default style.
+@pytest.mark.parametrize(("tp", "style"), [(2, style) for style in STYLES] + [(4, "megatron")])
 def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style):
     result = run_torchrun(spec(tp=tp, workload="train", **STYLES[style]), tmp_path)
     assert_matches(result, "train")
@@ -130,9 +130,7 @@ def test_sharded_parameters_shrink_as_one_over_tp(tmp_path, tp):
         assert r["param_bytes"] - 4 * replicated == 4 * (FULL_PARAMS - replicated) // tp
 
 
-@pytest.mark.parametrize(
-    ("tp", "style"), [(2, "megatron"), (4, "megatron"), (2, "gather"), (4, "gather"), (2, "sequence_parallel")]
-)
+@pytest.mark.parametrize(("tp", "style"), [(2, "megatron"), (4, "megatron"), (2, "gather"), (2, "sequence_parallel")])
 def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, tp, style):
     new = 6
     result = run_torchrun(spec(tp=tp, workload="generate", new_tokens=new, **STYLES[style]), tmp_path)
