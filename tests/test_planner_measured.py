@@ -40,6 +40,24 @@ CASES = {
     "3d": {"strategy": "3d", "tp": 2, "pp": 2, "dp": 1, "microbatches": 2},
     "3d-zero3": {"strategy": "3d", "tp": 1, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 3},
     "tensor-bf16-mixed": {"strategy": "tensor", "tp": 2, "dtype": "bf16-mixed"},
+    # the self-test's shape (batch 8, sequence 32): every block checkpointed leaves the last stage mostly its head's
+    # share (final LayerNorm and head inputs, log-softmax); bf16-mixed's first stage casts no embedding
+    "pipeline-checkpoint-blocks": {
+        "strategy": "pipeline",
+        "pp": 2,
+        "microbatches": 4,
+        "checkpoint": "blocks",
+        "batch": 8,
+        "seq": 32,
+    },
+    "pipeline-bf16-mixed": {
+        "strategy": "pipeline",
+        "pp": 2,
+        "microbatches": 4,
+        "dtype": "bf16-mixed",
+        "batch": 8,
+        "seq": 32,
+    },
     # the "small" preset (8 layers, width 256, vocabulary 8192), sequence 64
     "small-pipeline": {"strategy": "pipeline", "pp": 2, "microbatches": 2, "model": "small", "seq": 64},
     "small-3d-zero1": {"strategy": "3d", "tp": 2, "pp": 1, "dp": 2, "zero_stage": 1, "model": "small", "seq": 64},
@@ -55,8 +73,9 @@ CASES = {
 # The tiny runs of every strategy and option are checked by the self-test's end-to-end test, over the 28 runs it
 # stores anyway (tests/test_selftest.py: states to the byte); the default suite adds two runs of the small preset
 # here (a deeper, wider model): a pipeline, whose saved activations are held to 10%, and ZeRO over a
-# tensor-parallel group. Every case with LAB_PLANNER_ALL_STRATEGIES=1.
-FAST = {"small-pipeline", "small-3d-zero1"}
+# tensor-parallel group; and a checkpointed pipeline, where the head's share matters most. Every case with
+# LAB_PLANNER_ALL_STRATEGIES=1.
+FAST = {"small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks"}
 ALL = os.environ.get("LAB_PLANNER_ALL_STRATEGIES") == "1"
 
 

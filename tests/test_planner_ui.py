@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 from runner import api
@@ -66,12 +67,16 @@ def test_launch_stores_the_prediction_and_compare_reads_it(engine):
     assert pred["layout"] == {"tp": 1, "pp": 2, "dp": 1, "zero_stage": 0} and len(pred["stages"]) == 2
     # what Compare shows: the rank's measured figures beside the prediction
     measured = [{"rank": r, "pp": r, "param_bytes": s["param_bytes"], "optimizer_bytes": s["optimizer_bytes"] + 4,
-                 "max_inflight_microbatches": s["in_flight"], "bubble_fraction": 0.4}
+                 "max_inflight_microbatches": s["in_flight"], "bubble_fraction": 0.4,
+                 "peak_activation_bytes": s["activation_bytes"] // 2, "peak_mem_bytes": 2 * s["total"]}
                 for r, s in enumerate(pred["stages"])]  # fmt: skip
     t = P.predicted_vs_measured(pred, measured, step_time_s=0.2)
     params = t[t.figure == "parameter bytes"]
     assert list(params.ratio) == [1.0, 1.0]
-    assert set(t.figure) == {"parameter bytes", "optimizer bytes", "microbatches in flight", "bubble", "step time s"}
+    assert set(t.figure) == {"parameter bytes", "optimizer bytes", "saved activation bytes", "memory per rank (peak)",
+                             "microbatches in flight", "bubble", "step time s"}  # fmt: skip
+    assert list(t[t.figure == "memory per rank (peak)"].ratio) == [0.5, 0.5]
+    assert list(t[t.figure == "saved activation bytes"].ratio) == pytest.approx([2.0, 2.0], rel=1e-5)
     # a pipeline of 2 with 2 microbatches: (p-1)/(m+p-1) = 1/3 predicted
     assert t[t.figure == "bubble"].predicted.iloc[0] == 1 / 3
 
@@ -113,6 +118,9 @@ def test_a_run_launched_from_a_plan_is_compared_with_its_prediction(engine, tmp_
     t = P.plan_comparisons(engine, [run_id])[run_id]
     exact = t[t.figure.isin(["parameter bytes", "optimizer bytes", "microbatches in flight"])]
     assert len(exact) == 6 and list(exact.ratio) == [1.0] * 6
+    saved = t[t.figure == "saved activation bytes"]
+    assert len(saved) == 2 and all(0.9 <= x <= 1.1 for x in saved.ratio), saved
+    assert len(t[t.figure == "memory per rank (peak)"]) == 2  # shown; on CPU RSS, not held to a bound (README)
     assert {"bubble", "step time s"} <= set(t.figure)
     assert P.plan_comparisons(engine, [run_id + 1]) == {}
 

@@ -198,8 +198,11 @@ def launch(engine: Any, inputs: PlannerInputs, c: Candidate, here: Devices, step
 
 def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]],
                           step_time_s: float | None = None) -> pd.DataFrame:  # fmt: skip
-    """Per rank: predicted against measured parameter, optimizer and gradient bytes and in-flight microbatches,
-    and one row for the step time and bubble (what Compare shows for runs launched from a plan)."""
+    """Per rank: predicted against measured parameter, optimizer and gradient bytes, the activations autograd saved
+    at the peak (the engine's own count), the rank's whole memory (the prediction's total against the run's measured
+    peak: CUDA's max_memory_allocated, or on a CPU the resident memory the timed steps added, which also holds the
+    allocator's and the process's own overhead) and in-flight microbatches, and one row for the step time and bubble
+    (what Compare shows for runs launched from a plan)."""
     rows = []
     stages = prediction.get("stages") or []
     for r in ranks:
@@ -207,10 +210,13 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
         if pp >= len(stages):
             continue
         pred = stages[pp]
-        for what, key in (("parameter bytes", "param_bytes"), ("optimizer bytes", "optimizer_bytes"),
-                          ("gradient bytes", "grad_bytes")):  # fmt: skip
-            measured = r.get(key)
-            if measured is None:
+        for what, key, measured_key in (("parameter bytes", "param_bytes", "param_bytes"),
+                                        ("optimizer bytes", "optimizer_bytes", "optimizer_bytes"),
+                                        ("gradient bytes", "grad_bytes", "grad_bytes"),
+                                        ("saved activation bytes", "activation_bytes", "peak_activation_bytes"),
+                                        ("memory per rank (peak)", "total", "peak_mem_bytes")):  # fmt: skip
+            measured = r.get(measured_key)
+            if measured is None or key not in pred:
                 continue
             rows.append({"rank": r.get("rank"), "figure": what, "predicted": pred[key], "measured": measured,
                          "ratio": pred[key] / measured if measured else None})  # fmt: skip

@@ -31,7 +31,8 @@ weights, runner/gpt/precision.py), 2 for pure bfloat16:
   so stage 1 here saves 8 bytes a parameter, not 12, and `zero_paper_bytes` gives the paper's for
   comparison.
 - bf16-mixed: autocast casts each float32 weight to bfloat16 once per forward (2 bytes a matmul
-  weight), and autograd keeps that copy for the backward: one copy per microbatch in flight unless the
+  weight; an embedding lookup is no matmul, so the token embedding is cast only where the tied head
+  multiplies by it), and autograd keeps that copy for the backward: one copy per microbatch in flight unless the
   block is checkpointed. Checkpointed or not, autocast's cast cache holds every copy made during a forward
   until GPT.forward leaves the autocast region, so a stage's whole bf16 copy exists during its forward --
   under ZeRO-3 as well (the cache keeps casts of blocks whose shards were released), which is why FSDP
@@ -62,13 +63,25 @@ Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/sched
 - interleaved 1F1B: min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each
   (Megatron's warm-up count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth
   on rank 0).
-The last stage also keeps each microbatch's float32 log-softmax (b*s*V_pad/t) for the cross entropy's
-backward, and its gradient of the same size while that backward runs.
+The last virtual stage also keeps, per microbatch, the final LayerNorm's input (residual width), the head's
+input (compute width) and cross entropy's float32 log-softmax (b*s*V_pad/t); the log-softmax's gradient, of
+the same size, exists while that backward runs. Int64 token ids and targets and the LayerNorms' statistics
+(O(b*s), not O(b*s*h)) are left out. An interleaved rank's chunks differ (only one holds the head), so its peak
+is not a count of chunk-microbatches times an average chunk: `held_chunk_counts` replays the rank's schedule
+(runner/schedule_ops.py, the lists the engine runs) and the peak is the heaviest of the chunk counts it held.
+Transient bytes (during a step only; `RankMemory.transient_bytes`): ZeRO-3's gathered units, a checkpointed
+block's recompute, the log-softmax's gradient (and under bf16-mixed the head's bfloat16 logits beside their
+float32 copy), and, when a rank accumulates over microbatches, its largest tensor's gradient a second time
+(autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad).
+What is not modelled: the backward's own gradients of activations, allocator rounding and fragmentation, and on
+a CPU the process's resident overhead. The total is therefore compared with a run's measured peak on Compare
+and in the README, not held to a bound in the tests; states and saved activations are.
 Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t values (float32, else bf16).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -81,6 +94,7 @@ from runner.planner.models import (  # the inputs: presets, Layout, Workload (ru
     Workload,
     padded_vocab,
 )
+from runner.schedule_ops import schedule_ops, splits_backward
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
@@ -138,18 +152,28 @@ def rank_parameters(
     if has_embed:
         outer += vocab_rows * h + cfg.block_size * h
         tensors += 2
-        matmul += vocab_rows * h
     if has_head:
         outer += h + h * b  # final LayerNorm
         tensors += 2 if b else 1
         if not has_embed:  # the tied weight again, as this stage's own lm_head.weight
             outer += vocab_rows * h
             tensors += 1
-        matmul += vocab_rows * h if not has_embed else 0
+        matmul += vocab_rows * h  # the head multiplies; an embedding lookup is no matmul (autocast leaves it)
     layers = stage_layers(cfg.n_layer, pp, v, stage)
     blk = block_parameters(cfg, tp, tp_style)
     blk_matmul = blk - 2 * (h + h * b)
     return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)
+
+
+def largest_tensor(cfg: GPTConfig, layout: Layout, stage: int, tp_style: str = "megatron") -> int:
+    """Elements of the largest parameter tensor pipeline rank `stage` holds: its vocabulary rows (first and last
+    stage) or a block's largest matmul weight (c_fc or c_proj of the MLP, c_attn, or the whole attention c_proj
+    under the "gather" style), split by tp."""
+    h, tp = cfg.n_embd, layout.tp
+    sizes = [cfg.d_ff * h // tp, 3 * h * h // tp, h * h if tp_style != "megatron" else h * h // tp]
+    if stage in (0, layout.pp - 1):
+        sizes.append(padded_vocab(cfg.vocab_size, tp) // tp * h)
+    return max(sizes)
 
 
 def full_parameters(cfg: GPTConfig) -> int:
@@ -203,6 +227,25 @@ def in_flight(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> float:
     if schedule == "zb-h1":  # rank r runs its W passes r microbatches behind its B: (p - r) + r held until W
         return float(min(pp, m))
     return float(min(pp - stage, m))  # 1f1b
+
+
+@functools.lru_cache(maxsize=1024)
+def held_chunk_counts(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[tuple[int, ...], ...]:
+    """Chunk-microbatches pipeline rank `stage` holds per local chunk right after each of its forwards, as the
+    engine runs its schedule (runner/schedule_ops.py: a forward saves, the backward -- the W pass of a split
+    one -- frees); only the vectors no other one exceeds on every chunk, since those alone can be the peak
+    whatever each chunk's bytes. The closed forms of `in_flight` count the same (tests/test_planner_memory.py);
+    this is what weighs an interleaved rank's chunks differently (the last virtual stage's head)."""
+    held = [0] * v
+    seen: set[tuple[int, ...]] = set()
+    frees = "W" if splits_backward(schedule) else "B"
+    for op in schedule_ops(schedule, m, pp, stage, v):
+        if op.kind == "F":
+            held[op.chunk] += 1
+            seen.add(tuple(held))
+        elif op.kind == frees:
+            held[op.chunk] -= 1
+    return tuple(x for x in seen if not any(y != x and all(a >= b for a, b in zip(y, x, strict=True)) for y in seen))
 
 
 def zero_paper_bytes(psi: float, nd: int, stage: int, k: int = 12) -> float:
@@ -294,6 +337,11 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     m = work.microbatches_for(layout)
     rows = max(1, work.batch // dp)
     mb = max(1, rows // m) if work.workload == "train" else rows
+    if train and m > 1:
+        # Accumulating over microbatches, autograd computes a parameter's gradient into a fresh tensor and then adds
+        # it to .grad: the largest tensor's gradient exists twice for a moment.
+        transient += largest_tensor(cfg, layout, stage, work.tp_style) * w
+        notes.append("microbatches accumulate gradients: the largest tensor's gradient counted twice")
     s, h, a = work.seq, cfg.n_embd, cfg.n_head
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
     activations = 0.0
@@ -302,23 +350,45 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         every = work.checkpoint_every
         full = _layer_bytes(work, s, mb, h, a, tp)
         residual = 4 if work.dtype in ("float32", "bf16-mixed") else 2  # bf16-mixed keeps the residual in float32
+        compute = 4 if work.dtype == "float32" else 2
         ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
-        n_ckpt = sum(1 for i in sp.layers if every and (i + 1) % every == 0)
-        per_microbatch = n_ckpt * ckpt + (len(sp.layers) - n_ckpt) * full
+        split = tp if tp > 1 and work.sequence_parallel else 1
+        logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
+        # The last virtual stage's head: the final LayerNorm's input (residual width), the head's input (its
+        # output, at the compute width) and cross entropy's float32 log-softmax; its gradient is transient.
+        head = (residual + compute) * s * mb * h // split + logits
+        bf16_copies = work.dtype == "bf16-mixed"
+        head_matmul = sp.matmul - sp.block_matmul * len(sp.layers)  # the head's (tied) weight on the last stage
+        per_chunk = []
+        n_ckpt = 0
+        for c in range(v):
+            layers = sp.layers[c * len(sp.layers) // v : (c + 1) * len(sp.layers) // v]
+            ckpts = sum(1 for i in layers if every and (i + 1) % every == 0)
+            n_ckpt += ckpts
+            last = c * pp + stage == pp * v - 1
+            saved = ckpts * ckpt + (len(layers) - ckpts) * full + (head if last else 0)
+            if bf16_copies:
+                # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (saved tensors, not
+                # parameters); a checkpointed block's are not saved, but autocast's cast cache holds every weight
+                # cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
+                saved += 2 * sp.block_matmul * (len(layers) - ckpts) + (2 * head_matmul if last else 0)
+            per_chunk.append(saved)
         if n_ckpt:
             transient += int(full)  # the block being recomputed
-        if stage == pp - 1:  # cross entropy keeps its float32 log-softmax per microbatch; its gradient is transient
-            logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
-            per_microbatch += logits
-            transient += logits
-        if work.dtype == "bf16-mixed":
-            # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (they are saved
-            # tensors, not parameters); a checkpointed block's are not saved, but autocast's cast cache holds
-            # every weight cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
-            per_microbatch += 2 * (sp.matmul - sp.block_matmul * n_ckpt)
+        if stage == pp - 1:
+            transient += logits  # the log-softmax's gradient while cross entropy's backward runs
+            if work.dtype == "bf16-mixed":  # the head's bfloat16 logits exist beside their float32 copy
+                transient += logits // LOGIT_BYTES * 2
+        if bf16_copies:
             transient += 2 * sp.block_matmul * n_ckpt
             notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
-        activations = flight * per_microbatch
+        if v == 1 or pp == 1:
+            activations = flight * per_chunk[0] if v == 1 else sum(per_chunk)
+        elif m % pp:  # no such interleaved schedule (validation says so): the closed form's average chunk
+            activations = flight * sum(per_chunk)
+        else:
+            held = held_chunk_counts(work.schedule, pp, m, stage, v)
+            activations = max(sum(n * b for n, b in zip(vec, per_chunk, strict=True)) for vec in held)
     else:
         # inference keeps no activations for backward: one layer's working set at a time
         transient += int(_layer_bytes(work, s, mb, h, a, tp))
