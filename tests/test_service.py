@@ -325,19 +325,27 @@ def test_a_rank_left_by_a_killed_torchrun_is_found_by_a_restarted_runner_stopped
             stop_group(job.pid, grace_s=2, popen=job.popen)
 
 
-def test_a_runner_that_lost_its_lease_launches_nothing(db_engine):
-    """Frozen past the stale limit while another runner took over, it wakes up in the middle of its loop."""
+def frozen_and_replaced(engine) -> tuple[Runner, Runner]:
+    """A runner that held the lease, frozen past the stale limit (its heartbeat backdated), and the runner that
+    took the lease over meanwhile."""
     from datetime import UTC, datetime, timedelta
 
     from sqlalchemy import text
 
-    engine = db_engine
     frozen = Runner(engine)
     assert frozen.acquire()
     stale = datetime.now(UTC) - timedelta(seconds=db.runner_stale_s() + 1)
     with engine.begin() as conn:
         conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
-    assert Runner(engine).acquire()
+    successor = Runner(engine)
+    assert successor.acquire()
+    return frozen, successor
+
+
+def test_a_runner_that_lost_its_lease_launches_nothing(db_engine):
+    """Frozen past the stale limit while another runner took over, it wakes up in the middle of its loop."""
+    engine = db_engine
+    frozen, _ = frozen_and_replaced(engine)
     run_id = api.submit(engine, TINY)
     frozen.place_queued()
     assert runs.get_run(engine, run_id)["status"] == "queued" and not frozen.watched
@@ -349,20 +357,10 @@ def test_a_runner_that_lost_its_lease_adopts_none_of_its_successors_live_jobs(db
     job, and must neither take the run over (its row keeps the successor as owner) nor watch it; it leaves
     instead (LeaseLost, the serve loop's exit 4). Adoption also checks the lease inside its own transaction, so a
     takeover between the scan's check and the adoption leaves the run with its owner."""
-    from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import text
-
     from runner.service import LeaseLost
 
     engine = db_engine
-    frozen = Runner(engine)
-    assert frozen.acquire()
-    stale = datetime.now(UTC) - timedelta(seconds=db.runner_stale_s() + 1)
-    with engine.begin() as conn:
-        conn.execute(text("UPDATE runner_lease SET heartbeat_at = :t"), {"t": stale})
-    successor = Runner(engine)
-    assert successor.acquire()
+    frozen, successor = frozen_and_replaced(engine)
     job = sleeper()
     try:
         run_id = watch_fake_job(successor, engine, TINY, tmp_path / "run", job)
