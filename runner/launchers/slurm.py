@@ -364,7 +364,7 @@ class SlurmLauncher:
             note = f"Slurm job {job.slurm_id} ended {job.slurm_state}"
             node = first_failed_node(job.run_dir) if not job.slurm_state.startswith("CANCELLED") else None
             if node:  # a cancelled job's tasks all fail: no node to name
-                note += f"; first failure on node {node[0]}: {node[1]}"
+                note += f"; srun saw node {node[0]} fail first ({node[1]})"
             return Collected(got.exit_code, got.result, got.unreadable, note=note)
         return got
 
