@@ -11,7 +11,7 @@ from runner.spec import PRESETS, WORKLOADS
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
 from ui.nodes import ranks_by_node, with_node
-from ui.planner import plan_comparisons
+from ui.planner import plan_comparisons, readable_comparison
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -109,7 +109,7 @@ if not ranks.empty:
 # Runs launched from the Planner: its prediction beside what they measured (issue 15's proof).
 for run_id, table in plan_comparisons(engine(), chosen).items():
     st.markdown(f"**#{run_id}: the planner's prediction against the measurement**")
-    st.dataframe(table, hide_index=True)
+    st.dataframe(readable_comparison(table), hide_index=True)
 
 series = api.telemetry_series(engine(), chosen)
 if not series.empty:

@@ -12,6 +12,7 @@ from runner.planner.devices import cpu_host
 from runner.planner.models import Layout, Workload
 from storage.calibration import prediction_of
 from ui import planner as P
+from ui.format import human_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_CORES = cpu_host(2, 8 * 2**30, 10e9, 1e9)
@@ -79,6 +80,13 @@ def test_launch_stores_the_prediction_and_compare_reads_it(engine):
     assert list(t[t.figure == "saved activation bytes"].ratio) == pytest.approx([2.0, 2.0], rel=1e-5)
     # a pipeline of 2 with 2 microbatches: (p-1)/(m+p-1) = 1/3 predicted
     assert t[t.figure == "bubble"].predicted.iloc[0] == 1 / 3
+    # as Compare shows it: bytes in binary units, the step time in seconds, ratios to three decimals
+    shown = P.readable_comparison(t)
+    row = shown[(shown.figure == "parameter bytes") & (shown["rank"] == "0")].iloc[0]
+    assert row.predicted == human_bytes(pred["stages"][0]["param_bytes"]) and row.ratio == "1.000"
+    step = shown[shown.figure == "step time s"].iloc[0]
+    assert (step["rank"], step.measured, step.ratio) == ("all", "0.200 s", f"{pred['step']['total'] / 0.2:.3f}")
+    assert shown[shown.figure == "bubble"].ratio.iloc[0] == "—"
 
 
 def test_planner_page_renders_and_launches(engine):

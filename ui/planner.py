@@ -20,6 +20,7 @@ from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec import RunSpec
+from ui.format import human_bytes
 
 DEVICE_SOURCES = ("known GPU", "this host", "a runner's host", "Slurm partition", "described")
 PLAN_TAG = "plan"
@@ -235,6 +236,29 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
         rows.append({"rank": None, "figure": "step time s", "predicted": predicted, "measured": step_time_s,
                      "ratio": predicted / step_time_s if step_time_s else None})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def readable_comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """`predicted_vs_measured` as Compare shows it: byte figures in KiB/MiB/GiB, the step time in seconds, the
+    bubble as a share, ratios to three decimals (the raw numbers stay in the stored prediction and the ranks)."""
+
+    def show(figure: str, x: Any) -> str:
+        if x is None or (isinstance(x, float) and x != x):
+            return "—"
+        if "bytes" in figure or figure.startswith("memory"):
+            return human_bytes(x)
+        if figure == "step time s":
+            return f"{x:.3f} s"
+        if figure == "bubble":
+            return f"{x:.3f}"
+        return f"{x:g}"
+
+    out = table.copy()
+    for col in ("predicted", "measured"):
+        out[col] = [show(f, x) for f, x in zip(table.figure, table[col], strict=True)]
+    out["ratio"] = ["—" if x is None or x != x else f"{x:.3f}" for x in table.ratio]
+    out["rank"] = ["all" if x is None or x != x else str(int(x)) for x in table["rank"]]
+    return out
 
 
 def devices_described(count: int, memory_gib: float, tflops: float, bw_intra: float, bw_inter: float,
