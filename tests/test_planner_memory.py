@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 
 from runner.gpt.config import PRESETS, count_parameters
@@ -187,6 +190,26 @@ def test_an_interleaved_rank_holds_the_heads_share_only_for_its_last_chunks_micr
             for r in range(p):  # the replay counts what the closed forms of in_flight say
                 most = max(sum(vec) for vec in held_chunk_counts(schedule, p, m, r, v))
                 assert most == in_flight(schedule, p, m, r, v) * v, (schedule, p, m, r, v)
+
+
+def test_adamw_step_temporaries_and_the_peak_by_hand():
+    """TINY (4 layers, width 64, vocabulary 512, MLP 256), one rank: foreach AdamW's temporary is every parameter
+    again; the for-loop one two copies of the largest tensor (the 512 x 64 embedding); under ZeRO the rank's shards.
+    The step runs after the backward freed the activations: the peak takes the larger of the two, not their sum."""
+    work = Workload(batch=8, seq=16)
+    foreach = rank_memory(TINY, Layout(), work, 0)
+    psi = foreach.param_count
+    assert foreach.optimizer_step_bytes == psi * 4
+    loop = rank_memory(TINY, Layout(), replace(work, adamw="for-loop"), 0)
+    assert loop.optimizer_step_bytes == 2 * 512 * 64 * 4
+    during = loop.activation_bytes + loop.transient_bytes
+    assert during > loop.optimizer_step_bytes and loop.total == loop.states_bytes + during
+    small_batch = rank_memory(TINY, Layout(), Workload(batch=1, seq=4, checkpoint="blocks"), 0)
+    assert small_batch.total == small_batch.states_bytes + small_batch.optimizer_step_bytes  # the step's is larger
+    zero1 = rank_memory(TINY, Layout(dp=2, zero_stage=1), work, 0)
+    block = 12 * 64 * 64 + 13 * 64
+    outer = 512 * 64 + TINY.block_size * 64 + 2 * 64
+    assert zero1.optimizer_step_bytes == (4 * math.ceil(block / 2) + math.ceil(outer / 2)) * 4
 
 
 def test_kv_cache_by_hand():

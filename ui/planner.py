@@ -15,7 +15,7 @@ import pandas as pd
 
 from runner.gpt.config import PRESETS
 from runner.planner.devices import Devices, described, preset
-from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Plan, evaluate, plan
+from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Plan, evaluate, on_devices, plan
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
@@ -172,7 +172,8 @@ def fits_here(c: Candidate, here: Devices, inputs: PlannerInputs) -> list[str]:
 def prediction_record(inputs: PlannerInputs, c: Candidate, devices: Devices) -> dict[str, Any]:
     """What the planner predicted for `c`: memory of every pipeline stage, step time and bubble, on `devices`."""
     cfg = inputs.config()
-    stages = [rank_memory(cfg, c.layout, inputs.work, r).to_dict() for r in range(c.layout.pp)]
+    work = on_devices(inputs.work, devices)
+    stages = [rank_memory(cfg, c.layout, work, r).to_dict() for r in range(c.layout.pp)]
     return {
         "layout": {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp, "zero_stage": c.layout.zero_stage},
         "microbatches": c.microbatches,
@@ -190,7 +191,7 @@ def launch(engine: Any, inputs: PlannerInputs, c: Candidate, here: Devices, step
     from runner import api
     from storage.calibration import store_prediction
 
-    device = "cpu" if here.source.startswith("CPU") or here.name.startswith("CPU") else "cuda"
+    device = "cpu" if here.is_cpu else "cuda"
     spec = spec_for(inputs, c, device, steps)
     run_id = api.submit(engine, spec)
     store_prediction(engine, run_id, prediction_record(inputs, c, here))

@@ -46,6 +46,11 @@ class Devices:
         return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed") else self.peak_fp32
 
     @property
+    def is_cpu(self) -> bool:
+        """CPU ranks of one machine (`cpu_host`) rather than accelerators."""
+        return self.source.startswith("CPU") or self.name.startswith("CPU")
+
+    @property
     def usable_bytes(self) -> int:
         return max(0, self.memory_bytes - self.reserve_bytes)
 

@@ -108,9 +108,15 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def on_devices(work: Workload, devices: Devices) -> Workload:
+    """The workload as it runs on `devices`: torch's AdamW steps a tensor at a time on CPU ranks."""
+    return replace(work, adamw="for-loop") if devices.is_cpu else work
+
+
 def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
              efficiency: float = DEFAULT_EFFICIENCY) -> Candidate:  # fmt: skip
     """One layout judged: its reasons not to run, its memory and step time when the model splits that way."""
+    work = on_devices(work, devices)
     reasons = list(layout_problems(cfg, layout, work))
     if layout.world_size > devices.count:
         reasons.append(f"needs {layout.world_size} devices, you have {devices.count}")

@@ -73,6 +73,10 @@ Transient bytes (during a step only; `RankMemory.transient_bytes`): ZeRO-3's gat
 block's recompute, the log-softmax's gradient (and under bf16-mixed the head's bfloat16 logits beside their
 float32 copy), and, when a rank accumulates over microbatches, its largest tensor's gradient a second time
 (autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad).
+AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations, so the peak is the
+states plus the larger of the two: torch's foreach AdamW (its default on GPUs) makes one temporary the size of
+everything it steps (the square roots of the second moments; the rank's shards under ZeRO), its for-loop AdamW
+(the default on CPUs) two of the largest tensor's size (that square root and the quotient).
 What is not modelled: the backward's own gradients of activations, allocator rounding and fragmentation, and on
 a CPU the process's resident overhead. The total is therefore compared with a run's measured peak on Compare
 and in the README, not held to a bound in the tests; states and saved activations are.
@@ -275,6 +279,7 @@ class RankMemory:
     microbatch_size: int
     in_flight: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    optimizer_step_bytes: int = 0  # AdamW's temporaries while it steps, after the backward freed the activations
 
     @property
     def states_bytes(self) -> int:
@@ -282,7 +287,10 @@ class RankMemory:
 
     @property
     def total(self) -> int:
-        return self.states_bytes + self.activation_bytes + self.kv_cache_bytes + self.transient_bytes
+        """The peak: the states, plus whichever is larger -- the forward and backward's activations and
+        transients, or the optimizer step's temporaries (they never coexist: the step runs after the backward)."""
+        during = max(self.activation_bytes + self.transient_bytes, self.optimizer_step_bytes)
+        return self.states_bytes + self.kv_cache_bytes + during
 
     def to_dict(self) -> dict:
         return {**asdict(self), "notes": list(self.notes), "total": self.total}
@@ -319,7 +327,11 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     grads = 0
     optimizer = 0
     transient = 0
+    step_bytes = 0
     if train:
+        # AdamW steps over the rank's parameters, or under ZeRO over its shards of each unit
+        stepped = [_shard(u, dp) for u in units] if zero >= 1 else [largest_tensor(cfg, layout, stage, work.tp_style)]
+        step_bytes = (sum(stepped) if zero >= 1 else psi) * w if work.adamw == "foreach" else 2 * max(stepped) * w
         grads = sharded if zero >= 2 else psi
         optimizer = (
             (2 * sharded * w + ADAM_STEP_BYTES * len(units))
@@ -408,6 +420,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         microbatch_size=mb,
         in_flight=flight,
         notes=tuple(notes),
+        optimizer_step_bytes=int(step_bytes),
     )
 
 
@@ -425,10 +438,11 @@ def spec_layout(spec: Any) -> Layout:
     return Layout(tp, pp, dp, zero)
 
 
-def spec_workload(spec: Any) -> Workload:
-    """The Workload of a runner.spec.RunSpec."""
+def spec_workload(spec: Any, device: str | None = None) -> Workload:
+    """The Workload of a runner.spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
     _, pp, _ = spec.degrees
     return Workload(
+        adamw="for-loop" if (device or spec.device) == "cpu" else "foreach",
         workload=spec.workload,
         batch=spec.batch,
         seq=spec.seq,
@@ -443,10 +457,10 @@ def spec_workload(spec: Any) -> Workload:
     )
 
 
-def spec_rank_memory(spec: Any) -> list[RankMemory]:
+def spec_rank_memory(spec: Any, device: str | None = None) -> list[RankMemory]:
     """Predicted bytes of every pipeline stage of a RunSpec (index = pp coordinate; tp and dp peers hold
-    the same)."""
-    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec)
+    the same), on `device` (default: the spec's)."""
+    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec, device)
     return [rank_memory(cfg, layout, work, r) for r in range(layout.pp)]
 
 
@@ -459,5 +473,5 @@ def spec_host_bytes(spec: Any, rank_baseline_bytes: int) -> int:
     """Bytes every rank of a RunSpec needs together (a CPU run on one host): each rank's predicted bytes
     plus a process baseline (torch and its process group before any tensor)."""
     layout = spec_layout(spec)
-    per_stage = spec_rank_memory(spec)
+    per_stage = spec_rank_memory(spec, "cpu")
     return sum(m.total for m in per_stage) * layout.tp * layout.dp + layout.world_size * rank_baseline_bytes

@@ -68,6 +68,10 @@ class Workload:
     sequence_parallel: bool = False
     tp_style: str = "megatron"
     attention: str = "sdpa"  # "sdpa": fused, no s x s scores kept (our model); "naive": the paper's 5as/h term
+    # How torch's AdamW steps (its default per device): "foreach" on GPUs, one temporary the size of the whole
+    # parameter group (the square roots of the second moments); "for-loop" on CPUs, a tensor at a time, two
+    # temporaries of the largest tensor's size (its square root and the quotient) at once.
+    adamw: str = "foreach"
 
     @property
     def checkpoint_every(self) -> int:
