@@ -305,9 +305,7 @@ def _layer_bytes(work: Workload, s: int, b: int, h: int, a: int, tp: int) -> flo
     the attention scores ("naive", 16-bit figures scaled to the activation width)."""
     if work.attention == "naive":
         return layer_activation_bytes(s, b, h, a, tp, work.sequence_parallel) * work.activation_width / 2
-    residual = 2 if work.dtype == "bfloat16" else 4  # bf16-mixed: the residual stream stays float32
-    compute = 4 if work.dtype == "float32" else 2
-    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, residual, compute)
+    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, work.residual_width, work.activation_width)
 
 
 def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> RankMemory:
@@ -320,7 +318,9 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     psi = sp.total
     n_tensors = sp.outer_tensors + block_tensors(cfg) * len(sp.layers)
     units = [sp.block] * len(sp.layers) + ([sp.outer] if sp.outer else [])
-    sharded = sum(_shard(u, dp) for u in units)
+    shards = [_shard(u, dp) for u in units]
+    sharded = sum(shards)
+    largest = largest_tensor(cfg, layout, stage, work.tp_style)
     notes: list[str] = []
     zero = zero if dp > 1 else 0
     params = sharded if zero == 3 else psi
@@ -329,9 +329,11 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     transient = 0
     step_bytes = 0
     if train:
-        # AdamW steps over the rank's parameters, or under ZeRO over its shards of each unit
-        stepped = [_shard(u, dp) for u in units] if zero >= 1 else [largest_tensor(cfg, layout, stage, work.tp_style)]
-        step_bytes = (sum(stepped) if zero >= 1 else psi) * w if work.adamw == "foreach" else 2 * max(stepped) * w
+        # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit
+        if work.adamw == "foreach":
+            step_bytes = (sharded if zero >= 1 else psi) * w
+        else:
+            step_bytes = 2 * (max(shards) if zero >= 1 else largest) * w
         grads = sharded if zero >= 2 else psi
         optimizer = (
             (2 * sharded * w + ADAM_STEP_BYTES * len(units))
@@ -352,7 +354,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     if train and m > 1:
         # Accumulating over microbatches, autograd computes a parameter's gradient into a fresh tensor and then adds
         # it to .grad: the largest tensor's gradient exists twice for a moment.
-        transient += largest_tensor(cfg, layout, stage, work.tp_style) * w
+        transient += largest * w
         notes.append("microbatches accumulate gradients: the largest tensor's gradient counted twice")
     s, h, a = work.seq, cfg.n_embd, cfg.n_head
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
@@ -361,15 +363,14 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     if train:
         every = work.checkpoint_every
         full = _layer_bytes(work, s, mb, h, a, tp)
-        residual = 4 if work.dtype in ("float32", "bf16-mixed") else 2  # bf16-mixed keeps the residual in float32
-        compute = 4 if work.dtype == "float32" else 2
+        residual, compute = work.residual_width, work.activation_width
         ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
         split = tp if tp > 1 and work.sequence_parallel else 1
         logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
         # The last virtual stage's head: the final LayerNorm's input (residual width), the head's input (its
         # output, at the compute width) and cross entropy's float32 log-softmax; its gradient is transient.
         head = (residual + compute) * s * mb * h // split + logits
-        bf16_copies = work.dtype == "bf16-mixed"
+        bf16_mixed = work.dtype == "bf16-mixed"
         head_matmul = sp.matmul - sp.block_matmul * len(sp.layers)  # the head's (tied) weight on the last stage
         per_chunk = []
         n_ckpt = 0
@@ -379,7 +380,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             n_ckpt += ckpts
             last = c * pp + stage == pp * v - 1
             saved = ckpts * ckpt + (len(layers) - ckpts) * full + (head if last else 0)
-            if bf16_copies:
+            if bf16_mixed:
                 # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (saved tensors, not
                 # parameters); a checkpointed block's are not saved, but autocast's cast cache holds every weight
                 # cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
@@ -389,13 +390,13 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             transient += int(full)  # the block being recomputed
         if stage == pp - 1:
             transient += logits  # the log-softmax's gradient while cross entropy's backward runs
-            if work.dtype == "bf16-mixed":  # the head's bfloat16 logits exist beside their float32 copy
+            if bf16_mixed:  # the head's bfloat16 logits exist beside their float32 copy
                 transient += logits // LOGIT_BYTES * 2
-        if bf16_copies:
+        if bf16_mixed:
             transient += 2 * sp.block_matmul * n_ckpt
             notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
-        if v == 1 or pp == 1:
-            activations = flight * per_chunk[0] if v == 1 else sum(per_chunk)
+        if v == 1:  # (a rank without a pipeline holds one chunk: Workload.chunks_for)
+            activations = flight * per_chunk[0]
         elif m % pp:  # no such interleaved schedule (validation says so): the closed form's average chunk
             activations = flight * sum(per_chunk)
         else:

@@ -88,6 +88,11 @@ class Workload:
         """Bytes per activation element: 2 under bfloat16 and bf16-mixed (autocast), 4 under float32."""
         return 4 if self.dtype == "float32" else 2
 
+    @property
+    def residual_width(self) -> int:
+        """Bytes per element of the residual stream: 2 under pure bfloat16, else 4 (bf16-mixed keeps it float32)."""
+        return 2 if self.dtype == "bfloat16" else 4
+
     def microbatches_for(self, layout: Layout) -> int:
         """m for this layout: 1 without a pipeline (only pipelines split the batch); else the given one, or
         (0) one sequence per microbatch."""
