@@ -311,7 +311,11 @@ class PipelineGPT(ParallelGPT):
             storage = t.untyped_storage()
             if storage._cdata not in params:
                 storages.setdefault(storage.data_ptr(), storage.nbytes())
-            return t
+            # Detached, as autograd itself stores a saved output: the tensor as given still holds the node that
+            # saves it, a cycle through C++ that Python's collector cannot see. A backward frees it; a graph kept
+            # for a split backward's W (ZB-H1), whose W never runs the activation path's nodes, leaked every
+            # step's saved tensors of those nodes. Autograd restores the node on unpack.
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
