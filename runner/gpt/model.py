@@ -329,7 +329,10 @@ def materialize(
                     padded[tuple(slice(0, n) for n in value.shape)] = value
                     value = padded
                 where = device if device is not None else (p.device if p.device.type != "meta" else "cpu")
-                new = nn.Parameter(value.to(device=where, dtype=dtype or p.dtype).contiguous(), p.requires_grad)
+                # A copy of its own, never a view: a row shard of `full` is a contiguous view that would keep the
+                # whole reference tensor alive on a CPU rank (a view's storage is its base's).
+                own = torch.empty(value.shape, device=where, dtype=dtype or p.dtype).copy_(value)
+                new = nn.Parameter(own, p.requires_grad)
                 new.__dict__.update(p.__dict__)  # what strategies noted on it: its Shard, sequence-parallel marks
                 made[id(p)] = new
             module._parameters[leaf] = made[id(p)]
