@@ -61,6 +61,11 @@ st.dataframe(
         "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.4g"),
         "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4g"),
         "verify": st.column_config.TextColumn("verify", help="the job's verdict against the single-device reference"),
+        "peak_tensor_mib_max": st.column_config.NumberColumn(
+            "tensor peak MiB (max rank)",
+            format="%.4g",
+            help="the most bytes a rank's tensors held at once in a step, on GPU and CPU alike (what the planner predicts)",
+        ),
         "peak_mem_mib_max": st.column_config.NumberColumn(
             "run's peak MiB (max rank)", format="%.4g", help="GPU: allocated by the run; CPU: RSS above set-up"
         ),

@@ -183,6 +183,19 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "host": host,
         **model.figures(),
     })  # fmt: skip
+
+    def untimed_step() -> None:
+        idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, total)
+        idx, targets = idx.to(device), targets.to(device)
+        barrier()
+        mesh.clock.start_step()
+        model.begin_step(total, time.perf_counter())
+        run_step(spec, model, optimizer, idx, targets)
+        mesh.clock.end_step(mesh.clock.mark())
+        model.take_spans()
+
+    # After every timed figure is read: on CPU this runs steps of its own (not timed, counted or logged).
+    mine.peak_tensor_bytes = memory.tensor_peak(untimed_step)
     if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains
         # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
         # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.

@@ -184,6 +184,7 @@ class RankFigures:
     peak_rss_bytes: int | None = None
     mem_baseline_bytes: int | None = None
     peak_rss_scope: str | None = None
+    peak_tensor_bytes: int | None = None  # the most bytes its tensors held at once (runner/resources.py)
     cpu_wait_s: float | None = None
     cpu_core: int | None = None
     cpu_oversubscribed: bool | None = None

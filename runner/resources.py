@@ -22,6 +22,18 @@ Memory is the run's own (`MemoryMeter`):
   and stay resident when freed. The same run then measured a peak anywhere in a ~30 MB range depending on
   what the process had freed before; with the threshold fixed, every tensor above 128 KiB is its own
   mapping, returned to the kernel when freed, and the peak repeats to within 1 MB.
+
+Beside it, `peak_tensor_bytes` is the most bytes the rank's tensors held at once in a step, on either device
+-- what the planner predicts (runner/planner/memory.py), without the process's own overhead (gloo's
+buffers, Python objects, malloc's slack: about 10 MB, as much as a tiny model's tensors):
+- CUDA: the caching allocator's peak over the timed steps (the same figure as peak_mem_bytes).
+- CPU: measured on an untimed step after the timed ones (`cpu_tensor_peak`). PyTorch's profiler, asked to
+  profile memory, reports each CPU allocation and free with the running total of bytes allocated since it
+  started (c10's ProfiledCPUMemoryReporter; a free of a block allocated before it started goes unreported).
+  So two steps run under it: the first opens the window, so that everything the second frees was either
+  allocated inside it or is a tensor alive at its start; at the second's start, every distinct storage
+  Python can reach (gradients included) is summed, and the peak is that sum plus the highest running total
+  during the second step above the total at its start.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import ctypes
 import gc
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -166,6 +179,66 @@ class MemoryMeter:
             # Without a resettable peak the RSS peak is the process's lifetime one (set-up and verify included).
             "peak_rss_scope": "timed steps" if self.peak_resettable else "process lifetime",
         }
+
+    def tensor_peak(self, step: Callable[[], None]) -> int:
+        """The most bytes the rank's tensors held at once in a step (module docstring): on CUDA the timed
+        steps' allocator peak, on CPU measured by running `step` twice more. Call after figures()."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        print("tensor peak: 2 untimed steps under the profiler", flush=True)  # the rank log says why it is not done
+        return cpu_tensor_peak(step)
+
+
+MEASURED_STEP = "lab.memory_step"
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct CPU storage Python can reach now, parameters' gradients included."""
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance(): isinstance reads __class__, which some torch objects warn on
+        if not issubclass(type(obj), torch.Tensor):
+            continue
+        for t in (obj, obj.grad if obj.is_leaf and obj.requires_grad else None):
+            if t is not None and t.device.type == "cpu" and t.layout == torch.strided:
+                s = t.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def cpu_tensor_peak(step: Callable[[], None]) -> int:
+    """Peak bytes of CPU tensors during one `step`, from the profiler's allocation events (module docstring)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+        gc.collect()
+        held = live_tensor_bytes()
+        with record_function(MEASURED_STEP):
+            step()
+    events = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))
+    span = next(e for e in events if e.name == MEASURED_STEP)
+    totals = sorted(
+        (e.start_time_ns, e.extra_fields.total_allocated, e.extra_fields.alloc_size)
+        for e in events
+        if e.tag == _EventType.Allocation
+        and e.extra_fields.device.type == "cpu"
+        and span.start_time_ns <= e.start_time_ns <= span.end_time_ns
+    )
+    if not totals:
+        return held
+    _, first_total, first_size = totals[0]
+    at_start = first_total - first_size
+    return held + max(0, max(total for _, total, _ in totals) - at_start)
+
+
+def _walk(roots):
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(node.children)
 
 
 @dataclass

@@ -59,6 +59,7 @@ def run_figures(run: dict) -> dict[str, Any]:
         "verify": verdict(r.get("verify")),
         "tokens_per_s": r.get("tokens_per_s"),
         "step_time_s_p50": r.get("step_time_s_p50"),
+        "peak_tensor_mib_max": _max_mib(ranks, "peak_tensor_bytes"),
         "peak_mem_mib_max": max((x["peak_mem_bytes"] for x in ranks), default=float("nan")) / 2**20,
         "peak_rss_mib_max": _max_mib(ranks, "peak_rss_bytes"),
         "params_share_max": max((x["param_count"] for x in ranks), default=float("nan")) / full_params,
