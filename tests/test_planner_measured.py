@@ -1,10 +1,12 @@
 """The planner's per-rank predictions against what real tiny and small runs measure (torchrun, gloo, CPU ranks).
 
-Every rank's measured parameter bytes, AdamW state bytes (runner/job.py sums the optimizer's state tensors)
-and, under ZeRO, gradient bytes (the strategy's grad_bytes figure) must be within 10% of the prediction --
-in fact they match to the byte, and the test says so when they do not. Pipeline ranks also report the most
-microbatches they held at once, which the memory model's in-flight count must equal, and the bytes autograd
-saved at the peak (the engine's count), which the activation model must meet within 10%.
+Every rank's predicted peak (RankMemory.total) must be within 10% of its measured tensor peak -- the most bytes
+its tensors held at once in a step (runner/resources.py `peak_tensor_bytes`, the same figure CUDA's allocator
+gives). So must its parameter bytes, AdamW state bytes (runner/job.py sums the optimizer's state tensors) and,
+under ZeRO, gradient bytes (the strategy's grad_bytes figure) -- in fact they match to the byte, and the test
+says so when they do not. Pipeline ranks also report the most microbatches they held at once, which the memory
+model's in-flight count must equal, and the bytes autograd saved at the peak (the engine's count), which the
+activation model must meet within 10%.
 """
 
 from __future__ import annotations
@@ -96,6 +98,10 @@ def compare(spec: RunSpec, ranks: list[dict], tolerance: float = 0.10, exact_onl
             pairs.append(("in_flight", pred.in_flight * v, r["max_inflight_microbatches"]))
         if r.get("peak_activation_bytes") and not exact_only:  # what the engine counted autograd saving, at its peak
             pairs.append(("activation_bytes", pred.activation_bytes, r["peak_activation_bytes"]))
+        if not exact_only and work.workload == "train":
+            # the whole: the most the rank's tensors held at once (runner/resources.py); forward and generate are
+            # modelled as one layer's working set, which is not held to a bound
+            pairs.append(("peak bytes", pred.total, r.get("peak_tensor_bytes")))
         for what, p, m in pairs:
             if m is None or abs(p - m) > tolerance * max(abs(m), 1):
                 off.append(f"rank {r['rank']} (pp {r['pp']}): {what} predicted {p} vs measured {m}")

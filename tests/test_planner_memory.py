@@ -11,9 +11,9 @@ from runner.gpt.config import PRESETS, count_parameters
 from runner.planner.devices import preset
 from runner.planner.layouts import GUIDE_175B_LAYOUT, GUIDE_175B_WORK, evaluate
 from runner.planner.memory import (
+    backward_points,
     checkpointed_layer_bytes,
     full_parameters,
-    held_chunk_counts,
     in_flight,
     lab_layer_activation_bytes,
     layer_activation_bytes,
@@ -178,7 +178,8 @@ def test_an_interleaved_rank_holds_the_heads_share_only_for_its_last_chunks_micr
     engine's order (runner/schedule_ops.py interleaved_ops): F0.0 F0.1 F1.0 B1.0 F1.1 B1.1 F0.2 B0.0 F0.3 ...:
     at its fullest it holds two microbatches of chunk 0 and one of chunk 1, or three of chunk 0 -- never two of
     the head's chunk, which a count of chunk-microbatches times an average chunk would assume."""
-    assert set(held_chunk_counts("interleaved-1f1b", 2, 4, 1, 2)) == {(2, 1), (3, 0)}
+    held = {pt.held for pt in backward_points("interleaved-1f1b", 2, 4, 1, 2)}
+    assert {(2, 1), (3, 0)} <= held and max(x[1] for x in held) == 1
     work = Workload(batch=8, seq=16, microbatches=4, schedule="interleaved-1f1b", virtual_stages=2)
     layer = 17 * 16 * 2 * 64 * 4  # one float32 layer (each chunk holds one of the 4 layers), microbatch of 2
     head = 2 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
@@ -188,7 +189,7 @@ def test_an_interleaved_rank_holds_the_heads_share_only_for_its_last_chunks_micr
             if schedule == "interleaved-1f1b" and m % p:
                 continue
             for r in range(p):  # the replay counts what the closed forms of in_flight say
-                most = max(sum(vec) for vec in held_chunk_counts(schedule, p, m, r, v))
+                most = max(sum(pt.held) for pt in backward_points(schedule, p, m, r, v))
                 assert most == in_flight(schedule, p, m, r, v) * v, (schedule, p, m, r, v)
 
 
@@ -202,10 +203,13 @@ def test_adamw_step_temporaries_and_the_peak_by_hand():
     assert foreach.optimizer_step_bytes == psi * 4
     loop = rank_memory(TINY, Layout(), replace(work, adamw="for-loop"), 0)
     assert loop.optimizer_step_bytes == 2 * 512 * 64 * 4
+    # one rank, one microbatch: the peak is its first backward's start, before any gradient exists
     during = loop.activation_bytes + loop.transient_bytes
-    assert during > loop.optimizer_step_bytes and loop.total == loop.states_bytes + during
+    assert during > loop.grad_bytes + loop.optimizer_step_bytes
+    assert loop.total == loop.param_bytes + loop.optimizer_bytes + during
     small_batch = rank_memory(TINY, Layout(), Workload(batch=1, seq=4, checkpoint="blocks"), 0)
     assert small_batch.total == small_batch.states_bytes + small_batch.optimizer_step_bytes  # the step's is larger
+    assert small_batch.peak_at.startswith("AdamW's step")
     zero1 = rank_memory(TINY, Layout(dp=2, zero_stage=1), work, 0)
     block = 12 * 64 * 64 + 13 * 64
     outer = 512 * 64 + TINY.block_size * 64 + 2 * 64
@@ -237,3 +241,32 @@ def test_worst_rank_is_reported():
     w = Workload(batch=8, seq=16, microbatches=4)
     worst = layout_memory(TINY, Layout(pp=2), w)
     assert worst.total == max(rank_memory(TINY, Layout(pp=2), w, r).total for r in range(2))
+
+
+def test_the_peak_falls_where_the_schedule_puts_it_by_hand():
+    """TINY, batch 8, seq 16, float32 (4 bytes), width 64, vocabulary 512. zero_grad(set_to_none=True) frees the
+    gradients at each step's start: a rank holds them only from the end of its first backward pass."""
+    layer = 17 * 16 * 64 * 4  # one layer's saved values per sequence
+    head = 2 * 16 * 64 * 4 + 16 * 512 * 4  # final LayerNorm and head inputs, log-softmax, per sequence
+    logits = 16 * 512 * 4  # per sequence
+    # one rank: all 8 sequences' activations and cross entropy's two transient logit tensors, no gradient yet
+    one = rank_memory(TINY, Layout(), Workload(batch=8, seq=16), 0)
+    assert one.total == one.param_bytes + one.optimizer_bytes + 8 * (4 * layer + head) + 2 * 8 * logits
+    assert one.peak_at == "the first backward pass (no gradients yet)"
+    # GPipe, stage 0 of 2 (2 layers), 4 microbatches of 2: its first backward finds 4 microbatches held and no
+    # gradient; its second 3, the gradients, and the largest tensor's gradient twice (the 512 x 64 embedding)
+    gpipe = Workload(batch=8, seq=16, microbatches=4, schedule="gpipe")
+    g0 = rank_memory(TINY, Layout(pp=2), gpipe, 0)
+    first = 4 * 2 * 2 * layer
+    second = 3 * 2 * 2 * layer + g0.grad_bytes + 512 * 64 * 4
+    assert g0.total == g0.param_bytes + g0.optimizer_bytes + max(first, second)
+    # ZB-H1's last stage (F0 B0 F1 B1 W0 F2 B2 W1 ...): W runs a microbatch behind B, so W1 finds the records B1
+    # and B2 left for it -- per token 7h + 4h values a layer (2 layers), the head's logits and the final LayerNorm's
+    # output -- beside two microbatches in flight (less cross entropy's log-softmax, freed at B's end), the
+    # gradients and accumulation's extra copy of the embedding's
+    zb = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, schedule="zb-h1"), 1)
+    records = 2 * 16 * (2 * 11 * 64 + 512 + 64) * 4  # one microbatch of 2 sequences
+    held = 2 * (2 * 2 * layer + 2 * head) - 2 * 2 * logits
+    with_grads = zb.grad_bytes + 512 * 64 * 4
+    assert zb.total == zb.param_bytes + zb.optimizer_bytes + held + 2 * records + with_grads
+    assert zb.peak_at == "a backward pass after the first (gradients held)"

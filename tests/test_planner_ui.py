@@ -69,7 +69,7 @@ def test_launch_stores_the_prediction_and_compare_reads_it(engine):
     # what Compare shows: the rank's measured figures beside the prediction
     measured = [{"rank": r, "pp": r, "param_bytes": s["param_bytes"], "optimizer_bytes": s["optimizer_bytes"] + 4,
                  "max_inflight_microbatches": s["in_flight"], "bubble_fraction": 0.4,
-                 "peak_activation_bytes": s["activation_bytes"] // 2, "peak_mem_bytes": 2 * s["total"]}
+                 "peak_activation_bytes": s["activation_bytes"] // 2, "peak_tensor_bytes": 2 * s["total"]}
                 for r, s in enumerate(pred["stages"])]  # fmt: skip
     t = P.predicted_vs_measured(pred, measured, step_time_s=0.2)
     params = t[t.figure == "parameter bytes"]

@@ -74,6 +74,7 @@ def _row(c: Candidate, unit: tuple[str, int] = ("GiB", GiB)) -> dict[str, Any]:
             f"activations {u}": round(m.activation_bytes / div, 2),
             f"KV cache {u}": round(m.kv_cache_bytes / div, 2),
             f"transient {u}": round(m.transient_bytes / div, 2),
+            "peak at": m.peak_at,  # why the total is not the sum: gradients and transients come and go
         }
     if s is not None:
         row |= {
@@ -202,9 +203,10 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
                           step_time_s: float | None = None) -> pd.DataFrame:  # fmt: skip
     """Per rank: predicted against measured parameter, optimizer and gradient bytes, the activations autograd saved
     at the peak (the engine's own count), the rank's whole memory (the prediction's total against the run's measured
-    peak: CUDA's max_memory_allocated, or on a CPU the resident memory the timed steps added, which also holds the
-    allocator's and the process's own overhead) and in-flight microbatches, and one row for the step time and bubble
-    (what Compare shows for runs launched from a plan)."""
+    tensor peak, `peak_tensor_bytes`: CUDA's max_memory_allocated, or on a CPU the profiler's count of a step's
+    allocations, runner/resources.py; runs recorded before it have none, and their resident-memory figure also
+    holds the process's own, so it is not compared) and in-flight microbatches, and one row for the step time and
+    bubble (what Compare shows for runs launched from a plan)."""
     rows = []
     stages = prediction.get("stages") or []
     for r in ranks:
@@ -216,7 +218,7 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
                                         ("optimizer bytes", "optimizer_bytes", "optimizer_bytes"),
                                         ("gradient bytes", "grad_bytes", "grad_bytes"),
                                         ("saved activation bytes", "activation_bytes", "peak_activation_bytes"),
-                                        ("memory per rank (peak)", "total", "peak_mem_bytes")):  # fmt: skip
+                                        ("memory per rank (peak)", "total", "peak_tensor_bytes")):  # fmt: skip
             measured = r.get(measured_key)
             if measured is None or key not in pred:
                 continue

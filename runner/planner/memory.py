@@ -64,22 +64,41 @@ Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/sched
   (Megatron's warm-up count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth
   on rank 0).
 The last virtual stage also keeps, per microbatch, the final LayerNorm's input (residual width), the head's
-input (compute width) and cross entropy's float32 log-softmax (b*s*V_pad/t); the log-softmax's gradient, of
-the same size, exists while that backward runs. Int64 token ids and targets and the LayerNorms' statistics
-(O(b*s), not O(b*s*h)) are left out. An interleaved rank's chunks differ (only one holds the head), so its peak
-is not a count of chunk-microbatches times an average chunk: `held_chunk_counts` replays the rank's schedule
-(runner/schedule_ops.py, the lists the engine runs) and the peak is the heaviest of the chunk counts it held.
-Transient bytes (during a step only; `RankMemory.transient_bytes`): ZeRO-3's gathered units, a checkpointed
-block's recompute, the log-softmax's gradient (and under bf16-mixed the head's bfloat16 logits beside their
-float32 copy), and, when a rank accumulates over microbatches, its largest tensor's gradient a second time
-(autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad).
-AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations, so the peak is the
-states plus the larger of the two: torch's foreach AdamW (its default on GPUs) makes one temporary the size of
-everything it steps (the square roots of the second moments; the rank's shards under ZeRO), its for-loop AdamW
-(the default on CPUs) two of the largest tensor's size (that square root and the quotient).
-What is not modelled: the backward's own gradients of activations, allocator rounding and fragmentation, and on
-a CPU the process's resident overhead. The total is therefore compared with a run's measured peak on Compare
-and in the README, not held to a bound in the tests; states and saved activations are.
+input (compute width) and cross entropy's float32 log-softmax (b*s*V_pad/t). Int64 token ids and targets and the
+LayerNorms' statistics (O(b*s), not O(b*s*h)) are left out.
+
+The peak (`RankMemory.total`, what must fit). zero_grad(set_to_none=True) frees the gradients at each step's
+start, so they are not there while the first microbatches' activations pile up. The peak therefore falls at the
+start of some backward pass -- activations only grow by forwards, each followed by a backward that finds at least
+as much held -- or in AdamW's step. `backward_points` replays the rank's schedule (runner/schedule_ops.py, the
+lists the engine runs) and at each backward's start counts: the parameters and AdamW's moments; the activations of
+the chunk-microbatches held (an interleaved rank's chunks differ, only one holding the head, so it is the chunks
+held, not a count times an average chunk); the gradients only if an earlier pass made them; and the transients:
+- on the head's chunk, cross entropy's backward: the loss's gradient beside the log-softmax, then the logits'
+  gradient -- two b*s*V_pad/t float32 tensors beyond the saved one (tensor parallel: its forward's shifted logits
+  and their exponentials, its backward's two copies; under bf16-mixed the bfloat16 logits as well);
+- ZeRO-3's gathered units (the outer one throughout; while a block's backward runs, that block, the prefetched
+  one and, without a pipeline, the block's full gradients), a checkpointed block's recompute, autocast's casts of
+  checkpointed blocks;
+- when gradients exist and the rank accumulates over microbatches, its largest tensor's gradient a second time
+  (autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad); ZeRO-2/3 in a
+  pipeline, the stage's full gradients;
+- ZeRO-1, at the backward's end: each unit's gradients flattened into its all-reduce buffer beside the
+  parameters' own gradients (twice the gradients, no activations left);
+- ZB-H1: what B recorded for each microbatch still awaiting its W (the gradient at every weight's branch point,
+  runner/gpt/schedules.py: 7h/t + 4h values a token a layer, and the logits' on the head's chunk, where B's end
+  frees cross entropy's saved log-softmax: W never runs those nodes, and the loss that held them is dropped).
+So GPipe's first stage peaks at its second backward (m - 1 microbatches and the gradients) or its first (m, none),
+whichever is larger, and a single rank at its first backward with no gradient yet.
+AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations: the gradients plus
+torch's foreach AdamW's one temporary the size of everything it steps (its default on GPUs: the square roots of
+the second moments; the rank's shards under ZeRO), or its for-loop AdamW's two of the largest tensor's size (the
+default on CPUs: that square root and the quotient).
+What is not modelled: the backward's own gradients of activations (one layer's at a time), allocator rounding and
+fragmentation, and the process's own memory (a CUDA context, gloo's buffers, on a CPU the interpreter). Runs
+measure the same thing (runner/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
+profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds the peak to 10% of it on
+tiny and small runs of every strategy.
 Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t values (float32, else bf16).
 """
 
@@ -233,23 +252,45 @@ def in_flight(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> float:
     return float(min(pp - stage, m))  # 1f1b
 
 
+@dataclass(frozen=True)
+class BackwardPoint:
+    """A moment a rank's peak can fall on: the start of one of its backward passes. Activations only grow by
+    forwards and each forward is followed, sooner or later, by a backward that finds at least as much held."""
+
+    held: tuple[int, ...]  # chunk-microbatches whose activations the rank holds, per local chunk
+    awaiting_w: tuple[int, ...]  # of those, the ones whose B ran and W has not (split backward only)
+    grads: bool  # an earlier pass made the gradients (zero_grad(set_to_none=True) drops them at each step's start)
+    chunk: int  # the local chunk the pass runs
+    kind: str  # "B" (a whole backward, or a split one's input pass) or "W" (a split backward's weight pass)
+
+
 @functools.lru_cache(maxsize=1024)
-def held_chunk_counts(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[tuple[int, ...], ...]:
-    """Chunk-microbatches pipeline rank `stage` holds per local chunk right after each of its forwards, as the
-    engine runs its schedule (runner/schedule_ops.py: a forward saves, the backward -- the W pass of a split
-    one -- frees); only the vectors no other one exceeds on every chunk, since those alone can be the peak
-    whatever each chunk's bytes. The closed forms of `in_flight` count the same (tests/test_planner_memory.py);
-    this is what weighs an interleaved rank's chunks differently (the last virtual stage's head)."""
-    held = [0] * v
-    seen: set[tuple[int, ...]] = set()
-    frees = "W" if splits_backward(schedule) else "B"
-    for op in schedule_ops(schedule, m, pp, stage, v):
+def backward_points(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[BackwardPoint, ...]:
+    """The start of every backward pass of pipeline rank `stage`, replaying the schedule the engine runs
+    (runner/schedule_ops.py; without a pipeline, pp = 1: one forward and one backward). A forward saves, the
+    backward frees (a split backward's W frees; on the first virtual stage, which has no input gradient, W runs
+    the whole backward and its B nothing). Gradients exist from the end of the first pass that makes them."""
+    held, awaiting = [0] * v, [0] * v
+    grads = False
+    split = splits_backward(schedule)
+    points: dict[BackwardPoint, None] = {}
+    for op in schedule_ops(schedule if pp > 1 else "gpipe", m, pp, stage, v):
+        c = op.chunk
         if op.kind == "F":
-            held[op.chunk] += 1
-            seen.add(tuple(held))
-        elif op.kind == frees:
-            held[op.chunk] -= 1
-    return tuple(x for x in seen if not any(y != x and all(a >= b for a, b in zip(y, x, strict=True)) for y in seen))
+            held[c] += 1
+            continue
+        first = c * pp + stage == 0
+        if split and op.kind == "B" and first:
+            continue
+        points[BackwardPoint(tuple(held), tuple(awaiting), grads, c, op.kind)] = None
+        if split and op.kind == "B":
+            awaiting[c] += 1
+            continue
+        if split and not first:
+            awaiting[c] -= 1
+        held[c] -= 1
+        grads = True
+    return tuple(points)
 
 
 def zero_paper_bytes(psi: float, nd: int, stage: int, k: int = 12) -> float:
@@ -275,11 +316,13 @@ class RankMemory:
     optimizer_bytes: int
     activation_bytes: int
     kv_cache_bytes: int
-    transient_bytes: int  # during a step only: gathered ZeRO-3 units, autocast copies, logits, recompute
+    transient_bytes: int  # at the peak, during a step only: gathered ZeRO-3 units, W's records, logits, recompute
     microbatch_size: int
     in_flight: float
     notes: tuple[str, ...] = field(default_factory=tuple)
     optimizer_step_bytes: int = 0  # AdamW's temporaries while it steps, after the backward freed the activations
+    peak_bytes: int = 0  # the most the rank holds at once in a step (module docstring: "The peak")
+    peak_at: str = ""  # the moment it holds it, in words
 
     @property
     def states_bytes(self) -> int:
@@ -287,10 +330,8 @@ class RankMemory:
 
     @property
     def total(self) -> int:
-        """The peak: the states, plus whichever is larger -- the forward and backward's activations and
-        transients, or the optimizer step's temporaries (they never coexist: the step runs after the backward)."""
-        during = max(self.activation_bytes + self.transient_bytes, self.optimizer_step_bytes)
-        return self.states_bytes + self.kv_cache_bytes + during
+        """What must fit on the device: the step's peak (module docstring)."""
+        return self.peak_bytes
 
     def to_dict(self) -> dict:
         return {**asdict(self), "notes": list(self.notes), "total": self.total}
@@ -326,8 +367,9 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     params = sharded if zero == 3 else psi
     grads = 0
     optimizer = 0
-    transient = 0
     step_bytes = 0
+    always = 0  # transient bytes at every moment of a step
+    full_grads = 0  # bytes a rank's gradients take beyond their resting size while its backward passes run
     if train:
         # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit
         if work.adamw == "foreach":
@@ -341,24 +383,29 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             else (2 * psi * w + ADAM_STEP_BYTES * n_tensors)
         )
         if zero >= 2 and pp > 1:  # inside a pipeline all of the stage's full gradients exist before reducing
-            transient += (psi - sharded) * w
+            full_grads = (psi - sharded) * w
             notes.append("ZeRO-2/3 in a pipeline: the stage's full gradients exist until the reduce-scatter")
-    if zero == 3:  # gathered during a step: the outer unit, the running block and the prefetched one
-        gathered = sp.outer + min(2, len(sp.layers)) * sp.block
-        transient += gathered * w
+    in_blocks = 0  # transient bytes while a block runs (not during the head's cross entropy)
+    if zero == 3:
+        # gathered during a step: the outer unit throughout (runner/gpt/zero.py), and while a block runs, that block and
+        # the prefetched next one
+        always += sp.outer * w
+        in_blocks += min(2, len(sp.layers)) * sp.block * w
         if train and pp == 1:
-            transient += sp.block * w  # one unit's full gradients before its reduce-scatter
+            in_blocks += sp.block * w  # one unit's full gradients before its reduce-scatter
     m = work.microbatches_for(layout)
     rows = max(1, work.batch // dp)
     mb = max(1, rows // m) if work.workload == "train" else rows
+    accumulate = 0
     if train and m > 1:
         # Accumulating over microbatches, autograd computes a parameter's gradient into a fresh tensor and then adds
         # it to .grad: the largest tensor's gradient exists twice for a moment.
-        transient += largest * w
+        accumulate = largest * w
         notes.append("microbatches accumulate gradients: the largest tensor's gradient counted twice")
     s, h, a = work.seq, cfg.n_embd, cfg.n_head
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
-    activations = 0.0
+    activations = 0
+    transient = always
     kv = 0
     if train:
         every = work.checkpoint_every
@@ -368,11 +415,18 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         split = tp if tp > 1 and work.sequence_parallel else 1
         logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
         # The last virtual stage's head: the final LayerNorm's input (residual width), the head's input (its
-        # output, at the compute width) and cross entropy's float32 log-softmax; its gradient is transient.
+        # output, at the compute width) and cross entropy's float32 log-softmax.
         head = (residual + compute) * s * mb * h // split + logits
+        # What a split backward's B records for its W, per microbatch (runner/gpt/schedules.py): the gradient
+        # arriving at each weight's branch point -- the outputs of c_attn (3h/t), attention's c_proj (h), c_fc (4h/t),
+        # the MLP's c_proj (h) and the two LayerNorms (h each) -- and on the head's chunk the logits' and the final
+        # LayerNorm's.
+        whole = 4 / tp if work.sequence_parallel else 4
+        recorded_layer = s * mb * h * (7 / tp + whole) * compute
+        recorded_head = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * compute + s * mb * h // split * compute
         bf16_mixed = work.dtype == "bf16-mixed"
         head_matmul = sp.matmul - sp.block_matmul * len(sp.layers)  # the head's (tied) weight on the last stage
-        per_chunk = []
+        per_chunk, recorded = [], []
         n_ckpt = 0
         for c in range(v):
             layers = sp.layers[c * len(sp.layers) // v : (c + 1) * len(sp.layers) // v]
@@ -386,29 +440,61 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
                 # cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
                 saved += 2 * sp.block_matmul * (len(layers) - ckpts) + (2 * head_matmul if last else 0)
             per_chunk.append(saved)
-        if n_ckpt:
-            transient += int(full)  # the block being recomputed
-        if stage == pp - 1:
-            transient += logits  # the log-softmax's gradient while cross entropy's backward runs
-            if bf16_mixed:  # the head's bfloat16 logits exist beside their float32 copy
-                transient += logits // LOGIT_BYTES * 2
+            # (once B has run, the loss is dropped and with it cross entropy's nodes, which W never runs: their saved
+            # log-softmax goes, W's records take its place)
+            recorded.append(len(layers) * recorded_layer + (recorded_head - logits if last else 0))
+        recompute = int(full) if n_ckpt else 0  # the block being recomputed
+        # Cross entropy's backward on the head's chunk: the loss's gradient beside the log-softmax, then the logits'
+        # gradient (tensor parallel: its forward's shifted logits and their exponentials, its backward's two copies).
+        head_backward = 2 * logits
         if bf16_mixed:
-            transient += 2 * sp.block_matmul * n_ckpt
+            head_backward += logits // LOGIT_BYTES * 2  # the head's bfloat16 logits beside their float32 copy
+            always += 2 * sp.block_matmul * n_ckpt
             notes.append("bf16-mixed: autocast's bfloat16 weight copies counted (2 bytes a matmul weight)")
-        if v == 1:  # (a rank without a pipeline holds one chunk: Workload.chunks_for)
-            activations = flight * per_chunk[0]
-        elif m % pp:  # no such interleaved schedule (validation says so): the closed form's average chunk
-            activations = flight * sum(per_chunk)
+        if v > 1 and m % pp:  # no such interleaved schedule (validation says so): the closed form's average chunk
+            points: tuple[BackwardPoint, ...] = (BackwardPoint((1,) * v, (0,) * v, True, v - 1, "B"),)
+            per_chunk = [flight * b for b in per_chunk]
         else:
-            held = held_chunk_counts(work.schedule, pp, m, stage, v)
-            activations = max(sum(n * b for n, b in zip(vec, per_chunk, strict=True)) for vec in held)
+            points = backward_points(work.schedule, pp, m, stage, v)
+        split_b = splits_backward(work.schedule)
+        during = -1
+        for pt in points:
+            held = sum(n * b for n, b in zip(pt.held, per_chunk, strict=True))
+            head_chunk = pt.chunk * pp + stage == pp * v - 1
+            whole = pt.kind == "B" and not split_b or pt.kind == "W" and pt.chunk * pp + stage == 0
+            weights = whole or pt.kind == "W"  # the pass makes weight gradients
+            acc = accumulate if pt.grads and weights else 0
+            # One pass's transients follow one another: cross entropy's backward (two logit tensors), then the head's
+            # matmul (the logits' gradient and, accumulating, the embedding's fresh gradient), then each block's
+            # (its recompute, its fresh gradients).
+            moments = [in_blocks + recompute + acc]
+            if head_chunk and pt.kind == "B":
+                moments += [head_backward, logits + acc]
+            extra = always + max(moments) + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
+            made = grads * w + full_grads if pt.grads else 0
+            activations = max(activations, int(held))
+            if held + made + extra > during:
+                during, transient, grads_then = int(held + made + extra), int(extra), pt.grads
+        if zero == 1:
+            # the backward's end: every unit's gradients flattened into its all-reduce buffer beside the parameters'
+            # own, until the reductions complete and the gradients become views of it (runner/gpt/zero.py)
+            if 2 * grads * w > during:
+                during, transient, grads_then = 2 * grads * w, grads * w, True
+        step = grads * w + step_bytes
+        if step > during:
+            peak, peak_at = params * w + optimizer + step, "AdamW's step (the gradients and its temporaries)"
+        elif grads_then:
+            peak, peak_at = params * w + optimizer + during, "a backward pass after the first (gradients held)"
+        else:
+            peak, peak_at = params * w + optimizer + during, "the first backward pass (no gradients yet)"
     else:
         # inference keeps no activations for backward: one layer's working set at a time
-        transient += int(_layer_bytes(work, s, mb, h, a, tp))
+        transient += in_blocks + int(_layer_bytes(work, s, mb, h, a, tp))
         if stage == pp - 1:
             transient += mb * (s if work.workload == "forward" else 1) * padded_vocab(cfg.vocab_size, tp) // tp * 4
         if work.workload == "generate":
             kv = 2 * len(sp.layers) * mb * (s + work.new_tokens) * (h // tp) * work.activation_width
+        peak, peak_at = params * w + kv + transient, work.workload
     return RankMemory(
         stage=stage,
         param_count=params,
@@ -422,6 +508,8 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         in_flight=flight,
         notes=tuple(notes),
         optimizer_step_bytes=int(step_bytes),
+        peak_bytes=int(peak),
+        peak_at=peak_at,
     )
 
 
