@@ -42,6 +42,7 @@ import ctypes
 import gc
 import os
 import resource
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -185,8 +186,11 @@ class MemoryMeter:
         steps' allocator peak, on CPU measured by running `step` twice more. Call after figures()."""
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        print("tensor peak: 2 untimed steps under the profiler", flush=True)  # the rank log says why it is not done
-        return cpu_tensor_peak(step)
+        start = time.perf_counter()
+        peak = cpu_tensor_peak(step)
+        # the rank log says what ran after the last timed step
+        print(f"tensor peak: 2 untimed steps under the profiler, {time.perf_counter() - start:.2f} s", flush=True)
+        return peak
 
 
 MEASURED_STEP = "lab.memory_step"
@@ -213,8 +217,7 @@ def cpu_tensor_peak(step: Callable[[], None]) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-        gc.collect()
-        held = live_tensor_bytes()
+        held = live_tensor_bytes()  # (garbage not yet collected is memory still held: no gc.collect here)
         with record_function(MEASURED_STEP):
             step()
     events = list(_walk(prof.profiler.kineto_results.experimental_event_tree()))

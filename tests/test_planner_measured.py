@@ -83,7 +83,7 @@ ALL = os.environ.get("LAB_PLANNER_ALL_STRATEGIES") == "1"
 
 def compare(spec: RunSpec, ranks: list[dict], tolerance: float = 0.10, exact_only: bool = False) -> list[str]:
     """Every figure off by more than `tolerance` (a share of the measured), as "rank r: what predicted vs measured"."""
-    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec)
+    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec, "cpu")  # CPU ranks: for-loop AdamW
     off = []
     for r in ranks:
         pred = rank_memory(cfg, layout, work, r["pp"])

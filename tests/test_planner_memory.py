@@ -219,8 +219,18 @@ def test_adamw_step_temporaries_and_the_peak_by_hand():
 def test_kv_cache_by_hand():
     w = Workload(workload="generate", batch=2, seq=10, new_tokens=6)
     m = rank_memory(TINY, Layout(), w, 0)
-    assert m.kv_cache_bytes == 2 * 4 * 2 * (10 + 6) * 64 * 4  # K and V, 4 layers, b 2, 16 positions, h, fp32
+    # K and V, 4 layers, b 2, 15 positions (the prompt's 10 and 5 of the 6 tokens: the last is picked, never
+    # cached), h, fp32
+    assert m.kv_cache_bytes == 2 * 4 * 2 * (10 + 5) * 64 * 4
     assert rank_memory(TINY, Layout(tp=2), w, 0).kv_cache_bytes == m.kv_cache_bytes // 2
+    # its peak, the larger of: the prompt's pass (10 positions cached, a block's working set of 3 + 8 values a token)
+    # and the last token's (the whole cache, one layer's keys copied by torch.cat)
+    prompt = 2 * 4 * 2 * 10 * 64 * 4 + 10 * 2 * 64 * 11 * 4
+    last = m.kv_cache_bytes + 2 * 15 * 64 * 4
+    assert m.total == m.param_bytes + max(prompt, last)
+    # forward: the loss over every sequence's logits -- the logits and the log-softmax, b s V float32 each
+    f = rank_memory(TINY, Layout(), Workload(workload="forward", batch=2, seq=10), 0)
+    assert f.total == f.param_bytes + 2 * 2 * 10 * 512 * 4 and f.peak_at.startswith("forward: the loss")
 
 
 def test_guide_175b_layout_fits_on_80_gib_and_one_gpu_does_not():

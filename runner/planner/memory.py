@@ -83,8 +83,11 @@ held, not a count times an average chunk); the gradients only if an earlier pass
 - when gradients exist and the rank accumulates over microbatches, its largest tensor's gradient a second time
   (autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad); ZeRO-2/3 in a
   pipeline, the stage's full gradients;
-- ZeRO-1, at the backward's end: each unit's gradients flattened into its all-reduce buffer beside the
-  parameters' own gradients (twice the gradients, no activations left);
+- data parallelism and ZeRO-1, at the backward's end: the gradients flattened into the all-reduce buffers
+  (buckets, ZeRO-1's units) beside the parameters' own (twice the gradients, no activations left); ZeRO-2/3
+  without a pipeline, while a unit is reduce-scattered: its gradients, their flattened copy and the previous
+  unit's in flight, which gloo copies (three of the largest unit's, four over gloo, less the block activations
+  its backward freed);
 - ZB-H1: what B recorded for each microbatch still awaiting its W (the gradient at every weight's branch point,
   runner/gpt/schedules.py: 7h/t + 4h values a token a layer, and the logits' on the head's chunk, where B's end
   frees cross entropy's saved log-softmax: W never runs those nodes, and the loss that held them is dropped).
@@ -97,9 +100,14 @@ default on CPUs: that square root and the quotient).
 What is not modelled: the backward's own gradients of activations (one layer's at a time), allocator rounding and
 fragmentation, and the process's own memory (a CUDA context, gloo's buffers, on a CPU the interpreter). Runs
 measure the same thing (runner/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
-profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds the peak to 10% of it on
-tiny and small runs of every strategy.
-Generate keeps a KV cache of 2 * layers * b * (s + new_tokens) * h/t values (float32, else bf16).
+profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds a training step's peak
+to 10% of it on tiny and small runs of every strategy.
+Forward and generate (`_inference_bytes`) keep nothing for a backward: a block's working set (its input, the
+residual after attention, the LayerNorm's output, c_fc's output and GELU's), and on the last stage the loss over
+the gathered logits (the logits, a float32 copy when they are narrower, the log-softmax; under tensor
+parallelism the gather's shards beside it). Not held by a test: tensor parallelism's collectives over gloo keep
+buffers alive that this leaves out (README). Generate keeps a KV cache of 2 * layers * b * (s + new_tokens - 1) * h/t values (float32, else
+bf16), its peak either the prompt's pass or the last token's, when torch.cat grows a layer's keys by a copy.
 """
 
 from __future__ import annotations
@@ -444,6 +452,13 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             # log-softmax goes, W's records take its place)
             recorded.append(len(layers) * recorded_layer + (recorded_head - logits if last else 0))
         recompute = int(full) if n_ckpt else 0  # the block being recomputed
+        reducing = 0
+        if zero >= 2 and pp == 1:
+            # a unit's gradients reduce-scattered during the backward (runner/gpt/zero.py): its parameters' gradients,
+            # their flattened copy, and the previous unit's still in flight (and gloo's copy of it) -- three or four of
+            # the largest unit's, once the backward has freed that unit's block's activations
+            copies = 4 if work.backend == "gloo" else 3
+            reducing = max(0, copies * max(units) * w - int(full))
         # Cross entropy's backward on the head's chunk: the loss's gradient beside the log-softmax, then the logits'
         # gradient (tensor parallel: its forward's shifted logits and their exponentials, its backward's two copies).
         head_backward = 2 * logits
@@ -467,7 +482,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             # One pass's transients follow one another: cross entropy's backward (two logit tensors), then the head's
             # matmul (the logits' gradient and, accumulating, the embedding's fresh gradient), then each block's
             # (its recompute, its fresh gradients).
-            moments = [in_blocks + recompute + acc]
+            moments = [in_blocks + recompute + acc, in_blocks + reducing]
             if head_chunk and pt.kind == "B":
                 moments += [head_backward, logits + acc]
             extra = always + max(moments) + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
@@ -475,9 +490,10 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             activations = max(activations, int(held))
             if held + made + extra > during:
                 during, transient, grads_then = int(held + made + extra), int(extra), pt.grads
-        if zero == 1:
-            # the backward's end: every unit's gradients flattened into its all-reduce buffer beside the parameters'
-            # own, until the reductions complete and the gradients become views of it (runner/gpt/zero.py)
+        if dp > 1 and zero <= 1:
+            # the backward's end: the gradients flattened into the all-reduce buffers (data parallelism's buckets,
+            # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py) beside the parameters' own, until the reductions
+            # complete and the gradients become views of them
             if 2 * grads * w > during:
                 during, transient, grads_then = 2 * grads * w, grads * w, True
         step = grads * w + step_bytes
@@ -488,13 +504,8 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         else:
             peak, peak_at = params * w + optimizer + during, "the first backward pass (no gradients yet)"
     else:
-        # inference keeps no activations for backward: one layer's working set at a time
-        transient += in_blocks + int(_layer_bytes(work, s, mb, h, a, tp))
-        if stage == pp - 1:
-            transient += mb * (s if work.workload == "forward" else 1) * padded_vocab(cfg.vocab_size, tp) // tp * 4
-        if work.workload == "generate":
-            kv = 2 * len(sp.layers) * mb * (s + work.new_tokens) * (h // tp) * work.activation_width
-        peak, peak_at = params * w + kv + transient, work.workload
+        transient, kv, peak_at = _inference_bytes(cfg, layout, work, stage, len(sp.layers), rows, always, in_blocks)
+        peak = params * w + kv + transient
     return RankMemory(
         stage=stage,
         param_count=params,
@@ -511,6 +522,44 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         peak_bytes=int(peak),
         peak_at=peak_at,
     )
+
+
+def _inference_bytes(
+    cfg: GPTConfig, layout: Layout, work: Workload, stage: int, layers: int, rows: int, always: int, in_blocks: int
+) -> tuple[int, int, str]:
+    """Forward and generate run without autograd (runner/gpt/pipeline.py, model.py): (transient bytes at the peak,
+    KV cache bytes, the peak's moment). Nothing is kept for a backward; a block holds its working set -- its input,
+    the residual after attention and the LayerNorm's output (h each), c_fc's output and GELU's (4h/t each) -- for
+    one microbatch."""
+    tp, pp = layout.tp, layout.pp
+    s, h = work.seq, cfg.n_embd
+    compute = work.activation_width
+    m = work.microbatches_for(layout)
+    mb = max(1, rows // m)
+    block = int(s * mb * h * (3 + 8 / tp) * compute) + in_blocks if layers else 0
+    if work.workload == "generate":
+        # every microbatch's cache, 2 x layers x (s + new_tokens - 1) positions x h/t (the last token is picked, not
+        # cached); the prompt's pass (prefill) caches s positions while a block works on them; the last pass grows
+        # each layer's keys by a copy (torch.cat), old and new side by side
+        per_position = 2 * layers * rows * (h // tp) * compute
+        kv = per_position * (s + work.new_tokens - 1)
+        prefill = per_position * s + block
+        growing = mb * (s + work.new_tokens - 1) * (h // tp) * compute if layers else 0
+        if prefill > kv + growing:  # (a short generation: the prompt's working set outweighs the cache's growth)
+            return always + prefill - kv, kv, "generate: the prompt's pass"
+        return always + growing, kv, "generate: the last token's pass"
+    head = 0
+    if stage == pp - 1:
+        vocab = padded_vocab(cfg.vocab_size, tp)
+        logits = rows * s * vocab * compute  # every microbatch's full logits, gathered under tensor parallelism
+        # the loss (runner/job.py): the logits, their float32 copy when they are narrower, the log-softmax
+        head = logits + rows * s * vocab * LOGIT_BYTES * (2 if compute != LOGIT_BYTES else 1)
+        if tp > 1:  # gathering a microbatch's: the earlier ones, its shards, the gathered tensor and the local shard
+            per_mb = mb * s * vocab * compute
+            head = max(head, logits - per_mb + int(per_mb * (2 + 1 / tp)))
+    if head > block:
+        return always + head, 0, "forward: the loss over the gathered logits"
+    return always + block, 0, "forward: a block's working set"
 
 
 def layout_memory(cfg: GPTConfig, layout: Layout, work: Workload) -> RankMemory:
@@ -532,6 +581,7 @@ def spec_workload(spec: Any, device: str | None = None) -> Workload:
     _, pp, _ = spec.degrees
     return Workload(
         adamw="for-loop" if (device or spec.device) == "cpu" else "foreach",
+        backend="gloo" if (device or spec.device) == "cpu" else "nccl",
         workload=spec.workload,
         batch=spec.batch,
         seq=spec.seq,

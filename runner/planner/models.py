@@ -72,6 +72,8 @@ class Workload:
     # parameter group (the square roots of the second moments); "for-loop" on CPUs, a tensor at a time, two
     # temporaries of the largest tensor's size (its square root and the quotient) at once.
     adamw: str = "foreach"
+    # The collectives' backend: "nccl" on GPUs; "gloo" on CPUs, whose reduce-scatter works on a copy of its input.
+    backend: str = "nccl"
 
     @property
     def checkpoint_every(self) -> int:
