@@ -63,6 +63,21 @@ CASES = {
     # the "small" preset (8 layers, width 256, vocabulary 8192), sequence 64
     "small-pipeline": {"strategy": "pipeline", "pp": 2, "microbatches": 2, "model": "small", "seq": 64},
     "small-3d-zero1": {"strategy": "3d", "tp": 2, "pp": 1, "dp": 2, "zero_stage": 1, "model": "small", "seq": 64},
+    # the other strategies on the small preset, at the shape the README reports (batch 8, sequence 128)
+    "small-single": {"strategy": "single", "model": "small", "batch": 8, "seq": 128},
+    "small-layer": {"strategy": "layer", "pp": 2, "model": "small", "batch": 8, "seq": 128},
+    "small-tensor": {"strategy": "tensor", "tp": 2, "model": "small", "batch": 8, "seq": 128},
+    "small-data": {"strategy": "data", "dp": 2, "model": "small", "batch": 8, "seq": 128},
+    "small-3d": {
+        "strategy": "3d",
+        "tp": 2,
+        "pp": 2,
+        "dp": 1,
+        "microbatches": 2,
+        "model": "small",
+        "batch": 8,
+        "seq": 128,
+    },  # fmt: skip
     "small-checkpoint": {
         "strategy": "pipeline",
         "pp": 2,
@@ -72,11 +87,11 @@ CASES = {
         "checkpoint": "every-2",
     },
 }
-# The tiny runs of every strategy and option are checked by the self-test's end-to-end test, over the 28 runs it
-# stores anyway (tests/test_selftest.py: states to the byte); the default suite adds two runs of the small preset
-# here (a deeper, wider model): a pipeline, whose saved activations are held to 10%, and ZeRO over a
-# tensor-parallel group; and a checkpointed pipeline, where the head's share matters most. Every case with
-# LAB_PLANNER_ALL_STRATEGIES=1.
+# The tiny runs of every strategy are checked by the self-test's end-to-end test, over the runs it stores anyway
+# (tests/test_selftest.py: states to the byte, saved activations and the whole peak within 10%); the default suite
+# adds two runs of the small preset here (a deeper, wider model): a pipeline and ZeRO over a tensor-parallel group;
+# and a checkpointed pipeline, where the head's share matters most. Every case -- every strategy and option on the
+# tiny model, every strategy on the small one -- with LAB_PLANNER_ALL_STRATEGIES=1 (2 min on 2 cores).
 FAST = {"small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks"}
 ALL = os.environ.get("LAB_PLANNER_ALL_STRATEGIES") == "1"
 
