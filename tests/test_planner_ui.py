@@ -92,7 +92,9 @@ def test_launch_stores_the_prediction_and_compare_reads_it(engine):
 def test_planner_page_renders_and_launches(engine):
     at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
     assert not at.exception
+    assert "`0`" not in [m.value for m in at.markdown]  # no bare expression shown by Streamlit's magic
     assert any("GPT-3 175B" in e.label for e in at.expander)
+    assert "peak at" in at.dataframe[1].value.columns  # the feasible layouts: the moment each one peaks
     assert "tp4 pp8 dp16 zero1" in list(at.dataframe[0].value.layout)
     assert at.get("vega_lite_chart")  # the predicted pipeline timeline of a pipelined gpt2 layout
     at.selectbox(key="planner_model").set_value("tiny")
