@@ -489,20 +489,21 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             made = grads * w + full_grads if pt.grads else 0
             activations = max(activations, int(held))
             if held + made + extra > during:
-                during, transient, grads_then = int(held + made + extra), int(extra), pt.grads
-        if dp > 1 and zero <= 1:
+                during, transient = int(held + made + extra), int(extra)
+                peak_at = (
+                    "a backward pass after the first (gradients held)"
+                    if pt.grads
+                    else "the first backward pass (no gradients yet)"
+                )
+        if dp > 1 and zero <= 1 and 2 * grads * w > during:
             # the backward's end: the gradients flattened into the all-reduce buffers (data parallelism's buckets,
             # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py) beside the parameters' own, until the reductions
             # complete and the gradients become views of them
-            if 2 * grads * w > during:
-                during, transient, grads_then = 2 * grads * w, grads * w, True
+            during, transient, peak_at = 2 * grads * w, grads * w, "the gradients' all-reduce at the backward's end"
         step = grads * w + step_bytes
         if step > during:
-            peak, peak_at = params * w + optimizer + step, "AdamW's step (the gradients and its temporaries)"
-        elif grads_then:
-            peak, peak_at = params * w + optimizer + during, "a backward pass after the first (gradients held)"
-        else:
-            peak, peak_at = params * w + optimizer + during, "the first backward pass (no gradients yet)"
+            transient, peak_at = 0, "AdamW's step (the gradients and its temporaries)"
+        peak = params * w + optimizer + max(during, step)
     else:
         transient, kv, peak_at = _inference_bytes(cfg, layout, work, stage, len(sp.layers), rows, always, in_blocks)
         peak = params * w + kv + transient
