@@ -106,8 +106,9 @@ Forward and generate (`_inference_bytes`) keep nothing for a backward: a block's
 residual after attention, the LayerNorm's output, c_fc's output and GELU's), and on the last stage the loss over
 the gathered logits (the logits, a float32 copy when they are narrower, the log-softmax; under tensor
 parallelism the gather's shards beside it). Not held by a test: tensor parallelism's collectives over gloo keep
-buffers alive that this leaves out (README). Generate keeps a KV cache of 2 * layers * b * (s + new_tokens - 1) * h/t values (float32, else
-bf16), its peak either the prompt's pass or the last token's, when torch.cat grows a layer's keys by a copy.
+buffers alive that this leaves out (README). Generate keeps a KV cache of 2 * layers * b * (s + new_tokens - 1)
+* h/t values (float32, else bf16), its peak either the prompt's pass or the last token's, when torch.cat grows a
+layer's keys by a copy.
 """
 
 from __future__ import annotations
@@ -476,9 +477,8 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         for pt in points:
             held = sum(n * b for n, b in zip(pt.held, per_chunk, strict=True))
             head_chunk = pt.chunk * pp + stage == pp * v - 1
-            whole = pt.kind == "B" and not split_b or pt.kind == "W" and pt.chunk * pp + stage == 0
-            weights = whole or pt.kind == "W"  # the pass makes weight gradients
-            acc = accumulate if pt.grads and weights else 0
+            makes_weight_grads = pt.kind == "W" or not split_b
+            acc = accumulate if pt.grads and makes_weight_grads else 0
             # One pass's transients follow one another: cross entropy's backward (two logit tensors), then the head's
             # matmul (the logits' gradient and, accumulating, the embedding's fresh gradient), then each block's
             # (its recompute, its fresh gradients).
