@@ -128,14 +128,14 @@ def test_korthikanti_gpt3_175b_layer():
 
 
 def test_our_blocks_saved_values_by_hand():
-    # s 4, b 2, h 8 (sbh 64): float32 2 LN inputs + c_attn, c_fc inputs + 13 split values = 17 x 4 bytes
-    assert lab_layer_activation_bytes(4, 2, 8) == 64 * 17 * 4
-    assert lab_layer_activation_bytes(4, 2, 8, tp=2) == 64 * (4 * 4 + 13 * 4 / 2)
-    assert lab_layer_activation_bytes(4, 2, 8, tp=2, sequence_parallel=True) == 64 * 17 * 4 / 2
-    # bf16-mixed: float32 residual stream (LayerNorm inputs), bf16 matmul inputs and outputs: 8 + 4 + 26
-    assert lab_layer_activation_bytes(4, 2, 8, residual=4, compute=2) == 64 * 38
-    # at 16 bits it is Korthikanti's 34 without the scores' 5as/h
-    assert lab_layer_activation_bytes(4, 2, 8, residual=2, compute=2) == layer_activation_bytes(4, 2, 8, 2) - 64 * 5
+    # s 4, b 2, h 8 (sbh 64): float32 2 LN inputs + c_attn, c_fc inputs + 12 split values = 16 x 4 bytes
+    assert lab_layer_activation_bytes(4, 2, 8) == 64 * 16 * 4
+    assert lab_layer_activation_bytes(4, 2, 8, tp=2) == 64 * (4 * 4 + 12 * 4 / 2)
+    assert lab_layer_activation_bytes(4, 2, 8, tp=2, sequence_parallel=True) == 64 * 16 * 4 / 2
+    # bf16-mixed: float32 residual stream (LayerNorm inputs), bf16 matmul inputs and outputs: 8 + 4 + 24
+    assert lab_layer_activation_bytes(4, 2, 8, residual=4, compute=2) == 64 * 36
+    # at 16 bits it is Korthikanti's 34 without the scores' 5as/h and the two dropout masks' sbh bytes each
+    assert lab_layer_activation_bytes(4, 2, 8, residual=2, compute=2) == layer_activation_bytes(4, 2, 8, 2) - 64 * 7
 
 
 def test_microbatches_in_flight():
@@ -155,19 +155,22 @@ def test_activations_of_a_1f1b_stage_by_hand():
     per_layer = 16 * 2 * 64 * (34 + 5 * 4 * 16 / 64) * 2
     assert m0.in_flight == 2 and m0.microbatch_size == 2
     assert m0.activation_bytes == int(2 * 2 * per_layer)  # 2 microbatches x 2 layers
-    # our fused attention keeps no s x s scores: 17 float32 values per s*b*h a layer
+    # our fused attention keeps no s x s scores: 16 float32 values per s*b*h a layer
     sdpa = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4), 0)
-    assert sdpa.activation_bytes == 2 * 2 * 17 * 16 * 2 * 64 * 4
-    # 4 microbatches accumulate gradients: the largest tensor's (the 512 x 64 embedding) exists twice for a moment
-    assert sdpa.transient_bytes == 512 * 64 * 4
+    assert sdpa.activation_bytes == 2 * 2 * 16 * 16 * 2 * 64 * 4
+    # its peak is B1 (1F1B: F0 F1 B0 F2 B1 ...), 2 microbatches held and the gradients made by B0; beyond those, the
+    # two microbatches' stage outputs the engine keeps for their backward (2 x 32 tokens x 64), and at the top
+    # block's start the gradient arriving (32 x 64), c_proj's input gradient (32 x 256) and its weight's fresh
+    # gradient (256 x 64), all float32
+    assert sdpa.transient_bytes == (2 * 32 * 64 + 32 * 64 + 32 * 256 + 256 * 64) * 4
     ck = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="blocks"), 0)
     assert ck.activation_bytes == int(2 * 2 * (2 * 16 * 2 * 64) * 2)  # 2sbh a layer, 4 bytes
     every2 = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="every-2"), 0)
-    assert every2.activation_bytes == 2 * (17 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 2)  # layer 1 checkpointed
+    assert every2.activation_bytes == 2 * (16 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 2)  # layer 1 checkpointed
     # the last stage also keeps, per microbatch (1 in flight there), the final LayerNorm's input and the head's
     # input (float32 s b h each) and cross entropy's float32 log-softmax, b s V
     last = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4), 1)
-    assert last.activation_bytes == 2 * 17 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
+    assert last.activation_bytes == 2 * 16 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
     # checkpointed, the head's share is most of what the last stage keeps
     last_ck = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, checkpoint="blocks"), 1)
     assert last_ck.activation_bytes == 2 * 16 * 2 * 64 * 4 + 2 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
@@ -181,7 +184,7 @@ def test_an_interleaved_rank_holds_the_heads_share_only_for_its_last_chunks_micr
     held = {pt.held for pt in backward_points("interleaved-1f1b", 2, 4, 1, 2)}
     assert {(2, 1), (3, 0)} <= held and max(x[1] for x in held) == 1
     work = Workload(batch=8, seq=16, microbatches=4, schedule="interleaved-1f1b", virtual_stages=2)
-    layer = 17 * 16 * 2 * 64 * 4  # one float32 layer (each chunk holds one of the 4 layers), microbatch of 2
+    layer = 16 * 16 * 2 * 64 * 4  # one float32 layer (each chunk holds one of the 4 layers), microbatch of 2
     head = 2 * 16 * 2 * 64 * 4 + 2 * 16 * 512 * 4
     assert rank_memory(TINY, Layout(pp=2), work, 1).activation_bytes == 3 * layer + head
     for schedule, v in (("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 2), ("interleaved-1f1b", 3)):
@@ -256,27 +259,71 @@ def test_worst_rank_is_reported():
 def test_the_peak_falls_where_the_schedule_puts_it_by_hand():
     """TINY, batch 8, seq 16, float32 (4 bytes), width 64, vocabulary 512. zero_grad(set_to_none=True) frees the
     gradients at each step's start: a rank holds them only from the end of its first backward pass."""
-    layer = 17 * 16 * 64 * 4  # one layer's saved values per sequence
+    layer = 16 * 16 * 64 * 4  # one layer's saved values per sequence
     head = 2 * 16 * 64 * 4 + 16 * 512 * 4  # final LayerNorm and head inputs, log-softmax, per sequence
     logits = 16 * 512 * 4  # per sequence
     # one rank: all 8 sequences' activations and cross entropy's two transient logit tensors, no gradient yet
     one = rank_memory(TINY, Layout(), Workload(batch=8, seq=16), 0)
     assert one.total == one.param_bytes + one.optimizer_bytes + 8 * (4 * layer + head) + 2 * 8 * logits
     assert one.peak_at == "the first backward pass (no gradients yet)"
-    # GPipe, stage 0 of 2 (2 layers), 4 microbatches of 2: its first backward finds 4 microbatches held and no
-    # gradient; its second 3, the gradients, and the largest tensor's gradient twice (the 512 x 64 embedding)
+    # GPipe, stage 0 of 2 (2 layers), 4 microbatches of 2 sequences (32 tokens). Each microbatch held also keeps
+    # its stage output (32 x 64 floats) for its backward.
     gpipe = Workload(batch=8, seq=16, microbatches=4, schedule="gpipe")
     g0 = rank_memory(TINY, Layout(pp=2), gpipe, 0)
-    first = 4 * 2 * 2 * layer
-    second = 3 * 2 * 2 * layer + g0.grad_bytes + 512 * 64 * 4
-    assert g0.total == g0.param_bytes + g0.optimizer_bytes + max(first, second)
+    per_micro = 2 * 2 * layer + 32 * 64 * 4
+    top = (32 * 64 + 32 * 256 + 256 * 64) * 4  # a block's backward starts: gradient in, c_proj's input's and weight's
+    # B0 finds 4 microbatches and no gradient. Its largest moment is its end, the embedding's backward: B0's own
+    # microbatch is freed, both blocks' gradients are made (2 x 49,984 floats), and the embedding's fresh gradient
+    # (512 x 64) and the gradient arriving at it (32 x 64) exist.
+    first = 3 * per_micro + (2 * (12 * 64 * 64 + 13 * 64) + 512 * 64 + 32 * 64) * 4
+    # B1 finds 3 microbatches and the gradients; its largest moment is the top block's start
+    second = 3 * per_micro + g0.grad_bytes + top
+    assert second > first
+    assert g0.total == g0.param_bytes + g0.optimizer_bytes + second
     # ZB-H1's last stage (F0 B0 F1 B1 W0 F2 B2 W1 ...): W runs a microbatch behind B, so W1 finds the records B1
     # and B2 left for it -- per token 7h + 4h values a layer (2 layers), the head's logits and the final LayerNorm's
     # output -- beside two microbatches in flight (less cross entropy's log-softmax, freed at B's end), the
-    # gradients and accumulation's extra copy of the embedding's
+    # gradients and the head weight's fresh gradient (512 x 64), the largest W computes
     zb = rank_memory(TINY, Layout(pp=2), Workload(batch=8, seq=16, microbatches=4, schedule="zb-h1"), 1)
     records = 2 * 16 * (2 * 11 * 64 + 512 + 64) * 4  # one microbatch of 2 sequences
     held = 2 * (2 * 2 * layer + 2 * head) - 2 * 2 * logits
     with_grads = zb.grad_bytes + 512 * 64 * 4
     assert zb.total == zb.param_bytes + zb.optimizer_bytes + held + 2 * records + with_grads
     assert zb.peak_at == "a backward pass after the first (gradients held)"
+
+
+def test_the_embeddings_backward_can_set_the_peak_by_hand():
+    """TINY, dp 2 with ZeRO-1, batch 2 (one sequence a rank) of 4 tokens: the activations are small, so the peak
+    falls at the backward's end. The head's weight is the embedding's: its gradient waits in autograd's input buffer
+    for the embedding's and the two are summed out of place -- three 512 x 64 gradients at once, beside the
+    positions' fresh one (128 x 64) and the gradient arriving (4 x 64); ZeRO-1 has by then flattened every block's
+    gradients into its unit for the all-reduce, a second copy of them. That is more than the very end, where every
+    gradient is there twice (the parameters' own and the flattened)."""
+    m = rank_memory(TINY, Layout(dp=2, zero_stage=1), Workload(batch=2, seq=4), 0)
+    blocks = 4 * (12 * 64 * 64 + 13 * 64)
+    end = (2 * blocks + 2 * 64 + 3 * 512 * 64 + 128 * 64 + 4 * 64) * 4
+    assert end > 2 * m.grad_bytes
+    assert m.total == m.param_bytes + m.optimizer_bytes + end
+    # plain data parallelism fills its all-reduce buckets in no per-block order: no flattened copy is counted there
+    # before the end, which then sets the peak
+    dp = rank_memory(TINY, Layout(dp=2), Workload(batch=2, seq=4), 0)
+    assert dp.total == dp.param_bytes + dp.optimizer_bytes + 2 * dp.grad_bytes
+    assert dp.peak_at == "the gradients' all-reduce at the backward's end"
+
+
+def test_zero3_peak_by_hand():
+    """ZeRO-3 over dp 2, TINY, batch 8 (4 sequences of 16 a rank: 64 tokens), float32. The outer unit stays
+    gathered through the step (512 x 64 + 128 x 64 + 2 x 64 floats); while a block runs, that block and the
+    prefetched next one (49,984 floats each). The peak is a block's reduce-scatter in the backward: the blocks'
+    activations (the head's are gone), the head's gradient waiting for the embedding's (512 x 64), and three of a
+    unit's gradients (the parameters', their flattened copy, the previous unit's in flight) less the activations
+    of the block whose backward has ended. Gloo adds two of a block's size: it all-gathers the prefetched block
+    into a buffer of its own, and copies a reduce-scatter's input."""
+    work = Workload(batch=8, seq=16)
+    nccl = rank_memory(TINY, Layout(dp=2, zero_stage=3), work, 0)
+    block, outer = 12 * 64 * 64 + 13 * 64, 512 * 64 + 128 * 64 + 2 * 64
+    layer = 16 * 64 * 64 * 4  # one layer's saved bytes: 16 float32 values per token and width
+    peak = nccl.param_bytes + nccl.optimizer_bytes + 4 * layer - layer + (512 * 64 + outer + 2 * block + 3 * block) * 4
+    assert nccl.total == peak
+    gloo = rank_memory(TINY, Layout(dp=2, zero_stage=3), replace(work, backend="gloo"), 0)
+    assert gloo.total == peak + 2 * block * 4

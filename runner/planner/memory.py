@@ -50,9 +50,10 @@ scaled_dot_product_attention (a fused kernel, FlashAttention's way), keeps no s 
 so by default (`Workload.attention = "sdpa"`) the planner counts what our block saves, value by value
 (`lab_layer_activation_bytes`): the two LayerNorm inputs at the residual stream's width w_r, the c_attn and
 c_fc inputs at the compute width w_c (whole under tensor parallelism), and split over t: q, k, v, the attention
-output, c_proj's input, GELU's input and output, 13 values -- s*b*h*(2w_r + 2w_c + 13w_c/t), all over t under
-sequence parallelism. At 16 bits and t = 1 that is Korthikanti's 34 without the scores; float32 68,
-bf16-mixed (float32 residual, bf16 matmul inputs) 38. "naive" keeps the paper's formula. Real runs' saved
+output (which is c_proj's input: reshaping the kernel's transposed output is a view, no copy), GELU's input and
+output, 12 values -- s*b*h*(2w_r + 2w_c + 12w_c/t), all over t under sequence parallelism. At 16 bits and t = 1
+that is Korthikanti's 34 without the scores and the two dropout masks (sbh bytes each; our model has no dropout):
+32; float32 64, bf16-mixed (float32 residual, bf16 matmul inputs) 36. "naive" keeps the paper's formula. Real runs' saved
 bytes land within 10% (tests/test_planner_measured.py). A checkpointed layer keeps its input at w_r.
 A checkpointed stage also needs one block's full activations while that block is recomputed.
 Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
@@ -68,37 +69,51 @@ input (compute width) and cross entropy's float32 log-softmax (b*s*V_pad/t). Int
 LayerNorms' statistics (O(b*s), not O(b*s*h)) are left out.
 
 The peak (`RankMemory.total`, what must fit). zero_grad(set_to_none=True) frees the gradients at each step's
-start, so they are not there while the first microbatches' activations pile up. The peak therefore falls at the
-start of some backward pass -- activations only grow by forwards, each followed by a backward that finds at least
-as much held -- or in AdamW's step. `backward_points` replays the rank's schedule (runner/schedule_ops.py, the
-lists the engine runs) and at each backward's start counts: the parameters and AdamW's moments; the activations of
-the chunk-microbatches held (an interleaved rank's chunks differ, only one holding the head, so it is the chunks
-held, not a count times an average chunk); the gradients only if an earlier pass made them; and the transients:
+start, so they are not there while the first microbatches' activations pile up. The peak therefore falls inside
+some backward pass -- activations only grow by forwards, each followed by a backward that finds at least as much
+held -- or in AdamW's step. `backward_points` replays the rank's schedule (runner/schedule_ops.py, the lists the
+engine runs) and for each backward pass counts what is held when it starts: the parameters and AdamW's moments;
+the activations of the chunk-microbatches held (an interleaved rank's chunks differ, only one holding the head, so
+it is the chunks held, not a count times an average chunk), and on a chunk that is not the last virtual stage each
+one's output, which the engine keeps to start its backward from (s*b*h at the residual width); the gradients only
+if an earlier pass made them; ZB-H1's records (below). To that it adds the largest of the pass's moments, which
+follow one another:
 - on the head's chunk, cross entropy's backward: the loss's gradient beside the log-softmax, then the logits'
   gradient -- two b*s*V_pad/t float32 tensors beyond the saved one (tensor parallel: its forward's shifted logits
-  and their exponentials, its backward's two copies; under bf16-mixed the bfloat16 logits as well);
-- ZeRO-3's gathered units (the outer one throughout; while a block's backward runs, that block, the prefetched
-  one and, without a pipeline, the block's full gradients), a checkpointed block's recompute, autocast's casts of
-  checkpointed blocks;
-- when gradients exist and the rank accumulates over microbatches, its largest tensor's gradient a second time
-  (autograd computes each microbatch's gradient into a fresh tensor before adding it to .grad); ZeRO-2/3 in a
-  pipeline, the stage's full gradients;
-- data parallelism and ZeRO-1, at the backward's end: the gradients flattened into the all-reduce buffers
-  (buckets, ZeRO-1's units) beside the parameters' own (twice the gradients, no activations left); ZeRO-2/3
-  without a pipeline, while a unit is reduce-scattered: its gradients, their flattened copy and the previous
-  unit's in flight, which gloo copies (three of the largest unit's, four over gloo, less the block activations
-  its backward freed);
-- ZB-H1: what B recorded for each microbatch still awaiting its W (the gradient at every weight's branch point,
-  runner/gpt/schedules.py: 7h/t + 4h values a token a layer, and the logits' on the head's chunk, where B's end
-  frees cross entropy's saved log-softmax: W never runs those nodes, and the loss that held them is dropped).
-So GPipe's first stage peaks at its second backward (m - 1 microbatches and the gradients) or its first (m, none),
-whichever is larger, and a single rank at its first backward with no gradient yet.
+  and their exponentials, its backward's two copies; under bf16-mixed the bfloat16 logits as well); then the
+  head's matmul: the logits' gradient, the head input's gradient and the head weight's fresh gradient;
+- a block's backward start, which begins with the MLP's c_proj: the residual stream's gradient arriving (s*b*h;
+  gathered from its sequence shards under sequence parallelism), c_proj's input gradient (s*b*4h/t) and its
+  weight's fresh gradient -- autograd computes a weight's gradient into a new tensor that becomes .grad or is
+  added to it (in bfloat16 under bf16-mixed, then cast); the head's saved tensors are gone by then. Without a
+  pipeline the head's weight is the embedding's, and the head's gradient waits in autograd's input buffer for the
+  embedding's through all the blocks. Beside it, ZeRO-3's gathered blocks (the one running and the prefetched one;
+  over gloo a third, the buffer gloo all-gathers into before copying) and a checkpointed block's recompute;
+- a first pass's last block: the blocks above it freed their activations and made their gradients (the larger
+  where a block's parameters outweigh its activations, small microbatches of wide models);
+- the first virtual stage's end, the embeddings' backward: the pass's own microbatch freed, the gradients made,
+  the embeddings' fresh gradients (without a pipeline the tied one beside the head's that waited for it and their
+  sum, which autograd adds out of place: three), and under ZeRO-1 without a pipeline every block's gradients
+  flattened into its unit for the all-reduce;
+- ZeRO-2/3 without a pipeline, while a unit is reduce-scattered: its gradients, their flattened copy and the
+  previous unit's in flight, which gloo copies (three of the largest unit's, four over gloo, less the block
+  activations its backward freed); ZeRO-2/3 in a pipeline: the stage's full gradients, until the reductions after
+  the pipeline's backward;
+- a split backward's W: one weight's fresh gradient at a time; ZB-H1 holds what B recorded for each microbatch
+  still awaiting its W (the gradient at every weight's branch point, runner/gpt/schedules.py: 7h/t + 4h values a
+  token a layer, and the logits' on the head's chunk, where B's end frees cross entropy's saved log-softmax: W
+  never runs those nodes, and the loss that held them is dropped).
+Data parallelism and ZeRO-1 add the backward's end: the gradients flattened into the all-reduce buffers (buckets,
+ZeRO-1's units) beside the parameters' own, twice the gradients and no activations left.
+So GPipe's first stage peaks in its second backward (m - 1 microbatches and the gradients) or its first (m, none),
+whichever is larger, and a single rank in its first backward with no gradient yet.
 AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations: the gradients plus
 torch's foreach AdamW's one temporary the size of everything it steps (its default on GPUs: the square roots of
 the second moments; the rank's shards under ZeRO), or its for-loop AdamW's two of the largest tensor's size (the
 default on CPUs: that square root and the quotient).
-What is not modelled: the backward's own gradients of activations (one layer's at a time), allocator rounding and
-fragmentation, and the process's own memory (a CUDA context, gloo's buffers, on a CPU the interpreter). Runs
+What is not modelled: the gradients of activations beyond a block's first moment, allocator rounding and
+fragmentation, buffers gloo keeps after a tensor-parallel collective, and the process's own memory (a CUDA context,
+on a CPU the interpreter). Runs
 measure the same thing (runner/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
 profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds a training step's peak
 to 10% of it on tiny and small runs of every strategy.
@@ -197,15 +212,20 @@ def rank_parameters(
     return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)
 
 
+def largest_block_tensor(cfg: GPTConfig, tp: int, tp_style: str = "megatron") -> int:
+    """Elements of a block's largest matmul weight on one tensor-parallel rank: c_fc or c_proj of the MLP, c_attn,
+    or the whole attention c_proj under the "gather" style."""
+    h = cfg.n_embd
+    return max(cfg.d_ff * h // tp, 3 * h * h // tp, h * h if tp_style != "megatron" else h * h // tp)
+
+
 def largest_tensor(cfg: GPTConfig, layout: Layout, stage: int, tp_style: str = "megatron") -> int:
     """Elements of the largest parameter tensor pipeline rank `stage` holds: its vocabulary rows (first and last
-    stage) or a block's largest matmul weight (c_fc or c_proj of the MLP, c_attn, or the whole attention c_proj
-    under the "gather" style), split by tp."""
-    h, tp = cfg.n_embd, layout.tp
-    sizes = [cfg.d_ff * h // tp, 3 * h * h // tp, h * h if tp_style != "megatron" else h * h // tp]
+    stage) or a block's largest matmul weight, split by tp."""
+    largest = largest_block_tensor(cfg, layout.tp, tp_style)
     if stage in (0, layout.pp - 1):
-        sizes.append(padded_vocab(cfg.vocab_size, tp) // tp * h)
-    return max(sizes)
+        largest = max(largest, padded_vocab(cfg.vocab_size, layout.tp) // layout.tp * cfg.n_embd)
+    return largest
 
 
 def full_parameters(cfg: GPTConfig) -> int:
@@ -231,10 +251,11 @@ def lab_layer_activation_bytes(
 ) -> float:
     """Bytes our GPT block (runner/gpt/model.py) saves for backward, value by value (see the module docstring):
     2 LayerNorm inputs at the residual stream's width, the c_attn and c_fc inputs at the compute width (whole
-    under tensor parallelism), and at the compute width split over tp: q, k, v, the attention output, c_proj's
-    input, GELU's input and output (3 + 1 + 1 + 4 + 4 = 13 values of s*b*h). Sequence parallelism splits all."""
+    under tensor parallelism), and at the compute width split over tp: q, k, v, the attention output (c_proj's
+    input, a view of it), GELU's input and output (3 + 1 + 4 + 4 = 12 values of s*b*h). Sequence parallelism splits
+    all."""
     whole = 2 * residual + 2 * compute
-    split = 13 * compute
+    split = 12 * compute
     if tp > 1 and sequence_parallel:
         return s * b * h * (whole + split) / tp
     return s * b * h * (whole + split / tp)
@@ -400,17 +421,11 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         # the prefetched next one
         always += sp.outer * w
         in_blocks += min(2, len(sp.layers)) * sp.block * w
-        if train and pp == 1:
-            in_blocks += sp.block * w  # one unit's full gradients before its reduce-scatter
+        if work.backend == "gloo" and len(sp.layers) > 1:
+            in_blocks += sp.block * w  # gloo all-gathers the prefetched block into a buffer of its own, then copies
     m = work.microbatches_for(layout)
     rows = max(1, work.batch // dp)
     mb = max(1, rows // m) if work.workload == "train" else rows
-    accumulate = 0
-    if train and m > 1:
-        # Accumulating over microbatches, autograd computes a parameter's gradient into a fresh tensor and then adds
-        # it to .grad: the largest tensor's gradient exists twice for a moment.
-        accumulate = largest * w
-        notes.append("microbatches accumulate gradients: the largest tensor's gradient counted twice")
     s, h, a = work.seq, cfg.n_embd, cfg.n_head
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
     activations = 0
@@ -422,39 +437,66 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         residual, compute = work.residual_width, work.activation_width
         ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
         split = tp if tp > 1 and work.sequence_parallel else 1
-        logits = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * LOGIT_BYTES
+        tokens = s * mb
+        vocab_rows = padded_vocab(cfg.vocab_size, tp) // tp
+        logits = tokens * vocab_rows * LOGIT_BYTES
         # The last virtual stage's head: the final LayerNorm's input (residual width), the head's input (its
         # output, at the compute width) and cross entropy's float32 log-softmax.
-        head = (residual + compute) * s * mb * h // split + logits
+        head = (residual + compute) * tokens * h // split + logits
         # What a split backward's B records for its W, per microbatch (runner/gpt/schedules.py): the gradient
         # arriving at each weight's branch point -- the outputs of c_attn (3h/t), attention's c_proj (h), c_fc (4h/t),
         # the MLP's c_proj (h) and the two LayerNorms (h each) -- and on the head's chunk the logits' and the final
         # LayerNorm's.
         whole = 4 / tp if work.sequence_parallel else 4
-        recorded_layer = s * mb * h * (7 / tp + whole) * compute
-        recorded_head = mb * s * padded_vocab(cfg.vocab_size, tp) // tp * compute + s * mb * h // split * compute
+        recorded_layer = tokens * h * (7 / tp + whole) * compute
+        recorded_head = tokens * vocab_rows * compute + tokens * h // split * compute
         bf16_mixed = work.dtype == "bf16-mixed"
         head_matmul = sp.matmul - sp.block_matmul * len(sp.layers)  # the head's (tied) weight on the last stage
-        per_chunk, recorded = [], []
+        # A weight's gradient is computed into a fresh tensor that becomes its .grad or is added to it (bfloat16
+        # under bf16-mixed, then cast to the float32 parameter's dtype).
+        grad_width = w + (2 if bf16_mixed else 0)
+        fresh_block = largest_block_tensor(cfg, tp, work.tp_style) * grad_width
+        fresh_vocab = vocab_rows * h * grad_width
+        # A block's backward begins with the MLP's c_proj: the residual stream's incoming gradient (gathered from its
+        # sequence shards under sequence parallelism), c_proj's input gradient and its weight's fresh gradient.
+        flow = tokens * h * residual // split + (tokens * h * compute if split > 1 else 0)
+        flow += tokens * cfg.d_ff // tp * compute
+        kept = tokens * h * residual // split  # a chunk's output, kept by the engine for its backward (pipeline.py)
+        # Without a pipeline the head's weight is the embedding's: its gradient waits in autograd's input buffer for
+        # the embedding's, through the whole backward of the blocks, and the two are summed at the end.
+        tied = pp == 1
+        # ZeRO-2/3 without a pipeline reduce-scatters each unit's gradients as its backward ends and drops them
+        scattered = zero >= 2 and pp == 1
+        flattens_blocks = dp > 1 and zero == 1 and pp == 1  # and all-reduces them as the backward goes (zero.py)
+        per_chunk, held_out, recorded, heads, n_layers, chunk_grads = [], [], [], [], [], []
         n_ckpt = 0
         for c in range(v):
             layers = sp.layers[c * len(sp.layers) // v : (c + 1) * len(sp.layers) // v]
             ckpts = sum(1 for i in layers if every and (i + 1) % every == 0)
             n_ckpt += ckpts
-            last = c * pp + stage == pp * v - 1
-            saved = ckpts * ckpt + (len(layers) - ckpts) * full + (head if last else 0)
+            j = c * pp + stage
+            last = j == pp * v - 1
+            head_saved = head + (2 * head_matmul if last and bf16_mixed else 0) if last else 0
+            saved = ckpts * ckpt + (len(layers) - ckpts) * full + head_saved
             if bf16_mixed:
                 # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (saved tensors, not
                 # parameters); a checkpointed block's are not saved, but autocast's cast cache holds every weight
                 # cast during the forward until GPT.forward leaves the region (under ZeRO-3 too)
-                saved += 2 * sp.block_matmul * (len(layers) - ckpts) + (2 * head_matmul if last else 0)
+                saved += 2 * sp.block_matmul * (len(layers) - ckpts)
             per_chunk.append(saved)
+            held_out.append(0 if last else kept)
+            heads.append(head_saved)
+            n_layers.append(len(layers))
+            # the gradients a chunk's first pass makes before its embedding's (the embedding's own come last)
+            chunk_grads.append(
+                sp.block * len(layers) + (sp.outer - vocab_rows * h - cfg.block_size * h if j == 0 else 0)
+            )
             # (once B has run, the loss is dropped and with it cross entropy's nodes, which W never runs: their saved
             # log-softmax goes, W's records take its place)
             recorded.append(len(layers) * recorded_layer + (recorded_head - logits if last else 0))
         recompute = int(full) if n_ckpt else 0  # the block being recomputed
         reducing = 0
-        if zero >= 2 and pp == 1:
+        if scattered:
             # a unit's gradients reduce-scattered during the backward (runner/gpt/zero.py): its parameters' gradients,
             # their flattened copy, and the previous unit's still in flight (and gloo's copy of it) -- three or four of
             # the largest unit's, once the backward has freed that unit's block's activations
@@ -475,21 +517,50 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         split_b = splits_backward(work.schedule)
         during = -1
         for pt in points:
+            c = pt.chunk
+            j = c * pp + stage
             held = sum(n * b for n, b in zip(pt.held, per_chunk, strict=True))
-            head_chunk = pt.chunk * pp + stage == pp * v - 1
-            makes_weight_grads = pt.kind == "W" or not split_b
-            acc = accumulate if pt.grads and makes_weight_grads else 0
-            # One pass's transients follow one another: cross entropy's backward (two logit tensors), then the head's
-            # matmul (the logits' gradient and, accumulating, the embedding's fresh gradient), then each block's
-            # (its recompute, its fresh gradients).
-            moments = [in_blocks + recompute + acc, in_blocks + reducing]
-            if head_chunk and pt.kind == "B":
-                moments += [head_backward, logits + acc]
-            extra = always + max(moments) + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
+            outputs = sum(n * o for n, o in zip(pt.held, held_out, strict=True))
             made = grads * w + full_grads if pt.grads else 0
+            # the pass makes weight gradients (a W, or a backward not split), and runs the activations' path (not a
+            # W, except on the first virtual stage, whose W runs the whole backward)
+            weights = pt.kind == "W" or not split_b
+            path = pt.kind == "B" or j == 0
+            fresh = fresh_block if weights else 0
+            waiting = fresh_vocab if tied and weights else 0
+            # One pass's moments follow one another, so only the largest counts: cross entropy's backward, the head's
+            # matmul, each block's start (its recompute, the gradient flowing in, its first fresh weight gradient), the
+            # last block of a first pass (the ones above it freed their activations and made their gradients), the
+            # embedding's gradient at its end, a unit's reduce-scatter.
+            moments = [0]  # (a chunk without layers, head or embedding adds nothing)
+            if not path:  # a W: one weight's fresh gradient at a time, the head's among them on its chunk
+                moments.append(in_blocks + recompute + max(fresh, fresh_vocab if j == pp * v - 1 else 0))
+            else:
+                if j == pp * v - 1 and pt.kind == "B":
+                    moments += [head_backward, logits + tokens * h * compute + (fresh_vocab if weights else 0)]
+                n = n_layers[c]
+                if n:
+                    top = waiting - heads[c] + flow + fresh + in_blocks + recompute
+                    moments.append(top)
+                    if reducing:
+                        moments.append(waiting - heads[c] + in_blocks + reducing)
+                    if weights and not pt.grads and not scattered and n > 1:
+                        layer = (per_chunk[c] - heads[c]) / n
+                        moments.append(top + (n - 1) * (sp.block * w - layer))
+                if j == 0 and weights:
+                    # the embeddings' backward ends the pass: this microbatch's activations are gone, the blocks'
+                    # gradients made (ZeRO-1 without a pipeline has flattened each block's unit for its all-reduce
+                    # already), and the embeddings' fresh gradients -- the tied one beside the head's that waited for
+                    # it and their sum, which autograd adds out of place
+                    end_grads = (chunk_grads[c] * w if not scattered else grads * w) if not pt.grads else made
+                    if flattens_blocks:
+                        end_grads += sp.block * len(sp.layers) * w
+                    vocab_grads = fresh_vocab * (3 if tied else 1) + cfg.block_size * h * grad_width
+                    moments.append(end_grads - made - per_chunk[c] - held_out[c] + vocab_grads + tokens * h * residual)
+            extra = always + max(moments) + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
             activations = max(activations, int(held))
-            if held + made + extra > during:
-                during, transient = int(held + made + extra), int(extra)
+            if held + outputs + made + extra > during:
+                during, transient = int(held + outputs + made + extra), int(outputs + extra)
                 peak_at = (
                     "a backward pass after the first (gradients held)"
                     if pt.grads
