@@ -327,3 +327,16 @@ def test_zero3_peak_by_hand():
     assert nccl.total == peak
     gloo = rank_memory(TINY, Layout(dp=2, zero_stage=3), replace(work, backend="gloo"), 0)
     assert gloo.total == peak + 2 * block * 4
+
+
+def test_inference_holds_autocasts_copies_and_the_sends_in_flight_by_hand():
+    """Forward, TINY, a pipeline of 2 with 4 microbatches of 2 sequences of 16 (32 tokens), bf16-mixed. Stage 0
+    peaks in its last block on its last microbatch: the block's working set (3 + 8 values of width 64 a token, in
+    bfloat16), autocast's bfloat16 copies of both its blocks' matmul weights and biases (cached until GPT.forward
+    returns: parameters require grad even under no_grad), and the three earlier microbatches' hidden states
+    (float32), sent but not yet received by stage 1."""
+    w = Workload(workload="forward", batch=8, seq=16, microbatches=4, dtype="bf16-mixed")
+    m = rank_memory(TINY, Layout(pp=2), w, 0)
+    matmul = 12 * 64 * 64 + 9 * 64  # c_attn, both c_proj and c_fc: weights and biases (LayerNorms are not cast)
+    assert m.total == m.param_bytes + 32 * 64 * 11 * 2 + 2 * 2 * matmul + 3 * 32 * 64 * 4
+    assert m.peak_at == "forward: a block's working set"
