@@ -265,7 +265,7 @@ def test_the_peak_falls_where_the_schedule_puts_it_by_hand():
     # one rank: all 8 sequences' activations and cross entropy's two transient logit tensors, no gradient yet
     one = rank_memory(TINY, Layout(), Workload(batch=8, seq=16), 0)
     assert one.total == one.param_bytes + one.optimizer_bytes + 8 * (4 * layer + head) + 2 * 8 * logits
-    assert one.peak_at == "the first backward pass (no gradients yet)"
+    assert one.peak_at == "the first backward pass (no gradients yet): cross entropy's backward"
     # GPipe, stage 0 of 2 (2 layers), 4 microbatches of 2 sequences (32 tokens). Each microbatch held also keeps
     # its stage output (32 x 64 floats) for its backward.
     gpipe = Workload(batch=8, seq=16, microbatches=4, schedule="gpipe")
@@ -280,6 +280,7 @@ def test_the_peak_falls_where_the_schedule_puts_it_by_hand():
     second = 3 * per_micro + g0.grad_bytes + top
     assert second > first
     assert g0.total == g0.param_bytes + g0.optimizer_bytes + second
+    assert g0.peak_at == "a backward pass after the first (gradients held): a block's backward start"
     # ZB-H1's last stage (F0 B0 F1 B1 W0 F2 B2 W1 ...): W runs a microbatch behind B, so W1 finds the records B1
     # and B2 left for it -- per token 7h + 4h values a layer (2 layers), the head's logits and the final LayerNorm's
     # output -- beside two microbatches in flight (less cross entropy's log-softmax, freed at B's end), the
@@ -289,7 +290,7 @@ def test_the_peak_falls_where_the_schedule_puts_it_by_hand():
     held = 2 * (2 * 2 * layer + 2 * head) - 2 * 2 * logits
     with_grads = zb.grad_bytes + 512 * 64 * 4
     assert zb.total == zb.param_bytes + zb.optimizer_bytes + held + 2 * records + with_grads
-    assert zb.peak_at == "a backward pass after the first (gradients held)"
+    assert zb.peak_at == "a backward pass after the first (gradients held): a weight's fresh gradient"
 
 
 def test_the_embeddings_backward_can_set_the_peak_by_hand():
@@ -304,6 +305,7 @@ def test_the_embeddings_backward_can_set_the_peak_by_hand():
     end = (2 * blocks + 2 * 64 + 3 * 512 * 64 + 128 * 64 + 4 * 64) * 4
     assert end > 2 * m.grad_bytes
     assert m.total == m.param_bytes + m.optimizer_bytes + end
+    assert m.peak_at == "the first backward pass (no gradients yet): the embeddings' backward at its end"
     # plain data parallelism fills its all-reduce buckets in no per-block order: no flattened copy is counted there
     # before the end, which then sets the peak
     dp = rank_memory(TINY, Layout(dp=2), Workload(batch=2, seq=4), 0)
@@ -325,6 +327,7 @@ def test_zero3_peak_by_hand():
     layer = 16 * 64 * 64 * 4  # one layer's saved bytes: 16 float32 values per token and width
     peak = nccl.param_bytes + nccl.optimizer_bytes + 4 * layer - layer + (512 * 64 + outer + 2 * block + 3 * block) * 4
     assert nccl.total == peak
+    assert nccl.peak_at == "the first backward pass (no gradients yet): a unit's reduce-scatter"
     gloo = rank_memory(TINY, Layout(dp=2, zero_stage=3), replace(work, backend="gloo"), 0)
     assert gloo.total == peak + 2 * block * 4
 

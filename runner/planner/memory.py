@@ -535,21 +535,23 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             # matmul, each block's start (its recompute, the gradient flowing in, its first fresh weight gradient), the
             # last block of a first pass (the ones above it freed their activations and made their gradients), the
             # embedding's gradient at its end, a unit's reduce-scatter.
-            moments = [0]  # (a chunk without layers, head or embedding adds nothing)
+            moments = {"its start": 0}  # (a chunk without layers, head or embedding adds nothing)
             if not path:  # a W: one weight's fresh gradient at a time, the head's among them on its chunk
-                moments.append(in_blocks + recompute + max(fresh, fresh_vocab if j == pp * v - 1 else 0))
+                fresh_w = max(fresh, fresh_vocab if j == pp * v - 1 else 0)
+                moments["a weight's fresh gradient"] = in_blocks + recompute + fresh_w
             else:
                 if j == pp * v - 1 and pt.kind == "B":
-                    moments += [head_backward, logits + tokens * h * compute + (fresh_vocab if weights else 0)]
+                    moments["cross entropy's backward"] = head_backward
+                    moments["the head's backward"] = logits + tokens * h * compute + (fresh_vocab if weights else 0)
                 n = n_layers[c]
                 if n:
                     top = waiting - heads[c] + flow + fresh + in_blocks + recompute
-                    moments.append(top)
+                    moments["a block's backward start"] = top
                     if reducing:
-                        moments.append(waiting - heads[c] + in_blocks + reducing)
+                        moments["a unit's reduce-scatter"] = waiting - heads[c] + in_blocks + reducing
                     if weights and not pt.grads and not scattered and n > 1:
                         layer = (per_chunk[c] - heads[c]) / n
-                        moments.append(top + (n - 1) * (sp.block * w - layer))
+                        moments["its last block"] = top + (n - 1) * (sp.block * w - layer)
                 if j == 0 and weights:
                     # the embeddings' backward ends the pass: this microbatch's activations are gone, the blocks'
                     # gradients made (ZeRO-1 without a pipeline has flattened each block's unit for its all-reduce
@@ -559,16 +561,20 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
                     if flattens_blocks:
                         end_grads += sp.block * len(sp.layers) * w
                     vocab_grads = fresh_vocab * (3 if tied else 1) + cfg.block_size * h * grad_width
-                    moments.append(end_grads - made - per_chunk[c] - held_out[c] + vocab_grads + tokens * h * residual)
-            extra = always + max(moments) + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
+                    moments["the embeddings' backward at its end"] = (
+                        end_grads - made - per_chunk[c] - held_out[c] + vocab_grads + tokens * h * residual
+                    )
+            moment = max(moments, key=lambda k: moments[k])
+            extra = always + moments[moment] + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
             activations = max(activations, int(held))
             if held + outputs + made + extra > during:
                 during, transient = int(held + outputs + made + extra), int(outputs + extra)
-                peak_at = (
+                which = (
                     "a backward pass after the first (gradients held)"
                     if pt.grads
                     else "the first backward pass (no gradients yet)"
                 )
+                peak_at = f"{which}: {moment}"
         if dp > 1 and zero <= 1 and 2 * grads * w > during:
             # the backward's end: the gradients flattened into the all-reduce buffers (data parallelism's buckets,
             # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py) beside the parameters' own, until the reductions
