@@ -109,8 +109,8 @@ def divisors(n: int) -> list[int]:
 
 
 def on_devices(work: Workload, devices: Devices) -> Workload:
-    """The workload as it runs on `devices`: on CPU ranks torch's AdamW steps a tensor at a time, over gloo."""
-    return replace(work, adamw="for-loop", backend="gloo") if devices.is_cpu else work
+    """The workload as it runs on `devices` (CPU ranks: Workload.on_cpu_ranks)."""
+    return work.on_cpu_ranks() if devices.is_cpu else work
 
 
 def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,

@@ -479,7 +479,8 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             n_ckpt += ckpts
             j = c * pp + stage
             last = j == pp * v - 1
-            head_saved = head + (2 * head_matmul if last and bf16_mixed else 0) if last else 0
+            # (bf16-mixed: with autocast's copy of the head's weight)
+            head_saved = (head + (2 * head_matmul if bf16_mixed else 0)) if last else 0
             saved = ckpts * ckpt + (len(layers) - ckpts) * full + head_saved
             if bf16_mixed:
                 # autocast's bf16 weight copies: autograd keeps them per microbatch in flight (saved tensors, not
@@ -674,9 +675,7 @@ def spec_layout(spec: Any) -> Layout:
 def spec_workload(spec: Any, device: str | None = None) -> Workload:
     """The Workload of a runner.spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
     _, pp, _ = spec.degrees
-    return Workload(
-        adamw="for-loop" if (device or spec.device) == "cpu" else "foreach",
-        backend="gloo" if (device or spec.device) == "cpu" else "nccl",
+    work = Workload(
         workload=spec.workload,
         batch=spec.batch,
         seq=spec.seq,
@@ -689,6 +688,7 @@ def spec_workload(spec: Any, device: str | None = None) -> Workload:
         sequence_parallel=spec.sequence_parallel,
         tp_style=spec.tp_style,
     )
+    return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work
 
 
 def spec_rank_memory(spec: Any, device: str | None = None) -> list[RankMemory]:

@@ -72,8 +72,13 @@ class Workload:
     # parameter group (the square roots of the second moments); "for-loop" on CPUs, a tensor at a time, two
     # temporaries of the largest tensor's size (its square root and the quotient) at once.
     adamw: str = "foreach"
-    # The collectives' backend: "nccl" on GPUs; "gloo" on CPUs, whose reduce-scatter works on a copy of its input.
+    # The collectives' backend: "nccl" on GPUs; "gloo" on CPUs, whose reduce-scatter works on a copy of its input
+    # and whose all-gather fills a buffer of its own before copying out.
     backend: str = "nccl"
+
+    def on_cpu_ranks(self) -> Workload:
+        """The same work as CPU ranks run it: torch's for-loop AdamW (its CPU default) and gloo."""
+        return replace(self, adamw="for-loop", backend="gloo")
 
     @property
     def checkpoint_every(self) -> int:
