@@ -55,9 +55,9 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
     from runner.gpt.pipeline import PipelineGPT
-    from runner.resources import cpu_wait_ns, pin_rank
-    from runner.spec import RunSpec
-    from runner.strategies.dims import ParallelDims
+    from runner.job.resources import cpu_wait_ns, pin_rank
+    from runner.spec.run_spec import RunSpec
+    from runner.spec.strategies.dims import ParallelDims
 
     rank = int(os.environ["RANK"])
     core = pin_rank(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", P)))

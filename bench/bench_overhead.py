@@ -10,7 +10,7 @@ variant with the hook replaced by a no-op.
 
 For each strategy, on the `small` preset (runner/gpt/config.py), one torchrun with 2 ranks pinned to
 their own cores (as a job pins them) builds the model once and runs the job's training step
-(runner.job.run_step: zero_grad, forward_backward, AdamW) in rounds; every round runs each variant
+(runner.job.rank.run_step: zero_grad, forward_backward, AdamW) in rounds; every round runs each variant
 once, in a rotated order, so drift in the machine hits all alike. A step is timed barrier to barrier
 the way the job times it (including resolving the clock at the end of the step), by a clock of the
 benchmark's own so that the off variant is timed the same way. The trial's overhead is on / off - 1
@@ -55,10 +55,10 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.job import EventLog, run_step
-    from runner.records import Span
-    from runner.resources import pin_rank
-    from runner.spec import RunSpec
+    from runner.job.rank import EventLog, run_step
+    from runner.job.resources import pin_rank
+    from runner.spec.records import Span
+    from runner.spec.run_spec import RunSpec
 
     rank = int(os.environ["RANK"])
     pin_rank(int(os.environ.get("LOCAL_RANK", rank)), int(os.environ.get("LOCAL_WORLD_SIZE", 2)))
@@ -202,7 +202,7 @@ def section(results: list[dict], settings: dict, quick: bool) -> str:
         *machine_lines(),
         f"- model: `{MODEL}` preset ({cfg.n_layer} layers, n_embd {cfg.n_embd}, vocab {cfg.vocab_size}), float32, "
         f"batch {BATCH} x seq {SEQ}; 2 ranks, each pinned to its own core",
-        f"- step: the job's training step (runner.job.run_step), barrier to barrier, clock resolved; "
+        f"- step: the job's training step (runner.job.rank.run_step), barrier to barrier, clock resolved; "
         f"{settings['warmup']} warm-up round(s), then {settings['rounds']} rounds, each running every variant "
         "once in a rotated order; a trial's overhead is on / off - 1 within one round",
         "- bare: also the engine's saved-tensors hook that measures activation bytes replaced by a "

@@ -63,9 +63,9 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.resources import pin_rank
-    from runner.spec import RunSpec
-    from runner.strategies.dims import ParallelDims
+    from runner.job.resources import pin_rank
+    from runner.spec.run_spec import RunSpec
+    from runner.spec.strategies.dims import ParallelDims
 
     # Each rank on its own core, as a job pins them (before the process group, so gloo's threads follow).
     pin_rank(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))

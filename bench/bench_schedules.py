@@ -3,7 +3,7 @@
 Both sides run the same GPT chunks (runner/gpt/build.py as a `pipeline` run builds them, name-seeded weights:
 rank r holds virtual stages r, r+p, ... with v chunks per rank) on the same global batch cut into the same
 m microbatches, over the same gloo ranks. Ours is `PipelineGPT.forward_backward` (runner/gpt/pipeline.py,
-the very code a run executes, op lists from runner/schedule_ops.py); theirs wraps a second copy of each
+the very code a run executes, op lists from runner/job/schedule_ops.py); theirs wraps a second copy of each
 chunk in a `PipelineStage` and runs:
 - interleaved-1f1b (v = 2) against `ScheduleInterleaved1F1B` (same Megatron order and warm-up);
 - zb-h1 (v = 1) against `ScheduleInterleavedZeroBubble` with one stage per rank, PyTorch's "ZB1P", whose
@@ -71,10 +71,10 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from runner.gpt.build import build_parallel_gpt
     from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
-    from runner.resources import pin_rank
-    from runner.schedule_ops import schedule_ops
-    from runner.spec import RunSpec
-    from runner.strategies.dims import ParallelDims
+    from runner.job.resources import pin_rank
+    from runner.job.schedule_ops import schedule_ops
+    from runner.spec.run_spec import RunSpec
+    from runner.spec.strategies.dims import ParallelDims
 
     pin_rank(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]))
     torch.set_num_threads(1)
@@ -186,7 +186,7 @@ def check(res: dict) -> dict[str, float]:
 
 
 def theory(schedule: str, m: int) -> float:
-    from runner.metrics import bubble_fraction_theory
+    from runner.job.metrics import bubble_fraction_theory
 
     return bubble_fraction_theory(schedule, P, m, dict(CONFIGS)[schedule])
 
@@ -196,7 +196,7 @@ def section(results: list[dict], settings: dict, quick: bool) -> str:
         "## Pipeline schedules",
         "",
         f"`python bench/bench_schedules.py{' --quick' if quick else ''}`, {time.strftime('%Y-%m-%d %H:%M')}. Ours: "
-        "`PipelineGPT.forward_backward` (runner/gpt/pipeline.py, op lists from runner/schedule_ops.py). Theirs: "
+        "`PipelineGPT.forward_backward` (runner/gpt/pipeline.py, op lists from runner/job/schedule_ops.py). Theirs: "
         "PyTorch's `torch.distributed.pipelining` (`PipelineStage` per chunk; `ScheduleInterleaved1F1B` against "
         "our interleaved-1f1b, `ScheduleInterleavedZeroBubble` with one stage per rank against our zb-h1; "
         "`scale_grads=False`) on the same chunks.",
@@ -211,7 +211,7 @@ def section(results: list[dict], settings: dict, quick: bool) -> str:
         "once (rotated order), ours and theirs back to back (order flipped every round); a trial's ratio is ours / "
         "theirs within one round. Ours runs with its instrumentation on, as a run does",
         "- bubble: ours as measured (rank 0 and rank 1, median over rounds: the share of the step the rank waited "
-        "on a receive or the end barrier) and the schedule's theory (runner/metrics.py bubble_fraction_theory; "
+        "on a receive or the end barrier) and the schedule's theory (runner/job/metrics.py bubble_fraction_theory; "
         "zb-h1's assumes F = B = W)",
         "",
         "| size | schedule | m | ours median (ms) | theirs median (ms) | ours / theirs: median (range) "

@@ -34,9 +34,10 @@ sys.path.insert(0, str(REPO))
 import pandas as pd  # noqa: E402
 
 from bench.results import machine_lines, quick_mode, usable_cores, write_section  # noqa: E402
-from runner.launch import stop_group, torchrun_argv  # noqa: E402
 from runner.planner.simulate import SPAN_COLUMNS, simulate_from_spans, spans_bubble  # noqa: E402
-from runner.spec import RunSpec  # noqa: E402
+from runner.service.launch import stop_group, torchrun_argv  # noqa: E402
+from runner.spec.run_spec import RunSpec  # noqa: E402
+from runner.spec.validation import validate_spec  # noqa: E402
 
 P = 2
 BASE = {"strategy": "pipeline", "model": "small", "batch": 16, "seq": 64, "pp": P, "workload": "train", "seed": 0}
@@ -51,7 +52,7 @@ TIMEOUT_S = 240
 def run_job(spec: dict, run_dir: Path, timeout_s: float = TIMEOUT_S) -> tuple[dict, pd.DataFrame]:
     """Launch `spec` as the runner would (torchrun, runner.job); return result.json and the timed steps' spans."""
     run_spec = RunSpec.from_dict(spec)
-    problems = run_spec.validate(gpu_count=0)
+    problems = validate_spec(run_spec, gpu_count=0)
     if problems:
         raise RuntimeError("; ".join(str(p) for p in problems))
     (run_dir / "spec.json").write_text(json.dumps(spec))

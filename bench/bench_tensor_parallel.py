@@ -135,8 +135,8 @@ def worker(out_path: str, warmup: int, rounds: int) -> None:
     from runner.gpt.mesh import Mesh
     from runner.gpt.model import GPT, cut_stage, materialize, shard_of
     from runner.gpt.tp_plan import apply_tensor_parallel
-    from runner.resources import pin_rank
-    from runner.strategies.dims import ParallelDims
+    from runner.job.resources import pin_rank
+    from runner.spec.strategies.dims import ParallelDims
 
     # CommDebugMode's module tracker warns that the blocks' input needs no gradient: true, and meant.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -17,7 +17,7 @@ two sides must agree (1e-5 relative): the same training, not just the same shape
 Timing: rounds of one step per side, the order of the sides flipped every round, so drift in the machine
 hits both alike; a trial's ratio is ours / theirs within one round. Memory, per rank, in separate
 processes per side (so neither side's state sits in the other's figure): the job's own measure
-(runner/resources.py MemoryMeter: peak RSS over the timed steps minus the rank's RSS after set-up, before
+(runner/job/resources.py MemoryMeter: peak RSS over the timed steps minus the rank's RSS after set-up, before
 the model exists), and the bytes each side holds between steps (parameters, gradients, optimizer state;
 FSDP2's as the local tensors of its DTensors). Our unsharded data parallelism (zero_stage 0) runs the same
 memory measurement as the baseline.
@@ -60,7 +60,7 @@ QUICK = {"warmup": 2, "rounds": 4, "mem_steps": 2}
 
 
 def spec_for(zero_stage: int):
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
     return RunSpec.from_dict({"model": "custom", **DIMS, "strategy": "data", "dp": DP, "zero_stage": zero_stage,
                               "batch": BATCH, "seq": SEQ, "seed": SEED, "lr": LR, "workload": "train"})  # fmt: skip
@@ -144,7 +144,7 @@ def local(t):
 
 
 def state_bytes(opt) -> int:
-    """Optimizer state bytes as runner/job.py counts them (local shards of DTensors)."""
+    """Optimizer state bytes as runner/job/rank.py counts them (local shards of DTensors)."""
     import torch
 
     total = 0
@@ -212,7 +212,7 @@ def worker_memory(out: str, side: str, steps: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from runner.resources import MemoryMeter
+    from runner.job.resources import MemoryMeter
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -273,7 +273,7 @@ def section(res: dict, memory: dict[str, list[dict]], settings: dict, quick: boo
         f"| step time ratio ours / theirs, median (range) | {med:.2f} ({lo:.2f}..{hi:.2f}) | |",
         "",
         "Memory per rank (MiB): held between steps (parameters + gradients + optimizer state), and the peak over "
-        f"{settings['mem_steps']} steps above the rank's set-up RSS (runner/resources.py, the job's figure).",
+        f"{settings['mem_steps']} steps above the rank's set-up RSS (runner/job/resources.py, the job's figure).",
         "",
         "| side | rank | parameters | gradients | optimizer | held | peak over set-up |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -16,8 +16,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from runner.launch import torchrun_launcher
-from runner.spec import usable_cores as usable_cores
+from runner.service.launch import torchrun_launcher
+from runner.spec.run_spec import usable_cores as usable_cores
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ def quick_mode(argv_flag: bool = False) -> bool:
 
 
 def exit_worker() -> None:
-    """End a finished worker rank without interpreter finalisation, as runner/job.py does: gloo's C++
+    """End a finished worker rank without interpreter finalisation, as runner/job/rank.py does: gloo's C++
     threads torn down then can abort the process (SIGABRT, "terminate called without an active
     exception") after its result was written, and torchrun would report the benchmark as failed."""
     import sys

@@ -6,8 +6,8 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
-from runner.metrics import bubble_theory_formula
-from runner.spec import PRESETS, WORKLOADS
+from runner.job.metrics import bubble_theory_formula
+from runner.spec.run_spec import PRESETS, WORKLOADS
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
 from ui.nodes import ranks_by_node, with_node

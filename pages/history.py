@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.filters import FILTERS, day_range, parse_day, run_filter

@@ -5,10 +5,10 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
-from runner.estimates import memory_estimate
-from runner.launchers.slurm import nodes_for, render_sbatch
-from runner.spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, SpecError
-from runner.strategies import get_strategy, strategy_names
+from runner.service.launchers.slurm import nodes_for, render_sbatch
+from runner.spec.estimates import memory_estimate
+from runner.spec.run_spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, SpecError
+from runner.spec.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses

@@ -8,7 +8,7 @@ import streamlit as st
 from runner import api
 from runner.planner.devices import KINDS, from_partition, preset
 from runner.planner.models import MODELS, GiB, Workload
-from runner.spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
+from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.state import engine, enter_through_app
 
@@ -80,7 +80,7 @@ try:
             lease = d1.selectbox("host", leases, format_func=lambda h: f"{h['host']} ({len(h['gpus'])} GPUs)")
             devices = from_lease(lease)
     elif source == "Slurm partition":
-        from runner.cluster import Partition
+        from runner.service.cluster import Partition
 
         leases = [h for h in api.hosts(engine()) if h.get("cluster")]
         if not leases:

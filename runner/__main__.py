@@ -12,9 +12,9 @@ import sys
 import time
 
 from runner import api
-from runner.launchers import add_serve_arguments, launcher_from_args
-from runner.spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
-from runner.strategies import get_strategy, strategy_names, users_of
+from runner.service.launchers import add_serve_arguments, launcher_from_args
+from runner.spec.run_spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
+from runner.spec.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
 SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from the registry (registry_opts)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         import os
 
-        from runner.service import Runner
+        from runner.service.loop import Runner
 
         if args.host:
             os.environ["LAB_HOST"] = args.host  # one lease per host name; its jobs inherit it too

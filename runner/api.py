@@ -1,13 +1,13 @@
 """The one module the pages and the CLI call to change or read runs; storage below it only stores.
 
 Changing runs: `submit` parses and validates a spec against the target host's GPUs, or on a Slurm
-runner's partition against its nodes and layout rules (runner.cluster; the weights file it names is
+runner's partition against its nodes and layout rules (runner.service.cluster; the weights file it names is
 read and checked here too) and only then stores it, so a refused spec stores nothing and
 its SpecError lists every problem by field; `cancel`, `update_meta` and `delete` change a stored run;
 `submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
 the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
 a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
-`export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.logs): the run
+`export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.service.logs): the run
 folder when this machine ran it, else the tail its host stored in the database; `follow` streams it.
 
 Torch-free: the app imports it. Every function takes the engine first; nothing holds a session.
@@ -23,12 +23,14 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine
 
-from runner import logs as log_reader
-from runner.cluster import Partition, gpu_count_on, placement_problems
-from runner.launchers.slurm import SCRIPT_NAME
-from runner.logs import LogText
-from runner.records import RunStatus
-from runner.spec import RunSpec, SpecError
+from runner.service import logs as log_reader
+from runner.service.cluster import Partition, gpu_count_on, placement_problems
+from runner.service.launchers.slurm import SCRIPT_NAME
+from runner.service.logs import LogText
+from runner.spec.records import RunStatus
+from runner.spec.run_spec import RunSpec, SpecError
+from runner.spec.selftest_layouts import selftest_specs
+from runner.spec.validation import validate_spec
 from storage import hosts as host_rows
 from storage import runs, series
 from storage.db import runs_dir
@@ -61,14 +63,14 @@ def default_user() -> str:
 def ensure_runner() -> bool:
     """Start this machine's runner (`python -m runner serve`) unless a live one serves the database; True
     when one was started now. It is its own process session: it outlives the app and the CLI."""
-    from runner.supervisor import ensure_runner as start
+    from runner.service.supervisor import ensure_runner as start
 
     return start()
 
 
 def wait_for_runner(engine: Engine, timeout_s: float = 30.0) -> bool:
     """Wait until this machine's runner reports alive; False after `timeout_s`."""
-    from runner.supervisor import wait_for_runner as wait
+    from runner.service.supervisor import wait_for_runner as wait
 
     return wait(engine, timeout_s)
 
@@ -114,7 +116,7 @@ def target_partition(engine: Engine, run_on: str | None) -> tuple[Partition | No
 def target_problems(engine: Engine, spec: RunSpec, run_on: str | None) -> list[Any]:
     """What keeps `spec` from running on the target beyond its own rules: on a Slurm partition its nodes and
     the layout (nodes x GPUs per node = world size, tensor parallelism inside a node), elsewhere an empty
-    `nodes` (runner.cluster.placement_problems)."""
+    `nodes` (runner.service.cluster.placement_problems)."""
     partition, known = target_partition(engine, run_on)
     if not known:
         return []
@@ -141,7 +143,7 @@ def submit(
     if gpu_count is HOST_GPUS:
         partition, _ = target_partition(engine, run_on)
         gpu_count = gpu_count_on(spec, partition) if partition else target_gpu_count(engine, run_on)
-    problems = spec.validate(gpu_count=gpu_count)
+    problems = validate_spec(spec, gpu_count=gpu_count)
     problems += [p for p in target_problems(engine, spec, run_on) if p not in problems]
     if problems:
         raise SpecError(problems)
@@ -161,8 +163,6 @@ def submit_selftest(
     gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any.
     Raises SpecError (nothing more queued) when a run does not fit, e.g. cuda where no GPU is seen.
     """
-    from runner.selftest import selftest_specs  # the self-test's layouts; it submits through here itself
-
     if gpus is None:
         status = runner_status(engine)
         gpus = len(status["gpus"]) if status and status["alive"] else 0
@@ -270,7 +270,7 @@ def export_runs(engine: Engine, filters: RunFilter | None = None) -> list[dict[s
 
 def torchrun_command(spec: RunSpec) -> str:
     """The command line the runner will start for `spec` (its folder shown as runs/<id>)."""
-    from runner.launch import torchrun_argv
+    from runner.service.launch import torchrun_argv
 
     return shlex.join(torchrun_argv(spec, str(runs_dir() / "<id>" / "spec.json")))
 

@@ -38,7 +38,7 @@ def _lease_dict(lease: RunnerLease) -> dict[str, Any]:
         "alive": age < runner_stale_s(),
         "gpus": list(lease.gpus or []),
         "gpu_note": lease.gpu_note,
-        # A Slurm runner's partition (runner.cluster.Partition.to_dict: name, account, nodes with cpus, gpus
+        # A Slurm runner's partition (runner.service.cluster.Partition.to_dict: name, account, nodes with cpus, gpus
         # and state, or the error sinfo gave); None for a machine's own runner.
         "cluster": lease.cluster or None,
     }

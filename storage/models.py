@@ -27,7 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from runner.records import TERMINAL_STATUSES, RunStatus
+from runner.spec.records import TERMINAL_STATUSES, RunStatus
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -37,7 +37,7 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-# The run states are runner.records.RunStatus; these tuples of their values are what SQL filters take.
+# The run states are runner.spec.records.RunStatus; these tuples of their values are what SQL filters take.
 RUN_STATES = tuple(s.value for s in RunStatus)
 TERMINAL_STATES = tuple(s.value for s in TERMINAL_STATUSES)
 

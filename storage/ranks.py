@@ -3,14 +3,14 @@
 The table keeps the figures every strategy reports as columns (so SQL can sort and sum them) and the
 rest (memory detail, CPU placement, a pipeline stage's bubble, strategy figures) in the JSON column
 `extra`. to_row() splits a rank's figures that way; from_row() gives back the one typed record
-(runner.records.RankFigures), whichever version of the job wrote them. Nothing else reads `extra`.
+(runner.spec.records.RankFigures), whichever version of the job wrote them. Nothing else reads `extra`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from runner.records import RankFigures
+from runner.spec.records import RankFigures
 from storage.models import RankResult
 
 COLUMNS = ("rank", "tp", "pp", "dp", "param_count", "param_bytes", "optimizer_bytes", "peak_mem_bytes",

@@ -1,7 +1,7 @@
 """What the runner writes while it serves runs: pick and claim queued runs, progress, metrics, telemetry, spans,
 log tails, and the final status with the result.
 
-Only runner/service.py calls these. Claiming a queued run is one conditional UPDATE whose row count
+Only runner/service/loop.py calls these. Claiming a queued run is one conditional UPDATE whose row count
 says who won; finishing is conditional too, so a run that already ended keeps its ending. Numbers are
 made finite before they are stored (PostgreSQL's JSON refuses NaN).
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, delete, insert, or_, select, update
 
-from runner.records import Result, RunStatus, Span, Step
+from runner.spec.records import Result, RunStatus, Span, Step
 from storage import ranks
 from storage.hosts import this_host
 from storage.models import (

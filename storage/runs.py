@@ -28,7 +28,7 @@ from storage.hosts import ANY_HOST, this_host
 from storage.models import RankResult, Run, RunLog, StepMetric, TelemetrySample, TimelineSpan, iso_utc, utcnow
 
 if TYPE_CHECKING:
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
 LIST_COLUMNS = [
     "id", "status", "strategy", "model", "workload", "world_size", "tp", "pp", "dp", "user", "tags",

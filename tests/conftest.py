@@ -50,7 +50,7 @@ def stop_runner(engine, timeout: float = 10.0) -> None:
     """
     import psutil
 
-    from runner.launch import stop_group
+    from runner.service.launch import stop_group
     from storage import hosts
 
     status = hosts.runner_status(engine)

@@ -13,9 +13,9 @@ import os
 import sys
 import time
 
-from runner import job
 from runner.gpt.comm import GroupComm
 from runner.gpt.data_parallel import DataParallelGPT
+from runner.job import rank as job
 
 _done: list[float] = []  # completion times of this step's bucket all-reduces
 _last: dict[str, int] = {"test_buckets": 0, "test_buckets_done_in_backward": 0}

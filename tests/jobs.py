@@ -11,8 +11,9 @@ import socket
 import subprocess
 from pathlib import Path
 
-from runner.launch import torchrun_argv, torchrun_launcher
-from runner.spec import RunSpec
+from runner.service.launch import torchrun_argv, torchrun_launcher
+from runner.spec.run_spec import RunSpec
+from runner.spec.validation import validate_spec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +34,7 @@ def run_torchrun(
     `env` adds environment variables for the ranks.
     """
     run_spec = RunSpec.from_dict(spec)
-    problems = run_spec.validate(gpu_count=0)
+    problems = validate_spec(run_spec, gpu_count=0)
     assert not problems, problems
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))

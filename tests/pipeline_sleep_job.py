@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from runner import job
 from runner.gpt.pipeline import PipelineGPT
+from runner.job import rank as job
 
 SECONDS = [tuple(float(x) for x in part.split(",")) for part in os.environ["LAB_TEST_STAGE_SECONDS"].split(";")]
 

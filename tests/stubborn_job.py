@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 
-from runner.job import main
+from runner.job.rank import main
 
 if __name__ == "__main__":
     stubborn = os.environ.get("RANK") == "1"

@@ -1,6 +1,6 @@
 """runner.api, the module pages and the CLI call: validate before storing (a refused spec stores nothing and
 names every field), a stored run read back once with its world_size, and logs through the one reader
-(runner.logs): a rank log's tail from the run folder, the database's stored tails where the folder is not
+(runner.service.logs): a rank log's tail from the run folder, the database's stored tails where the folder is not
 this machine's, and following either until the run ends."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import text
 
 from runner import api
-from runner.logs import cap_run_logs, follow_log, follow_stored, log_names, read_log, read_log_tail
-from runner.spec import RunSpec, SpecError
+from runner.service.logs import cap_run_logs, follow_log, follow_stored, log_names, read_log, read_log_tail
+from runner.spec.run_spec import RunSpec, SpecError
 from storage import hosts as leases
 from storage import runner_rows
 
@@ -80,7 +80,7 @@ def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
         leases.release_lease(engine, "runner-beta")
 
 
-A100 = {  # what a Slurm runner publishes (runner.cluster.Partition.to_dict): 2 nodes x 4 GPUs
+A100 = {  # what a Slurm runner publishes (runner.service.cluster.Partition.to_dict): 2 nodes x 4 GPUs
     "partition": "a100", "account": "ml", "default_nodes": None, "error": None,
     "nodes": [{"name": f"g{i}", "cpus": 64, "gpus": 4, "state": "idle"} for i in (1, 2)],
 }  # fmt: skip
@@ -249,7 +249,7 @@ def test_what_the_app_imports_of_h4s_modules_imports_no_torch():
 
     code = (
         "import sys\n"
-        "import runner.api, runner.logs, runner.selftest, runner.__main__\n"
+        "import runner.api, runner.service.logs, runner.selftest, runner.__main__\n"
         "import ui.charts, ui.compare, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail, ui.verify\n"
         "print('torch' in sys.modules)\n"
     )

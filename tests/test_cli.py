@@ -47,7 +47,7 @@ def test_unknown_strategy_is_refused_by_the_parser(engine):
 
 def test_strategy_choices_and_help_come_from_the_registry():
     from runner.__main__ import build_parser
-    from runner.strategies import Strategy, get_strategy, registered, strategy_names
+    from runner.spec.strategies import Strategy, get_strategy, registered, strategy_names
 
     def flags(parser):
         submit = parser._subparsers._group_actions[0].choices["submit"]
@@ -98,7 +98,7 @@ def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
 
 
 def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2))
     runner_rows.claim_run(engine, run_id, "r", str(tmp_path), [])
@@ -112,7 +112,7 @@ def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
 
 
 def test_list_and_export_take_the_history_filters(engine):
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
     layer = api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
     single = api.submit(engine, RunSpec(strategy="single"), user="bob")
@@ -168,7 +168,7 @@ def test_logs_of_a_run_that_ran_on_another_host_come_from_the_database(two_hosts
 
     from sqlalchemy import text
 
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
     engine = two_hosts
     run_id = api.submit(engine, RunSpec(strategy="layer", pp=2), run_on="beta")

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from runner import api
 from runner.__main__ import main
-from runner.spec import RunSpec
-from runner.strategies import strategy_names
+from runner.spec.run_spec import RunSpec
+from runner.spec.strategies import strategy_names
+from runner.spec.validation import validate_spec
 from storage.db import get_engine
 from tests.test_spec import spec_values
 
@@ -53,7 +54,7 @@ def test_a_thousand_generated_specs_are_queued_or_refused_with_messages(lab_home
         if code == 0:
             run = api.get_run(engine, reply["id"])
             assert run["status"] == "queued"
-            assert RunSpec.from_dict(run["spec"]).validate() == []  # queued means runnable
+            assert validate_spec(RunSpec.from_dict(run["spec"])) == []  # queued means runnable
             assert api.count_runs(engine) == before + 1
         else:
             assert code == 2, out

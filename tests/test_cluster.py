@@ -1,4 +1,4 @@
-"""runner.cluster: reading a Slurm partition with sinfo (captured outputs of real clusters, and the real two-node
+"""runner.service.cluster: reading a Slurm partition with sinfo (captured outputs of real clusters, and the real two-node
 cluster of tests/slurm_cluster.py) and judging a spec against its target (partition or machine)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from runner.cluster import (
+from runner.service.cluster import (
     ClusterError,
     Node,
     Partition,
@@ -19,7 +19,7 @@ from runner.cluster import (
     placement_problems,
     read_partition,
 )
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 
 pytest_plugins = ["tests.slurm_cluster"]
 
@@ -177,8 +177,8 @@ def test_runner_default_nodes_apply_when_the_spec_says_none() -> None:
 
 
 def test_a_slurm_runner_publishes_its_partition_in_its_lease(slurm_cluster, engine, monkeypatch):
-    from runner import service
-    from runner.launchers.slurm import SlurmLauncher
+    from runner.service import loop as service
+    from runner.service.launchers.slurm import SlurmLauncher
     from storage import hosts as leases
 
     monkeypatch.setenv("LAB_HOST", "slurm-lab")

@@ -24,7 +24,7 @@ import torch
 from runner.gpt.build import build_parallel_gpt
 from runner.gpt.comm import CommStats, GroupComm, P2PBatch
 from runner.gpt.mesh import Mesh
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 
 
 @dataclass

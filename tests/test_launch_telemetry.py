@@ -11,9 +11,9 @@ from pathlib import Path
 
 import psutil
 
-from runner.launch import group_alive, job_env, stop_group, torchrun_argv
-from runner.spec import RunSpec
-from runner.telemetry import Sampler, detect_gpus
+from runner.service.launch import group_alive, job_env, stop_group, torchrun_argv
+from runner.service.telemetry import Sampler, detect_gpus
+from runner.spec.run_spec import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -100,9 +100,9 @@ def test_sampler_reports_cpu_and_rss_of_each_rank_process():
 def test_modules_the_app_imports_do_not_import_torch():
     code = (
         "import sys\n"
-        "import runner.__main__, runner.service, runner.launch, runner.telemetry, runner.spec\n"
-        "import runner.records, runner.failures, runner.supervisor, runner.watched, runner.api, runner.strategies\n"
-        "import runner.launchers, runner.launchers.local, runner.launchers.slurm\n"
+        "import runner.__main__, runner.service.loop, runner.service.launch, runner.service.telemetry, runner.spec.run_spec\n"
+        "import runner.spec.records, runner.service.failures, runner.service.supervisor, runner.service.watched, runner.api, runner.spec.strategies\n"
+        "import runner.service.launchers, runner.service.launchers.local, runner.service.launchers.slurm\n"
         "import storage.runs, storage.series, storage.hosts, storage.runner_rows, storage.ranks\n"
         "print('torch' in sys.modules)\n"
     )

@@ -14,12 +14,12 @@ import psutil
 import pytest
 
 from runner import api
-from runner.launch import REPO_ROOT
-from runner.launchers import Launcher, LocalLauncher, make_launcher
-from runner.launchers.local import CANCEL_GRACE_S
-from runner.launchers.slurm import SlurmError, SlurmLauncher, exit_code_of, layout_problems, render_sbatch
-from runner.service import Runner
-from runner.spec import RunSpec
+from runner.service.launch import REPO_ROOT
+from runner.service.launchers import Launcher, LocalLauncher, make_launcher
+from runner.service.launchers.local import CANCEL_GRACE_S
+from runner.service.launchers.slurm import SlurmError, SlurmLauncher, exit_code_of, layout_problems, render_sbatch
+from runner.service.loop import Runner
+from runner.spec.run_spec import RunSpec
 from storage import runs
 
 TINY = RunSpec(strategy="single", model="tiny", steps=1, warmup=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from runner.logs import cap_log
+from runner.service.logs import cap_log
 
 
 def test_a_small_log_is_left_alone(tmp_path):

@@ -59,7 +59,7 @@ def test_mesh_build_takes_the_degrees_object_and_refuses_a_wrong_world_size(tmp_
     import torch.distributed as dist
 
     from runner.gpt.mesh import Mesh
-    from runner.strategies.dims import ParallelDims
+    from runner.spec.strategies.dims import ParallelDims
 
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)

@@ -8,8 +8,8 @@ import torch
 
 from runner.gpt.config import PRESETS
 from runner.gpt.model import GPT
-from runner.metrics import device_peak_flops, matmul_parameters, model_flops
-from runner.spec import RunSpec
+from runner.job.metrics import device_peak_flops, matmul_parameters, model_flops
+from runner.spec.run_spec import RunSpec
 
 GPT2 = PRESETS["gpt2"]
 

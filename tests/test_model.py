@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runner.checkpoint import load_gpt2_state_dict, read_checkpoint
 from runner.gpt.config import PRESETS, GPTConfig, count_parameters
 from runner.gpt.model import GPT, cut_stage, init_parameter, materialize
+from runner.job.checkpoint import load_gpt2_state_dict, read_checkpoint
 
 TINY = PRESETS["tiny"]
 

@@ -16,7 +16,7 @@ import pandas as pd
 import psutil
 import pytest
 
-from runner.node_telemetry import NodeFilesSampler, node_file, start_node_sampler, stop_node_sampler
+from runner.service.node_telemetry import NodeFilesSampler, node_file, start_node_sampler, stop_node_sampler
 from storage import runner_rows, runs, series
 from ui.nodes import latest_by_node, nodes_caption, ranks_by_node, with_node
 
@@ -77,7 +77,7 @@ def test_the_node_sampler_dies_with_the_rank_that_started_it(tmp_path, fake_node
     starter = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from runner.node_telemetry import start_node_sampler
+        from runner.service.node_telemetry import start_node_sampler
         p = start_node_sampler(Path({str(tmp_path)!r}), "n1", {fake_node.pid}, [])
         print(p.pid, flush=True)
         time.sleep(60)
@@ -111,7 +111,7 @@ def test_the_runner_reads_only_whole_lines_of_every_node_file(tmp_path):
 
 
 def test_samples_are_stored_and_read_per_node(engine):
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
 
     run_id = runs.insert_run(engine, RunSpec(strategy="pipeline", pp=2, microbatches=2))
     runner_rows.add_telemetry(engine, run_id, [

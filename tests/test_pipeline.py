@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from runner.schedule_ops import schedule_ops
+from runner.job.schedule_ops import schedule_ops
 from tests.jobs import read_events, run_torchrun
 
 pytestmark = pytest.mark.slow

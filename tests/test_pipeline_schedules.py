@@ -29,8 +29,8 @@ from runner.gpt.config import PRESETS
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, cut_stage
 from runner.gpt.schedules import input_grad_pass, weight_grad_pass
-from runner.schedule_ops import schedule_ops
-from runner.spec import RunSpec
+from runner.job.schedule_ops import schedule_ops
+from runner.spec.run_spec import RunSpec
 from tests.jobs import REPO, read_events, run_torchrun
 from tests.test_comm_p2p import Program, RecordingComm, completes_without_buffering
 
@@ -262,7 +262,7 @@ def test_interleaving_with_1f1bs_batching_deadlocks(monkeypatch):
 
 def test_schedule_lists_import_without_torch():
     """The app and the planner's simulator read the same op lists without importing torch."""
-    code = "import sys, runner.schedule_ops; assert 'torch' not in sys.modules"
+    code = "import sys, runner.job.schedule_ops; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 

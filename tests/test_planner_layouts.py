@@ -82,7 +82,7 @@ def test_devices_from_nvml_and_partition():
     other = from_lease(lease)
     assert other is not None and other.count == 2 and other.peak("float32") == 19.5e12 and "gpu-box" in other.source
     assert from_lease({"host": "cpu-box", "gpus": []}) is None
-    from runner.cluster import parse_sinfo
+    from runner.service.cluster import parse_sinfo
 
     part = parse_sinfo("n1|64|gpu:8|idle\nn2|64|gpu:8|mixed\n", "gpu")
     d = from_partition(part, "a100-80gb")

@@ -1,8 +1,8 @@
 """The planner's per-rank predictions against what real tiny and small runs measure (torchrun, gloo, CPU ranks).
 
 Every training rank's predicted peak (RankMemory.total) must be within 10% of its measured tensor peak -- the most
-bytes its tensors held at once in a step (runner/resources.py `peak_tensor_bytes`, the same figure CUDA's allocator
-gives) -- and so must forward and generate ranks' without tensor parallelism (the self-test's runs). So must its parameter bytes, AdamW state bytes (runner/job.py sums the optimizer's state tensors) and,
+bytes its tensors held at once in a step (runner/job/resources.py `peak_tensor_bytes`, the same figure CUDA's allocator
+gives) -- and so must forward and generate ranks' without tensor parallelism (the self-test's runs). So must its parameter bytes, AdamW state bytes (runner/job/rank.py sums the optimizer's state tensors) and,
 under ZeRO, gradient bytes (the strategy's grad_bytes figure) -- in fact they match to the byte, and the test
 says so when they do not. Pipeline ranks also report the most microbatches they held at once, which the memory
 model's in-flight count must equal, and the bytes autograd saved at the peak (the engine's count), which the
@@ -16,7 +16,7 @@ import os
 import pytest
 
 from runner.planner.memory import rank_memory, spec_layout, spec_workload
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from tests.jobs import run_torchrun
 
 BASE = {"model": "tiny", "workload": "train", "batch": 4, "seq": 16, "steps": 1, "warmup": 0}
@@ -114,7 +114,7 @@ def compare(spec: RunSpec, ranks: list[dict], tolerance: float = 0.10, exact_onl
         if r.get("peak_activation_bytes") and not exact_only:  # what the engine counted autograd saving, at its peak
             pairs.append(("activation_bytes", pred.activation_bytes, r["peak_activation_bytes"]))
         if not exact_only and (work.workload == "train" or layout.tp == 1):
-            # the whole: the most the rank's tensors held at once (runner/resources.py). Forward and generate under
+            # the whole: the most the rank's tensors held at once (runner/job/resources.py). Forward and generate under
             # tensor parallelism are not held to a bound: how many of gloo's finished collectives still hold their
             # tensors at the peak is a race (README, "How close the predictions come")
             pairs.append(("peak bytes", pred.total, r.get("peak_tensor_bytes")))

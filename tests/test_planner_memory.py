@@ -178,7 +178,7 @@ def test_activations_of_a_1f1b_stage_by_hand():
 
 def test_an_interleaved_rank_holds_the_heads_share_only_for_its_last_chunks_microbatches():
     """p = 2, v = 2, m = 4, rank 1 (it holds virtual stages 1 and 3, the head in chunk 1). Its forwards, in the
-    engine's order (runner/schedule_ops.py interleaved_ops): F0.0 F0.1 F1.0 B1.0 F1.1 B1.1 F0.2 B0.0 F0.3 ...:
+    engine's order (runner/job/schedule_ops.py interleaved_ops): F0.0 F0.1 F1.0 B1.0 F1.1 B1.1 F0.2 B0.0 F0.3 ...:
     at its fullest it holds two microbatches of chunk 0 and one of chunk 1, or three of chunk 0 -- never two of
     the head's chunk, which a count of chunk-microbatches times an average chunk would assume."""
     held = {pt.held for pt in backward_points("interleaved-1f1b", 2, 4, 1, 2)}

@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 from runner import api
 from runner.planner.devices import cpu_host
 from runner.planner.models import Layout, Workload
+from runner.spec.validation import validate_spec
 from storage.calibration import prediction_of
 from ui import planner as P
 from ui.format import human_bytes
@@ -45,7 +46,7 @@ def test_every_feasible_tiny_layout_becomes_a_valid_spec():
     assert len(p.feasible) >= 7  # single, tensor, pipeline, data and data with ZeRO 1-3
     for c in p.feasible:
         spec = P.spec_for(inputs, c, "cpu")
-        assert spec.validate(gpu_count=0) == [], (c.layout.label(), spec)
+        assert validate_spec(spec, gpu_count=0) == [], (c.layout.label(), spec)
         assert tuple(spec.degrees) == (c.layout.tp, c.layout.pp, c.layout.dp) and "plan" in spec.tags
         assert spec.zero_stage == c.layout.zero_stage
 

@@ -1,5 +1,5 @@
 """bf16-mixed: float32 master weights, gradients and AdamW state; bf16 matmuls under autocast; results within
-the bound runner/verify.py documents against the float32 reference; and a real multi-rank run that verifies,
+the bound runner/job/verify.py documents against the float32 reference; and a real multi-rank run that verifies,
 sends float32 activations between stages and reduces float32 gradients.
 
 The reference is the plain float32 GPT; the bf16 evidence is read from the operators that actually ran
@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from runner.gpt.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, cut_stage
 from runner.gpt.precision import PRECISIONS, precision_of
-from runner.verify import TOLERANCES
+from runner.job.verify import TOLERANCES
 from tests.jobs import run_torchrun
 
 CONFIG = PRESETS["tiny"]  # 4 layers, d=64, 4 heads, vocab 512

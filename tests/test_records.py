@@ -1,4 +1,4 @@
-"""Records (runner/records.py): events round-trip through their one line format, result.json files written
+"""Records (runner/spec/records.py): events round-trip through their one line format, result.json files written
 by the previous version load, the terminal states are the ones storage and the runner treat as final, and
 runs stored by the previous version read back as the same records."""
 
@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from runner.records import Error, Finished, RankFigures, Result, RunStatus, Span, Started, Step, parse_event
-from runner.spec import RunSpec
+from runner.spec.records import Error, Finished, RankFigures, Result, RunStatus, Span, Started, Step, parse_event
+from runner.spec.run_spec import RunSpec
 from storage import runner_rows, runs, series
 
 # Written by the job before records existed (commit 6d3e754, a 2-stage pipeline on CPU; one rank kept).
@@ -183,7 +183,7 @@ def test_a_run_stored_by_the_previous_version_at_revision_0004_upgrades_and_read
 
 
 def test_a_started_event_names_its_node_and_the_failing_ranks_node_is_found_on_a_multi_node_run(tmp_path):
-    from runner.failures import rank_nodes, with_node
+    from runner.service.failures import rank_nodes, with_node
 
     lines = [Started(r, 1.0, world_size=2, device="cpu", backend="gloo", pid=10 + r, host=h).to_json_line()
              for r, h in ((0, "n1"), (1, "n2"))]  # fmt: skip

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from storage import hosts, runner_rows, runs, series
 from tests.conftest import stop_runner
 from tests.jobs import wait_status
@@ -278,9 +278,9 @@ def test_sigkill_of_torchrun_leaves_no_rank_alive_and_the_next_run_starts_only_a
 
 def test_a_rank_that_ignores_sigterm_is_gone_after_cancel(engine):
     """The real job under real torchrun, rank 1 ignoring SIGTERM; the runner in-process, ticked by the test."""
-    from runner.launch import TORCHRUN_SHUTDOWN_S
-    from runner.launchers.local import CANCEL_GRACE_S
-    from runner.service import Runner
+    from runner.service.launch import TORCHRUN_SHUTDOWN_S
+    from runner.service.launchers.local import CANCEL_GRACE_S
+    from runner.service.loop import Runner
 
     runner = Runner(engine)
     assert runner.acquire()
@@ -368,7 +368,7 @@ def test_two_hosts_on_one_postgres_each_run_their_own_runs_and_read_each_others_
 ):
     """Two members' machines (two LAB_HOME, two LAB_HOST) on one team database: each runner holds its own lease,
     runs only what was aimed at its host, and stores log tails any member reads without the other's disk."""
-    from runner.launch import stop_group
+    from runner.service.launch import stop_group
     from storage.db import get_engine
 
     url = pg_server.new_database()

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import insert
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from storage.models import RankResult, Run, TelemetrySample
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,8 @@ import torch
 
 from runner.gpt.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, init_parameter
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
+from runner.spec.validation import validate_spec
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = [2**44, 2**63 + 5, 2**64 + 5, 2**200 + 1]  # past int64 once multiplied, past int64, past uint64, far past
@@ -73,7 +74,7 @@ def test_folded_seeds_are_the_same_in_another_process():
 
 def test_validate_accepts_any_non_negative_seed():
     for seed in BIG:
-        assert not [p for p in RunSpec(strategy="single", seed=seed).validate(gpu_count=0) if p.field == "seed"]
+        assert not [p for p in validate_spec(RunSpec(strategy="single", seed=seed), gpu_count=0) if p.field == "seed"]
 
 
 @pytest.mark.slow

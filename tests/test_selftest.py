@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from runner import api
-from runner.selftest import comm_theory_bytes, layouts, resolve_device, selftest_specs
-from runner.spec import RunSpec
+from runner.selftest import resolve_device
+from runner.spec.run_spec import RunSpec
+from runner.spec.selftest_layouts import comm_theory_bytes, layouts, selftest_specs
+from runner.spec.validation import validate_spec
 from tests.jobs import REPO
 from tests.test_planner_measured import compare
 
@@ -37,7 +39,7 @@ def test_cpu_runs_every_strategy_and_workload_verified():
     }
     assert {s.strategy for s in specs} == STRATEGIES
     assert all(s.verify and s.device == "cpu" and "selftest" in s.tags for s in specs)
-    assert all(s.validate(gpu_count=0) == [] for s in specs)
+    assert all(validate_spec(s, gpu_count=0) == [] for s in specs)
     three_d = {(s.tp, s.pp, s.dp) for s in specs if s.strategy == "3d"}
     assert three_d == {(2, 2, 2)}
 
@@ -131,7 +133,7 @@ def test_cpu_selftest_passes_end_to_end_and_stores_its_runs(engine):
 
 
 def test_the_self_test_lists_what_the_registry_holds_a_new_strategy_included():
-    from runner.strategies import Strategy, registered, strategy_names
+    from runner.spec.strategies import Strategy, registered, strategy_names
 
     assert [label.split()[0] for _, label, _ in layouts(0, "cpu")] == [
         "single", "single", "layer", "tensor", *["pipeline"] * 6, *["data"] * 4, "3d", "3d",

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from runner.failures import diagnose_failure, first_traceback
-from runner.launch import group_alive
-from runner.launchers.local import Job
-from runner.logs import read_log
-from runner.records import Error
-from runner.service import Runner, Watched
-from runner.spec import RunSpec
-from runner.telemetry import Sampler
+from runner.service.failures import diagnose_failure, first_traceback
+from runner.service.launch import group_alive
+from runner.service.launchers.local import Job
+from runner.service.logs import read_log
+from runner.service.loop import Runner, Watched
+from runner.service.telemetry import Sampler
+from runner.spec.records import Error
+from runner.spec.run_spec import RunSpec
 from storage import db, hosts, runner_rows, runs, series
 from tests.jobs import wait_status
 
@@ -178,7 +178,7 @@ Root Cause (first observed failure):
 RANK_LOG = """\
 starting
 Traceback (most recent call last):
-  File "/repo/runner/job.py", line 10, in main
+  File "/repo/runner/job/rank.py", line 10, in main
     run()
 ValueError: shapes do not match
 later noise
@@ -220,7 +220,7 @@ def test_with_nothing_to_go_on_the_last_launcher_line_is_the_error(tmp_path, log
 
 
 def test_a_launch_never_reads_a_stale_folder_left_under_a_reused_run_id(engine):
-    from runner.launch import stop_group
+    from runner.service.launch import stop_group
     from storage.db import runs_dir
 
     run_id = api.submit(engine, TINY)
@@ -287,7 +287,7 @@ def test_a_rank_left_by_a_killed_torchrun_is_found_by_a_restarted_runner_stopped
 ):
     """torchrun killed while no runner watched: the new runner adopts the run by its recorded rank pid (torchrun's
     group is gone), SIGKILLs the rank that ignores SIGTERM, and the next CPU run starts only once it is gone."""
-    from runner.launch import stop_group
+    from runner.service.launch import stop_group
 
     first = Runner(engine)
     torchrun = subprocess.Popen([sys.executable, "-c", FAKE_TORCHRUN], start_new_session=True)
@@ -357,7 +357,7 @@ def test_a_runner_that_lost_its_lease_adopts_none_of_its_successors_live_jobs(db
     job, and must neither take the run over (its row keeps the successor as owner) nor watch it; it leaves
     instead (LeaseLost, the serve loop's exit 4). Adoption also checks the lease inside its own transaction, so a
     takeover between the scan's check and the adoption leaves the run with its owner."""
-    from runner.service import LeaseLost
+    from runner.service.loop import LeaseLost
 
     engine = db_engine
     frozen, successor = frozen_and_replaced(engine)
@@ -443,8 +443,8 @@ DEAF_TORCHRUN = FAKE_TORCHRUN.replace("import subprocess, sys, time", "import si
 def test_cancel_sigkills_only_after_torchruns_own_grace_and_then_every_rank(engine, tmp_path):
     """Nothing honours SIGTERM: the runner leaves torchrun its own grace (TORCHRUN_SHUTDOWN_S) to stop its ranks,
     then SIGKILLs torchrun and the rank it recorded, which torchrun's group never contained."""
-    from runner.launch import TORCHRUN_SHUTDOWN_S
-    from runner.launchers.local import CANCEL_GRACE_S
+    from runner.service.launch import TORCHRUN_SHUTDOWN_S
+    from runner.service.launchers.local import CANCEL_GRACE_S
 
     runner = Runner(engine)
     torchrun = subprocess.Popen([sys.executable, "-c", DEAF_TORCHRUN], start_new_session=True)

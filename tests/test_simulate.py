@@ -237,7 +237,7 @@ def test_no_simulated_timeline_where_no_schedule_made_the_spans(spec):
 
 def test_run_page_draws_the_simulated_timeline_under_the_measured_one(engine, tmp_path):
     from runner import api
-    from runner.spec import RunSpec
+    from runner.spec.run_spec import RunSpec
     from storage import runner_rows
     from tests.test_ui_pages import page
 

@@ -17,12 +17,12 @@ import psutil
 import pytest
 
 from runner import api
-from runner.launch import REPO_ROOT
-from runner.launchers.local import CANCEL_GRACE_S
-from runner.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, scontrol_job
-from runner.node_telemetry import NodeFilesSampler
-from runner.service import Runner
-from runner.spec import RunSpec
+from runner.service.launch import REPO_ROOT
+from runner.service.launchers.local import CANCEL_GRACE_S
+from runner.service.launchers.slurm import EXIT_CODE_NAME, SCRIPT_NAME, SlurmLauncher, scontrol_job
+from runner.service.loop import Runner
+from runner.service.node_telemetry import NodeFilesSampler
+from runner.spec.run_spec import RunSpec
 from storage import runs
 from storage.db import runs_dir
 from tests.jobs import wait_status
@@ -99,7 +99,7 @@ def test_a_two_node_run_verifies_against_the_reference(slurm_cluster, tmp_path, 
     assert launcher.logs(job) == ["torchrun", *(f"rank{r}" for r in range(spec.world_size))]
     info = scontrol_job(job.job_id, slurm_cluster.env())
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]"
-    # Each node sampled its own rank processes, and only those (runner/node_telemetry.py).
+    # Each node sampled its own rank processes, and only those (runner/service/node_telemetry.py).
     sampled = {}
     for row in NodeFilesSampler(run_dir, 0.0).sample():
         sampled.setdefault(row["host"], set()).add(row["source"])

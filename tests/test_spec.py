@@ -8,14 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from runner.estimates import memory_estimate
-from runner.spec import (
+from runner.spec.estimates import memory_estimate
+from runner.spec.run_spec import (
     STRATEGIES,
     RunSpec,
     SpecError,
     SpecProblem,
 )
-from runner.strategies import NEUTRAL, ParallelDims, get_strategy
+from runner.spec.strategies import NEUTRAL, ParallelDims, get_strategy
+from runner.spec.validation import validate_spec
 
 
 def fields_of(problems: list[SpecProblem]) -> set[str]:
@@ -23,11 +24,11 @@ def fields_of(problems: list[SpecProblem]) -> set[str]:
 
 
 def test_defaults_are_valid():
-    assert RunSpec().validate(gpu_count=0) == []
+    assert validate_spec(RunSpec(), gpu_count=0) == []
 
 
 def test_layer_split_that_does_not_divide_the_layers_names_pp_and_the_choices():
-    (problem,) = RunSpec(strategy="layer", pp=3).validate()
+    (problem,) = validate_spec(RunSpec(strategy="layer", pp=3))
     assert problem.field == "pp"
     assert problem.message == (
         "splitting the layers over 3 ranks needs n_layer divisible by 3; the tiny model has 4 layers, so use pp in 1, 2, 4"
@@ -35,7 +36,7 @@ def test_layer_split_that_does_not_divide_the_layers_names_pp_and_the_choices():
 
 
 def test_every_problem_is_reported_at_once():
-    problems = RunSpec(batch=0, steps=0, seq=-1, workload="sing").validate()
+    problems = validate_spec(RunSpec(batch=0, steps=0, seq=-1, workload="sing"))
     assert fields_of(problems) == {"batch", "steps", "seq", "workload"}
     assert all(p.message for p in problems)
 
@@ -114,13 +115,13 @@ def test_every_problem_is_reported_at_once():
     ],
 )
 def test_bad_specs_name_the_field(changes, field, fragment):
-    problems = RunSpec(**changes).validate(gpu_count=0)
+    problems = validate_spec(RunSpec(**changes), gpu_count=0)
     assert field in fields_of(problems), problems
     assert any(fragment in p.message for p in problems if p.field == field), problems
 
 
 def test_cuda_with_too_few_gpus_says_how_many_are_needed():
-    problems = RunSpec(strategy="data", dp=4, batch=8, device="cuda").validate(gpu_count=2)
+    problems = validate_spec(RunSpec(strategy="data", dp=4, batch=8, device="cuda"), gpu_count=2)
     assert [p.message for p in problems if p.field == "device"] == [
         "4 ranks need 4 GPUs but 2 are visible; lower the degrees or choose 'cpu'"
     ]
@@ -172,7 +173,7 @@ def test_malformed_json_is_refused_with_the_field(data, field, fragment):
 def test_weights_that_are_not_a_checkpoint_are_refused(tmp_path):
     junk = tmp_path / "weights.safetensors"
     junk.write_bytes(b"not a checkpoint")
-    (problem,) = RunSpec(weights=str(junk)).validate()
+    (problem,) = validate_spec(RunSpec(weights=str(junk)))
     assert problem.field == "weights" and "not a readable GPT-2 checkpoint" in problem.message
 
 
@@ -224,7 +225,7 @@ spec_values = st.fixed_dictionaries(
 @given(data=spec_values, gpus=st.sampled_from([None, 0, 1, 8]))
 def test_any_spec_is_accepted_or_refused_with_messages(data, gpus):
     spec = RunSpec.from_json(json.dumps(data))  # through JSON, as the CLI and the runner read it
-    problems = spec.validate(gpu_count=gpus)
+    problems = validate_spec(spec, gpu_count=gpus)
     for p in problems:
         assert isinstance(p, SpecProblem) and p.field and p.message
     if problems:
@@ -260,7 +261,7 @@ def test_any_spec_is_accepted_or_refused_with_messages(data, gpus):
     ],
 )
 def test_the_new_options_are_accepted_where_they_apply(changes):
-    assert RunSpec(**changes).validate(gpu_count=0) == []
+    assert validate_spec(RunSpec(**changes), gpu_count=0) == []
 
 
 def test_checkpoint_policy_reads_as_every_how_many_blocks():

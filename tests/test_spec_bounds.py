@@ -8,9 +8,9 @@ import struct
 
 import psutil
 
-from runner.estimates import host_memory_estimate
-from runner.spec import RunSpec, usable_cores
-from runner.spec_validation import CPU_RANKS_PER_CORE
+from runner.spec.estimates import host_memory_estimate
+from runner.spec.run_spec import RunSpec, usable_cores
+from runner.spec.validation import CPU_RANKS_PER_CORE, validate_spec
 
 
 def test_more_cpu_ranks_than_the_cores_can_time_slice_are_refused_naming_the_degree():
@@ -18,22 +18,22 @@ def test_more_cpu_ranks_than_the_cores_can_time_slice_are_refused_naming_the_deg
     if limit + 1 > 64:
         return  # a machine this large hits the 64-rank limit first
     n = limit + 1
-    problems = RunSpec(strategy="data", dp=n, batch=n, device="cpu").validate(gpu_count=0)
+    problems = validate_spec(RunSpec(strategy="data", dp=n, batch=n, device="cpu"), gpu_count=0)
     assert [p.field for p in problems] == ["dp"]
     assert f"{n} CPU ranks on {usable_cores()} core" in problems[0].message and str(limit) in problems[0].message
-    assert RunSpec(strategy="data", dp=limit, batch=limit, device="cpu").validate(gpu_count=0) == []
+    assert validate_spec(RunSpec(strategy="data", dp=limit, batch=limit, device="cpu"), gpu_count=0) == []
 
 
 def test_a_run_that_cannot_fit_in_this_machines_memory_is_refused_with_both_sizes():
     spec = RunSpec(strategy="single", model="gpt2-xl", batch=32, seq=1024, device="cpu")
     assert host_memory_estimate(spec) > psutil.virtual_memory().total
-    (problem,) = spec.validate(gpu_count=0)
+    (problem,) = validate_spec(spec, gpu_count=0)
     assert problem.field == "batch"
     total = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
     assert "batch 32 x seq 1024" in problem.message and total in problem.message
     # The same model with a small batch fits, and the estimate grows with the batch.
     small = RunSpec(strategy="single", model="tiny", batch=8, seq=64, device="cpu")
-    assert small.validate(gpu_count=0) == [] and host_memory_estimate(small) < host_memory_estimate(spec)
+    assert validate_spec(small, gpu_count=0) == [] and host_memory_estimate(small) < host_memory_estimate(spec)
 
 
 def gpt2_header(path, n_layer: int, positions: int = 1024, width: int = 768) -> None:
@@ -54,12 +54,12 @@ def gpt2_header(path, n_layer: int, positions: int = 1024, width: int = 768) -> 
 def test_a_checkpoint_of_another_depth_or_context_is_refused_before_queueing(tmp_path):
     distil = tmp_path / "distilgpt2.safetensors"
     gpt2_header(distil, n_layer=6)  # distilgpt2: gpt2's vocabulary and width, half the layers
-    (problem,) = RunSpec(model="gpt2", weights=str(distil)).validate()
+    (problem,) = validate_spec(RunSpec(model="gpt2", weights=str(distil)))
     assert problem.field == "weights" and "has 6 layers but the gpt2 model has 12" in problem.message
     short = tmp_path / "short-context.safetensors"
     gpt2_header(short, n_layer=12, positions=512)
-    (problem,) = RunSpec(model="gpt2", weights=str(short)).validate()
+    (problem,) = validate_spec(RunSpec(model="gpt2", weights=str(short)))
     assert "512 positions" in problem.message and "block_size 1024" in problem.message
     full = tmp_path / "gpt2.safetensors"
     gpt2_header(full, n_layer=12)
-    assert RunSpec(model="gpt2", weights=str(full)).validate() == []
+    assert validate_spec(RunSpec(model="gpt2", weights=str(full))) == []

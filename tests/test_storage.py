@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import inspect, text
 
 from runner import api
-from runner.records import Step
-from runner.spec import RunSpec, SpecError
+from runner.spec.records import Step
+from runner.spec.run_spec import RunSpec, SpecError
 from storage import db, hosts, runner_rows, runs, series
 from storage.db import database_url
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import runner.spec
+import runner.spec.run_spec
 import ui.forms
-from runner.spec import RunSpec
-from runner.strategies import (
+from runner.spec.run_spec import RunSpec
+from runner.spec.strategies import (
     NEUTRAL,
     ParallelDims,
     Strategy,
@@ -29,13 +29,14 @@ from runner.strategies import (
     strategy_names,
     unregister,
 )
+from runner.spec.validation import validate_spec
 
 ORDER = ("single", "layer", "tensor", "pipeline", "data", "3d")
 
 
 def test_the_registry_lists_the_six_strategies_in_order():
     assert strategy_names() == ORDER
-    assert runner.spec.STRATEGIES == ORDER
+    assert runner.spec.run_spec.STRATEGIES == ORDER
     assert [get_strategy(n).name for n in ORDER] == list(ORDER)
     assert all(get_strategy(n).help.strip() and "\n" not in get_strategy(n).help for n in ORDER)
 
@@ -56,10 +57,10 @@ def test_each_strategy_says_what_it_uses():
 
 
 def test_one_file_per_strategy():
-    folder = Path(runner.spec.__file__).parent / "strategies"
+    folder = Path(runner.spec.run_spec.__file__).parent / "strategies"
     files = {p.stem for p in folder.glob("*.py")} - {"__init__", "registry", "dims"}
     assert files == {"single", "layer", "tensor", "pipeline", "data", "three_d"}
-    assert {inspect.getmodule(get_strategy(n).check).__name__ for n in ("tensor",)} == {"runner.strategies.tensor"}
+    assert {inspect.getmodule(get_strategy(n).check).__name__ for n in ("tensor",)} == {"runner.spec.strategies.tensor"}
 
 
 def test_an_unknown_strategy_is_refused_naming_the_known_ones():
@@ -117,7 +118,7 @@ def test_a_name_cannot_be_registered_twice():
 THROWAWAY = '''
 """zigzag: a throwaway strategy for a test: pp stages, microbatches, needs an even pp."""
 
-from runner.strategies.registry import Strategy, register
+from runner.spec.strategies.registry import Strategy, register
 
 
 def check(spec, add):
@@ -147,17 +148,17 @@ def test_adding_a_strategy_is_one_file_and_every_reader_picks_it_up(tmp_path, mo
     (tmp_path / "zigzag_strategy.py").write_text(textwrap.dedent(THROWAWAY))
     monkeypatch.syspath_prepend(str(tmp_path))
     try:
-        __import__("zigzag_strategy")  # the one entry: an import line in runner/strategies/__init__.py
+        __import__("zigzag_strategy")  # the one entry: an import line in runner/spec/strategies/__init__.py
         assert strategy_names() == (*ORDER, "zigzag")
-        assert runner.spec.STRATEGIES == (*ORDER, "zigzag")  # what the CLI offers
+        assert runner.spec.run_spec.STRATEGIES == (*ORDER, "zigzag")  # what the CLI offers
         assert ui.forms.STRATEGY_HELP["zigzag"] == "stages placed back and forth over the ranks"
         assert ui.forms.uses("zigzag", "pp") and ui.forms.uses("zigzag", "microbatches")
         assert not ui.forms.uses("zigzag", "tp") and not ui.forms.uses("zigzag", "schedule")
 
         good = RunSpec(strategy="zigzag", pp=4, microbatches=2, batch=8)
-        assert good.validate() == [] and good.world_size == 4 and good.uses_microbatches
+        assert validate_spec(good) == [] and good.world_size == 4 and good.uses_microbatches
         assert tuple(good.degrees) == (1, 4, 1)
-        problems = [(p.field, p.message) for p in RunSpec(strategy="zigzag", pp=1, dp=2).validate()]
+        problems = [(p.field, p.message) for p in validate_spec(RunSpec(strategy="zigzag", pp=1, dp=2))]
         assert problems == [
             ("dp", "strategy 'zigzag' does not use dp; set dp to 1 or pick a strategy that uses it (data, 3d)"),
             (
@@ -166,11 +167,11 @@ def test_adding_a_strategy_is_one_file_and_every_reader_picks_it_up(tmp_path, mo
             ),
             ("pp", "zigzag needs an even pp; set pp to an even number"),  # its own rule
         ]
-        assert {p.field for p in RunSpec(strategy="zigzag", pp=2, microbatches=3, batch=8).validate()} == {
+        assert {p.field for p in validate_spec(RunSpec(strategy="zigzag", pp=2, microbatches=3, batch=8))} == {
             "microbatches"
         }  # it uses microbatches: 8 rows do not split into 3
         six = {"model": "custom", "n_layer": 6, "n_head": 4, "n_embd": 64, "vocab_size": 100, "block_size": 64}
-        (odd,) = RunSpec(strategy="zigzag", pp=3, **six).validate()  # 6 layers divide by 3; only its rule objects
+        (odd,) = validate_spec(RunSpec(strategy="zigzag", pp=3, **six))  # 6 layers divide by 3; only its rule objects
         assert (odd.field, odd.message) == ("pp", "zigzag needs an even pp; set pp to an even number")
         # The form sets what zigzag does not use neutral and keeps what it does.
         spec, problems = ui.forms.spec_from_form({"strategy": "zigzag", "pp": 2, "tp": 4, "microbatches": 2})
@@ -184,7 +185,7 @@ def test_adding_a_strategy_is_one_file_and_every_reader_picks_it_up(tmp_path, mo
             unregister("zigzag")
         sys.modules.pop("zigzag_strategy", None)
     assert strategy_names() == ORDER
-    (problem,) = RunSpec(strategy="zigzag", pp=2).validate()
+    (problem,) = validate_spec(RunSpec(strategy="zigzag", pp=2))
     assert problem.field == "strategy" and "'zigzag' is not a strategy" in problem.message
 
 
@@ -201,6 +202,6 @@ def test_every_builder_resolves_to_a_function_taking_spec_mesh_device_dtype(name
 
 
 def test_the_registry_spec_and_form_import_no_torch():
-    code = "import sys, runner.strategies, runner.spec, runner.spec_validation, runner.estimates, ui.forms; "
+    code = "import sys, runner.spec.strategies, runner.spec.run_spec, runner.spec.validation, runner.spec.estimates, ui.forms; "
     code += "assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

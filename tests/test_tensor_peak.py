@@ -1,10 +1,10 @@
-"""The CPU tensor peak (runner/resources.py cpu_tensor_peak) against steps whose allocations are known by hand."""
+"""The CPU tensor peak (runner/job/resources.py cpu_tensor_peak) against steps whose allocations are known by hand."""
 
 from __future__ import annotations
 
 import torch
 
-from runner.resources import cpu_tensor_peak, live_tensor_bytes
+from runner.job.resources import cpu_tensor_peak, live_tensor_bytes
 
 MiB = 2**20
 

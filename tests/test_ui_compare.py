@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts

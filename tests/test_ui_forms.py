@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from runner.spec import RunSpec
-from runner.strategies import NEUTRAL, OPTIONS, get_strategy, strategy_names
+from runner.spec.run_spec import RunSpec
+from runner.spec.strategies import NEUTRAL, OPTIONS, get_strategy, strategy_names
+from runner.spec.validation import validate_spec
 from ui.forms import STRATEGY_HELP, oversubscription_warning, problems_by_field, spec_from_form, uses
 
 FORM = {"strategy": "layer", "tp": 2, "pp": 2, "dp": 2, "microbatches": 4, "model": "tiny", "workload": "train",
@@ -78,11 +79,11 @@ def test_the_form_offers_a_field_iff_the_strategy_uses_it_and_the_spec_refuses_u
     if field not in NEUTRAL:
         return  # schedule and tp_style have no neutral value: a strategy that does not use them ignores them
     base = {"strategy": strategy, **s.min_degree}
-    assert RunSpec(**base).validate() == []
-    problems = RunSpec(**{**base, field: OTHER[field]}).validate()
+    assert validate_spec(RunSpec(**base)) == []
+    problems = validate_spec(RunSpec(**{**base, field: OTHER[field]}))
     if s.uses(field):  # used: a non-neutral value is the point, and is accepted (with what it needs)
         base = {**base, **NEEDS.get(field, {})}
-        problems = RunSpec(**{**base, field: OTHER[field]}).validate()
+        problems = validate_spec(RunSpec(**{**base, field: OTHER[field]}))
         assert problems == []
         spec, form_problems = spec_from_form({**FORM, **base, field: OTHER[field]})
         assert form_problems == [] and getattr(spec, field) == OTHER[field]

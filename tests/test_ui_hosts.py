@@ -17,8 +17,8 @@ from sqlalchemy import text
 from streamlit.testing.v1 import AppTest
 
 from runner import api
-from runner.logs import log_source, run_log
-from runner.spec import RunSpec
+from runner.service.logs import log_source, run_log
+from runner.spec.run_spec import RunSpec
 from storage import hosts as leases
 from storage import runner_rows
 from ui.hosts import HERE, devices_text, ran_on, targets, where_text
@@ -207,7 +207,7 @@ def test_the_run_page_says_who_launched_it_where_and_which_host_runs_it(two_host
 
 
 # ---- a Slurm partition as a target -------------------------------------------------------------
-# What a Slurm runner publishes in its lease (runner.cluster.Partition.to_dict, from sinfo): the local
+# What a Slurm runner publishes in its lease (runner.service.cluster.Partition.to_dict, from sinfo): the local
 # two-node cluster's partition with 4 CPUs a node.
 LAB = {
     "partition": "lab", "account": None, "default_nodes": None, "error": None,

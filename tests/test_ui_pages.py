@@ -14,7 +14,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from storage import hosts as leases
 from storage import runner_rows
 
@@ -146,9 +146,9 @@ def test_launch_refuses_checkpointing_a_pipeline_by_a_bad_policy_under_its_field
 
 
 def test_launch_warns_before_a_cpu_run_with_more_ranks_than_cores(engine, monkeypatch):
-    import runner.spec
+    import runner.spec.run_spec
 
-    monkeypatch.setattr(runner.spec, "usable_cores", lambda: 2)  # this machine, as the warning sees it
+    monkeypatch.setattr(runner.spec.run_spec, "usable_cores", lambda: 2)  # this machine, as the warning sees it
     with runner_lease(engine, []):
         at = page("pages/launch.py")
         assert not at.warning  # pp=2 on 2 cores
@@ -159,9 +159,9 @@ def test_launch_warns_before_a_cpu_run_with_more_ranks_than_cores(engine, monkey
 
 
 def test_no_oversubscription_warning_for_a_gpu_run(engine, monkeypatch):
-    import runner.spec
+    import runner.spec.run_spec
 
-    monkeypatch.setattr(runner.spec, "usable_cores", lambda: 1)
+    monkeypatch.setattr(runner.spec.run_spec, "usable_cores", lambda: 1)
     with runner_lease(engine, [H100, {**H100, "index": 1}]):
         at = page("pages/launch.py")
     assert not at.warning

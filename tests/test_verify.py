@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from runner.spec import usable_cores
-from runner.verify import FAULT_ENV
+from runner.job.verify import FAULT_ENV
+from runner.spec.run_spec import usable_cores
 from tests.jobs import REPO, read_events, run_torchrun
 
 pytestmark = pytest.mark.slow

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.launch import torchrun_launcher
+from runner.service.launch import torchrun_launcher
 from tests.jobs import REPO, run_torchrun
 
 # The tiny preset's dimensions, written out: vocabulary, positions, width, layers.
@@ -74,7 +74,7 @@ def assert_matches_reference(result: dict, steps: int) -> None:
     assert g["uncovered"] == 0 and w["uncovered"] == 0  # every reference element is held by some rank
     assert g["max_abs"] <= 1e-5 * g["max_ref"]
     # Adam's update is about lr * sign(g): a near-zero gradient may flip it, so the bound is a fraction of
-    # lr per step (runner/verify.py's one-step bound, times the steps).
+    # lr per step (runner/job/verify.py's one-step bound, times the steps).
     assert w["max_abs"] <= 0.05 * LR * steps
 
 

@@ -21,7 +21,7 @@ from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, materialize, shard_of
 from runner.gpt.tp_layers import all_reduce_sequence_parallel_grads
 from runner.gpt.tp_plan import apply_tensor_parallel
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 
 
 def main(spec_path: str) -> None:

@@ -3,14 +3,14 @@ single-device reference, with every rank's slices reassembled into whole tensors
 
 `torchrun ... tests/zero_worker.py OUT SPEC_JSON STAGES STEPS`: for each ZeRO stage in STAGES (comma
 separated; 0 is plain data parallelism) it builds this rank's model as the job does, trains STEPS steps
-(optimizer.zero_grad, forward_backward, optimizer_step, as runner/job.py) on the job's synthetic batches,
+(optimizer.zero_grad, forward_backward, optimizer_step, as runner/job/rank.py) on the job's synthetic batches,
 while the reference GPT trains on the same global batches with torch.optim.AdamW. Each rank reports, for
 every reference parameter it holds a part of, the reference elements (flat positions of
 `ref[shard_index(name)]`) with its gradient before the last step and its weight after it; rank 0 scatters
 them into whole tensors (counting how many ranks covered each element) and writes to OUT, per stage:
 the loss of every step, the largest differences from the reference, elements no rank covered, the
 trained model's prefill logits and greedy tokens against the trained reference's, and each
-rank's bytes measured the way runner/job.py measures them (parameters(), optimizer.state) plus the
+rank's bytes measured the way runner/job/rank.py measures them (parameters(), optimizer.state) plus the
 strategy's figures and the communication of the last step.
 """
 
@@ -30,7 +30,8 @@ from runner.gpt.build import build_parallel_gpt  # noqa: E402
 from runner.gpt.data import synthetic_batch  # noqa: E402
 from runner.gpt.mesh import Mesh  # noqa: E402
 from runner.gpt.model import GPT  # noqa: E402
-from runner.spec import RunSpec  # noqa: E402
+from runner.spec.run_spec import RunSpec  # noqa: E402
+from runner.spec.validation import validate_spec
 
 
 def rank_report(model, ref: GPT, what: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -141,7 +142,7 @@ def main() -> None:
     out, spec_json, stages, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     dist.init_process_group("gloo")
     spec = RunSpec.from_dict(json.loads(spec_json))
-    assert not spec.validate(gpu_count=0), spec.validate(gpu_count=0)  # only what a user can launch
+    assert not validate_spec(spec, gpu_count=0), validate_spec(spec, gpu_count=0)  # only what a user can launch
     torch.manual_seed(0)
     mesh = Mesh.build(spec.degrees)
     results = {str(s): run_stage(spec, mesh, int(s), steps) for s in stages.split(",")}
@@ -150,7 +151,7 @@ def main() -> None:
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)  # as runner/job.py: no interpreter finalisation while gloo threads live
+    os._exit(0)  # as runner/job/rank.py: no interpreter finalisation while gloo threads live
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from runner.gpt.config import count_parameters
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from ui.verify import verdict
 
 

@@ -1,7 +1,7 @@
 """The launch form as data: which fields a strategy uses, and form values -> RunSpec + per-field problems.
 
 What a strategy uses, its help and the neutral value of the fields it does not use all come from the
-strategy registry (runner/strategies), the same facts the spec validates against. The problems include
+strategy registry (runner/spec/strategies), the same facts the spec validates against. The problems include
 the target's (`_target`, a ui.hosts.Target): on a Slurm partition its nodes and the layout rules, elsewhere
 that `nodes` stays empty, the same checks api.submit makes.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
-from runner.strategies import NEUTRAL, get_strategy, strategy_names
+from runner.spec.run_spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
+from runner.spec.strategies import NEUTRAL, get_strategy, strategy_names
+from runner.spec.validation import validate_spec
 
 
 def __getattr__(name: str) -> Any:
@@ -33,7 +34,7 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
     """Form values -> (spec, problems). Fields the strategy does not use are set neutral, so they never nag.
 
     `_target` (a ui.hosts.Target) judges the spec against where it runs: a Slurm partition's GPUs are nodes x
-    GPUs per node, and its placement problems (runner.cluster) are added. Without a target `_gpu_count` is the
+    GPUs per node, and its placement problems (runner.service.cluster) are added. Without a target `_gpu_count` is the
     GPU count the device checks assume. Tags as "a, b" and an empty weights path are read by
     RunSpec.from_dict itself."""
     strategy = values.get("strategy", "single")
@@ -51,8 +52,8 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
     except SpecError as exc:
         return None, exc.problems
     if target is None:
-        return spec, spec.validate(gpu_count=gpu_count)
-    problems = spec.validate(gpu_count=target.gpus_for(spec))
+        return spec, validate_spec(spec, gpu_count=gpu_count)
+    problems = validate_spec(spec, gpu_count=target.gpus_for(spec))
     return spec, problems + [p for p in target.problems(spec) if p not in problems]
 
 

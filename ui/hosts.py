@@ -5,10 +5,10 @@ A run targets this machine (the default: jobs run where they were launched), ano
 is alive, a Slurm partition (a runner started with `serve --backend slurm` publishes its partition's
 nodes, CPUs and GPUs, read with sinfo, in its lease), or any host with the devices it needs. The form is
 validated against the target's devices, not against the machine serving the page: on a partition, its
-nodes x GPUs per node and the rule that tensor parallelism stays inside a node (runner.cluster).
+nodes x GPUs per node and the rule that tensor parallelism stays inside a node (runner.service.cluster).
 
 Logs live in two places: the run folder on the host that ran it, and bounded tails in the database;
-runner.logs reads them (`log_source` decides which one) and `where_text` says which one a page shows.
+runner.service.logs reads them (`log_source` decides which one) and `where_text` says which one a page shows.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from runner.api import ANY_HOST
-from runner.cluster import Partition, gpu_count_on, placement_problems
-from runner.logs import LogText, log_source
-from runner.spec import RunSpec, SpecProblem
+from runner.service.cluster import Partition, gpu_count_on, placement_problems
+from runner.service.logs import LogText, log_source
+from runner.spec.run_spec import RunSpec, SpecProblem
 from ui.format import human_age, human_bytes
 
 HERE = ""  # the choice "this machine": api.submit's default, LAB_HOST or the host name
@@ -63,7 +63,7 @@ class Target:
         return self.gpu_count
 
     def problems(self, spec: RunSpec) -> list[SpecProblem]:
-        """What keeps `spec` from running on this target beyond the spec's own rules (runner.cluster)."""
+        """What keeps `spec` from running on this target beyond the spec's own rules (runner.service.cluster)."""
         return placement_problems(spec, self.partition, self.where)
 
 

@@ -19,7 +19,7 @@ from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Pl
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from ui.format import human_bytes
 
 DEVICE_SOURCES = ("known GPU", "this host", "a runner's host", "Slurm partition", "described")
@@ -204,7 +204,7 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
     """Per rank: predicted against measured parameter, optimizer and gradient bytes, the activations autograd saved
     at the peak (the engine's own count), the rank's whole memory (the prediction's total against the run's measured
     tensor peak, `peak_tensor_bytes`: CUDA's max_memory_allocated, or on a CPU the profiler's count of a step's
-    allocations, runner/resources.py; runs recorded before it have none, and their resident-memory figure also
+    allocations, runner/job/resources.py; runs recorded before it have none, and their resident-memory figure also
     holds the process's own, so it is not compared) and in-flight microbatches, and one row for the step time and
     bubble (what Compare shows for runs launched from a plan)."""
     rows = []

@@ -16,7 +16,7 @@ import altair as alt
 import pandas as pd
 
 from runner.planner.simulate import Simulation, simulate_from_spans, spans_bubble
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from ui import charts
 from ui.format import human_duration
 

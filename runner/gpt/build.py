@@ -27,7 +27,7 @@ from runner.gpt.pipeline import PipelineGPT, cut_chunks
 from runner.gpt.precision import PrecisionFigures, precision_of
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.tp_plan import apply_tensor_parallel
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 
 
 def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: torch.dtype) -> ParallelGPT:

@@ -9,7 +9,7 @@ farthest apart. This is Megatron's default order.
 Across nodes: torchrun numbers ranks node by node (node k holds ranks k*R .. k*R + R-1 for R ranks per
 node), so with tp dividing R a tensor-parallel group never leaves its node, and pipeline stages -- the
 outermost coordinate -- land on different nodes once the job has more than one. The Slurm launcher refuses
-a tp that does not divide the ranks per node (runner/launchers/slurm.py layout_problems), and the run
+a tp that does not divide the ranks per node (runner/service/launchers/slurm.py layout_problems), and the run
 page's per-rank table shows each rank's node.
 
 `grid()` is pure arithmetic (tested without processes); `Mesh.build(dims)` creates the groups with
@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from runner.gpt.comm import CommStats, GroupComm
 from runner.gpt.timing import StepClock
-from runner.strategies.dims import ParallelDims
+from runner.spec.strategies.dims import ParallelDims
 
 
 def rank_device() -> torch.device:

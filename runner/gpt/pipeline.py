@@ -1,12 +1,12 @@
 """The one engine every strategy runs: pipeline stages fed with microbatches on a schedule, with timelines.
 
-Rank r of p holds v model chunks (runner/schedule_ops.py): chunk c is virtual stage c*p + r, the GPT cut
+Rank r of p holds v model chunks (runner/job/schedule_ops.py): chunk c is virtual stage c*p + r, the GPT cut
 to layers [j*L/(pv), (j+1)*L/(pv)) of virtual stage j (runner/gpt/model.py cut_stage: the embedding on
 virtual stage 0, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full
 logits come from the output functions it is given (plain, or vocab-parallel under tensor parallelism).
 With p = 1 and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split
 ('layer'); runner/gpt/build.py composes it for every strategy (`cut_chunks` cuts a rank's chunks). A
-training step runs the rank's list of operations from runner/schedule_ops.py (`schedule_ops`: GPipe,
+training step runs the rank's list of operations from runner/job/schedule_ops.py (`schedule_ops`: GPipe,
 1F1B, interleaved 1F1B, ZB-H1) as it is: F (forward of one chunk on one microbatch), B (its backward; in
 ZB-H1 only the input gradient) and W (ZB-H1's weight gradients). Activations go forward and their
 gradients backward by point-to-point messages between the ranks of neighbouring virtual stages (with
@@ -30,7 +30,7 @@ matching receive right before the operation that consumes it. Every wait is thus
 peer's schedule produces earlier in the pipeline's dependency order (forwards flow up the virtual
 stages, backwards down, each rank in schedule order), which has no cycle, so every batch completes.
 
-Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/schedule_ops.py
+Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/job/schedule_ops.py
 lockstep_plan, as Megatron's interleaved schedule sends and receives once per step): the argument
 above breaks for interleaving -- with p = 2, rank 0's batch {send activation for rank 1's chunk 0,
 receive a gradient} can wait on rank 1's {send an activation for rank 0's chunk 1, receive a gradient}
@@ -75,8 +75,8 @@ from runner.gpt.schedules import input_grad_pass, weight_grad_pass
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, StepClock
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
-from runner.metrics import bubble_fraction_theory
-from runner.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
+from runner.job.metrics import bubble_fraction_theory
+from runner.job.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
 
 LOCKSTEP = ("interleaved-1f1b", "zb-h1")  # schedules whose messages travel in lockstep ticks
 
@@ -329,7 +329,7 @@ class PipelineGPT(ParallelGPT):
         }
         if p > 1 and self.workload == "train":
             # Only where a pipeline trains: the idle share of each stage by theory, for this schedule
-            # (runner/metrics.py bubble_fraction_theory states each formula's assumptions). The job
+            # (runner/job/metrics.py bubble_fraction_theory states each formula's assumptions). The job
             # measures the real one.
             out["bubble_fraction_theory"] = bubble_fraction_theory(self.schedule, p, m, self.v)
         for source in self.figure_sources:
@@ -346,7 +346,7 @@ class PipelineGPT(ParallelGPT):
         pending: dict[tuple[int, int], object] = {}  # what a split backward's W needs, by (chunk, microbatch)
         total_loss = torch.zeros((), device=self.device, dtype=torch.float32)
         saved: dict[tuple[int, int], int] = {}  # bytes autograd keeps for each chunk-microbatch in flight
-        # Interleaved and ZB-H1 exchange their messages in lockstep ticks (runner/schedule_ops.py lockstep_plan; module
+        # Interleaved and ZB-H1 exchange their messages in lockstep ticks (runner/job/schedule_ops.py lockstep_plan; module
         # docstring); GPipe and 1F1B send with the next receive, which their order makes safe.
         plan = lockstep_plan(self.schedule, self.n_micro, p, v)[rank] if self.schedule in LOCKSTEP else None
         produced: dict[Key, torch.Tensor] = {}  # lockstep: outputs waiting for their tick

@@ -1,7 +1,7 @@
 """Numeric precision of a run: pure float32, pure bfloat16, or bf16-mixed; what each keeps and sends in which dtype.
 
 - `float32`, `bfloat16` (pure): parameters, gradients, optimizer state and activations all in that dtype
-  (runner/job.py materializes the parameters in it); no autocast. Unchanged by bf16-mixed.
+  (runner/job/rank.py materializes the parameters in it); no autocast. Unchanged by bf16-mixed.
 - `bf16-mixed` (the default of Megatron-LM and torchtitan): float32 *master* parameters -- job.py
   materializes them in float32 -- so their gradients (autograd gives a parameter's gradient the
   parameter's dtype: autocast's cast to bf16 casts the gradient back in backward) and AdamW's moments
@@ -35,7 +35,7 @@ accumulation, and a checkpointed block's recompute runs under the forward's auto
 (torch.utils.checkpoint restores it), re-casting its weights. On CPU autocast supports bfloat16 the
 same way (oneDNN kernels), which is what the tests run.
 
-The verify bound for bf16-mixed against the float32 reference is in runner/verify.py.
+The verify bound for bf16-mixed against the float32 reference is in runner/job/verify.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The split backward of ZB-H1 (runner/schedule_ops.py has the schedules): B, the input gradient alone, then W.
+"""The split backward of ZB-H1 (runner/job/schedule_ops.py has the schedules): B, the input gradient alone, then W.
 
 `input_grad_pass` / `weight_grad_pass` follow torch.distributed.pipelining's `stage_backward_input` /
 `stage_backward_weight` (torch/distributed/pipelining/_backward.py): walking the autograd graph from the

@@ -36,7 +36,7 @@ from runner.gpt.tp_layers import (
     mark_sequence_parallel,
     sliced,
 )
-from runner.spec import TP_STYLES  # the choices a spec offers; each is one entry of the plan below
+from runner.spec.run_spec import TP_STYLES  # the choices a spec offers; each is one entry of the plan below
 
 
 def tensor_parallel_plan(tp_style: str = "megatron") -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 Torch-free (the Streamlit app imports it):
 - `memory`: bytes per device of a layout (parameters, gradients, AdamW state, activations, KV cache),
-  the one memory model of the lab (runner/estimates.py delegates to it);
+  the one memory model of the lab (runner/spec/estimates.py delegates to it);
 - `step_time`: predicted step time from FLOPs, bytes and bandwidth, and the schedule's bubble;
 - `devices`: what the layout runs on (presets, this host, a Slurm partition, described by hand);
 - `layouts`: every layout of a device count, feasible ones ranked, infeasible ones with their reason;

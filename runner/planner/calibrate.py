@@ -2,7 +2,7 @@
 
 - Matmul rate: `n x n @ n x n` repeated for about half a second in a fresh Python process (torch is imported
   there, never by the app importing this module), 2n^3 FLOPs each. On CPU one thread, as each CPU rank of a
-  run gets one (runner/launch.py sets OMP_NUM_THREADS=1 and job.py pins a core); on CUDA the first GPU, timed
+  run gets one (runner/service/launch.py sets OMP_NUM_THREADS=1 and job.py pins a core); on CUDA the first GPU, timed
   with synchronize around the loop, in float32 and bfloat16.
 - Link bandwidth: an all-reduce of `mib` MiB float32 between 2 local processes started by torchrun (gloo on
   CPU, NCCL on 2+ GPUs), the median of 5 timed after 2 warm-ups, reported as bus bandwidth
@@ -96,7 +96,7 @@ class Calibration:
 
 
 def _cuda_available() -> bool:
-    from runner.telemetry import detect_gpus
+    from runner.service.telemetry import detect_gpus
 
     return len(detect_gpus()) > 0
 
@@ -149,7 +149,7 @@ def calibrate(device: str = "auto", size: int = 1024, mib: int = 16) -> Calibrat
 
 
 def _gpu_count() -> int:
-    from runner.telemetry import detect_gpus
+    from runner.service.telemetry import detect_gpus
 
     return len(detect_gpus())
 
@@ -215,8 +215,8 @@ def this_host_devices(engine: Any = None) -> Devices:
     in `source`)."""
     import psutil
 
-    from runner.spec import usable_cores
-    from runner.telemetry import detect_gpus
+    from runner.service.telemetry import detect_gpus
+    from runner.spec.run_spec import usable_cores
 
     gpus = list(detect_gpus())
     cal = None

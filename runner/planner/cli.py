@@ -17,7 +17,7 @@ from runner.planner.devices import KINDS, Devices, described, from_partition, pr
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec import DTYPES, SCHEDULES, WORKLOADS
+from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
@@ -61,7 +61,7 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
 
         return this_host_devices()
     if args.partition:
-        from runner.cluster import read_partition
+        from runner.service.cluster import read_partition
 
         if not args.gpu:
             raise ValueError("--partition needs --gpu KIND (sinfo does not say which GPU the nodes have)")

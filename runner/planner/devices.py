@@ -1,6 +1,6 @@
 """What a layout runs on, for the planner: a `Devices` record and the ways to get one (torch-free).
 
-- `preset(name, count, gpus_per_node)`: known GPUs. Peak FLOP/s come from runner/metrics.py's table
+- `preset(name, count, gpus_per_node)`: known GPUs. Peak FLOP/s come from runner/job/metrics.py's table
   (`device_peak_flops`, NVIDIA data sheets, dense); memory is what the driver reports for the part
   (nvidia-smi's total: H100 80GB 81,559 MiB, A100 80GB 81,920 MiB); bandwidths are per GPU, one
   direction: NVLink 4 (H100 SXM) 450 GB/s, NVLink 3 (A100 SXM) 300 GB/s, PCIe 5 x16 64 GB/s, PCIe 4 x16
@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from runner.metrics import device_peak_flops
+from runner.job.metrics import device_peak_flops
 
 MiB, GiB, GB = 2**20, 2**30, 1e9
 
@@ -144,7 +144,7 @@ def from_lease(lease: Mapping[str, Any]) -> Devices | None:
 
 
 def from_partition(partition: Any, kind: str, nodes: int | None = None) -> Devices:
-    """A Slurm partition (runner.cluster.Partition) of GPUs of a known kind: nodes x its GPUs per node."""
+    """A Slurm partition (runner.service.cluster.Partition) of GPUs of a known kind: nodes x its GPUs per node."""
     per = partition.gpus_per_node
     if per < 1:
         raise ValueError(f"partition {partition.name} has no GPUs per node in sinfo's GRES")

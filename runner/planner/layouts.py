@@ -2,7 +2,7 @@
 infeasible ones with their reason (torch-free).
 
 A layout is feasible when the model splits that way (heads, width, layers, batch divide: `layout_problems`), tensor parallelism stays inside a node (tp divides the GPUs of a node: Megatron's
-rule, and the one runner/launchers/slurm.py enforces), and the busiest rank's predicted bytes fit in the
+rule, and the one runner/service/launchers/slurm.py enforces), and the busiest rank's predicted bytes fit in the
 device's memory less its reserve. Ranking: predicted step time (runner/planner/step_time.py), then less
 memory. `plan()` returns both lists; `Plan.to_dict()` is what `python -m runner plan --json` prints.
 """

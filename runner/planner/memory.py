@@ -2,7 +2,7 @@
 
 Owns the exact per-rank parameter count of our GPT split by a layout (`rank_parameters`) and
 `rank_memory` / `layout_memory`: parameters, gradients, AdamW state, activations of the microbatches in
-flight, KV cache; and a RunSpec's figures (`spec_*`), which runner/estimates.py (the Launch page's estimate
+flight, KV cache; and a RunSpec's figures (`spec_*`), which runner/spec/estimates.py (the Launch page's estimate
 and the CPU memory check) calls. Its inputs -- presets, `Layout`, `Workload` -- are runner/planner/models.py.
 
 Parameters, exactly as our model holds them (runner/gpt/model.py, tp_plan.py, pipeline.py). A GPT-2
@@ -71,7 +71,7 @@ LayerNorms' statistics (O(b*s), not O(b*s*h)) are left out.
 The peak (`RankMemory.total`, what must fit). zero_grad(set_to_none=True) frees the gradients at each step's
 start, so they are not there while the first microbatches' activations pile up. The peak therefore falls inside
 some backward pass -- activations only grow by forwards, each followed by a backward that finds at least as much
-held -- or in AdamW's step. `backward_points` replays the rank's schedule (runner/schedule_ops.py, the lists the
+held -- or in AdamW's step. `backward_points` replays the rank's schedule (runner/job/schedule_ops.py, the lists the
 engine runs) and for each backward pass counts what is held when it starts: the parameters and AdamW's moments;
 the activations of the chunk-microbatches held (an interleaved rank's chunks differ, only one holding the head, so
 it is the chunks held, not a count times an average chunk), and on a chunk that is not the last virtual stage each
@@ -114,7 +114,7 @@ default on CPUs: that square root and the quotient).
 What is not modelled: the gradients of activations beyond a block's first moment, allocator rounding and
 fragmentation, buffers gloo keeps after a tensor-parallel collective, and the process's own memory (a CUDA context,
 on a CPU the interpreter). Runs
-measure the same thing (runner/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
+measure the same thing (runner/job/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
 profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds a training step's peak
 to 10% of it on tiny and small runs of every strategy.
 Forward and generate (`_inference_bytes`) keep nothing for a backward: a block's working set (its input, the
@@ -137,6 +137,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from runner.gpt.config import GPTConfig
+from runner.job.schedule_ops import schedule_ops, splits_backward
 from runner.planner.models import (  # the inputs: presets, Layout, Workload (runner/planner/models.py)
     ADAM_STEP_BYTES,
     LOGIT_BYTES,
@@ -144,7 +145,6 @@ from runner.planner.models import (  # the inputs: presets, Layout, Workload (ru
     Workload,
     padded_vocab,
 )
-from runner.schedule_ops import schedule_ops, splits_backward
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ class BackwardPoint:
 @functools.lru_cache(maxsize=1024)
 def backward_points(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[BackwardPoint, ...]:
     """The start of every backward pass of pipeline rank `stage`, replaying the schedule the engine runs
-    (runner/schedule_ops.py; without a pipeline, pp = 1: one forward and one backward). A forward saves, the
+    (runner/job/schedule_ops.py; without a pipeline, pp = 1: one forward and one backward). A forward saves, the
     backward frees (a split backward's W frees; on the first virtual stage, which has no input gradient, W runs
     the whole backward and its B nothing). Gradients exist from the end of the first pass that makes them."""
     held, awaiting = [0] * v, [0] * v
@@ -646,7 +646,7 @@ def _inference_bytes(
     if stage == pp - 1:
         vocab = padded_vocab(cfg.vocab_size, tp)
         logits = rows * s * vocab * compute  # every microbatch's full logits, gathered under tensor parallelism
-        # the loss (runner/job.py): the logits, their float32 copy when they are narrower, the log-softmax
+        # the loss (runner/job/rank.py): the logits, their float32 copy when they are narrower, the log-softmax
         head = logits + rows * s * vocab * LOGIT_BYTES * (2 if compute != LOGIT_BYTES else 1)
         per_mb = mb * s * vocab * compute
         if tp > 1:  # gathering a microbatch's: the earlier ones, its shards, the gathered tensor and the local shard
@@ -664,16 +664,16 @@ def layout_memory(cfg: GPTConfig, layout: Layout, work: Workload) -> RankMemory:
     return max((rank_memory(cfg, layout, work, r) for r in range(layout.pp)), key=lambda m: m.total)
 
 
-# ---- a RunSpec's layout (what runner/estimates.py and the Launch page ask) ----------------------------
+# ---- a RunSpec's layout (what runner/spec/estimates.py and the Launch page ask) ----------------------------
 def spec_layout(spec: Any) -> Layout:
-    """The Layout of a runner.spec.RunSpec (its degrees; ZeRO only where it shards something)."""
+    """The Layout of a runner.spec.run_spec.RunSpec (its degrees; ZeRO only where it shards something)."""
     tp, pp, dp = spec.degrees
     zero = spec.zero_stage if dp > 1 and spec.workload == "train" else 0
     return Layout(tp, pp, dp, zero)
 
 
 def spec_workload(spec: Any, device: str | None = None) -> Workload:
-    """The Workload of a runner.spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
+    """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
     _, pp, _ = spec.degrees
     work = Workload(
         workload=spec.workload,

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, replace
 
 from runner.gpt.config import PRESETS, GPTConfig
-from runner.spec import checkpoint_interval
+from runner.spec.run_spec import checkpoint_interval
 
 GiB = 2**30
 

@@ -16,10 +16,10 @@ An operation starts when its rank is free and its inputs have arrived, so the si
 earliest one the schedule allows. Idle gaps before an operation are drawn as `recv_wait` spans, as the
 engine records its blocked receives, and the bubble of a rank is its idle share of the step: the step
 lasts until the last rank's last operation ends (the job's end-of-step barrier makes every rank wait for
-it), as runner/job.py measures `bubble_fraction` = idle seconds / step seconds.
+it), as runner/job/rank.py measures `bubble_fraction` = idle seconds / step seconds.
 
 One coupling of the engine is not modelled: it exchanges each message in a batch at a lockstep tick shared
-by sender and receiver (runner/schedule_ops.py lockstep_plan), so a sender whose link does not buffer would
+by sender and receiver (runner/job/schedule_ops.py lockstep_plan), so a sender whose link does not buffer would
 wait there for its receiver; here a message leaves when its pass ends and the sender goes on. Where the
 real sends do wait, the measured bubble comes out above the simulated one (bench/bench_simulator.py measures
 how far on CPU).
@@ -29,7 +29,7 @@ between the first and last stage, Python between operations and the cost of post
 point of `simulate_from_spans`: a measured run's own mean pass durations, run through the schedule alone,
 set against what the machine took.
 
-Torch-free (the Streamlit app and the planner import it): the op lists come from runner/schedule_ops.py.
+Torch-free (the Streamlit app and the planner import it): the op lists come from runner/job/schedule_ops.py.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 import pandas as pd
 
-from runner.schedule_ops import schedule_ops, splits_backward  # the engine's own lists, torch-free
+from runner.job.schedule_ops import schedule_ops, splits_backward  # the engine's own lists, torch-free
 
 SPAN_COLUMNS = ["step", "rank", "stage", "microbatch", "phase", "start", "end"]
 PHASES = {"F": "forward", "B": "backward", "W": "weight"}  # the engine's span phase per op kind

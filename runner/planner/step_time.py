@@ -19,7 +19,7 @@ communication (per rank, not overlapped with compute: an upper bound; each colle
   pipeline 2m gathers (runner/gpt/zero.py).
 Where a group falls (runner/gpt/mesh.py: rank = (pp_i·dp + dp_i)·tp + tp_i, tp innermost, then dp, then
 pp): a group whose ranks span k consecutive ranks stays in a node when k <= GPUs per node.
-bubble: the schedule's idle share (runner/metrics.py bubble_fraction_theory, H-pipe's one definition: (p-1)/(m+p-1) for
+bubble: the schedule's idle share (runner/job/metrics.py bubble_fraction_theory, H-pipe's one definition: (p-1)/(m+p-1) for
 GPipe and 1F1B, (p-1)/(v·m+p-1) interleaved, (p-1)/(3m+p-1) ZB-H1): the pipelined part of the step lasts
 compute / (1 - bubble).
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from runner.gpt.config import GPTConfig
-from runner.metrics import bubble_fraction_theory, model_flops
+from runner.job.metrics import bubble_fraction_theory, model_flops
 from runner.planner.devices import Devices
 from runner.planner.memory import rank_parameters
 from runner.planner.models import Layout, Workload

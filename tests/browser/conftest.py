@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.launch import stop_group
+from runner.service.launch import stop_group
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "test-artifacts"

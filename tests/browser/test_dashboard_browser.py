@@ -9,7 +9,7 @@ import psutil
 import pytest
 
 from runner import api
-from runner.spec import RunSpec
+from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from storage.models import TERMINAL_STATES
 from tests.browser.conftest import screenshot, wait_for_app

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from runner import api
-from runner.logs import read_log
-from runner.spec import RunSpec
+from runner.service.logs import read_log
+from runner.spec.run_spec import RunSpec
 from storage.models import TERMINAL_STATES
 from tests.browser.conftest import REPO, kill_group, screenshot, wait_for_app
 from tests.jobs import wait_status

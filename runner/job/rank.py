@@ -1,0 +1,317 @@
+"""The torchrun entry point, one process per rank: build the shard -> verify -> warm up -> timed steps -> result.
+
+`python -m runner.job RUN_DIR/spec.json` under torchrun. Each rank writes its output to
+`rank<R>.log`, progress and timelines to `events.jsonl` (runner.spec.records events); rank 0 gathers every
+rank's RankFigures and writes `result.json` (a runner.spec.records.Result; formats in docs/run-folder.md).
+The strategy's model comes from the registry (runner.spec.strategies.build). The job never touches the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from runner.gpt.data import fold_seed, synthetic_batch
+from runner.gpt.mesh import Mesh, barrier
+from runner.gpt.strategy import ParallelGPT
+from runner.job.checkpoint import read_checkpoint
+from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
+from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank
+from runner.job.verify import inject_fault, trim_padding, verify_pass
+from runner.service import node_telemetry
+from runner.spec import strategies
+from runner.spec.records import Error, Event, Finished, RankFigures, Result, Span, Started, Step
+from runner.spec.run_spec import RunSpec, usable_cores
+
+
+class EventLog:
+    """Appends one JSON line per event with a single write on an O_APPEND descriptor (ranks share the file)."""
+
+    def __init__(self, path: Path, rank: int):
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.rank = rank
+
+    def emit(self, event: Event) -> None:
+        os.write(self.fd, event.to_json_line().encode())
+
+
+def redirect_output(run_dir: Path, rank: int) -> None:
+    """Send this rank's stdout/stderr (Python and C++ alike) to rank<R>.log."""
+    fd = os.open(run_dir / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+
+
+def choose_device(spec: RunSpec, local_rank: int) -> tuple[torch.device, str]:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if spec.resolved_device(gpus) == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def gpu_uuids(device: torch.device) -> list[str]:
+    """This node's GPUs of the job in CUDA order, as NVML names them ("GPU-<uuid>"); [] on CPU."""
+    if device.type != "cuda":
+        return []
+    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+
+
+def run_job(spec: RunSpec, run_dir: Path) -> None:
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    events = EventLog(run_dir / "events.jsonl", rank)
+    device, backend = choose_device(spec, local_rank)
+    # Pin before the process group exists, so gloo's threads inherit the rank's core.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cores = usable_cores()  # before pinning narrows this process to one
+    core = pin_rank(local_rank, local_world) if device.type == "cpu" else None
+    # A dead peer must not hang the others forever: collectives give up after this long.
+    timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
+    host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # the node, as Slurm names it
+    # A multi-node job is sampled on each node by a process the node's first rank starts (runner/service/node_telemetry.py).
+    node_sampler = None
+    if os.environ.get(node_telemetry.ENV) and local_rank == 0:
+        node_sampler = node_telemetry.start_node_sampler(run_dir, host, os.getppid(), gpu_uuids(device))
+    dist.init_process_group(backend, timeout=timeout)
+    events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid(),
+                        host=host))  # fmt: skip
+    memory = MemoryMeter.after_setup(device)
+    cpu_wait = CpuWaitMeter()
+    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    mesh = Mesh.build(spec.degrees)
+    torch.manual_seed(fold_seed(spec.seed))
+    model = strategies.build(spec, mesh, device, dtype)
+    state_dict = None
+    if spec.weights:
+        state_dict = read_checkpoint(spec.weights)
+        load_shards(model, state_dict)
+    inject_fault(model)
+
+    verify = None
+    if spec.verify:
+        idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=-1)
+        verify = verify_pass(spec, model, state_dict, idx, targets)
+
+    optimizer = model.make_optimizer(spec.lr) if spec.workload == "train" else None
+    total = spec.warmup + spec.steps
+    step_times: list[float] = []
+    losses: list[float | None] = []
+    step_wall_total = 0.0
+    vocab = spec.model_config().vocab_size
+    for step in range(total):
+        timed = step >= spec.warmup
+        if step == spec.warmup:  # the run's own memory and CPU wait are those of the timed steps
+            memory.start_timed()
+            cpu_wait.start_timed()
+        mesh.stats.counting = timed
+        idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, step)
+        idx, targets = idx.to(device), targets.to(device)
+        barrier()
+        # Every figure of the step comes from one clock (runner/gpt/timing.py): host time on CPU, CUDA
+        # events on GPU, turned into seconds once the step is over; nothing inside it drains the device.
+        clock = mesh.clock
+        clock.start_step()
+        model.begin_step(step, time.perf_counter())
+        loss = run_step(spec, model, optimizer, idx, targets)
+        work_end = clock.mark()
+        barrier()  # the step ends when the slowest rank ends; waiting for it is idle time
+        end_mark = clock.mark()
+        mesh.stats.time(work_end, end_mark, idle=True)
+        seconds = clock.end_step(end_mark)  # the step's one synchronize on CUDA
+        if timed:
+            step_times.append(seconds)
+            step_wall_total += seconds
+        losses.append(loss)
+        for span in model.take_spans():
+            if timed:
+                events.emit(Span(rank, time.time(), step=step, **span))
+        # One line a step in every rank's log: what the Live page's log tail and `runner logs --follow` show.
+        phase = "warm-up" if not timed else "timed"
+        print(
+            f"step {step + 1}/{total} ({phase}) {seconds * 1e3:.1f} ms"
+            + (f" loss {loss:.4f}" if loss is not None else ""),
+            flush=True,
+        )
+        if rank == 0:
+            events.emit(Step(rank, time.time(), step=step, total_steps=total, warmup=not timed, step_time_s=seconds,
+                             loss=loss))  # fmt: skip
+
+    mesh.stats.counting = False
+    optimizer_bytes = 0
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            optimizer_bytes += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    params = model.parameters()
+    comm = mesh.stats.as_dict()
+    c = mesh.coord
+    # One flat dict, as every version wrote it; keys RankFigures does not declare (the strategy's own
+    # figures, ParallelGPT.figures()) land in its `strategy`.
+    mine = RankFigures.from_dict({
+        "rank": rank,
+        "tp": c.tp,
+        "pp": c.pp,
+        "dp": c.dp,
+        "param_count": sum(p.numel() for p in params),
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "optimizer_bytes": optimizer_bytes,
+        **memory.figures(),
+        "cpu_wait_s": cpu_wait.seconds() if device.type == "cpu" else None,
+        "cpu_core": core,
+        "cpu_oversubscribed": device.type == "cpu" and local_world > cores,
+        "cpu_cores": cores if device.type == "cpu" else None,
+        "compute_s": max(0.0, step_wall_total - comm["comm_s"] - comm["idle_s"]),
+        **comm,
+        "loss": losses[-1] if losses else None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "host": host,
+        **model.figures(),
+    })  # fmt: skip
+
+    def untimed_step() -> None:
+        idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, total)
+        idx, targets = idx.to(device), targets.to(device)
+        barrier()
+        mesh.clock.start_step()
+        model.begin_step(total, time.perf_counter())
+        run_step(spec, model, optimizer, idx, targets)
+        mesh.clock.end_step(mesh.clock.mark())
+        model.take_spans()
+
+    # After every timed figure is read: on CPU this runs steps of its own (not timed, counted or logged).
+    mine.peak_tensor_bytes = memory.tensor_peak(untimed_step)
+    if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains
+        # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
+        # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.
+        mine.bubble_fraction = comm["idle_s"] / step_wall_total
+    gathered: list[RankFigures | None] = [None for _ in range(world)]
+    dist.all_gather_object(gathered, mine)
+    if rank == 0:
+        write_result(spec, run_dir, world, device, backend, step_times, [g for g in gathered if g], verify)
+    events.emit(Finished(rank, time.time()))
+    barrier()
+    node_telemetry.stop_node_sampler(node_sampler)  # on a crash it dies with this process (PR_SET_PDEATHSIG)
+    dist.destroy_process_group()
+
+
+def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+    if spec.workload == "forward":
+        logits = model.forward_logits(idx)
+        if logits is None:
+            return None
+        rows = model.batch_rows(idx.shape[0])
+        return F.cross_entropy(logits.float().flatten(0, 1), targets[rows].flatten()).item()
+    if spec.workload == "generate":
+        model.generate(idx, spec.new_tokens)
+        return None
+    optimizer.zero_grad(set_to_none=True)
+    loss = model.forward_backward(idx, targets)
+    model.optimizer_step(optimizer)
+    return loss
+
+
+def load_shards(model: ParallelGPT, state_dict: dict) -> None:
+    """Copy each local shard from a Hugging Face GPT-2 checkpoint (only this rank's slices)."""
+    from runner.job.checkpoint import convert_gpt2_state_dict
+
+    full = convert_gpt2_state_dict(state_dict)
+    with torch.no_grad():
+        for name, p in model.named_shards().items():
+            index = model.shard_index(name)
+            src = full[name] if index is None else full[name][index]
+            trim_padding(p, src.shape).copy_(src.to(p.dtype))
+
+
+def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[RankFigures], verify) -> None:
+    losses = [r.loss for r in ranks if r.loss is not None]
+    p50 = percentile(step_times, 0.5) if step_times else None
+    flops = model_flops_per_step(spec)
+    achieved = flops / p50 if p50 else None
+    names = sorted({r.device_name for r in ranks if r.device_name})
+    # One peak for the run: only when every rank is the same known device (else no MFU rather than a wrong one).
+    peak = device_peak_flops(names[0], spec.dtype) if device.type == "cuda" and len(names) == 1 else None
+    on_cpu = device.type == "cpu"
+    stage_bubbles = [r.bubble_fraction for r in ranks if r.bubble_fraction is not None]
+    result = Result(
+        run_id=json.loads((run_dir / "spec.json").read_text()).get("run_id"),
+        world_size=world,
+        device=device.type,
+        backend=backend,
+        device_names=names,
+        torch_version=torch.__version__,
+        hostname=socket.gethostname(),
+        step_time_s_p50=p50,
+        step_time_s_p90=percentile(step_times, 0.9) if step_times else None,
+        step_time_s_mean=statistics.fmean(step_times) if step_times else None,
+        step_times_s=step_times,
+        tokens_per_s=tokens_per_step(spec) / p50 if p50 else None,
+        flops_per_step=flops,
+        achieved_gflops=achieved / 1e9 if achieved else None,
+        peak_flops=peak,
+        mfu=achieved / (peak * world) if achieved and peak else None,
+        loss=losses[-1] if losses else None,
+        bubble_fraction=statistics.fmean(stage_bubbles) if stage_bubbles else None,
+        bubble_fraction_theory=ranks[0].strategy.get("bubble_fraction_theory"),
+        verify=verify,
+        cpu_oversubscribed=any(r.cpu_oversubscribed for r in ranks),
+        cpu_cores=ranks[0].cpu_cores,
+        cpu_pinned=on_cpu and all(r.cpu_core is not None for r in ranks),
+        ranks=ranks,
+    )
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(result.to_json())
+    tmp.replace(run_dir / "result.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torchrun gives each rank a session of its own: without this a rank outlives a killed torchrun.
+    from runner.service.launch import die_with_launcher
+
+    die_with_launcher()
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: torchrun ... -m runner.job RUN_DIR/spec.json", file=sys.stderr)
+        return 2
+    spec_path = Path(argv[0]).resolve()
+    run_dir = spec_path.parent
+    rank = int(os.environ.get("RANK", "0"))
+    redirect_output(run_dir, rank)
+    data = json.loads(spec_path.read_text())
+    spec = RunSpec.from_dict({k: v for k, v in data.items() if k not in ("run_id", "run_dir")})
+    try:
+        run_job(spec, run_dir)
+    except BaseException as exc:
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)
+        if not isinstance(exc, KeyboardInterrupt):
+            error = Error(rank, time.time(), error=f"{type(exc).__name__}: {exc}", traceback=tb)
+            EventLog(run_dir / "events.jsonl", rank).emit(error)
+        return 1
+    return 0
+
+
+
+def exit_without_finalising(code: int) -> None:
+    """Leave without interpreter finalisation: gloo's C++ worker threads can still hold work objects
+    then, and tearing them down at that point aborts the process (SIGABRT, "terminate called without
+    an active exception") after a run that had finished and written its result."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,253 @@
+"""RunSpec: the one description of a run, its parsing from JSON-like data, and what follows from it.
+
+Pages, the CLI, the runner and the rank processes all speak RunSpec. It imports no torch, so the app can
+validate a form instantly. What a strategy uses and needs comes from the registry (runner/spec/strategies).
+The spec is plain data: `validate_spec(spec, ...)` (runner/spec/validation.py) returns every problem at
+once, each naming the field and the fix, and nothing with a problem is ever queued. Memory estimates
+live in runner/spec/estimates.py.
+Also here: the cores this host offers a CPU run (`usable_cores`) and the warning when its ranks outnumber them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from runner.gpt.config import PRESETS, GPTConfig
+from runner.spec.strategies import ParallelDims, Strategy, get_strategy, strategy_names
+
+WORKLOADS = ("forward", "generate", "train")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+TP_STYLES = ("megatron", "gather")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "bf16-mixed")  # bf16-mixed: float32 weights, bf16 compute
+ZERO_STAGES = (0, 1, 2, 3)
+CHECKPOINT_POLICIES = ("none", "blocks", "every-K")  # every-K: every K-th block, e.g. "every-2"
+MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+
+
+def __getattr__(name: str) -> Any:
+    """`STRATEGIES`: the registered strategy names, read from the registry each time (never a stale copy)."""
+    if name == "STRATEGIES":
+        return strategy_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def checkpoint_interval(policy: str) -> int:
+    """Every how many blocks activations are checkpointed: 0 for none, 1 for blocks, K for every-K.
+
+    Raises ValueError for a policy that is none of those (validate_spec reports it first)."""
+    if policy == "none":
+        return 0
+    if policy == "blocks":
+        return 1
+    m = re.fullmatch(r"every-([1-9][0-9]*)", policy)
+    if m is None:
+        raise ValueError(f"checkpoint {policy!r} is not none, blocks or every-K")
+    return int(m.group(1))
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """One thing wrong with a spec: the field it concerns and a sentence saying how to fix it."""
+
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+class SpecError(ValueError):
+    """Raised where a spec must be valid; carries every problem found."""
+
+    def __init__(self, problems: list[SpecProblem]):
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    strategy: str = "single"
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    virtual_stages: int = 1  # v model chunks per pipeline rank (interleaved-1f1b)
+    tp_style: str = "megatron"
+    sequence_parallel: bool = False
+    zero_stage: int = 0  # ZeRO over the dp replicas: 1 optimizer state, 2 + gradients, 3 + parameters sharded
+    checkpoint: str = "none"  # activation checkpointing: none, blocks, or every-K (every K-th block)
+    model: str = "tiny"
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    vocab_size: int | None = None
+    block_size: int | None = None
+    workload: str = "train"
+    batch: int = 8
+    seq: int = 64
+    new_tokens: int = 16
+    steps: int = 5
+    warmup: int = 1
+    lr: float = 1e-3
+    device: str = "auto"
+    dtype: str = "float32"
+    seed: int = 0
+    verify: bool = False
+    weights: str | None = None
+    time_limit_s: float = 600.0
+    nodes: int | None = None  # Slurm nodes the run spreads over (None: the runner decides; one machine locally)
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    # ---- derived (from the strategy registry) --------------------------------------------
+    @property
+    def strategy_info(self) -> Strategy | None:
+        """The registered Strategy of this spec's name, or None for an unknown name (validate_spec says so)."""
+        try:
+            return get_strategy(self.strategy)
+        except ValueError:
+            return None
+
+    @property
+    def degrees(self) -> ParallelDims:
+        """(tp, pp, dp) as the mesh lays ranks out; degrees the strategy does not use are 1.
+
+        Raises ValueError for a degree below 1 the strategy uses (validate_spec reports that first)."""
+        s = self.strategy_info
+        return s.dims(self) if s is not None else ParallelDims()
+
+    @property
+    def world_size(self) -> int:
+        """Number of rank processes torchrun starts for this spec."""
+        return self.degrees.world_size
+
+    @property
+    def uses_microbatches(self) -> bool:
+        s = self.strategy_info
+        return s is not None and s.uses("microbatches")
+
+    @property
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are checkpointed (checkpoint_interval of the policy)."""
+        return checkpoint_interval(self.checkpoint)
+
+    def model_config(self) -> GPTConfig:
+        """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate_spec)."""
+        base = PRESETS.get(self.model, PRESETS["tiny"])
+        overrides = {k: getattr(self, k) for k in MODEL_DIMS if getattr(self, k) is not None}
+        return replace(base, **overrides)
+
+    def resolved_device(self, gpu_count: int) -> str:
+        """'cuda' or 'cpu': what 'auto' becomes given the GPUs the runner sees."""
+        if self.device == "auto":
+            return "cuda" if gpu_count >= self.world_size and gpu_count > 0 else "cpu"
+        return self.device
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tags"] = list(self.tags)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # ---- parsing -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: Any) -> RunSpec:
+        """Build a spec from JSON-like data; raises SpecError naming every unknown or mistyped field."""
+        if not isinstance(data, dict):
+            raise SpecError([SpecProblem("spec", "must be a JSON object of field: value pairs")])
+        problems: list[SpecProblem] = []
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                problems.append(SpecProblem(str(key), f"is not a spec field; known fields are {', '.join(known)}"))
+                continue
+            try:
+                values[key] = _coerce(key, value)
+            except (TypeError, ValueError) as exc:
+                problems.append(SpecProblem(key, str(exc)))
+        if problems:
+            raise SpecError(problems)
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError([SpecProblem("spec", f"is not valid JSON ({exc.msg} at line {exc.lineno})")]) from exc
+        return cls.from_dict(data)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | None:
+    """A warning when a CPU run would start more rank processes than there are cores, else None.
+
+    With more ranks than cores the kernel time-slices them: a rank's measured idle and bubble time then
+    includes waiting for a core, not only waiting for its peers. The job measures that wait per rank
+    (cpu_wait_s) and marks the run oversubscribed; this is the warning shown before launch.
+    """
+    cores = usable_cores() if cores is None else cores
+    if world_size <= cores:
+        return None
+    return (
+        f"{world_size} ranks on {cores} CPU core{'s' if cores != 1 else ''}: ranks will take turns on the cores, "
+        f"so idle time and the pipeline bubble will include waiting for a core. The run is marked oversubscribed "
+        f"and reports each rank's CPU wait; for figures of the schedule alone use at most {cores} ranks."
+    )
+
+
+_BOOL_FIELDS = {"sequence_parallel", "verify"}
+_FLOAT_FIELDS = {"lr", "time_limit_s"}
+_STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint"}
+_OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "nodes"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Strictly typed values from JSON: refuse bools for ints, non-integral floats, etc."""
+    if key in _BOOL_FIELDS:
+        if isinstance(value, bool):
+            return value
+        raise TypeError(f"must be true or false (got {value!r})")
+    if key in _FLOAT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"must be a number (got {value!r})")
+        return float(value)
+    if key in _STR_FIELDS:
+        if not isinstance(value, str):
+            raise TypeError(f"must be a string (got {value!r})")
+        return value
+    if key == "weights":
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return None
+        if not isinstance(value, str):
+            raise TypeError(f"must be a file path (got {value!r})")
+        return value
+    if key == "tags":
+        if isinstance(value, str):
+            value = [t for t in (s.strip() for s in value.split(",")) if t]
+        if not isinstance(value, list | tuple) or not all(isinstance(t, str) for t in value):
+            raise TypeError("must be a list of strings")
+        return tuple(value)
+    # Everything else is an integer (optionally None for model dims and nodes).
+    if value is None and key in _OPTIONAL_INT_FIELDS:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError(f"must be a whole number (got {value!r})")
+    return value

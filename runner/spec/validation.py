@@ -1,0 +1,325 @@
+"""RunSpec validation: every problem at once, each naming its field and saying how to fix it.
+
+`validate_spec` (what `RunSpec.validate` calls) checks in order: choices and positive numbers; then the
+strategy from the registry (unused fields neutral, minimum degrees, the strategy's own rules, ranks on one
+machine); the model against the degrees; batch and sequence shapes; the devices; this host's cores and
+memory for CPU runs; a weights file's layout against the chosen model. No per-strategy tables live here:
+what a strategy uses and needs is its file's in runner/spec/strategies.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from runner.gpt.config import PRESETS
+from runner.job.checkpoint import checkpoint_shapes
+from runner.spec.estimates import host_memory_estimate
+from runner.spec.run_spec import (
+    DEVICES,
+    DTYPES,
+    MODEL_DIMS,
+    SCHEDULES,
+    TP_STYLES,
+    WORKLOADS,
+    ZERO_STAGES,
+    RunSpec,
+    SpecProblem,
+    usable_cores,
+)
+from runner.spec.strategies import NEUTRAL, Strategy, get_strategy, strategy_names, users_of
+from runner.spec.strategies.registry import Add
+
+MAX_WORLD_SIZE = 64
+CPU_RANKS_PER_CORE = 4  # beyond this, time-slicing makes a CPU run's figures meaningless and the machine crawl
+
+
+def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bool = True) -> list[SpecProblem]:
+    """Every problem with `spec`, each naming its field and the fix; [] means runnable.
+
+    gpu_count: GPUs visible to the runner (None: unknown, device and CPU-placement checks use 'cpu' only).
+    """
+    p: list[SpecProblem] = []
+
+    def add(field: str, message: str) -> None:
+        p.append(SpecProblem(field, message))
+
+    _validate_fields(spec, add)
+    if p:
+        return p  # degree arithmetic below assumes positive numbers and known choices
+    _validate_strategy(spec, get_strategy(spec.strategy), add)
+    _validate_options(spec, add)
+    _validate_model(spec, add)
+    _validate_shape(spec, add)
+    _validate_device(spec, add, gpu_count)
+    _validate_host_resources(spec, add, gpu_count)
+    if spec.weights and check_weights:
+        _validate_weights(spec, add)
+    return p
+
+
+def _validate_fields(spec: RunSpec, add: Add) -> None:
+    """Each field alone: known choices, positive numbers, a complete custom model."""
+    names = strategy_names()
+    if spec.strategy not in names:
+        add("strategy", f"'{spec.strategy}' is not a strategy; choose one of {', '.join(names)}")
+    _choice(add, "workload", spec.workload, WORKLOADS)
+    _choice(add, "schedule", spec.schedule, SCHEDULES)
+    _choice(add, "tp_style", spec.tp_style, TP_STYLES)
+    _choice(add, "device", spec.device, DEVICES)
+    _choice(add, "dtype", spec.dtype, DTYPES)
+    if spec.model not in PRESETS and spec.model != "custom":
+        add(
+            "model",
+            f"'{spec.model}' is not a preset; choose one of {', '.join(PRESETS)} or 'custom' with n_layer, n_head, n_embd, vocab_size, block_size",
+        )
+    if spec.model == "custom":
+        for dim in MODEL_DIMS:
+            if getattr(spec, dim) is None:
+                add(dim, f"a custom model needs {dim}; set it or pick a preset")
+    if spec.zero_stage not in ZERO_STAGES:
+        add("zero_stage", f"must be one of {', '.join(map(str, ZERO_STAGES))} (got {spec.zero_stage}): 0 plain data "
+                          "parallelism, 1 optimizer state sharded, 2 and gradients, 3 and parameters")  # fmt: skip
+    try:
+        _ = spec.checkpoint_every
+    except ValueError:
+        add("checkpoint", f"'{spec.checkpoint}' is not allowed; choose none, blocks, or every-K with K a whole number "
+                          "of 1 or more (every-2 checkpoints every second block)")  # fmt: skip
+    if spec.nodes is not None and spec.nodes < 1:
+        add("nodes", f"must be at least 1 (got {spec.nodes}); leave it empty to let the runner decide")
+    for name in ("tp", "pp", "dp", "microbatches", "virtual_stages", "batch", "seq", "steps"):
+        if getattr(spec, name) < 1:
+            add(name, f"must be at least 1 (got {getattr(spec, name)})")
+    for dim in MODEL_DIMS:
+        v = getattr(spec, dim)
+        if v is not None and v < 1:
+            add(dim, f"must be at least 1 (got {v})")
+    if spec.warmup < 0:
+        add("warmup", f"must be 0 or more (got {spec.warmup})")
+    if spec.new_tokens < 1:
+        add("new_tokens", f"must be at least 1 (got {spec.new_tokens})")
+    if not (spec.lr > 0 and math.isfinite(spec.lr)):
+        add("lr", f"must be a positive number (got {spec.lr})")
+    if not (spec.time_limit_s > 0 and math.isfinite(spec.time_limit_s)):
+        add("time_limit_s", f"must be a positive number of seconds (got {spec.time_limit_s})")
+    if spec.seed < 0:
+        add("seed", f"must be 0 or more (got {spec.seed})")
+    for tag in spec.tags:
+        if not tag.strip() or len(tag) > 64:
+            add("tags", f"each tag must be 1 to 64 characters (got {tag!r})")
+
+
+def _validate_strategy(spec: RunSpec, s: Strategy, add: Add) -> None:
+    """What the registry says: unused fields keep their neutral value, used degrees reach their minimum,
+    the strategy's own rules hold, and the ranks fit on one machine."""
+    for name, neutral in NEUTRAL.items():
+        value = getattr(spec, name)
+        if s.uses(name) or value == neutral:
+            continue
+        others = users_of(name)
+        alternative = f" or pick a strategy that uses it ({', '.join(others)})" if others else ""
+        add(name, f"strategy '{s.name}' does not use {name}; set {name} to {json.dumps(neutral)}{alternative}")
+    for name, least in s.min_degree.items():
+        value = getattr(spec, name)
+        if value < least:
+            add(
+                name,
+                f"strategy '{s.name}' needs at least {least} ranks in {name} (got {value}); set {name} to {least} or more, or use strategy 'single'",
+            )
+    s.check(spec, add)
+    if spec.world_size > MAX_WORLD_SIZE:
+        add("strategy", f"needs {spec.world_size} ranks; at most {MAX_WORLD_SIZE} run on one machine")
+
+
+def _validate_options(spec: RunSpec, add: Add) -> None:
+    """Options that need a workload or another option: ZeRO and checkpointing shard or drop what only training
+    has; virtual stages belong to the interleaved schedule, which needs them and its own divisibility."""
+    s = get_strategy(spec.strategy)  # an option the strategy does not use is refused once, as unused
+    if spec.zero_stage and s.uses("zero_stage") and spec.workload != "train":
+        add("zero_stage", f"ZeRO shards optimizer state, gradients and (stage 3) the weights of a training step; "
+                          f"workload '{spec.workload}' has none to shard: set zero_stage to 0 or workload to train")  # fmt: skip
+    elif spec.zero_stage and s.uses("zero_stage") and spec.degrees.dp < 2:
+        add("zero_stage", "ZeRO shards over the data-parallel replicas: set dp to 2 or more, or zero_stage to 0")
+    if spec.checkpoint != "none" and spec.workload != "train":
+        add("checkpoint", f"checkpointing recomputes activations during backward; workload '{spec.workload}' has no "
+                          "backward: set checkpoint to none or workload to train")  # fmt: skip
+    interleaved = spec.schedule == "interleaved-1f1b" and s.uses("virtual_stages")
+    if spec.virtual_stages > 1 and s.uses("virtual_stages") and not interleaved:
+        add("virtual_stages", "only the interleaved-1f1b schedule runs several model chunks per rank: set "
+                              "virtual_stages to 1, or schedule to interleaved-1f1b")  # fmt: skip
+    if not interleaved:
+        return
+    pp, v = spec.degrees.pp, spec.virtual_stages
+    if pp < 2:
+        add("schedule", "interleaved-1f1b interleaves model chunks over the pipeline's ranks: set pp to 2 or more, "
+                        "or choose gpipe or 1f1b")  # fmt: skip
+        return
+    if v < 2:
+        add("virtual_stages", "interleaved-1f1b needs at least 2 model chunks per rank (with 1 it is plain 1f1b): "
+                              "set virtual_stages to 2 or more")  # fmt: skip
+    cfg = spec.model_config()
+    if cfg.n_layer % (pp * v):
+        add("virtual_stages", f"{pp} ranks x {v} chunks = {pp * v} chunks must divide the model's {cfg.n_layer} "
+                              f"layers; use virtual_stages in {_divisors(max(1, cfg.n_layer // pp))} with pp {pp}")  # fmt: skip
+    if spec.microbatches % pp:
+        add("microbatches", f"interleaved-1f1b sends microbatches round the {pp} ranks in groups of {pp}: use a "
+                            f"multiple of {pp} microbatches")  # fmt: skip
+
+
+def _validate_model(spec: RunSpec, add: Add) -> None:
+    """The model's heads against its width, and its layers and heads against the pp and tp splits."""
+    cfg = spec.model_config()
+    name = "the custom model" if spec.model == "custom" else f"the {spec.model} model"
+    tp, pp, _ = spec.degrees
+    if cfg.n_embd % cfg.n_head:
+        add(
+            "n_head",
+            f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; pick n_head among {_divisors(cfg.n_embd)}",
+        )
+    if pp > 1 and cfg.n_layer % pp:
+        add(
+            "pp",
+            f"splitting the layers over {pp} ranks needs n_layer divisible by {pp}; {name} has {cfg.n_layer} layers, so use pp in {_divisors(cfg.n_layer)}",
+        )
+    if tp > 1:
+        if cfg.n_head % tp:
+            add(
+                "tp",
+                f"splitting the heads over {tp} ranks needs n_head divisible by {tp}; {name} has {cfg.n_head} heads, so use tp in {_divisors(cfg.n_head)}",
+            )
+        if cfg.d_ff % tp:
+            add("tp", f"the MLP width {cfg.d_ff} must be divisible by tp {tp}")
+
+
+def _validate_shape(spec: RunSpec, add: Add) -> None:
+    """Tokens against the context, the batch against dp replicas and microbatches."""
+    cfg = spec.model_config()
+    tokens = spec.seq + (spec.new_tokens if spec.workload == "generate" else 0)
+    if tokens > cfg.block_size:
+        extra = f" plus {spec.new_tokens} new tokens" if spec.workload == "generate" else ""
+        add("seq", f"seq {spec.seq}{extra} exceeds the model's block_size {cfg.block_size}; lower seq or new_tokens")
+    _, _, dp = spec.degrees
+    if spec.batch % dp:
+        add("batch", f"batch {spec.batch} must be divisible by dp {dp}; use a multiple of {dp}")
+    elif spec.uses_microbatches and (spec.batch // dp) % spec.microbatches:
+        add(
+            "microbatches",
+            f"each replica's batch of {spec.batch // dp} must split into {spec.microbatches} equal microbatches; use a batch that is a multiple of {dp * spec.microbatches}",
+        )
+
+
+def _validate_device(spec: RunSpec, add: Add, gpu_count: int | None) -> None:
+    if gpu_count is None:
+        return
+    if spec.device == "cuda" and gpu_count == 0:
+        add("device", "is 'cuda' but no NVIDIA GPU is visible; choose 'cpu' or 'auto'")
+    elif spec.device == "cuda" and spec.world_size > gpu_count:
+        add(
+            "device",
+            f"{spec.world_size} ranks need {spec.world_size} GPUs but {gpu_count} are visible; lower the degrees or choose 'cpu'",
+        )
+
+
+def _validate_host_resources(spec: RunSpec, add: Add, gpu_count: int | None) -> None:
+    """Upper bounds for a CPU run on this machine: ranks against cores, memory against RAM.
+
+    Checked where the run is placed too (the runner validates again on its own host), so a spec
+    queued from a bigger machine is refused with the limit of the one that would run it.
+    """
+    on_cpu = spec.device == "cpu" or (gpu_count is not None and spec.resolved_device(gpu_count) == "cpu")
+    if not on_cpu:
+        return
+    cores = usable_cores()
+    if spec.world_size > CPU_RANKS_PER_CORE * cores:
+        add(
+            _widest_degree(spec),
+            f"{spec.world_size} CPU ranks on {cores} core{'s' if cores != 1 else ''} is more than the "
+            f"{CPU_RANKS_PER_CORE * cores} ({CPU_RANKS_PER_CORE} per core) this machine can time-slice; lower the degrees",
+        )
+    need = host_memory_estimate(spec)
+    total = _host_memory_bytes()
+    if total and need > total:
+        add(
+            "batch",
+            f"needs about {need / 2**30:.1f} GiB over its {spec.world_size} rank(s) (weights, gradients, optimizer "
+            f"state and the activations of batch {spec.batch} x seq {spec.seq}) but this machine has "
+            f"{total / 2**30:.1f} GiB; lower batch or seq, or use a smaller model",
+        )
+
+
+def _validate_weights(spec: RunSpec, add: Add) -> None:
+    """A weights file's header against the chosen model: GPT-2 names, vocabulary, width, depth, context."""
+    path = Path(spec.weights or "").expanduser()
+    if not path.is_file():
+        add("weights", f"no file at {str(path)!r}; give the path of a GPT-2 .safetensors or .pt/.bin file")
+        return
+    try:
+        shapes = checkpoint_shapes(path)
+    except (OSError, ValueError) as exc:
+        add(
+            "weights",
+            f"{path.name} is not a readable GPT-2 checkpoint ({exc}); use a Hugging Face GPT-2 .safetensors or torch state dict",
+        )
+        return
+    wte = shapes.get("wte.weight") or shapes.get("transformer.wte.weight")
+    if wte is None or not any(k.endswith("attn.c_attn.weight") for k in shapes):
+        add(
+            "weights",
+            f"{path.name} has no GPT-2 tensors (wte.weight, h.N.attn.c_attn.weight); use a Hugging Face GPT-2 checkpoint",
+        )
+        return
+    cfg = spec.model_config()
+    if tuple(wte) != (cfg.vocab_size, cfg.n_embd):
+        add(
+            "weights",
+            f"{path.name} has vocab x width {tuple(wte)} but the {spec.model} model has {(cfg.vocab_size, cfg.n_embd)}; pick the matching preset",
+        )
+        return
+    # The rest of the layout, so a checkpoint of another depth or context (distilgpt2 for gpt2) is refused
+    # here instead of failing inside the job.
+    layers = {int(m.group(1)) for k in shapes if (m := re.search(r"(?:^|\.)h\.(\d+)\.", k))}
+    if len(layers) != cfg.n_layer:
+        add(
+            "weights",
+            f"{path.name} has {len(layers)} layers but the {spec.model} model has {cfg.n_layer}; pick the preset of that depth",
+        )
+    wpe = shapes.get("wpe.weight") or shapes.get("transformer.wpe.weight")
+    if wpe is not None and tuple(wpe) != (cfg.block_size, cfg.n_embd):
+        add(
+            "weights",
+            f"{path.name} has {wpe[0]} positions but the {spec.model} model has block_size {cfg.block_size}; pick the matching preset",
+        )
+    expected = {"attn.c_attn.weight": (cfg.n_embd, 3 * cfg.n_embd), "mlp.c_fc.weight": (cfg.n_embd, cfg.d_ff)}
+    for suffix, shape in expected.items():
+        found = {tuple(v) for k, v in shapes.items() if k.endswith(suffix)}
+        if found and found != {shape}:
+            add(
+                "weights",
+                f"{path.name} has {suffix} of shape {sorted(found)[0]} but the {spec.model} model needs {shape}",
+            )
+
+
+def _widest_degree(spec: RunSpec) -> str:
+    """The degree that contributes most ranks (the field to lower), or 'strategy' for a single rank."""
+    tp, pp, dp = spec.degrees
+    return max((("tp", tp), ("pp", pp), ("dp", dp)), key=lambda d: d[1])[0] if spec.world_size > 1 else "strategy"
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError):
+        return None
+
+
+def _choice(add: Add, name: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        add(name, f"'{value}' is not allowed; choose one of {', '.join(options)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
