@@ -15,7 +15,8 @@ import os
 
 import pytest
 
-from runner.planner.memory import rank_memory, spec_layout, spec_workload
+from runner.planner.memory import rank_memory
+from runner.planner.models import spec_layout, spec_workload
 from runner.spec.run_spec import RunSpec
 from tests.jobs import run_torchrun
 

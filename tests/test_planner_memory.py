@@ -8,20 +8,17 @@ from dataclasses import replace
 import pytest
 
 from runner.gpt.config import PRESETS, count_parameters
-from runner.planner.devices import preset
-from runner.planner.layouts import GUIDE_175B_LAYOUT, GUIDE_175B_WORK, evaluate
-from runner.planner.memory import (
-    backward_points,
+from runner.planner.byte_counts import (
     checkpointed_layer_bytes,
     full_parameters,
-    in_flight,
     lab_layer_activation_bytes,
     layer_activation_bytes,
-    layout_memory,
-    rank_memory,
     rank_parameters,
     zero_paper_bytes,
 )
+from runner.planner.devices import preset
+from runner.planner.layouts import GUIDE_175B_LAYOUT, GUIDE_175B_WORK, evaluate
+from runner.planner.memory import backward_points, in_flight, layout_memory, rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload
 
 TINY = PRESETS["tiny"]  # 4 layers, 4 heads, width 64, vocabulary 512, 128 positions

@@ -1,61 +1,11 @@
-"""Bytes per device of a tp x pp x dp (x ZeRO) layout: the lab's one memory model (torch-free).
+"""The peak bytes of a rank of a tp x pp x dp (x ZeRO) layout: the lab's one memory model (torch-free).
 
-Owns the exact per-rank parameter count of our GPT split by a layout (`rank_parameters`) and
-`rank_memory` / `layout_memory`: parameters, gradients, AdamW state, activations of the microbatches in
-flight, KV cache; and a RunSpec's figures (`spec_*`), which runner/spec/estimates.py (the Launch page's estimate
-and the CPU memory check) calls. Its inputs -- presets, `Layout`, `Workload` -- are runner/planner/models.py.
+`rank_memory` / `layout_memory` add up what each part weighs (runner/planner/byte_counts.py: parameters,
+gradients, AdamW state, activations) at every moment of a step, replaying the rank's schedule
+(`backward_points`), and take the largest: the peak, and the moment it falls on. runner/spec/estimates.py (the
+Launch page's estimate and the CPU memory check) and the planner's layouts call it. Its inputs -- presets,
+`Layout`, `Workload` -- are runner/planner/models.py.
 
-Parameters, exactly as our model holds them (runner/gpt/model.py, tp_plan.py, pipeline.py). A GPT-2
-block of width h with biases has 12h^2 + 13h parameters: c_attn 3h^2 + 3h, attention c_proj h^2 + h,
-c_fc 4h^2 + 4h, MLP c_proj 4h^2 + h, two LayerNorms 2h each. Megatron tensor parallelism over t splits
-the column layers (c_attn, c_fc: weights and biases) and the row layers' weights; the row layers' biases
-and the LayerNorms stay whole: 12h^2/t + 7h/t + 6h per rank (the "gather" style keeps attention's c_proj
-whole: 11h^2/t + 7h/t + h^2 + 6h). The token embedding has V_pad/t rows of h, V_pad = V rounded up to a
-multiple of t (tp_layers.padded_vocab); the learned positions (block_size x h) and the final LayerNorm are
-whole. The LM head is tied to the token embedding: counted once where one rank holds both (pp = 1), and
-held again by the last pipeline stage otherwise (cut_stage keeps it as that stage's lm_head.weight).
-GPT-2 124M: 50257*768 + 1024*768 + 12*(12*768^2 + 13*768) + 2*768 = 124,439,808.
-
-What a rank keeps between steps (workload train), w = 4 bytes for float32 and bf16-mixed (float32 master
-weights, runner/gpt/precision.py), 2 for pure bfloat16:
-- parameters Psi*w, gradients Psi*w (a gradient has its parameter's dtype), AdamW's two moments 2*Psi*w
-  (created like the parameter) plus one 4-byte float32 step counter per optimized tensor;
-- ZeRO (Rajbhandari et al., SC 2020) over the dp replicas, as runner/gpt/zero.py lays it out: one unit per
-  block and one "outer" unit (embeddings, final LayerNorm, head), each padded to dp*S_u with
-  S_u = ceil(Psi_u/dp). Stage 1 shards the optimizer state (2*w*sum S_u, one step counter a unit),
-  stage 2 also the gradients (w*sum S_u at rest), stage 3 also the parameters (w*sum S_u at rest, plus
-  the gathered outer unit and two gathered blocks -- the one running and the prefetched one -- during a
-  step). The paper's mixed-precision figures are (2 + 2 + K)Psi, (2 + 2)Psi + K*Psi/Nd,
-  2Psi + (2 + K)Psi/Nd and (2 + 2 + K)Psi/Nd with K = 12; ours differ in where the 16 bytes a parameter
-  sit (float32 parameters and gradients, 8 bytes of moments: the master copy is the parameter itself),
-  so stage 1 here saves 8 bytes a parameter, not 12, and `zero_paper_bytes` gives the paper's for
-  comparison.
-- bf16-mixed: autocast casts each float32 weight to bfloat16 once per forward (2 bytes a matmul
-  weight; an embedding lookup is no matmul, so the token embedding is cast only where the tied head
-  multiplies by it), and autograd keeps that copy for the backward: one copy per microbatch in flight unless the
-  block is checkpointed. Checkpointed or not, autocast's cast cache holds every copy made during a forward
-  until GPT.forward leaves the autocast region, so a stage's whole bf16 copy exists during its forward --
-  under ZeRO-3 as well (the cache keeps casts of blocks whose shards were released), which is why FSDP
-  casts parameters itself (MixedPrecisionPolicy) instead of autocast.
-
-Activations (Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models", 2022,
-section 4, Table 2), bytes per transformer layer for a microbatch of b sequences of s tokens, width h,
-a heads, 16-bit activations (doubled for float32):
-    no parallelism                       s*b*h*(34 + 5*a*s/h)
-    tensor parallel t                    s*b*h*(10 + 24/t + 5*a*s/(h*t))
-    tensor + sequence parallel           s*b*h*(34 + 5*a*s/h)/t
-    full recompute (checkpointed block)  2*s*b*h (its input; /t under sequence parallelism)
-The 5as/h term is the attention scores, their softmax and its dropout mask. Our model attends with
-scaled_dot_product_attention (a fused kernel, FlashAttention's way), keeps no s x s matrix and has no dropout,
-so by default (`Workload.attention = "sdpa"`) the planner counts what our block saves, value by value
-(`lab_layer_activation_bytes`): the two LayerNorm inputs at the residual stream's width w_r, the c_attn and
-c_fc inputs at the compute width w_c (whole under tensor parallelism), and split over t: q, k, v, the attention
-output (which is c_proj's input: reshaping the kernel's transposed output is a view, no copy), GELU's input and
-output, 12 values -- s*b*h*(2w_r + 2w_c + 12w_c/t), all over t under sequence parallelism. At 16 bits and t = 1
-that is Korthikanti's 34 without the scores and the two dropout masks (sbh bytes each; our model has no dropout):
-32; float32 64, bf16-mixed (float32 residual, bf16 matmul inputs) 36. "naive" keeps the paper's formula. Real runs' saved
-bytes land within 10% (tests/test_planner_measured.py). A checkpointed layer keeps its input at w_r.
-A checkpointed stage also needs one block's full activations while that block is recomputed.
 Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/schedules.py):
 - GPipe: m;
 - 1F1B: min(p - r, m);
@@ -117,157 +67,27 @@ on a CPU the interpreter). Runs
 measure the same thing (runner/job/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
 profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds a training step's peak
 to 10% of it on tiny and small runs of every strategy.
-Forward and generate (`_inference_bytes`) keep nothing for a backward: a block's working set (its input, the
-residual after attention, the LayerNorm's output, c_fc's output and GELU's), and on the last stage the loss over
-the gathered logits (the logits, a float32 copy when they are narrower, the log-softmax; under tensor
-parallelism the gather's shards beside it). Under bf16-mixed autocast's cast cache keeps the bfloat16 copy of every
-weight cast since GPT.forward began (at its last block, every block's); a stage that is not the last still has its
-earlier microbatches' hidden states in flight, sent but not yet received. Not held by a test: under tensor
-parallelism gloo's worker threads release a finished collective's tensors some time after the caller's wait
-returns, so a race decides how many are still alive at the peak (README). Generate keeps a KV cache of 2 * layers * b * (s + new_tokens - 1)
-* h/t values (float32, else bf16), its peak either the prompt's pass or the last token's, when torch.cat grows a
-layer's keys by a copy.
+Forward and generate: runner/planner/inference_memory.py.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from runner.gpt.config import GPTConfig
 from runner.job.schedule_ops import schedule_ops, splits_backward
-from runner.planner.models import (  # the inputs: presets, Layout, Workload (runner/planner/models.py)
-    ADAM_STEP_BYTES,
-    LOGIT_BYTES,
-    Layout,
-    Workload,
-    padded_vocab,
+from runner.planner.byte_counts import (
+    block_tensors,
+    checkpointed_layer_bytes,
+    largest_block_tensor,
+    largest_tensor,
+    layer_bytes,
+    rank_parameters,
+    unit_shard,
 )
-
-
-# ---- parameters ---------------------------------------------------------------------------------------
-def block_parameters(cfg: GPTConfig, tp: int = 1, tp_style: str = "megatron") -> int:
-    """Parameters of one transformer block on one tensor-parallel rank (see the module docstring)."""
-    h, b = cfg.n_embd, 1 if cfg.bias else 0
-    f = cfg.d_ff
-    layer_norms = 2 * (h + h * b)  # replicated
-    c_attn = (3 * h * h + 3 * h * b) // tp  # column: Q, K, V of this rank's heads
-    c_fc = (h * f + f * b) // tp  # column
-    mlp_proj = f * h // tp + h * b  # row: weight split by input columns, bias whole
-    attn_proj = h * h // tp + h * b if tp_style == "megatron" else h * h + h * b  # "gather": whole
-    return layer_norms + c_attn + c_fc + mlp_proj + attn_proj
-
-
-def block_tensors(cfg: GPTConfig) -> int:
-    """Parameter tensors of one block (AdamW keeps one step counter per tensor): 6 weights + 6 biases."""
-    return 12 if cfg.bias else 6
-
-
-@dataclass(frozen=True)
-class StageParameters:
-    """What pipeline rank `stage` holds on one tensor-parallel rank: its blocks and its outer parameters."""
-
-    stage: int
-    layers: tuple[int, ...]  # global layer ids of the rank's blocks (all its chunks)
-    block: int  # parameters of each block
-    outer: int  # embeddings, final LayerNorm, head (tied weight once)
-    outer_tensors: int
-    matmul: int  # parameters that multiply activations (autocast casts them): no positions, no LayerNorms
-    block_matmul: int = 0  # of them, one block's
-
-    @property
-    def total(self) -> int:
-        return self.block * len(self.layers) + self.outer
-
-
-def stage_layers(n_layer: int, pp: int, v: int, stage: int) -> tuple[int, ...]:
-    """Global layer ids of pipeline rank `stage`: chunk c is virtual stage c*pp + stage of pp*v equal ones
-    (runner/gpt/pipeline.py cut_chunks)."""
-    per = n_layer // (pp * v)
-    return tuple(i for c in range(v) for i in range((c * pp + stage) * per, (c * pp + stage + 1) * per))
-
-
-def rank_parameters(
-    cfg: GPTConfig, layout: Layout, stage: int, v: int = 1, tp_style: str = "megatron"
-) -> StageParameters:
-    """Parameters of one rank of pipeline stage `stage` (before ZeRO), exactly as the model holds them."""
-    h, b = cfg.n_embd, 1 if cfg.bias else 0
-    tp, pp = layout.tp, layout.pp
-    vocab_rows = padded_vocab(cfg.vocab_size, tp) // tp
-    has_embed = stage == 0
-    has_head = stage == pp - 1
-    outer, tensors, matmul = 0, 0, 0
-    if has_embed:
-        outer += vocab_rows * h + cfg.block_size * h
-        tensors += 2
-    if has_head:
-        outer += h + h * b  # final LayerNorm
-        tensors += 2 if b else 1
-        if not has_embed:  # the tied weight again, as this stage's own lm_head.weight
-            outer += vocab_rows * h
-            tensors += 1
-        matmul += vocab_rows * h  # the head multiplies; an embedding lookup is no matmul (autocast leaves it)
-    layers = stage_layers(cfg.n_layer, pp, v, stage)
-    blk = block_parameters(cfg, tp, tp_style)
-    blk_matmul = blk - 2 * (h + h * b)
-    return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)
-
-
-def largest_block_tensor(cfg: GPTConfig, tp: int, tp_style: str = "megatron") -> int:
-    """Elements of a block's largest matmul weight on one tensor-parallel rank: c_fc or c_proj of the MLP, c_attn,
-    or the whole attention c_proj under the "gather" style."""
-    h = cfg.n_embd
-    return max(cfg.d_ff * h // tp, 3 * h * h // tp, h * h if tp_style != "megatron" else h * h // tp)
-
-
-def largest_tensor(cfg: GPTConfig, layout: Layout, stage: int, tp_style: str = "megatron") -> int:
-    """Elements of the largest parameter tensor pipeline rank `stage` holds: its vocabulary rows (first and last
-    stage) or a block's largest matmul weight, split by tp."""
-    largest = largest_block_tensor(cfg, layout.tp, tp_style)
-    if stage in (0, layout.pp - 1):
-        largest = max(largest, padded_vocab(cfg.vocab_size, layout.tp) // layout.tp * cfg.n_embd)
-    return largest
-
-
-def full_parameters(cfg: GPTConfig) -> int:
-    """The whole model's parameters (tied head once): rank_parameters of a 1 x 1 x 1 layout."""
-    return rank_parameters(cfg, Layout(), 0).total
-
-
-# ---- activations --------------------------------------------------------------------------------------
-def layer_activation_bytes(
-    s: int, b: int, h: int, a: int, tp: int = 1, sequence_parallel: bool = False, scores: bool = True
-) -> float:
-    """Korthikanti et al. 2022 Table 2: 16-bit activation bytes one transformer layer saves for backward.
-    scores=False drops the 5as/h term (attention scores, softmax and its dropout): a fused attention kernel
-    (FlashAttention, scaled_dot_product_attention) keeps no s x s matrix."""
-    attn = 5 * a * s / h if scores else 0.0
-    if tp > 1 and sequence_parallel:
-        return s * b * h * (34 + attn) / tp
-    return s * b * h * (10 + 24 / tp + attn / tp)
-
-
-def lab_layer_activation_bytes(
-    s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False, residual: int = 4, compute: int = 4
-) -> float:
-    """Bytes our GPT block (runner/gpt/model.py) saves for backward, value by value (see the module docstring):
-    2 LayerNorm inputs at the residual stream's width, the c_attn and c_fc inputs at the compute width (whole
-    under tensor parallelism), and at the compute width split over tp: q, k, v, the attention output (c_proj's
-    input, a view of it), GELU's input and output (3 + 1 + 4 + 4 = 12 values of s*b*h). Sequence parallelism splits
-    all."""
-    whole = 2 * residual + 2 * compute
-    split = 12 * compute
-    if tp > 1 and sequence_parallel:
-        return s * b * h * (whole + split) / tp
-    return s * b * h * (whole + split / tp)
-
-
-def checkpointed_layer_bytes(s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False) -> float:
-    """Korthikanti et al. 2022 (full recompute): a checkpointed layer keeps only its 16-bit input, 2sbh
-    (sequence-sharded under sequence parallelism)."""
-    return 2 * s * b * h / (tp if tp > 1 and sequence_parallel else 1)
+from runner.planner.inference_memory import inference_bytes
+from runner.planner.models import ADAM_STEP_BYTES, LOGIT_BYTES, Layout, Workload, padded_vocab
 
 
 def in_flight(schedule: str, pp: int, m: int, stage: int, v: int = 1) -> float:
@@ -326,17 +146,6 @@ def backward_points(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple
     return tuple(points)
 
 
-def zero_paper_bytes(psi: float, nd: int, stage: int, k: int = 12) -> float:
-    """Rajbhandari et al. 2020 figure 1: model-state bytes per device under mixed-precision Adam."""
-    if stage == 0:
-        return (2 + 2 + k) * psi
-    if stage == 1:
-        return (2 + 2) * psi + k * psi / nd
-    if stage == 2:
-        return 2 * psi + (2 + k) * psi / nd
-    return (2 + 2 + k) * psi / nd
-
-
 # ---- the rank's memory --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RankMemory:
@@ -370,18 +179,6 @@ class RankMemory:
         return {**asdict(self), "notes": list(self.notes), "total": self.total}
 
 
-def _shard(n: int, dp: int) -> int:
-    return math.ceil(n / dp)
-
-
-def _layer_bytes(work: Workload, s: int, b: int, h: int, a: int, tp: int) -> float:
-    """One layer's saved bytes for a microbatch: our block's own count ("sdpa"), or Korthikanti's formula with
-    the attention scores ("naive", 16-bit figures scaled to the activation width)."""
-    if work.attention == "naive":
-        return layer_activation_bytes(s, b, h, a, tp, work.sequence_parallel) * work.activation_width / 2
-    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, work.residual_width, work.activation_width)
-
-
 def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> RankMemory:
     """Bytes on one rank of pipeline stage `stage` (any tp and dp coordinate: they hold the same)."""
     tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero_stage
@@ -392,7 +189,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     psi = sp.total
     n_tensors = sp.outer_tensors + block_tensors(cfg) * len(sp.layers)
     units = [sp.block] * len(sp.layers) + ([sp.outer] if sp.outer else [])
-    shards = [_shard(u, dp) for u in units]
+    shards = [unit_shard(u, dp) for u in units]
     sharded = sum(shards)
     largest = largest_tensor(cfg, layout, stage, work.tp_style)
     notes: list[str] = []
@@ -436,7 +233,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     kv = 0
     if train:
         every = work.checkpoint_every
-        full = _layer_bytes(work, s, mb, h, a, tp)
+        full = layer_bytes(work, s, mb, h, a, tp)
         residual, compute = work.residual_width, work.activation_width
         ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
         split = tp if tp > 1 and work.sequence_parallel else 1
@@ -586,7 +383,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             transient, peak_at = 0, "AdamW's step (the gradients and its temporaries)"
         peak = params * w + optimizer + max(during, step)
     else:
-        transient, kv, peak_at = _inference_bytes(cfg, layout, work, sp, rows, always, in_blocks)
+        transient, kv, peak_at = inference_bytes(cfg, layout, work, sp, rows, always, in_blocks)
         peak = params * w + kv + transient
     return RankMemory(
         stage=stage,
@@ -606,106 +403,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     )
 
 
-def _inference_bytes(
-    cfg: GPTConfig, layout: Layout, work: Workload, sp: StageParameters, rows: int, always: int, in_blocks: int
-) -> tuple[int, int, str]:
-    """Forward and generate run without autograd (runner/gpt/pipeline.py, model.py): (transient bytes at the peak,
-    KV cache bytes, the peak's moment). Nothing is kept for a backward; a block holds its working set -- its input,
-    the residual after attention and the LayerNorm's output (h each), c_fc's output and GELU's (4h/t each) -- for
-    one microbatch. Under bf16-mixed, autocast's cast cache keeps the bfloat16 copy of every weight cast since the
-    stage's forward began (parameters require grad even under no_grad, so they are cached) until GPT.forward
-    returns: at its last block, every block's copy."""
-    tp, pp = layout.tp, layout.pp
-    stage, layers = sp.stage, len(sp.layers)
-    s, h = work.seq, cfg.n_embd
-    compute = work.activation_width
-    m = work.microbatches_for(layout)
-    mb = max(1, rows // m)
-    bf16_mixed = work.dtype == "bf16-mixed"
-    casts = 2 * sp.block_matmul * layers if bf16_mixed else 0
-    # and at the head, its weight's copy too (the last stage's head multiplies by the tied weight)
-    all_casts = 2 * (sp.matmul if stage == pp - 1 else sp.block_matmul * layers) if bf16_mixed else 0
-    block = int(s * mb * h * (3 + 8 / tp) * compute) + in_blocks + casts if layers else 0
-    if stage < pp - 1:
-        # a stage's outputs wait to be received: the first runs ahead, and each microbatch's hidden states (float32,
-        # the residual stream's width) are still in flight while it works on its last microbatch
-        block += (m - 1) * s * mb * h * work.residual_width
-    if work.workload == "generate":
-        # every microbatch's cache, 2 x layers x (s + new_tokens - 1) positions x h/t (the last token is picked, not
-        # cached); the prompt's pass (prefill) caches s positions while a block works on them; the last pass grows
-        # each layer's keys by a copy (torch.cat), old and new side by side
-        per_position = 2 * layers * rows * (h // tp) * compute
-        kv = per_position * (s + work.new_tokens - 1)
-        prefill = per_position * s + max(block, all_casts)
-        growing = mb * (s + work.new_tokens - 1) * (h // tp) * compute if layers else 0
-        last = kv + max(growing + casts, all_casts)
-        if prefill > last:  # (a short generation: the prompt's working set outweighs the cache's growth)
-            return always + prefill - kv, kv, "generate: the prompt's pass"
-        return always + last - kv, kv, "generate: the last token's pass"
-    head = 0
-    if stage == pp - 1:
-        vocab = padded_vocab(cfg.vocab_size, tp)
-        logits = rows * s * vocab * compute  # every microbatch's full logits, gathered under tensor parallelism
-        # the loss (runner/job/rank.py): the logits, their float32 copy when they are narrower, the log-softmax
-        head = logits + rows * s * vocab * LOGIT_BYTES * (2 if compute != LOGIT_BYTES else 1)
-        per_mb = mb * s * vocab * compute
-        if tp > 1:  # gathering a microbatch's: the earlier ones, its shards, the gathered tensor and the local shard
-            head = max(head, logits - per_mb + int(per_mb * (2 + 1 / tp)))
-        # the last microbatch's head inside the forward: every weight's copy, the earlier microbatches' logits, its own
-        head = max(head, all_casts + logits - per_mb + per_mb // tp)
-    if head > block:
-        return always + head, 0, "forward: the loss over the gathered logits"
-    return always + block, 0, "forward: a block's working set"
-
-
 def layout_memory(cfg: GPTConfig, layout: Layout, work: Workload) -> RankMemory:
     """The rank that needs the most bytes (pipeline stages differ: the first holds the most microbatches,
     the first and last the embedding and head)."""
     return max((rank_memory(cfg, layout, work, r) for r in range(layout.pp)), key=lambda m: m.total)
-
-
-# ---- a RunSpec's layout (what runner/spec/estimates.py and the Launch page ask) ----------------------------
-def spec_layout(spec: Any) -> Layout:
-    """The Layout of a runner.spec.run_spec.RunSpec (its degrees; ZeRO only where it shards something)."""
-    tp, pp, dp = spec.degrees
-    zero = spec.zero_stage if dp > 1 and spec.workload == "train" else 0
-    return Layout(tp, pp, dp, zero)
-
-
-def spec_workload(spec: Any, device: str | None = None) -> Workload:
-    """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
-    _, pp, _ = spec.degrees
-    work = Workload(
-        workload=spec.workload,
-        batch=spec.batch,
-        seq=spec.seq,
-        new_tokens=spec.new_tokens,
-        dtype=spec.dtype,
-        checkpoint=spec.checkpoint,
-        schedule=spec.schedule,
-        microbatches=spec.microbatches if pp > 1 else 1,
-        virtual_stages=spec.virtual_stages,
-        sequence_parallel=spec.sequence_parallel,
-        tp_style=spec.tp_style,
-    )
-    return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work
-
-
-def spec_rank_memory(spec: Any, device: str | None = None) -> list[RankMemory]:
-    """Predicted bytes of every pipeline stage of a RunSpec (index = pp coordinate; tp and dp peers hold
-    the same), on `device` (default: the spec's)."""
-    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec, device)
-    return [rank_memory(cfg, layout, work, r) for r in range(layout.pp)]
-
-
-def spec_memory(spec: Any) -> RankMemory:
-    """The busiest rank of a RunSpec."""
-    return max(spec_rank_memory(spec), key=lambda m: m.total)
-
-
-def spec_host_bytes(spec: Any, rank_baseline_bytes: int) -> int:
-    """Bytes every rank of a RunSpec needs together (a CPU run on one host): each rank's predicted bytes
-    plus a process baseline (torch and its process group before any tensor)."""
-    layout = spec_layout(spec)
-    per_stage = spec_rank_memory(spec, "cpu")
-    return sum(m.total for m in per_stage) * layout.tp * layout.dp + layout.world_size * rank_baseline_bytes

@@ -1,6 +1,6 @@
 """The planner's inputs (torch-free): the model presets (`MODELS`), a layout (`Layout`: tp x pp x dp and the ZeRO
 stage) and what runs on it (`Workload`: the spec fields memory and step time depend on), with the constants the
-models share. runner/planner/memory.py re-exports them.
+models share, and the Layout and Workload of a RunSpec (`spec_layout`, `spec_workload`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, replace
 
 from runner.gpt.config import PRESETS, GPTConfig
-from runner.spec.run_spec import checkpoint_interval
+from runner.spec.run_spec import RunSpec, checkpoint_interval
 
 GiB = 2**30
 
@@ -120,3 +120,30 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 def with_dims(cfg: GPTConfig, **dims: int | None) -> GPTConfig:
     """A config with custom dimensions applied (None leaves one as it is)."""
     return replace(cfg, **{k: v for k, v in dims.items() if v is not None})
+
+
+# ---- a RunSpec's layout and workload (what runner/spec/estimates.py and the Launch page ask) ---------------
+def spec_layout(spec: RunSpec) -> Layout:
+    """The Layout of a runner.spec.run_spec.RunSpec (its degrees; ZeRO only where it shards something)."""
+    tp, pp, dp = spec.degrees
+    zero = spec.zero_stage if dp > 1 and spec.workload == "train" else 0
+    return Layout(tp, pp, dp, zero)
+
+
+def spec_workload(spec: RunSpec, device: str | None = None) -> Workload:
+    """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
+    _, pp, _ = spec.degrees
+    work = Workload(
+        workload=spec.workload,
+        batch=spec.batch,
+        seq=spec.seq,
+        new_tokens=spec.new_tokens,
+        dtype=spec.dtype,
+        checkpoint=spec.checkpoint,
+        schedule=spec.schedule,
+        microbatches=spec.microbatches if pp > 1 else 1,
+        virtual_stages=spec.virtual_stages,
+        sequence_parallel=spec.sequence_parallel,
+        tp_style=spec.tp_style,
+    )
+    return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work

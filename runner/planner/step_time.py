@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass
 
 from runner.gpt.config import GPTConfig
 from runner.job.metrics import bubble_fraction_theory, model_flops
+from runner.planner.byte_counts import rank_parameters
 from runner.planner.devices import Devices
-from runner.planner.memory import rank_parameters
 from runner.planner.models import Layout, Workload
 
 DEFAULT_EFFICIENCY = 0.5

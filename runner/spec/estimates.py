@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from runner.planner.memory import spec_host_bytes, spec_rank_memory
+from runner.planner.memory import RankMemory, rank_memory
+from runner.planner.models import spec_layout, spec_workload
 
 if TYPE_CHECKING:
     from runner.spec.run_spec import RunSpec
@@ -28,5 +29,15 @@ def memory_estimate(spec: RunSpec) -> dict[str, int]:
 
 
 def host_memory_estimate(spec: RunSpec) -> int:
-    """Bytes a CPU run needs over all its ranks: each rank's predicted bytes plus a process baseline."""
-    return spec_host_bytes(spec, RANK_BASELINE_BYTES)
+    """Bytes a CPU run needs over all its ranks on one host: each rank's predicted bytes plus a process baseline
+    (torch and its process group before any tensor)."""
+    layout = spec_layout(spec)
+    per_stage = spec_rank_memory(spec, "cpu")
+    return sum(m.total for m in per_stage) * layout.tp * layout.dp + layout.world_size * RANK_BASELINE_BYTES
+
+
+def spec_rank_memory(spec: RunSpec, device: str | None = None) -> list[RankMemory]:
+    """Predicted bytes of every pipeline stage of a RunSpec (index = pp coordinate; tp and dp peers hold
+    the same), on `device` (default: the spec's)."""
+    cfg, layout, work = spec.model_config(), spec_layout(spec), spec_workload(spec, device)
+    return [rank_memory(cfg, layout, work, r) for r in range(layout.pp)]
