@@ -195,7 +195,7 @@ def test_flat_piece_index_picks_the_reference_elements_a_slice_holds():
     """A rank's flat slice of a parameter that is itself reference[index] (tensor parallelism), with zero
     padding rows (vocabulary): ref[flat_piece_index(...)] is the slice, padding left out."""
     from runner.gpt.model import Shard
-    from runner.gpt.zero import flat_piece_index
+    from runner.gpt.zero_units import flat_piece_index
 
     ref = torch.arange(7 * 5).view(7, 5).float()
     cases = [

@@ -7,11 +7,13 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The model's dimensions (GPT-2 124M by default): layers, attention heads, width, vocabulary, positions."""
+
     n_layer: int = 12
     n_head: int = 12
-    n_embd: int = 768
+    n_embd: int = 768  # the residual stream's width h; heads are h / n_head wide
     vocab_size: int = 50257
-    block_size: int = 1024
+    block_size: int = 1024  # learned positions: the longest sequence
     bias: bool = True
     layer_norm_eps: float = 1e-5
 

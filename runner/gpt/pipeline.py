@@ -12,39 +12,7 @@ ZB-H1 only the input gradient) and W (ZB-H1's weight gradients). Activations go 
 gradients backward by point-to-point messages between the ranks of neighbouring virtual stages (with
 v > 1 the last rank feeds the first one again).
 
-Point-to-point, and why it cannot deadlock (`StageLinks`). A stage never sends on its own: what an
-operation produces waits in an outbox and leaves in one batch (`batch_isend_irecv`) with the receive the
-stage's next operation needs, or alone right before an operation that receives nothing; the stage waits
-only on batches holding a receive, and on its remaining sends at the end. In 1F1B's steady state stage s
-sends activation i+1 to s+1 and then needs gradient i from it, while s+1 sends gradient i and then needs
-activation i+1: with a send followed by a separate receive, both ends send first, and on NCCL a send
-larger than its buffers completes only once the peer receives -- while p2p operations of one
-communicator run in order on one stream, so each peer's receive sits behind its own send and 1F1B
-deadlocks (Megatron-LM sends and receives together, pipeline_parallel/p2p_communication.py, for this
-reason). Here both ends post {send, receive} as one NCCL group, which completes as a whole. In general:
-model each rank as running its batches one after another, each finishing only when every send in it
-meets its receive posted by the peer (no buffering at all, stricter than NCCL and gloo); a send
-produced by operation k leaves in the batch right before operation k+1, so it is on offer from the
-moment its producer finished, for as long as the sender waits for anything, and the receiver posts the
-matching receive right before the operation that consumes it. Every wait is thus for a message its
-peer's schedule produces earlier in the pipeline's dependency order (forwards flow up the virtual
-stages, backwards down, each rank in schedule order), which has no cycle, so every batch completes.
-
-Interleaved 1F1B and ZB-H1 exchange their messages in lockstep instead (runner/job/schedule_ops.py
-lockstep_plan, as Megatron's interleaved schedule sends and receives once per step): the argument
-above breaks for interleaving -- with p = 2, rank 0's batch {send activation for rank 1's chunk 0,
-receive a gradient} can wait on rank 1's {send an activation for rank 0's chunk 1, receive a gradient}
-while each send's receive is posted only after the other's batch (seen on gloo). Every rank derives,
-from all ranks' schedules run on a model clock, the tick at which each message is produced; at that
-tick sender and receiver both post it in one batch, the receiver possibly ahead of need (the buffer
-waits, and the rank waits on it only when the operation consuming it starts). By induction over ticks
-every batch completes. The order of messages between two ranks is then the same at both ends
-(NCCL and gloo match the k-th send with the k-th receive).
-Generation also returns each new token from the last stage to the first, against the flow of
-activations: on the same stream a token waiting for the first stage to finish sending this round's
-activations would block the last stage's receives of them, so tokens travel on the first and last
-stages' own two-rank group (a stream of their own). tests/test_comm_p2p.py and
-tests/test_pipeline_schedules.py replay the batches the real code issues in that unbuffered model.
+Point-to-point traffic between the stages, and why it cannot deadlock: runner/gpt/stage_links.py.
 
 Timing comes from the rank's StepClock (runner/gpt/timing.py): host time on CPU, CUDA events on GPU,
 resolved at the end of the step. Each rank records (virtual stage, microbatch, phase, start, end) spans
@@ -62,18 +30,19 @@ every microbatch of requests keeps its own KV cache.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
-from runner.gpt.comm import GroupComm, P2PBatch
+from runner.gpt.comm import P2PBatch
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, KVCache, WholeVocabulary, cut_stage, greedy_generate, shard_of
 from runner.gpt.schedules import input_grad_pass, weight_grad_pass
+from runner.gpt.stage_links import StageLinks
 from runner.gpt.strategy import ParallelGPT
-from runner.gpt.timing import Mark, StepClock
+from runner.gpt.timing import Mark
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
 from runner.job.metrics import bubble_fraction_theory
 from runner.job.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
@@ -111,84 +80,6 @@ def _shell(model: GPT) -> GPT:
     shell.transformer = nn.ModuleDict(dict(model.transformer.items()))
     shell.transformer.h = nn.ModuleDict(dict(model.transformer.h.items()))
     return shell
-
-
-class StageLinks:
-    """One rank's point-to-point traffic: sends wait in an outbox and leave batched with the next receive
-    on the same communicator (see the module docstring for why this cannot deadlock).
-
-    `comm` carries activations and their gradients (the default group: every rank joined a collective
-    on it in Mesh.build, which NCCL needs before batches between two of its ranks). A message may name
-    another communicator -- generation returns each new token from the last stage to the first over the
-    pair's own group, so on NCCL it travels on a stream of its own and a token waiting for the first
-    stage never holds up the activations behind it. `span(stage, microbatch, phase, start, end)` records
-    timeline spans between clock marks."""
-
-    def __init__(self, comm: GroupComm, clock: StepClock, span: Callable[[int, int, str, Mark, Mark], None]):
-        self.comm, self.clock, self._span = comm, clock, span
-        self._outbox: list[tuple[torch.Tensor, int, tuple[int, int], GroupComm]] = []  # (t, dst, (stage, mb), comm)
-        self._inflight: list[tuple[P2PBatch, list[torch.Tensor], tuple[int, int]]] = []  # alive until waited for
-
-    def send(self, t: torch.Tensor, dst: int, at: tuple[int, int], comm: GroupComm | None = None) -> None:
-        """Queue t for global rank dst (`at`: the (stage, microbatch) it belongs to, for the timeline); it
-        leaves with this rank's next receive on the same communicator, or on its own before the next operation."""
-        self._outbox.append((t.contiguous(), dst, at, comm or self.comm))
-
-    def recv(self, shape, dtype: torch.dtype, device: torch.device, src: int, at: tuple[int, int],
-             comm: GroupComm | None = None) -> torch.Tensor:  # fmt: skip
-        """Receive from global rank src, sending the outbox's messages for the same communicator in the
-        same batch (the others leave first, on their own); the wait is idle time."""
-        comm = comm or self.comm
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        along = [m for m in self._outbox if m[3] is comm]
-        self._outbox = [m for m in self._outbox if m[3] is not comm]
-        self.flush()
-        batch = comm.exchange([(t, dst) for t, dst, _, _ in along], [(buf, src)])
-        self.wait(batch, at)
-        return buf
-
-    def post(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]],
-             at: tuple[int, int]) -> P2PBatch:  # fmt: skip
-        """Start one batch of sends (tensor, global dst) and receives (buffer, global src) on `comm` now (a
-        lockstep tick); the caller waits for it when it needs a buffer (`wait`), the end of the step otherwise."""
-        start = self.clock.mark()
-        batch = self.comm.exchange([(t.contiguous(), dst) for t, dst in sends], recvs)
-        if sends:
-            self._span(*at, "send", start, self.clock.mark())
-        if not recvs:
-            self._inflight.append((batch, [t for t, _ in sends], at))
-        return batch
-
-    def wait(self, batch: P2PBatch, at: tuple[int, int]) -> None:
-        """Wait for a batch holding a receive this rank needs now: idle time (once; later calls return)."""
-        if batch.works:
-            start = self.clock.mark()
-            batch.wait(idle=True)
-            self._span(*at, "recv_wait", start, self.clock.mark())
-
-    def flush(self) -> None:
-        """Start the outbox's sends now, one batch per communicator; never waits for them."""
-        if not self._outbox:
-            return
-        sends, self._outbox = self._outbox, []
-        start = self.clock.mark()
-        comms = {id(m[3]): m[3] for m in sends}  # communicators in first-use order
-        for comm in comms.values():
-            mine = [m for m in sends if m[3] is comm]
-            batch = comm.exchange([(t, dst) for t, dst, _, _ in mine], [])
-            self._inflight.append((batch, [t for t, _, _, _ in mine], mine[-1][2]))
-        self._span(*sends[-1][2], "send", start, self.clock.mark())
-
-    def finish(self) -> None:
-        """Send what is left and wait for every send still in flight (the end of a schedule)."""
-        self.flush()
-        if not self._inflight:
-            return
-        start = self.clock.mark()
-        for batch, _, _ in self._inflight:
-            batch.wait(idle=False)
-        self._span(*self._inflight[-1][2], "send", start, self.clock.mark())
-        self._inflight = []
 
 
 class PipelineGPT(ParallelGPT):

@@ -4,23 +4,8 @@ over the data-parallel group: stage 1 shards the optimizer state, 2 also the gra
 Owns `ZeroShards`, which `DataParallelGPT(inner, mesh, zero_stage=k)` (runner/gpt/data_parallel.py) uses in
 place of its all-reduce buckets for k > 0, and the two asynchronous counted collectives it needs.
 
-Layout. A rank's parameters are grouped into units, FSDP's granularity: one per transformer block this rank
-holds, and one "outer" unit for the rest (embeddings, final LayerNorm, head; the tied weight once). Each unit
-is a flat buffer of its parameters in a fixed order, zero-padded to dp * S elements with S = ceil(Psi_u/dp);
-data-parallel rank r owns elements [r*S, (r+1)*S). So a rank holds S_u = ceil(Psi_u/dp) elements of each
-unit, and its share exceeds Psi/dp by less than one element per unit (the padding, reported as
-`zero_flat_padding_elements`). What each stage keeps between steps (float32 AdamW: 4 bytes a parameter,
-4 a gradient, 8 of state -- the paper's mixed-precision 2 + 2 + K=12 with K's master copy folded in):
+Layout: runner/gpt/zero_units.py (units, pieces, what verification reads).
 
-    stage  parameters      gradients       optimizer state     per step, per unit
-    1      4 Psi           4 Psi           8 sum S_u           all-reduce of gradients, all-gather after the step
-    2      4 Psi           4 sum S_u       8 sum S_u           reduce-scatter of gradients, all-gather after the step
-    3      4 sum S_u       4 sum S_u       8 sum S_u           all-gather before each use (forward, again for
-                                                               backward), reduce-scatter of gradients
-
-(plus AdamW's 4-byte step counter per optimized tensor, one per unit). Parameters of stages 1 and 2 are
-views into their unit's flat buffer, and the rank's shard is a view of its own slice, so AdamW updates
-the shard in place and one all-gather per unit refreshes everyone's copy; no master copy is kept twice.
 Stage 3 keeps only the shard; a unit's flat buffer exists while it is in use: its storage is allocated
 and all-gathered before the block runs (forward pre-hook; the next block's all-gather is started at the
 same time: prefetch), released after it (forward hook), gathered again when its output's gradient
@@ -59,12 +44,6 @@ Why our own implementation rather than PyTorch's FSDP2 `fully_shard` with counti
 - per-rank bytes are ours to state exactly (the table above), which the tests check against the paper.
 bench/bench_zero.py measures what this costs against FSDP2 on the same model.
 
-Verification sees the truth: with stage 1 a rank holds whole parameters and gradients (the inner
-strategy's named_shards); with stages 2 and 3 it holds slices, so named_shards() maps each reference name
-to a 1-D view of the part of this rank's shard that falls in that parameter, and shard_index() to the
-reference elements it holds (a tuple of index tensors, so `ref[index]` is that 1-D slice, vocabulary
-padding excluded: it sits at the end of a parameter's flat range, where trim_padding cuts it).
-
 CUDA: collectives run on NCCL's stream; `work.wait()` makes the compute stream wait for them, never the
 host. Buffers are allocated (storage re-grown) on the compute stream before the collective is issued and
 NCCL's stream waits for the compute stream at issue, so a block freed earlier on the compute stream is not
@@ -75,20 +54,24 @@ released only after its pending all-gather was waited for.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from runner.gpt.comm import GroupComm, PendingCollective, nbytes
-from runner.gpt.model import Shard, materialize, shard_of
-
-BLOCK_NAME = re.compile(r"^(transformer\.h\.\d+)\.")
+from runner.gpt.model import shard_of
+from runner.gpt.zero_units import (
+    Unit,
+    block_modules,
+    flat_piece_index,
+    group_parameters,
+    make_unit,
+    materialized_value,
+    rank_pieces,
+)
 
 # The current names, with a fallback for releases that only have the older ones.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -121,45 +104,6 @@ def reduce_scatter_async(
     return _counted_async(comm, "reduce_scatter", nbytes(flat), fn, out), flat
 
 
-@dataclass
-class Unit:
-    """One flat buffer of parameters (a block, or the outer rest) and this rank's slice of it."""
-
-    name: str
-    params: list[nn.Parameter]
-    offsets: list[int]
-    numel: int  # Psi_u, without padding
-    shard_numel: int  # S_u = ceil(Psi_u / dp)
-    full: torch.Tensor  # dp * S_u elements; under stage 3 its storage exists only while gathered
-    shard: nn.Parameter  # S_u elements: what AdamW updates
-    module: nn.Module | None = None
-    gathered: bool = True
-    pending_gather: PendingCollective | None = None
-    pending_reduce: PendingCollective | None = None
-    reduce_input: torch.Tensor | None = None
-    grads_missing: int = 0
-    # Backwards that reached this block (its output's gradient arrived) whose parameter gradients are not all
-    # in yet. Zero-bubble pipelines run them apart (B: input gradients, W later: weight gradients, with other
-    # microbatches' forwards between), and W still reads the weights, so the block stays gathered meanwhile.
-    awaiting_weight_grads: int = 0
-
-    @property
-    def padded(self) -> int:
-        return self.full.numel()
-
-
-@dataclass
-class Piece:
-    """The part of reference parameter `name` in this rank's shard: elements [lo, hi) of the parameter's
-    flat order, at [lo + offset - r*S, ...) of its unit's shard."""
-
-    unit: Unit
-    param: nn.Parameter
-    lo: int
-    hi: int
-    at: int  # where lo sits in unit.shard
-
-
 class ZeroShards:
     """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
     (a ParallelGPT whose named_shards() are its parameters under reference names)."""
@@ -170,21 +114,14 @@ class ZeroShards:
         self.inner, self.comm, self.stage, self.overlap, self.seed = inner, comm, stage, overlap, seed
         self.n, self.r = comm.size, comm.index
         named = inner.named_shards()
-        groups: dict[str, list[nn.Parameter]] = {}
-        self._name_of: dict[int, str] = {}  # a reference name of each parameter (the first, for a tied one)
-        for name, p in named.items():
-            if id(p) in self._name_of:
-                continue
-            self._name_of[id(p)] = name
-            m = BLOCK_NAME.match(name)
-            groups.setdefault(m.group(1) if m else "outer", []).append(p)
+        groups, self._name_of = group_parameters(named)  # _name_of: a reference name of each parameter
         blocks = sorted((k for k in groups if k != "outer"), key=lambda k: int(k.rsplit(".", 1)[1]))
-        modules = _block_modules(inner)
+        modules = block_modules(inner)
         self.blocks = [self._make_unit(k, groups[k], modules.get(k)) for k in blocks]
         self.outer = self._make_unit("outer", groups["outer"], None) if "outer" in groups else None
         self.units = ([self.outer] if self.outer else []) + self.blocks
         self._unit_of = {id(p): u for u in self.units for p in u.params}
-        self.pieces = self._pieces(named)
+        self.pieces = rank_pieces(named, self._unit_of, self.r)
         # Stages 1, 2: gather from the shards before the first use, so whatever was written into them after
         # building (a checkpoint's slices, a test's fault) reaches every rank's whole parameters.
         self._fresh = False
@@ -201,56 +138,13 @@ class ZeroShards:
                 u.module.register_forward_pre_hook(lambda _m, _a, i=i: self._before_block(i))
                 u.module.register_forward_hook(lambda _m, _a, out, i=i: self._after_block(i, out))
 
-    # ---- layout ----------------------------------------------------------------------------------
+    # ---- layout (runner/gpt/zero_units.py) --------------------------------------------------------
     def _make_unit(self, name: str, params: list[nn.Parameter], module: nn.Module | None) -> Unit:
-        offsets, total = [], 0
-        for p in params:
-            offsets.append(total)
-            total += p.numel()
-        per = math.ceil(total / self.n)
-        dtype, device = self.inner.dtype, self.inner.device
-        full = torch.zeros(per * self.n, dtype=dtype, device=device)
-        with torch.no_grad():
-            for p, off in zip(params, offsets, strict=True):
-                value = self._initial_value(p) if p.is_meta else p.detach()
-                full[off : off + p.numel()].copy_(value.reshape(-1))
-                _point_at(p, full[off : off + p.numel()].view(p.shape))
-        mine = full[self.r * per : (self.r + 1) * per]
-        if self.stage == 3:
-            shard = nn.Parameter(mine.clone())  # the only copy kept between uses
-        else:
-            shard = nn.Parameter(torch.empty(0, dtype=full.dtype, device=full.device))
-            shard.data = mine  # AdamW updates this rank's slice of the full buffer in place
-        unit = Unit(name, params, offsets, total, per, full, shard, module)
+        unit = make_unit(name, params, module, n=self.n, r=self.r, shard_only=self.stage == 3,
+                         dtype=self.inner.dtype, device=self.inner.device,
+                         initial_value=lambda p: materialized_value(self._name_of[id(p)], p, self.seed, self.inner))  # fmt: skip
         self._release(unit)  # stage 3: from now on the whole unit exists only while in use
         return unit
-
-    def _initial_value(self, p: nn.Parameter) -> torch.Tensor:
-        """The value `materialize` gives a parameter left on the meta device (ZeRO-3 built lazily: the rank
-        makes one parameter at a time and keeps its shard, never the whole model)."""
-        if self.seed is None:
-            raise ValueError("ZeRO: a parameter is still on the meta device and no seed was given to make it")
-        name = self._name_of[id(p)]
-        holder = root = nn.Module()
-        *path, leaf = name.split(".")
-        for part in path:  # the reference name as module path, so materialize draws the same values
-            child = nn.Module()
-            holder.add_module(part, child)
-            holder = child
-        holder.register_parameter(leaf, p)
-        materialize(root, self.seed, device=self.inner.device, dtype=self.inner.dtype, config=self.inner.config)
-        return holder._parameters[leaf].detach()
-
-    def _pieces(self, named: dict[str, nn.Parameter]) -> dict[str, Piece]:
-        out = {}
-        for name, p in named.items():
-            u = self._unit_of[id(p)]
-            off = u.offsets[[id(q) for q in u.params].index(id(p))]
-            start, stop = self.r * u.shard_numel, (self.r + 1) * u.shard_numel
-            lo, hi = max(off, start), min(off + p.numel(), stop)
-            if lo < hi:
-                out[name] = Piece(u, p, lo - off, hi - off, lo - start)
-        return out
 
     # ---- what the rank holds ---------------------------------------------------------------------
     def shards(self) -> list[nn.Parameter]:
@@ -439,66 +333,6 @@ class ZeroShards:
         self.grad_bytes = sum(held.values())
 
 
-def _point_at(p: nn.Parameter, view: torch.Tensor) -> None:
-    """Make parameter p hold `view` (a slice of its unit's flat buffer), keeping the same Python object --
-    its Shard record, marks, hooks and the modules and engine that reference it.
-
-    set_data rather than a view, so the parameter keeps its own version counter and writing the flat buffer
-    (an all-gather) never trips autograd's check on tensors it saved. A meta parameter cannot take CPU or
-    CUDA data that way; swap_tensors exchanges the whole tensor (attributes travel with it, so they are put
-    back)."""
-    if not p.is_meta:
-        p.data = view
-        return
-    attributes = dict(p.__dict__)
-    real = nn.Parameter(torch.empty(0, dtype=view.dtype, device=view.device), requires_grad=p.requires_grad)
-    real.data = view
-    torch.utils.swap_tensors(p, real)
-    p.__dict__.update(attributes)
-
-
 def _in_backward() -> bool:
     """True while autograd's engine runs a backward on this thread (a block recomputed for it)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _block_modules(inner) -> dict[str, nn.Module]:
-    """Reference block name ('transformer.h.3') -> its module, from the inner strategy's model(s)."""
-    out: dict[str, nn.Module] = {}
-    roots = [v for v in vars(inner).values() if isinstance(v, nn.Module)]
-    roots += [m for v in vars(inner).values() if isinstance(v, (list, tuple)) for m in v if isinstance(m, nn.Module)]
-    for root in roots:
-        for name, module in root.named_modules():
-            if re.fullmatch(r"transformer\.h\.\d+", name):
-                out[name] = module
-    return out
-
-
-def flat_piece_index(shard: Shard, lo: int, hi: int) -> tuple[torch.Tensor, ...]:
-    """Index into the reference parameter picking elements [lo, hi) of a rank's parameter in flat order
-    (the parameter being `reference[shard.index]`, maybe with zero padding rows after it): `ref[index]`
-    is then the 1-D slice those elements hold; padding elements have no reference and are left out."""
-    ref_shape = shard.reference_shape
-    index = shard.index
-    if index is None:
-        held = tuple(ref_shape)
-    elif isinstance(index, torch.Tensor):
-        held = (len(index), *ref_shape[1:])
-    else:
-        held = tuple(len(range(*s.indices(n))) for s, n in zip(index, ref_shape, strict=False))
-        held += tuple(ref_shape[len(index) :])
-    valid = math.prod(held)  # padding rows come after every held element in flat order
-    pos = torch.arange(lo, max(lo, min(hi, valid)))
-    coords = torch.unravel_index(pos, held)
-    if index is None:
-        return tuple(coords)
-    if isinstance(index, torch.Tensor):
-        return (index.cpu()[coords[0]], *coords[1:])
-    mapped = []
-    for d, c in enumerate(coords):
-        if d < len(index):
-            start, _, step = index[d].indices(ref_shape[d])
-            mapped.append(start + c * step)
-        else:
-            mapped.append(c)
-    return tuple(mapped)

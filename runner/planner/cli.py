@@ -76,18 +76,7 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    return Workload(
-        workload=args.workload,
-        batch=args.batch,
-        seq=args.seq or block_size,
-        new_tokens=args.new_tokens,
-        dtype=args.dtype,
-        checkpoint=args.checkpoint,
-        schedule=args.schedule,
-        microbatches=args.microbatches,
-        virtual_stages=args.virtual_stages,
-        sequence_parallel=args.sequence_parallel,
-    )
+    return Workload.of(args, seq=args.seq or block_size)
 
 
 def format_plan(result: Plan, top: int = 15) -> str:

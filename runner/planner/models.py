@@ -6,7 +6,8 @@ models share, and the Layout and Workload of a RunSpec (`spec_layout`, `spec_wor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 from runner.gpt.config import PRESETS, GPTConfig
 from runner.spec.run_spec import RunSpec, checkpoint_interval
@@ -76,6 +77,12 @@ class Workload:
     # and whose all-gather fills a buffer of its own before copying out.
     backend: str = "nccl"
 
+    @classmethod
+    def of(cls, source: Any, **overrides: Any) -> Workload:
+        """The Workload of `source`'s same-named fields (a RunSpec, the planner CLI's arguments), then `overrides`."""
+        given = {f.name: getattr(source, f.name) for f in fields(cls) if hasattr(source, f.name)}
+        return cls(**{**given, **overrides})
+
     def on_cpu_ranks(self) -> Workload:
         """The same work as CPU ranks run it: torch's for-loop AdamW (its CPU default) and gloo."""
         return replace(self, adamw="for-loop", backend="gloo")
@@ -133,17 +140,5 @@ def spec_layout(spec: RunSpec) -> Layout:
 def spec_workload(spec: RunSpec, device: str | None = None) -> Workload:
     """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
     _, pp, _ = spec.degrees
-    work = Workload(
-        workload=spec.workload,
-        batch=spec.batch,
-        seq=spec.seq,
-        new_tokens=spec.new_tokens,
-        dtype=spec.dtype,
-        checkpoint=spec.checkpoint,
-        schedule=spec.schedule,
-        microbatches=spec.microbatches if pp > 1 else 1,
-        virtual_stages=spec.virtual_stages,
-        sequence_parallel=spec.sequence_parallel,
-        tp_style=spec.tp_style,
-    )
+    work = Workload.of(spec, microbatches=spec.microbatches if pp > 1 else 1)
     return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work
