@@ -97,6 +97,23 @@ def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
     assert api.count_runs(engine) == 0
 
 
+def test_submit_repeat_queues_a_comparison_set_interleaved(engine):
+    proc = cli("submit", "--model", "tiny", "--repeat", "2", "--spec-json", '{"strategy": "single"}',
+               "--spec-json", '{"strategy": "data", "dp": 2}', "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    runs = [api.get_run(engine, i) for i in out["ids"]]
+    assert [r["spec"]["strategy"] for r in runs] == ["single", "data", "single", "data"]
+    assert {r["set_id"] for r in runs} == {out["set_id"]} == {out["ids"][0]}
+    text = cli("submit", "--strategy", "single", "--repeat", "3").stdout
+    assert text.startswith("queued comparison set ") and "run one at a time in turn" in text
+    refused = cli("submit", "--strategy", "single", "--repeat", "0", "--json")
+    assert refused.returncode == 2 and json.loads(refused.stdout)["problems"][0]["field"] == "repeat"
+    nothing = cli("submit", "--model", "tiny")
+    assert nothing.returncode == 2 and "--strategy is required" in nothing.stderr
+    assert api.count_runs(engine) == 7
+
+
 def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
     from runner.spec.run_spec import RunSpec
 

@@ -116,6 +116,17 @@ def test_launch_button_queues_the_run_with_the_form_values(engine):
     assert list(run["tags"]) == ["baseline", "tiny"]
 
 
+def test_launch_with_repeat_queues_a_comparison_set_and_links_compare(engine):
+    at = page("pages/launch.py")
+    at.number_input(key="launch_repeat").set_value(3).run()
+    assert "75% confidence (their min..max; 6 runs reach 95%)" in " ".join(texts(at.caption))
+    at.button(key="launch_submit").click().run()
+    runs = api.list_runs(engine).sort_values("id").to_dict("records")
+    ids = [int(r["id"]) for r in runs]
+    assert len(ids) == 3 and {api.get_run(engine, i)["set_id"] for i in ids} == {ids[0]}
+    assert f"(/compare?runs={','.join(map(str, ids))})" in at.success[0].value
+
+
 def test_launch_queues_issue_14s_options_from_the_page(engine):
     """Interleaved pipeline with its virtual stages, checkpointing and bf16-mixed; then ZeRO on data parallelism."""
     at = page("pages/launch.py")
