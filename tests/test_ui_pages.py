@@ -356,6 +356,15 @@ def test_an_oversubscribed_run_says_how_much_idle_and_bubble_was_waiting_for_a_c
     assert any("verify: off" in c for c in texts(at.caption))
 
 
+def test_a_run_that_shared_the_machine_is_flagged_on_its_page(engine):
+    result = {"others_cpu_share": 0.45, "others_cpu_share_resolution": 0.02, "load_avg_1m_start": 5.2,
+              "load_avg_1m_end": 6.0}  # fmt: skip
+    run_id = finished_run(engine, RunSpec(strategy="single"), result, [{}])
+    at = page("pages/history.py", run=str(run_id))
+    (warning,) = texts(at.warning)
+    assert warning.startswith("Shared machine: other processes took 45% (±2%) of the job's cores")
+
+
 def test_an_unknown_gpu_shows_no_mfu_and_a_run_within_its_cores_no_warning(engine):
     result = {"device": "cuda", "device_names": ["Mystery GPU"], "mfu": None, "peak_flops": None,
               "cpu_oversubscribed": False}  # fmt: skip
