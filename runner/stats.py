@@ -173,9 +173,3 @@ def runs_needed_each(level: float = LEVEL) -> int:
         n += 1
     return n
 
-
-def interleaved(groups: Sequence[Sequence[object]]) -> list[object]:
-    """Round-robin order of several groups: A1 B1 C1 A2 B2 C2 ... (a shorter group drops out when it ends), the
-    order in which a comparison set's runs are queued so that each spec meets the same machine."""
-    longest = max((len(g) for g in groups), default=0)
-    return [g[i] for i in range(longest) for g in groups if i < len(g)]

@@ -280,7 +280,8 @@ def test_what_the_app_imports_of_h4s_modules_imports_no_torch():
     code = (
         "import sys\n"
         "import runner.api, runner.service.logs, runner.selftest, runner.__main__\n"
-        "import ui.charts, ui.compare, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail, ui.verify\n"
+        "import ui.charts, ui.compare, ui.compare_sets, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail\n"
+        "import ui.verify, runner.stats\n"
         "print('torch' in sys.modules)\n"
     )
     repo = Path(__file__).resolve().parent.parent

@@ -9,7 +9,6 @@ import pytest
 
 from runner.stats import (
     direction,
-    interleaved,
     mann_whitney_counts,
     median_interval,
     ratio_interval,
@@ -105,6 +104,3 @@ def test_the_ratio_interval_covers_the_true_ratio_as_often_as_it_claims():
         covered += got.low <= 1.5 <= got.high
     assert covered / 500 >= 0.94
 
-
-def test_interleaved_is_round_robin():
-    assert interleaved([["a1", "a2"], ["b1", "b2"], ["c1"]]) == ["a1", "b1", "c1", "a2", "b2"]
