@@ -1,4 +1,4 @@
-"""The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest, each with --json.
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|compare|export|selftest, each with --json.
 
 Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
 self-test row failed; 2 bad input (nothing queued); 3 another runner already serves this host on the database.
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     selftest.add_argument("--no-options", dest="options", action="store_false",
                           help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
+    compare = sub.add_parser("compare", help="runs grouped by spec: medians with 95%% intervals, and which "
+                             "differences the runs resolve (as the Compare page)")  # fmt: skip
+    compare.add_argument("ids", type=int, nargs="+", metavar="ID")
     export = sub.add_parser("export", help="every run as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     add_filters(export)
@@ -282,6 +285,25 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The Compare page's medians, intervals and verdicts for the runs named (ui/compare_sets.py)."""
+    from ui.compare_sets import comparison, comparison_text
+
+    engine = get_engine()
+    runs, missing = [], []
+    for run_id in dict.fromkeys(args.ids):
+        run = api.get_run(engine, run_id)
+        (runs.append(run) if run else missing.append(run_id))
+    if missing:
+        emit(args, {"error": f"no run {', '.join(map(str, missing))}"}, f"no run {', '.join(map(str, missing))}")
+        return 1
+    if not any(r.get("result") for r in runs):
+        emit(args, {"error": "none of these runs has a result yet"}, "none of these runs has a result yet")
+        return 1
+    emit(args, comparison(runs), comparison_text(runs))
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     """A rank's log from its run folder when this machine ran it, else the tail its host's runner stored in the
     database (a teammate's run on another host); --follow streams what either gains until the run ends."""
@@ -336,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_submit(args)
     if args.command == "logs":
         return cmd_logs(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "selftest":
         return cmd_selftest(args)
     if args.command in ("plan", "calibrate"):

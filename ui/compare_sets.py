@@ -173,3 +173,28 @@ def comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "verdicts": [v.to_dict() for v in verdicts(groups)],
         "shared": shared_note(groups),
     }
+
+
+def comparison_text(runs: list[dict[str, Any]]) -> str:
+    """What `python -m runner compare` prints: the groups, each figure's medians with intervals, the verdicts."""
+    groups = group_runs(runs)
+    unfinished = [f"{r['id']} ({r['status']})" for r in runs if not r.get("result")]
+    lines = ["Runs grouped by spec (tags and time limit aside):"]
+    for g in groups:
+        shared = f"; {g.shared} shared the machine" if g.shared else ""
+        lines.append(f"  {g.label}: run{'s' if len(g.runs) > 1 else ''} {', '.join(map(str, g.ids))}{shared}")
+    if unfinished:
+        lines.append(f"  without a result, left out: {', '.join(unfinished)}")
+    table = medians_table(groups)
+    for name, rows in table.groupby("figure", sort=False):
+        lines += ["", f"{name}: median, interval (confidence), spread"]
+        width = max(len(s) for s in rows["spec"])
+        for r in rows.to_dict("records"):
+            lines.append(f"  {r['spec']:<{width}}  {r['runs']} run{'s' if r['runs'] > 1 else ' '}  {r['median']:>10}  "
+                         f"{r['interval']} ({r['confidence']})  spread {r['spread (min..max)']}")  # fmt: skip
+    found = verdicts(groups)
+    if found:
+        lines += ["", "What the runs resolve (tokens/s):", *(f"  - {v.sentence}" for v in found)]
+    if note := shared_note(groups):
+        lines += ["", note]
+    return "\n".join(lines)
