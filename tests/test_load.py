@@ -34,7 +34,7 @@ def test_other_processes_share_is_what_the_cores_were_busy_beyond_the_jobs_ranks
 
 
 def test_a_process_spinning_beside_the_job_is_counted_as_others_and_the_jobs_own_time_is_not():
-    meter = LoadMeter.before_pinning(0)
+    meter = LoadMeter.on(None, 0)
     meter.launcher_pid = None
     meter.start()
     spin = "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass"

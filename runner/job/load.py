@@ -2,8 +2,9 @@
 
 A run's timings are only as good as the machine was quiet. Each rank measures, over its timed steps:
 - its own CPU seconds (`time.process_time`: every thread of the process, nanosecond clock);
-- on the first rank of each host only (so a host is counted once): the busy seconds of the cores the job may
-  use there (its affinity before any rank is pinned), from the kernel's per-core counters (/proc/stat through
+- on the first rank of each host only (so a host is counted once): the busy seconds of the cores the job's
+  ranks run on there (the cores they are pinned to, one each; else the whole affinity: an oversubscribed CPU
+  job's ranks and a GPU job's host threads go wherever the kernel puts them), from the kernel's per-core counters (/proc/stat through
   psutil: user, nice, system, irq, softirq and steal -- time a virtual machine's core was taken by the
   hypervisor for other guests counts as taken), less what torchrun, the ranks' parent and the job's own
   launcher, used meanwhile; and the 1-minute load average at both ends.
@@ -69,11 +70,13 @@ class LoadMeter:
     _start: dict = field(default_factory=dict)
 
     @classmethod
-    def before_pinning(cls, local_rank: int) -> LoadMeter:
-        try:
-            cores = sorted(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cores = list(range(os.cpu_count() or 1))
+    def on(cls, cores: list[int] | None, local_rank: int) -> LoadMeter:
+        """A meter of `cores` (None: this process's whole affinity, read now, before any pinning narrows it)."""
+        if cores is None:
+            try:
+                cores = sorted(os.sched_getaffinity(0))
+            except AttributeError:  # not Linux
+                cores = list(range(os.cpu_count() or 1))
         return cls(cores, local_rank == 0, os.getppid() if local_rank == 0 else None)
 
     def _read(self) -> dict:

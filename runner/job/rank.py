@@ -29,7 +29,7 @@ from runner.gpt.strategy import ParallelGPT
 from runner.job.checkpoint import read_checkpoint
 from runner.job.load import LoadMeter, machine_load
 from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
-from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank
+from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank, rank_cores
 from runner.job.verify import inject_fault, trim_padding, verify_pass
 from runner.service import node_telemetry
 from runner.spec import strategies
@@ -83,7 +83,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     # Pin before the process group exists, so gloo's threads inherit the rank's core.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cores = usable_cores()  # before pinning narrows this process to one
-    load = LoadMeter.before_pinning(local_rank)  # the job's cores on this host, also before pinning
+    # The cores the job's ranks run on here: those they are pinned to, else (oversubscribed, or a GPU job) all
+    # of the affinity, read before pinning narrows it.
+    load = LoadMeter.on(rank_cores(local_world) if device.type == "cpu" else None, local_rank)
     core = pin_rank(local_rank, local_world) if device.type == "cpu" else None
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
