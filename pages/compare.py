@@ -10,7 +10,7 @@ from runner.job.metrics import bubble_theory_formula
 from runner.spec.run_spec import PRESETS, WORKLOADS, SpecError
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
-from ui.compare_sets import group_runs, medians_table, shared_note, verdicts
+from ui.compare_sets import group_runs, medians_table, noise_note, shared_note, verdicts
 from ui.nodes import ranks_by_node, with_node
 from ui.planner import plan_comparisons, readable_comparison
 from ui.state import engine, enter_through_app
@@ -67,6 +67,8 @@ def repeated_runs(runs: list[dict]) -> None:
              for v in verdicts(groups)]  # fmt: skip
     if lines:
         st.markdown("\n".join(f"- {line}" for line in lines))
+    if noise := noise_note(groups):
+        st.markdown(noise)
     if note := shared_note(groups):
         st.warning(note, icon=":material/group:")
     st.table(medians_table(groups).set_index("figure"))  # a static table: every cell whole, at any width

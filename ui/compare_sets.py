@@ -155,6 +155,18 @@ def _sentence(fast: Group, slow: Group, r: Interval, outcome: str) -> str:
             f"confidence; {runs_needed_each()} runs of each reach {LEVEL:.0%}).")  # fmt: skip
 
 
+def noise_note(groups: list[Group]) -> str | None:
+    """For runs that are all of one spec (nothing to compare them against): their spread of tokens/s, which is
+    the machine's noise alone; None otherwise."""
+    if len(groups) != 1 or len(values := groups[0].values(JUDGED)) < 2:
+        return None
+    ci = median_interval(values)
+    half = (max(values) - min(values)) / 2 / ci.estimate
+    return (f"All {len(values)} runs are of one spec, so their spread is the machine's noise alone: tokens/s from "
+            f"{min(values):,.0f} to {max(values):,.0f}, ±{half:.0%} around the median {ci.estimate:,.0f}. A "
+            "difference between specs must stand out of noise like this; Repeat with another spec to measure one.")  # fmt: skip
+
+
 def shared_note(groups: list[Group]) -> str | None:
     """Which groups hold runs that shared the machine, or None when none did."""
     parts = [f"{g.shared} of {len(g.runs)} runs of {g.label}" for g in groups if g.shared]
@@ -171,6 +183,7 @@ def comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "groups": [{"spec": g.label, "runs": g.ids, "shared_machine": g.shared} for g in groups],
         "medians": median_rows(groups),
         "verdicts": [v.to_dict() for v in verdicts(groups)],
+        "noise": noise_note(groups),
         "shared": shared_note(groups),
     }
 
@@ -195,6 +208,7 @@ def comparison_text(runs: list[dict[str, Any]]) -> str:
     found = verdicts(groups)
     if found:
         lines += ["", "What the runs resolve (tokens/s):", *(f"  - {v.sentence}" for v in found)]
-    if note := shared_note(groups):
-        lines += ["", note]
+    for note in (noise_note(groups), shared_note(groups)):
+        if note:
+            lines += ["", note]
     return "\n".join(lines)
