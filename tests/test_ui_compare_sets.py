@@ -71,7 +71,7 @@ def test_one_run_each_is_too_few_and_a_run_that_shared_the_machine_is_named(engi
         "sentence"]
     assert got["groups"][0] == {"spec": "single · tp1 pp1 dp1", "runs": [runs[0]["id"], shared], "shared_machine": 1}
     assert got["shared"].startswith("Shared the machine (other processes took a tenth or more of the job's cores): "
-                                    "1 of 2 runs of single · tp1 pp1 dp1.")  # fmt: skip
+                                    f"1 of 2 runs of single · tp1 pp1 dp1 (#{shared}).")  # fmt: skip
     first = got["medians"][0]
     assert (first["figure"], first["median"], first["low"], first["high"]) == ("tokens_per_s", 9335.0, 9335.0, 9335.0)
 

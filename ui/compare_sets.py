@@ -169,7 +169,9 @@ def noise_note(groups: list[Group]) -> str | None:
 
 def shared_note(groups: list[Group]) -> str | None:
     """Which groups hold runs that shared the machine, or None when none did."""
-    parts = [f"{g.shared} of {len(g.runs)} runs of {g.label}" for g in groups if g.shared]
+    parts = [f"{g.shared} of {len(g.runs)} runs of {g.label} ("
+             + ", ".join(f"#{r['id']}" for r in g.runs if shared_machine(r.get("result") or {})) + ")"
+             for g in groups if g.shared]  # fmt: skip
     if not parts:
         return None
     return ("Shared the machine (other processes took a tenth or more of the job's cores): " + "; ".join(parts)
