@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.results import exit_worker, machine_lines, median_ci, quick_mode, run_worker, spread, write_section  # noqa: E402
+from bench.results import exit_worker, machine_lines, quick_mode, run_worker, spread, write_section  # noqa: E402
+from runner.analysis.stats import median_interval  # noqa: E402
 
 GOAL = 0.02
 MODEL, BATCH, SEQ = "small", 8, 64
@@ -174,16 +175,18 @@ def overheads(t: dict, a: str, b: str) -> list[float]:
 def verdict(values: list[float]) -> str:
     """The overhead against the goal, judged by the 95% interval of the median, not the median alone."""
     med, lo, hi = spread(values)
-    ci_lo, ci_hi = median_ci(values)
-    if ci_hi <= GOAL:
+    ci = median_interval(values)
+    if not ci.reaches_level:
+        judged = f"too few rounds to tell against the {GOAL:.0%} goal"
+    elif ci.high <= GOAL:
         judged = f"within the {GOAL:.0%} goal"
-    elif ci_lo > GOAL:
+    elif ci.low > GOAL:
         judged = f"over the {GOAL:.0%} goal"
     else:
         judged = f"the noise of this run is too large to tell against the {GOAL:.0%} goal"
     return (
-        f"{med:+.1%}: {judged} (median of {len(values)} interleaved rounds, 95% interval of the median "
-        f"{ci_lo:+.1%}..{ci_hi:+.1%}, range {lo:+.1%}..{hi:+.1%})"
+        f"{med:+.1%}: {judged} (median of {len(values)} interleaved rounds, interval of the median "
+        f"{ci.describe('{:+.1%}')}, range {lo:+.1%}..{hi:+.1%})"
     )
 
 

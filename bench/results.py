@@ -2,20 +2,21 @@
 
 Also what the scripts share: launching a script's own torchrun worker, quick mode, the machine
 description and ratio summaries, so that every sentence of a section is written from the numbers
-measured in the same run."""
+measured in the same run. Medians, intervals and verdicts come from runner/analysis/stats.py, the one statistics
+helper the pages use too."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
-import random
 import re
-import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
+from runner.analysis.stats import direction, median_interval
+from runner.analysis.stats import spread as spread  # the scripts' (median, min, max), from the one helper
 from runner.service.launch import torchrun_launcher
 from runner.spec.run_spec import usable_cores as usable_cores
 
@@ -87,37 +88,21 @@ def machine_lines() -> list[str]:
     ]
 
 
-def spread(values: list[float]) -> tuple[float, float, float]:
-    """(median, min, max)."""
-    return statistics.median(values), min(values), max(values)
-
-
-def median_ci(values: list[float], level: float = 0.95, resamples: int = 2000) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the median (seeded, so a section is reproducible from its data).
-    With few trials it is wide, which is the point: a verdict is given only where it excludes the
-    threshold."""
-    if len(values) < 2:
-        return values[0], values[0]
-    rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    cut = int((1 - level) / 2 * resamples)
-    return meds[cut], meds[resamples - 1 - cut]
-
-
 def compare_sentence(what: str, ratios: list[float], noun: str = "interleaved pairs") -> str:
     """One sentence from per-trial ratios ours/theirs: the median, its 95% interval and the range, and a
-    verdict (faster / slower) only when the interval excludes 1.0; otherwise it says this run cannot tell."""
+    verdict (faster / slower) only when the interval reaches 95% and excludes 1.0 (runner.analysis.stats.direction);
+    otherwise it says this run cannot tell."""
     med, lo, hi = spread(ratios)
-    ci_lo, ci_hi = median_ci(ratios)
-    if ci_hi < 1:
-        verdict = f"ours is faster by {1 - med:.0%}"
-    elif ci_lo > 1:
-        verdict = f"ours is slower by {med - 1:.0%}"
-    else:
-        verdict = "no difference this run can resolve"
+    ci = median_interval(ratios)
+    verdict = {
+        "lower": f"ours is faster by {1 - med:.0%}",
+        "higher": f"ours is slower by {med - 1:.0%}",
+        "unresolved": "no difference this run can resolve",
+        "too few": f"too few {noun} to resolve a difference",
+    }[direction(ci)]
     return (
-        f"{what}: {verdict} (ratio ours/theirs: median {med:.2f} of {len(ratios)} {noun}, 95% interval of the "
-        f"median {ci_lo:.2f}..{ci_hi:.2f}, range {lo:.2f}..{hi:.2f})."
+        f"{what}: {verdict} (ratio ours/theirs: median {med:.2f} of {len(ratios)} {noun}, interval of the "
+        f"median {ci.describe('{:.2f}')}, range {lo:.2f}..{hi:.2f})."
     )
 
 

@@ -7,9 +7,10 @@ import streamlit as st
 
 from runner import api
 from runner.job.metrics import bubble_theory_formula
-from runner.spec.run_spec import PRESETS, WORKLOADS
+from runner.spec.run_spec import PRESETS, WORKLOADS, SpecError
 from ui import charts
 from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.compare_sets import group_runs, medians_table, noise_note, shared_note, verdicts
 from ui.nodes import ranks_by_node, with_node
 from ui.planner import plan_comparisons, readable_comparison
 from ui.state import engine, enter_through_app
@@ -51,6 +52,43 @@ if len(chosen) < 1:
     st.stop()
 
 runs = [r for r in (api.get_run(engine(), i) for i in chosen) if r]
+
+
+def repeated_runs(runs: list[dict]) -> None:
+    """Runs grouped by spec: each figure's median with its interval, which differences they resolve in words
+    (ui/compare_sets.py, runner/analysis/stats.py), and Repeat to queue more runs of every spec shown as one set."""
+    groups = group_runs(runs)
+    st.subheader("Medians of repeated runs, and what they resolve")
+    st.caption("Runs of one spec (tags and time limit aside) form a group. Each figure is the group's median with "
+               "a distribution-free interval: the order statistics that cover the true median with the confidence "
+               "shown, whatever the shape of the noise. Two specs differ only where the interval of their ratio of "
+               "tokens/s reaches 95% and excludes 1.")  # fmt: skip
+    lines = [("✔ " if v.outcome == "higher" else "≈ " if v.outcome == "unresolved" else "… ") + v.sentence
+             for v in verdicts(groups)]  # fmt: skip
+    if lines:
+        st.markdown("\n".join(f"- {line}" for line in lines))
+    if noise := noise_note(groups):
+        st.markdown(noise)
+    if note := shared_note(groups):
+        st.warning(note, icon=":material/group:")
+    st.table(medians_table(groups).set_index("figure"))  # a static table: every cell whole, at any width
+    c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
+    k = int(c1.number_input("runs of each spec", min_value=1, max_value=api.MAX_REPEAT, value=3, key=K + "repeat_k"))
+    if c2.button(f"Repeat x{k}", key=K + "repeat", icon=":material/replay:",
+                 help=f"queue {k} more runs of each spec above as one comparison set, run one at a time in turn "
+                 "(A B A B ...) so that every spec meets the same machine"):  # fmt: skip
+        try:
+            ids = api.repeat_runs(engine(), [r["id"] for r in runs], k)
+        except SpecError as exc:
+            st.error("Nothing queued: " + "; ".join(str(p) for p in exc.problems))
+        else:
+            every = ",".join(map(str, [*chosen, *ids]))
+            st.success(f"Queued comparison set {ids[0]}: {len(ids)} runs, one at a time. Follow them on [Live](/live);"
+                       f" when they have finished, [compare them with these](/compare?runs={every}).",
+                       icon=":material/check_circle:")  # fmt: skip
+
+
+repeated_runs(runs)
 table = comparison_table(runs)
 baseline = st.selectbox("baseline (others shown as ratios to it)", [None, *chosen], format_func=lambda i: "none" if i is None else labels[i], key=K + "baseline")  # fmt: skip
 shown = with_baseline(table, baseline) if baseline else table

@@ -7,7 +7,7 @@ import streamlit as st
 from runner import api
 from runner.spec.run_spec import RunSpec
 from ui import charts
-from ui.cpu import contention, contention_text, oversubscription_warning
+from ui.cpu import contention, contention_text, load_text, oversubscription_warning, shared_machine
 from ui.filters import FILTERS, day_range, parse_day, run_filter
 from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
 from ui.hosts import placement_text, ran_on, where_text
@@ -102,6 +102,8 @@ def run_detail(run_id: int) -> None:
                 st.warning(warning, icon=":material/warning:")
             elif (wait := contention(run["ranks"])) and wait.wait_s > 0:  # other processes took cores
                 st.caption("CPU contention: " + contention_text(run["ranks"], r.get("bubble_fraction") is not None))
+            if load := load_text(r):  # a run that shared the machine is flagged, a quiet one says so in grey
+                (st.warning if shared_machine(r) else st.caption)(load)
             if r.get("verify"):
                 verify_panel(r["verify"])
             elif run["spec"].get("verify") is False:

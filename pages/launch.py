@@ -11,7 +11,7 @@ from runner.spec.run_spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES,
 from runner.spec.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
-from ui.forms import oversubscription_warning, problems_by_field, spec_from_form, uses
+from ui.forms import oversubscription_warning, problems_by_field, repeat_note, spec_from_form, uses
 from ui.hosts import HERE, host_lines, partition_text, target_for, targets
 from ui.state import engine, enter_through_app
 
@@ -178,6 +178,13 @@ with right:
     note_slot("time_limit_s")
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
     note_slot("tags")
+    repeat = int(st.number_input(
+        "repeat", min_value=1, max_value=api.MAX_REPEAT, value=1, step=1, key=K + "repeat",
+        help="queue this many runs of the spec as one comparison set: run one at a time, they give Compare a "
+        "median with its interval instead of one noisy figure",
+    ))  # fmt: skip
+    if note := repeat_note(repeat):
+        st.caption(note)
     user = st.text_input(
         "launched by", value=api.default_user(), key=K + "user", max_chars=64,
         help="recorded with the run so the team's history says who ran what",
@@ -274,9 +281,18 @@ with devices:
 
 if st.button("Launch", type="primary", key=K + "submit", disabled=spec is None or bool(problems)):
     try:
-        run_id = api.submit(engine(), spec, user=user, gpu_count=target.gpus_for(spec), run_on=target.run_on)
+        gpus = target.gpus_for(spec)
+        if repeat > 1:
+            ids = api.submit_set(engine(), [spec], repeat, user=user, gpu_count=gpus, run_on=target.run_on)
+        else:
+            run_id = api.submit(engine(), spec, user=user, gpu_count=gpus, run_on=target.run_on)
     except SpecError as exc:
         for p in exc.problems:
             st.error(str(p))
     else:
-        st.switch_page("pages/history.py", query_params={"run": str(run_id)})
+        if repeat == 1:
+            st.switch_page("pages/history.py", query_params={"run": str(run_id)})
+        listed = ",".join(map(str, ids))
+        st.success(f"Queued comparison set {ids[0]}: runs {', '.join(f'[#{i}](/history?run={i})' for i in ids)}, run "
+                   f"one at a time. Follow them on [Live](/live); when they have finished, "
+                   f"[compare them](/compare?runs={listed}).", icon=":material/check_circle:")  # fmt: skip

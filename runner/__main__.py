@@ -1,4 +1,4 @@
-"""The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest, each with --json.
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|compare|export|selftest, each with --json.
 
 Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
 self-test row failed; 2 bad input (nothing queued); 3 another runner already serves this host on the database.
@@ -18,7 +18,7 @@ from runner.spec.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
 SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from the registry (registry_opts)
-    "strategy": dict(required=True),
+    "strategy": dict(),  # required unless --spec-json names it (cmd_submit says so)
     "tp": dict(type=int),
     "pp": dict(type=int),
     "dp": dict(type=int),
@@ -79,7 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         submit.add_argument(flag, dest=name, **opts)
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
     submit.add_argument("--user", help="who launched it (default: the OS user)")
-    submit.add_argument("--spec-json", help="a whole spec as JSON (flags override its fields)")
+    submit.add_argument("--spec-json", action="append", help="a whole spec as JSON (flags override its fields); "
+                        "give it again for more specs, queued as one comparison set")  # fmt: skip
+    submit.add_argument("--repeat", type=int, default=1, metavar="K",
+                        help="queue K runs of each spec as one comparison set, run one at a time interleaved (A B A B "
+                        "...) so each spec meets the same machine; `compare` then gives medians with intervals: 6 runs "
+                        "give a 95%% interval of a median, 4 of each can resolve a difference between two specs")  # fmt: skip
     submit.add_argument(
         "--host",
         dest="run_on",
@@ -109,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     selftest.add_argument("--no-options", dest="options", action="store_false",
                           help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
+    compare = sub.add_parser("compare", help="runs grouped by spec: medians with 95%% intervals, and which "
+                             "differences the runs resolve (as the Compare page)")  # fmt: skip
+    compare.add_argument("ids", type=int, nargs="+", metavar="ID")
     export = sub.add_parser("export", help="every run as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     add_filters(export)
@@ -134,20 +142,25 @@ def filters_from(args: argparse.Namespace) -> api.RunFilter:
     return api.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
 
 
-def spec_from_args(args: argparse.Namespace) -> dict:
-    """The spec's fields from --spec-json with the flags given on top (api.submit parses and validates them)."""
-    if args.spec_json:
-        RunSpec.from_json(args.spec_json)  # a malformed or non-object document is refused as a spec problem
-        data = json.loads(args.spec_json)
-    else:
-        data = {}
-    for name in SPEC_FLAGS:
-        value = getattr(args, name, None)
-        if value is not None:
-            data[name] = value
-    if args.tags:
-        data["tags"] = args.tags
-    return data
+def specs_from_args(args: argparse.Namespace) -> list[dict]:
+    """Each spec's fields: one per --spec-json (or one from the flags alone), the flags given on top of each
+    (api.submit parses and validates them). SpecError for a document that is no JSON object."""
+    docs = args.spec_json or [None]
+    specs = []
+    for text in docs:
+        if text is None:
+            data = {}
+        else:
+            RunSpec.from_json(text)  # a malformed or non-object document is refused as a spec problem
+            data = json.loads(text)
+        for name in SPEC_FLAGS:
+            value = getattr(args, name, None)
+            if value is not None:
+                data[name] = value
+        if args.tags:
+            data["tags"] = args.tags
+        specs.append(data)
+    return specs
 
 
 def emit(args: argparse.Namespace, obj, text: str) -> None:
@@ -171,8 +184,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
     engine = get_engine()
     run_on = api.ANY_HOST if args.run_on == "any" else args.run_on or None
     elsewhere = run_on not in (None, api.ANY_HOST, api.this_host())
+    if args.strategy is None and not args.spec_json:
+        print("submit: --strategy is required (or a --spec-json that names it)", file=sys.stderr)
+        return 2
     try:
-        run_id = api.submit(engine, spec_from_args(args), user=args.user, run_on=run_on)
+        specs = specs_from_args(args)
+        as_set = len(specs) > 1 or args.repeat != 1
+        if as_set:
+            ids = api.submit_set(engine, specs, args.repeat, user=args.user, run_on=run_on)
+        else:
+            ids = [api.submit(engine, specs[0], user=args.user, run_on=run_on)]
     except SpecError as exc:
         problems = exc.problems
         if args.json:
@@ -183,12 +204,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
         return 2
-    target = api.get_run(engine, run_id)["target_host"]
+    target = api.get_run(engine, ids[0])["target_host"]
     if not args.wait:
         where = f" on {target}" if target else " for any host with the devices"
         if elsewhere and not any(h["alive"] and h["host"] == target for h in api.hosts(engine)):
             where += f" (no runner is alive on {target} now: it waits for one)"
-        emit(args, {"id": run_id, "status": "queued", "target_host": target}, f"queued run {run_id}{where}")
+        if as_set:
+            emit(args, {"ids": ids, "set_id": ids[0], "status": "queued", "target_host": target},
+                 f"queued comparison set {ids[0]}: runs {', '.join(map(str, ids))}{where}, run one at a time in "
+                 f"turn; then: python -m runner compare {' '.join(map(str, ids))}")  # fmt: skip
+        else:
+            emit(args, {"id": ids[0], "status": "queued", "target_host": target}, f"queued run {ids[0]}{where}")
         return 0
     if not elsewhere:  # another host's runner is that host's business: only this machine's is started here
         api.ensure_runner()
@@ -198,25 +224,30 @@ def cmd_submit(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout if args.timeout else None
     last_check = time.monotonic()
     while True:
-        run = api.get_run(engine, run_id)
-        if api.is_terminal(run["status"]):
+        runs = [api.get_run(engine, i) for i in ids]
+        if all(api.is_terminal(run["status"]) for run in runs):
             break
         if time.monotonic() - last_check > 5 and not elsewhere:
             api.ensure_runner()  # the runner died while we waited: start another (it adopts the live job)
             last_check = time.monotonic()
         if deadline and time.monotonic() > deadline:
-            emit(args, run, f"run {run_id} still {run['status']} after {args.timeout:g} s")
+            waiting = [run for run in runs if not api.is_terminal(run["status"])]
+            emit(args, runs if as_set else runs[0], "; ".join(
+                f"run {run['id']} still {run['status']} after {args.timeout:g} s" for run in waiting))  # fmt: skip
             return 1
         time.sleep(0.3)
-    emit(args, run, run_summary(run))
-    if run["status"] != "succeeded":
-        return 1
-    verify = (run.get("result") or {}).get("verify")
-    if verify and verify.get("passed") is not True:
-        if not args.json:
-            print("verify FAILED: " + "; ".join(verify.get("failures") or ["no verdict"]), file=sys.stderr)
-        return 1
-    return 0
+    emit(args, runs if as_set else runs[0], "\n".join(run_summary(run) for run in runs))
+    code = 0
+    for run in runs:
+        verify = (run.get("result") or {}).get("verify")
+        if run["status"] != "succeeded":
+            code = 1
+        elif verify and verify.get("passed") is not True:
+            if not args.json:
+                print(f"run {run['id']}: verify FAILED: " + "; ".join(verify.get("failures") or ["no verdict"]),
+                      file=sys.stderr)  # fmt: skip
+            code = 1
+    return code
 
 
 def cmd_selftest(args: argparse.Namespace) -> int:
@@ -252,6 +283,25 @@ def cmd_selftest(args: argparse.Namespace) -> int:
               + (f", {len(rows) - len(ran)} skipped" if len(rows) > len(ran) else "")
               + "; runs are in History under the tag 'selftest'")  # fmt: skip
     return 0 if passed else 1
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The Compare page's medians, intervals and verdicts for the runs named (ui/compare_sets.py)."""
+    from ui.compare_sets import comparison, comparison_text
+
+    engine = get_engine()
+    runs, missing = [], []
+    for run_id in dict.fromkeys(args.ids):
+        run = api.get_run(engine, run_id)
+        (runs.append(run) if run else missing.append(run_id))
+    if missing:
+        emit(args, {"error": f"no run {', '.join(map(str, missing))}"}, f"no run {', '.join(map(str, missing))}")
+        return 1
+    if not any(r.get("result") for r in runs):
+        emit(args, {"error": "none of these runs has a result yet"}, "none of these runs has a result yet")
+        return 1
+    emit(args, comparison(runs), comparison_text(runs))
+    return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -308,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_submit(args)
     if args.command == "logs":
         return cmd_logs(args)
+    if args.command == "compare":
+        return cmd_compare(args)
     if args.command == "selftest":
         return cmd_selftest(args)
     if args.command in ("plan", "calibrate"):

@@ -3,7 +3,8 @@
 Changing runs: `submit` parses and validates a spec against the target host's GPUs, or on a Slurm
 runner's partition against its nodes and layout rules (runner.service.cluster; the weights file it names is
 read and checked here too) and only then stores it, so a refused spec stores nothing and
-its SpecError lists every problem by field; `cancel`, `update_meta` and `delete` change a stored run;
+its SpecError lists every problem by field; `submit_set` queues K runs of several specs as one comparison set
+(interleaved), `repeat_runs` K more of stored runs' specs; `cancel`, `update_meta` and `delete` change a stored run;
 `submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
 the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
 a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
@@ -28,7 +29,7 @@ from runner.service.cluster import Partition, gpu_count_on, placement_problems
 from runner.service.launchers.slurm import SCRIPT_NAME
 from runner.service.logs import LogText
 from runner.spec.records import RunStatus
-from runner.spec.run_spec import RunSpec, SpecError
+from runner.spec.run_spec import RunSpec, SpecError, SpecProblem
 from runner.spec.selftest_layouts import selftest_specs
 from runner.spec.validation import validate_spec
 from storage import hosts as host_rows
@@ -44,8 +45,8 @@ __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
-    "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "target_partition",
-    "target_problems", "telemetry_series",
+    "repeat_runs", "runner_status", "step_metrics", "submit", "submit_selftest", "submit_set", "target_gpu_count",
+    "target_partition", "target_problems", "telemetry_series",
     "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
@@ -141,13 +142,72 @@ def submit(
     """
     spec = parse_spec(spec)
     if gpu_count is HOST_GPUS:
-        partition, _ = target_partition(engine, run_on)
-        gpu_count = gpu_count_on(spec, partition) if partition else target_gpu_count(engine, run_on)
+        gpu_count = _gpus_for(engine, spec, run_on)
     problems = validate_spec(spec, gpu_count=gpu_count)
     problems += [p for p in target_problems(engine, spec, run_on) if p not in problems]
     if problems:
         raise SpecError(problems)
     return _store(engine, spec, user=user, run_on=run_on)
+
+
+MAX_REPEAT = 50  # runs of each spec in one comparison set: 50 already resolve a 1% difference in a quiet machine
+
+
+def submit_set(
+    engine: Engine,
+    specs: list[RunSpec | Mapping[str, Any]],
+    repeat: int,
+    *,
+    user: str | None = None,
+    run_on: str | None = None,
+    gpu_count: int | None = HOST_GPUS,
+) -> list[int]:
+    """Queue `repeat` runs of each spec as one comparison set (storage.runs.insert_set: interleaved, A B C A B C
+    ..., which the runner keeps, one run at a time); their ids in queue order. Every spec is validated as
+    `submit` does first: SpecError with every problem of every spec (each message naming its spec when there
+    are several) and nothing stored."""
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+        raise SpecError([SpecProblem("repeat", f"must be a whole number from 1 to {MAX_REPEAT} (got {repeat!r})")])
+    if not specs:
+        raise SpecError([SpecProblem("spec", "no spec given: a set needs at least one")])
+    parsed, problems = [], []
+    for i, data in enumerate(specs, 1):
+        try:
+            spec = parse_spec(data)
+            check = validate_spec(spec, gpu_count=_gpus_for(engine, spec, run_on) if gpu_count is HOST_GPUS
+                                  else gpu_count)  # fmt: skip
+            check += [p for p in target_problems(engine, spec, run_on) if p not in check]
+        except SpecError as exc:
+            spec, check = None, exc.problems
+        named = f"spec {i} ({spec.strategy if spec else 'unreadable'}): " if len(specs) > 1 else ""
+        problems += [SpecProblem(p.field, named + p.message) for p in check]
+        parsed.append(spec)
+    if problems:
+        raise SpecError(problems)
+    return runs.insert_set(engine, parsed, repeat, user=user, run_on=run_on)
+
+
+def repeat_runs(engine: Engine, run_ids: list[int], repeat: int, *, user: str | None = None) -> list[int]:
+    """Queue `repeat` more runs of each distinct spec among `run_ids` (RunSpec.comparison_key; tags kept from the
+    first run of each) as one comparison set, on the host they all ran on (else this machine). KeyError for an
+    unknown id; SpecError as submit_set."""
+    specs: dict[str, RunSpec] = {}
+    hosts_run = set()
+    for run_id in run_ids:
+        run = get_run(engine, run_id)
+        if run is None:
+            raise KeyError(f"no run {run_id}")
+        spec = parse_spec(run["spec"])
+        specs.setdefault(spec.comparison_key(), spec)
+        hosts_run.add(run["runner_host"] or run["target_host"])
+    run_on = hosts_run.pop() if len(hosts_run) == 1 and None not in hosts_run else None
+    return submit_set(engine, list(specs.values()), repeat, user=user, run_on=run_on)
+
+
+def _gpus_for(engine: Engine, spec: RunSpec, run_on: str | None) -> int | None:
+    """submit's default gpu_count for `spec` on its target (a partition's nodes x GPUs, else the host's)."""
+    partition, _ = target_partition(engine, run_on)
+    return gpu_count_on(spec, partition) if partition else target_gpu_count(engine, run_on)
 
 
 def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None) -> int:

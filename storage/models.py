@@ -125,6 +125,9 @@ class Run(Base):
     tokens_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     step_time_s_p50: Mapped[float | None] = mapped_column(Float, nullable=True)
     peak_mem_bytes_max: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # The comparison set it was queued in (the id of the set's first run): the runner runs a set's runs one
+    # at a time in queue order, which is round-robin over its specs. None: queued alone.
+    set_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
 
     # AUTOINCREMENT on SQLite: a deleted run's id is never handed out again, so a shared link
     # (?run=ID) can never come to show another run.

@@ -56,11 +56,19 @@ def finite_json(value: Any, path: str = "") -> tuple[Any, list[str]]:
 def queued_runs(engine: Engine, host: str | None = None) -> list[dict[str, Any]]:
     """Queued runs, oldest first, with what the runner needs to place them; with `host`, only those that may
     run there (aimed at it, or at any host)."""
-    q = select(Run.id, Run.spec, Run.world_size, Run.target_host).where(Run.status == "queued").order_by(Run.id)
+    q = select(Run.id, Run.spec, Run.world_size, Run.target_host, Run.set_id).where(Run.status == "queued")
+    q = q.order_by(Run.id)
     if host is not None:
         q = q.where(or_(Run.target_host.is_(None), Run.target_host == host))
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def running_sets(engine: Engine) -> dict[int, int]:
+    """{set id: a run of that comparison set running now, on any host}: the next run of a set waits for it."""
+    q = select(Run.set_id, Run.id).where(Run.status == "running", Run.set_id.is_not(None)).order_by(Run.id)
+    with engine.connect() as conn:
+        return {set_id: run_id for set_id, run_id in conn.execute(q)}
 
 
 def _lease_is(runner_id: str):

@@ -1,4 +1,5 @@
-"""Run rows as the app and the CLI read and change them: insert, get, list, filter, count, cancel, edit, delete, export.
+"""Run rows as the app and the CLI read and change them: insert (alone, or a comparison set), get, list, filter,
+count, cancel, edit, delete, export.
 
 Filtering and paging happen in SQL so pages stay fast with a team's whole history; functions return
 plain dicts or DataFrames, never live ORM objects, so callers hold no session. This module stores
@@ -83,30 +84,52 @@ def insert_run(engine: Engine, spec: RunSpec, *, user: str | None = None, run_on
     run_on: the host it runs on (default: this one, LAB_HOST, so a job runs where it was launched), or
     ANY_HOST for whichever host can place it first.
     """
-    tp, pp, dp = spec.degrees
     with Session(engine) as s, s.begin():
-        run = Run(
-            status="queued",
-            strategy=spec.strategy,
-            model=spec.model,
-            workload=spec.workload,
-            world_size=spec.world_size,
-            tp=tp,
-            pp=pp,
-            dp=dp,
-            device=spec.device,
-            spec=spec.to_dict(),
-            tags=list(spec.tags),
-            note="",
-            user=(user or default_user())[:64],
-            host=this_host(),
-            target_host=None if run_on == ANY_HOST else (run_on or this_host())[:128],
-            created_at=utcnow(),
-            total_steps=spec.warmup + spec.steps,
-        )
+        run = _new_run(spec, user, run_on)
         s.add(run)
         s.flush()
         return run.id
+
+
+def insert_set(engine: Engine, specs: list[RunSpec], repeat: int, *, user: str | None = None,
+               run_on: str | None = None) -> list[int]:  # fmt: skip
+    """Queue `repeat` runs of each already validated spec as one comparison set, in one transaction: interleaved
+    (A B C A B C ...), so queue order is round-robin over the specs, and each run's set_id is the first one's
+    id. The runner runs a set's runs one at a time in that order (storage.runner_rows.running_sets). Their ids,
+    in queue order."""
+    if not specs or repeat < 1:
+        raise ValueError("a comparison set needs at least one spec and one round")
+    with Session(engine) as s, s.begin():
+        rows = [_new_run(spec, user, run_on) for _ in range(repeat) for spec in specs]
+        for run in rows:
+            s.add(run)
+            s.flush()  # one at a time: the ids follow the interleaved order
+        for run in rows:
+            run.set_id = rows[0].id
+        return [run.id for run in rows]
+
+
+def _new_run(spec: RunSpec, user: str | None, run_on: str | None) -> Run:
+    tp, pp, dp = spec.degrees
+    return Run(
+        status="queued",
+        strategy=spec.strategy,
+        model=spec.model,
+        workload=spec.workload,
+        world_size=spec.world_size,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        device=spec.device,
+        spec=spec.to_dict(),
+        tags=list(spec.tags),
+        note="",
+        user=(user or default_user())[:64],
+        host=this_host(),
+        target_host=None if run_on == ANY_HOST else (run_on or this_host())[:128],
+        created_at=utcnow(),
+        total_steps=spec.warmup + spec.steps,
+    )
 
 
 def _run_dict(run: Run, rank_rows: list[RankResult] | None = None) -> dict[str, Any]:
@@ -142,6 +165,7 @@ def _run_dict(run: Run, rank_rows: list[RankResult] | None = None) -> dict[str, 
         "device_names": list(run.device_names or []),
         "gpus": list(run.gpus or []),
         "cancel_requested": run.cancel_requested,
+        "set_id": run.set_id,  # the comparison set it was queued in; None when queued alone
     }
 
 

@@ -49,6 +49,36 @@ def test_a_good_spec_is_stored_and_read_back_once_with_its_world_size(engine):
     assert api.get_run(engine, three_d)["world_size"] == 8
 
 
+def test_a_comparison_set_is_queued_interleaved_with_one_set_id_or_not_at_all(engine):
+    single, data = RunSpec(strategy="single", tags=("a",)), RunSpec(strategy="data", dp=2)
+    ids = api.submit_set(engine, [single, data], 3, user="ada")
+    runs = [api.get_run(engine, i) for i in ids]
+    assert [r["spec"]["strategy"] for r in runs] == ["single", "data"] * 3  # A B A B A B in queue order
+    assert ids == sorted(ids) and {r["set_id"] for r in runs} == {ids[0]} and {r["user"] for r in runs} == {"ada"}
+    assert api.get_run(engine, api.submit(engine, single))["set_id"] is None  # queued alone: no set
+    before = api.count_runs(engine)
+    with pytest.raises(SpecError) as exc:
+        api.submit_set(engine, [single, {"strategy": "layer", "pp": 3}], 2)
+    got = fields(exc)["pp"]
+    assert got.startswith("spec 2 (layer): ") and "needs n_layer divisible by 3" in got
+    for repeat in (0, 51, True):
+        with pytest.raises(SpecError) as exc:
+            api.submit_set(engine, [single], repeat)
+        assert fields(exc) == {"repeat": f"must be a whole number from 1 to 50 (got {repeat!r})"}
+    assert api.count_runs(engine) == before
+
+
+def test_repeat_queues_each_distinct_spec_of_the_chosen_runs_again_as_one_set(engine):
+    first = api.submit(engine, RunSpec(strategy="single", tags=("x",)))
+    again = api.submit(engine, RunSpec(strategy="single", tags=("y",), time_limit_s=60))  # the same measurement
+    other = api.submit(engine, RunSpec(strategy="data", dp=2))
+    ids = api.repeat_runs(engine, [first, again, other], 2)
+    runs = [api.get_run(engine, i) for i in ids]
+    assert [(r["spec"]["strategy"], r["tags"]) for r in runs] == [("single", ["x"]), ("data", [])] * 2
+    with pytest.raises(KeyError):
+        api.repeat_runs(engine, [first, 999], 2)
+
+
 def test_a_missing_weights_file_is_refused_before_anything_is_stored(engine, monkeypatch):
     def store(*args, **kwargs):
         raise AssertionError("storage was asked to store a refused spec")
@@ -250,7 +280,8 @@ def test_what_the_app_imports_of_h4s_modules_imports_no_torch():
     code = (
         "import sys\n"
         "import runner.api, runner.service.logs, runner.selftest, runner.__main__\n"
-        "import ui.charts, ui.compare, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail, ui.verify\n"
+        "import ui.charts, ui.compare, ui.compare_sets, ui.cpu, ui.filters, ui.format, ui.hosts, ui.run_detail\n"
+        "import ui.verify, runner.analysis.stats\n"
         "print('torch' in sys.modules)\n"
     )
     repo = Path(__file__).resolve().parent.parent

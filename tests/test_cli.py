@@ -97,6 +97,43 @@ def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
     assert api.count_runs(engine) == 0
 
 
+def test_submit_repeat_queues_a_comparison_set_interleaved(engine):
+    proc = cli("submit", "--model", "tiny", "--repeat", "2", "--spec-json", '{"strategy": "single"}',
+               "--spec-json", '{"strategy": "data", "dp": 2}', "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    runs = [api.get_run(engine, i) for i in out["ids"]]
+    assert [r["spec"]["strategy"] for r in runs] == ["single", "data", "single", "data"]
+    assert {r["set_id"] for r in runs} == {out["set_id"]} == {out["ids"][0]}
+    text = cli("submit", "--strategy", "single", "--repeat", "3").stdout
+    assert text.startswith("queued comparison set ") and "run one at a time in turn" in text
+    refused = cli("submit", "--strategy", "single", "--repeat", "0", "--json")
+    assert refused.returncode == 2 and json.loads(refused.stdout)["problems"][0]["field"] == "repeat"
+    nothing = cli("submit", "--model", "tiny")
+    assert nothing.returncode == 2 and "--strategy is required" in nothing.stderr
+    assert api.count_runs(engine) == 7
+
+
+def test_compare_prints_groups_medians_with_intervals_and_what_the_runs_resolve(engine):
+    from runner.spec.run_spec import RunSpec
+    from tests.test_ui_compare import finished
+
+    single, data = RunSpec(strategy="single"), RunSpec(strategy="data", dp=2)
+    ids = [finished(engine, spec, t) for spec, t in [(single, 1000.0), (data, 2000.0)] * 2
+           + [(single, 1050.0), (data, 2100.0), (single, 980.0), (data, 1950.0)]]  # fmt: skip
+    out = json.loads(cli("compare", *map(str, ids), "--json").stdout)
+    assert [g["runs"] for g in out["groups"]] == [ids[0::2], ids[1::2]]
+    tokens = [m for m in out["medians"] if m["figure"] == "tokens_per_s"]
+    assert [(m["median"], m["low"], m["high"]) for m in tokens] == [(1000.0, 980.0, 1050.0), (2000.0, 1950.0, 2100.0)]
+    (verdict,) = out["verdicts"]
+    assert verdict["outcome"] == "higher" and verdict["runs"] == [4, 4]  # 4 runs of each resolve it
+    text = cli("compare", *map(str, ids)).stdout
+    assert text.startswith("Runs grouped by spec") and "What the runs resolve (tokens/s):" in text
+    assert "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (97% interval" in text
+    missing = cli("compare", str(ids[0]), "999")
+    assert missing.returncode == 1 and missing.stdout.strip() == "no run 999"
+
+
 def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
     from runner.spec.run_spec import RunSpec
 

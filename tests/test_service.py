@@ -72,6 +72,30 @@ def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):
         proc.wait()
 
 
+def test_a_comparison_sets_runs_run_one_at_a_time_round_robin_while_other_runs_go_on(engine, monkeypatch):
+    runner = Runner(engine, max_cpu_jobs=4)  # room for every run at once: only the set's rule holds them back
+    ids = api.submit_set(engine, [TINY, RunSpec(strategy="data", dp=2, steps=3)], 3)
+    alone = api.submit(engine, TINY)
+    started: list[int] = []
+
+    def launch(run_id, spec, gpus, device=None):  # the claim as Runner.launch makes it, without a job
+        assert runner_rows.claim_run(engine, run_id, runner.runner_id, "", gpus)
+        started.append(run_id)
+
+    monkeypatch.setattr(runner, "launch", launch)
+    runner.place_queued()
+    assert started == [ids[0], alone]
+    assert runs.get_run(engine, ids[1])["wait_reason"] == (
+        f"waiting for run {ids[0]} of its comparison set: a set's runs run one at a time, in turn"
+    )
+    for done in ids:  # each run of the set ends; only then does the next in queue order start
+        runner_rows.finish_run(engine, done, "succeeded")
+        runner.place_queued()
+    assert started == [ids[0], alone, *ids[1:]]
+    strategies = [runs.get_run(engine, i)["spec"]["strategy"] for i in ids]
+    assert strategies == ["single", "data"] * 3
+
+
 def test_events_are_ingested_incrementally_and_a_partial_line_waits_for_its_end(engine, tmp_path):
     runner = Runner(engine)
     proc = sleeper()

@@ -40,3 +40,18 @@ def test_the_warning_only_for_a_run_marked_oversubscribed():
     assert "Ranks waited 1.0 s for a CPU core in total against 2.0 s idle: up to 50% of the idle time is" in text
     unmeasured = oversubscription_warning({"cpu_oversubscribed": True, "world_size": 4}, ranks([None] * 4, [1.0] * 4))
     assert "not measured" in unmeasured
+
+
+def test_a_run_is_flagged_as_sharing_the_machine_only_when_the_share_surely_reaches_a_tenth():
+    from ui.cpu import load_text, shared_machine
+
+    busy = {"others_cpu_share": 0.35, "others_cpu_share_resolution": 0.04, "load_avg_1m_start": 3.1,
+            "load_avg_1m_end": 4.0}  # fmt: skip
+    assert shared_machine(busy) and load_text(busy).startswith(
+        "Shared machine: other processes took 35% (±4%) of the job's cores during its timed steps; "
+        "1-minute load average 3.1 → 4.0."
+    )
+    # 12% measured over a short window whose ticks allow +-5%: it may have been 7%, so not flagged.
+    short = {"others_cpu_share": 0.12, "others_cpu_share_resolution": 0.05}
+    assert shared_machine(short) is False and load_text(short).startswith("Machine while it ran: other processes")
+    assert shared_machine({}) is None and load_text({"tokens_per_s": 1.0}) is None  # a run from before

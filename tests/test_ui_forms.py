@@ -106,3 +106,13 @@ def test_oversubscription_is_judged_only_for_runs_that_land_on_cpu():
     assert oversubscription_warning(spec, gpu_count=None, cores=2) is None  # no runner report: device unknown
     on_cpu, _ = spec_from_form({**FORM, "pp": 4, "device": "cpu"})
     assert oversubscription_warning(on_cpu, gpu_count=None, cores=2) is not None
+
+
+def test_the_repeat_note_says_what_k_runs_can_tell():
+    from ui.forms import repeat_note
+
+    assert repeat_note(1) is None
+    # 3 runs: min..max covers the median with 1 - 2/8 = 75%; 4 of each resolve two specs (1 - 2/70 = 97%).
+    assert "75% confidence (their min..max; 6 runs reach 95%)" in repeat_note(3)
+    assert "4 runs of each are needed" in repeat_note(3)
+    assert "97% confidence;" in repeat_note(6) and "can be resolved at 95%" in repeat_note(6)

@@ -116,6 +116,17 @@ def test_launch_button_queues_the_run_with_the_form_values(engine):
     assert list(run["tags"]) == ["baseline", "tiny"]
 
 
+def test_launch_with_repeat_queues_a_comparison_set_and_links_compare(engine):
+    at = page("pages/launch.py")
+    at.number_input(key="launch_repeat").set_value(3).run()
+    assert "75% confidence (their min..max; 6 runs reach 95%)" in " ".join(texts(at.caption))
+    at.button(key="launch_submit").click().run()
+    runs = api.list_runs(engine).sort_values("id").to_dict("records")
+    ids = [int(r["id"]) for r in runs]
+    assert len(ids) == 3 and {api.get_run(engine, i)["set_id"] for i in ids} == {ids[0]}
+    assert f"(/compare?runs={','.join(map(str, ids))})" in at.success[0].value
+
+
 def test_launch_queues_issue_14s_options_from_the_page(engine):
     """Interleaved pipeline with its virtual stages, checkpointing and bf16-mixed; then ZeRO on data parallelism."""
     at = page("pages/launch.py")
@@ -343,6 +354,15 @@ def test_an_oversubscribed_run_says_how_much_idle_and_bubble_was_waiting_for_a_c
         "waited 1.2 s for a CPU core in total against 2.0 s idle: up to 60% of the idle time and the bubble" in warning
     )
     assert any("verify: off" in c for c in texts(at.caption))
+
+
+def test_a_run_that_shared_the_machine_is_flagged_on_its_page(engine):
+    result = {"others_cpu_share": 0.45, "others_cpu_share_resolution": 0.02, "load_avg_1m_start": 5.2,
+              "load_avg_1m_end": 6.0}  # fmt: skip
+    run_id = finished_run(engine, RunSpec(strategy="single"), result, [{}])
+    at = page("pages/history.py", run=str(run_id))
+    (warning,) = texts(at.warning)
+    assert warning.startswith("Shared machine: other processes took 45% (±2%) of the job's cores")
 
 
 def test_an_unknown_gpu_shows_no_mfu_and_a_run_within_its_cores_no_warning(engine):

@@ -95,3 +95,8 @@ def test_two_ranks_on_two_cores_are_each_pinned_to_their_own_core(tmp_path):
     cores = [r["cpu_core"] for r in result["ranks"]]
     assert result["cpu_oversubscribed"] is False and result["cpu_pinned"] is True
     assert len(set(cores)) == 2 and set(cores) <= os.sched_getaffinity(0)
+    # The machine while it ran (runner/job/load.py): every rank's own CPU, the host measured once, by rank 0.
+    assert all(r["timed_cpu_s"] > 0 for r in result["ranks"])
+    assert [r["host_cpu_cores"] for r in result["ranks"]] == [2, None]  # the two cores the ranks are pinned to
+    assert 0 <= result["others_cpu_share"] <= 1 + result["others_cpu_share_resolution"]
+    assert result["load_avg_1m_start"] >= 0 and result["load_avg_1m_end"] >= 0

@@ -1,4 +1,5 @@
-"""How much of a CPU run's idle time (and pipeline bubble) was waiting for a core rather than for a peer.
+"""How much of a CPU run's idle time (and pipeline bubble) was waiting for a core rather than for a peer, and
+whether the run shared its machine with other processes (`shared_machine`, from runner/job/load.py's figures).
 
 Each rank reports `cpu_wait_s`: seconds its main thread was runnable but had no core, over the timed steps.
 A rank that waits for a core cannot compute, so its peers wait for it and count that as idle (or bubble).
@@ -61,3 +62,36 @@ def oversubscription_warning(result: dict[str, Any], ranks: list[dict[str, Any]]
             f"{head} The CPU wait was not measured on this system: how much of the idle time is contention is unknown."
         )
     return f"{head} {detail[0].upper()}{detail[1:]}."
+
+
+# A run is flagged as having shared the machine when other processes took at least this share of the job's
+# cores during its timed steps, for certain: the measured share less its tick resolution. A rank that is
+# descheduled for another process stretches its step by that time, so a tenth of the cores' time taken can
+# slow a step by up to a tenth -- the size of the differences between layouts Compare is asked to tell (issue
+# 24's pipeline and data runs differed by 10%). Below it sit the lab's own background costs that every run
+# pays alike (the runner's 0.25 s poll and 1 s telemetry sample, about 1% of one core).
+SHARED_SHARE = 0.10
+
+
+def shared_machine(result: dict[str, Any]) -> bool | None:
+    """Whether the run shared its machine (see SHARED_SHARE); None for a run that did not measure it."""
+    share = result.get("others_cpu_share")
+    if share is None:
+        return None
+    return share - (result.get("others_cpu_share_resolution") or 0.0) >= SHARED_SHARE
+
+
+def load_text(result: dict[str, Any]) -> str | None:
+    """'other processes took 35% (+-4%) of the job's cores during its timed steps; load average 3.1 -> 4.0',
+    with what that means when the run shared the machine; None for a run that did not measure it."""
+    share = result.get("others_cpu_share")
+    if share is None:
+        return None
+    res = result.get("others_cpu_share_resolution") or 0.0
+    text = f"other processes took {share:.0%} (±{res:.0%}) of the job's cores during its timed steps"
+    if result.get("load_avg_1m_start") is not None:
+        text += f"; 1-minute load average {result['load_avg_1m_start']:.1f} → {result['load_avg_1m_end']:.1f}"
+    if shared_machine(result):
+        return (f"Shared machine: {text}. Its timings include waiting for those processes: compare it with runs "
+                "that had the machine to themselves, or repeat it and read the median.")  # fmt: skip
+    return f"Machine while it ran: {text}."

@@ -3,13 +3,14 @@
 What a strategy uses, its help and the neutral value of the fields it does not use all come from the
 strategy registry (runner/spec/strategies), the same facts the spec validates against. The problems include
 the target's (`_target`, a ui.hosts.Target): on a Slurm partition its nodes and the layout rules, elsewhere
-that `nodes` stays empty, the same checks api.submit makes.
+that `nodes` stays empty, the same checks api.submit makes. Also what the Repeat field's K runs can tell.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from runner.analysis.stats import LEVEL, median_interval, runs_needed, runs_needed_each
 from runner.spec.run_spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
 from runner.spec.strategies import NEUTRAL, get_strategy, strategy_names
 from runner.spec.validation import validate_spec
@@ -76,3 +77,17 @@ def oversubscription_warning(spec: RunSpec, gpu_count: int | None, cores: int | 
     if spec.resolved_device(gpu_count or 0) != "cpu":
         return None
     return cpu_oversubscription(spec.world_size, cores)
+
+
+def repeat_note(repeat: int) -> str | None:
+    """What `repeat` runs of one spec can tell on Compare (runner.analysis.stats' method), under the Repeat field; None for 1."""
+    if repeat <= 1:
+        return None
+    confidence = median_interval(range(repeat)).confidence
+    median = f"the median's interval has {confidence:.0%} confidence"
+    if confidence < LEVEL:
+        median = f"{median} (their min..max; {runs_needed()} runs reach {LEVEL:.0%})"
+    each = runs_needed_each()
+    other = (f"against another spec run as often, a difference can be resolved at {LEVEL:.0%}" if repeat >= each
+             else f"against another spec, {each} runs of each are needed to resolve a difference at {LEVEL:.0%}")  # fmt: skip
+    return f"One comparison set of {repeat} runs, run one at a time: {median}; {other}."

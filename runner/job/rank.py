@@ -27,8 +27,9 @@ from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
 from runner.job.checkpoint import read_checkpoint
+from runner.job.load import LoadMeter, machine_load
 from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
-from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank
+from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank, rank_cores
 from runner.job.verify import inject_fault, trim_padding, verify_pass
 from runner.service import node_telemetry
 from runner.spec import strategies
@@ -82,6 +83,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     # Pin before the process group exists, so gloo's threads inherit the rank's core.
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     cores = usable_cores()  # before pinning narrows this process to one
+    # The cores the job's ranks run on here: those they are pinned to, else (oversubscribed, or a GPU job) all
+    # of the affinity, read before pinning narrows it.
+    load = LoadMeter.on(rank_cores(local_world) if device.type == "cpu" else None, local_rank)
     core = pin_rank(local_rank, local_world) if device.type == "cpu" else None
     # A dead peer must not hang the others forever: collectives give up after this long.
     timeout = timedelta(seconds=max(30.0, min(spec.time_limit_s, 600.0)))
@@ -121,6 +125,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         if step == spec.warmup:  # the run's own memory and CPU wait are those of the timed steps
             memory.start_timed()
             cpu_wait.start_timed()
+            load.start()
         mesh.stats.counting = timed
         idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, step)
         idx, targets = idx.to(device), targets.to(device)
@@ -155,6 +160,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
                              loss=loss))  # fmt: skip
 
     mesh.stats.counting = False
+    machine = load.figures()  # right at the timed steps' end, before anything else runs
     optimizer_bytes = 0
     if optimizer is not None:
         for state in optimizer.state.values():
@@ -182,6 +188,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "loss": losses[-1] if losses else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "host": host,
+        **machine,
         **model.figures(),
     })  # fmt: skip
 
@@ -273,6 +280,7 @@ def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[
         cpu_oversubscribed=any(r.cpu_oversubscribed for r in ranks),
         cpu_cores=ranks[0].cpu_cores,
         cpu_pinned=on_cpu and all(r.cpu_core is not None for r in ranks),
+        **machine_load(ranks),
         ranks=ranks,
     )
     tmp = run_dir / "result.json.tmp"

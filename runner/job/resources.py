@@ -49,13 +49,20 @@ from dataclasses import dataclass
 import torch
 
 
-def pin_rank(local_rank: int, local_world: int) -> int | None:
-    """Pin this process to its own core when every local rank can have one; returns the core or None."""
+def rank_cores(local_world: int) -> list[int] | None:
+    """The cores a CPU job's local ranks are pinned to, local rank i on the i-th: one each when every local rank
+    can have its own, else None (they share the whole affinity; also off Linux)."""
     try:
         cores = sorted(os.sched_getaffinity(0))
     except AttributeError:  # not Linux: no pinning, no wait figures
         return None
-    if local_world > len(cores):
+    return cores[:local_world] if local_world <= len(cores) else None
+
+
+def pin_rank(local_rank: int, local_world: int) -> int | None:
+    """Pin this process to its own core when every local rank can have one; returns the core or None."""
+    cores = rank_cores(local_world)
+    if cores is None:
         return None
     core = cores[local_rank]
     os.sched_setaffinity(0, {core})

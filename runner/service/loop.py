@@ -259,7 +259,17 @@ class Runner:
         return [g["index"] for g in self.gpus if g["index"] not in busy]
 
     def place_queued(self) -> None:
+        # A comparison set runs one run at a time in queue order (round-robin over its specs: storage.runs.
+        # insert_set), so every spec meets the same machine: a set's run waits for the set's running run, and
+        # for its set's earlier queued runs, whatever keeps those waiting.
+        turn = rows.running_sets(self.engine)
         for row in rows.queued_runs(self.engine, host=self.host):
+            if (set_id := row.get("set_id")) is not None:
+                if set_id in turn:
+                    rows.set_wait_reason(self.engine, row["id"], f"waiting for run {turn[set_id]} of its comparison "
+                                         "set: a set's runs run one at a time, in turn")  # fmt: skip
+                    continue
+                turn[set_id] = row["id"]
             try:
                 spec = RunSpec.from_dict(row["spec"])
                 gpu_count = len(self.gpus) if self.launcher.places_locally else self.launcher.gpu_count(spec)

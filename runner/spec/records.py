@@ -199,6 +199,14 @@ class RankFigures:
     device_name: str | None = None
     host: str | None = None  # the node it ran on: SLURMD_NODENAME under Slurm, else the host name
     bubble_fraction: float | None = None  # measured: the share of the step this stage stood idle
+    # The machine while the timed steps ran (runner/job/load.py): this rank's own CPU seconds; on the first rank
+    # of each host, the busy seconds of the job's cores (the launcher's own left out), their count, the window
+    # and the 1-minute load average at its start and end.
+    timed_cpu_s: float | None = None
+    host_busy_cpu_s: float | None = None
+    host_cpu_cores: int | None = None
+    load_window_s: float | None = None
+    load_avg_1m: list[float] | None = None
     strategy: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,6 +249,12 @@ class Result:
     cpu_oversubscribed: bool | None = None
     cpu_cores: int | None = None
     cpu_pinned: bool | None = None
+    # Other processes' share of the job's cores during the timed steps (the largest over its hosts), known to
+    # within +-resolution, and the 1-minute load average at the start and end (runner/job/load.py).
+    others_cpu_share: float | None = None
+    others_cpu_share_resolution: float | None = None
+    load_avg_1m_start: float | None = None
+    load_avg_1m_end: float | None = None
     ranks: list[RankFigures] = field(default_factory=list)
     other: dict[str, Any] = field(default_factory=dict)
 

@@ -148,6 +148,13 @@ class RunSpec:
             return "cuda" if gpu_count >= self.world_size and gpu_count > 0 else "cpu"
         return self.device
 
+    def comparison_key(self) -> str:
+        """What two runs must share to measure the same thing: the spec without its tags and time limit, neither
+        of which changes what the ranks compute. Compare groups runs by it (ui/compare_sets.py)."""
+        d = self.to_dict()
+        del d["tags"], d["time_limit_s"]
+        return json.dumps(d, sort_keys=True)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tags"] = list(self.tags)

@@ -126,3 +126,18 @@ def screenshot(page, name: str) -> None:
     page.wait_for_timeout(500)  # charts re-lay out to the new size
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
     page.set_viewport_size(size)
+
+
+def choose(page, label: str, option) -> None:
+    """Pick `option` in the selectbox labelled `label` (Streamlit's baseweb select: open it, click the option)."""
+    box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True))
+    box.click()
+    page.get_by_role("option", name=option).click()
+    wait_for_app(page)
+
+
+def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_role("spinbutton", name=label, exact=True)
+    box.fill(str(value))
+    box.press("Enter")
+    wait_for_app(page)

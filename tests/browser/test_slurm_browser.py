@@ -19,7 +19,7 @@ from runner import api
 from runner.service.logs import read_log
 from runner.spec.run_spec import RunSpec
 from storage.models import TERMINAL_STATES
-from tests.browser.conftest import REPO, kill_group, screenshot, wait_for_app
+from tests.browser.conftest import REPO, choose, kill_group, screenshot, set_number, wait_for_app
 from tests.jobs import wait_status
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -50,21 +50,6 @@ def slurm_runner(slurm_cluster, lab_home, engine):
     finally:
         kill_group(proc.pid)
         slurm_cluster.cancel_all()
-
-
-def choose(page, label: str, option: str | re.Pattern) -> None:
-    """Pick `option` in the selectbox labelled `label` (Streamlit's baseweb select: open it, click the option)."""
-    box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True))
-    box.click()
-    page.get_by_role("option", name=option).click()
-    wait_for_app(page)
-
-
-def set_number(page, label: str, value: int) -> None:
-    box = page.get_by_role("spinbutton", name=label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    wait_for_app(page)
 
 
 def test_launch_a_two_node_run_on_the_slurm_partition_from_the_page(slurm_cluster, slurm_runner, app_url, page, engine):
