@@ -50,11 +50,13 @@ def tick_until(runner: Runner, engine, run_id: int, statuses: set[str], timeout:
 
 
 def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_instead_of_waiting(engine):
-    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, device="cuda"))  # no runner: GPUs unknown
+    # Queued as if from a client that knew nothing of this machine (submit itself would refuse it: test_devices.py)
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, device="cuda"), gpu_count=None)
     Runner(engine).place_queued()
     run = runs.get_run(engine, run_id)
     assert run["status"] == "failed"
-    assert "device" in run["error"] and "no NVIDIA GPU is visible" in run["error"]
+    assert "device: is 'cuda' but no NVIDIA GPU: NVML is unavailable" in run["error"], run["error"]
+    assert "torch 2.13.0+cpu is a CPU-only build" in run["error"]
 
 
 def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):

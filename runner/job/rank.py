@@ -31,6 +31,7 @@ from runner.job.metrics import device_peak_flops, model_flops_per_step, percenti
 from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank
 from runner.job.verify import inject_fault, trim_padding, verify_pass
 from runner.service import node_telemetry
+from runner.service.devices import MIG_WHY, is_mig_name
 from runner.spec import strategies
 from runner.spec.records import Error, Event, Finished, RankFigures, Result, Span, Started, Step
 from runner.spec.run_spec import RunSpec, usable_cores
@@ -61,16 +62,20 @@ def redirect_output(run_dir: Path, rank: int) -> None:
 def choose_device(spec: RunSpec, local_rank: int) -> tuple[torch.device, str]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec.resolved_device(gpus) == "cuda":
+        name = torch.cuda.get_device_name(local_rank)
+        if is_mig_name(name):  # a Slurm node's MIG GRES: the runner refuses MIG before a job starts on its machine
+            raise RuntimeError(f"cuda:{local_rank} is a MIG instance ({name}), {MIG_WHY}")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"
     return torch.device("cpu"), "gloo"
 
 
 def gpu_uuids(device: torch.device) -> list[str]:
-    """This node's GPUs of the job in CUDA order, as NVML names them ("GPU-<uuid>"); [] on CPU."""
+    """This node's GPUs of the job in CUDA order, as torch prints their UUIDs (bare: a whole GPU's and a MIG
+    instance's look alike; the node sampler tells them apart through NVML); [] on CPU."""
     if device.type != "cuda":
         return []
-    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
 def run_job(spec: RunSpec, run_dir: Path) -> None:

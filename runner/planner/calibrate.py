@@ -95,12 +95,6 @@ class Calibration:
         }
 
 
-def _cuda_available() -> bool:
-    from runner.service.telemetry import detect_gpus
-
-    return len(detect_gpus()) > 0
-
-
 def measure_matmul(device: str = "cpu", size: int = 1024, dtype: str = "float32", timeout_s: float = 120) -> dict:
     """FLOP/s of repeated n x n matmuls on one device (one thread on CPU), in a fresh process."""
     out = subprocess.run([sys.executable, "-c", MATMUL_SCRIPT, device, str(size), dtype], capture_output=True,
@@ -129,7 +123,7 @@ def calibrate(device: str = "auto", size: int = 1024, mib: int = 16) -> Calibrat
     from storage.hosts import this_host
 
     if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
+        device = "cuda" if _gpu_count() else "cpu"
     dtypes = ("float32", "bfloat16")
     rates, name = {}, ""
     for dt in dtypes:
@@ -149,9 +143,9 @@ def calibrate(device: str = "auto", size: int = 1024, mib: int = 16) -> Calibrat
 
 
 def _gpu_count() -> int:
-    from runner.service.telemetry import detect_gpus
+    from runner.api import this_host_gpus
 
-    return len(detect_gpus())
+    return len(this_host_gpus(None)[0])
 
 
 def _cpu_name() -> str:
@@ -210,20 +204,25 @@ def devices_from_calibration(
 
 
 def this_host_devices(engine: Any = None) -> Devices:
-    """This host's devices for the planner: its GPUs (NVML) or its CPU cores, with the newest calibration when
-    one is stored (else published peaks for GPUs; an uncalibrated CPU gets 10 GFLOP/s a core and 1 GB/s, said
-    in `source`)."""
+    """This host's devices for the planner: the GPUs runs may use here (runner.api.this_host_gpus: the live
+    runner's report, the one the dashboard and the self-test show) or its CPU cores, with the newest calibration
+    when one is stored (else published peaks for GPUs; an uncalibrated CPU gets 10 GFLOP/s a core and 1 GB/s,
+    said in `source`)."""
     import psutil
 
-    from runner.service.telemetry import detect_gpus
+    from runner.api import this_host_gpus
     from runner.spec.run_spec import usable_cores
 
-    gpus = list(detect_gpus())
-    cal = None
     try:
         from storage.db import get_engine
 
-        cal = stored(engine or get_engine(), device="cuda" if gpus else "cpu")
+        engine = engine or get_engine()
+    except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
+        engine = None
+    gpus, _ = this_host_gpus(engine)
+    cal = None
+    try:
+        cal = stored(engine, device="cuda" if gpus else "cpu") if engine is not None else None
     except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
         cal = None
     memory = psutil.virtual_memory().total

@@ -45,7 +45,8 @@ def start_node_sampler(run_dir: Path, host: str, launcher_pid: int, gpu_uuids: l
     """Start this node's sampler (called by the node's LOCAL_RANK 0 when LAB_NODE_TELEMETRY is set).
 
     launcher_pid: this node's torchrun, whose rank children are sampled; gpu_uuids: the job's GPUs on this node in
-    CUDA order ("GPU-..."), [] for a CPU run.
+    CUDA order, as torch prints their UUIDs (the sampler finds each whole GPU by UUID and refuses a MIG instance),
+    [] for a CPU run.
     """
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     argv = [sys.executable, "-m", "runner.service.node_telemetry", str(run_dir), "--host", host, "--root", str(launcher_pid),
