@@ -27,7 +27,7 @@ class FakeGpu:
     mig_uuids: list[str] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)
     used: int = 2**30
-    util: int = 50
+    util: int | None = 50  # None: NOT_SUPPORTED, as some devices answer for utilisation
 
 
 class FakeNvml:
@@ -92,6 +92,8 @@ class FakeNvml:
 
     def nvmlDeviceGetUtilizationRates(self, h: FakeGpu):
         self._call()
+        if h.util is None:
+            raise NVMLError(NOT_SUPPORTED)
         return SimpleNamespace(gpu=h.util)
 
     def nvmlDeviceGetMigMode(self, h: FakeGpu):

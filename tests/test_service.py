@@ -118,6 +118,23 @@ def test_cancel_of_a_running_job_stops_its_process_group_without_blocking_the_lo
     assert run_id not in runner.watched
 
 
+def test_a_job_whose_gpu_telemetry_fails_is_still_watched_and_finalized(engine, tmp_path, capsys):
+    # NVML breaks mid-run (a driver upgrade): sampling backs off inside the sampler (tests/test_nvml.py); here a
+    # sampler that raises all the same must cost the run nothing but its telemetry, told once in the runner's log.
+    class Broken(Sampler):
+        def sample(self):
+            raise RuntimeError("NVML: Driver/library version mismatch")
+
+    runner = Runner(engine)
+    proc = sleeper(1.5)
+    run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", proc)
+    runner.watched[run_id].sampler = Broken(proc.pid, time.time(), gpu_uuids=["GPU-x"])
+    run = tick_until(runner, engine, run_id, {"failed", "cancelled", "succeeded"})
+    assert run["status"] == "failed" and run_id not in runner.watched  # finalized: exit 0 but no result.json
+    told = [line for line in capsys.readouterr().out.splitlines() if "telemetry not sampled" in line]
+    assert told == [f"run {run_id}: telemetry not sampled (RuntimeError: NVML: Driver/library version mismatch)"]
+
+
 def test_time_limit_fails_the_run_with_the_limit_named(engine, tmp_path):
     runner = Runner(engine)
     proc = sleeper()

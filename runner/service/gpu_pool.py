@@ -26,10 +26,10 @@ class GpuPool:
     """This runner's DeviceReport, refreshed, and the questions placement asks of it."""
 
     def __init__(self, shared: bool | None = None, inventory: Callable[[], NvmlInventory] = read_inventory,
-                 report: DeviceReport | None = None, log: Callable[[str], None] = print):  # fmt: skip
+                 report: DeviceReport | None = None, log: Callable[[str], None] | None = None):  # fmt: skip
         self.shared = share_gpus_allowed() if shared is None else shared
         self._inventory = inventory
-        self._log = log
+        self._log = log or (lambda line: print(line, flush=True))
         self.report = report or detect_devices(_own_pids(()), self.shared, probe_torch())
         self.refreshed_at = time.monotonic()
         self._told: str | None = None

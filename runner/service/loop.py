@@ -367,7 +367,7 @@ class Runner:
                 w.started = now  # its time limit counts from when the scheduler starts it
             if now - w.last_sample >= TELEMETRY_EVERY_S:
                 w.last_sample = now
-                rows.add_telemetry(self.engine, run_id, w.sampler.sample())
+                rows.add_telemetry(self.engine, run_id, w.samples(run_id))
                 cap_run_logs(job.run_dir)
                 w.store_log_tails(self.engine, run_id)
             if w.stopping is None and not w.orphans_stopped:
@@ -391,7 +391,7 @@ class Runner:
     def finalize(self, run_id: int, w: Watched, launcher: Launcher) -> None:
         """Store the final status, then forget the run (a failure to store keeps it watched for a retry)."""
         w.ingest_events(self.engine, run_id)
-        rows.add_telemetry(self.engine, run_id, w.sampler.sample())  # the nodes' last samples (Slurm runs)
+        rows.add_telemetry(self.engine, run_id, w.samples(run_id))  # the nodes' last samples (Slurm runs)
         w.store_log_tails(self.engine, run_id)
         collected = launcher.collect(w.job)
         code = collected.exit_code
