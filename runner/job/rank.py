@@ -95,13 +95,15 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     node_sampler = None
     if os.environ.get(node_telemetry.ENV) and local_rank == 0:
         node_sampler = node_telemetry.start_node_sampler(run_dir, host, os.getppid(), gpu_uuids(device))
-    dist.init_process_group(backend, timeout=timeout)
+    # On CUDA the default group is bound to this rank's GPU: NCCL's communicators are then created here and in
+    # Mesh.build (eagerly, ncclCommSplit), not lazily at the first collective of a timed step.
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid(),
                         host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    mesh = Mesh.build(spec.degrees)
+    mesh = Mesh.build(spec.degrees, tied=spec.workload != "forward")
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
     state_dict = None

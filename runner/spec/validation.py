@@ -222,6 +222,11 @@ def _validate_device(spec: RunSpec, add: Add, gpu_count: int | None, no_gpu_reas
             "device",
             f"{spec.world_size} ranks need {spec.world_size} GPUs but {gpu_count} are visible; lower the degrees or choose 'cpu'",
         )
+    if spec.warmup == 0 and gpu_count > 0 and spec.resolved_device(gpu_count) == "cuda":
+        # CPU runs may time their very first step; on CUDA it pays once for cuBLAS handles and workspaces, the
+        # caching allocator's first blocks, kernel loading and NCCL's point-to-point connections.
+        add("warmup", "is 0 but on CUDA the first step pays one-time set-up (cuBLAS handles and workspaces, the "
+                      "allocator's first blocks, NCCL's point-to-point connections); use warmup 1 or more")  # fmt: skip
 
 
 def _validate_host_resources(spec: RunSpec, add: Add, gpu_count: int | None) -> None:
