@@ -204,6 +204,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
 
     # After every timed figure is read: on CPU this runs steps of its own (not timed, counted or logged).
     mine.peak_tensor_bytes = memory.tensor_peak(untimed_step)
+    mine.cublas_workspace_bytes = memory.workspace_bytes
     if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains
         # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
         # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.
