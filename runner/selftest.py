@@ -44,8 +44,7 @@ def environment(engine=None) -> dict:
     """What the machine offers, read the way the runner and the job use it: torch's CUDA probed in the runner's
     Python, NVML, and the GPUs runs may use (the live runner's lease for this machine when there is one: that
     runner places the runs). gloo is asked of torch here (the CLI may import torch; the app never does)."""
-    import torch.distributed as dist
-
+    from runner.gpt.mesh import gloo_available  # torch.distributed is imported in runner/gpt and runner/job only
     from runner.service.device_probe import detect_devices
 
     report = detect_devices()
@@ -54,7 +53,7 @@ def environment(engine=None) -> dict:
         "torch": t.version,
         "torch_cuda": t.cuda,
         "cpu_cores": usable_cores(),
-        "gloo": dist.is_gloo_available(),
+        "gloo": gloo_available(),
         "cuda_available": t.available,
         "cuda_error": t.error,
         "cuda_devices": [g.name for g in t.gpus],

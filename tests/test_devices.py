@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from runner.job.metrics import device_peak_flops
 from runner.service.device_probe import probe_torch, read_inventory, torch_build
 from runner.service.devices import NvmlGpu, NvmlInventory, TorchGpu, TorchView, resolve
@@ -174,3 +176,37 @@ def test_submit_cuda_here_is_refused_before_queueing_with_the_reason(engine):
     from runner import api
 
     assert api.count_runs(engine) == 0
+
+
+def test_gpu_calibration_takes_every_free_gpu_by_uuid_and_never_one_a_run_or_another_process_holds(engine,
+                                                                                                    monkeypatch):  # fmt: skip
+    # 4 GPUs: GPU 0 booked by a running run of this host, GPU 2 used by another user's process; 1 and 3 are free.
+    from runner.planner import calibrate
+    from runner.service import device_probe
+    from storage import runner_rows
+
+    report = resolve(machine(4, **{"2": {"pids": (4242,)}}), torch_sees(0, 1, 2, 3), None)
+    monkeypatch.setattr(device_probe, "detect_devices", lambda **_: report)
+    run_id = runs_submit(engine)
+    assert runner_rows.claim_run(engine, run_id, "runner-x", "/tmp/run", [0])
+    calls = {}
+    monkeypatch.setattr(calibrate, "measure_matmul", lambda device, size, dtype, gpu=None: calls.setdefault(
+        "matmul", []).append((device, size, gpu)) or {"flops": 1e15, "name": H100})  # fmt: skip
+    monkeypatch.setattr(calibrate, "measure_allreduce", lambda device, mib, ranks, gpus: calls.setdefault(
+        "allreduce", (device, mib, ranks, gpus)) and {"busbw": 3e11})  # fmt: skip
+    cal = calibrate.calibrate("auto", size=1024, mib=16, engine=engine)
+    free = [f"GPU-{uuid(1)}", f"GPU-{uuid(3)}"]
+    assert calls["matmul"] == [("cuda", 8192, free[0]), ("cuda", 8192, free[0])]  # float32, bfloat16
+    assert calls["allreduce"] == ("cuda", 256, 2, free)  # at least 256 MiB: the link's figure, not launch latency
+    assert (cal.device, cal.allreduce_ranks, cal.backend) == ("cuda", 2, "nccl")
+    runner_rows.claim_run(engine, runs_submit(engine), "runner-x", "/tmp/run2", [1, 3])
+    with pytest.raises(RuntimeError) as exc:
+        calibrate.calibrate("cuda", engine=engine)
+    assert str(exc.value) == ("no free GPU to calibrate: GPUs 0, 1, 3 are booked by running runs; GPU 2 busy (pid "
+                              "4242 not started by this runner)")
+
+
+def runs_submit(engine) -> int:
+    from runner import api
+
+    return api.submit(engine, RunSpec(strategy="single", model="tiny"), gpu_count=None)

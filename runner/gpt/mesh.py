@@ -44,6 +44,11 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def gloo_available() -> bool:
+    """Whether this torch build has gloo, which every CPU run needs (the self-test reports it)."""
+    return dist.is_available() and dist.is_gloo_available()
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """dist.barrier on `group` (default: every rank). On NCCL the barrier is an all-reduce on a device,
     so it names this rank's device: left to guess, PyTorch picks cuda:(rank % devices), which is wrong

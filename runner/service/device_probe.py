@@ -1,12 +1,11 @@
 """Reading this machine's devices: NVML's inventory, torch's CUDA in a subprocess, and the report they make.
 
-`probe_torch()` runs the runner's own Python (sys.executable) with the inherited environment, so it sees what
-a rank will see (a CPU-only build is known from torch/version.py alone, read without importing torch, so a
-machine without CUDA pays nothing): torch.version.cuda, torch.cuda.init()'s error where CUDA cannot start ("Torch not compiled with
-CUDA enabled", "The NVIDIA driver on your system is too old ...", "Found no NVIDIA driver ..."), and each
-device's name and UUID. It is a subprocess because the app and the runner never import torch, and because CUDA
-initialised in the runner would hold a context on a GPU. A process probes once per CUDA_VISIBLE_DEVICES
-(the answer does not change while it lives; a new driver needs a new runner anyway).
+`probe_torch()` runs runner/job/torch_probe.py in the runner's own Python (sys.executable) with the inherited
+environment, so it sees what a rank will see: torch.version.cuda, torch.cuda.init()'s error where CUDA cannot
+start, each device's name and UUID. A CPU-only build is known from torch/version.py alone, read without importing
+torch, so a machine without CUDA pays nothing. It is a subprocess because the app and the runner never import
+torch, and because CUDA initialised in the runner would hold a context on a GPU. A process probes once per
+CUDA_VISIBLE_DEVICES (the answer does not change while it lives; a new driver needs a new runner anyway).
 
 `read_inventory(nvml)` reads NVML through the process's one guarded NVML (runner/service/nvml.py), and
 `detect_devices()` makes the DeviceReport (runner/service/devices.py, the pure part) from both.
@@ -22,36 +21,14 @@ import subprocess
 import sys
 from collections.abc import Iterable
 from functools import lru_cache
+from pathlib import Path
 
 from runner.service.devices import SHARE_ENV, DeviceReport, NvmlGpu, NvmlInventory, TorchGpu, TorchView, resolve
 from runner.service.nvml import Nvml, process_nvml
 
 PROBE_TIMEOUT_S = 120.0  # importing torch on a loaded machine takes seconds; CUDA's first init can take tens
-TORCH_PROBE = r"""
-import json, sys, warnings
-out = {"version": None, "cuda": None, "available": False, "gpus": [], "error": None, "nccl": None}
-try:
-    import torch
-    out["version"], out["cuda"] = torch.__version__, torch.version.cuda
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # is_available() warns with the text init() raises below
-        try:
-            torch.cuda.init()
-        except Exception as exc:
-            out["error"] = f"{exc}".strip() or type(exc).__name__
-        out["available"] = torch.cuda.is_available()
-    if out["available"]:
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            out["gpus"].append({"index": i, "name": p.name, "uuid": str(p.uuid), "memory_total": int(p.total_memory)})
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_nccl_available():
-            v = torch.cuda.nccl.version()
-            out["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
-except Exception as exc:
-    out["error"] = f"{type(exc).__name__}: {exc}"
-print(json.dumps(out))
-"""
+PROBE = ("-m", "runner.job.torch_probe")  # torch is imported there, in the runner's Python, never here
+REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/service/device_probe.py
 
 
 def share_gpus_allowed() -> bool:
@@ -99,8 +76,10 @@ def torch_build() -> tuple[str, str | None] | None:
 @lru_cache(maxsize=4)
 def _probe(python: str, _visible: str | None, _order: str | None) -> TorchView:
     try:
-        proc = subprocess.run([python, "-c", TORCH_PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                              stdin=subprocess.DEVNULL)  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH"))
+                                                           if p)}  # fmt: skip
+        proc = subprocess.run([python, *PROBE], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env,
+                              stdin=subprocess.DEVNULL, cwd=REPO_ROOT)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired) as exc:
         return TorchView(None, error=f"{type(exc).__name__}: {exc}"[:200])
     try:
