@@ -150,7 +150,7 @@ class DeviceReport:
         parts = [f"{len(self.gpus)} GPU{'s' if len(self.gpus) != 1 else ''} usable by torch {self.torch.version} "
                  f"(CUDA {self.torch.cuda})"]  # fmt: skip
         if self.excluded:
-            parts.append("excluded: " + excluded_text(self.excluded))
+            parts.append("Excluded: " + excluded_text(self.excluded))
         if self.caveat:
             parts.append(self.caveat)
         if self.shared:
