@@ -59,6 +59,27 @@ def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_i
     assert "torch 2.13.0+cpu is a CPU-only build" in run["error"]
 
 
+def test_a_gpu_run_waits_while_another_users_process_holds_a_gpu_and_says_which(engine):
+    # Two H100s that torch and NVML agree on; GPU 1 runs another user's process (pid 4242): a 2-rank CUDA run
+    # must not be started on it (tests/test_devices.py covers the report itself).
+    from runner.service.devices import NvmlGpu, NvmlInventory, TorchGpu, TorchView, resolve
+    from runner.service.gpu_pool import GpuPool
+
+    u = [f"{i:08x}-1111-2222-3333-444455556666" for i in range(2)]
+    inventory = NvmlInventory(tuple(NvmlGpu(i, f"GPU-{u[i]}", "NVIDIA H100 80GB HBM3", 80 * 2**30,
+                                            pids=(4242,) if i else ()) for i in range(2)))  # fmt: skip
+    torch = TorchView("2.6.0+cu124", "12.4", True, tuple(TorchGpu(i, "NVIDIA H100 80GB HBM3", u[i]) for i in range(2)),
+                      nccl="2.21.5")  # fmt: skip
+    runner = Runner(engine)
+    runner.pool = GpuPool(shared=False, report=resolve(inventory, torch, None), inventory=lambda: inventory)
+    run_id = api.submit(engine, RunSpec(strategy="data", dp=2, model="tiny", device="cuda"), gpu_count=2)
+    runner.place_queued()
+    run = runs.get_run(engine, run_id)
+    assert run["status"] == "queued" and run_id not in runner.watched
+    assert run["wait_reason"] == ("waiting for 2 free GPUs (1 free now; GPU 1 busy (pid 4242 not started by this "
+                                  "runner))")
+
+
 def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):
     runner = Runner(engine, max_cpu_jobs=1)
     proc = sleeper()
