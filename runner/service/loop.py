@@ -302,9 +302,6 @@ class Runner:
             if want_gpu:
                 free = self.free_gpus()
                 if len(free) < spec.world_size:
-                    self.pool.refresh(self.job_pids(), force=True)  # a GPU another user just left may be free now
-                    free = self.free_gpus()
-                if len(free) < spec.world_size:
                     reason = self.pool.wait_reason(spec.world_size, self.booked_gpus())
                     rows.set_wait_reason(self.engine, row["id"], reason[:200])
                     continue
