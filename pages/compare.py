@@ -102,7 +102,8 @@ st.dataframe(
         "peak_tensor_mib_max": st.column_config.NumberColumn(
             "tensor peak MiB (max rank)",
             format="%.4g",
-            help="the most bytes a rank's tensors held at once in a step, on GPU and CPU alike (what the planner predicts)",
+            help="the most bytes a rank's tensors held at once in a step, on GPU and CPU alike (what the planner "
+            "predicts); on a GPU without cuBLAS's workspaces, which the run's peak includes",
         ),
         "peak_mem_mib_max": st.column_config.NumberColumn(
             "run's peak MiB (max rank)", format="%.4g", help="GPU: allocated by the run; CPU: RSS above set-up"

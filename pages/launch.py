@@ -12,7 +12,7 @@ from runner.spec.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, repeat_note, spec_from_form, uses
-from ui.hosts import HERE, host_lines, partition_text, target_for, targets
+from ui.hosts import HERE, gpu_line, host_lines, partition_text, target_for, targets
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -244,9 +244,10 @@ def devices_panel() -> None:
         st.info("The runner is starting; devices appear when it reports.")
     elif status["gpus"]:
         for g in status["gpus"]:
-            st.write(f"GPU {g['index']}: **{g['name']}**, {human_bytes(g['memory_total'])}")
+            st.write(gpu_line(g))
+        st.caption(status["gpu_note"])  # how many torch can use, which it excluded and why
     else:
-        st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
+        st.write("No usable GPU: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
     live, silent = host_lines(api.hosts(engine()), here)
     if len(live) > 1 or silent:  # a team database: every host a run can be sent to

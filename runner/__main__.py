@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the runner loop (one per host and database)")
     serve.add_argument("--max-cpu-jobs", type=int, default=1, help="CPU jobs that may run at once (default 1)")
     serve.add_argument("--host", help="this machine's name in a team database (default: LAB_HOST, else the host name)")
+    serve.add_argument("--share-gpus", action="store_true", default=None,
+                       help="also book GPUs where other users' processes run (default: LAB_SHARE_GPUS=1, else not: "
+                            "such a GPU is shown busy and runs wait for it)")  # fmt: skip
     add_serve_arguments(serve)  # --backend local|slurm and the cluster's partition, account, nodes
 
     submit = sub.add_parser("submit", help="validate and queue a run")
@@ -353,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(exc, file=sys.stderr)
             return 2
-        return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs, launcher=launcher).serve()
+        return Runner(get_engine(), max_cpu_jobs=args.max_cpu_jobs, launcher=launcher,
+                      share_gpus=args.share_gpus).serve()  # fmt: skip
     if args.command == "submit":
         return cmd_submit(args)
     if args.command == "logs":

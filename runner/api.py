@@ -1,6 +1,8 @@
 """The one module the pages and the CLI call to change or read runs; storage below it only stores.
 
-Changing runs: `submit` parses and validates a spec against the target host's GPUs, or on a Slurm
+Changing runs: `submit` parses and validates a spec against the target host's GPUs (its runner's lease; for
+this machine without a live runner, a cuda spec is checked against this machine's devices as the runner would
+see them, runner.service.device_probe, so it is refused with the reason before queueing), or on a Slurm
 runner's partition against its nodes and layout rules (runner.service.cluster; the weights file it names is
 read and checked here too) and only then stores it, so a refused spec stores nothing and
 its SpecError lists every problem by field; `submit_set` queues K runs of several specs as one comparison set
@@ -26,6 +28,7 @@ from sqlalchemy import Engine
 
 from runner.service import logs as log_reader
 from runner.service.cluster import Partition, gpu_count_on, placement_problems
+from runner.service.device_probe import detect_devices
 from runner.service.launchers.slurm import SCRIPT_NAME
 from runner.service.logs import LogText
 from runner.spec.records import RunStatus
@@ -45,9 +48,9 @@ __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
-    "repeat_runs", "runner_status", "step_metrics", "submit", "submit_selftest", "submit_set", "target_gpu_count",
+    "repeat_runs", "runner_status", "step_metrics", "submit", "submit_selftest", "submit_set", "target_gpus",
     "target_partition", "target_problems", "telemetry_series",
-    "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
+    "this_host", "this_host_gpus", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
 
@@ -90,14 +93,21 @@ def parse_spec(data: RunSpec | Mapping[str, Any]) -> RunSpec:
     return RunSpec.from_dict(dict(data) if isinstance(data, Mapping) else data)
 
 
-def target_gpu_count(engine: Engine, run_on: str | None) -> int | None:
-    """The GPU count a submission is validated against: the target host's (this machine's by default), or
-    for any host the best-equipped live one's; None when no live runner reports it (device checks skipped)."""
+def target_gpus(engine: Engine, run_on: str | None, probe: bool = False) -> tuple[int | None, str | None]:
+    """(the GPU count a submission is validated against, the target's sentence why it has no GPU): the target
+    host's as its live runner reports them (this machine's by default), or for any host the best-equipped live
+    one's. Without a live runner: (None, None), device checks skipped, unless `probe` and the target is this
+    machine, whose devices are then read here exactly as its runner will read them."""
     live = [h for h in hosts(engine) if h["alive"]]
     if run_on == ANY_HOST:
-        return max((len(h["gpus"]) for h in live), default=None)
+        return max((len(h["gpus"]) for h in live), default=None), None
     host = next((h for h in live if h["host"] == (run_on or this_host())), None)
-    return len(host["gpus"]) if host else None
+    if host is not None:
+        return len(host["gpus"]), host["gpu_note"] or None
+    if probe and run_on in (None, this_host()):
+        report = detect_devices()
+        return len(report.gpus), report.no_gpu_reason()
+    return None, None
 
 
 def target_partition(engine: Engine, run_on: str | None) -> tuple[Partition | None, bool]:
@@ -136,15 +146,12 @@ def submit(
     """Validate, then queue; returns the new run's id. Raises SpecError with every problem (nothing stored).
 
     run_on: the host whose runner runs it (default this machine), or ANY_HOST. gpu_count: what the device
-    checks assume (default: the target host's, see target_gpu_count, or on a Slurm partition the run's nodes
+    checks assume (default: the target host's, see target_gpus, or on a Slurm partition the run's nodes
     x GPUs per node; None skips them). The target's own problems (target_problems) are added either way. A
     weights file the spec names is read and checked here, on the machine submitting.
     """
     spec = parse_spec(spec)
-    if gpu_count is HOST_GPUS:
-        gpu_count = _gpus_for(engine, spec, run_on)
-    problems = validate_spec(spec, gpu_count=gpu_count)
-    problems += [p for p in target_problems(engine, spec, run_on) if p not in problems]
+    problems = _problems_on_target(engine, spec, run_on, gpu_count)
     if problems:
         raise SpecError(problems)
     return _store(engine, spec, user=user, run_on=run_on)
@@ -174,9 +181,7 @@ def submit_set(
     for i, data in enumerate(specs, 1):
         try:
             spec = parse_spec(data)
-            check = validate_spec(spec, gpu_count=_gpus_for(engine, spec, run_on) if gpu_count is HOST_GPUS
-                                  else gpu_count)  # fmt: skip
-            check += [p for p in target_problems(engine, spec, run_on) if p not in check]
+            check = _problems_on_target(engine, spec, run_on, gpu_count)
         except SpecError as exc:
             spec, check = None, exc.problems
         named = f"spec {i} ({spec.strategy if spec else 'unreadable'}): " if len(specs) > 1 else ""
@@ -204,10 +209,18 @@ def repeat_runs(engine: Engine, run_ids: list[int], repeat: int, *, user: str | 
     return submit_set(engine, list(specs.values()), repeat, user=user, run_on=run_on)
 
 
-def _gpus_for(engine: Engine, spec: RunSpec, run_on: str | None) -> int | None:
-    """submit's default gpu_count for `spec` on its target (a partition's nodes x GPUs, else the host's)."""
-    partition, _ = target_partition(engine, run_on)
-    return gpu_count_on(spec, partition) if partition else target_gpu_count(engine, run_on)
+def _problems_on_target(engine: Engine, spec: RunSpec, run_on: str | None, gpu_count: int | None) -> list:
+    """Every problem of `spec` on its target: its own rules against `gpu_count` GPUs (HOST_GPUS: the target's
+    own, a partition's nodes x GPUs or the host's, with the host's words for why it has none), then the target's."""
+    note = None
+    cuda = spec.device == "cuda"
+    if gpu_count is HOST_GPUS:
+        partition, _ = target_partition(engine, run_on)
+        gpu_count, note = (gpu_count_on(spec, partition), None) if partition else target_gpus(engine, run_on, cuda)
+    elif gpu_count == 0 and cuda and target_partition(engine, run_on)[0] is None:
+        note = target_gpus(engine, run_on)[1]  # the target's own words for why it has none
+    problems = validate_spec(spec, gpu_count=gpu_count, no_gpu_reason=note)
+    return problems + [p for p in target_problems(engine, spec, run_on) if p not in problems]
 
 
 def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None) -> int:
@@ -315,6 +328,22 @@ def hosts(engine: Engine) -> list[dict[str, Any]]:
 def runner_status(engine: Engine, host: str | None = None) -> dict[str, Any] | None:
     """The lease of the runner serving `host` (default this machine); None when none ever did."""
     return host_rows.runner_status(engine, host)
+
+
+def this_host_gpus(engine: Engine | None) -> tuple[list[dict[str, Any]], str]:
+    """(this machine's GPUs runs may use, as lease entries {index, uuid, name, memory_total, busy_pids}; the note
+    saying why and what was excluded): its live runner's report, else read here exactly as that runner will read
+    them (runner.service.device_probe). The dashboard, the self-test and `plan --this-host` all see this."""
+    status = None
+    if engine is not None:
+        try:
+            status = runner_status(engine)
+        except Exception:  # noqa: BLE001 -- no database here: this machine's devices as read now
+            status = None
+    if status and status["alive"] and not status.get("cluster"):
+        return list(status["gpus"]), status["gpu_note"]
+    report = detect_devices()
+    return report.lease_gpus(), report.note()
 
 
 def export_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:

@@ -1,7 +1,9 @@
 """The self-test: every strategy x workload the present devices allow, verified, one row each.
 
 `python -m runner selftest [--device auto|cpu|cuda] [--json]` is the first command on a new machine. It
-reports what it finds (torch, CUDA, the NVIDIA driver through NVML, NCCL, gloo, CPU cores), queues one
+reports what it finds (torch, CUDA, the NVIDIA driver through NVML, NCCL, gloo, CPU cores) and the GPUs runs
+may use, decided exactly as the runner and the dashboard decide them (runner/service/devices.py: the live
+runner's report when one serves this machine, else this machine's devices read the same way), queues one
 tiny run per registered strategy (runner.spec.strategies) and workload with verify on (tag `selftest`, so
 they land in History like any run), submitted through runner.api, waits for them through the normal runner,
 and prints per run: the verdict, step time, peak memory per rank and communication payload beside the leading-order theory. It exits 1 when any run fails or its
@@ -38,65 +40,73 @@ class Row:
         return self.verdict in ("pass", "skipped")
 
 
-def environment() -> dict:
-    """What the machine offers, read the way the job will use it (torch is imported here, not in the app)."""
-    import torch
-    import torch.distributed as dist
+def environment(engine=None) -> dict:
+    """What the machine offers, read the way the runner and the job use it: torch's CUDA probed in the runner's
+    Python, NVML, and the GPUs runs may use (the live runner's lease for this machine when there is one: that
+    runner places the runs). gloo is asked of torch here (the CLI may import torch; the app never does)."""
+    from runner.gpt.mesh import gloo_available  # torch.distributed is imported in runner/gpt and runner/job only
+    from runner.service.device_probe import detect_devices
 
-    from runner.service.telemetry import detect_gpus
-
-    gpus = detect_gpus()
+    report = detect_devices()
+    t, nvml = report.torch, report.nvml
     env: dict = {
-        "torch": torch.__version__,
+        "torch": t.version,
+        "torch_cuda": t.cuda,
         "cpu_cores": usable_cores(),
-        "gloo": dist.is_gloo_available(),
-        "cuda_available": torch.cuda.is_available(),
-        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if torch.cuda.is_available()
-        else [],
-        "nvml_gpus": [g["name"] for g in gpus],
-        "nvml_note": gpus.reason,
-        "nccl": None,
-        "driver": None,
+        "gloo": gloo_available(),
+        "cuda_available": t.available,
+        "cuda_error": t.error,
+        "cuda_devices": [g.name for g in t.gpus],
+        "nvml_gpus": [f"{g.index} {g.name}" + (" [MIG]" if g.mig else "") for g in nvml.gpus],
+        "nvml_note": nvml.error,
+        "nccl": t.nccl,
+        "driver": nvml.driver,
+        "driver_cuda": nvml.cuda_driver,
+        "usable_gpus": [f"{g.index} {g.name}" + (f" [busy: pids {', '.join(map(str, g.busy_pids))}]" if g.busy else "")
+                        for g in report.gpus],  # fmt: skip
+        "gpu_note": report.note(),
+        "no_gpu_reason": None if report.gpus else report.no_gpu_reason(),
+        "runner": None,
     }
-    if torch.cuda.is_available() and dist.is_nccl_available():
-        version = torch.cuda.nccl.version()
-        env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        pynvml.nvmlShutdown()
-    except Exception as exc:  # noqa: BLE001 - any NVML failure means "no driver to report"
-        env["driver"] = None
-        env["driver_note"] = f"{type(exc).__name__}: {exc}"[:200]
+    status = api.runner_status(engine) if engine is not None else None
+    if status and status["alive"] and not status.get("cluster"):
+        # The runs go to this runner: its report decides (the same function, in its environment).
+        env["runner"] = status["pid"]
+        env["usable_gpus"] = [f"{g['index']} {g['name']}" + (" [busy]" if g.get("busy_pids") else "")
+                              for g in status["gpus"]]  # fmt: skip
+        env["gpu_note"] = status["gpu_note"]
+        env["no_gpu_reason"] = None if status["gpus"] else status["gpu_note"]
     return env
 
 
 def environment_lines(env: dict) -> list[str]:
-    lines = [
-        f"torch {env['torch']}, {env['cpu_cores']} CPU cores usable, gloo {'available' if env['gloo'] else 'MISSING'}",
+    build = f"CUDA {env['torch_cuda']}" if env["torch_cuda"] else "a CPU-only build"
+    cuda = (f"available, {len(env['cuda_devices'])} device(s): {', '.join(env['cuda_devices'])}"
+            if env["cuda_available"] else f"not available ({env['cuda_error'] or 'no device'})")  # fmt: skip
+    whose = f"the runner serving this machine (pid {env['runner']})" if env["runner"] else "this machine's runner"
+    usable = ", ".join(env["usable_gpus"]) if env["usable_gpus"] else "none"
+    return [
+        f"torch {env['torch']} ({build}), {env['cpu_cores']} CPU cores usable, "
+        f"gloo {'available' if env['gloo'] else 'MISSING'}",
         f"NVIDIA driver: {env['driver'] or 'not found'}"
-        + ("" if env["driver"] else f" ({env.get('driver_note', '')})"),
-        f"NVML GPUs: {', '.join(env['nvml_gpus']) or 'none'}" + (f" ({env['nvml_note']})" if env["nvml_note"] else ""),
-        f"CUDA in torch: {'available, ' + ', '.join(env['cuda_devices']) if env['cuda_available'] else 'not available'}",
+        + (f" (supports CUDA {env['driver_cuda']} at most)" if env["driver_cuda"] else "")
+        + (f" ({env['nvml_note']})" if env["nvml_note"] else ""),
+        f"NVML GPUs: {', '.join(env['nvml_gpus']) or 'none'}",
+        f"CUDA in torch: {cuda}",
         f"NCCL: {env['nccl'] or 'not available'}",
+        f"GPUs runs may use, as {whose} decides: {usable}",
+        f"  {env['gpu_note']}",
     ]
-    return lines
 
 
 def resolve_device(requested: str, env: dict) -> tuple[str | None, str | None]:
-    """('cpu' | 'cuda', None), or (None, why) when CUDA was asked for and cannot be used."""
+    """('cpu' | 'cuda', None), or (None, why) when CUDA was asked for and cannot be used: the runner's own
+    sentence (a CPU-only torch, a driver too old for its CUDA, no driver, every GPU excluded or in MIG mode)."""
     if requested == "cpu":
         return "cpu", None
-    usable = env["cuda_available"] and env["nccl"] is not None and env["cuda_devices"]
-    if requested == "cuda" and not usable:
-        why = "CUDA was asked for but " + (
-            "torch sees no CUDA device" if not env["cuda_available"] else "NCCL is not available in this torch build"
-        )
-        return None, why
-    return ("cuda" if usable else "cpu"), None
+    if requested == "cuda" and not env["usable_gpus"]:
+        return None, f"CUDA was asked for but {env['no_gpu_reason'] or 'no GPU is usable'}"
+    return ("cuda" if env["usable_gpus"] else "cpu"), None
 
 
 def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
@@ -126,14 +136,14 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
     """Check the environment, queue and wait for every run; returns (environment, rows, fatal reason).
     on_environment(line) hears the environment report before anything runs; on_row(row) each finished run;
     options=False leaves out OPTION_VARIANTS (the strategies alone)."""
-    env = environment()
+    env = environment(engine)
     if on_environment is not None:
         for line in environment_lines(env):
             on_environment(line)
     device, fatal = resolve_device(requested, env)
     if device is None:
         return env, [], fatal
-    gpus = len(env["cuda_devices"]) if device == "cuda" else 0
+    gpus = len(env["usable_gpus"]) if device == "cuda" else 0
     planned = selftest_specs(device, gpus, options)
     rows: list[Row] = []
     queued: list[tuple[int, str, RunSpec]] = []

@@ -93,13 +93,14 @@ def test_a_missing_weights_file_is_refused_before_anything_is_stored(engine, mon
 def test_devices_are_checked_against_the_target_hosts_gpus(engine, monkeypatch):
     monkeypatch.setenv("LAB_HOST", "alpha")
     h100 = {"index": 0, "name": "H100", "memory_total": 80 * 2**30}
-    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], "no GPU", host="alpha")
+    no_gpu = "no NVIDIA GPU: NVML lists no GPU and torch 2.13.0+cpu is a CPU-only build"
+    assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], no_gpu, host="alpha")
     assert leases.acquire_lease(engine, "runner-beta", os.getpid(), [h100, {**h100, "index": 1}], "2", host="beta")
     try:
         cuda = {"strategy": "data", "dp": 2, "model": "tiny", "device": "cuda"}
         with pytest.raises(SpecError) as exc:
             api.submit(engine, cuda)  # this machine, alpha, has no GPU
-        assert "no NVIDIA GPU is visible" in fields(exc)["device"]
+        assert fields(exc)["device"] == f"is 'cuda' but {no_gpu}; choose 'cpu' or 'auto'"  # alpha's runner's words
         assert api.get_run(engine, api.submit(engine, cuda, run_on="beta"))["target_host"] == "beta"
         assert api.get_run(engine, api.submit(engine, cuda, run_on=api.ANY_HOST))["target_host"] is None
         assert api.submit(engine, cuda, gpu_count=None)  # None: device checks skipped

@@ -97,7 +97,8 @@ def test_a_result_json_from_the_previous_version_loads_and_writes_back_unchanged
     assert without_new_empty_figures(result.to_dict(), old) == old
     assert without_new_empty_figures(json.loads(result.to_json()), old) == old
     assert set(result.to_dict()["ranks"][0]) - set(old["ranks"][0]) == {
-        "host", "peak_tensor_bytes", "timed_cpu_s", "host_busy_cpu_s", "host_cpu_cores", "load_window_s", "load_avg_1m"
+        "host", "peak_tensor_bytes", "timed_cpu_s", "host_busy_cpu_s", "host_cpu_cores", "load_window_s", "load_avg_1m",
+        "cublas_workspace_bytes",
     }  # fmt: skip
 
 

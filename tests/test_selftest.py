@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from runner import api
-from runner.selftest import resolve_device
+from runner.selftest import environment, resolve_device
 from runner.spec.run_spec import RunSpec
 from runner.spec.selftest_layouts import comm_theory_bytes, layouts, selftest_specs
 from runner.spec.validation import validate_spec
@@ -64,9 +64,12 @@ def test_four_gpus_take_3d_without_data_parallelism():
     assert {s.strategy for s in specs} == STRATEGIES
 
 
-def test_cuda_asked_for_without_cuda_is_a_failure_with_the_reason():
-    env = {"cuda_available": False, "nccl": None, "cuda_devices": []}
-    assert resolve_device("cuda", env) == (None, "CUDA was asked for but torch sees no CUDA device")
+def test_cuda_asked_for_without_cuda_is_a_failure_with_the_runners_reason():
+    env = environment()  # this machine, no runner: read as the runner would read it
+    assert env["usable_gpus"] == [] and env["torch_cuda"] is None
+    device, why = resolve_device("cuda", env)
+    assert device is None and why == f"CUDA was asked for but {env['no_gpu_reason']}"
+    assert "torch 2.13.0+cpu is a CPU-only build" in why
     assert resolve_device("auto", env) == ("cpu", None)
 
 
@@ -93,7 +96,9 @@ def test_selftest_cuda_here_fails_before_queueing_anything(engine):
     proc = subprocess.run([sys.executable, "-m", "runner", "selftest", "--device", "cuda"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 1
-    assert "NVIDIA driver:" in proc.stdout and "FAILED: CUDA was asked for" in proc.stdout
+    assert "NVIDIA driver: not found (NVMLError_LibraryNotFound" in proc.stdout
+    assert "GPUs runs may use, as this machine's runner decides: none" in proc.stdout
+    assert "FAILED: CUDA was asked for but no NVIDIA GPU: NVML is unavailable" in proc.stdout
     assert api.count_runs(engine) == 0
 
 

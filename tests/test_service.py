@@ -50,11 +50,34 @@ def tick_until(runner: Runner, engine, run_id: int, statuses: set[str], timeout:
 
 
 def test_a_run_that_needs_gpus_on_a_machine_without_them_fails_with_the_reason_instead_of_waiting(engine):
-    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, device="cuda"))  # no runner: GPUs unknown
+    # Queued as if from a client that knew nothing of this machine (submit itself would refuse it: test_devices.py)
+    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, device="cuda"), gpu_count=None)
     Runner(engine).place_queued()
     run = runs.get_run(engine, run_id)
     assert run["status"] == "failed"
-    assert "device" in run["error"] and "no NVIDIA GPU is visible" in run["error"]
+    assert "device: is 'cuda' but no NVIDIA GPU: NVML is unavailable" in run["error"], run["error"]
+    assert "torch 2.13.0+cpu is a CPU-only build" in run["error"]
+
+
+def test_a_gpu_run_waits_while_another_users_process_holds_a_gpu_and_says_which(engine):
+    # Two H100s that torch and NVML agree on; GPU 1 runs another user's process (pid 4242): a 2-rank CUDA run
+    # must not be started on it (tests/test_devices.py covers the report itself).
+    from runner.service.devices import NvmlGpu, NvmlInventory, TorchGpu, TorchView, resolve
+    from runner.service.gpu_pool import GpuPool
+
+    u = [f"{i:08x}-1111-2222-3333-444455556666" for i in range(2)]
+    inventory = NvmlInventory(tuple(NvmlGpu(i, f"GPU-{u[i]}", "NVIDIA H100 80GB HBM3", 80 * 2**30,
+                                            pids=(4242,) if i else ()) for i in range(2)))  # fmt: skip
+    torch = TorchView("2.6.0+cu124", "12.4", True, tuple(TorchGpu(i, "NVIDIA H100 80GB HBM3", u[i]) for i in range(2)),
+                      nccl="2.21.5")  # fmt: skip
+    runner = Runner(engine)
+    runner.pool = GpuPool(shared=False, report=resolve(inventory, torch, None), inventory=lambda: inventory)
+    run_id = api.submit(engine, RunSpec(strategy="data", dp=2, model="tiny", device="cuda"), gpu_count=2)
+    runner.place_queued()
+    run = runs.get_run(engine, run_id)
+    assert run["status"] == "queued" and run_id not in runner.watched
+    assert run["wait_reason"] == ("waiting for 2 free GPUs (1 free now; GPU 1 busy (pid 4242 not started by this "
+                                  "runner))")
 
 
 def test_a_second_cpu_run_waits_for_a_slot_and_says_so(engine, tmp_path):
@@ -138,6 +161,23 @@ def test_cancel_of_a_running_job_stops_its_process_group_without_blocking_the_lo
     assert run["status"] == "cancelled" and run["error"] == "cancelled by request"
     assert not group_alive(proc.pid)
     assert run_id not in runner.watched
+
+
+def test_a_job_whose_gpu_telemetry_fails_is_still_watched_and_finalized(engine, tmp_path, capsys):
+    # NVML breaks mid-run (a driver upgrade): sampling backs off inside the sampler (tests/test_nvml.py); here a
+    # sampler that raises all the same must cost the run nothing but its telemetry, told once in the runner's log.
+    class Broken(Sampler):
+        def sample(self):
+            raise RuntimeError("NVML: Driver/library version mismatch")
+
+    runner = Runner(engine)
+    proc = sleeper(1.5)
+    run_id = watch_fake_job(runner, engine, TINY, tmp_path / "run", proc)
+    runner.watched[run_id].sampler = Broken(proc.pid, time.time(), gpu_uuids=["GPU-x"])
+    run = tick_until(runner, engine, run_id, {"failed", "cancelled", "succeeded"})
+    assert run["status"] == "failed" and run_id not in runner.watched  # finalized: exit 0 but no result.json
+    told = [line for line in capsys.readouterr().out.splitlines() if "telemetry not sampled" in line]
+    assert told == [f"run {run_id}: telemetry not sampled (RuntimeError: NVML: Driver/library version mismatch)"]
 
 
 def test_time_limit_fails_the_run_with_the_limit_named(engine, tmp_path):

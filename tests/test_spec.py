@@ -120,6 +120,15 @@ def test_bad_specs_name_the_field(changes, field, fragment):
     assert any(fragment in p.message for p in problems if p.field == field), problems
 
 
+def test_a_cuda_run_times_no_first_step_a_cpu_run_may():
+    # auto on a host with GPUs becomes cuda: refused the same; on CPU (no GPU) the first step may be timed.
+    for device in ("cuda", "auto"):
+        (problem,) = validate_spec(RunSpec(strategy="data", dp=2, device=device, warmup=0), gpu_count=2)
+        assert problem.field == "warmup" and problem.message.startswith("is 0 but on CUDA the first step pays")
+    assert validate_spec(RunSpec(strategy="data", dp=2, device="auto", warmup=0), gpu_count=0) == []
+    assert validate_spec(RunSpec(strategy="data", dp=2, device="cuda", warmup=1), gpu_count=2) == []
+
+
 def test_cuda_with_too_few_gpus_says_how_many_are_needed():
     problems = validate_spec(RunSpec(strategy="data", dp=4, batch=8, device="cuda"), gpu_count=2)
     assert [p.message for p in problems if p.field == "device"] == [

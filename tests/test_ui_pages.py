@@ -93,10 +93,12 @@ def test_devices_panel_says_cpu_processes_without_gpus(engine):
 
 
 def test_devices_panel_lists_the_runners_gpus_and_cuda_becomes_valid(engine):
-    with runner_lease(engine, [H100, {**H100, "index": 1}]):
+    with runner_lease(engine, [H100, {**H100, "index": 1, "busy_pids": [4242]}]):
         at = page("pages/launch.py")
         at.selectbox(key="launch_device").select("cuda").run()
     assert any("NVIDIA H100 80GB HBM3" in m.value for m in at.markdown)
+    busy = [m.value for m in at.markdown if m.value.startswith("GPU 1:")]
+    assert busy and busy[0].endswith("busy: pid 4242 not started by this runner; runs wait for it"), busy
     assert not at.error and not at.button(key="launch_submit").disabled
 
 
@@ -104,7 +106,7 @@ def test_cuda_without_gpus_is_refused_next_to_device(engine):
     with runner_lease(engine, []):
         at = page("pages/launch.py")
         at.selectbox(key="launch_device").select("cuda").run()
-    assert any("no NVIDIA GPU is visible" in e for e in texts(at.error)), texts(at.error)
+    assert any("is 'cuda' but test lease;" in e for e in texts(at.error)), texts(at.error)  # the runner's own note
 
 
 def test_launch_button_queues_the_run_with_the_form_values(engine):

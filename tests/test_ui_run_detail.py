@@ -50,6 +50,18 @@ def test_captions_say_rss_mfu_or_why_not_and_the_bubble():
     assert peak_memory(run(ranks=ranks)) == 5 * 2**20 and peak_memory(run()) is None
 
 
+def test_a_cuda_runs_page_says_what_its_tensor_peak_holds():
+    measured = [{"peak_tensor_bytes": 5 * 2**20, "cublas_workspace_bytes": 32 * 2**20},
+                {"peak_tensor_bytes": 6 * 2**20, "cublas_workspace_bytes": 64 * 2**20}]  # fmt: skip
+    cuda = {"device": "cuda", "mfu": 0.01, "device_names": ["NVIDIA H100 80GB HBM3"]}
+    (said, _) = result_captions(run(result=cuda, ranks=measured))
+    assert said.startswith("tensor peak: the allocator's peak without cuBLAS's workspaces (up to 64.0 MiB a rank")
+    assert "compared" in said
+    older = [{"peak_tensor_bytes": 70 * 2**20}]  # a CUDA run recorded before the workspaces were measured apart
+    assert "cuBLAS's workspaces included" in result_captions(run(result=cuda, ranks=older))[0]
+    assert result_captions(run(result={"device": "cpu"}, ranks=[{"peak_tensor_bytes": 2**20}])) == []
+
+
 def test_filters_from_days_and_choices():
     assert parse_day("2026-11-24") == date(2026, 11, 24) and parse_day("soon") is None and parse_day(None) is None
     assert day_range(()) == (None, None)

@@ -86,6 +86,7 @@ def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         ("peak_activation_bytes", "activations kept MiB"),  # saved for backward at the step's peak (pipelines)
         ("activation_bytes_saved_peak", "checkpointing saved MiB"),  # what checkpointing did not keep
         ("peak_tensor_bytes", "tensor peak MiB"),  # the most its tensors held at once (what the planner predicts)
+        ("cublas_workspace_bytes", "cuBLAS workspaces MiB"),  # CUDA: in the run's peak, not in the tensor peak
         ("peak_mem_bytes", "run's peak MiB"),  # what the run itself allocated (above set-up on CPU)
         ("peak_rss_bytes", "process peak RSS MiB"),  # the whole process: interpreter, torch, buffers
     )

@@ -54,7 +54,7 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         return None, exc.problems
     if target is None:
         return spec, validate_spec(spec, gpu_count=gpu_count)
-    problems = validate_spec(spec, gpu_count=target.gpus_for(spec))
+    problems = validate_spec(spec, gpu_count=target.gpus_for(spec), no_gpu_reason=target.gpu_note)
     return spec, problems + [p for p in target.problems(spec) if p not in problems]
 
 

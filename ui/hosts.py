@@ -34,6 +34,7 @@ class Target:
     run_on: str | None  # api.submit(run_on=...): None for this machine
     gpu_count: int | None  # None: not known (no live runner reports it), device checks are skipped
     partition: Partition | None = None  # a Slurm runner's partition (its nodes as sinfo saw them)
+    gpu_note: str | None = None  # its runner's account of its GPUs: why it has none, what it excluded
 
     @property
     def is_slurm(self) -> bool:
@@ -102,7 +103,19 @@ def devices_text(host: dict[str, Any]) -> str:
         if len(sizes) == 1 and None not in sizes
         else ""
     )
-    return f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}: {', '.join(names)}{size}"
+    busy = sum(1 for g in gpus if g.get("busy_pids"))
+    return f"{len(gpus)} GPU{'s' if len(gpus) != 1 else ''}: {', '.join(names)}{size}" + (f", {busy} busy" if busy else "")
+
+
+def gpu_line(gpu: dict[str, Any]) -> str:
+    """One GPU of a runner's lease for the Devices panel: 'GPU 3: **NVIDIA H100 80GB HBM3**, 79.6 GiB', and when
+    other users' processes hold it, that it is busy and runs wait for it (runner/service/devices.py)."""
+    line = f"GPU {gpu['index']}: **{gpu.get('name') or 'GPU'}**, {human_bytes(gpu.get('memory_total'))}"
+    pids = gpu.get("busy_pids") or []
+    if pids:
+        line += (f" -- busy: pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids))} not started by this "
+                 "runner; runs wait for it")  # fmt: skip
+    return line
 
 
 def targets(hosts: list[dict[str, Any]], here: str) -> list[Target]:
@@ -120,6 +133,7 @@ def targets(hosts: list[dict[str, Any]], here: str) -> list[Target]:
             f"this machine ({here}): {devices_text(mine)}" if mine else f"this machine ({here}): runner not reporting",
             None,
             len(mine["gpus"]) if mine else None,
+            gpu_note=mine["gpu_note"] if mine else None,
         )
     ]
     for h in live:
@@ -129,7 +143,8 @@ def targets(hosts: list[dict[str, Any]], here: str) -> list[Target]:
         if p is not None:  # a Slurm runner: its GPUs are the partition's, per run (nodes x GPUs per node)
             out.append(Target(h["host"], slurm_label(h, p), h["host"], p.node_count * p.gpus_per_node, p))
         else:
-            out.append(Target(h["host"], f"{h['host']}: {devices_text(h)}", h["host"], len(h["gpus"])))
+            out.append(Target(h["host"], f"{h['host']}: {devices_text(h)}", h["host"], len(h["gpus"]),
+                              gpu_note=h["gpu_note"]))  # fmt: skip
     # "Any host" means a machine's runner: a partition's GPUs are spread over nodes (validated per partition).
     most = max((len(h["gpus"]) for h in live if not partition_of(h)), default=None)
     out.append(

@@ -203,7 +203,8 @@ def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]
                           step_time_s: float | None = None) -> pd.DataFrame:  # fmt: skip
     """Per rank: predicted against measured parameter, optimizer and gradient bytes, the activations autograd saved
     at the peak (the engine's own count), the rank's whole memory (the prediction's total against the run's measured
-    tensor peak, `peak_tensor_bytes`: CUDA's max_memory_allocated, or on a CPU the profiler's count of a step's
+    tensor peak, `peak_tensor_bytes`: CUDA's max_memory_allocated less the cuBLAS workspaces (not tensors: the
+    model does not predict them; the run records them beside it), or on a CPU the profiler's count of a step's
     allocations, runner/job/resources.py; runs recorded before it have none, and their resident-memory figure also
     holds the process's own, so it is not compared) and in-flight microbatches, and one row for the step time and
     bubble (what Compare shows for runs launched from a plan)."""

@@ -44,12 +44,22 @@ def peak_memory(run: dict[str, Any]) -> int | None:
 
 
 def result_captions(run: dict[str, Any]) -> list[str]:
-    """The lines under a finished run's figures: process peak RSS, MFU (or why there is none), bubble."""
+    """The lines under a finished run's figures: process peak RSS, what the tensor peak holds on CUDA, MFU (or why
+    there is none), bubble."""
     r = run.get("result") or {}
     out = []
     rss = [x["peak_rss_bytes"] for x in run["ranks"] if x.get("peak_rss_bytes") is not None]
     if rss:
         out.append(f"process peak RSS (max rank, interpreter and torch included): {human_bytes(max(rss))}")
+    if r.get("device") == "cuda" and any(x.get("peak_tensor_bytes") is not None for x in run["ranks"]):
+        spaces = [x["cublas_workspace_bytes"] for x in run["ranks"] if x.get("cublas_workspace_bytes") is not None]
+        if spaces:
+            out.append(f"tensor peak: the allocator's peak without cuBLAS's workspaces (up to {human_bytes(max(spaces))} "
+                       "a rank, in the run's peak, not tensors), the figure the planner's prediction is compared "
+                       "with")  # fmt: skip
+        else:
+            out.append("tensor peak: the allocator's whole peak, cuBLAS's workspaces included (recorded before they "
+                       "were measured apart): above what the planner predicts by their size")  # fmt: skip
     devices = ", ".join(r.get("device_names") or [])
     if r.get("mfu") is not None:
         peak = f" of {r['peak_flops'] / 1e12:.1f} TFLOP/s peak" if r.get("peak_flops") else ""

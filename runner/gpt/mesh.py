@@ -12,8 +12,13 @@ outermost coordinate -- land on different nodes once the job has more than one. 
 a tp that does not divide the ranks per node (runner/service/launchers/slurm.py layout_problems), and the run
 page's per-rank table shows each rank's node.
 
-`grid()` is pure arithmetic (tested without processes); `Mesh.build(dims)` creates the groups with
-torch.distributed, on every rank in the same order, as new_group requires, and gives the rank's
+`grid()` is pure arithmetic (tested without processes); `Mesh.build(dims)` creates the groups that carry
+collectives -- tp, dp and the tied embedding's first+last stage pairs, each only where it has more than one rank --
+with torch.distributed, on every rank in the same order, as new_group requires. Pipeline neighbours talk
+point-to-point over the world group (runner/gpt/pipeline.py StageLinks), so a pipeline column gets no group: a
+communicator nobody uses still costs its set-up and, on NCCL, GPU memory. On CUDA the job binds the default group
+to its device (init_process_group(device_id=...)), so every new_group here creates its NCCL communicator at once
+(split from the default one) instead of at its first collective inside a timed step or mid-generate. It gives the rank's
 counters a StepClock for its device (CUDA events under NCCL, the host clock under gloo). `barrier()`
 is the one barrier every caller uses: valid on NCCL as on gloo.
 """
@@ -39,6 +44,11 @@ def rank_device() -> torch.device:
     return torch.device("cpu")
 
 
+def gloo_available() -> bool:
+    """Whether this torch build has gloo, which every CPU run needs (the self-test reports it)."""
+    return dist.is_available() and dist.is_gloo_available()
+
+
 def barrier(group: dist.ProcessGroup | None = None) -> None:
     """dist.barrier on `group` (default: every rank). On NCCL the barrier is an all-reduce on a device,
     so it names this rank's device: left to guess, PyTorch picks cuda:(rank % devices), which is wrong
@@ -48,6 +58,9 @@ def barrier(group: dist.ProcessGroup | None = None) -> None:
         dist.barrier(group=group, device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier(group=group)
+
+
+COLLECTIVE_GROUPS = ("tp", "dp", "embed")  # the kinds of group collectives run on; grid's "pp" columns are not one
 
 
 @dataclass(frozen=True)
@@ -98,7 +111,6 @@ class Mesh:
     rank: int
     stats: CommStats
     tp: GroupComm | None = None
-    pp: GroupComm | None = None
     dp: GroupComm | None = None
     embed: GroupComm | None = None  # first+last pipeline stage of this column, when pp > 1
     world: GroupComm | None = None
@@ -126,9 +138,11 @@ class Mesh:
         return rank_of(Coord(c.tp, stage, c.dp), self.tp_size, self.pp_size, self.dp_size)
 
     @classmethod
-    def build(cls, dims: ParallelDims, stats: CommStats | None = None) -> Mesh:
-        """Create every group on every rank (new_group is collective) and keep this rank's, for the
-        run's degrees (validated when `dims` was made)."""
+    def build(cls, dims: ParallelDims, stats: CommStats | None = None, tied: bool = True) -> Mesh:
+        """Create every group collectives run on, on every rank (new_group is collective), and keep this rank's,
+        for the run's degrees (validated when `dims` was made). tied: the first and last stages exchange over
+        their embed pair (train: the tied embedding's gradient; generate: the next token); a forward pass never
+        does, so it creates none."""
         tp, pp, dp = dims
         rank, world = dist.get_rank(), dist.get_world_size()
         if tp * pp * dp != world:
@@ -137,7 +151,7 @@ class Mesh:
         stats.clock.device = rank_device()  # keeps a clock the caller switched off switched off
         mesh = cls(tp, pp, dp, rank, stats, _groups=grid(tp, pp, dp))
         mesh.world = GroupComm(dist.group.WORLD, list(range(world)), stats)
-        for kind in ("tp", "dp", "pp", "embed"):
+        for kind in COLLECTIVE_GROUPS if tied else ("tp", "dp"):
             for ranks in mesh._groups[kind]:
                 # Single-rank groups need no communicator; every rank still walks the same list.
                 group = dist.new_group(ranks) if len(ranks) > 1 else None

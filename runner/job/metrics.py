@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 
 from runner.gpt.config import GPTConfig, count_parameters
+from runner.service.devices import is_mig_name
 
 
 def matmul_parameters(cfg: GPTConfig) -> int:
@@ -90,7 +91,11 @@ _PEAKS: list[tuple[re.Pattern[str], DevicePeak]] = [
 
 
 def device_peak(name: str) -> DevicePeak | None:
-    """The peak entry for a CUDA device name as torch.cuda.get_device_name() reports it, or None."""
+    """The peak entry for a CUDA device name as torch.cuda.get_device_name() reports it, or None. A MIG instance
+    ('NVIDIA A100-SXM4-80GB MIG 3g.40gb') has a share of the GPU's SMs that its profile does not state exactly
+    (a 1g slice of an A100 has 14 of the full GPU's 108), so it gets no peak, rather than the whole GPU's."""
+    if is_mig_name(name):
+        return None
     for pattern, peak in _PEAKS:
         if pattern.search(name):
             return peak

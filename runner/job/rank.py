@@ -32,6 +32,7 @@ from runner.job.metrics import device_peak_flops, model_flops_per_step, percenti
 from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank, rank_cores
 from runner.job.verify import inject_fault, trim_padding, verify_pass
 from runner.service import node_telemetry
+from runner.service.devices import MIG_WHY, is_mig_name
 from runner.spec import strategies
 from runner.spec.records import Error, Event, Finished, RankFigures, Result, Span, Started, Step
 from runner.spec.run_spec import RunSpec, usable_cores
@@ -62,16 +63,20 @@ def redirect_output(run_dir: Path, rank: int) -> None:
 def choose_device(spec: RunSpec, local_rank: int) -> tuple[torch.device, str]:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec.resolved_device(gpus) == "cuda":
+        name = torch.cuda.get_device_name(local_rank)
+        if is_mig_name(name):  # a Slurm node's MIG GRES: the runner refuses MIG before a job starts on its machine
+            raise RuntimeError(f"cuda:{local_rank} is a MIG instance ({name}), {MIG_WHY}")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), "nccl"
     return torch.device("cpu"), "gloo"
 
 
 def gpu_uuids(device: torch.device) -> list[str]:
-    """This node's GPUs of the job in CUDA order, as NVML names them ("GPU-<uuid>"); [] on CPU."""
+    """This node's GPUs of the job in CUDA order, as torch prints their UUIDs (bare: a whole GPU's and a MIG
+    instance's look alike; the node sampler tells them apart through NVML); [] on CPU."""
     if device.type != "cuda":
         return []
-    return [f"GPU-{torch.cuda.get_device_properties(i).uuid}" for i in range(torch.cuda.device_count())]
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
 
 
 def run_job(spec: RunSpec, run_dir: Path) -> None:
@@ -94,13 +99,15 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     node_sampler = None
     if os.environ.get(node_telemetry.ENV) and local_rank == 0:
         node_sampler = node_telemetry.start_node_sampler(run_dir, host, os.getppid(), gpu_uuids(device))
-    dist.init_process_group(backend, timeout=timeout)
+    # On CUDA the default group is bound to this rank's GPU: NCCL's communicators are then created here and in
+    # Mesh.build (eagerly, ncclCommSplit), not lazily at the first collective of a timed step.
+    dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     events.emit(Started(rank, time.time(), world_size=world, device=device.type, backend=backend, pid=os.getpid(),
                         host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    mesh = Mesh.build(spec.degrees)
+    mesh = Mesh.build(spec.degrees, tied=spec.workload != "forward")
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
     state_dict = None
@@ -204,6 +211,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
 
     # After every timed figure is read: on CPU this runs steps of its own (not timed, counted or logged).
     mine.peak_tensor_bytes = memory.tensor_peak(untimed_step)
+    mine.cublas_workspace_bytes = memory.workspace_bytes
     if "bubble_fraction_theory" in mine.strategy and step_wall_total > 0:  # only where a pipeline trains
         # The bubble as measured: the share of the step this stage stood idle -- blocked on a receive
         # from a neighbour, on the tied embedding's peer, or at the barrier ending the step.

@@ -26,7 +26,19 @@ Memory is the run's own (`MemoryMeter`):
 Beside it, `peak_tensor_bytes` is the most bytes the rank's tensors held at once in a step, on either device
 -- what the planner predicts (runner/planner/memory.py), without the process's own overhead (gloo's
 buffers, Python objects, malloc's slack: about 10 MB, as much as a tiny model's tensors):
-- CUDA: the caching allocator's peak over the timed steps (the same figure as peak_mem_bytes).
+- CUDA: the caching allocator's peak over the timed steps without the cuBLAS workspaces, which are reported
+  beside it (`cublas_workspace_bytes`) and stay in peak_mem_bytes. PyTorch takes each cuBLAS (and cuBLASLt)
+  workspace from the caching allocator, one per (handle, stream) pair, and keeps it until
+  torch._C._cuda_clearCublasWorkspaces() (PyTorch issues 95668, 100919: max_memory_allocated counts them);
+  on Hopper one is 32 MiB (issue 120925), so a tiny model's ~5 MB of tensors would read 33-65 MiB. They are
+  measured, not assumed: right after the timed steps, the drop of memory_allocated when PyTorch frees them is
+  their size -- what PyTorch's own CUDA leak check does before comparing allocations
+  (torch/testing/_internal/common_utils.py). Setting CUBLAS_WORKSPACE_CONFIG to a known size and subtracting
+  it instead would need the number of (handle, stream) pairs, which the code's streams decide, would miss a
+  cuBLASLt workspace not unified with cuBLAS's (TORCH_CUBLASLT_UNIFIED_WORKSPACE), and a smaller workspace
+  changes which GEMM kernels cuBLAS may pick, so the timed figures. The subtraction is exact because the
+  workspaces are created at the first matmul on each stream, in the warm-up (validation requires warmup >= 1
+  on CUDA), so each is allocated through the whole timed window, inside the peak exactly once.
 - CPU: measured on an untimed step after the timed ones (`cpu_tensor_peak`). PyTorch's profiler, asked to
   profile memory, reports each CPU allocation and free with the running total of bytes allocated since it
   started (c10's ProfiledCPUMemoryReporter; a free of a block allocated before it started goes unreported).
@@ -158,6 +170,7 @@ class MemoryMeter:
     device: torch.device
     baseline_rss: int = 0
     peak_resettable: bool = True
+    workspace_bytes: int | None = None  # CUDA: the cuBLAS workspaces tensor_peak() took out of the peak
 
     @classmethod
     def after_setup(cls, device: torch.device) -> MemoryMeter:
@@ -190,14 +203,26 @@ class MemoryMeter:
 
     def tensor_peak(self, step: Callable[[], None]) -> int | None:
         """The most bytes the rank's tensors held at once in a step (module docstring): on CUDA the timed
-        steps' allocator peak, on CPU measured by running `step` twice more. Call after figures()."""
+        steps' allocator peak without the cuBLAS workspaces (their bytes left in `workspace_bytes`), on CPU
+        measured by running `step` twice more. Call after figures() and after the last timed step."""
         if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
+            peak = int(torch.cuda.max_memory_allocated(self.device))
+            self.workspace_bytes = cublas_workspace_bytes(self.device)
+            return peak - self.workspace_bytes
         start = time.perf_counter()
         peak = cpu_tensor_peak(step)
         # the rank log says what ran after the last timed step
         print(f"tensor peak: 2 untimed steps under the profiler, {time.perf_counter() - start:.2f} s", flush=True)
         return peak
+
+
+def cublas_workspace_bytes(device: torch.device) -> int:
+    """Bytes the cuBLAS/cuBLASLt workspaces hold in the caching allocator now: how far memory_allocated drops when
+    PyTorch frees them (the next matmul creates them again)."""
+    torch.cuda.synchronize(device)  # a kernel still using a workspace must finish before it is handed back
+    before = torch.cuda.memory_allocated(device)
+    torch._C._cuda_clearCublasWorkspaces()
+    return max(0, before - int(torch.cuda.memory_allocated(device)))
 
 
 MEASURED_STEP = "lab.memory_step"

@@ -1,18 +1,22 @@
 """Calibration (issue 15 item 3): this host's matmul rate and link bandwidth, measured and stored for the planner.
 
-- Matmul rate: `n x n @ n x n` repeated for about half a second in a fresh Python process (torch is imported
-  there, never by the app importing this module), 2n^3 FLOPs each. On CPU one thread, as each CPU rank of a
-  run gets one (runner/service/launch.py sets OMP_NUM_THREADS=1 and job.py pins a core); on CUDA the first GPU, timed
-  with synchronize around the loop, in float32 and bfloat16.
-- Link bandwidth: an all-reduce of `mib` MiB float32 between 2 local processes started by torchrun (gloo on
-  CPU, NCCL on 2+ GPUs), the median of 5 timed after 2 warm-ups, reported as bus bandwidth
-  2(n-1)/n x bytes / seconds (nccl-tests' busbw: what each rank's link carries in a ring).
+The measurements run in processes of their own (runner/job/calibrate_worker.py: torch is imported there, never by
+the app importing this module); here they are started, placed and stored.
+- Matmul rate: `n x n @ n x n`, 2n^3 FLOPs each. On CPU one thread, as each CPU rank of a run gets one
+  (runner/service/launch.py sets OMP_NUM_THREADS=1 and the job pins a core), timed by the host clock; on CUDA
+  one free GPU, n at least 8192, timed by CUDA events over many back-to-back matmuls, in float32 and bfloat16.
+- Link bandwidth: an all-reduce between local processes started by torchrun, reported as bus bandwidth
+  2(n-1)/n x bytes / seconds (nccl-tests' busbw: what each rank's link carries in a ring). On CPU 2 ranks (gloo),
+  `mib` MiB, median of 5 host-timed. On CUDA every free local GPU, one rank each (NCCL), at least
+  GPU_ALLREDUCE_MIB MiB, CUDA events over many back-to-back all-reduces, the slowest rank's time.
+- Free GPUs are those runs may use here (runner/service/devices.py: torch's view, the inherited
+  CUDA_VISIBLE_DEVICES, MIG refused), not busy with another process and not booked by a running run of this
+  host: calibration never shares a GPU a job holds, whose timings it would disturb and be disturbed by. The
+  workers get those GPUs by UUID in CUDA_VISIBLE_DEVICES.
 - Stored in the `calibrations` table (storage/calibration.py, revision 0007) under this host's name
   (storage.hosts.this_host); `this_host_devices()` builds the planner's Devices from the newest row: the
   measured matmul rate stands in for the peak (so the planner's efficiency then applies to a measured rate:
   use --efficiency 1 for CPU runs), the bus bandwidth for both links (one machine).
-
-`python -m runner.planner.calibrate allreduce --mib N --out F` is the worker torchrun runs.
 """
 
 from __future__ import annotations
@@ -27,31 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.planner.devices import Devices, cpu_host, from_gpus
-
-MATMUL_SCRIPT = r"""
-import json, sys, time, torch
-device, n, dtype_name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-if device == "cpu":
-    torch.set_num_threads(1)
-dtype = getattr(torch, dtype_name)
-a = torch.randn(n, n, device=device).to(dtype)
-b = torch.randn(n, n, device=device).to(dtype)
-sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-for _ in range(2):
-    a @ b
-sync()
-reps, t0 = 0, time.perf_counter()
-while True:
-    a @ b
-    reps += 1
-    if reps % 4 == 0:
-        sync()
-        if time.perf_counter() - t0 > 0.5:
-            break
-elapsed = time.perf_counter() - t0
-name = torch.cuda.get_device_name(0) if device == "cuda" else ""
-print(json.dumps({"flops": 2 * n**3 * reps / elapsed, "reps": reps, "seconds": elapsed, "name": name}))
-"""
+from runner.service.devices import Gpu
 
 
 @dataclass(frozen=True)
@@ -95,63 +75,102 @@ class Calibration:
         }
 
 
-def _cuda_available() -> bool:
-    from runner.service.telemetry import detect_gpus
+WORKER = "runner.job.calibrate_worker"
+GPU_ALLREDUCE_MIB = 256  # on NVLink a smaller all-reduce is dominated by launch latency, not the link
+GPU_MATMUL_N = 8192
 
-    return len(detect_gpus()) > 0
+
+def _env(gpus: list[str]) -> dict[str, str]:
+    """The workers' environment: the given GPUs by UUID (CUDA order = this order), or none and one thread on CPU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+    if gpus:
+        env.pop("OMP_NUM_THREADS")
+    return env
 
 
-def measure_matmul(device: str = "cpu", size: int = 1024, dtype: str = "float32", timeout_s: float = 120) -> dict:
-    """FLOP/s of repeated n x n matmuls on one device (one thread on CPU), in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", MATMUL_SCRIPT, device, str(size), dtype], capture_output=True,
-                         text=True, timeout=timeout_s)  # fmt: skip
+def measure_matmul(device: str = "cpu", size: int = 1024, dtype: str = "float32", timeout_s: float = 120,
+                   gpu: str | None = None) -> dict:  # fmt: skip
+    """FLOP/s of repeated n x n matmuls on one device (one thread on CPU; on CUDA the GPU of UUID `gpu`, else
+    the first one CUDA sees), in a fresh process."""
+    env = _env([gpu]) if gpu else _env([]) if device == "cpu" else dict(os.environ)
+    out = subprocess.run([sys.executable, "-m", WORKER, "matmul", device, str(size), dtype], capture_output=True,
+                         text=True, timeout=timeout_s, env=env)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"matmul measurement failed: {out.stderr.strip()[-500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure_allreduce(device: str = "cpu", mib: int = 16, ranks: int = 2, timeout_s: float = 180) -> dict:
-    """Bus bandwidth of an all-reduce between `ranks` local processes (torchrun; gloo on CPU, NCCL on CUDA)."""
+def measure_allreduce(device: str = "cpu", mib: int = 16, ranks: int = 2, timeout_s: float = 300,
+                      gpus: list[str] | None = None) -> dict:  # fmt: skip
+    """Bus bandwidth of an all-reduce between local processes started by torchrun: `ranks` on CPU (gloo), one
+    per GPU of `gpus` (UUIDs) on CUDA (NCCL)."""
+    if device == "cuda" and gpus:
+        ranks = len(gpus)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = Path(tmp) / "allreduce.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "runner.planner.calibrate", "allreduce", "--mib", str(mib), "--device", device,
-               "--out", str(out_file)]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+               "-m", WORKER, "allreduce", "--mib", str(mib), "--device", device, "--out", str(out_file)]  # fmt: skip
+        env = _env(gpus or []) if device == "cuda" and gpus else _env([]) if device == "cpu" else dict(os.environ)
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
         if proc.returncode != 0 or not out_file.exists():
             raise RuntimeError(f"all-reduce measurement failed: {proc.stderr.strip()[-800:]}")
         return json.loads(out_file.read_text())
 
 
-def calibrate(device: str = "auto", size: int = 1024, mib: int = 16) -> Calibration:
-    """Measure this host: matmul rate per dtype of one device, all-reduce bandwidth between 2 local ranks."""
+def calibrate(device: str = "auto", size: int = 1024, mib: int = 16, engine: Any = None) -> Calibration:
+    """Measure this host: matmul rate per dtype of one device, all-reduce bandwidth between 2 CPU ranks or every
+    free local GPU. RuntimeError when CUDA is asked for and no GPU is free (saying why)."""
     from storage.hosts import this_host
 
+    gpus = free_gpus(engine) if device in ("auto", "cuda") else ([], "")
     if device == "auto":
-        device = "cuda" if _cuda_available() else "cpu"
-    dtypes = ("float32", "bfloat16")
+        device = "cuda" if gpus[0] else "cpu"
+    if device == "cuda" and not gpus[0]:
+        raise RuntimeError(f"no free GPU to calibrate: {gpus[1]}")
+    uuids = [g.uuid for g in gpus[0]] if device == "cuda" else []
     rates, name = {}, ""
-    for dt in dtypes:
-        r = measure_matmul(device, size if device == "cpu" else max(size, 8192), dt)
+    for dt in ("float32", "bfloat16"):
+        r = measure_matmul(device, size if device == "cpu" else max(size, GPU_MATMUL_N), dt,
+                           gpu=uuids[0] if uuids else None)  # fmt: skip
         rates[dt] = r["flops"]
         name = r["name"] or name
     if device == "cpu":
         name = _cpu_name()
-    ranks = 2
+    ranks = len(uuids) if device == "cuda" else 2
     bw: float | None = None
     backend = "nccl" if device == "cuda" else "gloo"
-    if device == "cuda" and _gpu_count() < 2:
-        backend = "none (one GPU)"
+    if device == "cuda" and ranks < 2:
+        backend = "none (one free GPU)"
     else:
-        bw = measure_allreduce(device, mib, ranks)["busbw"]
+        mib = max(mib, GPU_ALLREDUCE_MIB) if device == "cuda" else mib
+        bw = measure_allreduce(device, mib, ranks, gpus=uuids)["busbw"]
     return Calibration(this_host(), device, name, rates, bw, ranks, backend)
 
 
-def _gpu_count() -> int:
-    from runner.service.telemetry import detect_gpus
+def free_gpus(engine: Any = None) -> tuple[list[Gpu], str]:
+    """(the GPUs calibration may take now, why there are none): this machine's usable GPUs (read afresh, as its
+    runner reads them), less those another process uses and those a running run of this host booked."""
+    from runner.service.device_probe import detect_devices
 
-    return len(detect_gpus())
+    report = detect_devices(shared=False)
+    booked: set[int] = set()
+    try:
+        from storage import runner_rows
+        from storage.db import get_engine
+        from storage.hosts import this_host
+
+        booked = {int(g) for row in runner_rows.running_runs(engine or get_engine(), host=this_host())
+                  for g in row["gpus"] or []}  # fmt: skip
+    except Exception:  # noqa: BLE001 -- no database here: a run's ranks still show as other processes on its GPUs
+        booked = set()
+    free = report.free(booked)
+    if free:
+        return free, ""
+    if not report.gpus:
+        return [], report.no_gpu_reason()
+    held = [g.index for g in report.gpus if g.index in booked]
+    return [], "; ".join(p for p in (f"GPUs {', '.join(map(str, held))} are booked by running runs" if held else "",
+                                     report.busy_text(booked)) if p)  # fmt: skip
 
 
 def _cpu_name() -> str:
@@ -167,7 +186,7 @@ def _cpu_name() -> str:
 def calibrate_and_store(device: str = "auto", size: int = 1024, mib: int = 16, store: bool = True,
                         engine: Any = None) -> Calibration:  # fmt: skip
     """calibrate(), then one row per dtype in the database (unless store is False)."""
-    cal = calibrate(device, size, mib)
+    cal = calibrate(device, size, mib, engine)
     if store:
         from storage.db import get_engine
 
@@ -210,20 +229,25 @@ def devices_from_calibration(
 
 
 def this_host_devices(engine: Any = None) -> Devices:
-    """This host's devices for the planner: its GPUs (NVML) or its CPU cores, with the newest calibration when
-    one is stored (else published peaks for GPUs; an uncalibrated CPU gets 10 GFLOP/s a core and 1 GB/s, said
-    in `source`)."""
+    """This host's devices for the planner: the GPUs runs may use here (runner.api.this_host_gpus: the live
+    runner's report, the one the dashboard and the self-test show) or its CPU cores, with the newest calibration
+    when one is stored (else published peaks for GPUs; an uncalibrated CPU gets 10 GFLOP/s a core and 1 GB/s,
+    said in `source`)."""
     import psutil
 
-    from runner.service.telemetry import detect_gpus
+    from runner.api import this_host_gpus
     from runner.spec.run_spec import usable_cores
 
-    gpus = list(detect_gpus())
-    cal = None
     try:
         from storage.db import get_engine
 
-        cal = stored(engine or get_engine(), device="cuda" if gpus else "cpu")
+        engine = engine or get_engine()
+    except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
+        engine = None
+    gpus, _ = this_host_gpus(engine)
+    cal = None
+    try:
+        cal = stored(engine, device="cuda" if gpus else "cpu") if engine is not None else None
     except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
         cal = None
     memory = psutil.virtual_memory().total
@@ -236,48 +260,3 @@ def this_host_devices(engine: Any = None) -> Devices:
     dev = cpu_host(usable_cores(), memory, 10e9, 1e9)
     return Devices(dev.name, dev.count, dev.memory_bytes, dev.peak_fp32, dev.peak_bf16, dev.bw_intra, dev.bw_inter,
                    dev.gpus_per_node, dev.reserve_bytes, "CPU, not calibrated (python -m runner calibrate)")  # fmt: skip
-
-
-def _allreduce_worker(argv: list[str]) -> None:
-    """Run under torchrun: time an all-reduce of `--mib` MiB float32 and write the bus bandwidth (rank 0)."""
-    import argparse
-    import statistics
-    import time
-
-    import torch
-    import torch.distributed as dist
-
-    p = argparse.ArgumentParser()
-    p.add_argument("--mib", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    cuda = a.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    n = dist.get_world_size()
-    x = torch.ones(a.mib * 2**20 // 4, device="cuda" if cuda else "cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = []
-    for i in range(7):
-        dist.barrier()
-        sync()
-        t0 = time.perf_counter()
-        dist.all_reduce(x)
-        sync()  # NCCL is asynchronous on the stream: the host clock only counts once the kernel finished
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    seconds = statistics.median(times)
-    nbytes = x.numel() * 4
-    if dist.get_rank() == 0:
-        busbw = 2 * (n - 1) / n * nbytes / seconds
-        Path(a.out).write_text(json.dumps({"busbw": busbw, "seconds": seconds, "bytes": nbytes, "ranks": n}))
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "allreduce":
-        _allreduce_worker(sys.argv[2:])
-    else:
-        print("usage: python -m runner.planner.calibrate allreduce --mib N --out FILE (run by torchrun)")

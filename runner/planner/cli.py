@@ -141,7 +141,7 @@ def add_calibrate_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure this host's matmul rate and link bandwidth for the planner")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--size", type=int, default=1024, help="matmul size n (n x n times n x n)")
-    p.add_argument("--mib", type=int, default=16, help="all-reduce payload in MiB")
+    p.add_argument("--mib", type=int, default=16, help="all-reduce payload in MiB (on GPUs at least 256)")
     p.add_argument("--no-store", action="store_true", help="print only, do not store in the database")
     return p
 

@@ -5,8 +5,8 @@
   (nvidia-smi's total: H100 80GB 81,559 MiB, A100 80GB 81,920 MiB); bandwidths are per GPU, one
   direction: NVLink 4 (H100 SXM) 450 GB/s, NVLink 3 (A100 SXM) 300 GB/s, PCIe 5 x16 64 GB/s, PCIe 4 x16
   32 GB/s; between nodes one 400 Gb/s NIC per GPU (DGX H100) = 50 GB/s, 200 Gb/s (DGX A100) = 25 GB/s.
-- `from_gpus(gpus)`: the [{name, memory_total}] list runner/telemetry.detect_gpus returns and runner
-  leases store, one node; `from_lease(lease)` for another host's runner (api.hosts).
+- `from_gpus(gpus)`: the [{name, memory_total}] list of the GPUs runs may use on one node, as runner leases
+  store it and runner.api.this_host_gpus gives it; `from_lease(lease)` for another host's runner (api.hosts).
 - `from_partition(partition, kind)`: a Slurm partition (runner/cluster.Partition, read with sinfo): its
   nodes x GPUs per node, the GPUs described by a preset kind (sinfo does not say which GPU).
 - `described(...)`: anything else, by hand.
@@ -125,7 +125,7 @@ def kind_of(nvml_name: str) -> str | None:
 
 
 def from_gpus(gpus: Sequence[Mapping[str, Any]], host: str = "this host") -> Devices | None:
-    """The GPUs of one host ([{name, memory_total}], as detect_gpus and a runner lease give them); None if none."""
+    """The GPUs of one host ([{name, memory_total}], as a runner lease and api.this_host_gpus give them); None if none."""
     if not gpus:
         return None
     name = str(gpus[0].get("name", "GPU"))

@@ -64,7 +64,8 @@ default on CPUs: that square root and the quotient).
 What is not modelled: the gradients of activations beyond a block's first moment, allocator rounding and
 fragmentation, buffers gloo keeps after a tensor-parallel collective, and the process's own memory (a CUDA context,
 on a CPU the interpreter). Runs
-measure the same thing (runner/job/resources.py `peak_tensor_bytes`: the allocator's peak of tensor bytes on CUDA, the
+measure the same thing (runner/job/resources.py `peak_tensor_bytes`: the allocator's peak on CUDA without the cuBLAS
+workspaces, which belong with the CUDA context in Devices.reserve_bytes and are reported beside it; the
 profiler's count of CPU allocations on a CPU), and tests/test_planner_measured.py holds a training step's peak
 to 10% of it on tiny and small runs of every strategy.
 Forward and generate: runner/planner/inference_memory.py.

@@ -53,15 +53,17 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def job_env(spec: RunSpec, gpus: list[int]) -> dict[str, str]:
+def job_env(spec: RunSpec, gpus: list[str]) -> dict[str, str]:
+    """The job's environment: the runner's own, with its GPUs named by UUID ([] for a CPU run)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(TORCHRUN_SHUTDOWN_S)
     if gpus:
-        # NVML numbers GPUs by PCI bus; make CUDA number them the same way so index g is the same device.
+        # By UUID: an index means whatever the CUDA order and the runner's own inherited CUDA_VISIBLE_DEVICES make
+        # it mean (an inherited "4,5" renumbers them 0,1), a UUID names one device everywhere. cuda:i is the i-th.
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     else:
         # Each rank is one process on a shared CPU: one intra-op thread each avoids oversubscription,
         # whatever the user's shell had set. No GPU is visible, so a CPU run never takes GPU memory.

@@ -30,9 +30,9 @@ import psutil
 from sqlalchemy import Engine
 
 from runner.service.cluster import partition_or_error
+from runner.service.gpu_pool import GpuPool
 from runner.service.launchers import Launcher, LocalLauncher
 from runner.service.logs import cap_run_logs
-from runner.service.telemetry import detect_gpus
 from runner.service.watched import Watched
 from runner.spec.records import RunStatus
 from runner.spec.run_spec import RunSpec, SpecError
@@ -58,7 +58,8 @@ class LeaseLost(Exception):
 
 
 class Runner:
-    def __init__(self, engine: Engine, max_cpu_jobs: int = 1, poll_s: float = 0.25, launcher: Launcher | None = None):
+    def __init__(self, engine: Engine, max_cpu_jobs: int = 1, poll_s: float = 0.25, launcher: Launcher | None = None,
+                 share_gpus: bool | None = None):  # fmt: skip
         self.engine = engine
         # New runs go to `launcher` (local torchrun by default); a run is re-attached through the launcher
         # of the backend it recorded.
@@ -68,8 +69,9 @@ class Runner:
         self.poll_s = poll_s
         self.host = hosts_db.this_host()
         self.runner_id = f"{self.host[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.gpus = detect_gpus()
-        self.gpu_note = self.gpus.reason
+        # The GPUs runs may use: torch's CUDA (probed in a subprocess) intersected with NVML, the inherited
+        # CUDA_VISIBLE_DEVICES honoured, MIG refused, other users' GPUs busy (runner/service/devices.py).
+        self.pool = GpuPool(share_gpus)
         self.cluster: dict | None = None  # a Slurm runner's partition as published in its lease
         self.cluster_read_at: float | None = None
         self.watched: dict[int, Watched] = {}
@@ -114,7 +116,7 @@ class Runner:
         """Take the lease; a holder on this host whose process is gone is taken over without waiting."""
         if self.cluster_read_at is None:
             self.read_cluster()
-        args = (self.engine, self.runner_id, os.getpid(), list(self.gpus), self.gpu_note)
+        args = (self.engine, self.runner_id, os.getpid(), self.pool.report.lease_gpus(), self.pool.report.note())
         if hosts_db.acquire_lease(*args, cluster=self.cluster):
             return True
         status = hosts_db.runner_status(self.engine, self.host) or {}
@@ -130,7 +132,7 @@ class Runner:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         print(f"runner {self.runner_id} serving {self.engine.url.render_as_string()} as host {self.host} "
-              f"({self.gpu_note})", flush=True)  # fmt: skip
+              f"({self.pool.report.note()})", flush=True)  # fmt: skip
         if self.cluster is not None:
             print(f"Slurm partition {self.cluster['partition']}: " + (self.cluster["error"] or ", ".join(
                 f"{n['name']} ({n['cpus']} CPUs, {n['gpus']} GPUs, {n['state']})" for n in self.cluster["nodes"])),
@@ -142,7 +144,8 @@ class Runner:
                 now = time.monotonic()
                 try:
                     if now - last_beat >= HEARTBEAT_EVERY_S:
-                        if not hosts_db.heartbeat(self.engine, self.runner_id, list(self.gpus)):
+                        self.pool.refresh(self.job_pids())  # busy GPUs change as other users come and go
+                        if not hosts_db.heartbeat(self.engine, self.runner_id, self.pool.report.lease_gpus()):
                             raise LeaseLost
                         last_beat = now
                         # Right after a heartbeat: a slow sinfo (bounded by SINFO_TIMEOUT_S) delays the next one,
@@ -216,7 +219,7 @@ class Runner:
             spec, unreadable = RunSpec(), f"its stored spec cannot be read ({exc})"
         started = row["started_at"].timestamp() if row["started_at"] else time.time()
         if alive:
-            w = Watched(job, spec, gpus, started, launcher.sampler(job, started, gpus),
+            w = Watched(job, spec, gpus, started, launcher.sampler(job, started, self.pool.uuids(gpus)),
                         events_offset=row["events_offset"] or 0, stored_ranks=len(job.ranks))  # fmt: skip
             if unreadable:  # it cannot be watched against its limits: stop it and say why
                 w.stopping, w.stop_reason = RunStatus.FAILED, unreadable + "; its processes were stopped"
@@ -254,9 +257,15 @@ class Runner:
                 sys.stdout.flush()
         self.place_queued()
 
+    def booked_gpus(self) -> set[int]:
+        return {g for w in self.watched.values() for g in w.gpus} | {g for gs in self.pending.values() for g in gs}
+
     def free_gpus(self) -> list[int]:
-        busy = {g for w in self.watched.values() for g in w.gpus} | {g for gs in self.pending.values() for g in gs}
-        return [g["index"] for g in self.gpus if g["index"] not in busy]
+        return self.pool.free(self.booked_gpus())
+
+    def job_pids(self) -> set[int]:
+        """The processes of the jobs this runner watches (their use of a GPU never makes it busy)."""
+        return {pid for w in self.watched.values() for pid in (getattr(w.job, "pid", 0), *getattr(w.job, "ranks", {}))}
 
     def place_queued(self) -> None:
         # A comparison set runs one run at a time in queue order (round-robin over its specs: storage.runs.
@@ -272,8 +281,10 @@ class Runner:
                 turn[set_id] = row["id"]
             try:
                 spec = RunSpec.from_dict(row["spec"])
-                gpu_count = len(self.gpus) if self.launcher.places_locally else self.launcher.gpu_count(spec)
-                problems = validate_spec(spec, gpu_count=gpu_count, check_weights=False)  # weights checked at submit
+                local = self.launcher.places_locally
+                gpu_count = self.pool.count if local else self.launcher.gpu_count(spec)
+                problems = validate_spec(spec, gpu_count=gpu_count, check_weights=False,  # weights checked at submit
+                                         no_gpu_reason=self.pool.report.no_gpu_reason() if local else None)  # fmt: skip
                 problems = problems or self.launcher.problems(spec)
             except SpecError as exc:
                 problems = exc.problems
@@ -297,13 +308,12 @@ class Runner:
             if not self.launcher.places_locally:  # the scheduler places it and queues it meanwhile
                 self.launch(row["id"], spec, [], device=spec.resolved_device(gpu_count))
                 continue
-            want_gpu = spec.resolved_device(len(self.gpus)) == "cuda"
+            want_gpu = spec.resolved_device(self.pool.count) == "cuda"
             if want_gpu:
                 free = self.free_gpus()
                 if len(free) < spec.world_size:
-                    rows.set_wait_reason(
-                        self.engine, row["id"], f"waiting for {spec.world_size} free GPUs ({len(free)} free now)"
-                    )
+                    reason = self.pool.wait_reason(spec.world_size, self.booked_gpus())
+                    rows.set_wait_reason(self.engine, row["id"], reason[:200])
                     continue
                 gpus = free[: spec.world_size]
             else:
@@ -333,14 +343,14 @@ class Runner:
             device = device or ("cuda" if gpus else "cpu")
             doc = {**spec.to_dict(), "device": device, "run_id": run_id, "run_dir": str(run_dir)}
             (run_dir / "spec.json").write_text(json.dumps(doc))
-            job = launcher.submit(run_id, spec, run_dir, gpus)
+            job = launcher.submit(run_id, spec, run_dir, self.pool.uuids(gpus))
         except Exception as exc:  # claimed but not started: the run must not stay 'running' with no process
             rows.finish_run(self.engine, run_id, RunStatus.FAILED, error=f"{launcher.submit_failure}: {exc}")
             return
         started = time.time()
         # Watched before anything else can fail: the job id is stored (again) by watch() until it is.
-        self.watched[run_id] = Watched(job, spec, gpus, started, launcher.sampler(job, started, gpus))
-        names = [g["name"] for g in self.gpus if g["index"] in gpus] or [device if device == "cuda" else "cpu"]
+        self.watched[run_id] = Watched(job, spec, gpus, started, launcher.sampler(job, started, self.pool.uuids(gpus)))
+        names = self.pool.names(gpus) or [device if device == "cuda" else "cpu"]
         rows.update_run(self.engine, run_id, **launcher.record(job), torch_version=self.torch_version,
                         device_names=names)  # fmt: skip
         self.watched[run_id].stored_ranks = 0
@@ -364,7 +374,7 @@ class Runner:
                 w.started = now  # its time limit counts from when the scheduler starts it
             if now - w.last_sample >= TELEMETRY_EVERY_S:
                 w.last_sample = now
-                rows.add_telemetry(self.engine, run_id, w.sampler.sample())
+                rows.add_telemetry(self.engine, run_id, w.samples(run_id))
                 cap_run_logs(job.run_dir)
                 w.store_log_tails(self.engine, run_id)
             if w.stopping is None and not w.orphans_stopped:
@@ -388,7 +398,7 @@ class Runner:
     def finalize(self, run_id: int, w: Watched, launcher: Launcher) -> None:
         """Store the final status, then forget the run (a failure to store keeps it watched for a retry)."""
         w.ingest_events(self.engine, run_id)
-        rows.add_telemetry(self.engine, run_id, w.sampler.sample())  # the nodes' last samples (Slurm runs)
+        rows.add_telemetry(self.engine, run_id, w.samples(run_id))  # the nodes' last samples (Slurm runs)
         w.store_log_tails(self.engine, run_id)
         collected = launcher.collect(w.job)
         code = collected.exit_code

@@ -11,7 +11,10 @@ NVML numbers all of the node's) once a second and appends one JSON line per GPU 
 with the node.
 
 The sampler process dies with the rank that started it (PR_SET_PDEATHSIG, and it checks its parent each
-second), so it never outlives the run; the rank also stops it when the job ends.
+second), so it never outlives the run; the rank also stops it when the job ends. What goes wrong in it -- NVML
+failing (backed off, runner/service/nvml.py), a GPU refused (a MIG instance), any exception -- is written, once
+per distinct trouble, to <run_dir>/telemetry/<node>.log, where its stderr goes too: it never dies silently, and
+one bad sample never ends the sampling.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from runner.service.telemetry import Sampler
 
@@ -41,17 +45,26 @@ def node_file(run_dir: Path | str, host: str) -> Path:
     return Path(run_dir) / FOLDER / f"{host}.jsonl"
 
 
+def node_log(run_dir: Path | str, host: str) -> Path:
+    """Where the sampler of `host` says what went wrong: <run_dir>/telemetry/<host>.log."""
+    return Path(run_dir) / FOLDER / f"{host}.log"
+
+
 def start_node_sampler(run_dir: Path, host: str, launcher_pid: int, gpu_uuids: list[str]) -> subprocess.Popen:
     """Start this node's sampler (called by the node's LOCAL_RANK 0 when LAB_NODE_TELEMETRY is set).
 
     launcher_pid: this node's torchrun, whose rank children are sampled; gpu_uuids: the job's GPUs on this node in
-    CUDA order ("GPU-..."), [] for a CPU run.
+    CUDA order, as torch prints their UUIDs (the sampler finds each whole GPU by UUID and refuses a MIG instance),
+    [] for a CPU run.
     """
     env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
     argv = [sys.executable, "-m", "runner.service.node_telemetry", str(run_dir), "--host", host, "--root", str(launcher_pid),
             *(a for u in gpu_uuids for a in ("--gpu-uuid", u))]  # fmt: skip
-    return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)  # fmt: skip
+    log = node_log(run_dir, host)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as err:  # a sampler that cannot even start says why there
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_die_with_parent)  # fmt: skip
 
 
 def stop_node_sampler(proc: subprocess.Popen | None) -> None:
@@ -79,16 +92,47 @@ def sample_node(run_dir: Path, host: str, root_pid: int, gpu_uuids: list[str], p
     sampler = Sampler(root_pid=root_pid, started=0.0, gpu_uuids=gpu_uuids)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    with path.open("a") as out:
+    with path.open("a") as out, node_log(run_dir, host).open("a") as log:
+        told = Told(log)
         while not stop and os.getppid() == parent_pid:
-            lines = []
-            for row in sampler.sample():  # started=0: t_s is the wall-clock time
-                t = row.pop("t_s")
-                lines.append(json.dumps({"host": host, "t": t, **row}) + "\n")
-            if lines:
-                out.write("".join(lines))  # whole lines at once: the reader skips a partial last line
-                out.flush()
+            write_samples(sampler, out, host, told)
             time.sleep(SAMPLE_EVERY_S)
+
+
+@dataclass
+class Told:
+    """The sampler's log: each distinct trouble written once, with the time, so a failing NVML is one line."""
+
+    out: Any
+    said: set[str] = field(default_factory=set)
+
+    def __call__(self, message: str) -> None:
+        if message in self.said:
+            return
+        self.said.add(message)
+        self.out.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self.out.flush()
+
+
+def write_samples(sampler: Sampler, out, host: str, told: Told) -> int:
+    """One round: the sampler's rows as whole JSON lines on `out` (how many), its troubles told instead of raised."""
+    try:
+        rows = sampler.sample()  # started=0: t_s is the wall-clock time
+    except Exception as exc:  # noqa: BLE001 -- one bad sample must not end the sampling
+        told(f"sampling failed: {type(exc).__name__}: {exc}")
+        return 0
+    if sampler.gpu_uuids and sampler.nvml.error:
+        told(f"NVML: {sampler.nvml.error}; GPU telemetry is retried after a back-off")
+    for source, why in sampler.refused.items():
+        told(f"{source}: {why}")
+    lines = []
+    for row in rows:
+        t = row.pop("t_s")
+        lines.append(json.dumps({"host": host, "t": t, **row}) + "\n")
+    if lines:
+        out.write("".join(lines))  # whole lines at once: the reader skips a partial last line
+        out.flush()
+    return len(lines)
 
 
 @dataclass

@@ -1,7 +1,12 @@
-"""Sampling what a job uses: NVML per GPU when an NVIDIA GPU is there, psutil per rank process otherwise.
+"""Sampling what a job uses: NVML per GPU when the job has GPUs, psutil per rank process otherwise.
 
-Each NVML field is read in its own try/except and stored as None when the device does not support
-it (as gpustat does). `detect_gpus()` returns [] and says plainly why when there is no GPU.
+GPUs are named by UUID, the one name NVML and the job's CUDA agree on (the runner starts jobs with UUIDs in
+CUDA_VISIBLE_DEVICES; Slurm numbers a job's GPUs from 0, NVML numbers all of a node's), and a GPU's source is
+gpu<its CUDA index in the job>, so gpuN is the device of local rank N. NVML goes through the process's one
+guarded NVML (runner/service/nvml.py): initialised once, a field the device does not support stored as None
+(as gpustat does), and a failing NVML backed off, so a sample is never an exception: [] means not known now.
+A MIG instance is refused (this lab runs one rank per whole GPU, runner/service/devices.py) and said in
+`refused`, which the node sampler writes to its log.
 """
 
 from __future__ import annotations
@@ -11,99 +16,56 @@ from dataclasses import dataclass, field
 
 import psutil
 
-
-class GpuList(list):
-    """A list of GPUs ([{index, name, memory_total}]) that also says, in `reason`, why it is what it is."""
-
-    reason: str = ""
-
-
-def _gpus(found: list[dict], reason: str) -> GpuList:
-    gpus = GpuList(found)
-    gpus.reason = reason
-    return gpus
-
-
-def detect_gpus() -> GpuList:
-    """GPUs NVML sees as [{index, name, memory_total}]; [] when there is no NVIDIA GPU or driver.
-
-    `.reason` is a sentence for the page: why there is no GPU (no nvidia-ml-py, no driver library,
-    0 devices), or how many there are.
-    """
-    try:
-        import pynvml  # provided by nvidia-ml-py
-    except ImportError:
-        return _gpus([], "no NVIDIA GPU: nvidia-ml-py is not installed, runs use CPU processes with gloo")
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        return _gpus([], f"no NVIDIA GPU: NVML is unavailable ({exc}); runs use CPU processes with gloo")
-    try:
-        found = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(h)
-            found.append({
-                "index": i,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-            })  # fmt: skip
-    except pynvml.NVMLError as exc:
-        return _gpus([], f"no NVIDIA GPU: NVML failed to list devices ({exc}); runs use CPU processes with gloo")
-    finally:
-        pynvml.nvmlShutdown()
-    if not found:
-        return _gpus([], "no NVIDIA GPU: the driver reports 0 devices; runs use CPU processes with gloo")
-    return _gpus(found, f"{len(found)} NVIDIA GPU(s) visible through NVML")
+from runner.service.devices import MIG_WHY, uuid_key
+from runner.service.nvml import Nvml, process_nvml
 
 
 @dataclass
 class Sampler:
-    """Samples one job: GPUs it was given (NVML) or its rank processes (psutil), as rows for storage.
+    """Samples one job: the GPUs it was given (NVML, by UUID) or its rank processes (psutil), as rows for storage.
 
-    GPUs are named by NVML index (`gpus`, the runner's own machine, where NVML and the job count alike), or by
-    UUID (`gpu_uuids`, on a Slurm node, where CUDA_VISIBLE_DEVICES renumbers the job's GPUs from 0 and NVML
-    does not: the UUID is the one name both agree on); a UUID-named GPU's source is gpu<its CUDA index>.
+    gpu_uuids: the job's GPUs in CUDA order, "GPU-..." as NVML writes them (the runner's) or bare as torch prints
+    them (a Slurm node's job, runner/job/rank.py); [] for a CPU job.
     """
 
     root_pid: int
     started: float
-    gpus: list[int] = field(default_factory=list)
     gpu_uuids: list[str] = field(default_factory=list)
+    nvml: Nvml = field(default_factory=process_nvml)
+    refused: dict[str, str] = field(default_factory=dict)  # source -> why it is not sampled (a MIG instance)
     _procs: dict[int, psutil.Process] = field(default_factory=dict)
     _ranks: dict[int, int] = field(default_factory=dict)
 
     def sample(self) -> list[dict]:
         t_s = time.time() - self.started
-        return self._sample_gpus(t_s) if self.gpus or self.gpu_uuids else self._sample_processes(t_s)
+        if self.gpu_uuids:
+            return self.nvml.run(lambda lib: self._sample_gpus(lib, t_s)) or []
+        return self._sample_processes(t_s)
 
-    def _sample_gpus(self, t_s: float) -> list[dict]:
-        import pynvml
-
+    def _sample_gpus(self, lib, t_s: float) -> list[dict]:
         rows = []
-        named = [(f"gpu{i}", pynvml.nvmlDeviceGetHandleByIndex, i) for i in self.gpus]
-        named += [(f"gpu{i}", pynvml.nvmlDeviceGetHandleByUUID, u) for i, u in enumerate(self.gpu_uuids)]
-        pynvml.nvmlInit()
-        try:
-            for source, handle_of, key in named:
-                util = mem = None
-                try:
-                    h = handle_of(key)
-                except pynvml.NVMLError:
+        for i, uuid in enumerate(self.gpu_uuids):
+            source = f"gpu{i}"
+            if source in self.refused:
+                continue
+            h = self._handle(lib, i, uuid)
+            if h is None:
+                if source not in self.refused:
                     rows.append({"source": source, "t_s": t_s, "util_pct": None, "mem_bytes": None})
-                    continue
-                try:
-                    util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
-                except pynvml.NVMLError:
-                    pass
-                try:
-                    mem = int(pynvml.nvmlDeviceGetMemoryInfo(h).used)
-                except pynvml.NVMLError:
-                    pass
-                rows.append({"source": source, "t_s": t_s, "util_pct": util, "mem_bytes": mem})
-        finally:
-            pynvml.nvmlShutdown()
+                continue
+            util = self.nvml.field(lib.nvmlDeviceGetUtilizationRates, h)
+            mem = self.nvml.field(lib.nvmlDeviceGetMemoryInfo, h)
+            rows.append({"source": source, "t_s": t_s, "util_pct": None if util is None else float(util.gpu),
+                         "mem_bytes": None if mem is None else int(mem.used)})  # fmt: skip
         return rows
+
+    def _handle(self, lib, i: int, uuid: str):
+        """The NVML handle of a whole GPU by UUID; None (and the GPU refused) for a MIG instance, None when unknown."""
+        key = uuid_key(uuid)
+        h = self.nvml.field(lib.nvmlDeviceGetHandleByUUID, f"GPU-{key}")
+        if h is None and self.nvml.field(lib.nvmlDeviceGetHandleByUUID, f"MIG-{key}") is not None:
+            self.refused[f"gpu{i}"] = f"cuda:{i} is a MIG instance (MIG-{key}): {MIG_WHY}; not sampled"
+        return h
 
     def _rank_of(self, proc: psutil.Process) -> int | None:
         if proc.pid not in self._ranks:

@@ -42,6 +42,7 @@ class Watched:
     stored_ranks: int = -1  # how many rank pids storage holds (-1: pid not stored yet)
     finalize_failures: int = 0
     log_sizes: dict[str, int] = field(default_factory=dict)  # log name -> size when its tail was last stored
+    sample_error: str | None = None  # the sampler's last failure, told once
 
     def ingest_events(self, engine: Engine, run_id: int) -> None:
         """Read the new complete lines of events.jsonl since the stored offset."""
@@ -76,6 +77,22 @@ class Watched:
         if steps:
             values["progress_step"] = steps[-1].step + 1
         rows.update_run(engine, run_id, **values)
+
+    def samples(self, run_id: int) -> list[dict]:
+        """The sampler's rows now; [] when sampling fails, said once per distinct error in the runner's log.
+
+        Telemetry is a side figure: a sampler that fails (NVML's own failures are already backed off inside it,
+        runner/service/nvml.py) must never keep a run from being watched or finalized."""
+        try:
+            got = self.sampler.sample()
+        except Exception as exc:  # noqa: BLE001 -- whatever it is, the run's outcome matters more
+            said = f"{type(exc).__name__}: {exc}"[:300]
+            if said != self.sample_error:
+                print(f"run {run_id}: telemetry not sampled ({said})", flush=True)
+            self.sample_error = said
+            return []
+        self.sample_error = None
+        return got
 
     def store_log_tails(self, engine: Engine, run_id: int) -> None:
         """The latest LOG_TAIL_BYTES of each log that grew, into the database (teammates read them there)."""

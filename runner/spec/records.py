@@ -185,6 +185,7 @@ class RankFigures:
     mem_baseline_bytes: int | None = None
     peak_rss_scope: str | None = None
     peak_tensor_bytes: int | None = None  # the most bytes its tensors held at once (runner/job/resources.py)
+    cublas_workspace_bytes: int | None = None  # CUDA: cuBLAS workspaces in the run's peak, not in the tensor peak
     cpu_wait_s: float | None = None
     cpu_core: int | None = None
     cpu_oversubscribed: bool | None = None

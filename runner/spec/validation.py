@@ -36,10 +36,12 @@ MAX_WORLD_SIZE = 64
 CPU_RANKS_PER_CORE = 4  # beyond this, time-slicing makes a CPU run's figures meaningless and the machine crawl
 
 
-def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bool = True) -> list[SpecProblem]:
+def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bool = True,
+                  no_gpu_reason: str | None = None) -> list[SpecProblem]:  # fmt: skip
     """Every problem with `spec`, each naming its field and the fix; [] means runnable.
 
-    gpu_count: GPUs visible to the runner (None: unknown, device and CPU-placement checks use 'cpu' only).
+    gpu_count: GPUs the runner may use (None: unknown, device and CPU-placement checks use 'cpu' only);
+    no_gpu_reason: the runner's sentence why it has none (runner/service/devices.py), said when cuda is refused.
     """
     p: list[SpecProblem] = []
 
@@ -53,7 +55,7 @@ def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bo
     _validate_options(spec, add)
     _validate_model(spec, add)
     _validate_shape(spec, add)
-    _validate_device(spec, add, gpu_count)
+    _validate_device(spec, add, gpu_count, no_gpu_reason)
     _validate_host_resources(spec, add, gpu_count)
     if spec.weights and check_weights:
         _validate_weights(spec, add)
@@ -210,16 +212,21 @@ def _validate_shape(spec: RunSpec, add: Add) -> None:
         )
 
 
-def _validate_device(spec: RunSpec, add: Add, gpu_count: int | None) -> None:
+def _validate_device(spec: RunSpec, add: Add, gpu_count: int | None, no_gpu_reason: str | None) -> None:
     if gpu_count is None:
         return
     if spec.device == "cuda" and gpu_count == 0:
-        add("device", "is 'cuda' but no NVIDIA GPU is visible; choose 'cpu' or 'auto'")
+        add("device", f"is 'cuda' but {no_gpu_reason or 'no NVIDIA GPU is visible'}; choose 'cpu' or 'auto'")
     elif spec.device == "cuda" and spec.world_size > gpu_count:
         add(
             "device",
             f"{spec.world_size} ranks need {spec.world_size} GPUs but {gpu_count} are visible; lower the degrees or choose 'cpu'",
         )
+    if spec.warmup == 0 and gpu_count > 0 and spec.resolved_device(gpu_count) == "cuda":
+        # CPU runs may time their very first step; on CUDA it pays once for cuBLAS handles and workspaces, the
+        # caching allocator's first blocks, kernel loading and NCCL's point-to-point connections.
+        add("warmup", "is 0 but on CUDA the first step pays one-time set-up (cuBLAS handles and workspaces, the "
+                      "allocator's first blocks, NCCL's point-to-point connections); use warmup 1 or more")  # fmt: skip
 
 
 def _validate_host_resources(spec: RunSpec, add: Add, gpu_count: int | None) -> None:

@@ -153,8 +153,9 @@ def rank_alive(pid: int, created: float) -> bool:
     return group_alive(pid)
 
 
-def start_job(run_id: int, spec: RunSpec, run_dir: Path, gpus: list[int], entry: Sequence[str] = JOB_ENTRY) -> Job:
-    """Spawn torchrun for `spec` (spec.json must already be in run_dir); stdout+stderr -> torchrun.log.
+def start_job(run_id: int, spec: RunSpec, run_dir: Path, gpus: list[str], entry: Sequence[str] = JOB_ENTRY) -> Job:
+    """Spawn torchrun for `spec` (spec.json must already be in run_dir) on the GPUs of these UUIDs ([] on CPU);
+    stdout+stderr -> torchrun.log.
 
     `entry` is what torchrun runs per rank (runner.job; a test may give a script of its own).
     """
@@ -187,7 +188,7 @@ class LocalLauncher:
     def __init__(self, entry: Sequence[str] = JOB_ENTRY):
         self.entry: tuple[str, ...] = tuple(entry)
 
-    def submit(self, run_id: int, spec: RunSpec, run_dir: Path, gpus: list[int]) -> Job:
+    def submit(self, run_id: int, spec: RunSpec, run_dir: Path, gpus: list[str]) -> Job:
         return start_job(run_id, spec, run_dir, gpus, entry=self.entry)
 
     def attach(self, run_id: int, row: dict[str, Any]) -> Job:
@@ -232,8 +233,9 @@ class LocalLauncher:
             kill_group(job.pid)  # stopped: take anything left in torchrun's group along
         return read_result(job.run_dir, -1 if code is None else code)
 
-    def sampler(self, job: Job, started: float, gpus: list[int]) -> Sampler:
-        return Sampler(job.pid, started, gpus)
+    def sampler(self, job: Job, started: float, gpus: list[str]) -> Sampler:
+        """NVML by UUID for the run's GPUs (named gpu<its CUDA index in the job>), else psutil per rank."""
+        return Sampler(job.pid, started, gpu_uuids=gpus)
 
     def problems(self, spec: RunSpec) -> list[SpecProblem]:
         """Only what is particular to this machine's launcher (GPUs, cores and memory: the spec's own validation).

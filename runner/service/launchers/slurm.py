@@ -271,7 +271,7 @@ class SlurmLauncher:
                              python=self.python, entry=self.entry)  # fmt: skip
 
     # ---- the interface ----
-    def submit(self, run_id: int, spec: RunSpec, run_dir: Path, gpus: list[int]) -> SlurmJob:
+    def submit(self, run_id: int, spec: RunSpec, run_dir: Path, gpus: list[str]) -> SlurmJob:
         problems = self.problems(spec)
         if problems:
             raise SlurmError("; ".join(str(p) for p in problems))
@@ -368,6 +368,6 @@ class SlurmLauncher:
             return Collected(got.exit_code, got.result, got.unreadable, note=note)
         return got
 
-    def sampler(self, job: SlurmJob, started: float, gpus: list[int]) -> NodeFilesSampler:
+    def sampler(self, job: SlurmJob, started: float, gpus: list[str]) -> NodeFilesSampler:
         """The nodes sample themselves (runner/service/node_telemetry.py); the runner reads their files in the run folder."""
         return NodeFilesSampler(job.run_dir, started)
