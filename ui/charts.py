@@ -146,12 +146,21 @@ def timeline_lanes(spans: pd.DataFrame) -> pd.Series:
 
 
 def timeline_chart(
-    spans: pd.DataFrame, title: str = "Pipeline timeline", bubble: tuple[float | None, float | None] | None = None
+    spans: pd.DataFrame,
+    title: str = "Pipeline timeline",
+    bubble: tuple[float | None, float | None] | None = None,
+    window_ms: tuple[float, float] | None = None,
 ) -> alt.LayerChart:
     """The guide's pipeline picture, measured: one row per stage (or per rank holding several virtual stages),
     one bar per microbatch and phase; compute bars are labelled with the microbatch (and the virtual stage when
-    a row holds several). `bubble` = (measured, theory) puts the schedule's theory beside the measurement."""
+    a row holds several). `bubble` = (measured, theory) puts the schedule's theory beside the measurement.
+    `window_ms` = (from, to) draws only that stretch of the step (bars cut at its edges), so a step of hundreds
+    of microbatches keeps bars wide enough to read."""
     data = spans.copy()
+    if window_ms is not None:
+        lo, hi = window_ms[0] / 1e3, window_ms[1] / 1e3
+        data = data[(data["end"] > lo) & (data["start"] < hi)].copy()
+        data["start"], data["end"] = data["start"].clip(lower=lo), data["end"].clip(upper=hi)
     data["lane"] = timeline_lanes(data)
     data["order"] = data.groupby("lane")["stage"].transform("min")
     data["start_ms"] = data["start"] * 1e3
@@ -164,8 +173,9 @@ def timeline_chart(
                  f"theory {theory:.1%}" if theory is not None else None]  # fmt: skip
         title = alt.TitleParams(title, subtitle="bubble: " + ", ".join(p for p in parts if p))
     lane = alt.Y("lane:N", title=None, sort=alt.EncodingSortField("order"))
-    base = alt.Chart(data).encode(y=lane, x=alt.X("start_ms:Q", title="ms since the step started"),
-                                               x2="end_ms:Q")  # fmt: skip
+    scale = alt.Scale(domain=list(window_ms), nice=False) if window_ms is not None else alt.Undefined
+    base = alt.Chart(data).encode(y=lane, x=alt.X("start_ms:Q", title="ms since the step started", scale=scale),
+                                  x2="end_ms:Q")  # fmt: skip
     bars = base.mark_bar(height={"band": 0.8}).encode(
         color=alt.Color("phase:N", scale=PHASE_COLOURS),
         tooltip=[
@@ -177,8 +187,11 @@ def timeline_chart(
             alt.Tooltip("end_ms:Q", format=".2f"),
         ],  # fmt: skip
     )
+    # A label only where it fits: on bars of at least 2% of the time shown (about 16 px of a page's chart)
+    shown = (window_ms[1] - window_ms[0]) if window_ms is not None else data["end_ms"].max() - data["start_ms"].min()
+    wide = data["end_ms"] - data["start_ms"] >= 0.02 * shown
     text = (
-        alt.Chart(data[data["phase"].isin(COMPUTE_PHASES)])
+        alt.Chart(data[data["phase"].isin(COMPUTE_PHASES) & wide])
         .mark_text(color="white", fontSize=10)
         .encode(y=lane, x=alt.X("mid:Q"), text="label:N")
         .transform_calculate(mid="(datum.start_ms + datum.end_ms) / 2")
