@@ -137,7 +137,7 @@ with right:
         st.session_state[K + "run_on"] = HERE  # the host chosen before stopped reporting
     target = target_for(
         st.selectbox(
-            "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).label,
+            "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).choice,
             help="this machine (jobs run where they are launched), another host whose runner is alive, a Slurm "
             "partition (a runner started with `serve --backend slurm`; its nodes and GPUs as sinfo reports them), or "
             "whichever host first has the devices it needs. The form is checked against that target.",
@@ -146,8 +146,10 @@ with right:
     )  # fmt: skip
     values["_gpu_count"] = target.gpu_count
     values["_target"] = target  # the spec is judged against where it runs: a partition's nodes and layout rules
-    if target.is_slurm:  # the choice's label is cut to the box's width: the partition's facts in full
+    if target.is_slurm:  # the choice names the partition: its facts in full
         st.caption(f"Partition {target.partition.name}: {partition_text(target.partition)} (from sinfo)")
+    else:
+        st.caption(target.label.split(": ", 1)[-1])  # its devices, or that its runner is not reporting
     if not target.is_slurm and st.session_state.get(K + "nodes") is not None:
         st.session_state[K + "nodes"] = None  # nodes apply to a partition only: a disabled box shows nothing
     values["nodes"] = st.number_input(
@@ -233,6 +235,11 @@ with info:
 def devices_panel() -> None:
     """Refreshes by itself: the runner reports its devices a moment after it starts."""
     st.subheader("Devices")
+    hosts = api.hosts(engine())
+    if [(t.key, t.label) for t in targets(hosts, here)] != [(t.key, t.label) for t in run_on_options]:
+        # The runner reported since the form was drawn (on a first visit it is still starting), or a host came or
+        # went: the whole page again, so "run on" and the checks against it say what the sidebar says.
+        st.rerun(scope="app")
     status = api.runner_status(engine())
     if status is None or not status["alive"]:
         st.info("The runner is starting; devices appear when it reports.")
@@ -242,7 +249,7 @@ def devices_panel() -> None:
     else:
         st.write("No NVIDIA GPU is visible: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
-    live, silent = host_lines(api.hosts(engine()), here)
+    live, silent = host_lines(hosts, here)
     if len(live) > 1 or silent:  # a team database: every host a run can be sent to
         st.markdown("**Hosts alive**\n\n" + ("\n".join(f"- {line}" for line in live) or "none"))
         if silent:

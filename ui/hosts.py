@@ -36,6 +36,13 @@ class Target:
     partition: Partition | None = None  # a Slurm runner's partition (its nodes as sinfo saw them)
 
     @property
+    def choice(self) -> str:
+        """What the choice box shows: the label up to its first colon, which never changes for one key. The box
+        keeps the text of the option it shows when only that option's label changes (the runner reporting its
+        devices, a partition's idle count), so the full label goes in a caption under it."""
+        return "any host with the devices" if self.key == ANY_HOST else self.label.split(":", 1)[0]
+
+    @property
     def is_slurm(self) -> bool:
         return self.partition is not None
 

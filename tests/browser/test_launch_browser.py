@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import expect
 
 from runner import api
 from tests.browser.conftest import screenshot, wait_for_app
@@ -17,6 +18,11 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
     wait_for_app(page)
     page.get_by_text("Launch a run").wait_for()
     page.get_by_text("No NVIDIA GPU is visible").wait_for(timeout=30_000)  # the runner reported its devices
+    # and "run on", drawn while the runner was starting, now says what the sidebar says
+    page.get_by_text("Runner alive").wait_for(timeout=30_000)
+    page.get_by_text("CPU only (gloo)", exact=True).wait_for(timeout=10_000)  # the caption under "run on"
+    assert page.get_by_text("runner not reporting").count() == 0
+    expect(page.get_by_role("combobox", name="run on")).to_have_value(re.compile(r"^this machine \(.+\)$"))
     screenshot(page, "launch")
     page.get_by_role("button", name="Launch", exact=True).click()
     page.wait_for_url(re.compile(r"history\?run=\d+"), timeout=30_000)
