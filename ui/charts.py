@@ -10,6 +10,9 @@ import altair as alt
 import pandas as pd
 
 MAX_POINTS = 2000
+# Tick labels without trailing zeros: a series of one sample (just after launch) has a domain of one value, and
+# Vega's default format then printed "0.000000".
+READABLE_AXIS = alt.Axis(format="~g")
 
 
 def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
@@ -45,8 +48,9 @@ MEMORY_TITLE = alt.TitleParams(
 )
 
 
-def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
-    """The run's own peak memory per rank, grouped by run; the process's absolute peak RSS in the tooltip."""
+def rank_memory_chart(ranks: pd.DataFrame, colour: str = "run") -> alt.Chart:
+    """The run's own peak memory per rank, grouped by run; the process's absolute peak RSS in the tooltip.
+    `colour`: "run", or "strategy" (a column of `ranks`) beside a chart of many runs coloured by strategy."""
     data = ranks.copy()
     data["run"] = "#" + data["run_id"].astype(str)
     data["peak_mib"] = data["peak_mem_bytes"] / 2**20
@@ -60,9 +64,10 @@ def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
             x=alt.X("rank:O", title="rank"),
             xOffset="run:N",
             y=alt.Y("peak_mib:Q", title="run's peak memory (MiB)"),
-            color=alt.Color("run:N", title="run"),
+            color=alt.Color(f"{colour}:N", title=colour),
             tooltip=[
                 "run",
+                *(["strategy"] if colour == "strategy" else []),
                 "rank",
                 "tp",
                 "pp",
@@ -103,7 +108,7 @@ def step_time_chart(steps: pd.DataFrame) -> alt.Chart:
         .mark_line(point=True)
         .encode(
             x=alt.X("step:O", title="step"),
-            y=alt.Y("step_time_s:Q", title="seconds"),
+            y=alt.Y("step_time_s:Q", title="seconds", axis=READABLE_AXIS),
             color=alt.Color("phase:N", scale=alt.Scale(domain=["warm-up", "timed"])),
             tooltip=["step", alt.Tooltip("step_time_s:Q", format=".4f"), "loss"],
         )
@@ -117,20 +122,24 @@ def telemetry_chart(series: pd.DataFrame, field: str, title: str) -> alt.Chart:
     hosts = data["host"].fillna("") if "host" in data else [""] * len(data)
     data["line"] = [" ".join(p for p in (f"#{r}", str(h), str(s)) if p)
                     for r, h, s in zip(data["run_id"], hosts, data["source"], strict=True)]  # fmt: skip
-    y = alt.Y(f"{field}:Q", title=title)
+    y = alt.Y(f"{field}:Q", title=title, axis=READABLE_AXIS, scale=alt.Scale(domainMin=0))
     if field == "mem_bytes":
         data["mem_mib"] = data["mem_bytes"] / 2**20
-        y = alt.Y("mem_mib:Q", title=title)
+        y = alt.Y("mem_mib:Q", title=title, axis=READABLE_AXIS, scale=alt.Scale(domainMin=0))
+    x = alt.X("t_s:Q", title="seconds since start", axis=READABLE_AXIS)
     return (
         alt.Chart(data, title=title)
-        .mark_line()
-        .encode(x=alt.X("t_s:Q", title="seconds since start"), y=y, color=alt.Color("line:N", title=None))
+        .mark_line(point=len(data) < 3)
+        .encode(x=x, y=y, color=alt.Color("line:N", title=None))
     )
 
 
+# Collectives the step clock timed (runner/gpt/timing.py collective_spans) are drawn in purples, narrower, over the
+# pass they ran in.
+COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
 PHASE_COLOURS = alt.Scale(
-    domain=["forward", "backward", "weight", "send", "recv_wait"],
-    range=["#4c78a8", "#e45756", "#54a24b", "#f58518", "#d3d3d3"],
+    domain=["forward", "backward", "weight", "send", "recv_wait", *COLLECTIVES],
+    range=["#4c78a8", "#e45756", "#54a24b", "#f58518", "#d3d3d3", "#7b3294", "#c2a5cf", "#9e6bbf", "#5e3c99"],
 )
 COMPUTE_PHASES = ["forward", "backward", "weight"]  # ZB-H1 splits a backward into backward (B) and weight (W)
 
@@ -174,11 +183,13 @@ def timeline_chart(
         title = alt.TitleParams(title, subtitle="bubble: " + ", ".join(p for p in parts if p))
     lane = alt.Y("lane:N", title=None, sort=alt.EncodingSortField("order"))
     scale = alt.Scale(domain=list(window_ms), nice=False) if window_ms is not None else alt.Undefined
-    base = alt.Chart(data).encode(y=lane, x=alt.X("start_ms:Q", title="ms since the step started", scale=scale),
-                                  x2="end_ms:Q")  # fmt: skip
-    bars = base.mark_bar(height={"band": 0.8}).encode(
-        color=alt.Color("phase:N", scale=PHASE_COLOURS),
-        tooltip=[
+    collective = data["phase"].isin(COLLECTIVES)
+    encoding = {
+        "y": lane,
+        "x": alt.X("start_ms:Q", title="ms since the step started", scale=scale),
+        "x2": "end_ms:Q",
+        "color": alt.Color("phase:N", scale=PHASE_COLOURS),
+        "tooltip": [
             "lane",
             "stage",
             "phase",
@@ -186,7 +197,10 @@ def timeline_chart(
             alt.Tooltip("start_ms:Q", format=".2f"),
             alt.Tooltip("end_ms:Q", format=".2f"),
         ],  # fmt: skip
-    )
+    }
+    bars = alt.Chart(data[~collective]).mark_bar(height={"band": 0.8}).encode(**encoding)
+    if collective.any():  # narrower and on top: the pass they ran in stays visible around them
+        bars += alt.Chart(data[collective]).mark_bar(height={"band": 0.4}).encode(**encoding)
     # A label only where it fits: on bars of at least 2% of the time shown (about 16 px of a page's chart)
     shown = (window_ms[1] - window_ms[0]) if window_ms is not None else data["end_ms"].max() - data["start_ms"].min()
     wide = data["end_ms"] - data["start_ms"] >= 0.02 * shown
