@@ -9,7 +9,7 @@ from runner.spec.run_spec import RunSpec
 from ui import charts
 from ui.cpu import contention, contention_text, oversubscription_warning
 from ui.filters import FILTERS, day_range, parse_day, run_filter
-from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
+from ui.format import human_bytes, human_duration, human_rate, rank_tables, status_label
 from ui.hosts import placement_text, ran_on, where_text, without_profiler_noise
 from ui.nodes import nodes_caption
 from ui.run_detail import failure_text, peak_memory, progress, progress_html, result_captions, timeline_title
@@ -119,7 +119,9 @@ def run_detail(run_id: int) -> None:
             a, b = st.columns(2)
             a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
             b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
-            st.table(rank_table(ranks), hide_index=True)  # HTML: its headers wrap instead of being cut
+            held, spent = rank_tables(ranks)  # two HTML tables: narrow enough to show whole, headers wrapped
+            st.table(held, hide_index=True)
+            st.table(spent, hide_index=True)
         series = api.telemetry_series(engine(), [run_id])
         if len(series):
             a, b = st.columns(2)

@@ -276,10 +276,11 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
     assert any("bubble measured 44.5%, theory 50.0%" in c.value for c in at.caption)
     # stored before verdicts: its differences are shown, but never as a pass
     assert not at.success and any("Verify: no verdict** (recorded before verdicts)" in i for i in texts(at.info))
-    verify, ranks = at.table[0].value, at.table[1].value  # HTML tables: nothing cut
+    verify, held, spent = (t.value for t in at.table)  # HTML tables: nothing cut
     assert verify["quantity"].tolist() == ["logits", "loss", "gradients"]
     assert verify["max abs diff"].iloc[2] == "1.0e-07"
-    assert ranks["rank"].tolist() == [0, 1] and "send MiB" in ranks and "all_reduce MiB" not in ranks
+    assert held["rank"].tolist() == spent["rank"].tolist() == ["0", "1"]
+    assert "params MiB" in held and "send MiB" in spent and "all_reduce MiB" not in spent
     charts = [c.proto.spec for c in at.get("vega_lite_chart")]
     assert any("Layer split timeline, step 2 (stage x microbatch)" in c for c in charts), "no timeline of the last step"
 

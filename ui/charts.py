@@ -12,7 +12,7 @@ import pandas as pd
 MAX_POINTS = 2000
 # Tick labels without trailing zeros: a series of one sample (just after launch) has a domain of one value, and
 # Vega's default format then printed "0.000000".
-READABLE_AXIS = alt.Axis(format="~g")
+READABLE_AXIS = alt.Axis(format=",~r")
 
 
 def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
@@ -144,6 +144,13 @@ PHASE_COLOURS = alt.Scale(
 COMPUTE_PHASES = ["forward", "backward", "weight"]  # ZB-H1 splits a backward into backward (B) and weight (W)
 
 
+def _phase_scale(present: set[str]) -> alt.Scale:
+    """PHASE_COLOURS narrowed to the phases a chart has, so its legend lists only those (a short chart of two
+    lanes has room for few entries) and each phase keeps its colour."""
+    pairs = [(d, r) for d, r in zip(PHASE_COLOURS.domain, PHASE_COLOURS.range, strict=True) if d in present]
+    return alt.Scale(domain=[d for d, _ in pairs], range=[r for _, r in pairs]) if pairs else PHASE_COLOURS
+
+
 def timeline_lanes(spans: pd.DataFrame) -> pd.Series:
     """One lane per stage ("stage 1 · rank 1"), or per rank where a rank runs several virtual stages (interleaved
     1F1B: "rank 0 · stages 0, 2"), so each row is one device's time, as in Megatron's figure."""
@@ -188,7 +195,7 @@ def timeline_chart(
         "y": lane,
         "x": alt.X("start_ms:Q", title="ms since the step started", scale=scale),
         "x2": "end_ms:Q",
-        "color": alt.Color("phase:N", scale=PHASE_COLOURS),
+        "color": alt.Color("phase:N", scale=_phase_scale(set(data["phase"]))),
         "tooltip": [
             "lane",
             "stage",
