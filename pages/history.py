@@ -209,6 +209,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             "verify": st.column_config.TextColumn(
                 "verify", help="the job's verdict against the single-device reference"
             ),
+            "world_size": st.column_config.NumberColumn("ranks"),
             "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
             "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
             "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
