@@ -9,7 +9,16 @@ from runner import api
 from runner.job.metrics import bubble_theory_formula
 from runner.spec.run_spec import PRESETS, WORKLOADS, SpecError
 from ui import charts
-from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.compare import (
+    GUIDE_NOTES,
+    comparison_table,
+    figure_help,
+    guide_table,
+    readable_table,
+    spec_differences,
+    unsharded_sources,
+    with_baseline,
+)
 from ui.compare_sets import group_runs, medians_table, noise_note, shared_note, verdicts
 from ui.nodes import ranks_by_node, with_node
 from ui.planner import plan_comparisons, readable_comparison
@@ -30,20 +39,27 @@ labels = {
 }
 from_link = [int(x) for x in st.query_params.get("runs", "").split(",") if x.isdigit() and int(x) in labels]
 
-with st.expander("Best of each strategy", expanded=not from_link):
-    c1, c2, c3 = st.columns([2, 2, 1])
+# The expander keeps its own open state (a keyed, stateful expander): an `expanded` computed from the address
+# would change its identity, and Streamlit would redraw it collapsed as soon as a pick filled the address.
+if K + "best_open" not in st.session_state:
+    st.session_state[K + "best_open"] = not from_link  # a shared link opens on its figures
+with st.expander("Best of each strategy", key=K + "best_open", on_change="rerun"):
+    c1, c2, c3 = st.columns([2, 2, 1], vertical_alignment="bottom")
     model = c1.selectbox("model", list(PRESETS) + ["custom"], key=K + "best_model")
     workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "best_workload")
     if c3.button("Pick them", key=K + "best"):
-        best = api.best_runs(engine(), model, workload)
+        best = [i for i in api.best_runs(engine(), model, workload) if i in labels]
         if best:
-            st.query_params["runs"] = ",".join(map(str, best))
-            st.rerun()
-        st.warning(f"No succeeded {workload} runs of the {model} model yet.")
+            # The multiselect below is the selection: a widget keeps its own value over a new `default`, so
+            # writing only the address would be overwritten by the old (empty) choice on the next line.
+            st.session_state[K + "runs"] = best
+        else:
+            st.warning(f"No succeeded {workload} runs of the {model} model yet.")
 
+if K + "runs" not in st.session_state:  # the address seeds the selection; from then on the widget holds it
+    st.session_state[K + "runs"] = from_link
 chosen = st.multiselect(
-    "runs", list(labels), default=from_link, format_func=labels.get, key=K + "runs",
-    placeholder="pick two or more finished runs",
+    "runs", list(labels), format_func=labels.get, key=K + "runs", placeholder="pick two or more finished runs",
 )  # fmt: skip
 if chosen != from_link:
     st.query_params["runs"] = ",".join(map(str, chosen))
@@ -91,45 +107,16 @@ def repeated_runs(runs: list[dict]) -> None:
 repeated_runs(runs)
 table = comparison_table(runs)
 baseline = st.selectbox("baseline (others shown as ratios to it)", [None, *chosen], format_func=lambda i: "none" if i is None else labels[i], key=K + "baseline")  # fmt: skip
-shown = with_baseline(table, baseline) if baseline else table
-st.dataframe(
-    shown,
-    hide_index=True,
-    column_config={
-        "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.4g"),
-        "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4g"),
-        "verify": st.column_config.TextColumn("verify", help="the job's verdict against the single-device reference"),
-        "peak_tensor_mib_max": st.column_config.NumberColumn(
-            "tensor peak MiB (max rank)",
-            format="%.4g",
-            help="the most bytes a rank's tensors held at once in a step, on GPU and CPU alike (what the planner "
-            "predicts); on a GPU without cuBLAS's workspaces, which the run's peak includes",
-        ),
-        "peak_mem_mib_max": st.column_config.NumberColumn(
-            "run's peak MiB (max rank)", format="%.4g", help="GPU: allocated by the run; CPU: RSS above set-up"
-        ),
-        "peak_rss_mib_max": st.column_config.NumberColumn("process peak RSS MiB (max rank)", format="%.4g"),
-        "params_share_max": st.column_config.NumberColumn("params share (max rank)", format="%.3f"),
-        "compute_share": st.column_config.NumberColumn("compute", format="%.3f"),
-        "comm_share": st.column_config.NumberColumn("comm", format="%.3f"),
-        "idle_share": st.column_config.NumberColumn("idle", format="%.3f"),
-        "comm_mib_per_step": st.column_config.NumberColumn(
-            "payload MiB/step", format="%.4g", help="logical tensor bytes of every collective and send, all ranks"
-        ),
-        "wire_mib_per_rank_step": st.column_config.NumberColumn(
-            "wire MiB/step (busiest rank)",
-            format="%.4g",
-            help="estimated bytes one rank puts on the wire: ring all-reduce 2(n-1)/n·S, gather/scatter (n-1)/n·S",
-        ),
-        "bubble_measured": st.column_config.NumberColumn("bubble", format="%.3f"),
-        "bubble_theory": st.column_config.NumberColumn("bubble theory", format="%.3f"),
-        "mfu": st.column_config.NumberColumn("MFU", format="%.3f"),
-        "gflops": st.column_config.NumberColumn("GFLOP/s", format="%.4g"),
-    },
-)
+shown = readable_table(with_baseline(table, baseline), ratio=True) if baseline else readable_table(table)
+st.dataframe(shown, hide_index=True,
+             column_config={name: st.column_config.Column(help=why) for name, why in figure_help().items()})  # fmt: skip
 
 st.subheader("The guide's comparison table, measured")
-st.dataframe(guide_table(runs), hide_index=True)
+# An HTML table: its cells wrap instead of being cut at the column's width, whatever the window.
+st.table(guide_table(runs), hide_index=True)
+if sources := unsharded_sources(runs):
+    st.caption("vs unsharded: " + "; ".join(sources) + ".")
+st.caption(GUIDE_NOTES)
 
 a, b = st.columns(2)
 a.altair_chart(charts.compare_bar_chart(table, "tokens_per_s", "tokens / s"), width="stretch")
@@ -183,7 +170,9 @@ for run in runs:
 
 st.subheader("Settings that differ")
 diff = spec_differences(runs)
-if diff.empty:
-    st.caption("The specs are identical.")
+if len(runs) < 2:
+    st.caption("One run chosen: choose another to see which settings differ.")
+elif diff.empty:
+    st.caption(f"The {len(runs)} runs have identical specs: repeats of one setting.")
 else:
     st.dataframe(diff.astype(str))

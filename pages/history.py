@@ -9,13 +9,13 @@ from runner.spec.run_spec import RunSpec
 from ui import charts
 from ui.cpu import contention, contention_text, load_text, oversubscription_warning, shared_machine
 from ui.filters import FILTERS, day_range, parse_day, run_filter
-from ui.format import human_bytes, human_duration, human_rate, rank_table, status_label
-from ui.hosts import placement_text, ran_on, where_text
+from ui.format import human_bytes, human_duration, human_rate, rank_tables, status_label
+from ui.hosts import placement_text, ran_on, where_text, without_profiler_noise
 from ui.nodes import nodes_caption
-from ui.run_detail import failure_text, peak_memory, progress, result_captions
+from ui.run_detail import failure_text, peak_memory, progress, progress_html, result_captions, timeline_title
 from ui.simulated import timeline_pair, timeline_pair_chart
 from ui.state import engine, enter_through_app
-from ui.verify import FAIL, PASS, differences, tolerance_text, verdict
+from ui.verify import FAIL, PASS, differences, list_verdict, tolerance_text, verdict
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 
@@ -38,14 +38,7 @@ def verify_panel(v: dict) -> None:
             st.info("**Verify: no verdict** (recorded before verdicts): the differences beside were not judged against tolerances", icon=":material/help:")  # fmt: skip
         if tolerance_text(v):
             st.caption(f"tolerances: {tolerance_text(v)}")
-    table.dataframe(
-        differences(v),
-        hide_index=True,
-        column_config={
-            "max abs diff": st.column_config.NumberColumn(format="%.2e"),
-            "max rel diff": st.column_config.NumberColumn(format="%.2e"),
-        },
-    )
+    table.table(differences(v), hide_index=True)  # an HTML table: its cells wrap, none is cut
 
 
 def run_detail(run_id: int) -> None:
@@ -75,7 +68,7 @@ def run_detail(run_id: int) -> None:
             st.info(run["wait_reason"] or "waiting for the runner to pick it up")
         if run["status"] in ("queued", "running"):
             frac, text = progress(run)
-            st.progress(frac, text=text)
+            st.html(progress_html(frac, text))
             if st.button("Cancel", key=f"{K}cancel_{run_id}"):
                 st.toast(f"run {run_id}: {api.cancel(engine(), run_id)}")
         if failure := failure_text(run):
@@ -122,14 +115,15 @@ def run_detail(run_id: int) -> None:
             # The guide's assembly-line picture, measured: the last timed step (all steps look alike).
             step = int(spans["step"].max())
             last = spans[spans["step"] == step]
-            title = f"Pipeline timeline, step {step} (stage x microbatch; grey: waiting for a neighbour)"
-            st.altair_chart(charts.timeline_chart(last, title=title), width="stretch")
+            st.altair_chart(charts.timeline_chart(last, title=timeline_title(spec, step, last)), width="stretch")
         if run["ranks"]:
             ranks = api.rank_results(engine(), [run_id])
             a, b = st.columns(2)
             a.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
             b.altair_chart(charts.rank_time_chart(ranks), width="stretch")
-            st.dataframe(rank_table(ranks), hide_index=True)
+            held, spent = rank_tables(ranks)  # two HTML tables: narrow enough to show whole, headers wrapped
+            st.table(held, hide_index=True)
+            st.table(spent, hide_index=True)
         series = api.telemetry_series(engine(), [run_id])
         if len(series):
             a, b = st.columns(2)
@@ -154,7 +148,13 @@ def run_detail(run_id: int) -> None:
             rank = st.selectbox("rank", list(range(run["world_size"])), key=f"{K}logrank_{run_id}")
             st.caption(where_text(run, stored, api.this_host()))
             log = api.log(engine(), run, f"rank{rank}", tail_bytes=LOG_TAIL_BYTES, stored=stored)
-            st.code(log.text if log.text is not None else "(no output yet)")
+            text, hidden = without_profiler_noise(log.text) if log.text is not None else ("(no output yet)", 0)
+            if hidden and st.checkbox(f"show the profiler's {hidden} lines", key=f"{K}profiler_{run_id}",
+                                      help="PyTorch's profiler prints them while the job measures its tensor peak"):  # fmt: skip
+                text = log.text
+            st.code(text)
+            st.caption(f"The last {LOG_TAIL_BYTES // 1000} kB; the whole log: `python -m runner logs {run_id} "
+                       f"--rank {rank}`")  # fmt: skip
         else:
             st.caption("The run has not started yet.")
     with st.expander("Notes and tags"):
@@ -182,6 +182,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
     view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
     view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
     view["ran_on"] = [ran_on(h, b) for h, b in zip(view["runner_host"], view["backend"], strict=True)]
+    view["verify"] = [list_verdict(v, s) for v, s in zip(runs["verify"], runs["status"], strict=True)]
     st.dataframe(
         view,
         hide_index=True,
@@ -191,6 +192,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             "strategy",
             "model",
             "workload",
+            "verify",
             "world_size",
             "tp",
             "pp",
@@ -206,6 +208,10 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
         ],  # fmt: skip
         column_config={
             "link": st.column_config.LinkColumn("run", display_text=r"\?run=(\d+)"),
+            "verify": st.column_config.TextColumn(
+                "verify", help="the job's verdict against the single-device reference"
+            ),
+            "world_size": st.column_config.NumberColumn("ranks"),
             "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
             "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
             "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
@@ -226,8 +232,9 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
         a, b = st.columns(2)
         a.altair_chart(charts.throughput_chart(done), width="stretch")
         ranks = api.rank_results(engine(), [int(i) for i in done["id"].head(8)])
-        if len(ranks):
-            b.altair_chart(charts.rank_memory_chart(ranks), width="stretch")
+        if len(ranks):  # coloured by strategy, as the throughput beside it
+            ranks = ranks.merge(done[["id", "strategy"]].rename(columns={"id": "run_id"}), on="run_id")
+            b.altair_chart(charts.rank_memory_chart(ranks, colour="strategy"), width="stretch")
 
 
 def run_list() -> None:

@@ -33,6 +33,9 @@ def note_slot(field: str) -> None:
     notes[field] = st.empty()
 
 
+# The number fields carry no min_value or max_value: a browser keeps a value outside them to itself (a small red
+# "!") and the script goes on with the last valid one, so batch 0 would launch batch 8. validate_spec judges
+# every value instead, and its message shows under the field.
 values: dict = {}
 left, mid, right = st.columns([1.1, 1, 1])
 with left:
@@ -46,16 +49,14 @@ with left:
     s = values["strategy"]
     st.caption(get_strategy(s).help)
     c1, c2, c3 = st.columns(3)
-    values["tp"] = c1.number_input("tp", min_value=1, max_value=64, value=2, key=K + "tp", disabled=not uses(s, "tp"))
-    values["pp"] = c2.number_input("pp", min_value=1, max_value=64, value=2, key=K + "pp", disabled=not uses(s, "pp"))
-    values["dp"] = c3.number_input("dp", min_value=1, max_value=64, value=2, key=K + "dp", disabled=not uses(s, "dp"))
+    values["tp"] = c1.number_input("tp", value=2, key=K + "tp", disabled=not uses(s, "tp"))
+    values["pp"] = c2.number_input("pp", value=2, key=K + "pp", disabled=not uses(s, "pp"))
+    values["dp"] = c3.number_input("dp", value=2, key=K + "dp", disabled=not uses(s, "dp"))
     for f in ("tp", "pp", "dp"):
         note_slot(f)
     c1, c2 = st.columns(2)
     values["microbatches"] = c1.number_input(
         "microbatches",
-        min_value=1,
-        max_value=256,
         value=4,
         key=K + "microbatches",
         disabled=not uses(s, "microbatches"),
@@ -68,7 +69,7 @@ with left:
     interleaved = uses(s, "virtual_stages") and values["schedule"] == "interleaved-1f1b"
     c1, c2 = st.columns(2)
     values["virtual_stages"] = c1.number_input(
-        "virtual stages", min_value=1, max_value=64, value=2 if interleaved else 1, key=K + "virtual_stages",
+        "virtual stages", value=2 if interleaved else 1, key=K + "virtual_stages",
         disabled=not interleaved, help="model chunks per pipeline rank (interleaved-1f1b only): the bubble shrinks "
         "to (p-1)/(v*m + p-1) at the cost of v times the point-to-point sends",
     )  # fmt: skip
@@ -97,21 +98,21 @@ with mid:
     if values["model"] == "custom":
         base = PRESETS["tiny"]
         c1, c2, c3 = st.columns(3)
-        values["n_layer"] = c1.number_input("n_layer", min_value=1, value=base.n_layer, key=K + "n_layer")
-        values["n_head"] = c2.number_input("n_head", min_value=1, value=base.n_head, key=K + "n_head")
-        values["n_embd"] = c3.number_input("n_embd", min_value=1, value=base.n_embd, key=K + "n_embd")
+        values["n_layer"] = c1.number_input("n_layer", value=base.n_layer, key=K + "n_layer")
+        values["n_head"] = c2.number_input("n_head", value=base.n_head, key=K + "n_head")
+        values["n_embd"] = c3.number_input("n_embd", value=base.n_embd, key=K + "n_embd")
         c1, c2 = st.columns(2)
-        values["vocab_size"] = c1.number_input("vocab_size", min_value=1, value=base.vocab_size, key=K + "vocab")
-        values["block_size"] = c2.number_input("block_size", min_value=1, value=base.block_size, key=K + "block")
+        values["vocab_size"] = c1.number_input("vocab_size", value=base.vocab_size, key=K + "vocab")
+        values["block_size"] = c2.number_input("block_size", value=base.block_size, key=K + "block")
         for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             note_slot(f)
     values["workload"] = st.radio("workload", WORKLOADS, index=2, key=K + "workload", horizontal=True)
     note_slot("workload")
     c1, c2, c3 = st.columns(3)
-    values["batch"] = c1.number_input("batch", min_value=1, value=8, key=K + "batch")
-    values["seq"] = c2.number_input("seq", min_value=1, value=64, key=K + "seq")
+    values["batch"] = c1.number_input("batch", value=8, key=K + "batch")
+    values["seq"] = c2.number_input("seq", value=64, key=K + "seq")
     values["new_tokens"] = c3.number_input(
-        "new tokens", min_value=1, value=16, key=K + "new_tokens", disabled=values["workload"] != "generate"
+        "new tokens", value=16, key=K + "new_tokens", disabled=values["workload"] != "generate"
     )
     for f in ("batch", "seq", "new_tokens"):
         note_slot(f)
@@ -124,8 +125,8 @@ with mid:
         values["checkpoint"] = "none"
     note_slot("checkpoint")
     c1, c2 = st.columns(2)
-    values["steps"] = c1.number_input("timed steps", min_value=1, value=5, key=K + "steps")
-    values["warmup"] = c2.number_input("warm-up steps", min_value=0, value=1, key=K + "warmup")
+    values["steps"] = c1.number_input("timed steps", value=5, key=K + "steps")
+    values["warmup"] = c2.number_input("warm-up steps", value=1, key=K + "warmup")
     note_slot("steps")
     note_slot("warmup")
 
@@ -136,7 +137,7 @@ with right:
         st.session_state[K + "run_on"] = HERE  # the host chosen before stopped reporting
     target = target_for(
         st.selectbox(
-            "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).label,
+            "run on", keys, key=K + "run_on", format_func=lambda k: target_for(k, run_on_options).choice,
             help="this machine (jobs run where they are launched), another host whose runner is alive, a Slurm "
             "partition (a runner started with `serve --backend slurm`; its nodes and GPUs as sinfo reports them), or "
             "whichever host first has the devices it needs. The form is checked against that target.",
@@ -145,12 +146,14 @@ with right:
     )  # fmt: skip
     values["_gpu_count"] = target.gpu_count
     values["_target"] = target  # the spec is judged against where it runs: a partition's nodes and layout rules
-    if target.is_slurm:  # the choice's label is cut to the box's width: the partition's facts in full
+    if target.is_slurm:  # the choice names the partition: its facts in full
         st.caption(f"Partition {target.partition.name}: {partition_text(target.partition)} (from sinfo)")
+    else:
+        st.caption(target.label.split(": ", 1)[-1])  # its devices, or that its runner is not reporting
     if not target.is_slurm and st.session_state.get(K + "nodes") is not None:
         st.session_state[K + "nodes"] = None  # nodes apply to a partition only: a disabled box shows nothing
     values["nodes"] = st.number_input(
-        "nodes", min_value=1, max_value=1024, value=None, step=1, key=K + "nodes", disabled=not target.is_slurm,
+        "nodes", value=None, step=1, key=K + "nodes", disabled=not target.is_slurm,
         placeholder=f"runner decides (partition {target.partition.name} has {target.node_count})"
         if target.is_slurm else "Slurm partitions only",
         help="Slurm nodes the run spreads over: nodes x GPUs per node (ranks per node on CPU nodes) = world size; "
@@ -173,7 +176,7 @@ with right:
     # Text, not a number input: the browser's numbers stop at 2**53 and a seed may be any size.
     seed_text = c1.text_input("seed", value="0", key=K + "seed", help="any whole number of 0 or more").strip()
     values["seed"] = int(seed_text) if seed_text.isdecimal() and seed_text.isascii() else seed_text
-    values["time_limit_s"] = float(c2.number_input("time limit (s)", min_value=1, value=600, key=K + "time_limit"))
+    values["time_limit_s"] = float(c2.number_input("time limit (s)", value=600, key=K + "time_limit"))
     note_slot("seed")
     note_slot("time_limit_s")
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
@@ -239,6 +242,11 @@ with info:
 def devices_panel() -> None:
     """Refreshes by itself: the runner reports its devices a moment after it starts."""
     st.subheader("Devices")
+    hosts = api.hosts(engine())
+    if [(t.key, t.label) for t in targets(hosts, here)] != [(t.key, t.label) for t in run_on_options]:
+        # The runner reported since the form was drawn (on a first visit it is still starting), or a host came or
+        # went: the whole page again, so "run on" and the checks against it say what the sidebar says.
+        st.rerun(scope="app")
     status = api.runner_status(engine())
     if status is None or not status["alive"]:
         st.info("The runner is starting; devices appear when it reports.")
@@ -249,7 +257,7 @@ def devices_panel() -> None:
     else:
         st.write("No usable GPU: runs use CPU processes with the gloo backend.")
         st.caption(status["gpu_note"])
-    live, silent = host_lines(api.hosts(engine()), here)
+    live, silent = host_lines(hosts, here)
     if len(live) > 1 or silent:  # a team database: every host a run can be sent to
         st.markdown("**Hosts alive**\n\n" + ("\n".join(f"- {line}" for line in live) or "none"))
         if silent:

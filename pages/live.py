@@ -12,7 +12,7 @@ from ui import charts
 from ui.format import status_label
 from ui.hosts import last_lines, stored_logs_caption
 from ui.nodes import nodes_caption
-from ui.run_detail import live_progress
+from ui.run_detail import live_progress, progress_html
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -43,7 +43,7 @@ def live_view() -> None:
             steps = api.step_metrics(engine(), int(row.id))["step_time_s"].tolist()
             frac, text = live_progress(row.started_at, steps, int(row.progress_step), int(row.total_steps),
                                        datetime.now(UTC))  # fmt: skip
-            st.progress(frac, text=text)
+            st.html(progress_html(frac, text))
             series = api.telemetry_series(engine(), [int(row.id)])
             if not series.empty:
                 a, b = st.columns(2)

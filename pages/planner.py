@@ -1,15 +1,20 @@
-"""Planner page: which tp x pp x dp (x ZeRO) layout for a model on some devices, predicted; the guide's GPT-3 175B
-example answered; a recommended layout that fits this host launched with its prediction. Logic: ui/planner.py."""
+"""Planner page: which tp x pp x dp (x ZeRO) layout for a model on some devices, predicted, the recommendation on top;
+a layout that fits this host (calibrated the first time it is planned) launched with its prediction; the guide's
+GPT-3 175B example answered. Logic: ui/planner.py."""
 
 from __future__ import annotations
+
+import subprocess
 
 import streamlit as st
 
 from runner import api
-from runner.planner.devices import KINDS, from_partition, preset
-from runner.planner.models import MODELS, GiB, Workload
+from runner.planner.devices import KINDS, Devices, from_partition, preset
+from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
+from ui.format import human_bytes, human_duration
+from ui.simulated import timeline_window, windowed_chart
 from ui.state import engine, enter_through_app
 
 enter_through_app()
@@ -17,23 +22,49 @@ enter_through_app()
 K = "planner_"
 st.title("Planner")
 st.caption(
-    "Memory per GPU: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the "
-    "microbatches in flight (Korthikanti et al. 2022), KV cache. Step time: FLOPs at the stated share of peak, "
-    "bytes over the link each group crosses, the schedule's bubble. Formulas: runner/planner/memory.py, step_time.py."
+    "Which tp x pp x dp (x ZeRO) layout: every layout's memory per device and step time predicted, fastest first. "
+    "Memory: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the microbatches "
+    "in flight (Korthikanti et al. 2022), KV cache; step time: FLOPs at the stated share of peak, bytes over the "
+    "link each group crosses, the schedule's bubble. Formulas: runner/planner/memory.py, step_time.py."
 )
+answer = st.container(border=True)  # filled once the plan is computed: the answer comes first
+CALIBRATION_FAILED = (RuntimeError, OSError, subprocess.SubprocessError)
 
-with st.expander("The guide's example: GPT-3 175B on 512 80-GiB GPUs", expanded=True):
-    st.caption(
-        "Training with 1536 sequences of 2048 a step (GPT-3's 3.2M tokens), bf16-mixed, every block checkpointed, "
-        "1F1B with microbatches of one sequence; 512 H100 80GB, 8 a node."
-    )
-    st.dataframe(
-        P.guide_table()[["layout", "fits", "GiB per GPU", "step s", "bubble", "comm s", "why not"]],
-        hide_index=True,
-        width="stretch",
-    )
 
-st.subheader("Your plan")
+def here_devices() -> Devices:
+    """This host's devices, calibrated: the first time this host is planned its calibration runs by itself (a few
+    seconds); the Calibrate button measures again."""
+    if not st.session_state.get(K + "calibration_error") and api.host_calibration(engine()) is None:
+        with st.spinner("Calibrating this host, once: a matmul on one device and an all-reduce between two ranks…"):
+            try:
+                api.calibrate_host(engine())
+            except CALIBRATION_FAILED as exc:
+                st.session_state[K + "calibration_error"] = str(exc)
+    if error := st.session_state.get(K + "calibration_error"):
+        st.warning(
+            f"Calibration failed, so this host is planned from assumed rates: {error}", icon=":material/warning:"
+        )
+    return api.this_host_devices(engine())
+
+
+def calibrate_button(here: Devices) -> None:
+    """This host's figures and where they come from, with a button that measures them again."""
+    text, button = st.columns([5, 1], vertical_alignment="center")
+    text.caption(f"This host: {here.describe()} · {here.source}")
+    if button.button("Calibrate", key=K + "calibrate", icon=":material/speed:",
+                     help="measure this host again: matmul FLOP/s of one device, all-reduce bandwidth (seconds)"):  # fmt: skip
+        with st.spinner("Calibrating this host…"):
+            try:
+                cal = api.calibrate_host(engine())
+            except CALIBRATION_FAILED as exc:
+                st.session_state[K + "calibration_error"] = str(exc)
+            else:
+                st.session_state[K + "calibration_error"] = None
+                st.toast(cal.describe())
+        st.rerun()
+
+
+st.subheader("Model and workload")
 c1, c2, c3, c4 = st.columns(4)
 model = c1.selectbox("model", list(MODELS), index=list(MODELS).index("gpt2"), key=K + "model")
 base = MODELS[model]
@@ -53,9 +84,8 @@ schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")
 microbatches = int(c4.number_input("microbatches (0: one sequence each)", min_value=0, value=0, key=K + "mb"))
 virtual = int(c4.number_input("virtual stages", min_value=1, value=1, key=K + "v"))
 sp = c4.checkbox("sequence parallel", key=K + "sp")
-efficiency = c4.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
 
-st.markdown("**Devices**")
+st.subheader("Devices")
 source = st.radio("devices", P.DEVICE_SOURCES, horizontal=True, key=K + "source", label_visibility="collapsed")
 d1, d2, d3, d4 = st.columns(4)
 devices = None
@@ -67,9 +97,7 @@ try:
         per = int(d3.number_input("GPUs a node", min_value=1, value=KINDS[kind].gpus_per_node, key=K + "per"))
         devices = preset(kind, count, per)
     elif source == "this host":
-        from runner.planner.calibrate import this_host_devices
-
-        devices = this_host_devices(engine())
+        devices = here_devices()
     elif source == "a runner's host":
         from runner.planner.devices import from_lease
 
@@ -102,8 +130,21 @@ except (ValueError, RuntimeError) as exc:
 if problem or devices is None:
     st.warning(problem or "No devices.")
     st.stop()
-st.caption(f"{devices.describe()} · {devices.source}")
-use_all = st.checkbox("use every device (else also layouts on fewer)", value=devices.count > 8, key=K + "all")
+if source == "this host":
+    calibrate_button(devices)
+else:
+    st.caption(f"{devices.describe()} · {devices.source}")
+e1, e2 = st.columns(2)
+if source == "this host" and P.measured_rate(devices):
+    efficiency = e1.slider("compute efficiency (share of the measured rate)", 0.05, 1.0, 1.0, disabled=True,
+                           key=K + "eff_measured", help="calibrated CPU ranks: the rate is what one rank measured")  # fmt: skip
+else:
+    efficiency = e1.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
+if st.session_state.get(K + "all_for") != devices.count:  # a new count gets its own default, not the last one's
+    st.session_state[K + "all_for"] = devices.count
+    st.session_state[K + "all"] = devices.count > 8
+use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=K + "all",
+                      help="on many devices the layouts of every smaller count run to tens of thousands")  # fmt: skip
 
 try:
     work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
@@ -115,7 +156,20 @@ inputs = P.PlannerInputs(model, dims, work, tuple(zero) or (0,), efficiency)
 result = P.plan(inputs.config(), work, devices, zero_stages=inputs.zero_stages, efficiency=efficiency,
                 use_all=use_all)  # fmt: skip
 
-st.markdown(f"**{len(result.feasible)} feasible layouts**, fastest first")
+with answer:
+    best = result.best
+    if best is None or best.step is None or best.memory is None:
+        st.error(f"No layout of this model fits these {devices.word}s: each one's reason is listed below.")
+    else:
+        st.markdown(f"**Recommended: {P.recommendation(result)}**")
+        m1, m2, m3 = st.columns(3)
+        m1.metric("layout", best.layout.label())
+        m2.metric("step time", human_duration(best.step.total), help="predicted: the fastest feasible layout")
+        m3.metric(f"memory per {devices.word}", human_bytes(best.memory.total),
+                  help=f"the predicted peak, of {human_bytes(devices.usable_bytes)} usable")  # fmt: skip
+    st.caption(f"{model} · {workload} · batch {batch} x {seq} · {dtype} · {devices.describe()}")
+
+st.markdown(f"**{len(result.feasible)} feasible layouts**, fastest first (★: the recommendation)")
 st.dataframe(P.feasible_table(result), hide_index=True, width="stretch")
 with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"):
     st.dataframe(P.infeasible_table(result), hide_index=True, width="stretch")
@@ -123,8 +177,6 @@ with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"
 piped = [c for c in result.feasible if c.layout.pp > 1][:30]
 if piped and work.workload == "train":
     st.subheader("Predicted pipeline timeline")
-    from ui.simulated import simulated_chart
-
     pick = st.selectbox("layout", piped, format_func=lambda c: c.layout.label(), key=K + "sim_choice")
     sim = P.simulated_step(inputs, pick, devices)
     if sim is not None:
@@ -133,23 +185,44 @@ if piped and work.workload == "train":
             f"messages {sim.inputs.get('transfer', 0) * 1e3:.3g} ms; the bubble theory for this schedule is "
             f"{pick.step.bubble_fraction:.1%}."
         )
-        st.altair_chart(simulated_chart(sim), width="stretch")
+        width = timeline_window(sim)
+        start = 0.0
+        if width is not None:
+            total = sim.step_time * 1e3
+            st.caption(f"{sim.m * sim.v} microbatch passes a stage are too many to read at once: {width:.4g} ms of "
+                       f"the {total:.4g} ms step shown; slide through the warm-up, steady state and cool-down.")  # fmt: skip
+            start = st.slider("window from (ms)", 0.0, float(f"{total - width:.4g}"), 0.0, key=K + "sim_window")
+        st.altair_chart(windowed_chart(sim, start), width="stretch")
 
 st.subheader("Launch a layout here")
-from runner.planner.calibrate import this_host_devices  # noqa: E402 -- only once a plan exists
-
-here = this_host_devices(engine())
-fitting = [c for c in result.feasible if not P.fits_here(c, here, inputs)]
+here = devices if source == "this host" else here_devices()
+if source != "this host":
+    calibrate_button(here)
+fitting = P.for_this_host(result, here, inputs)
 if not fitting:
     st.info(f"None of these layouts fits this host ({here.describe()}).")
-    st.stop()
-choice = st.selectbox("layout", fitting, format_func=lambda c: f"{c.layout.label()} · {c.memory.total / GiB:.2f} GiB "
-                      f"· {c.step.total:.3g} s predicted", key=K + "launch_choice")  # fmt: skip
-steps = int(st.number_input("steps", min_value=1, value=5, key=K + "steps"))
-if st.button("Launch this layout", type="primary", key=K + "launch"):
-    try:
-        run_id = P.launch(engine(), inputs, choice, here, steps)
-    except SpecError as exc:
-        st.error("; ".join(str(p) for p in exc.problems))
-    else:
-        st.success(f"Run #{run_id} queued, tagged '{P.PLAN_TAG}' with its prediction; Compare shows both.")
+else:
+    choice = st.selectbox(
+        "layout", fitting, key=K + "launch_choice",
+        format_func=lambda c: f"{c.layout.label()} · {human_bytes(c.memory.total)} · {human_duration(c.step.total)} "
+        "predicted here",
+    )  # fmt: skip
+    steps = int(st.number_input("steps", min_value=1, value=5, key=K + "steps"))
+    if st.button("Launch this layout", type="primary", key=K + "launch"):
+        try:
+            run_id = P.launch(engine(), inputs, choice, here, steps)
+        except SpecError as exc:
+            st.error("; ".join(str(p) for p in exc.problems))
+        else:
+            st.success(P.launched_text(run_id), icon=":material/rocket_launch:")
+
+with st.expander("The guide's example: GPT-3 175B on 512 80-GiB GPUs, and the planner's best of them"):
+    st.caption(
+        "Training with 1536 sequences of 2048 a step (GPT-3's 3.2M tokens), bf16-mixed, every block checkpointed, "
+        "1F1B with microbatches of one sequence; 512 H100 80GB, 8 a node."
+    )
+    st.dataframe(
+        P.guide_table()[["layout", "note", "fits", "step s", "GiB per GPU", "bubble", "comm s", "why not"]],
+        hide_index=True,
+        width="stretch",
+    )

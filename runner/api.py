@@ -11,7 +11,8 @@ its SpecError lists every problem by field; `submit_set` queues K runs of severa
 the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
 a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
 `export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.service.logs): the run
-folder when this machine ran it, else the tail its host stored in the database; `follow` streams it.
+folder when this machine ran it, else the tail its host stored in the database; `follow` streams it. This
+host for the planner: `host_calibration`, `calibrate_host` (runner/planner/calibrate.py), `this_host_devices`.
 
 Torch-free: the app imports it. Every function takes the engine first; nothing holds a session.
 """
@@ -402,3 +403,29 @@ def follow(engine: Engine, run: dict[str, Any], first: LogText, poll_s: float | 
     elif first.source == "database":
         fetch = lambda: log_tails(engine, run["id"]).get(first.name)  # noqa: E731
         yield from log_reader.follow_stored(fetch, ended, first.size or 0, poll_s or 1.0)
+
+
+# ---- this host for the planner: its calibration (runner/planner/calibrate.py) ----------------------------------
+def host_calibration(engine: Engine) -> Any:
+    """This host's newest stored calibration (a runner.planner.calibrate.Calibration) for the devices it runs on
+    (its GPUs, else its CPU), or None before the first."""
+    from runner.planner.calibrate import stored
+
+    return stored(engine, device="cuda" if this_host_gpus(engine)[0] else "cpu")
+
+
+def calibrate_host(engine: Engine) -> Any:
+    """Measure this host (matmul rate of one device per dtype, all-reduce bandwidth between 2 local ranks: a few
+    seconds, in processes of their own) and store it; returns the Calibration the planner now reads."""
+    from runner.planner.calibrate import calibrate_and_store
+
+    return calibrate_and_store(engine=engine)
+
+
+def this_host_devices(engine: Engine | None) -> Any:
+    """This host's devices as the planner sees them (runner.planner.devices.Devices): its GPUs or CPU ranks, at the
+    newest calibration's rates when there is one (its `source` says which). Without a database (engine None), from
+    published figures."""
+    from runner.planner.calibrate import this_host_devices as devices
+
+    return devices(this_host_gpus(engine)[0], engine)

@@ -180,11 +180,13 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
 
 
 def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
-    cols = [getattr(Run, c) for c in LIST_COLUMNS]
+    """LIST_COLUMNS of the filtered runs, newest first, and `verify`: the job's verify record (its verdict and
+    differences, a small part of the stored result; None for a run that did not verify or has no result yet)."""
+    cols = [getattr(Run, c) for c in LIST_COLUMNS] + [Run.result["verify"].label("verify")]
     query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc()).limit(limit).offset(offset)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
-    return pd.DataFrame(rows, columns=LIST_COLUMNS)
+    return pd.DataFrame(rows, columns=[*LIST_COLUMNS, "verify"])
 
 
 def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:

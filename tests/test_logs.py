@@ -58,3 +58,27 @@ def test_trimming_while_a_process_appends_never_drops_a_line_it_wrote(tmp_path):
     last = int(writer.stdout.read())
     assert cuts >= 5 and gaps == []
     assert path.read_text().endswith(f"L{last:08d}:" + "x" * 100 + "\n")
+
+
+def test_profiler_lines_are_left_out_of_the_tails_people_read_and_kept_in_the_log(tmp_path):
+    from runner.service.logs import LogText, read_log, without_profiler_noise
+    from ui.hosts import last_lines
+
+    # as a CPU rank's log reads after the job measured its tensor peak (runner/job/resources.py)
+    text = (
+        "step 3/3 (timed) 461.1 ms loss 6.2608\n"
+        "USDT:2026-12-07 00:13:24 21779:21779 SyncActivityProfilerHandler.cpp:52] profiler_start\n"
+        "[rank0]:[W1207 00:13:24.055438139 CPUAllocator.cpp:245] Memory block of unknown size was allocated before "
+        "the profiling started, profiler results will not include the deallocation event\n"
+        "USDT:2026-12-07 00:13:25 21779:21779 SyncActivityProfilerHandler.cpp:59] profiler_stop\n"
+        "tensor peak: 2 untimed steps under the profiler, 2.56 s\n"
+    )
+    (tmp_path / "rank0.log").write_text(text)
+    assert without_profiler_noise(text) == (
+        "step 3/3 (timed) 461.1 ms loss 6.2608\ntensor peak: 2 untimed steps under the profiler, 2.56 s\n",
+        3,
+    )
+    assert last_lines([LogText("rank0", text, "folder")], 3) == (
+        "--- rank 0\nstep 3/3 (timed) 461.1 ms loss 6.2608\ntensor peak: 2 untimed steps under the profiler, 2.56 s"
+    )
+    assert read_log(tmp_path, "rank0") == text  # the log itself keeps every line

@@ -80,7 +80,9 @@ def test_assembly_line_forward_and_generation_match_reference(tmp_path, pp, m, w
 def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tmp_path):
     run_torchrun(spec(pp=2, microbatches=4, workload="train", verify=False), tmp_path)
     spans = [e for e in read_events(tmp_path) if e["kind"] == "span"]
-    assert {e["phase"] for e in spans} == {"forward", "backward", "send", "recv_wait"}
+    # the passes, their messages, and the tied embedding's gradient summed between the first and last stage
+    assert {e["phase"] for e in spans} == {"forward", "backward", "send", "recv_wait", "all_reduce"}
+    assert all(e["microbatch"] == -1 for e in spans if e["phase"] == "all_reduce")  # after every pass
     assert all(0 <= e["start"] <= e["end"] < 60 for e in spans)
     # Stage 1 cannot start microbatch 0 before stage 0 has finished computing it.
     f0 = next(
@@ -93,6 +95,22 @@ def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tm
     # apart (more on a loaded machine), which bounds how finely two ranks' spans can be ordered.
     barrier_skew_s = 0.005
     assert f1["start"] >= f0["end"] - barrier_skew_s
+
+
+def test_a_tensor_parallel_runs_collectives_are_timeline_segments_inside_its_passes(tmp_path):
+    """Tensor parallelism communicates only in collectives inside its passes (no pipeline messages), so the spans
+    of its collectives are all of its communication time: per rank, their seconds over the timed steps are the
+    rank's comm_s (the same clock intervals, summed in another order)."""
+    result = run_torchrun({**spec(strategy="tensor", tp=2, verify=False), "microbatches": 1}, tmp_path)
+    spans = [e for e in read_events(tmp_path) if e["kind"] == "span"]
+    for rank in result["ranks"]:
+        mine = [e for e in spans if e["rank"] == rank["rank"]]
+        passes = [e for e in mine if e["phase"] in ("forward", "backward")]
+        collectives = [e for e in mine if e["phase"] not in ("forward", "backward")]
+        assert {e["phase"] for e in collectives} == {"all_reduce"} and collectives
+        assert all(any(p["step"] == e["step"] and p["start"] <= (e["start"] + e["end"]) / 2 <= p["end"] and
+                       p["microbatch"] == e["microbatch"] for p in passes) for e in collectives)  # fmt: skip
+        assert sum(e["end"] - e["start"] for e in collectives) == pytest.approx(rank["comm_s"], rel=1e-6)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])

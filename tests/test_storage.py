@@ -374,3 +374,14 @@ def test_a_silent_hosts_running_runs_are_lost_with_the_host_named_and_log_tails_
     assert run["status"] == "lost" and "its host gamma stopped reporting" in run["error"]
     runs.delete_run(engine, run_id)
     assert series.run_logs(engine, run_id) == {}
+
+
+def test_the_list_carries_each_runs_verify_record(db_engine):
+    """The History list's verdict column: the verify part of the stored result, read in SQL on both databases."""
+    from tests.test_ui_pages import VERIFY, finished_run
+
+    checked = finished_run(db_engine, RunSpec(strategy="single", verify=True), {"verify": VERIFY}, [{}])
+    unchecked = finished_run(db_engine, RunSpec(strategy="single"), {"verify": None}, [{}])
+    queued = api.submit(db_engine, RunSpec(strategy="single"))
+    listed = runs.list_runs(db_engine).set_index("id")["verify"]
+    assert listed[checked] == VERIFY and listed[unchecked] is None and listed[queued] is None

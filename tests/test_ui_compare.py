@@ -11,7 +11,14 @@ from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
-from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.compare import (
+    comparison_table,
+    guide_table,
+    readable_table,
+    spec_differences,
+    unsharded_sources,
+    with_baseline,
+)
 
 
 def finished(engine, spec: RunSpec, tokens_per_s: float, idle: float = 0.0, spans: bool = False) -> int:
@@ -46,9 +53,17 @@ def test_comparison_figures_ratios_and_differences(engine):
     assert list(ratios["tokens_per_s"]) == [1.0, 0.5]
     diff = spec_differences(runs)
     assert set(diff.index) == {"strategy", "pp"}
-    guide = guide_table(runs)
-    assert list(guide.columns) == ["run", "memory efficiency", "compute efficiency", "communication", "complexity"]
-    assert "idle 50%" in guide.loc[1, "compute efficiency"]
+    guide = guide_table(runs).set_index("run")
+    # 'single' computes 1.0 s of its 1.5 (67%: good), a third in communication (poor from 30%), and has no
+    # pipeline, which its bubble cell says instead of a blank; the layer split computes 2.0 s of its 6.0
+    assert guide.loc[f"#{a} single tp1 pp1 dp1", ["compute", "compute share", "communication", "bubble"]].tolist() == [
+        "good", "67%", "poor", "n/a: no pipeline"]  # fmt: skip
+    assert guide.loc[f"#{b} layer tp1 pp2 dp1", ["compute", "compute share", "comm share"]].tolist() == [
+        "poor", "33%", "17%"]  # fmt: skip
+    shown = readable_table(table).set_index("run")
+    assert {"layout", "messages/step", "payload MiB/step", "idle share"} <= set(shown.columns)
+    assert shown.loc[b, "idle share"] == "50.0%" and shown.loc[b, "MFU"] == "GPU only"
+    assert readable_table(ratios, ratio=True).set_index("run").loc[b, "tokens/s"] == "0.5x"
 
 
 def test_compare_reads_verify_as_a_verdict_and_communication_as_payload_and_wire_bytes(engine):
@@ -165,14 +180,17 @@ def test_guide_table_states_memory_as_bytes_per_rank_against_the_unsharded_run(e
              "zero_stage": 3}  # fmt: skip
     a = finished_run(engine, RunSpec(strategy="single"), {}, [single])
     b = finished_run(engine, RunSpec(strategy="data", dp=2, zero_stage=3), {}, [zero3, zero3])
-    both = guide_table([api.get_run(engine, i) for i in (a, b)])["memory efficiency"].tolist()
+    both = guide_table([api.get_run(engine, i) for i in (a, b)])
     held, unsharded = (8 * psi + 20) / 2**20, (16 * psi + 208) / 2**20
-    assert both[0] == (f"{unsharded:.2f} MiB per rank (parameters {4 * psi / 2**20:.2f} + gradients "
-                       f"{4 * psi / 2**20:.2f} + optimizer {(8 * psi + 208) / 2**20:.2f}) = 1.00x the unsharded "
-                       f"{unsharded:.2f} MiB (#{a} single, measured)")  # fmt: skip
-    assert both[1] == (f"{held:.2f} MiB per rank (parameters {2 * psi / 2**20:.2f} + gradients "
-                       f"{2 * psi / 2**20:.2f} + optimizer {(4 * psi + 20) / 2**20:.2f}, ZeRO-3) = 0.50x the "
-                       f"unsharded {unsharded:.2f} MiB (#{a} single, measured)")  # fmt: skip
-    alone = guide_table([api.get_run(engine, b)])["memory efficiency"].iloc[0]
-    assert alone.endswith(f"= 0.50x the unsharded {16 * psi / 2**20:.2f} MiB (whole model, computed)")
-    assert not any(word in cell for cell in [*both, alone] for word in ("excellent", "good", "poor"))
+    assert both["MiB per rank"].tolist() == [f"{unsharded:.2f}", f"{held:.2f}"]
+    assert both["vs unsharded"].tolist() == ["1.00x", f"{held / unsharded:.2f}x"]  # 0.50x
+    # single holds it all on its one rank (1 / (1 x 1.00) = 1); ZeRO-3 splits it over 2 (1 / (2 x 0.50) = 1.00)
+    assert both["memory"].tolist() == ["excellent", "excellent"]
+    assert unsharded_sources([api.get_run(engine, i) for i in (a, b)]) == [f"#{a}, #{b} against #{a} single, measured"]
+    alone = guide_table([api.get_run(engine, b)])
+    assert alone["MiB per rank"].iloc[0] == f"{held:.2f}"
+    assert unsharded_sources([api.get_run(engine, b)]) == [f"#{b} against whole model, computed"]
+    assert alone["vs unsharded"].iloc[0] == f"{(8 * psi + 20) / (16 * psi):.2f}x"
+    # plain data parallelism: each of the 2 replicas holds the whole state, 1 / (2 x 1.00) = 0.5: poor
+    c = finished_run(engine, RunSpec(strategy="data", dp=2), {}, [single, single])
+    assert guide_table([api.get_run(engine, i) for i in (a, c)])["memory"].tolist() == ["excellent", "poor"]

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from ui.format import human_age, human_bytes, human_duration, human_rate, rank_table, status_label
+from ui.format import human_age, human_bytes, human_duration, human_rate, rank_table, rank_tables, status_label
 
 
 @pytest.mark.parametrize(
@@ -95,3 +95,18 @@ def test_rank_table_shows_zero_sharding_checkpointing_and_precision_where_the_ru
     assert table["precision"].tolist() == ["bf16-mixed", "bf16-mixed"]
     plain = rank_table(ranks.assign(zero_stage=0).drop(columns=["precision", "grad_bytes", "recompute_s"]))
     assert not {"ZeRO", "precision", "grads MiB", "recompute s"} & set(plain)
+
+
+def test_rank_tables_split_what_each_rank_held_from_where_its_time_and_bytes_went():
+    ranks = pd.DataFrame({"run_id": [1, 1], "rank": [0, 1], "tp": [0, 0], "pp": [0, 1], "dp": [0, 0],
+                          "param_count": [140928, 132864], "param_bytes": [563712, 531456], "peak_rss_bytes":
+                          [415_000_000, 418_000_000], "zero_stage": [1, 1], "compute_s": [0.95134, 1.4424],
+                          "comm_bytes_send": [2**20, 0], "comm_wire_bytes": [{"send": 2**20}, {"send": 0}]})  # fmt: skip
+    held, spent = rank_tables(ranks)
+    assert list(held.columns) == ["rank", "tp", "pp", "dp", "parameters", "params MiB", "process peak RSS MiB", "ZeRO"]
+    assert list(spent.columns) == ["rank", "tp", "pp", "dp", "compute s", "send MiB", "send wire MiB"]
+    assert held["parameters"].tolist() == ["140,928", "132,864"] and held["params MiB"].tolist() == ["0.54", "0.51"]
+    assert held["process peak RSS MiB"].tolist() == ["395.8", "398.6"] and spent["compute s"].tolist() == [
+        "0.9513",
+        "1.442",
+    ]

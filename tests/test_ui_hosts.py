@@ -91,11 +91,10 @@ def test_launch_validates_against_the_chosen_hosts_gpus_and_queues_the_run_there
     engine = two_hosts
     at = page("pages/launch.py")
     assert not at.exception
-    assert at.selectbox(key="launch_run_on").options == [
-        "this machine (alpha): CPU only (gloo)",
-        "beta: 2 GPUs: NVIDIA H100 80GB HBM3 (80.0 GiB each)",
-        "any host with the devices (2 live)",
-    ]
+    # the box names each choice (a name that stays when a runner reports: the box keeps the text it shows when
+    # only its option's label changes); what the chosen one has is said under it
+    assert at.selectbox(key="launch_run_on").options == ["this machine (alpha)", "beta", "any host with the devices"]
+    assert "CPU only (gloo)" in texts(at.caption)
     at.selectbox(key="launch_device").select("cuda").run()
     assert any(f"is 'cuda' but {NO_GPU};" in e for e in texts(at.error)), texts(at.error)  # alpha's own words
     assert at.button(key="launch_submit").disabled
@@ -271,8 +270,7 @@ def test_launch_on_a_slurm_partition_takes_nodes_and_checks_the_layout_before_la
     engine = with_slurm
     at = page("pages/launch.py")
     assert not at.exception
-    assert "Slurm partition lab (slurm-lab): 2 nodes x 4 CPUs, no GPUs, 2 idle" in at.selectbox(
-        key="launch_run_on").options  # fmt: skip
+    assert "Slurm partition lab (slurm-lab)" in at.selectbox(key="launch_run_on").options
     assert at.number_input(key="launch_nodes").disabled  # this machine: no nodes to choose
     at.selectbox(key="launch_run_on").select("slurm-lab").run()
     assert not at.number_input(key="launch_nodes").disabled

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 from ui.filters import day_range, parse_day, run_filter
-from ui.run_detail import failure_text, live_progress, peak_memory, progress, result_captions
+from ui.run_detail import failure_text, live_progress, peak_memory, progress, progress_html, result_captions
 
 
 def run(**changes):
@@ -25,6 +25,13 @@ def test_live_progress_says_elapsed_and_remaining_time():
     assert live_progress(start, [0.5, 1.5], 2, 6, now) == (1 / 3, "step 2 of 6 · elapsed 30.0 s · remaining 4.0 s")
     assert live_progress(None, [], 0, 6, now) == (0.0, "step 0 of 6 · elapsed 0 µs · remaining estimating…")
     assert live_progress(start, [1.0], 9, 6, now)[0] == 1.0
+    assert live_progress(start, [0.5], 6, 6, now) == (1.0, "step 6 of 6 · elapsed 30.0 s · every step done, finishing")
+
+
+def test_the_progress_bar_is_drawn_where_its_line_says():
+    html = progress_html(*live_progress(None, [0.1] * 6, 6, 6, datetime(2026, 1, 1, tzinfo=UTC)))
+    assert "step 6 of 6" in html and 'aria-valuenow="100"' in html and "width:100%" in html
+    assert "width:58.3%" in progress_html(7 / 12, "step 7 of 12")
 
 
 def test_the_failure_line_names_the_rank_and_its_exit_code():

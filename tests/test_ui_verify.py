@@ -25,9 +25,9 @@ def test_verdicts():
 def test_differences_list_abs_rel_and_the_tolerance_of_each_quantity():
     table = differences(FAILED).set_index("quantity")
     assert list(table.index) == ["logits", "loss", "gradients", "updated weights"]
-    assert table.loc["gradients", "max rel diff"] == 0.031
-    assert table.loc["gradients", "tolerance"] == "rel ≤ 1e-05"
-    assert table.loc["updated weights", "tolerance"] == "abs ≤ 1e-06"
+    assert table.loc["gradients"].tolist() == ["1.0e-02", "3.1e-02", "max rel diff ≤ 1e-05"]
+    # the weights are judged by their absolute difference: the relative one says so instead of 'None'
+    assert table.loc["updated weights"].tolist() == ["3.0e-08", "n/a: judged by max abs diff", "max abs diff ≤ 1e-06"]
     assert tolerance_text(FAILED) == "logits rel ≤ 1e-05, loss rel ≤ 1e-05, grads rel ≤ 1e-05, weights abs ≤ 1e-06 (compared in float32)"  # fmt: skip
 
 
@@ -35,11 +35,11 @@ def test_a_forward_run_has_no_gradient_row_and_a_generate_run_says_whether_token
     forward = {**FAILED, "grads_max_abs_diff": None, "grads_max_rel_diff": None, "weights_max_abs_diff": None}
     assert list(differences(forward)["quantity"]) == ["logits", "loss"]
     generate = {"passed": False, "logits_max_abs_diff": 1e-6, "tokens_equal": False}
-    assert differences(generate)["tolerance"].tolist() == ["—", "must match: they DIFFER"]
+    assert differences(generate)["bound"].tolist() == ["—", "must match: they DIFFER"]
 
 
 def test_a_legacy_verify_shows_its_numbers_without_tolerances():
     table = differences(LEGACY)
     assert list(table.columns) == ["quantity", "max abs diff"]
-    assert table["max abs diff"].tolist() == [0.0, 0.0, 1e-7]
+    assert table["max abs diff"].tolist() == ["0.0e+00", "0.0e+00", "1.0e-07"]
     assert tolerance_text(LEGACY) == ""

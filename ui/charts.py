@@ -10,6 +10,9 @@ import altair as alt
 import pandas as pd
 
 MAX_POINTS = 2000
+# Tick labels without trailing zeros: a series of one sample (just after launch) has a domain of one value, and
+# Vega's default format then printed "0.000000".
+READABLE_AXIS = alt.Axis(format=",~r")
 
 
 def thin(df: pd.DataFrame, max_points: int = MAX_POINTS) -> pd.DataFrame:
@@ -45,8 +48,9 @@ MEMORY_TITLE = alt.TitleParams(
 )
 
 
-def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
-    """The run's own peak memory per rank, grouped by run; the process's absolute peak RSS in the tooltip."""
+def rank_memory_chart(ranks: pd.DataFrame, colour: str = "run") -> alt.Chart:
+    """The run's own peak memory per rank, grouped by run; the process's absolute peak RSS in the tooltip.
+    `colour`: "run", or "strategy" (a column of `ranks`) beside a chart of many runs coloured by strategy."""
     data = ranks.copy()
     data["run"] = "#" + data["run_id"].astype(str)
     data["peak_mib"] = data["peak_mem_bytes"] / 2**20
@@ -60,9 +64,10 @@ def rank_memory_chart(ranks: pd.DataFrame) -> alt.Chart:
             x=alt.X("rank:O", title="rank"),
             xOffset="run:N",
             y=alt.Y("peak_mib:Q", title="run's peak memory (MiB)"),
-            color=alt.Color("run:N", title="run"),
+            color=alt.Color(f"{colour}:N", title=colour),
             tooltip=[
                 "run",
+                *(["strategy"] if colour == "strategy" else []),
                 "rank",
                 "tp",
                 "pp",
@@ -103,7 +108,7 @@ def step_time_chart(steps: pd.DataFrame) -> alt.Chart:
         .mark_line(point=True)
         .encode(
             x=alt.X("step:O", title="step"),
-            y=alt.Y("step_time_s:Q", title="seconds"),
+            y=alt.Y("step_time_s:Q", title="seconds", axis=READABLE_AXIS),
             color=alt.Color("phase:N", scale=alt.Scale(domain=["warm-up", "timed"])),
             tooltip=["step", alt.Tooltip("step_time_s:Q", format=".4f"), "loss"],
         )
@@ -117,22 +122,33 @@ def telemetry_chart(series: pd.DataFrame, field: str, title: str) -> alt.Chart:
     hosts = data["host"].fillna("") if "host" in data else [""] * len(data)
     data["line"] = [" ".join(p for p in (f"#{r}", str(h), str(s)) if p)
                     for r, h, s in zip(data["run_id"], hosts, data["source"], strict=True)]  # fmt: skip
-    y = alt.Y(f"{field}:Q", title=title)
+    y = alt.Y(f"{field}:Q", title=title, axis=READABLE_AXIS, scale=alt.Scale(domainMin=0))
     if field == "mem_bytes":
         data["mem_mib"] = data["mem_bytes"] / 2**20
-        y = alt.Y("mem_mib:Q", title=title)
+        y = alt.Y("mem_mib:Q", title=title, axis=READABLE_AXIS, scale=alt.Scale(domainMin=0))
+    x = alt.X("t_s:Q", title="seconds since start", axis=READABLE_AXIS)
     return (
         alt.Chart(data, title=title)
-        .mark_line()
-        .encode(x=alt.X("t_s:Q", title="seconds since start"), y=y, color=alt.Color("line:N", title=None))
+        .mark_line(point=len(data) < 3)
+        .encode(x=x, y=y, color=alt.Color("line:N", title=None))
     )
 
 
+# Collectives the step clock timed (runner/gpt/timing.py collective_spans) are drawn in purples, narrower, over the
+# pass they ran in.
+COLLECTIVES = ["all_reduce", "all_gather", "reduce_scatter", "broadcast"]
 PHASE_COLOURS = alt.Scale(
-    domain=["forward", "backward", "weight", "send", "recv_wait"],
-    range=["#4c78a8", "#e45756", "#54a24b", "#f58518", "#d3d3d3"],
+    domain=["forward", "backward", "weight", "send", "recv_wait", *COLLECTIVES],
+    range=["#4c78a8", "#e45756", "#54a24b", "#f58518", "#d3d3d3", "#7b3294", "#c2a5cf", "#9e6bbf", "#5e3c99"],
 )
 COMPUTE_PHASES = ["forward", "backward", "weight"]  # ZB-H1 splits a backward into backward (B) and weight (W)
+
+
+def _phase_scale(present: set[str]) -> alt.Scale:
+    """PHASE_COLOURS narrowed to the phases a chart has, so its legend lists only those (a short chart of two
+    lanes has room for few entries) and each phase keeps its colour."""
+    pairs = [(d, r) for d, r in zip(PHASE_COLOURS.domain, PHASE_COLOURS.range, strict=True) if d in present]
+    return alt.Scale(domain=[d for d, _ in pairs], range=[r for _, r in pairs]) if pairs else PHASE_COLOURS
 
 
 def timeline_lanes(spans: pd.DataFrame) -> pd.Series:
@@ -146,12 +162,21 @@ def timeline_lanes(spans: pd.DataFrame) -> pd.Series:
 
 
 def timeline_chart(
-    spans: pd.DataFrame, title: str = "Pipeline timeline", bubble: tuple[float | None, float | None] | None = None
+    spans: pd.DataFrame,
+    title: str = "Pipeline timeline",
+    bubble: tuple[float | None, float | None] | None = None,
+    window_ms: tuple[float, float] | None = None,
 ) -> alt.LayerChart:
     """The guide's pipeline picture, measured: one row per stage (or per rank holding several virtual stages),
     one bar per microbatch and phase; compute bars are labelled with the microbatch (and the virtual stage when
-    a row holds several). `bubble` = (measured, theory) puts the schedule's theory beside the measurement."""
+    a row holds several). `bubble` = (measured, theory) puts the schedule's theory beside the measurement.
+    `window_ms` = (from, to) draws only that stretch of the step (bars cut at its edges), so a step of hundreds
+    of microbatches keeps bars wide enough to read."""
     data = spans.copy()
+    if window_ms is not None:
+        lo, hi = window_ms[0] / 1e3, window_ms[1] / 1e3
+        data = data[(data["end"] > lo) & (data["start"] < hi)].copy()
+        data["start"], data["end"] = data["start"].clip(lower=lo), data["end"].clip(upper=hi)
     data["lane"] = timeline_lanes(data)
     data["order"] = data.groupby("lane")["stage"].transform("min")
     data["start_ms"] = data["start"] * 1e3
@@ -164,11 +189,14 @@ def timeline_chart(
                  f"theory {theory:.1%}" if theory is not None else None]  # fmt: skip
         title = alt.TitleParams(title, subtitle="bubble: " + ", ".join(p for p in parts if p))
     lane = alt.Y("lane:N", title=None, sort=alt.EncodingSortField("order"))
-    base = alt.Chart(data).encode(y=lane, x=alt.X("start_ms:Q", title="ms since the step started"),
-                                               x2="end_ms:Q")  # fmt: skip
-    bars = base.mark_bar(height={"band": 0.8}).encode(
-        color=alt.Color("phase:N", scale=PHASE_COLOURS),
-        tooltip=[
+    scale = alt.Scale(domain=list(window_ms), nice=False) if window_ms is not None else alt.Undefined
+    collective = data["phase"].isin(COLLECTIVES)
+    encoding = {
+        "y": lane,
+        "x": alt.X("start_ms:Q", title="ms since the step started", scale=scale),
+        "x2": "end_ms:Q",
+        "color": alt.Color("phase:N", scale=_phase_scale(set(data["phase"]))),
+        "tooltip": [
             "lane",
             "stage",
             "phase",
@@ -176,9 +204,15 @@ def timeline_chart(
             alt.Tooltip("start_ms:Q", format=".2f"),
             alt.Tooltip("end_ms:Q", format=".2f"),
         ],  # fmt: skip
-    )
+    }
+    bars = alt.Chart(data[~collective]).mark_bar(height={"band": 0.8}).encode(**encoding)
+    if collective.any():  # narrower and on top: the pass they ran in stays visible around them
+        bars += alt.Chart(data[collective]).mark_bar(height={"band": 0.4}).encode(**encoding)
+    # A label only where it fits: on bars of at least 2% of the time shown (about 16 px of a page's chart)
+    shown = (window_ms[1] - window_ms[0]) if window_ms is not None else data["end_ms"].max() - data["start_ms"].min()
+    wide = data["end_ms"] - data["start_ms"] >= 0.02 * shown
     text = (
-        alt.Chart(data[data["phase"].isin(COMPUTE_PHASES)])
+        alt.Chart(data[data["phase"].isin(COMPUTE_PHASES) & wide])
         .mark_text(color="white", fontSize=10)
         .encode(y=lane, x=alt.X("mid:Q"), text="label:N")
         .transform_calculate(mid="(datum.start_ms + datum.end_ms) / 2")

@@ -56,6 +56,8 @@ def run_figures(run: dict) -> dict[str, Any]:
         "ranks": run["world_size"],
         "model": spec.model,
         "workload": spec.workload,
+        "device": r.get("device"),
+        "pipeline": pp > 1,
         "verify": verdict(r.get("verify")),
         "tokens_per_s": r.get("tokens_per_s"),
         "step_time_s_p50": r.get("step_time_s_p50"),
@@ -127,25 +129,94 @@ def unsharded_reference(run: dict, runs: list[dict]) -> tuple[int, str] | None:
     return round(count_parameters(spec.model_config()) * per_element * copies), "whole model, computed"
 
 
-def memory_efficiency(run: dict, runs: list[dict]) -> str:
-    """The guide table's memory cell: the largest rank's model state against the unsharded run's, in MiB."""
+def memory_figures(run: dict, runs: list[dict]) -> tuple[int, float, str] | None:
+    """(bytes of model state the largest rank holds, that over the unsharded run's, where the unsharded figure
+    comes from); None without figures."""
     rank = _largest_state(run)
     ref = unsharded_reference(run, runs)
     if rank is None or ref is None:
-        return "—"
-    workload = run["spec"].get("workload", "train")
-    held = state_bytes(rank, workload)
-    parts = f"parameters {rank['param_bytes'] / 2**20:.2f}"
-    if workload == "train":
-        grads = rank["param_bytes"] if rank.get("grad_bytes") is None else rank["grad_bytes"]
-        parts += f" + gradients {grads / 2**20:.2f} + optimizer {(rank.get('optimizer_bytes') or 0) / 2**20:.2f}"
-    zero = f", ZeRO-{rank['zero_stage']}" if rank.get("zero_stage") else ""
-    return (f"{held / 2**20:.2f} MiB per rank ({parts}{zero}) = {held / ref[0]:.2f}x the unsharded "
-            f"{ref[0] / 2**20:.2f} MiB ({ref[1]})")  # fmt: skip
+        return None
+    held = state_bytes(rank, run["spec"].get("workload", "train"))
+    assert held is not None  # _largest_state only returns ranks with a figure
+    return held, held / ref[0], ref[1]
 
 
 def comparison_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame([run_figures(r) for r in runs if r.get("result")])
+
+
+# The comparison table's columns as people read them, with a help line where the name alone is not enough.
+FIGURES: dict[str, tuple[str, str]] = {
+    "run": ("run", ""),
+    "strategy": ("strategy", ""),
+    "degrees": ("layout", "tensor, pipeline and data-parallel degrees; microbatches and schedule of a pipeline"),
+    "ranks": ("ranks", ""),
+    "model": ("model", ""),
+    "workload": ("workload", ""),
+    "verify": ("verify", "the job's verdict against the single-device reference"),
+    "tokens_per_s": ("tokens/s", ""),
+    "step_time_s_p50": ("step p50 (s)", "median time of a timed step"),
+    "peak_tensor_mib_max": (
+        "tensor peak MiB",
+        "the most bytes a rank's tensors held at once in a step, largest "
+        "rank, on GPU and CPU alike (what the planner predicts); on a GPU without cuBLAS's workspaces, which the "
+        "run's peak includes",
+    ),
+    "peak_mem_mib_max": ("run's peak MiB", "largest rank. GPU: allocated by the run; CPU: RSS above set-up"),
+    "peak_rss_mib_max": ("process peak RSS MiB", "largest rank: the whole process, interpreter and torch included"),
+    "params_share_max": ("parameters share", "the largest rank's parameters over the whole model's"),
+    "state_mib_max": ("model state MiB", "parameters, gradients and optimizer state of the largest rank"),
+    "compute_share": ("compute share", "of all ranks' time over the timed steps"),
+    "comm_share": ("comm share", "of all ranks' time over the timed steps"),
+    "idle_share": ("idle share", "of all ranks' time over the timed steps: waiting for a neighbour or a barrier"),
+    "comm_mib_per_step": ("payload MiB/step", "logical tensor bytes of every collective and send, all ranks"),
+    "wire_mib_per_rank_step": (
+        "wire MiB/step",
+        "estimated bytes the busiest rank puts on the wire: ring all-reduce 2(n-1)/n·S, gather/scatter (n-1)/n·S",
+    ),
+    "messages_per_step": ("messages/step", "collective and point-to-point calls per timed step, all ranks"),
+    "bubble_measured": ("bubble", "the measured share a pipeline stage stood idle, mean over stages"),
+    "bubble_theory": ("bubble theory", "the schedule's idle share with equal stages and free messages"),
+    "mfu": ("MFU", "model FLOP/s over the GPUs' published peak"),
+    "gflops": ("GFLOP/s", "model FLOPs per second achieved, all ranks"),
+}
+SHARES = ("params_share_max", "compute_share", "comm_share", "idle_share", "bubble_measured", "bubble_theory", "mfu")
+
+
+LABELS = ("run", "strategy", "degrees", "ranks", "model", "workload", "verify")  # shown as they are
+
+
+def _figure_text(value: Any, key: str, ratio: bool) -> str | None:
+    if value is None or value != value:  # None or NaN
+        return None
+    if ratio:
+        return f"{value:.3g}x"
+    return f"{value:.1%}" if key in SHARES else f"{value:.4g}"
+
+
+def readable_table(table: pd.DataFrame, ratio: bool = False) -> pd.DataFrame:
+    """comparison_table (or with_baseline's ratios: `ratio`) as people read it: named columns, numbers to four
+    significant digits, shares as percentages, and a missing figure saying why (na_reason) instead of None. A
+    figure every run has stays a number (it sorts); one with a gap or a share is text."""
+    out = pd.DataFrame(index=table.index)
+    rows = table.to_dict("records")
+    for key, (name, _) in FIGURES.items():
+        if key not in table:
+            continue
+        col = table[key]
+        if key in LABELS:
+            out[name] = col
+        elif col.notna().all() and key not in SHARES and not ratio:
+            out[name] = [float(f"{v:.4g}") for v in col]
+        else:
+            texts = [_figure_text(v, key, ratio) for v in col]
+            out[name] = [t if t is not None else na_reason(r, key) for t, r in zip(texts, rows, strict=True)]
+    return out
+
+
+def figure_help() -> dict[str, str]:
+    """{column name as shown: its help line} for the columns that have one."""
+    return {name: why for name, why in FIGURES.values() if why}
 
 
 def with_baseline(table: pd.DataFrame, baseline: int) -> pd.DataFrame:
@@ -167,27 +238,80 @@ def _level(value: float, good: float, bad: float, higher_is_better: bool) -> str
     return "excellent" if value >= good else "poor" if value <= bad else "good"
 
 
+# The guide's words, each from one measured share: (good at or above, poor at or below, higher is better).
+# Memory: the unsharded state over (ranks x the largest rank's), 1 when the ranks split the state evenly with no
+# copy (ZeRO-3, tensor parallelism), 1/n for n plain data-parallel replicas.
+LEVELS = {"memory": (0.75, 0.5, True), "compute": (0.75, 0.5, True), "communication": (0.1, 0.3, False)}
+GUIDE_COLUMNS = ["run", "memory", "MiB per rank", "vs unsharded", "compute", "compute share", "communication",
+                 "MiB per step", "comm share", "bubble", "collectives", "messages per step"]  # fmt: skip
+GUIDE_NOTES = (
+    "memory: the model state (parameters, gradients, optimizer) the largest rank held between steps, and that "
+    "over what one rank of the unsharded run holds. Its word weighs that against the ranks used (1 / (ranks x "
+    "vs unsharded)): excellent from 0.75, the ranks split the state nearly evenly (ZeRO-3, tensor "
+    "parallelism); poor at 0.5 or less, as plain data parallelism, where every replica holds it all. "
+    "compute: the share of the ranks' time spent computing (excellent from 75%, poor at 50% or less). "
+    "communication: payload MiB of every collective and send per timed step, all ranks, and the share of the "
+    "time spent in them (excellent up to 10%, poor from 30%). bubble: the measured share a pipeline stage "
+    "stood idle. collectives: the kinds used; messages: calls per timed step, all ranks."
+)
+
+
+def level(value: float | None, kind: str) -> str:
+    """The guide's word (excellent, good, poor) for a measured share; '—' without one."""
+    if value is None or value != value:  # NaN
+        return "—"
+    good, bad, higher_is_better = LEVELS[kind]
+    return _level(value, good, bad, higher_is_better)
+
+
+def na_reason(figures: dict[str, Any], key: str) -> str:
+    """Why a run has no figure for `key`, in a table cell: the bubble of a run without a pipeline, the MFU of a
+    CPU run, a figure recorded only by later versions."""
+    if key in ("bubble_measured", "bubble_theory") and not figures.get("pipeline"):
+        return "n/a: no pipeline"
+    if key in ("bubble_measured", "bubble_theory") and figures.get("workload") != "train":
+        return "n/a: not training"  # the bubble is measured where a pipeline trains
+    if key == "mfu":
+        return "GPU only" if figures.get("device") != "cuda" else "n/a: GPU peak unknown"
+    return "not recorded"
+
+
 def guide_table(runs: list[dict]) -> pd.DataFrame:
-    """The guide's table (memory efficiency, compute efficiency, communication, complexity), one row per
-    run, each cell a measured figure with the guide's word for it."""
+    """The guide's table (memory, compute, communication, complexity), one row per run: the guide's word for each
+    as a one-word column beside the short measured figures it comes from (GUIDE_NOTES says how). Text cells, so
+    a missing figure says why."""
     rows = []
     for f in (run_figures(r) for r in runs if r.get("result")):
-        kinds = max((sum(1 for v in (x.get("comm_calls") or {}).values() if v) for x in _ranks(_find(runs, f["run"]))),
-                    default=0)  # fmt: skip
+        run = _find(runs, f["run"])
+        kinds = max((sum(1 for v in (x.get("comm_calls") or {}).values() if v) for x in _ranks(run)), default=0)
+        mem = memory_figures(run, runs)
+        spread = 1 / (mem[1] * f["ranks"]) if mem else None  # 1: the ranks split the state evenly
         rows.append({
-            "run": f"#{f['run']} {f['strategy']} ({f['degrees']})",
-            "memory efficiency": memory_efficiency(_find(runs, f["run"]), runs),
-            "compute efficiency": f"{_level(f['compute_share'], 0.75, 0.5, True)}: ranks compute "
-                                  f"{f['compute_share']:.0%} of the time, idle {f['idle_share']:.0%}",
-            "communication": f"{_level(f['comm_share'], 0.1, 0.3, False)}: {f['comm_mib_per_step']:.2f} MiB "
-                             f"payload per step{_wire(f['wire_mib_per_rank_step'])}, {f['comm_share']:.0%} of the time",
-            "complexity": f"{kinds} kind(s) of collective, {f['messages_per_step']:.0f} messages per step",
+            "run": f"#{f['run']} {f['strategy']} {f['degrees']}",
+            "memory": level(spread, "memory"),
+            "MiB per rank": f"{mem[0] / 2**20:.2f}" if mem else na_reason(f, "state"),
+            "vs unsharded": f"{mem[1]:.2f}x" if mem else na_reason(f, "state"),
+            "compute": level(f["compute_share"], "compute"),
+            "compute share": f"{f['compute_share']:.0%}",
+            "communication": level(f["comm_share"], "communication"),
+            "MiB per step": f"{f['comm_mib_per_step']:.2f}",
+            "comm share": f"{f['comm_share']:.0%}",
+            "bubble": f"{f['bubble_measured']:.0%}" if f["bubble_measured"] is not None
+                      else na_reason(f, "bubble_measured"),
+            "collectives": str(kinds),
+            "messages per step": f"{f['messages_per_step']:.0f}",
         })  # fmt: skip
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=GUIDE_COLUMNS)
 
 
-def _wire(mib: float | None) -> str:
-    return f" ({mib:.2f} MiB on the wire from the busiest rank)" if mib is not None else ""
+def unsharded_sources(runs: list[dict]) -> list[str]:
+    """Where each run's unsharded figure comes from, one line per distinct source: '#3 single, measured'."""
+    sources = {}
+    for run in runs:
+        mem = memory_figures(run, runs) if run.get("result") else None
+        if mem:
+            sources.setdefault(mem[2], []).append(f"#{run['id']}")
+    return [f"{', '.join(ids)} against {source}" for source, ids in sources.items()]
 
 
 def _find(runs: list[dict], run_id: int) -> dict:

@@ -109,3 +109,32 @@ def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
             if wire[kind].fillna(0).any():
                 out[kind + " wire MiB"] = (wire[kind] / MIB).round(3)
     return out
+
+
+IDENTITY = ("rank", "node", "tp", "pp", "dp")
+
+
+def rank_tables(ranks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """rank_table in two narrower tables that fit a page without being cut: (what each rank held -- parameters,
+    sizes in MiB, ZeRO, precision --, where its time and bytes went -- seconds, payload and wire MiB by kind),
+    each led by the rank's coordinates, its numbers as text to four significant digits."""
+    table = rank_table(ranks)
+    ids = [c for c in IDENTITY if c in table]
+    held = [c for c in table.columns if c in ("parameters", "ZeRO", "precision")
+            or (c.endswith(" MiB") and c.split(" ")[0] not in COMM_KINDS)]  # fmt: skip (payload and wire: spent)
+    spent = [c for c in table.columns if c not in ids and c not in held]
+    return _as_text(table[ids + held]), _as_text(table[ids + spent])
+
+
+COMM_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send", "recv")
+
+
+def _as_text(table: pd.DataFrame) -> pd.DataFrame:
+    def cell(x: object) -> str:
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "—"
+        if isinstance(x, int | float) and not isinstance(x, bool):
+            return f"{x:,}" if float(x).is_integer() and abs(x) >= 1000 else f"{x:.4g}"
+        return str(x)
+
+    return table.map(cell)

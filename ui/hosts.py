@@ -18,7 +18,7 @@ from typing import Any
 
 from runner.api import ANY_HOST
 from runner.service.cluster import Partition, gpu_count_on, placement_problems
-from runner.service.logs import LogText, log_source
+from runner.service.logs import LogText, log_source, without_profiler_noise
 from runner.spec.run_spec import RunSpec, SpecProblem
 from ui.format import human_age, human_bytes
 
@@ -35,6 +35,13 @@ class Target:
     gpu_count: int | None  # None: not known (no live runner reports it), device checks are skipped
     partition: Partition | None = None  # a Slurm runner's partition (its nodes as sinfo saw them)
     gpu_note: str | None = None  # its runner's account of its GPUs: why it has none, what it excluded
+
+    @property
+    def choice(self) -> str:
+        """What the choice box shows: the label up to its first colon, which never changes for one key. The box
+        keeps the text of the option it shows when only that option's label changes (the runner reporting its
+        devices, a partition's idle count), so the full label goes in a caption under it."""
+        return "any host with the devices" if self.key == ANY_HOST else self.label.split(":", 1)[0]
 
     @property
     def is_slurm(self) -> bool:
@@ -178,9 +185,11 @@ def host_lines(hosts: list[dict[str, Any]], here: str) -> tuple[list[str], list[
 
 
 def last_lines(logs: list[LogText], lines: int = 5) -> str:
-    """The Live page's log tail: the last `lines` lines of each rank's log that has any, under its name."""
+    """The Live page's log tail: the last `lines` lines of each rank's log that has any, under its name, without
+    the profiler's lines (runner.service.logs.without_profiler_noise; the log keeps them)."""
     return "\n".join(
-        f"--- rank {log.name.removeprefix('rank')}\n" + "\n".join(log.text.splitlines()[-lines:])
+        f"--- rank {log.name.removeprefix('rank')}\n"
+        + "\n".join(without_profiler_noise(log.text)[0].splitlines()[-lines:])
         for log in logs
         if log.text is not None
     )

@@ -20,7 +20,7 @@ from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec.run_spec import RunSpec
-from ui.format import human_bytes
+from ui.format import human_bytes, human_duration
 
 DEVICE_SOURCES = ("known GPU", "this host", "a runner's host", "Slurm partition", "described")
 PLAN_TAG = "plan"
@@ -60,54 +60,100 @@ def memory_unit(candidates: list[Candidate]) -> tuple[str, int]:
     return ("GiB", GiB) if biggest >= GiB else ("MiB", 2**20)
 
 
-def _row(c: Candidate, unit: tuple[str, int] = ("GiB", GiB)) -> dict[str, Any]:
+def readable(x: float) -> float:
+    """A figure rounded for reading: whole numbers from 100 (1147.3746 -> 1147), else three significant digits
+    (22.1977 -> 22.2, 0.0045678 -> 0.00457)."""
+    return float(round(x)) if abs(x) >= 100 else float(f"{x:.3g}")
+
+
+def _row(c: Candidate, unit: tuple[str, int] = ("GiB", GiB), word: str = "GPU") -> dict[str, Any]:
+    """One layout as a table row: the answer first (step time, memory per device), then how it splits and the
+    parts of each figure."""
     m, s = c.memory, c.step
     u, div = unit
-    row: dict[str, Any] = {"layout": c.layout.label(), "tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp,
-                           "ZeRO": c.layout.zero_stage, "microbatches": c.microbatches}  # fmt: skip
+    row: dict[str, Any] = {"layout": c.layout.label()}
+    if s is not None:
+        row["step s"] = readable(s.total)
     if m is not None:
-        row |= {
-            f"{u} per GPU": round(m.total / div, 2),
-            f"params {u}": round(m.param_bytes / div, 2),
-            f"grads {u}": round(m.grad_bytes / div, 2),
-            f"optimizer {u}": round(m.optimizer_bytes / div, 2),
-            f"activations {u}": round(m.activation_bytes / div, 2),
-            f"KV cache {u}": round(m.kv_cache_bytes / div, 2),
-            f"transient {u}": round(m.transient_bytes / div, 2),
-            "peak at": m.peak_at,  # why the total is not the sum: gradients and transients come and go
-        }
+        row[f"{u} per {word}"] = readable(m.total / div)
     if s is not None:
         row |= {
-            "step s": round(s.total, 4),
-            "compute s": round(s.compute_s, 4),
-            "bubble": round(s.bubble_fraction, 3),
-            "comm s": round(s.tp_comm_s + s.pp_comm_s + s.dp_comm_s, 4),
+            "bubble": f"{s.bubble_fraction:.1%}",
+            "comm s": readable(s.tp_comm_s + s.pp_comm_s + s.dp_comm_s),
+            "compute s": readable(s.compute_s),
+        }
+    row |= {"tp": c.layout.tp, "pp": c.layout.pp, "dp": c.layout.dp, "ZeRO": c.layout.zero_stage,
+            "microbatches": c.microbatches}  # fmt: skip
+    if m is not None:
+        row |= {
+            f"params {u}": readable(m.param_bytes / div),
+            f"grads {u}": readable(m.grad_bytes / div),
+            f"optimizer {u}": readable(m.optimizer_bytes / div),
+            f"activations {u}": readable(m.activation_bytes / div),
+            f"KV cache {u}": readable(m.kv_cache_bytes / div),
+            f"transient {u}": readable(m.transient_bytes / div),
+            "peak at": m.peak_at,  # why the total is not the sum: gradients and transients come and go
         }
     return row
 
 
 def feasible_table(p: Plan) -> pd.DataFrame:
-    """The feasible layouts, fastest first, with predicted memory per GPU and step time by part."""
+    """The feasible layouts, fastest first (the first is the recommendation, marked), with predicted step time and
+    memory per device, then their parts."""
     unit = memory_unit(p.feasible + p.infeasible)
-    return pd.DataFrame([_row(c, unit) for c in p.feasible], columns=None if p.feasible else ["layout"])
+    rows = [{"": "★ best" if i == 0 else "", **_row(c, unit, p.devices.word)} for i, c in enumerate(p.feasible)]
+    return pd.DataFrame(rows, columns=None if rows else ["layout"])
 
 
 def infeasible_table(p: Plan) -> pd.DataFrame:
     """The infeasible layouts with every reason."""
     unit = memory_unit(p.feasible + p.infeasible)
-    rows = [{**_row(c, unit), "why not": "; ".join(c.reasons)} for c in p.infeasible]
+    rows = [{"layout": c.layout.label(), "why not": "; ".join(c.reasons), **_row(c, unit, p.devices.word)}
+            for c in p.infeasible]  # fmt: skip
     return pd.DataFrame(rows, columns=None if rows else ["layout", "why not"])
+
+
+def recommendation(p: Plan) -> str | None:
+    """The answer in one line: the fastest layout that fits, its step time and memory per device; None when none
+    fits."""
+    best = p.best
+    if best is None or best.step is None or best.memory is None:
+        return None
+    word = p.devices.word
+    return (f"{best.layout.label()} on {best.layout.world_size} {word}s: step {human_duration(best.step.total)} "
+            f"(bubble {best.step.bubble_fraction:.0%}), {human_bytes(best.memory.total)} per {word} of "
+            f"{human_bytes(p.devices.usable_bytes)} usable")  # fmt: skip
+
+
+# The guide's layouts, each with where it comes from (runner/planner/layouts.py GUIDE_LAYOUTS, in that order).
+GUIDE_NOTES = ("the guide: 8-way pipeline x 4-way tensor x 16-way data", "the guide's, unsharded",
+               "Megatron-LM 2021's choice for 175B-class (tp 8 within a node)", "a deeper pipeline",
+               "the guide's model-parallel example: 8 GPUs of ~22B parameters each", "pure sharded data parallelism",
+               "one GPU")  # fmt: skip
+
+
+def guide_plan(devices: Devices | None = None) -> Plan:
+    """The planner's own answer to the guide's example: every layout of the 512 GPUs (cached by the planner)."""
+    inputs = guide_inputs()
+    return run_plan(inputs, devices or guide_devices())
 
 
 def guide_table(devices: Devices | None = None) -> pd.DataFrame:
     """The guide's GPT-3 175B layouts (8-way pipeline x 4-way tensor x 16-way data and others) on 512 80-GiB
-    GPUs: predicted memory per GPU, step time, whether each fits and why not."""
+    GPUs, and the planner's best of every layout first: predicted step time, memory per GPU, whether each fits
+    and why not, and where each comes from."""
     devices = devices or guide_devices()
     cfg = MODELS["gpt3-175b"]
+    best = guide_plan(devices).best
+    layouts = list(zip(GUIDE_LAYOUTS, GUIDE_NOTES, strict=True))
+    if best is not None:
+        known = dict(layouts)
+        mine = "the planner's best: the fastest that fits" + (f"; {known[best.layout]}" if best.layout in known else "")
+        layouts = [(best.layout, mine)] + [(lay, note) for lay, note in layouts if lay != best.layout]
     rows = []
-    for lay in GUIDE_LAYOUTS:
+    for lay, note in layouts:
         c = evaluate(cfg, lay, GUIDE_175B_WORK, devices)
-        rows.append({**_row(c), "fits": c.feasible, "why not": "; ".join(c.reasons)})
+        rows.append({**_row(c), "fits": c.feasible, "why not": "; ".join(c.reasons), "note": note})
     return pd.DataFrame(rows)
 
 
@@ -164,10 +210,24 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
     return RunSpec(**values)
 
 
-def fits_here(c: Candidate, here: Devices, inputs: PlannerInputs) -> list[str]:
-    """Why candidate `c` cannot run on this host's devices ([] when it can)."""
-    judged = evaluate(inputs.config(), c.layout, inputs.work, here, inputs.efficiency)
-    return list(judged.reasons)
+def measured_rate(devices: Devices) -> bool:
+    """Calibrated CPU ranks: their 'peak' is the matmul rate one rank measured (runner/planner/calibrate.py), so
+    the share of a GPU's published peak a model reaches does not apply (efficiency 1)."""
+    return devices.is_cpu and devices.source.startswith("calibrated")
+
+
+def here_inputs(inputs: PlannerInputs, here: Devices) -> PlannerInputs:
+    """The inputs a launch on this host is predicted with (efficiency 1 on a measured rate)."""
+    return replace(inputs, efficiency=1.0) if measured_rate(here) else inputs
+
+
+def for_this_host(p: Plan, here: Devices, inputs: PlannerInputs) -> list[Candidate]:
+    """The plan's feasible layouts that run on this host's devices, in the plan's order, each judged again on them
+    (its step time and memory here, what a launch stores as its prediction)."""
+    mine = here_inputs(inputs, here)
+    judged = [evaluate(mine.config(), c.layout, mine.work, here, mine.efficiency) for c in p.feasible
+              if c.layout.world_size <= here.count]  # fmt: skip
+    return [c for c in judged if c.feasible]
 
 
 def prediction_record(inputs: PlannerInputs, c: Candidate, devices: Devices) -> dict[str, Any]:
@@ -188,15 +248,23 @@ def prediction_record(inputs: PlannerInputs, c: Candidate, devices: Devices) -> 
 
 
 def launch(engine: Any, inputs: PlannerInputs, c: Candidate, here: Devices, steps: int = 5) -> int:
-    """Submit candidate `c` as a run on this host (validated by api.submit), store its prediction, return its id."""
+    """Submit candidate `c` (judged on `here`: for_this_host) as a run on this host (validated by api.submit), store
+    its prediction, return its id."""
     from runner import api
     from storage.calibration import store_prediction
 
     device = "cpu" if here.is_cpu else "cuda"
     spec = spec_for(inputs, c, device, steps)
     run_id = api.submit(engine, spec)
-    store_prediction(engine, run_id, prediction_record(inputs, c, here))
+    store_prediction(engine, run_id, prediction_record(here_inputs(inputs, here), c, here))
     return run_id
+
+
+def launched_text(run_id: int) -> str:
+    """What the page says once a layout is queued: links to the run and to Compare, which sets the prediction
+    beside the measurement when the run ends."""
+    return (f"Run #{run_id} queued, tagged '{PLAN_TAG}' with its prediction: [follow run #{run_id}]"
+            f"(/history?run={run_id}) · [compare it with the prediction](/compare?runs={run_id}) once it ends.")  # fmt: skip
 
 
 def predicted_vs_measured(prediction: dict[str, Any], ranks: list[dict[str, Any]],
@@ -260,9 +328,25 @@ def readable_comparison(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     for col in ("predicted", "measured"):
         out[col] = [show(f, x) for f, x in zip(table.figure, table[col], strict=True)]
-    out["ratio"] = ["—" if x is None or x != x else f"{x:.3f}" for x in table.ratio]
+    out["ratio"] = [ratio_text(f, x) for f, x in zip(table.figure, table.ratio, strict=True)]
     out["rank"] = ["all" if x is None or x != x else str(int(x)) for x in table["rank"]]
-    return out
+    return out.rename(columns={"ratio": "predicted / measured"})
+
+
+def ratio_text(figure: str, ratio: float | None) -> str:
+    """A predicted / measured ratio with its direction in words: '5.039: predicted 5.0x slower than measured',
+    '0.800: predicted 20% less than measured', '1.002: as measured' (within half a percent)."""
+    if ratio is None or ratio != ratio or ratio <= 0:
+        return "—"
+    if abs(ratio - 1) < 0.005:
+        return f"{ratio:.3f}: as measured"
+    more, less = ("slower", "faster") if figure == "step time s" else ("more", "less")
+    if figure == "microbatches in flight":
+        more, less = "more", "fewer"
+    word = more if ratio > 1 else less
+    if 0.5 < ratio < 2:
+        return f"{ratio:.3f}: predicted {abs(ratio - 1):.0%} {word} than measured"
+    return f"{ratio:.3f}: predicted {max(ratio, 1 / ratio):.1f}x {word} than measured"
 
 
 def devices_described(count: int, memory_gib: float, tflops: float, bw_intra: float, bw_inter: float,

@@ -4,10 +4,12 @@ pipeline bubble). The pages only lay these out."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from ui.charts import COLLECTIVES
 from ui.format import human_bytes, human_duration
 
 
@@ -26,8 +28,21 @@ def live_progress(
     elapsed = (now - started_at).total_seconds() if started_at else 0.0
     remaining = sum(step_times) / len(step_times) * (total - done) if len(step_times) and done else None
     frac = min(done / total, 1.0) if total else 0.0
-    left = human_duration(remaining) if remaining is not None else "estimating…"
-    return frac, f"step {done} of {total} · elapsed {human_duration(elapsed)} · remaining {left}"
+    left = "remaining " + (human_duration(remaining) if remaining is not None else "estimating…")
+    if total and done >= total:  # the job still measures its tensor peak and writes its result
+        left = "every step done, finishing"
+    return frac, f"step {done} of {total} · elapsed {human_duration(elapsed)} · {left}"
+
+
+def progress_html(frac: float, text: str) -> str:
+    """A progress bar and its line as one piece of HTML (st.html). Streamlit's st.progress draws its line at once
+    but slides its bar there over half a second, after it, so a page refreshed every second showed "step 6 of 6"
+    beside a bar at 58%; this bar is drawn where the line says, in the same update."""
+    pct = round(min(max(frac, 0.0), 1.0) * 100, 1)
+    return (f'<div style="font-size:0.875rem;margin-bottom:0.25rem">{html.escape(text)}</div>'
+            f'<div role="progressbar" aria-valuenow="{pct:g}" aria-valuemin="0" aria-valuemax="100" '
+            f'style="height:0.5rem;border-radius:0.25rem;background:rgba(151,166,195,0.25)">'
+            f'<div style="width:{pct:g}%;height:100%;border-radius:0.25rem;background:#ff4b4b"></div></div>')  # fmt: skip
 
 
 def failure_text(run: dict[str, Any]) -> str | None:
@@ -70,3 +85,22 @@ def result_captions(run: dict[str, Any]) -> list[str]:
         theory = r.get("bubble_fraction_theory") or 0
         out.append(f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {theory:.1%}")
     return out
+
+
+TIMELINE_NAMES = {"single": "Single-device", "layer": "Layer split", "pipeline": "Pipeline", "tensor": "Tensor-parallel",
+                  "data": "Data-parallel", "3d": "3D-parallel"}  # fmt: skip
+
+
+def timeline_title(spec: dict[str, Any], step: int, spans: Any) -> str:
+    """The measured timeline's title, named for the run's strategy, saying what its lanes and colours are: stages
+    of a pipeline (grey: waiting for a neighbour), ranks otherwise, purple: the collectives the step clock timed."""
+    strategy = spec.get("strategy", "")
+    name = TIMELINE_NAMES.get(strategy, strategy.capitalize())
+    lanes = "stage x microbatch" if int(spec.get("pp") or 1) > 1 else "one lane per rank"
+    phases = set(spans["phase"])
+    notes = [lanes]
+    if "recv_wait" in phases:
+        notes.append("grey: waiting for a neighbour")
+    if phases & set(COLLECTIVES):
+        notes.append("purple: collectives, inside the pass they ran in")
+    return f"{name} timeline, step {step} ({'; '.join(notes)})"

@@ -101,3 +101,30 @@ def simulated_chart(sim: Simulation, title: str | None = None) -> alt.LayerChart
     name = sim.schedule + (f", v = {sim.v}" if sim.v > 1 else "")
     default = f"Simulated {name}: p = {sim.p}, m = {sim.m}, step {human_duration(sim.step_time)}, bubble {sim.bubble_mean:.1%}"
     return charts.timeline_chart(sim.spans, title=title or default)
+
+
+# A stage's bars stay readable up to about this many microbatches across the chart's width.
+WINDOW_MICROBATCHES = 16
+
+
+def timeline_window(sim: Simulation) -> float | None:
+    """How many ms of a simulated step to draw at once, or None to draw it whole: a window of about
+    WINDOW_MICROBATCHES microbatches' passes on a stage (the step holds m + p - 1 such slots under 1F1B's timing),
+    when the step has more (pp 16 with 192 microbatches would be 6,000 bars too thin to see)."""
+    slots = sim.m * sim.v + sim.p - 1
+    if sim.m * sim.v <= WINDOW_MICROBATCHES or sim.step_time <= 0:
+        return None
+    return sim.step_time * 1e3 * WINDOW_MICROBATCHES / slots
+
+
+def windowed_chart(sim: Simulation, start_ms: float) -> alt.LayerChart:
+    """The simulated step from `start_ms` over one window (timeline_window), titled with where it is."""
+    width = timeline_window(sim)
+    if width is None:
+        return simulated_chart(sim)
+    total = sim.step_time * 1e3
+    lo = max(0.0, min(start_ms, total - width))
+    name = sim.schedule + (f", v = {sim.v}" if sim.v > 1 else "")
+    title = (f"Simulated {name}: p = {sim.p}, m = {sim.m}, step {human_duration(sim.step_time)}, bubble "
+             f"{sim.bubble_mean:.1%} -- {lo:.4g} to {lo + width:.4g} ms shown")  # fmt: skip
+    return charts.timeline_chart(sim.spans, title=title, window_ms=(lo, lo + width))

@@ -34,6 +34,14 @@ def verdict(verify: dict[str, Any] | None) -> str:
     return PASS if passed else FAIL
 
 
+def list_verdict(verify: dict[str, Any] | None, status: str) -> str:
+    """A run's verdict in a list of runs: pass / fail / no verdict, off for a run that succeeded without
+    verifying, '—' for one still queued or running, or that failed before verifying."""
+    if verify:
+        return verdict(verify)
+    return OFF if status == "succeeded" else "—"
+
+
 def tolerance_text(verify: dict[str, Any]) -> str:
     """'logits rel ≤ 1e-05, loss rel ≤ 1e-05, …' in the dtype the comparison ran in; '' when none were recorded."""
     tolerances = verify.get("tolerances") or {}
@@ -46,34 +54,37 @@ def tolerance_text(verify: dict[str, Any]) -> str:
     return ", ".join(parts) + (f" (compared in {dtype})" if dtype else "")
 
 
+def _diff(x: float | None) -> str | None:
+    return None if x is None else f"{x:.1e}"
+
+
 def differences(verify: dict[str, Any]) -> pd.DataFrame:
-    """One row per compared quantity: max abs and max rel difference and the tolerance applied.
+    """One row per compared quantity, as text: its max abs and max rel difference and the bound it was judged by,
+    named ('max rel diff ≤ 1e-05'); the difference no bound applies to says so instead of a blank (the updated
+    weights are judged by their absolute difference alone).
 
     Quantities the workload does not have (no gradients in forward, no weights outside train) are left out;
     a generate run adds whether the generated tokens are equal. Runs stored before verdicts recorded only
-    absolute differences, so their table has only that column.
+    absolute differences and no tolerances, so their table has only that column.
     """
     tolerances = verify.get("tolerances") or {}
     rows = []
     for label, abs_key, rel_key, tol_key in QUANTITIES:
-        abs_diff = verify.get(abs_key)
-        rel_diff = verify.get(rel_key) if rel_key else None
+        abs_diff, rel_diff = _diff(verify.get(abs_key)), _diff(verify.get(rel_key) if rel_key else None)
         if abs_diff is None and rel_diff is None:
             continue
-        tol = tolerances.get(tol_key)
-        rows.append({
-            "quantity": label,
-            "max abs diff": abs_diff,
-            "max rel diff": rel_diff,
-            "tolerance": f"{TOLERANCE_KIND[tol_key]} ≤ {tol:.0e}" if tol is not None else "—",
-        })  # fmt: skip
+        tol, kind = tolerances.get(tol_key), TOLERANCE_KIND[tol_key]
+        missing = f"n/a: judged by max {kind} diff" if tol is not None else "—"  # (weights: no relative figure)
+        rows.append({"quantity": label, "max abs diff": abs_diff or missing, "max rel diff": rel_diff or missing,
+                     "bound": f"max {kind} diff ≤ {tol:.0e}" if tol is not None else "—"})  # fmt: skip
     if verify.get("tokens_equal") is not None:
-        rows.append({"quantity": "generated tokens", "max abs diff": None, "max rel diff": None,
-                     "tolerance": "must match: " + ("they match" if verify["tokens_equal"] else "they DIFFER")})  # fmt: skip
-    table = pd.DataFrame(rows, columns=["quantity", "max abs diff", "max rel diff", "tolerance"])
+        rows.append({"quantity": "generated tokens", "max abs diff": "n/a: tokens are compared", "max rel diff":
+                     "n/a: tokens are compared", "bound": "must match: " + ("they match" if verify["tokens_equal"]
+                     else "they DIFFER")})  # fmt: skip
+    table = pd.DataFrame(rows, columns=["quantity", "max abs diff", "max rel diff", "bound"])
     # A run stored before verdicts has neither relative differences nor tolerances: no columns of blanks.
-    if table["max rel diff"].isna().all():
+    if (table["max rel diff"] == "—").all():
         table = table.drop(columns="max rel diff")
-    if (table["tolerance"] == "—").all():
-        table = table.drop(columns="tolerance")
+    if (table["bound"] == "—").all():
+        table = table.drop(columns="bound")
     return table

@@ -30,6 +30,7 @@ Autograd operators for tensor parallelism (identity/all-reduce conjugates) live 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -72,6 +73,8 @@ class CommStats:
     calls: Counter = field(default_factory=Counter)
     _comm_s: float = 0.0
     _idle_s: float = 0.0
+    # (kind, start, end) in step seconds of each collective the clock timed: the timeline's communication segments
+    segments: list[tuple[str, float, float]] = field(default_factory=list)
 
     def record(self, kind: str, payload: int, group_size: int) -> None:
         """One call of `kind` with payload S (0 for recv) in a group of group_size ranks."""
@@ -82,13 +85,30 @@ class CommStats:
             self.bytes[kind] += payload
             self.wire[kind] += wire_bytes(kind, payload, group_size)
 
-    def time(self, start: Mark, end: Mark, idle: bool = False) -> None:
-        """Book the interval between two clock marks as communication (or idle) time."""
-        if self.counting:
-            self.clock.add(start, end, self._add_idle if idle else self._add_comm)
+    def time(self, start: Mark, end: Mark, idle: bool = False, kind: str | None = None) -> None:
+        """Book the interval between two clock marks as communication (or idle) time; a collective's `kind` also
+        keeps it as a segment of the timeline."""
+        if not self.counting:
+            return
+        if idle:
+            self.clock.add(start, end, self._add_idle)
+        elif kind is not None:
+            self.clock.add(start, end, functools.partial(self._add_collective, kind))
+        else:
+            self.clock.add(start, end, self._add_comm)
 
     def _add_comm(self, start: float, end: float) -> None:
         self._comm_s += end - start
+
+    def _add_collective(self, kind: str, start: float, end: float) -> None:
+        self._comm_s += end - start
+        self.segments.append((kind, start, end))
+
+    def take_segments(self) -> list[tuple[str, float, float]]:
+        """The collectives timed since the last call, (kind, start, end) in step seconds."""
+        self.clock.resolve()
+        segments, self.segments = self.segments, []
+        return segments
 
     def _add_idle(self, start: float, end: float) -> None:
         self._idle_s += end - start
@@ -108,6 +128,7 @@ class CommStats:
         self.bytes.clear()
         self.wire.clear()
         self.calls.clear()
+        self.segments.clear()
         self._comm_s = self._idle_s = 0.0
 
     def as_dict(self) -> dict:
@@ -143,7 +164,7 @@ class GroupComm:
             return fn()
         start = stats.clock.mark()
         out = fn()
-        stats.time(start, stats.clock.mark(), idle=idle)
+        stats.time(start, stats.clock.mark(), idle=idle, kind=kind)
         stats.record(kind, payload, self.size)
         return out
 
@@ -212,7 +233,7 @@ class GroupComm:
         if stats.counting:
             stats.time(start, stats.clock.mark())
             stats.record("all_reduce", nbytes(t), self.size)
-        return PendingCollective(work, t, stats)
+        return PendingCollective(work, t, stats, "all_reduce")
 
     def wait_for_peers(self) -> None:
         """Wait until every rank of the group arrives; the wait counts as idle (no payload, no call).
@@ -267,6 +288,7 @@ class PendingCollective:
     work: dist.Work | None
     tensor: torch.Tensor
     stats: CommStats
+    kind: str = "all_reduce"
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
@@ -275,7 +297,7 @@ class PendingCollective:
             # On CUDA this makes the current stream wait for the collective, not the host.
             self.work.wait()
             if stats.counting:
-                stats.time(start, stats.clock.mark())
+                stats.time(start, stats.clock.mark(), kind=self.kind)
             self.work = None
         return self.tensor
 

@@ -42,7 +42,7 @@ from runner.gpt.model import GPT, KVCache, WholeVocabulary, cut_stage, greedy_ge
 from runner.gpt.schedules import input_grad_pass, weight_grad_pass
 from runner.gpt.stage_links import StageLinks
 from runner.gpt.strategy import ParallelGPT
-from runner.gpt.timing import Mark
+from runner.gpt.timing import Mark, collective_spans
 from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
 from runner.job.metrics import bubble_fraction_theory
 from runner.job.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
@@ -170,7 +170,7 @@ class PipelineGPT(ParallelGPT):
     def take_spans(self) -> list[dict]:
         self.clock.resolve()  # a no-op where the job has resolved the step already
         spans, self._spans = self._spans, []
-        return spans
+        return spans + collective_spans(spans, self.mesh.stats.take_segments(), self.stage_id)
 
     def _span(self, stage: int, microbatch: int, phase: str, start: Mark, end: Mark) -> None:
         def sink(start_s: float, end_s: float) -> None:

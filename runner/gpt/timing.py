@@ -1,4 +1,5 @@
-"""One step clock for every timed figure: communication and idle seconds, and the pipeline's timeline spans.
+"""One step clock for every timed figure: communication and idle seconds, the pipeline's timeline spans and
+the collectives' segments among them (`collective_spans`).
 
 `StepClock.mark()` returns a point in time; `add(start, end, sink)` registers an interval between two
 marks; `resolve()` turns every registered interval into seconds (since the step's origin mark, set by
@@ -97,3 +98,21 @@ class StepClock:
         self.add(self._origin, end, lambda a, b: length.append(b - a))
         self.resolve()
         return length[0] if length else 0.0
+
+
+PASSES = ("forward", "backward", "weight")
+
+
+def collective_spans(spans: list[dict], segments: list[tuple[str, float, float]], stage: int) -> list[dict]:
+    """Timeline spans of the collectives a step's clock timed (CommStats.segments: tensor parallelism's inside a
+    pass, data parallelism's and ZeRO's waits), each named by its kind and put on the pass it ran in, so a lane
+    shows where communication took its time; outside any pass: the rank's first stage, microbatch -1."""
+    passes = [s for s in spans if s["phase"] in PASSES]
+    home = min((s["stage"] for s in spans), default=stage)
+    out = []
+    for kind, start, end in segments:
+        mid = (start + end) / 2
+        inside = next((s for s in passes if s["start"] <= mid <= s["end"]), None)
+        out.append({"stage": inside["stage"] if inside else home, "microbatch": inside["microbatch"] if inside else -1,
+                    "phase": kind, "start": start, "end": end})  # fmt: skip
+    return out

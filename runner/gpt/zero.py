@@ -86,7 +86,7 @@ def _counted_async(comm: GroupComm, kind: str, payload: int, start_fn, keep: tor
     if stats.counting:
         stats.time(start, stats.clock.mark())
         stats.record(kind, payload, comm.size)
-    return PendingCollective(work, keep, stats)
+    return PendingCollective(work, keep, stats, kind)
 
 
 def all_gather_async(comm: GroupComm, out: torch.Tensor, shard: torch.Tensor) -> PendingCollective:

@@ -228,23 +228,15 @@ def devices_from_calibration(
                    reserve_bytes=dev.reserve_bytes, source=cal.describe())  # fmt: skip
 
 
-def this_host_devices(engine: Any = None) -> Devices:
-    """This host's devices for the planner: the GPUs runs may use here (runner.api.this_host_gpus: the live
-    runner's report, the one the dashboard and the self-test show) or its CPU cores, with the newest calibration
+def this_host_devices(gpus: list[dict[str, Any]], engine: Any = None) -> Devices:
+    """This host's devices for the planner: `gpus`, the GPUs runs may use here (runner.api.this_host_gpus: the live
+    runner's report, the one the dashboard and the self-test show), or its CPU cores, with the newest calibration
     when one is stored (else published peaks for GPUs; an uncalibrated CPU gets 10 GFLOP/s a core and 1 GB/s,
     said in `source`)."""
     import psutil
 
-    from runner.api import this_host_gpus
     from runner.spec.run_spec import usable_cores
 
-    try:
-        from storage.db import get_engine
-
-        engine = engine or get_engine()
-    except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
-        engine = None
-    gpus, _ = this_host_gpus(engine)
     cal = None
     try:
         cal = stored(engine, device="cuda" if gpus else "cpu") if engine is not None else None

@@ -57,9 +57,14 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
 def devices_from_args(args: argparse.Namespace) -> Devices:
     """The devices the arguments describe; raises ValueError saying what is missing."""
     if args.this_host:
-        from runner.planner.calibrate import this_host_devices
+        from runner import api
+        from storage.db import get_engine
 
-        return this_host_devices()
+        try:
+            engine = get_engine()
+        except Exception:  # noqa: BLE001 -- no database here: plan from published figures, said in source
+            engine = None
+        return api.this_host_devices(engine)
     if args.partition:
         from runner.service.cluster import read_partition
 

@@ -51,6 +51,11 @@ class Devices:
         return self.source.startswith("CPU") or self.name.startswith("CPU")
 
     @property
+    def word(self) -> str:
+        """What one of them is called in a table or a reason: 'GPU', or 'device' for CPU ranks."""
+        return "device" if self.is_cpu else "GPU"
+
+    @property
     def usable_bytes(self) -> int:
         return max(0, self.memory_bytes - self.reserve_bytes)
 

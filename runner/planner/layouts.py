@@ -5,10 +5,15 @@ A layout is feasible when the model splits that way (heads, width, layers, batch
 rule, and the one runner/service/launchers/slurm.py enforces), and the busiest rank's predicted bytes fit in the
 device's memory less its reserve. Ranking: predicted step time (runner/planner/step_time.py), then less
 memory. `plan()` returns both lists; `Plan.to_dict()` is what `python -m runner plan --json` prints.
+
+Judging is cached per process (`evaluate` by its arguments, a plan's two lists by its inputs; every input is a
+frozen dataclass): the Planner page reruns its script on every click, the guide's example and the user's plan
+share layouts, and a 512-GPU plan's memory replays every pipeline stage's schedule of hundreds of microbatches.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 from runner.gpt.config import GPTConfig
@@ -113,6 +118,7 @@ def on_devices(work: Workload, devices: Devices) -> Workload:
     return work.on_cpu_ranks() if devices.is_cpu else work
 
 
+@functools.lru_cache(maxsize=8192)
 def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
              efficiency: float = DEFAULT_EFFICIENCY) -> Candidate:  # fmt: skip
     """One layout judged: its reasons not to run, its memory and step time when the model splits that way."""
@@ -121,14 +127,14 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
     if layout.world_size > devices.count:
         reasons.append(f"needs {layout.world_size} devices, you have {devices.count}")
     if layout.tp > devices.gpus_per_node:
-        reasons.append(f"tp {layout.tp} exceeds the {devices.gpus_per_node} GPUs of a node")
+        reasons.append(f"tp {layout.tp} exceeds the {devices.gpus_per_node} {devices.word}s of a node")
     elif devices.gpus_per_node % layout.tp:
-        reasons.append(f"tp {layout.tp} does not divide the {devices.gpus_per_node} GPUs of a node")
+        reasons.append(f"tp {layout.tp} does not divide the {devices.gpus_per_node} {devices.word}s of a node")
     split = not any(r.startswith(("n_head", "n_embd", "n_layer", "batch", "interleaved")) for r in reasons)
     mem = layout_memory(cfg, layout, work) if split else None
     step = predict_step(cfg, layout, work, devices, efficiency) if split else None
     if mem is not None and mem.total > devices.usable_bytes:
-        reasons.append(f"needs {mem.total / GiB:.1f} GiB per GPU, you have {devices.usable_bytes / GiB:.1f} GiB"
+        reasons.append(f"needs {mem.total / GiB:.1f} GiB per {devices.word}, you have {devices.usable_bytes / GiB:.1f} GiB"
                        f" (of {devices.memory_bytes / GiB:.1f} GiB, {devices.reserve_bytes / GiB:.1f} reserved)")  # fmt: skip
     return Candidate(layout, mem, step, tuple(reasons), work.microbatches_for(layout))
 
@@ -137,8 +143,17 @@ def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[in
          efficiency: float = DEFAULT_EFFICIENCY, use_all: bool = True) -> Plan:  # fmt: skip
     """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
     (a layout without data parallelism, or not training, takes stage 0), judged and ranked."""
+    feasible, infeasible = _judged(cfg, work, devices, tuple(zero_stages), efficiency, use_all)
+    return Plan(cfg, work, devices, list(feasible), list(infeasible), efficiency)
+
+
+@functools.lru_cache(maxsize=64)
+def _judged(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...], efficiency: float,
+            use_all: bool) -> tuple[tuple[Candidate, ...], tuple[Candidate, ...]]:  # fmt: skip
+    """plan()'s two lists, ranked (cached: each call of plan gets lists of its own)."""
     counts = [devices.count] if use_all else list(range(1, devices.count + 1))
-    out = Plan(cfg, work, devices, efficiency=efficiency)
+    feasible: list[Candidate] = []
+    infeasible: list[Candidate] = []
     for n in counts:
         for tp in divisors(n):
             for pp in divisors(n // tp):
@@ -146,10 +161,10 @@ def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[in
                 shardable = dp > 1 and work.workload == "train"
                 for z in sorted({z if shardable else 0 for z in zero_stages}):
                     c = evaluate(cfg, Layout(tp, pp, dp, z), work, devices, efficiency)
-                    (out.feasible if c.feasible else out.infeasible).append(c)
-    out.feasible.sort(key=lambda c: (c.step.total, c.memory.total))  # type: ignore[union-attr]
-    out.infeasible.sort(key=lambda c: (len(c.reasons), c.memory.total if c.memory else float("inf")))
-    return out
+                    (feasible if c.feasible else infeasible).append(c)
+    feasible.sort(key=lambda c: (c.step.total, c.memory.total))  # type: ignore[union-attr]
+    infeasible.sort(key=lambda c: (len(c.reasons), c.memory.total if c.memory else float("inf")))
+    return tuple(feasible), tuple(infeasible)
 
 
 # The guide's GPT-3 175B example, answered (issue 15 item 5): Brown et al. 2020 trained on 3.2M-token

@@ -39,6 +39,19 @@ LOG_TAIL_BYTES = 64 * 1024  # what a runner keeps of each log in the database (t
 
 
 # ---- reading a log in a run folder ----------------------------------------------------------
+# What PyTorch's profiler prints into a rank's log while the job measures its tensor peak on a CPU
+# (runner/job/resources.py): its USDT probe lines and the allocator's notice of blocks allocated before it started.
+# The log keeps them; tails shown beside a run's progress leave them out (`without_profiler_noise`).
+PROFILER_NOISE = re.compile(r"^USDT:.*profiler_(start|stop)|CPUAllocator\.cpp:\d+\] Memory block of unknown size")
+
+
+def without_profiler_noise(text: str) -> tuple[str, int]:
+    """`text` without the profiler's lines, and how many were left out."""
+    lines = text.splitlines(keepends=True)
+    kept = [line for line in lines if not PROFILER_NOISE.search(line)]
+    return "".join(kept), len(lines) - len(kept)
+
+
 def log_path(run_dir: Path | str, name: str) -> Path:
     """The file of log `name` ('torchrun', 'rank0', ...) in a run folder."""
     return Path(run_dir) / f"{name}.log"

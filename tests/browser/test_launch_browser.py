@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from playwright.sync_api import expect
 
 from runner import api
 from tests.browser.conftest import screenshot, wait_for_app
@@ -17,6 +18,11 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
     wait_for_app(page)
     page.get_by_text("Launch a run").wait_for()
     page.get_by_text("No usable GPU").wait_for(timeout=30_000)  # the runner reported its devices
+    # and "run on", drawn while the runner was starting, now says what the sidebar says
+    page.get_by_text("Runner alive").wait_for(timeout=30_000)
+    page.get_by_text("CPU only (gloo)", exact=True).wait_for(timeout=10_000)  # the caption under "run on"
+    assert page.get_by_text("runner not reporting").count() == 0
+    expect(page.get_by_role("combobox", name="run on")).to_have_value(re.compile(r"^this machine \(.+\)$"))
     screenshot(page, "launch")
     page.get_by_role("button", name="Launch", exact=True).click()
     page.wait_for_url(re.compile(r"history\?run=\d+"), timeout=30_000)
@@ -50,8 +56,21 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     pp.press("Enter")
     wait_for_app(page)
     page.get_by_text("splitting the layers over 3 ranks needs n_layer divisible by 3").wait_for(timeout=30_000)
-    screenshot(page, "launch-invalid")
     assert page.get_by_role("button", name="Launch", exact=True).is_disabled()
+    # A batch of 0 reaches the spec (no browser-side bound keeps it back) and is refused under its field
+    batch = page.get_by_role("spinbutton", name="batch", exact=True)
+    batch.fill("0")
+    batch.press("Enter")
+    wait_for_app(page)
+    message = page.get_by_text("must be at least 1 (got 0)")
+    message.wait_for(timeout=30_000)
+    field, below = batch.bounding_box(), message.bounding_box()
+    assert below["y"] > field["y"] and field["x"] - 60 <= below["x"] <= field["x"] + field["width"], (field, below)
+    screenshot(page, "launch-invalid")
+    launch = page.get_by_role("button", name="Launch", exact=True)
+    assert launch.is_disabled()
+    launch.click(force=True)  # a click on the disabled button does nothing either
+    wait_for_app(page)
     assert api.count_runs(engine) == 0
 
 
