@@ -12,6 +12,7 @@ import sys
 import time
 
 from runner import api
+from runner.job import corpus
 from runner.service.launchers import add_serve_arguments, launcher_from_args
 from runner.spec.run_spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
 from runner.spec.strategies import get_strategy, strategy_names, users_of
@@ -39,12 +40,16 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "batch": dict(type=int),
     "seq": dict(type=int),
     "new_tokens": dict(type=int),
+    "prompt": dict(help="generate: the text every row starts from; seq becomes its token count unless given"),
     "steps": dict(type=int),
     "warmup": dict(type=int),
     "lr": dict(type=float),
     "device": dict(choices=DEVICES),
     "dtype": dict(choices=DTYPES),
     "seed": dict(type=int),
+    "data": dict(help="synthetic (default), stdlib (this Python's sources, byte-level), a folder or file of text "
+                 "(tokenizer.json beside --weights, else byte-level), or a nanoGPT folder (train.bin, val.bin)"),
+    "eval_every": dict(type=int, help="train on a corpus: the held-out loss every this many steps (0: never)"),
     "verify": dict(action="store_true", default=None),
     "weights": dict(),
     "time_limit_s": dict(type=float, flag="--time-limit"),
@@ -147,6 +152,9 @@ def spec_from_args(args: argparse.Namespace) -> dict:
             data[name] = value
     if args.tags:
         data["tags"] = args.tags
+    if data.get("prompt") and args.seq is None:  # every row is the prompt: its tokens are the sequence
+        length = corpus.prompt_length(str(data.get("data", "synthetic")), data.get("weights"), data["prompt"])
+        data["seq"] = length if length else data.get("seq", RunSpec.seq)
     return data
 
 

@@ -43,8 +43,8 @@ HOST_GPUS: Any = object()  # submit's default gpu_count: the target host's, as i
 __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
-    "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
-    "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "target_partition",
+    "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "loss_curves", "parse_spec",
+    "rank_results", "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "target_partition",
     "target_problems", "telemetry_series",
     "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
@@ -232,6 +232,11 @@ def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
 
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
     return series.step_metrics(engine, run_id)
+
+
+def loss_curves(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """The training and held-out loss per step of each run (run_id, step, loss, eval_loss)."""
+    return series.loss_curves(engine, run_ids)
 
 
 def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:

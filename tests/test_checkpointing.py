@@ -20,7 +20,7 @@ from runner.gpt.checkpointing import (
     policy_every,
 )
 from runner.gpt.comm import CommStats
-from runner.gpt.data import synthetic_batch
+from runner.job.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, cut_stage
 from runner.gpt.precision import precision_of
 from tests.jobs import run_torchrun

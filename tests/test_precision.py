@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runner.gpt.data import synthetic_batch
+from runner.job.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, cut_stage
 from runner.gpt.precision import PRECISIONS, precision_of
 from runner.job.verify import TOLERANCES

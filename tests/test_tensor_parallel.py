@@ -185,7 +185,7 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
 
     import torch
 
-    from runner.gpt.data import synthetic_batch
+    from runner.job.data import synthetic_batch
     from runner.gpt.model import GPT
     from runner.spec.run_spec import RunSpec
 

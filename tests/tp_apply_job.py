@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runner.gpt.data import synthetic_batch
+from runner.job.data import synthetic_batch
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, materialize, shard_of
 from runner.gpt.tp_layers import all_reduce_sequence_parallel_grads
