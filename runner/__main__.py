@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selftest.add_argument("--user", help="who launched it (default: the OS user)")
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
+    selftest.add_argument("--data", default="synthetic",
+                          help="what every run reads: synthetic (default), stdlib (real text, byte-level) or a corpus")  # fmt: skip
     selftest.add_argument("--no-options", dest="options", action="store_false",
                           help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
     export = sub.add_parser("export", help="every run as CSV or JSON")
@@ -242,7 +244,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     env, rows, fatal = selftest.run_selftest(engine, args.device, user=args.user, timeout_s=args.timeout,
                                              on_row=show, on_environment=None if args.json else print,
-                                             options=args.options)  # fmt: skip
+                                             options=args.options, data=args.data)  # fmt: skip
     passed = fatal is None and all(r.ok for r in rows) and any(r.run_id for r in rows)
     if args.json:
         print(json.dumps({"environment": env, "fatal": fatal, "passed": passed,

@@ -156,9 +156,9 @@ def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | Non
 
 
 def submit_selftest(
-    engine: Engine, device: str = "auto", user: str | None = None, gpus: int | None = None
+    engine: Engine, device: str = "auto", user: str | None = None, gpus: int | None = None, data: str = "synthetic"
 ) -> list[int]:
-    """Queue the self-test runs (tag 'selftest') and return their ids; skipped layouts are not queued.
+    """Queue the self-test runs (tag 'selftest') on `data` and return their ids; skipped layouts are not queued.
 
     gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any.
     Raises SpecError (nothing more queued) when a run does not fit, e.g. cuda where no GPU is seen.
@@ -167,7 +167,7 @@ def submit_selftest(
         status = runner_status(engine)
         gpus = len(status["gpus"]) if status and status["alive"] else 0
     chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
-    return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus) if spec]
+    return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus, data=data) if spec]
 
 
 def cancel(engine: Engine, run_id: int) -> str:

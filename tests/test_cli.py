@@ -30,6 +30,8 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--model", "gpt9"], "model", "is not a preset"),
         (["--strategy", "single", "--weights", "/nope/model.safetensors"], "weights", "no file at"),
         (["--strategy", "single", "--spec-json", '{"colour": 1}'], "colour", "is not a spec field"),
+        (["--strategy", "single", "--data", "/nope/corpus"], "data", "no file or folder at '/nope/corpus'"),
+        (["--strategy", "single", "--data", "stdlib", "--prompt", "def f(x):"], "prompt", "workload 'train'"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.job.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, init_parameter
+from runner.job.data import synthetic_batch
 from runner.spec.run_spec import RunSpec
 from runner.spec.validation import validate_spec
 

@@ -106,3 +106,10 @@ def test_oversubscription_is_judged_only_for_runs_that_land_on_cpu():
     assert oversubscription_warning(spec, gpu_count=None, cores=2) is None  # no runner report: device unknown
     on_cpu, _ = spec_from_form({**FORM, "pp": 4, "device": "cpu"})
     assert oversubscription_warning(on_cpu, gpu_count=None, cores=2) is not None
+
+
+def test_a_prompt_sets_seq_to_its_tokens_and_is_refused_where_the_data_reads_no_text():
+    spec, problems = spec_from_form({**FORM, "workload": "generate", "data": "stdlib", "prompt": "import os"})
+    assert problems == [] and spec.seq == 9 and spec.prompt == "import os"
+    _, problems = spec_from_form({**FORM, "workload": "generate", "prompt": "import os"})
+    assert "synthetic tokens are no text" in problems_by_field(problems)["prompt"][0]
