@@ -9,7 +9,14 @@ from runner import api
 from runner.job.metrics import bubble_theory_formula
 from runner.spec.run_spec import PRESETS, WORKLOADS
 from ui import charts
-from ui.compare import comparison_table, guide_table, spec_differences, with_baseline
+from ui.compare import (
+    comparison_table,
+    curve_baseline,
+    guide_table,
+    loss_deviations,
+    spec_differences,
+    with_baseline,
+)
 from ui.nodes import ranks_by_node, with_node
 from ui.planner import plan_comparisons, readable_comparison
 from ui.state import engine, enter_through_app
@@ -141,6 +148,31 @@ for run in runs:
             f"bubble measured {r['bubble_fraction']:.1%} (idle / step time, mean over ranks), "
             f"theory {formula} = {r.get('bubble_fraction_theory') or 0:.1%}"
         )
+
+def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | None) -> None:
+    """The chosen runs' loss curves overlaid, and how far each strays from the baseline run's (the one chosen
+    above, else the first single-device run): step by step, its largest relative deviation."""
+    curves = api.loss_curves(engine(), chosen)
+    if curves.empty or not curves["loss"].notna().any():
+        return
+    st.subheader("Loss curves")
+    base = curve_baseline(runs, baseline)
+    short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
+    table, per_step = loss_deviations(curves, base, short)
+    st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
+    st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
+               "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
+    st.dataframe(table, hide_index=True, column_config={
+        "largest deviation": st.column_config.NumberColumn(format="%.2e"),
+        "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
+        "last loss": st.column_config.NumberColumn(format="%.4f"),
+        "last held-out loss": st.column_config.NumberColumn(format="%.4f"),
+    })  # fmt: skip
+    if not per_step.empty and (per_step["deviation"] > 0).any():
+        st.altair_chart(charts.deviation_chart(per_step), width="stretch")
+
+
+loss_curves_section(runs, chosen, baseline)
 
 st.subheader("Settings that differ")
 diff = spec_differences(runs)
