@@ -7,13 +7,16 @@ import streamlit as st
 
 from runner import api
 from runner.job.metrics import bubble_theory_formula
-from runner.spec.run_spec import PRESETS, WORKLOADS
+from runner.spec.converge_layouts import BOUNDS_NOTE, DEFAULTS, verdict
+from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
+from runner.spec.strategies import strategy_names
 from ui import charts
 from ui.compare import (
     comparison_table,
     curve_baseline,
     guide_table,
     loss_deviations,
+    shared_training,
     spec_differences,
     with_baseline,
 )
@@ -26,6 +29,33 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 K = "compare_"
 
 st.title("Compare runs")
+
+
+def convergence_check() -> None:
+    """Queue the convergence check (every strategy, or those picked, on one corpus, seed and model) and show its
+    runs here: their curves are compared on this page once they have run."""
+    with st.expander("Run the convergence check", expanded=False):
+        c1, c2, c3 = st.columns([3, 1, 1])
+        picked = c1.multiselect("strategies (single is the baseline)", strategy_names(), key=K + "conv_strategies",
+                                placeholder="every strategy")  # fmt: skip
+        steps = c2.number_input("steps", min_value=1, value=DEFAULTS.steps, key=K + "conv_steps")
+        dtype = c3.selectbox("dtype", DTYPES, key=K + "conv_dtype")
+        data = st.text_input("data", value=DEFAULTS.data, key=K + "conv_data").strip() or DEFAULTS.data
+        if st.button("Run the convergence check", key=K + "conv_run", icon=":material/show_chart:"):
+            try:
+                tag, queued = api.submit_converge(engine(), picked or None, settings={"steps": int(steps),
+                                                  "dtype": dtype, "data": data})  # fmt: skip
+            except SpecError as exc:
+                st.error("Not queued: " + "; ".join(str(p) for p in exc.problems), icon=":material/error:")
+                return
+            ids = ",".join(str(i) for _, i in queued if i is not None)
+            st.success(f"Queued {len(ids.split(','))} runs under the tag {tag}: follow them in [History]"
+                       f"(/history?tag={tag}), then [compare their curves](/compare?runs={ids}).")  # fmt: skip
+
+
+convergence_check()
+
+
 recent = api.list_runs(engine(), api.RunFilter(status=["succeeded"]), limit=200)
 if recent.empty:
     st.info("No finished runs yet: launch two runs with different strategies, then compare them here.")
@@ -162,6 +192,9 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
     st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
+    if (dtype := shared_training(runs)) is not None:  # one model, data, seed and dtype: the convergence bound applies
+        table["verdict"] = [verdict(x, dtype) for x in table["largest deviation"]]
+        st.caption(f"Verdict against the convergence check's bound for {BOUNDS_NOTE[dtype]}")
     st.dataframe(table, hide_index=True, column_config={
         "largest deviation": st.column_config.NumberColumn(format="%.2e"),
         "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
@@ -173,6 +206,8 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
 
 
 loss_curves_section(runs, chosen, baseline)
+
+
 
 st.subheader("Settings that differ")
 diff = spec_differences(runs)

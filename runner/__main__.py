@@ -1,4 +1,5 @@
-"""The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest, each with --json.
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|export|selftest|converge|plan|calibrate,
+each with --json.
 
 Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
 self-test row failed; 2 bad input (nothing queued); 3 another runner already serves this host on the database.
@@ -125,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
     add_calibrate_parser(sub)
+    from runner.converge import add_converge_parser
+
+    add_converge_parser(sub).add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -320,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_logs(args)
     if args.command == "selftest":
         return cmd_selftest(args)
+    if args.command == "converge":
+        from runner.converge import run_converge
+
+        return run_converge(args)
     if args.command in ("plan", "calibrate"):
         from runner.planner.cli import run_calibrate, run_plan
 

@@ -4,9 +4,9 @@ Changing runs: `submit` parses and validates a spec against the target host's GP
 runner's partition against its nodes and layout rules (runner.service.cluster; the weights file it names is
 read and checked here too) and only then stores it, so a refused spec stores nothing and
 its SpecError lists every problem by field; `cancel`, `update_meta` and `delete` change a stored run;
-`submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
-the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
-a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
+`submit_selftest` and `submit_converge` queue the self-test's and the convergence check's runs through
+`submit`. Reading runs: `get_run` (one read of the run and its ranks, with its stored `world_size`),
+`list_runs` / `count_runs` / `filter_values` with a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
 `export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.service.logs): the run
 folder when this machine ran it, else the tail its host stored in the database; `follow` streams it.
 
@@ -27,8 +27,9 @@ from runner.service import logs as log_reader
 from runner.service.cluster import Partition, gpu_count_on, placement_problems
 from runner.service.launchers.slurm import SCRIPT_NAME
 from runner.service.logs import LogText
+from runner.spec.converge_layouts import CONVERGE_TAG, DEFAULTS, converge_specs
 from runner.spec.records import RunStatus
-from runner.spec.run_spec import RunSpec, SpecError
+from runner.spec.run_spec import RunSpec, SpecError, SpecProblem
 from runner.spec.selftest_layouts import selftest_specs
 from runner.spec.validation import validate_spec
 from storage import hosts as host_rows
@@ -44,8 +45,8 @@ __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "loss_curves", "parse_spec",
-    "rank_results", "runner_status", "step_metrics", "submit", "submit_selftest", "target_gpu_count", "target_partition",
-    "target_problems", "telemetry_series",
+    "rank_results", "runner_status", "step_metrics", "submit", "submit_converge", "submit_selftest",
+    "target_gpu_count", "target_partition", "target_problems", "telemetry_series",
     "this_host", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
@@ -168,6 +169,33 @@ def submit_selftest(
         gpus = len(status["gpus"]) if status and status["alive"] else 0
     chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
     return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus, data=data) if spec]
+
+
+def submit_converge(engine: Engine, strategies: list[str] | None = None, device: str = "auto",
+                    user: str | None = None, gpus: int | None = None,
+                    settings: Mapping[str, Any] | None = None) -> tuple[str, list[tuple[str, int | None]]]:  # fmt: skip
+    """Queue the convergence check (runner/spec/converge_layouts.py): the chosen strategies (default every one)
+    at their smallest layouts on the same data, seed and model, under one new tag; returns (the tag, [(label,
+    run id or None where the devices cannot hold it)]). `settings` overrides the check's defaults (steps, data,
+    model, dtype, seed, batch, seq, lr, eval_every). Every spec is validated first: a SpecError (each problem
+    prefixed with its strategy) queues nothing; an unknown strategy is a problem of the field `strategy`."""
+    from datetime import UTC, datetime
+
+    if gpus is None:
+        status = runner_status(engine)
+        gpus = len(status["gpus"]) if status and status["alive"] else 0
+    chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
+    tag = f"{CONVERGE_TAG}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    base = parse_spec({**DEFAULTS.to_dict(), **(settings or {})})
+    try:
+        planned = converge_specs(strategies, chosen, gpus, base=base, tag=tag)
+    except ValueError as exc:
+        raise SpecError([SpecProblem("strategy", str(exc))]) from exc
+    problems = [SpecProblem(p.field, f"{spec.strategy}: {p.message}") for spec, _ in planned if spec
+                for p in validate_spec(spec, gpu_count=gpus)]  # fmt: skip
+    if problems:
+        raise SpecError(list(dict.fromkeys(problems)))
+    return tag, [(label, submit(engine, spec, user=user, gpu_count=gpus) if spec else None) for spec, label in planned]
 
 
 def cancel(engine: Engine, run_id: int) -> str:

@@ -209,6 +209,17 @@ def spec_differences(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{r['id']}" for r in runs])
 
 
+TRAINING_FIELDS = ("model", "data", "seed", "batch", "seq", "lr", "dtype", "workload")
+
+
+def shared_training(runs: list[dict]) -> str | None:
+    """The dtype of runs that trained the same model on the same data, seed, batch and learning rate -- whose
+    curves the convergence bound judges (runner/spec/converge_layouts.py) -- else None."""
+    specs = [RunSpec.from_dict(r["spec"]) for r in runs]
+    keys = {tuple(getattr(s, f) for f in TRAINING_FIELDS) for s in specs}
+    return specs[0].dtype if len(keys) == 1 and specs[0].workload == "train" else None
+
+
 def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
     """The run the loss curves are measured against: the one chosen, else the first single-device run, else
     the first run."""

@@ -1,0 +1,83 @@
+"""The convergence check (runner/spec/converge_layouts.py, runner/converge.py, api.submit_converge, the Compare
+page's button): its runs differ in the strategy alone, single is always the baseline, a refusal queues nothing,
+and through the real runner every strategy's curve stays within the float32 bound of the single device's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from runner import api
+from runner.spec.converge_layouts import BOUNDS, CONVERGE_TAG, DEFAULTS, converge_specs, verdict
+from runner.spec.strategies import strategy_names
+from tests.test_cli import REPO
+from tests.test_ui_pages import page, texts
+
+SHARED = ("model", "data", "seed", "batch", "seq", "lr", "steps", "warmup", "dtype", "eval_every", "workload")
+
+
+def test_every_strategy_at_its_smallest_layout_on_the_same_training_single_first():
+    rows = converge_specs(device="cpu", gpus=0, tag="converge-x")
+    specs = [s for s, _ in rows]
+    assert [s.strategy for s in specs] == list(strategy_names())
+    assert specs[0].strategy == "single" and specs[0].world_size == 1
+    assert all({getattr(s, f) for s in specs} == {getattr(DEFAULTS, f)} for f in SHARED)
+    assert all(s.tags == (CONVERGE_TAG, "converge-x") and not s.verify for s in specs)
+    by_name = {s.strategy: s for s in specs}
+    assert (by_name["3d"].tp, by_name["3d"].pp, by_name["3d"].dp) == (2, 2, 2)
+    assert by_name["pipeline"].schedule == "1f1b" and by_name["data"].dp == 2 and by_name["data"].zero_stage == 0
+
+
+def test_chosen_strategies_get_the_single_device_baseline_and_an_unknown_one_is_named():
+    assert [s.strategy for s, _ in converge_specs(["tensor"], "cpu", 0)] == ["single", "tensor"]
+    with pytest.raises(ValueError, match="no strategy zero"):
+        converge_specs(["zero"], "cpu", 0)
+    skipped = converge_specs(["data"], "cuda", gpus=1)
+    assert skipped[1][0] is None and "skipped (needs 2 GPUs, 1 present)" in skipped[1][1]
+
+
+def test_the_verdict_is_the_bound_of_the_dtype():
+    assert verdict(BOUNDS["float32"], "float32") == "pass" and verdict(2 * BOUNDS["float32"], "float32") == "fail"
+    assert verdict(None, "float32") == "no curve"
+
+
+def test_a_refused_check_queues_nothing_and_names_the_field(engine):
+    with pytest.raises(api.SpecError) as exc:
+        api.submit_converge(engine, ["layer"], "cpu", settings={"data": "/nope/corpus"})
+    assert {p.field for p in exc.value.problems} == {"data"} and "layer: no file or folder" in str(exc.value)
+    with pytest.raises(api.SpecError, match="strategy: no strategy zero"):
+        api.submit_converge(engine, ["zero"], "cpu")
+    assert api.count_runs(engine) == 0
+
+
+def test_the_compare_page_queues_the_check_under_one_tag_and_links_its_runs(engine):
+    at = page("pages/compare.py")
+    at.multiselect(key="compare_conv_strategies").set_value(["layer"])
+    at.number_input(key="compare_conv_steps").set_value(7)
+    at.button(key="compare_conv_run").click().run()
+    assert not at.exception
+    runs = api.list_runs(engine, api.RunFilter(tag=[CONVERGE_TAG]))
+    assert sorted(runs["strategy"]) == ["layer", "single"]
+    tag = next(t for t in runs["tags"].iloc[0] if t != CONVERGE_TAG)
+    assert all(tag in t for t in runs["tags"]) and {r["spec"]["steps"] for r in map(
+        lambda i: api.get_run(engine, int(i)), runs["id"])} == {7}  # fmt: skip
+    assert any(f"/history?tag={tag}" in s for s in texts(at.success))
+
+
+@pytest.mark.slow
+def test_the_strategies_train_as_the_single_device_does_through_the_real_runner(engine):
+    """The tiny model for 6 steps on the standard library's sources: the pipeline and data-parallel curves stay
+    within float32's bound of the single device's, and the runs are stored under one tag."""
+    proc = subprocess.run([sys.executable, "-m", "runner", "converge", "--strategies", "layer,data", "--steps", "6",
+                           "--eval-every", "3", "--json"], cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = json.loads(proc.stdout)
+    assert proc.returncode == 0 and out["passed"], proc.stdout + proc.stderr
+    rows = {r["label"].split()[0]: r for r in out["rows"]}
+    assert [rows[s]["verdict"] for s in ("single", "layer", "data")] == ["baseline", "pass", "pass"]
+    assert all(r["steps"] == 6 and r["last_loss"] < r["first_loss"] and r["last_eval_loss"] for r in rows.values())
+    assert all(r["largest_deviation"] <= BOUNDS["float32"] for r in rows.values())
+    stored = api.list_runs(engine, api.RunFilter(tag=[out["tag"]]))
+    assert sorted(stored["strategy"]) == ["data", "layer", "single"]
