@@ -7,7 +7,7 @@ import streamlit as st
 
 from runner import api
 from runner.job.metrics import bubble_theory_formula
-from runner.spec.converge_layouts import BOUNDS_NOTE, DEFAULTS, verdict
+from runner.spec.converge_layouts import DEFAULTS, EARLY_STEPS, bound_text
 from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
 from runner.spec.strategies import strategy_names
 from ui import charts
@@ -188,14 +188,15 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     st.subheader("Loss curves")
     base = curve_baseline(runs, baseline)
     short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
-    table, per_step = loss_deviations(curves, base, short)
+    dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
+    table, per_step = loss_deviations(curves, base, short, dtype)
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
     st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
-    if (dtype := shared_training(runs)) is not None:  # one model, data, seed and dtype: the convergence bound applies
-        table["verdict"] = [verdict(x, dtype) for x in table["largest deviation"]]
-        st.caption(f"Verdict against the convergence check's bound for {BOUNDS_NOTE[dtype]}")
+    if dtype is not None:
+        st.caption(f"The runs trained alike: verdict against the convergence check's bound for {bound_text(dtype)}.")
     st.dataframe(table, hide_index=True, column_config={
+        f"first {EARLY_STEPS} steps": st.column_config.NumberColumn(format="%.2e"),
         "largest deviation": st.column_config.NumberColumn(format="%.2e"),
         "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
         "last loss": st.column_config.NumberColumn(format="%.4f"),

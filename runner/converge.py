@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runner import api
-from runner.job.metrics import curve_deviation
-from runner.spec.converge_layouts import BASELINE, BOUNDS_NOTE, DEFAULTS, bound_of, verdict
+from runner.spec.converge_layouts import BASELINE, DEFAULTS, EARLY_STEPS, bound_of, bound_text, judge
 from runner.spec.run_spec import DEVICES, DTYPES, SpecError
 
 SETTINGS = ("steps", "data", "model", "dtype", "seed", "batch", "seq", "lr", "eval_every")
@@ -38,6 +37,7 @@ class Row:
     first_loss: float | None = None
     last_loss: float | None = None
     last_eval_loss: float | None = None
+    early_deviation: float | None = None  # over the first EARLY_STEPS steps
     largest_deviation: float | None = None
     at_step: int | None = None
     verdict: str = "skipped"
@@ -94,12 +94,13 @@ def collect(engine, queued: list[tuple[str, int | None]], dtype: str) -> list[Ro
         if run["status"] != "succeeded":
             row.verdict, row.error = "error", run.get("error") or f"run ended {run['status']}"
         elif label.split()[0] == BASELINE:
-            row.verdict, row.largest_deviation = "baseline", 0.0
+            row.verdict, row.early_deviation, row.largest_deviation = "baseline", 0.0, 0.0
         else:
-            d = curve_deviation(base, series(run_id, "loss"))
-            row.largest_deviation = d.largest if d.steps else None
-            row.at_step = d.at_step
-            row.verdict = verdict(row.largest_deviation, dtype) if d.steps == len(base) else "no curve"
+            j = judge(base, series(run_id, "loss"), dtype)
+            row.early_deviation = j.early.largest if j.early.steps else None
+            row.largest_deviation = j.whole.largest if j.whole.steps else None
+            row.at_step = j.whole.at_step
+            row.verdict = j.verdict if j.whole.steps == len(base) else "no curve"
         rows.append(row)
     return rows
 
@@ -124,7 +125,8 @@ def format_row(row: Row) -> str:
         return f"SKIP  {row.label}"
     line = (f"{row.verdict.upper():8} run {row.run_id:<5} {row.label:28} loss {_num(row.first_loss, '.4f')} -> "
             f"{_num(row.last_loss, '.4f')} in {row.steps} steps  held-out {_num(row.last_eval_loss, '.4f')}  "
-            f"largest deviation {_num(row.largest_deviation, '.2e')}"
+            f"deviation {_num(row.early_deviation, '.1e')} in the first {EARLY_STEPS} steps, "
+            f"largest {_num(row.largest_deviation, '.1e')}"
             + (f" at step {row.at_step}" if row.at_step is not None else ""))  # fmt: skip
     return line + (f"\n      {row.error}" if row.error else "")
 
@@ -154,11 +156,11 @@ def run_converge(args: argparse.Namespace) -> int:
     rows = collect(engine, queued, args.dtype)
     passed = all(r.ok for r in rows) and any(r.verdict == "pass" or r.verdict == "baseline" for r in rows)
     if args.json:
-        print(json.dumps({"tag": tag, "bound": bound_of(args.dtype), "passed": passed,
+        print(json.dumps({"tag": tag, "bound": asdict(bound_of(args.dtype)), "early_steps": EARLY_STEPS, "passed": passed,
                           "rows": [asdict(r) for r in rows]}, indent=1))  # fmt: skip
         return 0 if passed else 1
     for row in rows:
         print(format_row(row))
-    print(f"{'PASSED' if passed else 'FAILED'}: bound {BOUNDS_NOTE[args.dtype] if args.dtype in BOUNDS_NOTE else ''}")
+    print(f"{'PASSED' if passed else 'FAILED'}: the bound of {bound_text(args.dtype)}")
     print(f"History: /history?tag={tag}   Compare: /compare?runs={','.join(map(str, ids))}")
     return 0 if passed else 1

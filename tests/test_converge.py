@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from runner import api
-from runner.spec.converge_layouts import BOUNDS, CONVERGE_TAG, DEFAULTS, converge_specs, verdict
+from runner.spec.converge_layouts import BOUNDS, CONVERGE_TAG, DEFAULTS, EARLY_STEPS, converge_specs, judge
 from runner.spec.strategies import strategy_names
 from tests.test_cli import REPO
 from tests.test_ui_pages import page, texts
@@ -39,9 +39,19 @@ def test_chosen_strategies_get_the_single_device_baseline_and_an_unknown_one_is_
     assert skipped[1][0] is None and "skipped (needs 2 GPUs, 1 present)" in skipped[1][1]
 
 
-def test_the_verdict_is_the_bound_of_the_dtype():
-    assert verdict(BOUNDS["float32"], "float32") == "pass" and verdict(2 * BOUNDS["float32"], "float32") == "fail"
-    assert verdict(None, "float32") == "no curve"
+def test_a_curve_passes_within_the_early_bound_early_and_the_whole_bound_later():
+    b = BOUNDS["float32"]
+    base = {s: 5.0 - 0.01 * s for s in range(60)}
+
+    def drifted(early: float, late: float) -> dict[int, float]:
+        return {s: v * (1 + (early if s < EARLY_STEPS else late)) for s, v in base.items()}
+
+    ok = judge(base, drifted(b.early / 2, b.whole / 2), "float32")
+    assert ok.verdict == "pass" and ok.early.largest == pytest.approx(b.early / 2)
+    assert ok.whole.largest == pytest.approx(b.whole / 2) and ok.whole.at_step >= EARLY_STEPS
+    assert judge(base, drifted(b.early * 2, 0.0), "float32").verdict == "fail"  # a mistake shows early
+    assert judge(base, drifted(0.0, b.whole * 2), "float32").verdict == "fail"
+    assert judge(base, {}, "float32").verdict == "no curve"
 
 
 def test_a_refused_check_queues_nothing_and_names_the_field(engine):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from runner.gpt.config import count_parameters
 from runner.job.metrics import curve_deviation, relative_deviations
+from runner.spec.converge_layouts import EARLY_STEPS, judge
 from runner.spec.run_spec import RunSpec
 from ui.verify import verdict
 
@@ -228,10 +229,12 @@ def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
     return next((r["id"] for r in runs if r["spec"].get("strategy") == "single"), runs[0]["id"])
 
 
-def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
+                    dtype: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(one row per run: steps compared, largest relative deviation of its training loss from the baseline's
-    and the step of it, the same for the held-out loss, its last losses; one row per run and step: the
-    training loss's relative deviation), from api.loss_curves."""
+    in the first EARLY_STEPS steps and overall with the step of it, the same for the held-out loss, its last
+    losses, and with `dtype` (runs that trained alike, shared_training) the convergence check's verdict; one row
+    per run and step: the training loss's relative deviation), from api.loss_curves."""
     by_run = {int(k): g for k, g in curves.groupby("run_id")}
 
     def series(run_id: int, column: str) -> dict[int, float | None]:
@@ -243,16 +246,19 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str])
     rows, steps = [], []
     base_train, base_eval = series(baseline, "loss"), series(baseline, "eval_loss")
     for run_id in by_run:
-        train = curve_deviation(base_train, series(run_id, "loss"))
+        judged = judge(base_train, series(run_id, "loss"), dtype or "float32")
+        train = judged.whole
         held = curve_deviation(base_eval, series(run_id, "eval_loss"))
         last = by_run[run_id].dropna(subset=["loss"]).tail(1)
         last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
         rows.append({
             "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
+            f"first {EARLY_STEPS} steps": judged.early.largest if judged.early.steps else None,
             "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
             "held-out deviation": held.largest if held.steps else None,
             "last loss": float(last["loss"].iloc[0]) if len(last) else None,
             "last held-out loss": float(last_eval["eval_loss"].iloc[0]) if len(last_eval) else None,
+            **({"verdict": "baseline" if run_id == baseline else judged.verdict} if dtype else {}),
         })  # fmt: skip
         if run_id != baseline:
             for step, dev in relative_deviations(base_train, series(run_id, "loss")).items():
