@@ -12,7 +12,8 @@ the last tenth held out) for N steps from the same seed, batch 8 x 64 tokens, Ad
 - the same check in bf16-mixed over fewer steps, against the single device in bf16-mixed.
 
 Run: `python bench/bench_converge.py` (`--quick` or BENCH_QUICK=1: fewer steps). It writes the
-"## Convergence on real text" section of bench/RESULTS.md.
+"## Convergence on real text" section of bench/RESULTS.md and keeps its LAB_HOME; `--report LAB_HOME` writes
+the section again from the runs kept there, without running anything.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,7 +32,7 @@ from bench.results import machine_lines, quick_mode, write_section  # noqa: E402
 
 FULL = {"steps": 300, "bf16_steps": 100, "eval_every": 25}
 QUICK = {"steps": 40, "bf16_steps": 20, "eval_every": 10}
-WINDOWS = (30, 100)  # the early window the float32 bound judges (converge_layouts.EARLY_STEPS), and 100 steps
+WINDOWS = (20, 30, 100)  # the early windows bf16 and float32 are judged over (converge_layouts.BOUNDS), and 100
 
 
 def curves_of(engine, ids: list[int]) -> dict[int, dict[str, dict[int, float | None]]]:
@@ -45,24 +45,34 @@ def curves_of(engine, ids: list[int]) -> dict[int, dict[str, dict[int, float | N
     return out
 
 
-def check(engine, steps: int, dtype: str, eval_every: int, timeout_s: float) -> dict:
-    """One convergence check: queue, wait, read back every run's curve and timing."""
+def check(engine, steps: int, dtype: str, eval_every: int, timeout_s: float) -> str:
+    """One convergence check: queue it, wait for its runs; returns its tag."""
     from runner import api
     from runner.converge import wait
 
     tag, queued = api.submit_converge(engine, None, "cpu", settings={"steps": steps, "dtype": dtype,
                                                                      "eval_every": eval_every})  # fmt: skip
-    ids = [i for _, i in queued if i is not None]
-    t0 = time.monotonic()
-    wait(engine, ids, timeout_s)
+    wait(engine, [i for _, i in queued if i is not None], timeout_s)
+    return tag
+
+
+def load(engine, tag: str) -> dict:
+    """A check's runs read back by its tag (single first, then the registry's order), with their curves."""
+    from runner import api
+    from runner.spec.converge_layouts import converge_specs
+
+    ids = sorted(int(i) for i in api.list_runs(engine, api.RunFilter(tag=[tag]), limit=100)["id"])
     runs = {i: api.get_run(engine, i) for i in ids}
+    labels = {spec.strategy: label for spec, label in converge_specs(device="cpu", gpus=0) if spec}
+    queued = [(labels.get(runs[i]["spec"]["strategy"], runs[i]["spec"]["strategy"]), i) for i in ids]
     return {"tag": tag, "queued": queued, "runs": runs, "curves": curves_of(engine, ids),
-            "wall_s": time.monotonic() - t0}  # fmt: skip
+            "dtype": runs[ids[0]]["spec"]["dtype"], "steps": runs[ids[0]]["spec"]["steps"]}  # fmt: skip
 
 
 def deviations(result: dict) -> list[dict]:
     """Per strategy: its deviation from the single device's curve over each window and all steps."""
     from runner.job.metrics import curve_deviation, relative_deviations
+    from runner.spec.converge_layouts import judge
 
     base_id = result["queued"][0][1]
     base = result["curves"][base_id]["loss"]
@@ -73,11 +83,17 @@ def deviations(result: dict) -> list[dict]:
         per_step = relative_deviations(base, curve)
         row = {"label": label, "status": run["status"] if run else "skipped",
                "steps": len(per_step), "first_above_1e-4": next((s for s, d in per_step.items() if d > 1e-4), None),
-               "all": curve_deviation(base, curve)}  # fmt: skip
+               "all": curve_deviation(base, curve), "verdict": judge(base, curve, result["dtype"]).verdict,
+               "held_out": last_held_out(result, run_id)}  # fmt: skip
         for w in WINDOWS:
             row[w] = curve_deviation({s: v for s, v in base.items() if s < w}, curve)
         rows.append(row)
     return rows
+
+
+def last_held_out(result: dict, run_id: int) -> float | None:
+    evals = [v for v in result["curves"].get(run_id, {}).get("eval_loss", {}).values() if v is not None]
+    return evals[-1] if evals else None
 
 
 def learning(result: dict) -> dict:
@@ -96,26 +112,116 @@ def _e(x: float | None) -> str:
     return "-" if x is None else ("inf" if math.isinf(x) else f"{x:.1e}")
 
 
-def table(rows: list[dict], steps: int) -> list[str]:
+def table(rows: list[dict], result: dict) -> list[str]:
+    steps, base_id = result["steps"], result["queued"][0][1]
     windows = [w for w in WINDOWS if w < steps]
-    head = "| strategy | " + " | ".join(f"largest deviation, steps 0-{w - 1}" for w in windows)
-    head += f" | largest deviation, all {steps} steps (at step) | first step above 1e-4 |"
-    out = [head, "|" + "---|" * (3 + len(windows))]
+    head = "| strategy | " + " | ".join(f"steps 0-{w - 1}" for w in windows)
+    head += f" | all {steps} steps (at step) | first step above 1e-4 | held-out loss at the end | verdict |"
+    out = [head, "|" + "---|" * (5 + len(windows)),
+           f"| single (the baseline) | {' | '.join('-' for _ in windows)} | - | - | "
+           f"{_f(last_held_out(result, base_id))} | |"]  # fmt: skip
     for r in rows:
         cells = [_e(r[w].largest) for w in windows]
         whole = r["all"]
+        first = r["first_above_1e-4"] if r["first_above_1e-4"] is not None else "never"
         out.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_e(whole.largest)} (step {whole.at_step}) | "
-                   f"{r['first_above_1e-4'] if r['first_above_1e-4'] is not None else 'never'} |")  # fmt: skip
+                   f"{first} | {_f(r['held_out'])} | {r['verdict']} |")  # fmt: skip
     return out
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def float32_sentence(rows: list[dict], result: dict) -> str:
+    from runner.spec.converge_layouts import bound_of
+
+    b = bound_of("float32")
+    early = max(rows, key=lambda r: r[b.early_steps].largest)
+    worst = max(rows, key=lambda r: r["all"].largest)
+    crossed = [r for r in rows if r["first_above_1e-4"] is not None]
+    first = min(crossed, key=lambda r: r["first_above_1e-4"]) if crossed else None
+    text = (f"Over the first {b.early_steps} steps every curve stayed within {early[b.early_steps].largest:.1e} of the "
+            f"single device's ({early['label']}; bound {b.early:.0e}).")  # fmt: skip
+    if first is not None:
+        text += (f" Amplified rounding passed 1e-4 first at step {first['first_above_1e-4']} ({first['label']}) and "
+                 f"reached at most {worst['all'].largest:.1e} ({worst['label']}, step {worst['all'].at_step}) over "
+                 f"{result['steps']} steps (bound {b.whole:.0e}).")  # fmt: skip
+    return text
+
+
+def bf16_sentence(rows: list[dict], result: dict, f32: dict) -> str:
+    from runner.spec.converge_layouts import bound_of
+
+    b = bound_of(result["dtype"])
+    early = max(rows, key=lambda r: r[b.early_steps].largest)
+    worst = max(rows, key=lambda r: r["all"].largest)
+    base = last_held_out(result, result["queued"][0][1])
+    spread = [(r["label"], r["held_out"] / base - 1) for r in rows if r["held_out"] is not None and base]
+    far = max(spread, key=lambda x: abs(x[1])) if spread else None
+    text = (f"Over the first {b.early_steps} steps within {early[b.early_steps].largest:.1e} ({early['label']}; bound "
+            f"{b.early:.0e}); over {result['steps']} steps up to {worst['all'].largest:.1e} ({worst['label']}, step "
+            f"{worst['all'].at_step}), reported, not judged.")  # fmt: skip
+    if far is not None:
+        step = max(s for s, v in result["curves"][result["queued"][0][1]]["eval_loss"].items() if v is not None)
+        f32_at = {i: c["eval_loss"].get(step) for i, c in f32["curves"].items()}
+        f32_base = f32_at[f32["queued"][0][1]]
+        f32_spread = max(abs(v / f32_base - 1) for v in f32_at.values() if v is not None)
+        text += (f" At step {step} the held-out losses of the bf16-mixed runs differ from the single device's by up "
+                 f"to {far[1]:+.1%} ({far[0]}), where float32's differed by at most {f32_spread:.2%} at the same "
+                 "step.")  # fmt: skip
+    return text
+
+
+def report(engine, tags: tuple[str, str], out: Path) -> str:
+    """The section, from the two checks' runs as stored."""
+    f32, bf16 = load(engine, tags[0]), load(engine, tags[1])
+    learn = learning(f32)
+    rows32, rows16 = deviations(f32), deviations(bf16)
+    failed = [r["label"] for r in rows32 + rows16 if r["status"] != "succeeded"]
+    last_eval = learn["evals"][-1] if learn["evals"] else (None, None)
+    lines = [
+        "## Convergence on real text",
+        "",
+        "`python bench/bench_converge.py`: the convergence check (`python -m runner converge`) through the real "
+        "runner, every strategy at its smallest layout, the tiny preset on this Python's standard library sources "
+        "(byte-level, vocabulary 256), batch 8 x 64 tokens, AdamW lr 3e-3, seed 0. Deviation: |loss - single| / "
+        "single of the training loss per step, its largest over each span of steps; verdicts against "
+        "runner/spec/converge_layouts.py's bounds.",
+        "",
+        *machine_lines(),
+        "",
+        f"**The tiny model learns the corpus.** On one CPU rank its loss fell from {learn['first']:.3f} at step 0 "
+        f"(ln 256 = {math.log(256):.3f}: an untrained model spreads its bet over the 256 bytes) to "
+        f"{learn['last10']:.3f} (mean of its last 10 of {learn['steps']} steps); the held-out loss at step "
+        f"{last_eval[0]} was {last_eval[1]:.3f}, so it learned the text, not only the batches it saw. The run took "
+        f"{learn['run_s'] / 60:.1f} min (process start, corpus cache and the steps; step p50 "
+        f"{learn['step_p50'] * 1e3:.0f} ms on this loaded machine).",
+        "",
+        f"**float32, {f32['steps']} steps.** {float32_sentence(rows32, f32)}",
+        "",
+        *table(rows32, f32),
+        "",
+        f"**bf16-mixed, {bf16['steps']} steps**, against the single device in bf16-mixed. "
+        f"{bf16_sentence(rows16, bf16, f32)}",
+        "",
+        *table(rows16, bf16),
+        "",
+        *(["Runs that did not succeed: " + ", ".join(failed), ""] if failed else []),
+    ]
+    text = "\n".join(lines)
+    write_section("Convergence on real text", text, out)
+    return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(REPO / "bench" / "RESULTS.md"))
+    parser.add_argument("--report", metavar="LAB_HOME", help="write the section from the runs kept in LAB_HOME")
     args = parser.parse_args()
     cfg = QUICK if quick_mode(args.quick) else FULL
-    home = tempfile.mkdtemp(prefix="bench-converge-")
+    home = args.report or tempfile.mkdtemp(prefix="bench-converge-")
     os.environ["LAB_HOME"] = home  # a fresh database and corpus cache; the runner started below inherits it
     os.environ.pop("LAB_DB_URL", None)
     from runner import api
@@ -123,51 +229,23 @@ def main() -> None:
     from storage.db import get_engine
 
     engine = get_engine()
+    if args.report:
+        runs = api.list_runs(engine, api.RunFilter(tag=["converge"]), limit=200)
+        tags = sorted({t for ts in runs["tags"] for t in ts if t != "converge"})[-2:]
+        print(report(engine, (tags[0], tags[1]), Path(args.out)))
+        return
     api.ensure_runner()
     if not api.wait_for_runner(engine):
         raise SystemExit(f"no runner came up; see {home}/runner.log")
     try:
-        f32 = check(engine, cfg["steps"], "float32", cfg["eval_every"], 3600)
-        bf16 = check(engine, cfg["bf16_steps"], "bf16-mixed", cfg["eval_every"], 3600)
+        tags = (check(engine, cfg["steps"], "float32", cfg["eval_every"], 3600),
+                check(engine, cfg["bf16_steps"], "bf16-mixed", cfg["eval_every"], 3600))  # fmt: skip
     finally:
         status = api.runner_status(engine)
         if status:
             stop_group(status["pid"], 10.0)
-    learn = learning(f32)
-    rows32, rows16 = deviations(f32), deviations(bf16)
-    failed = [r["label"] for r in rows32 + rows16 if r["status"] != "succeeded"]
-    ln256 = math.log(256)
-    last_eval = learn["evals"][-1] if learn["evals"] else (None, None)
-    lines = [
-        "## Convergence on real text",
-        "",
-        "`python bench/bench_converge.py`: the convergence check (`python -m runner converge`) through the real "
-        "runner, every strategy at its smallest layout, the tiny preset on this Python's standard library sources "
-        "(byte-level, vocabulary 256), batch 8 x 64 tokens, AdamW lr 3e-3, seed 0.",
-        "",
-        *machine_lines(),
-        "",
-        f"**The tiny model learns the corpus.** On one CPU rank its loss fell from {learn['first']:.3f} at step 0 "
-        f"(ln 256 = {ln256:.3f}: an untrained model spreads its bet over the 256 bytes) to {learn['last10']:.3f} "
-        f"(mean of its last 10 of {learn['steps']} steps); the held-out loss at step {last_eval[0]} was "
-        f"{last_eval[1]:.3f}, so it learned the text rather than the batches it saw. The run took "
-        f"{learn['run_s'] / 60:.1f} min (process start, corpus cache and the timed steps; step p50 "
-        f"{learn['step_p50'] * 1e3:.0f} ms).",
-        "",
-        f"**float32, {cfg['steps']} steps.** Each strategy's training loss against the single device's, "
-        "|loss - single| / single per step:",
-        "",
-        *table(rows32, cfg["steps"]),
-        "",
-        f"**bf16-mixed, {cfg['bf16_steps']} steps**, against the single device in bf16-mixed:",
-        "",
-        *table(rows16, cfg["bf16_steps"]),
-        "",
-        *(["Runs that did not succeed: " + ", ".join(failed), ""] if failed else []),
-    ]
-    write_section("Convergence on real text", "\n".join(lines), Path(args.out))
-    print("\n".join(lines))
-    print(f"(runs kept in {home})")
+    print(report(engine, tags, Path(args.out)))
+    print(f"(runs kept in {home}; --report {home} writes the section again)")
 
 
 if __name__ == "__main__":

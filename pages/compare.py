@@ -7,7 +7,7 @@ import streamlit as st
 
 from runner import api
 from runner.job.metrics import bubble_theory_formula
-from runner.spec.converge_layouts import DEFAULTS, EARLY_STEPS, bound_text
+from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
 from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
 from runner.spec.strategies import strategy_names
 from ui import charts
@@ -196,7 +196,8 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     if dtype is not None:
         st.caption(f"The runs trained alike: verdict against the convergence check's bound for {bound_text(dtype)}.")
     st.dataframe(table, hide_index=True, column_config={
-        f"first {EARLY_STEPS} steps": st.column_config.NumberColumn(format="%.2e"),
+        "early deviation": st.column_config.NumberColumn(
+            format="%.2e", help=f"over the first {bound_of(dtype or 'float32').early_steps} steps"),
         "largest deviation": st.column_config.NumberColumn(format="%.2e"),
         "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
         "last loss": st.column_config.NumberColumn(format="%.4f"),

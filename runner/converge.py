@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from runner import api
-from runner.spec.converge_layouts import BASELINE, DEFAULTS, EARLY_STEPS, bound_of, bound_text, judge
+from runner.spec.converge_layouts import BASELINE, DEFAULTS, bound_of, bound_text, judge
 from runner.spec.run_spec import DEVICES, DTYPES, SpecError
 
 SETTINGS = ("steps", "data", "model", "dtype", "seed", "batch", "seq", "lr", "eval_every")
@@ -37,7 +37,7 @@ class Row:
     first_loss: float | None = None
     last_loss: float | None = None
     last_eval_loss: float | None = None
-    early_deviation: float | None = None  # over the first EARLY_STEPS steps
+    early_deviation: float | None = None  # over the dtype's early window (converge_layouts.Bound.early_steps)
     largest_deviation: float | None = None
     at_step: int | None = None
     verdict: str = "skipped"
@@ -125,7 +125,7 @@ def format_row(row: Row) -> str:
         return f"SKIP  {row.label}"
     line = (f"{row.verdict.upper():8} run {row.run_id:<5} {row.label:28} loss {_num(row.first_loss, '.4f')} -> "
             f"{_num(row.last_loss, '.4f')} in {row.steps} steps  held-out {_num(row.last_eval_loss, '.4f')}  "
-            f"deviation {_num(row.early_deviation, '.1e')} in the first {EARLY_STEPS} steps, "
+            f"deviation {_num(row.early_deviation, '.1e')} early, "
             f"largest {_num(row.largest_deviation, '.1e')}"
             + (f" at step {row.at_step}" if row.at_step is not None else ""))  # fmt: skip
     return line + (f"\n      {row.error}" if row.error else "")
@@ -156,7 +156,7 @@ def run_converge(args: argparse.Namespace) -> int:
     rows = collect(engine, queued, args.dtype)
     passed = all(r.ok for r in rows) and any(r.verdict == "pass" or r.verdict == "baseline" for r in rows)
     if args.json:
-        print(json.dumps({"tag": tag, "bound": asdict(bound_of(args.dtype)), "early_steps": EARLY_STEPS, "passed": passed,
+        print(json.dumps({"tag": tag, "bound": asdict(bound_of(args.dtype)), "passed": passed,
                           "rows": [asdict(r) for r in rows]}, indent=1))  # fmt: skip
         return 0 if passed else 1
     for row in rows:

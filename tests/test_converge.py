@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from runner import api
-from runner.spec.converge_layouts import BOUNDS, CONVERGE_TAG, DEFAULTS, EARLY_STEPS, converge_specs, judge
+from runner.spec.converge_layouts import BOUNDS, CONVERGE_TAG, DEFAULTS, converge_specs, judge
 from runner.spec.strategies import strategy_names
 from tests.test_cli import REPO
 from tests.test_ui_pages import page, texts
@@ -44,14 +44,17 @@ def test_a_curve_passes_within_the_early_bound_early_and_the_whole_bound_later()
     base = {s: 5.0 - 0.01 * s for s in range(60)}
 
     def drifted(early: float, late: float) -> dict[int, float]:
-        return {s: v * (1 + (early if s < EARLY_STEPS else late)) for s, v in base.items()}
+        return {s: v * (1 + (early if s < b.early_steps else late)) for s, v in base.items()}
 
     ok = judge(base, drifted(b.early / 2, b.whole / 2), "float32")
     assert ok.verdict == "pass" and ok.early.largest == pytest.approx(b.early / 2)
-    assert ok.whole.largest == pytest.approx(b.whole / 2) and ok.whole.at_step >= EARLY_STEPS
+    assert ok.whole.largest == pytest.approx(b.whole / 2) and ok.whole.at_step >= b.early_steps
     assert judge(base, drifted(b.early * 2, 0.0), "float32").verdict == "fail"  # a mistake shows early
     assert judge(base, drifted(0.0, b.whole * 2), "float32").verdict == "fail"
     assert judge(base, {}, "float32").verdict == "no curve"
+    bf16 = BOUNDS["bf16-mixed"]  # its whole curve is reported, not judged
+    assert judge(base, {s: v * (1 + (0 if s < bf16.early_steps else 0.5)) for s, v in base.items()},
+                 "bf16-mixed").verdict == "pass"  # fmt: skip
 
 
 def test_a_refused_check_queues_nothing_and_names_the_field(engine):

@@ -18,7 +18,7 @@ import pandas as pd
 
 from runner.gpt.config import count_parameters
 from runner.job.metrics import curve_deviation, relative_deviations
-from runner.spec.converge_layouts import EARLY_STEPS, judge
+from runner.spec.converge_layouts import judge
 from runner.spec.run_spec import RunSpec
 from ui.verify import verdict
 
@@ -232,7 +232,7 @@ def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
 def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
                     dtype: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(one row per run: steps compared, largest relative deviation of its training loss from the baseline's
-    in the first EARLY_STEPS steps and overall with the step of it, the same for the held-out loss, its last
+    in the dtype's early window (float32 without a dtype) and overall with the step of it, the same for the held-out loss, its last
     losses, and with `dtype` (runs that trained alike, shared_training) the convergence check's verdict; one row
     per run and step: the training loss's relative deviation), from api.loss_curves."""
     by_run = {int(k): g for k, g in curves.groupby("run_id")}
@@ -253,7 +253,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
         last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
         rows.append({
             "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
-            f"first {EARLY_STEPS} steps": judged.early.largest if judged.early.steps else None,
+            "early deviation": judged.early.largest if judged.early.steps else None,
             "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
             "held-out deviation": held.largest if held.steps else None,
             "last loss": float(last["loss"].iloc[0]) if len(last) else None,

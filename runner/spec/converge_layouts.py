@@ -1,14 +1,43 @@
-"""The convergence check's runs and the bound each loss curve is judged by (torch-free; runner/converge.py
-submits, waits and reports, the Compare page queues the same runs through runner.api.submit_converge).
+"""The convergence check's runs and the bounds its loss curves are judged by (torch-free; runner/converge.py
+submits, waits and reports; the Compare page queues the same runs through runner.api.submit_converge).
 
 Every chosen strategy (default: each registered one) trains at its smallest layout -- the self-test's, two
 ranks per degree it uses (runner/spec/selftest_layouts.py) -- for the same steps on the same data, seed,
-model, batch and learning rate, with no warm-up difference (every step trains and is recorded). A
-strategy's curve is then compared step by step with the single-device run's: the largest relative
-deviation |loss - single| / single over the steps (runner/job/metrics.py curve_deviation) against BOUNDS.
+model, batch and learning rate. Each curve is compared step by step with the single device's: the relative
+deviation |loss - single| / single (runner/job/metrics.py curve_deviation), judged in two parts (BOUNDS):
+its largest over an early window of steps, and its largest over the whole curve.
 
-BOUNDS_NOTE says why each bound is what it is; bench/RESULTS.md ("Convergence on real text") has the
-measurements it rests on.
+Why two parts, from the arithmetic and from measurement (bench/RESULTS.md, "Convergence on real text": the
+tiny model on the standard library's sources, batch 8 x 64, AdamW lr 3e-3, 300 steps):
+- A correct strategy computes the same sums as the single device in another order: data parallelism
+  averages two half-batch gradients, tensor parallelism all-reduces partial matmul sums, a pipeline adds
+  its microbatches' gradients. Each reordering changes a float32 result by a few units of its last place
+  (u = 2^-24 = 6e-8), and step 0's losses agree to 4e-8..1e-7 as measured; the layer split, which reorders
+  nothing, matches bit for bit.
+- AdamW then amplifies the difference. Its update lr * m / (sqrt(v) + eps) is normalised per weight: a
+  gradient component within rounding of zero moves its weight by up to lr either way (on the first step
+  the update is lr * sign(g)), far more than rounding, and every weight that differs changes the next
+  gradients. The deviation grows geometrically, about tenfold every 20 steps here: below 1.1e-5 for the
+  first 30 steps, 1e-4 passed between step 40 (3D) and 83 (the pipeline), up to 5e-3 by step 100, where it
+  stops growing at 1.4e-2..2.2e-2 over 300 steps: the two runs have become different trainings of the same
+  model on the same batches, and their losses on a batch differ by about a percent.
+- So float32 is held to 1e-4 over its first 30 steps, ten times the largest measured there (tensor
+  parallelism's and 3D's, whose all-reduced partial sums reorder the most); any mistake a strategy can make
+  -- a gradient not averaged over the replicas, the wrong rows or shard, a stage's update skipped -- moves
+  the loss by far more within a step or two (verify's one-step float32 bound is already 1e-5). Over the
+  whole curve it is held to 5e-2: amplified rounding reaches 2.2e-2 at most, and a training that drifts
+  away (a loss that stays higher, a divergence) goes beyond it.
+- bf16-mixed rounds every matmul's inputs to bf16 (u = 2^-8 = 3.9e-3), and tensor parallelism also
+  rounds its partial sums to bf16 before adding them, so the same amplification starts 10^4 times higher:
+  measured 6.6e-5..4.9e-4 in the first 5 steps, up to 4.2e-3 in the first 20, and loss spikes afterwards
+  (24% at step 24 under tensor parallelism, recovered two steps later). bf16-mixed is held to 2e-2 over
+  its first 20 steps -- five times the measured, and verify's one-step bound for its loss -- and its whole
+  curve is reported, not judged: past the window, bf16's rounding makes curves of correct strategies
+  wander further apart than any bound that would still tell a mistake from noise.
+- bfloat16 (weights stored in bf16 too) is held to verify's one-step bound for its loss, 3e-2, over the
+  same 20 steps, and its whole curve is reported, as bf16-mixed's.
+The windows and bounds are the check's defaults' (the tiny model at lr 3e-3): a larger learning rate or
+model amplifies sooner, so a check of those starts from these measurements, not from a promise.
 """
 
 from __future__ import annotations
@@ -28,29 +57,27 @@ BASELINE = "single"
 DEFAULTS = RunSpec(model="tiny", workload="train", data="stdlib", batch=8, seq=64, steps=100, warmup=0, lr=3e-3,
                    eval_every=25, seed=0, time_limit_s=900.0)  # fmt: skip
 
-EARLY_STEPS = 30  # the window where a correct strategy still agrees to rounding (module docstring)
-
-
 @dataclass(frozen=True)
 class Bound:
-    """The largest relative deviation a curve may have from the single device's: over its first EARLY_STEPS
-    steps, and over all of them."""
+    """The largest relative deviation a curve may have from the single device's over its first `early_steps`
+    steps, and over the whole curve (None: reported, not judged)."""
 
+    early_steps: int
     early: float
-    whole: float
+    whole: float | None
 
 
 BOUNDS: dict[str, Bound] = {
-    "float32": Bound(early=1e-4, whole=2e-2),
-    "bf16-mixed": Bound(early=3e-2, whole=5e-2),
-    "bfloat16": Bound(early=5e-2, whole=1e-1),
+    "float32": Bound(early_steps=30, early=1e-4, whole=5e-2),
+    "bf16-mixed": Bound(early_steps=20, early=2e-2, whole=None),
+    "bfloat16": Bound(early_steps=20, early=3e-2, whole=None),
 }
 
 
 def bound_text(dtype: str) -> str:
     b = bound_of(dtype)
-    return (f"{dtype}: {b.early:.0e} over the first {EARLY_STEPS} steps, {b.whole:.0e} over the whole curve "
-            "(runner/spec/converge_layouts.py says why)")  # fmt: skip
+    whole = f"{b.whole:.0e} over the whole curve" if b.whole is not None else "the rest reported, not judged"
+    return f"{dtype}: {b.early:.0e} over the first {b.early_steps} steps, {whole} (runner/spec/converge_layouts.py)"
 
 
 def converge_specs(strategies: list[str] | None = None, device: str = "cpu", gpus: int = 0,
@@ -95,11 +122,12 @@ class Judgement:
 
 
 def judge(baseline: Mapping[int, float | None], curve: Mapping[int, float | None], dtype: str) -> Judgement:
-    """'pass' when the curve stays within both of the dtype's bounds, 'fail' beyond either, 'no curve' when the
-    two share no step."""
-    early = curve_deviation({s: v for s, v in baseline.items() if s < EARLY_STEPS}, curve)
+    """'pass' when the curve stays within the dtype's bounds, 'fail' beyond one, 'no curve' when the two share
+    no step."""
+    b = bound_of(dtype)
+    early = curve_deviation({s: v for s, v in baseline.items() if s < b.early_steps}, curve)
     whole = curve_deviation(baseline, curve)
     if not whole.steps:
         return Judgement(early, whole, "no curve")
-    b = bound_of(dtype)
-    return Judgement(early, whole, "pass" if early.largest <= b.early and whole.largest <= b.whole else "fail")
+    within = early.largest <= b.early and (b.whole is None or whole.largest <= b.whole)
+    return Judgement(early, whole, "pass" if within else "fail")
