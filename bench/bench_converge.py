@@ -83,7 +83,8 @@ def deviations(result: dict) -> list[dict]:
         per_step = relative_deviations(base, curve)
         row = {"label": label, "status": run["status"] if run else "skipped",
                "steps": len(per_step), "first_above_1e-4": next((s for s, d in per_step.items() if d > 1e-4), None),
-               "all": curve_deviation(base, curve), "verdict": judge(base, curve, result["dtype"]).verdict,
+               "all": curve_deviation(base, curve), "verdict": (j := judge(base, curve, result["dtype"])).verdict,
+               "judged": j.early_judged,
                "held_out": last_held_out(result, run_id)}  # fmt: skip
         for w in WINDOWS:
             row[w] = curve_deviation({s: v for s, v in base.items() if s < w}, curve)
@@ -113,19 +114,23 @@ def _e(x: float | None) -> str:
 
 
 def table(rows: list[dict], result: dict) -> list[str]:
+    from runner.spec.converge_layouts import bound_of
+
     steps, base_id = result["steps"], result["queued"][0][1]
     windows = [w for w in WINDOWS if w < steps]
     head = "| strategy | " + " | ".join(f"steps 0-{w - 1}" for w in windows)
-    head += f" | all {steps} steps (at step) | first step above 1e-4 | held-out loss at the end | verdict |"
-    out = [head, "|" + "---|" * (5 + len(windows)),
-           f"| single (the baseline) | {' | '.join('-' for _ in windows)} | - | - | "
+    b = bound_of(result["dtype"])
+    judged = f"{'median' if b.early_median else 'largest'}, steps 0-{b.early_steps - 1} (bound {b.early:.0e})"
+    head += f" | all {steps} steps (at step) | first step above 1e-4 | {judged} | held-out loss at the end | verdict |"
+    out = [head, "|" + "---|" * (6 + len(windows)),
+           f"| single (the baseline) | {' | '.join('-' for _ in windows)} | - | - | - | "
            f"{_f(last_held_out(result, base_id))} | |"]  # fmt: skip
     for r in rows:
         cells = [_e(r[w].largest) for w in windows]
         whole = r["all"]
         first = r["first_above_1e-4"] if r["first_above_1e-4"] is not None else "never"
         out.append(f"| {r['label']} | " + " | ".join(cells) + f" | {_e(whole.largest)} (step {whole.at_step}) | "
-                   f"{first} | {_f(r['held_out'])} | {r['verdict']} |")  # fmt: skip
+                   f"{first} | {_e(r['judged'])} | {_f(r['held_out'])} | {r['verdict']} |")  # fmt: skip
     return out
 
 
@@ -154,13 +159,15 @@ def bf16_sentence(rows: list[dict], result: dict, f32: dict) -> str:
     from runner.spec.converge_layouts import bound_of
 
     b = bound_of(result["dtype"])
-    early = max(rows, key=lambda r: r[b.early_steps].largest)
+    early = max(rows, key=lambda r: r["judged"])
+    spike = max(rows, key=lambda r: r[b.early_steps].largest)
     worst = max(rows, key=lambda r: r["all"].largest)
     base = last_held_out(result, result["queued"][0][1])
     spread = [(r["label"], r["held_out"] / base - 1) for r in rows if r["held_out"] is not None and base]
     far = max(spread, key=lambda x: abs(x[1])) if spread else None
-    text = (f"Over the first {b.early_steps} steps within {early[b.early_steps].largest:.1e} ({early['label']}; bound "
-            f"{b.early:.0e}); over {result['steps']} steps up to {worst['all'].largest:.1e} ({worst['label']}, step "
+    text = (f"Over the first {b.early_steps} steps the median deviation was at most {early['judged']:.1e} "
+            f"({early['label']}; bound {b.early:.0e}), the largest {spike[b.early_steps].largest:.1e} ({spike['label']}); "
+            f"over {result['steps']} steps up to {worst['all'].largest:.1e} ({worst['label']}, step "
             f"{worst['all'].at_step}), reported, not judged.")  # fmt: skip
     if far is not None:
         step = max(s for s, v in result["curves"][result["queued"][0][1]]["eval_loss"].items() if v is not None)

@@ -197,7 +197,8 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
         st.caption(f"The runs trained alike: verdict against the convergence check's bound for {bound_text(dtype)}.")
     st.dataframe(table, hide_index=True, column_config={
         "early deviation": st.column_config.NumberColumn(
-            format="%.2e", help=f"over the first {bound_of(dtype or 'float32').early_steps} steps"),
+            format="%.2e", help=f"over the first {bound_of(dtype or 'float32').early_steps} steps: the largest "
+            "(bf16: the median, which a one-step loss spike does not move)"),
         "largest deviation": st.column_config.NumberColumn(format="%.2e"),
         "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
         "last loss": st.column_config.NumberColumn(format="%.4f"),

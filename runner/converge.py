@@ -97,7 +97,7 @@ def collect(engine, queued: list[tuple[str, int | None]], dtype: str) -> list[Ro
             row.verdict, row.early_deviation, row.largest_deviation = "baseline", 0.0, 0.0
         else:
             j = judge(base, series(run_id, "loss"), dtype)
-            row.early_deviation = j.early.largest if j.early.steps else None
+            row.early_deviation = j.early_judged if j.early.steps else None
             row.largest_deviation = j.whole.largest if j.whole.steps else None
             row.at_step = j.whole.at_step
             row.verdict = j.verdict if j.whole.steps == len(base) else "no curve"

@@ -52,9 +52,20 @@ def test_a_curve_passes_within_the_early_bound_early_and_the_whole_bound_later()
     assert judge(base, drifted(b.early * 2, 0.0), "float32").verdict == "fail"  # a mistake shows early
     assert judge(base, drifted(0.0, b.whole * 2), "float32").verdict == "fail"
     assert judge(base, {}, "float32").verdict == "no curve"
-    bf16 = BOUNDS["bf16-mixed"]  # its whole curve is reported, not judged
-    assert judge(base, {s: v * (1 + (0 if s < bf16.early_steps else 0.5)) for s, v in base.items()},
-                 "bf16-mixed").verdict == "pass"  # fmt: skip
+
+
+
+def test_bf16_is_judged_by_the_median_of_its_early_steps_so_a_one_step_spike_passes_and_a_shift_fails():
+    b = BOUNDS["bf16-mixed"]
+    base = {s: 5.0 - 0.01 * s for s in range(60)}
+    spiked = {s: v * (1.2 if s == 13 else 1.0 + b.early / 10) for s, v in base.items()}  # bf16's one-step jump
+    judged = judge(base, spiked, "bf16-mixed")
+    assert judged.verdict == "pass" and judged.early.largest == pytest.approx(0.2)
+    assert judged.early_judged == pytest.approx(b.early / 10)
+    shifted = {s: v * (1 + 2 * b.early) for s, v in base.items()}  # every step off: a mistake
+    assert judge(base, shifted, "bf16-mixed").verdict == "fail"
+    late = {s: v * (1 + (0 if s < b.early_steps else 0.5)) for s, v in base.items()}
+    assert judge(base, late, "bf16-mixed").verdict == "pass"  # past the window: reported, not judged
 
 
 def test_a_refused_check_queues_nothing_and_names_the_field(engine):

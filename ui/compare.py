@@ -253,7 +253,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
         last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
         rows.append({
             "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
-            "early deviation": judged.early.largest if judged.early.steps else None,
+            "early deviation": judged.early_judged if judged.early.steps else None,
             "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
             "held-out deviation": held.largest if held.steps else None,
             "last loss": float(last["loss"].iloc[0]) if len(last) else None,

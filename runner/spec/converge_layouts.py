@@ -29,23 +29,28 @@ tiny model on the standard library's sources, batch 8 x 64, AdamW lr 3e-3, 300 s
   away (a loss that stays higher, a divergence) goes beyond it.
 - bf16-mixed rounds every matmul's inputs to bf16 (u = 2^-8 = 3.9e-3), and tensor parallelism also
   rounds its partial sums to bf16 before adding them, so the same amplification starts 10^4 times higher:
-  measured 6.6e-5..4.9e-4 in the first 5 steps, up to 4.2e-3 in the first 20, and loss spikes afterwards
-  (24% at step 24 under tensor parallelism, recovered two steps later). bf16-mixed is held to 2e-2 over
-  its first 20 steps -- five times the measured, and verify's one-step bound for its loss -- and its whole
-  curve is reported, not judged: past the window, bf16's rounding makes curves of correct strategies
-  wander further apart than any bound that would still tell a mistake from noise.
-- bfloat16 (weights stored in bf16 too) is held to verify's one-step bound for its loss, 3e-2, over the
-  same 20 steps, and its whole curve is reported, as bf16-mixed's.
+  the median deviation over the first 20 steps measured 2.6e-5..4.6e-4, the largest up to 4.2e-3 -- and
+  at this learning rate bf16 training has loss spikes: one step's loss jumps by 17-24% and is back the next
+  step (step 13 of a data-parallel run at seed 1, step 20 of its single-device baseline, step 24 of the
+  tensor-parallel runs at seed 0), in the baseline as often as in the others. A largest deviation would
+  judge those spikes, so bf16-mixed is held to a median of 5e-3 over its first 20 steps, ten times the
+  largest median measured: a mistake shifts every step, a spike one. Its whole curve is reported, not
+  judged: past the window, bf16's rounding makes correct curves wander apart by several percent (held-out
+  losses 0.2% to 10% from the baseline's after 100 steps at seed 0; the data-parallel run that ended 10%
+  above it at seed 0 ended 0.6% below it at seed 1).
+- bfloat16 (weights stored in bf16 too) rounds every update as well; not measured here, it is held to
+  twice bf16-mixed's median, 1e-2, in proportion to verify's one-step loss bounds of the two.
 The windows and bounds are the check's defaults' (the tiny model at lr 3e-3): a larger learning rate or
 model amplifies sooner, so a check of those starts from these measurements, not from a promise.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from runner.job.metrics import CurveDeviation, curve_deviation
+from runner.job.metrics import CurveDeviation, curve_deviation, relative_deviations
 from runner.spec.run_spec import RunSpec
 from runner.spec.selftest_layouts import layouts
 from runner.spec.strategies import strategy_names
@@ -59,25 +64,27 @@ DEFAULTS = RunSpec(model="tiny", workload="train", data="stdlib", batch=8, seq=6
 
 @dataclass(frozen=True)
 class Bound:
-    """The largest relative deviation a curve may have from the single device's over its first `early_steps`
-    steps, and over the whole curve (None: reported, not judged)."""
+    """The relative deviation a curve may have from the single device's over its first `early_steps` steps (its
+    largest, or with `early_median` its median), and its largest over the whole curve (None: not judged)."""
 
     early_steps: int
     early: float
     whole: float | None
+    early_median: bool = False
 
 
 BOUNDS: dict[str, Bound] = {
     "float32": Bound(early_steps=30, early=1e-4, whole=5e-2),
-    "bf16-mixed": Bound(early_steps=20, early=2e-2, whole=None),
-    "bfloat16": Bound(early_steps=20, early=3e-2, whole=None),
+    "bf16-mixed": Bound(early_steps=20, early=5e-3, whole=None, early_median=True),
+    "bfloat16": Bound(early_steps=20, early=1e-2, whole=None, early_median=True),
 }
 
 
 def bound_text(dtype: str) -> str:
     b = bound_of(dtype)
     whole = f"{b.whole:.0e} over the whole curve" if b.whole is not None else "the rest reported, not judged"
-    return f"{dtype}: {b.early:.0e} over the first {b.early_steps} steps, {whole} (runner/spec/converge_layouts.py)"
+    early = f"a median of {b.early:.0e}" if b.early_median else f"{b.early:.0e}"
+    return f"{dtype}: {early} over the first {b.early_steps} steps, {whole} (runner/spec/converge_layouts.py)"
 
 
 def converge_specs(strategies: list[str] | None = None, device: str = "cpu", gpus: int = 0,
@@ -114,9 +121,11 @@ def bound_of(dtype: str) -> Bound:
 
 @dataclass(frozen=True)
 class Judgement:
-    """A curve against the single device's: its largest deviation early and overall, and the verdict."""
+    """A curve against the single device's: its deviation over the early window (`early_judged`: the largest,
+    or for bf16 the median), its largest overall, and the verdict."""
 
     early: CurveDeviation
+    early_judged: float
     whole: CurveDeviation
     verdict: str  # pass | fail | no curve
 
@@ -125,9 +134,11 @@ def judge(baseline: Mapping[int, float | None], curve: Mapping[int, float | None
     """'pass' when the curve stays within the dtype's bounds, 'fail' beyond one, 'no curve' when the two share
     no step."""
     b = bound_of(dtype)
-    early = curve_deviation({s: v for s, v in baseline.items() if s < b.early_steps}, curve)
-    whole = curve_deviation(baseline, curve)
+    window = {s: v for s, v in baseline.items() if s < b.early_steps}
+    early, whole = curve_deviation(window, curve), curve_deviation(baseline, curve)
+    per_step = list(relative_deviations(window, curve).values())
+    judged = (statistics.median(per_step) if b.early_median else early.largest) if per_step else 0.0
     if not whole.steps:
-        return Judgement(early, whole, "no curve")
-    within = early.largest <= b.early and (b.whole is None or whole.largest <= b.whole)
-    return Judgement(early, whole, "pass" if within else "fail")
+        return Judgement(early, judged, whole, "no curve")
+    within = judged <= b.early and (b.whole is None or whole.largest <= b.whole)
+    return Judgement(early, judged, whole, "pass" if within else "fail")
