@@ -102,6 +102,6 @@ def test_the_strategies_train_as_the_single_device_does_through_the_real_runner(
     rows = {r["label"].split()[0]: r for r in out["rows"]}
     assert [rows[s]["verdict"] for s in ("single", "layer", "data")] == ["baseline", "pass", "pass"]
     assert all(r["steps"] == 6 and r["last_loss"] < r["first_loss"] and r["last_eval_loss"] for r in rows.values())
-    assert all(r["largest_deviation"] <= BOUNDS["float32"] for r in rows.values())
+    assert all(r["largest_deviation"] <= BOUNDS["float32"].early for r in rows.values())  # 6 steps: all early
     stored = api.list_runs(engine, api.RunFilter(tag=[out["tag"]]))
     assert sorted(stored["strategy"]) == ["data", "layer", "single"]
