@@ -114,7 +114,7 @@ def resolve(data: str, weights: str | None = None) -> Source:
         return Source(SYNTHETIC)
     if data == STDLIB:
         root = stdlib_root()
-        files = tuple(_files_under(root, "*.py"))
+        files = _stdlib_files(str(root))
         if not files:
             raise DataError(f"this Python's standard library at {root} has no .py sources; give a text folder")
         return Source(STDLIB, root, files)
@@ -135,6 +135,12 @@ def resolve(data: str, weights: str | None = None) -> Source:
         if not os.access(f, os.R_OK):
             raise DataError(f"{str(f)!r} cannot be read (permission denied); give a corpus this user can read")
     return Source("text", path, files, tokenizer_beside(weights))
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_files(root: str) -> tuple[Path, ...]:
+    """The standard library's sources, listed once per process (the Launch page validates on every change)."""
+    return tuple(_files_under(Path(root), "*.py"))
 
 
 def _files_under(root: Path, pattern: str) -> list[Path]:
