@@ -36,11 +36,13 @@ WINDOWS = (20, 30, 100)  # the early windows bf16 and float32 are judged over (c
 
 
 def curves_of(engine, ids: list[int]) -> dict[int, dict[str, dict[int, float | None]]]:
+    import pandas as pd
+
     from runner import api
 
     out: dict[int, dict[str, dict[int, float | None]]] = {}
     for run_id, g in api.loss_curves(engine, ids).groupby("run_id"):
-        out[int(run_id)] = {c: {int(s): (None if v != v else float(v)) for s, v in zip(g["step"], g[c], strict=True)}
+        out[int(run_id)] = {c: {int(s): (None if pd.isna(v) else float(v)) for s, v in zip(g["step"], g[c], strict=True)}
                             for c in ("loss", "eval_loss")}  # fmt: skip
     return out
 

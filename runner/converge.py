@@ -4,7 +4,8 @@ It queues the convergence check through runner.api.submit_converge (runner/spec/
 strategies, default every one, at their smallest layouts on the same data, seed and model, under one new tag),
 starts this machine's runner if none serves it, waits for the runs, then prints per strategy its first and last
 loss, its last held-out loss and the largest relative deviation of its loss curve from the single-device
-run's (runner/job/metrics.py curve_deviation), with a verdict against the dtype's bound. The runs stay in
+run's (runner/job/metrics.py curve_deviation), with a verdict against the dtype's bound; every run also verifies
+its first step against the single-device reference, and a failed verify fails its row. The runs stay in
 History under the tag, and Compare overlays their curves (the tag's link is printed). Exit status 0 when every
 curve is within its bound, 1 otherwise, 2 for a spec the check refuses (nothing queued).
 """
@@ -18,6 +19,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import pandas as pd
 
 from runner import api
 from runner.spec.converge_layouts import BASELINE, DEFAULTS, bound_of, bound_text, judge
@@ -76,7 +79,7 @@ def collect(engine, queued: list[tuple[str, int | None]], dtype: str) -> list[Ro
         g = by_run.get(run_id) if run_id is not None else None
         if g is None:
             return {}
-        return {int(s): (None if v != v else float(v)) for s, v in zip(g["step"], g[column], strict=True)}
+        return {int(s): (None if pd.isna(v) else float(v)) for s, v in zip(g["step"], g[column], strict=True)}
 
     base = series(queued[0][1], "loss")
     rows = []
@@ -91,8 +94,11 @@ def collect(engine, queued: list[tuple[str, int | None]], dtype: str) -> list[Ro
         row.steps = len(losses)
         row.first_loss, row.last_loss = (losses[0], losses[-1]) if losses else (None, None)
         row.last_eval_loss = evals[-1] if evals else None
+        verify = (run.get("result") or {}).get("verify") or {}
         if run["status"] != "succeeded":
             row.verdict, row.error = "error", run.get("error") or f"run ended {run['status']}"
+        elif verify.get("passed") is False:
+            row.verdict, row.error = "fail", "verify: " + "; ".join(verify.get("failures") or ["no verdict"])
         elif label.split()[0] == BASELINE:
             row.verdict, row.early_deviation, row.largest_deviation = "baseline", 0.0, 0.0
         else:

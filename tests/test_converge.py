@@ -25,7 +25,7 @@ def test_every_strategy_at_its_smallest_layout_on_the_same_training_single_first
     assert [s.strategy for s in specs] == list(strategy_names())
     assert specs[0].strategy == "single" and specs[0].world_size == 1
     assert all({getattr(s, f) for s in specs} == {getattr(DEFAULTS, f)} for f in SHARED)
-    assert all(s.tags == (CONVERGE_TAG, "converge-x") and not s.verify for s in specs)
+    assert all(s.tags == (CONVERGE_TAG, "converge-x") and s.verify for s in specs)
     by_name = {s.strategy: s for s in specs}
     assert (by_name["3d"].tp, by_name["3d"].pp, by_name["3d"].dp) == (2, 2, 2)
     assert by_name["pipeline"].schedule == "1f1b" and by_name["data"].dp == 2 and by_name["data"].zero_stage == 0
@@ -105,3 +105,42 @@ def test_the_strategies_train_as_the_single_device_does_through_the_real_runner(
     assert all(r["largest_deviation"] <= BOUNDS["float32"].early for r in rows.values())  # 6 steps: all early
     stored = api.list_runs(engine, api.RunFilter(tag=[out["tag"]]))
     assert sorted(stored["strategy"]) == ["data", "layer", "single"]
+
+
+@pytest.mark.slow
+def test_one_shard_one_percent_off_fails_the_float32_bound_from_its_first_steps(tmp_path, lab_home):
+    """The bound has teeth: a 2-stage split whose last stage holds the final LayerNorm's weight scaled by 1.01
+    (the fault verify's tests inject) strays from the single device's curve by 1.7e-3 within 4 steps, where
+    correct strategies stay within 1.1e-5 for 30 (bench/RESULTS.md)."""
+    from runner.job.verify import FAULT_ENV
+    from tests.jobs import read_events, run_torchrun
+
+    spec = dict(data="stdlib", batch=4, seq=32, steps=4, warmup=0, lr=3e-3)
+
+    def curve(run_dir, env=None, **layout) -> dict[int, float]:
+        run_torchrun({**spec, **layout}, run_dir, env=env)
+        return {e["step"]: e["loss"] for e in read_events(run_dir) if e["kind"] == "step"}
+
+    single = curve(tmp_path / "single", strategy="single")
+    faulty = curve(tmp_path / "faulty", {FAULT_ENV: "transformer.ln_f.weight"}, strategy="layer", pp=2)
+    judged = judge(single, faulty, "float32")
+    assert judged.verdict == "fail" and judged.early.largest > 10 * BOUNDS["float32"].early, judged
+
+
+def test_a_row_fails_on_its_curve_or_on_its_verify_and_passes_with_both(engine):
+    from runner.converge import collect
+    from runner.spec.run_spec import RunSpec
+    from tests.test_loss_curves import trained
+
+    curve = [5.5, 5.0, 4.6, 4.4]
+    passed = {"verify": {"passed": True, "failures": []}}
+    single = trained(engine, RunSpec(data="stdlib", verify=True), curve, {}, passed)
+    same = trained(engine, RunSpec(strategy="layer", pp=2, data="stdlib", verify=True), curve, {}, passed)
+    bad_verify = trained(engine, RunSpec(strategy="layer", pp=2, data="stdlib", verify=True), curve, {},
+                         {"verify": {"passed": False, "failures": ["grads: 3.1e-03 > 1e-05"]}})  # fmt: skip
+    drifted = trained(engine, RunSpec(strategy="layer", pp=2, data="stdlib", verify=True),
+                      [x * (1 + 1e-3) for x in curve], {}, passed)  # fmt: skip
+    rows = collect(engine, [("single", single), ("layer a", same), ("layer b", bad_verify), ("layer c", drifted)],
+                   "float32")  # fmt: skip
+    assert [r.verdict for r in rows] == ["baseline", "pass", "fail", "fail"]
+    assert rows[2].error == "verify: grads: 3.1e-03 > 1e-05" and rows[3].early_deviation == pytest.approx(1e-3)
