@@ -52,9 +52,9 @@ def worker(out_path: str, warmup: int, rounds: int, microbatches: list[int]) -> 
     import torch.distributed as dist
 
     from runner.gpt.build import build_parallel_gpt
-    from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
     from runner.gpt.pipeline import PipelineGPT
+    from runner.job.data import synthetic_batch
     from runner.job.resources import cpu_wait_ns, pin_rank
     from runner.spec.run_spec import RunSpec
     from runner.spec.strategies.dims import ParallelDims

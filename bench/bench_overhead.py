@@ -54,8 +54,8 @@ def worker(out_path: str, name: str, warmup: int, rounds: int) -> None:
     import torch.distributed as dist
 
     from runner.gpt.build import build_parallel_gpt
-    from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
+    from runner.job.data import synthetic_batch
     from runner.job.rank import EventLog, run_step
     from runner.job.resources import pin_rank
     from runner.spec.records import Span

@@ -61,8 +61,8 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     from runner.gpt.build import build_parallel_gpt
-    from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
+    from runner.job.data import synthetic_batch
     from runner.job.resources import pin_rank
     from runner.spec.run_spec import RunSpec
     from runner.spec.strategies.dims import ParallelDims

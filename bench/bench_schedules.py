@@ -69,8 +69,8 @@ def worker(out_path: str, microbatches: list[int], n_embd: int, seq: int, warmup
     from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleInterleavedZeroBubble
 
     from runner.gpt.build import build_parallel_gpt
-    from runner.gpt.data import synthetic_batch
     from runner.gpt.mesh import Mesh
+    from runner.job.data import synthetic_batch
     from runner.job.resources import pin_rank
     from runner.job.schedule_ops import schedule_ops
     from runner.spec.run_spec import RunSpec

@@ -1,7 +1,7 @@
 """Our ZeRO-3 (runner/gpt/zero.py) against PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`), same GPT.
 
 Both sides train the same GPT-2 (name-seeded weights, runner/gpt/model.py) with float32 AdamW over dp
-data-parallel ranks on the same global batches (runner/gpt/data.py synthetic_batch; rank r takes rows
+data-parallel ranks on the same global batches (runner/job/data.py synthetic_batch; rank r takes rows
 [r*B/dp, (r+1)*B/dp)), parameters, gradients and optimizer state sharded over the ranks:
 - ours: `DataParallelGPT(engine, mesh, zero_stage=3)`, as the job builds it for strategy 'data'
   (per-block flat units, all-gather before use with the next block prefetched, reduce-scatter of each
@@ -165,7 +165,7 @@ def rows_of(batch: int) -> slice:
 
 
 def batch(step: int):
-    from runner.gpt.data import synthetic_batch
+    from runner.job.data import synthetic_batch
 
     return synthetic_batch(DIMS["vocab_size"], BATCH, SEQ, SEED, step)
 

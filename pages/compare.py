@@ -7,14 +7,19 @@ import streamlit as st
 
 from runner import api
 from runner.job.metrics import bubble_theory_formula
-from runner.spec.run_spec import PRESETS, WORKLOADS, SpecError
+from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
+from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
+from runner.spec.strategies import strategy_names
 from ui import charts
 from ui.compare import (
     GUIDE_NOTES,
     comparison_table,
+    curve_baseline,
     figure_help,
     guide_table,
+    loss_deviations,
     readable_table,
+    shared_training,
     spec_differences,
     unsharded_sources,
     with_baseline,
@@ -29,6 +34,33 @@ enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
 K = "compare_"
 
 st.title("Compare runs")
+
+
+def convergence_check() -> None:
+    """Queue the convergence check (every strategy, or those picked, on one corpus, seed and model) and show its
+    runs here: their curves are compared on this page once they have run."""
+    with st.expander("Run the convergence check", expanded=False):
+        c1, c2, c3 = st.columns([3, 1, 1])
+        picked = c1.multiselect("strategies (single is the baseline)", strategy_names(), key=K + "conv_strategies",
+                                placeholder="every strategy")  # fmt: skip
+        steps = c2.number_input("steps", min_value=1, value=DEFAULTS.steps, key=K + "conv_steps")
+        dtype = c3.selectbox("dtype", DTYPES, key=K + "conv_dtype")
+        data = st.text_input("data", value=DEFAULTS.data, key=K + "conv_data").strip() or DEFAULTS.data
+        if st.button("Run the convergence check", key=K + "conv_run", icon=":material/show_chart:"):
+            try:
+                tag, queued = api.submit_converge(engine(), picked or None, settings={"steps": int(steps),
+                                                  "dtype": dtype, "data": data})  # fmt: skip
+            except SpecError as exc:
+                st.error("Not queued: " + "; ".join(str(p) for p in exc.problems), icon=":material/error:")
+                return
+            ids = ",".join(str(i) for _, i in queued if i is not None)
+            st.success(f"Queued {len(ids.split(','))} runs under the tag {tag}: follow them in [History]"
+                       f"(/history?tag={tag}), then [compare their curves](/compare?runs={ids}).")  # fmt: skip
+
+
+convergence_check()
+
+
 recent = api.list_runs(engine(), api.RunFilter(status=["succeeded"]), limit=200)
 if recent.empty:
     st.info("No finished runs yet: launch two runs with different strategies, then compare them here.")
@@ -167,6 +199,39 @@ for run in runs:
             f"bubble measured {r['bubble_fraction']:.1%} (idle / step time, mean over ranks), "
             f"theory {formula} = {r.get('bubble_fraction_theory') or 0:.1%}"
         )
+
+def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | None) -> None:
+    """The chosen runs' loss curves overlaid, and how far each strays from the baseline run's (the one chosen
+    above, else the first single-device run): step by step, its largest relative deviation."""
+    curves = api.loss_curves(engine(), chosen)
+    if curves.empty or not curves["loss"].notna().any():
+        return
+    st.subheader("Loss curves")
+    base = curve_baseline(runs, baseline)
+    short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
+    dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
+    table, per_step = loss_deviations(curves, base, short, dtype)
+    st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
+    st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
+               "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
+    if dtype is not None:
+        st.caption(f"The runs trained alike: verdict against the convergence check's bound for {bound_text(dtype)}.")
+    st.dataframe(table, hide_index=True, column_config={
+        "early deviation": st.column_config.NumberColumn(
+            format="%.2e", help=f"over the first {bound_of(dtype or 'float32').early_steps} steps: the largest "
+            "(bf16: the median, which a one-step loss spike does not move)"),
+        "largest deviation": st.column_config.NumberColumn(format="%.2e"),
+        "held-out deviation": st.column_config.NumberColumn(format="%.2e"),
+        "last loss": st.column_config.NumberColumn(format="%.4f"),
+        "last held-out loss": st.column_config.NumberColumn(format="%.4f"),
+    })  # fmt: skip
+    if not per_step.empty and (per_step["deviation"] > 0).any():
+        st.altair_chart(charts.deviation_chart(per_step), width="stretch")
+
+
+loss_curves_section(runs, chosen, baseline)
+
+
 
 st.subheader("Settings that differ")
 diff = spec_differences(runs)

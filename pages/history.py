@@ -12,7 +12,15 @@ from ui.filters import FILTERS, day_range, parse_day, run_filter
 from ui.format import human_bytes, human_duration, human_rate, rank_tables, status_label
 from ui.hosts import placement_text, ran_on, where_text, without_profiler_noise
 from ui.nodes import nodes_caption
-from ui.run_detail import failure_text, peak_memory, progress, progress_html, result_captions, timeline_title
+from ui.run_detail import (
+    failure_text,
+    generation,
+    peak_memory,
+    progress,
+    progress_html,
+    result_captions,
+    timeline_title,
+)
 from ui.simulated import timeline_pair, timeline_pair_chart
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, list_verdict, tolerance_text, verdict
@@ -104,6 +112,14 @@ def run_detail(run_id: int) -> None:
         steps = api.step_metrics(engine(), run_id)
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")
+        if len(steps) and steps["loss"].notna().any():
+            st.altair_chart(charts.loss_chart(steps), width="stretch")
+        if (text := generation(r)) is not None:
+            a, b = st.columns(2)
+            a.caption("prompt (the batch's first row)")
+            a.code(text.prompt, language=None, wrap_lines=True)
+            b.caption(f"its continuation: {text.tokens} tokens, greedy")
+            b.code(text.continuation, language=None, wrap_lines=True)
         spans = api.timeline_spans(engine(), run_id)
         # A finished training pipeline: its last step measured above the same step simulated from the run's own
         # pass times (ui/simulated.py), what the schedule alone gives against what the machine took.

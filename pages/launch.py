@@ -11,7 +11,7 @@ from runner.spec.run_spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES,
 from runner.spec.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
-from ui.forms import oversubscription_warning, problems_by_field, repeat_note, spec_from_form, uses
+from ui.forms import oversubscription_warning, problems_by_field, prompt_seq, repeat_note, spec_from_form, uses
 from ui.hosts import HERE, gpu_line, host_lines, partition_text, target_for, targets
 from ui.state import engine, enter_through_app
 
@@ -129,6 +129,29 @@ with mid:
     values["warmup"] = c2.number_input("warm-up steps", value=1, key=K + "warmup")
     note_slot("steps")
     note_slot("warmup")
+    c1, c2 = st.columns([2, 1])
+    values["data"] = c1.text_input(
+        "data", value="synthetic", key=K + "data", help="synthetic: random tokens (no learning possible); stdlib: this "
+        "Python's own sources, byte-level; a folder or file of text (tokenizer.json beside the weights file, else "
+        "byte-level); a nanoGPT folder holding train.bin and val.bin",
+    ).strip() or "synthetic"  # fmt: skip
+    values["eval_every"] = c2.number_input(
+        "eval every", min_value=0, value=0, key=K + "eval_every", disabled=values["workload"] != "train",
+        help="the loss on the corpus's held-out split every this many steps (0: never)",
+    )  # fmt: skip
+    note_slot("data")
+    note_slot("eval_every")
+    values["prompt"] = st.text_input(
+        "prompt", key=K + "prompt", disabled=values["workload"] != "generate",
+        help="generate on text: every row starts from this text, and the run page shows its continuation",
+    )  # fmt: skip
+    if values["workload"] != "train":  # a disabled field keeps what was typed; the spec gets the neutral value
+        values["eval_every"] = 0
+    if values["workload"] != "generate":
+        values["prompt"] = None
+    elif values["prompt"]:
+        st.caption(f"seq follows the prompt: {prompt_seq(values) or '?'} tokens")
+    note_slot("prompt")
 
 with right:
     st.subheader("Run")

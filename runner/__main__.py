@@ -1,4 +1,5 @@
-"""The command line: python -m runner serve|submit|list|show|cancel|logs|compare|export|selftest, each with --json.
+"""The command line: python -m runner serve|submit|list|show|cancel|logs|compare|export|selftest|converge|plan|
+calibrate, each with --json.
 
 Exit codes: 0 success; 1 the run (or command) did not succeed, a verified run failed its verify, or a
 self-test row failed; 2 bad input (nothing queued); 3 another runner already serves this host on the database.
@@ -12,6 +13,7 @@ import sys
 import time
 
 from runner import api
+from runner.job import corpus
 from runner.service.launchers import add_serve_arguments, launcher_from_args
 from runner.spec.run_spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
 from runner.spec.strategies import get_strategy, strategy_names, users_of
@@ -39,12 +41,16 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "batch": dict(type=int),
     "seq": dict(type=int),
     "new_tokens": dict(type=int),
+    "prompt": dict(help="generate: the text every row starts from; seq becomes its token count unless given"),
     "steps": dict(type=int),
     "warmup": dict(type=int),
     "lr": dict(type=float),
     "device": dict(choices=DEVICES),
     "dtype": dict(choices=DTYPES),
     "seed": dict(type=int),
+    "data": dict(help="synthetic (default), stdlib (this Python's sources, byte-level), a folder or file of text "
+                 "(tokenizer.json beside --weights, else byte-level), or a nanoGPT folder (train.bin, val.bin)"),
+    "eval_every": dict(type=int, help="train on a corpus: the held-out loss every this many steps (0: never)"),
     "verify": dict(action="store_true", default=None),
     "weights": dict(),
     "time_limit_s": dict(type=float, flag="--time-limit"),
@@ -115,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     selftest.add_argument("--user", help="who launched it (default: the OS user)")
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
+    selftest.add_argument("--data", default="synthetic",
+                          help="what every run reads: synthetic (default), stdlib (real text, byte-level) or a corpus")  # fmt: skip
     selftest.add_argument("--no-options", dest="options", action="store_false",
                           help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
     compare = sub.add_parser("compare", help="runs grouped by spec: medians with 95%% intervals, and which "
@@ -129,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
     add_calibrate_parser(sub)
+    from runner.analysis.converge import add_converge_parser
+
+    add_converge_parser(sub).add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -162,6 +173,9 @@ def specs_from_args(args: argparse.Namespace) -> list[dict]:
                 data[name] = value
         if args.tags:
             data["tags"] = args.tags
+        if data.get("prompt") and args.seq is None:  # every row is the prompt: its tokens are the sequence
+            length = corpus.prompt_length(str(data.get("data", "synthetic")), data.get("weights"), data["prompt"])
+            data["seq"] = length if length else data.get("seq", RunSpec.seq)
         specs.append(data)
     return specs
 
@@ -268,7 +282,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     env, rows, fatal = selftest.run_selftest(engine, args.device, user=args.user, timeout_s=args.timeout,
                                              on_row=show, on_environment=None if args.json else print,
-                                             options=args.options)  # fmt: skip
+                                             options=args.options, data=args.data)  # fmt: skip
     passed = fatal is None and all(r.ok for r in rows) and any(r.run_id for r in rows)
     if args.json:
         print(json.dumps({"environment": env, "fatal": fatal, "passed": passed,
@@ -366,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_compare(args)
     if args.command == "selftest":
         return cmd_selftest(args)
+    if args.command == "converge":
+        from runner.analysis.converge import run_converge
+
+        return run_converge(args)
     if args.command in ("plan", "calibrate"):
         from runner.planner.cli import run_calibrate, run_plan
 

@@ -7,9 +7,10 @@ runner's partition against its nodes and layout rules (runner.service.cluster; t
 read and checked here too) and only then stores it, so a refused spec stores nothing and
 its SpecError lists every problem by field; `submit_set` queues K runs of several specs as one comparison set
 (interleaved), `repeat_runs` K more of stored runs' specs; `cancel`, `update_meta` and `delete` change a stored run;
-`submit_selftest` queues the self-test's runs through `submit`. Reading runs: `get_run` (one read of
-the run and its ranks, with its stored `world_size`), `list_runs` / `count_runs` / `filter_values` with
-a RunFilter, the measured series the pages chart, `hosts` and `runner_status`, `export_csv` /
+`submit_selftest` and `submit_converge` queue the self-test's and the convergence check's runs through
+`submit`. Reading runs: `get_run` (one read of the run and its ranks, with its stored `world_size`),
+`list_runs` / `count_runs` / `filter_values` with a RunFilter, the measured series the pages chart, `hosts` and
+`runner_status`, `export_csv` /
 `export_runs`. Logs: `log` reads one log of a run through the one log reader (runner.service.logs): the run
 folder when this machine ran it, else the tail its host stored in the database; `follow` streams it. This
 host for the planner: `host_calibration`, `calibrate_host` (runner/planner/calibrate.py), `this_host_devices`.
@@ -28,10 +29,11 @@ import pandas as pd
 from sqlalchemy import Engine
 
 from runner.service import logs as log_reader
-from runner.service.cluster import Partition, gpu_count_on, placement_problems
 from runner.service.device_probe import detect_devices
 from runner.service.launchers.slurm import SCRIPT_NAME
 from runner.service.logs import LogText
+from runner.service.targets import HOST_GPUS, problems_on_target, target_gpus, target_partition, target_problems
+from runner.spec.converge_layouts import CONVERGE_TAG, DEFAULTS, converge_specs
 from runner.spec.records import RunStatus
 from runner.spec.run_spec import RunSpec, SpecError, SpecProblem
 from runner.spec.selftest_layouts import selftest_specs
@@ -43,14 +45,13 @@ from storage.hosts import ANY_HOST  # run_on= for "whichever host first has the 
 from storage.runs import RunFilter
 
 FILTER_COLUMNS = ("status", "strategy", "model", "workload", "user")  # the columns filter_values answers for
-HOST_GPUS: Any = object()  # submit's default gpu_count: the target host's, as its runner reports it
 
 __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
-    "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "parse_spec", "rank_results",
-    "repeat_runs", "runner_status", "step_metrics", "submit", "submit_selftest", "submit_set", "target_gpus",
-    "target_partition", "target_problems", "telemetry_series",
+    "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "loss_curves", "parse_spec",
+    "rank_results", "repeat_runs", "runner_status", "step_metrics", "submit", "submit_converge", "submit_selftest",
+    "submit_set", "target_gpus", "target_partition", "target_problems", "telemetry_series",
     "this_host", "this_host_gpus", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
 
@@ -94,48 +95,6 @@ def parse_spec(data: RunSpec | Mapping[str, Any]) -> RunSpec:
     return RunSpec.from_dict(dict(data) if isinstance(data, Mapping) else data)
 
 
-def target_gpus(engine: Engine, run_on: str | None, probe: bool = False) -> tuple[int | None, str | None]:
-    """(the GPU count a submission is validated against, the target's sentence why it has no GPU): the target
-    host's as its live runner reports them (this machine's by default), or for any host the best-equipped live
-    one's. Without a live runner: (None, None), device checks skipped, unless `probe` and the target is this
-    machine, whose devices are then read here exactly as its runner will read them."""
-    live = [h for h in hosts(engine) if h["alive"]]
-    if run_on == ANY_HOST:
-        return max((len(h["gpus"]) for h in live), default=None), None
-    host = next((h for h in live if h["host"] == (run_on or this_host())), None)
-    if host is not None:
-        return len(host["gpus"]), host["gpu_note"] or None
-    if probe and run_on in (None, this_host()):
-        report = detect_devices()
-        return len(report.gpus), report.no_gpu_reason()
-    return None, None
-
-
-def target_partition(engine: Engine, run_on: str | None) -> tuple[Partition | None, bool]:
-    """(the Slurm partition the target host's runner published, whether the target is known): the host's
-    last lease, alive or not, since a Slurm runner restarting still serves the same partition. This machine
-    without a lease counts as a machine (its runner, which `submit --wait` starts, is a local one); (None,
-    False) for another host whose runner never reported (nothing to judge `nodes` by)."""
-    if run_on == ANY_HOST:
-        return None, True
-    here = run_on in (None, this_host())
-    lease = host_rows.runner_status(engine, run_on or this_host())
-    if lease is None:
-        return None, here
-    return (Partition.from_dict(lease["cluster"]) if lease.get("cluster") else None), True
-
-
-def target_problems(engine: Engine, spec: RunSpec, run_on: str | None) -> list[Any]:
-    """What keeps `spec` from running on the target beyond its own rules: on a Slurm partition its nodes and
-    the layout (nodes x GPUs per node = world size, tensor parallelism inside a node), elsewhere an empty
-    `nodes` (runner.service.cluster.placement_problems)."""
-    partition, known = target_partition(engine, run_on)
-    if not known:
-        return []
-    where = "any host" if run_on == ANY_HOST else "this machine" if run_on in (None, this_host()) else f"host {run_on}"
-    return placement_problems(spec, partition, where)
-
-
 def submit(
     engine: Engine,
     spec: RunSpec | Mapping[str, Any],
@@ -152,7 +111,7 @@ def submit(
     weights file the spec names is read and checked here, on the machine submitting.
     """
     spec = parse_spec(spec)
-    problems = _problems_on_target(engine, spec, run_on, gpu_count)
+    problems = problems_on_target(engine, spec, run_on, gpu_count)
     if problems:
         raise SpecError(problems)
     return _store(engine, spec, user=user, run_on=run_on)
@@ -182,7 +141,7 @@ def submit_set(
     for i, data in enumerate(specs, 1):
         try:
             spec = parse_spec(data)
-            check = _problems_on_target(engine, spec, run_on, gpu_count)
+            check = problems_on_target(engine, spec, run_on, gpu_count)
         except SpecError as exc:
             spec, check = None, exc.problems
         named = f"spec {i} ({spec.strategy if spec else 'unreadable'}): " if len(specs) > 1 else ""
@@ -210,29 +169,15 @@ def repeat_runs(engine: Engine, run_ids: list[int], repeat: int, *, user: str | 
     return submit_set(engine, list(specs.values()), repeat, user=user, run_on=run_on)
 
 
-def _problems_on_target(engine: Engine, spec: RunSpec, run_on: str | None, gpu_count: int | None) -> list:
-    """Every problem of `spec` on its target: its own rules against `gpu_count` GPUs (HOST_GPUS: the target's
-    own, a partition's nodes x GPUs or the host's, with the host's words for why it has none), then the target's."""
-    note = None
-    cuda = spec.device == "cuda"
-    if gpu_count is HOST_GPUS:
-        partition, _ = target_partition(engine, run_on)
-        gpu_count, note = (gpu_count_on(spec, partition), None) if partition else target_gpus(engine, run_on, cuda)
-    elif gpu_count == 0 and cuda and target_partition(engine, run_on)[0] is None:
-        note = target_gpus(engine, run_on)[1]  # the target's own words for why it has none
-    problems = validate_spec(spec, gpu_count=gpu_count, no_gpu_reason=note)
-    return problems + [p for p in target_problems(engine, spec, run_on) if p not in problems]
-
-
 def _store(engine: Engine, spec: RunSpec, *, user: str | None, run_on: str | None) -> int:
     """Queue an already validated spec (storage only stores)."""
     return runs.insert_run(engine, spec, user=user, run_on=run_on)
 
 
 def submit_selftest(
-    engine: Engine, device: str = "auto", user: str | None = None, gpus: int | None = None
+    engine: Engine, device: str = "auto", user: str | None = None, gpus: int | None = None, data: str = "synthetic"
 ) -> list[int]:
-    """Queue the self-test runs (tag 'selftest') and return their ids; skipped layouts are not queued.
+    """Queue the self-test runs (tag 'selftest') on `data` and return their ids; skipped layouts are not queued.
 
     gpus: GPUs the runner sees (default: the live runner's report, else 0); 'auto' picks cuda when any.
     Raises SpecError (nothing more queued) when a run does not fit, e.g. cuda where no GPU is seen.
@@ -241,7 +186,34 @@ def submit_selftest(
         status = runner_status(engine)
         gpus = len(status["gpus"]) if status and status["alive"] else 0
     chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
-    return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus) if spec]
+    return [submit(engine, spec, user=user, gpu_count=gpus) for spec, _ in selftest_specs(chosen, gpus, data=data) if spec]
+
+
+def submit_converge(engine: Engine, strategies: list[str] | None = None, device: str = "auto",
+                    user: str | None = None, gpus: int | None = None,
+                    settings: Mapping[str, Any] | None = None) -> tuple[str, list[tuple[str, int | None]]]:  # fmt: skip
+    """Queue the convergence check (runner/spec/converge_layouts.py): the chosen strategies (default every one)
+    at their smallest layouts on the same data, seed and model, under one new tag; returns (the tag, [(label,
+    run id or None where the devices cannot hold it)]). `settings` overrides the check's defaults (steps, data,
+    model, dtype, seed, batch, seq, lr, eval_every). Every spec is validated first: a SpecError (each problem
+    prefixed with its strategy) queues nothing; an unknown strategy is a problem of the field `strategy`."""
+    from datetime import UTC, datetime
+
+    if gpus is None:
+        status = runner_status(engine)
+        gpus = len(status["gpus"]) if status and status["alive"] else 0
+    chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
+    tag = f"{CONVERGE_TAG}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    base = parse_spec({**DEFAULTS.to_dict(), **(settings or {})})
+    try:
+        planned = converge_specs(strategies, chosen, gpus, base=base, tag=tag)
+    except ValueError as exc:
+        raise SpecError([SpecProblem("strategy", str(exc))]) from exc
+    problems = [SpecProblem(p.field, f"{spec.strategy}: {p.message}") for spec, _ in planned if spec
+                for p in validate_spec(spec, gpu_count=gpus)]  # fmt: skip
+    if problems:
+        raise SpecError(list(dict.fromkeys(problems)))
+    return tag, [(label, submit(engine, spec, user=user, gpu_count=gpus) if spec else None) for spec, label in planned]
 
 
 def cancel(engine: Engine, run_id: int) -> str:
@@ -306,6 +278,11 @@ def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
 
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
     return series.step_metrics(engine, run_id)
+
+
+def loss_curves(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """The training and held-out loss per step of each run (run_id, step, loss, eval_loss)."""
+    return series.loss_curves(engine, run_ids)
 
 
 def timeline_spans(engine: Engine, run_id: int) -> pd.DataFrame:

@@ -164,6 +164,7 @@ class StepMetric(Base):
     warmup: Mapped[bool] = mapped_column(Boolean, default=False)
     step_time_s: Mapped[float] = mapped_column(Float)
     loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)  # held-out loss, every eval_every steps
     t: Mapped[float] = mapped_column(Float)
 
     __table_args__ = (Index("ix_step_metrics_run_step", "run_id", "step"),)

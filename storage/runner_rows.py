@@ -176,7 +176,7 @@ def add_step_metrics(engine: Engine, run_id: int, steps: Sequence[Step]) -> None
     """Store step events; a non-finite loss (a diverged run) is stored as NULL on every backend."""
     rows = [
         {"run_id": run_id, "step": e.step, "warmup": e.warmup, "step_time_s": e.step_time_s,
-         "loss": finite_json(e.loss)[0], "t": e.t}
+         "loss": finite_json(e.loss)[0], "eval_loss": finite_json(e.eval_loss)[0], "t": e.t}
         for e in steps
     ]  # fmt: skip
     if rows:

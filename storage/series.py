@@ -33,13 +33,24 @@ def rank_results(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
     return pd.DataFrame.from_records(records)
 
 
+STEP_COLUMNS = ("step", "warmup", "step_time_s", "loss", "eval_loss", "t")
+
+
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:
-    q = select(StepMetric.step, StepMetric.warmup, StepMetric.step_time_s, StepMetric.loss, StepMetric.t).where(
-        StepMetric.run_id == run_id
-    )
+    """One row per step of a run: its time, its training loss and (on eval_every's steps) its held-out loss."""
+    q = select(*(getattr(StepMetric, c) for c in STEP_COLUMNS)).where(StepMetric.run_id == run_id)
     with engine.connect() as conn:
         rows = conn.execute(q.order_by(StepMetric.step)).all()
-    return pd.DataFrame(rows, columns=["step", "warmup", "step_time_s", "loss", "t"])
+    return pd.DataFrame(rows, columns=list(STEP_COLUMNS))
+
+
+def loss_curves(engine: Engine, run_ids: list[int]) -> pd.DataFrame:
+    """The loss per step of several runs (run_id, step, loss, eval_loss), for overlaying their curves."""
+    cols = (StepMetric.run_id, StepMetric.step, StepMetric.loss, StepMetric.eval_loss)
+    q = select(*cols).where(StepMetric.run_id.in_(run_ids)).order_by(StepMetric.run_id, StepMetric.step)
+    with engine.connect() as conn:
+        rows = conn.execute(q).all()
+    return pd.DataFrame(rows, columns=["run_id", "step", "loss", "eval_loss"])
 
 
 def telemetry_series(engine: Engine, run_ids: list[int], bucket_s: float = 1.0) -> pd.DataFrame:

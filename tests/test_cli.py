@@ -30,6 +30,8 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--model", "gpt9"], "model", "is not a preset"),
         (["--strategy", "single", "--weights", "/nope/model.safetensors"], "weights", "no file at"),
         (["--strategy", "single", "--spec-json", '{"colour": 1}'], "colour", "is not a spec field"),
+        (["--strategy", "single", "--data", "/nope/corpus"], "data", "no file or folder at '/nope/corpus'"),
+        (["--strategy", "single", "--data", "stdlib", "--prompt", "def f(x):"], "prompt", "workload 'train'"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
@@ -173,6 +175,9 @@ def two_hosts(engine, monkeypatch):
     import os
 
     monkeypatch.setenv("LAB_HOST", "alpha")  # the CLI subprocesses inherit it
+    # No heartbeat follows these leases, and on a busy machine the test's CLI calls outlast the default 30 s after
+    # which a silent runner counts as gone: they stay alive for the test's whole length instead.
+    monkeypatch.setenv("LAB_RUNNER_STALE_S", "3600")
     assert leases.acquire_lease(engine, "runner-alpha", os.getpid(), [], NO_GPU, host="alpha")
     assert leases.acquire_lease(engine, "runner-beta", os.getpid(), [H100, {**H100, "index": 1}], "2", host="beta")
     yield engine

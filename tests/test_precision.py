@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from runner.gpt.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, cut_stage
 from runner.gpt.precision import PRECISIONS, precision_of
+from runner.job.data import synthetic_batch
 from runner.job.verify import TOLERANCES
 from tests.jobs import run_torchrun
 

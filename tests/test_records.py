@@ -28,6 +28,7 @@ EVENTS = [
     Started(rank=1, t=1.5, world_size=4, device="cpu", backend="gloo", pid=4242),
     Step(rank=0, t=2.0, step=3, total_steps=5, warmup=False, step_time_s=0.25, loss=3.5),
     Step(rank=0, t=2.0, step=0, total_steps=5, warmup=True, step_time_s=0.25, loss=None),
+    Step(rank=0, t=2.0, step=9, total_steps=10, warmup=False, step_time_s=0.25, loss=2.5, eval_loss=2.75),
     Span(rank=2, t=3.0, step=4, stage=1, microbatch=3, phase="backward", start=0.01, end=0.02),
     Error(rank=3, t=4.0, error="RuntimeError: boom", traceback="Traceback (most recent call last):\n..."),
     Finished(rank=0, t=5.0),

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.gpt.data import synthetic_batch
 from runner.gpt.model import GPT, PRESETS, init_parameter
+from runner.job.data import synthetic_batch
 from runner.spec.run_spec import RunSpec
 from runner.spec.validation import validate_spec
 
@@ -63,7 +63,7 @@ def test_folded_seeds_are_the_same_in_another_process():
     """A hash, not Python's per-process hash(): every rank rebuilds the same batch."""
     seed = 2**63 + 5
     code = (
-        "import json; from runner.gpt.data import synthetic_batch; "
+        "import json; from runner.job.data import synthetic_batch; "
         f"print(json.dumps(synthetic_batch(97, 2, 8, {seed}, step=7)[0].tolist()))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,

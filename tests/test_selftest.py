@@ -44,6 +44,13 @@ def test_cpu_runs_every_strategy_and_workload_verified():
     assert three_d == {(2, 2, 2)}
 
 
+def test_on_real_text_every_run_reads_the_corpus_and_is_valid():
+    specs = [s for s, _ in selftest_specs("cpu", gpus=0, data="stdlib") if s is not None]
+    assert len(specs) == 28 and {s.data for s in specs} == {"stdlib"}
+    assert all(validate_spec(s, gpu_count=0) == [] for s in specs)
+    assert {s.model_config().vocab_size for s in specs} == {256}  # bytes: the model's vocabulary follows
+
+
 def test_the_strategies_alone_leave_out_the_option_rows():
     rows = selftest_specs("cpu", gpus=0, options=False)
     assert len(rows) == 19 and all(s.zero_stage == 0 and s.checkpoint == "none" for s, _ in rows)

@@ -28,7 +28,7 @@ def test_migrations_create_every_table(engine):
     assert {"runs", "rank_results", "step_metrics", "telemetry_samples", "timeline_spans", "runner_lease",
             "run_logs", "calibrations", "alembic_version"} <= tables  # fmt: skip
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(lab_home):

@@ -185,8 +185,8 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
 
     import torch
 
-    from runner.gpt.data import synthetic_batch
     from runner.gpt.model import GPT
+    from runner.job.data import synthetic_batch
     from runner.spec.run_spec import RunSpec
 
     dims = {"model": "custom", "n_layer": 1, "n_head": 4, "n_embd": 32, "vocab_size": 5, "block_size": 16}

@@ -116,3 +116,10 @@ def test_the_repeat_note_says_what_k_runs_can_tell():
     assert "75% confidence (their min..max; 6 runs reach 95%)" in repeat_note(3)
     assert "4 runs of each are needed" in repeat_note(3)
     assert "97% confidence;" in repeat_note(6) and "can be resolved at 95%" in repeat_note(6)
+
+
+def test_a_prompt_sets_seq_to_its_tokens_and_is_refused_where_the_data_reads_no_text():
+    spec, problems = spec_from_form({**FORM, "workload": "generate", "data": "stdlib", "prompt": "import os"})
+    assert problems == [] and spec.seq == 9 and spec.prompt == "import os"
+    _, problems = spec_from_form({**FORM, "workload": "generate", "prompt": "import os"})
+    assert "synthetic tokens are no text" in problems_by_field(problems)["prompt"][0]

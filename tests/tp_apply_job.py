@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from runner.gpt.data import synthetic_batch
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, materialize, shard_of
 from runner.gpt.tp_layers import all_reduce_sequence_parallel_grads
 from runner.gpt.tp_plan import apply_tensor_parallel
+from runner.job.data import synthetic_batch
 from runner.spec.run_spec import RunSpec
 
 

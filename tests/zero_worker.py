@@ -27,9 +27,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.gpt.build import build_parallel_gpt  # noqa: E402
-from runner.gpt.data import synthetic_batch  # noqa: E402
 from runner.gpt.mesh import Mesh  # noqa: E402
 from runner.gpt.model import GPT  # noqa: E402
+from runner.job.data import synthetic_batch  # noqa: E402
 from runner.spec.run_spec import RunSpec  # noqa: E402
 from runner.spec.validation import validate_spec
 

@@ -252,3 +252,61 @@ def rank_memory_by_coord_chart(ranks: pd.DataFrame, coord: str) -> alt.Chart:
             tooltip=["run", coord, alt.Tooltip("mean(peak_mib):Q", format=",.1f"), "count()"],
         )
     )
+
+
+LOSS_KINDS = alt.Scale(domain=["training", "held-out"], range=["#4c78a8", "#e45756"])
+
+
+def _long_losses(steps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """(keys..., step, kind, loss): the training and held-out losses of step rows as one tall table."""
+    cols = {"loss": "training", "eval_loss": "held-out"}
+    data = steps.melt(id_vars=[*keys, "step"], value_vars=[c for c in cols if c in steps], var_name="kind",
+                      value_name="value").dropna(subset=["value"])  # fmt: skip
+    data["kind"] = data["kind"].map(cols)
+    return data
+
+
+def loss_chart(steps: pd.DataFrame) -> alt.LayerChart:
+    """One run's loss per step (warm-up steps train too) and its held-out loss on eval_every's steps."""
+    data = _long_losses(thin(steps), [])
+    base = alt.Chart(data).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
+        color=alt.Color("kind:N", scale=LOSS_KINDS, title=None),
+        tooltip=["step", "kind", alt.Tooltip("value:Q", format=".4f", title="loss")],
+    )
+    return (base.mark_line() + base.transform_filter(alt.datum.kind == "held-out").mark_point(filled=True)).properties(
+        title="Loss"
+    )
+
+
+def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.LayerChart:
+    """Several runs' loss curves on one chart: training as lines, held-out as points, a colour per run."""
+    data = _long_losses(curves, ["run_id"])
+    data["run"] = data["run_id"].map(labels)
+    data = pd.concat([thin(g) for _, g in data.groupby(["run", "kind"])]) if len(data) else data
+    base = alt.Chart(data).encode(
+        x=alt.X("step:Q", title="step"),
+        y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
+        color=alt.Color("run:N", title=None),
+        tooltip=["run", "step", "kind", alt.Tooltip("value:Q", format=".6f", title="loss")],
+    )
+    training = base.transform_filter(alt.datum.kind == "training").mark_line()
+    held_out = base.transform_filter(alt.datum.kind == "held-out").mark_point(shape="diamond", filled=True, size=60)
+    return (training + held_out).properties(title="Loss per step (lines: training; diamonds: held-out)")
+
+
+def deviation_chart(deviations: pd.DataFrame) -> alt.Chart:
+    """|loss - baseline| / baseline per step and run, on a log scale (steps where the two agree exactly are left
+    out: a log scale has no zero)."""
+    data = deviations[deviations["deviation"] > 0]
+    return (
+        alt.Chart(data, title="Relative deviation from the baseline's training loss")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("step:Q", title="step"),
+            y=alt.Y("deviation:Q", title="|loss - baseline| / baseline", scale=alt.Scale(type="log")),
+            color=alt.Color("run:N", title=None),
+            tooltip=["run", "step", alt.Tooltip("deviation:Q", format=".2e")],
+        )
+    )

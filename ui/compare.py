@@ -1,5 +1,6 @@
 """Comparing runs: the side-by-side figures, the guide's comparison table filled with measurements,
-ratios to a baseline run, and the spec settings that differ. Pure functions of get_run() dicts.
+ratios to a baseline run, the spec settings that differ, and how far each run's loss curve strays from a
+baseline run's (runner/job/metrics.py curve_deviation). Pure functions of get_run() dicts and stored series.
 
 Memory efficiency is stated in bytes, not words: the model state the largest rank held between steps
 (its parameters, gradients and optimizer state, as the job measured them; a rank without a `grad_bytes`
@@ -16,6 +17,8 @@ from typing import Any
 import pandas as pd
 
 from runner.gpt.config import count_parameters
+from runner.job.metrics import curve_deviation, relative_deviations
+from runner.spec.converge_layouts import judge
 from runner.spec.run_spec import RunSpec
 from ui.verify import verdict
 
@@ -329,3 +332,59 @@ def spec_differences(runs: list[dict]) -> pd.DataFrame:
         if len({repr(v) for v in values}) > 1:
             rows[k] = [", ".join(v) if isinstance(v, list) else v for v in values]
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{r['id']}" for r in runs])
+
+
+TRAINING_FIELDS = ("model", "data", "seed", "batch", "seq", "lr", "dtype", "workload")
+
+
+def shared_training(runs: list[dict]) -> str | None:
+    """The dtype of runs that trained the same model on the same data, seed, batch and learning rate -- whose
+    curves the convergence bound judges (runner/spec/converge_layouts.py) -- else None."""
+    specs = [RunSpec.from_dict(r["spec"]) for r in runs]
+    keys = {tuple(getattr(s, f) for f in TRAINING_FIELDS) for s in specs}
+    return specs[0].dtype if len(keys) == 1 and specs[0].workload == "train" else None
+
+
+def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
+    """The run the loss curves are measured against: the one chosen, else the first single-device run, else
+    the first run."""
+    if chosen is not None or not runs:
+        return chosen
+    return next((r["id"] for r in runs if r["spec"].get("strategy") == "single"), runs[0]["id"])
+
+
+def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
+                    dtype: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """(one row per run: steps compared, largest relative deviation of its training loss from the baseline's
+    in the dtype's early window (float32 without a dtype) and overall with the step of it, the same for the held-out loss, its last
+    losses, and with `dtype` (runs that trained alike, shared_training) the convergence check's verdict; one row
+    per run and step: the training loss's relative deviation), from api.loss_curves."""
+    by_run = {int(k): g for k, g in curves.groupby("run_id")}
+
+    def series(run_id: int, column: str) -> dict[int, float | None]:
+        g = by_run.get(run_id)
+        if g is None:
+            return {}
+        return {int(s): (None if pd.isna(v) else float(v)) for s, v in zip(g["step"], g[column], strict=True)}
+
+    rows, steps = [], []
+    base_train, base_eval = series(baseline, "loss"), series(baseline, "eval_loss")
+    for run_id in by_run:
+        judged = judge(base_train, series(run_id, "loss"), dtype or "float32")
+        train = judged.whole
+        held = curve_deviation(base_eval, series(run_id, "eval_loss"))
+        last = by_run[run_id].dropna(subset=["loss"]).tail(1)
+        last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
+        rows.append({
+            "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
+            "early deviation": judged.early_judged if judged.early.steps else None,
+            "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
+            "held-out deviation": held.largest if held.steps else None,
+            "last loss": float(last["loss"].iloc[0]) if len(last) else None,
+            "last held-out loss": float(last_eval["eval_loss"].iloc[0]) if len(last_eval) else None,
+            **({"verdict": "baseline" if run_id == baseline else judged.verdict} if dtype else {}),
+        })  # fmt: skip
+        if run_id != baseline:
+            for step, dev in relative_deviations(base_train, series(run_id, "loss")).items():
+                steps.append({"run": labels.get(run_id, f"#{run_id}"), "step": step, "deviation": dev})
+    return pd.DataFrame(rows), pd.DataFrame(steps, columns=["run", "step", "deviation"])

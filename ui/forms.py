@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from runner.analysis.stats import LEVEL, median_interval, runs_needed, runs_needed_each
+from runner.job import corpus
 from runner.spec.run_spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
 from runner.spec.strategies import NEUTRAL, get_strategy, strategy_names
 from runner.spec.validation import validate_spec
@@ -48,6 +49,8 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
     if data.get("model") != "custom":
         for dim in MODEL_DIMS:
             data.pop(dim, None)
+    if data.get("prompt"):  # every row is the prompt: its tokens are the sequence
+        data["seq"] = prompt_seq(data) or data.get("seq")
     try:
         spec = RunSpec.from_dict(data)
     except SpecError as exc:
@@ -56,6 +59,12 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         return spec, validate_spec(spec, gpu_count=gpu_count)
     problems = validate_spec(spec, gpu_count=target.gpus_for(spec), no_gpu_reason=target.gpu_note)
     return spec, problems + [p for p in target.problems(spec) if p not in problems]
+
+
+def prompt_seq(values: dict[str, Any]) -> int | None:
+    """The seq a prompted generate run takes: the prompt's tokens in the data's tokenization (None: unreadable)."""
+    return corpus.prompt_length(str(values.get("data") or "synthetic"), values.get("weights") or None,
+                                str(values.get("prompt") or ""))  # fmt: skip
 
 
 def problems_by_field(problems: list[SpecProblem]) -> dict[str, list[str]]:

@@ -1,11 +1,12 @@
 """What the run and Live pages say about one run, as plain text from its get_run dict: progress (with elapsed
-and remaining time on the Live page), the failure line and the captions under its figures (process RSS, MFU,
-pipeline bubble). The pages only lay these out."""
+and remaining time on the Live page), the failure line, the captions under its figures (process RSS, MFU,
+the data it read, pipeline bubble) and the text a generate run wrote. The pages only lay these out."""
 
 from __future__ import annotations
 
 import html
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -81,6 +82,10 @@ def result_captions(run: dict[str, Any]) -> list[str]:
         out.append(f"MFU {r['mfu']:.1%}{peak} on {devices}")
     elif r.get("device") == "cuda":
         out.append(f"no MFU: the peak FLOP/s of {devices or 'this GPU'} is not known")
+    spec = run.get("spec") or {}
+    if spec.get("data", "synthetic") != "synthetic":
+        every = spec.get("eval_every") or 0
+        out.append(f"data: {spec['data']}" + (f"; held-out loss every {every} steps" if every else ""))
     if r.get("bubble_fraction") is not None:
         theory = r.get("bubble_fraction_theory") or 0
         out.append(f"pipeline bubble measured {r['bubble_fraction']:.1%}, theory {theory:.1%}")
@@ -104,3 +109,20 @@ def timeline_title(spec: dict[str, Any], step: int, spans: Any) -> str:
     if phases & set(COLLECTIVES):
         notes.append("purple: collectives, inside the pass they ran in")
     return f"{name} timeline, step {step} ({'; '.join(notes)})"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What a generate run on text produced for its first row: the prompt and the continuation, as text."""
+
+    prompt: str
+    continuation: str
+    tokens: int
+
+
+def generation(result: dict[str, Any] | None) -> Generation | None:
+    """The decoded prompt and continuation a generate run on text recorded; None for every other run."""
+    r = result or {}
+    if r.get("generated_text") is None:
+        return None
+    return Generation(r.get("prompt") or "", r["generated_text"], len(r.get("generated_ids") or []))

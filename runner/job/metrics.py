@@ -17,13 +17,19 @@ factor. float32 uses the plain FP32 peak because PyTorch leaves TF32 off for mat
 A device not in the table gets no peak, hence no MFU, rather than a wrong one. bf16-mixed runs its
 matmuls in bf16 under autocast, so its MFU is against the BF16 peak.
 
+Loss curves compare step by step (`curve_deviation`): the largest of |loss - baseline| / |baseline| over the
+steps both runs recorded, the measure the convergence check (runner/analysis/converge.py), Compare and the benchmark
+share.
+
 The pipeline bubble each schedule implies (`bubble_fraction_theory`: GPipe/1F1B, interleaved 1F1B, ZB-H1)
 states its own assumptions; runner/gpt/schedules.py defines the schedules.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from runner.gpt.config import GPTConfig, count_parameters
@@ -147,3 +153,37 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+@dataclass(frozen=True)
+class CurveDeviation:
+    """How far one loss curve strays from a baseline's: the largest relative difference, where, over how many
+    steps. `largest` is inf where one curve's loss is not finite (diverged) and the other's is."""
+
+    largest: float
+    at_step: int | None
+    steps: int
+
+
+def relative_deviations(baseline: Mapping[int, float | None], other: Mapping[int, float | None]) -> dict[int, float]:
+    """|other - baseline| / |baseline| per step both curves hold a loss for (inf where one is not finite and
+    the other is, or differs from a zero baseline)."""
+    out = {}
+    for step in sorted(baseline.keys() & other.keys()):
+        b, o = baseline[step], other[step]
+        if b is None or o is None:
+            continue
+        if math.isfinite(b) and math.isfinite(o) and b:
+            out[step] = abs(o - b) / abs(b)
+        else:
+            out[step] = 0.0 if b == o or (math.isnan(b) and math.isnan(o)) else math.inf
+    return out
+
+
+def curve_deviation(baseline: Mapping[int, float | None], other: Mapping[int, float | None]) -> CurveDeviation:
+    """The largest of relative_deviations, the first step where it occurs, and how many steps were compared."""
+    per_step = relative_deviations(baseline, other)
+    if not per_step:
+        return CurveDeviation(0.0, None, 0)
+    at = max(per_step, key=lambda k: (per_step[k], -k))
+    return CurveDeviation(per_step[at], at, len(per_step))

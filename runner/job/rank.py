@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
+from runner.job import corpus, losses
 from runner.job.checkpoint import read_checkpoint
+from runner.job.data import Batches, fold_seed
 from runner.job.load import LoadMeter, machine_load
 from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
 from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank, rank_cores
@@ -99,6 +99,9 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     node_sampler = None
     if os.environ.get(node_telemetry.ENV) and local_rank == 0:
         node_sampler = node_telemetry.start_node_sampler(run_dir, host, os.getppid(), gpu_uuids(device))
+    # Before the process group: the first rank to open a text corpus tokenizes it into its cache while the
+    # others wait on its lock (runner/job/corpus.py); a long tokenization must not eat the collectives' timeout.
+    batches = Batches.of(spec)
     # On CUDA the default group is bound to this rank's GPU: NCCL's communicators are then created here and in
     # Mesh.build (eagerly, ncclCommSplit), not lazily at the first collective of a timed step.
     dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
@@ -118,15 +121,16 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
 
     verify = None
     if spec.verify:
-        idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step=-1)
+        idx, targets = batches.train(-1)
         verify = verify_pass(spec, model, state_dict, idx, targets)
 
     optimizer = model.make_optimizer(spec.lr) if spec.workload == "train" else None
     total = spec.warmup + spec.steps
     step_times: list[float] = []
-    losses: list[float | None] = []
+    step_losses: list[float | None] = []
     step_wall_total = 0.0
-    vocab = spec.model_config().vocab_size
+    held_out = batches.held_out() if spec.eval_every else []
+    generated: torch.Tensor | None = None
     for step in range(total):
         timed = step >= spec.warmup
         if step == spec.warmup:  # the run's own memory and CPU wait are those of the timed steps
@@ -134,7 +138,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
             cpu_wait.start_timed()
             load.start()
         mesh.stats.counting = timed
-        idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, step)
+        idx, targets = batches.prompt(spec.prompt) if spec.prompt is not None else batches.train(step)
         idx, targets = idx.to(device), targets.to(device)
         barrier()
         # Every figure of the step comes from one clock (runner/gpt/timing.py): host time on CPU, CUDA
@@ -142,7 +146,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         clock = mesh.clock
         clock.start_step()
         model.begin_step(step, time.perf_counter())
-        loss = run_step(spec, model, optimizer, idx, targets)
+        loss, out = run_step(spec, model, optimizer, idx, targets)
         work_end = clock.mark()
         barrier()  # the step ends when the slowest rank ends; waiting for it is idle time
         end_mark = clock.mark()
@@ -151,7 +155,13 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         if timed:
             step_times.append(seconds)
             step_wall_total += seconds
-        losses.append(loss)
+        step_losses.append(loss)
+        generated = out if out is not None else generated
+        # What rank 0 reports: the global batch's loss, and the held-out loss on eval_every's steps (untimed).
+        reported = losses.global_loss(model, spec.workload, loss, spec.batch) if spec.workload != "generate" else None
+        evaluated = None
+        if spec.eval_every and ((step + 1) % spec.eval_every == 0 or step == total - 1):
+            evaluated = losses.held_out_loss(model, held_out)
         for span in model.take_spans():
             if timed:
                 events.emit(Span(rank, time.time(), step=step, **span))
@@ -159,12 +169,13 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         phase = "warm-up" if not timed else "timed"
         print(
             f"step {step + 1}/{total} ({phase}) {seconds * 1e3:.1f} ms"
-            + (f" loss {loss:.4f}" if loss is not None else ""),
+            + (f" loss {loss:.4f}" if loss is not None else "")
+            + (f" held-out loss {evaluated:.4f}" if evaluated is not None else ""),
             flush=True,
         )
         if rank == 0:
             events.emit(Step(rank, time.time(), step=step, total_steps=total, warmup=not timed, step_time_s=seconds,
-                             loss=loss))  # fmt: skip
+                             loss=reported, eval_loss=evaluated))  # fmt: skip
 
     mesh.stats.counting = False
     machine = load.figures()  # right at the timed steps' end, before anything else runs
@@ -192,7 +203,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "cpu_cores": cores if device.type == "cpu" else None,
         "compute_s": max(0.0, step_wall_total - comm["comm_s"] - comm["idle_s"]),
         **comm,
-        "loss": losses[-1] if losses else None,
+        "loss": step_losses[-1] if step_losses else None,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "host": host,
         **machine,
@@ -200,7 +211,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     })  # fmt: skip
 
     def untimed_step() -> None:
-        idx, targets = synthetic_batch(vocab, spec.batch, spec.seq, spec.seed, total)
+        idx, targets = batches.prompt(spec.prompt) if spec.prompt is not None else batches.train(total)
         idx, targets = idx.to(device), targets.to(device)
         barrier()
         mesh.clock.start_step()
@@ -218,28 +229,43 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         mine.bubble_fraction = comm["idle_s"] / step_wall_total
     gathered: list[RankFigures | None] = [None for _ in range(world)]
     dist.all_gather_object(gathered, mine)
+    text = generated_text(spec, batches, model, generated)
     if rank == 0:
-        write_result(spec, run_dir, world, device, backend, step_times, [g for g in gathered if g], verify)
+        write_result(spec, run_dir, world, device, backend, step_times, [g for g in gathered if g], verify, text)
     events.emit(Finished(rank, time.time()))
     barrier()
     node_telemetry.stop_node_sampler(node_sampler)  # on a crash it dies with this process (PR_SET_PDEATHSIG)
     dist.destroy_process_group()
 
 
-def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor, targets: torch.Tensor) -> float | None:
+def run_step(spec: RunSpec, model: ParallelGPT, optimizer, idx: torch.Tensor,
+             targets: torch.Tensor) -> tuple[float | None, torch.Tensor | None]:  # fmt: skip
+    """One step of the workload: (this rank's loss or None, generated tokens on generate's output ranks)."""
     if spec.workload == "forward":
-        logits = model.forward_logits(idx)
-        if logits is None:
-            return None
-        rows = model.batch_rows(idx.shape[0])
-        return F.cross_entropy(logits.float().flatten(0, 1), targets[rows].flatten()).item()
+        return losses.forward_loss(model, idx, targets), None
     if spec.workload == "generate":
-        model.generate(idx, spec.new_tokens)
-        return None
+        return None, model.generate(idx, spec.new_tokens)
     optimizer.zero_grad(set_to_none=True)
     loss = model.forward_backward(idx, targets)
     model.optimizer_step(optimizer)
-    return loss
+    return loss, None
+
+
+def generated_text(spec: RunSpec, batches: Batches, model: ParallelGPT, out: torch.Tensor | None) -> dict:
+    """A generate run on text: its first row's prompt, continuation ids and their text (for result.json),
+    read from the output rank holding that row (tp 0, dp 0); {} for other runs. Every rank calls it."""
+    if spec.workload != "generate" or not batches.source.decodable:
+        return {}
+    c = model.mesh.coord
+    row = out[0].tolist() if out is not None and c.tp == 0 and c.dp == 0 else None
+    rows: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    ids = next((r for r in rows if r is not None), None)
+    if ids is None:
+        return {}
+    prompt, continuation = ids[: spec.seq], ids[spec.seq :]
+    return {"prompt": corpus.decode(batches.source, prompt), "generated_ids": continuation,
+            "generated_text": corpus.decode(batches.source, continuation)}  # fmt: skip
 
 
 def load_shards(model: ParallelGPT, state_dict: dict) -> None:
@@ -254,8 +280,9 @@ def load_shards(model: ParallelGPT, state_dict: dict) -> None:
             trim_padding(p, src.shape).copy_(src.to(p.dtype))
 
 
-def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[RankFigures], verify) -> None:
-    losses = [r.loss for r in ranks if r.loss is not None]
+def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[RankFigures], verify,
+                 text: dict) -> None:  # fmt: skip
+    rank_losses = [r.loss for r in ranks if r.loss is not None]
     p50 = percentile(step_times, 0.5) if step_times else None
     flops = model_flops_per_step(spec)
     achieved = flops / p50 if p50 else None
@@ -281,7 +308,7 @@ def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[
         achieved_gflops=achieved / 1e9 if achieved else None,
         peak_flops=peak,
         mfu=achieved / (peak * world) if achieved and peak else None,
-        loss=losses[-1] if losses else None,
+        loss=rank_losses[-1] if rank_losses else None,
         bubble_fraction=statistics.fmean(stage_bubbles) if stage_bubbles else None,
         bubble_fraction_theory=ranks[0].strategy.get("bubble_fraction_theory"),
         verify=verify,
@@ -289,6 +316,7 @@ def write_result(spec, run_dir, world, device, backend, step_times, ranks: list[
         cpu_cores=ranks[0].cpu_cores,
         cpu_pinned=on_cpu and all(r.cpu_core is not None for r in ranks),
         **machine_load(ranks),
+        **text,
         ranks=ranks,
     )
     tmp = run_dir / "result.json.tmp"

@@ -89,7 +89,10 @@ class Started(Event):
 
 @dataclass(frozen=True)
 class Step(Event):
-    """One training/forward/generate step as rank 0 saw it (0-based `step`; a non-finite loss is kept)."""
+    """One training/forward/generate step as rank 0 saw it (0-based `step`; a non-finite loss is kept).
+
+    `loss` is the run's loss over the global batch, whichever ranks computed it (runner/job/losses.py);
+    `eval_loss` the held-out loss after this step, on the steps the spec's eval_every picks."""
 
     kind: ClassVar[str] = "step"
     step: int = 0
@@ -97,12 +100,14 @@ class Step(Event):
     warmup: bool = False
     step_time_s: float = 0.0
     loss: float | None = None
+    eval_loss: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Step:
         return cls(rank=int(d.get("rank") or 0), t=_finite(d["t"]), step=int(d["step"]),
                    total_steps=int(d.get("total_steps") or 0), warmup=bool(d.get("warmup")),
-                   step_time_s=_finite(d["step_time_s"]), loss=_loss(d.get("loss")))  # fmt: skip
+                   step_time_s=_finite(d["step_time_s"]), loss=_loss(d.get("loss")),
+                   eval_loss=_loss(d.get("eval_loss")))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,11 @@ class Result:
     others_cpu_share_resolution: float | None = None
     load_avg_1m_start: float | None = None
     load_avg_1m_end: float | None = None
+    # generate on text: the prompt of the batch's first row (as text), the ids it continued with, and those
+    # ids decoded with the corpus's tokenizer (bytes for byte-level text)
+    prompt: str | None = None
+    generated_ids: list[int] | None = None
+    generated_text: str | None = None
     ranks: list[RankFigures] = field(default_factory=list)
     other: dict[str, Any] = field(default_factory=dict)
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from runner.gpt.config import PRESETS, GPTConfig
+from runner.job import corpus
 from runner.spec.strategies import ParallelDims, Strategy, get_strategy, strategy_names
 
 WORKLOADS = ("forward", "generate", "train")
@@ -92,12 +93,15 @@ class RunSpec:
     batch: int = 8
     seq: int = 64
     new_tokens: int = 16
+    prompt: str | None = None  # generate: the text every row starts from (its tokens are the seq)
     steps: int = 5
     warmup: int = 1
     lr: float = 1e-3
     device: str = "auto"
     dtype: str = "float32"
     seed: int = 0
+    data: str = "synthetic"  # synthetic | stdlib | a text folder or file | a nanoGPT token folder (runner/job/corpus.py)
+    eval_every: int = 0  # train: the held-out loss every this many steps (0: never)
     verify: bool = False
     weights: str | None = None
     time_limit_s: float = 600.0
@@ -137,9 +141,15 @@ class RunSpec:
         return checkpoint_interval(self.checkpoint)
 
     def model_config(self) -> GPTConfig:
-        """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate_spec)."""
+        """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate_spec).
+
+        Text read byte by byte has 256 symbols: without weights or a vocab_size of its own, the model's
+        vocabulary is then 256, so the first loss is about ln 256 and no logit goes to ids text never holds
+        (tensor parallelism pads it to a multiple of tp, runner/gpt/tp_layers.py)."""
         base = PRESETS.get(self.model, PRESETS["tiny"])
         overrides = {k: getattr(self, k) for k in MODEL_DIMS if getattr(self, k) is not None}
+        if self.vocab_size is None and self.weights is None and corpus.is_byte_text(self.data, self.weights):
+            overrides["vocab_size"] = corpus.BYTE_VOCAB
         return replace(base, **overrides)
 
     def resolved_device(self, gpu_count: int) -> str:
@@ -220,7 +230,7 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
 
 _BOOL_FIELDS = {"sequence_parallel", "verify"}
 _FLOAT_FIELDS = {"lr", "time_limit_s"}
-_STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint"}
+_STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint", "data"}
 _OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "nodes"}
 
 
@@ -238,11 +248,11 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise TypeError(f"must be a string (got {value!r})")
         return value
-    if key == "weights":
+    if key in ("weights", "prompt"):
         if value is None or (isinstance(value, str) and value.strip() == ""):
             return None
         if not isinstance(value, str):
-            raise TypeError(f"must be a file path (got {value!r})")
+            raise TypeError(f"must be {'a file path' if key == 'weights' else 'text'} (got {value!r})")
         return value
     if key == "tags":
         if isinstance(value, str):

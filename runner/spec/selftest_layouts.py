@@ -90,8 +90,10 @@ def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec,
     return rows
 
 
-def selftest_specs(device: str, gpus: int, options: bool = True) -> list[tuple[RunSpec | None, str]]:
-    """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda'); spec None where skipped.
+def selftest_specs(device: str, gpus: int, options: bool = True,
+                   data: str = BASE.data) -> list[tuple[RunSpec | None, str]]:  # fmt: skip
+    """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda') and `data` (runner/job/corpus.py:
+    synthetic, or stdlib for real text); spec None where skipped.
     A schedule other than the default (gpipe beside 1f1b) differs only in training, so it is tested there
     alone. CPU layouts do not depend on the core count: an oversubscribed run says so in its result."""
     rows: list[tuple[RunSpec | None, str]] = []
@@ -102,7 +104,7 @@ def selftest_specs(device: str, gpus: int, options: bool = True) -> list[tuple[R
             if reason is not None:
                 rows.append((None, f"{label} {workload} skipped ({reason})"))
             else:
-                rows.append((replace(spec, workload=workload, device=device), f"{label} {workload}"))
+                rows.append((replace(spec, workload=workload, device=device, data=data), f"{label} {workload}"))
     return rows
 
 

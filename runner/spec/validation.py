@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from runner.gpt.config import PRESETS
+from runner.job import corpus
 from runner.job.checkpoint import checkpoint_shapes
 from runner.spec.estimates import host_memory_estimate
 from runner.spec.run_spec import (
@@ -59,6 +60,7 @@ def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bo
     _validate_host_resources(spec, add, gpu_count)
     if spec.weights and check_weights:
         _validate_weights(spec, add)
+    _validate_data(spec, add)
     return p
 
 
@@ -100,6 +102,8 @@ def _validate_fields(spec: RunSpec, add: Add) -> None:
             add(dim, f"must be at least 1 (got {v})")
     if spec.warmup < 0:
         add("warmup", f"must be 0 or more (got {spec.warmup})")
+    if spec.eval_every < 0:
+        add("eval_every", f"must be 0 (no held-out loss) or more steps (got {spec.eval_every})")
     if spec.new_tokens < 1:
         add("new_tokens", f"must be at least 1 (got {spec.new_tokens})")
     if not (spec.lr > 0 and math.isfinite(spec.lr)):
@@ -306,6 +310,53 @@ def _validate_weights(spec: RunSpec, add: Add) -> None:
                 "weights",
                 f"{path.name} has {suffix} of shape {sorted(found)[0]} but the {spec.model} model needs {shape}",
             )
+
+
+def _validate_data(spec: RunSpec, add: Add) -> None:
+    """The corpus: it exists and reads, one batch fits its training split (and one window its held-out split
+    when eval_every asks for it), its ids fit the model's vocabulary; a prompt is generate's, reads as the
+    corpus's tokens and is the seq."""
+    if spec.eval_every and spec.workload != "train":
+        add("eval_every", f"the held-out loss is measured while training; workload '{spec.workload}' does not "
+                          "train: set eval_every to 0 or workload to train")  # fmt: skip
+    if spec.prompt is not None and spec.workload != "generate":
+        add("prompt", f"a prompt starts generation; workload '{spec.workload}' generates nothing: clear the "
+                      "prompt or set workload to generate")  # fmt: skip
+    try:
+        source = corpus.resolve(spec.data, spec.weights)
+        if source.kind == corpus.SYNTHETIC:
+            if spec.eval_every:
+                add("eval_every", "synthetic tokens have no held-out split to learn anything about: set eval_every "
+                                  "to 0, or data to stdlib or a corpus")  # fmt: skip
+            if spec.prompt is not None:
+                add("prompt", "synthetic tokens are no text to read a prompt as: set data to stdlib or a text corpus")
+            return
+        train, val = corpus.split_sizes(source)
+        largest = corpus.vocab_of(source)
+        largest = largest - 1 if largest is not None else corpus.largest_id(source)
+    except (corpus.DataError, OSError) as exc:
+        add("data", f"{exc}" if isinstance(exc, corpus.DataError) else f"cannot be read ({exc})")
+        return
+    need = spec.batch * (spec.seq + 1)
+    if train < need:
+        add("data", f"the training split of {source.describe()} holds {train:,} tokens, fewer than one batch of "
+                    f"batch {spec.batch} x (seq {spec.seq} + 1) = {need:,}; give a larger corpus or lower batch or seq")  # fmt: skip
+    if spec.eval_every and val <= spec.seq:
+        add("eval_every", f"the held-out split of {source.describe()} holds {val:,} tokens, fewer than one window "
+                          f"of seq {spec.seq} + 1; give a corpus with more (a nanoGPT folder needs val.bin) or set "
+                          "eval_every to 0")  # fmt: skip
+    vocab = spec.model_config().vocab_size
+    if largest >= vocab:
+        fix = "set vocab_size to at least" if spec.model == "custom" else "use a model whose vocab_size is at least"
+        add("data", f"{source.describe()} holds token ids up to {largest} but the {spec.model} model's vocabulary "
+                    f"is {vocab}; {fix} {largest + 1}")  # fmt: skip
+    if spec.prompt is not None:
+        if not source.decodable:
+            add("prompt", "a nanoGPT token folder has no tokenizer to read text with: put tokenizer.json beside the "
+                          "weights, or use stdlib or a text corpus")  # fmt: skip
+        elif len(ids := corpus.encode(source, spec.prompt)) != spec.seq:
+            add("prompt", f"is {len(ids)} tokens of {source.describe()} but seq is {spec.seq}: set seq to "
+                          f"{len(ids)} (every row of the batch is the prompt)")  # fmt: skip
 
 
 def _widest_degree(spec: RunSpec) -> str:
