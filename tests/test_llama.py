@@ -115,3 +115,17 @@ def test_untied_head_stage_rebuilds_its_own_weight_by_name():
     assert not torch.equal(last.lm_head.weight, ref.transformer.wte.weight)
     idx = torch.randint(0, TINY.vocab_size, (2, 9))
     assert torch.equal(last(first(idx)), ref(idx))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_parameter_shapes_are_the_models(preset, tie):
+    """The torch-free list of names and shapes (what a folder is validated against) is what GPT builds."""
+    from dataclasses import replace
+
+    from runner.gpt.config import parameter_shapes
+
+    cfg = replace(PRESETS[preset], tie_head=tie)
+    with torch.device("meta"):
+        built = {n: tuple(p.shape) for n, p in GPT(cfg).named_parameters()}
+    assert parameter_shapes(cfg) == built

@@ -10,7 +10,7 @@ the token embedding or not (`tie_head`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 FAMILIES = ("gpt2", "llama")
 
@@ -109,6 +109,66 @@ PRESETS: dict[str, GPTConfig] = {
     "llama-3.1-8b": llama(32, 32, 8, 4096, 14336, **_LLAMA3, tie_head=False, rope_scaling=RopeScaling()),
     "llama-3.1-70b": llama(80, 64, 8, 8192, 28672, **_LLAMA3, tie_head=False, rope_scaling=RopeScaling()),
 }
+
+
+def customized(base: GPTConfig, family: str | None = None, **fields) -> GPTConfig:
+    """`base` with the fields given (None leaves one as it is); another family brings its own defaults first
+    (GPT-2's biases, or none and no Llama 3.1 rotary rescaling for a Llama made from a GPT-2 preset)."""
+    if family is not None and family != base.family and family in FAMILIES:
+        base = replace(base, family=family, bias=family == "gpt2", qkv_bias=False, rope_scaling=None)
+    return replace(base, **{k: v for k, v in fields.items() if v is not None})
+
+
+def _list(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def model_problems(cfg: GPTConfig) -> list[tuple[str, str]]:
+    """What makes a config unbuildable, as (field, how to fix it): heads against the width, a head's
+    dimension against rotary pairs, key/value heads against query heads."""
+    out = []
+    if cfg.family not in FAMILIES:
+        out.append(("family", f"'{cfg.family}' is not a family; choose one of {_list(FAMILIES)}"))
+    if cfg.n_embd % cfg.n_head:
+        heads = [d for d in range(1, min(cfg.n_embd, 256) + 1) if cfg.n_embd % d == 0]
+        out.append(("n_head", f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; pick n_head among "
+                              f"{_list(heads)}"))  # fmt: skip
+    elif cfg.rotary and cfg.head_dim % 2:
+        heads = [d for d in range(1, min(cfg.n_embd, 256) + 1) if cfg.n_embd % d == 0 and (cfg.n_embd // d) % 2 == 0]
+        out.append(("n_head", f"rotary positions turn pairs of a head's {cfg.head_dim} dimensions: the head dimension "
+                              f"n_embd / n_head must be even; pick n_head among {_list(heads)}"))  # fmt: skip
+    if cfg.kv_heads < 1 or cfg.n_head % cfg.kv_heads:
+        kvs = [d for d in range(1, cfg.n_head + 1) if cfg.n_head % d == 0]
+        out.append(("n_kv_head", f"each key/value head serves n_head / n_kv_head query heads: n_kv_head must divide "
+                                 f"n_head {cfg.n_head}; pick n_kv_head among {_list(kvs)}"))  # fmt: skip
+    if cfg.d_ff < 1:
+        out.append(("ffn_hidden", f"must be at least 1 (got {cfg.d_ff})"))
+    return out
+
+
+def parameter_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's reference name and shape, as the GPT builds them (a tied head listed once, as wte)."""
+    h, f, v = config.n_embd, config.d_ff, config.vocab_size
+    qkv, bias = h + 2 * config.kv_width, config.bias
+    out: dict[str, tuple[int, ...]] = {"transformer.wte.weight": (v, h)}
+    if config.learned_positions:
+        out["transformer.wpe.weight"] = (config.block_size, h)
+    for i in range(config.n_layer):
+        p = f"transformer.h.{i}."
+        layer = {"ln_1.weight": (h,), "ln_1.bias": (h,) if bias else None,
+                 "attn.c_attn.weight": (qkv, h), "attn.c_attn.bias": (qkv,) if bias or config.qkv_bias else None,
+                 "attn.c_proj.weight": (h, h), "attn.c_proj.bias": (h,) if bias else None,
+                 "ln_2.weight": (h,), "ln_2.bias": (h,) if bias else None,
+                 "mlp.c_fc.weight": (config.fused_mlp_parts * f, h),
+                 "mlp.c_fc.bias": (config.fused_mlp_parts * f,) if bias else None,
+                 "mlp.c_proj.weight": (h, f), "mlp.c_proj.bias": (h,) if bias else None}  # fmt: skip
+        out.update({p + k: s for k, s in layer.items() if s is not None})
+    out["transformer.ln_f.weight"] = (h,)
+    if bias:
+        out["transformer.ln_f.bias"] = (h,)
+    if not config.tie_head:
+        out["lm_head.weight"] = (v, h)
+    return out
 
 
 def count_parameters(config: GPTConfig) -> int:
