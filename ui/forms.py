@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runner.spec.run_spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
+from runner.spec.run_spec import MODEL_FIELDS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
 from runner.spec.strategies import NEUTRAL, get_strategy, strategy_names
 from runner.spec.validation import validate_spec
 
@@ -45,7 +45,7 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         if not uses(strategy, name):
             data[name] = neutral
     if data.get("model") != "custom":
-        for dim in MODEL_DIMS:
+        for dim in MODEL_FIELDS:
             data.pop(dim, None)
     try:
         spec = RunSpec.from_dict(data)
@@ -76,3 +76,4 @@ def oversubscription_warning(spec: RunSpec, gpu_count: int | None, cores: int | 
     if spec.resolved_device(gpu_count or 0) != "cpu":
         return None
     return cpu_oversubscription(spec.world_size, cores)
+
