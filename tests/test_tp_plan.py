@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runner.gpt.config import GPTConfig
+from runner.gpt.config import GPTConfig, customized
 from runner.gpt.model import GPT, cut_stage, materialize, shard_of
 from runner.gpt.tp_layers import padded_vocab
 from runner.gpt.tp_plan import apply_tensor_parallel, plan_pattern, tensor_parallel_plan
@@ -104,10 +104,18 @@ def test_a_tensor_parallel_stage_keeps_reference_names_and_its_shards():
     assert torch.equal(c_attn, ref["transformer.h.1.attn.c_attn.weight"][shard_of(c_attn).index])
 
 
+LLAMA_OPTIONS = {"family": "llama", "n_kv_head": 2, "ffn_hidden": 48, "rope_theta": 5e5, "tie_head": False}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [{}, {"tp_style": "gather"}, {"sequence_parallel": True}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"tp_style": "gather"}, {"sequence_parallel": True},
+     # Llama: key/value heads split (tp 2, one each) and copied (tp 4, each on two ranks), under SP too.
+     LLAMA_OPTIONS, {**LLAMA_OPTIONS, "tp": 4}, {**LLAMA_OPTIONS, "tp": 4, "sequence_parallel": True}],
+)  # fmt: skip
 def test_a_tensor_parallel_gpt_equals_the_reference_forward_and_backward_on_gloo(tmp_path, options):
-    """The plan applied to a GPT over a real tp=2 gloo group, no engine in between: full logits, loss and
+    """The plan applied to a GPT over a real tp=2 (or 4) gloo group, no engine in between: full logits, loss and
     every gradient slice equal the single-device reference's within float32 reordering (1e-6)."""
     from tests.jobs import run_torchrun
 
@@ -115,3 +123,49 @@ def test_a_tensor_parallel_gpt_equals_the_reference_forward_and_backward_on_gloo
             "vocab_size": 61, "block_size": 16, "batch": 2, "seq": 8, **options}  # fmt: skip
     diffs = run_torchrun(spec, tmp_path, module="tests.tp_apply_job", timeout=120)
     assert diffs["logits"] <= 1e-6 and diffs["loss"] <= 1e-6 and diffs["grads"] <= 1e-6, diffs
+
+
+# Llama: 4 query heads over 2 key/value heads, SwiGLU, untied head, no biases (vocab 30 again not a multiple of 4).
+LLAMA = customized(CFG, family="llama", n_kv_head=2, ffn_hidden=24, tie_head=False)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_llama_slices_hold_whole_heads_split_or_copied_and_tile_the_reference(tp):
+    """tp 2 splits the 2 key/value heads (one a rank), tp 4 copies each to the 2 ranks whose query heads use it
+    and marks those rows for the kv group's gradient sum; gate and up are split alike; the head is its own."""
+    ref = dict(GPT(LLAMA, seed=3).named_parameters())
+    h, kv_w = LLAMA.n_embd, LLAMA.kv_width
+    covered = {name: torch.zeros(p.shape[0], dtype=torch.long) for name, p in ref.items()}
+    plan = tensor_parallel_plan("megatron", learned_positions=False)
+    for rank in range(tp):
+        with torch.device("meta"):
+            model = GPT(LLAMA)
+        state = apply_tensor_parallel(model, SimpleNamespace(size=tp, index=rank))
+        materialize(model, seed=3)
+        params = dict(model.named_parameters())
+        assert params.keys() == ref.keys() and params["lm_head.weight"] is not params["transformer.wte.weight"]
+        assert all(plan_pattern(plan, n.rpartition(".")[0]) for n in params)
+        for name, p in params.items():
+            index = shard_of(p).index
+            mine = ref[name] if index is None else ref[name][index]
+            assert torch.equal(p[: mine.shape[0]], mine), name
+            covered[name][slice(None) if index is None else index[0] if isinstance(index, tuple) else index] += 1
+        fc, per = shard_of(model.transformer.h["0"].mlp.c_fc.weight).index, LLAMA.d_ff // tp
+        assert torch.equal(
+            fc,
+            torch.cat([torch.arange(rank * per, (rank + 1) * per)] * 2) + torch.tensor([0] * per + [LLAMA.d_ff] * per),
+        )
+        attn = model.transformer.h["0"].attn.c_attn
+        assert attn.parts == (h // tp, kv_w // 2 if tp == 4 else kv_w // tp, kv_w // 2 if tp == 4 else kv_w // tp)
+        kv_rows = ref["transformer.h.0.attn.c_attn.weight"][h + (rank * 2 // tp) * (kv_w // 2) :][: kv_w // 2]
+        assert torch.equal(attn.weight[h // tp : h // tp + kv_w // 2], kv_rows) if tp == 4 else True
+        assert getattr(attn.weight, "kv_replicated_from", None) == (h // tp if tp == 4 else None)
+        assert state.figures()["tp_kv_heads"] == ("replicated" if tp == 4 else "split")
+    for name, count in covered.items():
+        if name.endswith("c_attn.weight"):
+            assert torch.all(count[:h] == 1) and torch.all(count[h:] == max(1, tp // 2)), name
+        elif name.endswith(("c_fc.weight", "wte.weight", "lm_head.weight")) or name.endswith("c_proj.weight"):
+            expected = tp if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight") else 1
+            assert torch.all(count == expected), name  # row-parallel c_proj splits columns: every row on each rank
+        else:
+            assert torch.all(count == tp), name

@@ -119,6 +119,13 @@ def customized(base: GPTConfig, family: str | None = None, **fields) -> GPTConfi
     return replace(base, **{k: v for k, v in fields.items() if v is not None})
 
 
+def kv_copies(config: GPTConfig, tp: int) -> int:
+    """On how many tp ranks each key/value head lives: tp / n_kv_head when there are fewer heads than ranks
+    (each copied to the ranks whose query heads use it), else 1 (the heads split over the ranks)."""
+    kv = config.kv_heads
+    return tp // kv if tp > kv and tp % kv == 0 else 1
+
+
 def _list(values) -> str:
     return ", ".join(str(v) for v in values)
 

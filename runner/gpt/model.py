@@ -217,6 +217,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = config.is_llama
         self.c_fc = nn.Linear(config.n_embd, config.fused_mlp_parts * config.d_ff, bias=config.bias)
+        self.c_fc.parts = (config.d_ff,) * config.fused_mlp_parts  # tensor parallelism splits each part alike
         self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from runner.gpt.config import kv_copies
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
@@ -96,7 +97,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    mesh = Mesh.build(spec.degrees)
+    mesh = Mesh.build(spec.degrees, kv_share=kv_copies(spec.model_config(), spec.degrees.tp))
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
     state_dict = None
