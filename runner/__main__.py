@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--user", help="who launched it (default: the OS user)")
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     selftest.add_argument("--no-options", dest="options", action="store_false",
-                          help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
+                          help="the strategies alone: leave out the ZeRO, schedule, checkpointing, bf16-mixed and llama-tiny rows")  # fmt: skip
     export = sub.add_parser("export", help="every run as CSV or JSON")
     export.add_argument("--format", choices=("csv", "json"), default="csv")
     add_filters(export)
