@@ -309,6 +309,8 @@ class HFFolder:
             return torch.cat([self._rows(name, lo, hi, None) for lo, hi in _row_runs(index.tolist())])
         if all(isinstance(i, slice) for i in index):
             lo, hi, step = index[0].indices(n)
+            if hi <= lo:  # a vocabulary slice that is all padding
+                return torch.zeros((0, *self.full_shape(name)[1:]))
             block = self._rows(name, lo, hi, index[1] if len(index) > 1 else None)
             return block[::step] if step != 1 else block
         # ZeRO's coordinates, one tensor a dimension (a flat piece): the rows they span, then the elements.
@@ -319,6 +321,24 @@ class HFFolder:
         lo, hi = int(rows.min()), int(rows.max()) + 1
         block = self._rows(name, lo, hi, None)
         return block[(rows - lo, *index[1:])]
+
+
+def open_weights(path: str | Path, config: GPTConfig) -> HFFolder | dict[str, torch.Tensor]:
+    """A run's weights: a Hugging Face folder, read slice by slice later, or a GPT-2 file's tensors (read whole)."""
+    return HFFolder(path, config) if is_hf_folder(path) else read_checkpoint(path)
+
+
+def shard_reader(weights: HFFolder | dict[str, torch.Tensor]):
+    """(name, index) -> reference[index] of our parameter `name`, from either kind of weights."""
+    if isinstance(weights, HFFolder):
+        return weights.read
+    full = convert_gpt2_state_dict(weights)
+    return lambda name, index: full[name] if index is None else full[name][index]
+
+
+def load_reference(model: nn.Module, weights: HFFolder | dict[str, torch.Tensor]) -> nn.Module:
+    """Whole weights into a whole model (the verification's reference)."""
+    return load_hf_folder(model, weights) if isinstance(weights, HFFolder) else load_gpt2_state_dict(model, weights)
 
 
 def load_hf_folder(model: nn.Module, folder: HFFolder) -> nn.Module:
