@@ -183,3 +183,31 @@ def test_a_run_loads_a_sharded_hugging_face_folder_each_rank_reading_its_slices(
         assert sum(read) == total + 4 * (2 * 4 + 1) * 64 and max(read) < 0.55 * total
     else:  # pipeline stages and ZeRO shards: each rank a part, never the whole model
         assert max(read) < 0.75 * total
+
+
+def test_config_json_of_each_family_and_what_is_refused():
+    from runner.job.checkpoint import config_from_hf
+
+    base = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 32768}  # fmt: skip
+    # Mistral 7B v0.1: attention slides over 4096 positions; up to the window that is full causal attention
+    mistral = config_from_hf({**base, "model_type": "mistral", "sliding_window": 4096, "rope_theta": 1e6})
+    assert (mistral.block_size, mistral.rope_theta, mistral.qkv_bias) == (4096, 1e6, False)
+    # Qwen2: Q/K/V biases; its sliding window is off unless use_sliding_window says otherwise
+    qwen = config_from_hf({**base, "model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False})
+    assert (qwen.block_size, qwen.qkv_bias, qwen.bias) == (32768, True, False)
+    # Llama 3.1's rotary rescaling, in the older rope_scaling spelling
+    scaled = config_from_hf({**base, "model_type": "llama", "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}})  # fmt: skip
+    assert scaled.rope_scaling is not None and scaled.rope_scaling.factor == 8.0
+    refused = [
+        ({"model_type": "gemma"}, "model_type 'gemma'"),
+        ({"model_type": "llama", "head_dim": 32}, "head_dim 32"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+        ({"model_type": "llama", "attention_bias": True}, "attention_bias"),
+        ({"model_type": "llama", "hidden_act": "gelu"}, "only SwiGLU"),
+    ]
+    for changes, fragment in refused:
+        with pytest.raises(ValueError, match=fragment):
+            config_from_hf({**base, **changes})
