@@ -134,8 +134,9 @@ def test_llama_slices_hold_whole_heads_split_or_copied_and_tile_the_reference(tp
     """tp 2 splits the 2 key/value heads (one a rank), tp 4 copies each to the 2 ranks whose query heads use it
     and marks those rows for the kv group's gradient sum; gate and up are split alike; the head is its own."""
     ref = dict(GPT(LLAMA, seed=3).named_parameters())
-    h, kv_w = LLAMA.n_embd, LLAMA.kv_width
-    covered = {name: torch.zeros(p.shape[0], dtype=torch.long) for name, p in ref.items()}
+    h, head_dim, f = LLAMA.n_embd, LLAMA.head_dim, LLAMA.d_ff
+    copied = tp > LLAMA.kv_heads
+    rows_held = {name: torch.zeros(p.shape[0], dtype=torch.long) for name, p in ref.items()}  # ranks holding a row
     plan = tensor_parallel_plan("megatron", learned_positions=False)
     for rank in range(tp):
         with torch.device("meta"):
@@ -149,23 +150,25 @@ def test_llama_slices_hold_whole_heads_split_or_copied_and_tile_the_reference(tp
             index = shard_of(p).index
             mine = ref[name] if index is None else ref[name][index]
             assert torch.equal(p[: mine.shape[0]], mine), name
-            covered[name][slice(None) if index is None else index[0] if isinstance(index, tuple) else index] += 1
-        fc, per = shard_of(model.transformer.h["0"].mlp.c_fc.weight).index, LLAMA.d_ff // tp
-        assert torch.equal(
-            fc,
-            torch.cat([torch.arange(rank * per, (rank + 1) * per)] * 2) + torch.tensor([0] * per + [LLAMA.d_ff] * per),
-        )
+            rows = slice(None) if index is None else index[0] if isinstance(index, tuple) else index
+            rows_held[name][rows] += 1
+        # SwiGLU: the same slice of the gate's rows and of the up projection's
+        per = f // tp
+        mine = torch.arange(rank * per, (rank + 1) * per)
+        assert torch.equal(shard_of(model.transformer.h["0"].mlp.c_fc.weight).index, torch.cat([mine, f + mine]))
+        # Attention: h/tp query rows, then one key/value head's K and V (its own, or the one its queries share)
         attn = model.transformer.h["0"].attn.c_attn
-        assert attn.parts == (h // tp, kv_w // 2 if tp == 4 else kv_w // tp, kv_w // 2 if tp == 4 else kv_w // tp)
-        kv_rows = ref["transformer.h.0.attn.c_attn.weight"][h + (rank * 2 // tp) * (kv_w // 2) :][: kv_w // 2]
-        assert torch.equal(attn.weight[h // tp : h // tp + kv_w // 2], kv_rows) if tp == 4 else True
-        assert getattr(attn.weight, "kv_replicated_from", None) == (h // tp if tp == 4 else None)
-        assert state.figures()["tp_kv_heads"] == ("replicated" if tp == 4 else "split")
-    for name, count in covered.items():
-        if name.endswith("c_attn.weight"):
-            assert torch.all(count[:h] == 1) and torch.all(count[h:] == max(1, tp // 2)), name
-        elif name.endswith(("c_fc.weight", "wte.weight", "lm_head.weight")) or name.endswith("c_proj.weight"):
-            expected = tp if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight") else 1
-            assert torch.all(count == expected), name  # row-parallel c_proj splits columns: every row on each rank
-        else:
-            assert torch.all(count == tp), name
+        assert attn.parts == (h // tp, head_dim, head_dim)
+        kv = rank * LLAMA.kv_heads // tp
+        k_rows = ref["transformer.h.0.attn.c_attn.weight"][h + kv * head_dim : h + (kv + 1) * head_dim]
+        assert torch.equal(attn.weight[h // tp : h // tp + head_dim], k_rows)
+        assert getattr(attn.weight, "kv_replicated_from", None) == (h // tp if copied else None)
+        assert state.figures()["tp_kv_heads"] == ("replicated" if copied else "split")
+    for name, held in rows_held.items():
+        if name.endswith("c_attn.weight"):  # query rows once; key/value rows once, or on each of their 2 ranks
+            expected = torch.tensor([1] * h + [2 if copied else 1] * (2 * LLAMA.kv_width))
+        elif name.endswith(("c_fc.weight", "wte.weight", "lm_head.weight")):  # column and vocabulary splits
+            expected = torch.ones_like(held)
+        else:  # norms whole; row-parallel c_proj splits its columns, so every rank holds every row
+            expected = torch.full_like(held, tp)
+        assert torch.equal(held, expected), name
