@@ -73,7 +73,7 @@ def fused_qkv_rows(cfg, tp: int):
 
     from runner.gpt.tp_plan import qkv_rows
 
-    return torch.cat([qkv_rows(cfg.n_embd, r, tp) for r in range(tp)])
+    return torch.cat([qkv_rows(cfg.n_embd, cfg.kv_width, cfg.kv_heads, r, tp) for r in range(tp)])
 
 
 def theirs_block(block, tp_mesh, cfg):

@@ -7,12 +7,24 @@ import streamlit as st
 from runner import api
 from runner.service.launchers.slurm import nodes_for, render_sbatch
 from runner.spec.estimates import memory_estimate
-from runner.spec.run_spec import DEVICES, DTYPES, PRESETS, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, SpecError
+from runner.spec.run_spec import (
+    DEVICES,
+    DTYPES,
+    FROM_WEIGHTS,
+    MODEL_PARTS,
+    PRESETS,
+    SCHEDULES,
+    TP_STYLES,
+    WORKLOADS,
+    ZERO_STAGES,
+    SpecError,
+)
 from runner.spec.strategies import get_strategy, strategy_names
 from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, prompt_seq, repeat_note, spec_from_form, uses
 from ui.hosts import HERE, gpu_line, host_lines, partition_text, target_for, targets
+from ui.model_parts import checkpoint_dims, describe_model, model_parts_inputs
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -92,7 +104,7 @@ with left:
 
 with mid:
     st.subheader("Model and workload")
-    presets = [*PRESETS, "custom"]
+    presets = [*PRESETS, "custom", FROM_WEIGHTS]
     values["model"] = st.selectbox("model", presets, key=K + "model")
     note_slot("model")
     if values["model"] == "custom":
@@ -106,6 +118,13 @@ with mid:
         values["block_size"] = c2.number_input("block_size", value=base.block_size, key=K + "block")
         for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             note_slot(f)
+        values.update(model_parts_inputs(K))
+        for f in MODEL_PARTS:
+            note_slot(f)
+    elif values["model"] in PRESETS:
+        st.caption(describe_model(PRESETS[values["model"]]))
+    if values["model"] == FROM_WEIGHTS:
+        st.caption("the dimensions come from the weights folder's config.json (set it under Run)")
     values["workload"] = st.radio("workload", WORKLOADS, index=2, key=K + "workload", horizontal=True)
     note_slot("workload")
     c1, c2, c3 = st.columns(3)
@@ -216,9 +235,12 @@ with right:
         help="recorded with the run so the team's history says who ran what",
     ).strip() or api.default_user()  # fmt: skip
     values["weights"] = st.text_input(
-        "GPT-2 weights file (optional)", key=K + "weights", placeholder="/path/model.safetensors"
-    )
+        "weights (optional)", key=K + "weights", placeholder="/path/model.safetensors or a Hugging Face folder",
+        help="a GPT-2 .safetensors/.pt file, or a Llama, Qwen2 or Mistral folder (model 'checkpoint')",
+    )  # fmt: skip
     note_slot("weights")
+    if folder := checkpoint_dims(values["weights"]):
+        st.caption(folder)
 
 spec, problems = spec_from_form(values)
 by_field = problems_by_field(problems)

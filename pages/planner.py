@@ -9,11 +9,13 @@ import subprocess
 import streamlit as st
 
 from runner import api
+from runner.gpt.config import model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
 from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.format import human_bytes, human_duration
+from ui.model_parts import describe_model, model_parts_inputs
 from ui.simulated import timeline_window, windowed_chart
 from ui.state import engine, enter_through_app
 
@@ -73,6 +75,11 @@ dims = {}
 if custom:
     for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
         dims[name] = int(c1.number_input(name, min_value=1, value=getattr(base, name), key=K + name))
+    dims.update(model_parts_inputs(K, base, c1.container()))
+chosen = P.PlannerInputs(model, dims).config()
+c1.caption(describe_model(chosen))
+for field, message in model_problems(chosen):
+    c1.error(f"**{field}**: {message}")
 workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "workload")
 batch = int(c2.number_input("global batch", min_value=1, value=8, key=K + "batch"))
 seq = int(c2.number_input("sequence", min_value=1, value=min(1024, base.block_size), key=K + "seq"))

@@ -13,9 +13,21 @@ import sys
 import time
 
 from runner import api
+from runner.gpt.config import FAMILIES
 from runner.job import corpus
+from runner.job.checkpoint import is_hf_folder
 from runner.service.launchers import add_serve_arguments, launcher_from_args
-from runner.spec.run_spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
+from runner.spec.run_spec import (
+    DEVICES,
+    DTYPES,
+    FROM_WEIGHTS,
+    SCHEDULES,
+    TP_STYLES,
+    WORKLOADS,
+    ZERO_STAGES,
+    RunSpec,
+    SpecError,
+)
 from runner.spec.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
@@ -37,6 +49,15 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "n_embd": dict(type=int),
     "vocab_size": dict(type=int),
     "block_size": dict(type=int),
+    "family": dict(choices=FAMILIES, help="the model's parts: gpt2 or llama (default: the preset's)"),
+    "n_kv_head": dict(type=int, help="key/value heads, dividing n_head (grouped-query attention)"),
+    "ffn_hidden": dict(type=int, help="the MLP's hidden width"),
+    "rope_theta": dict(type=float, help="rotary base (llama family)"),
+    "tie_head": dict(
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the LM head shares the token embedding (default: the preset's)",
+    ),  # fmt: skip
     "workload": dict(choices=WORKLOADS),
     "batch": dict(type=int),
     "seq": dict(type=int),
@@ -52,7 +73,10 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
                  "(tokenizer.json beside --weights, else byte-level), or a nanoGPT folder (train.bin, val.bin)"),
     "eval_every": dict(type=int, help="train on a corpus: the held-out loss every this many steps (0: never)"),
     "verify": dict(action="store_true", default=None),
-    "weights": dict(),
+    "weights": dict(
+        help="a GPT-2 .safetensors/.pt file, or a Hugging Face Llama/Qwen2/Mistral folder (then the "
+        "model is 'checkpoint': its config.json gives the dimensions)"
+    ),
     "time_limit_s": dict(type=float, flag="--time-limit"),
     "nodes": dict(type=int, help="Slurm: nodes the run spreads over (nodes x GPUs per node = ranks)"),
 }
@@ -124,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--data", default="synthetic",
                           help="what every run reads: synthetic (default), stdlib (real text, byte-level) or a corpus")  # fmt: skip
     selftest.add_argument("--no-options", dest="options", action="store_false",
-                          help="the strategies alone: leave out the ZeRO, schedule, checkpointing and bf16-mixed rows")  # fmt: skip
+                          help="the strategies alone: leave out the ZeRO, schedule, checkpointing, bf16-mixed and llama-tiny rows")  # fmt: skip
     compare = sub.add_parser("compare", help="runs grouped by spec: medians with 95%% intervals, and which "
                              "differences the runs resolve (as the Compare page)")  # fmt: skip
     compare.add_argument("ids", type=int, nargs="+", metavar="ID")
@@ -171,6 +195,8 @@ def specs_from_args(args: argparse.Namespace) -> list[dict]:
             value = getattr(args, name, None)
             if value is not None:
                 data[name] = value
+        if is_hf_folder(data.get("weights")) and "model" not in data:
+            data["model"] = FROM_WEIGHTS
         if args.tags:
             data["tags"] = args.tags
         if data.get("prompt") and args.seq is None:  # every row is the prompt: its tokens are the sequence

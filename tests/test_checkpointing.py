@@ -180,10 +180,13 @@ def test_recompute_time_is_a_share_of_backward_time():
         backward_s = time.perf_counter() - start
         rounds.append((meter.recompute_s - before, backward_s))
     recompute_s, backward_s = min(rounds)
+    forwards = []  # the quickest of three as well: one forward timed alone may meet a busy core that the rounds missed
     with torch.no_grad():
-        start = time.perf_counter()
-        model(idx)
-        forward_s = time.perf_counter() - start
+        for _ in range(3):
+            start = time.perf_counter()
+            model(idx)
+            forwards.append(time.perf_counter() - start)
+    forward_s = min(forwards)
     assert 0 < recompute_s < backward_s
     assert recompute_s < 5 * forward_s
 

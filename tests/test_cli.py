@@ -32,6 +32,7 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--spec-json", '{"colour": 1}'], "colour", "is not a spec field"),
         (["--strategy", "single", "--data", "/nope/corpus"], "data", "no file or folder at '/nope/corpus'"),
         (["--strategy", "single", "--data", "stdlib", "--prompt", "def f(x):"], "prompt", "workload 'train'"),
+        (["--strategy", "tensor", "--tp", "4", "--model", "llama-tiny", "--n-kv-head", "3"], "n_kv_head", "divide"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
@@ -40,6 +41,23 @@ def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, f
     out = json.loads(proc.stdout)
     assert any(p["field"] == field and fragment in p["message"] for p in out["problems"]), out
     assert api.count_runs(engine) == 0
+
+
+def test_model_part_flags_reach_the_spec():
+    from runner.__main__ import build_parser, specs_from_args
+
+    spec_from_args = lambda args: specs_from_args(args)[0]  # noqa: E731 -- one spec from the flags alone
+    args = build_parser().parse_args(["submit", "--strategy", "single", "--model", "tiny", "--family", "llama",
+                                      "--n-kv-head", "2", "--ffn-hidden", "96", "--rope-theta", "1e6", "--no-tie-head"])  # fmt: skip
+    data = spec_from_args(args)
+    assert {k: data[k] for k in ("family", "n_kv_head", "ffn_hidden", "rope_theta", "tie_head")} == {
+        "family": "llama", "n_kv_head": 2, "ffn_hidden": 96, "rope_theta": 1e6, "tie_head": False}  # fmt: skip
+    assert "tie_head" not in spec_from_args(build_parser().parse_args(["submit", "--strategy", "single"]))
+
+
+def test_plan_refuses_a_model_naming_the_flag():
+    proc = cli("plan", "--model", "llama-3.1-8b", "--n-kv-head", "5")
+    assert proc.returncode == 2 and "--n-kv-head: each key/value head serves" in proc.stderr
 
 
 def test_unknown_strategy_is_refused_by_the_parser(engine):

@@ -34,6 +34,27 @@ def test_gpt2_124m_generate_flops_by_hand():
     assert model_flops(GPT2, "generate", batch=1, seq=8, new_tokens=3) == 2_476_127_232
 
 
+@pytest.mark.parametrize("preset", ["tiny", "llama-tiny"])
+def test_forward_flops_are_what_the_model_multiplies(preset):
+    """2N + 4*l*h*s a token against torch's own count of the forward's matmuls (FlopCounterMode; attention through
+    SDPA's math kernel, whose full s x s products the formula counts too): N leaves out the embeddings that are only
+    looked up -- learned positions, and an untied head's token embedding -- and grouped-query attention's fewer
+    key/value heads change no attention FLOP (every query head attends). What is left is PaLM's convention: N
+    counts the norms' and biases' vectors as parameters, whose work is elementwise, not a matmul."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from runner.gpt.config import parameter_shapes
+
+    cfg = PRESETS[preset]
+    model = GPT(cfg, seed=0)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.zeros(2, 16, dtype=torch.long))
+    vectors = sum(s[0] for s in parameter_shapes(cfg).values() if len(s) == 1)
+    assert counter.get_total_flops() == model_flops(cfg, "forward", batch=2, seq=16) - 2 * 32 * vectors
+
+
 def test_generate_runs_one_prefill_and_new_tokens_minus_one_decode_passes():
     """The FLOP count's pass structure is what the model really does: count forward calls of a tiny GPT."""
     spec = RunSpec(model="tiny", workload="generate", batch=2, seq=8, new_tokens=5)

@@ -77,6 +77,21 @@ def test_assembly_line_forward_and_generation_match_reference(tmp_path, pp, m, w
     assert all(r.get("bubble_fraction") is None and r.get("bubble_fraction_theory") is None for r in result["ranks"])
 
 
+@pytest.mark.parametrize("workload", ["train", "generate"])
+def test_an_untied_head_lives_on_the_last_stage_alone_and_nothing_is_summed_across_stages(tmp_path, workload):
+    """llama-tiny on two stages: the first holds the token embedding and blocks 0-1, the last blocks 2-3, the final
+    norm and its own head; training all-reduces no embedding gradient (GPT-2's tied head needs one a step)."""
+    result = run_torchrun(spec(pp=2, microbatches=4, model="llama-tiny", workload=workload, new_tokens=5), tmp_path)
+    v = result["verify"]
+    if workload == "generate":
+        assert v["tokens_equal"] is True
+        return
+    assert v["logits_max_abs_diff"] <= TOL and v["loss_abs_diff"] <= TOL and v["grads_max_abs_diff"] <= TOL
+    block, vocab = 2 * 64 + 128 * 64 + 64 * 64 + 3 * 176 * 64, 512 * 64
+    assert [r["param_count"] for r in result["ranks"]] == [vocab + 2 * block, 2 * block + 64 + vocab]
+    assert all(r["comm_calls"]["all_reduce"] == 0 for r in result["ranks"])
+
+
 def test_spans_are_relative_to_the_common_step_start_and_reach_storage_format(tmp_path):
     run_torchrun(spec(pp=2, microbatches=4, workload="train", verify=False), tmp_path)
     spans = [e for e in read_events(tmp_path) if e["kind"] == "span"]

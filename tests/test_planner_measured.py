@@ -87,13 +87,48 @@ CASES = {
         "seq": 64,
         "checkpoint": "every-2",
     },
-}
+    # ZeRO-3 over a large outer unit (vocabulary 8192 x 256): its reduce-scatter at the backward's end sets the peak
+    "small-data-zero3": {"strategy": "data", "dp": 2, "zero_stage": 3, "model": "small", "seq": 64},
+    # the Llama family: llama-tiny (RMSNorm, rotary, SwiGLU, 2 key/value heads of 4, untied head) on every strategy,
+    # its key/value heads split (tp 2) and copied (tp 4), and a small Llama (small's dimensions, SwiGLU 704 wide)
+    **{f"llama-{k}": {**v, "model": "llama-tiny"} for k, v in {
+        "single": {"strategy": "single"},
+        "layer": {"strategy": "layer", "pp": 2},
+        "tensor": {"strategy": "tensor", "tp": 2},
+        "tensor-kv-copied": {"strategy": "tensor", "tp": 4},
+        "tensor-sp": {"strategy": "tensor", "tp": 2, "sequence_parallel": True},
+        "pipeline-1f1b": {"strategy": "pipeline", "pp": 2, "microbatches": 4},
+        "pipeline-zb-h1": {"strategy": "pipeline", "pp": 2, "microbatches": 4, "schedule": "zb-h1"},
+        "pipeline-interleaved": {"strategy": "pipeline", "pp": 2, "microbatches": 4, "schedule": "interleaved-1f1b",
+                                 "virtual_stages": 2},
+        "pipeline-checkpoint-blocks": {"strategy": "pipeline", "pp": 2, "microbatches": 4, "checkpoint": "blocks",
+                                       "batch": 8, "seq": 32},
+        "tensor-bf16-mixed": {"strategy": "tensor", "tp": 2, "dtype": "bf16-mixed"},
+        "data": {"strategy": "data", "dp": 2},
+        "data-zero1": {"strategy": "data", "dp": 2, "zero_stage": 1},
+        "data-zero2": {"strategy": "data", "dp": 2, "zero_stage": 2},
+        "data-zero3": {"strategy": "data", "dp": 2, "zero_stage": 3},
+        "3d": {"strategy": "3d", "tp": 2, "pp": 2, "dp": 1, "microbatches": 2},
+        "single-generate": {"strategy": "single", "workload": "generate"},
+        "pipeline-forward": {"strategy": "pipeline", "pp": 2, "microbatches": 2, "workload": "forward"},
+    }.items()},
+    **{f"small-llama-{k}": {**v, "model": "small", "family": "llama", "n_kv_head": 2, "ffn_hidden": 704,
+                            "tie_head": False, "seq": 64} for k, v in {
+        "pipeline": {"strategy": "pipeline", "pp": 2, "microbatches": 2},
+        "tensor-kv-copied": {"strategy": "tensor", "tp": 4},
+        "3d-zero1": {"strategy": "3d", "tp": 2, "pp": 1, "dp": 2, "zero_stage": 1},
+        "data-zero3": {"strategy": "data", "dp": 2, "zero_stage": 3},
+    }.items()},
+}  # fmt: skip
 # The tiny runs of every strategy are checked by the self-test's end-to-end test, over the runs it stores anyway
 # (tests/test_selftest.py: states to the byte, saved activations and the whole peak within 10%); the default suite
 # adds two runs of the small preset here (a deeper, wider model): a pipeline and ZeRO over a tensor-parallel group;
 # and a checkpointed pipeline, where the head's share matters most. Every case -- every strategy and option on the
-# tiny model, every strategy on the small one -- with LAB_PLANNER_ALL_STRATEGIES=1 (2 min on 2 cores).
-FAST = {"small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks"}
+# tiny model, every strategy on the small one, the Llama family's -- with LAB_PLANNER_ALL_STRATEGIES=1 (9 min on
+# 2 cores). The default suite holds the Llama family at its two new moments: key/value heads copied over tp 4, and
+# ZeRO-3's outer unit (an untied head beside the embedding) reduce-scattered last.
+FAST = {"small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks", "llama-tensor-kv-copied",
+        "small-llama-data-zero3"}  # fmt: skip
 ALL = os.environ.get("LAB_PLANNER_ALL_STRATEGIES") == "1"
 
 

@@ -36,6 +36,44 @@ def test_gpt3_175b_is_175b():
     assert full_parameters(MODELS["gpt3-13b"]) == pytest.approx(13.0e9, rel=0.02)
 
 
+@pytest.mark.parametrize(
+    ("model", "published"), [("llama-3.1-8b", 8_030_261_248), ("llama-3.1-70b", 70_553_706_496)]
+)  # the released checkpoints' safetensors, summed: 8.03B and 70.6B
+def test_llama_parameters_exact(model, published):
+    assert full_parameters(MODELS[model]) == published
+
+
+def test_llama_rank_parameters_with_key_value_heads_split_and_copied_by_hand():
+    # llama-3.1-8b (h 4096, 32 heads of 128, 8 key/value heads, SwiGLU 14336, untied vocabulary 128256), no biases.
+    cfg, h, f, V = MODELS["llama-3.1-8b"], 4096, 14336, 128256
+    norms = 2 * h
+    # tp 8 splits the key/value heads: a rank has 4 query heads and 1 key/value head; tp 16 copies each to 2 ranks:
+    # 2 query heads and still 1 key/value head (128 rows of K and of V)
+    for tp, q_rows in ((8, 512), (16, 256)):
+        c_attn = (q_rows + 2 * 128) * h
+        block = norms + c_attn + h * h // tp + 2 * (f // tp) * h + (f // tp) * h
+        first = rank_parameters(cfg, Layout(tp=tp, pp=2), 0)
+        last = rank_parameters(cfg, Layout(tp=tp, pp=2), 1)
+        assert first.total == V // tp * h + 16 * block  # no positions: rotary
+        assert last.total == 16 * block + h + V // tp * h  # the final RMSNorm and the untied head's rows
+        assert (first.outer_tensors, last.outer_tensors) == (1, 2)
+
+
+def test_llama_blocks_saved_values_and_kv_cache_by_hand():
+    # llama-tiny (h 64, 4 heads of 16, 2 key/value heads, SwiGLU 176) per token of a block, float32 and tp 1:
+    # x and x*rsqrt of both RMSNorms (4 x 64) and the c_attn and c_fc inputs (2 x 64) whole; c_attn's output (128),
+    # the rotated q (64) and k (32), the attention output (64), c_fc's output (352), silu(gate) and the product (176
+    # each): 992
+    cfg = PRESETS["llama-tiny"]
+    assert lab_layer_activation_bytes(4, 2, 64, cfg=cfg) == 8 * (6 * 64 + 992) * 4
+    # tp 4 copies the 2 key/value heads: q 16, one head's k and v 16 each, SwiGLU 44 wide
+    assert lab_layer_activation_bytes(4, 2, 64, tp=4, cfg=cfg) == 8 * (6 * 64 + (48 + 16 + 16 + 16 + 4 * 44)) * 4
+    # generate keeps K and V of the 2 key/value heads (32 wide), not of 4: half GPT-2 tiny's cache at the same width
+    w = Workload(workload="generate", batch=2, seq=10, new_tokens=6)
+    assert rank_memory(cfg, Layout(), w, 0).kv_cache_bytes == 2 * 4 * 2 * (10 + 5) * 32 * 4
+    assert rank_memory(cfg, Layout(tp=4), w, 0).kv_cache_bytes == 2 * 4 * 2 * (10 + 5) * 16 * 4
+
+
 def test_tensor_parallel_rank_parameters_by_hand():
     # tiny over tp 2, Megatron style, counted one tensor at a time:
     h, V, P = 64, 512, 128

@@ -105,6 +105,10 @@ def test_custom_dimensions_reach_the_spec():
     c = P.plan(inputs.config(), inputs.work, TWO_CORES, use_all=False).feasible[0]
     spec = P.spec_for(inputs, c, "cpu")
     assert (spec.model_config().n_layer, spec.model_config().n_embd) == (2, 32)
+    parts = {"family": "llama", "n_kv_head": 2, "ffn_hidden": 96, "rope_theta": 1e6, "tie_head": False}
+    inputs = P.PlannerInputs("tiny", parts, Workload(batch=4, seq=32, dtype="float32"))
+    c = P.plan(inputs.config(), inputs.work, TWO_CORES, use_all=False).feasible[0]
+    assert P.spec_for(inputs, c, "cpu").model_config() == inputs.config()
 
 
 def test_launch_stores_the_prediction_and_compare_reads_it(engine):

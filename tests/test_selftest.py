@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from runner import api
+from runner.gpt.config import kv_copies
 from runner.selftest import environment, resolve_device
 from runner.spec.run_spec import RunSpec
 from runner.spec.selftest_layouts import comm_theory_bytes, layouts, selftest_specs
@@ -23,7 +24,9 @@ STRATEGIES = {"single", "layer", "tensor", "pipeline", "data", "3d"}
 def test_cpu_runs_every_strategy_and_workload_verified():
     rows = selftest_specs("cpu", gpus=0)
     specs = [s for s, _ in rows if s is not None]
-    assert len(specs) == len(rows) == 28  # 6 strategies x 3 workloads, gpipe's training, 9 options' training
+    # 6 strategies x 3 workloads, gpipe's training, 10 options' training; llama-tiny: 6 strategies and tensor at tp 4
+    # (its key/value heads copied) x 3 workloads
+    assert len(specs) == len(rows) == 28 + 21
     options = {(s.strategy, s.schedule, s.virtual_stages, s.zero_stage, s.checkpoint, s.dtype) for s in specs}
     assert {o for o in options if o[1:] != ("1f1b", 1, 0, "none", "float32")} == {
         ("pipeline", "gpipe", 1, 0, "none", "float32"),
@@ -42,11 +45,16 @@ def test_cpu_runs_every_strategy_and_workload_verified():
     assert all(validate_spec(s, gpu_count=0) == [] for s in specs)
     three_d = {(s.tp, s.pp, s.dp) for s in specs if s.strategy == "3d"}
     assert three_d == {(2, 2, 2)}
+    llama = [s for s in specs if s.model == "llama-tiny"]
+    assert {s.strategy for s in llama} == STRATEGIES and len(llama) == 21
+    kv = {s.tp: kv_copies(s.model_config(), s.tp) for s in llama if s.strategy == "tensor"}
+    assert kv == {2: 1, 4: 2}  # tp 2 splits the 2 key/value heads, tp 4 copies each to 2 ranks
 
 
 def test_on_real_text_every_run_reads_the_corpus_and_is_valid():
     specs = [s for s, _ in selftest_specs("cpu", gpus=0, data="stdlib") if s is not None]
-    assert len(specs) == 28 and {s.data for s in specs} == {"stdlib"}
+    synthetic = [s for s, _ in selftest_specs("cpu", gpus=0) if s is not None]
+    assert len(specs) == len(synthetic) and {s.data for s in specs} == {"stdlib"}
     assert all(validate_spec(s, gpu_count=0) == [] for s in specs)
     assert {s.model_config().vocab_size for s in specs} == {256}  # bytes: the model's vocabulary follows
 
@@ -59,7 +67,8 @@ def test_the_strategies_alone_leave_out_the_option_rows():
 def test_one_gpu_runs_only_single_and_names_what_it_skips():
     rows = selftest_specs("cuda", gpus=1)
     ran = [s for s, _ in rows if s is not None]
-    assert {s.strategy for s in ran} == {"single"} and len(ran) == 4  # 3 workloads, and checkpointing's training
+    # 3 workloads of each family, and checkpointing's training
+    assert {s.strategy for s in ran} == {"single"} and len(ran) == 7
     skipped = [label for s, label in rows if s is None]
     assert "tensor tp=2 train skipped (needs 2 GPUs, 1 present)" in skipped
     assert any(label.startswith("3d tp=2 pp=2 dp=1") and "needs 4 GPUs, 1 present" in label for label in skipped)
@@ -97,6 +106,20 @@ def test_comm_theory_counts_megatron_all_reduces_by_hand():
     # Training adds the gradient back and the tied embedding's gradient (512 x 64) all-reduced on both stages.
     train = RunSpec(strategy="pipeline", pp=2, model="tiny", workload="train")
     assert comm_theory_bytes(train) == 2 * 8 * 64 * 64 * 4 + 2 * 512 * 64 * 4
+
+
+def test_comm_theory_of_grouped_query_heads_and_an_untied_head_by_hand():
+    # llama-tiny (4 layers, h 64, 4 heads of 16, 2 key/value heads): at tp 2 the heads split and the Megatron sums
+    # are all there is; at tp 4 each rank also sums its copied key/value head's K and V rows (2 x 16 rows of 64)
+    # over its pair, every layer.
+    megatron = 2 * (4 * 4 + 2) * (8 * 32 * 64 * 4)
+    split = RunSpec(strategy="tensor", tp=2, model="llama-tiny", workload="train", batch=8, seq=32)
+    assert comm_theory_bytes(split) == megatron
+    copied = RunSpec(strategy="tensor", tp=4, model="llama-tiny", workload="train", batch=8, seq=32)
+    assert comm_theory_bytes(copied) == 4 * (4 * 4 + 2) * (8 * 32 * 64 * 4) + 4 * 4 * (2 * 16 * 64) * 4
+    # A pipeline of an untied head sums no embedding: the activation forward and its gradient back only.
+    train = RunSpec(strategy="pipeline", pp=2, model="llama-tiny", workload="train")
+    assert comm_theory_bytes(train) == 2 * 8 * 64 * 64 * 4
 
 
 def test_selftest_cuda_here_fails_before_queueing_anything(engine):
@@ -148,11 +171,14 @@ def test_the_self_test_lists_what_the_registry_holds_a_new_strategy_included():
     from runner.spec.strategies import Strategy, registered, strategy_names
 
     assert [label.split()[0] for _, label, _ in layouts(0, "cpu")] == [
-        "single", "single", "layer", "tensor", *["pipeline"] * 6, *["data"] * 4, "3d", "3d",
+        *["single"] * 3, *["layer"] * 2, *["tensor"] * 3, *["pipeline"] * 7, *["data"] * 5, *["3d"] * 3,
     ]  # fmt: skip
     assert {label.split()[0] for _, label, _ in layouts(0, "cpu")} == set(strategy_names())
     with registered(Strategy(name="zero", help="sharded data parallelism (a test's)", degrees=("dp",))):
         rows = [(s, label) for s, label in selftest_specs("cpu", gpus=0) if label.startswith("zero")]
-        assert [label for _, label in rows] == ["zero dp=2 forward", "zero dp=2 generate", "zero dp=2 train"]
+        assert [label for _, label in rows] == [
+            *(f"zero dp=2 {w}" for w in ("forward", "generate", "train")),
+            *(f"zero dp=2 llama-tiny {w}" for w in ("forward", "generate", "train")),
+        ]
         assert all(s.strategy == "zero" and s.world_size == 2 and s.verify for s, _ in rows)
     assert "zero" not in {label.split()[0] for _, label in selftest_specs("cpu", gpus=0)}

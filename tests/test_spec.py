@@ -112,6 +112,30 @@ def test_every_problem_is_reported_at_once():
             "set pp to 2 or more",
         ),
         ({"nodes": 0}, "nodes", "at least 1"),
+        ({"model": "llama-tiny", "n_kv_head": 3}, "n_kv_head", "must divide n_head 4"),
+        ({"model": "llama-tiny", "n_kv_head": 0}, "n_kv_head", "at least 1"),
+        ({"model": "llama-tiny", "n_head": 64}, "n_head", "head dimension n_embd / n_head must be even"),
+        ({"model": "tiny", "rope_theta": 5e5}, "rope_theta", "learned positions"),
+        ({"model": "llama-tiny", "rope_theta": -1.0}, "rope_theta", "positive number"),
+        ({"model": "llama-tiny", "family": "t5"}, "family", "is not a family"),
+        (
+            {
+                "model": "custom",
+                "family": "llama",
+                "n_layer": 2,
+                "n_head": 6,
+                "n_kv_head": 2,
+                "n_embd": 96,
+                "vocab_size": 64,
+                "block_size": 32,
+                "strategy": "tensor",
+                "tp": 3,
+            },
+            "tp",
+            "use tp in 1, 2, 6",
+        ),  # fmt: skip
+        ({"model": "checkpoint"}, "weights", "set weights to that folder"),
+        ({"model": "llama-tiny", "weights": "/nope/model.safetensors"}, "weights", "give the Hugging Face folder"),
     ],
 )
 def test_bad_specs_name_the_field(changes, field, fragment):
@@ -277,3 +301,19 @@ def test_checkpoint_policy_reads_as_every_how_many_blocks():
     assert [RunSpec(checkpoint=c).checkpoint_every for c in ("none", "blocks", "every-1", "every-3")] == [0, 1, 1, 3]
     with pytest.raises(ValueError):
         _ = RunSpec(checkpoint="every-x").checkpoint_every
+
+
+@pytest.mark.parametrize(("tp", "kv"), [(2, 2), (4, 2), (4, 4), (4, 1)])
+def test_key_value_heads_split_or_copied_over_tp_are_accepted(tp, kv):
+    spec = RunSpec(strategy="tensor", tp=tp, model="llama-tiny", n_kv_head=kv)
+    assert validate_spec(spec, gpu_count=0) == []
+
+
+def test_family_and_parts_override_the_preset():
+    cfg = RunSpec(
+        model="tiny", family="llama", n_kv_head=2, ffn_hidden=96, rope_theta=1e6, tie_head=False
+    ).model_config()
+    assert (cfg.family, cfg.bias, cfg.kv_heads, cfg.d_ff, cfg.rope_theta, cfg.tie_head) == (
+        "llama", False, 2, 96, 1e6, False)  # fmt: skip
+    assert RunSpec(model="llama-tiny", family="gpt2").model_config().bias  # GPT-2's biases come with its family
+    assert RunSpec.from_dict({"tie_head": None, "family": None}).model_config() == RunSpec().model_config()

@@ -120,6 +120,24 @@ def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style
             assert wire["reduce_scatter"] + wire["all_gather"] - STEPS * positions_wire == STEPS * activations_wire
 
 
+@pytest.mark.parametrize(("tp", "kv"), [(2, "split"), (4, "replicated")])
+def test_llama_train_matches_reference_and_sums_copied_key_value_heads_once(tmp_path, tp, kv):
+    """llama-tiny (2 key/value heads of 16 for 4 query heads, SwiGLU, untied head): tp 2 gives each rank its own
+    key/value head, tp 4 copies each to the two ranks whose query heads use it. The Megatron collectives are
+    those of GPT-2's layers; copying adds one all-reduce a step of every layer's K and V rows (2 x 16 x 64)
+    over the pair of ranks sharing them."""
+    result = run_torchrun(spec(tp=tp, workload="train", model="llama-tiny"), tmp_path)
+    assert_matches(result, "train")
+    calls, nbytes = expected_train_comm("megatron", tp)
+    if kv == "replicated":
+        calls["all_reduce"] += 1
+        nbytes["all_reduce"] += L * 2 * 16 * H * 4
+    for r in result["ranks"]:
+        assert (r["tp_kv_heads"], r["kv_heads_per_rank"]) == (kv, 1)
+        assert r["comm_calls"] == {k: STEPS * n for k, n in calls.items()}
+        assert r["comm_bytes"] == {k: STEPS * n for k, n in nbytes.items()}
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_sharded_parameters_shrink_as_one_over_tp(tmp_path, tp):
     result = run_torchrun(spec(tp=tp, workload="forward", steps=1, verify=False), tmp_path)
@@ -130,10 +148,15 @@ def test_sharded_parameters_shrink_as_one_over_tp(tmp_path, tp):
         assert r["param_bytes"] - 4 * replicated == 4 * (FULL_PARAMS - replicated) // tp
 
 
-@pytest.mark.parametrize(("tp", "style"), [(2, "megatron"), (4, "megatron"), (2, "gather"), (2, "sequence_parallel")])
-def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, tp, style):
+@pytest.mark.parametrize(
+    ("tp", "style", "model"),
+    # llama-tiny at tp 4: each rank caches the one key/value head its query heads share with a neighbour's
+    [(2, "megatron", "tiny"), (4, "megatron", "tiny"), (2, "gather", "tiny"), (2, "sequence_parallel", "tiny"),
+     (4, "megatron", "llama-tiny")],
+)  # fmt: skip
+def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, tp, style, model):
     new = 6
-    result = run_torchrun(spec(tp=tp, workload="generate", new_tokens=new, **STYLES[style]), tmp_path)
+    result = run_torchrun(spec(tp=tp, workload="generate", new_tokens=new, model=model, **STYLES[style]), tmp_path)
     assert_matches(result, "generate")
     # Passes per step: the prompt (S positions), then new - 1 single tokens against the sharded cache.
     # Sequence parallelism stays off with a cache (one position cannot be split), so it counts as megatron.

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from runner.gpt.config import GPTConfig
+from runner.gpt.config import GPTConfig, customized
 from runner.gpt.model import GPT, cut_stage, materialize, shard_of
 from runner.gpt.tp_layers import padded_vocab
 from runner.gpt.tp_plan import apply_tensor_parallel, plan_pattern, tensor_parallel_plan
@@ -104,10 +104,19 @@ def test_a_tensor_parallel_stage_keeps_reference_names_and_its_shards():
     assert torch.equal(c_attn, ref["transformer.h.1.attn.c_attn.weight"][shard_of(c_attn).index])
 
 
+LLAMA_OPTIONS = {"family": "llama", "n_kv_head": 2, "ffn_hidden": 48, "rope_theta": 5e5, "tie_head": False}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("options", [{}, {"tp_style": "gather"}, {"sequence_parallel": True}])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"tp_style": "gather"}, {"sequence_parallel": True},
+     # Llama: key/value heads split (tp 2, one each) and copied (tp 4, each on two ranks) under sequence parallelism
+     # (copied without it: tests/test_tensor_parallel.py, through the engine).
+     LLAMA_OPTIONS, {**LLAMA_OPTIONS, "tp": 4, "sequence_parallel": True}],
+)  # fmt: skip
 def test_a_tensor_parallel_gpt_equals_the_reference_forward_and_backward_on_gloo(tmp_path, options):
-    """The plan applied to a GPT over a real tp=2 gloo group, no engine in between: full logits, loss and
+    """The plan applied to a GPT over a real tp=2 (or 4) gloo group, no engine in between: full logits, loss and
     every gradient slice equal the single-device reference's within float32 reordering (1e-6)."""
     from tests.jobs import run_torchrun
 
@@ -115,3 +124,52 @@ def test_a_tensor_parallel_gpt_equals_the_reference_forward_and_backward_on_gloo
             "vocab_size": 61, "block_size": 16, "batch": 2, "seq": 8, **options}  # fmt: skip
     diffs = run_torchrun(spec, tmp_path, module="tests.tp_apply_job", timeout=120)
     assert diffs["logits"] <= 1e-6 and diffs["loss"] <= 1e-6 and diffs["grads"] <= 1e-6, diffs
+
+
+# Llama: 4 query heads over 2 key/value heads, SwiGLU, untied head, no biases (vocab 30 again not a multiple of 4).
+LLAMA = customized(CFG, family="llama", n_kv_head=2, ffn_hidden=24, tie_head=False)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_llama_slices_hold_whole_heads_split_or_copied_and_tile_the_reference(tp):
+    """tp 2 splits the 2 key/value heads (one a rank), tp 4 copies each to the 2 ranks whose query heads use it
+    and marks those rows for the kv group's gradient sum; gate and up are split alike; the head is its own."""
+    ref = dict(GPT(LLAMA, seed=3).named_parameters())
+    h, head_dim, f = LLAMA.n_embd, LLAMA.head_dim, LLAMA.d_ff
+    copied = tp > LLAMA.kv_heads
+    rows_held = {name: torch.zeros(p.shape[0], dtype=torch.long) for name, p in ref.items()}  # ranks holding a row
+    plan = tensor_parallel_plan("megatron", learned_positions=False)
+    for rank in range(tp):
+        with torch.device("meta"):
+            model = GPT(LLAMA)
+        state = apply_tensor_parallel(model, SimpleNamespace(size=tp, index=rank))
+        materialize(model, seed=3)
+        params = dict(model.named_parameters())
+        assert params.keys() == ref.keys() and params["lm_head.weight"] is not params["transformer.wte.weight"]
+        assert all(plan_pattern(plan, n.rpartition(".")[0]) for n in params)
+        for name, p in params.items():
+            index = shard_of(p).index
+            mine = ref[name] if index is None else ref[name][index]
+            assert torch.equal(p[: mine.shape[0]], mine), name
+            rows = slice(None) if index is None else index[0] if isinstance(index, tuple) else index
+            rows_held[name][rows] += 1
+        # SwiGLU: the same slice of the gate's rows and of the up projection's
+        per = f // tp
+        mine = torch.arange(rank * per, (rank + 1) * per)
+        assert torch.equal(shard_of(model.transformer.h["0"].mlp.c_fc.weight).index, torch.cat([mine, f + mine]))
+        # Attention: h/tp query rows, then one key/value head's K and V (its own, or the one its queries share)
+        attn = model.transformer.h["0"].attn.c_attn
+        assert attn.parts == (h // tp, head_dim, head_dim)
+        kv = rank * LLAMA.kv_heads // tp
+        k_rows = ref["transformer.h.0.attn.c_attn.weight"][h + kv * head_dim : h + (kv + 1) * head_dim]
+        assert torch.equal(attn.weight[h // tp : h // tp + head_dim], k_rows)
+        assert getattr(attn.weight, "kv_replicated_from", None) == (h // tp if copied else None)
+        assert state.figures()["tp_kv_heads"] == ("replicated" if copied else "split")
+    for name, held in rows_held.items():
+        if name.endswith("c_attn.weight"):  # query rows once; key/value rows once, or on each of their 2 ranks
+            expected = torch.tensor([1] * h + [2 if copied else 1] * (2 * LLAMA.kv_width))
+        elif name.endswith(("c_fc.weight", "wte.weight", "lm_head.weight")):  # column and vocabulary splits
+            expected = torch.ones_like(held)
+        else:  # norms whole; row-parallel c_proj splits its columns, so every rank holds every row
+            expected = torch.full_like(held, tp)
+        assert torch.equal(held, expected), name

@@ -86,6 +86,33 @@ def test_custom_model_dimensions_appear_and_are_validated(engine):
     assert any("n_layer divisible by 2" in e for e in texts(at.error)), texts(at.error)
 
 
+def test_a_custom_llama_is_validated_under_its_fields_and_launched(engine):
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_model").select("custom").run()
+    at.selectbox(key="launch_family").select("llama").run()
+    at.number_input(key="launch_n_kv_head").set_value(3).run()
+    assert any("n_kv_head must divide n_head 4" in e for e in texts(at.error)), texts(at.error)
+    at.number_input(key="launch_n_kv_head").set_value(2).run()
+    at.checkbox(key="launch_tie_head").uncheck().run()
+    at.button(key="launch_submit").click().run()
+    (run,) = api.list_runs(engine).to_dict("records")
+    spec = api.get_run(engine, int(run["id"]))["spec"]
+    assert (spec["family"], spec["n_kv_head"], spec["tie_head"]) == ("llama", 2, False)
+
+
+def test_a_hugging_face_folder_shows_its_config_dimensions(engine, tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, '
+        '"num_hidden_layers": 4, "intermediate_size": 176, "vocab_size": 512, "max_position_embeddings": 128}'
+    )
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_model").select("checkpoint").run()
+    at.text_input(key="launch_weights").input(str(tmp_path)).run()
+    captions = texts(at.caption)
+    assert any("llama: 4 layers, 4 heads, 2 key/value heads, width 64, MLP 176" in c for c in captions), captions
+    assert any("no model.safetensors" in e for e in texts(at.error)), texts(at.error)  # no tensors in the folder
+
+
 def test_devices_panel_says_cpu_processes_without_gpus(engine):
     with runner_lease(engine, []):
         at = page("pages/launch.py")

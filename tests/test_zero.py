@@ -180,6 +180,21 @@ def test_3d_pp2_dp2_sharded_inside_a_pipeline_matches_reference(tmp_path):
 
 
 @slow
+def test_llama_sharded_by_zero_1_and_3_matches_reference_and_the_papers_bytes(tmp_path):
+    """llama-tiny: RMSNorm weights only, fused Q/K/V of 4 + 2 + 2 heads of 16, SwiGLU's gate and up (176 wide), and
+    an untied head in the outer unit beside the token embedding and final norm."""
+    result = run_worker({**BASE, "model": "llama-tiny", "strategy": "data", "dp": 2}, "1,3", STEPS, tmp_path)
+    block = 2 * D + (D + 2 * 32) * D + D * D + 2 * 176 * D + 176 * D
+    units = [V * D + D + V * D] + [block] * L
+    for stage in (1, 3):
+        res = result[str(stage)]
+        assert_matches_reference(res, STEPS)
+        for r in res["ranks"]:
+            want = paper_bytes(stage, units, 2, 3 + 6 * L)
+            assert {k: r[k] for k in want} == want, (stage, r)
+
+
+@slow
 def test_job_verifies_zero3_and_reports_its_bytes(tmp_path):
     """The real job (verify pass, timed steps, figures) on data dp=2 with ZeRO-3."""
     spec = {**BASE, "strategy": "data", "dp": 2, "zero_stage": 3, "steps": 2, "warmup": 1, "verify": True}

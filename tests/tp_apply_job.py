@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from runner.gpt.config import kv_copies
 from runner.gpt.mesh import Mesh
 from runner.gpt.model import GPT, materialize, shard_of
-from runner.gpt.tp_layers import all_reduce_sequence_parallel_grads
+from runner.gpt.tp_layers import all_reduce_kv_grads, all_reduce_sequence_parallel_grads
 from runner.gpt.tp_plan import apply_tensor_parallel
 from runner.job.data import synthetic_batch
 from runner.spec.run_spec import RunSpec
@@ -27,8 +28,8 @@ from runner.spec.run_spec import RunSpec
 def main(spec_path: str) -> None:
     spec = RunSpec.from_dict(json.loads(Path(spec_path).read_text()))
     dist.init_process_group("gloo")
-    mesh = Mesh.build(spec.degrees)
     cfg = spec.model_config()
+    mesh = Mesh.build(spec.degrees, kv_share=kv_copies(cfg, spec.degrees.tp))
     idx, targets = synthetic_batch(cfg.vocab_size, spec.batch, spec.seq, spec.seed, step=0)
 
     ref = GPT(cfg, seed=spec.seed)
@@ -45,6 +46,7 @@ def main(spec_path: str) -> None:
     all_reduce_sequence_parallel_grads(
         [p for p in model.parameters() if getattr(p, "sequence_parallel", False)], mesh.tp
     )
+    all_reduce_kv_grads([p for p in model.parameters() if hasattr(p, "kv_replicated_from")], mesh.kv)
     with torch.no_grad():
         logits = tp.full_logits(model(idx))
 

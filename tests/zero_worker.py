@@ -27,6 +27,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from runner.gpt.build import build_parallel_gpt  # noqa: E402
+from runner.gpt.config import kv_copies  # noqa: E402
 from runner.gpt.mesh import Mesh  # noqa: E402
 from runner.gpt.model import GPT  # noqa: E402
 from runner.job.data import synthetic_batch  # noqa: E402
@@ -144,7 +145,7 @@ def main() -> None:
     spec = RunSpec.from_dict(json.loads(spec_json))
     assert not validate_spec(spec, gpu_count=0), validate_spec(spec, gpu_count=0)  # only what a user can launch
     torch.manual_seed(0)
-    mesh = Mesh.build(spec.degrees)
+    mesh = Mesh.build(spec.degrees, kv_share=kv_copies(spec.model_config(), spec.degrees.tp))
     results = {str(s): run_stage(spec, mesh, int(s), steps) for s in stages.split(",")}
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(results))

@@ -12,7 +12,7 @@ from typing import Any
 
 from runner.analysis.stats import LEVEL, median_interval, runs_needed, runs_needed_each
 from runner.job import corpus
-from runner.spec.run_spec import MODEL_DIMS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
+from runner.spec.run_spec import MODEL_FIELDS, RunSpec, SpecError, SpecProblem, cpu_oversubscription
 from runner.spec.strategies import NEUTRAL, get_strategy, strategy_names
 from runner.spec.validation import validate_spec
 
@@ -47,7 +47,7 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         if not uses(strategy, name):
             data[name] = neutral
     if data.get("model") != "custom":
-        for dim in MODEL_DIMS:
+        for dim in MODEL_FIELDS:
             data.pop(dim, None)
     if data.get("prompt"):  # every row is the prompt: its tokens are the sequence
         data["seq"] = prompt_seq(data) or data.get("seq")

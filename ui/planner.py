@@ -19,7 +19,7 @@ from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Pl
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec.run_spec import RunSpec
+from runner.spec.run_spec import MODEL_FIELDS, RunSpec
 from ui.format import human_bytes, human_duration
 
 DEVICE_SOURCES = ("known GPU", "this host", "a runner's host", "Slurm partition", "described")
@@ -31,7 +31,7 @@ class PlannerInputs:
     """Everything the page asks: the model, the workload, the options, and where the devices come from."""
 
     model: str = "gpt2"
-    dims: dict[str, int | None] = field(default_factory=dict)
+    dims: dict[str, Any] = field(default_factory=dict)
     work: Workload = field(default_factory=Workload)
     zero_stages: tuple[int, ...] = (0,)
     efficiency: float = DEFAULT_EFFICIENCY
@@ -178,7 +178,7 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
     lay, work = c.layout, inputs.work
     strategy = strategy_for(lay, c.microbatches)
     model = inputs.model if inputs.model in PRESETS else "gpt2"
-    dims = {k: v for k, v in cfg.to_dict().items() if k in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")}
+    dims = {k: v for k, v in cfg.to_dict().items() if k in MODEL_FIELDS}
     base = PRESETS.get(model)
     custom = {k: v for k, v in dims.items() if base is None or getattr(base, k) != v}
     values: dict[str, Any] = {

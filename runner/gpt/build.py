@@ -57,4 +57,6 @@ def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: t
     engine.figure_sources.append(PrecisionFigures(precision, engine.parameters()))
     if meter is not None:
         engine.figure_sources.append(meter)
+    if mesh.tp_size > 1:  # how the key/value heads lie over the tp ranks
+        engine.figure_sources.append(output)
     return built

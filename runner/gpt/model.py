@@ -1,7 +1,11 @@
-"""The GPT-2 model every strategy starts from: name-seeded init, KV cache, the one greedy generate loop.
+"""The GPT every strategy starts from, in either family: name-seeded init, KV cache, the one greedy generate loop.
 
 Reads like nanoGPT's model.py: CausalSelfAttention, MLP, Block, GPT, in the order data flows through
-them. Nothing here knows about torch.distributed. Parallelism is applied to this model from outside
+them. The config's family chooses the parts (runner/gpt/config.py): GPT-2's LayerNorm, learned positions
+and GELU MLP, or Llama's RMSNorm, rotary positions and SwiGLU MLP; either with grouped-query attention
+and a tied or untied head. The parameter names are the same in both families where the part is
+(`transformer.h.<i>.attn.c_attn` holds Q, K and V stacked, `mlp.c_fc` SwiGLU's gate and up stacked),
+so every strategy's plan of names applies to both. Nothing here knows about torch.distributed. Parallelism is applied to this model from outside
 (torchtitan's way): runner/gpt/tp_plan.py swaps layers for tensor-parallel ones, `cut_stage` removes
 the blocks a pipeline stage does not hold. The pieces a stage lacks are absent (None) and passed
 through: without the embedding the model takes hidden states, without the head it returns them.
@@ -45,10 +49,10 @@ def parameter_seed(base_seed: int, name: str) -> int:
 
 
 def init_std(name: str, config: GPTConfig) -> float | None:
-    """GPT-2's init: N(0, 0.02) for weights, scaled for residual projections; None means constant."""
+    """GPT-2's init (both families): N(0, 0.02) for weights, scaled for residual projections; None means constant."""
     if name.endswith("c_proj.weight"):
         return 0.02 / math.sqrt(2 * config.n_layer)
-    if name.endswith(("wte.weight", "wpe.weight", "c_attn.weight", "c_fc.weight")):
+    if name.endswith(("wte.weight", "wpe.weight", "c_attn.weight", "c_fc.weight", "lm_head.weight")):
         return 0.02
     return None
 
@@ -58,7 +62,7 @@ def init_parameter(name: str, shape: tuple[int, ...], config: GPTConfig, seed: i
 
     A shard is `init_parameter(...)[index]`: only one parameter is ever materialised at a time.
     """
-    if name == "lm_head.weight":  # tied to the token embedding: a stage holding only the head rebuilds wte
+    if name == "lm_head.weight" and config.tie_head:  # a stage holding only the tied head rebuilds wte
         name = "transformer.wte.weight"
     std = init_std(name, config)
     if std is None:
@@ -115,31 +119,89 @@ class KVCache:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of q [B, h, Tq, d] over k, v [B, h, Tk, d]; the queries are the last Tq positions."""
+    """Causal attention of q [B, hq, Tq, d] over k, v [B, hkv, Tk, d] (hkv dividing hq: each key/value head
+    serves hq / hkv consecutive query heads); the queries are the last Tq positions."""
     tq, tk = q.shape[2], k.shape[2]
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     if tq == tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
     if tq == 1:
-        return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, **gqa)
     # Prefill after a cached prefix: query i sits at absolute position tk - tq + i.
     mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+
+
+def rotary_frequencies(config: GPTConfig) -> torch.Tensor:
+    """The head_dim / 2 rotary frequencies theta^(-2i/d), float32, with Llama 3.1's rescaling if configured
+    (computed as Hugging Face does, so cos and sin agree to the bit)."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = config.rope_scaling
+    if sc is None:
+        return inv_freq
+    low_wavelen = sc.original_max_position / sc.low_freq_factor
+    high_wavelen = sc.original_max_position / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
+    smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary:
+    """Rotary position embedding (Su et al. 2021) in Hugging Face's layout: a head's first and second halves
+    are the two coordinates of each rotated pair. Not a module: it holds no parameters or state to save, only
+    the cos and sin of the last positions asked for, shared by every layer of one forward."""
+
+    def __init__(self, config: GPTConfig):
+        self.config = config
+        self._inv_freq: torch.Tensor | None = None
+        self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def cos_sin(self, start: int, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (start, t, like.device, like.dtype)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if self._inv_freq is None:
+            self._inv_freq = rotary_frequencies(self.config)
+        pos = torch.arange(start, start + t, device=like.device, dtype=torch.float32)
+        freqs = pos[:, None] * self._inv_freq.to(like.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos_sin = (emb.cos().to(like.dtype), emb.sin().to(like.dtype))
+        self._last = (key, cos_sin)
+        return cos_sin
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, heads, T, d] rotated by the angles of its positions."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
 
 
 class CausalSelfAttention(nn.Module):
-    """Heads and positions are read from c_attn's output (width of Q / head_dim), so an attention whose
-    c_attn holds only some heads, or gathers the sequence (tensor parallelism), runs unchanged."""
+    """c_attn's output is [Q | K | V] of widths `c_attn.parts` (what this c_attn holds: a tensor-parallel one
+    records the widths of its heads); heads and positions are read from them, so an attention whose c_attn
+    holds only some heads, or gathers the sequence (tensor parallelism), runs unchanged. With fewer
+    key/value heads than query heads (grouped-query attention) each serves a run of consecutive query heads,
+    and the KV cache holds the key/value heads only."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
         super().__init__()
         self.head_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.rotary = rotary
+        self.c_attn = nn.Linear(config.n_embd, config.n_embd + 2 * config.kv_width, bias=config.bias or config.qkv_bias)
+        self.c_attn.parts = (config.n_embd, config.kv_width, config.kv_width)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         qkv = self.c_attn(x)
         b, t, _ = qkv.shape  # not x's: a sequence-parallel c_attn gathers the sequence on the way in
-        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.split(self.c_attn.parts, dim=-1))
+        if self.rotary is not None:  # positions continue after what the cache holds
+            cos, sin = self.rotary.cos_sin(0 if cache is None else cache.length, t, x)
+            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
         y = attend(q, k, v).transpose(1, 2).reshape(b, t, -1)
@@ -147,21 +209,37 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GPT-2's tanh-GELU MLP, or Llama's SwiGLU: c_fc holds the gate's rows then the up projection's, and the
+    hidden state is silu(gate) * up (c_fc's output halves, so a column-parallel c_fc holding the same
+    slice of each runs unchanged)."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.d_ff, bias=config.bias)
+        self.swiglu = config.is_llama
+        self.c_fc = nn.Linear(config.n_embd, config.fused_mlp_parts * config.d_ff, bias=config.bias)
+        self.c_fc.parts = (config.d_ff,) * config.fused_mlp_parts  # tensor parallelism splits each part alike
         self.c_proj = nn.Linear(config.d_ff, config.n_embd, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
+def norm(config: GPTConfig) -> nn.Module:
+    """The family's normalisation: LayerNorm (GPT-2) or RMSNorm (Llama); its weight is `<name>.weight`."""
+    if config.is_llama:
+        return nn.RMSNorm(config.n_embd, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, rotary: Rotary | None = None):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = norm(config)
+        self.attn = CausalSelfAttention(config, rotary)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
         # Set by activation checkpointing (runner/gpt/checkpointing.py) on the blocks it checkpoints:
         # GPT.forward then runs the block through it while training.
@@ -173,7 +251,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2: learned positions, pre-LayerNorm blocks, tanh-GELU MLP of 4x width, tied LM head.
+    """GPT-2 (learned positions, pre-LayerNorm blocks, tanh-GELU MLP, biases) or Llama (rotary positions,
+    pre-RMSNorm blocks, SwiGLU MLP, no biases), as the config's family says; the LM head tied to the token
+    embedding or a parameter of its own (`tie_head`). A Llama has no `transformer.wpe` (None).
 
     `GPT(config, seed)` is the whole single-device model with its reference values. Built under
     `torch.device("meta")` it has shapes only, for a strategy to slice and cut before `materialize`.
@@ -183,17 +263,19 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         target = torch.get_default_device()  # meta inside `with torch.device("meta")`
+        rotary = Rotary(config) if config.rotary else None
         with torch.device("meta"):  # shapes first: each value is then made once, by name
             self.transformer = nn.ModuleDict(
                 dict(
                     wte=nn.Embedding(config.vocab_size, config.n_embd),
-                    wpe=nn.Embedding(config.block_size, config.n_embd),
-                    h=nn.ModuleDict({str(i): Block(config) for i in range(config.n_layer)}),
-                    ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+                    wpe=nn.Embedding(config.block_size, config.n_embd) if config.learned_positions else None,
+                    h=nn.ModuleDict({str(i): Block(config, rotary) for i in range(config.n_layer)}),
+                    ln_f=norm(config),
                 )
             )
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+        if config.tie_head:
+            self.lm_head.weight = self.transformer.wte.weight
         # The context every forward runs in: autocast under bf16-mixed (runner/gpt/precision.py).
         self.compute_context: Callable[[], AbstractContextManager] = nullcontext
         if target.type != "meta":
@@ -231,6 +313,8 @@ class GPT(nn.Module):
         t = idx.shape[1]
         if start + t > self.config.block_size:
             raise ValueError(f"sequence of {start + t} tokens exceeds block_size {self.config.block_size}")
+        if self.transformer.wpe is None:  # rotary positions: applied inside attention
+            return self.transformer.wte(idx)
         pos = torch.arange(start, start + t, device=idx.device).unsqueeze(0)  # [1, t]: broadcast over the batch
         return self.transformer.wte(idx) + self.transformer.wpe(pos)
 
@@ -288,9 +372,10 @@ def greedy_generate(prompts: Sequence[torch.Tensor], new_tokens: int, step: Step
 
 
 def cut_stage(model: GPT, first: int, last: int, has_embed: bool, has_head: bool) -> GPT:
-    """Keep blocks [first, last) of `model` and, where asked, the embedding and the head (final LayerNorm +
+    """Keep blocks [first, last) of `model` and, where asked, the embedding and the head (final norm +
     LM head); the rest is removed (None: passed through). Names are unchanged. A stage with the head but
-    not the embedding keeps the tied weight as its own lm_head.weight (init maps it to wte's value)."""
+    not the embedding keeps a tied weight as its own lm_head.weight (init maps it to wte's value); an
+    untied head is the last stage's alone."""
     for i in list(model.transformer.h.keys()):
         if not first <= int(i) < last:
             del model.transformer.h[i]

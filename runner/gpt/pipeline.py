@@ -43,7 +43,7 @@ from runner.gpt.schedules import input_grad_pass, weight_grad_pass
 from runner.gpt.stage_links import StageLinks
 from runner.gpt.strategy import ParallelGPT
 from runner.gpt.timing import Mark, collective_spans
-from runner.gpt.tp_layers import TPState, all_reduce_sequence_parallel_grads
+from runner.gpt.tp_layers import TPState, all_reduce_kv_grads, all_reduce_sequence_parallel_grads
 from runner.job.metrics import bubble_fraction_theory
 from runner.job.schedule_ops import Key, lockstep_plan, schedule_ops, splits_backward
 
@@ -101,6 +101,7 @@ class PipelineGPT(ParallelGPT):
         for chunk in self.chunks:
             self._shards.update(chunk.named_parameters(remove_duplicate=False))
         self._sp_params = [p for p in self.parameters() if getattr(p, "sequence_parallel", False)]
+        self._kv_params = [p for p in self.parameters() if hasattr(p, "kv_replicated_from")]
         self._spans: list[dict] = []
         self.clock = mesh.stats.clock
         self.links = StageLinks(mesh.world, self.clock, self._span)
@@ -110,8 +111,10 @@ class PipelineGPT(ParallelGPT):
         self._param_storages: set[int] | None = None
         self.figure_sources: list = []  # objects with figures() -> dict that build.py attaches (checkpointing, precision)
         # One stage, one microbatch, one chunk: each gradient is final once accumulated, so data parallelism
-        # may start reducing it during backward (not under sequence parallelism: some are summed afterwards).
-        self.single_backward_pass = self.n_stages == 1 and self.n_micro == 1 and self.v == 1 and not self._sp_params
+        # may start reducing it during backward (not under sequence parallelism or with replicated key/value heads:
+        # some are summed over tp ranks afterwards).
+        self.single_backward_pass = (self.n_stages == 1 and self.n_micro == 1 and self.v == 1
+                                     and not self._sp_params and not self._kv_params)  # fmt: skip
 
     @property
     def stage(self) -> GPT:
@@ -144,7 +147,10 @@ class PipelineGPT(ParallelGPT):
         return self.output.full_logits(out[:, -1:, :])[:, -1, :].argmax(dim=-1, keepdim=True)
 
     def tied_weight(self) -> nn.Parameter | None:
-        """This rank's copy of the tied embedding / LM head weight, if it holds one."""
+        """This rank's copy of the tied embedding / LM head weight, if it holds one (an untied head is the last
+        stage's alone: nothing to sum)."""
+        if not self.config.tie_head:
+            return None
         if self.stage_id == 0:
             return self.chunks[0].transformer.wte.weight
         if self.stage_id == self.n_stages - 1:
@@ -338,6 +344,8 @@ class PipelineGPT(ParallelGPT):
         self.sync_tied_embedding()
         if self._sp_params:
             all_reduce_sequence_parallel_grads(self._sp_params, self.mesh.tp)
+        if self._kv_params:
+            all_reduce_kv_grads(self._kv_params, self.mesh.kv)
         return total_loss.item() if self.is_output_rank else None
 
     def sync_tied_embedding(self) -> None:

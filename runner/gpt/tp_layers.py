@@ -52,14 +52,22 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
 
 
 class TPState:
-    """The tp group, the vocabulary slice of this rank, and whether activations outside the parallel regions
-    are sequence-sharded now (configured on, and not paused by `whole_sequences`)."""
+    """The tp group, the vocabulary slice of this rank, the model's key/value heads, and whether activations
+    outside the parallel regions are sequence-sharded now (configured on, and not paused by `whole_sequences`)."""
 
-    def __init__(self, comm: GroupComm, vocab_size: int, sequence_parallel: bool = False):
+    def __init__(self, comm: GroupComm, vocab_size: int, sequence_parallel: bool = False, kv_heads: int | None = None):
         self.comm, self.vocab_size, self.sequence_parallel = comm, vocab_size, sequence_parallel
+        self.kv_heads = kv_heads if kv_heads is not None else comm.size
         self.vocab_per_rank = padded_vocab(vocab_size, comm.size) // comm.size
         self.vocab_start = comm.index * self.vocab_per_rank
         self._paused = False
+
+    def figures(self) -> dict:
+        """How the key/value heads lie over the tp ranks: 'split' (each rank its own n_kv_head / tp) or
+        'replicated' (each head on tp / n_kv_head ranks)."""
+        split = self.kv_heads % self.comm.size == 0
+        return {"tp_kv_heads": "split" if split else "replicated",
+                "kv_heads_per_rank": self.kv_heads // self.comm.size if split else 1}  # fmt: skip
 
     @property
     def sequence_sharded(self) -> bool:
@@ -102,6 +110,28 @@ def sliced(p: nn.Parameter, index, shape: tuple[int, ...] | None = None) -> nn.P
     new = nn.Parameter(torch.empty(shape, device=p.device, dtype=p.dtype), p.requires_grad)
     new.shard = Shard(ref_shape, index)
     return new
+
+
+def mark_kv_replicated(*params: nn.Parameter | None, first_row: int) -> None:
+    """Rows first_row.. of a c_attn holding a replicated key/value head: their gradient is this rank's query
+    heads' share, to be summed over the ranks holding the same head (`all_reduce_kv_grads`)."""
+    for p in params:
+        if p is not None:
+            p.kv_replicated_from = first_row
+
+
+def all_reduce_kv_grads(params: list[nn.Parameter], comm: GroupComm | None) -> None:
+    """Sum the K and V rows' gradients of replicated key/value heads over their kv group, in one flat all-reduce."""
+    grads = [(p.grad, p.kv_replicated_from) for p in params if p.grad is not None]
+    if comm is None or comm.size == 1 or not grads:
+        return
+    with torch.no_grad():
+        flat = comm.all_reduce(torch.cat([g[row:].reshape(-1) for g, row in grads]))
+        offset = 0
+        for g, row in grads:
+            part = g[row:]
+            part.copy_(flat[offset : offset + part.numel()].view_as(part))
+            offset += part.numel()
 
 
 def mark_sequence_parallel(*params: nn.Parameter | None) -> None:

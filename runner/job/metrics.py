@@ -37,8 +37,11 @@ from runner.service.devices import is_mig_name
 
 
 def matmul_parameters(cfg: GPTConfig) -> int:
-    """N of the FLOP count: every parameter except the learned position embeddings (tied head once)."""
-    return count_parameters(cfg) - cfg.block_size * cfg.n_embd
+    """N of the FLOP count: every parameter a matmul uses -- all but the embeddings that are only looked up
+    (learned positions; the token embedding when the head is a weight of its own; a tied one is the head)."""
+    positions = cfg.block_size * cfg.n_embd if cfg.learned_positions else 0
+    lookup = 0 if cfg.tie_head else cfg.vocab_size * cfg.n_embd
+    return count_parameters(cfg) - positions - lookup
 
 
 def forward_flops_per_token(cfg: GPTConfig, context: int) -> float:

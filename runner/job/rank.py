@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from runner.gpt.config import kv_copies
 from runner.gpt.mesh import Mesh, barrier
 from runner.gpt.strategy import ParallelGPT
 from runner.job import corpus, losses
-from runner.job.checkpoint import read_checkpoint
+from runner.job.checkpoint import HFFolder, open_weights, shard_reader
 from runner.job.data import Batches, fold_seed
 from runner.job.load import LoadMeter, machine_load
 from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
@@ -110,19 +111,21 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
     dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
-    mesh = Mesh.build(spec.degrees, tied=spec.workload != "forward")
+    mesh = Mesh.build(spec.degrees, tied=spec.workload != "forward", kv_share=kv_copies(spec.model_config(), spec.degrees.tp))
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
-    state_dict = None
+    weights, weights_read = None, {}
     if spec.weights:
-        state_dict = read_checkpoint(spec.weights)
-        load_shards(model, state_dict)
+        weights = open_weights(spec.weights, spec.model_config())
+        load_shards(model, weights)
+        if isinstance(weights, HFFolder):  # what this rank read of the folder: its own slices, not the model
+            weights_read = {"weights_bytes_read": weights.bytes_read}
     inject_fault(model)
 
     verify = None
     if spec.verify:
         idx, targets = batches.train(-1)
-        verify = verify_pass(spec, model, state_dict, idx, targets)
+        verify = verify_pass(spec, model, weights, idx, targets)
 
     optimizer = model.make_optimizer(spec.lr) if spec.workload == "train" else None
     total = spec.warmup + spec.steps
@@ -208,6 +211,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         "host": host,
         **machine,
         **model.figures(),
+        **weights_read,
     })  # fmt: skip
 
     def untimed_step() -> None:
@@ -268,15 +272,13 @@ def generated_text(spec: RunSpec, batches: Batches, model: ParallelGPT, out: tor
             "generated_text": corpus.decode(batches.source, continuation)}  # fmt: skip
 
 
-def load_shards(model: ParallelGPT, state_dict: dict) -> None:
-    """Copy each local shard from a Hugging Face GPT-2 checkpoint (only this rank's slices)."""
-    from runner.job.checkpoint import convert_gpt2_state_dict
-
-    full = convert_gpt2_state_dict(state_dict)
+def load_shards(model: ParallelGPT, weights) -> None:
+    """Copy each local shard from the run's weights: a Hugging Face Llama-family folder is read slice by slice
+    (this rank's rows and columns only), a GPT-2 file was read whole."""
+    read = shard_reader(weights)
     with torch.no_grad():
         for name, p in model.named_shards().items():
-            index = model.shard_index(name)
-            src = full[name] if index is None else full[name][index]
+            src = read(name, model.shard_index(name))
             trim_padding(p, src.shape).copy_(src.to(p.dtype))
 
 
@@ -349,7 +351,6 @@ def main(argv: list[str] | None = None) -> int:
             EventLog(run_dir / "events.jsonl", rank).emit(error)
         return 1
     return 0
-
 
 
 def exit_without_finalising(code: int) -> None:

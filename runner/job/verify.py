@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from runner.gpt.model import GPT
 from runner.gpt.strategy import ParallelGPT
-from runner.job.checkpoint import load_gpt2_state_dict
+from runner.job.checkpoint import load_reference
 from runner.job.resources import release_freed_memory
 from runner.spec.run_spec import RunSpec
 
@@ -206,14 +206,13 @@ def verdict(spec: RunSpec, reduced: dict[str, float | None]) -> dict:
     return {"passed": not failures, "dtype": spec.dtype, "tolerances": tolerances, "failures": failures, **out}
 
 
-def verify_pass(
-    spec: RunSpec, model: ParallelGPT, state_dict: dict | None, idx: torch.Tensor, targets: torch.Tensor
-) -> dict:
-    """Compare the strategy with the reference on one batch, then free the reference and restore the shard."""
+def verify_pass(spec: RunSpec, model: ParallelGPT, weights, idx: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Compare the strategy with the reference on one batch, then free the reference and restore the shard.
+    `weights`: the run's checkpoint (runner/job/checkpoint.py open_weights), loaded whole into the reference."""
     saved = [(p, p.detach().clone()) for p in model.parameters()]
     ref = GPT(spec.model_config(), seed=spec.seed)
-    if state_dict is not None:
-        load_gpt2_state_dict(ref, state_dict)
+    if weights is not None:
+        load_reference(ref, weights)
     try:
         reduced = _run(spec, model, ref, idx, targets).reduced(model.device)
     finally:

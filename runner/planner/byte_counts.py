@@ -11,6 +11,12 @@ multiple of t (tp_layers.padded_vocab); the learned positions (block_size x h) a
 whole. The LM head is tied to the token embedding: counted once where one rank holds both (pp = 1), and
 held again by the last pipeline stage otherwise (cut_stage keeps it as that stage's lm_head.weight).
 GPT-2 124M: 50257*768 + 1024*768 + 12*(12*768^2 + 13*768) + 2*768 = 124,439,808.
+The Llama family (runner/gpt/config.py) holds no biases (Qwen2: on Q, K, V), RMSNorm weights (h each), c_attn
+of h + 2*kv_width rows (kv_width = n_kv_head * head_dim), SwiGLU's c_fc of 2f rows and c_proj of f columns
+(f = ffn_hidden), no position embedding, and an untied head as a parameter of its own on the last stage.
+A rank holds h/t query rows and, of K and V each, kv_width/t rows when tp splits the key/value heads or one
+head's head_dim rows when it copies them (`tp_widths`). Llama-3.1-8B: 128256*4096*2 + 32*(2*4096 + 6144*4096 +
+4096^2 + 3*14336*4096) + 4096 = 8,030,261,248.
 
 What a rank keeps between steps (workload train), w = 4 bytes for float32 and bf16-mixed (float32 master
 weights, runner/gpt/precision.py), 2 for pure bfloat16:
@@ -47,7 +53,13 @@ so by default (`Workload.attention = "sdpa"`) the planner counts what our block 
 (`lab_layer_activation_bytes`): the two LayerNorm inputs at the residual stream's width w_r, the c_attn and
 c_fc inputs at the compute width w_c (whole under tensor parallelism), and split over t: q, k, v, the attention
 output (which is c_proj's input: reshaping the kernel's transposed output is a view, no copy), GELU's input and
-output, 12 values -- s*b*h*(2w_r + 2w_c + 12w_c/t), all over t under sequence parallelism. At 16 bits and t = 1
+output, 12 values -- s*b*h*(2w_r + 2w_c + 12w_c/t), all over t under sequence parallelism. A Llama block saves,
+per token, the same norm and projection inputs and, split over t: c_attn's whole output (v is a view of it),
+the rotated q and k (new tensors), the attention output, and SwiGLU's c_fc output (gate and up, 2f), silu(gate)
+and its product with up (f each): (q + 2kv) + q + kv + q + 4f values with the rank's widths q, kv, f
+(`saved_split_values`; the rotary cos and sin are [s, head_dim], shared by the layers, left out); and each of its
+RMSNorms (x * rsqrt(mean x^2) * weight, not a fused kernel) keeps its normalized input for the weight's gradient
+beside the input itself: 4 values at the residual width where LayerNorm keeps 2. At 16 bits and t = 1
 that is Korthikanti's 34 without the scores and the two dropout masks (sbh bytes each; our model has no dropout):
 32; float32 64, bf16-mixed (float32 residual, bf16 matmul inputs) 36. "naive" keeps the paper's formula. Real runs' saved
 bytes land within 10% (tests/test_planner_measured.py). A checkpointed layer keeps its input at w_r.
@@ -64,21 +76,30 @@ from runner.planner.models import Layout, Workload, padded_vocab
 
 
 # ---- parameters ---------------------------------------------------------------------------------------
+def tp_widths(cfg: GPTConfig, tp: int = 1) -> tuple[int, int, int]:
+    """A tensor-parallel rank's widths: its query rows h/t, its rows of K (and of V) -- kv_width/t when tp splits
+    the key/value heads, one head's when it copies them (runner/gpt/tp_plan.py) -- and its MLP width f/t."""
+    kv = cfg.kv_width // tp if cfg.kv_heads % tp == 0 else cfg.head_dim
+    return cfg.n_embd // tp, kv, cfg.d_ff // tp
+
+
 def block_parameters(cfg: GPTConfig, tp: int = 1, tp_style: str = "megatron") -> int:
     """Parameters of one transformer block on one tensor-parallel rank (see the module docstring)."""
     h, b = cfg.n_embd, 1 if cfg.bias else 0
-    f = cfg.d_ff
-    layer_norms = 2 * (h + h * b)  # replicated
-    c_attn = (3 * h * h + 3 * h * b) // tp  # column: Q, K, V of this rank's heads
-    c_fc = (h * f + f * b) // tp  # column
-    mlp_proj = f * h // tp + h * b  # row: weight split by input columns, bias whole
+    q, kv, f = tp_widths(cfg, tp)
+    qkv_b = 1 if cfg.bias or cfg.qkv_bias else 0
+    norms = 2 * (h + h * b)  # replicated
+    c_attn = (q + 2 * kv) * (h + qkv_b)  # column: Q, K, V of this rank's heads
+    c_fc = cfg.fused_mlp_parts * f * (h + b)  # column (SwiGLU: gate and up)
+    mlp_proj = f * h + h * b  # row: weight split by input columns, bias whole
     attn_proj = h * h // tp + h * b if tp_style == "megatron" else h * h + h * b  # "gather": whole
-    return layer_norms + c_attn + c_fc + mlp_proj + attn_proj
+    return norms + c_attn + c_fc + mlp_proj + attn_proj
 
 
 def block_tensors(cfg: GPTConfig) -> int:
-    """Parameter tensors of one block (AdamW keeps one step counter per tensor): 6 weights + 6 biases."""
-    return 12 if cfg.bias else 6
+    """Parameter tensors of one block (AdamW keeps one step counter per tensor): 6 weights, and 6 biases (GPT-2)
+    or c_attn's alone (Qwen2)."""
+    return 6 + (6 if cfg.bias else 1 if cfg.qkv_bias else 0)
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,7 @@ class StageParameters:
     stage: int
     layers: tuple[int, ...]  # global layer ids of the rank's blocks (all its chunks)
     block: int  # parameters of each block
-    outer: int  # embeddings, final LayerNorm, head (tied weight once)
+    outer: int  # embeddings, final norm, head (a tied weight once)
     outer_tensors: int
     matmul: int  # parameters that multiply activations (autocast casts them): no positions, no LayerNorms
     block_matmul: int = 0  # of them, one block's
@@ -116,12 +137,12 @@ def rank_parameters(
     has_head = stage == pp - 1
     outer, tensors, matmul = 0, 0, 0
     if has_embed:
-        outer += vocab_rows * h + cfg.block_size * h
-        tensors += 2
+        outer += embedding_parameters(cfg, tp)
+        tensors += 2 if cfg.learned_positions else 1
     if has_head:
-        outer += h + h * b  # final LayerNorm
+        outer += h + h * b  # final norm
         tensors += 2 if b else 1
-        if not has_embed:  # the tied weight again, as this stage's own lm_head.weight
+        if not (has_embed and cfg.tie_head):  # an untied head, or the tied weight again as this stage's own
             outer += vocab_rows * h
             tensors += 1
         matmul += vocab_rows * h  # the head multiplies; an embedding lookup is no matmul (autocast leaves it)
@@ -131,11 +152,18 @@ def rank_parameters(
     return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)
 
 
+def embedding_parameters(cfg: GPTConfig, tp: int = 1) -> int:
+    """The first stage's embeddings on one tensor-parallel rank: its vocabulary rows, and learned positions."""
+    positions = cfg.block_size * cfg.n_embd if cfg.learned_positions else 0
+    return padded_vocab(cfg.vocab_size, tp) // tp * cfg.n_embd + positions
+
+
 def largest_block_tensor(cfg: GPTConfig, tp: int, tp_style: str = "megatron") -> int:
     """Elements of a block's largest matmul weight on one tensor-parallel rank: c_fc or c_proj of the MLP, c_attn,
     or the whole attention c_proj under the "gather" style."""
     h = cfg.n_embd
-    return max(cfg.d_ff * h // tp, 3 * h * h // tp, h * h if tp_style != "megatron" else h * h // tp)
+    q, kv, f = tp_widths(cfg, tp)
+    return max(cfg.fused_mlp_parts * f * h, (q + 2 * kv) * h, h * h if tp_style != "megatron" else h * h // tp)
 
 
 def largest_tensor(cfg: GPTConfig, layout: Layout, stage: int, tp_style: str = "megatron") -> int:
@@ -165,19 +193,32 @@ def layer_activation_bytes(
     return s * b * h * (10 + 24 / tp + attn / tp)
 
 
+def saved_split_values(cfg: GPTConfig, tp: int = 1) -> int:
+    """Values a token of one block saves inside the parallel region on a tensor-parallel rank (module docstring):
+    GPT-2 q, k, v (c_attn's output), the attention output, GELU's input and output; Llama c_attn's output, the
+    rotated q and k, the attention output, SwiGLU's c_fc output, silu(gate) and the product."""
+    q, kv, f = tp_widths(cfg, tp)
+    if cfg.is_llama:
+        return (q + 2 * kv) + q + kv + q + 4 * f
+    return (q + 2 * kv) + q + 2 * f
+
+
 def lab_layer_activation_bytes(
-    s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False, residual: int = 4, compute: int = 4
-) -> float:
+    s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False, residual: int = 4, compute: int = 4,
+    cfg: GPTConfig | None = None,
+) -> float:  # fmt: skip
     """Bytes our GPT block (runner/gpt/model.py) saves for backward, value by value (see the module docstring):
-    2 LayerNorm inputs at the residual stream's width, the c_attn and c_fc inputs at the compute width (whole
-    under tensor parallelism), and at the compute width split over tp: q, k, v, the attention output (c_proj's
-    input, a view of it), GELU's input and output (3 + 1 + 4 + 4 = 12 values of s*b*h). Sequence parallelism splits
-    all."""
-    whole = 2 * residual + 2 * compute
-    split = 12 * compute
+    2 norm inputs at the residual stream's width (RMSNorm: and their normalized values, 4), the c_attn and c_fc
+    inputs at the compute width (whole under tensor parallelism), and at the compute width the rank's share of the
+    parallel region (`saved_split_values` of `cfg`; without one GPT-2's with d_ff = 4h: q, k, v, the attention
+    output, GELU's input and output, 3 + 1 + 4 + 4 = 12 values of s*b*h over tp). Sequence parallelism splits
+    the whole ones too."""
+    norms = 4 if cfg is not None and cfg.is_llama else 2
+    whole = (norms * residual + 2 * compute) * h
+    split = (saved_split_values(cfg, tp) if cfg is not None else 12 * h / tp) * compute
     if tp > 1 and sequence_parallel:
-        return s * b * h * (whole + split) / tp
-    return s * b * h * (whole + split / tp)
+        return s * b * (whole / tp + split)
+    return s * b * (whole + split)
 
 
 def checkpointed_layer_bytes(s: int, b: int, h: int, tp: int = 1, sequence_parallel: bool = False) -> float:
@@ -201,9 +242,11 @@ def unit_shard(n: int, dp: int) -> int:
     return math.ceil(n / dp)
 
 
-def layer_bytes(work: Workload, s: int, b: int, h: int, a: int, tp: int) -> float:
+def layer_bytes(work: Workload, s: int, b: int, cfg: GPTConfig, tp: int) -> float:
     """One layer's saved bytes for a microbatch: our block's own count ("sdpa"), or Korthikanti's formula with
     the attention scores ("naive", 16-bit figures scaled to the activation width)."""
+    h, a = cfg.n_embd, cfg.n_head
     if work.attention == "naive":
         return layer_activation_bytes(s, b, h, a, tp, work.sequence_parallel) * work.activation_width / 2
-    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, work.residual_width, work.activation_width)
+    return lab_layer_activation_bytes(s, b, h, tp, work.sequence_parallel, work.residual_width, work.activation_width,
+                                      cfg)  # fmt: skip

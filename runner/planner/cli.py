@@ -13,22 +13,31 @@ import json
 import sys
 from typing import Any
 
+from runner.gpt.config import FAMILIES, model_problems
 from runner.planner.devices import KINDS, Devices, described, from_partition, preset
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS
+from runner.spec.run_spec import DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS
+
+DEFAULT_SEQ_CAP = 8192  # Llama 3's 131072-position context is not what a step trains on by default
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     """The `plan` subcommand on an argparse subparsers object."""
     p = sub.add_parser("plan", help="which tp x pp x dp (x ZeRO) layout for a model on these devices")
     p.add_argument("--model", default="gpt2", choices=sorted(MODELS), help="a preset (dimensions below override)")
-    for dim in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
+    for dim in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size", "n_kv_head", "ffn_hidden"):
         p.add_argument(f"--{dim.replace('_', '-')}", dest=dim, type=int, default=None)
+    p.add_argument("--family", choices=FAMILIES, default=None, help="gpt2 or llama parts (default: the preset's)")
+    p.add_argument("--rope-theta", type=float, default=None, help="rotary base (llama)")
+    p.add_argument("--tie-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="the LM head shares the token embedding (default: the preset's)")  # fmt: skip
     p.add_argument("--workload", default="train", choices=WORKLOADS)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences, all replicas)")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's block_size)")
+    p.add_argument(
+        "--seq", type=int, default=None, help="sequence length (default: the model's block_size, at most 8192)"
+    )
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES)
     p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
@@ -81,7 +90,7 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    return Workload.of(args, seq=args.seq or block_size)
+    return Workload.of(args, seq=args.seq or min(block_size, DEFAULT_SEQ_CAP))
 
 
 def format_plan(result: Plan, top: int = 15) -> str:
@@ -90,7 +99,8 @@ def format_plan(result: Plan, top: int = 15) -> str:
     unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", 2**20)
     lines = [
         f"{result.devices.describe()} [{result.devices.source}]",
-        f"model: {result.model.n_layer} layers, {result.model.n_head} heads, width {result.model.n_embd}; "
+        f"model: {result.model.family}, {result.model.n_layer} layers, {result.model.n_head} heads "
+        f"({result.model.kv_heads} key/value), width {result.model.n_embd}, MLP {result.model.d_ff}; "
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
         f"checkpoint {result.work.checkpoint}, {result.work.schedule}; compute at {result.efficiency:.0%} of peak",
         "",
@@ -120,10 +130,10 @@ def format_plan(result: Plan, top: int = 15) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; 2 on bad arguments."""
-    cfg = with_dims(
-        MODELS[args.model], **{d: getattr(args, d) for d in MODELS[args.model].to_dict() if hasattr(args, d)}
-    )
+    cfg = with_dims(MODELS[args.model], **{d: getattr(args, d) for d in MODEL_FIELDS if hasattr(args, d)})
     try:
+        if problems := model_problems(cfg):
+            raise ValueError("; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in problems))
         zero = tuple(sorted({int(z) for z in str(args.zero).split(",") if z.strip()}))
         if any(z not in (0, 1, 2, 3) for z in zero):
             raise ValueError("--zero takes stages 0 to 3")

@@ -9,14 +9,16 @@ weight cast since GPT.forward began (at its last block, every block's); a stage 
 earlier microbatches' hidden states in flight, sent but not yet received. Not held by a test: under tensor
 parallelism gloo's worker threads release a finished collective's tensors some time after the caller's wait
 returns, so a race decides how many are still alive at the peak (README). Generate keeps a KV cache of
-2 * layers * b * (s + new_tokens - 1) * h/t values (float32, else bf16), its peak either the prompt's pass or the last token's, when torch.cat grows a
-layer's keys by a copy.
+2 * layers * b * (s + new_tokens - 1) * kv values (float32, else bf16; kv the rank's key/value width: h/t for
+GPT-2, n_kv_head * head_dim / t or one copied head's head_dim under grouped-query attention), its peak either the
+prompt's pass or the last token's, when torch.cat grows a layer's keys by a copy. A Llama block's MLP holds c_fc's
+output (gate and up, 2f/t), silu(gate) and their product (f/t each) at once: 4f/t where GPT-2's holds 2f/t.
 """
 
 from __future__ import annotations
 
 from runner.gpt.config import GPTConfig
-from runner.planner.byte_counts import StageParameters
+from runner.planner.byte_counts import StageParameters, tp_widths
 from runner.planner.models import LOGIT_BYTES, Layout, Workload, padded_vocab
 
 
@@ -39,19 +41,22 @@ def inference_bytes(
     casts = 2 * sp.block_matmul * layers if bf16_mixed else 0
     # and at the head, its weight's copy too (the last stage's head multiplies by the tied weight)
     all_casts = 2 * (sp.matmul if stage == pp - 1 else sp.block_matmul * layers) if bf16_mixed else 0
-    block = int(s * mb * h * (3 + 8 / tp) * compute) + in_blocks + casts if layers else 0
+    _, kv_width, f = tp_widths(cfg, tp)
+    mlp = (4 if cfg.is_llama else 2) * f  # c_fc's output and GELU's; SwiGLU's c_fc output, silu(gate), the product
+    around = (4 if cfg.is_llama else 3) * h  # input, residual after attention, norm output (RMSNorm: x * rsqrt too)
+    block = int(s * mb * (around + mlp) * compute) + in_blocks + casts if layers else 0
     if stage < pp - 1:
         # a stage's outputs wait to be received: the first runs ahead, and each microbatch's hidden states (float32,
         # the residual stream's width) are still in flight while it works on its last microbatch
         block += (m - 1) * s * mb * h * work.residual_width
     if work.workload == "generate":
-        # every microbatch's cache, 2 x layers x (s + new_tokens - 1) positions x h/t (the last token is picked, not
+        # every microbatch's cache, 2 x layers x (s + new_tokens - 1) positions x kv (the last token is picked, not
         # cached); the prompt's pass (prefill) caches s positions while a block works on them; the last pass grows
         # each layer's keys by a copy (torch.cat), old and new side by side
-        per_position = 2 * layers * rows * (h // tp) * compute
+        per_position = 2 * layers * rows * kv_width * compute
         kv = per_position * (s + work.new_tokens - 1)
         prefill = per_position * s + max(block, all_casts)
-        growing = mb * (s + work.new_tokens - 1) * (h // tp) * compute if layers else 0
+        growing = mb * (s + work.new_tokens - 1) * kv_width * compute if layers else 0
         last = kv + max(growing + casts, all_casts)
         if prefill > last:  # (a short generation: the prompt's working set outweighs the cache's growth)
             return always + prefill - kv, kv, "generate: the prompt's pass"

@@ -89,6 +89,9 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
         out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
     if cfg.d_ff % tp or cfg.n_embd % tp:
         out.append(f"n_embd {cfg.n_embd} not divisible by tp {tp}")
+    kv = cfg.kv_heads
+    if kv % tp and tp % kv:
+        out.append(f"n_kv_head {kv} neither divides nor is divided by tp {tp}")
     if cfg.n_layer % (pp * v):
         what = f"pp {pp} x virtual stages {v}" if v > 1 else f"pp {pp}"
         out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
@@ -130,7 +133,7 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
         reasons.append(f"tp {layout.tp} exceeds the {devices.gpus_per_node} {devices.word}s of a node")
     elif devices.gpus_per_node % layout.tp:
         reasons.append(f"tp {layout.tp} does not divide the {devices.gpus_per_node} {devices.word}s of a node")
-    split = not any(r.startswith(("n_head", "n_embd", "n_layer", "batch", "interleaved")) for r in reasons)
+    split = not any(r.startswith(("n_head", "n_embd", "n_kv_head", "n_layer", "batch", "interleaved")) for r in reasons)
     mem = layout_memory(cfg, layout, work) if split else None
     step = predict_step(cfg, layout, work, devices, efficiency) if split else None
     if mem is not None and mem.total > devices.usable_bytes:

@@ -14,7 +14,8 @@ Microbatches in flight on pipeline rank r of p, m microbatches (runner/gpt/sched
 - interleaved 1F1B: min(2(p - r - 1) + (v - 1)p + 1, v*m) chunk-microbatches of L/(p*v) layers each
   (Megatron's warm-up count + the one in its steady state; Korthikanti eq. 5: L(1 + (p-1)/(p*v)) layers' worth
   on rank 0).
-The last virtual stage also keeps, per microbatch, the final LayerNorm's input (residual width), the head's
+The last virtual stage also keeps, per microbatch, the final norm's input (residual width; RMSNorm's normalized
+input too), the head's
 input (compute width) and cross entropy's float32 log-softmax (b*s*V_pad/t). Int64 token ids and targets and the
 LayerNorms' statistics (O(b*s), not O(b*s*h)) are left out.
 
@@ -46,9 +47,10 @@ follow one another:
   sum, which autograd adds out of place: three), and under ZeRO-1 without a pipeline every block's gradients
   flattened into its unit for the all-reduce;
 - ZeRO-2/3 without a pipeline, while a unit is reduce-scattered: its gradients, their flattened copy and the
-  previous unit's in flight, which gloo copies (three of the largest unit's, four over gloo, less the block
-  activations its backward freed); ZeRO-2/3 in a pipeline: the stage's full gradients, until the reductions after
-  the pipeline's backward;
+  previous unit's in flight, which gloo copies (three of the largest block unit's, four over gloo, less the block
+  activations its backward freed), and at the pass's end the outer unit's (embeddings, final norm, head: the
+  largest with a big vocabulary or an untied head): two of it, three over gloo, with no activations left; ZeRO-2/3 in a pipeline: the stage's
+  full gradients, until the reductions after the pipeline's backward;
 - a split backward's W: one weight's fresh gradient at a time; ZB-H1 holds what B recorded for each microbatch
   still awaiting its W (the gradient at every weight's branch point, runner/gpt/schedules.py: 7h/t + 4h values a
   token a layer, and the logits' on the head's chunk, where B's end frees cross entropy's saved log-softmax: W
@@ -81,10 +83,12 @@ from runner.job.schedule_ops import schedule_ops, splits_backward
 from runner.planner.byte_counts import (
     block_tensors,
     checkpointed_layer_bytes,
+    embedding_parameters,
     largest_block_tensor,
     largest_tensor,
     layer_bytes,
     rank_parameters,
+    tp_widths,
     unit_shard,
 )
 from runner.planner.inference_memory import inference_bytes
@@ -227,14 +231,14 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     m = work.microbatches_for(layout)
     rows = max(1, work.batch // dp)
     mb = max(1, rows // m) if work.workload == "train" else rows
-    s, h, a = work.seq, cfg.n_embd, cfg.n_head
+    s, h = work.seq, cfg.n_embd
     flight = in_flight(work.schedule, pp, m, stage, v) if train else 1.0
     activations = 0
     transient = always
     kv = 0
     if train:
         every = work.checkpoint_every
-        full = layer_bytes(work, s, mb, h, a, tp)
+        full = layer_bytes(work, s, mb, cfg, tp)
         residual, compute = work.residual_width, work.activation_width
         ckpt = checkpointed_layer_bytes(s, mb, h, tp, work.sequence_parallel) * residual / 2
         split = tp if tp > 1 and work.sequence_parallel else 1
@@ -243,13 +247,15 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         logits = tokens * vocab_rows * LOGIT_BYTES
         # The last virtual stage's head: the final LayerNorm's input (residual width), the head's input (its
         # output, at the compute width) and cross entropy's float32 log-softmax.
-        head = (residual + compute) * tokens * h // split + logits
+        final_norm = 2 if cfg.is_llama else 1  # RMSNorm keeps its normalized input beside the input
+        head = (final_norm * residual + compute) * tokens * h // split + logits
         # What a split backward's B records for its W, per microbatch (runner/gpt/schedules.py): the gradient
         # arriving at each weight's branch point -- the outputs of c_attn (3h/t), attention's c_proj (h), c_fc (4h/t),
         # the MLP's c_proj (h) and the two LayerNorms (h each) -- and on the head's chunk the logits' and the final
         # LayerNorm's.
         whole = 4 / tp if work.sequence_parallel else 4
-        recorded_layer = tokens * h * (7 / tp + whole) * compute
+        q, kv_rows, f = tp_widths(cfg, tp)
+        recorded_layer = tokens * (q + 2 * kv_rows + cfg.fused_mlp_parts * f + h * whole) * compute
         recorded_head = tokens * vocab_rows * compute + tokens * h // split * compute
         bf16_mixed = work.dtype == "bf16-mixed"
         head_matmul = sp.matmul - sp.block_matmul * len(sp.layers)  # the head's (tied) weight on the last stage
@@ -263,9 +269,9 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         flow = tokens * h * residual // split + (tokens * h * compute if split > 1 else 0)
         flow += tokens * cfg.d_ff // tp * compute
         kept = tokens * h * residual // split  # a chunk's output, kept by the engine for its backward (pipeline.py)
-        # Without a pipeline the head's weight is the embedding's: its gradient waits in autograd's input buffer for
+        # Without a pipeline a tied head's weight is the embedding's: its gradient waits in autograd's input buffer for
         # the embedding's, through the whole backward of the blocks, and the two are summed at the end.
-        tied = pp == 1
+        tied = pp == 1 and cfg.tie_head
         # ZeRO-2/3 without a pipeline reduce-scatters each unit's gradients as its backward ends and drops them
         scattered = zero >= 2 and pp == 1
         flattens_blocks = dp > 1 and zero == 1 and pp == 1  # and all-reduces them as the backward goes (zero.py)
@@ -290,20 +296,21 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             heads.append(head_saved)
             n_layers.append(len(layers))
             # the gradients a chunk's first pass makes before its embedding's (the embedding's own come last)
-            chunk_grads.append(
-                sp.block * len(layers) + (sp.outer - vocab_rows * h - cfg.block_size * h if j == 0 else 0)
-            )
+            chunk_grads.append(sp.block * len(layers) + (sp.outer - embedding_parameters(cfg, tp) if j == 0 else 0))
             # (once B has run, the loss is dropped and with it cross entropy's nodes, which W never runs: their saved
             # log-softmax goes, W's records take its place)
             recorded.append(len(layers) * recorded_layer + (recorded_head - logits if last else 0))
         recompute = int(full) if n_ckpt else 0  # the block being recomputed
         reducing = 0
+        copies = 4 if work.backend == "gloo" else 3
         if scattered:
             # a unit's gradients reduce-scattered during the backward (runner/gpt/zero.py): its parameters' gradients,
             # their flattened copy, and the previous unit's still in flight (and gloo's copy of it) -- three or four of
             # the largest unit's, once the backward has freed that unit's block's activations
-            copies = 4 if work.backend == "gloo" else 3
-            reducing = max(0, copies * max(units) * w - int(full))
+            # (blocks' units: the outer one -- embeddings, final norm, head -- completes last, its embedding's gradient
+            # at the very end, when no block's activations are held; it is the largest unit of models with a large
+            # vocabulary and an untied head)
+            reducing = max(0, copies * max(units[: len(sp.layers)] or units) * w - int(full))
         # Cross entropy's backward on the head's chunk: the loss's gradient beside the log-softmax, then the logits'
         # gradient (tensor parallel: its forward's shifted logits and their exponentials, its backward's two copies).
         head_backward = 2 * logits
@@ -359,10 +366,18 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
                     end_grads = (chunk_grads[c] * w if not scattered else grads * w) if not pt.grads else made
                     if flattens_blocks:
                         end_grads += sp.block * len(sp.layers) * w
-                    vocab_grads = fresh_vocab * (3 if tied else 1) + cfg.block_size * h * grad_width
+                    positions = cfg.block_size * h * grad_width if cfg.learned_positions else 0
+                    vocab_grads = fresh_vocab * (3 if tied else 1) + positions
                     moments["the embeddings' backward at its end"] = (
                         end_grads - made - per_chunk[c] - held_out[c] + vocab_grads + tokens * h * residual
                     )
+                    if scattered and sp.outer:
+                        # then the outer unit (embeddings, final norm, head) completes and is reduce-scattered: its
+                        # gradients, their flattened copy and gloo's copy of it, beside every unit's shard (the blocks'
+                        # reductions are done: no previous unit in flight)
+                        moments["the outer unit's reduce-scatter"] = (
+                            end_grads - made - per_chunk[c] - held_out[c] + (copies - 1) * sp.outer * w
+                        )
             moment = max(moments, key=lambda k: moments[k])
             extra = always + moments[moment] + sum(n * b for n, b in zip(pt.awaiting_w, recorded, strict=True))
             activations = max(activations, int(held))

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from runner.gpt.config import PRESETS, GPTConfig
+from runner.gpt.config import PRESETS, GPTConfig, customized
 from runner.spec.run_spec import RunSpec, checkpoint_interval
 
 GiB = 2**30
@@ -124,9 +124,10 @@ def padded_vocab(vocab_size: int, tp: int) -> int:
     return math.ceil(vocab_size / tp) * tp
 
 
-def with_dims(cfg: GPTConfig, **dims: int | None) -> GPTConfig:
-    """A config with custom dimensions applied (None leaves one as it is)."""
-    return replace(cfg, **{k: v for k, v in dims.items() if v is not None})
+def with_dims(cfg: GPTConfig, **dims: Any) -> GPTConfig:
+    """A config with custom dimensions and parts applied (None leaves one as it is; runner/gpt/config.py
+    customized, as a RunSpec applies them)."""
+    return customized(cfg, **dims)
 
 
 # ---- a RunSpec's layout and workload (what runner/spec/estimates.py and the Launch page ask) ---------------

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from runner.gpt.config import PRESETS, GPTConfig
+from runner.gpt.config import PRESETS, GPTConfig, customized
 from runner.job import corpus
+from runner.job.checkpoint import config_from_hf_folder, is_hf_folder
 from runner.spec.strategies import ParallelDims, Strategy, get_strategy, strategy_names
 
 WORKLOADS = ("forward", "generate", "train")
@@ -27,7 +28,10 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "bf16-mixed")  # bf16-mixed: float32 weights, bf16 compute
 ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_POLICIES = ("none", "blocks", "every-K")  # every-K: every K-th block, e.g. "every-2"
-MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")  # what a custom model must give
+MODEL_PARTS = ("family", "n_kv_head", "ffn_hidden", "rope_theta", "tie_head")  # optional: the preset's otherwise
+MODEL_FIELDS = MODEL_DIMS + MODEL_PARTS
+FROM_WEIGHTS = "checkpoint"  # the model whose dimensions a Hugging Face folder's config.json gives
 
 
 def __getattr__(name: str) -> Any:
@@ -89,6 +93,11 @@ class RunSpec:
     n_embd: int | None = None
     vocab_size: int | None = None
     block_size: int | None = None
+    family: str | None = None  # gpt2 or llama (None: the preset's)
+    n_kv_head: int | None = None  # key/value heads, dividing n_head (grouped-query attention)
+    ffn_hidden: int | None = None  # the MLP's hidden width
+    rope_theta: float | None = None  # rotary base (llama)
+    tie_head: bool | None = None  # the LM head shares the token embedding
     workload: str = "train"
     batch: int = 8
     seq: int = 64
@@ -141,16 +150,26 @@ class RunSpec:
         return checkpoint_interval(self.checkpoint)
 
     def model_config(self) -> GPTConfig:
-        """The preset with any custom dimensions applied (a checkpoint's dims are checked in validate_spec).
+        """The preset (or, for model 'checkpoint', the weights folder's config.json) with any custom dimensions
+        and parts applied; a family other than the base's brings its own defaults (biases, positions). A GPT-2
+        checkpoint file's dims are checked against it in validate_spec.
 
         Text read byte by byte has 256 symbols: without weights or a vocab_size of its own, the model's
         vocabulary is then 256, so the first loss is about ln 256 and no logit goes to ids text never holds
         (tensor parallelism pads it to a multiple of tp, runner/gpt/tp_layers.py)."""
-        base = PRESETS.get(self.model, PRESETS["tiny"])
-        overrides = {k: getattr(self, k) for k in MODEL_DIMS if getattr(self, k) is not None}
+        if self.model == FROM_WEIGHTS:
+            base = PRESETS["tiny"]
+            if is_hf_folder(self.weights):
+                try:
+                    base = config_from_hf_folder(self.weights or "")
+                except (OSError, ValueError):  # validate_spec says what is wrong with the folder
+                    pass
+        else:
+            base = PRESETS.get(self.model, PRESETS["tiny"])
+        fields = {k: getattr(self, k) for k in MODEL_FIELDS}
         if self.vocab_size is None and self.weights is None and corpus.is_byte_text(self.data, self.weights):
-            overrides["vocab_size"] = corpus.BYTE_VOCAB
-        return replace(base, **overrides)
+            fields["vocab_size"] = corpus.BYTE_VOCAB
+        return customized(base, **fields)
 
     def resolved_device(self, gpu_count: int) -> str:
         """'cuda' or 'cpu': what 'auto' becomes given the GPUs the runner sees."""
@@ -231,11 +250,14 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
 _BOOL_FIELDS = {"sequence_parallel", "verify"}
 _FLOAT_FIELDS = {"lr", "time_limit_s"}
 _STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint", "data"}
-_OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "nodes"}
+_OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "n_kv_head", "ffn_hidden", "nodes"}
+_OPTIONAL = {"family": "model", "rope_theta": "lr", "tie_head": "verify"}  # None, or typed as the field named
 
 
 def _coerce(key: str, value: Any) -> Any:
     """Strictly typed values from JSON: refuse bools for ints, non-integral floats, etc."""
+    if key in _OPTIONAL:
+        return None if value is None else _coerce(_OPTIONAL[key], value)
     if key in _BOOL_FIELDS:
         if isinstance(value, bool):
             return value

@@ -11,10 +11,13 @@ is small at this size and is shown as the measured remainder, not hidden:
 - tensor (Megatron): 2 all-reduces of [tokens, h] per layer forward and 2 more backward (Shoeybi et
   al., 2019), plus the vocabulary-parallel embedding's all-reduce forward and the LM head input's backward,
   on each of the tp ranks; a forward workload all-gathers the logits [tokens, V] to every tp rank of the
-  last stage (the loss's per-token all-reduces and generate's next-token logits left out);
+  last stage (the loss's per-token all-reduces and generate's next-token logits left out). Grouped-query
+  attention changes none of these; with fewer key/value heads than tp ranks, training adds each rank's
+  all-reduce of its key/value head's K and V gradient rows [2 head_dim, h] per layer over its kv group;
 - layer / pipeline: one activation of [tokens, h] across each of the p - 1 stage boundaries forward, and
-  its gradient backward; in training the first and last stage all-reduce the tied embedding's gradient
-  [V, h] (its vocabulary slice under tensor parallelism) in every (tp, dp) column (generated tokens left out);
+  its gradient backward; in training the first and last stage all-reduce a tied embedding's gradient
+  [V, h] (its vocabulary slice under tensor parallelism) in every (tp, dp) column -- an untied head needs
+  none (generated tokens left out);
 - data: every rank all-reduces the gradient of every parameter once per training step (the loss
   all-reduce left out); with ZeRO, ZERO_PASSES of the model's bytes;
 - 3d: the three combined over the mesh.
@@ -22,9 +25,10 @@ is small at this size and is shown as the measured remainder, not hidden:
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
-from runner.gpt.config import count_parameters
+from runner.gpt.config import count_parameters, kv_copies, parameter_shapes
 from runner.spec.run_spec import RunSpec
 from runner.spec.strategies import get_strategy, strategy_names
 
@@ -58,6 +62,11 @@ OPTION_VARIANTS: dict[str, list[dict]] = {
     "single": [{"checkpoint": "every-2"}],
 }  # fmt: skip
 SHORT = {"schedule": "", "dtype": "", "virtual_stages": "v", "zero_stage": "zero", "checkpoint": "checkpoint"}
+# The Llama family (RMSNorm, rotary, SwiGLU, 2 key/value heads for 4 query heads, untied head) on every strategy's
+# smallest layout, all three workloads: tp 2 splits its key/value heads; the extra tensor layout at tp 4 copies
+# each to two ranks (RunSpec figures 'tp_kv_heads' say which).
+LLAMA = "llama-tiny"
+LLAMA_REPLICATED_TP = 4
 
 
 def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec, str, str | None]]:
@@ -79,6 +88,11 @@ def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec,
         variants = [(spec, label)]
         if name in MORE_SCHEDULES:
             variants = [(replace(spec, schedule=x), f"{label} {x}") for x in (spec.schedule, *MORE_SCHEDULES[name])]
+        if options:
+            variants.append((replace(spec, model=LLAMA), f"{label} {LLAMA}"))
+            if "tp" in strategy.degrees and len(strategy.degrees) == 1:
+                wide = replace(spec, model=LLAMA, tp=LLAMA_REPLICATED_TP)
+                variants.append((wide, f"{name} tp={wide.tp} {LLAMA} (key/value heads replicated)"))
         for changes in OPTION_VARIANTS.get(name, []) if options else []:
             if "zero_stage" in changes and spec.dp < 2:
                 continue  # 3D without its data dimension here (too few GPUs): nothing to shard over
@@ -129,12 +143,16 @@ def comm_theory_bytes(spec: RunSpec) -> int:
             total -= cfg.n_layer * activation * tp
         if spec.workload == "forward":
             total += tp * spec.batch * spec.seq * vocab * elem
+        if spec.workload == "train" and kv_copies(cfg, tp) > 1:  # each rank's copied K and V rows, every layer
+            rows = 2 * cfg.head_dim
+            total += tp * dp * cfg.n_layer * rows * (cfg.n_embd + (1 if cfg.bias or cfg.qkv_bias else 0)) * elem
     if pp > 1:  # every tp rank of a boundary sends its (replicated) activation; v chunks a rank: pp*v - 1 boundaries
         total += directions * (pp * spec.virtual_stages - 1) * activation * tp
-        if spec.workload == "train":  # two ranks per (tp, dp) column, each with a V/tp slice
+        if spec.workload == "train" and cfg.tie_head:  # two ranks per (tp, dp) column, each with a V/tp slice
             total += 2 * dp * vocab * cfg.n_embd * elem
     if dp > 1 and spec.workload == "train" and spec.zero_stage == 3:
-        outer = (cfg.vocab_size + cfg.block_size + 2) * cfg.n_embd
+        shapes = parameter_shapes(cfg)  # outside the blocks: embeddings, final norm, an untied head
+        outer = sum(math.prod(s) for name, s in shapes.items() if not name.startswith("transformer.h."))
         blocks = count_parameters(cfg) - outer
         gathers = spec.microbatches if pp > 1 else 1  # a pipeline runs each block once per microbatch
         total += dp * elem * (2 * gathers * blocks + outer + count_parameters(cfg))

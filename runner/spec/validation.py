@@ -14,14 +14,22 @@ import math
 import re
 from pathlib import Path
 
-from runner.gpt.config import PRESETS
+from runner.gpt.config import FAMILIES, PRESETS, model_problems, parameter_shapes
 from runner.job import corpus
-from runner.job.checkpoint import checkpoint_shapes
+from runner.job.checkpoint import (
+    checkpoint_shapes,
+    config_from_hf_folder,
+    hf_folder_shapes,
+    is_hf_folder,
+    llama_sources,
+)
 from runner.spec.estimates import host_memory_estimate
 from runner.spec.run_spec import (
     DEVICES,
     DTYPES,
+    FROM_WEIGHTS,
     MODEL_DIMS,
+    MODEL_PARTS,
     SCHEDULES,
     TP_STYLES,
     WORKLOADS,
@@ -74,15 +82,31 @@ def _validate_fields(spec: RunSpec, add: Add) -> None:
     _choice(add, "tp_style", spec.tp_style, TP_STYLES)
     _choice(add, "device", spec.device, DEVICES)
     _choice(add, "dtype", spec.dtype, DTYPES)
-    if spec.model not in PRESETS and spec.model != "custom":
+    if spec.model not in PRESETS and spec.model not in ("custom", FROM_WEIGHTS):
         add(
             "model",
-            f"'{spec.model}' is not a preset; choose one of {', '.join(PRESETS)} or 'custom' with n_layer, n_head, n_embd, vocab_size, block_size",
+            f"'{spec.model}' is not a preset; choose one of {', '.join(PRESETS)}, 'custom' with n_layer, n_head, n_embd, "
+            f"vocab_size, block_size, or '{FROM_WEIGHTS}' with weights a Hugging Face folder",
         )
     if spec.model == "custom":
         for dim in MODEL_DIMS:
             if getattr(spec, dim) is None:
                 add(dim, f"a custom model needs {dim}; set it or pick a preset")
+    if spec.model == FROM_WEIGHTS:
+        if not is_hf_folder(spec.weights):
+            add("weights", f"model '{FROM_WEIGHTS}' takes its dimensions from a Hugging Face folder's config.json: "
+                           "set weights to that folder, or pick a preset")  # fmt: skip
+        for name in (*MODEL_DIMS, *MODEL_PARTS):
+            if getattr(spec, name) is not None:
+                add(name, f"the checkpoint's config.json gives {name}; leave it empty")
+    if spec.family is not None and spec.family not in FAMILIES:
+        add("family", f"'{spec.family}' is not a family; choose one of {', '.join(FAMILIES)} or leave it empty")
+    for name in ("n_kv_head", "ffn_hidden"):
+        v = getattr(spec, name)
+        if v is not None and v < 1:
+            add(name, f"must be at least 1 (got {v}); leave it empty for the preset's")
+    if spec.rope_theta is not None and not (spec.rope_theta > 0 and math.isfinite(spec.rope_theta)):
+        add("rope_theta", f"must be a positive number (got {spec.rope_theta}), e.g. 10000 or 500000")
     if spec.zero_stage not in ZERO_STAGES:
         add("zero_stage", f"must be one of {', '.join(map(str, ZERO_STAGES))} (got {spec.zero_stage}): 0 plain data "
                           "parallelism, 1 optimizer state sharded, 2 and gradients, 3 and parameters")  # fmt: skip
@@ -175,15 +199,17 @@ def _validate_options(spec: RunSpec, add: Add) -> None:
 
 
 def _validate_model(spec: RunSpec, add: Add) -> None:
-    """The model's heads against its width, and its layers and heads against the pp and tp splits."""
+    """The model's heads against its width and key/value heads, and its layers and heads against the pp and tp
+    splits (key/value heads split over tp ranks, or each copied to tp / n_kv_head of them)."""
     cfg = spec.model_config()
     name = "the custom model" if spec.model == "custom" else f"the {spec.model} model"
     tp, pp, _ = spec.degrees
-    if cfg.n_embd % cfg.n_head:
-        add(
-            "n_head",
-            f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; pick n_head among {_divisors(cfg.n_embd)}",
-        )
+    for field, message in model_problems(cfg):
+        add(field, message)
+    kv = cfg.kv_heads
+    if spec.rope_theta is not None and not cfg.rotary:
+        add("rope_theta", "the gpt2 family has learned positions, not rotary ones: leave rope_theta empty, or set "
+                          "family to llama")  # fmt: skip
     if pp > 1 and cfg.n_layer % pp:
         add(
             "pp",
@@ -197,6 +223,10 @@ def _validate_model(spec: RunSpec, add: Add) -> None:
             )
         if cfg.d_ff % tp:
             add("tp", f"the MLP width {cfg.d_ff} must be divisible by tp {tp}")
+        if kv % tp and tp % kv:
+            add("tp", f"{name}'s {kv} key/value heads go over {tp} ranks either split (tp divides n_kv_head) or "
+                      f"each copied to tp / n_kv_head ranks (n_kv_head divides tp); use tp in "
+                      f"{_kv_degrees(kv, cfg.n_head)}")  # fmt: skip
 
 
 def _validate_shape(spec: RunSpec, add: Add) -> None:
@@ -260,9 +290,41 @@ def _validate_host_resources(spec: RunSpec, add: Add, gpu_count: int | None) -> 
         )
 
 
+def _validate_hf_folder(spec: RunSpec, path: Path, add: Add) -> None:
+    """A Hugging Face Llama-family folder: config.json we can run, and every tensor we read, of its shape."""
+    if spec.model != FROM_WEIGHTS:
+        add("model", f"{path.name} is a Hugging Face folder: set model to '{FROM_WEIGHTS}' (its config.json gives "
+                     "the dimensions)")  # fmt: skip
+        return
+    try:
+        cfg = config_from_hf_folder(path)
+        shapes = hf_folder_shapes(path)
+    except (OSError, ValueError) as exc:
+        add("weights", f"{path.name} is not a Llama, Qwen2 or Mistral folder we can read ({exc})")
+        return
+    for name, shape in parameter_shapes(cfg).items():
+        for src in llama_sources(name, cfg):
+            want = (src.rows, *shape[1:])
+            if src.name not in shapes:
+                add("weights", f"{path.name} lacks {src.name}, which {name} is read from")
+                return
+            if tuple(shapes[src.name]) != want:
+                add("weights", f"{path.name} has {src.name} of shape {tuple(shapes[src.name])} but its config.json "
+                               f"implies {want}")  # fmt: skip
+                return
+
+
 def _validate_weights(spec: RunSpec, add: Add) -> None:
-    """A weights file's header against the chosen model: GPT-2 names, vocabulary, width, depth, context."""
+    """A weights file's header against the chosen model: GPT-2 names, vocabulary, width, depth, context; a
+    Hugging Face folder against its own config.json."""
     path = Path(spec.weights or "").expanduser()
+    if path.is_dir():
+        _validate_hf_folder(spec, path, add)
+        return
+    if spec.model_config().is_llama:
+        add("weights", "a single file is read as a GPT-2 checkpoint; for a Llama-family model give the Hugging Face "
+                       "folder (config.json and model.safetensors or its shards)")  # fmt: skip
+        return
     if not path.is_file():
         add("weights", f"no file at {str(path)!r}; give the path of a GPT-2 .safetensors or .pt/.bin file")
         return
@@ -377,6 +439,11 @@ def _host_memory_bytes() -> int | None:
 def _choice(add: Add, name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         add(name, f"'{value}' is not allowed; choose one of {', '.join(options)}")
+
+
+def _kv_degrees(kv: int, n_head: int) -> str:
+    """tp degrees that keep heads whole: dividing n_head, and dividing or divided by the key/value heads."""
+    return ", ".join(str(t) for t in range(1, 65) if n_head % t == 0 and (kv % t == 0 or t % kv == 0))
 
 
 def _divisors(n: int) -> str:

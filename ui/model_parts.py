@@ -1,0 +1,52 @@
+"""The model's family and parts on the Launch and Planner pages: their inputs for a custom model, and one line
+describing a model (a preset, or what a Hugging Face folder's config.json says)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runner.gpt.config import FAMILIES, GPTConfig
+from runner.job.checkpoint import config_from_hf_folder, is_hf_folder
+
+
+def describe_model(cfg: GPTConfig) -> str:
+    """One line of a model's shape, as the Launch and Planner pages show it."""
+    kv = f", {cfg.kv_heads} key/value heads" if cfg.kv_heads != cfg.n_head else ""
+    head = "tied head" if cfg.tie_head else "untied head"
+    rope = f", rope_theta {cfg.rope_theta:g}" if cfg.rotary else ""
+    return (f"{cfg.family}: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, MLP {cfg.d_ff}, "
+            f"vocabulary {cfg.vocab_size}, context {cfg.block_size}{rope}, {head}")  # fmt: skip
+
+
+def checkpoint_dims(weights: str | None) -> str | None:
+    """What a Hugging Face folder's config.json says the model is, or why it cannot be read; None for no folder."""
+    if not is_hf_folder((weights or "").strip() or None):
+        return None
+    try:
+        return "config.json: " + describe_model(config_from_hf_folder(weights.strip()))
+    except (OSError, ValueError) as exc:
+        return f"config.json: {exc}"
+
+
+def model_parts_inputs(prefix: str, base: GPTConfig | None = None, container=None) -> dict[str, Any]:
+    """The family and its parts as form inputs (a custom model on the Launch and Planner pages): family,
+    key/value heads, MLP width, rotary base, tied head. Empty numbers mean the family's default."""
+    import streamlit as st
+
+    box = container or st
+    base = base or GPTConfig()
+    c1, c2, c3 = box.columns(3)
+    family = c1.selectbox("family", FAMILIES, index=FAMILIES.index(base.family), key=prefix + "family",
+                          help="gpt2: LayerNorm, learned positions, GELU MLP, biases; llama: RMSNorm, rotary "
+                               "positions, SwiGLU MLP, no biases")  # fmt: skip
+    kv = c2.number_input("n_kv_head", min_value=1, value=None, key=prefix + "n_kv_head", placeholder=str(base.kv_heads),
+                         help="key/value heads, dividing n_head (grouped-query attention); empty: n_head")  # fmt: skip
+    ffn = c3.number_input("ffn_hidden", min_value=1, value=None, key=prefix + "ffn_hidden", placeholder=str(base.d_ff),
+                          help="the MLP's hidden width; empty: 4 x n_embd")  # fmt: skip
+    c1, c2 = box.columns(2)
+    theta = c1.number_input("rope_theta", min_value=1.0, value=None, key=prefix + "rope_theta", disabled=family != "llama",
+                            placeholder=f"{base.rope_theta:g}", help="rotary base (llama); empty: 10000")  # fmt: skip
+    tie = c2.checkbox("tie head", value=base.tie_head, key=prefix + "tie_head",
+                      help="the LM head shares the token embedding's weight")  # fmt: skip
+    return {"family": family, "n_kv_head": kv, "ffn_hidden": ffn,
+            "rope_theta": theta if family == "llama" else None, "tie_head": tie}  # fmt: skip
