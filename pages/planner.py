@@ -7,6 +7,7 @@ import streamlit as st
 
 from runner import api
 from runner.planner.devices import KINDS, from_partition, preset
+from runner.planner.inputs import input_problems
 from runner.planner.models import MODELS, GiB, Workload
 from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
@@ -105,13 +106,12 @@ if problem or devices is None:
 st.caption(f"{devices.describe()} · {devices.source}")
 use_all = st.checkbox("use every device (else also layouts on fewer)", value=devices.count > 8, key=K + "all")
 
-try:
-    work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
-    _ = work.checkpoint_every  # raises ValueError for a bad policy (a bare expression would be shown: magic)
-except ValueError as exc:
-    st.error(str(exc))
-    st.stop()
+work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
 inputs = P.PlannerInputs(model, dims, work, tuple(zero) or (0,), efficiency)
+problems = input_problems(inputs.config(), work, zero=inputs.zero_stages, efficiency=efficiency, gpus=devices.count)
+if problems:
+    st.error("\n".join(f"- {p}" for p in problems))
+    st.stop()
 result = P.plan(inputs.config(), work, devices, zero_stages=inputs.zero_stages, efficiency=efficiency,
                 use_all=use_all)  # fmt: skip
 

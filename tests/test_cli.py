@@ -222,3 +222,38 @@ def test_logs_follow_streams_this_machines_rank_log_until_the_run_ends(engine, t
         follow.kill()
     assert follow.returncode == 0, stderr
     assert stdout == "step 1/3\nstep 2/3\nstep 3/3\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "fragment"),
+    [
+        (["--efficiency", "0"], "--efficiency", "above 0 and at most 1"),
+        (["--efficiency", "-0.5"], "--efficiency", "above 0 and at most 1"),
+        (["--efficiency", "1.5"], "--efficiency", "above 0 and at most 1"),
+        (["--virtual-stages", "0"], "--virtual-stages", "at least 1 model chunk"),
+        (["--virtual-stages", "2"], "--virtual-stages", "set virtual_stages to 1, or schedule to interleaved-1f1b"),
+        (["--schedule", "interleaved-1f1b"], "--virtual-stages", "at least 2 model chunks"),
+        (["--batch", "0"], "--batch", "at least 1 sequence"),
+        (["--gpus", "0"], "--gpus", "at least 1 device"),
+        (["--zero", "x"], "--zero", "'x' is not a ZeRO stage"),
+        (["--microbatches", "-1"], "--microbatches", "must be 0"),
+        (["--microbatches", "2", "--microbatch-size", "4"], "--microbatch-size", "not both"),
+        (["--seq", "0"], "--seq", "at least 1 token"),
+        (["--seq", "4096"], "--seq", "exceeds the model's block_size 1024"),
+        (["--n-layer", "0"], "--n-layer", "at least 1"),
+        (["--n-head", "7"], "--n-head", "must be divisible by n_head 7"),
+        (["--memory-gib", "80", "--tflops", "-1", "--bw-intra", "1", "--bw-inter", "1"], "--tflops", "positive"),
+    ],
+)
+def test_bad_plan_inputs_exit_2_name_the_flag_without_a_traceback(args, flag, fragment):
+    proc = cli("plan", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any(line.startswith(f"plan: {flag}: ") and fragment in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_bad_plan_inputs_as_json_list_every_problem():
+    proc = cli("plan", "--batch", "0", "--gpus", "0", "--efficiency", "2", "--json")
+    assert proc.returncode == 2
+    fields = {p["field"] for p in json.loads(proc.stdout)["problems"]}
+    assert fields == {"batch", "gpus", "efficiency"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -132,10 +133,15 @@ def test_calibrate_measures_this_host():
     assert ar["ranks"] == 2 and ar["busbw"] > 1e6
 
 
-def test_microbatches_and_chunks_only_apply_to_pipelines():
-    # tiny has 4 layers: interleaved with v = 4 splits over pp 1 (no pipeline: nothing to interleave) but not pp 2
+def test_chunks_apply_to_pipelines_and_microbatches_to_every_layout():
+    # tiny has 4 layers: interleaved with v = 4 splits over pp 1 (no pipeline: nothing to interleave) but not pp 2;
+    # without a pipeline the 4 microbatches are gradient accumulation: a replica's 4 rows one at a time
     w = Workload(batch=8, seq=64, schedule="interleaved-1f1b", virtual_stages=4, microbatches=4)
     dev = preset("h100-80gb", 2, 2)
     alone = evaluate(PRESETS_TINY, Layout(dp=2), w, dev)
-    assert alone.feasible and alone.microbatches == 1 and alone.memory.microbatch_size == 4
+    assert alone.feasible and alone.microbatches == 4 and alone.memory.microbatch_size == 1
+    by_size = evaluate(PRESETS_TINY, Layout(dp=2), replace(w, microbatches=0, microbatch_size=2), dev)
+    assert by_size.microbatches == 2 and by_size.memory.microbatch_size == 2
+    assert "batch per replica 4 not divisible by microbatches of 3" in evaluate(
+        PRESETS_TINY, Layout(dp=2), replace(w, microbatches=0, microbatch_size=3), dev).reasons  # fmt: skip
     assert "n_layer 4 not divisible by pp 2 x virtual stages 4" in evaluate(PRESETS_TINY, Layout(pp=2), w, dev).reasons

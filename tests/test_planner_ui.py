@@ -146,3 +146,13 @@ def test_simulated_pipeline_step_meets_the_bubble_theory():
     sim = P.simulated_step(inputs, c, fast)
     assert abs(sim.bubble_mean - 3 / 7) < 1e-6 and c.step.bubble_fraction == 3 / 7
     assert P.simulated_step(inputs, P.evaluate(inputs.config(), Layout(dp=8), inputs.work, fast), fast) is None
+
+
+def test_planner_page_names_a_bad_input_and_plans_nothing(engine):
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    at.number_input(key="planner_v").set_value(2)  # virtual stages without the interleaved schedule
+    at.run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "virtual_stages" in errors and "interleaved-1f1b" in errors
+    assert len(at.dataframe) == 1  # the guide's table only: no plan was drawn

@@ -14,10 +14,11 @@ import sys
 from typing import Any
 
 from runner.planner.devices import KINDS, Devices, described, from_partition, preset
+from runner.planner.inputs import input_problems, zero_stages
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS
+from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecProblem
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
@@ -33,7 +34,10 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES)
     p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
     p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    p.add_argument("--microbatches", type=int, default=0, help="per replica; 0: one sequence each when pipelined")
+    p.add_argument("--microbatches", type=int, default=0,
+                   help="per replica, gradients accumulated over them; 0: one sequence each when pipelined, else 1")
+    p.add_argument("--microbatch-size", type=int, default=0,
+                   help="sequences per microbatch (Megatron's --micro-batch-size), instead of --microbatches")
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
@@ -76,7 +80,7 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    return Workload.of(args, seq=args.seq or block_size)
+    return Workload.of(args, seq=block_size if args.seq is None else args.seq)
 
 
 def format_plan(result: Plan, top: int = 15) -> str:
@@ -114,26 +118,39 @@ def format_plan(result: Plan, top: int = 15) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """Print the plan; 2 on bad arguments."""
+    """Print the plan; 2 on bad arguments (every problem named by its flag, nothing planned)."""
     cfg = with_dims(
         MODELS[args.model], **{d: getattr(args, d) for d in MODELS[args.model].to_dict() if hasattr(args, d)}
     )
-    try:
-        zero = tuple(sorted({int(z) for z in str(args.zero).split(",") if z.strip()}))
-        if any(z not in (0, 1, 2, 3) for z in zero):
-            raise ValueError("--zero takes stages 0 to 3")
-        devices = devices_from_args(args)
-        work = workload_from_args(args, cfg.block_size)
-        work.checkpoint_every  # noqa: B018 -- raises ValueError for a bad policy
-    except ValueError as exc:
-        print(f"plan: {exc}", file=sys.stderr)
+    work = workload_from_args(args, cfg.block_size)
+    problems = input_problems(
+        cfg, work, zero=str(args.zero), efficiency=args.efficiency, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+        memory_gib=args.memory_gib, tflops=args.tflops, bw_intra=args.bw_intra, bw_inter=args.bw_inter, top=args.top,
+    )  # fmt: skip
+    if not problems:
+        try:
+            devices = devices_from_args(args)
+        except ValueError as exc:
+            problems.append(SpecProblem("devices", str(exc)))
+    if problems:
+        if args.json:
+            print(json.dumps({"error": "invalid plan inputs", "problems": [
+                {"field": p.field, "flag": _flag(p.field), "message": p.message} for p in problems]}))  # fmt: skip
+        for p in problems:
+            print(f"plan: {_flag(p.field)}: {p.message}", file=sys.stderr)
         return 2
+    zero, _ = zero_stages(str(args.zero))
     result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency, use_all=not args.fewer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
         print(format_plan(result, args.top))
     return 0
+
+
+def _flag(field: str) -> str:
+    """The plan flag of an input field ('devices' is several flags: the message names them)."""
+    return field if field == "devices" else "--" + field.replace("_", "-")
 
 
 def add_calibrate_parser(sub: Any) -> argparse.ArgumentParser:

@@ -89,10 +89,12 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
         out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
     if work.batch % dp:
         out.append(f"batch {work.batch} not divisible by dp {dp}")
-    elif pp > 1:
-        m = work.microbatches_for(layout)
-        if (work.batch // dp) % m:
-            out.append(f"batch per replica {work.batch // dp} not divisible by {m} microbatches")
+    else:
+        m, rows = work.microbatches_for(layout), work.batch // dp
+        if work.microbatch_size and rows % work.microbatch_size:
+            out.append(f"batch per replica {rows} not divisible by microbatches of {work.microbatch_size}")
+        elif rows % m:
+            out.append(f"batch per replica {rows} not divisible by {m} microbatches")
         if v > 1 and m % pp:
             out.append(f"interleaved-1f1b needs microbatches ({m}) to be a multiple of pp {pp}")
     if layout.zero_stage and (dp < 2 or work.workload != "train"):

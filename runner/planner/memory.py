@@ -120,14 +120,17 @@ class BackwardPoint:
 @functools.lru_cache(maxsize=1024)
 def backward_points(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[BackwardPoint, ...]:
     """The start of every backward pass of pipeline rank `stage`, replaying the schedule the engine runs
-    (runner/job/schedule_ops.py; without a pipeline, pp = 1: one forward and one backward). A forward saves, the
-    backward frees (a split backward's W frees; on the first virtual stage, which has no input gradient, W runs
-    the whole backward and its B nothing). Gradients exist from the end of the first pass that makes them."""
+    (runner/job/schedule_ops.py; without a pipeline, pp = 1: each microbatch's forward and backward in turn). A
+    forward saves, the backward frees (a split backward's W frees; on the first virtual stage, which has no input
+    gradient, W runs the whole backward and its B nothing). Gradients exist from the end of the first pass that
+    makes them."""
+    # Without a pipeline the engine runs each microbatch's forward and backward in turn (gradient accumulation)
+    schedule = schedule if pp > 1 else "1f1b"
     held, awaiting = [0] * v, [0] * v
     grads = False
     split = splits_backward(schedule)
     points: dict[BackwardPoint, None] = {}
-    for op in schedule_ops(schedule if pp > 1 else "gpipe", m, pp, stage, v):
+    for op in schedule_ops(schedule, m, pp, stage, v):
         c = op.chunk
         if op.kind == "F":
             held[c] += 1
@@ -315,7 +318,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             per_chunk = [flight * b for b in per_chunk]
         else:
             points = backward_points(work.schedule, pp, m, stage, v)
-        split_b = splits_backward(work.schedule)
+        split_b = splits_backward(work.schedule) and pp > 1
         during = -1
         for pt in points:
             c = pt.chunk

@@ -54,8 +54,10 @@ class Layout:
 class Workload:
     """What runs on the layout: the spec fields the memory and the step time depend on.
 
-    batch is the global batch (all replicas); microbatches is m per replica (pipeline only; 0 = choose:
-    microbatches of one sequence when pp > 1, else 1)."""
+    batch is the global batch (all replicas). A replica's batch is cut into microbatches whose gradients accumulate
+    before one optimizer step, in every layout (gradient accumulation without a pipeline, the pipeline's
+    microbatches with one): `microbatches` is their count m per replica, or `microbatch_size` the sequences in
+    each (Megatron's --micro-batch-size); 0 for both: one sequence each when pp > 1, else the whole batch at once."""
 
     workload: str = "train"
     batch: int = 8
@@ -76,6 +78,7 @@ class Workload:
     # The collectives' backend: "nccl" on GPUs; "gloo" on CPUs, whose reduce-scatter works on a copy of its input
     # and whose all-gather fills a buffer of its own before copying out.
     backend: str = "nccl"
+    microbatch_size: int = 0  # sequences per microbatch instead of a count (0: not given)
 
     @classmethod
     def of(cls, source: Any, **overrides: Any) -> Workload:
@@ -108,11 +111,14 @@ class Workload:
         return 2 if self.dtype == "bfloat16" else 4
 
     def microbatches_for(self, layout: Layout) -> int:
-        """m for this layout: 1 without a pipeline (only pipelines split the batch); else the given one, or
-        (0) one sequence per microbatch."""
-        if layout.pp < 2:
-            return 1
-        return self.microbatches or max(1, self.batch // layout.dp)
+        """m per replica on this layout: the batch per replica over microbatch_size, or the count given, or (both 0)
+        one sequence per microbatch in a pipeline and the whole batch as one without."""
+        rows = max(1, self.batch // layout.dp)
+        if self.microbatch_size > 0:
+            return max(1, rows // self.microbatch_size)
+        if self.microbatches > 0:
+            return self.microbatches
+        return rows if layout.pp > 1 else 1
 
     def chunks_for(self, layout: Layout) -> int:
         """v, the model chunks per pipeline rank: virtual_stages under interleaved-1f1b with a pipeline, else 1."""
@@ -139,6 +145,5 @@ def spec_layout(spec: RunSpec) -> Layout:
 
 def spec_workload(spec: RunSpec, device: str | None = None) -> Workload:
     """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
-    _, pp, _ = spec.degrees
-    work = Workload.of(spec, microbatches=spec.microbatches if pp > 1 else 1)
+    work = Workload.of(spec)
     return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work
