@@ -13,7 +13,18 @@ import time
 
 from runner import api
 from runner.service.launchers import add_serve_arguments, launcher_from_args
-from runner.spec.run_spec import DEVICES, DTYPES, SCHEDULES, TP_STYLES, WORKLOADS, ZERO_STAGES, RunSpec, SpecError
+from runner.spec.run_spec import (
+    DEVICES,
+    DTYPES,
+    SCHEDULES,
+    TP_STYLES,
+    WORKLOADS,
+    ZERO_STAGES,
+    RunSpec,
+    SpecError,
+    SpecProblem,
+    microbatches_of_size,
+)
 from runner.spec.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
 
@@ -77,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         opts = {**opts, **registry_opts(name)}
         flag = opts.pop("flag", "--" + name.replace("_", "-"))
         submit.add_argument(flag, dest=name, **opts)
+    submit.add_argument("--microbatch-size", type=int, dest="microbatch_size",
+                        help="sequences per microbatch (Megatron's --micro-batch-size), instead of --microbatches")
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
     submit.add_argument("--user", help="who launched it (default: the OS user)")
     submit.add_argument("--spec-json", help="a whole spec as JSON (flags override its fields)")
@@ -147,6 +160,11 @@ def spec_from_args(args: argparse.Namespace) -> dict:
             data[name] = value
     if args.tags:
         data["tags"] = args.tags
+    if args.microbatch_size is not None:
+        if args.microbatches is not None:
+            raise SpecError([SpecProblem("microbatch_size", "give --microbatches (a count) or --microbatch-size "
+                                                            "(sequences each), not both")])  # fmt: skip
+        data["microbatches"] = microbatches_of_size(RunSpec.from_dict(data), args.microbatch_size)
     return data
 
 

@@ -30,6 +30,9 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--model", "gpt9"], "model", "is not a preset"),
         (["--strategy", "single", "--weights", "/nope/model.safetensors"], "weights", "no file at"),
         (["--strategy", "single", "--spec-json", '{"colour": 1}'], "colour", "is not a spec field"),
+        (["--strategy", "data", "--dp", "2", "--microbatch-size", "3"], "microbatch_size", "a multiple of 6"),
+        (["--strategy", "single", "--microbatches", "2", "--microbatch-size", "2"], "microbatch_size", "not both"),
+        (["--strategy", "single", "--microbatches", "3"], "microbatches", "must split into 3 equal microbatches"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
@@ -86,6 +89,13 @@ def test_submit_list_show_cancel_without_a_runner(engine):
     assert cli("show", "999").returncode == 1
     csv_out = cli("export", "--format", "csv").stdout.splitlines()
     assert csv_out[0].startswith("id,status") and len(csv_out) == 2
+
+
+def test_microbatch_size_becomes_the_count_of_gradient_accumulation(engine):
+    # Megatron's --micro-batch-size: batch 16 over dp 2 in microbatches of 2 sequences is m = 4 per replica
+    proc = cli("submit", "--strategy", "data", "--dp", "2", "--batch", "16", "--microbatch-size", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert api.get_run(engine, json.loads(proc.stdout)["id"])["spec"]["microbatches"] == 4
 
 
 def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):

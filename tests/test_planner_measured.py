@@ -69,6 +69,11 @@ CASES = {
     "small-layer": {"strategy": "layer", "pp": 2, "model": "small", "batch": 8, "seq": 128},
     "small-tensor": {"strategy": "tensor", "tp": 2, "model": "small", "batch": 8, "seq": 128},
     "small-data": {"strategy": "data", "dp": 2, "model": "small", "batch": 8, "seq": 128},
+    # gradient accumulation without a pipeline: a microbatch's activations at a time, the gradients of the earlier
+    # ones held (whole ones under ZeRO-2 until the last microbatch's backward reduce-scatters them)
+    "small-single-accumulate": {"strategy": "single", "model": "small", "batch": 8, "seq": 128, "microbatches": 4},
+    "small-data-zero2-accumulate": {"strategy": "data", "dp": 2, "zero_stage": 2, "microbatches": 2, "model": "small",
+                                    "batch": 8, "seq": 128},  # fmt: skip
     "small-3d": {
         "strategy": "3d",
         "tp": 2,

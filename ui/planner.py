@@ -151,8 +151,10 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
         "device": device,
         "tags": (PLAN_TAG,),
     }
+    if strategy != "layer":  # gradient accumulation without a pipeline, the pipeline's microbatches with one
+        values["microbatches"] = c.microbatches
     if strategy in ("pipeline", "3d"):
-        values |= {"microbatches": c.microbatches, "schedule": work.schedule}
+        values["schedule"] = work.schedule
         if work.schedule == "interleaved-1f1b":
             values["virtual_stages"] = work.virtual_stages
     if strategy in ("data", "3d") and lay.zero_stage:

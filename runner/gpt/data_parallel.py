@@ -5,13 +5,15 @@ grid for '3d'. Replica d takes rows [d*B/dp, (d+1)*B/dp) of the global batch. Gr
 over the data-parallel group in flat buckets of about 25 MB (DDP's default: few calls, bounded
 extra memory) and divided by dp, so every replica applies the same AdamW step and stays identical.
 
-Overlap: when the inner strategy runs its backward as one pass that accumulates every gradient
-exactly once (the whole model, as in 'data'), each bucket's all-reduce starts asynchronously from a
-post-accumulate-grad hook the moment its last gradient is ready, in reverse layer order as backward
-produces them, and runs while backward continues; NCCL and gloo both progress asynchronous
-collectives on their own threads. When the inner strategy accumulates a gradient several times (a
-pipeline adds every microbatch into the same .grad, as in '3d'), a hook would fire too early, so the
-buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
+Overlap: when the inner strategy's last microbatch runs its backward as one pass that gives every
+gradient its last addition (the whole model, as in 'data', with or without gradient accumulation over
+microbatches), each bucket's all-reduce starts asynchronously from a post-accumulate-grad hook the moment
+its last gradient of that pass is ready, in reverse layer order as backward produces them, and runs while
+backward continues; NCCL and gloo both progress asynchronous collectives on their own threads. The hooks
+are armed just before that pass (the engine's `before_last_backward`), so the earlier microbatches'
+backwards only accumulate: one reduction a step, as DDP's no_sync and Megatron's gradient accumulation
+do. When the inner strategy's passes interleave microbatches (a pipeline, as in '3d'), a hook would fire
+too early, so the buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
 blocked on this communication (CPU: its main thread in work.wait(); CUDA: its compute stream waiting
 for the NCCL stream, timed by events, runner/gpt/timing.py), so the figure shows how much of it stayed
 exposed. The overlap is observed, not assumed: tests/test_data_parallel.py records when each bucket's
@@ -62,8 +64,10 @@ class DataParallelGPT(ParallelGPT):
         self.inner = inner
         self.dp = mesh.dp
         self.zero_stage = zero_stage
-        self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
+        self.overlap = mesh.dp_size > 1 and getattr(inner, "last_backward_finishes_grads", False)
         self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed) if zero_stage else None
+        if self.overlap:
+            inner.before_last_backward.append(self.zero.arm if self.zero else self._arm)
         self.grad_bytes = 0
         # Every replica holds the same shapes in the same order, so buckets line up across ranks;
         # reversed because backward produces the last layers' gradients first.
@@ -142,7 +146,6 @@ class DataParallelGPT(ParallelGPT):
             with self.zero.workload(train=True):  # reduces (ZeRO's way) when the inner backward is done
                 loss = self.inner.forward_backward(idx[rows], targets[rows])
         else:
-            self._missing = [len(b) for b in self.buckets]
             loss = self.inner.forward_backward(idx[rows], targets[rows])
             self.average_gradients()
         if loss is None:
@@ -152,9 +155,13 @@ class DataParallelGPT(ParallelGPT):
         total = self.dp.all_reduce(torch.tensor([loss], dtype=torch.float64, device=self.device))
         return total.item() / self.mesh.dp_size
 
+    def _arm(self) -> None:
+        """Just before the last microbatch's backward: from now on a bucket's last gradient starts its all-reduce."""
+        self._missing = [len(b) for b in self.buckets]
+
     def _grad_ready(self, i: int) -> None:
         if not self._missing:
-            return  # a backward outside forward_backward (none today) must not start collectives
+            return  # an earlier microbatch's backward (its gradients are not final) or one outside forward_backward
         self._missing[i] -= 1
         if self._missing[i] == 0:
             self._start_bucket(i)

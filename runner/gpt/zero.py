@@ -21,9 +21,10 @@ Parameters the builder left on the meta device get their values here, one parame
 `materialize` under its reference name, so a stage-3 rank never holds more than one unit of the model
 (built the other way, the rank first materializes its whole part and then shards it).
 
-Overlap. When the inner strategy runs one backward pass that accumulates each gradient once (the whole
-model, 'data'), a unit's reduction starts from its last post-accumulate-grad hook and runs while backward
-continues, as the plain data-parallel buckets do. Inside a pipeline ('3d' with microbatches) a gradient
+Overlap. When the inner strategy's last microbatch runs one backward pass that gives each gradient its last
+addition (the whole model, 'data', with or without gradient accumulation), a unit's reduction starts from its
+last post-accumulate-grad hook of that pass and runs while backward continues, as the plain data-parallel
+buckets do; the earlier microbatches' backwards only accumulate whole gradients (one reduction a step). Inside a pipeline ('3d' with microbatches) a gradient
 is accumulated once per microbatch, so the reductions start after the inner backward (all of a stage's
 gradients then exist at once, in stage 2 and 3 too: the at-rest figures are sharded, the peak of the step
 is not). Stage 3 in a pipeline gathers each block for each microbatch's forward and backward: 2m
@@ -126,6 +127,7 @@ class ZeroShards:
         # building (a checkpoint's slices, a test's fault) reaches every rank's whole parameters.
         self._fresh = False
         self._training = False  # inside a forward_backward: gradient hooks act only then
+        self._armed = False  # the last microbatch's backward runs: a unit's gradients are final once made
         self.grad_bytes = 0
         self.reduce_inputs_peak = 0  # most whole-unit gradient buffers awaiting their reduce-scatter at once
         for u in self.units:
@@ -217,7 +219,7 @@ class ZeroShards:
             if train:
                 self._finish_gradients()
         finally:
-            self._training = False
+            self._training = self._armed = False
             for u in self.units:
                 u.awaiting_weight_grads = 0
                 self._release(u)  # stage 3 only
@@ -280,8 +282,13 @@ class ZeroShards:
         u.awaiting_weight_grads = max(0, u.awaiting_weight_grads - 1)
         if self.stage == 3 and u is not self.outer and not u.awaiting_weight_grads:
             self._release(u)
-        if self.overlap:
+        if self.overlap and self._armed:
             self._start_reduce(u)
+
+    def arm(self) -> None:
+        """Just before the last microbatch's backward (the engine's `before_last_backward`): from now on a unit whose
+        gradients are all made is reduced while backward goes on; earlier microbatches only accumulate."""
+        self._armed = self._training
 
     @torch.no_grad()
     def _start_reduce(self, u: Unit) -> None:

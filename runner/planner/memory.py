@@ -215,9 +215,10 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             if zero >= 1
             else (2 * psi * w + ADAM_STEP_BYTES * n_tensors)
         )
-        if zero >= 2 and pp > 1:  # inside a pipeline all of the stage's full gradients exist before reducing
+        if zero >= 2 and (pp > 1 or work.microbatches_for(layout) > 1):
+            # inside a pipeline, or accumulating microbatches, the stage's full gradients exist before reducing
             full_grads = (psi - sharded) * w
-            notes.append("ZeRO-2/3 in a pipeline: the stage's full gradients exist until the reduce-scatter")
+            notes.append("ZeRO-2/3 with microbatches: the full gradients exist until the reduce-scatter")
     in_blocks = 0  # transient bytes while a block runs (not during the head's cross entropy)
     if zero == 3:
         # gathered during a step: the outer unit throughout (runner/gpt/zero.py), and while a block runs, that block and

@@ -186,6 +186,23 @@ class RunSpec:
         return cls.from_dict(data)
 
 
+def microbatches_of_size(spec: RunSpec, size: int) -> int:
+    """The microbatch count m of microbatches of `size` sequences (Megatron's --micro-batch-size): the batch per
+    replica over `size`. Raises SpecError naming microbatch_size when it is not a whole number of them."""
+    if size < 1:
+        raise SpecError([SpecProblem("microbatch_size", f"must be at least 1 sequence (got {size})")])
+    try:
+        dp = spec.degrees.dp
+    except ValueError:
+        return spec.microbatches  # a bad degree: validate_spec names it
+    rows = spec.batch // dp if spec.batch >= dp >= 1 else 0
+    if rows < 1 or spec.batch % dp or rows % size:
+        raise SpecError([SpecProblem("microbatch_size", f"each replica's batch of {spec.batch}/{dp} must split into "
+                                                        f"microbatches of {size} sequences; use a batch that is a "
+                                                        f"multiple of {dp * size}")])  # fmt: skip
+    return rows // size
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     try:
