@@ -9,7 +9,7 @@ from runner import api
 from runner.planner.devices import KINDS, from_partition, preset
 from runner.planner.inputs import input_problems
 from runner.planner.models import MODELS, GiB, Workload
-from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
+from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.state import engine, enter_through_app
 
@@ -47,7 +47,8 @@ workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "workload")
 batch = int(c2.number_input("global batch", min_value=1, value=8, key=K + "batch"))
 seq = int(c2.number_input("sequence", min_value=1, value=min(1024, base.block_size), key=K + "seq"))
 new_tokens = int(c2.number_input("new tokens (generate)", min_value=1, value=16, key=K + "new_tokens"))
-dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype")
+dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype",
+                     help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES))  # fmt: skip
 checkpoint = c3.text_input("activation checkpointing", value="none", help="none, blocks or every-K", key=K + "ckpt")
 zero = c3.multiselect("ZeRO stages", [0, 1, 2, 3], default=[0, 1], key=K + "zero")
 schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")

@@ -55,6 +55,8 @@ SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from th
     "lr": dict(type=float),
     "device": dict(choices=DEVICES),
     "dtype": dict(choices=DTYPES),
+    "reduce_fp32": dict(action="store_true", default=None,
+                        help="bf16-master or bfloat16: reduce the gradients over data parallelism in float32"),
     "seed": dict(type=int),
     "verify": dict(action="store_true", default=None),
     "weights": dict(),

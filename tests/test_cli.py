@@ -33,6 +33,8 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "data", "--dp", "2", "--microbatch-size", "3"], "microbatch_size", "a multiple of 6"),
         (["--strategy", "single", "--microbatches", "2", "--microbatch-size", "2"], "microbatch_size", "not both"),
         (["--strategy", "single", "--microbatches", "3"], "microbatches", "must split into 3 equal microbatches"),
+        (["--strategy", "data", "--dp", "2", "--reduce-fp32"], "reduce_fp32", "choose dtype bf16-master"),
+        (["--strategy", "single", "--dtype", "bf16-master", "--reduce-fp32"], "reduce_fp32", "dp 2 or more"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):

@@ -57,15 +57,19 @@ def grad_buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -
 
 
 class DataParallelGPT(ParallelGPT):
-    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0, seed: int | None = None):
+    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0, seed: int | None = None,
+                 reduce_dtype: torch.dtype | None = None):  # fmt: skip
         """`seed` lets ZeRO give values to parameters the builder left on the meta device (stage 3 built
-        lazily: one parameter at a time, only this rank's shard kept)."""
+        lazily: one parameter at a time, only this rank's shard kept). `reduce_dtype`: the dtype the gradients
+        cross the wire in, when not their own (float32 for 16-bit gradients: the spec's reduce_fp32)."""
         super().__init__(inner.config, mesh, inner.device, inner.dtype)
         self.inner = inner
+        self.master_dtype = inner.master_dtype
+        self.reduce_dtype = reduce_dtype
         self.dp = mesh.dp
         self.zero_stage = zero_stage
         self.overlap = mesh.dp_size > 1 and getattr(inner, "last_backward_finishes_grads", False)
-        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed) if zero_stage else None
+        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed, reduce_dtype) if zero_stage else None
         if self.overlap:
             inner.before_last_backward.append(self.zero.arm if self.zero else self._arm)
         self.grad_bytes = 0
@@ -169,7 +173,7 @@ class DataParallelGPT(ParallelGPT):
     @torch.no_grad()
     def _start_bucket(self, i: int) -> None:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]])
-        self._pending[i] = self.dp.all_reduce_async(flat)
+        self._pending[i] = self.dp.all_reduce_async(flat.to(self.reduce_dtype) if self.reduce_dtype else flat)
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -183,6 +187,7 @@ class DataParallelGPT(ParallelGPT):
         for i, bucket in enumerate(self.buckets):
             flat = self._pending[i].wait()
             flat /= self.mesh.dp_size
+            flat = flat.to(bucket[0].dtype)  # the mean back in the gradients' dtype (reduced wider: reduce_dtype)
             self.grad_bytes += flat.numel() * flat.element_size()
             offset = 0
             for p in bucket:

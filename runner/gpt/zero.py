@@ -64,6 +64,7 @@ import torch.nn as nn
 
 from runner.gpt.comm import GroupComm, PendingCollective, nbytes
 from runner.gpt.model import shard_of
+from runner.gpt.precision import adamw
 from runner.gpt.zero_units import (
     Unit,
     block_modules,
@@ -109,10 +110,12 @@ class ZeroShards:
     """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
     (a ParallelGPT whose named_shards() are its parameters under reference names)."""
 
-    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool, seed: int | None = None):
+    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool, seed: int | None = None,
+                 reduce_dtype: torch.dtype | None = None):  # fmt: skip
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
         self.inner, self.comm, self.stage, self.overlap, self.seed = inner, comm, stage, overlap, seed
+        self.reduce_dtype = reduce_dtype  # the gradients' dtype on the wire when not their own (reduce_fp32)
         self.n, self.r = comm.size, comm.index
         named = inner.named_shards()
         groups, self._name_of = group_parameters(named)  # _name_of: a reference name of each parameter
@@ -181,8 +184,9 @@ class ZeroShards:
                 p.grad = None
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """AdamW over this rank's shards only: its state is 2 x sum S_u elements (and one step counter a unit)."""
-        return torch.optim.AdamW(self.shards(), lr=lr)
+        """AdamW over this rank's shards only: its state is 2 x sum S_u elements (and one step counter a unit), and
+        under bf16-master the float32 masters of the shards too (the paper's P_os)."""
+        return adamw(self.shards(), lr, self.inner.master_dtype)
 
     @torch.no_grad()
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -297,6 +301,8 @@ class ZeroShards:
         if pad:
             parts.append(torch.zeros(pad, dtype=u.full.dtype, device=u.full.device))
         flat = torch.cat(parts)
+        if self.reduce_dtype is not None:
+            flat = flat.to(self.reduce_dtype)
         if self.stage == 1:  # the reduced flat buffer becomes the gradients: nothing extra to bound
             u.pending_reduce = self.comm.all_reduce_async(flat)
             return
@@ -317,6 +323,7 @@ class ZeroShards:
         reduced = u.pending_reduce.wait()
         u.pending_reduce, u.reduce_input = None, None
         reduced /= self.n  # the mean over replicas, as plain data parallelism
+        reduced = reduced.to(u.full.dtype)  # back in the gradients' dtype (reduced wider: reduce_dtype)
         if self.stage == 1:
             for p, off in zip(u.params, u.offsets, strict=True):
                 p.grad = reduced[off : off + p.numel()].view_as(p)

@@ -102,7 +102,7 @@ def device_peak_flops(name: str, dtype: str) -> float | None:
     peak = device_peak(name)
     if peak is None:
         return None
-    return peak.bf16 if dtype in ("bfloat16", "bf16-mixed") else peak.fp32  # bf16-mixed multiplies in bf16
+    return peak.bf16 if dtype in ("bfloat16", "bf16-mixed", "bf16-master") else peak.fp32  # mixed: bf16 matmuls
 
 
 def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from runner.gpt.data import fold_seed, synthetic_batch
 from runner.gpt.mesh import Mesh, barrier
+from runner.gpt.precision import optimizer_state_bytes, precision_of
 from runner.gpt.strategy import ParallelGPT
 from runner.job.checkpoint import read_checkpoint
 from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
@@ -95,7 +96,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
                         host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
-    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    dtype = precision_of(spec.dtype).param_dtype
     mesh = Mesh.build(spec.degrees)
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
@@ -155,10 +156,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
                              loss=loss))  # fmt: skip
 
     mesh.stats.counting = False
-    optimizer_bytes = 0
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            optimizer_bytes += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    optimizer_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
     params = model.parameters()
     comm = mesh.stats.as_dict()
     c = mesh.coord

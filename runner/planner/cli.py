@@ -18,7 +18,7 @@ from runner.planner.inputs import input_problems, zero_stages
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecProblem
+from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecProblem
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
@@ -31,7 +31,9 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences, all replicas)")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's block_size)")
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES)
+    p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES,
+                   help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES).replace("%", "%%"))
+    p.add_argument("--reduce-fp32", action="store_true", help="bfloat16, bf16-master: gradients reduced in float32")
     p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
     p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
     p.add_argument("--microbatches", type=int, default=0,

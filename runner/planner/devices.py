@@ -42,8 +42,8 @@ class Devices:
     source: str = "described"
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s for a run's dtype: bf16-mixed computes in bfloat16."""
-        return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed") else self.peak_fp32
+        """Peak FLOP/s for a run's dtype: bf16-mixed and bf16-master compute in bfloat16."""
+        return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed", "bf16-master") else self.peak_fp32
 
     @property
     def is_cpu(self) -> bool:

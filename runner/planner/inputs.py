@@ -82,6 +82,9 @@ def input_problems(
         add("workload", f"'{work.workload}' is not allowed; choose one of {', '.join(WORKLOADS)}")
     if work.dtype not in DTYPES:
         add("dtype", f"'{work.dtype}' is not allowed; choose one of {', '.join(DTYPES)}")
+    elif work.reduce_fp32 and work.dtype not in ("bfloat16", "bf16-master"):
+        add("reduce_fp32", f"reduces 16-bit gradients in float32; under {work.dtype} they are float32 already: turn it "
+                           "off, or choose dtype bf16-master or bfloat16")  # fmt: skip
     if work.schedule not in SCHEDULES:
         add("schedule", f"'{work.schedule}' is not allowed; choose one of {', '.join(SCHEDULES)}")
     _workload_problems(cfg, work, add)

@@ -57,7 +57,8 @@ Data parallelism and ZeRO-1 add the backward's end: the gradients flattened into
 ZeRO-1's units) beside the parameters' own, twice the gradients and no activations left.
 So GPipe's first stage peaks in its second backward (m - 1 microbatches and the gradients) or its first (m, none),
 whichever is larger, and a single rank in its first backward with no gradient yet.
-AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations: the gradients plus
+AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations (under bf16-master with
+the float32 gradients of the masters it steps, runner/gpt/precision.py MasterAdamW): the gradients plus
 torch's foreach AdamW's one temporary the size of everything it steps (its default on GPUs: the square roots of
 the second moments; the rank's shards under ZeRO), or its for-loop AdamW's two of the largest tensor's size (the
 default on CPUs: that square root and the quotient).
@@ -204,17 +205,17 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     always = 0  # transient bytes at every moment of a step
     full_grads = 0  # bytes a rank's gradients take beyond their resting size while its backward passes run
     if train:
-        # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit
+        # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit; its moments are as wide as
+        # what it steps (bf16-master: float32 masters, kept beside the moments, with float32 gradients during the step)
+        stepped = sharded if zero >= 1 else psi
+        ow, master = work.moment_width, work.master_width
         if work.adamw == "foreach":
-            step_bytes = (sharded if zero >= 1 else psi) * w
+            step_bytes = stepped * ow
         else:
-            step_bytes = 2 * (max(shards) if zero >= 1 else largest) * w
+            step_bytes = 2 * (max(shards) if zero >= 1 else largest) * ow
+        step_bytes += stepped * master
         grads = sharded if zero >= 2 else psi
-        optimizer = (
-            (2 * sharded * w + ADAM_STEP_BYTES * len(units))
-            if zero >= 1
-            else (2 * psi * w + ADAM_STEP_BYTES * n_tensors)
-        )
+        optimizer = (2 * ow + master) * stepped + ADAM_STEP_BYTES * (len(units) if zero >= 1 else n_tensors)
         if zero >= 2 and (pp > 1 or work.microbatches_for(layout) > 1):
             # inside a pipeline, or accumulating microbatches, the stage's full gradients exist before reducing
             full_grads = (psi - sharded) * w
@@ -377,11 +378,12 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
                     else "the first backward pass (no gradients yet)"
                 )
                 peak_at = f"{which}: {moment}"
-        if dp > 1 and zero <= 1 and 2 * grads * w > during:
+        flat = grads * (4 if work.reduce_fp32 else w)
+        if dp > 1 and zero <= 1 and grads * w + flat > during:
             # the backward's end: the gradients flattened into the all-reduce buffers (data parallelism's buckets,
-            # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py) beside the parameters' own, until the reductions
-            # complete and the gradients become views of them
-            during, transient, peak_at = 2 * grads * w, grads * w, "the gradients' all-reduce at the backward's end"
+            # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py; float32 under reduce_fp32) beside the parameters'
+            # own, until the reductions complete and the gradients become views of them
+            during, transient, peak_at = grads * w + flat, flat, "the gradients' all-reduce at the backward's end"
         step = grads * w + step_bytes
         if step > during:
             transient, peak_at = 0, "AdamW's step (the gradients and its temporaries)"

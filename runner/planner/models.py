@@ -79,6 +79,7 @@ class Workload:
     # and whose all-gather fills a buffer of its own before copying out.
     backend: str = "nccl"
     microbatch_size: int = 0  # sequences per microbatch instead of a count (0: not given)
+    reduce_fp32: bool = False  # 16-bit gradients reduced over data parallelism in float32
 
     @classmethod
     def of(cls, source: Any, **overrides: Any) -> Workload:
@@ -97,8 +98,19 @@ class Workload:
 
     @property
     def param_width(self) -> int:
-        """Bytes per parameter element: 2 for pure bfloat16, else 4 (bf16-mixed keeps float32 masters)."""
-        return 2 if self.dtype == "bfloat16" else 4
+        """Bytes per parameter (and gradient) element: 2 for bfloat16 and bf16-master, else 4 (bf16-mixed's
+        parameters are float32; runner/gpt/precision.py has the table of what each precision keeps)."""
+        return 2 if self.dtype in ("bfloat16", "bf16-master") else 4
+
+    @property
+    def master_width(self) -> int:
+        """Bytes per parameter of the optimizer's master copy: 4 under bf16-master (float32), else 0 (none)."""
+        return 4 if self.dtype == "bf16-master" else 0
+
+    @property
+    def moment_width(self) -> int:
+        """Bytes per element of each AdamW moment: as wide as what it steps (the masters under bf16-master)."""
+        return self.master_width or self.param_width
 
     @property
     def activation_width(self) -> int:
@@ -107,8 +119,14 @@ class Workload:
 
     @property
     def residual_width(self) -> int:
-        """Bytes per element of the residual stream: 2 under pure bfloat16, else 4 (bf16-mixed keeps it float32)."""
-        return 2 if self.dtype == "bfloat16" else 4
+        """Bytes per element of the residual stream (and so of pipeline messages): 2 under bfloat16 and bf16-master,
+        else 4 (bf16-mixed keeps it float32)."""
+        return 2 if self.dtype in ("bfloat16", "bf16-master") else 4
+
+    @property
+    def reduce_width(self) -> int:
+        """Bytes per gradient element on the data-parallel wire: the gradients' own, or 4 under reduce_fp32."""
+        return 4 if self.reduce_fp32 else self.param_width
 
     def microbatches_for(self, layout: Layout) -> int:
         """m per replica on this layout: the batch per replica over microbatch_size, or the count given, or (both 0)

@@ -23,7 +23,18 @@ WORKLOADS = ("forward", "generate", "train")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 TP_STYLES = ("megatron", "gather")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "bf16-mixed")  # bf16-mixed: float32 weights, bf16 compute
+# bf16-mixed: float32 weights, bf16 compute under autocast; bf16-master: bf16 weights and gradients, float32 master
+# weights and AdamW state in the optimizer (runner/gpt/precision.py says what each keeps)
+DTYPES = ("float32", "bfloat16", "bf16-mixed", "bf16-master")
+# What each precision keeps, bytes a parameter (weights + gradients + AdamW state): the forms show it
+DTYPE_KEEPS = {
+    "float32": "float32 weights, gradients, AdamW moments and activations (4 + 4 + 8 bytes a parameter)",
+    "bfloat16": "bfloat16 weights, gradients, AdamW moments and activations (2 + 2 + 4)",
+    "bf16-mixed": "float32 weights, gradients and moments (4 + 4 + 8); bfloat16 matmuls under autocast, float32 "
+                  "residual stream",
+    "bf16-master": "bfloat16 weights, gradients and activations; float32 master weights and moments in the optimizer "
+                   "(2 + 2 + 12, the ZeRO paper's mixed precision), sharded under ZeRO",
+}  # fmt: skip
 ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_POLICIES = ("none", "blocks", "every-K")  # every-K: every K-th block, e.g. "every-2"
 MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
@@ -97,6 +108,7 @@ class RunSpec:
     lr: float = 1e-3
     device: str = "auto"
     dtype: str = "float32"
+    reduce_fp32: bool = False  # 16-bit gradients reduced over data parallelism in float32 (bfloat16, bf16-master)
     seed: int = 0
     verify: bool = False
     weights: str | None = None
@@ -228,7 +240,7 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
     )
 
 
-_BOOL_FIELDS = {"sequence_parallel", "verify"}
+_BOOL_FIELDS = {"sequence_parallel", "verify", "reduce_fp32"}
 _FLOAT_FIELDS = {"lr", "time_limit_s"}
 _STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint"}
 _OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "nodes"}

@@ -142,6 +142,12 @@ def _validate_options(spec: RunSpec, add: Add) -> None:
                           f"workload '{spec.workload}' has none to shard: set zero_stage to 0 or workload to train")  # fmt: skip
     elif spec.zero_stage and s.uses("zero_stage") and spec.degrees.dp < 2:
         add("zero_stage", "ZeRO shards over the data-parallel replicas: set dp to 2 or more, or zero_stage to 0")
+    if spec.reduce_fp32 and spec.dtype not in ("bfloat16", "bf16-master"):
+        add("reduce_fp32", f"reduces 16-bit gradients in float32; under dtype '{spec.dtype}' they are float32 already: "
+                           "turn reduce_fp32 off, or choose dtype bf16-master or bfloat16")  # fmt: skip
+    elif spec.reduce_fp32 and (spec.workload != "train" or spec.degrees.dp < 2):
+        add("reduce_fp32", "reduces the gradients over data-parallel replicas: train with dp 2 or more, or turn "
+                           "reduce_fp32 off")  # fmt: skip
     if spec.checkpoint != "none" and spec.workload != "train":
         add("checkpoint", f"checkpointing recomputes activations during backward; workload '{spec.workload}' has no "
                           "backward: set checkpoint to none or workload to train")  # fmt: skip
