@@ -55,7 +55,10 @@ schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")
 microbatches = int(c4.number_input("microbatches (0: one sequence each)", min_value=0, value=0, key=K + "mb"))
 virtual = int(c4.number_input("virtual stages", min_value=1, value=1, key=K + "v"))
 sp = c4.checkbox("sequence parallel", key=K + "sp")
-efficiency = c4.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
+modelled = c4.checkbox("time matmuls by shape on the device", value=True, key=K + "modelled",
+                       help="each matrix multiply timed from its shape and the GPU kind (runner/planner/devices.py); "
+                       "off: every one at a flat share of peak")  # fmt: skip
+efficiency = None if modelled else c4.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
 
 st.markdown("**Devices**")
 source = st.radio("devices", P.DEVICE_SOURCES, horizontal=True, key=K + "source", label_visibility="collapsed")

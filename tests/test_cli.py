@@ -61,7 +61,7 @@ def test_strategy_choices_and_help_come_from_the_registry():
     strategy = flags(build_parser())["strategy"]
     assert tuple(strategy.choices) == strategy_names()
     assert all(f"{n}: {get_strategy(n).help}" in strategy.help for n in strategy_names())
-    assert flags(build_parser())["microbatches"].help == "used by pipeline, 3d"
+    assert flags(build_parser())["microbatches"].help == "used by single, tensor, pipeline, data, 3d"
     with registered(Strategy(name="zero", help="sharded data parallelism, 100% of a test", degrees=("dp",))):
         got = flags(build_parser())
         assert "zero" in got["strategy"].choices and got["dp"].help == "used by data, 3d, zero"

@@ -17,7 +17,6 @@ from runner.planner.devices import KINDS, Devices, described, from_partition, pr
 from runner.planner.inputs import input_problems, zero_stages
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
-from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecProblem
 
 
@@ -43,7 +42,8 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
-    p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY, help="share of peak FLOP/s reached")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="a flat share of peak FLOP/s for every matmul (default: modelled from the shapes and the GPU)")
     dev = p.add_argument_group("devices: a known GPU (--gpu), this host (--this-host), a Slurm partition, or described")
     dev.add_argument("--gpus", type=int, default=8, help="device count")
     dev.add_argument("--gpu", default=None, choices=sorted(KINDS), help="a known GPU kind")
@@ -93,7 +93,9 @@ def format_plan(result: Plan, top: int = 15) -> str:
         f"{result.devices.describe()} [{result.devices.source}]",
         f"model: {result.model.n_layer} layers, {result.model.n_head} heads, width {result.model.n_embd}; "
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
-        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; compute at {result.efficiency:.0%} of peak",
+        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; "
+        + (f"compute at {result.efficiency:.0%} of peak" if result.efficiency is not None
+           else "matmuls timed by shape on this device kind"),
         "",
         f"{'layout':<22}{'mb':>5}{unit + '/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
         f"{'step s':>9}{'bubble':>8}{'comm s':>9}",

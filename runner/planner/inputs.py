@@ -53,7 +53,7 @@ def input_problems(
     work: Workload,
     *,
     zero: str | Sequence[int] = (0,),
-    efficiency: float = 0.5,
+    efficiency: float | None = None,
     gpus: int = 1,
     gpus_per_node: int | None = None,
     memory_gib: float | None = None,
@@ -64,8 +64,8 @@ def input_problems(
 ) -> list[SpecProblem]:
     """Every problem with a plan's inputs, each naming its field and the fix; [] means the planner can run.
 
-    cfg: the model with any custom dimensions applied; work: the workload as asked; the rest as the CLI and the
-    page take them (device fields None when not described by hand)."""
+    cfg: the model with any custom dimensions applied; work: the workload as asked; efficiency None: modelled per
+    matmul; the rest as the CLI and the page take them (device fields None when not described by hand)."""
     p: list[SpecProblem] = []
 
     def add(field: str, message: str) -> None:
@@ -89,7 +89,7 @@ def input_problems(
         add("schedule", f"'{work.schedule}' is not allowed; choose one of {', '.join(SCHEDULES)}")
     _workload_problems(cfg, work, add)
     p += zero_stages(zero)[1]
-    if not (math.isfinite(efficiency) and 0 < efficiency <= 1):
+    if efficiency is not None and not (math.isfinite(efficiency) and 0 < efficiency <= 1):
         add("efficiency", f"is the share of the devices' peak FLOP/s reached, above 0 and at most 1 (got {efficiency}); "
                           "0.5 is typical of large runs")  # fmt: skip
     if gpus < 1:

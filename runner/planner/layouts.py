@@ -15,7 +15,7 @@ from runner.gpt.config import GPTConfig
 from runner.planner.devices import Devices
 from runner.planner.memory import RankMemory, layout_memory
 from runner.planner.models import GiB, Layout, Workload
-from runner.planner.step_time import DEFAULT_EFFICIENCY, StepTime, predict_step
+from runner.planner.step_time import StepTime, predict_step
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Plan:
     devices: Devices
     feasible: list[Candidate] = field(default_factory=list)
     infeasible: list[Candidate] = field(default_factory=list)
-    efficiency: float = DEFAULT_EFFICIENCY
+    efficiency: float | None = None  # a flat share of peak, or None: matmuls modelled per shape and device kind
 
     @property
     def best(self) -> Candidate | None:
@@ -116,7 +116,7 @@ def on_devices(work: Workload, devices: Devices) -> Workload:
 
 
 def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
-             efficiency: float = DEFAULT_EFFICIENCY) -> Candidate:  # fmt: skip
+             efficiency: float | None = None) -> Candidate:  # fmt: skip
     """One layout judged: its reasons not to run, its memory and step time when the model splits that way."""
     work = on_devices(work, devices)
     reasons = list(layout_problems(cfg, layout, work))
@@ -136,7 +136,7 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
 
 
 def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...] = (0,),
-         efficiency: float = DEFAULT_EFFICIENCY, use_all: bool = True) -> Plan:  # fmt: skip
+         efficiency: float | None = None, use_all: bool = True) -> Plan:  # fmt: skip
     """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
     (a layout without data parallelism, or not training, takes stage 0), judged and ranked."""
     counts = [devices.count] if use_all else list(range(1, devices.count + 1))
