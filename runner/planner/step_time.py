@@ -11,7 +11,9 @@ function of shapes and device kind, one set of constants per kind):
   count) multiplies the whole s x s scores per head and moves them through the fused scale-mask-softmax and dropout
   (9 bytes a score forward: read and write at 2 bytes twice, a 1-byte mask). Elementwise work a token forward, in
   elements of h: two LayerNorms read and write (4), two bias-residual adds read two and write one (6), GeLU reads and
-  writes d_ff/t (2 d_ff/(h t)); sequence parallelism splits the first two over t. A backward costs two forwards
+  writes d_ff/t (2 d_ff/(h t); SwiGLU reads gate and up, writes their product: 3); sequence parallelism splits the
+  first two over t. A Llama-family config's c_attn has h + 2 x its key/value width outputs and its c_fc both gate
+  and up. A backward costs two forwards
   (each product's input gradient and weight gradient; the elementwise work's gradients).
 - activation checkpointing runs the checkpointed layers' forward again in the backward (full recompute).
 - gradient accumulation: every microbatch after the first adds its weight gradients into the rank's .grad (autograd's
@@ -158,11 +160,13 @@ def layer_seconds(cfg: GPTConfig, work: Workload, clock: _Clock, b: int, tp: int
     """(forward, backward) seconds of one transformer layer on one tensor-parallel rank for b sequences."""
     s, h, a, f = work.seq, cfg.n_embd, cfg.n_head, cfg.d_ff
     tokens, heads, hd = b * s, max(1, a // tp), h // a
-    gemm = clock.mm(tokens, 3 * h / tp, h) + clock.mm(tokens, h, h / tp) + clock.mm(tokens, f / tp, h)
+    # a config of the Llama family has grouped key/value heads and SwiGLU's gate beside its up projection
+    kv, parts = getattr(cfg, "kv_width", h), getattr(cfg, "fused_mlp_parts", 1)
+    gemm = clock.mm(tokens, (h + 2 * kv) / tp, h) + clock.mm(tokens, h, h / tp) + clock.mm(tokens, parts * f / tp, h)
     gemm += clock.mm(tokens, h, f / tp)
     width = work.activation_width
     split = tp if work.sequence_parallel and tp > 1 else 1
-    elementwise = clock.moved(tokens * width * (10 * h / split + 2 * f / tp))
+    elementwise = clock.moved(tokens * width * (10 * h / split + (1 + parts) * f / tp))
     if work.attention == "naive":  # the whole s x s scores, kept through softmax and dropout
         core = clock.mm(s, s, hd, b * heads) + clock.mm(s, hd, s, b * heads)
         elementwise += clock.moved(b * heads * s * s * SCORE_BYTES)
