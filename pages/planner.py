@@ -19,8 +19,9 @@ K = "planner_"
 st.title("Planner")
 st.caption(
     "Memory per GPU: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the "
-    "microbatches in flight (Korthikanti et al. 2022), KV cache. Step time: FLOPs at the stated share of peak, "
-    "bytes over the link each group crosses, the schedule's bubble. Formulas: runner/planner/memory.py, step_time.py."
+    "microbatches in flight (Korthikanti et al. 2022), KV cache. Step time: each matmul timed by its shape on the "
+    "device kind (or at a stated share of peak), bytes over the link each group crosses, the schedule's bubble, "
+    "data-parallel reductions overlapped as the engine does. Formulas: runner/planner/memory.py, step_time.py."
 )
 
 with st.expander("The guide's example: GPT-3 175B on 512 80-GiB GPUs", expanded=True):
