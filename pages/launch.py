@@ -9,6 +9,7 @@ from runner.service.launchers.slurm import nodes_for, render_sbatch
 from runner.spec.estimates import memory_estimate
 from runner.spec.run_spec import (
     DEVICES,
+    DTYPE_KEEPS,
     DTYPES,
     FROM_WEIGHTS,
     MODEL_PARTS,
@@ -206,9 +207,16 @@ with right:
         st.warning(f"The partition's nodes are unknown: {target.partition.error}", icon=":material/warning:")
     c1, c2 = st.columns(2)
     values["device"] = c1.selectbox("device", DEVICES, key=K + "device")
-    values["dtype"] = c2.selectbox("dtype", DTYPES, key=K + "dtype")
+    values["dtype"] = c2.selectbox("dtype", DTYPES, key=K + "dtype",
+                                   help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES))  # fmt: skip
+    sixteen = values["dtype"] in ("bfloat16", "bf16-master")  # float32 gradients need no wider reduction
+    values["reduce_fp32"] = sixteen and c2.checkbox(
+        "reduce gradients in float32", key=K + "reduce_fp32",
+        help="16-bit gradients cast to float32 for the data-parallel reduction (data parallelism, dp 2 or more)",
+    )  # fmt: skip
     note_slot("device")
     note_slot("dtype")
+    note_slot("reduce_fp32")
     values["verify"] = st.checkbox(
         "verify against the single-device reference", value=True, key=K + "verify",
         help="runs the reference on the same inputs and judges logits, loss, gradients and updated weights against "

@@ -11,8 +11,9 @@ import streamlit as st
 from runner import api
 from runner.gpt.config import model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
+from runner.planner.inputs import input_problems
 from runner.planner.models import MODELS, Workload
-from runner.spec.run_spec import DTYPES, SCHEDULES, WORKLOADS, SpecError
+from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.format import human_bytes, human_duration
 from ui.model_parts import describe_model, model_parts_inputs
@@ -24,10 +25,10 @@ enter_through_app()
 K = "planner_"
 st.title("Planner")
 st.caption(
-    "Which tp x pp x dp (x ZeRO) layout: every layout's memory per device and step time predicted, fastest first. "
-    "Memory: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the microbatches "
-    "in flight (Korthikanti et al. 2022), KV cache; step time: FLOPs at the stated share of peak, bytes over the "
-    "link each group crosses, the schedule's bubble. Formulas: runner/planner/memory.py, step_time.py."
+    "Memory per GPU: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the "
+    "microbatches in flight (Korthikanti et al. 2022), KV cache. Step time: each matmul timed by its shape on the "
+    "device kind (or at a stated share of peak), bytes over the link each group crosses, the schedule's bubble, "
+    "data-parallel reductions overlapped as the engine does. Formulas: runner/planner/memory.py, step_time.py."
 )
 answer = st.container(border=True)  # filled once the plan is computed: the answer comes first
 CALIBRATION_FAILED = (RuntimeError, OSError, subprocess.SubprocessError)
@@ -84,7 +85,8 @@ workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "workload")
 batch = int(c2.number_input("global batch", min_value=1, value=8, key=K + "batch"))
 seq = int(c2.number_input("sequence", min_value=1, value=min(1024, base.block_size), key=K + "seq"))
 new_tokens = int(c2.number_input("new tokens (generate)", min_value=1, value=16, key=K + "new_tokens"))
-dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype")
+dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype",
+                     help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES))  # fmt: skip
 checkpoint = c3.text_input("activation checkpointing", value="none", help="none, blocks or every-K", key=K + "ckpt")
 zero = c3.multiselect("ZeRO stages", [0, 1, 2, 3], default=[0, 1], key=K + "zero")
 schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")
@@ -146,20 +148,22 @@ if source == "this host" and P.measured_rate(devices):
     efficiency = e1.slider("compute efficiency (share of the measured rate)", 0.05, 1.0, 1.0, disabled=True,
                            key=K + "eff_measured", help="calibrated CPU ranks: the rate is what one rank measured")  # fmt: skip
 else:
-    efficiency = e1.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
+    modelled = e1.checkbox("time matmuls by shape on the device", value=True, key=K + "modelled",
+                           help="each matrix multiply timed from its shape and the GPU kind (runner/planner/devices.py); "
+                           "off: every one at a flat share of peak")  # fmt: skip
+    efficiency = None if modelled else e1.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
 if st.session_state.get(K + "all_for") != devices.count:  # a new count gets its own default, not the last one's
     st.session_state[K + "all_for"] = devices.count
     st.session_state[K + "all"] = devices.count > 8
 use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=K + "all",
                       help="on many devices the layouts of every smaller count run to tens of thousands")  # fmt: skip
 
-try:
-    work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
-    _ = work.checkpoint_every  # raises ValueError for a bad policy (a bare expression would be shown: magic)
-except ValueError as exc:
-    st.error(str(exc))
-    st.stop()
+work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
 inputs = P.PlannerInputs(model, dims, work, tuple(zero) or (0,), efficiency)
+problems = input_problems(inputs.config(), work, zero=inputs.zero_stages, efficiency=efficiency, gpus=devices.count)
+if problems:
+    st.error("\n".join(f"- {p}" for p in problems))
+    st.stop()
 result = P.plan(inputs.config(), work, devices, zero_stages=inputs.zero_stages, efficiency=efficiency,
                 use_all=use_all)  # fmt: skip
 

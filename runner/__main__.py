@@ -13,84 +13,13 @@ import sys
 import time
 
 from runner import api
-from runner.gpt.config import FAMILIES
-from runner.job import corpus
-from runner.job.checkpoint import is_hf_folder
 from runner.service.launchers import add_serve_arguments, launcher_from_args
+from runner.spec.cli_flags import add_spec_arguments, specs_from_args
 from runner.spec.run_spec import (
     DEVICES,
-    DTYPES,
-    FROM_WEIGHTS,
-    SCHEDULES,
-    TP_STYLES,
-    WORKLOADS,
-    ZERO_STAGES,
-    RunSpec,
     SpecError,
 )
-from runner.spec.strategies import get_strategy, strategy_names, users_of
 from storage.db import get_engine
-
-SPEC_FLAGS = {  # strategy choices and what uses a degree or option come from the registry (registry_opts)
-    "strategy": dict(),  # required unless --spec-json names it (cmd_submit says so)
-    "tp": dict(type=int),
-    "pp": dict(type=int),
-    "dp": dict(type=int),
-    "microbatches": dict(type=int),
-    "schedule": dict(choices=SCHEDULES),
-    "virtual_stages": dict(type=int),
-    "tp_style": dict(choices=TP_STYLES),
-    "sequence_parallel": dict(action="store_true", default=None),
-    "zero_stage": dict(type=int, choices=ZERO_STAGES),
-    "checkpoint": dict(help="activation checkpointing: none, blocks, or every-K (every K-th block), train only"),
-    "model": dict(),
-    "n_layer": dict(type=int),
-    "n_head": dict(type=int),
-    "n_embd": dict(type=int),
-    "vocab_size": dict(type=int),
-    "block_size": dict(type=int),
-    "family": dict(choices=FAMILIES, help="the model's parts: gpt2 or llama (default: the preset's)"),
-    "n_kv_head": dict(type=int, help="key/value heads, dividing n_head (grouped-query attention)"),
-    "ffn_hidden": dict(type=int, help="the MLP's hidden width"),
-    "rope_theta": dict(type=float, help="rotary base (llama family)"),
-    "tie_head": dict(
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the LM head shares the token embedding (default: the preset's)",
-    ),  # fmt: skip
-    "workload": dict(choices=WORKLOADS),
-    "batch": dict(type=int),
-    "seq": dict(type=int),
-    "new_tokens": dict(type=int),
-    "prompt": dict(help="generate: the text every row starts from; seq becomes its token count unless given"),
-    "steps": dict(type=int),
-    "warmup": dict(type=int),
-    "lr": dict(type=float),
-    "device": dict(choices=DEVICES),
-    "dtype": dict(choices=DTYPES),
-    "seed": dict(type=int),
-    "data": dict(help="synthetic (default), stdlib (this Python's sources, byte-level), a folder or file of text "
-                 "(tokenizer.json beside --weights, else byte-level), or a nanoGPT folder (train.bin, val.bin)"),
-    "eval_every": dict(type=int, help="train on a corpus: the held-out loss every this many steps (0: never)"),
-    "verify": dict(action="store_true", default=None),
-    "weights": dict(
-        help="a GPT-2 .safetensors/.pt file, or a Hugging Face Llama/Qwen2/Mistral folder (then the "
-        "model is 'checkpoint': its config.json gives the dimensions)"
-    ),
-    "time_limit_s": dict(type=float, flag="--time-limit"),
-    "nodes": dict(type=int, help="Slurm: nodes the run spreads over (nodes x GPUs per node = ranks)"),
-}
-
-
-def registry_opts(name: str) -> dict:
-    """What the strategy registry says about a spec flag: --strategy's choices with each one's help, and for
-    a degree or option the strategies that use it."""
-    if name == "strategy":
-        names = strategy_names()
-        text = "; ".join(f"{n}: {get_strategy(n).help}" for n in names)
-        return dict(choices=names, help=text.replace("%", "%%"))
-    users = users_of(name)
-    return dict(help=f"used by {', '.join(users)}") if users else {}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,10 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(serve)  # --backend local|slurm and the cluster's partition, account, nodes
 
     submit = sub.add_parser("submit", help="validate and queue a run")
-    for name, opts in SPEC_FLAGS.items():
-        opts = {**opts, **registry_opts(name)}
-        flag = opts.pop("flag", "--" + name.replace("_", "-"))
-        submit.add_argument(flag, dest=name, **opts)
+    add_spec_arguments(submit)  # one flag per spec field, the registry's choices and help
     submit.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
     submit.add_argument("--user", help="who launched it (default: the OS user)")
     submit.add_argument("--spec-json", action="append", help="a whole spec as JSON (flags override its fields); "
@@ -178,32 +104,6 @@ def add_filters(parser: argparse.ArgumentParser) -> None:
 
 def filters_from(args: argparse.Namespace) -> api.RunFilter:
     return api.RunFilter(**{name: getattr(args, f"filter_{name}") for name in FILTERS})
-
-
-def specs_from_args(args: argparse.Namespace) -> list[dict]:
-    """Each spec's fields: one per --spec-json (or one from the flags alone), the flags given on top of each
-    (api.submit parses and validates them). SpecError for a document that is no JSON object."""
-    docs = args.spec_json or [None]
-    specs = []
-    for text in docs:
-        if text is None:
-            data = {}
-        else:
-            RunSpec.from_json(text)  # a malformed or non-object document is refused as a spec problem
-            data = json.loads(text)
-        for name in SPEC_FLAGS:
-            value = getattr(args, name, None)
-            if value is not None:
-                data[name] = value
-        if is_hf_folder(data.get("weights")) and "model" not in data:
-            data["model"] = FROM_WEIGHTS
-        if args.tags:
-            data["tags"] = args.tags
-        if data.get("prompt") and args.seq is None:  # every row is the prompt: its tokens are the sequence
-            length = corpus.prompt_length(str(data.get("data", "synthetic")), data.get("weights"), data["prompt"])
-            data["seq"] = length if length else data.get("seq", RunSpec.seq)
-        specs.append(data)
-    return specs
 
 
 def emit(args: argparse.Namespace, obj, text: str) -> None:

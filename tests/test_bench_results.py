@@ -55,3 +55,23 @@ def test_the_unequal_stage_model_is_the_textbook_bubble_when_stages_are_equal():
     # and it no longer goes to 0 as m grows.
     assert unequal_stage_bubble([1.0, 1.5], [2.0, 3.0], 16) > 1 / 17
     assert unequal_stage_bubble([1.0, 1.5], [2.0, 3.0], 10_000) > 0.15
+
+
+def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
+    # Four 1B runs on one node: one that ran, the same one whose figures are missing (read as out of memory),
+    # a micro-batch of 256 sequences the planner says cannot fit, and pp 32 on 16 layers, which it cannot cut.
+    from bench.bench_playbook import plan_row, read_rows, summarize
+
+    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
+    csv = tmp_path / "runs.csv"
+    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
+                   "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
+                   "1B,1,8,8,1,1,0,256,1,256,4096,,,\n"
+                   "1B,4,32,1,1,32,0,1,256,256,4096,,,\n")  # fmt: skip
+    rows = read_rows(csv)
+    planned = [plan_row(r, 131072, "none") for r in rows]
+    assert [p.fits for p in planned] == [True, True, False, None]
+    s = summarize(planned, 2**30)
+    assert (s.planned, s.cut, s.measured) == (3, 1, 1)
+    assert s.fit_counts == {(True, True): 1, (True, False): 1, (False, False): 1} and s.fit_agreement == 2 / 3
+    assert s.memory_median == abs(planned[0].memory / (36.7 * 2**30) - 1)

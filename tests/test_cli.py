@@ -33,6 +33,11 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--data", "/nope/corpus"], "data", "no file or folder at '/nope/corpus'"),
         (["--strategy", "single", "--data", "stdlib", "--prompt", "def f(x):"], "prompt", "workload 'train'"),
         (["--strategy", "tensor", "--tp", "4", "--model", "llama-tiny", "--n-kv-head", "3"], "n_kv_head", "divide"),
+        (["--strategy", "data", "--dp", "2", "--microbatch-size", "3"], "microbatch_size", "a multiple of 6"),
+        (["--strategy", "single", "--microbatches", "2", "--microbatch-size", "2"], "microbatch_size", "not both"),
+        (["--strategy", "single", "--microbatches", "3"], "microbatches", "must split into 3 equal microbatches"),
+        (["--strategy", "data", "--dp", "2", "--reduce-fp32"], "reduce_fp32", "choose dtype bf16-master"),
+        (["--strategy", "single", "--dtype", "bf16-master", "--reduce-fp32"], "reduce_fp32", "dp 2 or more"),
     ],
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
@@ -44,7 +49,8 @@ def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, f
 
 
 def test_model_part_flags_reach_the_spec():
-    from runner.__main__ import build_parser, specs_from_args
+    from runner.__main__ import build_parser
+    from runner.spec.cli_flags import specs_from_args
 
     spec_from_args = lambda args: specs_from_args(args)[0]  # noqa: E731 -- one spec from the flags alone
     args = build_parser().parse_args(["submit", "--strategy", "single", "--model", "tiny", "--family", "llama",
@@ -76,7 +82,7 @@ def test_strategy_choices_and_help_come_from_the_registry():
     strategy = flags(build_parser())["strategy"]
     assert tuple(strategy.choices) == strategy_names()
     assert all(f"{n}: {get_strategy(n).help}" in strategy.help for n in strategy_names())
-    assert flags(build_parser())["microbatches"].help == "used by pipeline, 3d"
+    assert flags(build_parser())["microbatches"].help == "used by single, tensor, pipeline, data, 3d"
     with registered(Strategy(name="zero", help="sharded data parallelism, 100% of a test", degrees=("dp",))):
         got = flags(build_parser())
         assert "zero" in got["strategy"].choices and got["dp"].help == "used by data, 3d, zero"
@@ -106,6 +112,13 @@ def test_submit_list_show_cancel_without_a_runner(engine):
     assert cli("show", "999").returncode == 1
     csv_out = cli("export", "--format", "csv").stdout.splitlines()
     assert csv_out[0].startswith("id,status") and len(csv_out) == 2
+
+
+def test_microbatch_size_becomes_the_count_of_gradient_accumulation(engine):
+    # Megatron's --micro-batch-size: batch 16 over dp 2 in microbatches of 2 sequences is m = 4 per replica
+    proc = cli("submit", "--strategy", "data", "--dp", "2", "--batch", "16", "--microbatch-size", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert api.get_run(engine, json.loads(proc.stdout)["id"])["spec"]["microbatches"] == 4
 
 
 def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
@@ -283,3 +296,38 @@ def test_logs_follow_streams_this_machines_rank_log_until_the_run_ends(engine, t
         follow.kill()
     assert follow.returncode == 0, stderr
     assert stdout == "step 1/3\nstep 2/3\nstep 3/3\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "fragment"),
+    [
+        (["--efficiency", "0"], "--efficiency", "above 0 and at most 1"),
+        (["--efficiency", "-0.5"], "--efficiency", "above 0 and at most 1"),
+        (["--efficiency", "1.5"], "--efficiency", "above 0 and at most 1"),
+        (["--virtual-stages", "0"], "--virtual-stages", "at least 1 model chunk"),
+        (["--virtual-stages", "2"], "--virtual-stages", "set virtual_stages to 1, or schedule to interleaved-1f1b"),
+        (["--schedule", "interleaved-1f1b"], "--virtual-stages", "at least 2 model chunks"),
+        (["--batch", "0"], "--batch", "at least 1 sequence"),
+        (["--gpus", "0"], "--gpus", "at least 1 device"),
+        (["--zero", "x"], "--zero", "'x' is not a ZeRO stage"),
+        (["--microbatches", "-1"], "--microbatches", "must be 0"),
+        (["--microbatches", "2", "--microbatch-size", "4"], "--microbatch-size", "not both"),
+        (["--seq", "0"], "--seq", "at least 1 token"),
+        (["--seq", "4096"], "--seq", "exceeds the model's block_size 1024"),
+        (["--n-layer", "0"], "--n-layer", "at least 1"),
+        (["--n-head", "7"], "--n-head", "must be divisible by n_head 7"),
+        (["--memory-gib", "80", "--tflops", "-1", "--bw-intra", "1", "--bw-inter", "1"], "--tflops", "positive"),
+    ],
+)
+def test_bad_plan_inputs_exit_2_name_the_flag_without_a_traceback(args, flag, fragment):
+    proc = cli("plan", *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert any(line.startswith(f"plan: {flag}: ") and fragment in line for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_bad_plan_inputs_as_json_list_every_problem():
+    proc = cli("plan", "--batch", "0", "--gpus", "0", "--efficiency", "2", "--json")
+    assert proc.returncode == 2
+    fields = {p["field"] for p in json.loads(proc.stdout)["problems"]}
+    assert fields == {"batch", "gpus", "efficiency"}

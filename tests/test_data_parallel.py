@@ -50,18 +50,24 @@ def test_many_small_buckets_still_match(tmp_path, monkeypatch):
         assert r["comm_bytes"]["all_reduce"] == 2 * (241024 * 4 + 8)  # same payload, just split
 
 
-def test_bucket_all_reduces_finish_while_backward_still_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_bucket_all_reduces_finish_while_backward_still_runs(tmp_path, monkeypatch, microbatches):
     """Overlap, observed: with 64 KiB buckets, a model whose backward takes tens of milliseconds, and
     gloo completing the all-reduces on its own thread, buckets started from the gradient hooks have
     completed before backward ends (completion times from the works' futures, tests/dp_overlap_job.py).
-    Without overlap -- every bucket started after backward, as for a pipeline inside -- none could."""
+    Without overlap -- every bucket started after backward, as for a pipeline inside -- none could. With
+    gradient accumulation the hooks are armed for the last microbatch's backward only: each bucket is
+    all-reduced once a step (as many all-reduces as without accumulation), during that backward."""
     monkeypatch.setenv("LAB_DP_BUCKET_BYTES", str(64 * 1024))
     dims = {"model": "custom", "n_layer": 8, "n_head": 4, "n_embd": 128, "vocab_size": 512, "block_size": 64}
-    result = run_torchrun(spec(dp=2, workload="train", seq=64, verify=False, **dims), tmp_path,
-                          module="tests.dp_overlap_job")  # fmt: skip
+    result = run_torchrun(spec(dp=2, workload="train", seq=64, verify=False, microbatches=microbatches, **dims),
+                          tmp_path, module="tests.dp_overlap_job")  # fmt: skip
+    block = 12 * 128 * 128 + 13 * 128
+    grads = 4 * (8 * block + 512 * 128 + 64 * 128 + 2 * 128)
     for r in result["ranks"]:
         assert r["test_buckets"] > 10
         assert r["test_buckets_done_in_backward"] >= 1, r
+        assert r["comm_bytes"]["all_reduce"] == 2 * (grads + 8)  # 2 timed steps: the gradients once each
 
 
 def test_buckets_keep_order_and_respect_the_size():

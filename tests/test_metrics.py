@@ -90,3 +90,15 @@ def test_device_peaks_by_model_and_form_factor(name, dtype, peak):
 def test_unknown_devices_get_no_peak_rather_than_a_wrong_one(name):
     # A bare "H100" does not say its form factor (SXM 989 vs PCIe 756 TFLOP/s): no MFU rather than a guess.
     assert device_peak_flops(name, "bfloat16") is None
+
+
+def test_spearman_rank_correlation_by_hand():
+    from runner.job.metrics import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0  # any increasing pairing
+    assert spearman([1, 2, 3, 4], [9, 4, 1, 0]) == -1.0
+    # ranks (1, 2, 3, 4) against (1, 3, 2, 4): 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    # a tie takes the average rank: (1, 2.5, 2.5, 4) against (1, 2, 3, 4): Pearson of the ranks, 0.9487
+    assert spearman([1, 2, 2, 4], [1, 2, 3, 4]) == pytest.approx(4.5 / (4.5 * 5) ** 0.5)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import pytest
 
+from runner.planner.byte_counts import rank_parameters
 from runner.planner.calibrate import Calibration, devices_from_calibration, stored
 from runner.planner.cli import add_plan_parser, run_plan
-from runner.planner.devices import described, from_gpus, from_lease, from_partition, preset
+from runner.planner.devices import described, from_gpus, from_lease, from_partition, matmul_seconds, preset
 from runner.planner.layouts import evaluate, plan
 from runner.planner.models import MODELS, Layout, Workload
 from runner.planner.step_time import predict_step, ring_allreduce_s
@@ -42,30 +44,40 @@ def test_every_layout_is_listed_once_and_feasible_ones_are_ranked():
 
 def test_data_parallel_all_reduce_time_by_hand():
     # gpt2 over dp 8 on one node at 100 GB/s (link efficiency 1): ring all-reduce of 4-byte gradients,
-    # 2 (n-1)/n x 497,759,232 bytes / 1e11
+    # 2 (n-1)/n x 497,759,232 bytes / 1e11; the engine starts each 25 MiB bucket as the backward makes it, so only the
+    # last bucket's share outlasts a backward this long (float32 at half of 6.7 TFLOP/s: over a second)
     dev = described(8, 80, 100, 100, 10, 8)
     s = predict_step(MODELS["gpt2"], Layout(dp=8), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1.0)
-    assert s.dp_comm_s == pytest.approx(2 * 7 / 8 * 124_439_808 * 4 / 100e9)
+    assert s.dp_comm_total_s == pytest.approx(2 * 7 / 8 * 124_439_808 * 4 / 100e9)
+    assert s.dp_comm_s == pytest.approx(s.dp_comm_total_s * 25 * 2**20 / (124_439_808 * 4))
     assert ring_allreduce_s(1e9, 1, 1e9) == 0
-    # across nodes (2 GPUs a node) the same bytes go at the between-node bandwidth
+    # across nodes (2 GPUs a node) the ring crosses each node boundary through the node's 2 network cards at once
     two = described(8, 80, 100, 100, 10, 2)
     s2 = predict_step(MODELS["gpt2"], Layout(dp=8), Workload(batch=8, seq=1024, dtype="float32"), two, 0.5, 1.0)
-    assert s2.dp_comm_s == pytest.approx(10 * s.dp_comm_s)
+    assert s2.dp_comm_total_s == pytest.approx(100 / (2 * 10) * s.dp_comm_total_s)
+    # inside a pipeline the reduction follows the backward: all of it exposed
+    piped = predict_step(MODELS["gpt2"], Layout(pp=2, dp=4), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1)
+    assert piped.dp_comm_s == piped.dp_comm_total_s > 0
 
 
 def test_compute_and_bubble_by_hand():
-    # gpt2 train, batch 8 x 1024, float32: PaLM's 6N + 12 l h s a token, N without the positions
-    n = 124_439_808 - 1024 * 768
-    flops = 8 * 1024 * (6 * n + 12 * 12 * 768 * 1024)
+    # gpt2 train, batch 8 x 1024, float32 at a flat half of 10 TFLOP/s; 1F1B over 4 stages of 3 layers, microbatches
+    # of one sequence. A layer's forward: its matmuls 2 T 12 h^2 and the causal half of attention's two products,
+    # 2 s^2 h; its backward twice the matmuls and 2.5 attention forwards. The last stage paces the pipeline: its
+    # layers and the head ([T, h] x [h, V] forward, twice that backward).
+    h, s, v = 768, 1024, 50257
+    layer = (24 * s * h * h + 2 * s * s * h) + (48 * s * h * h + 5 * s * s * h)
+    last = 3 * layer + 6 * s * h * v
     dev = described(4, 80, 100, 1000, 1000, 4, peak_fp32_tflops=10)
-    s = predict_step(MODELS["gpt2"], Layout(pp=4), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1.0)
-    assert s.flops == pytest.approx(flops)
-    assert s.compute_s == pytest.approx(flops / 4 / (10e12 * 0.5))
+    s_ = predict_step(MODELS["gpt2"], Layout(pp=4), Workload(batch=8, seq=1024, dtype="float32"), dev, 0.5, 1.0)
+    n = 124_439_808 - 1024 * 768  # PaLM's 6N + 12 l h s a token for the reported FLOPs, N without the positions
+    assert s_.flops == pytest.approx(8 * 1024 * (6 * n + 12 * 12 * 768 * 1024))
+    assert s_.compute_s == pytest.approx(8 * last / (10e12 * 0.5))
     # 1F1B, p 4, m 8 (one sequence each): bubble (p-1)/(m+p-1) = 3/11 of the pipelined time
-    assert s.bubble_fraction == pytest.approx(3 / 11)
-    assert s.bubble_s / (s.compute_s + s.bubble_s) == pytest.approx(3 / 11)
+    assert s_.bubble_fraction == pytest.approx(3 / 11)
+    assert s_.bubble_s / (s_.compute_s + s_.bubble_s) == pytest.approx(3 / 11)
     ck = predict_step(MODELS["gpt2"], Layout(pp=4), Workload(batch=8, seq=1024, checkpoint="blocks"), dev)
-    assert ck.flops == pytest.approx(flops * 4 / 3)  # one more forward of every block
+    assert ck.flops == pytest.approx(s_.flops * 4 / 3)  # one more forward of every block
 
 
 def test_tensor_parallel_bytes_by_hand():
@@ -132,10 +144,47 @@ def test_calibrate_measures_this_host():
     assert ar["ranks"] == 2 and ar["busbw"] > 1e6
 
 
-def test_microbatches_and_chunks_only_apply_to_pipelines():
-    # tiny has 4 layers: interleaved with v = 4 splits over pp 1 (no pipeline: nothing to interleave) but not pp 2
+def test_chunks_apply_to_pipelines_and_microbatches_to_every_layout():
+    # tiny has 4 layers: interleaved with v = 4 splits over pp 1 (no pipeline: nothing to interleave) but not pp 2;
+    # without a pipeline the 4 microbatches are gradient accumulation: a replica's 4 rows one at a time
     w = Workload(batch=8, seq=64, schedule="interleaved-1f1b", virtual_stages=4, microbatches=4)
     dev = preset("h100-80gb", 2, 2)
     alone = evaluate(PRESETS_TINY, Layout(dp=2), w, dev)
-    assert alone.feasible and alone.microbatches == 1 and alone.memory.microbatch_size == 4
+    assert alone.feasible and alone.microbatches == 4 and alone.memory.microbatch_size == 1
+    by_size = evaluate(PRESETS_TINY, Layout(dp=2), replace(w, microbatches=0, microbatch_size=2), dev)
+    assert by_size.microbatches == 2 and by_size.memory.microbatch_size == 2
+    assert "batch per replica 4 not divisible by microbatches of 3" in evaluate(
+        PRESETS_TINY, Layout(dp=2), replace(w, microbatches=0, microbatch_size=3), dev).reasons  # fmt: skip
     assert "n_layer 4 not divisible by pp 2 x virtual stages 4" in evaluate(PRESETS_TINY, Layout(pp=2), w, dev).reasons
+
+
+def test_communication_in_the_runs_precision_and_zero_shares():
+    # gpt2, pp 2 x dp 4 on one node at 100 GB/s: the reductions follow the pipeline's backward (all exposed). A share
+    # is (n-1)/n of the rank's parameters on the wire once: plain data parallelism all-reduces (2 shares), ZeRO-1 adds
+    # the all-gather of the updated weights (3), ZeRO-2 reduce-scatters and all-gathers (2: the paper's section 7).
+    dev = described(8, 80, 100, 100, 10, 8)
+    work = Workload(batch=8, seq=1024, dtype="bf16-master")
+    psi = max(rank_parameters(MODELS["gpt2"], Layout(pp=2, dp=4), r).total for r in (0, 1))
+    share = 3 / 4 * psi / 100e9
+    totals = {z: predict_step(MODELS["gpt2"], Layout(pp=2, dp=4, zero_stage=z), work, dev, 0.5, 1.0).dp_comm_total_s
+              for z in (0, 1, 2)}  # fmt: skip
+    assert totals == pytest.approx({0: 2 * 2 * share, 1: 3 * 2 * share, 2: 2 * 2 * share})  # bfloat16 gradients
+    wide = predict_step(MODELS["gpt2"], Layout(pp=2, dp=4), replace(work, reduce_fp32=True), dev, 0.5, 1.0)
+    assert wide.dp_comm_total_s == pytest.approx(2 * 4 * share)  # reduce_fp32: 4 bytes a gradient on the wire
+    # pipeline messages at the residual stream's width: bfloat16 under bf16-master, float32 under bf16-mixed
+    mixed = predict_step(MODELS["gpt2"], Layout(pp=2, dp=4), replace(work, dtype="bf16-mixed"), dev, 0.5, 1.0)
+    master = predict_step(MODELS["gpt2"], Layout(pp=2, dp=4), work, dev, 0.5, 1.0)
+    assert mixed.pp_comm_s == pytest.approx(2 * master.pp_comm_s)
+
+
+def test_matmul_time_depends_on_shape_and_device_kind():
+    # A [8192, 8192] x [8192, 8192] bf16 product is 64 x 64 = 4096 tiles of 128 x 128: 31.03 waves of an H100's 132
+    # SMs, so 32 whole waves at 80.1% of the peak (3% lost to the last wave); on an A100's 108 SMs 37.9 waves, so 38.
+    # With 8192 x 64 outputs (64 half-empty tiles) the inputs' traffic through HBM dominates: far below the peak.
+    h100, a100 = preset("h100-80gb", 1), preset("a100-80gb", 1)
+    tile = 2 * 128 * 128 * 8192
+    big = matmul_seconds(h100, "bfloat16", 8192, 8192, 8192)
+    assert big == pytest.approx(32 * 132 * tile / (989e12 * 0.801))
+    assert matmul_seconds(a100, "bfloat16", 8192, 8192, 8192) == pytest.approx(38 * 108 * tile / (312e12 * 0.801))
+    thin = matmul_seconds(h100, "bfloat16", 8192, 64, 8192)
+    assert thin == pytest.approx((8192 * 8192 + 2 * 8192 * 64) * 2 / (3350e9 * 0.8))  # [m, k], [k, n], [m, n]

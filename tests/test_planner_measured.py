@@ -69,6 +69,18 @@ CASES = {
     "small-layer": {"strategy": "layer", "pp": 2, "model": "small", "batch": 8, "seq": 128},
     "small-tensor": {"strategy": "tensor", "tp": 2, "model": "small", "batch": 8, "seq": 128},
     "small-data": {"strategy": "data", "dp": 2, "model": "small", "batch": 8, "seq": 128},
+    # gradient accumulation without a pipeline: a microbatch's activations at a time, the gradients of the earlier
+    # ones held (whole ones under ZeRO-2 until the last microbatch's backward reduce-scatters them)
+    "small-single-accumulate": {"strategy": "single", "model": "small", "batch": 8, "seq": 128, "microbatches": 4},
+    "small-data-zero2-accumulate": {"strategy": "data", "dp": 2, "zero_stage": 2, "microbatches": 2, "model": "small",
+                                    "batch": 8, "seq": 128},  # fmt: skip
+    # bf16-master: bfloat16 weights, gradients and activations, float32 masters and moments in the optimizer (sharded
+    # under ZeRO), gradients reduced in float32 where asked
+    "small-single-bf16-master": {"strategy": "single", "model": "small", "batch": 8, "seq": 128, "dtype": "bf16-master"},
+    "small-data-zero1-bf16-master": {"strategy": "data", "dp": 2, "zero_stage": 1, "model": "small", "batch": 8,
+                                     "seq": 128, "dtype": "bf16-master", "reduce_fp32": True},  # fmt: skip
+    "small-pipeline-bf16-master": {"strategy": "pipeline", "pp": 2, "microbatches": 2, "model": "small", "seq": 64,
+                                   "dtype": "bf16-master"},  # fmt: skip
     "small-3d": {
         "strategy": "3d",
         "tp": 2,

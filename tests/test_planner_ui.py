@@ -89,15 +89,19 @@ def test_strategy_for_each_layout():
     assert P.strategy_for(Layout(tp=2, dp=2), 1) == "3d"
 
 
-def test_every_feasible_tiny_layout_becomes_a_valid_spec():
-    inputs = P.PlannerInputs("tiny", {}, Workload(batch=8, seq=64, dtype="float32"), (0, 1, 2, 3), 1.0)
+@pytest.mark.parametrize("microbatch_size", [0, 2])  # 2: gradient accumulation over microbatches of 2 everywhere
+def test_every_feasible_tiny_layout_becomes_a_valid_spec(microbatch_size):
+    work = Workload(batch=8, seq=64, dtype="float32", microbatch_size=microbatch_size)
+    inputs = P.PlannerInputs("tiny", {}, work, (0, 1, 2, 3), 1.0)
     p = P.plan(inputs.config(), inputs.work, TWO_CORES, zero_stages=inputs.zero_stages, use_all=False)
     assert len(p.feasible) >= 7  # single, tensor, pipeline, data and data with ZeRO 1-3
     for c in p.feasible:
         spec = P.spec_for(inputs, c, "cpu")
         assert validate_spec(spec, gpu_count=0) == [], (c.layout.label(), spec)
         assert tuple(spec.degrees) == (c.layout.tp, c.layout.pp, c.layout.dp) and "plan" in spec.tags
-        assert spec.zero_stage == c.layout.zero_stage
+        assert spec.zero_stage == c.layout.zero_stage and spec.microbatches == c.microbatches
+        if microbatch_size:
+            assert spec.batch // c.layout.dp // spec.microbatches == microbatch_size
 
 
 def test_custom_dimensions_reach_the_spec():
@@ -261,3 +265,11 @@ def test_a_long_pipeline_is_drawn_a_window_at_a_time():
         lo, hi = chart["layer"][0]["encoding"]["x"]["scale"]["domain"]
         assert hi - lo == pytest.approx(width) and 0 <= lo and hi <= sim.step_time * 1e3 + 1e-9
     assert timeline_window(P.simulated_step(P.guide_inputs(), P.guide_plan().best, P.guide_devices())) is not None
+def test_planner_page_names_a_bad_input_and_plans_nothing(engine):
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    at.number_input(key="planner_v").set_value(2)  # virtual stages without the interleaved schedule
+    at.run()
+    assert not at.exception
+    errors = " ".join(e.value for e in at.error)
+    assert "virtual_stages" in errors and "interleaved-1f1b" in errors
+    assert len(at.dataframe) == 1  # the guide's table only: no plan was drawn

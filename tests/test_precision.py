@@ -1,6 +1,7 @@
 """bf16-mixed: float32 master weights, gradients and AdamW state; bf16 matmuls under autocast; results within
 the bound runner/job/verify.py documents against the float32 reference; and a real multi-rank run that verifies,
-sends float32 activations between stages and reduces float32 gradients.
+sends float32 activations between stages and reduces float32 gradients. bf16-master: bfloat16 weights and
+gradients, float32 masters and moments in the optimizer, verified in every strategy.
 
 The reference is the plain float32 GPT; the bf16 evidence is read from the operators that actually ran
 (a TorchDispatchMode below autocast sees the dtypes each aten kernel received).
@@ -15,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from runner.gpt.model import GPT, PRESETS, cut_stage
-from runner.gpt.precision import PRECISIONS, precision_of
+from runner.gpt.precision import PRECISIONS, MasterAdamW, optimizer_state_bytes, precision_of
 from runner.job.data import synthetic_batch
 from runner.job.verify import TOLERANCES
 from tests.jobs import run_torchrun
@@ -46,14 +47,34 @@ def model_in(dtype: str, seed: int = 0) -> GPT:
     return model
 
 
-def test_the_three_precisions():
-    assert {n: (p.param_dtype, p.compute_dtype, p.mixed) for n, p in PRECISIONS.items()} == {
-        "float32": (torch.float32, torch.float32, False),
-        "bfloat16": (torch.bfloat16, torch.bfloat16, False),
-        "bf16-mixed": (torch.float32, torch.bfloat16, True),
+def test_the_four_precisions():
+    assert {n: (p.param_dtype, p.compute_dtype, p.mixed, p.master_dtype) for n, p in PRECISIONS.items()} == {
+        "float32": (torch.float32, torch.float32, False, None),
+        "bfloat16": (torch.bfloat16, torch.bfloat16, False, None),
+        "bf16-mixed": (torch.float32, torch.bfloat16, True, None),
+        "bf16-master": (torch.bfloat16, torch.bfloat16, False, torch.float32),
     }
-    with pytest.raises(ValueError, match="float32, bfloat16, bf16-mixed"):
+    with pytest.raises(ValueError, match="float32, bfloat16, bf16-mixed, bf16-master"):
         precision_of("fp16")
+
+
+def test_master_weights_keep_updates_that_bfloat16_rounds_away():
+    # Below 1.0 bfloat16's values are 2^-8 = 3.9e-3 apart. Adam's updates with a constant gradient are lr = 1e-3 each
+    # (lr * g / |g|, plus weight decay 0.01 lr), under half that gap: pure bfloat16 AdamW rounds every one away, and
+    # the weight stays 1.0. The float32 master keeps them: 10 steps take it to 1 - 10 * 1.01e-3 = 0.98990, and the
+    # bfloat16 weight shows it rounded to the nearest bfloat16, 1 - 3 * 2^-8 = 0.98828. The optimizer holds 12
+    # bytes a parameter: the master, exp_avg and exp_avg_sq.
+    pure, kept = (torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16)) for _ in range(2))
+    optimizers = [torch.optim.AdamW([pure], lr=1e-3), MasterAdamW([kept], lr=1e-3)]
+    for _ in range(10):
+        for p, opt in zip((pure, kept), optimizers, strict=True):
+            opt.zero_grad(set_to_none=True)
+            p.grad = torch.ones_like(p)
+            opt.step()
+    assert torch.all(pure == 1.0)
+    assert torch.all(kept == 1 - 3 * 2**-8) and kept.dtype == torch.bfloat16
+    assert abs(optimizers[1].masters[0][0].item() - (1 - 10 * 1e-3 * (1 + 1e-2))) < 2e-4  # (weight decay 0.01 lr)
+    assert optimizer_state_bytes(optimizers[1]) == 12 * 1000 + 4  # + AdamW's float32 step counter
 
 
 def test_bf16_mixed_keeps_parameters_gradients_and_adamw_state_in_float32():
@@ -174,3 +195,45 @@ def test_bf16_mixed_tensor_parallel_sums_bf16_partial_outputs_and_float32_gradie
     for r in result["ranks"]:
         assert r["comm_calls"]["all_reduce"] == 2 * L + 1 + 2 * L + 1 + 3
         assert r["comm_bytes"]["all_reduce"] == expected  # float32 throughout would be 2 * L * elements * 2 more
+
+
+PSI = 241024  # the tiny model's parameters (tests/test_zero.py writes them out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"strategy": "single"},
+        {"strategy": "layer", "pp": 2},
+        {"strategy": "tensor", "tp": 2},
+        {"strategy": "pipeline", "pp": 2, "microbatches": 2},
+        {"strategy": "data", "dp": 2, "zero_stage": 1, "reduce_fp32": True},
+        {"strategy": "data", "dp": 2, "zero_stage": 3},
+        {"strategy": "3d", "tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 2, "reduce_fp32": True},
+    ],
+)
+def test_bf16_master_verifies_in_every_strategy_with_the_papers_bytes(tmp_path, layout):
+    """Verify passes under bf16-master's own bound (bfloat16's: runner/job/verify.py), the model keeps bfloat16
+    weights and gradients, and the optimizer 12 bytes a parameter it steps (float32 master and two moments, of the
+    rank's shards under ZeRO: the paper's P_os) plus a 4-byte step counter a tensor; gradients cross the
+    data-parallel wire in bfloat16, or float32 under reduce_fp32."""
+    spec = {"model": "tiny", "workload": "train", "batch": 8, "seq": 32, "steps": 1, "warmup": 0, "verify": True,
+            "dtype": "bf16-master", **layout}  # fmt: skip
+    result = run_torchrun(spec, tmp_path)
+    verify = result["verify"]
+    assert verify["passed"] is True and verify["tolerances"]["grads"] == TOLERANCES["bf16-master"].grads, verify
+    assert verify["grads_max_rel_diff"] > 100 * TOLERANCES["float32"].grads  # it really computed in bfloat16
+    zero = layout.get("zero_stage", 0)
+    for r in result["ranks"]:
+        assert (r["param_dtype"], r["master_dtype"], r["grad_dtype"]) == ("bfloat16", "float32", "bfloat16")
+        assert r["param_bytes"] == 2 * r["param_count"]  # (ZeRO-3: its shards)
+        # what AdamW steps: the parameters, or the rank's shard of each unit (its gradients at rest under ZeRO-2/3;
+        # under ZeRO-1 a 1/dp share of the whole flat gradients it holds)
+        stepped = r["param_count"] if zero == 0 else r["grad_bytes"] // 2 // (layout["dp"] if zero == 1 else 1)
+        tensors = r["optimizer_bytes"] - 12 * stepped
+        assert 0 < tensors <= 4 * 52 and tensors % 4 == 0, r  # one float32 step counter a stepped tensor or unit
+    if layout["strategy"] == "data":
+        comm = result["ranks"][0]["comm_bytes"]
+        wire = comm["all_reduce"] - 8 if zero == 1 else comm["reduce_scatter"]
+        assert wire == PSI * (4 if layout.get("reduce_fp32") else 2)

@@ -44,11 +44,11 @@ def test_the_registry_lists_the_six_strategies_in_order():
 def test_each_strategy_says_what_it_uses():
     uses = {n: (get_strategy(n).degrees, get_strategy(n).options) for n in ORDER}
     assert uses == {
-        "single": ((), ()),
+        "single": ((), ("microbatches",)),  # gradient accumulation
         "layer": (("pp",), ()),
-        "tensor": (("tp",), ("tp_style", "sequence_parallel")),
+        "tensor": (("tp",), ("microbatches", "tp_style", "sequence_parallel")),
         "pipeline": (("pp",), ("microbatches", "schedule", "virtual_stages")),
-        "data": (("dp",), ("zero_stage",)),
+        "data": (("dp",), ("microbatches", "zero_stage")),
         "3d": (("tp", "pp", "dp"), ("microbatches", "schedule", "virtual_stages", "tp_style", "zero_stage")),
     }
     assert {n: get_strategy(n).min_degree for n in ORDER} == {

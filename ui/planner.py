@@ -18,7 +18,6 @@ from runner.planner.devices import Devices, described, preset
 from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Plan, evaluate, on_devices, plan
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
-from runner.planner.step_time import DEFAULT_EFFICIENCY
 from runner.spec.run_spec import MODEL_FIELDS, RunSpec
 from ui.format import human_bytes, human_duration
 
@@ -34,7 +33,7 @@ class PlannerInputs:
     dims: dict[str, Any] = field(default_factory=dict)
     work: Workload = field(default_factory=Workload)
     zero_stages: tuple[int, ...] = (0,)
-    efficiency: float = DEFAULT_EFFICIENCY
+    efficiency: float | None = None  # a flat share of peak, or None: matmuls timed by shape (step_time.py)
 
     def config(self):
         return with_dims(MODELS[self.model], **self.dims)
@@ -197,8 +196,10 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
         "device": device,
         "tags": (PLAN_TAG,),
     }
+    if strategy != "layer":  # gradient accumulation without a pipeline, the pipeline's microbatches with one
+        values["microbatches"] = c.microbatches
     if strategy in ("pipeline", "3d"):
-        values |= {"microbatches": c.microbatches, "schedule": work.schedule}
+        values["schedule"] = work.schedule
         if work.schedule == "interleaved-1f1b":
             values["virtual_stages"] = work.virtual_stages
     if strategy in ("data", "3d") and lay.zero_stage:
@@ -381,27 +382,21 @@ def simulated_step(inputs: PlannerInputs, c: Candidate, devices: Devices) -> Any
     splits it into B and W of a third each), a message b*s*h at the pipeline's link; equal stages (the LM head's
     extra work on the last stage is left out). None when there is no pipeline or no training."""
     from runner.planner.simulate import simulate
-    from runner.planner.step_time import DEFAULT_LINK_EFFICIENCY, group_bandwidth, step_flops
+    from runner.planner.step_time import DEFAULT_LINK_EFFICIENCY, message_bandwidth, step_flops
 
     lay, work = c.layout, inputs.work
     if lay.pp < 2 or work.workload != "train" or c.step is None:
         return None
     v = work.chunks_for(lay)
     m = c.microbatches
-    rate = devices.peak(work.dtype) * inputs.efficiency
+    rate = devices.peak(work.dtype) * (inputs.efficiency or c.step.efficiency)  # (modelled: the share it reached)
     plain = step_flops(inputs.config(), replace(work, checkpoint="none"))
     recompute = step_flops(inputs.config(), work) - plain
     per_pass = plain / 3 / (lay.dp * m) / (lay.pp * v * lay.tp) / rate  # one forward of one chunk
     extra = recompute / (lay.dp * m) / (lay.pp * v * lay.tp) / rate
-    width = 2 if work.dtype == "bfloat16" else 4
     mb = max(1, work.batch // lay.dp // m)
-    transfer = (
-        mb
-        * work.seq
-        * inputs.config().n_embd
-        * width
-        / group_bandwidth(devices, lay.world_size, DEFAULT_LINK_EFFICIENCY)
-    )
+    bw = message_bandwidth(devices, lay.tp, lay.dp, DEFAULT_LINK_EFFICIENCY)
+    transfer = mb * work.seq * inputs.config().n_embd * work.residual_width / bw
     if work.schedule == "zb-h1":
         return simulate(work.schedule, lay.pp, m, per_pass, per_pass + extra, per_pass, transfer, v)
     return simulate(work.schedule, lay.pp, m, per_pass, 2 * per_pass + extra, 0.0, transfer, v)

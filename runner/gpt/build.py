@@ -4,7 +4,8 @@
     -> tensor parallelism applied by the plan, if tp > 1        (runner/gpt/tp_plan.py)
     -> cut to this rank's pipeline stage, or its v chunks       (runner/gpt/pipeline.py cut_chunks)
     -> values by name, on the device in the dtype               (runner/gpt/model.py materialize)
-    -> the forward's precision: autocast under bf16-mixed       (runner/gpt/precision.py)
+    -> the forward's precision: autocast under bf16-mixed,      (runner/gpt/precision.py)
+       float32 masters in the optimizer under bf16-master
     -> activation checkpointing of the policy's blocks          (runner/gpt/checkpointing.py)
     -> the pipeline engine over it, m microbatches              (runner/gpt/pipeline.py)
     -> data parallelism around it, if dp > 1, ZeRO if asked     (runner/gpt/data_parallel.py, zero.py)
@@ -52,7 +53,10 @@ def build_parallel_gpt(spec: RunSpec, mesh: Mesh, device: torch.device, dtype: t
             apply_activation_checkpointing(chunk, every, meter)
     engine = PipelineGPT(chunks, output, mesh, device, dtype, microbatches=spec.microbatches,
                          schedule=spec.schedule, workload=spec.workload)  # fmt: skip
-    built = DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage, seed=spec.seed) if mesh.dp_size > 1 else engine
+    engine.master_dtype = precision.master_dtype
+    reduce_dtype = torch.float32 if spec.reduce_fp32 else None
+    built = (DataParallelGPT(engine, mesh, zero_stage=spec.zero_stage, seed=spec.seed, reduce_dtype=reduce_dtype)
+             if mesh.dp_size > 1 else engine)  # fmt: skip
     # After ZeRO-3 gave the parameters their values (it swaps them in, which would drop hooks set before).
     engine.figure_sources.append(PrecisionFigures(precision, engine.parameters()))
     if meter is not None:

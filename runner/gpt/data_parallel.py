@@ -5,13 +5,15 @@ grid for '3d'. Replica d takes rows [d*B/dp, (d+1)*B/dp) of the global batch. Gr
 over the data-parallel group in flat buckets of about 25 MB (DDP's default: few calls, bounded
 extra memory) and divided by dp, so every replica applies the same AdamW step and stays identical.
 
-Overlap: when the inner strategy runs its backward as one pass that accumulates every gradient
-exactly once (the whole model, as in 'data'), each bucket's all-reduce starts asynchronously from a
-post-accumulate-grad hook the moment its last gradient is ready, in reverse layer order as backward
-produces them, and runs while backward continues; NCCL and gloo both progress asynchronous
-collectives on their own threads. When the inner strategy accumulates a gradient several times (a
-pipeline adds every microbatch into the same .grad, as in '3d'), a hook would fire too early, so the
-buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
+Overlap: when the inner strategy's last microbatch runs its backward as one pass that gives every
+gradient its last addition (the whole model, as in 'data', with or without gradient accumulation over
+microbatches), each bucket's all-reduce starts asynchronously from a post-accumulate-grad hook the moment
+its last gradient of that pass is ready, in reverse layer order as backward produces them, and runs while
+backward continues; NCCL and gloo both progress asynchronous collectives on their own threads. The hooks
+are armed just before that pass (the engine's `before_last_backward`), so the earlier microbatches'
+backwards only accumulate: one reduction a step, as DDP's no_sync and Megatron's gradient accumulation
+do. When the inner strategy's passes interleave microbatches (a pipeline, as in '3d'), a hook would fire
+too early, so the buckets are reduced after the inner backward instead. Either way `comm_s` is the time the rank was
 blocked on this communication (CPU: its main thread in work.wait(); CUDA: its compute stream waiting
 for the NCCL stream, timed by events, runner/gpt/timing.py), so the figure shows how much of it stayed
 exposed. The overlap is observed, not assumed: tests/test_data_parallel.py records when each bucket's
@@ -55,15 +57,21 @@ def grad_buckets(params: list[nn.Parameter], bucket_bytes: int = BUCKET_BYTES) -
 
 
 class DataParallelGPT(ParallelGPT):
-    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0, seed: int | None = None):
+    def __init__(self, inner: ParallelGPT, mesh: Mesh, zero_stage: int = 0, seed: int | None = None,
+                 reduce_dtype: torch.dtype | None = None):  # fmt: skip
         """`seed` lets ZeRO give values to parameters the builder left on the meta device (stage 3 built
-        lazily: one parameter at a time, only this rank's shard kept)."""
+        lazily: one parameter at a time, only this rank's shard kept). `reduce_dtype`: the dtype the gradients
+        cross the wire in, when not their own (float32 for 16-bit gradients: the spec's reduce_fp32)."""
         super().__init__(inner.config, mesh, inner.device, inner.dtype)
         self.inner = inner
+        self.master_dtype = inner.master_dtype
+        self.reduce_dtype = reduce_dtype
         self.dp = mesh.dp
         self.zero_stage = zero_stage
-        self.overlap = mesh.dp_size > 1 and getattr(inner, "single_backward_pass", False)
-        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed) if zero_stage else None
+        self.overlap = mesh.dp_size > 1 and getattr(inner, "last_backward_finishes_grads", False)
+        self.zero = ZeroShards(inner, mesh.dp, zero_stage, self.overlap, seed, reduce_dtype) if zero_stage else None
+        if self.overlap:
+            inner.before_last_backward.append(self.zero.arm if self.zero else self._arm)
         self.grad_bytes = 0
         # Every replica holds the same shapes in the same order, so buckets line up across ranks;
         # reversed because backward produces the last layers' gradients first.
@@ -142,7 +150,6 @@ class DataParallelGPT(ParallelGPT):
             with self.zero.workload(train=True):  # reduces (ZeRO's way) when the inner backward is done
                 loss = self.inner.forward_backward(idx[rows], targets[rows])
         else:
-            self._missing = [len(b) for b in self.buckets]
             loss = self.inner.forward_backward(idx[rows], targets[rows])
             self.average_gradients()
         if loss is None:
@@ -152,9 +159,13 @@ class DataParallelGPT(ParallelGPT):
         total = self.dp.all_reduce(torch.tensor([loss], dtype=torch.float64, device=self.device))
         return total.item() / self.mesh.dp_size
 
+    def _arm(self) -> None:
+        """Just before the last microbatch's backward: from now on a bucket's last gradient starts its all-reduce."""
+        self._missing = [len(b) for b in self.buckets]
+
     def _grad_ready(self, i: int) -> None:
         if not self._missing:
-            return  # a backward outside forward_backward (none today) must not start collectives
+            return  # an earlier microbatch's backward (its gradients are not final) or one outside forward_backward
         self._missing[i] -= 1
         if self._missing[i] == 0:
             self._start_bucket(i)
@@ -162,7 +173,7 @@ class DataParallelGPT(ParallelGPT):
     @torch.no_grad()
     def _start_bucket(self, i: int) -> None:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.buckets[i]])
-        self._pending[i] = self.dp.all_reduce_async(flat)
+        self._pending[i] = self.dp.all_reduce_async(flat.to(self.reduce_dtype) if self.reduce_dtype else flat)
 
     @torch.no_grad()
     def average_gradients(self) -> None:
@@ -176,6 +187,7 @@ class DataParallelGPT(ParallelGPT):
         for i, bucket in enumerate(self.buckets):
             flat = self._pending[i].wait()
             flat /= self.mesh.dp_size
+            flat = flat.to(bucket[0].dtype)  # the mean back in the gradients' dtype (reduced wider: reduce_dtype)
             self.grad_bytes += flat.numel() * flat.element_size()
             offset = 0
             for p in bucket:

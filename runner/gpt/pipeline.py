@@ -4,7 +4,8 @@ Rank r of p holds v model chunks (runner/job/schedule_ops.py): chunk c is virtua
 to layers [j*L/(pv), (j+1)*L/(pv)) of virtual stage j (runner/gpt/model.py cut_stage: the embedding on
 virtual stage 0, final LayerNorm and LM head on the last), tensor-parallel or not; its loss and full
 logits come from the output functions it is given (plain, or vocab-parallel under tensor parallelism).
-With p = 1 and m = 1 it is the plain model ('single', 'tensor'), with m = 1 the guide's layer split
+With p = 1 it is the plain model ('single', 'tensor'; m > 1: gradient accumulation, each microbatch's forward
+and backward in turn, the gradients added up before one optimizer step), with m = 1 the guide's layer split
 ('layer'); runner/gpt/build.py composes it for every strategy (`cut_chunks` cuts a rank's chunks). A
 training step runs the rank's list of operations from runner/job/schedule_ops.py (`schedule_ops`: GPipe,
 1F1B, interleaved 1F1B, ZB-H1) as it is: F (forward of one chunk on one microbatch), B (its backward; in
@@ -30,7 +31,7 @@ every microbatch of requests keeps its own KV cache.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -96,7 +97,9 @@ class PipelineGPT(ParallelGPT):
         super().__init__(self.chunks[0].config, mesh, device, dtype)
         self.output = output
         self.stage_id, self.n_stages, self.v = mesh.coord.pp, mesh.pp_size, len(self.chunks)
-        self.n_micro, self.schedule, self.workload = microbatches, schedule, workload
+        # Without a pipeline each microbatch's forward and backward run in turn, whatever the schedule's name:
+        # gradient accumulation, one microbatch's activations at a time.
+        self.n_micro, self.schedule, self.workload = microbatches, schedule if self.n_stages > 1 else "1f1b", workload
         self._shards: dict[str, nn.Parameter] = {}
         for chunk in self.chunks:
             self._shards.update(chunk.named_parameters(remove_duplicate=False))
@@ -110,11 +113,13 @@ class PipelineGPT(ParallelGPT):
         self.microbatch_activation_bytes = 0
         self._param_storages: set[int] | None = None
         self.figure_sources: list = []  # objects with figures() -> dict that build.py attaches (checkpointing, precision)
-        # One stage, one microbatch, one chunk: each gradient is final once accumulated, so data parallelism
-        # may start reducing it during backward (not under sequence parallelism or with replicated key/value heads:
-        # some are summed over tp ranks afterwards).
-        self.single_backward_pass = (self.n_stages == 1 and self.n_micro == 1 and self.v == 1
-                                     and not self._sp_params and not self._kv_params)  # fmt: skip
+        # One stage, one chunk: the last microbatch's backward is one pass that gives each gradient its last addition,
+        # so data parallelism may reduce each one as that pass makes it (not under sequence parallelism or with
+        # replicated key/value heads: some are summed over tp ranks afterwards). It arms its reductions from
+        # `before_last_backward`, called just before that pass.
+        self.last_backward_finishes_grads = (self.n_stages == 1 and self.v == 1 and not self._sp_params
+                                             and not self._kv_params)  # fmt: skip
+        self.before_last_backward: list[Callable[[], None]] = []
 
     @property
     def stage(self) -> GPT:
@@ -220,6 +225,7 @@ class PipelineGPT(ParallelGPT):
     def figures(self) -> dict:
         p, m = self.n_stages, self.n_micro
         out = {
+            "microbatches": m,  # per replica: the pipeline's microbatches, or gradient accumulation's without one
             "max_inflight_microbatches": self.max_inflight,
             "peak_activation_bytes": self.peak_activation_bytes,
             "activation_bytes_per_microbatch": self.microbatch_activation_bytes,
@@ -307,6 +313,9 @@ class PipelineGPT(ParallelGPT):
             grad = None if j == last else receive(("grad", j, i))
             start = self._begin_compute()
             if not split:
+                if i == self.n_micro - 1 and self.last_backward_finishes_grads:
+                    for hook in self.before_last_backward:
+                        hook()
                 out.backward(grad)
                 dx = x.grad
                 release((c, i))

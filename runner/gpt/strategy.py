@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from runner.gpt.config import GPTConfig
 from runner.gpt.mesh import Mesh
+from runner.gpt.precision import adamw
 
 
 class ParallelGPT(ABC):
@@ -25,6 +26,8 @@ class ParallelGPT(ABC):
         self.mesh = mesh
         self.device = device
         self.dtype = dtype
+        # The optimizer's copy of the weights, where the precision keeps one (bf16-master: float32); build.py sets it
+        self.master_dtype: torch.dtype | None = None
 
     # ---- what the rank holds -------------------------------------------------------------
     @abstractmethod
@@ -45,8 +48,9 @@ class ParallelGPT(ABC):
         return list(seen.values())
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """The optimizer of a training run: AdamW over this rank's parameters (ZeRO keeps a shard of its state)."""
-        return torch.optim.AdamW(self.parameters(), lr=lr)
+        """The optimizer of a training run: AdamW over this rank's parameters (ZeRO keeps a shard of its state), on
+        float32 masters of them under bf16-master (runner/gpt/precision.py)."""
+        return adamw(self.parameters(), lr, self.master_dtype)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """One update after forward_backward (ZeRO steps its shard, then gathers the updated weights)."""

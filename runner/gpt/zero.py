@@ -21,9 +21,10 @@ Parameters the builder left on the meta device get their values here, one parame
 `materialize` under its reference name, so a stage-3 rank never holds more than one unit of the model
 (built the other way, the rank first materializes its whole part and then shards it).
 
-Overlap. When the inner strategy runs one backward pass that accumulates each gradient once (the whole
-model, 'data'), a unit's reduction starts from its last post-accumulate-grad hook and runs while backward
-continues, as the plain data-parallel buckets do. Inside a pipeline ('3d' with microbatches) a gradient
+Overlap. When the inner strategy's last microbatch runs one backward pass that gives each gradient its last
+addition (the whole model, 'data', with or without gradient accumulation), a unit's reduction starts from its
+last post-accumulate-grad hook of that pass and runs while backward continues, as the plain data-parallel
+buckets do; the earlier microbatches' backwards only accumulate whole gradients (one reduction a step). Inside a pipeline ('3d' with microbatches) a gradient
 is accumulated once per microbatch, so the reductions start after the inner backward (all of a stage's
 gradients then exist at once, in stage 2 and 3 too: the at-rest figures are sharded, the peak of the step
 is not). Stage 3 in a pipeline gathers each block for each microbatch's forward and backward: 2m
@@ -63,6 +64,7 @@ import torch.nn as nn
 
 from runner.gpt.comm import GroupComm, PendingCollective, nbytes
 from runner.gpt.model import shard_of
+from runner.gpt.precision import adamw
 from runner.gpt.zero_units import (
     Unit,
     block_modules,
@@ -108,10 +110,12 @@ class ZeroShards:
     """ZeRO stage 1, 2 or 3 over `comm` (the data-parallel group) for the parameters of `inner`
     (a ParallelGPT whose named_shards() are its parameters under reference names)."""
 
-    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool, seed: int | None = None):
+    def __init__(self, inner, comm: GroupComm, stage: int, overlap: bool, seed: int | None = None,
+                 reduce_dtype: torch.dtype | None = None):  # fmt: skip
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
         self.inner, self.comm, self.stage, self.overlap, self.seed = inner, comm, stage, overlap, seed
+        self.reduce_dtype = reduce_dtype  # the gradients' dtype on the wire when not their own (reduce_fp32)
         self.n, self.r = comm.size, comm.index
         named = inner.named_shards()
         groups, self._name_of = group_parameters(named)  # _name_of: a reference name of each parameter
@@ -126,6 +130,7 @@ class ZeroShards:
         # building (a checkpoint's slices, a test's fault) reaches every rank's whole parameters.
         self._fresh = False
         self._training = False  # inside a forward_backward: gradient hooks act only then
+        self._armed = False  # the last microbatch's backward runs: a unit's gradients are final once made
         self.grad_bytes = 0
         self.reduce_inputs_peak = 0  # most whole-unit gradient buffers awaiting their reduce-scatter at once
         for u in self.units:
@@ -179,8 +184,9 @@ class ZeroShards:
                 p.grad = None
 
     def make_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """AdamW over this rank's shards only: its state is 2 x sum S_u elements (and one step counter a unit)."""
-        return torch.optim.AdamW(self.shards(), lr=lr)
+        """AdamW over this rank's shards only: its state is 2 x sum S_u elements (and one step counter a unit), and
+        under bf16-master the float32 masters of the shards too (the paper's P_os)."""
+        return adamw(self.shards(), lr, self.inner.master_dtype)
 
     @torch.no_grad()
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -217,7 +223,7 @@ class ZeroShards:
             if train:
                 self._finish_gradients()
         finally:
-            self._training = False
+            self._training = self._armed = False
             for u in self.units:
                 u.awaiting_weight_grads = 0
                 self._release(u)  # stage 3 only
@@ -280,8 +286,13 @@ class ZeroShards:
         u.awaiting_weight_grads = max(0, u.awaiting_weight_grads - 1)
         if self.stage == 3 and u is not self.outer and not u.awaiting_weight_grads:
             self._release(u)
-        if self.overlap:
+        if self.overlap and self._armed:
             self._start_reduce(u)
+
+    def arm(self) -> None:
+        """Just before the last microbatch's backward (the engine's `before_last_backward`): from now on a unit whose
+        gradients are all made is reduced while backward goes on; earlier microbatches only accumulate."""
+        self._armed = self._training
 
     @torch.no_grad()
     def _start_reduce(self, u: Unit) -> None:
@@ -290,6 +301,8 @@ class ZeroShards:
         if pad:
             parts.append(torch.zeros(pad, dtype=u.full.dtype, device=u.full.device))
         flat = torch.cat(parts)
+        if self.reduce_dtype is not None:
+            flat = flat.to(self.reduce_dtype)
         if self.stage == 1:  # the reduced flat buffer becomes the gradients: nothing extra to bound
             u.pending_reduce = self.comm.all_reduce_async(flat)
             return
@@ -310,6 +323,7 @@ class ZeroShards:
         reduced = u.pending_reduce.wait()
         u.pending_reduce, u.reduce_input = None, None
         reduced /= self.n  # the mean over replicas, as plain data parallelism
+        reduced = reduced.to(u.full.dtype)  # back in the gradients' dtype (reduced wider: reduce_dtype)
         if self.stage == 1:
             for p, off in zip(u.params, u.offsets, strict=True):
                 p.grad = reduced[off : off + p.numel()].view_as(p)

@@ -116,7 +116,7 @@ def device_peak_flops(name: str, dtype: str) -> float | None:
     peak = device_peak(name)
     if peak is None:
         return None
-    return peak.bf16 if dtype in ("bfloat16", "bf16-mixed") else peak.fp32  # bf16-mixed multiplies in bf16
+    return peak.bf16 if dtype in ("bfloat16", "bf16-mixed", "bf16-master") else peak.fp32  # mixed: bf16 matmuls
 
 
 def bubble_fraction_theory(schedule: str, p: int, m: int, v: int = 1) -> float:
@@ -148,6 +148,32 @@ def bubble_theory_formula(schedule: str) -> str:
         "interleaved-1f1b": "(p-1)/(v·m+p-1)",
         "zb-h1": "(p-1)/(3m+p-1), taking F = B = W",
     }.get(schedule, "(p-1)/(m+p-1)")
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation of paired values (ties take their average rank); None under 3 pairs or where
+    either side is constant."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        return None
+
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return out
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else None
 
 
 def percentile(values: list[float], q: float) -> float:

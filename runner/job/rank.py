@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from runner.gpt.config import kv_copies
 from runner.gpt.mesh import Mesh, barrier
+from runner.gpt.precision import optimizer_state_bytes, precision_of
 from runner.gpt.strategy import ParallelGPT
 from runner.job import corpus, losses
 from runner.job.checkpoint import HFFolder, open_weights, shard_reader
@@ -110,7 +111,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
                         host=host))  # fmt: skip
     memory = MemoryMeter.after_setup(device)
     cpu_wait = CpuWaitMeter()
-    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float32
+    dtype = precision_of(spec.dtype).param_dtype
     mesh = Mesh.build(spec.degrees, tied=spec.workload != "forward", kv_share=kv_copies(spec.model_config(), spec.degrees.tp))
     torch.manual_seed(fold_seed(spec.seed))
     model = strategies.build(spec, mesh, device, dtype)
@@ -182,10 +183,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
 
     mesh.stats.counting = False
     machine = load.figures()  # right at the timed steps' end, before anything else runs
-    optimizer_bytes = 0
-    if optimizer is not None:
-        for state in optimizer.state.values():
-            optimizer_bytes += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    optimizer_bytes = optimizer_state_bytes(optimizer) if optimizer is not None else 0
     params = model.parameters()
     comm = mesh.stats.as_dict()
     c = mesh.coord

@@ -13,12 +13,12 @@ import json
 import sys
 from typing import Any
 
-from runner.gpt.config import FAMILIES, model_problems
+from runner.gpt.config import FAMILIES
 from runner.planner.devices import KINDS, Devices, described, from_partition, preset
+from runner.planner.inputs import input_problems, zero_stages
 from runner.planner.layouts import Plan, plan
 from runner.planner.models import MODELS, GiB, Workload, with_dims
-from runner.planner.step_time import DEFAULT_EFFICIENCY
-from runner.spec.run_spec import DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS
+from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecProblem
 
 DEFAULT_SEQ_CAP = 8192  # Llama 3's 131072-position context is not what a step trains on by default
 
@@ -39,14 +39,20 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
         "--seq", type=int, default=None, help="sequence length (default: the model's block_size, at most 8192)"
     )
     p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES)
+    p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES,
+                   help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES).replace("%", "%%"))
+    p.add_argument("--reduce-fp32", action="store_true", help="bfloat16, bf16-master: gradients reduced in float32")
     p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
     p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    p.add_argument("--microbatches", type=int, default=0, help="per replica; 0: one sequence each when pipelined")
+    p.add_argument("--microbatches", type=int, default=0,
+                   help="per replica, gradients accumulated over them; 0: one sequence each when pipelined, else 1")
+    p.add_argument("--microbatch-size", type=int, default=0,
+                   help="sequences per microbatch (Megatron's --micro-batch-size), instead of --microbatches")
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
-    p.add_argument("--efficiency", type=float, default=DEFAULT_EFFICIENCY, help="share of peak FLOP/s reached")
+    p.add_argument("--efficiency", type=float, default=None,
+                   help="a flat share of peak FLOP/s for every matmul (default: modelled from the shapes and the GPU)")
     dev = p.add_argument_group("devices: a known GPU (--gpu), this host (--this-host), a Slurm partition, or described")
     dev.add_argument("--gpus", type=int, default=8, help="device count")
     dev.add_argument("--gpu", default=None, choices=sorted(KINDS), help="a known GPU kind")
@@ -90,7 +96,7 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    return Workload.of(args, seq=args.seq or min(block_size, DEFAULT_SEQ_CAP))
+    return Workload.of(args, seq=min(block_size, DEFAULT_SEQ_CAP) if args.seq is None else args.seq)
 
 
 def format_plan(result: Plan, top: int = 15) -> str:
@@ -102,7 +108,9 @@ def format_plan(result: Plan, top: int = 15) -> str:
         f"model: {result.model.family}, {result.model.n_layer} layers, {result.model.n_head} heads "
         f"({result.model.kv_heads} key/value), width {result.model.n_embd}, MLP {result.model.d_ff}; "
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
-        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; compute at {result.efficiency:.0%} of peak",
+        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; "
+        + (f"compute at {result.efficiency:.0%} of peak" if result.efficiency is not None
+           else "matmuls timed by shape on this device kind"),
         "",
         f"{'layout':<22}{'mb':>5}{unit + '/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
         f"{'step s':>9}{'bubble':>8}{'comm s':>9}",
@@ -129,26 +137,37 @@ def format_plan(result: Plan, top: int = 15) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    """Print the plan; 2 on bad arguments."""
+    """Print the plan; 2 on bad arguments (every problem named by its flag, nothing planned)."""
     cfg = with_dims(MODELS[args.model], **{d: getattr(args, d) for d in MODEL_FIELDS if hasattr(args, d)})
-    try:
-        if problems := model_problems(cfg):
-            raise ValueError("; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in problems))
-        zero = tuple(sorted({int(z) for z in str(args.zero).split(",") if z.strip()}))
-        if any(z not in (0, 1, 2, 3) for z in zero):
-            raise ValueError("--zero takes stages 0 to 3")
-        devices = devices_from_args(args)
-        work = workload_from_args(args, cfg.block_size)
-        work.checkpoint_every  # noqa: B018 -- raises ValueError for a bad policy
-    except ValueError as exc:
-        print(f"plan: {exc}", file=sys.stderr)
+    work = workload_from_args(args, cfg.block_size)
+    problems = input_problems(
+        cfg, work, zero=str(args.zero), efficiency=args.efficiency, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
+        memory_gib=args.memory_gib, tflops=args.tflops, bw_intra=args.bw_intra, bw_inter=args.bw_inter, top=args.top,
+    )  # fmt: skip
+    if not problems:
+        try:
+            devices = devices_from_args(args)
+        except ValueError as exc:
+            problems.append(SpecProblem("devices", str(exc)))
+    if problems:
+        if args.json:
+            print(json.dumps({"error": "invalid plan inputs", "problems": [
+                {"field": p.field, "flag": _flag(p.field), "message": p.message} for p in problems]}))  # fmt: skip
+        for p in problems:
+            print(f"plan: {_flag(p.field)}: {p.message}", file=sys.stderr)
         return 2
+    zero, _ = zero_stages(str(args.zero))
     result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency, use_all=not args.fewer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
         print(format_plan(result, args.top))
     return 0
+
+
+def _flag(field: str) -> str:
+    """The plan flag of an input field ('devices' is several flags: the message names them)."""
+    return field if field == "devices" else "--" + field.replace("_", "-")
 
 
 def add_calibrate_parser(sub: Any) -> argparse.ArgumentParser:

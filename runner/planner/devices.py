@@ -11,10 +11,29 @@
   nodes x GPUs per node, the GPUs described by a preset kind (sinfo does not say which GPU).
 - `described(...)`: anything else, by hand.
 - `cpu_host(...)`: this machine's CPU ranks, from a calibration (runner/planner/calibrate.py) when there is one.
+
+How fast a device computes (`matmul_seconds`, `memory_seconds`: the one function of shapes and device kind the step
+time uses, with one set of constants per kind, never per case):
+- a matrix multiply [m, k] x [k, n] (batched b times) runs in waves of 128 x 128 output tiles over the GPU's SMs
+  (cuBLAS's usual tile on A100 and H100; a last partial wave costs a whole one, and so does a partial tile: tile and
+  wave quantization, NVIDIA's "Matrix Multiplication Background" user guide), each SM at MATMUL_SHARE of its dense
+  peak, and never faster than its inputs and output move through HBM (a roofline: the larger of the two times).
+  MATMUL_SHARE is one figure for every kind: the Maximum Achievable Matmul FLOPS measured with cuBLAS on large bf16
+  shapes (S. Bekman, ml-engineering, compute/accelerator "Maximum Achievable Matmul FLOPS comparison table") is the
+  best shape of a sweep, 85.9% of peak on A100 SXM (267.9 of 312 TFLOP/s) and 80.1% on H100 SXM (792.1 of 989); a
+  training step's many shapes and layouts do not all reach a sweep's best, so every kind takes the lower, 80.1%.
+  (With A100's own 85.9%, Megatron-LM's Table 1 rows of 1.7B-18.4B come out 15-18% faster than published,
+  tests/test_planner_published.py);
+- elementwise work (LayerNorm, bias, GeLU, dropout, residual adds, softmax) moves its bytes at MEMORY_SHARE of the
+  data sheet's HBM bandwidth (A100 80GB SXM 2,039 GB/s, 40GB 1,555; H100 SXM 3,350; H100 PCIe 2,000; H200 4,800;
+  L40S 864; L4 300; A10 600; RTX 4090 1,008: NVIDIA data sheets);
+- described devices and CPU ranks have no SMs or HBM figure: their matmuls run at their peak (a calibrated CPU's is
+  measured) times the share, and elementwise work is not timed apart.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -22,6 +41,9 @@ from typing import Any
 from runner.job.metrics import device_peak_flops
 
 MiB, GiB, GB = 2**20, 2**30, 1e9
+TILE = 128  # the output tile of a cuBLAS GEMM (module docstring)
+MATMUL_SHARE = 0.801  # achievable share of dense peak on a training step's matmuls, every kind (module docstring)
+MEMORY_SHARE = 0.8  # share of HBM bandwidth elementwise kernels reach (few bytes a thread, no reuse)
 
 
 @dataclass(frozen=True)
@@ -40,10 +62,13 @@ class Devices:
     gpus_per_node: int
     reserve_bytes: int = 1 * GiB
     source: str = "described"
+    hbm_bw: float = 0.0  # bytes/s of device memory (0: unknown, elementwise work not timed apart)
+    sms: int = 0  # streaming multiprocessors (0: unknown, no tile or wave quantization)
+    matmul_share: float = MATMUL_SHARE  # achievable share of the dense peak on large matrix multiplies
 
     def peak(self, dtype: str) -> float:
-        """Peak FLOP/s for a run's dtype: bf16-mixed computes in bfloat16."""
-        return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed") else self.peak_fp32
+        """Peak FLOP/s for a run's dtype: bf16-mixed and bf16-master compute in bfloat16."""
+        return self.peak_bf16 if dtype in ("bfloat16", "bf16-mixed", "bf16-master") else self.peak_fp32
 
     @property
     def is_cpu(self) -> bool:
@@ -73,6 +98,27 @@ class Devices:
                 f"{self.bw_intra / GB:.3g} GB/s in a node, {self.bw_inter / GB:.3g} GB/s between nodes)")  # fmt: skip
 
 
+def matmul_seconds(dev: Devices, dtype: str, m: int, n: int, k: int, batch: int = 1, width: int = 2) -> float:
+    """Seconds of `batch` matrix multiplies [m, k] x [k, n] in `dtype` (elements of `width` bytes) on one device:
+    whole waves of 128 x 128 tiles over its SMs at its achievable share of peak, or its HBM traffic if longer
+    (module docstring). Devices without an SM count compute at peak x share, tiles not counted."""
+    if m <= 0 or n <= 0 or k <= 0 or batch <= 0:
+        return 0.0
+    rate = dev.peak(dtype) * dev.matmul_share
+    if dev.sms <= 0:
+        return 2 * batch * m * n * k / rate
+    tiles = batch * math.ceil(m / TILE) * math.ceil(n / TILE)
+    waves = math.ceil(tiles / dev.sms)
+    compute = waves * dev.sms * 2 * TILE * TILE * k / rate
+    moved = batch * (m * k + k * n + m * n) * width
+    return max(compute, memory_seconds(dev, moved))
+
+
+def memory_seconds(dev: Devices, nbytes: float) -> float:
+    """Seconds elementwise kernels take to move `nbytes` through device memory; 0 where its bandwidth is unknown."""
+    return nbytes / (dev.hbm_bw * MEMORY_SHARE) if dev.hbm_bw > 0 else 0.0
+
+
 def _rate(flops: float) -> str:
     return f"{flops / 1e12:.3g} TFLOP/s" if flops >= 1e12 else f"{flops / 1e9:.3g} GFLOP/s"
 
@@ -91,18 +137,21 @@ class Kind:
     bw_intra: float
     bw_inter: float
     gpus_per_node: int
+    hbm_bw: float = 0.0  # data sheet (module docstring)
+    sms: int = 0
+    matmul_share: float = MATMUL_SHARE
 
 
 KINDS: dict[str, Kind] = {
-    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8),
-    "h100-pcie": Kind("H100 PCIe", "NVIDIA H100 PCIe", 81559 * MiB, 64 * GB, 50 * GB, 8),
-    "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8),
-    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8),
-    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8),
-    "l40s": Kind("L40S", "NVIDIA L40S", 46068 * MiB, 32 * GB, 25 * GB, 8),
-    "l4": Kind("L4", "NVIDIA L4", 23034 * MiB, 32 * GB, 12.5 * GB, 8),
-    "a10": Kind("A10", "NVIDIA A10", 23028 * MiB, 32 * GB, 12.5 * GB, 4),
-    "rtx-4090": Kind("GeForce RTX 4090", "NVIDIA GeForce RTX 4090", 24564 * MiB, 32 * GB, 12.5 * GB, 8),
+    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8, 3350 * GB, 132),
+    "h100-pcie": Kind("H100 PCIe", "NVIDIA H100 PCIe", 81559 * MiB, 64 * GB, 50 * GB, 8, 2000 * GB, 114),
+    "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8, 4800 * GB, 132),
+    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8, 2039 * GB, 108),
+    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8, 1555 * GB, 108),
+    "l40s": Kind("L40S", "NVIDIA L40S", 46068 * MiB, 32 * GB, 25 * GB, 8, 864 * GB, 142),
+    "l4": Kind("L4", "NVIDIA L4", 23034 * MiB, 32 * GB, 12.5 * GB, 8, 300 * GB, 58),
+    "a10": Kind("A10", "NVIDIA A10", 23028 * MiB, 32 * GB, 12.5 * GB, 4, 600 * GB, 72),
+    "rtx-4090": Kind("GeForce RTX 4090", "NVIDIA GeForce RTX 4090", 24564 * MiB, 32 * GB, 12.5 * GB, 8, 1008 * GB, 128),
 }
 
 
@@ -113,7 +162,8 @@ def preset(kind: str, count: int, gpus_per_node: int | None = None) -> Devices:
     k = KINDS[kind]
     fp32, bf16 = _peaks(k.nvml_name)
     per = gpus_per_node or min(count, k.gpus_per_node)
-    return Devices(k.label, count, k.memory_bytes, fp32, bf16, k.bw_intra, k.bw_inter, per, source=f"preset {kind}")
+    return Devices(k.label, count, k.memory_bytes, fp32, bf16, k.bw_intra, k.bw_inter, per, source=f"preset {kind}",
+                   hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share)  # fmt: skip
 
 
 def kind_of(nvml_name: str) -> str | None:
@@ -140,7 +190,8 @@ def from_gpus(gpus: Sequence[Mapping[str, Any]], host: str = "this host") -> Dev
     k = KINDS.get(key) if key else None
     intra = k.bw_intra if k else 32 * GB
     inter = k.bw_inter if k else 12.5 * GB
-    return Devices(name, len(gpus), memory, fp32, bf16, intra, inter, len(gpus), source=f"detected on {host}")
+    speed = dict(hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share) if k else {}
+    return Devices(name, len(gpus), memory, fp32, bf16, intra, inter, len(gpus), source=f"detected on {host}", **speed)
 
 
 def from_lease(lease: Mapping[str, Any]) -> Devices | None:
@@ -180,4 +231,4 @@ def cpu_host(cores: int, memory_bytes: int, flops: float, allreduce_bw: float, h
     matmul rate per rank and all-reduce bandwidth (runner/planner/calibrate.py)."""
     per_rank = memory_bytes // max(1, cores)
     return Devices(f"CPU core ({host})", cores, per_rank, flops, flops, allreduce_bw, allreduce_bw, cores,
-                   reserve_bytes=200 * MiB, source=f"CPU of {host}")  # fmt: skip
+                   reserve_bytes=200 * MiB, source=f"CPU of {host}", matmul_share=1.0)  # fmt: skip

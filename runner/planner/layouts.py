@@ -20,7 +20,7 @@ from runner.gpt.config import GPTConfig
 from runner.planner.devices import Devices
 from runner.planner.memory import RankMemory, layout_memory
 from runner.planner.models import GiB, Layout, Workload
-from runner.planner.step_time import DEFAULT_EFFICIENCY, StepTime, predict_step
+from runner.planner.step_time import StepTime, predict_step
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class Plan:
     devices: Devices
     feasible: list[Candidate] = field(default_factory=list)
     infeasible: list[Candidate] = field(default_factory=list)
-    efficiency: float = DEFAULT_EFFICIENCY
+    efficiency: float | None = None  # a flat share of peak, or None: matmuls modelled per shape and device kind
 
     @property
     def best(self) -> Candidate | None:
@@ -97,10 +97,12 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
         out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
     if work.batch % dp:
         out.append(f"batch {work.batch} not divisible by dp {dp}")
-    elif pp > 1:
-        m = work.microbatches_for(layout)
-        if (work.batch // dp) % m:
-            out.append(f"batch per replica {work.batch // dp} not divisible by {m} microbatches")
+    else:
+        m, rows = work.microbatches_for(layout), work.batch // dp
+        if work.microbatch_size and rows % work.microbatch_size:
+            out.append(f"batch per replica {rows} not divisible by microbatches of {work.microbatch_size}")
+        elif rows % m:
+            out.append(f"batch per replica {rows} not divisible by {m} microbatches")
         if v > 1 and m % pp:
             out.append(f"interleaved-1f1b needs microbatches ({m}) to be a multiple of pp {pp}")
     if layout.zero_stage and (dp < 2 or work.workload != "train"):
@@ -123,7 +125,7 @@ def on_devices(work: Workload, devices: Devices) -> Workload:
 
 @functools.lru_cache(maxsize=8192)
 def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
-             efficiency: float = DEFAULT_EFFICIENCY) -> Candidate:  # fmt: skip
+             efficiency: float | None = None) -> Candidate:  # fmt: skip
     """One layout judged: its reasons not to run, its memory and step time when the model splits that way."""
     work = on_devices(work, devices)
     reasons = list(layout_problems(cfg, layout, work))
@@ -143,7 +145,7 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
 
 
 def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...] = (0,),
-         efficiency: float = DEFAULT_EFFICIENCY, use_all: bool = True) -> Plan:  # fmt: skip
+         efficiency: float | None = None, use_all: bool = True) -> Plan:  # fmt: skip
     """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
     (a layout without data parallelism, or not training, takes stage 0), judged and ranked."""
     feasible, infeasible = _judged(cfg, work, devices, tuple(zero_stages), efficiency, use_all)

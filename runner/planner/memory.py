@@ -59,7 +59,8 @@ Data parallelism and ZeRO-1 add the backward's end: the gradients flattened into
 ZeRO-1's units) beside the parameters' own, twice the gradients and no activations left.
 So GPipe's first stage peaks in its second backward (m - 1 microbatches and the gradients) or its first (m, none),
 whichever is larger, and a single rank in its first backward with no gradient yet.
-AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations: the gradients plus
+AdamW's step (`optimizer_step_bytes`) runs after the backward has freed the activations (under bf16-master with
+the float32 gradients of the masters it steps, runner/gpt/precision.py MasterAdamW): the gradients plus
 torch's foreach AdamW's one temporary the size of everything it steps (its default on GPUs: the square roots of
 the second moments; the rank's shards under ZeRO), or its for-loop AdamW's two of the largest tensor's size (the
 default on CPUs: that square root and the quotient).
@@ -125,14 +126,17 @@ class BackwardPoint:
 @functools.lru_cache(maxsize=1024)
 def backward_points(schedule: str, pp: int, m: int, stage: int, v: int) -> tuple[BackwardPoint, ...]:
     """The start of every backward pass of pipeline rank `stage`, replaying the schedule the engine runs
-    (runner/job/schedule_ops.py; without a pipeline, pp = 1: one forward and one backward). A forward saves, the
-    backward frees (a split backward's W frees; on the first virtual stage, which has no input gradient, W runs
-    the whole backward and its B nothing). Gradients exist from the end of the first pass that makes them."""
+    (runner/job/schedule_ops.py; without a pipeline, pp = 1: each microbatch's forward and backward in turn). A
+    forward saves, the backward frees (a split backward's W frees; on the first virtual stage, which has no input
+    gradient, W runs the whole backward and its B nothing). Gradients exist from the end of the first pass that
+    makes them."""
+    # Without a pipeline the engine runs each microbatch's forward and backward in turn (gradient accumulation)
+    schedule = schedule if pp > 1 else "1f1b"
     held, awaiting = [0] * v, [0] * v
     grads = False
     split = splits_backward(schedule)
     points: dict[BackwardPoint, None] = {}
-    for op in schedule_ops(schedule if pp > 1 else "gpipe", m, pp, stage, v):
+    for op in schedule_ops(schedule, m, pp, stage, v):
         c = op.chunk
         if op.kind == "F":
             held[c] += 1
@@ -206,20 +210,21 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
     always = 0  # transient bytes at every moment of a step
     full_grads = 0  # bytes a rank's gradients take beyond their resting size while its backward passes run
     if train:
-        # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit
+        # AdamW steps over the rank's parameters, or under ZeRO over its shard of each unit; its moments are as wide as
+        # what it steps (bf16-master: float32 masters, kept beside the moments, with float32 gradients during the step)
+        stepped = sharded if zero >= 1 else psi
+        ow, master = work.moment_width, work.master_width
         if work.adamw == "foreach":
-            step_bytes = (sharded if zero >= 1 else psi) * w
+            step_bytes = stepped * ow
         else:
-            step_bytes = 2 * (max(shards) if zero >= 1 else largest) * w
+            step_bytes = 2 * (max(shards) if zero >= 1 else largest) * ow
+        step_bytes += stepped * master
         grads = sharded if zero >= 2 else psi
-        optimizer = (
-            (2 * sharded * w + ADAM_STEP_BYTES * len(units))
-            if zero >= 1
-            else (2 * psi * w + ADAM_STEP_BYTES * n_tensors)
-        )
-        if zero >= 2 and pp > 1:  # inside a pipeline all of the stage's full gradients exist before reducing
+        optimizer = (2 * ow + master) * stepped + ADAM_STEP_BYTES * (len(units) if zero >= 1 else n_tensors)
+        if zero >= 2 and (pp > 1 or work.microbatches_for(layout) > 1):
+            # inside a pipeline, or accumulating microbatches, the stage's full gradients exist before reducing
             full_grads = (psi - sharded) * w
-            notes.append("ZeRO-2/3 in a pipeline: the stage's full gradients exist until the reduce-scatter")
+            notes.append("ZeRO-2/3 with microbatches: the full gradients exist until the reduce-scatter")
     in_blocks = 0  # transient bytes while a block runs (not during the head's cross entropy)
     if zero == 3:
         # gathered during a step: the outer unit throughout (runner/gpt/zero.py), and while a block runs, that block and
@@ -323,7 +328,7 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
             per_chunk = [flight * b for b in per_chunk]
         else:
             points = backward_points(work.schedule, pp, m, stage, v)
-        split_b = splits_backward(work.schedule)
+        split_b = splits_backward(work.schedule) and pp > 1
         during = -1
         for pt in points:
             c = pt.chunk
@@ -389,11 +394,12 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
                     else "the first backward pass (no gradients yet)"
                 )
                 peak_at = f"{which}: {moment}"
-        if dp > 1 and zero <= 1 and 2 * grads * w > during:
+        flat = grads * (4 if work.reduce_fp32 else w)
+        if dp > 1 and zero <= 1 and grads * w + flat > during:
             # the backward's end: the gradients flattened into the all-reduce buffers (data parallelism's buckets,
-            # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py) beside the parameters' own, until the reductions
-            # complete and the gradients become views of them
-            during, transient, peak_at = 2 * grads * w, grads * w, "the gradients' all-reduce at the backward's end"
+            # runner/gpt/data_parallel.py; ZeRO-1's units, zero.py; float32 under reduce_fp32) beside the parameters'
+            # own, until the reductions complete and the gradients become views of them
+            during, transient, peak_at = grads * w + flat, flat, "the gradients' all-reduce at the backward's end"
         step = grads * w + step_bytes
         if step > during:
             transient, peak_at = 0, "AdamW's step (the gradients and its temporaries)"

@@ -54,8 +54,10 @@ class Layout:
 class Workload:
     """What runs on the layout: the spec fields the memory and the step time depend on.
 
-    batch is the global batch (all replicas); microbatches is m per replica (pipeline only; 0 = choose:
-    microbatches of one sequence when pp > 1, else 1)."""
+    batch is the global batch (all replicas). A replica's batch is cut into microbatches whose gradients accumulate
+    before one optimizer step, in every layout (gradient accumulation without a pipeline, the pipeline's
+    microbatches with one): `microbatches` is their count m per replica, or `microbatch_size` the sequences in
+    each (Megatron's --micro-batch-size); 0 for both: one sequence each when pp > 1, else the whole batch at once."""
 
     workload: str = "train"
     batch: int = 8
@@ -76,6 +78,8 @@ class Workload:
     # The collectives' backend: "nccl" on GPUs; "gloo" on CPUs, whose reduce-scatter works on a copy of its input
     # and whose all-gather fills a buffer of its own before copying out.
     backend: str = "nccl"
+    microbatch_size: int = 0  # sequences per microbatch instead of a count (0: not given)
+    reduce_fp32: bool = False  # 16-bit gradients reduced over data parallelism in float32
 
     @classmethod
     def of(cls, source: Any, **overrides: Any) -> Workload:
@@ -94,8 +98,19 @@ class Workload:
 
     @property
     def param_width(self) -> int:
-        """Bytes per parameter element: 2 for pure bfloat16, else 4 (bf16-mixed keeps float32 masters)."""
-        return 2 if self.dtype == "bfloat16" else 4
+        """Bytes per parameter (and gradient) element: 2 for bfloat16 and bf16-master, else 4 (bf16-mixed's
+        parameters are float32; runner/gpt/precision.py has the table of what each precision keeps)."""
+        return 2 if self.dtype in ("bfloat16", "bf16-master") else 4
+
+    @property
+    def master_width(self) -> int:
+        """Bytes per parameter of the optimizer's master copy: 4 under bf16-master (float32), else 0 (none)."""
+        return 4 if self.dtype == "bf16-master" else 0
+
+    @property
+    def moment_width(self) -> int:
+        """Bytes per element of each AdamW moment: as wide as what it steps (the masters under bf16-master)."""
+        return self.master_width or self.param_width
 
     @property
     def activation_width(self) -> int:
@@ -104,15 +119,24 @@ class Workload:
 
     @property
     def residual_width(self) -> int:
-        """Bytes per element of the residual stream: 2 under pure bfloat16, else 4 (bf16-mixed keeps it float32)."""
-        return 2 if self.dtype == "bfloat16" else 4
+        """Bytes per element of the residual stream (and so of pipeline messages): 2 under bfloat16 and bf16-master,
+        else 4 (bf16-mixed keeps it float32)."""
+        return 2 if self.dtype in ("bfloat16", "bf16-master") else 4
+
+    @property
+    def reduce_width(self) -> int:
+        """Bytes per gradient element on the data-parallel wire: the gradients' own, or 4 under reduce_fp32."""
+        return 4 if self.reduce_fp32 else self.param_width
 
     def microbatches_for(self, layout: Layout) -> int:
-        """m for this layout: 1 without a pipeline (only pipelines split the batch); else the given one, or
-        (0) one sequence per microbatch."""
-        if layout.pp < 2:
-            return 1
-        return self.microbatches or max(1, self.batch // layout.dp)
+        """m per replica on this layout: the batch per replica over microbatch_size, or the count given, or (both 0)
+        one sequence per microbatch in a pipeline and the whole batch as one without."""
+        rows = max(1, self.batch // layout.dp)
+        if self.microbatch_size > 0:
+            return max(1, rows // self.microbatch_size)
+        if self.microbatches > 0:
+            return self.microbatches
+        return rows if layout.pp > 1 else 1
 
     def chunks_for(self, layout: Layout) -> int:
         """v, the model chunks per pipeline rank: virtual_stages under interleaved-1f1b with a pipeline, else 1."""
@@ -140,6 +164,5 @@ def spec_layout(spec: RunSpec) -> Layout:
 
 def spec_workload(spec: RunSpec, device: str | None = None) -> Workload:
     """The Workload of a runner.spec.run_spec.RunSpec on `device` (default: the spec's; "auto" counts as a GPU)."""
-    _, pp, _ = spec.degrees
-    work = Workload.of(spec, microbatches=spec.microbatches if pp > 1 else 1)
+    work = Workload.of(spec)
     return work.on_cpu_ranks() if (device or spec.device) == "cpu" else work

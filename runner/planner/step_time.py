@@ -1,46 +1,77 @@
-"""Predicted step time of a layout on devices: compute, communication, the pipeline bubble (torch-free).
+"""Predicted step time of a layout on devices: the passes of each pipeline rank, the schedule's bubble, and the
+communication each group needs, exposed or hidden as the lab's engine runs it (torch-free).
 
-compute: model FLOPs of the step (runner/metrics.model_flops, PaLM's count: 6N + 12·l·h·s a trained token,
-  2N + 4·l·h·s forwarded), plus the recomputed forwards of checkpointed blocks (a third of a trained layer's
-  FLOPs each), split evenly over the world, at `efficiency` x the device's dense peak (stated: 0.5 by default,
-  the MFU large runs report: Megatron-LM 2021 reaches 52% of peak on A100 for GPT-3 175B).
-communication (per rank, not overlapped with compute: an upper bound; each collective at `link_efficiency`
-  x the bandwidth of the slowest link its group crosses):
-- tensor parallel: per layer and microbatch 2 all-reduces of b·s·h activations forward and 2 backward
-  (Megatron, Shoeybi et al. 2019 figure 4; sequence parallelism's all-gather + reduce-scatter move the
-  same bytes), each a ring all-reduce of 2(t-1)/t x bytes;
-- pipeline: a b·s·h hidden state forward and its gradient backward per microbatch and stage boundary
-  (float32 under bf16-mixed: the residual stream stays float32, runner/gpt/precision.py); the critical path
-  carries 2(m·v + p - 1) of them;
-- data parallel: a ring all-reduce of the gradients, 2(n-1)/n x Psi·w (Psi the rank's parameters);
-  ZeRO-1 adds the all-gather of the updated parameters ((n-1)/n Psi·w), ZeRO-2 reduce-scatters instead of
-  all-reducing ((n-1)/n) then all-gathers, ZeRO-3 all-gathers before each forward and each backward and
-  reduce-scatters: 3(n-1)/n Psi·w (Rajbhandari et al. 2020: 1.5x plain data parallelism), and inside a
-  pipeline 2m gathers (runner/gpt/zero.py).
-Where a group falls (runner/gpt/mesh.py: rank = (pp_i·dp + dp_i)·tp + tp_i, tp innermost, then dp, then
-pp): a group whose ranks span k consecutive ranks stays in a node when k <= GPUs per node.
-bubble: the schedule's idle share (runner/job/metrics.py bubble_fraction_theory, H-pipe's one definition: (p-1)/(m+p-1) for
-GPipe and 1F1B, (p-1)/(v·m+p-1) interleaved, (p-1)/(3m+p-1) ZB-H1): the pipelined part of the step lasts
-compute / (1 - bubble).
+Compute, per microbatch and pipeline rank (runner/planner/devices.py `matmul_seconds`, `memory_seconds`: the one
+function of shapes and device kind, one set of constants per kind):
+- a transformer layer's forward is its matrix multiplies on the rank's share of the heads and MLP columns (c_attn
+  [b*s, h] x [h, 3h/t], attention's c_proj [h/t -> h], c_fc [h -> d_ff/t], the MLP's c_proj [d_ff/t -> h]), the
+  attention core, and its elementwise work. Attention "sdpa" (our model: a fused causal kernel, FlashAttention's
+  way) is its two products over the causal half of the scores, its backward 2.5 forwards (FlashAttention-2, Dao
+  2023: five products against two, recomputing the scores); "naive" (Megatron-LM 2021, the paper's Korthikanti
+  count) multiplies the whole s x s scores per head and moves them through the fused scale-mask-softmax and dropout
+  (9 bytes a score forward: read and write at 2 bytes twice, a 1-byte mask). Elementwise work a token forward, in
+  elements of h: two LayerNorms read and write (4), two bias-residual adds read two and write one (6), GeLU reads and
+  writes d_ff/t (2 d_ff/(h t); SwiGLU reads gate and up, writes their product: 3); sequence parallelism splits the
+  first two over t. A Llama-family config's c_attn has h + 2 x its key/value width outputs and its c_fc both gate
+  and up. A backward costs two forwards
+  (each product's input gradient and weight gradient; the elementwise work's gradients).
+- activation checkpointing runs the checkpointed layers' forward again in the backward (full recompute).
+- gradient accumulation: every microbatch after the first adds its weight gradients into the rank's .grad (autograd's
+  AccumulateGrad: the held gradient and the new one read, the sum written), amortized over the m microbatches.
+- the last virtual stage adds the head ([b*s, h] x [h, V/t], backward twice) and cross entropy over float32
+  logits (16 bytes a logit forward and backward).
+- `efficiency` given (a number): every matrix multiply runs at that flat share of the device's peak and elementwise
+  work is not timed apart -- the model before shapes mattered, and a calibrated CPU's (its rate is measured).
+Tensor parallelism (Megatron, Shoeybi et al. 2019 figure 4; sequence parallelism's reduce-scatter + all-gather move
+the same bytes): per layer and microbatch 2 all-reduces of b*s*h activations forward, 2 backward, 2 more in a
+recomputed forward, each a ring all-reduce of 2(t-1)/t x bytes at the run's activation width; not overlapped (the
+engine waits for each).
+Pipeline: the slowest rank's microbatch time T paces the pipeline: m*T of work and the schedule's bubble
+(runner/job/metrics.py bubble_fraction_theory: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved,
+(p-1)/(3m+p-1) ZB-H1) on top; messages of b*s*h at the residual stream's width (float32 under bf16-mixed, bfloat16
+under bfloat16 and bf16-master), 2(m*v + p - 1) on the critical path.
+Data parallelism, at the gradients' width on the wire (Workload.reduce_width: bfloat16 under bfloat16 and
+bf16-master unless reduce_fp32, float32 otherwise), each collective at the slowest link its group crosses:
+- plain: a ring all-reduce of the rank's gradients, 2(n-1)/n x Psi*w;
+- ZeRO-1: the same all-reduce, then an all-gather of the updated parameters ((n-1)/n Psi*w): three shares;
+- ZeRO-2: a reduce-scatter ((n-1)/n) and the all-gather: two shares (Rajbhandari et al. 2020, section 7: the
+  volume of plain data parallelism);
+- ZeRO-3: an all-gather of the parameters before each microbatch's forward and another before its backward, and
+  the reduce-scatter: (2m + 1) shares, the gathers prefetched behind the passes they feed.
+Without a pipeline the engine reduces each bucket (ZeRO: each unit) as the last microbatch's backward makes it
+(runner/gpt/data_parallel.py), so only what outlasts that backward is exposed, and at least the last bucket's
+share (25 MB buckets; a block's unit under ZeRO). Inside a pipeline the reductions follow the backward: exposed.
+The all-gather of ZeRO-1/2 follows the optimizer step: exposed.
+Optimizer: AdamW moves each element it steps through memory once (gradient read, parameter and both moments read
+and written; under bf16-master the float32 master read and written and its float32 gradient written and read).
+Where a group falls (runner/gpt/mesh.py: rank = (pp_i*dp + dp_i)*tp + tp_i, tp innermost, then dp, then pp): a
+group whose ranks span k consecutive ranks stays in a node when k <= GPUs per node; one that crosses nodes moves
+its ring over as many network cards at once as it has members in a node (`group_bandwidth`: NCCL's channels),
+a pipeline's message over one.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from runner.gpt.config import GPTConfig
 from runner.job.metrics import bubble_fraction_theory, model_flops
-from runner.planner.byte_counts import rank_parameters
-from runner.planner.devices import Devices
-from runner.planner.models import Layout, Workload
+from runner.planner.byte_counts import rank_parameters, stage_layers
+from runner.planner.devices import Devices, matmul_seconds, memory_seconds
+from runner.planner.models import LOGIT_BYTES, Layout, Workload, padded_vocab
 
-DEFAULT_EFFICIENCY = 0.5
+DEFAULT_EFFICIENCY = 0.5  # a flat share of peak where one is asked for (the Planner page's slider starts there)
 DEFAULT_LINK_EFFICIENCY = 0.8
+BUCKET_BYTES = 25 * 2**20  # the data-parallel buckets (runner/gpt/data_parallel.py, DDP's default)
+SCORE_BYTES = 9  # "naive" attention, bytes a score forward: scale-mask-softmax and dropout (module docstring)
+FLASH_BACKWARD = 2.5  # a fused attention's backward in forwards (FlashAttention-2: five products against two)
 
 
 @dataclass(frozen=True)
 class StepTime:
-    """Predicted seconds of one step, by part; `total` is the step."""
+    """Predicted seconds of one step, by part; `total` is the step. dp_comm_s is the exposed part of the data-parallel
+    communication (dp_comm_total_s before overlap); efficiency: model FLOPs a rank / (peak x compute_s)."""
 
     compute_s: float
     bubble_s: float
@@ -50,18 +81,32 @@ class StepTime:
     bubble_fraction: float
     flops: float
     efficiency: float
+    dp_comm_total_s: float = 0.0
+    optimizer_s: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute_s + self.bubble_s + self.tp_comm_s + self.pp_comm_s + self.dp_comm_s
+        return self.compute_s + self.bubble_s + self.tp_comm_s + self.pp_comm_s + self.dp_comm_s + self.optimizer_s
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total": self.total}
 
 
-def group_bandwidth(devices: Devices, span: int, link_efficiency: float) -> float:
-    """Bytes/s of a group spanning `span` consecutive ranks: within a node when it fits in one."""
-    bw = devices.bw_intra if span <= devices.gpus_per_node else devices.bw_inter
+def group_bandwidth(devices: Devices, span: int, link_efficiency: float, stride: int = 1) -> float:
+    """Bytes/s a rank of a collective's group moves at: the group's members `stride` ranks apart spanning `span`
+    consecutive ranks. Within a node, the node's links; across nodes, the k members a node holds reach the others
+    through their k network cards at once (NCCL runs one ring channel through each card), so the ring moves k times
+    one card's bandwidth across the node boundary, at most the node's own links."""
+    if span <= devices.gpus_per_node:
+        return devices.bw_intra * link_efficiency
+    k = max(1, devices.gpus_per_node // max(1, stride))
+    return min(devices.bw_intra, k * devices.bw_inter) * link_efficiency
+
+
+def message_bandwidth(devices: Devices, tp: int, dp: int, link_efficiency: float) -> float:
+    """Bytes/s of a pipeline message from a rank to its peer in the next stage, tp * dp ranks on: one link, a node's
+    own when both stages' ranks share one, else one network card."""
+    bw = devices.bw_intra if 2 * tp * dp <= devices.gpus_per_node else devices.bw_inter
     return bw * link_efficiency
 
 
@@ -80,51 +125,180 @@ def step_flops(cfg: GPTConfig, work: Workload) -> float:
     return flops
 
 
+@dataclass(frozen=True)
+class Passes:
+    """Seconds of one microbatch's passes on one pipeline rank: forward, backward (input and weight gradients),
+    recomputed forwards, and the tensor-parallel all-reduces among them."""
+
+    forward: float
+    backward: float
+    recompute: float
+    tp_comm: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.recompute + self.tp_comm
+
+
+class _Clock:
+    """Seconds of a rank's matrix multiplies and memory traffic: modelled per shape, or at a flat share of peak."""
+
+    def __init__(self, devices: Devices, dtype: str, efficiency: float | None):
+        self.devices, self.dtype, self.flat = devices, dtype, efficiency
+        self.width = 4 if dtype == "float32" else 2
+
+    def mm(self, m: float, n: float, k: float, batch: float = 1) -> float:
+        if self.flat is not None:
+            return 2 * batch * m * n * k / (self.devices.peak(self.dtype) * self.flat)
+        return matmul_seconds(self.devices, self.dtype, int(m), int(n), int(k), int(batch), self.width)
+
+    def moved(self, nbytes: float) -> float:
+        return 0.0 if self.flat is not None else memory_seconds(self.devices, nbytes)
+
+
+def layer_seconds(cfg: GPTConfig, work: Workload, clock: _Clock, b: int, tp: int) -> tuple[float, float]:
+    """(forward, backward) seconds of one transformer layer on one tensor-parallel rank for b sequences."""
+    s, h, a, f = work.seq, cfg.n_embd, cfg.n_head, cfg.d_ff
+    tokens, heads, hd = b * s, max(1, a // tp), h // a
+    # a config of the Llama family has grouped key/value heads and SwiGLU's gate beside its up projection
+    kv, parts = getattr(cfg, "kv_width", h), getattr(cfg, "fused_mlp_parts", 1)
+    gemm = clock.mm(tokens, (h + 2 * kv) / tp, h) + clock.mm(tokens, h, h / tp) + clock.mm(tokens, parts * f / tp, h)
+    gemm += clock.mm(tokens, h, f / tp)
+    width = work.activation_width
+    split = tp if work.sequence_parallel and tp > 1 else 1
+    elementwise = clock.moved(tokens * width * (10 * h / split + (1 + parts) * f / tp))
+    if work.attention == "naive":  # the whole s x s scores, kept through softmax and dropout
+        core = clock.mm(s, s, hd, b * heads) + clock.mm(s, hd, s, b * heads)
+        elementwise += clock.moved(b * heads * s * s * SCORE_BYTES)
+        core_back = 2 * core
+    else:  # a fused causal kernel: the lower half of the scores
+        core = (clock.mm(s, s, hd, b * heads) + clock.mm(s, hd, s, b * heads)) / 2
+        core_back = FLASH_BACKWARD * core
+    return gemm + core + elementwise, 2 * gemm + core_back + 2 * elementwise
+
+
+def rank_passes(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, stage: int,
+                efficiency: float | None, link_efficiency: float) -> Passes:  # fmt: skip
+    """One microbatch's passes on pipeline rank `stage` (all its chunks), the head's on the last virtual stage."""
+    tp, pp = layout.tp, layout.pp
+    v = work.chunks_for(layout)
+    m = work.microbatches_for(layout)
+    b = max(1, work.batch // layout.dp // m)
+    clock = _Clock(devices, work.dtype, efficiency)
+    layers = stage_layers(cfg.n_layer, pp, v, stage)
+    fwd, bwd = layer_seconds(cfg, work, clock, b, tp)
+    every = work.checkpoint_every if work.workload == "train" else 0
+    ckpt = sum(1 for i in layers if every and (i + 1) % every == 0)
+    forward, backward, recompute = len(layers) * fwd, len(layers) * bwd, ckpt * fwd
+    if stage == pp - 1:  # the last virtual stage is chunk v - 1 of the last rank: the head and the loss
+        tokens, vocab = b * work.seq, padded_vocab(cfg.vocab_size, tp) // tp
+        head = clock.mm(tokens, vocab, cfg.n_embd)
+        forward += head + clock.moved(tokens * vocab * 2 * LOGIT_BYTES)
+        backward += 2 * head + clock.moved(tokens * vocab * 2 * LOGIT_BYTES)
+    if m > 1 and work.workload == "train":  # each later microbatch's weight gradients added into .grad: 3 touches
+        grads = rank_parameters(cfg, layout, stage, v, work.tp_style).total
+        backward += (m - 1) / m * clock.moved(3 * grads * work.param_width)
+    tp_comm = 0.0
+    if tp > 1:
+        bw = group_bandwidth(devices, tp, link_efficiency)
+        one = ring_allreduce_s(b * work.seq * cfg.n_embd * work.activation_width, tp, bw)
+        tp_comm = one * (2 * len(layers) + 2 * len(layers) + 2 * ckpt)
+    return Passes(forward, backward, recompute, tp_comm)
+
+
+def _dp_seconds(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, slowest: Passes, m: int,
+                link_efficiency: float) -> tuple[float, float]:  # fmt: skip
+    """(exposed, total) seconds of the data-parallel communication of a training step (module docstring)."""
+    tp, pp, dp, zero = layout.tp, layout.pp, layout.dp, layout.zero_stage
+    v = work.chunks_for(layout)
+    params = [rank_parameters(cfg, layout, r, v, work.tp_style) for r in range(pp)]
+    psi = max(p.total for p in params)
+    bw = group_bandwidth(devices, tp * dp, link_efficiency, stride=tp)
+    share = (dp - 1) / dp * psi / bw  # seconds of (n-1)/n of the rank's parameters, per byte of element width
+    grads, weights = share * work.reduce_width, share * work.param_width
+    reduce = 2 * grads if zero <= 1 else grads  # all-reduce, or reduce-scatter
+    gather = weights if zero in (1, 2) else 0.0  # the updated parameters, after the step
+    passes_gathered = 0.0
+    if zero == 3:  # every microbatch's forward and backward gather the blocks, prefetched behind the passes
+        per_pass = weights
+        passes_gathered = m * (max(0.0, per_pass - slowest.forward) + max(0.0, per_pass - slowest.backward))
+        gather = 2 * m * per_pass
+    total = reduce + gather
+    if pp > 1:  # inside a pipeline the engine reduces after the backward
+        return reduce + (passes_gathered if zero == 3 else gather), total
+    largest = max(p.block for p in params) if zero else BUCKET_BYTES / work.param_width
+    tail = reduce * min(1.0, largest / max(1, psi))  # the last bucket (unit) starts when the backward ends
+    window = slowest.backward + slowest.recompute + slowest.tp_comm / 2
+    exposed = max(reduce - window, tail)
+    return exposed + (passes_gathered if zero == 3 else gather), total
+
+
+def _optimizer_seconds(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, clock: _Clock) -> float:
+    """AdamW's step: each element it steps read and written once (module docstring)."""
+    v = work.chunks_for(layout)
+    psi = max(rank_parameters(cfg, layout, r, v, work.tp_style).total for r in range(layout.pp))
+    stepped = math.ceil(psi / layout.dp) if layout.zero_stage and layout.dp > 1 else psi
+    w, mw, master = work.param_width, work.moment_width, work.master_width
+    per = w + 2 * w + 4 * mw + 4 * master
+    return clock.moved(stepped * per)
+
+
 def predict_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
-                 efficiency: float = DEFAULT_EFFICIENCY,
+                 efficiency: float | None = None,
                  link_efficiency: float = DEFAULT_LINK_EFFICIENCY) -> StepTime:  # fmt: skip
-    """The step time of `work` on `layout` over `devices` (see the module docstring for every term)."""
+    """The step time of `work` on `layout` over `devices` (see the module docstring for every term). `efficiency`:
+    None models each matrix multiply from its shape and the device kind; a number is a flat share of peak."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     train = work.workload == "train"
     v = work.chunks_for(layout)
     m = work.microbatches_for(layout)
     flops = step_flops(cfg, work)
-    compute = flops / layout.world_size / (devices.peak(work.dtype) * efficiency)
+    if not train:
+        return _inference_step(cfg, layout, work, devices, efficiency, link_efficiency, flops)
+    ranks = [rank_passes(cfg, layout, work, devices, r, efficiency, link_efficiency) for r in range(pp)]
+    slowest = max(ranks, key=lambda p: p.total)
+    compute = m * (slowest.forward + slowest.backward + slowest.recompute)
+    tp_s = m * slowest.tp_comm
     bubble_fraction = bubble_fraction_theory(work.schedule, pp, m, v) if pp > 1 else 0.0
-    bubble = compute * bubble_fraction / (1 - bubble_fraction)
-    rows = work.batch // dp
-    mb = max(1, rows // m)
-    tokens = work.seq if work.workload != "generate" else work.seq + work.new_tokens
-    layers = cfg.n_layer // pp
-    act = work.activation_width
-    # tensor parallel: 2 all-reduces a layer forward (+2 backward) per microbatch
-    tp_s = 0.0
-    if tp > 1:
-        per = ring_allreduce_s(mb * work.seq * cfg.n_embd * act, tp, group_bandwidth(devices, tp, link_efficiency))
-        passes = 4 if train else 2
-        tp_s = per * passes * layers * m
-        if work.workload == "generate":  # one token per decode pass after the prefill
-            step = ring_allreduce_s(rows * cfg.n_embd * act, tp, group_bandwidth(devices, tp, link_efficiency))
-            tp_s += step * 2 * layers * max(0, work.new_tokens - 1)
-        # the vocabulary-parallel loss/logits reductions are small next to these (b·s floats) and left out
+    bubble = (compute + tp_s) * bubble_fraction / (1 - bubble_fraction)
     pp_s = 0.0
     if pp > 1:
-        bw = group_bandwidth(devices, layout.world_size, link_efficiency)
-        width = 2 if work.dtype == "bfloat16" else 4
-        msg = mb * tokens * cfg.n_embd * width / bw
-        pp_s = (2 if train else 1) * (m * v + pp - 1) * msg
-    dp_s = 0.0
-    if dp > 1 and train:
-        bw = group_bandwidth(devices, tp * dp, link_efficiency)
-        psi = max(rank_parameters(cfg, layout, r, v, work.tp_style).total for r in range(pp))
-        grad_bytes = psi * work.param_width
-        share = (dp - 1) / dp * grad_bytes / bw
-        zero = layout.zero_stage
-        if zero == 0:
-            dp_s = 2 * share
-        elif zero in (1, 2):
-            dp_s = 3 * share  # all-reduce (or reduce-scatter) of gradients + all-gather of parameters
-        else:
-            gathers = 2 * m if pp > 1 else 2
-            dp_s = (gathers + 1) * share
-    return StepTime(compute, bubble, tp_s, pp_s, dp_s, bubble_fraction, flops, efficiency)
+        bw = message_bandwidth(devices, tp, dp, link_efficiency)
+        b = max(1, work.batch // dp // m)
+        msg = b * work.seq * cfg.n_embd * work.residual_width / bw
+        pp_s = 2 * (m * v + pp - 1) * msg
+    dp_s = dp_total = 0.0
+    if dp > 1:
+        dp_s, dp_total = _dp_seconds(cfg, layout, work, devices, slowest, m, link_efficiency)
+    optimizer = _optimizer_seconds(cfg, layout, work, devices, _Clock(devices, work.dtype, efficiency))
+    achieved = flops / layout.world_size / (devices.peak(work.dtype) * compute) if compute > 0 else 0.0
+    return StepTime(compute, bubble, tp_s, pp_s, dp_s, bubble_fraction, flops, achieved, dp_total, optimizer)
+
+
+def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, efficiency: float | None,
+                    link_efficiency: float, flops: float) -> StepTime:  # fmt: skip
+    """Forward and generate: the model FLOPs spread over the ranks at the modelled rate of a layer's forward, the
+    pipeline filled and drained once, the tensor-parallel all-reduces of every pass (and of each decode step)."""
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    rows = max(1, work.batch // dp)
+    clock = _Clock(devices, work.dtype, efficiency)
+    fwd, _ = layer_seconds(cfg, work, clock, rows, tp)
+    layer_flops = rows * work.seq * (24 * cfg.n_embd**2 + 4 * work.seq * cfg.n_embd) / tp
+    rate = layer_flops / fwd if fwd > 0 else devices.peak(work.dtype)  # this shape's FLOP/s
+    compute = flops / layout.world_size / rate
+    m = work.microbatches_for(layout)  # an assembly line: GPipe's fill and drain
+    bubble_fraction = bubble_fraction_theory("gpipe", pp, m, 1) if pp > 1 else 0.0
+    bubble = compute * bubble_fraction / (1 - bubble_fraction)
+    tp_s = pp_s = 0.0
+    layers = cfg.n_layer // pp
+    if tp > 1:
+        bw = group_bandwidth(devices, tp, link_efficiency)
+        tp_s = 2 * layers * ring_allreduce_s(rows * work.seq * cfg.n_embd * work.activation_width, tp, bw)
+        if work.workload == "generate":
+            step = ring_allreduce_s(rows * cfg.n_embd * work.activation_width, tp, bw)
+            tp_s += step * 2 * layers * max(0, work.new_tokens - 1)
+    if pp > 1:
+        bw = message_bandwidth(devices, tp, dp, link_efficiency)
+        tokens = work.seq + (work.new_tokens if work.workload == "generate" else 0)
+        pp_s = (pp - 1) * rows * tokens * cfg.n_embd * work.residual_width / bw
+    return StepTime(compute, bubble, tp_s, pp_s, 0.0, bubble_fraction, flops, rate / devices.peak(work.dtype))

@@ -25,7 +25,18 @@ WORKLOADS = ("forward", "generate", "train")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 TP_STYLES = ("megatron", "gather")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "bf16-mixed")  # bf16-mixed: float32 weights, bf16 compute
+# bf16-mixed: float32 weights, bf16 compute under autocast; bf16-master: bf16 weights and gradients, float32 master
+# weights and AdamW state in the optimizer (runner/gpt/precision.py says what each keeps)
+DTYPES = ("float32", "bfloat16", "bf16-mixed", "bf16-master")
+# What each precision keeps, bytes a parameter (weights + gradients + AdamW state): the forms show it
+DTYPE_KEEPS = {
+    "float32": "float32 weights, gradients, AdamW moments and activations (4 + 4 + 8 bytes a parameter)",
+    "bfloat16": "bfloat16 weights, gradients, AdamW moments and activations (2 + 2 + 4)",
+    "bf16-mixed": "float32 weights, gradients and moments (4 + 4 + 8); bfloat16 matmuls under autocast, float32 "
+                  "residual stream",
+    "bf16-master": "bfloat16 weights, gradients and activations; float32 master weights and moments in the optimizer "
+                   "(2 + 2 + 12, the ZeRO paper's mixed precision), sharded under ZeRO",
+}  # fmt: skip
 ZERO_STAGES = (0, 1, 2, 3)
 CHECKPOINT_POLICIES = ("none", "blocks", "every-K")  # every-K: every K-th block, e.g. "every-2"
 MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")  # what a custom model must give
@@ -108,6 +119,7 @@ class RunSpec:
     lr: float = 1e-3
     device: str = "auto"
     dtype: str = "float32"
+    reduce_fp32: bool = False  # 16-bit gradients reduced over data parallelism in float32 (bfloat16, bf16-master)
     seed: int = 0
     data: str = "synthetic"  # synthetic | stdlib | a text folder or file | a nanoGPT token folder (runner/job/corpus.py)
     eval_every: int = 0  # train: the held-out loss every this many steps (0: never)
@@ -222,6 +234,23 @@ class RunSpec:
         return cls.from_dict(data)
 
 
+def microbatches_of_size(spec: RunSpec, size: int) -> int:
+    """The microbatch count m of microbatches of `size` sequences (Megatron's --micro-batch-size): the batch per
+    replica over `size`. Raises SpecError naming microbatch_size when it is not a whole number of them."""
+    if size < 1:
+        raise SpecError([SpecProblem("microbatch_size", f"must be at least 1 sequence (got {size})")])
+    try:
+        dp = spec.degrees.dp
+    except ValueError:
+        return spec.microbatches  # a bad degree: validate_spec names it
+    rows = spec.batch // dp if spec.batch >= dp >= 1 else 0
+    if rows < 1 or spec.batch % dp or rows % size:
+        raise SpecError([SpecProblem("microbatch_size", f"each replica's batch of {spec.batch}/{dp} must split into "
+                                                        f"microbatches of {size} sequences; use a batch that is a "
+                                                        f"multiple of {dp * size}")])  # fmt: skip
+    return rows // size
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
     try:
@@ -247,7 +276,7 @@ def cpu_oversubscription(world_size: int, cores: int | None = None) -> str | Non
     )
 
 
-_BOOL_FIELDS = {"sequence_parallel", "verify"}
+_BOOL_FIELDS = {"sequence_parallel", "verify", "reduce_fp32"}
 _FLOAT_FIELDS = {"lr", "time_limit_s"}
 _STR_FIELDS = {"strategy", "schedule", "tp_style", "model", "workload", "device", "dtype", "checkpoint", "data"}
 _OPTIONAL_INT_FIELDS = {*MODEL_DIMS, "n_kv_head", "ffn_hidden", "nodes"}

@@ -78,13 +78,14 @@ def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec,
     for name in strategy_names():
         strategy = get_strategy(name)
         fields: dict = {d: max(2, strategy.min_degree.get(d, 2)) for d in strategy.degrees}
-        if strategy.uses("microbatches"):
+        piped = strategy.uses("microbatches") and "pp" in strategy.degrees  # (elsewhere: gradient accumulation)
+        if piped:
             fields["microbatches"] = MICROBATCHES.get(name, DEFAULT_MICROBATCHES)
         spec = replace(BASE, strategy=name, **fields)
         if spec.world_size > budget and len(strategy.degrees) > 1 and "dp" in fields:
             spec = replace(spec, dp=1)
         label = " ".join([name, *(f"{d}={getattr(spec, d)}" for d in strategy.degrees)])
-        label += f" m={spec.microbatches}" if strategy.uses("microbatches") else ""
+        label += f" m={spec.microbatches}" if piped else ""
         variants = [(spec, label)]
         if name in MORE_SCHEDULES:
             variants = [(replace(spec, schedule=x), f"{label} {x}") for x in (spec.schedule, *MORE_SCHEDULES[name])]
@@ -130,7 +131,7 @@ def _is_option_variant(spec: RunSpec) -> bool:
 def comm_theory_bytes(spec: RunSpec) -> int:
     """Leading-order communication payload of one step, summed over ranks (see the module docstring)."""
     cfg = spec.model_config()
-    elem = 2 if spec.dtype == "bfloat16" else 4
+    elem = 2 if spec.dtype in ("bfloat16", "bf16-master") else 4
     tp, pp, dp = spec.degrees
     tokens = spec.batch * (spec.seq + spec.new_tokens - 1 if spec.workload == "generate" else spec.seq)
     activation = tokens * cfg.n_embd * elem  # one [tokens, h] tensor over the global batch
@@ -154,7 +155,7 @@ def comm_theory_bytes(spec: RunSpec) -> int:
         shapes = parameter_shapes(cfg)  # outside the blocks: embeddings, final norm, an untied head
         outer = sum(math.prod(s) for name, s in shapes.items() if not name.startswith("transformer.h."))
         blocks = count_parameters(cfg) - outer
-        gathers = spec.microbatches if pp > 1 else 1  # a pipeline runs each block once per microbatch
+        gathers = spec.microbatches  # each block runs once per microbatch (a pipeline's, or accumulated)
         total += dp * elem * (2 * gathers * blocks + outer + count_parameters(cfg))
     elif dp > 1 and spec.workload == "train":  # ZeRO-1 and 2 add an all-gather of the updated weights
         total += dp * count_parameters(cfg) * elem * ZERO_PASSES[spec.zero_stage]

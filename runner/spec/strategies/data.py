@@ -7,7 +7,7 @@ DATA = register(
         name="data",
         help="dp replicas on slices of the batch, gradients all-reduced",
         degrees=("dp",),
-        options=("zero_stage",),
+        options=("microbatches", "zero_stage"),
         min_degree={"dp": 2},
     )
 )

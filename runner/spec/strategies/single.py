@@ -7,5 +7,6 @@ SINGLE = register(
         name="single",
         help="the whole model on one device: the reference every other strategy is checked against",
         degrees=(),
+        options=("microbatches",),
     )
 )

@@ -32,7 +32,7 @@ TENSOR = register(
         name="tensor",
         help="every layer's heads and MLP columns split over tp ranks (Megatron)",
         degrees=("tp",),
-        options=("tp_style", "sequence_parallel"),
+        options=("microbatches", "tp_style", "sequence_parallel"),
         min_degree={"tp": 2},
         check=check,
     )

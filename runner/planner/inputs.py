@@ -1,0 +1,154 @@
+"""The planner's inputs checked before anything is planned: one function, `input_problems`, for the CLI
+(`python -m runner plan`) and the Planner page alike (torch-free).
+
+Each problem is a runner.spec.run_spec.SpecProblem naming the field (the planner's own name: `efficiency`,
+`virtual_stages`, `gpus`, ...; the CLI prints it as its flag) and saying how to fix it. Nothing here plans: a
+value that passes is one the planner's arithmetic can take (no division by zero, no negative step time);
+whether a layout fits is the planner's answer, not an input problem. `zero_stages` reads the ZeRO stages to
+consider ("0,1,3", or a list) as the rules here accept them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from runner.gpt.config import GPTConfig, model_problems
+from runner.planner.models import Workload
+from runner.spec.run_spec import DTYPES, MODEL_DIMS, SCHEDULES, WORKLOADS, SpecProblem, checkpoint_interval
+
+ZERO_CHOICES = (0, 1, 2, 3)
+
+
+def zero_stages(value: str | Sequence[int]) -> tuple[tuple[int, ...], list[SpecProblem]]:
+    """The ZeRO stages asked ("0,1,3" or a list), sorted and unique, with a problem for anything that is not one."""
+    items = [s.strip() for s in value.split(",")] if isinstance(value, str) else list(value)
+    stages: set[int] = set()
+    bad = []
+    for item in items:
+        if item == "":
+            continue
+        try:
+            stage = int(item)
+        except (TypeError, ValueError):
+            bad.append(repr(item))
+            continue
+        (stages.add(stage) if stage in ZERO_CHOICES else bad.append(repr(item)))
+    problems = []
+    if bad:
+        problems.append(SpecProblem("zero", f"{', '.join(bad)} is not a ZeRO stage; give stages 0 to 3 separated "
+                                            "by commas, e.g. 0,1 (0: plain data parallelism)"))  # fmt: skip
+    elif not stages:
+        problems.append(SpecProblem("zero", "names no stage; give at least one of 0, 1, 2, 3, e.g. 0"))
+    return tuple(sorted(stages)), problems
+
+
+def _positive(add, name: str, value: float | None, what: str) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        add(name, f"must be a positive {what} (got {value})")
+
+
+def input_problems(
+    cfg: GPTConfig,
+    work: Workload,
+    *,
+    zero: str | Sequence[int] = (0,),
+    efficiency: float | None = None,
+    gpus: int = 1,
+    gpus_per_node: int | None = None,
+    memory_gib: float | None = None,
+    tflops: float | None = None,
+    bw_intra: float | None = None,
+    bw_inter: float | None = None,
+    top: int = 1,
+) -> list[SpecProblem]:
+    """Every problem with a plan's inputs, each naming its field and the fix; [] means the planner can run.
+
+    cfg: the model with any custom dimensions applied; work: the workload as asked; efficiency None: modelled per
+    matmul; the rest as the CLI and the page take them (device fields None when not described by hand)."""
+    p: list[SpecProblem] = []
+
+    def add(field: str, message: str) -> None:
+        p.append(SpecProblem(field, message))
+
+    for dim in MODEL_DIMS:
+        value = getattr(cfg, dim)
+        if value < 1:
+            add(dim, f"must be at least 1 (got {value})")
+    if cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.n_embd % cfg.n_head:
+        heads = ", ".join(str(d) for d in range(1, min(cfg.n_embd, 256) + 1) if cfg.n_embd % d == 0)
+        add("n_head", f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; pick n_head among {heads}")
+    if all(getattr(cfg, dim) >= 1 for dim in MODEL_DIMS):  # the family's parts: key/value heads, rotary pairs
+        for field, message in model_problems(cfg):
+            if not any(q.field == field for q in p):
+                add(field, message)
+    if work.workload not in WORKLOADS:
+        add("workload", f"'{work.workload}' is not allowed; choose one of {', '.join(WORKLOADS)}")
+    if work.dtype not in DTYPES:
+        add("dtype", f"'{work.dtype}' is not allowed; choose one of {', '.join(DTYPES)}")
+    elif work.reduce_fp32 and work.dtype not in ("bfloat16", "bf16-master"):
+        add("reduce_fp32", f"reduces 16-bit gradients in float32; under {work.dtype} they are float32 already: turn it "
+                           "off, or choose dtype bf16-master or bfloat16")  # fmt: skip
+    if work.schedule not in SCHEDULES:
+        add("schedule", f"'{work.schedule}' is not allowed; choose one of {', '.join(SCHEDULES)}")
+    _workload_problems(cfg, work, add)
+    p += zero_stages(zero)[1]
+    if efficiency is not None and not (math.isfinite(efficiency) and 0 < efficiency <= 1):
+        add("efficiency", f"is the share of the devices' peak FLOP/s reached, above 0 and at most 1 (got {efficiency}); "
+                          "0.5 is typical of large runs")  # fmt: skip
+    if gpus < 1:
+        add("gpus", f"must be at least 1 device (got {gpus})")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        add("gpus_per_node", f"must be at least 1 (got {gpus_per_node}); leave it out for the kind's usual node")
+    _positive(add, "memory_gib", memory_gib, "number of GiB per device")
+    _positive(add, "tflops", tflops, "bfloat16 peak in TFLOP/s")
+    _positive(add, "bw_intra", bw_intra, "bandwidth in GB/s")
+    _positive(add, "bw_inter", bw_inter, "bandwidth in GB/s")
+    if top < 1:
+        add("top", f"must be at least 1 row (got {top})")
+    return p
+
+
+def _workload_problems(cfg: GPTConfig, work: Workload, add) -> None:
+    """The batch, sequence, microbatching, schedule and checkpointing of `work` against the model."""
+    train = work.workload == "train"
+    if work.batch < 1:
+        add("batch", f"must be at least 1 sequence (got {work.batch}): the global batch over all replicas")
+    if work.seq < 1:
+        add("seq", f"must be at least 1 token (got {work.seq})")
+    elif cfg.block_size >= 1:
+        extra = work.new_tokens if work.workload == "generate" else 0
+        if work.seq + extra > cfg.block_size:
+            plus = f" plus {extra} new tokens" if extra else ""
+            add("seq", f"seq {work.seq}{plus} exceeds the model's block_size {cfg.block_size}; lower seq"
+                       f"{' or new_tokens' if extra else ''}, or raise block_size")  # fmt: skip
+    if work.new_tokens < 1:
+        add("new_tokens", f"must be at least 1 (got {work.new_tokens})")
+    if work.microbatches < 0:
+        add("microbatches", f"must be 0 (one sequence each when pipelined, else the whole batch) or more "
+                            f"(got {work.microbatches})")  # fmt: skip
+    if work.microbatch_size < 0:
+        add("microbatch_size", f"must be 0 (not given) or a number of sequences (got {work.microbatch_size})")
+    if work.microbatches > 0 and work.microbatch_size > 0:
+        add("microbatch_size", "give microbatches (a count) or microbatch_size (sequences each), not both")
+    elif work.microbatch_size > work.batch >= 1:
+        add("microbatch_size", f"{work.microbatch_size} sequences is more than the global batch of {work.batch}; "
+                               "lower it or raise batch")  # fmt: skip
+    if work.virtual_stages < 1:
+        add("virtual_stages", f"must be at least 1 model chunk per pipeline rank (got {work.virtual_stages})")
+    elif work.virtual_stages > 1 and work.schedule != "interleaved-1f1b":
+        add("virtual_stages", f"only the interleaved-1f1b schedule runs several model chunks per rank (schedule is "
+                              f"{work.schedule}): set virtual_stages to 1, or schedule to interleaved-1f1b")  # fmt: skip
+    elif work.schedule == "interleaved-1f1b" and work.virtual_stages < 2:
+        add("virtual_stages", "interleaved-1f1b needs at least 2 model chunks per rank (with 1 it is plain 1f1b): "
+                              "set virtual_stages to 2 or more, or schedule to 1f1b")  # fmt: skip
+    try:
+        checkpoint_interval(work.checkpoint)
+    except ValueError:
+        add("checkpoint", f"'{work.checkpoint}' is not allowed; choose none, blocks, or every-K with K a whole "
+                          "number of 1 or more (every-2 checkpoints every second block)")  # fmt: skip
+    else:
+        if work.checkpoint != "none" and not train:
+            add("checkpoint", f"recomputes activations during backward; workload '{work.workload}' has none: set "
+                              "checkpoint to none or workload to train")  # fmt: skip
+
