@@ -1,8 +1,8 @@
 """Strategy 'pipeline' on real gloo ranks: GPipe and 1F1B match the reference, follow their order, bound activations.
 
 Tolerances (float32): logits, loss and gradients within 1e-5 (microbatches sum gradients in another
-order than the full batch); weights after one AdamW step within 5e-5 (5% of one step at lr 1e-3,
-since Adam's first step magnifies the relative error of the smallest gradients).
+order than the full batch); weights after one AdamW step on the same gradients within 3e-7
+(runner/verify.py's float32 bound at lr 1e-3 and a largest weight near 1: test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.jobs import read_events, run_torchrun
 
 pytestmark = pytest.mark.slow
 
-TOL, WEIGHT_TOL = 1e-5, 5e-5
+TOL, WEIGHT_TOL = 1e-5, 3e-7
 
 
 def spec(**kw) -> dict:
