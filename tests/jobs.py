@@ -24,6 +24,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(extra: dict | None = None) -> dict[str, str]:
+    """The environment of a test's ranks: one intra-op thread each, as runner/service/launch.py gives CPU jobs, and
+    the repository on the path; `extra` on top.
+
+    Test-only knobs, to check the numeric bounds under other kernels (ONEDNN_MAX_CPU_ISA,
+    MKL_ENABLE_INSTRUCTIONS, ATEN_CPU_CAPABILITY reach the ranks from the environment as they are):
+    LAB_TEST_RANK_THREADS replaces the one thread; LAB_TEST_PYTHONPATH goes on the path before the
+    repository, so a sitecustomize.py there runs first in every rank (torch.backends.mkldnn off, say).
+    """
+    path = [p for p in (os.environ.get("LAB_TEST_PYTHONPATH"), str(REPO)) if p]
+    threads = os.environ.get("LAB_TEST_RANK_THREADS", "1")
+    return {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": os.pathsep.join(path), **(extra or {})}
+
+
 def run_torchrun(
     spec: dict, run_dir: Path, timeout: float = 300, module: str = "runner.job", env: dict | None = None
 ) -> dict:
@@ -38,7 +52,7 @@ def run_torchrun(
     assert not problems, problems
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    env = rank_env(env)
     argv = torchrun_argv(run_spec, str(run_dir / "spec.json"))
     if module != "runner.job":
         argv = [*torchrun_launcher(run_spec.world_size), "-m", module, str(run_dir / "spec.json")]

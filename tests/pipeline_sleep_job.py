@@ -18,6 +18,7 @@ import torch
 
 from runner.gpt.pipeline import PipelineGPT
 from runner.job import rank as job
+from runner.job.resources import MemoryMeter
 
 SECONDS = [tuple(float(x) for x in part.split(",")) for part in os.environ["LAB_TEST_STAGE_SECONDS"].split(";")]
 
@@ -52,6 +53,9 @@ def run_stage(
 
 
 PipelineGPT.run_stage = run_stage
+# The bubble tests read no memory figure: skip the tensor peak's two untimed steps after the timed ones, which
+# here would only sleep through the durations twice more (the time goes into longer durations instead).
+MemoryMeter.tensor_peak = lambda self, step: None
 PipelineGPT.loss = lambda self, out, targets: out.float().mean()
 PipelineGPT.tied_weight = lambda self: None  # only the first stage's embedding is used: nothing to sum
 

@@ -9,6 +9,7 @@ from tests.jobs import run_torchrun
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5  # float32: replicas sum gradients in a different order than the full-batch reference
+WEIGHT_TOL = 3e-7  # one AdamW step on the same gradients (runner/job/verify.py; test_tensor_parallel.py's argument)
 
 
 def spec(**kw) -> dict:
@@ -22,7 +23,7 @@ def test_data_parallel_train_matches_reference_on_global_batch(tmp_path, dp):
     assert v["logits_max_abs_diff"] <= TOL
     assert v["loss_abs_diff"] <= TOL
     assert v["grads_max_abs_diff"] <= TOL
-    assert v["weights_max_abs_diff"] <= TOL
+    assert v["weights_max_abs_diff"] <= WEIGHT_TOL
     assert [r["dp"] for r in result["ranks"]] == list(range(dp))
     # Every replica holds the whole model and all-reduces its gradients once per step in one bucket
     # (the tiny model's 0.96 MB of gradients fit in a 25 MB bucket) plus the 8-byte loss.
@@ -44,7 +45,7 @@ def test_many_small_buckets_still_match(tmp_path, monkeypatch):
     monkeypatch.setenv("LAB_DP_BUCKET_BYTES", str(64 * 1024))  # ~15 buckets for the tiny model
     result = run_torchrun(spec(dp=2, workload="train"), tmp_path)
     v = result["verify"]
-    assert v["grads_max_abs_diff"] <= TOL and v["weights_max_abs_diff"] <= TOL
+    assert v["grads_max_abs_diff"] <= TOL and v["weights_max_abs_diff"] <= WEIGHT_TOL
     for r in result["ranks"]:
         assert r["comm_calls"]["all_reduce"] > 2 * 10  # many buckets per step, plus the loss
         assert r["comm_bytes"]["all_reduce"] == 2 * (241024 * 4 + 8)  # same payload, just split

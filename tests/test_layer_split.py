@@ -9,6 +9,7 @@ from tests.jobs import read_events, run_torchrun
 pytestmark = pytest.mark.slow
 
 TOL = 1e-5  # float32; the layer split runs the very same ops, so differences are in fact 0
+WEIGHT_TOL = 3e-7  # one AdamW step on the same gradients (runner/job/verify.py; test_tensor_parallel.py's argument)
 
 
 def spec(**kw) -> dict:
@@ -26,7 +27,7 @@ def test_layer_split_matches_reference(tmp_path, pp, workload):
         assert v["loss_abs_diff"] <= TOL
     if workload == "train":
         assert v["grads_max_abs_diff"] <= TOL
-        assert v["weights_max_abs_diff"] <= TOL
+        assert v["weights_max_abs_diff"] <= WEIGHT_TOL
     assert [r["pp"] for r in result["ranks"]] == list(range(pp))
 
 

@@ -1,8 +1,8 @@
 """Strategy 'pipeline' on real gloo ranks: GPipe and 1F1B match the reference, follow their order, bound activations.
 
 Tolerances (float32): logits, loss and gradients within 1e-5 (microbatches sum gradients in another
-order than the full batch); weights after one AdamW step within 5e-5 (5% of one step at lr 1e-3,
-since Adam's first step magnifies the relative error of the smallest gradients).
+order than the full batch); weights after one AdamW step on the same gradients within 3e-7
+(runner/job/verify.py's float32 bound at lr 1e-3 and a largest weight near 1: test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,19 @@ from tests.jobs import read_events, run_torchrun
 
 pytestmark = pytest.mark.slow
 
-TOL, WEIGHT_TOL = 1e-5, 5e-5
+TOL, WEIGHT_TOL = 1e-5, 3e-7
+# Known-durations bubbles (here and in test_pipeline_schedules.py): what a loaded machine adds is absolute time,
+# not a share of the step. A rank wakes from a sleep or a receive late by the scheduler's latency (a few ms
+# with busy neighbours on its core) and now and then stalls for tens of ms; a neighbour waiting on it idles
+# that much longer, so a bubble mostly grows -- by 0.048 (40 ms a step) at 30 ms a chunk on a 2-core Xeon
+# with both pytest workers busy -- and shrinks only by what a rank's own late wake-ups fill of its idle time
+# (-0.06 at 20 ms durations). So the durations are tens of ms long, steps of 1-1.4 s (the sleep job skips the
+# two untimed tensor-peak steps, which would only sleep through them again), where that measured -0.027 to
+# +0.05 with two busy processes beside another full test run (run queue 7-17 on 2 cores); and the bound is
+# 0.04 below the theory and 0.06 above, which still fails each test's nearest wrong schedule (a bubble 0.09
+# or more above: stages not overlapped, 1F1B instead of interleaving or ZB-H1). A rank stalled for half a
+# second (2 of 23 runs at that load) is beyond any bound.
+BUBBLE_BELOW, BUBBLE_ABOVE = 0.04, 0.06
 
 
 def spec(**kw) -> dict:
@@ -131,16 +143,16 @@ def test_a_tensor_parallel_runs_collectives_are_timeline_segments_inside_its_pas
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_measured_bubble_is_what_known_stage_durations_imply(tmp_path, schedule):
     """Stages that sleep known times per microbatch (tests/pipeline_sleep_job.py), stage 1 twice as slow
-    as stage 0: forward F0 = 20 ms, backward B0 = 40 ms; F1 = 40 ms, B1 = 80 ms; m = 4, p = 2.
+    as stage 0: forward F0 = 50 ms, backward B0 = 100 ms; F1 = 100 ms, B1 = 200 ms; m = 4, p = 2.
 
     By hand, for both schedules: stage 1 is the bottleneck and never waits once microbatch 0 has
     reached it, F0 after the start (stage 0's forwards, F0 <= F1, and in 1F1B stage 0's F + B <= stage
     1's F + B keep it fed); after its last backward, stage 0 still runs one backward, B0. So the step
-    lasts T = F0 + m (F1 + B1) + B0 = 540 ms, and each stage is idle for what it does not compute:
+    lasts T = F0 + m (F1 + B1) + B0 = 1350 ms, and each stage is idle for what it does not compute:
     bubble_s = 1 - m (F_s + B_s) / T, i.e. 5/9 on stage 0 and 1/9 on stage 1 -- neither is the
-    balanced-stage theory (p-1)/(m+p-1) = 0.2. Tolerance: 0.04 of the step (22 ms) for what is not
-    sleep (the messages, the optimizer, a loaded machine waking a rank up late)."""
-    f0, b0, f1, b1, m = 0.020, 0.040, 0.040, 0.080, 4
+    balanced-stage theory (p-1)/(m+p-1) = 0.2, nor a pipeline that does not overlap its stages (T = m
+    (F0 + B0 + F1 + B1): 2/3 and 1/3). Tolerance: see BUBBLE_BELOW, BUBBLE_ABOVE."""
+    f0, b0, f1, b1, m = 0.050, 0.100, 0.100, 0.200, 4
     spec = {"strategy": "pipeline", "model": "tiny", "pp": 2, "microbatches": m, "schedule": schedule,
             "batch": 4, "seq": 8, "steps": 2, "warmup": 1, "verify": False, "workload": "train"}  # fmt: skip
     env = {"LAB_TEST_STAGE_SECONDS": f"{f0},{b0};{f1},{b1}"}
@@ -148,6 +160,8 @@ def test_measured_bubble_is_what_known_stage_durations_imply(tmp_path, schedule)
     step = f0 + m * (f1 + b1) + b0
     expected = [1 - m * (f0 + b0) / step, 1 - m * (f1 + b1) / step]
     measured = [r["bubble_fraction"] for r in sorted(result["ranks"], key=lambda r: r["pp"])]
-    assert measured == pytest.approx(expected, abs=0.04)
-    assert result["step_time_s_p50"] == pytest.approx(step, rel=0.1)
-    assert result["bubble_fraction"] == pytest.approx(sum(expected) / 2, abs=0.04)
+    assert all(e - BUBBLE_BELOW <= b <= e + BUBBLE_ABOVE for b, e in zip(measured, expected, strict=True)), measured
+    mean = sum(expected) / 2
+    assert mean - BUBBLE_BELOW <= result["bubble_fraction"] <= mean + BUBBLE_ABOVE
+    # Sleeps never end early, so the step lasts at least its critical path; the rest is what is not sleep.
+    assert step * 0.995 <= result["step_time_s_p50"] <= step * 1.1

@@ -4,7 +4,7 @@
   section 2.2 and Megatron-LM's interleaved warm-up 2(p-r-1) + (v-1)p; Qi et al. 2023, ZB-H1: rank r's W
   passes r microbatches behind its B passes), and the spans a real run measures in that order.
 - Numbers: float32 loss and every gradient within 1e-5 of the single-device model (test_pipeline.py's
-  tolerances), one AdamW step's weights within 5e-5.
+  tolerances), one AdamW step's weights on the same gradients within 3e-7 (test_tensor_parallel.py).
 - Bubbles: stages that sleep known times (tests/pipeline_sleep_job.py) give the papers' closed forms,
   derived by hand in each test's docstring.
 - Messages: the batches the real engine issues complete in the unbuffered in-order model of
@@ -33,8 +33,9 @@ from runner.job.schedule_ops import schedule_ops
 from runner.spec.run_spec import RunSpec
 from tests.jobs import REPO, read_events, run_torchrun
 from tests.test_comm_p2p import Program, RecordingComm, completes_without_buffering
+from tests.test_pipeline import BUBBLE_ABOVE, BUBBLE_BELOW
 
-TOL, WEIGHT_TOL = 1e-5, 5e-5
+TOL, WEIGHT_TOL = 1e-5, 3e-7
 
 
 def spec(**kw) -> dict:
@@ -181,32 +182,34 @@ def test_3d_with_the_new_schedules_matches_reference(tmp_path, degrees):
 def test_measured_bubble_is_the_papers_with_known_durations(tmp_path, schedule):
     """Stages that sleep known times per microbatch, messages nearly free, p = 2, m = 4.
 
-    ZB-H1 with F = B = W = t = 30 ms, by hand from ZB_H1_P2_M4 (rank 1 starts at t, each B needs the next
+    ZB-H1 with F = B = W = t = 80 ms, by hand from ZB_H1_P2_M4 (rank 1 starts at t, each B needs the next
     stage's B, each F the previous stage's F): rank 0 runs F0 F1, waits t for stage 1's B0 (it runs
     F0 t..2t, B0 2t..3t), then never waits again; rank 1 waits only t for F0; both end at 13t. Bubble:
     1 - 12t/13t = 1/13 on each rank = (p-1)/(3m+p-1), a third of 1F1B's (p-1)3t bubble time (Qi et al.).
     On the first stage the engine runs the whole backward in W (B has no input gradient to compute), which
     the same order keeps at B + W back to back.
 
-    Interleaved, v = 2: a chunk's forward f = 30 ms and backward 2f (the whole stage: 2f forward, 4f
+    Interleaved, v = 2: a chunk's forward f = 50 ms and backward 2f (the whole stage: 2f forward, 4f
     backward). From INTERLEAVED_P2_V2_M4 by hand the step lasts 27f, each rank computing 24f: bubble
     3f/27f = 1/9 = (p-1)/(vm+p-1) (Narayanan et al.), where 1F1B on the same stages idles
-    (p-1)/(m+p-1) = 1/5. Tolerance 0.04 of the step, as test_pipeline.py's known-durations test."""
+    (p-1)/(m+p-1) = 1/5. Tolerance and durations: test_pipeline.py's BUBBLE_BELOW, BUBBLE_ABOVE (at 15 ms a
+    chunk, then 30 ms, a loaded 2-core machine moved this bubble by 0.05); the bound's top, 0.171 and 0.137,
+    stays below 1F1B's 1/5."""
     m = 4
     if schedule == "zb-h1":
-        t = 0.030
+        t = 0.080
         seconds, expected, step = f"{t},{t},{t};{t},{t},{t}", 1 / 13, 13 * t
         v = 1
     else:
-        f = 0.030  # (at 15 ms, a few ms of scheduling delay on a loaded 2-core machine moved the bubble by 0.05)
+        f = 0.050
         seconds, expected, step = ";".join([f"{f},{2 * f}"] * 4), 1 / 9, 27 * f
         v = 2
     s = spec(microbatches=m, schedule=schedule, virtual_stages=v, batch=4, seq=8, steps=2, verify=False)
     result = run_torchrun(s, tmp_path, module="tests.pipeline_sleep_job", env={"LAB_TEST_STAGE_SECONDS": seconds})
     assert result["bubble_fraction_theory"] == pytest.approx(expected)
     measured = [r["bubble_fraction"] for r in sorted(result["ranks"], key=lambda r: r["pp"])]
-    assert measured == pytest.approx([expected, expected], abs=0.04)
-    assert result["step_time_s_p50"] == pytest.approx(step, rel=0.1)
+    assert all(expected - BUBBLE_BELOW <= b <= expected + BUBBLE_ABOVE for b in measured), (measured, expected)
+    assert step * 0.995 <= result["step_time_s_p50"] <= step * 1.1  # sleeps never end early: at least the path
     if schedule == "zb-h1":
         phases = {e["phase"] for e in read_events(tmp_path) if e["kind"] == "span"}
         assert {"forward", "backward", "weight"} <= phases

@@ -138,17 +138,28 @@ def test_loss_logits_and_gradients_are_within_the_documented_bound_of_float32(se
         logits, loss = model(idx, targets)
         loss.backward()
         grad_err = max((p.grad.float() - ref_grads[n].grad).abs().max().item() for n, p in model.named_parameters())
+        grads = torch.cat([p.grad.float().flatten() for _, p in model.named_parameters()])
+        theirs = torch.cat([ref_grads[n].grad.flatten() for n, _ in model.named_parameters()])
         errors[dtype] = {
             "logits": ((logits.float() - ref_logits).abs().max() / ref_logits.abs().max()).item(),
             "loss": abs(loss.item() - ref_loss.item()) / ref_loss.item(),
             "grads": grad_err / max(p.grad.abs().max().item() for p in ref_grads.values()),
+            # Root-mean-square errors relative to the reference's (|ours - ref| / |ref| over all elements).
+            "logits_rms": ((logits.float() - ref_logits).norm() / ref_logits.norm()).item(),
+            "grads_rms": ((grads - theirs).norm() / theirs.norm()).item(),
         }
     mixed, tol = errors["bf16-mixed"], TOLERANCES["bf16-mixed"]
     assert mixed["logits"] <= tol.logits and mixed["loss"] <= tol.loss and mixed["grads"] <= tol.grads, mixed
     # It really computed in bf16: far from float32's bound (8 significant bits, u = 2^-8 = 3.9e-3).
     assert mixed["logits"] > 100 * TOLERANCES["float32"].logits and mixed["grads"] > 100 * TOLERANCES["float32"].grads
-    # Master weights and a float32 residual stream round less than pure bfloat16 does.
-    assert mixed["logits"] < errors["bfloat16"]["logits"] and mixed["grads"] < errors["bfloat16"]["grads"], errors
+    # Master weights and a float32 residual stream round less than pure bfloat16 does: pure bf16 rounds what
+    # bf16-mixed rounds (every matmul's inputs and output) and more (the residual stream, LayerNorm, GELU,
+    # softmax, the weights' storage, the gradients), so its mean-square error is larger. Compared as RMS over
+    # all elements, where that shows (measured mixed/bf16: logits 0.58, gradients 0.64-0.71 over seeds 0-3
+    # and every kernel setting tried), not as the maxima above: those are single elements, as noisy as their
+    # difference -- the gradients' max ratio measured 0.79 to 1.28 (ATEN_CPU_CAPABILITY=default, seed 0).
+    bf16 = errors["bfloat16"]
+    assert mixed["logits_rms"] < bf16["logits_rms"] and mixed["grads_rms"] < bf16["grads_rms"], errors
     # The bound is tighter than pure bfloat16's, and leaves room for depth (measured values are 3-6x below).
     assert (tol.logits, tol.loss, tol.grads) < (TOLERANCES["bfloat16"].logits, TOLERANCES["bfloat16"].loss, 1.0)
     assert tol.grads < TOLERANCES["bfloat16"].grads

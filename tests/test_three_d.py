@@ -1,7 +1,7 @@
 """Strategy '3d' on real gloo ranks: tensor x pipeline x data on one mesh matches the reference on the global batch.
 
 Tolerances as for the tensor and pipeline strategies (float32): logits, loss, gradients within 1e-5,
-weights after one AdamW step within 5e-5 (5% of one step at lr 1e-3).
+weights after one AdamW step on the same gradients within 3e-7 (test_tensor_parallel.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from tests.jobs import run_torchrun
 
 pytestmark = pytest.mark.slow
 
-TOL, WEIGHT_TOL = 1e-5, 5e-5
+TOL, WEIGHT_TOL = 1e-5, 3e-7
 
 
 def spec(tp: int, pp: int, dp: int, **kw) -> dict:

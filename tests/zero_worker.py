@@ -4,14 +4,15 @@ single-device reference, with every rank's slices reassembled into whole tensors
 `torchrun ... tests/zero_worker.py OUT SPEC_JSON STAGES STEPS`: for each ZeRO stage in STAGES (comma
 separated; 0 is plain data parallelism) it builds this rank's model as the job does, trains STEPS steps
 (optimizer.zero_grad, forward_backward, optimizer_step, as runner/job/rank.py) on the job's synthetic batches,
-while the reference GPT trains on the same global batches with torch.optim.AdamW. Each rank reports, for
-every reference parameter it holds a part of, the reference elements (flat positions of
-`ref[shard_index(name)]`) with its gradient before the last step and its weight after it; rank 0 scatters
-them into whole tensors (counting how many ranks covered each element) and writes to OUT, per stage:
-the loss of every step, the largest differences from the reference, elements no rank covered, the
-trained model's prefill logits and greedy tokens against the trained reference's, and each
-rank's bytes measured the way runner/job/rank.py measures them (parameters(), optimizer.state) plus the
-strategy's figures and the communication of the last step.
+while the reference GPT computes its own loss and gradients on the same global batches and weights, then
+steps with torch.optim.AdamW on the ranks' gradients. Each rank reports, for every reference parameter it
+holds a part of, the reference elements (flat positions of `ref[shard_index(name)]`) with its gradient
+each step and its weight after the last; every rank scatters them into whole tensors (counting how many
+ranks covered each element), and rank 0 writes to OUT, per stage: the loss of every step, the largest
+differences from the reference (gradients each step, weights after the last), elements no rank covered,
+the trained model's prefill logits and greedy tokens against the reference holding the same trained
+weights, and each rank's bytes measured the way runner/job/rank.py measures them (parameters(),
+optimizer.state) plus the strategy's figures and the communication of the last step.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def rank_report(model, ref: GPT, what: str) -> list[tuple[str, torch.Tensor, tor
     return out
 
 
-def compare(reports: list, ref: GPT, what: str) -> dict:
+def reassemble(reports: list, ref: GPT) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every rank's slices scattered into whole tensors (elements held by several ranks averaged), and how
+    many ranks held each element."""
     ref_params = dict(ref.named_parameters(remove_duplicate=False))
     sums = {n: torch.zeros(p.numel(), dtype=torch.float64) for n, p in ref_params.items()}
     counts = {n: torch.zeros(p.numel(), dtype=torch.int64) for n, p in ref_params.items()}
@@ -61,26 +64,44 @@ def compare(reports: list, ref: GPT, what: str) -> dict:
         for name, positions, values in report:
             sums[name].index_add_(0, positions, values.double())
             counts[name].index_add_(0, positions, torch.ones_like(positions))
+    whole = {n: (sums[n] / counts[n].clamp(min=1)).float().view(p.shape) for n, p in ref_params.items()}
+    return whole, counts
+
+
+def compare(whole: dict[str, torch.Tensor], counts: dict[str, torch.Tensor], ref: GPT, what: str) -> dict:
     max_abs, max_ref, uncovered = 0.0, 0.0, 0
-    for name, p in ref_params.items():
+    for name, p in ref.named_parameters(remove_duplicate=False):
         theirs = (p.grad if what == "grads" else p).detach().reshape(-1).double()
         covered = counts[name] > 0
         uncovered += int((~covered).sum())
-        mine = sums[name][covered] / counts[name][covered]
+        mine = whole[name].reshape(-1).double()[covered]
         max_abs = max(max_abs, (mine - theirs[covered]).abs().max().item() if covered.any() else 0.0)
         max_ref = max(max_ref, theirs.abs().max().item())
     return {"max_abs": max_abs, "max_ref": max_ref, "uncovered": uncovered}
 
 
+def gathered(model, ref: GPT, what: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """This rank's shards, gathered from every rank and reassembled on every rank."""
+    reports: list = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, rank_report(model, ref, what))
+    return reassemble(reports, ref)
+
+
 def run_stage(spec: RunSpec, mesh: Mesh, stage: int, steps: int) -> dict:
+    """The reference is checked against, then stepped with, what the ranks computed: each step the
+    gradients reassembled from every rank are compared with the reference's own on the same weights, then
+    the reference's torch AdamW steps on ours, and the weights both steps give are compared. So each
+    comparison has one source of difference (the summation order of a forward and backward; the
+    arithmetic of one AdamW step on the same gradients) and none inherits Adam's amplification of a
+    near-zero gradient's rounding into an update of up to 2 lr. The trained forward and generate are
+    compared with the reference holding the ranks' own trained weights."""
     spec = RunSpec.from_dict({**spec.to_dict(), "zero_stage": stage}) if stage else spec
     cpu = torch.device("cpu")
     model = build_parallel_gpt(spec, mesh, cpu, torch.float32)
     ref = GPT(spec.model_config(), seed=spec.seed)
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=spec.lr)
     optimizer = model.make_optimizer(spec.lr)
-    losses, ref_losses = [], []
-    grads = weights = None
+    losses, ref_losses, grads = [], [], []
     for step in range(steps):
         idx, targets = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, step)
         last = step == steps - 1
@@ -93,13 +114,19 @@ def run_stage(spec: RunSpec, mesh: Mesh, stage: int, steps: int) -> dict:
         _, ref_loss = ref(idx, targets)
         ref_loss.backward()
         ref_losses.append(ref_loss.item())
-        if last:
-            grads = rank_report(model, ref, "grads")
+        whole, counts = gathered(model, ref, "grads")
+        grads.append(compare(whole, counts, ref, "grads"))
+        for name, p in ref.named_parameters():
+            p.grad = whole[name]
         mesh.stats.counting = last
         model.optimizer_step(optimizer)
         mesh.stats.counting = False
         ref_opt.step()
-    weights = rank_report(model, ref, "weights")
+    whole, counts = gathered(model, ref, "weights")
+    weights = compare(whole, counts, ref, "weights")
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_(whole[name])
     # The trained weights serve the other workloads too: prefill logits and greedy tokens of this rank's rows.
     idx, _ = synthetic_batch(spec.model_config().vocab_size, spec.batch, spec.seq, spec.seed, steps)
     rows = model.batch_rows(idx.shape[0])
@@ -127,16 +154,11 @@ def run_stage(spec: RunSpec, mesh: Mesh, stage: int, steps: int) -> dict:
         **{k: v for k, v in model.figures().items() if isinstance(v, (int, float))},
         **mesh.stats.as_dict(),
     }
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (mine, grads, weights))
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, mine)
     if dist.get_rank() != 0:
         return {}
-    return {
-        "ref_losses": ref_losses,
-        "ranks": [g[0] for g in gathered],
-        "grads": compare([g[1] for g in gathered], ref, "grads"),
-        "weights": compare([g[2] for g in gathered], ref, "weights"),
-    }
+    return {"ref_losses": ref_losses, "ranks": ranks, "grads": grads, "weights": weights}
 
 
 def main() -> None:
