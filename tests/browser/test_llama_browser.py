@@ -27,7 +27,7 @@ def test_a_hugging_face_folder_is_launched_from_the_page_and_verified(app_url, p
     _hf_folder(folder)
     page.goto(app_url)
     wait_for_app(page)
-    page.get_by_text("No NVIDIA GPU is visible").wait_for(timeout=30_000)
+    page.get_by_text("No usable GPU").wait_for(timeout=30_000)
     choose(page, "model", "checkpoint")
     weights = page.get_by_role("textbox", name="weights (optional)")
     weights.fill(str(folder))
