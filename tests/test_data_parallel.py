@@ -8,7 +8,9 @@ from tests.jobs import run_torchrun
 
 pytestmark = pytest.mark.slow
 
-TOL = 1e-5  # float32: replicas sum gradients in a different order than the full-batch reference
+# float32: replicas sum gradients in a different order than the full-batch reference, the only difference;
+# absolute, as test_pipeline.py argues (1e-5 of logits below 1.1, gradients below 0.4).
+TOL = 1e-5
 WEIGHT_TOL = 3e-7  # one AdamW step on the same gradients (runner/job/verify.py; test_tensor_parallel.py's argument)
 
 

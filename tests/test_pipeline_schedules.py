@@ -4,7 +4,8 @@
   section 2.2 and Megatron-LM's interleaved warm-up 2(p-r-1) + (v-1)p; Qi et al. 2023, ZB-H1: rank r's W
   passes r microbatches behind its B passes), and the spans a real run measures in that order.
 - Numbers: float32 loss and every gradient within 1e-5 of the single-device model (test_pipeline.py's
-  tolerances), one AdamW step's weights on the same gradients within 3e-7 (test_tensor_parallel.py).
+  tolerances, argued there), one AdamW step's weights on the same gradients within 3e-7
+  (test_tensor_parallel.py).
 - Bubbles: stages that sleep known times (tests/pipeline_sleep_job.py) give the papers' closed forms,
   derived by hand in each test's docstring.
 - Messages: the batches the real engine issues complete in the unbuffered in-order model of

@@ -1,8 +1,13 @@
 """Strategy 'tensor' on real gloo ranks: every workload and style matches the reference; collectives counted exactly.
 
 Tolerances (float32), the tighter anchor of STYLE.md (nanotron's atol 1e-6) where it holds:
-- logits, loss and gradients within 1e-6. The all-reduce sums per-rank partial products in another order
-  than one matmul does, so differences are a few 1e-7 (measured: <= 5e-7 logits/loss, <= 6e-8 grads).
+- logits and gradients within 1e-6. The all-reduce sums per-rank partial products in another order than
+  one matmul does: a few roundings of the largest value, whose unit in the last place is 6e-8 to 1.2e-7
+  for logits below 1 (measured <= 3e-7 logits, <= 8e-8 gradients, under every kernel setting tried).
+- the loss within 4e-6: the mean cross entropy moves by at most twice the largest logit difference (2e-6
+  at the bound), plus the loss's own roundings in another order (the vocab-parallel log-sum-exp, the
+  mean): a few units in the last place of ln V = 6.2, 4.8e-7 each. At 1e-6 (two such units) it measured
+  9.5e-7 on the vocabulary of 509.
 - weights after one AdamW step within 3e-7: runner/job/verify.py steps torch's AdamW from the reference's
   weights on our gradients (judged above), so only the step's own arithmetic can differ -- a few roundings
   of the update and one of the weight, 1e-5 lr + 2^-22 of the largest weight (a LayerNorm gain near 1) =
@@ -23,7 +28,7 @@ from tests.jobs import run_torchrun
 
 pytestmark = pytest.mark.slow
 
-TOL, WEIGHT_TOL = 1e-6, 3e-7
+TOL, LOSS_TOL, WEIGHT_TOL = 1e-6, 4e-6, 3e-7
 B, S, H, L, V, BLOCK = 4, 32, 64, 4, 512, 128  # the tiny preset
 STEPS = 2
 FULL_PARAMS = 241024  # the tiny preset, tied head counted once
@@ -50,7 +55,7 @@ def assert_matches(result: dict, workload: str) -> None:
     if workload == "generate":
         assert v["tokens_equal"] is True
         return
-    assert v["logits_max_abs_diff"] <= TOL and v["loss_abs_diff"] <= TOL
+    assert v["logits_max_abs_diff"] <= TOL and v["loss_abs_diff"] <= LOSS_TOL
     if workload == "train":
         assert v["grads_max_abs_diff"] <= TOL
         assert v["weights_max_abs_diff"] <= WEIGHT_TOL
@@ -224,5 +229,5 @@ def test_a_vocabulary_smaller_than_tp_squared_leaves_a_rank_all_padding_and_the_
         _, ref_loss = GPT(RunSpec.from_dict(s).model_config(), seed=0)(idx, targets)
     losses = [r["loss"] for r in result["ranks"] if r.get("loss") is not None]
     assert losses and all(math.isfinite(x) for x in losses), losses
-    assert abs(result["loss"] - ref_loss.item()) <= TOL, (result["loss"], ref_loss.item())
+    assert abs(result["loss"] - ref_loss.item()) <= LOSS_TOL, (result["loss"], ref_loss.item())
     assert result["verify"]["passed"], result["verify"]
