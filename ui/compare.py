@@ -54,8 +54,10 @@ def run_figures(run: dict) -> dict[str, Any]:
     return {
         "run": run["id"],
         "strategy": spec.strategy,
+        # a pipeline's microbatches and schedule; elsewhere microbatches only where gradients accumulate
         "degrees": f"tp{tp} pp{pp} dp{dp}"
-        + (f" m{spec.microbatches} {spec.schedule}" if spec.uses_microbatches else ""),
+        + ("" if not spec.uses_microbatches else f" m{spec.microbatches} {spec.schedule}" if pp > 1
+            else f" m{spec.microbatches}" if spec.microbatches > 1 else ""),
         "ranks": run["world_size"],
         "model": spec.model,
         "workload": spec.workload,
