@@ -7,6 +7,7 @@ import re
 from urllib.parse import unquote
 
 import pytest
+from playwright.sync_api import expect
 
 from runner.spec.run_spec import RunSpec
 from tests.browser.conftest import screenshot, wait_for_app
@@ -44,7 +45,7 @@ def test_pick_them_selects_the_best_of_each_strategy_and_the_guide_table_is_whol
     chips = page.locator('[data-testid="stMultiSelect"] [data-tag]').all_inner_texts()
     assert [int(re.match(r"#(\d+)", c).group(1)) for c in chips] == ids, chips
     assert slow not in ids
-    assert page.get_by_role("button", name="Pick them").is_visible()  # the panel did not collapse
+    expect(page.get_by_role("button", name="Pick them")).to_be_visible(timeout=30_000)  # the panel did not collapse
     page.wait_for_timeout(1000)
     assert unquote(page.url).endswith(address), page.url  # not emptied a moment later
     # the guide's table (the page's other static tables, such as the medians of repeated runs, have other columns)

@@ -47,7 +47,7 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     page.get_by_text("Runner alive").wait_for(timeout=30_000)
     nav = page.locator('[data-testid="stSidebarNav"]').inner_text()
     assert "Launch" in nav and "History" in nav and "app" not in nav.split(), nav
-    assert page.get_by_role("button", name="Launch a first tiny run").is_visible()
+    expect(page.get_by_role("button", name="Launch a first tiny run")).to_be_visible(timeout=30_000)
     screenshot(page, "history-empty")
     page.goto(app_url)
     wait_for_app(page)
@@ -56,7 +56,7 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     pp.press("Enter")
     wait_for_app(page)
     page.get_by_text("splitting the layers over 3 ranks needs n_layer divisible by 3").wait_for(timeout=30_000)
-    assert page.get_by_role("button", name="Launch", exact=True).is_disabled()
+    expect(page.get_by_role("button", name="Launch", exact=True)).to_be_disabled(timeout=30_000)
     # A batch of 0 reaches the spec (no browser-side bound keeps it back) and is refused under its field
     batch = page.get_by_role("spinbutton", name="batch", exact=True)
     batch.fill("0")
@@ -68,7 +68,7 @@ def test_a_bad_degree_shows_its_message_and_queues_nothing(app_url, page, engine
     assert below["y"] > field["y"] and field["x"] - 60 <= below["x"] <= field["x"] + field["width"], (field, below)
     screenshot(page, "launch-invalid")
     launch = page.get_by_role("button", name="Launch", exact=True)
-    assert launch.is_disabled()
+    expect(launch).to_be_disabled(timeout=30_000)
     launch.click(force=True)  # a click on the disabled button does nothing either
     wait_for_app(page)
     assert api.count_runs(engine) == 0

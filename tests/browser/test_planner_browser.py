@@ -4,6 +4,7 @@ inputs), and a pipeline of 192 microbatches is drawn a window at a time."""
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.browser.conftest import screenshot, wait_for_app
 from tests.test_planner_ui import calibrated
@@ -35,5 +36,5 @@ def test_the_planner_answers_first_and_windows_a_long_pipeline(app_url, page, en
         page.get_by_label(label, exact=True).press("Enter")
         wait_for_app(page)
     page.get_by_text("microbatch passes a stage are too many to read at once").wait_for(timeout=120_000)
-    assert page.get_by_text("window from (ms)").is_visible()  # the slider that moves the window
+    expect(page.get_by_text("window from (ms)")).to_be_visible(timeout=30_000)  # the slider that moves the window
     screenshot(page, "planner-512")
