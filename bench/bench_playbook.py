@@ -9,9 +9,11 @@ and set against what was measured:
   produced a result (a run without one is read as out of memory);
 - throughput: Spearman's rank correlation of predicted against measured tokens/s per GPU within each (model, nodes)
   cell, over its runs with a result.
-Configurations the planner cannot lay out at all (pipeline stages that do not divide the layers: nanotron also cuts
-the embedding, the final norm and the head into stages, up to pp 128 on 16 layers) are counted and left out;
-tensor parallelism across nodes, which the planner refuses as a layout, is still predicted here (the runs did it).
+Each pipeline is cut as nanotron cuts it (`nanotron_cut`: by cost, counting the head, so the first stages hold more
+layers), through the planner's Layout.cut; tensor parallelism across nodes, which the planner refuses as a layout, is
+still predicted here (the runs did it).
+What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
+and micro-batch pass (HOST_COSTS_S, a what-if beside the planner's figure, never part of it).
 
 Assumptions, one for the whole set (the Playbook does not state them), and each alternative reported beside:
 vocabulary 131,072 (alternative 32,768: nanotron's scaling script's two candidates); no activation recomputation
@@ -20,10 +22,7 @@ and AdamW state, gradients reduced in float32 (dtype bf16-master, reduce_fp32: t
 gradient accumulation); its persistent float32 gradient buffer, which our engine does not keep, is added to each
 predicted peak, 4 bytes a parameter the rank holds (FP32_GRAD_BUFFER); sequence parallelism wherever tp > 1 (the
 script's REDUCE_SCATTER mode); 1F1B; fused causal attention.
-The models: with the Llama family in the planner (GPTConfig's `family`), Llama as the README gives them (SwiGLU,
-RMSNorm, rotary positions, no biases, 1B's head tied, 8B's untied). Without it, a GPT-2-shaped stand-in with the
-same width, depth and heads and an MLP of 1.5 x the SwiGLU hidden width (the same matmul parameters and FLOPs:
-2 x 1.5 f = 3 f), learned positions, biases and a tied head: the 8B's untied head (V x h) is then not counted.
+The models: Llama as the README gives them (SwiGLU, RMSNorm, rotary positions, no biases, 1B's head tied, 8B's untied).
 Run: .venv/bin/python bench/bench_playbook.py [--csv PATH] (a few minutes; no GPU).
 """
 
@@ -34,7 +33,7 @@ import csv
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -50,27 +49,38 @@ CSV = REPO.parent / "shared" / "reference" / "playbook" / "measured-1b-8b.csv"
 HEADING = "Playbook: 1,631 measured H100 runs against the planner"
 # (layers, hidden, heads, SwiGLU hidden, head tied): the README's dimensions
 MODELS = {"1B": (16, 2048, 32, 8192, True), "8B": (32, 4096, 32, 14336, False)}
-LLAMA = "family" in {f.name for f in fields(GPTConfig)}
 FP32_GRAD_BUFFER = 4  # bytes a parameter the rank holds: nanotron's float32 gradient accumulation buffer
-
-
-@dataclass(frozen=True)
-class StandIn(GPTConfig):
-    """A GPT-2-shaped model whose MLP is `mlp` wide (the Llama family not in the planner: module docstring)."""
-
-    mlp: int = 0
-
-    @property
-    def d_ff(self) -> int:
-        return self.mlp
+HOST_COSTS_S = (0.5e-3, 1e-3, 2e-3)  # what-if host seconds per layer and micro-batch pass (module docstring)
 
 
 def model(name: str, vocab: int, seq: int) -> GPTConfig:
     layers, h, heads, ffn, tied = MODELS[name]
-    if LLAMA:
-        return GPTConfig(n_layer=layers, n_head=heads, n_embd=h, vocab_size=vocab, block_size=seq, bias=False,
-                         family="llama", n_kv_head=heads, ffn_hidden=ffn, tie_head=tied)  # type: ignore[call-arg]  # fmt: skip
-    return StandIn(n_layer=layers, n_head=heads, n_embd=h, vocab_size=vocab, block_size=seq, mlp=3 * ffn // 2)
+    return GPTConfig(n_layer=layers, n_head=heads, n_embd=h, vocab_size=vocab, block_size=seq, bias=False,
+                     family="llama", n_kv_head=heads, ffn_hidden=ffn, tie_head=tied)  # fmt: skip
+
+
+def nanotron_cut(cfg: GPTConfig, pp: int) -> tuple[int, ...]:
+    """The decoder layers nanotron puts on each of `pp` stages.
+
+    nanotron (src/nanotron/models/base.py build_model; costs from models/llama.py get_block_compute_costs) walks
+    its pipeline blocks in order (embedding, the decoder layers, final norm, head, cast to float32, loss), each
+    costing 4 h^2 + 3 h f for a decoder layer, V h for the head and nothing for the rest, and moves to the next
+    rank after the block whose running cost passes that rank's share (r + 1) / pp of the total. The head's cost
+    makes the first stages hold more layers: 1B over 4 stages is 6, 5, 5 and the head alone. Where stages
+    outnumber what the cost spreads over (1B over 8 stages: 3, 3, 2, 3, 2, 3, the head, the loss; at 32 stages
+    one layer each and twelve idle ranks), the planner still puts the head and the loss on the last stage; the
+    first stage, which holds the most microbatches, is the same."""
+    h, f = cfg.n_embd, cfg.d_ff
+    layer = 4 * h * h + 3 * h * f
+    costs = [0] + [layer] * cfg.n_layer + [0, cfg.vocab_size * h, 0, 0]
+    total = sum(costs)
+    rank, running, owner = 0, 0, []
+    for cost in costs:
+        running += cost
+        owner.append(rank)
+        if running > total * (rank + 1) / pp:
+            rank += 1
+    return tuple(sum(1 for o in owner[1 : 1 + cfg.n_layer] if o == r) for r in range(pp))
 
 
 @dataclass(frozen=True)
@@ -104,20 +114,45 @@ class Planned:
     memory: float | None  # predicted peak bytes of the busiest rank; None where the layout cannot be cut
     fits: bool | None
     tok_s_gpu: float | None
+    step_s: float = 0.0  # predicted step time
+    layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
 
 
 def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
     cfg = model(row.model, vocab, row.seq)
+    cut = nanotron_cut(cfg, row.pp) if row.pp > 1 else ()
     work = Workload(batch=row.mbs * row.grad_acc * row.dp, seq=row.seq, dtype="bf16-master", reduce_fp32=True,
                     checkpoint=checkpoint, microbatch_size=row.mbs, sequence_parallel=row.tp > 1)  # fmt: skip
     devices = preset("h100-80gb", row.nodes * 8, 8)
-    c = evaluate(cfg, Layout(row.tp, row.pp, row.dp, row.zero), work, devices)
+    c = evaluate(cfg, Layout(row.tp, row.pp, row.dp, row.zero, cut), work, devices)
     if c.memory is None or c.step is None:
         return Planned(row, None, None, None)
     tokens = work.batch * row.seq / c.step.total / devices.count
     # the runs' float32 gradient accumulation buffer beside the bfloat16 gradients, every step (module docstring)
     peak = c.memory.total + FP32_GRAD_BUFFER * c.memory.param_count
-    return Planned(row, peak, peak <= devices.usable_bytes, tokens)
+    passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
+    return Planned(row, peak, peak <= devices.usable_bytes, tokens, c.step.total, passes)
+
+
+def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
+    """The same predictions with `seconds` of host time added to every layer and micro-batch pass (a what-if)."""
+    out = []
+    for p in results:
+        if p.tok_s_gpu is None:
+            out.append(p)
+            continue
+        step = p.step_s + p.layer_passes * seconds
+        out.append(replace(p, tok_s_gpu=p.tok_s_gpu * p.step_s / step, step_s=step))
+    return out
+
+
+def layout_failures(results: list[Planned]) -> tuple[int, float]:
+    """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
+    dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
+    ran = {(p.row.model, p.row.nodes, p.row.tp, p.row.pp, p.row.dp, p.row.zero) for p in results if p.row.tok_s_gpu}
+    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None
+            and (p.row.model, p.row.nodes, p.row.tp, p.row.pp, p.row.dp, p.row.zero) not in ran]  # fmt: skip
+    return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 
 @dataclass(frozen=True)
@@ -159,14 +194,17 @@ def summarize(results: list[Planned], unit: float) -> Summary:
                    len(errors), {k: statistics.median(v) for k, v in sorted(grouped.items())})  # fmt: skip
 
 
-def report(main: Summary, alternatives: dict[str, Summary], rows: int, pair=None) -> str:
-    shown = "the Llama family" if LLAMA else "a GPT-2-shaped stand-in (the Llama family is not in the planner yet)"
+def report(
+    main: Summary, alternatives: dict[str, Summary], results: list[Planned], what_if: dict[float, Summary]
+) -> str:
+    left_out = f"{main.cut} the planner cannot lay out are left out, " if main.cut else ""
+    lost, lost_gib = layout_failures(results)
     lines = [
         f"## {HEADING}",
         "",
-        f"`bench/bench_playbook.py`: {rows} configurations of the Ultra-Scale Playbook (1B and 8B on 1-64 nodes of 8 "
-        f"H100), each planned as it ran, modelled as {shown}; {main.cut} the planner cannot cut into its stages are "
-        f"left out, {main.planned} planned. Assumptions and their alternatives: the script's docstring.",
+        f"`bench/bench_playbook.py`: {len(results)} configurations of the Ultra-Scale Playbook (1B and 8B on 1-64 nodes "
+        f"of 8 H100), each planned as it ran, as the Llama family with each pipeline cut as nanotron cuts it; "
+        f"{left_out}{main.planned} planned. Assumptions and their alternatives: the script's docstring.",
         "",
         f"- Peak memory, predicted against measured over the {main.measured} runs with a result: median "
         f"|error| {main.memory_median:.1%}, 90th percentile {main.memory_p90:.1%}, median signed error "
@@ -174,10 +212,13 @@ def report(main: Summary, alternatives: dict[str, Summary], rows: int, pair=None
         f"- Fit: the planner's fits / does not fit agrees with result / no result on {main.fit_agreement:.1%} "
         f"(target >= 90%): fits and ran {main.fit_counts.get((True, True), 0)}, does not fit and no result "
         f"{main.fit_counts.get((False, False), 0)}, fits but no result {main.fit_counts.get((True, False), 0)}, "
-        f"does not fit but ran {main.fit_counts.get((False, True), 0)}.",
+        f"does not fit but ran {main.fit_counts.get((False, True), 0)}. Of the {main.fit_counts.get((True, False), 0)} "
+        f"said to fit without a result, {lost} belong to layouts none of whose micro-batch sizes produced a result, "
+        f"predicted at a median {lost_gib:.0f} GiB of the 80: failures no memory figure explains.",
         f"- Throughput ranks: Spearman's rho of predicted against measured tokens/s per GPU, median over the "
         f"{len(main.rho)} (model, nodes) cells {main.rho_median:.2f} (target >= 0.7): "
-        + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items()) + ".",
+        + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items())
+        + ".",
         "",
         "| assumption changed | memory median abs err | p90 | signed median | fit agreement | median rho |",
         "|---|---|---|---|---|---|",
@@ -190,20 +231,24 @@ def report(main: Summary, alternatives: dict[str, Summary], rows: int, pair=None
     met = main.memory_median <= 0.10 and main.fit_agreement >= 0.90 and main.rho_median >= 0.7
     degrees = "; ".join(f"{name} {d}: {e:+.0%}" for (name, d), e in main.by_degree.items())
     lines += ["", f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}."]
+    pair = tp8_pair(results)
     if pair:
-        (small, s_tok), (large, l_tok) = pair
+        small, large = pair
         lines.append(
-            f"Throughput, one example of what the planner has no term for: 1B on one node at tp 8, {small} and {large} "
-            f"sequences a micro-batch measured {s_tok:,.0f} and {l_tok:,.0f} tokens/s per GPU ({l_tok / s_tok:.1f}x), "
-            "where compute and communication differ far less: a fixed cost per layer and pass (host-side launches and "
-            "synchronisation) that dominates small micro-batches under tensor parallelism.")  # fmt: skip
+            f"What the ranks miss, one example: 1B on one node at tp 8, {small.row.mbs} and {large.row.mbs} sequences a "
+            f"micro-batch measured {small.row.tok_s_gpu:,.0f} and {large.row.tok_s_gpu:,.0f} tokens/s per GPU "
+            f"({large.row.tok_s_gpu / small.row.tok_s_gpu:.1f}x), where the planner's compute and communication give "
+            f"{large.tok_s_gpu / small.tok_s_gpu:.2f}x: a fixed cost per layer and pass (host-side launches and "
+            "synchronisation) that dominates small micro-batches under tensor parallelism, and that the planner has no "
+            "term for. Added as a what-if (not part of the planner, not fitted), the median rho becomes "
+            + ", ".join(f"{s.rho_median:.2f} at {t * 1e3:g} ms a pass" for t, s in what_if.items()) + ".")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def tp8_pair(rows: list[Row]) -> tuple[tuple[int, float], tuple[int, float]] | None:
-    """1B on one node, tp 8 alone: the smallest and largest micro-batch that ran, with their tokens/s per GPU."""
-    ran = sorted((r.mbs, r.tok_s_gpu) for r in rows if (r.model, r.nodes, r.tp, r.pp) == ("1B", 1, 8, 1)
-                 and r.tok_s_gpu)  # fmt: skip
+def tp8_pair(results: list[Planned]) -> tuple[Planned, Planned] | None:
+    """1B on one node, tp 8 alone: the runs with the smallest and largest micro-batch that ran."""
+    ran = sorted((p for p in results if (p.row.model, p.row.nodes, p.row.tp, p.row.pp) == ("1B", 1, 8, 1)
+                  and p.row.tok_s_gpu and p.tok_s_gpu), key=lambda p: p.row.mbs)  # fmt: skip
     return (ran[0], ran[-1]) if len(ran) >= 2 else None
 
 
@@ -222,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         "every block recomputed": summarize(recompute, GiB),
         "memory figure in GB (1e9)": summarize(main_run, 1e9),
     }
-    text = report(summary, alternatives, len(rows), tp8_pair(rows))
+    what_if = {t: summarize(with_host_cost(main_run, t), GiB) for t in HOST_COSTS_S}
+    text = report(summary, alternatives, main_run, what_if)
     print(text)
     write_section(HEADING, text, args.results)
     return 0

@@ -58,8 +58,8 @@ def test_the_unequal_stage_model_is_the_textbook_bubble_when_stages_are_equal():
 
 
 def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
-    # Four 1B runs on one node: one that ran, the same one whose figures are missing (read as out of memory),
-    # a micro-batch of 256 sequences the planner says cannot fit, and pp 32 on 16 layers, which it cannot cut.
+    # Four 1B runs: one that ran, the same one whose figures are missing (read as out of memory), a micro-batch of
+    # 256 sequences the planner says cannot fit, and pp 32 on 16 layers (one layer a stage, as nanotron cuts it).
     from bench.bench_playbook import plan_row, read_rows, summarize
 
     header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
@@ -70,8 +70,21 @@ def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
                    "1B,4,32,1,1,32,0,1,256,256,4096,,,\n")  # fmt: skip
     rows = read_rows(csv)
     planned = [plan_row(r, 131072, "none") for r in rows]
-    assert [p.fits for p in planned] == [True, True, False, None]
+    assert [p.fits for p in planned] == [True, True, False, True]
     s = summarize(planned, 2**30)
-    assert (s.planned, s.cut, s.measured) == (3, 1, 1)
-    assert s.fit_counts == {(True, True): 1, (True, False): 1, (False, False): 1} and s.fit_agreement == 2 / 3
+    assert (s.planned, s.cut, s.measured) == (4, 0, 1)
+    assert s.fit_counts == {(True, True): 1, (True, False): 2, (False, False): 1} and s.fit_agreement == 2 / 4
     assert s.memory_median == abs(planned[0].memory / (36.7 * 2**30) - 1)
+
+
+def test_nanotron_cuts_the_playbook_models_by_cost_counting_the_head():
+    """1B: a layer costs 4 h^2 + 3 h f = 2^24 + 3 * 2^24 = 2^26, the head V h = 2^17 * 2^11 = 2^28, four layers' worth:
+    20 layers' worth in all. Over 4 stages each share is 5 layers' worth; a rank takes blocks until the running cost
+    passes its share (strictly), so the 5th layer (exactly 5) stays and the 6th joins stage 0: 6, 5 (to 11 > 10),
+    5 (to 16 > 15) and the head alone. Over 2 stages: 11 (11 > 10) and 5 with the head."""
+    from bench.bench_playbook import model, nanotron_cut
+
+    one_b = model("1B", 131072, 4096)
+    assert nanotron_cut(one_b, 4) == (6, 5, 5, 0)
+    assert nanotron_cut(one_b, 2) == (11, 5)
+    assert nanotron_cut(one_b, 32) == (1,) * 16 + (0,) * 16  # a share below one layer: one layer a stage

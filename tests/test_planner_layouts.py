@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from itertools import pairwise
 
 import pytest
 
@@ -13,6 +14,7 @@ from runner.planner.calibrate import Calibration, devices_from_calibration, stor
 from runner.planner.cli import add_plan_parser, run_plan
 from runner.planner.devices import described, from_gpus, from_lease, from_partition, matmul_seconds, preset
 from runner.planner.layouts import evaluate, plan
+from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, Layout, Workload
 from runner.planner.step_time import predict_step, ring_allreduce_s
 
@@ -188,3 +190,28 @@ def test_matmul_time_depends_on_shape_and_device_kind():
     assert matmul_seconds(a100, "bfloat16", 8192, 8192, 8192) == pytest.approx(38 * 108 * tile / (312e12 * 0.801))
     thin = matmul_seconds(h100, "bfloat16", 8192, 64, 8192)
     assert thin == pytest.approx((8192 * 8192 + 2 * 8192 * 64) * 2 / (3350e9 * 0.8))  # [m, k], [k, n], [m, n]
+
+
+def test_an_uneven_cut_moves_whole_layers_between_stages():
+    """Layout.cut: stage 0 holds the first cut[0] blocks. Under 1F1B on 2 stages stage 0 keeps 2 microbatches in
+    flight, so each block moved onto it adds the same bytes, 2 x one block's saved activations, and one block's
+    parameters; the step follows the longer stage. A cut that is not one count a stage summing to n_layer is named."""
+    cfg = replace(PRESETS_TINY, n_layer=6)
+    w = Workload(batch=8, seq=32, microbatches=4)
+    dev = preset("h100-80gb", 2, 2)
+    cands = {cut: evaluate(cfg, Layout(pp=2, cut=cut), w, dev) for cut in [(1, 5), (2, 4), (3, 3), (4, 2)]}
+    first = {cut: rank_memory(cfg, Layout(pp=2, cut=cut), w, 0) for cut in cands}
+    assert [rank_parameters(cfg, Layout(pp=2, cut=cut), 0).layers for cut in cands] == [(0,), (0, 1), (0, 1, 2),
+                                                                                          (0, 1, 2, 3)]  # fmt: skip
+    assert rank_parameters(cfg, Layout(pp=2, cut=(2, 4)), 1).layers == (2, 3, 4, 5)
+    steps = [first[c].activation_bytes for c in cands]
+    params = [first[c].param_bytes for c in cands]
+    assert len({b - a for a, b in pairwise(steps)}) == 1 and steps[1] - steps[0] == steps[0]  # (blocks only: the
+    assert len({b - a for a, b in pairwise(params)}) == 1  # embedding's output is not kept)
+    even = rank_memory(cfg, Layout(pp=2), w, 0)
+    assert even == first[(3, 3)]  # the cut that is the even split is the even split
+    assert first[(1, 5)].in_flight == 2
+    # the slowest stage sets the step: 3 + 3 is the fastest of these cuts
+    assert min(cands, key=lambda c: cands[c].step.total) == (3, 3)
+    bad = evaluate(cfg, Layout(pp=3, cut=(2, 4)), w, preset("h100-80gb", 3, 3)).reasons
+    assert "n_layer cut [2, 4]: one count a stage, 3 of them, summing to 6" in bad

@@ -119,9 +119,12 @@ class StageParameters:
         return self.block * len(self.layers) + self.outer
 
 
-def stage_layers(n_layer: int, pp: int, v: int, stage: int) -> tuple[int, ...]:
+def stage_layers(n_layer: int, pp: int, v: int, stage: int, cut: tuple[int, ...] = ()) -> tuple[int, ...]:
     """Global layer ids of pipeline rank `stage`: chunk c is virtual stage c*pp + stage of pp*v equal ones
-    (runner/gpt/pipeline.py cut_chunks)."""
+    (runner/gpt/pipeline.py cut_chunks), or with `cut` (one chunk a rank) the stage's share of it in order."""
+    if cut:
+        first = sum(cut[:stage])
+        return tuple(range(first, first + cut[stage]))
     per = n_layer // (pp * v)
     return tuple(i for c in range(v) for i in range((c * pp + stage) * per, (c * pp + stage + 1) * per))
 
@@ -146,7 +149,7 @@ def rank_parameters(
             outer += vocab_rows * h
             tensors += 1
         matmul += vocab_rows * h  # the head multiplies; an embedding lookup is no matmul (autocast leaves it)
-    layers = stage_layers(cfg.n_layer, pp, v, stage)
+    layers = stage_layers(cfg.n_layer, pp, v, stage, layout.cut)
     blk = block_parameters(cfg, tp, tp_style)
     blk_matmul = blk - 2 * (h + h * b)
     return StageParameters(stage, layers, blk, outer, tensors, matmul + blk_matmul * len(layers), blk_matmul)

@@ -92,7 +92,10 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
     kv = cfg.kv_heads
     if kv % tp and tp % kv:
         out.append(f"n_kv_head {kv} neither divides nor is divided by tp {tp}")
-    if cfg.n_layer % (pp * v):
+    if layout.cut:
+        if v > 1 or len(layout.cut) != pp or sum(layout.cut) != cfg.n_layer or min(layout.cut) < 0:
+            out.append(f"n_layer cut {list(layout.cut)}: one count a stage, {pp} of them, summing to {cfg.n_layer}")
+    elif cfg.n_layer % (pp * v):
         what = f"pp {pp} x virtual stages {v}" if v > 1 else f"pp {pp}"
         out.append(f"n_layer {cfg.n_layer} not divisible by {what}")
     if work.batch % dp:

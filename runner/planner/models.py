@@ -34,12 +34,17 @@ LOGIT_BYTES = 4  # cross entropy runs in float32 (the loss is cast to float32 un
 
 @dataclass(frozen=True)
 class Layout:
-    """tp x pp x dp ranks (tp innermost, runner/gpt/mesh.py) and the ZeRO stage over dp."""
+    """tp x pp x dp ranks (tp innermost, runner/gpt/mesh.py) and the ZeRO stage over dp.
+
+    `cut`: the blocks on each pipeline stage, first to last, where they are not split evenly (empty: n_layer / pp
+    each, as runner/gpt/pipeline.py cuts). Other stacks cut by cost: nanotron balances each stage's share of
+    the FLOPs counting the head as V x h, so the first stages hold more blocks (bench/bench_playbook.py)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     zero_stage: int = 0
+    cut: tuple[int, ...] = ()
 
     @property
     def world_size(self) -> int:

@@ -185,7 +185,7 @@ def rank_passes(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices
     m = work.microbatches_for(layout)
     b = max(1, work.batch // layout.dp // m)
     clock = _Clock(devices, work.dtype, efficiency)
-    layers = stage_layers(cfg.n_layer, pp, v, stage)
+    layers = stage_layers(cfg.n_layer, pp, v, stage, layout.cut)
     fwd, bwd = layer_seconds(cfg, work, clock, b, tp)
     every = work.checkpoint_every if work.workload == "train" else 0
     ckpt = sum(1 for i in layers if every and (i + 1) % every == 0)
@@ -290,7 +290,7 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     bubble_fraction = bubble_fraction_theory("gpipe", pp, m, 1) if pp > 1 else 0.0
     bubble = compute * bubble_fraction / (1 - bubble_fraction)
     tp_s = pp_s = 0.0
-    layers = cfg.n_layer // pp
+    layers = max(layout.cut) if layout.cut else cfg.n_layer // pp  # the longest stage's all-reduces
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
         tp_s = 2 * layers * ring_allreduce_s(rows * work.seq * cfg.n_embd * work.activation_width, tp, bw)
