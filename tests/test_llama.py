@@ -185,6 +185,35 @@ def test_a_run_loads_a_sharded_hugging_face_folder_each_rank_reading_its_slices(
         assert max(read) < 0.75 * total
 
 
+@pytest.mark.slow
+def test_a_prompt_is_read_and_the_continuation_written_with_the_folders_tokenizer(tmp_path, lab_home):
+    """`--prompt "text"` with a Llama folder holding tokenizer.json: the prompt becomes the tokenizer's ids (seq must
+    be their count), generation on two tensor-parallel ranks equals the reference's greedy tokens, and result.json
+    keeps the prompt and the continuation as the tokenizer reads them back."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.jobs import run_torchrun
+
+    line = "def main(): return the value of each item in a list for a range of numbers\n"
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([line] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]"]))
+    folder, text = tmp_path / "hf", tmp_path / "corpus"
+    _hf_folder(folder, vocab_size=tok.get_vocab_size())  # every id the model can emit reads back as text
+    tok.save(str(folder / "tokenizer.json"))
+    text.mkdir()
+    (text / "a.txt").write_text(line * 30)
+    prompt = "def main(): return"
+    ids = tok.encode(prompt).ids
+    spec = {"model": "checkpoint", "weights": str(folder), "data": str(text), "workload": "generate", "prompt": prompt,
+            "seq": len(ids), "batch": 2, "new_tokens": 5, "steps": 1, "warmup": 0, "verify": True,
+            "strategy": "tensor", "tp": 2}  # fmt: skip
+    result = run_torchrun(spec, tmp_path / "run")
+    assert result["verify"]["passed"] and result["verify"]["tokens_equal"], result["verify"]
+    assert result["prompt"] == tok.decode(ids) and len(result["generated_ids"]) == 5
+    assert result["generated_text"] == tok.decode(result["generated_ids"]) and result["generated_text"]
+
+
 def test_config_json_of_each_family_and_what_is_refused():
     from runner.job.checkpoint import config_from_hf
 
