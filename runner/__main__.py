@@ -19,6 +19,7 @@ from runner.spec.run_spec import (
     DEVICES,
     SpecError,
 )
+from runner.spec.strategies import strategy_names
 from storage.db import get_engine
 
 
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--timeout", type=float, default=900.0, help="give up on the runs after this many seconds")
     selftest.add_argument("--data", default="synthetic",
                           help="what every run reads: synthetic (default), stdlib (real text, byte-level) or a corpus")  # fmt: skip
+    selftest.add_argument("--strategy", dest="strategies", action="append", choices=strategy_names(), default=[],
+                          metavar="NAME", help="only this strategy's rows (repeat for more; default: every one)")  # fmt: skip
     selftest.add_argument("--no-options", dest="options", action="store_false",
                           help="the strategies alone: leave out the ZeRO, schedule, checkpointing, bf16-mixed and llama-tiny rows")  # fmt: skip
     compare = sub.add_parser("compare", help="runs grouped by spec: medians with 95%% intervals, and which "
@@ -208,7 +211,8 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     env, rows, fatal = selftest.run_selftest(engine, args.device, user=args.user, timeout_s=args.timeout,
                                              on_row=show, on_environment=None if args.json else print,
-                                             options=args.options, data=args.data)  # fmt: skip
+                                             options=args.options, data=args.data,
+                                             strategies=tuple(args.strategies))  # fmt: skip
     passed = fatal is None and all(r.ok for r in rows) and any(r.run_id for r in rows)
     if args.json:
         print(json.dumps({"environment": env, "fatal": fatal, "passed": passed,

@@ -132,11 +132,12 @@ def collect(engine, run_id: int, label: str, spec: RunSpec) -> Row:
 
 
 def run_selftest(engine, requested: str = "auto", user: str | None = None, timeout_s: float = 600.0,
-                 on_row=None, on_environment=None, options: bool = True,
-                 data: str = "synthetic") -> tuple[dict, list[Row], str | None]:  # fmt: skip
+                 on_row=None, on_environment=None, options: bool = True, data: str = "synthetic",
+                 strategies: tuple[str, ...] = ()) -> tuple[dict, list[Row], str | None]:  # fmt: skip
     """Check the environment, queue and wait for every run; returns (environment, rows, fatal reason).
     on_environment(line) hears the environment report before anything runs; on_row(row) each finished run;
-    options=False leaves out OPTION_VARIANTS (the strategies alone); `data` is every run's (synthetic, stdlib, a corpus)."""
+    options=False leaves out OPTION_VARIANTS (the strategies alone); `data` is every run's (synthetic, stdlib, a
+    corpus); `strategies` keeps those strategies' rows only (empty: all)."""
     env = environment(engine)
     if on_environment is not None:
         for line in environment_lines(env):
@@ -145,7 +146,8 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
     if device is None:
         return env, [], fatal
     gpus = len(env["usable_gpus"]) if device == "cuda" else 0
-    planned = selftest_specs(device, gpus, options, data)
+    planned = [(spec, label) for spec, label in selftest_specs(device, gpus, options, data)
+               if not strategies or label.split()[0] in strategies]  # fmt: skip
     rows: list[Row] = []
     queued: list[tuple[int, str, RunSpec]] = []
     for spec, label in planned:
