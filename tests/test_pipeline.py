@@ -44,8 +44,12 @@ def expected_order(schedule: str, m: int, p: int, s: int) -> list[tuple[str, int
     return [(op.kind, op.microbatch) for op in schedule_ops(schedule, m, p, s)]
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize(("pp", "m"), [(2, 4), (4, 1), (4, 8)])  # more, fewer, twice as many microbatches as stages
+@pytest.mark.parametrize(
+    ("pp", "m", "schedule"),
+    # twice as many microbatches as stages in both schedules; fewer than stages (one: the two schedules are the
+    # same order) in 1F1B, whose warm-up is then cut short
+    [(4, 8, "gpipe"), (4, 8, "1f1b"), (4, 1, "1f1b")],
+)
 def test_train_matches_reference_in_schedule_order_with_bounded_activations(tmp_path, pp, m, schedule):
     result = run_torchrun(spec(pp=pp, microbatches=m, schedule=schedule, workload="train"), tmp_path)
     v = result["verify"]
@@ -74,7 +78,7 @@ def test_1f1b_warm_up_is_p_minus_stage_minus_1_forwards_then_alternation():
     assert expected_order("gpipe", m=3, p=4, s=0) == [("F", 0), ("F", 1), ("F", 2), ("B", 2), ("B", 1), ("B", 0)]
 
 
-@pytest.mark.parametrize(("pp", "m"), [(2, 4), (4, 8)])  # one microbatch is the layer split's (test_layer_split)
+@pytest.mark.parametrize(("pp", "m"), [(4, 8)])  # one microbatch is the layer split's (test_layer_split)
 @pytest.mark.parametrize("workload", ["forward", "generate"])
 def test_assembly_line_forward_and_generation_match_reference(tmp_path, pp, m, workload):
     result = run_torchrun(spec(pp=pp, microbatches=m, workload=workload, new_tokens=5), tmp_path)

@@ -209,8 +209,8 @@ def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db
             with lock:
                 ids.append(run_id)
 
-    # 50 runs racing for claims are covered in test_storage (both backends); here 6 real jobs keep it quick.
-    threads = [threading.Thread(target=submit, args=(n,)) for n in (2, 2, 1, 1)]
+    # 50 runs racing for claims are covered in test_storage (both backends); here 4 real jobs, two rounds of two.
+    threads = [threading.Thread(target=submit, args=(n,)) for n in (1, 1, 1, 1)]
     for t in threads:
         t.start()
     for t in threads:
@@ -219,9 +219,9 @@ def test_runs_submitted_from_four_threads_all_run_once_on_sqlite_and_postgres(db
                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         ended = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
-        assert [r["status"] for r in ended] == ["succeeded"] * 6
+        assert [r["status"] for r in ended] == ["succeeded"] * 4
         run_dirs = [r["run_dir"] for r in ended]
-        assert len(set(run_dirs)) == 6  # each launched once, in its own folder
+        assert len(set(run_dirs)) == 4  # each launched once, in its own folder
         for r in ended:
             starts = [
                 line for line in Path(r["run_dir"], "events.jsonl").read_text().splitlines() if '"started"' in line
@@ -342,12 +342,12 @@ def test_a_runner_frozen_past_the_stale_limit_is_replaced_and_launches_nothing_a
             assert time.monotonic() < deadline, "the frozen runner's lease never went stale"
             time.sleep(0.2)
         ids = [api.submit(engine, RunSpec(strategy="single", model="tiny", steps=1, warmup=0))
-               for _ in range(3)]  # fmt: skip
+               for _ in range(2)]  # fmt: skip
         successor = start_runner(engine)
         os.kill(frozen.pid, signal.SIGCONT)  # it wakes up in its loop with runs queued
         assert frozen.wait(timeout=30) == 4  # "lost the runner lease to another runner"
         ended = [wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180) for run_id in ids]
-        assert [r["status"] for r in ended] == ["succeeded"] * 3
+        assert [r["status"] for r in ended] == ["succeeded"] * 2
         from sqlalchemy import text
 
         with engine.connect() as conn:

@@ -159,8 +159,8 @@ def test_sharded_parameters_shrink_as_one_over_tp(tmp_path, tp):
 @pytest.mark.parametrize(
     ("tp", "style", "model"),
     # llama-tiny at tp 4: each rank caches the one key/value head its query heads share with a neighbour's
-    [(2, "megatron", "tiny"), (4, "megatron", "tiny"), (2, "gather", "tiny"), (2, "sequence_parallel", "tiny"),
-     (4, "megatron", "llama-tiny")],
+    # (Megatron's cache at tp 2 is its tp 4 cache with fewer ranks: the same code, one case)
+    [(4, "megatron", "tiny"), (2, "gather", "tiny"), (2, "sequence_parallel", "tiny"), (4, "megatron", "llama-tiny")],
 )  # fmt: skip
 def test_greedy_generation_with_a_sharded_kv_cache_matches_reference(tmp_path, tp, style, model):
     new = 6
@@ -198,11 +198,11 @@ def test_forward_gathers_full_logits_once(tmp_path):
         assert r["comm_calls"]["reduce_scatter"] == STEPS * (1 + 2 * L)
 
 
-def test_vocab_parallel_loss_on_a_vocabulary_that_is_not_a_multiple_of_tp(tmp_path):
+def test_vocab_parallel_generation_on_a_vocabulary_that_is_not_a_multiple_of_tp(tmp_path):
+    """3 padding rows on the last rank, masked out of the argmax (training with padding: the next test, whose last
+    rank is all padding)."""
     dims = {"model": "custom", "n_layer": 2, "n_head": 4, "n_embd": 64, "vocab_size": 509, "block_size": 64}
-    assert padded_vocab(509, 4) == 512  # 3 padding rows on the last rank, masked out of the softmax
-    result = run_torchrun(spec(tp=4, workload="train", **dims), tmp_path)
-    assert_matches(result, "train")
+    assert padded_vocab(509, 4) == 512
     gen = run_torchrun(spec(tp=4, workload="generate", new_tokens=5, **dims), tmp_path / "gen")
     assert_matches(gen, "generate")
 

@@ -21,7 +21,9 @@ def spec(tp: int, pp: int, dp: int, **kw) -> dict:
             "seq": 32, "steps": 1, "warmup": 1, "verify": True, **kw}  # fmt: skip
 
 
-@pytest.mark.parametrize(("tp", "pp", "dp"), [(2, 2, 2), (2, 2, 1), (1, 2, 2), (2, 1, 2)])
+# Every dimension at 2. With one of them at 1 the same engine verifies elsewhere: tp2 x pp2 interleaved and pp2 x dp2
+# under ZB-H1 (tests/test_pipeline_schedules.py), tp2 x dp2 and pp2 x dp2 under ZeRO (tests/test_zero.py).
+@pytest.mark.parametrize(("tp", "pp", "dp"), [(2, 2, 2)])
 def test_train_matches_reference_on_the_global_batch(tmp_path, tp, pp, dp):
     result = run_torchrun(spec(tp, pp, dp, workload="train"), tmp_path)
     v = result["verify"]
