@@ -38,7 +38,7 @@ slurm-tools:
 
 test: $(VENV)/.installed-dev /usr/bin/chromium postgres-server slurm-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=20
 
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"

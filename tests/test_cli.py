@@ -40,10 +40,14 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         (["--strategy", "single", "--dtype", "bf16-master", "--reduce-fp32"], "reduce_fp32", "dp 2 or more"),
     ],
 )
-def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment):
-    proc = cli("submit", *args, "--json")
-    assert proc.returncode == 2, proc.stderr
-    out = json.loads(proc.stdout)
+def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment, capsys):
+    """In this process, as `python -m runner submit` runs it (main(); the command itself runs in the tests below)."""
+    from runner.__main__ import main
+
+    code = main(["submit", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    out = json.loads(captured.out)
     assert any(p["field"] == field and fragment in p["message"] for p in out["problems"]), out
     assert api.count_runs(engine) == 0
 

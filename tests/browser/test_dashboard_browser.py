@@ -52,16 +52,3 @@ def test_compare_two_real_runs(app_url, page, engine):
     page.get_by_text("Settings that differ").wait_for()
     assert page.locator('[data-testid="stVegaLiteChart"]').count() >= 4
     screenshot(page, "compare")
-
-
-def test_the_run_page_follows_a_run_from_the_queue_to_its_figures(app_url, page, engine):
-    page.goto(app_url)
-    wait_for_app(page)
-    run_id = api.submit(engine, RunSpec(strategy="layer", pp=2, model="tiny", steps=20))
-    page.goto(f"{app_url}/history?run={run_id}")  # opened while queued: the page reads the run once per rerun
-    page.get_by_text(f"Run {run_id}: layer").wait_for(timeout=30_000)
-    assert wait_run(engine, run_id, set(TERMINAL_STATES))["status"] == "succeeded"
-    # Its live part re-reads the run by itself, sees the end and redraws the whole page: figures, no reload.
-    page.get_by_text("throughput").wait_for(timeout=30_000)
-    page.get_by_text("step time p50").wait_for(timeout=5_000)
-    screenshot(page, "run-detail")

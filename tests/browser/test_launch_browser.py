@@ -25,8 +25,12 @@ def test_launch_a_layer_split_from_the_page_and_see_it_succeed(app_url, page, en
     expect(page.get_by_role("combobox", name="run on")).to_have_value(re.compile(r"^this machine \(.+\)$"))
     screenshot(page, "launch")
     page.get_by_role("button", name="Launch", exact=True).click()
+    # The run's page opens at once, the run still queued: its live part re-reads the run by itself, sees the end
+    # and redraws the whole page with the run's figures, no reload.
     page.wait_for_url(re.compile(r"history\?run=\d+"), timeout=30_000)
     page.get_by_text("succeeded").first.wait_for(timeout=120_000)
+    page.get_by_text("throughput").first.wait_for(timeout=30_000)
+    page.get_by_text("step time p50").first.wait_for(timeout=5_000)
     page.get_by_text("Run's peak memory per rank").wait_for(timeout=30_000)
     page.get_by_text("Verify: PASS").wait_for(timeout=30_000)  # the job's own verdict, not a label
     wait_for_app(page)
