@@ -21,6 +21,20 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
+def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m runner ARGS` run as main(ARGS) in this process (the same code less an interpreter's start-up, which
+    the subprocess tests pay for): its exit code and what it printed."""
+    from runner.__main__ import main
+
+    capsys.readouterr()
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["runner", *args], code, out.out, out.err)
+
+
 @pytest.mark.parametrize(
     ("args", "field", "fragment"),
     [
@@ -134,40 +148,40 @@ def test_a_spec_json_that_is_not_an_object_is_refused_as_a_spec_problem(engine):
     assert api.count_runs(engine) == 0
 
 
-def test_submit_repeat_queues_a_comparison_set_interleaved(engine):
-    proc = cli("submit", "--model", "tiny", "--repeat", "2", "--spec-json", '{"strategy": "single"}',
-               "--spec-json", '{"strategy": "data", "dp": 2}', "--json")  # fmt: skip
+def test_submit_repeat_queues_a_comparison_set_interleaved(engine, capsys):
+    proc = cli_here(capsys, "submit", "--model", "tiny", "--repeat", "2", "--spec-json", '{"strategy": "single"}',
+                    "--spec-json", '{"strategy": "data", "dp": 2}', "--json")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     runs = [api.get_run(engine, i) for i in out["ids"]]
     assert [r["spec"]["strategy"] for r in runs] == ["single", "data", "single", "data"]
     assert {r["set_id"] for r in runs} == {out["set_id"]} == {out["ids"][0]}
-    text = cli("submit", "--strategy", "single", "--repeat", "3").stdout
+    text = cli_here(capsys, "submit", "--strategy", "single", "--repeat", "3").stdout
     assert text.startswith("queued comparison set ") and "run one at a time in turn" in text
-    refused = cli("submit", "--strategy", "single", "--repeat", "0", "--json")
+    refused = cli_here(capsys, "submit", "--strategy", "single", "--repeat", "0", "--json")
     assert refused.returncode == 2 and json.loads(refused.stdout)["problems"][0]["field"] == "repeat"
-    nothing = cli("submit", "--model", "tiny")
+    nothing = cli_here(capsys, "submit", "--model", "tiny")
     assert nothing.returncode == 2 and "--strategy is required" in nothing.stderr
     assert api.count_runs(engine) == 7
 
 
-def test_compare_prints_groups_medians_with_intervals_and_what_the_runs_resolve(engine):
+def test_compare_prints_groups_medians_with_intervals_and_what_the_runs_resolve(engine, capsys):
     from runner.spec.run_spec import RunSpec
     from tests.test_ui_compare import finished
 
     single, data = RunSpec(strategy="single"), RunSpec(strategy="data", dp=2)
     ids = [finished(engine, spec, t) for spec, t in [(single, 1000.0), (data, 2000.0)] * 2
            + [(single, 1050.0), (data, 2100.0), (single, 980.0), (data, 1950.0)]]  # fmt: skip
-    out = json.loads(cli("compare", *map(str, ids), "--json").stdout)
+    out = json.loads(cli_here(capsys, "compare", *map(str, ids), "--json").stdout)
     assert [g["runs"] for g in out["groups"]] == [ids[0::2], ids[1::2]]
     tokens = [m for m in out["medians"] if m["figure"] == "tokens_per_s"]
     assert [(m["median"], m["low"], m["high"]) for m in tokens] == [(1000.0, 980.0, 1050.0), (2000.0, 1950.0, 2100.0)]
     (verdict,) = out["verdicts"]
     assert verdict["outcome"] == "higher" and verdict["runs"] == [4, 4]  # 4 runs of each resolve it
-    text = cli("compare", *map(str, ids)).stdout
+    text = cli_here(capsys, "compare", *map(str, ids)).stdout
     assert text.startswith("Runs grouped by spec") and "What the runs resolve (tokens/s):" in text
     assert "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (97% interval" in text
-    missing = cli("compare", str(ids[0]), "999")
+    missing = cli_here(capsys, "compare", str(ids[0]), "999")
     assert missing.returncode == 1 and missing.stdout.strip() == "no run 999"
 
 
@@ -185,18 +199,20 @@ def test_logs_prints_a_rank_log_and_as_json_names_its_path(engine, tmp_path):
     assert missing.returncode == 1 and "no log for rank 5" in missing.stderr
 
 
-def test_list_and_export_take_the_history_filters(engine):
+def test_list_and_export_take_the_history_filters(engine, capsys):
     from runner.spec.run_spec import RunSpec
 
     layer = api.submit(engine, RunSpec(strategy="layer", pp=2, tags=("nightly",)), user="ada")
     single = api.submit(engine, RunSpec(strategy="single"), user="bob")
-    assert [r["id"] for r in json.loads(cli("list", "--strategy", "layer", "--json").stdout)] == [layer]
-    both = json.loads(cli("list", "--user", "ada", "--user", "bob", "--json").stdout)
+    assert [r["id"] for r in json.loads(cli_here(capsys, "list", "--strategy", "layer", "--json").stdout)] == [layer]
+    both = json.loads(cli_here(capsys, "list", "--user", "ada", "--user", "bob", "--json").stdout)
     assert [r["id"] for r in both] == [single, layer]
-    assert [r["id"] for r in json.loads(cli("list", "--limit", "1", "--offset", "1", "--json").stdout)] == [layer]
-    exported = json.loads(cli("export", "--format", "json", "--tag", "nightly").stdout)
+    assert [
+        r["id"] for r in json.loads(cli_here(capsys, "list", "--limit", "1", "--offset", "1", "--json").stdout)
+    ] == [layer]
+    exported = json.loads(cli_here(capsys, "export", "--format", "json", "--tag", "nightly").stdout)
     assert [r["id"] for r in exported] == [layer] and exported[0]["spec"]["pp"] == 2
-    assert len(cli("export", "--status", "succeeded").stdout.splitlines()) == 1  # the header only
+    assert len(cli_here(capsys, "export", "--status", "succeeded").stdout.splitlines()) == 1  # the header only
 
 
 # ---- a team database: runs aimed at a host, logs of a run that ran on another ---------------------

@@ -18,7 +18,8 @@ def spec(**kw) -> dict:
     return {"model": "tiny", "strategy": "data", "batch": 8, "seq": 32, "steps": 2, "warmup": 1, "verify": True, **kw}
 
 
-@pytest.mark.parametrize("dp", [2, 4])
+# (dp 3, the odd split: tests/test_zero.py; the ring's 2(n-1)/n wire bytes at 4 ranks: tests/test_tensor_parallel.py)
+@pytest.mark.parametrize("dp", [2])
 def test_data_parallel_train_matches_reference_on_global_batch(tmp_path, dp):
     result = run_torchrun(spec(dp=dp, workload="train"), tmp_path)
     v = result["verify"]

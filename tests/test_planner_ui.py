@@ -266,6 +266,7 @@ def test_a_long_pipeline_is_drawn_a_window_at_a_time():
         assert hi - lo == pytest.approx(width) and 0 <= lo and hi <= sim.step_time * 1e3 + 1e-9
     assert timeline_window(P.simulated_step(P.guide_inputs(), P.guide_plan().best, P.guide_devices())) is not None
 def test_planner_page_names_a_bad_input_and_plans_nothing(engine):
+    calibrated(engine)  # (measuring the host first is the test above's)
     at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
     at.number_input(key="planner_v").set_value(2)  # virtual stages without the interleaved schedule
     at.run()
