@@ -220,7 +220,8 @@ PSI = 241024  # the tiny model's parameters (tests/test_zero.py writes them out)
         {"strategy": "pipeline", "pp": 2, "microbatches": 2},
         {"strategy": "data", "dp": 2, "zero_stage": 1, "reduce_fp32": True},
         {"strategy": "data", "dp": 2, "zero_stage": 3},
-        {"strategy": "3d", "tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 2, "reduce_fp32": True},
+        # (tensor parallelism's bf16-master: the tensor case above; here a pipeline whose stages ZeRO-2 shards)
+        {"strategy": "3d", "tp": 1, "pp": 2, "dp": 2, "microbatches": 2, "zero_stage": 2, "reduce_fp32": True},
     ],
 )
 def test_bf16_master_verifies_in_every_strategy_with_the_papers_bytes(tmp_path, layout):

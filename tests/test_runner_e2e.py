@@ -82,7 +82,7 @@ def test_submit_wait_runs_a_layer_split_and_stores_its_result(engine):
 def test_a_killed_rank_fails_the_run_with_the_rank_named_and_the_queue_goes_on(engine):
     runner = start_runner(engine)
     try:
-        slow = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=200, batch=8, seq=128)
+        slow = RunSpec(strategy="layer", pp=2, model="tiny", workload="train", steps=100_000)  # until killed
         victim = api.submit(engine, slow)
         after = api.submit(engine, RunSpec(strategy="single", model="tiny", steps=2))
         run = wait_status(engine, victim, {"running"})
@@ -133,7 +133,7 @@ def wait_progress(engine, run_id: int, steps: int = 2, timeout: float = 120) -> 
 def test_cancel_of_a_running_4_rank_job_leaves_no_process(engine):
     runner = start_runner(engine)
     try:
-        spec = RunSpec(strategy="layer", pp=4, model="small", workload="train", steps=500, batch=8, seq=128)
+        spec = RunSpec(strategy="layer", pp=4, model="tiny", workload="train", steps=100_000)  # until cancelled
         run_id = api.submit(engine, spec)
         wait_status(engine, run_id, {"running"})
         pid = run_pid(engine, run_id)

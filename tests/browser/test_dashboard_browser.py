@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 def test_watch_a_run_live_and_cancel_it(app_url, page, engine):
     page.goto(app_url)  # the app starts the runner
     wait_for_app(page)
-    slow = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=2000, batch=8, seq=128)
+    slow = RunSpec(strategy="layer", pp=2, model="tiny", workload="train", steps=100_000)  # until cancelled
     run_id = api.submit(engine, slow)
     run = wait_run(engine, run_id, {"running"})
     page.goto(f"{app_url}/live")
