@@ -132,14 +132,14 @@ CASES = {
         "data-zero3": {"strategy": "data", "dp": 2, "zero_stage": 3},
     }.items()},
 }  # fmt: skip
-# The tiny runs of tensor and data are checked by the self-test's end-to-end test, over the runs it stores anyway
+# The tiny runs of tensor are checked by the self-test's end-to-end test, over the runs it stores anyway
 # (tests/test_selftest.py: states to the byte, saved activations and the whole peak within 10%); the default suite
-# adds every other strategy on the small preset here (a deeper, wider model): single, layer, a pipeline and ZeRO over
-# a tensor-parallel group; and a checkpointed pipeline, where the head's share matters most. Every case -- every strategy and option on the
+# adds single, layer and data on the tiny model here, a pipeline and ZeRO over a tensor-parallel group on the small
+# preset (a deeper, wider model), and a checkpointed pipeline, where the head's share matters most. Every case -- every strategy and option on the
 # tiny model, every strategy on the small one, the Llama family's -- with LAB_PLANNER_ALL_STRATEGIES=1 (9 min on
 # 2 cores). The default suite holds the Llama family at its two new moments: key/value heads copied over tp 4, and
 # ZeRO-3's outer unit (an untied head beside the embedding) reduce-scattered last.
-FAST = {"small-single", "small-layer", "small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks",
+FAST = {"single", "layer", "data", "small-pipeline", "small-3d-zero1", "pipeline-checkpoint-blocks",
         "llama-tensor-kv-copied", "small-llama-data-zero3"}  # fmt: skip
 ALL = os.environ.get("LAB_PLANNER_ALL_STRATEGIES") == "1"
 
