@@ -149,9 +149,12 @@ def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
 def layout_failures(results: list[Planned]) -> tuple[int, float]:
     """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
     dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
-    ran = {(p.row.model, p.row.nodes, p.row.tp, p.row.pp, p.row.dp, p.row.zero) for p in results if p.row.tok_s_gpu}
-    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None
-            and (p.row.model, p.row.nodes, p.row.tp, p.row.pp, p.row.dp, p.row.zero) not in ran]  # fmt: skip
+
+    def layout(r: Row) -> tuple:
+        return r.model, r.nodes, r.tp, r.pp, r.dp, r.zero
+
+    ran = {layout(p.row) for p in results if p.row.tok_s_gpu}
+    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None and layout(p.row) not in ran]
     return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 

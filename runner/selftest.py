@@ -146,8 +146,7 @@ def run_selftest(engine, requested: str = "auto", user: str | None = None, timeo
     if device is None:
         return env, [], fatal
     gpus = len(env["usable_gpus"]) if device == "cuda" else 0
-    planned = [(spec, label) for spec, label in selftest_specs(device, gpus, options, data)
-               if not strategies or label.split()[0] in strategies]  # fmt: skip
+    planned = selftest_specs(device, gpus, options, data, strategies)
     rows: list[Row] = []
     queued: list[tuple[int, str, RunSpec]] = []
     for spec, label in planned:

@@ -56,12 +56,9 @@ def cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
 )
 def test_bad_submissions_exit_2_name_the_field_and_queue_nothing(engine, args, field, fragment, capsys):
     """In this process, as `python -m runner submit` runs it (main(); the command itself runs in the tests below)."""
-    from runner.__main__ import main
-
-    code = main(["submit", *args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 2, captured.err
-    out = json.loads(captured.out)
+    proc = cli_here(capsys, "submit", *args, "--json")
+    assert proc.returncode == 2, proc.stderr
+    out = json.loads(proc.stdout)
     assert any(p["field"] == field and fragment in p["message"] for p in out["problems"]), out
     assert api.count_runs(engine) == 0
 
@@ -342,14 +339,9 @@ def test_logs_follow_streams_this_machines_rank_log_until_the_run_ends(engine, t
 def test_bad_plan_inputs_exit_2_name_the_flag_without_a_traceback(args, flag, fragment, capsys):
     """In this process (`python -m runner` is main(); an exception would fail the test with its traceback): each
     case named by its flag, code 2. The next test runs the command itself."""
-    from runner.__main__ import main
-
-    try:
-        code = main(["plan", *args])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, err
+    proc = cli_here(capsys, "plan", *args)  # (argparse's own refusals exit: cli_here reads their code)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
     assert any(line.startswith(f"plan: {flag}: ") and fragment in line for line in err.splitlines()), err
 
 

@@ -69,13 +69,14 @@ LLAMA = "llama-tiny"
 LLAMA_REPLICATED_TP = 4
 
 
-def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec, str, str | None]]:
-    """(spec without workload, label, why it cannot run here or None) per registered strategy, and per extra
-    schedule. A layout over several degrees that does not fit drops data parallelism first (3D as 2x2x1 on
-    four GPUs)."""
+def layouts(gpus: int, device: str, options: bool = True,
+            strategies: tuple[str, ...] = ()) -> list[tuple[RunSpec, str, str | None]]:  # fmt: skip
+    """(spec without workload, label, why it cannot run here or None) per registered strategy (those named in
+    `strategies` only, when given), and per extra schedule. A layout over several degrees that does not fit drops
+    data parallelism first (3D as 2x2x1 on four GPUs)."""
     budget = gpus if device == "cuda" else 8  # CPU ranks are processes: the 3D layout of 8 always fits
     rows = []
-    for name in strategy_names():
+    for name in strategies or strategy_names():
         strategy = get_strategy(name)
         fields: dict = {d: max(2, strategy.min_degree.get(d, 2)) for d in strategy.degrees}
         piped = strategy.uses("microbatches") and "pp" in strategy.degrees  # (elsewhere: gradient accumulation)
@@ -105,14 +106,15 @@ def layouts(gpus: int, device: str, options: bool = True) -> list[tuple[RunSpec,
     return rows
 
 
-def selftest_specs(device: str, gpus: int, options: bool = True,
-                   data: str = BASE.data) -> list[tuple[RunSpec | None, str]]:  # fmt: skip
+def selftest_specs(device: str, gpus: int, options: bool = True, data: str = BASE.data,
+                   strategies: tuple[str, ...] = ()) -> list[tuple[RunSpec | None, str]]:  # fmt: skip
     """Every (spec, label) of the self-test on `device` ('cpu' or 'cuda') and `data` (runner/job/corpus.py:
-    synthetic, or stdlib for real text); spec None where skipped.
+    synthetic, or stdlib for real text), of the strategies named in `strategies` (empty: all); spec None where
+    skipped.
     A schedule other than the default (gpipe beside 1f1b) differs only in training, so it is tested there
     alone. CPU layouts do not depend on the core count: an oversubscribed run says so in its result."""
     rows: list[tuple[RunSpec | None, str]] = []
-    for spec, label, reason in layouts(gpus, device, options):
+    for spec, label, reason in layouts(gpus, device, options, strategies):
         for workload in WORKLOADS:
             if workload != "train" and (spec.schedule != BASE.schedule or _is_option_variant(spec)):
                 continue
