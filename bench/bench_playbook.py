@@ -12,7 +12,10 @@ and set against what was measured:
 Each pipeline is cut as nanotron cuts it (`nanotron_cut`: by cost, counting the head, so the first stages hold more
 layers), through the planner's Layout.cut; tensor parallelism across nodes, which the planner refuses as a layout, is
 still predicted here (the runs did it).
-What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
+What the measurements themselves allow is reported beside the targets, never in their place: the fit agreement over
+the configurations whose outcome a memory figure can explain (`memory_cannot_explain`, decided from the measured rows
+alone), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank each
+other. What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
 and micro-batch pass (HOST_COSTS_S, a what-if beside the planner's figure, never part of it).
 
 Assumptions, one for the whole set (the Playbook does not state them), and each alternative reported beside:
@@ -146,6 +149,66 @@ def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
     return out
 
 
+def memory_cannot_explain(rows: list[Row]) -> list[bool]:
+    """For each row, whether its outcome is one no memory figure can explain, whatever the model: it produced no
+    result although every micro-batch size of its layout (model, nodes, tp, pp, dp, ZeRO) failed, or although a run
+    of the same tp, pp and dp that needs no less memory by any count (a micro-batch at least as large, a ZeRO stage
+    no higher) produced one. Decided from the measured rows alone, never from a prediction."""
+
+    def layout(r: Row) -> tuple:
+        return r.model, r.nodes, r.tp, r.pp, r.dp, r.zero
+
+    ran = [r for r in rows if r.tok_s_gpu is not None]
+    layouts_ran = {layout(r) for r in ran}
+
+    def contradicted(r: Row) -> bool:
+        return any((q.model, q.nodes, q.tp, q.pp, q.dp) == (r.model, r.nodes, r.tp, r.pp, r.dp)
+                   and q.mbs >= r.mbs and q.zero <= r.zero for q in ran)  # fmt: skip
+
+    return [r.tok_s_gpu is None and (layout(r) not in layouts_ran or contradicted(r)) for r in rows]
+
+
+@dataclass(frozen=True)
+class Twins:
+    """ZeRO-0 and ZeRO-1 runs of one configuration (model, nodes, tp, pp, dp, micro-batch, accumulation), both
+    with a result: what the planner (ZeRO-1 adds one all-gather of the parameters) and the measurements say of
+    them."""
+
+    pairs: int
+    predicted_range: tuple[float, float]  # predicted tokens/s ZeRO-1 / ZeRO-0, lowest and highest
+    measured_quartiles: tuple[float, float, float]  # measured ZeRO-1 / ZeRO-0: 10th percentile, median, 90th
+    off_25: float  # share of pairs measured more than 25% apart
+    cells: dict  # (model, nodes) -> (pairs, rho of measured ZeRO-0 against ZeRO-1, rho of predicted against it)
+
+
+def zero_twins(results: list[Planned], min_pairs: int = 5) -> Twins | None:
+    """The twins' agreement with each other, the measurements' own ceiling for a rank correlation: within a cell,
+    Spearman's rho of the ZeRO-0 runs' tokens/s against their ZeRO-1 twins' is how well a model that knew the one
+    exactly would rank the other; the planner's rho on the same ZeRO-1 runs stands beside it."""
+    by: dict = defaultdict(dict)
+    for p in results:
+        if p.row.tok_s_gpu and p.tok_s_gpu and p.row.zero in (0, 1):
+            r = p.row
+            by[(r.model, r.nodes, r.tp, r.pp, r.dp, r.mbs, r.grad_acc)][r.zero] = p
+    pairs = [(v[0], v[1]) for v in by.values() if len(v) == 2]
+    if not pairs:
+        return None
+    measured = [b.row.tok_s_gpu / a.row.tok_s_gpu for a, b in pairs]
+    predicted = [b.tok_s_gpu / a.tok_s_gpu for a, b in pairs]
+    cells: dict = defaultdict(list)
+    for a, b in pairs:
+        cells[(a.row.model, a.row.nodes)].append((a, b))
+    rho = {}
+    for key, twins in sorted(cells.items()):
+        if len(twins) >= min_pairs:
+            ones = [b.row.tok_s_gpu for _, b in twins]
+            rho[key] = (len(twins), spearman([a.row.tok_s_gpu for a, _ in twins], ones),
+                        spearman([b.tok_s_gpu for _, b in twins], ones))  # fmt: skip
+    off = sum(1 for m in measured if not 0.8 <= m <= 1.25) / len(measured)
+    return Twins(len(pairs), (min(predicted), max(predicted)),
+                 (percentile(measured, 0.1), statistics.median(measured), percentile(measured, 0.9)), off, rho)  # fmt: skip
+
+
 def layout_failures(results: list[Planned]) -> tuple[int, float]:
     """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
     dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
@@ -171,6 +234,8 @@ class Summary:
     rho_median: float
     measured: int  # planned runs with a memory figure
     by_degree: dict  # ("tp" | "pp", degree) -> median signed memory error
+    explained: int  # planned configurations whose outcome a memory figure can explain (memory_cannot_explain)
+    explained_agreement: float  # the fit agreement over those
 
 
 def summarize(results: list[Planned], unit: float) -> Summary:
@@ -186,6 +251,9 @@ def summarize(results: list[Planned], unit: float) -> Summary:
     for p in laid:
         counts[(p.fits, p.row.tok_s_gpu is not None)] += 1
     agree = counts[(True, True)] + counts[(False, False)]
+    unexplained = memory_cannot_explain([p.row for p in results])
+    kept = [p for p, u in zip(results, unexplained, strict=True) if p.memory is not None and not u]
+    kept_agree = sum(1 for p in kept if p.fits == (p.row.tok_s_gpu is not None))
     cells: dict = defaultdict(list)
     for p in laid:
         if p.row.tok_s_gpu is not None:
@@ -194,7 +262,8 @@ def summarize(results: list[Planned], unit: float) -> Summary:
     valid = [r for r in rho.values() if r is not None]
     return Summary(len(laid), len(results) - len(laid), statistics.median(absolute), percentile(absolute, 0.9),
                    statistics.median(errors), agree / len(laid), dict(counts), rho, statistics.median(valid) if valid else float("nan"),
-                   len(errors), {k: statistics.median(v) for k, v in sorted(grouped.items())})  # fmt: skip
+                   len(errors), {k: statistics.median(v) for k, v in sorted(grouped.items())},
+                   len(kept), kept_agree / len(kept) if kept else float("nan"))  # fmt: skip
 
 
 def report(
@@ -217,7 +286,10 @@ def report(
         f"{main.fit_counts.get((False, False), 0)}, fits but no result {main.fit_counts.get((True, False), 0)}, "
         f"does not fit but ran {main.fit_counts.get((False, True), 0)}. Of the {main.fit_counts.get((True, False), 0)} "
         f"said to fit without a result, {lost} belong to layouts none of whose micro-batch sizes produced a result, "
-        f"predicted at a median {lost_gib:.0f} GiB of the 80: failures no memory figure explains.",
+        f"predicted at a median {lost_gib:.0f} GiB of the 80: failures no memory figure explains. Leaving out every "
+        f"configuration whose outcome no memory figure can explain, decided from the measurements alone "
+        f"(`memory_cannot_explain`: its whole layout failed, or a run needing no less memory ran), the agreement "
+        f"over the other {main.explained} is {main.explained_agreement:.1%}.",
         f"- Throughput ranks: Spearman's rho of predicted against measured tokens/s per GPU, median over the "
         f"{len(main.rho)} (model, nodes) cells {main.rho_median:.2f} (target >= 0.7): "
         + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items())
@@ -234,6 +306,22 @@ def report(
     met = main.memory_median <= 0.10 and main.fit_agreement >= 0.90 and main.rho_median >= 0.7
     degrees = "; ".join(f"{name} {d}: {e:+.0%}" for (name, d), e in main.by_degree.items())
     lines += ["", f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}."]
+    twins = zero_twins(results)
+    if twins:
+        lo, mid, hi = twins.measured_quartiles
+        ceiling = [c[1] for c in twins.cells.values() if c[1] is not None]
+        ours = [c[2] for c in twins.cells.values() if c[2] is not None]
+        lines.append(
+            f"How far the throughput figures agree with themselves: {twins.pairs} configurations ran both at ZeRO-0 and "
+            f"at ZeRO-1 (the same model, nodes, layout, micro-batch and accumulation). The planner puts each pair within "
+            f"{twins.predicted_range[0]:.2f}..{twins.predicted_range[1]:.2f} of each other (ZeRO-1 adds one all-gather); "
+            f"measured, ZeRO-1 / ZeRO-0 has median {mid:.2f} but 10th and 90th percentiles {lo:.2f} and {hi:.2f}, and "
+            f"{twins.off_25:.0%} of the pairs are more than 25% apart. Within each cell of at least 5 pairs, Spearman's "
+            "rho of the ZeRO-0 runs against their ZeRO-1 twins (how well knowing one run exactly ranks its twin) and "
+            "the planner's rho on the same ZeRO-1 runs: "
+            + ", ".join(f"{m} x{n} {c[1]:.2f} / {c[2]:.2f}" for (m, n), c in twins.cells.items()
+                        if c[1] is not None and c[2] is not None)
+            + f"; medians {statistics.median(ceiling):.2f} / {statistics.median(ours):.2f}.")  # fmt: skip
     pair = tp8_pair(results)
     if pair:
         small, large = pair

@@ -77,6 +77,29 @@ def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
     assert s.memory_median == abs(planned[0].memory / (36.7 * 2**30) - 1)
 
 
+def test_the_playbook_benchmark_sets_aside_failures_no_memory_figure_explains(tmp_path):
+    # One layout (1B on a node, dp 8): micro-batch 1 failed while 2 ran at ZeRO-0 and 2 ran at ZeRO-1, so neither
+    # micro-batch 1 failure is a memory one; micro-batch 4 failed above a 2 that ran: memory can explain it. A layout
+    # none of whose micro-batches ran (tp 2 x dp 4) cannot be told apart from a broken launch.
+    from bench.bench_playbook import memory_cannot_explain, plan_row, read_rows, zero_twins
+
+    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
+    csv = tmp_path / "runs.csv"
+    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
+                   "1B,1,8,8,1,1,0,2,16,256,4096,38.3,39000,50.0\n"
+                   "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
+                   "1B,1,8,8,1,1,1,1,32,256,4096,,,\n"
+                   "1B,1,8,8,1,1,1,2,16,256,4096,20.0,19500,45.0\n"
+                   "1B,1,8,4,2,1,0,1,64,256,4096,,,\n")  # fmt: skip
+    rows = read_rows(csv)
+    assert memory_cannot_explain(rows) == [True, False, False, True, False, True]
+    twins = zero_twins([plan_row(r, 131072, "none") for r in rows], min_pairs=1)
+    # the one pair with a result on both sides (micro-batch 2) measured 19,500 / 39,000 = 0.5: more than 25% apart
+    assert twins.pairs == 1 and twins.measured_quartiles == (0.5, 0.5, 0.5) and twins.off_25 == 1.0
+    # the planner's ZeRO-1 adds an all-gather and steps an eighth of the optimizer: a few percent either way
+    assert 0.9 < twins.predicted_range[0] == twins.predicted_range[1] < 1.1
+
+
 def test_nanotron_cuts_the_playbook_models_by_cost_counting_the_head():
     """1B: a layer costs 4 h^2 + 3 h f = 2^24 + 3 * 2^24 = 2^26, the head V h = 2^17 * 2^11 = 2^28, four layers' worth:
     20 layers' worth in all. Over 4 stages each share is 5 layers' worth; a rank takes blocks until the running cost
