@@ -37,6 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runner.gpt.config import PRESETS, GPTConfig
+from runner.gpt.rotary import Rotary, rotary_heads
+from runner.gpt.swiglu import swiglu
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "Shard", "WholeVocabulary", "cut_stage", "greedy_generate",
            "init_parameter", "materialize", "shard_of"]  # fmt: skip
@@ -132,54 +134,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
 
 
-def rotary_frequencies(config: GPTConfig) -> torch.Tensor:
-    """The head_dim / 2 rotary frequencies theta^(-2i/d), float32, with Llama 3.1's rescaling if configured
-    (computed as Hugging Face does, so cos and sin agree to the bit)."""
-    d = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = config.rope_scaling
-    if sc is None:
-        return inv_freq
-    low_wavelen = sc.original_max_position / sc.low_freq_factor
-    high_wavelen = sc.original_max_position / sc.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / sc.factor, inv_freq)
-    smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (sc.high_freq_factor - sc.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
-    return torch.where(medium, smoothed, scaled)
-
-
-class Rotary:
-    """Rotary position embedding (Su et al. 2021) in Hugging Face's layout: a head's first and second halves
-    are the two coordinates of each rotated pair. Not a module: it holds no parameters or state to save, only
-    the cos and sin of the last positions asked for, shared by every layer of one forward."""
-
-    def __init__(self, config: GPTConfig):
-        self.config = config
-        self._inv_freq: torch.Tensor | None = None
-        self._last: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def cos_sin(self, start: int, t: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (start, t, like.device, like.dtype)
-        if self._last is not None and self._last[0] == key:
-            return self._last[1]
-        if self._inv_freq is None:
-            self._inv_freq = rotary_frequencies(self.config)
-        pos = torch.arange(start, start + t, device=like.device, dtype=torch.float32)
-        freqs = pos[:, None] * self._inv_freq.to(like.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos_sin = (emb.cos().to(like.dtype), emb.sin().to(like.dtype))
-        self._last = (key, cos_sin)
-        return cos_sin
-
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, heads, T, d] rotated by the angles of its positions."""
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
-
 class CausalSelfAttention(nn.Module):
     """c_attn's output is [Q | K | V] of widths `c_attn.parts` (what this c_attn holds: a tensor-parallel one
     records the widths of its heads); heads and positions are read from them, so an attention whose c_attn
@@ -198,10 +152,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerKVCache | None = None) -> torch.Tensor:
         qkv = self.c_attn(x)
         b, t, _ = qkv.shape  # not x's: a sequence-parallel c_attn gathers the sequence on the way in
-        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.split(self.c_attn.parts, dim=-1))
         if self.rotary is not None:  # positions continue after what the cache holds
             cos, sin = self.rotary.cos_sin(0 if cache is None else cache.length, t, x)
-            q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+            q, k, v = rotary_heads(qkv, self.c_attn.parts, self.head_dim, cos, sin)
+            del qkv  # nothing else holds it: freed before the attention runs (runner/gpt/rotary.py)
+        else:
+            q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.split(self.c_attn.parts, dim=-1))
         if cache is not None:
             k, v = cache.append(k, v)
         y = attend(q, k, v).transpose(1, 2).reshape(b, t, -1)
@@ -222,8 +178,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
-            gate, up = self.c_fc(x).chunk(2, dim=-1)
-            return self.c_proj(F.silu(gate) * up)
+            return self.c_proj(swiglu(self.c_fc(x)))
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 

@@ -54,9 +54,10 @@ so by default (`Workload.attention = "sdpa"`) the planner counts what our block 
 c_fc inputs at the compute width w_c (whole under tensor parallelism), and split over t: q, k, v, the attention
 output (which is c_proj's input: reshaping the kernel's transposed output is a view, no copy), GELU's input and
 output, 12 values -- s*b*h*(2w_r + 2w_c + 12w_c/t), all over t under sequence parallelism. A Llama block saves,
-per token, the same norm and projection inputs and, split over t: c_attn's whole output (v is a view of it),
-the rotated q and k (new tensors), the attention output, and SwiGLU's c_fc output (gate and up, 2f), silu(gate)
-and its product with up (f each): (q + 2kv) + q + kv + q + 4f values with the rank's widths q, kv, f
+per token, the same norm and projection inputs and, split over t: the rotated q and k and a copy of v (c_attn's
+output itself is freed once its heads are read: runner/gpt/rotary.py), the attention output, and SwiGLU's c_fc
+output (gate and up, 2f), silu(gate) and its product with up (f each): q + 2kv + q + 4f values with the rank's
+widths q, kv, f
 (`saved_split_values`; the rotary cos and sin are [s, head_dim], shared by the layers, left out); and each of its
 RMSNorms (x * rsqrt(mean x^2) * weight, not a fused kernel) keeps its normalized input for the weight's gradient
 beside the input itself: 4 values at the residual width where LayerNorm keeps 2. At 16 bits and t = 1
@@ -198,11 +199,11 @@ def layer_activation_bytes(
 
 def saved_split_values(cfg: GPTConfig, tp: int = 1) -> int:
     """Values a token of one block saves inside the parallel region on a tensor-parallel rank (module docstring):
-    GPT-2 q, k, v (c_attn's output), the attention output, GELU's input and output; Llama c_attn's output, the
-    rotated q and k, the attention output, SwiGLU's c_fc output, silu(gate) and the product."""
+    GPT-2 q, k, v (c_attn's output), the attention output, GELU's input and output; Llama the rotated q and k, v's
+    copy, the attention output, SwiGLU's c_fc output, silu(gate) and the product."""
     q, kv, f = tp_widths(cfg, tp)
     if cfg.is_llama:
-        return (q + 2 * kv) + q + kv + q + 4 * f
+        return q + 2 * kv + q + 4 * f
     return (q + 2 * kv) + q + 2 * f
 
 
