@@ -97,8 +97,9 @@ class LayerKVCache:
     v: torch.Tensor | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # The first keys and values are copied: as given they are views of c_attn's output, whose storage holds the
-        # queries too, and a cache of views would keep that 3h-wide tensor alive for 2h of content.
+        # The first keys and values are made contiguous: GPT-2's are views of c_attn's output, whose storage holds
+        # the queries too, and a cache of views would keep that 3h-wide tensor alive for 2h of content (Llama's
+        # rotated keys are new tensors in c_attn's layout, its values already a contiguous copy).
         self.k = k.contiguous() if self.k is None else torch.cat([self.k, k], dim=2)
         self.v = v.contiguous() if self.v is None else torch.cat([self.v, v], dim=2)
         return self.k, self.v
