@@ -150,7 +150,7 @@ def section(res: dict, settings: dict, quick: bool) -> str:
     lines += ["", *sentences, "", *machine_lines(), f"- transformers {transformers.__version__}", ""]
     lines.append(
         "What differs in the work: ours runs Q, K and V as one matmul and SwiGLU's gate and up as another, where "
-        "transformers runs five, and its rotary heads and SwiGLU product are autograd functions whose backward "
+        "transformers runs five, and our rotary heads and SwiGLU product are autograd functions whose backward "
         "writes the stacked gradient in place (runner/gpt/rotary.py, swiglu.py) where autograd concatenates; both "
         "pass the key/value heads to SDPA ungrouped (`enable_gqa`, no mask)."
     )

@@ -100,6 +100,11 @@ class Row:
     tok_s_gpu: float | None
     mem_gb: float | None
 
+    @property
+    def layout(self) -> tuple:
+        """(model, nodes, tp, pp, dp, ZeRO): the configuration less its micro-batch."""
+        return self.model, self.nodes, self.tp, self.pp, self.dp, self.zero
+
 
 def read_rows(path: Path) -> list[Row]:
     def num(text: str) -> float | None:
@@ -155,17 +160,16 @@ def memory_cannot_explain(rows: list[Row]) -> list[bool]:
     of the same tp, pp and dp that needs no less memory by any count (a micro-batch at least as large, a ZeRO stage
     no higher) produced one. Decided from the measured rows alone, never from a prediction."""
 
-    def layout(r: Row) -> tuple:
-        return r.model, r.nodes, r.tp, r.pp, r.dp, r.zero
-
-    ran = [r for r in rows if r.tok_s_gpu is not None]
-    layouts_ran = {layout(r) for r in ran}
+    ran: dict = defaultdict(list)  # (model, nodes, tp, pp, dp) -> the runs with a result
+    for r in rows:
+        if r.tok_s_gpu is not None:
+            ran[r.layout[:5]].append(r)
+    layouts_ran = {q.layout for runs in ran.values() for q in runs}
 
     def contradicted(r: Row) -> bool:
-        return any((q.model, q.nodes, q.tp, q.pp, q.dp) == (r.model, r.nodes, r.tp, r.pp, r.dp)
-                   and q.mbs >= r.mbs and q.zero <= r.zero for q in ran)  # fmt: skip
+        return any(q.mbs >= r.mbs and q.zero <= r.zero for q in ran[r.layout[:5]])
 
-    return [r.tok_s_gpu is None and (layout(r) not in layouts_ran or contradicted(r)) for r in rows]
+    return [r.tok_s_gpu is None and (r.layout not in layouts_ran or contradicted(r)) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -212,12 +216,8 @@ def zero_twins(results: list[Planned], min_pairs: int = 5) -> Twins | None:
 def layout_failures(results: list[Planned]) -> tuple[int, float]:
     """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
     dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
-
-    def layout(r: Row) -> tuple:
-        return r.model, r.nodes, r.tp, r.pp, r.dp, r.zero
-
-    ran = {layout(p.row) for p in results if p.row.tok_s_gpu}
-    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None and layout(p.row) not in ran]
+    ran = {p.row.layout for p in results if p.row.tok_s_gpu}
+    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None and p.row.layout not in ran]
     return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from runner.gpt.model import GPT, PRESETS
-from runner.gpt.rotary import _heads, rotary_heads, rotate
+from runner.gpt.rotary import rotary_heads, rotate, split_heads
 from runner.gpt.swiglu import swiglu
 
 PARTS, HEAD = (64, 32, 32), 16  # 4 query heads over 2 key/value heads of 16
 
 
 def _op_by_op_heads(qkv, cos, sin):
-    q, k, v = _heads(qkv, PARTS, HEAD)
+    q, k, v = split_heads(qkv, PARTS, HEAD)
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
@@ -66,7 +66,7 @@ def test_a_float32_rotation_of_bfloat16_heads_rounds_its_gradient_once():
     torch.autograd.backward(_op_by_op_heads(qkv, cos, sin), grads)
     half = HEAD // 2
     bound = torch.zeros(2, 5, sum(PARTS))  # v's gradient is copied, rounded once by both: bound 0
-    for g, slot in zip(grads[:2], _heads(bound, PARTS, HEAD)[:2], strict=True):
+    for g, slot in zip(grads[:2], split_heads(bound, PARTS, HEAD)[:2], strict=True):
         swapped = torch.cat((g[..., half:], g[..., :half]), dim=-1) * torch.cat((sin[..., half:], sin[..., :half]), -1)
         slot.copy_((g * cos).abs() + swapped.abs())
     assert ((ours_grad - qkv.grad.float()).abs() <= 2**-6 * bound).all()

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runner.gpt.config import PRESETS, GPTConfig
-from runner.gpt.rotary import Rotary, rotary_heads
+from runner.gpt.rotary import Rotary, rotary_heads, split_heads
 from runner.gpt.swiglu import swiglu
 
 __all__ = ["GPT", "GPTConfig", "PRESETS", "KVCache", "Shard", "WholeVocabulary", "cut_stage", "greedy_generate",
@@ -158,7 +158,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = rotary_heads(qkv, self.c_attn.parts, self.head_dim, cos, sin)
             del qkv  # nothing else holds it: freed before the attention runs (runner/gpt/rotary.py)
         else:
-            q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in qkv.split(self.c_attn.parts, dim=-1))
+            q, k, v = split_heads(qkv, self.c_attn.parts, self.head_dim)
         if cache is not None:
             k, v = cache.append(k, v)
         y = attend(q, k, v).transpose(1, 2).reshape(b, t, -1)

@@ -83,7 +83,7 @@ def _unrotate_into(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out
         out.copy_(target)
 
 
-def _heads(stacked: torch.Tensor, parts: tuple[int, int, int], head_dim: int) -> list[torch.Tensor]:
+def split_heads(stacked: torch.Tensor, parts: tuple[int, int, int], head_dim: int) -> list[torch.Tensor]:
     """Views [B, heads, T, head_dim] of Q, K and V in `stacked` [B, T, q + 2 kv]."""
     b, t, _ = stacked.shape
     return [z.view(b, t, -1, head_dim).transpose(1, 2) for z in stacked.split(parts, dim=-1)]
@@ -92,7 +92,7 @@ def _heads(stacked: torch.Tensor, parts: tuple[int, int, int], head_dim: int) ->
 class _RotaryHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, parts, head_dim):
-        q, k, v = _heads(qkv, parts, head_dim)
+        q, k, v = split_heads(qkv, parts, head_dim)
         ctx.save_for_backward(cos, sin)
         ctx.parts, ctx.head_dim, ctx.shape, ctx.dtype = parts, head_dim, qkv.shape, qkv.dtype
         return rotate(q, cos, sin), rotate(k, cos, sin), v.contiguous()
@@ -102,7 +102,7 @@ class _RotaryHeads(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         whole = grad_q is not None and grad_k is not None and grad_v is not None  # else the missing ones are 0
         out = (torch.empty if whole else torch.zeros)(ctx.shape, dtype=ctx.dtype, device=cos.device)
-        slot_q, slot_k, slot_v = _heads(out, ctx.parts, ctx.head_dim)
+        slot_q, slot_k, slot_v = split_heads(out, ctx.parts, ctx.head_dim)
         for grad, slot in ((grad_q, slot_q), (grad_k, slot_k)):
             if grad is not None:
                 _unrotate_into(grad, cos, sin, slot)
