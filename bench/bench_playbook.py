@@ -3,10 +3,15 @@ nodes of 8 H100 80GB; ../shared/reference/playbook/README.md says what is known 
 
 Every configuration is planned as it ran (its tp, pp, dp, ZeRO stage, micro-batch size and gradient accumulation)
 and set against what was measured:
-- memory: the predicted peak of the busiest rank against the figure's peak GPU memory, median and 90th-percentile
-  error over the runs with a result;
+- memory: the predicted peak of world rank 0 (pipeline stage 0) against the figure's peak GPU memory, median and
+  90th-percentile error over the runs with a result. The figure is rank 0's: the sweep wrote its results through
+  nanotron's benchmark CSV (scripts/scaling_benchmarks.py sets benchmark_csv_path; src/nanotron/helpers.py at
+  e24d2483, log_throughput, line 674: world rank 0 writes, after iteration 3), whose two memory columns are
+  torch.cuda.max_memory_allocated() and max_memory_reserved() divided by 1024**3 (lines 609-610): GiB, labelled
+  GB. Which of the two the Playbook's figure shows is not stated (reserved is the larger);
 - fit: whether the planner says the configuration fits in the 80 GB (less its reserve) against whether the run
-  produced a result (a run without one is read as out of memory);
+  produced a result (a run without one is read as out of memory): the busiest rank's peak, since any rank's out
+  of memory ends the run;
 - throughput: Spearman's rank correlation of predicted against measured tokens/s per GPU within each (model, nodes)
   cell, over its runs with a result.
 Each pipeline is cut as nanotron cuts it (`nanotron_cut`: by cost, counting the head, so the first stages hold more
@@ -15,12 +20,14 @@ still predicted here (the runs did it).
 What the measurements themselves allow is reported beside the targets, never in their place: the fit agreement over
 the configurations whose outcome a memory figure can explain (`memory_cannot_explain`, decided from the measured rows
 alone), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank each
-other. What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
+other. Where the memory miss lies is shown by differences within a layout (`growth_per_sequence`: the measured
+growth from one micro-batch size to the next against the predicted, which the states and fixed costs cancel out
+of). What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
 and micro-batch pass (HOST_COSTS_S, a what-if beside the planner's figure, never part of it).
 
 Assumptions, one for the whole set (the Playbook does not state them), and each alternative reported beside:
 vocabulary 131,072 (alternative 32,768: nanotron's scaling script's two candidates); no activation recomputation
-(alternative: every block); the peak memory figure in GiB (alternative: GB); bf16 weights with float32 master weights
+(alternative: every block); bf16 weights with float32 master weights
 and AdamW state, gradients reduced in float32 (dtype bf16-master, reduce_fp32: the script's bf16 training with float32
 gradient accumulation); its persistent float32 gradient buffer, which our engine does not keep, is added to each
 predicted peak, 4 bytes a parameter the rank holds (FP32_GRAD_BUFFER); sequence parallelism wherever tp > 1 (the
@@ -33,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import sys
 from collections import defaultdict
@@ -45,7 +53,8 @@ from bench.results import REPO, write_section  # noqa: E402
 from runner.gpt.config import GPTConfig  # noqa: E402
 from runner.job.metrics import percentile, spearman  # noqa: E402
 from runner.planner.devices import GiB, preset  # noqa: E402
-from runner.planner.layouts import evaluate  # noqa: E402
+from runner.planner.layouts import evaluate, on_devices  # noqa: E402
+from runner.planner.memory import RankMemory, rank_memory  # noqa: E402
 from runner.planner.models import Layout, Workload  # noqa: E402
 
 CSV = REPO.parent / "shared" / "reference" / "playbook" / "measured-1b-8b.csv"
@@ -119,8 +128,8 @@ def read_rows(path: Path) -> list[Row]:
 @dataclass(frozen=True)
 class Planned:
     row: Row
-    memory: float | None  # predicted peak bytes of the busiest rank; None where the layout cannot be cut
-    fits: bool | None
+    memory: float | None  # predicted peak bytes of world rank 0 (the figure's rank); None where it cannot be cut
+    fits: bool | None  # whether the busiest rank's predicted peak fits
     tok_s_gpu: float | None
     step_s: float = 0.0  # predicted step time
     layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
@@ -132,14 +141,19 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
     work = Workload(batch=row.mbs * row.grad_acc * row.dp, seq=row.seq, dtype="bf16-master", reduce_fp32=True,
                     checkpoint=checkpoint, microbatch_size=row.mbs, sequence_parallel=row.tp > 1)  # fmt: skip
     devices = preset("h100-80gb", row.nodes * 8, 8)
-    c = evaluate(cfg, Layout(row.tp, row.pp, row.dp, row.zero, cut), work, devices)
+    layout = Layout(row.tp, row.pp, row.dp, row.zero, cut)
+    c = evaluate(cfg, layout, work, devices)
     if c.memory is None or c.step is None:
         return Planned(row, None, None, None)
     tokens = work.batch * row.seq / c.step.total / devices.count
-    # the runs' float32 gradient accumulation buffer beside the bfloat16 gradients, every step (module docstring)
-    peak = c.memory.total + FP32_GRAD_BUFFER * c.memory.param_count
+    first = rank_memory(cfg, layout, on_devices(work, devices), 0) if row.pp > 1 else c.memory
+
+    def peak(m: RankMemory) -> int:
+        # the runs' float32 gradient accumulation buffer beside the bfloat16 gradients, every step (module docstring)
+        return m.total + FP32_GRAD_BUFFER * m.param_count
+
     passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
-    return Planned(row, peak, peak <= devices.usable_bytes, tokens, c.step.total, passes)
+    return Planned(row, peak(first), peak(c.memory) <= devices.usable_bytes, tokens, c.step.total, passes)
 
 
 def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
@@ -213,6 +227,25 @@ def zero_twins(results: list[Planned], min_pairs: int = 5) -> Twins | None:
                  (percentile(measured, 0.1), statistics.median(measured), percentile(measured, 0.9)), off, rho)  # fmt: skip
 
 
+def growth_per_sequence(results: list[Planned]) -> dict[int, tuple[int, float]]:
+    """How the measured peak grows with the micro-batch against how the predicted one grows, by tp: for each layout
+    (model, nodes, tp, pp, dp, ZeRO) and each two neighbouring micro-batch sizes of it that both produced a figure,
+    (measured difference) / (predicted difference); per tp, the pairs and their median. What the states and any
+    fixed cost add cancels in the difference, so this separates a miss in the bytes a sequence adds (activations,
+    logits) from a fixed one."""
+    by: dict = defaultdict(list)
+    for p in results:
+        if p.row.mem_gb and p.memory is not None:
+            by[p.row.layout].append(p)
+    ratios: dict = defaultdict(list)
+    for runs in by.values():
+        runs.sort(key=lambda p: p.row.mbs)
+        for a, b in itertools.pairwise(runs):
+            if b.row.mbs > a.row.mbs and b.memory > a.memory:
+                ratios[a.row.tp].append((b.row.mem_gb - a.row.mem_gb) * GiB / (b.memory - a.memory))
+    return {tp: (len(v), statistics.median(v)) for tp, v in sorted(ratios.items())}
+
+
 def layout_failures(results: list[Planned]) -> tuple[int, float]:
     """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
     dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
@@ -238,14 +271,14 @@ class Summary:
     explained_agreement: float  # the fit agreement over those
 
 
-def summarize(results: list[Planned], unit: float) -> Summary:
+def summarize(results: list[Planned]) -> Summary:
     laid = [p for p in results if p.memory is not None]
-    errors = [p.memory / (p.row.mem_gb * unit) - 1 for p in laid if p.row.mem_gb]
+    errors = [p.memory / (p.row.mem_gb * GiB) - 1 for p in laid if p.row.mem_gb]
     grouped: dict = defaultdict(list)
     for p in laid:
         if p.row.mem_gb:
             for name in ("tp", "pp"):
-                grouped[(name, getattr(p.row, name))].append(p.memory / (p.row.mem_gb * unit) - 1)
+                grouped[(name, getattr(p.row, name))].append(p.memory / (p.row.mem_gb * GiB) - 1)
     absolute = [abs(e) for e in errors]
     counts: dict = defaultdict(int)
     for p in laid:
@@ -297,7 +330,7 @@ def report(
         "",
         "| assumption changed | memory median abs err | p90 | signed median | fit agreement | median rho |",
         "|---|---|---|---|---|---|",
-        f"| none (vocabulary 131,072, no recomputation, GiB) | {main.memory_median:.1%} | {main.memory_p90:.1%} | "
+        f"| none (vocabulary 131,072, no recomputation) | {main.memory_median:.1%} | {main.memory_p90:.1%} | "
         f"{main.memory_bias:+.1%} | {main.fit_agreement:.1%} | {main.rho_median:.2f} |",
     ]
     for name, s in alternatives.items():
@@ -305,7 +338,16 @@ def report(
                      f"{s.fit_agreement:.1%} | {s.rho_median:.2f} |")  # fmt: skip
     met = main.memory_median <= 0.10 and main.fit_agreement >= 0.90 and main.rho_median >= 0.7
     degrees = "; ".join(f"{name} {d}: {e:+.0%}" for (name, d), e in main.by_degree.items())
-    lines += ["", f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}."]
+    growth = growth_per_sequence(results)
+    lines += [
+        "",
+        f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}.",
+        "Where the memory miss lies: within a layout, from one micro-batch size to the next that ran, the measured "
+        "growth of the peak over the predicted growth, median by tp: "
+        + ", ".join(f"tp {tp} {r:.2f} ({n} pairs)" for tp, (n, r) in growth.items())
+        + ". The states and any fixed cost cancel in these differences: a ratio above 1 is bytes each sequence "
+        "adds that the count misses.",
+    ]
     twins = zero_twins(results)
     if twins:
         lo, mid, hi = twins.measured_quartiles
@@ -352,13 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     main_run = [plan_row(r, 131072, "none") for r in rows]
     small_vocab = [plan_row(r, 32768, "none") for r in rows]
     recompute = [plan_row(r, 131072, "blocks") for r in rows]
-    summary = summarize(main_run, GiB)
+    summary = summarize(main_run)
     alternatives = {
-        "vocabulary 32,768": summarize(small_vocab, GiB),
-        "every block recomputed": summarize(recompute, GiB),
-        "memory figure in GB (1e9)": summarize(main_run, 1e9),
+        "vocabulary 32,768": summarize(small_vocab),
+        "every block recomputed": summarize(recompute),
     }
-    what_if = {t: summarize(with_host_cost(main_run, t), GiB) for t in HOST_COSTS_S}
+    what_if = {t: summarize(with_host_cost(main_run, t)) for t in HOST_COSTS_S}
     text = report(summary, alternatives, main_run, what_if)
     print(text)
     write_section(HEADING, text, args.results)

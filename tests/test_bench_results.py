@@ -71,7 +71,7 @@ def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
     rows = read_rows(csv)
     planned = [plan_row(r, 131072, "none") for r in rows]
     assert [p.fits for p in planned] == [True, True, False, True]
-    s = summarize(planned, 2**30)
+    s = summarize(planned)
     assert (s.planned, s.cut, s.measured) == (4, 0, 1)
     assert s.fit_counts == {(True, True): 1, (True, False): 2, (False, False): 1} and s.fit_agreement == 2 / 4
     assert s.memory_median == abs(planned[0].memory / (36.7 * 2**30) - 1)
@@ -111,3 +111,37 @@ def test_nanotron_cuts_the_playbook_models_by_cost_counting_the_head():
     assert nanotron_cut(one_b, 4) == (6, 5, 5, 0)
     assert nanotron_cut(one_b, 2) == (11, 5)
     assert nanotron_cut(one_b, 32) == (1,) * 16 + (0,) * 16  # a share below one layer: one layer a stage
+
+
+def test_the_playbook_memory_is_rank_0s_and_the_fit_the_busiest_ranks(tmp_path):
+    """nanotron writes world rank 0's peak (pipeline stage 0): a measured 1B run on 2 stages, one micro-batch of 8
+    sequences, against stage 0's prediction, whose 11 layers hold the micro-batch; the last stage's 5 layers hold it
+    too, and its head's float32 logits (8 x 4096 x 131072 x 4 bytes = 16 GiB, and their gradient) make it the
+    busiest rank, which alone decides the fit: at 10 sequences it no longer fits, though stage 0 would."""
+    from bench.bench_playbook import plan_row, read_rows
+
+    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
+    csv = tmp_path / "runs.csv"
+    csv.write_text(header + "1B,4,32,16,1,2,1,8,1,128,4096,22.0,19338,41.3\n"
+                   "1B,4,32,16,1,2,1,10,1,160,4096,,,\n")  # fmt: skip
+    measured, larger = (plan_row(r, 131072, "none") for r in read_rows(csv))
+    assert abs(measured.memory / (41.3 * 2**30) - 1) < 0.1 and measured.fits
+    assert larger.memory < 78 * 2**30 and not larger.fits
+
+
+def test_the_playbook_growth_per_sequence_compares_differences_within_a_layout(tmp_path):
+    """1B on a node at dp 8: 1 and 2 sequences a micro-batch ran at 36.7 and 50.2 GiB (the CSV's rows; the second ran
+    at dp 64, the same per-rank work at ZeRO-0), 13.5 GiB for the added sequence. The planner adds one sequence's
+    activations and logits, about 12.6 GiB at tp 1: a ratio near 1, and one pair. A run without a figure and a run
+    of another layout make no pair."""
+    from bench.bench_playbook import growth_per_sequence, plan_row, read_rows
+
+    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
+    csv = tmp_path / "runs.csv"
+    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
+                   "1B,1,8,8,1,1,0,2,16,256,4096,49.0,50000,50.2\n"
+                   "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
+                   "1B,1,8,4,2,1,0,1,64,256,4096,19.7,20000,19.5\n")  # fmt: skip
+    growth = growth_per_sequence([plan_row(r, 131072, "none") for r in read_rows(csv)])
+    assert list(growth) == [1] and growth[1][0] == 1
+    assert 1.0 < growth[1][1] < 1.15
