@@ -75,7 +75,8 @@ def expected_train_comm(style: str, tp: int) -> tuple[dict[str, int], dict[str, 
     Layers (the theory): megatron, 2 all-reduces of b*s*h forward (attention and MLP outputs) and 2
     backward (the gradients of their inputs, at copy_to_parallel_region). gather: attention all-gathers
     its heads forward (output b*s*h) instead of all-reducing. sequence_parallel: every all-reduce
-    becomes a reduce-scatter of b*s*h + an all-gather back to b*s*h.
+    becomes a reduce-scatter of b*s*h + an all-gather back to b*s*h, and the 2L + 1 column-parallel layers
+    (c_attn, c_fc, the head) gather their input again in the backward, having kept only their seq/tp positions.
     Around the layers: the embedding's forward reduction, the LM head input's backward reduction, the
     loss's 3 all-reduces of one float per token (max, sum of exponentials, target logit), and under
     sequence parallelism the position embedding's backward all-gather ([1, s/tp, h]) and one all-reduce
@@ -94,8 +95,9 @@ def expected_train_comm(style: str, tp: int) -> tuple[dict[str, int], dict[str, 
         nbytes["all_reduce"] = (3 * L + 2) * ACT + loss_bytes
     else:
         calls["reduce_scatter"], nbytes["reduce_scatter"] = 4 * L + 2, (4 * L + 2) * ACT
-        calls["all_gather"] = 4 * L + 2 + 1
-        nbytes["all_gather"] = (4 * L + 2) * ACT + S * H * 4
+        regathers = 2 * L + 1
+        calls["all_gather"] = 4 * L + 2 + regathers + 1
+        nbytes["all_gather"] = (4 * L + 2 + regathers) * ACT + S * H * 4
         replicated_grads = (L * 6 * H + 2 * H) * 4
         calls["all_reduce"], nbytes["all_reduce"] = loss_calls + 1, loss_bytes + replicated_grads
     return calls, nbytes
@@ -130,7 +132,10 @@ def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style
             assert wire["all_reduce"] - STEPS * loss_wire == STEPS * activations_wire
         if style == "sequence_parallel":
             positions_wire = ring("all_gather", S * H * 4, tp)  # the position embedding's gradient
-            assert wire["reduce_scatter"] + wire["all_gather"] - STEPS * positions_wire == STEPS * activations_wire
+            # the backward's re-gathers of the column-parallel inputs are the price of keeping 1/tp of them
+            regathers_wire = ring("all_gather", (2 * L + 1) * ACT, tp)
+            extra = positions_wire + regathers_wire
+            assert wire["reduce_scatter"] + wire["all_gather"] - STEPS * extra == STEPS * activations_wire
 
 
 @pytest.mark.parametrize(("tp", "kv"), [(2, "split"), (4, "replicated")])

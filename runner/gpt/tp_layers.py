@@ -86,6 +86,13 @@ class TPState:
         """Into a parallel region, where every rank needs the whole input."""
         return gather_from_sequence(x, self.comm) if self.sequence_sharded else copy_to_parallel_region(x, self.comm)
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b with x entering the region: under sequence parallelism only this rank's positions are kept for
+        the backward (`_SequenceGatheredLinear`), else the whole input, as F.linear keeps it."""
+        if self.sequence_sharded and self.comm.size > 1:
+            return _SequenceGatheredLinear.apply(x, weight, bias, self.comm)
+        return F.linear(self.enter(x), weight, bias)
+
     def leave(self, partial: torch.Tensor) -> torch.Tensor:
         """Out of a parallel region: sum the ranks' partial outputs (over the sequence's slices under SP)."""
         if self.sequence_sharded:
@@ -149,7 +156,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight, self.bias, self.state = weight, bias, state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.state.enter(x), self.weight, self.bias)
+        return self.state.linear(x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -199,7 +206,7 @@ class VocabParallelHead(nn.Module):
         self.weight, self.state = weight, state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self.state.enter(x), self.weight)
+        logits = self.state.linear(x, self.weight)
         valid = max(0, min(self.state.vocab_size - self.state.vocab_start, logits.shape[-1]))
         if valid < logits.shape[-1]:
             pad = torch.arange(logits.shape[-1], device=x.device) >= valid
@@ -218,6 +225,38 @@ class SequenceShardedEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         out = F.embedding(positions, self.weight)
         return scatter_to_sequence(out, self.state.comm) if self.state.sequence_sharded else out
+
+
+class _SequenceGatheredLinear(torch.autograd.Function):
+    """x W^T + b over the whole sequence from this rank's seq/tp positions x [b, s/tp, in]: the sequence is gathered
+    forward and again backward, and only the shard is kept between them (Korthikanti et al. 2022, section 4.2.2, as
+    Megatron-LM and nanotron's tp_recompute_allgather do): what sequence parallelism saves of a column-parallel
+    layer's input is 1/tp of it, for one more all-gather a layer in the backward. The input's gradient is
+    reduce-scattered back over the sequence (each rank's is a partial sum over its columns).
+
+    Under autocast the shard is kept (and sent) in the autocast dtype, which is what the matmul reads, and the backward
+    reruns the matmuls in it: what autograd does for F.linear, whose saved inputs are autocast's casts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, comm: GroupComm) -> torch.Tensor:
+        device = x.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        shard = x.to(cast) if cast is not None and x.is_floating_point() else x
+        ctx.comm, ctx.cast, ctx.has_bias, ctx.x_dtype = comm, cast, bias is not None, x.dtype
+        ctx.save_for_backward(shard, weight)
+        return F.linear(comm.all_gather(shard, dim=1), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        shard, weight = ctx.saved_tensors
+        whole = ctx.comm.all_gather(shard, dim=1)
+        w = weight.to(ctx.cast) if ctx.cast is not None else weight
+        g = grad.reshape(-1, grad.shape[-1])
+        # the products as autograd's mm backward takes them for x W^T: the input's gradient g W, the weight's g^T x
+        grad_x = g.mm(w).view(*whole.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+        grad_w = g.t().mm(whole.reshape(-1, whole.shape[-1])).to(weight.dtype)
+        grad_b = grad.sum(dim=(0, 1)).to(weight.dtype) if ctx.has_bias else None
+        return ctx.comm.reduce_scatter(grad_x, dim=1), grad_w, grad_b, None
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
