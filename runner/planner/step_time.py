@@ -25,7 +25,9 @@ function of shapes and device kind, one set of constants per kind):
 Tensor parallelism (Megatron, Shoeybi et al. 2019 figure 4; sequence parallelism's reduce-scatter + all-gather move
 the same bytes): per layer and microbatch 2 all-reduces of b*s*h activations forward, 2 backward, 2 more in a
 recomputed forward, each a ring all-reduce of 2(t-1)/t x bytes at the run's activation width; not overlapped (the
-engine waits for each).
+engine waits for each). Sequence parallelism keeps only seq/t of each column-parallel layer's input and gathers it
+again in the backward (Korthikanti et al. 2022, section 4.2.2): one more all-gather of b*s*h for c_attn, c_fc and
+the head, (t-1)/t x bytes each.
 Pipeline: the slowest rank's microbatch time T paces the pipeline: m*T of work and the schedule's bubble
 (runner/job/metrics.py bubble_fraction_theory: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved,
 (p-1)/(3m+p-1) ZB-H1) on top; messages of b*s*h at the residual stream's width (float32 under bf16-mixed, bfloat16
@@ -203,6 +205,8 @@ def rank_passes(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices
         bw = group_bandwidth(devices, tp, link_efficiency)
         one = ring_allreduce_s(b * work.seq * cfg.n_embd * work.activation_width, tp, bw)
         tp_comm = one * (2 * len(layers) + 2 * len(layers) + 2 * ckpt)
+        if work.sequence_parallel:  # the backward re-gathers c_attn's and c_fc's inputs: an all-reduce's bytes
+            tp_comm += one * (len(layers) + (0.5 if stage == pp - 1 else 0.0))  # and the head's: half of one
     return Passes(forward, backward, recompute, tp_comm)
 
 
