@@ -24,6 +24,7 @@ from __future__ import annotations
 import pytest
 
 from runner.gpt.tp_layers import padded_vocab
+from runner.planner.collectives import tp_collectives
 from tests.jobs import run_torchrun
 
 pytestmark = pytest.mark.slow
@@ -110,6 +111,12 @@ def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style
     assert_matches(result, "train")
     assert [r["tp"] for r in result["ranks"]] == list(range(tp))
     calls, nbytes = expected_train_comm(style, tp)
+    # the planner charges NCCL's latency for each collective of a micro-batch (runner/planner/collectives.py): its
+    # count is the engine's, less what runs once a step (under SP: the positions' gradient, the replicated gradients)
+    sp = style == "sequence_parallel"
+    planned = tp_collectives("gather" if style == "gather" else "megatron", sp, L)
+    once_a_step = {"all_gather": 1, "all_reduce": 1} if sp else {}
+    assert {k: calls[k] - once_a_step.get(k, 0) for k in planned} == planned
     # Wire bytes of the activations' reductions (4 per layer, the embedding's and the head input's): in
     # Megatron all-reduces, 2(n-1)/n each; under sequence parallelism each is a reduce-scatter plus an
     # all-gather, (n-1)/n + (n-1)/n -- the same bytes on the wire (Korthikanti et al. 2022, 4.2.2).

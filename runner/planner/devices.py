@@ -65,6 +65,7 @@ class Devices:
     hbm_bw: float = 0.0  # bytes/s of device memory (0: unknown, elementwise work not timed apart)
     sms: int = 0  # streaming multiprocessors (0: unknown, no tile or wave quantization)
     matmul_share: float = MATMUL_SHARE  # achievable share of the dense peak on large matrix multiplies
+    nvlink: bool = False  # the GPUs of a node talk over NVLink (else PCIe): what a collective's latency depends on
 
     def peak(self, dtype: str) -> float:
         """Peak FLOP/s for a run's dtype: bf16-mixed and bf16-master compute in bfloat16."""
@@ -140,14 +141,15 @@ class Kind:
     hbm_bw: float = 0.0  # data sheet (module docstring)
     sms: int = 0
     matmul_share: float = MATMUL_SHARE
+    nvlink: bool = False  # SXM parts: NVLink between a node's GPUs
 
 
 KINDS: dict[str, Kind] = {
-    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8, 3350 * GB, 132),
+    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8, 3350 * GB, 132, nvlink=True),
     "h100-pcie": Kind("H100 PCIe", "NVIDIA H100 PCIe", 81559 * MiB, 64 * GB, 50 * GB, 8, 2000 * GB, 114),
-    "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8, 4800 * GB, 132),
-    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8, 2039 * GB, 108),
-    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8, 1555 * GB, 108),
+    "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8, 4800 * GB, 132, nvlink=True),
+    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8, 2039 * GB, 108, nvlink=True),
+    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8, 1555 * GB, 108, nvlink=True),
     "l40s": Kind("L40S", "NVIDIA L40S", 46068 * MiB, 32 * GB, 25 * GB, 8, 864 * GB, 142),
     "l4": Kind("L4", "NVIDIA L4", 23034 * MiB, 32 * GB, 12.5 * GB, 8, 300 * GB, 58),
     "a10": Kind("A10", "NVIDIA A10", 23028 * MiB, 32 * GB, 12.5 * GB, 4, 600 * GB, 72),
@@ -163,7 +165,7 @@ def preset(kind: str, count: int, gpus_per_node: int | None = None) -> Devices:
     fp32, bf16 = _peaks(k.nvml_name)
     per = gpus_per_node or min(count, k.gpus_per_node)
     return Devices(k.label, count, k.memory_bytes, fp32, bf16, k.bw_intra, k.bw_inter, per, source=f"preset {kind}",
-                   hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share)  # fmt: skip
+                   hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share, nvlink=k.nvlink)  # fmt: skip
 
 
 def kind_of(nvml_name: str) -> str | None:
@@ -190,7 +192,7 @@ def from_gpus(gpus: Sequence[Mapping[str, Any]], host: str = "this host") -> Dev
     k = KINDS.get(key) if key else None
     intra = k.bw_intra if k else 32 * GB
     inter = k.bw_inter if k else 12.5 * GB
-    speed = dict(hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share) if k else {}
+    speed = dict(hbm_bw=k.hbm_bw, sms=k.sms, matmul_share=k.matmul_share, nvlink=k.nvlink) if k else {}
     return Devices(name, len(gpus), memory, fp32, bf16, intra, inter, len(gpus), source=f"detected on {host}", **speed)
 
 
@@ -220,10 +222,10 @@ def described(
     peak_fp32_tflops: float | None = None,
 ) -> Devices:
     """Devices described by hand: peak_tflops is the bfloat16 peak (fp32: peak_fp32_tflops, default 1/15 of it,
-    the H100 SXM ratio)."""  # fmt: skip
+    the H100 SXM ratio). A node's links faster than PCIe 5 x16 (64 GB/s a direction) can only be NVLink."""  # fmt: skip
     fp32 = (peak_fp32_tflops if peak_fp32_tflops is not None else peak_tflops / 15) * 1e12
     return Devices(name, count, int(memory_gib * GiB), fp32, peak_tflops * 1e12, bw_intra_gbs * GB,
-                   bw_inter_gbs * GB, gpus_per_node)  # fmt: skip
+                   bw_inter_gbs * GB, gpus_per_node, nvlink=bw_intra_gbs > 64)  # fmt: skip
 
 
 def cpu_host(cores: int, memory_bytes: int, flops: float, allreduce_bw: float, host: str = "this host") -> Devices:

@@ -27,7 +27,11 @@ the same bytes): per layer and microbatch 2 all-reduces of b*s*h activations for
 recomputed forward, each a ring all-reduce of 2(t-1)/t x bytes at the run's activation width; not overlapped (the
 engine waits for each). Sequence parallelism keeps only seq/t of each column-parallel layer's input and gathers it
 again in the backward (Korthikanti et al. 2022, section 4.2.2): one more all-gather of b*s*h for c_attn, c_fc and
-the head, (t-1)/t x bytes each.
+the head, (t-1)/t x bytes each. Every one of those collectives (and the loss's three all-reduces of a number a token)
+also costs NCCL's latency, its fixed cost and one for each ring step (runner/planner/collectives.py): what makes a
+micro-batch of one sequence, or a decode step, slower under tensor parallelism than its bytes say. Data-parallel and
+pipeline communication is charged its bytes only: 25 MB buckets, whole blocks and b*s*h messages, where the
+latency is a small share.
 Pipeline: the slowest rank's microbatch time T paces the pipeline: m*T of work and the schedule's bubble
 (runner/job/metrics.py bubble_fraction_theory: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved,
 (p-1)/(3m+p-1) ZB-H1) on top; messages of b*s*h at the residual stream's width (float32 under bf16-mixed, bfloat16
@@ -60,6 +64,7 @@ from dataclasses import asdict, dataclass
 from runner.gpt.config import GPTConfig
 from runner.job.metrics import bubble_fraction_theory, model_flops
 from runner.planner.byte_counts import rank_parameters, stage_layers
+from runner.planner.collectives import tp_collectives, tp_latency_s
 from runner.planner.devices import Devices, matmul_seconds, memory_seconds
 from runner.planner.models import LOGIT_BYTES, Layout, Workload, padded_vocab
 
@@ -207,6 +212,8 @@ def rank_passes(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices
         tp_comm = one * (2 * len(layers) + 2 * len(layers) + 2 * ckpt)
         if work.sequence_parallel:  # the backward re-gathers c_attn's and c_fc's inputs: an all-reduce's bytes
             tp_comm += one * (len(layers) + (0.5 if stage == pp - 1 else 0.0))  # and the head's: half of one
+        counts = tp_collectives(work.tp_style, work.sequence_parallel, len(layers), ckpt, stage == 0, stage == pp - 1)
+        tp_comm += tp_latency_s(devices, tp, counts)
     return Passes(forward, backward, recompute, tp_comm)
 
 
@@ -298,9 +305,11 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
         tp_s = 2 * layers * ring_allreduce_s(rows * work.seq * cfg.n_embd * work.activation_width, tp, bw)
-        if work.workload == "generate":
-            step = ring_allreduce_s(rows * cfg.n_embd * work.activation_width, tp, bw)
-            tp_s += step * 2 * layers * max(0, work.new_tokens - 1)
+        tp_s += tp_latency_s(devices, tp, tp_collectives(work.tp_style, work.sequence_parallel, layers, train=False))
+        if work.workload == "generate":  # each decode step: Megatron's forward on one position, latency-bound
+            step = 2 * layers * ring_allreduce_s(rows * cfg.n_embd * work.activation_width, tp, bw)
+            step += tp_latency_s(devices, tp, tp_collectives(work.tp_style, False, layers, train=False))
+            tp_s += step * max(0, work.new_tokens - 1)
     if pp > 1:
         bw = message_bandwidth(devices, tp, dp, link_efficiency)
         tokens = work.seq + (work.new_tokens if work.workload == "generate" else 0)
