@@ -371,9 +371,10 @@ def report(
             f"What the ranks miss, one example: 1B on one node at tp 8, {small.row.mbs} and {large.row.mbs} sequences a "
             f"micro-batch measured {small.row.tok_s_gpu:,.0f} and {large.row.tok_s_gpu:,.0f} tokens/s per GPU "
             f"({large.row.tok_s_gpu / small.row.tok_s_gpu:.1f}x), where the planner's compute and communication give "
-            f"{large.tok_s_gpu / small.tok_s_gpu:.2f}x: a fixed cost per layer and pass (host-side launches and "
-            "synchronisation) that dominates small micro-batches under tensor parallelism, and that the planner has no "
-            "term for. Added as a what-if (not part of the planner, not fitted), the median rho becomes "
+            f"{large.tok_s_gpu / small.tok_s_gpu:.2f}x (NCCL's latency for every tensor-parallel collective "
+            "included): a fixed cost per layer and pass beyond it (host-side launches and synchronisation) that "
+            "dominates small micro-batches under tensor parallelism, and that the planner has no term for. Added as a "
+            "what-if (not part of the planner, not fitted), the median rho becomes "
             + ", ".join(f"{s.rho_median:.2f} at {t * 1e3:g} ms a pass" for t, s in what_if.items()) + ".")  # fmt: skip
     return "\n".join(lines) + "\n"
 
