@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from runner.gpt.comm import gather_from_sequence
 from runner.gpt.tp_layers import _SequenceGatheredLinear
+from runner.job.resources import cpu_tensor_peak, live_tensor_bytes
 
 
 class TwoRankComm:
@@ -104,3 +105,24 @@ def test_only_this_ranks_positions_are_kept_for_the_backward():
     shard = x.numel() * x.element_size()
     assert ours == shard
     assert reference == comm.size * shard  # the gathered sequence: tp times as much
+
+
+def test_the_backward_never_holds_the_gathered_input_beside_the_whole_input_gradient():
+    # One output column, so the whole sequence's input (gathered again) and its gradient are all the backward makes
+    # of any size: dropping the first before making the second keeps the backward's rise to about one of them, where
+    # holding both would be two (the planner's block moment counts these two whole tensors with the gathered
+    # gradient arriving beside them, runner/planner/memory.py).
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 256, 128, generator=gen).requires_grad_()
+    weight = torch.randn(1, 128, generator=gen).requires_grad_()
+    comm = TwoRankComm(torch.randn(1, 256, 128, generator=gen))
+    out = _SequenceGatheredLinear.apply(x, weight, None, comm)
+    grad = torch.ones_like(out)
+
+    def backward():
+        out.backward(grad, retain_graph=True)
+        x.grad = weight.grad = None  # (x's gradient is a view of the whole input gradient: it holds that storage)
+
+    whole = 2 * x.numel() * x.element_size()
+    rise = cpu_tensor_peak(backward) - live_tensor_bytes()  # the backward's peak over what it started with
+    assert whole <= rise < 1.5 * whole

@@ -250,11 +250,14 @@ class _SequenceGatheredLinear(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         shard, weight = ctx.saved_tensors
         whole = ctx.comm.all_gather(shard, dim=1)
-        w = weight.to(ctx.cast) if ctx.cast is not None else weight
+        shape = (*whole.shape[:-1], weight.shape[1])
         g = grad.reshape(-1, grad.shape[-1])
-        # the products as autograd's mm backward takes them for x W^T: the input's gradient g W, the weight's g^T x
-        grad_x = g.mm(w).view(*whole.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+        # the products as autograd's mm backward takes them for x W^T: the weight's g^T x, the input's g W; the whole
+        # input is dropped before the input's gradient is made, so the two whole-sequence tensors never meet
         grad_w = g.t().mm(whole.reshape(-1, whole.shape[-1])).to(weight.dtype)
+        del whole
+        w = weight.to(ctx.cast) if ctx.cast is not None else weight
+        grad_x = g.mm(w).view(shape).to(ctx.x_dtype)
         grad_b = grad.sum(dim=(0, 1)).to(weight.dtype) if ctx.has_bias else None
         return ctx.comm.reduce_scatter(grad_x, dim=1), grad_w, grad_b, None
 
