@@ -38,7 +38,8 @@ follow one another:
   weight's fresh gradient -- autograd computes a weight's gradient into a new tensor that becomes .grad or is
   added to it (in bfloat16 under bf16-mixed, then cast); the head's saved tensors are gone by then. Without a
   pipeline the head's weight is the embedding's, and the head's gradient waits in autograd's input buffer for the
-  embedding's through all the blocks. Beside it, ZeRO-3's gathered blocks (the one running and the prefetched one;
+  embedding's through all the blocks. Under sequence parallelism c_fc's backward that follows is the larger at high
+  tp: its input gathered whole again and the input's whole gradient, beside its output's gradient. Beside it, ZeRO-3's gathered blocks (the one running and the prefetched one;
   over gloo a third, the buffer gloo all-gathers into before copying) and a checkpointed block's recompute;
 - a first pass's last block: the blocks above it freed their activations and made their gradients (the larger
   where a block's parameters outweigh its activations, small microbatches of wide models);
@@ -273,6 +274,12 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         # sequence shards under sequence parallelism), c_proj's input gradient and its weight's fresh gradient.
         flow = tokens * h * residual // split + (tokens * h * compute if split > 1 else 0)
         flow += tokens * cfg.d_ff // tp * compute
+        if split > 1:
+            # Under sequence parallelism c_fc's backward (runner/gpt/tp_layers.py _SequenceGatheredLinear) gathers its
+            # input whole again and computes the input's gradient whole before reduce-scattering it, beside its
+            # output's gradient (gate and up for SwiGLU): two whole b*s*h tensors, the larger moment at high tp.
+            column = tokens * h * residual // split + 2 * tokens * h * compute
+            flow = max(flow, column + tokens * cfg.fused_mlp_parts * cfg.d_ff // tp * compute)
         kept = tokens * h * residual // split  # a chunk's output, kept by the engine for its backward (pipeline.py)
         # Without a pipeline a tied head's weight is the embedding's: its gradient waits in autograd's input buffer for
         # the embedding's, through the whole backward of the blocks, and the two are summed at the end.
