@@ -203,6 +203,9 @@ def test_forward_gathers_full_logits_once(tmp_path):
         assert r["comm_bytes"]["all_gather"] == STEPS * ((2 * L + 1) * ACT + logits_bytes)
         assert r["comm_wire_bytes"]["all_gather"] == STEPS * (tp - 1) * ((2 * L + 1) * ACT + logits_bytes) // tp
         assert r["comm_calls"]["reduce_scatter"] == STEPS * (1 + 2 * L)
+        # the planner's count of a forward's collectives (runner/planner/collectives.py) is the run's
+        planned = tp_collectives("megatron", True, L, train=False)
+        assert {k: r["comm_calls"][k] for k in planned} == {k: STEPS * n for k, n in planned.items()}
 
 
 def test_vocab_parallel_generation_on_a_vocabulary_that_is_not_a_multiple_of_tp(tmp_path):

@@ -55,8 +55,9 @@ def tp_collectives(style: str, sequence_parallel: bool, layers: int, recomputed:
       layers (c_attn, c_fc, the head) gather their input once more in the backward;
     - training's vocabulary-parallel loss (last stage): three all-reduces of one number a token;
     - a recomputed layer runs its forward's collectives again.
-    `train` False: the forward's alone (forward and generate's prefill; a decode step is the Megatron forward's,
-    sequence parallelism paused)."""
+    `train` False: the forward's alone, and the full logits all-gathered for the user on the last stage (forward's
+    output; generation's next token, prefill and each decode step running Megatron's forward, sequence parallelism
+    paused)."""
     forward = dict.fromkeys(KINDS, 0)
     back = dict.fromkeys(KINDS, 0)
     per_layer = dict.fromkeys(KINDS, 0)  # a layer's forward: what recomputing it repeats
@@ -75,6 +76,7 @@ def tp_collectives(style: str, sequence_parallel: bool, layers: int, recomputed:
     for kind, n in per_layer.items():
         forward[kind] += layers * n
     if not train:
+        forward["all_gather"] += last
         return forward
     forward["all_reduce"] += 3 * last
     return {k: forward[k] + back[k] + recomputed * per_layer[k] for k in KINDS}

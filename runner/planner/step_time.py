@@ -289,7 +289,8 @@ def predict_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Device
 def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, efficiency: float | None,
                     link_efficiency: float, flops: float) -> StepTime:  # fmt: skip
     """Forward and generate: the model FLOPs spread over the ranks at the modelled rate of a layer's forward, the
-    pipeline filled and drained once, the tensor-parallel all-reduces of every pass (and of each decode step)."""
+    pipeline filled and drained once, the tensor-parallel collectives of every pass (and of each decode step) with
+    their latency, and the full logits gathered for the user."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     rows = max(1, work.batch // dp)
     clock = _Clock(devices, work.dtype, efficiency)
@@ -305,9 +306,14 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
         tp_s = 2 * layers * ring_allreduce_s(rows * work.seq * cfg.n_embd * work.activation_width, tp, bw)
-        tp_s += tp_latency_s(devices, tp, tp_collectives(work.tp_style, work.sequence_parallel, layers, train=False))
+        sp = work.sequence_parallel and work.workload == "forward"  # generation runs whole sequences (tp_layers.py)
+        tp_s += tp_latency_s(devices, tp, tp_collectives(work.tp_style, sp, layers, train=False))
+        # the full logits gathered for the user: every position's for forward, the last one's for each new token
+        vocab_bytes = padded_vocab(cfg.vocab_size, tp) * work.activation_width
+        tp_s += (tp - 1) / tp * rows * (work.seq if work.workload == "forward" else 1) * vocab_bytes / bw
         if work.workload == "generate":  # each decode step: Megatron's forward on one position, latency-bound
             step = 2 * layers * ring_allreduce_s(rows * cfg.n_embd * work.activation_width, tp, bw)
+            step += (tp - 1) / tp * rows * vocab_bytes / bw
             step += tp_latency_s(devices, tp, tp_collectives(work.tp_style, False, layers, train=False))
             tp_s += step * max(0, work.new_tokens - 1)
     if pp > 1:
