@@ -27,8 +27,9 @@ st.title("Planner")
 st.caption(
     "Memory per GPU: parameters, gradients, AdamW state (ZeRO per Rajbhandari et al. 2020), activations of the "
     "microbatches in flight (Korthikanti et al. 2022), KV cache. Step time: each matmul timed by its shape on the "
-    "device kind (or at a stated share of peak), bytes over the link each group crosses, the schedule's bubble, "
-    "data-parallel reductions overlapped as the engine does. Formulas: runner/planner/memory.py, step_time.py."
+    "device kind (or at a stated share of peak), bytes over the link each group crosses, NCCL's latency for each "
+    "tensor-parallel collective, the schedule's bubble, data-parallel reductions overlapped as the engine does. "
+    "Formulas: runner/planner/memory.py, step_time.py, collectives.py."
 )
 answer = st.container(border=True)  # filled once the plan is computed: the answer comes first
 CALIBRATION_FAILED = (RuntimeError, OSError, subprocess.SubprocessError)

@@ -112,10 +112,10 @@ def test_train_matches_reference_and_counts_every_collective(tmp_path, tp, style
     assert [r["tp"] for r in result["ranks"]] == list(range(tp))
     calls, nbytes = expected_train_comm(style, tp)
     # the planner charges NCCL's latency for each collective of a micro-batch (runner/planner/collectives.py): its
-    # count is the engine's, less what runs once a step (under SP: the positions' gradient, the replicated gradients)
+    # count is the engine's, less what runs once a step (under SP the replicated parameters' gradients)
     sp = style == "sequence_parallel"
-    planned = tp_collectives("gather" if style == "gather" else "megatron", sp, L)
-    once_a_step = {"all_gather": 1, "all_reduce": 1} if sp else {}
+    planned = tp_collectives("gather" if style == "gather" else "megatron", sp, L, positions=True)
+    once_a_step = {"all_reduce": 1} if sp else {}
     assert {k: calls[k] - once_a_step.get(k, 0) for k in planned} == planned
     # Wire bytes of the activations' reductions (4 per layer, the embedding's and the head input's): in
     # Megatron all-reduces, 2(n-1)/n each; under sequence parallelism each is a reduce-scatter plus an

@@ -208,12 +208,14 @@ def rank_passes(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices
     tp_comm = 0.0
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
-        one = ring_allreduce_s(b * work.seq * cfg.n_embd * work.activation_width, tp, bw)
+        activation = b * work.seq * cfg.n_embd * work.activation_width
+        one = ring_allreduce_s(activation, tp, bw)
         tp_comm = one * (2 * len(layers) + 2 * len(layers) + 2 * ckpt)
         if work.sequence_parallel:  # the backward re-gathers c_attn's and c_fc's inputs: an all-reduce's bytes
             tp_comm += one * (len(layers) + (0.5 if stage == pp - 1 else 0.0))  # and the head's: half of one
-        counts = tp_collectives(work.tp_style, work.sequence_parallel, len(layers), ckpt, stage == 0, stage == pp - 1)
-        tp_comm += tp_latency_s(devices, tp, counts)
+        counts = tp_collectives(work.tp_style, work.sequence_parallel, len(layers), ckpt, stage == 0, stage == pp - 1,
+                                positions=not cfg.is_llama)  # fmt: skip
+        tp_comm += tp_latency_s(devices, tp, counts, activation, bw)
     return Passes(forward, backward, recompute, tp_comm)
 
 
@@ -305,16 +307,21 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     layers = max(layout.cut) if layout.cut else cfg.n_layer // pp  # the longest stage's all-reduces
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
-        tp_s = 2 * layers * ring_allreduce_s(rows * work.seq * cfg.n_embd * work.activation_width, tp, bw)
+        # a pipeline runs each micro-batch through its stages: the collectives are per micro-batch, the bytes per row
+        calls = m if pp > 1 else 1
+        prefill = rows * work.seq * cfg.n_embd * work.activation_width
+        tp_s = 2 * layers * ring_allreduce_s(prefill, tp, bw)
         sp = work.sequence_parallel and work.workload == "forward"  # generation runs whole sequences (tp_layers.py)
-        tp_s += tp_latency_s(devices, tp, tp_collectives(work.tp_style, sp, layers, train=False))
+        tp_s += calls * tp_latency_s(devices, tp, tp_collectives(work.tp_style, sp, layers, train=False),
+                                     prefill / calls, bw)  # fmt: skip
         # the full logits gathered for the user: every position's for forward, the last one's for each new token
         vocab_bytes = padded_vocab(cfg.vocab_size, tp) * work.activation_width
         tp_s += (tp - 1) / tp * rows * (work.seq if work.workload == "forward" else 1) * vocab_bytes / bw
         if work.workload == "generate":  # each decode step: Megatron's forward on one position, latency-bound
-            step = 2 * layers * ring_allreduce_s(rows * cfg.n_embd * work.activation_width, tp, bw)
-            step += (tp - 1) / tp * rows * vocab_bytes / bw
-            step += tp_latency_s(devices, tp, tp_collectives(work.tp_style, False, layers, train=False))
+            token = rows * cfg.n_embd * work.activation_width
+            step = 2 * layers * ring_allreduce_s(token, tp, bw) + (tp - 1) / tp * rows * vocab_bytes / bw
+            step += calls * tp_latency_s(devices, tp, tp_collectives(work.tp_style, False, layers, train=False),
+                                         token / calls, bw)  # fmt: skip
             tp_s += step * max(0, work.new_tokens - 1)
     if pp > 1:
         bw = message_bandwidth(devices, tp, dp, link_efficiency)
