@@ -276,9 +276,10 @@ def rank_memory(cfg: GPTConfig, layout: Layout, work: Workload, stage: int) -> R
         flow += tokens * cfg.d_ff // tp * compute
         if split > 1:
             # Under sequence parallelism c_fc's backward (runner/gpt/tp_layers.py _SequenceGatheredLinear) gathers its
-            # input whole again and computes the input's gradient whole before reduce-scattering it, beside its
+            # input whole again (the shards and their concatenation), then computes the input's gradient whole, at the
+            # input's width, and reduce-scatters it (from contiguous copies of its sequence chunks), beside its
             # output's gradient (gate and up for SwiGLU): two whole b*s*h tensors, the larger moment at high tp.
-            column = tokens * h * residual // split + 2 * tokens * h * compute
+            column = tokens * h * residual // split + 2 * tokens * h * residual
             flow = max(flow, column + tokens * cfg.fused_mlp_parts * cfg.d_ff // tp * compute)
         kept = tokens * h * residual // split  # a chunk's output, kept by the engine for its backward (pipeline.py)
         # Without a pipeline a tied head's weight is the embedding's: its gradient waits in autograd's input buffer for
