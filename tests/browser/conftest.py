@@ -128,11 +128,24 @@ def screenshot(page, name: str) -> None:
     page.set_viewport_size(size)
 
 
-def choose(page, label: str, option) -> None:
-    """Pick `option` in the selectbox labelled `label` (Streamlit's baseweb select: open it, click the option)."""
+def choose(page, label: str, option, tries: int = 4) -> None:
+    """Pick `option` in the selectbox labelled `label` (Streamlit's baseweb select: open it, click the option).
+
+    A rerun the last input started can begin after `wait_for_app` saw the app idle and redraw the select, closing
+    its list before the option shows (the window widens on a loaded machine): then open it again."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     box = page.get_by_test_id("stSelectbox").filter(has=page.get_by_text(label, exact=True))
-    box.click()
-    page.get_by_role("option", name=option).click()
+    for attempt in range(tries):
+        wait_for_app(page)
+        box.click()
+        try:
+            page.get_by_role("option", name=option).click(timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == tries - 1:
+                raise
+            page.keyboard.press("Escape")
     wait_for_app(page)
 
 

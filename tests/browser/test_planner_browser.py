@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import screenshot, wait_for_app
+from tests.browser.conftest import choose, screenshot, wait_for_app
 from tests.test_planner_ui import calibrated
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -27,10 +27,7 @@ def test_the_planner_answers_first_and_windows_a_long_pipeline(app_url, page, en
     # GPT-3 175B on 512 H100 trained as the guide does: microbatches of one sequence, hundreds of them a stage
     page.get_by_label("GPUs", exact=True).fill("512")
     page.get_by_label("GPUs", exact=True).press("Enter")
-    wait_for_app(page)
-    page.get_by_role("combobox", name="model", exact=True).click()
-    page.get_by_role("option", name="gpt3-175b").click()
-    wait_for_app(page)
+    choose(page, "model", "gpt3-175b")
     for label, value in (("global batch", "1536"), ("sequence", "2048"), ("activation checkpointing", "blocks")):
         page.get_by_label(label, exact=True).fill(value)
         page.get_by_label(label, exact=True).press("Enter")
