@@ -36,9 +36,9 @@ PROTOCOLS: dict[str, tuple[tuple[float, float, float, float], float]] = {
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 
-def collective_latency_s(devices: Devices, kind: str, n: int, protocol: str = "Simple", span: int | None = None) -> float:
-    """NCCL's latency of one ring `kind` over n ranks whose group spans `span` consecutive ranks (default n) in
-    `protocol`: 0 for a group of one and on CPU ranks (module docstring)."""
+def collective_latency_s(devices: Devices, kind: str, n: int, protocol: str = "Simple") -> float:
+    """NCCL's latency of one ring `kind` over n consecutive ranks in `protocol`: 0 for a group of one and on CPU
+    ranks (module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"unknown collective {kind!r}; known: {', '.join(KINDS)}")
     if n <= 1 or devices.is_cpu:
@@ -46,7 +46,7 @@ def collective_latency_s(devices: Devices, kind: str, n: int, protocol: str = "S
     (base, nvlink, pcie, net), _ = PROTOCOLS[protocol]
     passes = 2 if kind == "all_reduce" else 1
     steps = passes * (n - 1)
-    nodes = min(n, -(-(span or n) // devices.gpus_per_node))
+    nodes = min(n, -(-n // devices.gpus_per_node))
     crossing = passes * (nodes - 1)
     step = nvlink if devices.nvlink else pcie
     return base + (steps - crossing) * step + crossing * net

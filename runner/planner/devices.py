@@ -145,11 +145,14 @@ class Kind:
 
 
 KINDS: dict[str, Kind] = {
-    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8, 3350 * GB, 132, nvlink=True),
+    "h100-80gb": Kind("H100 80GB SXM", "NVIDIA H100 80GB HBM3", 81559 * MiB, 450 * GB, 50 * GB, 8, 3350 * GB, 132,
+                      nvlink=True),
     "h100-pcie": Kind("H100 PCIe", "NVIDIA H100 PCIe", 81559 * MiB, 64 * GB, 50 * GB, 8, 2000 * GB, 114),
     "h200": Kind("H200 SXM", "NVIDIA H200", 143771 * MiB, 450 * GB, 50 * GB, 8, 4800 * GB, 132, nvlink=True),
-    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8, 2039 * GB, 108, nvlink=True),
-    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8, 1555 * GB, 108, nvlink=True),
+    "a100-80gb": Kind("A100 80GB SXM", "NVIDIA A100-SXM4-80GB", 81920 * MiB, 300 * GB, 25 * GB, 8, 2039 * GB, 108,
+                      nvlink=True),
+    "a100-40gb": Kind("A100 40GB SXM", "NVIDIA A100-SXM4-40GB", 40960 * MiB, 300 * GB, 25 * GB, 8, 1555 * GB, 108,
+                      nvlink=True),
     "l40s": Kind("L40S", "NVIDIA L40S", 46068 * MiB, 32 * GB, 25 * GB, 8, 864 * GB, 142),
     "l4": Kind("L4", "NVIDIA L4", 23034 * MiB, 32 * GB, 12.5 * GB, 8, 300 * GB, 58),
     "a10": Kind("A10", "NVIDIA A10", 23028 * MiB, 32 * GB, 12.5 * GB, 4, 600 * GB, 72),

@@ -39,8 +39,9 @@ follow one another:
   added to it (in bfloat16 under bf16-mixed, then cast); the head's saved tensors are gone by then. Without a
   pipeline the head's weight is the embedding's, and the head's gradient waits in autograd's input buffer for the
   embedding's through all the blocks. Under sequence parallelism c_fc's backward that follows is the larger at high
-  tp: its input gathered whole again and the input's whole gradient, beside its output's gradient. Beside it, ZeRO-3's gathered blocks (the one running and the prefetched one;
-  over gloo a third, the buffer gloo all-gathers into before copying) and a checkpointed block's recompute;
+  tp: its input gathered whole again and the input's whole gradient, beside its output's gradient. Beside it,
+  ZeRO-3's gathered blocks (the one running and the prefetched one; over gloo a third, the buffer gloo all-gathers
+  into before copying) and a checkpointed block's recompute;
 - a first pass's last block: the blocks above it freed their activations and made their gradients (the larger
   where a block's parameters outweigh its activations, small microbatches of wide models);
 - the first virtual stage's end, the embeddings' backward: the pass's own microbatch freed, the gradients made,

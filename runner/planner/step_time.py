@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 from runner.gpt.config import GPTConfig
 from runner.job.metrics import bubble_fraction_theory, model_flops
 from runner.planner.byte_counts import rank_parameters, stage_layers
-from runner.planner.collectives import tp_collectives, tp_latency_s
+from runner.planner.collectives import tp_collectives, tp_latency_s, wire_bytes
 from runner.planner.devices import Devices, matmul_seconds, memory_seconds
 from runner.planner.models import LOGIT_BYTES, Layout, Workload, padded_vocab
 
@@ -119,7 +119,7 @@ def message_bandwidth(devices: Devices, tp: int, dp: int, link_efficiency: float
 
 def ring_allreduce_s(nbytes: float, n: int, bw: float) -> float:
     """A ring all-reduce of nbytes over n ranks: each sends 2(n-1)/n x nbytes (Patarasuk & Yuan 2009)."""
-    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw
+    return wire_bytes("all_reduce", n, nbytes) / bw
 
 
 def step_flops(cfg: GPTConfig, work: Workload) -> float:
@@ -316,10 +316,10 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
                                      prefill / calls, bw)  # fmt: skip
         # the full logits gathered for the user: every position's for forward, the last one's for each new token
         vocab_bytes = padded_vocab(cfg.vocab_size, tp) * work.activation_width
-        tp_s += (tp - 1) / tp * rows * (work.seq if work.workload == "forward" else 1) * vocab_bytes / bw
+        tp_s += wire_bytes("all_gather", tp, rows * (work.seq if work.workload == "forward" else 1) * vocab_bytes) / bw
         if work.workload == "generate":  # each decode step: Megatron's forward on one position, latency-bound
             token = rows * cfg.n_embd * work.activation_width
-            step = 2 * layers * ring_allreduce_s(token, tp, bw) + (tp - 1) / tp * rows * vocab_bytes / bw
+            step = 2 * layers * ring_allreduce_s(token, tp, bw) + wire_bytes("all_gather", tp, rows * vocab_bytes) / bw
             step += calls * tp_latency_s(devices, tp, tp_collectives(work.tp_style, False, layers, train=False),
                                          token / calls, bw)  # fmt: skip
             tp_s += step * max(0, work.new_tokens - 1)
