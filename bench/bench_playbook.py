@@ -254,6 +254,29 @@ def layout_failures(results: list[Planned]) -> tuple[int, float]:
     return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 
+def slot_excess(results: list[Planned]) -> dict[str, tuple[int, float, float, float]]:
+    """Where the throughput miss lies: for runs without a pipeline, pipelines whose tensor-parallel groups stay in a
+    node, and those whose groups span nodes, (runs, median measured / predicted tokens/s, median excess step time
+    per 1F1B slot -- measured minus predicted step over m + p - 1 -- in ms at one sequence a micro-batch and at 16+)."""
+    groups: dict = defaultdict(list)
+    for p in results:
+        r = p.row
+        if r.tok_s_gpu and p.tok_s_gpu:
+            kind = "pipeline, tp in a node" if r.tp <= 8 else "pipeline, tp across nodes"
+            name = "no pipeline" if r.pp == 1 else kind
+            measured = r.mbs * r.grad_acc * r.dp * r.seq / (r.tok_s_gpu * r.nodes * 8)
+            groups[name].append((r.mbs, r.tok_s_gpu / p.tok_s_gpu, (measured - p.step_s) / (r.grad_acc + r.pp - 1)))
+    out = {}
+    for name in ("no pipeline", "pipeline, tp in a node", "pipeline, tp across nodes"):
+        runs = groups.get(name, [])
+        one = [e for m, _, e in runs if m == 1]
+        big = [e for m, _, e in runs if m >= 16]
+        if runs and one and big:
+            out[name] = (len(runs), statistics.median(q for _, q, _ in runs), statistics.median(one) * 1e3,
+                         statistics.median(big) * 1e3)  # fmt: skip
+    return out
+
+
 @dataclass(frozen=True)
 class Summary:
     planned: int
@@ -364,6 +387,21 @@ def report(
             + ", ".join(f"{m} x{n} {c[1]:.2f} / {c[2]:.2f}" for (m, n), c in twins.cells.items()
                         if c[1] is not None and c[2] is not None)
             + f"; medians {statistics.median(ceiling):.2f} / {statistics.median(ours):.2f}.")  # fmt: skip
+    excess = slot_excess(results)
+    if excess:
+        lines.append(
+            "Where the throughput miss lies, by kind of layout: runs, median measured / predicted tokens/s, and the "
+            "median excess step time per pipeline slot (measured minus predicted, over 1F1B's m + p - 1 slots) at one "
+            "sequence a micro-batch and at 16 or more: "
+            + "; ".join(f"{name} {n} runs, {q:.2f}, {one:,.0f} ms and {big:,.0f} ms"
+                        for name, (n, q, one, big) in excess.items())
+            + ". Pipelines whose tensor-parallel groups span nodes are the furthest off, with the largest excess "
+            "per slot at every micro-batch size; in the other pipelines the excess per slot is largest at one sequence "
+            "a micro-batch: a cost per micro-batch and stage beyond compute and communication, which ranks "
+            "small-micro-batch pipelines too high. One candidate mechanism: nanotron's pipeline sends each tensor "
+            "after two metadata exchanges that the host waits on (src/nanotron/parallel/pipeline_parallel/p2p.py at "
+            "2411b022, `_send_recv_first_metadata`, `_send_recv_second_metadata`), so the host cannot queue work "
+            "ahead of the GPU; no published figure prices that, so the planner has no term for it.")  # fmt: skip
     pair = tp8_pair(results)
     if pair:
         small, large = pair
