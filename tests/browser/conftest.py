@@ -150,7 +150,22 @@ def choose(page, label: str, option, tries: int = 4) -> None:
 
 
 def set_number(page, label: str, value: int) -> None:
-    box = page.get_by_role("spinbutton", name=label, exact=True)
-    box.fill(str(value))
-    box.press("Enter")
-    wait_for_app(page)
+    fill_fields(page, {label: str(value)})
+
+
+def fill_fields(page, values: dict[str, str], tries: int = 4) -> None:
+    """Type each value into the input labelled with its key, then read them all back, typing again what a late
+    rerun (started by an earlier input, redrawing the form after `wait_for_app` saw the app idle) put back."""
+    for _ in range(tries):
+        for label, value in values.items():
+            box = page.get_by_label(label, exact=True)
+            if box.input_value() != value:
+                box.fill(value)
+                box.press("Enter")
+                wait_for_app(page)
+        page.wait_for_timeout(500)  # room for a late rerun to start before the values are read back
+        wait_for_app(page)
+        if all(page.get_by_label(label, exact=True).input_value() == value for label, value in values.items()):
+            return
+    shown = {label: page.get_by_label(label, exact=True).input_value() for label in values}
+    raise AssertionError(f"the form shows {shown} after {tries} tries, not {values}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from tests.browser.conftest import choose, screenshot, wait_for_app
+from tests.browser.conftest import choose, fill_fields, screenshot, wait_for_app
 from tests.test_planner_ui import calibrated
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -25,13 +25,8 @@ def test_the_planner_answers_first_and_windows_a_long_pipeline(app_url, page, en
     assert box["y"] < page.get_by_text("Model and workload").bounding_box()["y"]
     screenshot(page, "planner")
     # GPT-3 175B on 512 H100 trained as the guide does: microbatches of one sequence, hundreds of them a stage
-    page.get_by_label("GPUs", exact=True).fill("512")
-    page.get_by_label("GPUs", exact=True).press("Enter")
     choose(page, "model", "gpt3-175b")
-    for label, value in (("global batch", "1536"), ("sequence", "2048"), ("activation checkpointing", "blocks")):
-        page.get_by_label(label, exact=True).fill(value)
-        page.get_by_label(label, exact=True).press("Enter")
-        wait_for_app(page)
+    fill_fields(page, {"GPUs": "512", "global batch": "1536", "sequence": "2048", "activation checkpointing": "blocks"})
     page.get_by_text("microbatch passes a stage are too many to read at once").wait_for(timeout=120_000)
     expect(page.get_by_text("window from (ms)")).to_be_visible(timeout=30_000)  # the slider that moves the window
     screenshot(page, "planner-512")
