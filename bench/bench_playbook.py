@@ -17,13 +17,15 @@ and set against what was measured:
 Each pipeline is cut as nanotron cuts it (`nanotron_cut`: by cost, counting the head, so the first stages hold more
 layers), through the planner's Layout.cut; tensor parallelism across nodes, which the planner refuses as a layout, is
 still predicted here (the runs did it).
-What the measurements themselves allow is reported beside the targets, never in their place: the fit agreement over
-the configurations whose outcome a memory figure can explain (`memory_cannot_explain`, decided from the measured rows
-alone), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank each
-other. Where the memory miss lies is shown by differences within a layout (`growth_per_sequence`: the measured
+What the measurements themselves allow (bench/playbook_limits.py) is reported beside the targets, never in their
+place: the fit agreement over the configurations whose outcome a memory figure can explain (`memory_cannot_explain`,
+decided from the measured rows alone), the best agreement any usable memory would give the same peaks
+(`best_usable`), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank
+each other. Where the misses lie: the memory's in differences within a layout (`growth_per_sequence`: the measured
 growth from one micro-batch size to the next against the predicted, which the states and fixed costs cancel out
-of). What the throughput ranks miss is shown, not fitted: the same ranks with a fixed host-side cost added for every layer
-and micro-batch pass (HOST_COSTS_S, a what-if beside the planner's figure, never part of it).
+of), the throughput's by kind of layout (`slot_excess`). What the throughput ranks miss is shown, not fitted: the
+same ranks with a fixed host-side cost added for every layer and micro-batch pass (HOST_COSTS_S, a what-if beside
+the planner's figure, never part of it).
 
 Assumptions, one for the whole set (the Playbook does not state them), and each alternative reported beside:
 vocabulary 131,072 (alternative 32,768: nanotron's scaling script's two candidates); no activation recomputation
@@ -40,15 +42,24 @@ from __future__ import annotations
 
 import argparse
 import csv
-import itertools
 import statistics
 import sys
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.playbook_limits import (  # noqa: E402
+    best_usable,
+    growth_per_sequence,
+    layout_failures,
+    memory_cannot_explain,
+    slot_excess,
+    tp8_pair,
+    with_host_cost,
+    zero_twins,
+)
 from bench.results import REPO, write_section  # noqa: E402
 from runner.gpt.config import GPTConfig  # noqa: E402
 from runner.job.metrics import percentile, spearman  # noqa: E402
@@ -133,6 +144,7 @@ class Planned:
     tok_s_gpu: float | None
     step_s: float = 0.0  # predicted step time
     layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
+    busiest: float = 0.0  # predicted peak bytes of the busiest rank: what `fits` holds to the usable memory
 
 
 def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
@@ -153,128 +165,8 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
         return m.total + FP32_GRAD_BUFFER * m.param_count
 
     passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
-    return Planned(row, peak(first), peak(c.memory) <= devices.usable_bytes, tokens, c.step.total, passes)
-
-
-def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
-    """The same predictions with `seconds` of host time added to every layer and micro-batch pass (a what-if)."""
-    out = []
-    for p in results:
-        if p.tok_s_gpu is None:
-            out.append(p)
-            continue
-        step = p.step_s + p.layer_passes * seconds
-        out.append(replace(p, tok_s_gpu=p.tok_s_gpu * p.step_s / step, step_s=step))
-    return out
-
-
-def memory_cannot_explain(rows: list[Row]) -> list[bool]:
-    """For each row, whether its outcome is one no memory figure can explain, whatever the model: it produced no
-    result although every micro-batch size of its layout (model, nodes, tp, pp, dp, ZeRO) failed, or although a run
-    of the same tp, pp and dp that needs no less memory by any count (a micro-batch at least as large, a ZeRO stage
-    no higher) produced one. Decided from the measured rows alone, never from a prediction."""
-
-    ran: dict = defaultdict(list)  # (model, nodes, tp, pp, dp) -> the runs with a result
-    for r in rows:
-        if r.tok_s_gpu is not None:
-            ran[r.layout[:5]].append(r)
-    layouts_ran = {q.layout for runs in ran.values() for q in runs}
-
-    def contradicted(r: Row) -> bool:
-        return any(q.mbs >= r.mbs and q.zero <= r.zero for q in ran[r.layout[:5]])
-
-    return [r.tok_s_gpu is None and (r.layout not in layouts_ran or contradicted(r)) for r in rows]
-
-
-@dataclass(frozen=True)
-class Twins:
-    """ZeRO-0 and ZeRO-1 runs of one configuration (model, nodes, tp, pp, dp, micro-batch, accumulation), both
-    with a result: what the planner (ZeRO-1 adds one all-gather of the parameters) and the measurements say of
-    them."""
-
-    pairs: int
-    predicted_range: tuple[float, float]  # predicted tokens/s ZeRO-1 / ZeRO-0, lowest and highest
-    measured_quartiles: tuple[float, float, float]  # measured ZeRO-1 / ZeRO-0: 10th percentile, median, 90th
-    off_25: float  # share of pairs measured more than 25% apart
-    cells: dict  # (model, nodes) -> (pairs, rho of measured ZeRO-0 against ZeRO-1, rho of predicted against it)
-
-
-def zero_twins(results: list[Planned], min_pairs: int = 5) -> Twins | None:
-    """The twins' agreement with each other, the measurements' own ceiling for a rank correlation: within a cell,
-    Spearman's rho of the ZeRO-0 runs' tokens/s against their ZeRO-1 twins' is how well a model that knew the one
-    exactly would rank the other; the planner's rho on the same ZeRO-1 runs stands beside it."""
-    by: dict = defaultdict(dict)
-    for p in results:
-        if p.row.tok_s_gpu and p.tok_s_gpu and p.row.zero in (0, 1):
-            r = p.row
-            by[(r.model, r.nodes, r.tp, r.pp, r.dp, r.mbs, r.grad_acc)][r.zero] = p
-    pairs = [(v[0], v[1]) for v in by.values() if len(v) == 2]
-    if not pairs:
-        return None
-    measured = [b.row.tok_s_gpu / a.row.tok_s_gpu for a, b in pairs]
-    predicted = [b.tok_s_gpu / a.tok_s_gpu for a, b in pairs]
-    cells: dict = defaultdict(list)
-    for a, b in pairs:
-        cells[(a.row.model, a.row.nodes)].append((a, b))
-    rho = {}
-    for key, twins in sorted(cells.items()):
-        if len(twins) >= min_pairs:
-            ones = [b.row.tok_s_gpu for _, b in twins]
-            rho[key] = (len(twins), spearman([a.row.tok_s_gpu for a, _ in twins], ones),
-                        spearman([b.tok_s_gpu for _, b in twins], ones))  # fmt: skip
-    off = sum(1 for m in measured if not 0.8 <= m <= 1.25) / len(measured)
-    return Twins(len(pairs), (min(predicted), max(predicted)),
-                 (percentile(measured, 0.1), statistics.median(measured), percentile(measured, 0.9)), off, rho)  # fmt: skip
-
-
-def growth_per_sequence(results: list[Planned]) -> dict[int, tuple[int, float]]:
-    """How the measured peak grows with the micro-batch against how the predicted one grows, by tp: for each layout
-    (model, nodes, tp, pp, dp, ZeRO) and each two neighbouring micro-batch sizes of it that both produced a figure,
-    (measured difference) / (predicted difference); per tp, the pairs and their median. What the states and any
-    fixed cost add cancels in the difference, so this separates a miss in the bytes a sequence adds (activations,
-    logits) from a fixed one."""
-    by: dict = defaultdict(list)
-    for p in results:
-        if p.row.mem_gb and p.memory is not None:
-            by[p.row.layout].append(p)
-    ratios: dict = defaultdict(list)
-    for runs in by.values():
-        runs.sort(key=lambda p: p.row.mbs)
-        for a, b in itertools.pairwise(runs):
-            if b.row.mbs > a.row.mbs and b.memory > a.memory:
-                ratios[a.row.tp].append((b.row.mem_gb - a.row.mem_gb) * GiB / (b.memory - a.memory))
-    return {tp: (len(v), statistics.median(v)) for tp, v in sorted(ratios.items())}
-
-
-def layout_failures(results: list[Planned]) -> tuple[int, float]:
-    """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
-    dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
-    ran = {p.row.layout for p in results if p.row.tok_s_gpu}
-    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None and p.row.layout not in ran]
-    return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
-
-
-def slot_excess(results: list[Planned]) -> dict[str, tuple[int, float, float, float]]:
-    """Where the throughput miss lies: for runs without a pipeline, pipelines whose tensor-parallel groups stay in a
-    node, and those whose groups span nodes, (runs, median measured / predicted tokens/s, median excess step time
-    per 1F1B slot -- measured minus predicted step over m + p - 1 -- in ms at one sequence a micro-batch and at 16+)."""
-    groups: dict = defaultdict(list)
-    for p in results:
-        r = p.row
-        if r.tok_s_gpu and p.tok_s_gpu:
-            kind = "pipeline, tp in a node" if r.tp <= 8 else "pipeline, tp across nodes"
-            name = "no pipeline" if r.pp == 1 else kind
-            measured = r.mbs * r.grad_acc * r.dp * r.seq / (r.tok_s_gpu * r.nodes * 8)
-            groups[name].append((r.mbs, r.tok_s_gpu / p.tok_s_gpu, (measured - p.step_s) / (r.grad_acc + r.pp - 1)))
-    out = {}
-    for name in ("no pipeline", "pipeline, tp in a node", "pipeline, tp across nodes"):
-        runs = groups.get(name, [])
-        one = [e for m, _, e in runs if m == 1]
-        big = [e for m, _, e in runs if m >= 16]
-        if runs and one and big:
-            out[name] = (len(runs), statistics.median(q for _, q, _ in runs), statistics.median(one) * 1e3,
-                         statistics.median(big) * 1e3)  # fmt: skip
-    return out
+    busiest = peak(c.memory)
+    return Planned(row, peak(first), busiest <= devices.usable_bytes, tokens, c.step.total, passes, busiest)
 
 
 @dataclass(frozen=True)
@@ -327,6 +219,7 @@ def report(
 ) -> str:
     left_out = f"{main.cut} the planner cannot lay out are left out, " if main.cut else ""
     lost, lost_gib = layout_failures(results)
+    best, best_at = best_usable(results)
     lines = [
         f"## {HEADING}",
         "",
@@ -345,7 +238,10 @@ def report(
         f"predicted at a median {lost_gib:.0f} GiB of the 80: failures no memory figure explains. Leaving out every "
         f"configuration whose outcome no memory figure can explain, decided from the measurements alone "
         f"(`memory_cannot_explain`: its whole layout failed, or a run needing no less memory ran), the agreement "
-        f"over the other {main.explained} is {main.explained_agreement:.1%}.",
+        f"over the other {main.explained} is {main.explained_agreement:.1%}. With the usable memory set anywhere from "
+        f"40 to 80 GiB instead of the device's less its reserve, the same peaks would agree at most {best:.1%} "
+        f"(at {best_at:g} GiB; `best_usable`): no reserve for CUDA's context, NCCL's buffers or fragmentation, "
+        "however chosen, reaches the target.",
         f"- Throughput ranks: Spearman's rho of predicted against measured tokens/s per GPU, median over the "
         f"{len(main.rho)} (model, nodes) cells {main.rho_median:.2f} (target >= 0.7): "
         + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items())
@@ -415,13 +311,6 @@ def report(
             "what-if (not part of the planner, not fitted), the median rho becomes "
             + ", ".join(f"{s.rho_median:.2f} at {t * 1e3:g} ms a pass" for t, s in what_if.items()) + ".")  # fmt: skip
     return "\n".join(lines) + "\n"
-
-
-def tp8_pair(results: list[Planned]) -> tuple[Planned, Planned] | None:
-    """1B on one node, tp 8 alone: the runs with the smallest and largest micro-batch that ran."""
-    ran = sorted((p for p in results if (p.row.model, p.row.nodes, p.row.tp, p.row.pp) == ("1B", 1, 8, 1)
-                  and p.row.tok_s_gpu and p.tok_s_gpu), key=lambda p: p.row.mbs)  # fmt: skip
-    return (ran[0], ran[-1]) if len(ran) >= 2 else None
 
 
 def main(argv: list[str] | None = None) -> int:

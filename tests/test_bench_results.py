@@ -83,7 +83,8 @@ def test_the_playbook_benchmark_sets_aside_failures_no_memory_figure_explains(tm
     # One layout (1B on a node, dp 8): micro-batch 1 failed while 2 ran at ZeRO-0 and 2 ran at ZeRO-1, so neither
     # micro-batch 1 failure is a memory one; micro-batch 4 failed above a 2 that ran: memory can explain it. A layout
     # none of whose micro-batches ran (tp 2 x dp 4) cannot be told apart from a broken launch.
-    from bench.bench_playbook import memory_cannot_explain, plan_row, read_rows, zero_twins
+    from bench.bench_playbook import plan_row, read_rows
+    from bench.playbook_limits import memory_cannot_explain, zero_twins
 
     header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
     csv = tmp_path / "runs.csv"
@@ -136,7 +137,8 @@ def test_the_playbook_growth_per_sequence_compares_differences_within_a_layout(t
     at dp 64, the same per-rank work at ZeRO-0), 13.5 GiB for the added sequence. The planner adds one sequence's
     activations and logits, about 12.6 GiB at tp 1: a ratio near 1, and one pair. A run without a figure and a run
     of another layout make no pair."""
-    from bench.bench_playbook import growth_per_sequence, plan_row, read_rows
+    from bench.bench_playbook import plan_row, read_rows
+    from bench.playbook_limits import growth_per_sequence
 
     header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
     csv = tmp_path / "runs.csv"
@@ -154,7 +156,8 @@ def test_the_playbook_slot_excess_groups_layouts_and_spreads_the_miss_over_1f1b_
     one pipeline at tp 16 on 4 nodes. tokens/s per GPU is chosen so that each measured step is 2 s: 256 sequences
     x 4096 tokens / (2 s x 8 GPUs) = 65,536 on one node, a quarter of that on four. The excess per slot is then
     (2 s - the predicted step) / slots; a group without both a one-sequence and a 16-sequence run is left out."""
-    from bench.bench_playbook import plan_row, read_rows, slot_excess
+    from bench.bench_playbook import plan_row, read_rows
+    from bench.playbook_limits import slot_excess
 
     header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
     csv = tmp_path / "runs.csv"
@@ -169,3 +172,21 @@ def test_the_playbook_slot_excess_groups_layouts_and_spreads_the_miss_over_1f1b_
     assert one == pytest.approx((2 - planned[0].step_s) / 65 * 1e3)
     assert big == pytest.approx((2 - planned[1].step_s) / 5 * 1e3)
     assert ratio == pytest.approx((planned[0].step_s / 2 + planned[1].step_s / 2) / 2)
+
+
+def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failures():
+    """Peaks of 30, 50 and 55 GiB ran, 60 and 70 failed, and 45 failed among them. Usable memory from 55 to 59.5 GiB
+    agrees on 5 of 6 (the 45 GiB failure is wrong wherever the line goes); below 50 the 50 and 55 runs are wrong as
+    well, 4 of 6 at best. The lowest of the best is reported; a configuration the planner cannot lay out (no memory)
+    is not counted."""
+    from bench.bench_playbook import Planned, Row
+    from bench.playbook_limits import best_usable
+
+    def planned(gib: float | None, ran: bool) -> Planned:
+        row = Row("1B", 1, 1, 1, 8, 0, 1, 32, 4096, 1000.0 if ran else None, None)
+        peak = None if gib is None else gib * 2**30
+        return Planned(row, peak, None, None, busiest=peak or 0.0)
+
+    ran = [planned(30, True), planned(50, True), planned(55, True)]
+    failed = [planned(45, False), planned(60, False), planned(70, False)]
+    assert best_usable(ran + failed + [planned(None, True)]) == (5 / 6, 55.0)
