@@ -135,31 +135,6 @@ def test_cancel_leaves_nothing_of_the_job_on_either_node(slurm_cluster, tmp_path
         slurm_cluster.cancel_all()
 
 
-def test_a_runner_for_slurm_runs_it_and_a_restarted_runner_re_attaches(slurm_cluster, engine):
-    """The runner submits through the Slurm launcher and records the backend and job id; a second runner (the first
-    one gone, as after a crash) re-attaches to the Slurm job from the stored row and stores its verified result."""
-    first = Runner(engine, launcher=launcher_for(slurm_cluster))
-    assert first.acquire()
-    run_id = api.submit(engine, PIPELINE)
-    first.place_queued()
-    run = runs.get_run(engine, run_id)
-    assert run["status"] == "running" and run["backend"] == "slurm" and run["backend_job_id"].isdigit()
-    assert Path(run["run_dir"], SCRIPT_NAME).exists()
-    first.watched.clear()  # the first runner is gone; its lease is taken over
-    second = Runner(engine, launcher=launcher_for(slurm_cluster))
-    second.runner_id = first.runner_id  # holds the lease the first one had
-    second.recover()
-    assert run_id in second.watched and second.watched[run_id].job.job_id == run["backend_job_id"]
-    run = wait_status(engine, run_id, {"succeeded", "failed", "cancelled", "lost"}, timeout=180, between=second.tick)
-    assert run["status"] == "succeeded", run
-    assert run["result"]["verify"]["passed"] is True and [r["rank"] for r in run["ranks"]] == [0, 1]
-    # Both nodes' samples reached storage, each tagged with its node.
-    samples = api.telemetry_series(engine, [run_id])
-    assert set(zip(samples["host"], samples["source"], strict=True)) == {
-        (r["host"], f"rank{r['rank']}") for r in run["ranks"]
-    }, samples
-
-
 def rank_pid(cluster, slurm_id: str, rank: str) -> tuple[int, str]:
     """(pid, node) of one live rank process of the job."""
     for proc in job_processes(cluster, slurm_id):
@@ -247,8 +222,9 @@ def serve_slurm(cluster, engine, *extra: str) -> subprocess.Popen:
 def test_serve_backend_slurm_runs_a_submitted_run_and_a_killed_runner_is_replaced_without_losing_it(
     slurm_cluster, engine
 ):
-    """The CLI's Slurm runner: SIGKILLed while its run's Slurm job runs, a new one re-attaches to the job (the run is
-    neither lost nor started twice) and stores the verified result."""
+    """The CLI's Slurm runner submits through the Slurm launcher and records the backend and job id; SIGKILLed while
+    its run's Slurm job runs, a new one re-attaches to the job from the stored row (the run is neither lost nor
+    started twice) and stores the verified result, with both nodes' samples, each tagged with its node."""
     from tests.conftest import stop_runner
 
     missing = subprocess.run([sys.executable, "-m", "runner", "serve", "--backend", "slurm"], cwd=REPO_ROOT,
@@ -263,6 +239,8 @@ def test_serve_backend_slurm_runs_a_submitted_run_and_a_killed_runner_is_replace
         while not (run := runs.get_run(engine, run_id))["backend_job_id"]:
             assert time.monotonic() < deadline, run
             time.sleep(0.1)
+        assert run["backend"] == "slurm" and run["backend_job_id"].isdigit()
+        assert Path(run["run_dir"], SCRIPT_NAME).exists()
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
         second = serve_slurm(slurm_cluster, engine)
@@ -271,6 +249,11 @@ def test_serve_backend_slurm_runs_a_submitted_run_and_a_killed_runner_is_replace
         assert run["backend"] == "slurm" and run["result"]["verify"]["passed"] is True
         new = {job: state for job, state in slurm_cluster.jobs().items() if job not in before}
         assert new == {run["backend_job_id"]: "COMPLETED"}  # one Slurm job: never submitted twice
+        assert [r["rank"] for r in run["ranks"]] == [0, 1]
+        samples = api.telemetry_series(engine, [run_id])
+        assert set(zip(samples["host"], samples["source"], strict=True)) == {
+            (r["host"], f"rank{r['rank']}") for r in run["ranks"]
+        }, samples
     finally:
         stop_runner(engine)
         if first.poll() is None:
