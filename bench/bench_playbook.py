@@ -23,7 +23,7 @@ decided from the measured rows alone), the best agreement any usable memory woul
 (`best_usable`), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank
 each other. Where the misses lie: the memory's in differences within a layout (`growth_per_sequence`: the measured
 growth from one micro-batch size to the next against the predicted, which the states and fixed costs cancel out
-of), the throughput's by kind of layout (`slot_excess`). What the throughput ranks miss is shown, not fitted: the
+of), the throughput's by kind of layout (`ratio_by_kind`). What the throughput ranks miss is shown, not fitted: the
 same ranks with a fixed host-side cost added for every layer and micro-batch pass (HOST_COSTS_S, a what-if beside
 the planner's figure, never part of it).
 
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import statistics
 import sys
 from collections import defaultdict
@@ -51,11 +52,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.playbook_limits import (  # noqa: E402
+    MBS_BANDS,
+    TP_BANDS,
     best_usable,
     growth_per_sequence,
     layout_failures,
     memory_cannot_explain,
-    slot_excess,
+    ratio_by_kind,
     tp8_pair,
     with_host_cost,
     zero_twins,
@@ -283,21 +286,24 @@ def report(
             + ", ".join(f"{m} x{n} {c[1]:.2f} / {c[2]:.2f}" for (m, n), c in twins.cells.items()
                         if c[1] is not None and c[2] is not None)
             + f"; medians {statistics.median(ceiling):.2f} / {statistics.median(ours):.2f}.")  # fmt: skip
-    excess = slot_excess(results)
-    if excess:
-        lines.append(
-            "Where the throughput miss lies, by kind of layout: runs, median measured / predicted tokens/s, and the "
-            "median excess step time per pipeline slot (measured minus predicted, over 1F1B's m + p - 1 slots) at one "
-            "sequence a micro-batch and at 16 or more: "
-            + "; ".join(f"{name} {n} runs, {q:.2f}, {one:,.0f} ms and {big:,.0f} ms"
-                        for name, (n, q, one, big) in excess.items())
-            + ". Pipelines whose tensor-parallel groups span nodes are the furthest off, with the largest excess "
-            "per slot at every micro-batch size; in the other pipelines the excess per slot is largest at one sequence "
-            "a micro-batch: a cost per micro-batch and stage beyond compute and communication, which ranks "
-            "small-micro-batch pipelines too high. One candidate mechanism: nanotron's pipeline sends each tensor "
-            "after two metadata exchanges that the host waits on (src/nanotron/parallel/pipeline_parallel/p2p.py at "
-            "2411b022, `_send_recv_first_metadata`, `_send_recv_second_metadata`), so the host cannot queue work "
-            "ahead of the GPU; no published figure prices that, so the planner has no term for it.")  # fmt: skip
+    kinds = ratio_by_kind(results)
+    if kinds:
+        lines += ["", "Where the throughput miss lies: median measured / predicted tokens/s per GPU (runs) by kind of "
+                  "layout and sequences a micro-batch (`ratio_by_kind`). A kind far below the others is ranked too "
+                  "high within its cell.", "",
+                  "| layout | " + " | ".join(f"micro-batch {m}" for m in MBS_BANDS) + " |",
+                  "|---|" + "---|" * len(MBS_BANDS)]  # fmt: skip
+        for pipeline, tp in itertools.product((False, True), TP_BANDS):
+            cells = [kinds.get((pipeline, tp, m)) for m in MBS_BANDS]
+            if any(cells):
+                lines.append(f"| {'pipeline' if pipeline else 'no pipeline'}, {tp} | "
+                             + " | ".join(f"{c[1]:.2f} ({c[0]})" if c else "-" for c in cells) + " |")  # fmt: skip
+        small, large = kinds.get((True, TP_BANDS[1], MBS_BANDS[0])), kinds.get((True, TP_BANDS[1], MBS_BANDS[2]))
+        if small and large:
+            lines += ["", f"Tensor parallelism inside a pipeline at 1-2 sequences a micro-batch ran at {small[1]:.2f} of "
+                      f"the prediction over {small[0]} runs, the same kind at 16 or more at {large[1]:.2f}: a cost "
+                      "that does not grow with the micro-batch, largest where tensor-parallel groups span nodes."]  # fmt: skip
+        lines.append("")
     pair = tp8_pair(results)
     if pair:
         small, large = pair

@@ -117,27 +117,21 @@ def layout_failures(results: list[Planned]) -> tuple[int, float]:
     return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 
-def slot_excess(results: list[Planned]) -> dict[str, tuple[int, float, float, float]]:
-    """Where the throughput miss lies: for runs without a pipeline, pipelines whose tensor-parallel groups stay in a
-    node, and those whose groups span nodes, (runs, median measured / predicted tokens/s, median excess step time
-    per 1F1B slot -- measured minus predicted step over m + p - 1 -- in ms at one sequence a micro-batch and at 16+)."""
+TP_BANDS = ("tp 1", "tp 2-8", "tp 16-32")  # tensor parallelism none, within a node, across nodes
+MBS_BANDS = ("1-2", "4-8", "16+")  # sequences a micro-batch
+
+
+def ratio_by_kind(results: list[Planned]) -> dict[tuple[bool, str, str], tuple[int, float]]:
+    """Where the throughput miss lies: for each (pipeline or not, TP_BANDS band, MBS_BANDS band) that ran, the runs and
+    their median measured / predicted tokens/s. The ranks within a cell suffer where this ratio moves between kinds."""
     groups: dict = defaultdict(list)
     for p in results:
         r = p.row
         if r.tok_s_gpu and p.tok_s_gpu:
-            kind = "pipeline, tp in a node" if r.tp <= 8 else "pipeline, tp across nodes"
-            name = "no pipeline" if r.pp == 1 else kind
-            measured = r.mbs * r.grad_acc * r.dp * r.seq / (r.tok_s_gpu * r.nodes * 8)
-            groups[name].append((r.mbs, r.tok_s_gpu / p.tok_s_gpu, (measured - p.step_s) / (r.grad_acc + r.pp - 1)))
-    out = {}
-    for name in ("no pipeline", "pipeline, tp in a node", "pipeline, tp across nodes"):
-        runs = groups.get(name, [])
-        one = [e for m, _, e in runs if m == 1]
-        big = [e for m, _, e in runs if m >= 16]
-        if runs and one and big:
-            out[name] = (len(runs), statistics.median(q for _, q, _ in runs), statistics.median(one) * 1e3,
-                         statistics.median(big) * 1e3)  # fmt: skip
-    return out
+            tp = TP_BANDS[0] if r.tp == 1 else TP_BANDS[1] if r.tp <= 8 else TP_BANDS[2]
+            mbs = MBS_BANDS[0] if r.mbs <= 2 else MBS_BANDS[1] if r.mbs <= 8 else MBS_BANDS[2]
+            groups[(r.pp > 1, tp, mbs)].append(r.tok_s_gpu / p.tok_s_gpu)
+    return {k: (len(v), statistics.median(v)) for k, v in sorted(groups.items())}
 
 
 def tp8_pair(results: list[Planned]) -> tuple[Planned, Planned] | None:

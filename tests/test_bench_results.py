@@ -151,27 +151,26 @@ def test_the_playbook_growth_per_sequence_compares_differences_within_a_layout(t
     assert 1.0 < growth[1][1] < 1.15
 
 
-def test_the_playbook_slot_excess_groups_layouts_and_spreads_the_miss_over_1f1b_slots(tmp_path):
-    """Two pipelines in a node (1B on 1 node, tp 1 pp 2 dp 4; 64 micro-batches of 1 and 4 of 16: 65 and 5 slots) and
-    one pipeline at tp 16 on 4 nodes. tokens/s per GPU is chosen so that each measured step is 2 s: 256 sequences
-    x 4096 tokens / (2 s x 8 GPUs) = 65,536 on one node, a quarter of that on four. The excess per slot is then
-    (2 s - the predicted step) / slots; a group without both a one-sequence and a 16-sequence run is left out."""
+def test_the_playbook_ratio_by_kind_bands_layouts_and_micro_batches(tmp_path):
+    """Three runs that ran, each with tokens/s per GPU of 1,000: a pipeline at tp 1 with one sequence a micro-batch, a
+    pipeline at tp 16 with 16, and no pipeline at tp 2 with 4; a run without a result is left out. Each lands in its
+    own (pipeline, tp band, micro-batch band) with measured / predicted = 1,000 / the planner's tokens/s."""
     from bench.bench_playbook import plan_row, read_rows
-    from bench.playbook_limits import slot_excess
+    from bench.playbook_limits import ratio_by_kind
 
     header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
     csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,1,8,4,1,2,0,1,64,256,4096,1,65536,30\n"
-                   "1B,1,8,4,1,2,0,16,4,256,4096,1,65536,70\n"
-                   "1B,4,32,1,16,2,0,1,256,256,4096,1,16384,10\n")  # fmt: skip
+    csv.write_text(header + "1B,1,8,4,1,2,0,1,64,256,4096,1,1000,30\n"
+                   "1B,4,32,1,16,2,0,16,16,256,4096,1,1000,10\n"
+                   "1B,1,8,4,2,1,0,4,16,256,4096,1,1000,20\n"
+                   "1B,1,8,4,2,1,0,8,8,256,4096,,,\n")  # fmt: skip
     planned = [plan_row(r, 131072, "none") for r in read_rows(csv)]
-    excess = slot_excess(planned)
-    assert list(excess) == ["pipeline, tp in a node"]
-    runs, ratio, one, big = excess["pipeline, tp in a node"]
-    assert runs == 2
-    assert one == pytest.approx((2 - planned[0].step_s) / 65 * 1e3)
-    assert big == pytest.approx((2 - planned[1].step_s) / 5 * 1e3)
-    assert ratio == pytest.approx((planned[0].step_s / 2 + planned[1].step_s / 2) / 2)
+    kinds = ratio_by_kind(planned)
+    assert kinds == {
+        (False, "tp 2-8", "4-8"): (1, pytest.approx(1000 / planned[2].tok_s_gpu)),
+        (True, "tp 1", "1-2"): (1, pytest.approx(1000 / planned[0].tok_s_gpu)),
+        (True, "tp 16-32", "16+"): (1, pytest.approx(1000 / planned[1].tok_s_gpu)),
+    }
 
 
 def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failures():
