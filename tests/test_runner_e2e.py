@@ -30,9 +30,13 @@ def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           timeout=timeout)  # fmt: skip
 
 
-def start_runner(engine) -> subprocess.Popen:
+def start_runner(engine, log: Path | None = None) -> subprocess.Popen:
+    """`runner serve` in its own session, up once its lease is held; `log`: where its output goes (else nowhere)."""
+    out = log.open("w") if log is not None else subprocess.DEVNULL
     proc = subprocess.Popen([sys.executable, "-m", "runner", "serve"], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    if log is not None:
+        out.close()  # the child holds its own copy
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         status = hosts.runner_status(engine)
@@ -152,7 +156,7 @@ def test_cancel_of_a_running_4_rank_job_leaves_no_process(engine):
         runner.wait(timeout=10)
 
 
-def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
+def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine, tmp_path):
     runner = start_runner(engine)
     spec = RunSpec(strategy="layer", pp=2, model="small", workload="train", steps=15, batch=8, seq=128)
     run_id = api.submit(engine, spec)
@@ -160,11 +164,14 @@ def test_runner_restart_adopts_a_live_job_and_marks_a_dead_one_lost(engine):
     wait_progress(engine, run_id, steps=1)
     os.kill(runner.pid, signal.SIGKILL)  # the runner dies; its job lives on in its own session
     runner.wait(timeout=10)
-    runner = start_runner(engine)  # its holder's process is gone on this host: taken over without waiting
+    # its holder's process is gone on this host: taken over without waiting
+    runner = start_runner(engine, log=tmp_path / "second-runner.log")
     try:
         run = wait_status(engine, run_id, {"succeeded", "failed", "lost"}, timeout=180)
         assert run["status"] == "succeeded", run
         assert run["result"]["tokens_per_s"] > 0
+        # the job was still running when the new runner came up (not a result found after the fact)
+        assert f"run {run_id}: adopted its live job" in (tmp_path / "second-runner.log").read_text()
     finally:
         stop_runner(engine)
         runner.wait(timeout=10)
