@@ -76,6 +76,8 @@ HEADING = "Playbook: 1,631 measured H100 runs against the planner"
 # (layers, hidden, heads, SwiGLU hidden, head tied): the README's dimensions
 MODELS = {"1B": (16, 2048, 32, 8192, True), "8B": (32, 4096, 32, 14336, False)}
 FP32_GRAD_BUFFER = 4  # bytes a parameter the rank holds: nanotron's float32 gradient accumulation buffer
+DEVICE = "h100-80gb"  # every run's GPU: 8 a node
+USABLE_BYTES = preset(DEVICE, 8, 8).usable_bytes  # the same whatever the node count
 HOST_COSTS_S = (0.5e-3, 1e-3, 2e-3)  # what-if host seconds per layer and micro-batch pass (module docstring)
 
 
@@ -143,11 +145,15 @@ def read_rows(path: Path) -> list[Row]:
 class Planned:
     row: Row
     memory: float | None  # predicted peak bytes of world rank 0 (the figure's rank); None where it cannot be cut
-    fits: bool | None  # whether the busiest rank's predicted peak fits
     tok_s_gpu: float | None
     step_s: float = 0.0  # predicted step time
     layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
-    busiest: float = 0.0  # predicted peak bytes of the busiest rank: what `fits` holds to the usable memory
+    busiest: float = 0.0  # predicted peak bytes of the busiest rank
+
+    @property
+    def fits(self) -> bool | None:
+        """Whether the busiest rank's predicted peak fits the device's usable memory (None where it cannot be cut)."""
+        return None if self.memory is None else self.busiest <= USABLE_BYTES
 
 
 def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
@@ -155,11 +161,11 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
     cut = nanotron_cut(cfg, row.pp) if row.pp > 1 else ()
     work = Workload(batch=row.mbs * row.grad_acc * row.dp, seq=row.seq, dtype="bf16-master", reduce_fp32=True,
                     checkpoint=checkpoint, microbatch_size=row.mbs, sequence_parallel=row.tp > 1)  # fmt: skip
-    devices = preset("h100-80gb", row.nodes * 8, 8)
+    devices = preset(DEVICE, row.nodes * 8, 8)
     layout = Layout(row.tp, row.pp, row.dp, row.zero, cut)
     c = evaluate(cfg, layout, work, devices)
     if c.memory is None or c.step is None:
-        return Planned(row, None, None, None)
+        return Planned(row, None, None)
     tokens = work.batch * row.seq / c.step.total / devices.count
     first = rank_memory(cfg, layout, on_devices(work, devices), 0) if row.pp > 1 else c.memory
 
@@ -168,8 +174,7 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
         return m.total + FP32_GRAD_BUFFER * m.param_count
 
     passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
-    busiest = peak(c.memory)
-    return Planned(row, peak(first), busiest <= devices.usable_bytes, tokens, c.step.total, passes, busiest)
+    return Planned(row, peak(first), tokens, c.step.total, passes, peak(c.memory))
 
 
 @dataclass(frozen=True)

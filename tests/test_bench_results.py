@@ -59,17 +59,25 @@ def test_the_unequal_stage_model_is_the_textbook_bubble_when_stages_are_equal():
     assert unequal_stage_bubble([1.0, 1.5], [2.0, 3.0], 10_000) > 0.15
 
 
+PLAYBOOK_HEADER = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
+
+
+def playbook_csv(tmp_path, rows: str):
+    """A Playbook CSV of `rows` (lines in the measured file's columns) under tmp_path."""
+    path = tmp_path / "runs.csv"
+    path.write_text(PLAYBOOK_HEADER + rows)
+    return path
+
+
 def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
     # Four 1B runs: one that ran, the same one whose figures are missing (read as out of memory), a micro-batch of
     # 256 sequences the planner says cannot fit, and pp 32 on 16 layers (one layer a stage, as nanotron cuts it).
     from bench.bench_playbook import plan_row, read_rows, summarize
 
-    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
-    csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
-                   "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
-                   "1B,1,8,8,1,1,0,256,1,256,4096,,,\n"
-                   "1B,4,32,1,1,32,0,1,256,256,4096,,,\n")  # fmt: skip
+    csv = playbook_csv(tmp_path, "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
+                                 "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
+                                 "1B,1,8,8,1,1,0,256,1,256,4096,,,\n"
+                                 "1B,4,32,1,1,32,0,1,256,256,4096,,,\n")  # fmt: skip
     rows = read_rows(csv)
     planned = [plan_row(r, 131072, "none") for r in rows]
     assert [p.fits for p in planned] == [True, True, False, True]
@@ -86,14 +94,12 @@ def test_the_playbook_benchmark_sets_aside_failures_no_memory_figure_explains(tm
     from bench.bench_playbook import plan_row, read_rows
     from bench.playbook_limits import memory_cannot_explain, zero_twins
 
-    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
-    csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
-                   "1B,1,8,8,1,1,0,2,16,256,4096,38.3,39000,50.0\n"
-                   "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
-                   "1B,1,8,8,1,1,1,1,32,256,4096,,,\n"
-                   "1B,1,8,8,1,1,1,2,16,256,4096,20.0,19500,45.0\n"
-                   "1B,1,8,4,2,1,0,1,64,256,4096,,,\n")  # fmt: skip
+    csv = playbook_csv(tmp_path, "1B,1,8,8,1,1,0,1,32,256,4096,,,\n"
+                                 "1B,1,8,8,1,1,0,2,16,256,4096,38.3,39000,50.0\n"
+                                 "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
+                                 "1B,1,8,8,1,1,1,1,32,256,4096,,,\n"
+                                 "1B,1,8,8,1,1,1,2,16,256,4096,20.0,19500,45.0\n"
+                                 "1B,1,8,4,2,1,0,1,64,256,4096,,,\n")  # fmt: skip
     rows = read_rows(csv)
     assert memory_cannot_explain(rows) == [True, False, False, True, False, True]
     twins = zero_twins([plan_row(r, 131072, "none") for r in rows], min_pairs=1)
@@ -123,10 +129,8 @@ def test_the_playbook_memory_is_rank_0s_and_the_fit_the_busiest_ranks(tmp_path):
     busiest rank, which alone decides the fit: at 10 sequences it no longer fits, though stage 0 would."""
     from bench.bench_playbook import plan_row, read_rows
 
-    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
-    csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,4,32,16,1,2,1,8,1,128,4096,22.0,19338,41.3\n"
-                   "1B,4,32,16,1,2,1,10,1,160,4096,,,\n")  # fmt: skip
+    csv = playbook_csv(tmp_path, "1B,4,32,16,1,2,1,8,1,128,4096,22.0,19338,41.3\n"
+                                 "1B,4,32,16,1,2,1,10,1,160,4096,,,\n")  # fmt: skip
     measured, larger = (plan_row(r, 131072, "none") for r in read_rows(csv))
     assert abs(measured.memory / (41.3 * 2**30) - 1) < 0.1 and measured.fits
     assert larger.memory < 78 * 2**30 and not larger.fits
@@ -140,12 +144,10 @@ def test_the_playbook_growth_per_sequence_compares_differences_within_a_layout(t
     from bench.bench_playbook import plan_row, read_rows
     from bench.playbook_limits import growth_per_sequence
 
-    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
-    csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
-                   "1B,1,8,8,1,1,0,2,16,256,4096,49.0,50000,50.2\n"
-                   "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
-                   "1B,1,8,4,2,1,0,1,64,256,4096,19.7,20000,19.5\n")  # fmt: skip
+    csv = playbook_csv(tmp_path, "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
+                                 "1B,1,8,8,1,1,0,2,16,256,4096,49.0,50000,50.2\n"
+                                 "1B,1,8,8,1,1,0,4,8,256,4096,,,\n"
+                                 "1B,1,8,4,2,1,0,1,64,256,4096,19.7,20000,19.5\n")  # fmt: skip
     growth = growth_per_sequence([plan_row(r, 131072, "none") for r in read_rows(csv)])
     assert list(growth) == [1] and growth[1][0] == 1
     assert 1.0 < growth[1][1] < 1.15
@@ -158,12 +160,10 @@ def test_the_playbook_ratio_by_kind_bands_layouts_and_micro_batches(tmp_path):
     from bench.bench_playbook import plan_row, read_rows
     from bench.playbook_limits import ratio_by_kind
 
-    header = "model,nodes,gpus,dp,tp,pp,zero,mbs,grad_acc,gbs_sequences,seq,mfu_pct,tok_s_gpu,gpu_mem_gb\n"
-    csv = tmp_path / "runs.csv"
-    csv.write_text(header + "1B,1,8,4,1,2,0,1,64,256,4096,1,1000,30\n"
-                   "1B,4,32,1,16,2,0,16,16,256,4096,1,1000,10\n"
-                   "1B,1,8,4,2,1,0,4,16,256,4096,1,1000,20\n"
-                   "1B,1,8,4,2,1,0,8,8,256,4096,,,\n")  # fmt: skip
+    csv = playbook_csv(tmp_path, "1B,1,8,4,1,2,0,1,64,256,4096,1,1000,30\n"
+                                 "1B,4,32,1,16,2,0,16,16,256,4096,1,1000,10\n"
+                                 "1B,1,8,4,2,1,0,4,16,256,4096,1,1000,20\n"
+                                 "1B,1,8,4,2,1,0,8,8,256,4096,,,\n")  # fmt: skip
     planned = [plan_row(r, 131072, "none") for r in read_rows(csv)]
     kinds = ratio_by_kind(planned)
     assert kinds == {
@@ -184,7 +184,7 @@ def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failu
     def planned(gib: float | None, ran: bool) -> Planned:
         row = Row("1B", 1, 1, 1, 8, 0, 1, 32, 4096, 1000.0 if ran else None, None)
         peak = None if gib is None else gib * 2**30
-        return Planned(row, peak, None, None, busiest=peak or 0.0)
+        return Planned(row, peak, None, busiest=peak or 0.0)
 
     ran = [planned(30, True), planned(50, True), planned(55, True)]
     failed = [planned(45, False), planned(60, False), planned(70, False)]
