@@ -329,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=CSV)
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "RESULTS.md")
     args = parser.parse_args(argv)
+    if not args.csv.is_file():
+        parser.error(f"--csv: no file at {args.csv}; give the path of the Playbook's measured-1b-8b.csv "
+                     "(shared/reference/playbook/ beside the repository)")  # fmt: skip
     rows = read_rows(args.csv)
     main_run = [plan_row(r, 131072, "none") for r in rows]
     small_vocab = [plan_row(r, 32768, "none") for r in rows]

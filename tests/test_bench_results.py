@@ -189,3 +189,14 @@ def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failu
     ran = [planned(30, True), planned(50, True), planned(55, True)]
     failed = [planned(45, False), planned(60, False), planned(70, False)]
     assert best_usable(ran + failed + [planned(None, True)]) == (5 / 6, 55.0)
+
+
+def test_the_playbook_benchmark_names_a_missing_csv_and_the_fix(tmp_path, capsys):
+    from bench.bench_playbook import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--csv", str(tmp_path / "absent.csv"), "--results", str(tmp_path / "RESULTS.md")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--csv: no file at" in err and "measured-1b-8b.csv" in err
+    assert not (tmp_path / "RESULTS.md").exists()
