@@ -9,9 +9,9 @@ and set against what was measured:
   e24d2483, log_throughput, line 674: world rank 0 writes, after iteration 3), whose two memory columns are
   torch.cuda.max_memory_allocated() and max_memory_reserved() divided by 1024**3 (lines 609-610): GiB, labelled
   GB. Which of the two the Playbook's figure shows is not stated (reserved is the larger);
-- fit: whether the planner says the configuration fits in the 80 GB (less its reserve) against whether the run
-  produced a result (a run without one is read as out of memory): the busiest rank's peak, since any rank's out
-  of memory ends the run;
+- fit: whether the planner says the configuration fits in the 80 GB (less its reserve), the busiest rank's peak
+  since any rank's out of memory ends the run, and nanotron can train its layout at all (`nanotron_trains`, from
+  nanotron's code), against whether the run produced a result;
 - throughput: Spearman's rank correlation of predicted against measured tokens/s per GPU within each (model, nodes)
   cell, over its runs with a result.
 Each pipeline is cut as nanotron cuts it (`nanotron_cut`: by cost, counting the head, so the first stages hold more
@@ -87,17 +87,15 @@ def model(name: str, vocab: int, seq: int) -> GPTConfig:
                      family="llama", n_kv_head=heads, ffn_hidden=ffn, tie_head=tied)  # fmt: skip
 
 
-def nanotron_cut(cfg: GPTConfig, pp: int) -> tuple[int, ...]:
-    """The decoder layers nanotron puts on each of `pp` stages.
+def nanotron_blocks(cfg: GPTConfig, pp: int) -> tuple[tuple[int, ...], int]:
+    """The pipeline rank nanotron gives each of its blocks, and the rank it names the output rank.
 
-    nanotron (src/nanotron/models/base.py build_model; costs from models/llama.py get_block_compute_costs) walks
-    its pipeline blocks in order (embedding, the decoder layers, final norm, head, cast to float32, loss), each
-    costing 4 h^2 + 3 h f for a decoder layer, V h for the head and nothing for the rest, and moves to the next
-    rank after the block whose running cost passes that rank's share (r + 1) / pp of the total. The head's cost
-    makes the first stages hold more layers: 1B over 4 stages is 6, 5, 5 and the head alone. Where stages
-    outnumber what the cost spreads over (1B over 8 stages: 3, 3, 2, 3, 2, 3, the head, the loss; at 32 stages
-    one layer each and twelve idle ranks), the planner still puts the head and the loss on the last stage; the
-    first stage, which holds the most microbatches, is the same."""
+    nanotron (src/nanotron/models/base.py build_model, at e24d2483 as at its head; costs from models/llama.py
+    get_block_compute_costs) walks its pipeline blocks in order (embedding, the decoder layers, final norm, head, cast
+    to float32, loss), each costing 4 h^2 + 3 h f for a decoder layer, V h for the head and nothing for the rest, and
+    moves to the next rank after the block whose running cost passes that rank's share (r + 1) / pp of the total.
+    After the last block it names the rank it has reached `output_pp_rank`: one past the loss's rank whenever the
+    loss's running cost (the whole) passes that rank's share, that is whenever the loss is not on the last rank."""
     h, f = cfg.n_embd, cfg.d_ff
     layer = 4 * h * h + 3 * h * f
     costs = [0] + [layer] * cfg.n_layer + [0, cfg.vocab_size * h, 0, 0]
@@ -108,7 +106,29 @@ def nanotron_cut(cfg: GPTConfig, pp: int) -> tuple[int, ...]:
         owner.append(rank)
         if running > total * (rank + 1) / pp:
             rank += 1
+    return tuple(owner), rank
+
+
+def nanotron_cut(cfg: GPTConfig, pp: int) -> tuple[int, ...]:
+    """The decoder layers nanotron puts on each of `pp` stages (`nanotron_blocks`). The head's cost makes the first
+    stages hold more layers: 1B over 4 stages is 6, 5, 5 and the head alone. Where stages outnumber what the cost
+    spreads over (1B over 8 stages: 3, 3, 2, 3, 2, 3, the head, the loss; at 32 stages one layer each and twelve idle
+    ranks), the planner still puts the head and the loss on the last stage; the first stage, which holds the most
+    microbatches, is the same."""
+    owner, _ = nanotron_blocks(cfg, pp)
     return tuple(sum(1 for o in owner[1 : 1 + cfg.n_layer] if o == r) for r in range(pp))
+
+
+def nanotron_trains(cfg: GPTConfig, pp: int) -> bool:
+    """Whether nanotron, as the sweep ran it, can train the model over `pp` stages: whether its output rank holds the
+    loss (`nanotron_blocks`). Where it does not (the last rank then holds no block at all: 1B from 16 stages, 8B from
+    64, at a 131,072 vocabulary), the output rank's outputs hold only pointers to the loss, so its trainer leaves the
+    step's average loss None (src/nanotron/trainer.py at e24d2483, training_step: `loss_avg` is computed only where
+    `outputs[0]["loss"]` is a tensor) and its logger ranks, the output rank's, call `loss_avg.item()` when logging
+    the first iteration (train_step_logs): the run stops before the third iteration, where the sweep's figures are
+    written. Decided from nanotron's code and the model's dimensions, never from a measured row."""
+    owner, output_rank = nanotron_blocks(cfg, pp)
+    return owner[-1] == output_rank
 
 
 @dataclass(frozen=True)
@@ -149,11 +169,17 @@ class Planned:
     step_s: float = 0.0  # predicted step time
     layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
     busiest: float = 0.0  # predicted peak bytes of the busiest rank
+    trains: bool = True  # whether nanotron can train the layout at all (`nanotron_trains`)
 
     @property
     def fits(self) -> bool | None:
         """Whether the busiest rank's predicted peak fits the device's usable memory (None where it cannot be cut)."""
         return None if self.memory is None else self.busiest <= USABLE_BYTES
+
+    @property
+    def runs(self) -> bool | None:
+        """The prediction held against result / no result: it fits, and nanotron can train its layout."""
+        return None if self.memory is None else bool(self.fits and self.trains)
 
 
 def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
@@ -174,7 +200,8 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
         return m.total + FP32_GRAD_BUFFER * m.param_count
 
     passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
-    return Planned(row, peak(first), tokens, c.step.total, passes, peak(c.memory))
+    trains = nanotron_trains(cfg, row.pp) if row.pp > 1 else True
+    return Planned(row, peak(first), tokens, c.step.total, passes, peak(c.memory), trains)
 
 
 @dataclass(frozen=True)
@@ -184,8 +211,10 @@ class Summary:
     memory_median: float
     memory_p90: float
     memory_bias: float
-    fit_agreement: float
-    fit_counts: dict
+    fit_agreement: float  # the prediction (`Planned.runs`) against result / no result
+    fit_counts: dict  # (predicted to run, ran) -> configurations
+    memory_fit_agreement: float  # the memory figure alone (`Planned.fits`) against result / no result
+    untrainable: tuple[int, int]  # configurations nanotron cannot train (`nanotron_trains`): without a result, with one
     rho: dict  # (model, nodes) -> Spearman's rho
     rho_median: float
     measured: int  # planned runs with a memory figure
@@ -205,11 +234,13 @@ def summarize(results: list[Planned]) -> Summary:
     absolute = [abs(e) for e in errors]
     counts: dict = defaultdict(int)
     for p in laid:
-        counts[(p.fits, p.row.tok_s_gpu is not None)] += 1
+        counts[(p.runs, p.row.tok_s_gpu is not None)] += 1
     agree = counts[(True, True)] + counts[(False, False)]
+    memory_agree = sum(1 for p in laid if p.fits == (p.row.tok_s_gpu is not None))
+    untrainable = [p.row.tok_s_gpu is not None for p in laid if not p.trains]
     unexplained = memory_cannot_explain([p.row for p in results])
     kept = [p for p, u in zip(results, unexplained, strict=True) if p.memory is not None and not u]
-    kept_agree = sum(1 for p in kept if p.fits == (p.row.tok_s_gpu is not None))
+    kept_agree = sum(1 for p in kept if p.runs == (p.row.tok_s_gpu is not None))
     cells: dict = defaultdict(list)
     for p in laid:
         if p.row.tok_s_gpu is not None:
@@ -217,13 +248,18 @@ def summarize(results: list[Planned]) -> Summary:
     rho = {k: spearman([a for a, _ in v], [b for _, b in v]) for k, v in sorted(cells.items())}
     valid = [r for r in rho.values() if r is not None]
     return Summary(len(laid), len(results) - len(laid), statistics.median(absolute), percentile(absolute, 0.9),
-                   statistics.median(errors), agree / len(laid), dict(counts), rho, statistics.median(valid) if valid else float("nan"),
+                   statistics.median(errors), agree / len(laid), dict(counts), memory_agree / len(laid),
+                   (untrainable.count(False), untrainable.count(True)), rho, statistics.median(valid) if valid else float("nan"),
                    len(errors), {k: statistics.median(v) for k, v in sorted(grouped.items())},
                    len(kept), kept_agree / len(kept) if kept else float("nan"))  # fmt: skip
 
 
 def report(
-    main: Summary, alternatives: dict[str, Summary], results: list[Planned], what_if: dict[float, Summary]
+    main: Summary,
+    alternatives: dict[str, Summary],
+    results: list[Planned],
+    what_if: dict[float, Summary],
+    small_vocab: list[Planned] | None = None,
 ) -> str:
     left_out = f"{main.cut} the planner cannot lay out are left out, " if main.cut else ""
     lost, lost_gib = layout_failures(results)
@@ -238,18 +274,22 @@ def report(
         f"- Peak memory, predicted against measured over the {main.measured} runs with a result: median "
         f"|error| {main.memory_median:.1%}, 90th percentile {main.memory_p90:.1%}, median signed error "
         f"{main.memory_bias:+.1%} (target: median <= 10%).",
-        f"- Fit: the planner's fits / does not fit agrees with result / no result on {main.fit_agreement:.1%} "
-        f"(target >= 90%): fits and ran {main.fit_counts.get((True, True), 0)}, does not fit and no result "
-        f"{main.fit_counts.get((False, False), 0)}, fits but no result {main.fit_counts.get((True, False), 0)}, "
-        f"does not fit but ran {main.fit_counts.get((False, True), 0)}. Of the {main.fit_counts.get((True, False), 0)} "
-        f"said to fit without a result, {lost} belong to layouts none of whose micro-batch sizes produced a result, "
-        f"predicted at a median {lost_gib:.0f} GiB of the 80: failures no memory figure explains. Leaving out every "
+        f"- Fit: the prediction (it fits the 80 GB less the reserve, and nanotron can train its layout) agrees with "
+        f"result / no result on {main.fit_agreement:.1%} (target >= 90%): predicted to run and ran "
+        f"{main.fit_counts.get((True, True), 0)}, predicted not to and no result {main.fit_counts.get((False, False), 0)}, "
+        f"predicted to run but no result {main.fit_counts.get((True, False), 0)}, predicted not to but ran "
+        f"{main.fit_counts.get((False, True), 0)}. Nanotron cannot train {sum(main.untrainable)} of the configurations "
+        f"whatever their memory (`nanotron_trains`, from its code: where pipeline ranks outnumber what its cut spreads "
+        f"over, it names as output rank a rank past the loss, whose logging of the loss then fails before the figures "
+        f"are written): {main.untrainable[0]} produced no result, {main.untrainable[1]} did. The memory figure alone "
+        f"agrees on {main.memory_fit_agreement:.1%}. Of the {main.fit_counts.get((True, False), 0)} predicted to run "
+        f"without a result, {lost} belong to layouts none of whose micro-batch sizes produced a result, predicted at a "
+        f"median {lost_gib:.0f} GiB of the 80: failures no memory figure explains. Leaving out every "
         f"configuration whose outcome no memory figure can explain, decided from the measurements alone "
         f"(`memory_cannot_explain`: its whole layout failed, or a run needing no less memory ran), the agreement "
         f"over the other {main.explained} is {main.explained_agreement:.1%}. With the usable memory set anywhere from "
         f"40 to 80 GiB instead of the device's less its reserve, the same peaks would agree at most {best:.1%} "
-        f"(at {best_at:g} GiB; `best_usable`): no reserve for CUDA's context, NCCL's buffers or fragmentation, "
-        "however chosen, reaches the target.",
+        f"(at {best_at:g} GiB; `best_usable`): the reserve, not fitted, stays the device's.",
         f"- Throughput ranks: Spearman's rho of predicted against measured tokens/s per GPU, median over the "
         f"{len(main.rho)} (model, nodes) cells {main.rho_median:.2f} (target >= 0.7): "
         + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items())
@@ -269,6 +309,7 @@ def report(
     lines += [
         "",
         f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}.",
+        *vocabulary_evidence(results, small_vocab or []),
         "Where the memory miss lies: within a layout, from one micro-batch size to the next that ran, the measured "
         "growth of the peak over the predicted growth, median by tp: "
         + ", ".join(f"tp {tp} {r:.2f} ({n} pairs)" for tp, (n, r) in growth.items())
@@ -324,6 +365,20 @@ def report(
     return "\n".join(lines) + "\n"
 
 
+def vocabulary_evidence(results: list[Planned], small_vocab: list[Planned]) -> list[str]:
+    """The configurations nanotron could train at a 32,768 vocabulary but not at 131,072 (its head a quarter the
+    cost, the cut spreads over more stages), and how many of them produced a result: a test of the vocabulary
+    assumption independent of any memory figure."""
+    shifted = [(a.row.model, a.row.pp, a.row.tok_s_gpu is not None)
+               for a, b in zip(results, small_vocab, strict=True) if not a.trains and b.trains]  # fmt: skip
+    if not shifted:
+        return []
+    kinds = ", ".join(f"{m} over {pp} stages" for m, pp in sorted({(m, pp) for m, pp, _ in shifted}))
+    ran = sum(1 for *_, r in shifted if r)
+    return [f"The vocabulary read from the cut: at 32,768 nanotron could train {len(shifted)} configurations it cannot "
+            f"at 131,072 ({kinds}); {ran} of them produced a result."]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=CSV)
@@ -342,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "every block recomputed": summarize(recompute),
     }
     what_if = {t: summarize(with_host_cost(main_run, t)) for t in HOST_COSTS_S}
-    text = report(summary, alternatives, main_run, what_if)
+    text = report(summary, alternatives, main_run, what_if, small_vocab)
     print(text)
     write_section(HEADING, text, args.results)
     return 0

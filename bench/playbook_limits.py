@@ -110,10 +110,11 @@ def growth_per_sequence(results: list[Planned]) -> dict[int, tuple[int, float]]:
 
 
 def layout_failures(results: list[Planned]) -> tuple[int, float]:
-    """Of the configurations said to fit that produced no result: how many belong to a layout (model, nodes, tp, pp,
-    dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in GiB."""
+    """Of the configurations predicted to run (`Planned.runs`) that produced no result: how many belong to a layout
+    (model, nodes, tp, pp, dp, ZeRO) none of whose micro-batch sizes produced one, and their median predicted peak in
+    GiB."""
     ran = {p.row.layout for p in results if p.row.tok_s_gpu}
-    lost = [p for p in results if p.fits and p.row.tok_s_gpu is None and p.row.layout not in ran]
+    lost = [p for p in results if p.runs and p.row.tok_s_gpu is None and p.row.layout not in ran]
     return len(lost), statistics.median(p.memory for p in lost) / GiB if lost else 0.0
 
 
@@ -143,14 +144,14 @@ def tp8_pair(results: list[Planned]) -> tuple[Planned, Planned] | None:
 
 def best_usable(results: list[Planned], low_gib: float = 40.0, high_gib: float = 80.0) -> tuple[float, float]:
     """The highest fit agreement the planner's own busiest-rank peaks reach with the usable memory set anywhere from
-    `low_gib` to `high_gib` in 0.5 GiB steps, and the usable GiB that gives it (the lowest of any tie). A ceiling
-    for every reserve (CUDA context, NCCL buffers, allocator fragmentation) the planner could charge, however chosen:
-    never used to plan."""
+    `low_gib` to `high_gib` in 0.5 GiB steps (layouts nanotron cannot train still predicted to fail), and the usable
+    GiB that gives it (the lowest of any tie). A ceiling for every reserve (CUDA context, NCCL buffers, allocator
+    fragmentation) the planner could charge, however chosen: never used to plan."""
     laid = [p for p in results if p.memory is not None]
     best, at = -1.0, low_gib
     for step in range(int((high_gib - low_gib) * 2) + 1):
         usable = (low_gib + step / 2) * GiB
-        agree = sum(1 for p in laid if (p.busiest <= usable) == (p.row.tok_s_gpu is not None)) / len(laid)
+        agree = sum(1 for p in laid if (p.trains and p.busiest <= usable) == (p.row.tok_s_gpu is not None)) / len(laid)
         if agree > best:
             best, at = agree, low_gib + step / 2
     return best, at

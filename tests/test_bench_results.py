@@ -71,7 +71,8 @@ def playbook_csv(tmp_path, rows: str):
 
 def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
     # Four 1B runs: one that ran, the same one whose figures are missing (read as out of memory), a micro-batch of
-    # 256 sequences the planner says cannot fit, and pp 32 on 16 layers (one layer a stage, as nanotron cuts it).
+    # 256 sequences the planner says cannot fit, and pp 32 on 16 layers (one layer a stage, as nanotron cuts it):
+    # small enough to fit, but a layout nanotron cannot train (its output rank holds no loss), so predicted not to run.
     from bench.bench_playbook import plan_row, read_rows, summarize
 
     csv = playbook_csv(tmp_path, "1B,1,8,8,1,1,0,1,32,256,4096,38.3,39273,36.7\n"
@@ -81,9 +82,11 @@ def test_the_playbook_benchmark_counts_fit_and_memory_from_each_row(tmp_path):
     rows = read_rows(csv)
     planned = [plan_row(r, 131072, "none") for r in rows]
     assert [p.fits for p in planned] == [True, True, False, True]
+    assert [p.runs for p in planned] == [True, True, False, False]
     s = summarize(planned)
     assert (s.planned, s.cut, s.measured) == (4, 0, 1)
-    assert s.fit_counts == {(True, True): 1, (True, False): 2, (False, False): 1} and s.fit_agreement == 2 / 4
+    assert s.fit_counts == {(True, True): 1, (True, False): 1, (False, False): 2} and s.fit_agreement == 3 / 4
+    assert s.memory_fit_agreement == 2 / 4 and s.untrainable == (1, 0)
     assert s.memory_median == abs(planned[0].memory / (36.7 * 2**30) - 1)
 
 
@@ -120,6 +123,24 @@ def test_nanotron_cuts_the_playbook_models_by_cost_counting_the_head():
     assert nanotron_cut(one_b, 4) == (6, 5, 5, 0)
     assert nanotron_cut(one_b, 2) == (11, 5)
     assert nanotron_cut(one_b, 32) == (1,) * 16 + (0,) * 16  # a share below one layer: one layer a stage
+
+
+def test_nanotron_names_an_output_rank_past_the_loss_where_stages_outnumber_its_cut():
+    """1B at a 131,072 vocabulary: a layer 2^26, the head 2^28 (four layers' worth), 20 in all. Over 16 stages a rank's
+    share is 1.25 layers' worth: the 16th layer ends at 16 > 15 (rank 11's 12 x 1.25) and moves on; the final norm
+    stays on rank 12 (16 <= 16.25), the head takes it to 20 > 16.25, so the cast sits on 13 and the loss on 14, and
+    the loss's 20 > 18.75 names rank 15, which holds nothing, the output rank. Over 8 stages the loss is on rank 7,
+    whose share is the whole (20 > 20 is false): the output rank holds it. At 32,768 the head is one layer's worth (17
+    in all, 1.0625 a rank over 16) and the loss reaches the last rank: 1B over 16 stages trains there."""
+    from bench.bench_playbook import model, nanotron_blocks, nanotron_trains
+
+    one_b = model("1B", 131072, 4096)
+    owner, output = nanotron_blocks(one_b, 16)
+    assert owner[-4:] == (12, 12, 13, 14) and output == 15 and 15 not in owner  # norm, head, cast, loss
+    assert not nanotron_trains(one_b, 16) and nanotron_trains(one_b, 8)
+    assert nanotron_trains(model("1B", 32768, 4096), 16)
+    eight_b = model("8B", 131072, 4096)  # a layer 4 h^2 + 3 h f = 243M beside a head of 537M: it spreads further
+    assert nanotron_trains(eight_b, 32) and not nanotron_trains(eight_b, 64)
 
 
 def test_the_playbook_memory_is_rank_0s_and_the_fit_the_busiest_ranks(tmp_path):
