@@ -58,6 +58,7 @@ from bench.playbook_limits import (  # noqa: E402
     growth_per_sequence,
     layout_failures,
     memory_cannot_explain,
+    per_micro_batch,
     ratio_by_kind,
     tp8_pair,
     with_host_cost,
@@ -350,6 +351,16 @@ def report(
                       f"the prediction over {small[0]} runs, the same kind at 16 or more at {large[1]:.2f}: a cost "
                       "that does not grow with the micro-batch, largest where tensor-parallel groups span nodes."]  # fmt: skip
         lines.append("")
+    floor = per_micro_batch(results)
+    if floor:
+        (model_name, nodes, tp, pp, dp, zero), runs = floor
+        lines.append(
+            f"The same cost, one layout: {model_name} on {nodes} nodes at tp {tp}, pp {pp}, dp {dp} (ZeRO-{zero}) took "
+            + ", ".join(f"{m:.0f}" for _, m, _ in runs) + " ms a micro-batch at "
+            + ", ".join(str(b) for b, _, _ in runs) + " sequences (predicted "
+            + ", ".join(f"{q:.0f}" for *_, q in runs) + "; `per_micro_batch`): the measured time stays at a floor "
+            "whatever the micro-batch's size until the predicted compute exceeds it, as if a cost a micro-batch ran "
+            "beside the compute rather than after it.\n")  # fmt: skip
     pair = tp8_pair(results)
     if pair:
         small, large = pair
@@ -358,8 +369,8 @@ def report(
             f"micro-batch measured {small.row.tok_s_gpu:,.0f} and {large.row.tok_s_gpu:,.0f} tokens/s per GPU "
             f"({large.row.tok_s_gpu / small.row.tok_s_gpu:.1f}x), where the planner's compute and communication give "
             f"{large.tok_s_gpu / small.tok_s_gpu:.2f}x (NCCL's latency for every tensor-parallel collective "
-            "included): a fixed cost per layer and pass beyond it (host-side launches and synchronisation) that "
-            "dominates small micro-batches under tensor parallelism, and that the planner has no term for. Added as a "
+            "included): a fixed cost per layer and pass beyond it that dominates small micro-batches under tensor "
+            "parallelism, and that the planner has no term for. Added as a "
             "what-if (not part of the planner, not fitted), the median rho becomes "
             + ", ".join(f"{s.rho_median:.2f} at {t * 1e3:g} ms a pass" for t, s in what_if.items()) + ".")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -155,3 +155,25 @@ def best_usable(results: list[Planned], low_gib: float = 40.0, high_gib: float =
         if agree > best:
             best, at = agree, low_gib + step / 2
     return best, at
+
+
+def per_micro_batch(results: list[Planned], max_tp: int = 8) -> tuple[tuple, list[tuple[int, float, float]]] | None:
+    """A tensor-parallel pipeline's step time per micro-batch, measured and predicted, at each micro-batch size that
+    ran: the layout (model, nodes, tp, pp, dp, ZeRO) with 1 < tp <= max_tp (by default within a node) and pp > 1 that
+    ran at the most sizes (the first of a tie in sorted order), and (sequences a micro-batch, measured ms, predicted ms) for each. The step is the
+    global batch's tokens over tokens/s per GPU times the GPUs; a micro-batch is the step over its accumulation."""
+    by: dict = defaultdict(list)
+    for p in results:
+        r = p.row
+        if 1 < r.tp <= max_tp and r.pp > 1 and r.tok_s_gpu and p.tok_s_gpu:
+            by[r.layout].append(p)
+    if not by:
+        return None
+    layout = max(sorted(by), key=lambda k: len({p.row.mbs for p in by[k]}))
+
+    def ms(p: Planned, tok_s_gpu: float) -> float:
+        r = p.row
+        return r.mbs * r.grad_acc * r.dp * r.seq / (tok_s_gpu * r.nodes * 8) / r.grad_acc * 1e3
+
+    runs = sorted(by[layout], key=lambda p: p.row.mbs)
+    return layout, [(p.row.mbs, ms(p, p.row.tok_s_gpu), ms(p, p.tok_s_gpu)) for p in runs]

@@ -194,6 +194,30 @@ def test_the_playbook_ratio_by_kind_bands_layouts_and_micro_batches(tmp_path):
     }
 
 
+def test_the_playbook_per_micro_batch_time_is_the_step_over_its_accumulation(tmp_path):
+    """A tp 2 pipeline (1 node, dp 2) at 1 and 2 sequences a micro-batch with 1,000 and 2,000 tokens/s per GPU: a step
+    of 256 x 4,096 tokens over 8 GPUs takes 131.072 s and 65.536 s, over 128 and 64 micro-batches 1,024 ms each. A tp
+    16 pipeline that ran at three sizes is across nodes (beyond max_tp), a tp 2 run without a pipeline is not one,
+    and a size without a result is left out."""
+    from bench.bench_playbook import plan_row, read_rows
+    from bench.playbook_limits import per_micro_batch
+
+    csv = playbook_csv(tmp_path, "1B,1,8,2,2,2,0,1,128,256,4096,1,1000,10\n"
+                                 "1B,1,8,2,2,2,0,2,64,256,4096,1,2000,12\n"
+                                 "1B,1,8,2,2,2,0,4,32,256,4096,,,\n"
+                                 "1B,4,32,1,16,2,0,1,256,256,4096,1,100,5\n"
+                                 "1B,4,32,1,16,2,0,2,128,256,4096,1,200,6\n"
+                                 "1B,4,32,1,16,2,0,4,64,256,4096,1,400,7\n"
+                                 "1B,1,8,4,2,1,0,1,64,256,4096,1,3000,9\n")  # fmt: skip
+    planned = [plan_row(r, 131072, "none") for r in read_rows(csv)]
+    layout, runs = per_micro_batch(planned)
+    assert layout == ("1B", 1, 2, 2, 2, 0)
+    assert [(b, pytest.approx(m)) for b, m, _ in runs] == [(1, 1024.0), (2, 1024.0)]
+    # the prediction by the same arithmetic from the planner's own tokens/s
+    assert runs[0][2] == pytest.approx(256 * 4096 / (planned[0].tok_s_gpu * 8) / 128 * 1e3)
+    assert per_micro_batch(planned, max_tp=16)[0] == ("1B", 4, 16, 2, 1, 0)  # three sizes ran
+
+
 def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failures():
     """Peaks of 30, 50 and 55 GiB ran, 60 and 70 failed, and 45 failed among them. Usable memory from 55 to 59.5 GiB
     agrees on 5 of 6 (the 45 GiB failure is wrong wherever the line goes); below 50 the 50 and 55 runs are wrong as
