@@ -304,12 +304,14 @@ def report(
     for name, s in alternatives.items():
         lines.append(f"| {name} | {s.memory_median:.1%} | {s.memory_p90:.1%} | {s.memory_bias:+.1%} | "
                      f"{s.fit_agreement:.1%} | {s.rho_median:.2f} |")  # fmt: skip
-    met = main.memory_median <= 0.10 and main.fit_agreement >= 0.90 and main.rho_median >= 0.7
+    met = {"memory": main.memory_median <= 0.10, "fit": main.fit_agreement >= 0.90, "ranks": main.rho_median >= 0.7}
     degrees = "; ".join(f"{name} {d}: {e:+.0%}" for (name, d), e in main.by_degree.items())
     growth = growth_per_sequence(results)
     lines += [
         "",
-        f"Targets {'met' if met else 'not met'}. Median signed memory error by degree: {degrees}.",
+        "Targets: "
+        + ", ".join(f"{name} {'met' if ok else 'not met'}" for name, ok in met.items())
+        + f". Median signed memory error by degree: {degrees}.",
         *vocabulary_evidence(results, small_vocab or []),
         "Where the memory miss lies: within a layout, from one micro-batch size to the next that ran, the measured "
         "growth of the peak over the predicted growth, median by tp: "
