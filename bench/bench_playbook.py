@@ -361,7 +361,7 @@ def report(
             + ", ".join(f"{m:.0f}" for _, m, _ in runs) + " ms a micro-batch at "
             + ", ".join(str(b) for b, _, _ in runs) + " sequences (predicted "
             + ", ".join(f"{q:.0f}" for *_, q in runs) + "; `per_micro_batch`): the measured time stays at a floor "
-            "whatever the micro-batch's size until the predicted compute exceeds it, as if a cost a micro-batch ran "
+            "whatever the micro-batch's size until the predicted compute exceeds it, as if a fixed cost per micro-batch ran "
             "beside the compute rather than after it.\n")  # fmt: skip
     pair = tp8_pair(results)
     if pair:
