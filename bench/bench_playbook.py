@@ -77,8 +77,9 @@ HEADING = "Playbook: 1,631 measured H100 runs against the planner"
 # (layers, hidden, heads, SwiGLU hidden, head tied): the README's dimensions
 MODELS = {"1B": (16, 2048, 32, 8192, True), "8B": (32, 4096, 32, 14336, False)}
 FP32_GRAD_BUFFER = 4  # bytes a parameter the rank holds: nanotron's float32 gradient accumulation buffer
-DEVICE = "h100-80gb"  # every run's GPU: 8 a node
-USABLE_BYTES = preset(DEVICE, 8, 8).usable_bytes  # the same whatever the node count
+DEVICE = "h100-80gb"  # every run's GPU
+GPUS_PER_NODE = 8
+USABLE_BYTES = preset(DEVICE, GPUS_PER_NODE, GPUS_PER_NODE).usable_bytes  # the same whatever the node count
 HOST_COSTS_S = (0.5e-3, 1e-3, 2e-3)  # what-if host seconds per layer and micro-batch pass (module docstring)
 
 
@@ -151,6 +152,15 @@ class Row:
         """(model, nodes, tp, pp, dp, ZeRO): the configuration less its micro-batch."""
         return self.model, self.nodes, self.tp, self.pp, self.dp, self.zero
 
+    @property
+    def gpus(self) -> int:
+        return self.nodes * GPUS_PER_NODE
+
+    @property
+    def tokens(self) -> int:
+        """Tokens a step: the global batch (micro-batch x accumulation x replicas) of `seq` each."""
+        return self.mbs * self.grad_acc * self.dp * self.seq
+
 
 def read_rows(path: Path) -> list[Row]:
     def num(text: str) -> float | None:
@@ -166,11 +176,15 @@ def read_rows(path: Path) -> list[Row]:
 class Planned:
     row: Row
     memory: float | None  # predicted peak bytes of world rank 0 (the figure's rank); None where it cannot be cut
-    tok_s_gpu: float | None
-    step_s: float = 0.0  # predicted step time
+    step_s: float = 0.0  # predicted step time; 0 where it cannot be cut
     layer_passes: int = 0  # micro-batches x layers on the longest stage: what a fixed host cost a pass multiplies
     busiest: float = 0.0  # predicted peak bytes of the busiest rank
     trains: bool = True  # whether nanotron can train the layout at all (`nanotron_trains`)
+
+    @property
+    def tok_s_gpu(self) -> float | None:
+        """Predicted tokens/s per GPU (None where it cannot be cut)."""
+        return self.row.tokens / self.step_s / self.row.gpus if self.step_s else None
 
     @property
     def fits(self) -> bool | None:
@@ -188,12 +202,11 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
     cut = nanotron_cut(cfg, row.pp) if row.pp > 1 else ()
     work = Workload(batch=row.mbs * row.grad_acc * row.dp, seq=row.seq, dtype="bf16-master", reduce_fp32=True,
                     checkpoint=checkpoint, microbatch_size=row.mbs, sequence_parallel=row.tp > 1)  # fmt: skip
-    devices = preset(DEVICE, row.nodes * 8, 8)
+    devices = preset(DEVICE, row.gpus, GPUS_PER_NODE)
     layout = Layout(row.tp, row.pp, row.dp, row.zero, cut)
     c = evaluate(cfg, layout, work, devices)
     if c.memory is None or c.step is None:
-        return Planned(row, None, None)
-    tokens = work.batch * row.seq / c.step.total / devices.count
+        return Planned(row, None)
     first = rank_memory(cfg, layout, on_devices(work, devices), 0) if row.pp > 1 else c.memory
 
     def peak(m: RankMemory) -> int:
@@ -202,7 +215,7 @@ def plan_row(row: Row, vocab: int, checkpoint: str) -> Planned:
 
     passes = row.grad_acc * (max(cut) if cut else cfg.n_layer)
     trains = nanotron_trains(cfg, row.pp) if row.pp > 1 else True
-    return Planned(row, peak(first), tokens, c.step.total, passes, peak(c.memory), trains)
+    return Planned(row, peak(first), c.step.total, passes, peak(c.memory), trains)
 
 
 @dataclass(frozen=True)

@@ -21,14 +21,7 @@ if TYPE_CHECKING:
 
 def with_host_cost(results: list[Planned], seconds: float) -> list[Planned]:
     """The same predictions with `seconds` of host time added to every layer and micro-batch pass (a what-if)."""
-    out = []
-    for p in results:
-        if p.tok_s_gpu is None:
-            out.append(p)
-            continue
-        step = p.step_s + p.layer_passes * seconds
-        out.append(replace(p, tok_s_gpu=p.tok_s_gpu * p.step_s / step, step_s=step))
-    return out
+    return [replace(p, step_s=p.step_s + p.layer_passes * seconds) if p.step_s else p for p in results]
 
 
 def memory_cannot_explain(rows: list[Row]) -> list[bool]:
@@ -170,10 +163,8 @@ def per_micro_batch(results: list[Planned], max_tp: int = 8) -> tuple[tuple, lis
     if not by:
         return None
     layout = max(sorted(by), key=lambda k: len({p.row.mbs for p in by[k]}))
-
-    def ms(p: Planned, tok_s_gpu: float) -> float:
-        r = p.row
-        return r.mbs * r.grad_acc * r.dp * r.seq / (tok_s_gpu * r.nodes * 8) / r.grad_acc * 1e3
-
-    runs = sorted(by[layout], key=lambda p: p.row.mbs)
-    return layout, [(p.row.mbs, ms(p, p.row.tok_s_gpu), ms(p, p.tok_s_gpu)) for p in runs]
+    runs = []
+    for p in sorted(by[layout], key=lambda p: p.row.mbs):
+        measured_step = p.row.tokens / (p.row.tok_s_gpu * p.row.gpus)
+        runs.append((p.row.mbs, measured_step / p.row.grad_acc * 1e3, p.step_s / p.row.grad_acc * 1e3))
+    return layout, runs

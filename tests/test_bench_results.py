@@ -229,7 +229,7 @@ def test_best_usable_finds_the_usable_memory_that_best_separates_runs_from_failu
     def planned(gib: float | None, ran: bool) -> Planned:
         row = Row("1B", 1, 1, 1, 8, 0, 1, 32, 4096, 1000.0 if ran else None, None)
         peak = None if gib is None else gib * 2**30
-        return Planned(row, peak, None, busiest=peak or 0.0)
+        return Planned(row, peak, busiest=peak or 0.0)
 
     ran = [planned(30, True), planned(50, True), planned(55, True)]
     failed = [planned(45, False), planned(60, False), planned(70, False)]
