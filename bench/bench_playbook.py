@@ -65,6 +65,7 @@ from bench.playbook_limits import (  # noqa: E402
     zero_twins,
 )
 from bench.results import REPO, write_section  # noqa: E402
+from runner.analysis.stats import median_interval  # noqa: E402
 from runner.gpt.config import GPTConfig  # noqa: E402
 from runner.job.metrics import percentile, spearman  # noqa: E402
 from runner.planner.devices import GiB, preset  # noqa: E402
@@ -307,7 +308,8 @@ def report(
         f"- Throughput ranks: Spearman's rho of predicted against measured tokens/s per GPU, median over the "
         f"{len(main.rho)} (model, nodes) cells {main.rho_median:.2f} (target >= 0.7): "
         + ", ".join(f"{m} x{n} {r:.2f}" if r is not None else f"{m} x{n} -" for (m, n), r in main.rho.items())
-        + ".",
+        + f". How much the median rests on which cells were measured: "
+        f"{median_interval(r for r in main.rho.values() if r is not None).describe('{:.2f}')} over the cells.",
         "",
         "| assumption changed | memory median abs err | p90 | signed median | fit agreement | median rho |",
         "|---|---|---|---|---|---|",
