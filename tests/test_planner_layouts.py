@@ -16,7 +16,7 @@ from runner.planner.devices import described, from_gpus, from_lease, from_partit
 from runner.planner.layouts import evaluate, plan
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, Layout, Workload
-from runner.planner.step_time import predict_step, ring_allreduce_s
+from runner.planner.step_time import predict_step, rank_passes, ring_allreduce_s
 
 GB = 1e9
 PRESETS_TINY = MODELS["tiny"]
@@ -218,3 +218,19 @@ def test_an_uneven_cut_moves_whole_layers_between_stages():
     assert min(cands, key=lambda c: cands[c].step.total) == (3, 3)
     bad = evaluate(cfg, Layout(pp=3, cut=(2, 4)), w, preset("h100-80gb", 3, 3)).reasons
     assert "n_layer cut [2, 4]: one count a stage, 3 of them, summing to 6" in bad
+
+
+def test_a_forward_step_is_priced_at_the_models_own_layer():
+    """Forward and generate take their rate from one layer's forward: that layer's FLOPs must be the model's own
+    (SwiGLU's three projections at its width, grouped key/value heads), not GPT-2's 24 h^2. Both sides price the
+    same matmul shapes on the same clock; they differ only in the head (priced at its own shape in training, at the
+    layer's rate here) and attention (its causal half priced, its full count in the FLOPs), a few percent for an 8B
+    at 2,048 positions. So the forward step's compute tracks the training forward pass whatever the MLP width;
+    GPT-2's count would make it 0.50x at a 4,096 width and 2.1x at 32,768."""
+    h100, base = preset("h100-80gb", 1), MODELS["llama-3.1-8b"]
+    for cfg in (replace(base, ffn_hidden=f) for f in (4096, 14336, 32768)):
+        for kv in (2, 8, 32):
+            model = replace(cfg, n_kv_head=kv)
+            forward = predict_step(model, Layout(), Workload(workload="forward", batch=4, seq=2048, dtype="bfloat16"), h100)
+            train = rank_passes(model, Layout(), Workload(batch=4, seq=2048, dtype="bfloat16"), h100, 0, None, 1.0)
+            assert forward.compute_s == pytest.approx(train.forward, rel=0.1)

@@ -163,12 +163,26 @@ class _Clock:
         return 0.0 if self.flat is not None else memory_seconds(self.devices, nbytes)
 
 
+def _layer_widths(cfg: GPTConfig) -> tuple[int, int]:
+    """(key/value width, MLP input projections): a Llama config has grouped key/value heads and SwiGLU's gate
+    beside its up projection; GPT-2 has n_embd and 1."""
+    return getattr(cfg, "kv_width", cfg.n_embd), getattr(cfg, "fused_mlp_parts", 1)
+
+
+def layer_forward_flops(cfg: GPTConfig, tokens: int, seq: int) -> float:
+    """Model FLOPs of one layer's forward for `tokens` tokens attending over `seq` positions, counted as
+    model_flops counts them: 2 per matmul weight and token, and 4·h·seq a token for attention's two products."""
+    h, f = cfg.n_embd, cfg.d_ff
+    kv, parts = _layer_widths(cfg)
+    weights = h * (h + 2 * kv) + h * h + parts * f * h + f * h
+    return tokens * (2 * weights + 4 * h * seq)
+
+
 def layer_seconds(cfg: GPTConfig, work: Workload, clock: _Clock, b: int, tp: int) -> tuple[float, float]:
     """(forward, backward) seconds of one transformer layer on one tensor-parallel rank for b sequences."""
     s, h, a, f = work.seq, cfg.n_embd, cfg.n_head, cfg.d_ff
     tokens, heads, hd = b * s, max(1, a // tp), h // a
-    # a config of the Llama family has grouped key/value heads and SwiGLU's gate beside its up projection
-    kv, parts = getattr(cfg, "kv_width", h), getattr(cfg, "fused_mlp_parts", 1)
+    kv, parts = _layer_widths(cfg)
     gemm = clock.mm(tokens, (h + 2 * kv) / tp, h) + clock.mm(tokens, h, h / tp) + clock.mm(tokens, parts * f / tp, h)
     gemm += clock.mm(tokens, h, f / tp)
     width = work.activation_width
@@ -297,7 +311,7 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     rows = max(1, work.batch // dp)
     clock = _Clock(devices, work.dtype, efficiency)
     fwd, _ = layer_seconds(cfg, work, clock, rows, tp)
-    layer_flops = rows * work.seq * (24 * cfg.n_embd**2 + 4 * work.seq * cfg.n_embd) / tp
+    layer_flops = layer_forward_flops(cfg, rows * work.seq, work.seq) / tp
     rate = layer_flops / fwd if fwd > 0 else devices.peak(work.dtype)  # this shape's FLOP/s
     compute = flops / layout.world_size / rate
     m = work.microbatches_for(layout)  # an assembly line: GPipe's fill and drain
