@@ -9,6 +9,7 @@ from streamlit.testing.v1 import AppTest
 
 from runner import api
 from runner.planner.devices import cpu_host
+from runner.planner.layouts import evaluate
 from runner.planner.models import Layout, Workload
 from runner.spec.validation import validate_spec
 from storage.calibration import prediction_of
@@ -17,6 +18,7 @@ from ui.format import human_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 TWO_CORES = cpu_host(2, 8 * 2**30, 10e9, 1e9)
+FOUR_CORES = cpu_host(4, 8 * 2**30, 10e9, 1e9)
 
 
 def test_guide_table_answers_the_guides_175b_example():
@@ -102,6 +104,18 @@ def test_every_feasible_tiny_layout_becomes_a_valid_spec(microbatch_size):
         assert spec.zero_stage == c.layout.zero_stage and spec.microbatches == c.microbatches
         if microbatch_size:
             assert spec.batch // c.layout.dp // spec.microbatches == microbatch_size
+
+
+def test_a_sequence_parallel_plan_launches_sequence_parallel():
+    """The prediction stored with a launched plan counts sequence parallelism wherever tp > 1: the spec must run
+    it there too (tensor and 3d), and never ask it of a layout without tensor parallelism."""
+    work = Workload(batch=8, seq=64, dtype="float32", microbatches=2, sequence_parallel=True)
+    inputs = P.PlannerInputs("tiny", {}, work, (0,), 1.0)
+    for lay in (Layout(tp=2), Layout(tp=2, pp=2), Layout(tp=2, dp=2), Layout(pp=2), Layout(dp=2)):
+        c = evaluate(inputs.config(), lay, work, FOUR_CORES)
+        spec = P.spec_for(inputs, c, "cpu")
+        assert validate_spec(spec, gpu_count=0) == [], (lay.label(), spec)
+        assert spec.sequence_parallel == (lay.tp > 1), lay.label()
 
 
 def test_custom_dimensions_reach_the_spec():

@@ -55,7 +55,8 @@ def test_every_problem_is_reported_at_once():
         ({"strategy": "tensor", "tp": 1}, "tp", "needs at least 2 ranks in tp (got 1); set tp to 2 or more"),
         ({"strategy": "pipeline", "pp": 1}, "pp", "needs at least 2 ranks in pp"),
         ({"strategy": "data", "dp": 1}, "dp", "needs at least 2 ranks in dp"),
-        ({"strategy": "3d", "tp": 2, "sequence_parallel": True}, "sequence_parallel", "does not use sequence_parallel"),
+        ({"strategy": "3d", "pp": 2, "sequence_parallel": True}, "sequence_parallel", "needs tp 2 or more (got 1)"),
+        ({"strategy": "data", "dp": 2, "sequence_parallel": True}, "sequence_parallel", "does not use sequence_parallel"),
         (
             {"strategy": "tensor", "tp": 2, "tp_style": "gather", "sequence_parallel": True},
             "sequence_parallel",

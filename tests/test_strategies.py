@@ -49,7 +49,8 @@ def test_each_strategy_says_what_it_uses():
         "tensor": (("tp",), ("microbatches", "tp_style", "sequence_parallel")),
         "pipeline": (("pp",), ("microbatches", "schedule", "virtual_stages")),
         "data": (("dp",), ("microbatches", "zero_stage")),
-        "3d": (("tp", "pp", "dp"), ("microbatches", "schedule", "virtual_stages", "tp_style", "zero_stage")),
+        "3d": (("tp", "pp", "dp"), ("microbatches", "schedule", "virtual_stages", "tp_style", "sequence_parallel",
+                                     "zero_stage")),
     }
     assert {n: get_strategy(n).min_degree for n in ORDER} == {
         "single": {}, "layer": {"pp": 2}, "tensor": {"tp": 2}, "pipeline": {"pp": 2}, "data": {"dp": 2}, "3d": {}

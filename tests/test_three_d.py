@@ -21,11 +21,13 @@ def spec(tp: int, pp: int, dp: int, **kw) -> dict:
             "seq": 32, "steps": 1, "warmup": 1, "verify": True, **kw}  # fmt: skip
 
 
-# Every dimension at 2. With one of them at 1 the same engine verifies elsewhere: tp2 x pp2 interleaved and pp2 x dp2
-# under ZB-H1 (tests/test_pipeline_schedules.py), tp2 x dp2 and pp2 x dp2 under ZeRO (tests/test_zero.py).
+# Every dimension at 2, sequence parallel: the residual stream passes between stages as each tp rank's seq/tp
+# positions. Without sequence parallelism, and with one dimension at 1, the same engine verifies elsewhere: tp2 x pp2
+# interleaved and pp2 x dp2 under ZB-H1 (tests/test_pipeline_schedules.py), tp2 x dp2 and pp2 x dp2 under ZeRO
+# (tests/test_zero.py).
 @pytest.mark.parametrize(("tp", "pp", "dp"), [(2, 2, 2)])
 def test_train_matches_reference_on_the_global_batch(tmp_path, tp, pp, dp):
-    result = run_torchrun(spec(tp, pp, dp, workload="train"), tmp_path)
+    result = run_torchrun(spec(tp, pp, dp, workload="train", sequence_parallel=True), tmp_path)
     v = result["verify"]
     assert v["logits_max_abs_diff"] <= TOL and v["loss_abs_diff"] <= TOL
     assert v["grads_max_abs_diff"] <= TOL and v["weights_max_abs_diff"] <= WEIGHT_TOL
@@ -33,6 +35,8 @@ def test_train_matches_reference_on_the_global_batch(tmp_path, tp, pp, dp):
     coords = [(r["tp"], r["pp"], r["dp"]) for r in result["ranks"]]
     expected = [(t, p, d) for p in range(pp) for d in range(dp) for t in range(tp)]
     assert coords == expected
+    calls = result["ranks"][0]["comm_calls"]  # the tp all-reduces became reduce-scatters and all-gathers
+    assert calls["reduce_scatter"] > 0 and calls["all_gather"] > 0
 
 
 def test_forward_logits_match_on_every_replica(tmp_path):

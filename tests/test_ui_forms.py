@@ -59,14 +59,16 @@ def test_every_strategy_has_help_and_a_field_set():
     assert list(STRATEGY_HELP) == list(strategy_names())
     assert all(STRATEGY_HELP[name] == get_strategy(name).help and STRATEGY_HELP[name].strip() for name in STRATEGY_HELP)
     assert uses("pipeline", "microbatches") and not uses("layer", "microbatches") and not uses("nope", "tp")
-    assert not uses("3d", "sequence_parallel")  # the spec refuses it for 3d, so the form does not offer it
+    assert uses("3d", "sequence_parallel") and not uses("data", "sequence_parallel")
 
 
 # A value other than the neutral one for each field that has one, and a valid one for each choice.
 OTHER = {"tp": 2, "pp": 2, "dp": 2, "microbatches": 2, "sequence_parallel": True, "schedule": "gpipe",
          "tp_style": "gather", "virtual_stages": 2, "zero_stage": 1}  # fmt: skip
-# What a used option needs beside it to be valid: virtual stages the interleaved schedule over 2 stages, ZeRO 2 replicas.
-NEEDS = {"virtual_stages": {"schedule": "interleaved-1f1b", "pp": 2, "microbatches": 2}, "zero_stage": {"dp": 2}}
+# What a used option needs beside it to be valid: virtual stages the interleaved schedule over 2 stages, ZeRO 2 replicas,
+# sequence parallelism a tp group to shard over.
+NEEDS = {"virtual_stages": {"schedule": "interleaved-1f1b", "pp": 2, "microbatches": 2}, "zero_stage": {"dp": 2},
+         "sequence_parallel": {"tp": 2}}  # fmt: skip
 FIELDS = ("tp", "pp", "dp", *OPTIONS)
 
 

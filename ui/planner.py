@@ -206,7 +206,7 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
         values["zero_stage"] = lay.zero_stage
     if work.workload == "train" and work.checkpoint != "none":
         values["checkpoint"] = work.checkpoint
-    if strategy == "tensor" and work.sequence_parallel:
+    if lay.tp > 1 and work.sequence_parallel:  # tensor and 3d run it; with tp 1 there is nothing to shard
         values["sequence_parallel"] = True
     return RunSpec(**values)
 

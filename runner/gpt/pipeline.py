@@ -196,7 +196,12 @@ class PipelineGPT(ParallelGPT):
         return self.clock.mark()
 
     def _hidden_shape(self, mb: torch.Tensor) -> tuple[int, ...]:
-        return (mb.shape[0], mb.shape[1], self.config.n_embd)
+        """What passes between stages for microbatch `mb`: under sequence parallelism each tp rank's seq/tp
+        positions (the residual stream stays sharded from the embedding's reduce-scatter to the head's gather)."""
+        seq = mb.shape[1]
+        if getattr(self.output, "sequence_sharded", False):
+            seq //= self.mesh.tp.size
+        return (mb.shape[0], seq, self.config.n_embd)
 
     @contextmanager
     def _saving_into(self, storages: dict[int, int]) -> Iterator[None]:

@@ -1,6 +1,6 @@
 """tensor: every layer's heads and MLP columns split over tp ranks (Megatron), optionally sequence parallel.
 
-Sequence parallelism is this strategy's alone: it needs the Megatron style (its all-reduces become a
+Sequence parallelism (here and in 3d, which reuses `check`) needs the Megatron style (its all-reduces become a
 reduce-scatter and an all-gather around the LayerNorm/residual region) and seq divisible by tp.
 """
 
@@ -18,6 +18,8 @@ def check(spec: RunSpec, add: Add) -> None:
     """Sequence parallelism: Megatron style only, and seq splits evenly over the tp ranks."""
     if not spec.sequence_parallel:
         return
+    if spec.tp < 2:  # 3d at tp 1: no group to shard the sequence over
+        add("sequence_parallel", f"shards the sequence over the tp ranks and needs tp 2 or more (got {spec.tp}); raise tp or turn sequence_parallel off")
     if spec.tp_style != "megatron":
         add(
             "sequence_parallel",
