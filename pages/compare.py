@@ -21,6 +21,7 @@ from ui.compare import (
     readable_table,
     shared_training,
     spec_differences,
+    unlike_curves,
     unsharded_sources,
     with_baseline,
 )
@@ -111,8 +112,8 @@ def repeated_runs(runs: list[dict]) -> None:
                "a distribution-free interval: the order statistics that cover the true median with the confidence "
                "shown, whatever the shape of the noise. Two specs differ only where the interval of their ratio of "
                "tokens/s reaches 95% and excludes 1.")  # fmt: skip
-    lines = [("✔ " if v.outcome == "higher" else "≈ " if v.outcome == "unresolved" else "… ") + v.sentence
-             for v in verdicts(groups)]  # fmt: skip
+    marks = {"higher": "✔ ", "unresolved": "≈ ", "unlike": "✗ "}
+    lines = [marks.get(v.outcome, "… ") + v.sentence for v in verdicts(groups)]
     if lines:
         st.markdown("\n".join(f"- {line}" for line in lines))
     if noise := noise_note(groups):
@@ -121,8 +122,12 @@ def repeated_runs(runs: list[dict]) -> None:
         st.warning(note, icon=":material/group:")
     st.table(medians_table(groups).set_index("figure"))  # a static table: every cell whole, at any width
     c1, c2 = st.columns([1, 3], vertical_alignment="bottom")
-    k = int(c1.number_input("runs of each spec", min_value=1, max_value=api.MAX_REPEAT, value=3, key=K + "repeat_k"))
-    if c2.button(f"Repeat x{k}", key=K + "repeat", icon=":material/replay:",
+    # no min or max: the browser would keep an out-of-range value to itself and Repeat would queue the last valid one
+    k = int(c1.number_input("runs of each spec", value=3, step=1, key=K + "repeat_k",
+                            help=f"1 to {api.MAX_REPEAT}"))  # fmt: skip
+    if problem := api.repeat_problem(k):
+        st.error(f"runs of each spec: {problem.message}", icon=":material/error:")
+    if c2.button(f"Repeat x{k}", key=K + "repeat", icon=":material/replay:", disabled=problem is not None,
                  help=f"queue {k} more runs of each spec above as one comparison set, run one at a time in turn "
                  "(A B A B ...) so that every spec meets the same machine"):  # fmt: skip
         try:
@@ -210,7 +215,7 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     base = curve_baseline(runs, baseline)
     short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
     dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
-    table, per_step = loss_deviations(curves, base, short, dtype)
+    table, per_step = loss_deviations(curves, base, short, dtype, unlike_curves(runs, base))
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
     st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip

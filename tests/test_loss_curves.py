@@ -15,7 +15,7 @@ from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
-from ui.compare import curve_baseline, loss_deviations
+from ui.compare import curve_baseline, loss_deviations, unlike_curves
 
 
 def test_the_largest_relative_deviation_is_over_the_steps_both_curves_hold():
@@ -54,6 +54,25 @@ def test_compare_tables_each_runs_largest_deviation_from_the_baseline_and_its_st
     assert by_run.loc["#3 data", "steps compared"] == 6 and by_run.loc["#3 data", "at step"] >= 1  # step 0 agrees
     assert by_run.loc["#2 pipeline", "last loss"] == pytest.approx(4.0 * (1 + 2e-6))
     assert set(per_step["run"]) == {"#2 pipeline", "#3 data"} and len(per_step) == 12  # 6 steps each
+
+
+def test_a_curve_of_other_work_is_not_held_against_the_baseline():
+    """Run 3 trained another model: its deviation from run 1's curve would measure the models' difference, not the
+    layout's. It keeps its last loss and says why it is not compared; run 2 (another layout, same work) is."""
+    runs = [{"id": 1, "spec": {"strategy": "single"}}, {"id": 2, "spec": {"strategy": "data", "dp": 2}},
+            {"id": 3, "spec": {"strategy": "single", "model": "llama-tiny", "data": "stdlib"}}]  # fmt: skip
+    unlike = unlike_curves(runs, 1)
+    assert unlike == {3: "model, data"}
+    table, per_step = loss_deviations(curves_frame(), 1, {1: "#1", 2: "#2", 3: "#3"}, unlike=unlike)
+    row = table.set_index("run").loc["#3"]
+    assert row["not compared"] == "model, data differ from the baseline's" and row["steps compared"] == 0
+    assert pd.isna(row["largest deviation"]) and row["last loss"] == pytest.approx(4.0 * 1.01)
+    assert set(per_step["run"]) == {"#2"}
+    # the same model under another name is the same model: a custom model built as the preset is
+    tiny = RunSpec(model="tiny").model_config()
+    same = {"model": "custom", "n_layer": tiny.n_layer, "n_head": tiny.n_head, "n_embd": tiny.n_embd,
+            "vocab_size": tiny.vocab_size, "block_size": tiny.block_size}  # fmt: skip
+    assert unlike_curves([runs[0], {"id": 4, "spec": {"strategy": "single", **same}}], 1) == {}
 
 
 def test_the_baseline_is_the_one_chosen_else_the_first_single_device_run():

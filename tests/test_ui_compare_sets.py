@@ -57,6 +57,23 @@ def test_four_clearly_apart_runs_each_are_resolved_and_identical_ones_are_not(en
     assert data_layer.outcome == "higher"
 
 
+def test_groups_that_did_different_work_are_not_ranked(engine):
+    """Forward against train, or one model against another, is not a way of doing the same work: tokens/s of the
+    two is no verdict, however far apart (the train runs here are 3x faster). Each pair says what differs."""
+    train = [(SINGLE, t) for t in (3000.0, 3100.0, 2900.0, 3050.0)]
+    forward = [(RunSpec(strategy="single", workload="forward"), t) for t in (1000.0, 1050.0, 980.0, 1020.0)]
+    llama = [(RunSpec(strategy="single", model="llama-tiny", workload="forward"), t) for t in (990.0, 1010.0)]
+    data = [(RunSpec(strategy="data", dp=2, workload="forward"), t) for t in (2000.0, 2100.0, 1900.0, 2050.0)]
+    found = verdicts(group_runs(runs_of(engine, *train, *forward, *llama, *data)))
+    ranked = [v for v in found if v.outcome != "unlike"]
+    assert [(v.faster.split()[0], v.slower.split()[0], v.outcome) for v in ranked] == [("data", "single", "higher")]
+    unlike = [v.sentence for v in found if v.outcome == "unlike"]
+    assert len(unlike) == 5 and found[-5:] == [v for v in found if v.outcome == "unlike"]  # listed last
+    assert any("they did different work (workload train / forward)" in s for s in unlike)
+    assert any("model tiny (gpt2, 4 layers, n_embd 64) / llama-tiny (llama, 4 layers, n_embd 64)" in s for s in unlike)
+    assert all(v["ratio"] is None for v in comparison(runs_of(engine, *train[:1], *forward[:1]))["verdicts"])
+
+
 def test_one_run_each_is_too_few_and_a_run_that_shared_the_machine_is_named(engine):
     runs = runs_of(engine, (SINGLE, 9335.0), (DATA, 18974.0))
     shared = api.submit(engine, SINGLE)

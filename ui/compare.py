@@ -336,15 +336,50 @@ def spec_differences(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{r['id']}" for r in runs])
 
 
-TRAINING_FIELDS = ("model", "data", "seed", "batch", "seq", "lr", "dtype", "workload")
+# What two runs must share for one's figure to be held against the other's: the work measured (tokens/s), and
+# beyond it what makes one loss curve another's (its data, seed and learning rate).
+WORK_FIELDS = ("model", "workload", "batch", "seq", "new_tokens")
+CURVE_FIELDS = ("model", "workload", "batch", "seq", "data", "seed", "lr")
+TRAINING_FIELDS = (*CURVE_FIELDS, "dtype")
+
+
+def work_differences(a: RunSpec, b: RunSpec, fields: tuple[str, ...] = WORK_FIELDS) -> list[str]:
+    """The fields among `fields` in which specs a and b differ: the model as built (its dimensions, whatever its
+    name), new tokens only where both generate."""
+    out = []
+    for name in fields:
+        if name == "model":
+            same = a.model_config() == b.model_config()
+        elif name == "new_tokens":
+            same = not (a.workload == b.workload == "generate") or a.new_tokens == b.new_tokens
+        else:
+            same = getattr(a, name) == getattr(b, name)
+        if not same:
+            out.append(name)
+    return out
 
 
 def shared_training(runs: list[dict]) -> str | None:
     """The dtype of runs that trained the same model on the same data, seed, batch and learning rate -- whose
     curves the convergence bound judges (runner/spec/converge_layouts.py) -- else None."""
     specs = [RunSpec.from_dict(r["spec"]) for r in runs]
-    keys = {tuple(getattr(s, f) for f in TRAINING_FIELDS) for s in specs}
-    return specs[0].dtype if len(keys) == 1 and specs[0].workload == "train" else None
+    alike = all(not work_differences(specs[0], s, TRAINING_FIELDS) for s in specs[1:])
+    return specs[0].dtype if alike and specs[0].workload == "train" else None
+
+
+def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
+    """Runs whose loss curve cannot be held against the baseline's, each with what differs ('model, data'): a
+    deviation from another model's or another data's curve measures nothing."""
+    base = next((r for r in runs if r["id"] == baseline), None)
+    if base is None:
+        return {}
+    spec = RunSpec.from_dict(base["spec"])
+    out = {}
+    for run in runs:
+        differ = work_differences(spec, RunSpec.from_dict(run["spec"]), CURVE_FIELDS)
+        if differ:
+            out[run["id"]] = ", ".join(differ)
+    return out
 
 
 def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
@@ -356,11 +391,13 @@ def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
 
 
 def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
-                    dtype: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+                    dtype: str | None = None, unlike: dict[int, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(one row per run: steps compared, largest relative deviation of its training loss from the baseline's
     in the dtype's early window (float32 without a dtype) and overall with the step of it, the same for the held-out loss, its last
     losses, and with `dtype` (runs that trained alike, shared_training) the convergence check's verdict; one row
-    per run and step: the training loss's relative deviation), from api.loss_curves."""
+    per run and step: the training loss's relative deviation), from api.loss_curves. Runs in `unlike`
+    (unlike_curves) keep their last losses but are not compared: their row says what differs."""
+    unlike = unlike or {}
     by_run = {int(k): g for k, g in curves.groupby("run_id")}
 
     def series(run_id: int, column: str) -> dict[int, float | None]:
@@ -372,18 +409,22 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
     rows, steps = [], []
     base_train, base_eval = series(baseline, "loss"), series(baseline, "eval_loss")
     for run_id in by_run:
+        last = by_run[run_id].dropna(subset=["loss"]).tail(1)
+        last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
+        lasts = {"last loss": float(last["loss"].iloc[0]) if len(last) else None,
+                 "last held-out loss": float(last_eval["eval_loss"].iloc[0]) if len(last_eval) else None}  # fmt: skip
+        if run_id in unlike:
+            rows.append({"run": labels.get(run_id, f"#{run_id}"), "baseline": False, "steps compared": 0,
+                         "not compared": f"{unlike[run_id]} differ from the baseline's", **lasts})  # fmt: skip
+            continue
         judged = judge(base_train, series(run_id, "loss"), dtype or "float32")
         train = judged.whole
         held = curve_deviation(base_eval, series(run_id, "eval_loss"))
-        last = by_run[run_id].dropna(subset=["loss"]).tail(1)
-        last_eval = by_run[run_id].dropna(subset=["eval_loss"]).tail(1)
         rows.append({
             "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
             "early deviation": judged.early_judged if judged.early.steps else None,
             "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
-            "held-out deviation": held.largest if held.steps else None,
-            "last loss": float(last["loss"].iloc[0]) if len(last) else None,
-            "last held-out loss": float(last_eval["eval_loss"].iloc[0]) if len(last_eval) else None,
+            "held-out deviation": held.largest if held.steps else None, **lasts,
             **({"verdict": "baseline" if run_id == baseline else judged.verdict} if dtype else {}),
         })  # fmt: skip
         if run_id != baseline:

@@ -28,7 +28,7 @@ from runner.analysis.stats import (
     runs_needed_each,
 )
 from runner.spec.run_spec import RunSpec
-from ui.compare import run_figures
+from ui.compare import run_figures, work_differences
 from ui.cpu import shared_machine
 
 # (figure in run_figures, what people call it, printf format): the figures that vary from run to run.
@@ -125,28 +125,48 @@ class Verdict:
 
     faster: str
     slower: str
-    ratio: Interval  # faster's tokens/s over slower's
-    outcome: str  # runner.analysis.stats.direction: 'higher' (resolved), 'unresolved' or 'too few'
+    ratio: Interval | None  # faster's tokens/s over slower's; None for groups that did different work
+    outcome: str  # runner.analysis.stats.direction: 'higher' (resolved), 'unresolved' or 'too few'; or 'unlike'
     sentence: str
 
     def to_dict(self) -> dict[str, Any]:
         r = self.ratio
-        return {"faster": self.faster, "slower": self.slower, "outcome": self.outcome, "ratio": r.estimate,
-                "low": r.low, "high": r.high, "confidence": r.confidence, "runs": list(r.n),
+        figures = ({"ratio": r.estimate, "low": r.low, "high": r.high, "confidence": r.confidence, "runs": list(r.n)}
+                   if r else {"ratio": None, "low": None, "high": None, "confidence": None, "runs": None})  # fmt: skip
+        return {"faster": self.faster, "slower": self.slower, "outcome": self.outcome, **figures,
                 "sentence": self.sentence}  # fmt: skip
 
 
 def verdicts(groups: list[Group]) -> list[Verdict]:
-    """Every pair of groups with tokens/s, the faster by median named first; resolved pairs first."""
+    """Every pair of groups with tokens/s, the faster by median named first; resolved pairs first. Groups that did
+    different work (another model, workload, batch, sequence or number of new tokens: ui.compare.work_differences)
+    are not ranked: their pair says so, last."""
     out = []
     for a, b in combinations([g for g in groups if g.values(JUDGED)], 2):
+        if differ := work_differences(a.spec, b.spec):
+            what = ", ".join(f"{name} {_shown(a.spec, name)} / {_shown(b.spec, name)}" for name in differ)
+            out.append(Verdict(a.label, b.label, None, "unlike",
+                               f"{a.label} against {b.label}: not ranked, they did different work ({what}); tokens/s "
+                               "ranks ways of doing the same work."))  # fmt: skip
+            continue
         ratio = ratio_interval(b.values(JUDGED), a.values(JUDGED))  # a over b
         if ratio.estimate < 1:
             a, b = b, a
             ratio = ratio_interval(b.values(JUDGED), a.values(JUDGED))
         outcome = direction(ratio)
         out.append(Verdict(a.label, b.label, ratio, outcome, _sentence(a, b, ratio, outcome)))
-    return sorted(out, key=lambda v: (v.outcome != "higher", -v.ratio.estimate))
+    return sorted(out, key=lambda v: (v.outcome == "unlike", v.outcome != "higher", -(v.ratio or _NONE).estimate))
+
+
+_NONE = Interval(0.0, 0.0, 0.0, 0.0, LEVEL, (0,))  # sorts a pair without a ratio after those with one
+
+
+def _shown(spec: RunSpec, name: str) -> str:
+    """A field's value as a person names it: the model by its name, or its dimensions where names are alike."""
+    if name != "model":
+        return str(getattr(spec, name))
+    c = spec.model_config()
+    return f"{spec.model} ({c.family}, {c.n_layer} layers, n_embd {c.n_embd})"
 
 
 def _sentence(fast: Group, slow: Group, r: Interval, outcome: str) -> str:
