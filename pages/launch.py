@@ -156,7 +156,7 @@ with mid:
         "byte-level); a nanoGPT folder holding train.bin and val.bin",
     ).strip() or "synthetic"  # fmt: skip
     values["eval_every"] = c2.number_input(
-        "eval every", min_value=0, value=0, key=K + "eval_every", disabled=values["workload"] != "train",
+        "eval every", value=0, key=K + "eval_every", disabled=values["workload"] != "train",
         help="the loss on the corpus's held-out split every this many steps (0: never)",
     )  # fmt: skip
     note_slot("data")
@@ -232,11 +232,12 @@ with right:
     values["tags"] = st.text_input("tags (comma separated)", key=K + "tags")
     note_slot("tags")
     repeat = int(st.number_input(
-        "repeat", min_value=1, max_value=api.MAX_REPEAT, value=1, step=1, key=K + "repeat",
-        help="queue this many runs of the spec as one comparison set: run one at a time, they give Compare a "
-        "median with its interval instead of one noisy figure",
+        "repeat", value=1, step=1, key=K + "repeat",
+        help=f"queue this many runs of the spec (1 to {api.MAX_REPEAT}) as one comparison set: run one at a time, "
+        "they give Compare a median with its interval instead of one noisy figure",
     ))  # fmt: skip
-    if note := repeat_note(repeat):
+    note_slot("repeat")
+    if not api.repeat_problem(repeat) and (note := repeat_note(repeat)):
         st.caption(note)
     user = st.text_input(
         "launched by", value=api.default_user(), key=K + "user", max_chars=64,
@@ -251,6 +252,7 @@ with right:
         st.caption(folder)
 
 spec, problems = spec_from_form(values)
+problems += [p for p in [api.repeat_problem(repeat)] if p]
 by_field = problems_by_field(problems)
 for field, messages in by_field.items():
     slot = notes.get(field)

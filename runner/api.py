@@ -50,7 +50,7 @@ __all__ = [
     "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "loss_curves", "parse_spec",
-    "rank_results", "repeat_runs", "runner_status", "step_metrics", "submit", "submit_converge", "submit_selftest",
+    "rank_results", "repeat_problem", "repeat_runs", "runner_status", "step_metrics", "submit", "submit_converge", "submit_selftest",
     "submit_set", "target_gpus", "target_partition", "target_problems", "telemetry_series",
     "this_host", "this_host_gpus", "timeline_spans", "torchrun_command", "update_meta", "wait_for_runner",
 ]  # fmt: skip
@@ -120,6 +120,13 @@ def submit(
 MAX_REPEAT = 50  # runs of each spec in one comparison set: 50 already resolve a 1% difference in a quiet machine
 
 
+def repeat_problem(repeat: object) -> SpecProblem | None:
+    """What is wrong with `repeat` runs of a spec in one comparison set, or None."""
+    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
+        return SpecProblem("repeat", f"must be a whole number from 1 to {MAX_REPEAT} (got {repeat!r})")
+    return None
+
+
 def submit_set(
     engine: Engine,
     specs: list[RunSpec | Mapping[str, Any]],
@@ -133,8 +140,8 @@ def submit_set(
     ..., which the runner keeps, one run at a time); their ids in queue order. Every spec is validated as
     `submit` does first: SpecError with every problem of every spec (each message naming its spec when there
     are several) and nothing stored."""
-    if not isinstance(repeat, int) or isinstance(repeat, bool) or not 1 <= repeat <= MAX_REPEAT:
-        raise SpecError([SpecProblem("repeat", f"must be a whole number from 1 to {MAX_REPEAT} (got {repeat!r})")])
+    if problem := repeat_problem(repeat):
+        raise SpecError([problem])
     if not specs:
         raise SpecError([SpecProblem("spec", "no spec given: a set needs at least one")])
     parsed, problems = [], []

@@ -154,6 +154,11 @@ def test_launch_with_repeat_queues_a_comparison_set_and_links_compare(engine):
     ids = [int(r["id"]) for r in runs]
     assert len(ids) == 3 and {api.get_run(engine, i)["set_id"] for i in ids} == {ids[0]}
     assert f"(/compare?runs={','.join(map(str, ids))})" in at.success[0].value
+    # out of range: said under the field and nothing launches (a min/max would have launched the last valid value)
+    at = page("pages/launch.py")
+    at.number_input(key="launch_repeat").set_value(60).run()
+    assert "must be a whole number from 1 to 50 (got 60)" in " ".join(texts(at.error))
+    assert at.button(key="launch_submit").disabled
 
 
 def test_launch_queues_issue_14s_options_from_the_page(engine):
