@@ -20,12 +20,18 @@ def test_form_sets_unused_degrees_neutral_so_they_never_nag():
     assert spec.tags == ("a", "b") and spec.weights is None
 
 
-def test_form_problems_are_keyed_by_field():
+def test_form_problems_are_keyed_by_field_and_shown_at_once():
     _, problems = spec_from_form({**FORM, "pp": 3, "batch": 0})
     by_field = problems_by_field(problems)
-    assert set(by_field) == {"batch"}  # positivity is checked first; the split follows once batch is fixed
-    _, problems = spec_from_form({**FORM, "pp": 3})
-    assert "needs n_layer divisible by 3" in problems_by_field(problems)["pp"][0]
+    assert set(by_field) == {"batch", "pp"}  # the layer split reads neither batch nor anything else refused
+    assert "needs n_layer divisible by 3" in by_field["pp"][0]
+    # Every problem at once, even beside a seed the form cannot read: a user fixes them in one pass, not four.
+    _, problems = spec_from_form({**FORM, "seed": "abc", "batch": 0, "steps": 0, "warmup": -1, "time_limit_s": 0,
+                                  "seq": 1000, "data": "/nonexistent"})  # fmt: skip
+    assert set(problems_by_field(problems)) == {"seed", "batch", "steps", "warmup", "time_limit_s", "seq", "data"}
+    # but a check that reads a refused field waits for it: no batch-against-dp verdict on a batch of 0
+    _, problems = spec_from_form({**FORM, "strategy": "data", "dp": 3, "batch": 0})
+    assert problems_by_field(problems) == {"batch": ["must be at least 1 (got 0)"]}
 
 
 def test_a_3d_split_keeps_every_degree_and_checks_the_batch_against_dp_and_microbatches():

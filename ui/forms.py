@@ -53,8 +53,13 @@ def spec_from_form(values: dict[str, Any]) -> tuple[RunSpec | None, list[SpecPro
         data["seq"] = prompt_seq(data) or data.get("seq")
     try:
         spec = RunSpec.from_dict(data)
-    except SpecError as exc:
-        return None, exc.problems
+    except SpecError as exc:  # the other fields are still judged (each unreadable one as if left at its default)
+        unread = {p.field for p in exc.problems}
+        try:
+            rest = RunSpec.from_dict({k: v for k, v in data.items() if k not in unread})
+        except SpecError:
+            return None, exc.problems
+        return None, exc.problems + [p for p in validate_spec(rest, gpu_count=gpu_count) if p.field not in unread]
     if target is None:
         return spec, validate_spec(spec, gpu_count=gpu_count)
     problems = validate_spec(spec, gpu_count=target.gpus_for(spec), no_gpu_reason=target.gpu_note)

@@ -53,18 +53,34 @@ def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bo
         p.append(SpecProblem(field, message))
 
     _validate_fields(spec, add)
-    if p:
-        return p  # degree arithmetic below assumes positive numbers and known choices
+    if p:  # the checks below combine fields: run only those whose fields all passed, so every problem shows at once
+        bad = {problem.field for problem in p}
+        if not bad & _MODEL_READS:
+            _validate_model(spec, add)
+        if not bad & _CONTEXT_READS:
+            _validate_context(spec, add)
+        if not bad & _DATA_READS:
+            validate_data(spec, add)
+        return p
     _validate_strategy(spec, get_strategy(spec.strategy), add)
     _validate_options(spec, add)
     _validate_model(spec, add)
-    _validate_shape(spec, add)
+    _validate_context(spec, add)
+    _validate_batch(spec, add)
     _validate_device(spec, add, gpu_count, no_gpu_reason)
     _validate_host_resources(spec, add, gpu_count)
     if spec.weights and check_weights:
         validate_weights(spec, add)
     validate_data(spec, add)
     return p
+
+
+# What the cross-field checks read (besides fields _validate_fields never refuses): one of them refused, the check
+# would reason from a value the user must change anyway.
+_MODEL = {"model", "weights", *MODEL_DIMS, *MODEL_PARTS}
+_MODEL_READS = {*_MODEL, "tp", "pp", "dp", "strategy"}  # spec.degrees checks all three
+_CONTEXT_READS = {*_MODEL, "seq", "new_tokens", "workload"}
+_DATA_READS = {*_MODEL, "data", "workload", "prompt", "eval_every", "seq"}  # a batch under 1 fills any corpus
 
 
 def _validate_fields(spec: RunSpec, add: Add) -> None:
@@ -230,13 +246,17 @@ def _validate_model(spec: RunSpec, add: Add) -> None:
                       f"{_kv_degrees(kv, cfg.n_head)}")  # fmt: skip
 
 
-def _validate_shape(spec: RunSpec, add: Add) -> None:
-    """Tokens against the context, the batch against dp replicas and microbatches."""
+def _validate_context(spec: RunSpec, add: Add) -> None:
+    """Tokens against the model's context."""
     cfg = spec.model_config()
     tokens = spec.seq + (spec.new_tokens if spec.workload == "generate" else 0)
     if tokens > cfg.block_size:
         extra = f" plus {spec.new_tokens} new tokens" if spec.workload == "generate" else ""
         add("seq", f"seq {spec.seq}{extra} exceeds the model's block_size {cfg.block_size}; lower seq or new_tokens")
+
+
+def _validate_batch(spec: RunSpec, add: Add) -> None:
+    """The batch against dp replicas and microbatches."""
     _, _, dp = spec.degrees
     if spec.batch % dp:
         add("batch", f"batch {spec.batch} must be divisible by dp {dp}; use a multiple of {dp}")
