@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -348,5 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def run_main() -> int:
+    """main, quiet when the reader of its output goes away first (`... export | head`): as Python's signal docs
+    advise, stdout is pointed at devnull so the interpreter's final flush does not fail again."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main())

@@ -350,3 +350,18 @@ def test_bad_plan_inputs_as_json_list_every_problem():
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     fields = {p["field"] for p in json.loads(proc.stdout)["problems"]}
     assert fields == {"batch", "gpus", "efficiency"}
+
+
+def test_export_into_a_reader_that_stops_early_ends_without_a_traceback(engine):
+    """`python -m runner export | head`: the reader closes the pipe after its first bytes; the CLI stops writing
+    without a BrokenPipeError traceback. 150 runs export to well over a pipe's 64 KiB buffer, so the write fails."""
+    from runner.spec.run_spec import RunSpec
+
+    for _ in range(3):
+        api.submit_set(engine, [RunSpec(strategy="single")], api.MAX_REPEAT)
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "export", "--format", "json"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout.read(100).startswith(b"[")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1 and b"Traceback" not in err, err

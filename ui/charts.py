@@ -254,6 +254,8 @@ def rank_memory_by_coord_chart(ranks: pd.DataFrame, coord: str) -> alt.Chart:
     )
 
 
+# steps are whole: ticks at whole steps only (a short run's axis would otherwise read 0.2, 0.4, ...)
+STEP_AXIS = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
 LOSS_KINDS = alt.Scale(domain=["training", "held-out"], range=["#4c78a8", "#e45756"])
 
 
@@ -270,7 +272,7 @@ def loss_chart(steps: pd.DataFrame) -> alt.LayerChart:
     """One run's loss per step (warm-up steps train too) and its held-out loss on eval_every's steps."""
     data = _long_losses(thin(steps), [])
     base = alt.Chart(data).encode(
-        x=alt.X("step:Q", title="step"),
+        x=STEP_AXIS,
         y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
         color=alt.Color("kind:N", scale=LOSS_KINDS, title=None),
         tooltip=["step", "kind", alt.Tooltip("value:Q", format=".4f", title="loss")],
@@ -286,7 +288,7 @@ def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.Laye
     data["run"] = data["run_id"].map(labels)
     data = pd.concat([thin(g) for _, g in data.groupby(["run", "kind"])]) if len(data) else data
     base = alt.Chart(data).encode(
-        x=alt.X("step:Q", title="step"),
+        x=STEP_AXIS,
         y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
         color=alt.Color("run:N", title=None),
         tooltip=["run", "step", "kind", alt.Tooltip("value:Q", format=".6f", title="loss")],
@@ -304,7 +306,7 @@ def deviation_chart(deviations: pd.DataFrame) -> alt.Chart:
         alt.Chart(data, title="Relative deviation from the baseline's training loss")
         .mark_line(point=True)
         .encode(
-            x=alt.X("step:Q", title="step"),
+            x=STEP_AXIS,
             y=alt.Y("deviation:Q", title="|loss - baseline| / baseline", scale=alt.Scale(type="log")),
             color=alt.Color("run:N", title=None),
             tooltip=["run", "step", alt.Tooltip("deviation:Q", format=".2e")],
