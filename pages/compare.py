@@ -112,7 +112,7 @@ def repeated_runs(runs: list[dict]) -> None:
                "a distribution-free interval: the order statistics that cover the true median with the confidence "
                "shown, whatever the shape of the noise. Two specs differ only where the interval of their ratio of "
                "tokens/s reaches 95% and excludes 1.")  # fmt: skip
-    marks = {"higher": "✔ ", "unresolved": "≈ ", "unlike": "✗ "}
+    marks = {"higher": "✔ ", "unresolved": "≈ ", "unlike": "≠ "}
     lines = [marks.get(v.outcome, "… ") + v.sentence for v in verdicts(groups)]
     if lines:
         st.markdown("\n".join(f"- {line}" for line in lines))

@@ -390,6 +390,9 @@ def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
     return next((r["id"] for r in runs if r["spec"].get("strategy") == "single"), runs[0]["id"])
 
 
+UNLIKE_COLUMN = "not compared: differs in"
+
+
 def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
                     dtype: str | None = None, unlike: dict[int, str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
     """(one row per run: steps compared, largest relative deviation of its training loss from the baseline's
@@ -415,7 +418,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
                  "last held-out loss": float(last_eval["eval_loss"].iloc[0]) if len(last_eval) else None}  # fmt: skip
         if run_id in unlike:
             rows.append({"run": labels.get(run_id, f"#{run_id}"), "baseline": False, "steps compared": 0,
-                         "not compared": f"{unlike[run_id]} differ from the baseline's", **lasts})  # fmt: skip
+                         UNLIKE_COLUMN: unlike[run_id], **lasts})  # fmt: skip
             continue
         judged = judge(base_train, series(run_id, "loss"), dtype or "float32")
         train = judged.whole
@@ -430,4 +433,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
         if run_id != baseline:
             for step, dev in relative_deviations(base_train, series(run_id, "loss")).items():
                 steps.append({"run": labels.get(run_id, f"#{run_id}"), "step": step, "deviation": dev})
-    return pd.DataFrame(rows), pd.DataFrame(steps, columns=["run", "step", "deviation"])
+    table = pd.DataFrame(rows)
+    if UNLIKE_COLUMN in table:  # beside the run's name, where a narrow page still shows it
+        table.insert(1, UNLIKE_COLUMN, table.pop(UNLIKE_COLUMN).fillna(""))
+    return table, pd.DataFrame(steps, columns=["run", "step", "deviation"])
