@@ -11,7 +11,8 @@ import streamlit as st
 from runner import api
 from runner.gpt.config import model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
-from runner.planner.inputs import input_problems
+from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems
+from runner.planner.layouts import usable_note
 from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
@@ -70,14 +71,16 @@ def calibrate_button(here: Devices) -> None:
 
 st.subheader("Model and workload")
 c1, c2, c3, c4 = st.columns(4)
+custom_box = st.container()  # a custom model's ten fields take the page's width: a quarter cuts values and labels
 model = c1.selectbox("model", list(MODELS), index=list(MODELS).index("gpt2"), key=K + "model")
 base = MODELS[model]
 custom = c1.checkbox("custom dimensions", key=K + "custom")
 dims = {}
 if custom:
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
-        dims[name] = int(c1.number_input(name, min_value=1, value=getattr(base, name), key=K + name))
-    dims.update(model_parts_inputs(K, base, c1.container()))
+    names = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")
+    for col, name in zip(custom_box.columns(len(names)), names, strict=True):
+        dims[name] = int(col.number_input(name, min_value=1, value=getattr(base, name), key=K + name))
+    dims.update(model_parts_inputs(K, base, custom_box, preset=model))
 chosen = P.PlannerInputs(model, dims).config()
 c1.caption(describe_model(chosen))
 for field, message in model_problems(chosen):
@@ -88,10 +91,15 @@ seq = int(c2.number_input("sequence", min_value=1, value=min(1024, base.block_si
 new_tokens = int(c2.number_input("new tokens (generate)", min_value=1, value=16, key=K + "new_tokens"))
 dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype",
                      help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES))  # fmt: skip
+reduce_fp32 = c3.checkbox("reduce gradients in float32", key=K + "reduce_fp32",
+                          help="bfloat16, bf16-master: 16-bit gradients reduced over data parallelism in float32")  # fmt: skip
 checkpoint = c3.text_input("activation checkpointing", value="none", help="none, blocks or every-K", key=K + "ckpt")
 zero = c3.multiselect("ZeRO stages", [0, 1, 2, 3], default=[0, 1], key=K + "zero")
 schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")
-microbatches = int(c4.number_input("microbatches (0: one sequence each)", min_value=0, value=0, key=K + "mb"))
+microbatches = int(c4.number_input("microbatches (0: automatic)", min_value=0, value=0, key=K + "mb",
+                                   help=MICROBATCHES_HELP))  # fmt: skip
+microbatch_size = int(c4.number_input("sequences a microbatch (0: not given)", min_value=0, value=0, key=K + "mbs",
+                                      help=MICROBATCH_SIZE_HELP))  # fmt: skip
 virtual = int(c4.number_input("virtual stages", min_value=1, value=1, key=K + "v"))
 sp = c4.checkbox("sequence parallel", key=K + "sp")
 
@@ -104,7 +112,8 @@ try:
     if source == "known GPU":
         kind = d1.selectbox("GPU", list(KINDS), key=K + "kind")
         count = int(d2.number_input("GPUs", min_value=1, value=8, key=K + "count"))
-        per = int(d3.number_input("GPUs a node", min_value=1, value=KINDS[kind].gpus_per_node, key=K + "per"))
+        P.follow_kind(st.session_state, K + "per", kind)  # the kind's node, unless the user set theirs
+        per = int(d3.number_input("GPUs a node", min_value=1, key=K + "per"))
         devices = preset(kind, count, per)
     elif source == "this host":
         devices = here_devices()
@@ -145,7 +154,7 @@ if source == "this host":
 else:
     st.caption(f"{devices.describe()} · {devices.source}")
 e1, e2 = st.columns(2)
-if source == "this host" and P.measured_rate(devices):
+if devices.measured_rate:
     efficiency = e1.slider("compute efficiency (share of the measured rate)", 0.05, 1.0, 1.0, disabled=True,
                            key=K + "eff_measured", help="calibrated CPU ranks: the rate is what one rank measured")  # fmt: skip
 else:
@@ -159,9 +168,11 @@ if st.session_state.get(K + "all_for") != devices.count:  # a new count gets its
 use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=K + "all",
                       help="on many devices the layouts of every smaller count run to tens of thousands")  # fmt: skip
 
-work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp)
+work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp,
+                microbatch_size=microbatch_size, reduce_fp32=reduce_fp32)  # fmt: skip
 inputs = P.PlannerInputs(model, dims, work, tuple(zero) or (0,), efficiency)
-problems = input_problems(inputs.config(), work, zero=inputs.zero_stages, efficiency=efficiency, gpus=devices.count)
+problems = input_problems(inputs.config(), work, parts=dims, zero=inputs.zero_stages, efficiency=efficiency,
+                          gpus=devices.count, gpus_per_node=devices.gpus_per_node)  # fmt: skip
 if problems:
     st.error("\n".join(f"- {p}" for p in problems))
     st.stop()
@@ -182,9 +193,12 @@ with answer:
     st.caption(f"{model} · {workload} · batch {batch} x {seq} · {dtype} · {devices.describe()}")
 
 st.markdown(f"**{len(result.feasible)} feasible layouts**, fastest first (★: the recommendation)")
-st.dataframe(P.feasible_table(result), hide_index=True, width="stretch")
+feasible = P.feasible_table(result)
+st.dataframe(feasible, hide_index=True, width="stretch", column_config=P.column_config(feasible))
 with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"):
-    st.dataframe(P.infeasible_table(result), hide_index=True, width="stretch")
+    st.caption(f"Memory: {usable_note(devices)}.")
+    infeasible = P.infeasible_table(result)
+    st.dataframe(infeasible, hide_index=True, width="stretch", column_config=P.column_config(infeasible))
 
 piped = [c for c in result.feasible if c.layout.pp > 1][:30]
 if piped and work.workload == "train":

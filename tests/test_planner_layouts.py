@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import replace
 from itertools import pairwise
 
@@ -13,10 +14,13 @@ from runner.planner.byte_counts import rank_parameters
 from runner.planner.calibrate import Calibration, devices_from_calibration, stored
 from runner.planner.cli import add_plan_parser, run_plan
 from runner.planner.devices import described, from_gpus, from_lease, from_partition, matmul_seconds, preset
-from runner.planner.layouts import evaluate, plan
+from runner.planner.inputs import input_problems
+from runner.planner.layouts import evaluate, plan, usable_note
 from runner.planner.memory import rank_memory
-from runner.planner.models import MODELS, Layout, Workload
+from runner.planner.models import MODELS, Layout, Workload, with_dims
 from runner.planner.step_time import predict_step, rank_passes, ring_allreduce_s
+from runner.spec.run_spec import RunSpec
+from runner.spec.validation import validate_spec
 
 GB = 1e9
 PRESETS_TINY = MODELS["tiny"]
@@ -30,7 +34,37 @@ def test_infeasible_reasons_name_the_cause():
     assert "n_layer 12 not divisible by pp 8" in evaluate(gpt2, Layout(pp=8, dp=2), w, h100).reasons
     small = described(1, 24, 100, 10, 10, 1)  # 24 GiB, 1 GiB of it reserved for the CUDA context
     (reason,) = evaluate(gpt2, Layout(), Workload(batch=64, seq=1024), small).reasons
-    assert reason.startswith("needs ") and ", you have 23.0 GiB (of 24.0 GiB, 1.0 reserved)" in reason
+    assert reason.startswith("needs ") and reason.endswith(", you have 23.0 GiB")  # short enough for a table cell
+    assert usable_note(small).startswith("you have 23.0 GiB of each GPU's 24.0, 1.0 reserved")  # said once beside it
+
+
+def test_each_dimension_tensor_parallelism_splits_is_named_on_its_own():
+    """An MLP width tp does not divide is the MLP's fault, not n_embd's (4096 is divisible by every tp here)."""
+    odd_mlp = replace(MODELS["llama-3.1-8b"], ffn_hidden=14335)  # 14335 = 5 x 47 x 61: no tp of 2, 4, 8 divides it
+    w, h100 = Workload(batch=8, seq=1024), preset("h100-80gb", 8, 8)
+    for tp in (2, 4, 8):
+        c = evaluate(odd_mlp, Layout(tp=tp, dp=8 // tp), w, h100)
+        assert c.reasons == (f"ffn_hidden (MLP width) 14335 not divisible by tp {tp}",) and c.memory is None
+    assert evaluate(odd_mlp, Layout(dp=8), w, h100).memory is not None  # tp 1 splits nothing: judged on memory
+    narrow = replace(MODELS["gpt2"], n_embd=770, n_head=2, ffn_hidden=3072)  # 770 = 2 x 5 x 7 x 11: tp 4 does not
+    assert "n_embd 770 not divisible by tp 4" in evaluate(narrow, Layout(tp=4, dp=2), w, h100).reasons
+
+
+def test_a_memory_reason_names_the_lab_engines_adamw_step_where_the_peak_falls():
+    """70B on 16 A100-80GB, ZeRO-3, bf16-master: every layout's peak is AdamW's step, where the lab's engine holds
+    the masters' float32 gradients and foreach AdamW's temporary, 8 bytes a stepped parameter; the reason says how
+    much of the peak that is, since another engine would not hold it."""
+    cfg, a100 = MODELS["llama-3.1-70b"], preset("a100-80gb", 16, 8)
+    w = Workload(batch=8, seq=2048, dtype="bf16-master", checkpoint="blocks")
+    c = evaluate(cfg, Layout(tp=2, dp=8, zero_stage=3), w, a100)
+    assert c.memory is not None and c.memory.peak_at.startswith("AdamW's step")
+    stepped = c.memory.param_count  # ZeRO-3: the rank steps its shard, the parameters it holds
+    assert c.memory.optimizer_step_bytes == pytest.approx(8 * stepped, rel=0.01)
+    (reason,) = c.reasons
+    step_gib = c.memory.optimizer_step_bytes / 2**30
+    assert f"peak in AdamW's step: {step_gib:.1f} GiB of it the lab engine's step buffers" in reason
+    small = evaluate(MODELS["gpt2"], Layout(), Workload(batch=64, seq=1024), described(1, 24, 100, 10, 10, 1))
+    assert small.memory is not None and not small.memory.peak_at.startswith("AdamW") and "AdamW" not in small.reasons[0]
 
 
 def test_every_layout_is_listed_once_and_feasible_ones_are_ranked():
@@ -127,6 +161,66 @@ def test_plan_cli_table_and_bad_arguments(capsys):
     assert "GiB/GPU" in text and "infeasible" in text and "n_head 12 not divisible by tp 8" not in text
     assert run_plan(parser.parse_args(["plan", "--memory-gib", "10"])) == 2
     assert "--tflops" in capsys.readouterr().err
+
+
+def plan_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", *argv])
+
+
+@pytest.mark.parametrize("part", [{"n_kv_head": 0}, {"ffn_hidden": 0}, {"rope_theta": -1.0}, {"rope_theta": 0.0},
+                                  {"rope_theta": math.nan}, {"rope_theta": math.inf},
+                                  {"family": "gpt2", "rope_theta": 5.0}])  # fmt: skip
+def test_the_planner_refuses_a_model_part_as_submit_does(part):
+    """One rule for both: the planner says what `submit` (validate_spec) says of the same part on the same model."""
+    (field,) = set(part) - {"family"}
+    submit = [p for p in validate_spec(RunSpec(model="llama-tiny", **part)) if p.field == field]
+    assert len(submit) == 1
+    cfg = with_dims(MODELS["llama-tiny"], **part)
+    planner = [p for p in input_problems(cfg, Workload(seq=64), parts=part) if p.field == field]
+    assert planner == submit
+    assert input_problems(with_dims(MODELS["llama-tiny"], rope_theta=5.0), Workload(seq=64), parts={"rope_theta": 5.0}) == []
+
+
+@pytest.mark.parametrize("argv, flag, says", [
+    (["--n-kv-head", "0"], "--n-kv-head", "must be at least 1 (got 0)"),  # submit's rule, before how heads divide
+    (["--block-size", "0"], "--block-size", "must be at least 1 (got 0)"),  # not also the --seq it defaulted
+    (["--rope-theta", "nan", "--model", "llama-tiny"], "--rope-theta", "must be a positive number"),
+    (["--rope-theta", "5"], "--rope-theta", "learned positions"),  # gpt2 has no rotary base to set
+    (["--gpus", "8", "--gpus-per-node", "3"], "--gpus-per-node", "give gpus a multiple of 3 (6 or 9)"),
+    (["--gpus", "12", "--gpu", "h100-80gb"], "--gpus", "whole nodes of 8"),  # the kind's usual node, not given
+    (["--gpus", "12", "--memory-gib", "80", "--tflops", "100", "--bw-intra", "100", "--bw-inter", "10"], "--gpus",
+     "whole nodes of 8"),
+])  # fmt: skip
+def test_plan_cli_names_only_the_flag_at_fault(capsys, argv, flag, says):
+    assert run_plan(plan_args(*argv)) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"plan: {flag}: ") and says in line
+
+
+@pytest.mark.parametrize("argv", [["--gpus", "4", "--gpu", "a10"], ["--gpus", "2", "--gpus-per-node", "8"],
+                                  ["--gpus", "16", "--gpu", "a10", "--gpus-per-node", "8"]])  # fmt: skip
+def test_plan_cli_takes_whole_nodes_and_part_of_one(capsys, argv):
+    """A count that fills whole nodes, or is less than one node (part of it), is a cluster that exists."""
+    assert run_plan(plan_args(*argv, "--model", "tiny", "--seq", "64", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["feasible"]
+
+
+def test_plan_cli_an_unreadable_partition_is_named_not_a_traceback(capsys, monkeypatch):
+    from runner.service import cluster
+
+    def unreadable(name: str, *args, **kwargs):
+        raise cluster.ClusterError(f"sinfo could not read partition {name!r}: sinfo: error: bad name\nsinfo: fatal")
+
+    monkeypatch.setattr(cluster, "read_partition", unreadable)
+    assert run_plan(plan_args("--partition", "foo", "--gpu", "h100-80gb")) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()  # sinfo's lines joined: one message
+    assert line.startswith("plan: --partition: sinfo could not read partition 'foo': sinfo: error: bad name; sinfo")
+    assert "sinfo -s" in line and "--gpu KIND --gpus N" in line
+    monkeypatch.setattr(cluster, "read_partition", lambda name, *a, **k: cluster.parse_sinfo("n1|64|(null)|idle\n", name))
+    assert run_plan(plan_args("--partition", "cpus", "--gpu", "h100-80gb")) == 2  # a partition without GPUs
+    assert capsys.readouterr().err.startswith("plan: --partition: partition cpus has no GPUs per node")
 
 
 def test_calibration_stored_and_used(engine):

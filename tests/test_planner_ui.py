@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -116,6 +117,16 @@ def test_a_sequence_parallel_plan_launches_sequence_parallel():
         spec = P.spec_for(inputs, c, "cpu")
         assert validate_spec(spec, gpu_count=0) == [], (lay.label(), spec)
         assert spec.sequence_parallel == (lay.tp > 1), lay.label()
+
+
+def test_reduce_fp32_reaches_the_spec_where_the_prediction_counted_it():
+    """The page's reduce_fp32 prices data parallelism's reductions in float32; a launch must run them so, and only
+    where there are replicas (validate_spec refuses it without dp)."""
+    work = Workload(batch=8, seq=64, dtype="bf16-master", reduce_fp32=True)
+    inputs = P.PlannerInputs("tiny", {}, work, (0,), 1.0)
+    for lay in (Layout(dp=2), Layout(tp=2), Layout(tp=2, dp=2)):
+        spec = P.spec_for(inputs, evaluate(inputs.config(), lay, work, FOUR_CORES), "cpu")
+        assert spec.reduce_fp32 == (lay.dp > 1) and validate_spec(spec, gpu_count=0) == [], lay.label()
 
 
 def test_custom_dimensions_reach_the_spec():
@@ -288,3 +299,109 @@ def test_planner_page_names_a_bad_input_and_plans_nothing(engine):
     errors = " ".join(e.value for e in at.error)
     assert "virtual_stages" in errors and "interleaved-1f1b" in errors
     assert len(at.dataframe) == 0  # no plan was drawn (the guide's example sits below the plan, not reached)
+
+
+def plan_args(*argv: str):
+    import argparse
+
+    from runner.planner.cli import add_plan_parser
+
+    parser = argparse.ArgumentParser()
+    add_plan_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["plan", *argv])
+
+
+def test_plan_this_host_predicts_what_the_page_does(engine, capsys):
+    """A calibrated CPU computes at the rate it measured, in `plan --this-host` as on the page: the same step time
+    for every layout (the CLI once ran its matmuls at the 80% share of a GPU's peak: 25% slower)."""
+    from runner.planner.cli import run_plan
+
+    calibrated(engine)
+    here = api.this_host_devices(engine)
+    assert here.measured_rate
+    argv = ("--this-host", "--model", "tiny", "--seq", "64", "--dtype", "float32", "--batch", "8", "--fewer")
+    assert run_plan(plan_args(*argv, "--json")) == 0
+    cli = json.loads(capsys.readouterr().out)
+    inputs = P.here_inputs(P.PlannerInputs("tiny", {}, Workload(batch=8, seq=64, dtype="float32")), here)
+    page = {c.layout.label(): c for c in P.plan(inputs.config(), inputs.work, here, efficiency=inputs.efficiency,
+                                                use_all=False).feasible}  # fmt: skip
+    assert cli["efficiency"] == 1.0 and {c["label"] for c in cli["feasible"]} == set(page)
+    for c in cli["feasible"]:
+        assert c["step_s"] == pytest.approx(page[c["label"]].step.total, rel=1e-9), c["label"]
+    assert run_plan(plan_args(*argv)) == 0  # the table says devices and the measured rate, not GPUs and shapes
+    text = capsys.readouterr().out
+    heading = text.split("\nadamw: ")[0]  # the devices, the model and the table
+    assert "MiB/device" in heading and "rate one rank measured" in heading and "GPU" not in heading
+    assert run_plan(plan_args(*argv, "--efficiency", "0.5")) == 2  # a share of a GPU's peak means nothing here
+    assert capsys.readouterr().err.startswith("plan: --efficiency: this host's CPU ranks compute at the matmul rate")
+
+
+def test_gpus_a_node_follows_the_gpu_kind_unless_changed(engine):
+    state: dict = {}
+    P.follow_kind(state, "per", "h100-80gb")
+    assert state["per"] == 8
+    P.follow_kind(state, "per", "a10")
+    assert state["per"] == 4  # the a10 preset's node
+    state["per"] = 2  # the user's own
+    P.follow_kind(state, "per", "h100-80gb")
+    assert state["per"] == 2
+    calibrated(engine)  # the page: switching the kind moves the field (it once kept the first kind's 8)
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    assert at.number_input(key="planner_per").value == 8
+    at.selectbox(key="planner_kind").set_value("a10").run()
+    assert at.number_input(key="planner_per").value == 4 and not at.exception
+    at.radio(key="planner_source").set_value("described").run()  # away and back: both fields are drawn anew
+    at.radio(key="planner_source").set_value("known GPU").run()
+    kind = at.selectbox(key="planner_kind").value
+    assert at.number_input(key="planner_per").value == P.KINDS[kind].gpus_per_node and not at.exception
+
+
+def _path(node, key: str, trail: tuple = ()) -> tuple | None:
+    """The blocks from the page down to the widget `key`."""
+    for child in getattr(node, "children", {}).values():
+        if getattr(child, "key", None) == key:
+            return (*trail, child)
+        if found := _path(child, key, (*trail, child)):
+            return found
+    return None
+
+
+def test_custom_model_fields_are_readable_and_say_what_empty_keeps(engine):
+    """The ten fields of a custom model take the page's width, in columns of their own (nested in the quarter-wide
+    model column they cut '14335' to '1433'); the workload's fields say what 0 and empty mean, and the CLI's
+    microbatch_size and reduce_fp32 are there, validated as the CLI validates them."""
+    calibrated(engine)
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    at.selectbox(key="planner_model").set_value("llama-3.1-8b")
+    at.checkbox(key="planner_custom").check().run()
+    for key in ("planner_ffn_hidden", "planner_family", "planner_n_layer"):
+        assert [type(b).__name__ for b in _path(at.main, key)].count("Column") == 1, key  # no column in a column
+    assert _path(at.main, "planner_ffn_hidden")[0] is not _path(at.main, "planner_model")[0]  # below the row
+    assert at.number_input(key="planner_ffn_hidden").help.endswith("empty: llama-3.1-8b's 14336")
+    assert at.number_input(key="planner_n_kv_head").help.endswith("empty: llama-3.1-8b's 8")
+    mb = at.number_input(key="planner_mb")
+    assert "0: one sequence each when pipelined, else the whole batch as one" in mb.help
+    at.number_input(key="planner_mb").set_value(2)
+    at.number_input(key="planner_mbs").set_value(2)
+    at.checkbox(key="planner_reduce_fp32").check().run()  # under bf16-mixed: float32 already
+    errors = " ".join(e.value for e in at.error)
+    assert "microbatch_size: give microbatches (a count) or microbatch_size" in errors
+    assert "reduce_fp32: reduces 16-bit gradients in float32" in errors and not at.exception
+
+
+def test_infeasible_reasons_are_shown_whole_with_the_engines_own_step_named(engine):
+    """70B on 16 A100-80GB under ZeRO-3 and bf16-master: the reasons read whole (the "why not" column as wide as
+    its longest reason at Streamlit's ~7 px a character; the reserve said once above the table, not in every row),
+    and the part of the peak that is the lab engine's AdamW step is named with how other engines differ."""
+    work = Workload(batch=8, seq=2048, dtype="bf16-master", checkpoint="blocks")
+    inputs = P.PlannerInputs("llama-3.1-70b", {}, work, (3,))
+    p = P.run_plan(inputs, P.preset("a100-80gb", 16, 8))
+    table = P.infeasible_table(p)
+    longest = table["why not"].str.len().max()
+    config = P.column_config(table)
+    assert config["why not"]["width"] >= P.REASON_PX_PER_CHAR * longest
+    assert all("reserved" not in r for r in table["why not"])
+    step = [r for r in table["why not"] if "AdamW's step" in r]
+    assert step and all("the lab engine's step buffers" in r for r in step)
+    assert "DeepSpeed and Megatron-LM step differently" in config["AdamW step GiB"]["help"]
+    assert table["AdamW step GiB"].max() > 30  # 8 bytes a stepped parameter of a 70B shard

@@ -28,24 +28,30 @@ def checkpoint_dims(weights: str | None) -> str | None:
         return f"config.json: {exc}"
 
 
-def model_parts_inputs(prefix: str, base: GPTConfig | None = None, container=None) -> dict[str, Any]:
+def model_parts_inputs(prefix: str, base: GPTConfig | None = None, container=None,
+                       preset: str | None = None) -> dict[str, Any]:  # fmt: skip
     """The family and its parts as form inputs (a custom model on the Launch and Planner pages): family,
-    key/value heads, MLP width, rotary base, tied head. Empty numbers mean the family's default."""
+    key/value heads, MLP width, rotary base, tied head. Empty numbers mean the family's default, or with `preset`
+    (the Planner's dimensions over a preset) that preset's own value, which each field's help then names."""
     import streamlit as st
 
     box = container or st
     base = base or GPTConfig()
+    kept = {"n_kv_head": "n_head", "ffn_hidden": "4 x n_embd", "rope_theta": "10000"}
+    if preset:
+        kept = {"n_kv_head": str(base.kv_heads), "ffn_hidden": str(base.d_ff), "rope_theta": f"{base.rope_theta:g}"}
+        kept = {k: f"{preset}'s {v}" for k, v in kept.items()}
     c1, c2, c3 = box.columns(3)
     family = c1.selectbox("family", FAMILIES, index=FAMILIES.index(base.family), key=prefix + "family",
                           help="gpt2: LayerNorm, learned positions, GELU MLP, biases; llama: RMSNorm, rotary "
                                "positions, SwiGLU MLP, no biases")  # fmt: skip
     kv = c2.number_input("n_kv_head", min_value=1, value=None, key=prefix + "n_kv_head", placeholder=str(base.kv_heads),
-                         help="key/value heads, dividing n_head (grouped-query attention); empty: n_head")  # fmt: skip
+                         help=f"key/value heads, dividing n_head (grouped-query attention); empty: {kept['n_kv_head']}")  # fmt: skip
     ffn = c3.number_input("ffn_hidden", min_value=1, value=None, key=prefix + "ffn_hidden", placeholder=str(base.d_ff),
-                          help="the MLP's hidden width; empty: 4 x n_embd")  # fmt: skip
+                          help=f"the MLP's hidden width; empty: {kept['ffn_hidden']}")  # fmt: skip
     c1, c2 = box.columns(2)
     theta = c1.number_input("rope_theta", min_value=1.0, value=None, key=prefix + "rope_theta", disabled=family != "llama",
-                            placeholder=f"{base.rope_theta:g}", help="rotary base (llama); empty: 10000")  # fmt: skip
+                            placeholder=f"{base.rope_theta:g}", help=f"rotary base (llama); empty: {kept['rope_theta']}")  # fmt: skip
     tie = c2.checkbox("tie head", value=base.tie_head, key=prefix + "tie_head",
                       help="the LM head shares the token embedding's weight")  # fmt: skip
     return {"family": family, "n_kv_head": kv, "ffn_hidden": ffn,

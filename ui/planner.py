@@ -8,14 +8,24 @@ runner.api.submit like any run (validated first); the run gets the tag "plan" an
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pandas as pd
 
 from runner.gpt.config import PRESETS
-from runner.planner.devices import Devices, described, preset
-from runner.planner.layouts import GUIDE_175B_WORK, GUIDE_LAYOUTS, Candidate, Plan, evaluate, on_devices, plan
+from runner.planner.devices import KINDS, Devices, described, efficiency_on, preset
+from runner.planner.layouts import (
+    GUIDE_175B_WORK,
+    GUIDE_LAYOUTS,
+    STEP_NOTE,
+    Candidate,
+    Plan,
+    evaluate,
+    on_devices,
+    plan,
+)
 from runner.planner.memory import rank_memory
 from runner.planner.models import MODELS, GiB, Layout, Workload, with_dims
 from runner.spec.run_spec import MODEL_FIELDS, RunSpec
@@ -37,6 +47,17 @@ class PlannerInputs:
 
     def config(self):
         return with_dims(MODELS[self.model], **self.dims)
+
+
+def follow_kind(state: MutableMapping[str, Any], key: str, kind: str) -> None:
+    """Keep the "GPUs a node" field `key` (in Streamlit's session state) on the GPU kind's usual node: set when first
+    shown and when the kind changes, unless the user changed it from the last kind's node (theirs stays). The kind
+    it follows is kept under key + "_kind"."""
+    last = state.get(key + "_kind")
+    usual = KINDS[last].gpus_per_node if last in KINDS else None
+    if key not in state or (last != kind and state[key] == usual):
+        state[key] = KINDS[kind].gpus_per_node
+    state[key + "_kind"] = kind
 
 
 def guide_inputs() -> PlannerInputs:
@@ -88,6 +109,7 @@ def _row(c: Candidate, unit: tuple[str, int] = ("GiB", GiB), word: str = "GPU") 
             f"params {u}": readable(m.param_bytes / div),
             f"grads {u}": readable(m.grad_bytes / div),
             f"optimizer {u}": readable(m.optimizer_bytes / div),
+            f"AdamW step {u}": readable(m.optimizer_step_bytes / div),  # the lab engine's (STEP_NOTE)
             f"activations {u}": readable(m.activation_bytes / div),
             f"KV cache {u}": readable(m.kv_cache_bytes / div),
             f"transient {u}": readable(m.transient_bytes / div),
@@ -110,6 +132,32 @@ def infeasible_table(p: Plan) -> pd.DataFrame:
     rows = [{"layout": c.layout.label(), "why not": "; ".join(c.reasons), **_row(c, unit, p.devices.word)}
             for c in p.infeasible]  # fmt: skip
     return pd.DataFrame(rows, columns=None if rows else ["layout", "why not"])
+
+
+# A column's note (by the start of its name), shown as its header's tooltip.
+COLUMN_NOTES = {
+    "AdamW step": "held while AdamW steps, after the backward freed the activations: " + STEP_NOTE,
+    "peak at": "the moment of the step the rank holds the most; at AdamW's step that is the lab engine's own cost "
+               "(AdamW step column)",
+    "transient": "held at the peak during a step only: gathered ZeRO-3 units, ZB-H1's records, logits, recompute",
+    "why not": "every reason the layout cannot run here; 'you have': each device's memory less its reserve (above)",
+}  # fmt: skip
+REASON_PX_PER_CHAR = 7  # Streamlit's 14 px table font averages about 7 px a character
+REASON_PX_MAX = 1200  # wider than a wide page's table: the rest of the row would be out of sight
+
+
+def column_config(table: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """st.dataframe's column_config for a plan's table (plain dicts, its ColumnConfig form): each column's note as
+    its tooltip, and "why not" wide enough to read its longest reason whole (a table cell does not wrap)."""
+    out: dict[str, dict[str, Any]] = {}
+    for col in table.columns:
+        note = next((n for start, n in COLUMN_NOTES.items() if str(col).startswith(start)), None)
+        if note:
+            out[col] = {"help": note}
+    if "why not" in table.columns and len(table):
+        longest = int(table["why not"].astype(str).str.len().max())
+        out["why not"]["width"] = min(REASON_PX_MAX, max(200, REASON_PX_PER_CHAR * longest + 24))
+    return out
 
 
 def recommendation(p: Plan) -> str | None:
@@ -208,18 +256,15 @@ def spec_for(inputs: PlannerInputs, c: Candidate, device: str, steps: int = 5) -
         values["checkpoint"] = work.checkpoint
     if lay.tp > 1 and work.sequence_parallel:  # tensor and 3d run it; with tp 1 there is nothing to shard
         values["sequence_parallel"] = True
+    if work.reduce_fp32 and lay.dp > 1 and work.workload == "train":  # what the prediction counted: dp's reductions
+        values["reduce_fp32"] = True
     return RunSpec(**values)
 
 
-def measured_rate(devices: Devices) -> bool:
-    """Calibrated CPU ranks: their 'peak' is the matmul rate one rank measured (runner/planner/calibrate.py), so
-    the share of a GPU's published peak a model reaches does not apply (efficiency 1)."""
-    return devices.is_cpu and devices.source.startswith("calibrated")
-
-
 def here_inputs(inputs: PlannerInputs, here: Devices) -> PlannerInputs:
-    """The inputs a launch on this host is predicted with (efficiency 1 on a measured rate)."""
-    return replace(inputs, efficiency=1.0) if measured_rate(here) else inputs
+    """The inputs a launch on this host is predicted with (runner/planner/devices.py efficiency_on: 1 on a
+    measured rate, the rule `plan --this-host` follows too)."""
+    return replace(inputs, efficiency=efficiency_on(here, inputs.efficiency))
 
 
 def for_this_host(p: Plan, here: Devices, inputs: PlannerInputs) -> list[Candidate]:

@@ -14,13 +14,15 @@ import sys
 from typing import Any
 
 from runner.gpt.config import FAMILIES
-from runner.planner.devices import KINDS, Devices, described, from_partition, preset
-from runner.planner.inputs import input_problems, zero_stages
-from runner.planner.layouts import Plan, plan
+from runner.planner.devices import KINDS, Devices, described, efficiency_on, from_partition, preset
+from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems, zero_stages
+from runner.planner.layouts import STEP_NOTE, Plan, plan, usable_note
 from runner.planner.models import MODELS, GiB, Workload, with_dims
-from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecProblem
+from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecError, SpecProblem
 
 DEFAULT_SEQ_CAP = 8192  # Llama 3's 131072-position context is not what a step trains on by default
+DEFAULT_GPU = "h100-80gb"
+DESCRIBED_PER_NODE = 8  # described devices without --gpus-per-node: a DGX-style node
 
 
 def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
@@ -44,10 +46,8 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--reduce-fp32", action="store_true", help="bfloat16, bf16-master: gradients reduced in float32")
     p.add_argument("--checkpoint", default="none", help="none, blocks or every-K")
     p.add_argument("--schedule", default="1f1b", choices=SCHEDULES)
-    p.add_argument("--microbatches", type=int, default=0,
-                   help="per replica, gradients accumulated over them; 0: one sequence each when pipelined, else 1")
-    p.add_argument("--microbatch-size", type=int, default=0,
-                   help="sequences per microbatch (Megatron's --micro-batch-size), instead of --microbatches")
+    p.add_argument("--microbatches", type=int, default=0, help=MICROBATCHES_HELP)
+    p.add_argument("--microbatch-size", type=int, default=0, help=MICROBATCH_SIZE_HELP)
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
@@ -70,7 +70,7 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
 
 
 def devices_from_args(args: argparse.Namespace) -> Devices:
-    """The devices the arguments describe; raises ValueError saying what is missing."""
+    """The devices the arguments describe; raises SpecError naming the flag at fault and the fix."""
     if args.this_host:
         from runner import api
         from storage.db import get_engine
@@ -81,54 +81,95 @@ def devices_from_args(args: argparse.Namespace) -> Devices:
             engine = None
         return api.this_host_devices(engine)
     if args.partition:
-        from runner.service.cluster import read_partition
+        from runner.service.cluster import ClusterError, read_partition
 
         if not args.gpu:
-            raise ValueError("--partition needs --gpu KIND (sinfo does not say which GPU the nodes have)")
-        return from_partition(read_partition(args.partition), args.gpu)
-    if args.memory_gib is not None or args.tflops is not None:
+            raise _problem("gpu", "--partition needs --gpu KIND (sinfo does not say which GPU the nodes have)")
+        try:
+            return from_partition(read_partition(args.partition), args.gpu)
+        except (ClusterError, ValueError) as exc:  # sinfo failed or found no GPU nodes: say so, not a traceback
+            said = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+            raise _problem("partition", f"{said}. Check the name (sinfo -s lists the partitions) on a host where "
+                                        "Slurm answers, or plan these GPUs without it: --gpu KIND --gpus N "
+                                        "--gpus-per-node M") from exc  # fmt: skip
+    if _described(args):
         missing = [f for f in ("memory_gib", "tflops", "bw_intra", "bw_inter") if getattr(args, f) is None]
         if missing:
-            raise ValueError("described devices need " + ", ".join("--" + m.replace("_", "-") for m in missing))
-        per = args.gpus_per_node or min(args.gpus, 8)
-        return described(args.gpus, args.memory_gib, args.tflops, args.bw_intra, args.bw_inter, per)
-    return preset(args.gpu or "h100-80gb", args.gpus, args.gpus_per_node)
+            raise SpecError([SpecProblem(m, "devices described by hand need it, with --memory-gib, --tflops, "
+                                            "--bw-intra and --bw-inter") for m in missing])  # fmt: skip
+        return described(args.gpus, args.memory_gib, args.tflops, args.bw_intra, args.bw_inter,
+                         args.gpus_per_node or min(args.gpus, DESCRIBED_PER_NODE))  # fmt: skip
+    return preset(args.gpu or DEFAULT_GPU, args.gpus, args.gpus_per_node)
+
+
+def _usual_per_node(args: argparse.Namespace) -> int | None:
+    """GPUs a node of the devices asked when --gpus-per-node is not given: the kind's usual node (described: 8);
+    None for this host and a partition, whose nodes are what they are."""
+    if args.this_host or args.partition:
+        return None
+    return DESCRIBED_PER_NODE if _described(args) else KINDS[args.gpu or DEFAULT_GPU].gpus_per_node
+
+
+def _described(args: argparse.Namespace) -> bool:
+    return args.memory_gib is not None or args.tflops is not None
+
+
+def _problem(field: str, message: str) -> SpecError:
+    return SpecError([SpecProblem(field, message)])
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    return Workload.of(args, seq=min(block_size, DEFAULT_SEQ_CAP) if args.seq is None else args.seq)
+    """The workload asked; seq defaults to the model's block_size (at most DEFAULT_SEQ_CAP), or 1 when block_size is
+    itself wrong (below 1: its own problem, not one of a --seq the user never gave)."""
+    seq = args.seq if args.seq is not None else max(1, min(block_size, DEFAULT_SEQ_CAP))
+    return Workload.of(args, seq=seq)
+
+
+def compute_basis(devices: Devices, efficiency: float | None) -> str:
+    """How the plan times compute, in words: at the rate this host's calibration measured, at a flat share of peak,
+    by each matmul's shape on the kind, or at the kind's achievable share of its peak (no SM count to tile with)."""
+    if devices.measured_rate:
+        return "compute at the matmul rate one rank measured (calibrated)"
+    if efficiency is not None:
+        return f"compute at {efficiency:.0%} of peak"
+    if devices.sms > 0:
+        return "matmuls timed by shape on this GPU kind"
+    what = "assumed rate" if devices.is_cpu else "peak"
+    return f"matmuls at {devices.matmul_share:.0%} of the {devices.word}'s {what}"
 
 
 def format_plan(result: Plan, top: int = 15) -> str:
-    """The ranked table and the infeasible list, as plain text."""
+    """The ranked table and the infeasible list, as plain text (memory per GPU, or per device on CPU ranks)."""
+    dev = result.devices
     biggest = max((c.memory.total for c in result.feasible + result.infeasible if c.memory), default=0)
     unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", 2**20)
     lines = [
-        f"{result.devices.describe()} [{result.devices.source}]",
+        f"{dev.describe()} [{dev.source}]",
         f"model: {result.model.family}, {result.model.n_layer} layers, {result.model.n_head} heads "
         f"({result.model.kv_heads} key/value), width {result.model.n_embd}, MLP {result.model.d_ff}; "
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
-        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; "
-        + (f"compute at {result.efficiency:.0%} of peak" if result.efficiency is not None
-           else "matmuls timed by shape on this device kind"),
+        f"checkpoint {result.work.checkpoint}, {result.work.schedule}; {compute_basis(dev, result.efficiency)}",
         "",
-        f"{'layout':<22}{'mb':>5}{unit + '/GPU':>10}{'params':>9}{'grads':>8}{'optim':>8}{'activ':>8}{'other':>8}"
-        f"{'step s':>9}{'bubble':>8}{'comm s':>9}",
+        f"{'layout':<22}{'mb':>5}{f'{unit}/{dev.word}':>11}{'params':>9}{'grads':>8}{'optim':>8}{'adamw':>8}"
+        f"{'activ':>8}{'other':>8}{'step s':>9}{'bubble':>8}{'comm s':>9}",
     ]
     for c in result.feasible[:top]:
         m, s = c.memory, c.step
         assert m is not None and s is not None
         comm = s.tp_comm_s + s.pp_comm_s + s.dp_comm_s
         lines.append(
-            f"{c.layout.label():<22}{c.microbatches:>5}{m.total / div:>10.1f}{m.param_bytes / div:>9.1f}"
-            f"{m.grad_bytes / div:>8.1f}{m.optimizer_bytes / div:>8.1f}{m.activation_bytes / div:>8.1f}"
-            f"{(m.kv_cache_bytes + m.transient_bytes) / div:>8.1f}{s.total:>9.3g}{s.bubble_fraction:>8.1%}{comm:>9.3g}"
+            f"{c.layout.label():<22}{c.microbatches:>5}{m.total / div:>11.1f}{m.param_bytes / div:>9.1f}"
+            f"{m.grad_bytes / div:>8.1f}{m.optimizer_bytes / div:>8.1f}{m.optimizer_step_bytes / div:>8.1f}"
+            f"{m.activation_bytes / div:>8.1f}{(m.kv_cache_bytes + m.transient_bytes) / div:>8.1f}"
+            f"{s.total:>9.3g}{s.bubble_fraction:>8.1%}{comm:>9.3g}"
         )
     if len(result.feasible) > top:
         lines.append(f"... {len(result.feasible) - top} more feasible (--top N or --json)")
     if not result.feasible:
         lines.append("(no layout fits)")
-    lines += ["", f"infeasible ({len(result.infeasible)}):"]
+    if result.work.workload == "train":
+        lines.append(f"adamw: {STEP_NOTE}")
+    lines += ["", f"infeasible ({len(result.infeasible)}):"] + ([f"  ({usable_note(dev)})"] if result.infeasible else [])
     for c in result.infeasible[:top]:
         lines.append(f"  {c.layout.label():<22}{'; '.join(c.reasons)}")
     if len(result.infeasible) > top:
@@ -138,17 +179,26 @@ def format_plan(result: Plan, top: int = 15) -> str:
 
 def run_plan(args: argparse.Namespace) -> int:
     """Print the plan; 2 on bad arguments (every problem named by its flag, nothing planned)."""
-    cfg = with_dims(MODELS[args.model], **{d: getattr(args, d) for d in MODEL_FIELDS if hasattr(args, d)})
+    given = {d: getattr(args, d) for d in MODEL_FIELDS if hasattr(args, d)}
+    cfg = with_dims(MODELS[args.model], **given)
     work = workload_from_args(args, cfg.block_size)
     problems = input_problems(
-        cfg, work, zero=str(args.zero), efficiency=args.efficiency, gpus=args.gpus, gpus_per_node=args.gpus_per_node,
-        memory_gib=args.memory_gib, tflops=args.tflops, bw_intra=args.bw_intra, bw_inter=args.bw_inter, top=args.top,
+        cfg, work, parts=given, zero=str(args.zero), efficiency=args.efficiency, gpus=args.gpus,
+        gpus_per_node=args.gpus_per_node, usual_per_node=_usual_per_node(args), memory_gib=args.memory_gib,
+        tflops=args.tflops, bw_intra=args.bw_intra, bw_inter=args.bw_inter, top=args.top,
     )  # fmt: skip
     if not problems:
         try:
             devices = devices_from_args(args)
+        except SpecError as exc:
+            problems += exc.problems
         except ValueError as exc:
             problems.append(SpecProblem("devices", str(exc)))
+        else:
+            if devices.measured_rate and args.efficiency not in (None, 1.0):
+                problems.append(SpecProblem("efficiency", "this host's CPU ranks compute at the matmul rate its "
+                                            "calibration measured, a share of 1 (a share of a published peak is for "
+                                            "GPUs): leave --efficiency out"))  # fmt: skip
     if problems:
         if args.json:
             print(json.dumps({"error": "invalid plan inputs", "problems": [
@@ -157,7 +207,8 @@ def run_plan(args: argparse.Namespace) -> int:
             print(f"plan: {_flag(p.field)}: {p.message}", file=sys.stderr)
         return 2
     zero, _ = zero_stages(str(args.zero))
-    result = plan(cfg, work, devices, zero_stages=zero, efficiency=args.efficiency, use_all=not args.fewer)
+    efficiency = efficiency_on(devices, args.efficiency)
+    result = plan(cfg, work, devices, zero_stages=zero, efficiency=efficiency, use_all=not args.fewer)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

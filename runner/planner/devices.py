@@ -77,6 +77,12 @@ class Devices:
         return self.source.startswith("CPU") or self.name.startswith("CPU")
 
     @property
+    def measured_rate(self) -> bool:
+        """Calibrated CPU ranks: their 'peak' is the matmul rate one rank measured (runner/planner/calibrate.py), so
+        a share of a published peak does not apply: they compute at it (`efficiency_on`)."""
+        return self.is_cpu and self.source.startswith("calibrated")
+
+    @property
     def word(self) -> str:
         """What one of them is called in a table or a reason: 'GPU', or 'device' for CPU ranks."""
         return "device" if self.is_cpu else "GPU"
@@ -97,6 +103,13 @@ class Devices:
         return (f"{self.count} x {self.name} ({per}{self.memory_bytes / GiB:.1f} GiB, "
                 f"{_rate(self.peak_bf16)} bf16, {_rate(self.peak_fp32)} fp32; "
                 f"{self.bw_intra / GB:.3g} GB/s in a node, {self.bw_inter / GB:.3g} GB/s between nodes)")  # fmt: skip
+
+
+def efficiency_on(devices: Devices, efficiency: float | None) -> float | None:
+    """The flat share of peak a plan on `devices` computes at: 1 on a measured rate (calibrated CPU ranks, whatever
+    share was asked for GPUs), else `efficiency` (None: matmuls modelled by shape). The CLI and the page both ask
+    this, so `plan --this-host` and the page's "this host" predict the same step."""
+    return 1.0 if devices.measured_rate else efficiency
 
 
 def matmul_seconds(dev: Devices, dtype: str, m: int, n: int, k: int, batch: int = 1, width: int = 2) -> float:

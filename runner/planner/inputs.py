@@ -4,20 +4,36 @@
 Each problem is a runner.spec.run_spec.SpecProblem naming the field (the planner's own name: `efficiency`,
 `virtual_stages`, `gpus`, ...; the CLI prints it as its flag) and saying how to fix it. Nothing here plans: a
 value that passes is one the planner's arithmetic can take (no division by zero, no negative step time);
-whether a layout fits is the planner's answer, not an input problem. `zero_stages` reads the ZeRO stages to
-consider ("0,1,3", or a list) as the rules here accept them.
+whether a layout fits is the planner's answer, not an input problem. The model parts the user gave (n_kv_head,
+ffn_hidden, rope_theta) are held to `submit`'s own rules, runner/spec/validation.py's (`part_problems`). A device
+count above one node must fill whole nodes. `zero_stages` reads the ZeRO stages to consider ("0,1,3", or a list)
+as the rules here accept them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from runner.gpt.config import GPTConfig, model_problems
 from runner.planner.models import Workload
-from runner.spec.run_spec import DTYPES, MODEL_DIMS, SCHEDULES, WORKLOADS, SpecProblem, checkpoint_interval
+from runner.spec.run_spec import (
+    DTYPES,
+    MODEL_DIMS,
+    SCHEDULES,
+    WORKLOADS,
+    RunSpec,
+    SpecProblem,
+    checkpoint_interval,
+)
+from runner.spec.validation import validate_spec
 
 ZERO_CHOICES = (0, 1, 2, 3)
+MICROBATCHES_HELP = ("per replica, gradients accumulated over them; 0: one sequence each when pipelined, else the whole "
+                     "batch as one")  # fmt: skip
+MICROBATCH_SIZE_HELP = "sequences per microbatch (Megatron's --micro-batch-size), instead of a count of microbatches"
+CHECKED_PARTS = ("n_kv_head", "ffn_hidden", "rope_theta")  # the model parts submit's rules check when given
 
 
 def zero_stages(value: str | Sequence[int]) -> tuple[tuple[int, ...], list[SpecProblem]]:
@@ -43,6 +59,19 @@ def zero_stages(value: str | Sequence[int]) -> tuple[tuple[int, ...], list[SpecP
     return tuple(sorted(stages)), problems
 
 
+def part_problems(cfg: GPTConfig, parts: Mapping[str, Any]) -> list[SpecProblem]:
+    """`submit`'s own rules for the model parts the user gave (runner/spec/validation.py: n_kv_head and ffn_hidden at
+    least 1, rope_theta positive and finite, and only on a rotary family): asked of a spec of this model carrying
+    them, keeping its problems with those parts only (its others are about a run, not a plan)."""
+    given = {k: parts[k] for k in CHECKED_PARTS if parts.get(k) is not None}
+    if not given:
+        return []
+    # cuda without a GPU count: validate_spec leaves this host's cores and memory alone (a plan is not run here)
+    spec = RunSpec(model="custom", **{d: getattr(cfg, d) for d in MODEL_DIMS}, family=cfg.family,
+                   tie_head=cfg.tie_head, batch=1, seq=1, device="cuda", **given)  # fmt: skip
+    return [p for p in validate_spec(spec, check_weights=False) if p.field in given]
+
+
 def _positive(add, name: str, value: float | None, what: str) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
         add(name, f"must be a positive {what} (got {value})")
@@ -52,10 +81,12 @@ def input_problems(
     cfg: GPTConfig,
     work: Workload,
     *,
+    parts: Mapping[str, Any] | None = None,
     zero: str | Sequence[int] = (0,),
     efficiency: float | None = None,
     gpus: int = 1,
     gpus_per_node: int | None = None,
+    usual_per_node: int | None = None,
     memory_gib: float | None = None,
     tflops: float | None = None,
     bw_intra: float | None = None,
@@ -64,8 +95,11 @@ def input_problems(
 ) -> list[SpecProblem]:
     """Every problem with a plan's inputs, each naming its field and the fix; [] means the planner can run.
 
-    cfg: the model with any custom dimensions applied; work: the workload as asked; efficiency None: modelled per
-    matmul; the rest as the CLI and the page take them (device fields None when not described by hand)."""
+    cfg: the model with any custom dimensions applied; parts: the custom dimensions and parts as given (None: not
+    given), for the rules that depend on what the user set; work: the workload as asked; efficiency None: modelled per
+    matmul; gpus_per_node as given, usual_per_node the node the devices have without it (None: whole nodes by
+    construction, this host or a partition); the rest as the CLI and the page take them (device fields None when
+    not described by hand)."""
     p: list[SpecProblem] = []
 
     def add(field: str, message: str) -> None:
@@ -78,6 +112,7 @@ def input_problems(
     if cfg.n_head >= 1 and cfg.n_embd >= 1 and cfg.n_embd % cfg.n_head:
         heads = ", ".join(str(d) for d in range(1, min(cfg.n_embd, 256) + 1) if cfg.n_embd % d == 0)
         add("n_head", f"n_embd {cfg.n_embd} must be divisible by n_head {cfg.n_head}; pick n_head among {heads}")
+    p += part_problems(cfg, parts or {})  # first: a part's own rule (n_kv_head 0) says more than how it divides
     if all(getattr(cfg, dim) >= 1 for dim in MODEL_DIMS):  # the family's parts: key/value heads, rotary pairs
         for field, message in model_problems(cfg):
             if not any(q.field == field for q in p):
@@ -100,6 +135,8 @@ def input_problems(
         add("gpus", f"must be at least 1 device (got {gpus})")
     if gpus_per_node is not None and gpus_per_node < 1:
         add("gpus_per_node", f"must be at least 1 (got {gpus_per_node}); leave it out for the kind's usual node")
+    elif gpus >= 1:
+        _whole_nodes(add, gpus, gpus_per_node, usual_per_node)
     _positive(add, "memory_gib", memory_gib, "number of GiB per device")
     _positive(add, "tflops", tflops, "bfloat16 peak in TFLOP/s")
     _positive(add, "bw_intra", bw_intra, "bandwidth in GB/s")
@@ -107,6 +144,19 @@ def input_problems(
     if top < 1:
         add("top", f"must be at least 1 row (got {top})")
     return p
+
+
+def _whole_nodes(add, gpus: int, given: int | None, usual: int | None) -> None:
+    """More GPUs than a node must fill whole nodes: a run takes nodes x GPUs a node (the Slurm launcher refuses any
+    other world size, runner/service/launchers/slurm.py), so a plan of 8 GPUs on nodes of 3 plans a cluster nobody
+    has. Fewer than a node are part of one. Blamed on gpus_per_node when given, else on gpus."""
+    per = given or (min(gpus, usual) if usual else None)
+    if per is None or gpus <= per or gpus % per == 0:
+        return
+    fits = ", ".join(str(d) for d in range(1, gpus + 1) if gpus % d == 0)
+    add("gpus_per_node" if given else "gpus",
+        f"{gpus} GPUs do not fill whole nodes of {per} (a run takes whole nodes): give gpus a multiple of {per} "
+        f"({gpus // per * per} or {(gpus // per + 1) * per}), or gpus_per_node one of {fits}")  # fmt: skip
 
 
 def _workload_problems(cfg: GPTConfig, work: Workload, add) -> None:

@@ -87,8 +87,10 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
     v = work.chunks_for(layout)
     if cfg.n_head % tp:
         out.append(f"n_head {cfg.n_head} not divisible by tp {tp}")
-    if cfg.d_ff % tp or cfg.n_embd % tp:
+    if cfg.n_embd % tp:
         out.append(f"n_embd {cfg.n_embd} not divisible by tp {tp}")
+    if cfg.d_ff % tp:  # the MLP's columns split over the ranks: its own width, whatever n_embd's
+        out.append(f"ffn_hidden (MLP width) {cfg.d_ff} not divisible by tp {tp}")
     kv = cfg.kv_heads
     if kv % tp and tp % kv:
         out.append(f"n_kv_head {kv} neither divides nor is divided by tp {tp}")
@@ -117,6 +119,29 @@ def layout_problems(cfg: GPTConfig, layout: Layout, work: Workload) -> list[str]
     return out
 
 
+# reasons that leave no split of the model to predict memory and time for
+UNSPLIT = ("n_head", "n_embd", "ffn_hidden", "n_kv_head", "n_layer", "batch", "interleaved")
+STEP_NOTE = ("the lab engine's AdamW step (runner/gpt/precision.py): foreach AdamW's temporary on GPUs, 4 bytes a "
+             "stepped parameter (CPU ranks: for-loop AdamW's two of the largest tensor), and under bf16-master the "
+             "masters' float32 gradients, 4 more; DeepSpeed and Megatron-LM step differently")
+
+
+def memory_reason(mem: RankMemory, devices: Devices) -> str:
+    """Why a layout's busiest rank does not fit, short enough to read in a table (the reserve: `usable_note`); a
+    peak in AdamW's step says how much of it is the lab engine's step (STEP_NOTE), which other engines differ on."""
+    why = f"needs {mem.total / GiB:.1f} GiB per {devices.word}, you have {devices.usable_bytes / GiB:.1f} GiB"
+    if mem.peak_at.startswith("AdamW's step") and mem.optimizer_step_bytes:
+        why += f" (peak in AdamW's step: {mem.optimizer_step_bytes / GiB:.1f} GiB of it the lab engine's step buffers)"
+    return why
+
+
+def usable_note(devices: Devices) -> str:
+    """What 'you have' means in a memory reason: the device's memory less what is taken before any tensor."""
+    taken = "the process's own" if devices.is_cpu else "CUDA context, allocator slack"
+    return (f"you have {devices.usable_bytes / GiB:.1f} GiB of each {devices.word}'s {devices.memory_bytes / GiB:.1f}, "
+            f"{devices.reserve_bytes / GiB:.1f} reserved before any tensor ({taken})")  # fmt: skip
+
+
 def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -138,12 +163,11 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
         reasons.append(f"tp {layout.tp} exceeds the {devices.gpus_per_node} {devices.word}s of a node")
     elif devices.gpus_per_node % layout.tp:
         reasons.append(f"tp {layout.tp} does not divide the {devices.gpus_per_node} {devices.word}s of a node")
-    split = not any(r.startswith(("n_head", "n_embd", "n_kv_head", "n_layer", "batch", "interleaved")) for r in reasons)
+    split = not any(r.startswith(UNSPLIT) for r in reasons)
     mem = layout_memory(cfg, layout, work) if split else None
     step = predict_step(cfg, layout, work, devices, efficiency) if split else None
     if mem is not None and mem.total > devices.usable_bytes:
-        reasons.append(f"needs {mem.total / GiB:.1f} GiB per {devices.word}, you have {devices.usable_bytes / GiB:.1f} GiB"
-                       f" (of {devices.memory_bytes / GiB:.1f} GiB, {devices.reserve_bytes / GiB:.1f} reserved)")  # fmt: skip
+        reasons.append(memory_reason(mem, devices))
     return Candidate(layout, mem, step, tuple(reasons), work.microbatches_for(layout))
 
 
