@@ -121,6 +121,13 @@ def test_refusals_name_the_field_before_anything_is_queued(text_dir, tmp_path):
     assert "set seq to 5" in problems(data=str(text_dir), workload="generate", prompt="hello", seq=8)["prompt"]
     assert problems(data=str(text_dir), workload="generate", prompt="hello", seq=5) == {}
     assert "must be 0" in problems(eval_every=-1)["eval_every"]
+    # The prompt's tokens are the sequence, so where their count is wrong the prompt is what to change: too long
+    # for the context (tiny: 128 positions, 16 new tokens leave 112), or not splitting over tp under SP.
+    long = problems(data=str(text_dir), workload="generate", prompt="x" * 200, seq=200, new_tokens=16)
+    assert set(long) == {"prompt"} and "shorten the prompt to at most 112 tokens" in long["prompt"]
+    odd = problems(data=str(text_dir), workload="generate", prompt="abc", seq=3, strategy="tensor", tp=2,
+                   sequence_parallel=True)  # fmt: skip
+    assert set(odd) == {"prompt"} and "make the prompt a multiple of 2 tokens long" in odd["prompt"]
 
 
 def test_stored_specs_without_the_new_fields_read_as_synthetic_without_eval_or_prompt():

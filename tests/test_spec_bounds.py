@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
-
-import psutil
+from dataclasses import replace
 
 from runner.spec.estimates import host_memory_estimate
 from runner.spec.run_spec import RunSpec, usable_cores
@@ -24,16 +23,32 @@ def test_more_cpu_ranks_than_the_cores_can_time_slice_are_refused_naming_the_deg
     assert validate_spec(RunSpec(strategy="data", dp=limit, batch=limit, device="cpu"), gpu_count=0) == []
 
 
-def test_a_run_that_cannot_fit_in_this_machines_memory_is_refused_with_both_sizes():
-    spec = RunSpec(strategy="single", model="gpt2-xl", batch=32, seq=1024, device="cpu")
-    assert host_memory_estimate(spec) > psutil.virtual_memory().total
+def test_a_run_that_cannot_fit_in_this_machines_memory_is_refused_naming_what_would_fit(monkeypatch):
+    """The machine's memory is set between the run's need and what its least batch and seq need (each from
+    host_memory_estimate), so the verdict follows from the two estimates on any machine: above the least, lowering
+    batch or seq is the fix; below it only a smaller model is. The sentence names what the workload holds."""
+    from runner.spec import validation
+
+    spec = RunSpec(strategy="single", model="gpt2-medium", batch=32, seq=1024, device="cpu")
+    need = host_memory_estimate(spec)
+    least = host_memory_estimate(RunSpec(strategy="single", model="gpt2-medium", batch=1, seq=1, new_tokens=1,
+                                         device="cpu"))  # fmt: skip
+    assert least < need
+    monkeypatch.setattr(validation, "_host_memory_bytes", lambda: (least + need) // 2)
     (problem,) = validate_spec(spec, gpu_count=0)
-    assert problem.field == "batch"
-    total = f"{psutil.virtual_memory().total / 2**30:.1f} GiB"
-    assert "batch 32 x seq 1024" in problem.message and total in problem.message
+    assert problem.field == "batch" and "lower batch or seq" in problem.message
+    assert "weights, gradients, optimizer state and the activations of batch 32 x seq 1024" in problem.message
+    assert f"this machine has {(least + need) // 2 / 2**30:.1f} GiB" in problem.message
+    forward = replace(spec, workload="forward")
+    least_forward = host_memory_estimate(replace(forward, batch=1, seq=1))
+    monkeypatch.setattr(validation, "_host_memory_bytes", lambda: least_forward // 2)
+    (problem,) = validate_spec(forward, gpu_count=0)
+    assert problem.field == "model" and "use a smaller model: even at the least batch and seq it needs" in problem.message
+    assert "(weights and the activations of batch 32" in problem.message  # a forward pass holds no optimizer state
     # The same model with a small batch fits, and the estimate grows with the batch.
+    monkeypatch.undo()
     small = RunSpec(strategy="single", model="tiny", batch=8, seq=64, device="cpu")
-    assert validate_spec(small, gpu_count=0) == [] and host_memory_estimate(small) < host_memory_estimate(spec)
+    assert validate_spec(small, gpu_count=0) == [] and host_memory_estimate(small) < need
 
 
 def gpt2_header(path, n_layer: int, positions: int = 1024, width: int = 768) -> None:

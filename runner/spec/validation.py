@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 from runner.gpt.config import FAMILIES, PRESETS, model_problems
 from runner.job.checkpoint import (
@@ -250,6 +251,8 @@ def _validate_context(spec: RunSpec, add: Add) -> None:
     """Tokens against the model's context."""
     cfg = spec.model_config()
     tokens = spec.seq + (spec.new_tokens if spec.workload == "generate" else 0)
+    if spec.prompt is not None and spec.workload == "generate":
+        return  # the prompt's tokens are the sequence: validate_data holds them against the context
     if tokens > cfg.block_size:
         extra = f" plus {spec.new_tokens} new tokens" if spec.workload == "generate" else ""
         add("seq", f"seq {spec.seq}{extra} exceeds the model's block_size {cfg.block_size}; lower seq or new_tokens")
@@ -303,11 +306,17 @@ def _validate_host_resources(spec: RunSpec, add: Add, gpu_count: int | None) -> 
     need = host_memory_estimate(spec)
     total = _host_memory_bytes()
     if total and need > total:
+        held = ("weights, gradients, optimizer state and the activations" if spec.workload == "train"
+                else "weights, the KV cache and the activations" if spec.workload == "generate"
+                else "weights and the activations")  # fmt: skip
+        least = replace(spec, batch=spec.degrees.dp * spec.microbatches, seq=1, new_tokens=1)  # the smallest work
+        weights = host_memory_estimate(least)  # what no lower batch or seq saves
+        fix = (f"use a smaller model: even at the least batch and seq it needs {weights / 2**30:.1f} GiB" if weights > total
+               else "lower batch or seq, or use a smaller model")  # fmt: skip
         add(
-            "batch",
-            f"needs about {need / 2**30:.1f} GiB over its {spec.world_size} rank(s) (weights, gradients, optimizer "
-            f"state and the activations of batch {spec.batch} x seq {spec.seq}) but this machine has "
-            f"{total / 2**30:.1f} GiB; lower batch or seq, or use a smaller model",
+            "batch" if weights <= total else "model",
+            f"needs about {need / 2**30:.1f} GiB over its {spec.world_size} rank(s) ({held} of batch {spec.batch} x "
+            f"seq {spec.seq}) but this machine has {total / 2**30:.1f} GiB; {fix}",
         )
 
 

@@ -25,7 +25,10 @@ def check(spec: RunSpec, add: Add) -> None:
             "sequence_parallel",
             f"works only with tp_style 'megatron' (got '{spec.tp_style}'); set tp_style to 'megatron' or turn sequence_parallel off",
         )
-    if spec.seq % spec.tp:
+    if spec.seq % spec.tp and spec.prompt is not None:  # the prompt's tokens are the sequence: it is what to change
+        add("prompt", f"is {spec.seq} tokens, and sequence parallelism splits the sequence over tp {spec.tp}: make the "
+                      f"prompt a multiple of {spec.tp} tokens long, or turn sequence_parallel off")  # fmt: skip
+    elif spec.seq % spec.tp:
         add("seq", f"sequence parallelism needs seq divisible by tp {spec.tp}; use a multiple of {spec.tp}")
 
 
