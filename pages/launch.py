@@ -50,6 +50,7 @@ def note_slot(field: str) -> None:
 # "!") and the script goes on with the last valid one, so batch 0 would launch batch 8. validate_spec judges
 # every value instead, and its message shows under the field.
 values: dict = {}
+model_note = None  # where the preset's description goes (a placeholder, when a preset is chosen)
 left, mid, right = st.columns([1.1, 1, 1])
 with left:
     st.subheader("Strategy")
@@ -123,7 +124,7 @@ with mid:
         for f in MODEL_PARTS:
             note_slot(f)
     elif values["model"] in PRESETS:
-        st.caption(describe_model(PRESETS[values["model"]]))
+        model_note = st.empty()  # filled once the data is known: text read byte by byte makes the vocabulary 256
     if values["model"] == FROM_WEIGHTS:
         st.caption("the dimensions come from the weights folder's config.json (set it under Run)")
     values["workload"] = st.radio("workload", WORKLOADS, index=2, key=K + "workload", horizontal=True)
@@ -252,6 +253,8 @@ with right:
         st.caption(folder)
 
 spec, problems = spec_from_form(values)
+if model_note is not None:  # the preset as this run builds it (RunSpec.model_config), else as published
+    model_note.caption(describe_model(spec.model_config() if spec is not None else PRESETS[values["model"]]))
 problems += [p for p in [api.repeat_problem(repeat)] if p]
 by_field = problems_by_field(problems)
 for field, messages in by_field.items():

@@ -62,10 +62,11 @@ def test_a_curve_of_other_work_is_not_held_against_the_baseline():
     runs = [{"id": 1, "spec": {"strategy": "single"}}, {"id": 2, "spec": {"strategy": "data", "dp": 2}},
             {"id": 3, "spec": {"strategy": "single", "model": "llama-tiny", "data": "stdlib"}}]  # fmt: skip
     unlike = unlike_curves(runs, 1)
-    assert unlike == {3: "model, data"}
+    assert unlike == {3: "model tiny / llama-tiny: vocab_size 512 / 256, bias True / False, family gpt2 / llama, "
+                         "data synthetic / stdlib"}  # stdlib is read byte by byte: 256 symbols
     table, per_step = loss_deviations(curves_frame(), 1, {1: "#1", 2: "#2", 3: "#3"}, unlike=unlike)
     row = table.set_index("run").loc["#3"]
-    assert row["not compared: differs in"] == "model, data" and row["steps compared"] == 0
+    assert row["not compared: differs in"] == unlike[3] and row["steps compared"] == 0
     assert list(table.columns[:2]) == ["run", "not compared: differs in"]  # seen first, on any width
     assert pd.isna(row["largest deviation"]) and row["last loss"] == pytest.approx(4.0 * 1.01)
     assert set(per_step["run"]) == {"#2"}

@@ -44,7 +44,7 @@ def test_a_heartbeat_age_reads_in_whole_seconds(seconds, text):
 
 def test_human_rate_and_status():
     assert human_rate(None) == "—"
-    assert human_rate(950) == "950 tok/s"
+    assert human_rate(950) == "950 tok/s" and human_rate(1.37) == "1.37 tok/s" and human_rate(12.34) == "12.3 tok/s"
     assert human_rate(12345) == "12.3 k tok/s"
     assert human_rate(2.5e6) == "2.50 M tok/s"
     assert status_label("failed") == "✖ failed"

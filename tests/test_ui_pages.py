@@ -111,6 +111,11 @@ def test_a_hugging_face_folder_shows_its_config_dimensions(engine, tmp_path):
     captions = texts(at.caption)
     assert any("llama: 4 layers, 4 heads, 2 key/value heads, width 64, MLP 176" in c for c in captions), captions
     assert any("no model.safetensors" in e for e in texts(at.error)), texts(at.error)  # no tensors in the folder
+    # a preset is described as the run builds it: text read byte by byte makes the vocabulary 256
+    at = page("pages/launch.py")
+    assert any("vocabulary 512" in c for c in texts(at.caption))
+    at.text_input(key="launch_data").input("stdlib").run()
+    assert any("vocabulary 256" in c for c in texts(at.caption)), texts(at.caption)
 
 
 def test_devices_panel_says_cpu_processes_without_gpus(engine):

@@ -359,6 +359,17 @@ def work_differences(a: RunSpec, b: RunSpec, fields: tuple[str, ...] = WORK_FIEL
     return out
 
 
+def difference_text(a: RunSpec, b: RunSpec, name: str) -> str:
+    """'workload train / forward'; a model by its name, and by what differs in it as built ('model tiny:
+    vocab_size 50304 / 256' where the data's vocabulary sized one of them)."""
+    if name != "model":
+        return f"{name} {getattr(a, name)} / {getattr(b, name)}"
+    ca, cb = a.model_config().to_dict(), b.model_config().to_dict()
+    dims = [f"{k} {ca[k]} / {cb.get(k)}" for k in ca if ca[k] != cb.get(k)][:3]
+    named = f"model {a.model}" if a.model == b.model else f"model {a.model} / {b.model}"
+    return f"{named}: {', '.join(dims)}" if dims else named
+
+
 def shared_training(runs: list[dict]) -> str | None:
     """The dtype of runs that trained the same model on the same data, seed, batch and learning rate -- whose
     curves the convergence bound judges (runner/spec/converge_layouts.py) -- else None."""
@@ -368,7 +379,8 @@ def shared_training(runs: list[dict]) -> str | None:
 
 
 def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
-    """Runs whose loss curve cannot be held against the baseline's, each with what differs ('model, data'): a
+    """Runs whose loss curve cannot be held against the baseline's, each with what differs ('data stdlib /
+    synthetic'): a
     deviation from another model's or another data's curve measures nothing."""
     base = next((r for r in runs if r["id"] == baseline), None)
     if base is None:
@@ -376,9 +388,9 @@ def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
     spec = RunSpec.from_dict(base["spec"])
     out = {}
     for run in runs:
-        differ = work_differences(spec, RunSpec.from_dict(run["spec"]), CURVE_FIELDS)
-        if differ:
-            out[run["id"]] = ", ".join(differ)
+        other = RunSpec.from_dict(run["spec"])
+        if differ := work_differences(spec, other, CURVE_FIELDS):
+            out[run["id"]] = ", ".join(difference_text(spec, other, name) for name in differ)
     return out
 
 

@@ -28,7 +28,7 @@ from runner.analysis.stats import (
     runs_needed_each,
 )
 from runner.spec.run_spec import RunSpec
-from ui.compare import run_figures, work_differences
+from ui.compare import difference_text, run_figures, work_differences
 from ui.cpu import shared_machine
 
 # (figure in run_figures, what people call it, printf format): the figures that vary from run to run.
@@ -144,7 +144,7 @@ def verdicts(groups: list[Group]) -> list[Verdict]:
     out = []
     for a, b in combinations([g for g in groups if g.values(JUDGED)], 2):
         if differ := work_differences(a.spec, b.spec):
-            what = ", ".join(_difference(a.spec, b.spec, name) for name in differ)
+            what = ", ".join(difference_text(a.spec, b.spec, name) for name in differ)
             out.append(Verdict(a.label, b.label, None, "unlike",
                                f"{a.label} against {b.label}: not ranked, they did different work ({what}); tokens/s "
                                "ranks ways of doing the same work."))  # fmt: skip
@@ -160,16 +160,6 @@ def verdicts(groups: list[Group]) -> list[Verdict]:
 
 _NONE = Interval(0.0, 0.0, 0.0, 0.0, LEVEL, (0,))  # sorts a pair without a ratio after those with one
 
-
-def _difference(a: RunSpec, b: RunSpec, name: str) -> str:
-    """'workload train / forward'; a model by its name, and by what differs in it as built ('model tiny:
-    vocab_size 50304 / 256' where the data's vocabulary sized one of them)."""
-    if name != "model":
-        return f"{name} {getattr(a, name)} / {getattr(b, name)}"
-    ca, cb = a.model_config().to_dict(), b.model_config().to_dict()
-    dims = [f"{k} {ca[k]} / {cb.get(k)}" for k in ca if ca[k] != cb.get(k)][:3]
-    named = f"model {a.model}" if a.model == b.model else f"model {a.model} / {b.model}"
-    return f"{named}: {', '.join(dims)}" if dims else named
 
 
 def _sentence(fast: Group, slow: Group, r: Interval, outcome: str) -> str:

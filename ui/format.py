@@ -61,7 +61,7 @@ def human_rate(tokens_per_s: float | None) -> str:
         return f"{tokens_per_s / 1e6:.2f} M tok/s"
     if tokens_per_s >= 1e3:
         return f"{tokens_per_s / 1e3:.1f} k tok/s"
-    return f"{tokens_per_s:.0f} tok/s"
+    return f"{tokens_per_s:.3g} tok/s"  # a slow generate run makes 1.37, not "1"
 
 
 def status_label(status: str) -> str:

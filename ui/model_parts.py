@@ -45,12 +45,12 @@ def model_parts_inputs(prefix: str, base: GPTConfig | None = None, container=Non
     family = c1.selectbox("family", FAMILIES, index=FAMILIES.index(base.family), key=prefix + "family",
                           help="gpt2: LayerNorm, learned positions, GELU MLP, biases; llama: RMSNorm, rotary "
                                "positions, SwiGLU MLP, no biases")  # fmt: skip
-    kv = c2.number_input("n_kv_head", min_value=1, value=None, key=prefix + "n_kv_head", placeholder=str(base.kv_heads),
+    kv = c2.number_input("n_kv_head", value=None, step=1, key=prefix + "n_kv_head", placeholder=str(base.kv_heads),
                          help=f"key/value heads, dividing n_head (grouped-query attention); empty: {kept['n_kv_head']}")  # fmt: skip
-    ffn = c3.number_input("ffn_hidden", min_value=1, value=None, key=prefix + "ffn_hidden", placeholder=str(base.d_ff),
+    ffn = c3.number_input("ffn_hidden", value=None, step=1, key=prefix + "ffn_hidden", placeholder=str(base.d_ff),
                           help=f"the MLP's hidden width; empty: {kept['ffn_hidden']}")  # fmt: skip
     c1, c2 = box.columns(2)
-    theta = c1.number_input("rope_theta", min_value=1.0, value=None, key=prefix + "rope_theta", disabled=family != "llama",
+    theta = c1.number_input("rope_theta", value=None, step=1000.0, key=prefix + "rope_theta", disabled=family != "llama",
                             placeholder=f"{base.rope_theta:g}", help=f"rotary base (llama); empty: {kept['rope_theta']}")  # fmt: skip
     tie = c2.checkbox("tie head", value=base.tie_head, key=prefix + "tie_head",
                       help="the LM head shares the token embedding's weight")  # fmt: skip

@@ -45,6 +45,14 @@ def pipeline_shape(spec: dict[str, Any]) -> tuple[str, int, int, int] | None:
     return spec.get("schedule") or "1f1b", p, int(spec.get("microbatches") or 1), int(spec.get("virtual_stages") or 1)
 
 
+def _tied(spec: dict[str, Any]) -> bool:
+    """Whether the run's model ties its head to the token embedding (false where the spec cannot be read)."""
+    try:
+        return RunSpec.from_dict(spec).model_config().tie_head
+    except (TypeError, ValueError):
+        return False
+
+
 def _ms_list(values: list[float]) -> str:
     return " / ".join(f"{x * 1e3:.1f}" for x in values)
 
@@ -69,9 +77,10 @@ def timeline_pair(spans: pd.DataFrame, spec: dict[str, Any], result: dict[str, A
         + f" per stage; transfer {inputs['transfer'] * 1e3:.2f} ms (median of {inputs['transfer_samples']} receives)"
     )
     job = (result or {}).get("bubble_fraction")
+    tied = ", the tied-embedding sum" if _tied(spec) else ""  # only a tied head's two copies are summed
     job_text = (
-        f"; the job's own figure, whose step also holds the optimizer, the tied-embedding sum and the "
-        f"end-of-step barrier, is {job:.1%}"
+        f"; the job's own figure, whose step also holds the optimizer{tied} and the end-of-step barrier, is "
+        f"{job:.1%}"
         if job is not None
         else ""
     )
