@@ -11,6 +11,7 @@ from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
 from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
 from runner.spec.strategies import strategy_names
 from ui import charts
+from ui.alike import shared_training, unlike_curves
 from ui.compare import (
     GUIDE_NOTES,
     comparison_table,
@@ -19,9 +20,7 @@ from ui.compare import (
     guide_table,
     loss_deviations,
     readable_table,
-    shared_training,
     spec_differences,
-    unlike_curves,
     unsharded_sources,
     with_baseline,
 )

@@ -15,7 +15,8 @@ from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
-from ui.compare import curve_baseline, loss_deviations, unlike_curves
+from ui.alike import unlike_curves
+from ui.compare import curve_baseline, loss_deviations
 
 
 def test_the_largest_relative_deviation_is_over_the_steps_both_curves_hold():

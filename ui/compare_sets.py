@@ -28,7 +28,8 @@ from runner.analysis.stats import (
     runs_needed_each,
 )
 from runner.spec.run_spec import RunSpec
-from ui.compare import difference_text, run_figures, work_differences
+from ui.alike import difference_text, work_differences
+from ui.compare import run_figures
 from ui.cpu import shared_machine
 
 # (figure in run_figures, what people call it, printf format): the figures that vary from run to run.
@@ -139,7 +140,7 @@ class Verdict:
 
 def verdicts(groups: list[Group]) -> list[Verdict]:
     """Every pair of groups with tokens/s, the faster by median named first; resolved pairs first. Groups that did
-    different work (another model, workload, batch, sequence or number of new tokens: ui.compare.work_differences)
+    different work (another model, workload, batch, sequence or number of new tokens: ui.alike.work_differences)
     are not ranked: their pair says so, last."""
     out = []
     for a, b in combinations([g for g in groups if g.values(JUDGED)], 2):
