@@ -64,11 +64,3 @@ def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
         if differ := work_differences(spec, other, CURVE_FIELDS):
             out[run["id"]] = ", ".join(difference_text(spec, other, name) for name in differ)
     return out
-
-
-def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
-    """The run the loss curves are measured against: the one chosen, else the first single-device run, else
-    the first run."""
-    if chosen is not None or not runs:
-        return chosen
-    return next((r["id"] for r in runs if r["spec"].get("strategy") == "single"), runs[0]["id"])

@@ -336,6 +336,14 @@ def spec_differences(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{r['id']}" for r in runs])
 
 
+def curve_baseline(runs: list[dict], chosen: int | None) -> int | None:
+    """The run the loss curves are measured against: the one chosen, else the first single-device run, else
+    the first run."""
+    if chosen is not None or not runs:
+        return chosen
+    return next((r["id"] for r in runs if r["spec"].get("strategy") == "single"), runs[0]["id"])
+
+
 UNLIKE_COLUMN = "not compared: differs in"
 
 
