@@ -307,7 +307,8 @@ def deviation_chart(deviations: pd.DataFrame) -> alt.Chart:
         .mark_line(point=True)
         .encode(
             x=STEP_AXIS,
-            y=alt.Y("deviation:Q", title="|loss - baseline| / baseline", scale=alt.Scale(type="log")),
+            y=alt.Y("deviation:Q", title="|loss - baseline| / baseline", scale=alt.Scale(type="log"),
+                    axis=alt.Axis(format=".0e")),  # one notation across decades (not 0.000003 beside 2e-7)
             color=alt.Color("run:N", title=None),
             tooltip=["run", "step", alt.Tooltip("deviation:Q", format=".2e")],
         )
