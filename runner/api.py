@@ -28,6 +28,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Engine
 
+from runner.analysis.same_work import work_differences
 from runner.service import logs as log_reader
 from runner.service.device_probe import detect_devices
 from runner.service.launchers.slurm import SCRIPT_NAME
@@ -279,8 +280,20 @@ def active_runs(engine: Engine) -> pd.DataFrame:
 
 
 def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
-    """The fastest succeeded run of each strategy for one model and workload."""
-    return runs.best_runs(engine, model, workload)
+    """The fastest succeeded run (tokens/s) of each strategy for one model and workload, among the runs that did the
+    same work as the newest of them (the model as built, batch, sequence, new tokens: runner.analysis.same_work), so
+    that what is picked can be ranked; ids ascending."""
+    candidates = runs.succeeded_runs(engine, model, workload)
+    if not candidates:
+        return []
+    newest = RunSpec.from_dict(candidates[0][3])
+    best: dict[str, tuple[float, int]] = {}
+    for run_id, strategy, tokens_per_s, spec in candidates:
+        if work_differences(newest, RunSpec.from_dict(spec)):
+            continue
+        if strategy not in best or (tokens_per_s, run_id) > best[strategy]:
+            best[strategy] = (tokens_per_s, run_id)
+    return sorted(run_id for _, run_id in best.values())
 
 
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:

@@ -202,22 +202,16 @@ def distinct_values(engine: Engine, column: str) -> list[str]:
         return sorted(v for (v,) in conn.execute(select(col).distinct()) if v)
 
 
-def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
-    """The fastest succeeded run (tokens/s) of each strategy for one model and workload."""
-    best = (
-        select(Run.strategy, func.max(Run.tokens_per_s).label("best"))
-        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
-        .group_by(Run.strategy)
-        .subquery()
-    )
+def succeeded_runs(engine: Engine, model: str, workload: str) -> list[tuple[int, str, float, dict[str, Any]]]:
+    """(id, strategy, tokens/s, spec) of every succeeded run of one model name and workload with a throughput,
+    newest first: what api.best_runs picks from."""
     q = (
-        select(func.max(Run.id))
-        .join(best, (Run.strategy == best.c.strategy) & (Run.tokens_per_s == best.c.best))
-        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload)
-        .group_by(Run.strategy)
+        select(Run.id, Run.strategy, Run.tokens_per_s, Run.spec)
+        .where(Run.status == "succeeded", Run.model == model, Run.workload == workload, Run.tokens_per_s.is_not(None))
+        .order_by(Run.id.desc())
     )
     with engine.connect() as conn:
-        return sorted(int(i) for (i,) in conn.execute(q))
+        return [(int(i), str(s), float(t), dict(spec)) for i, s, t, spec in conn.execute(q)]
 
 
 def active_runs(engine: Engine) -> pd.DataFrame:

@@ -101,6 +101,14 @@ def test_best_of_each_strategy_picks_the_fastest_succeeded_run(engine):
     single = finished(engine, RunSpec(strategy="single"), 200.0)
     finished(engine, RunSpec(strategy="single", workload="forward"), 900.0)  # another workload
     assert api.best_runs(engine, "tiny", "train") == sorted([fast, single])
+    # Only runs of the newest one's work are picked, so the picks can be ranked: a faster single run at another
+    # batch is not "the best single run" beside them, until a run of that batch is the newest.
+    other = finished(engine, RunSpec(strategy="single", batch=4), 5000.0)
+    newest = finished(engine, RunSpec(strategy="layer", pp=2), 100.0)
+    assert api.best_runs(engine, "tiny", "train") == sorted([fast, single])
+    assert newest not in api.best_runs(engine, "tiny", "train")  # slower than the earlier layer run of that work
+    finished(engine, RunSpec(strategy="data", dp=2, batch=4), 10.0)
+    assert api.best_runs(engine, "tiny", "train") == sorted([other, newest + 1])
 
 
 def test_timeline_chart_draws_one_bar_per_stage_microbatch_and_phase():

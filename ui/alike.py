@@ -1,34 +1,12 @@
-"""When two runs can be held against each other: the work they measured (model as built, workload, batch, sequence,
-new tokens) for their throughput, and beyond it their data, seed and learning rate for their loss curves; and the
-words that say what differs. Compare's verdicts (ui/compare_sets.py) and loss table (ui/compare.py) both ask here.
-Pure functions of RunSpecs and get_run() dicts.
+"""What Compare says about runs that did not do the same work (runner.analysis.same_work decides which): the words
+for what differs, whether the chosen runs trained alike (the convergence bound's verdict), and which loss curves are
+not held against the baseline's. Pure functions of RunSpecs and get_run() dicts.
 """
 
 from __future__ import annotations
 
+from runner.analysis.same_work import CURVE_FIELDS, TRAINING_FIELDS, work_differences
 from runner.spec.run_spec import RunSpec
-
-# What two runs must share for one's figure to be held against the other's: the work measured (tokens/s), and
-# beyond it what makes one loss curve another's (its data, seed and learning rate).
-WORK_FIELDS = ("model", "workload", "batch", "seq", "new_tokens")
-CURVE_FIELDS = ("model", "workload", "batch", "seq", "data", "seed", "lr")
-TRAINING_FIELDS = (*CURVE_FIELDS, "dtype")
-
-
-def work_differences(a: RunSpec, b: RunSpec, fields: tuple[str, ...] = WORK_FIELDS) -> list[str]:
-    """The fields among `fields` in which specs a and b differ: the model as built (its dimensions, whatever its
-    name), new tokens only where both generate."""
-    out = []
-    for name in fields:
-        if name == "model":
-            same = a.model_config() == b.model_config()
-        elif name == "new_tokens":
-            same = not (a.workload == b.workload == "generate") or a.new_tokens == b.new_tokens
-        else:
-            same = getattr(a, name) == getattr(b, name)
-        if not same:
-            out.append(name)
-    return out
 
 
 def difference_text(a: RunSpec, b: RunSpec, name: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 
+from runner.analysis.same_work import work_differences
 from runner.analysis.stats import (
     LEVEL,
     Interval,
@@ -28,7 +29,7 @@ from runner.analysis.stats import (
     runs_needed_each,
 )
 from runner.spec.run_spec import RunSpec
-from ui.alike import difference_text, work_differences
+from ui.alike import difference_text
 from ui.compare import run_figures
 from ui.cpu import shared_machine
 
@@ -140,7 +141,7 @@ class Verdict:
 
 def verdicts(groups: list[Group]) -> list[Verdict]:
     """Every pair of groups with tokens/s, the faster by median named first; resolved pairs first. Groups that did
-    different work (another model, workload, batch, sequence or number of new tokens: ui.alike.work_differences)
+    different work (another model, workload, batch, sequence or number of new tokens: runner.analysis.same_work)
     are not ranked: their pair says so, last."""
     out = []
     for a, b in combinations([g for g in groups if g.values(JUDGED)], 2):
