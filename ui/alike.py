@@ -30,8 +30,7 @@ def shared_training(runs: list[dict]) -> str | None:
 
 def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
     """Runs whose loss curve cannot be held against the baseline's, each with what differs ('data stdlib /
-    synthetic'): a
-    deviation from another model's or another data's curve measures nothing."""
+    synthetic'): a deviation from another model's or another data's curve measures nothing."""
     base = next((r for r in runs if r["id"] == baseline), None)
     if base is None:
         return {}

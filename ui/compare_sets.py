@@ -157,10 +157,8 @@ def verdicts(groups: list[Group]) -> list[Verdict]:
             ratio = ratio_interval(b.values(JUDGED), a.values(JUDGED))
         outcome = direction(ratio)
         out.append(Verdict(a.label, b.label, ratio, outcome, _sentence(a, b, ratio, outcome)))
-    return sorted(out, key=lambda v: (v.outcome == "unlike", v.outcome != "higher", -(v.ratio or _NONE).estimate))
+    return sorted(out, key=lambda v: (v.outcome == "unlike", v.outcome != "higher", -(v.ratio.estimate if v.ratio else 0)))
 
-
-_NONE = Interval(0.0, 0.0, 0.0, 0.0, LEVEL, (0,))  # sorts a pair without a ratio after those with one
 
 
 

@@ -149,6 +149,6 @@ def validate_data(spec: RunSpec, add: Add) -> None:
             room = f"shorten the prompt to at most {block - spec.new_tokens} tokens" if block > spec.new_tokens else ""
             add("prompt", f"is {n} tokens of {source.describe()}, and with {spec.new_tokens} new tokens exceeds the "
                           f"model's block_size {block}; {room + ' or ' if room else ''}lower new_tokens")  # fmt: skip
-        elif len(ids := corpus.encode(source, spec.prompt)) != spec.seq:
-            add("prompt", f"is {len(ids)} tokens of {source.describe()} but seq is {spec.seq}: set seq to "
-                          f"{len(ids)} (every row of the batch is the prompt)")  # fmt: skip
+        elif n != spec.seq:
+            add("prompt", f"is {n} tokens of {source.describe()} but seq is {spec.seq}: set seq to "
+                          f"{n} (every row of the batch is the prompt)")  # fmt: skip

@@ -249,10 +249,10 @@ def _validate_model(spec: RunSpec, add: Add) -> None:
 
 def _validate_context(spec: RunSpec, add: Add) -> None:
     """Tokens against the model's context."""
-    cfg = spec.model_config()
-    tokens = spec.seq + (spec.new_tokens if spec.workload == "generate" else 0)
     if spec.prompt is not None and spec.workload == "generate":
         return  # the prompt's tokens are the sequence: validate_data holds them against the context
+    cfg = spec.model_config()
+    tokens = spec.seq + (spec.new_tokens if spec.workload == "generate" else 0)
     if tokens > cfg.block_size:
         extra = f" plus {spec.new_tokens} new tokens" if spec.workload == "generate" else ""
         add("seq", f"seq {spec.seq}{extra} exceeds the model's block_size {cfg.block_size}; lower seq or new_tokens")
