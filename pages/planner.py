@@ -124,8 +124,9 @@ try:
         if not leases:
             problem = "No runner has reported GPUs (a runner's lease lists the GPUs NVML sees on its host)."
         else:
-            lease = d1.selectbox("host", leases, format_func=lambda h: f"{h['host']} ({len(h['gpus'])} GPUs)")
-            devices = from_lease(lease)
+            by_host = {h["host"]: h for h in leases}  # by name: the lease read now, not one kept from a rerun before
+            host = d1.selectbox("host", list(by_host), format_func=lambda h: f"{h} ({len(by_host[h]['gpus'])} GPUs)")
+            devices = from_lease(by_host[host])
     elif source == "Slurm partition":
         from runner.service.cluster import Partition
 
@@ -133,9 +134,11 @@ try:
         if not leases:
             problem = "No Slurm runner has published a partition (python -m runner serve --backend slurm ...)."
         else:
-            host = d1.selectbox("partition", leases, format_func=lambda h: h["cluster"].get("partition", "?"))
+            by_host = {h["host"]: h for h in leases}
+            host = d1.selectbox("partition", list(by_host),
+                                format_func=lambda h: f"{by_host[h]['cluster'].get('partition', '?')} ({h})")  # fmt: skip
             kind = d2.selectbox("GPU kind of its nodes", list(KINDS), key=K + "pkind")
-            devices = from_partition(Partition.from_dict(host["cluster"]), kind)
+            devices = from_partition(Partition.from_dict(by_host[host]["cluster"]), kind)
     else:
         count = int(d1.number_input("devices", min_value=1, value=8, key=K + "dcount"))
         mem = d1.number_input("memory GiB", min_value=0.1, value=80.0, key=K + "dmem")
@@ -203,7 +206,10 @@ with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"
 piped = [c for c in result.feasible if c.layout.pp > 1][:30]
 if piped and work.workload == "train":
     st.subheader("Predicted pipeline timeline")
-    pick = st.selectbox("layout", piped, format_func=lambda c: c.layout.label(), key=K + "sim_choice")
+    # Options are labels, looked up in this run's plan: a selectbox keeps the object it returned before while its
+    # label is still offered, which would draw (and launch) a layout judged on the inputs before the last edit.
+    shown = {c.layout.label(): c for c in piped}
+    pick = shown[st.selectbox("layout", list(shown), key=K + "sim_choice")]
     sim = P.simulated_step(inputs, pick, devices)
     if sim is not None:
         st.caption(
@@ -228,11 +234,12 @@ fitting = P.for_this_host(result, here, inputs)
 if not fitting:
     st.info(f"None of these layouts fits this host ({here.describe()}).")
 else:
-    choice = st.selectbox(
-        "layout", fitting, key=K + "launch_choice",
-        format_func=lambda c: f"{c.layout.label()} · {human_bytes(c.memory.total)} · {human_duration(c.step.total)} "
-        "predicted here",
-    )  # fmt: skip
+    here_fits = {c.layout.label(): c for c in fitting}
+    choice = here_fits[st.selectbox(
+        "layout", list(here_fits), key=K + "launch_choice",
+        format_func=lambda label: f"{label} · {human_bytes(here_fits[label].memory.total)} · "
+        f"{human_duration(here_fits[label].step.total)} predicted here",
+    )]  # fmt: skip
     steps = int(st.number_input("steps", min_value=1, value=5, key=K + "steps"))
     if st.button("Launch this layout", type="primary", key=K + "launch"):
         try:

@@ -290,6 +290,8 @@ def test_a_long_pipeline_is_drawn_a_window_at_a_time():
         lo, hi = chart["layer"][0]["encoding"]["x"]["scale"]["domain"]
         assert hi - lo == pytest.approx(width) and 0 <= lo and hi <= sim.step_time * 1e3 + 1e-9
     assert timeline_window(P.simulated_step(P.guide_inputs(), P.guide_plan().best, P.guide_devices())) is not None
+
+
 def test_planner_page_names_a_bad_input_and_plans_nothing(engine):
     calibrated(engine)  # (measuring the host first is the test above's)
     at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
@@ -405,3 +407,24 @@ def test_infeasible_reasons_are_shown_whole_with_the_engines_own_step_named(engi
     assert step and all("the lab engine's step buffers" in r for r in step)
     assert "DeepSpeed and Megatron-LM step differently" in config["AdamW step GiB"]["help"]
     assert table["AdamW step GiB"].max() > 30  # 8 bytes a stepped parameter of a 70B shard
+
+
+def test_an_edit_redraws_the_timeline_and_the_launch_choice_from_the_new_inputs(engine):
+    """Streamlit's selectbox returns the object it returned before while that object's label is still offered: a
+    plan's layouts as options kept drawing (and launching) a layout judged on the batch before the edit. After an
+    edit the page reads exactly as a page opened with the edited inputs."""
+    calibrated(engine)
+
+    def shown(at):
+        return ([c.value for c in at.caption], at.selectbox(key="planner_sim_choice").value,
+                at.selectbox(key="planner_launch_choice").options)  # fmt: skip
+
+    edited = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    before = shown(edited)
+    edited.number_input(key="planner_batch").set_value(64).run()
+    fresh = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60)
+    fresh.session_state["planner_batch"] = 64
+    fresh.run()
+    assert not edited.exception and not fresh.exception
+    assert before[1] == shown(edited)[1]  # the same layout picked before and after, its label kept
+    assert shown(edited) == shown(fresh) != before

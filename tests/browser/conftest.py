@@ -169,3 +169,20 @@ def fill_fields(page, values: dict[str, str], tries: int = 4) -> None:
             return
     shown = {label: page.get_by_label(label, exact=True).input_value() for label in values}
     raise AssertionError(f"the form shows {shown} after {tries} tries, not {values}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed browser test reports what its page said (errors, warnings, tracebacks, the app's state) and leaves a
+    screenshot: CI keeps only the printed output, and a timeout alone does not say what the page showed instead."""
+    outcome = yield
+    report = outcome.get_result()
+    page = item.funcargs.get("page") if report.when == "call" and report.failed else None
+    if page is None:
+        return
+    with contextlib.suppress(Exception):  # the report of the first failure matters more than this one's
+        page.screenshot(path=str(ARTIFACTS / f"failed-{item.name}.png"), full_page=True)
+        state = page.get_attribute('[data-testid="stApp"]', "data-test-script-state", timeout=2_000)
+        said = page.locator('[data-testid="stException"], [data-testid="stAlert"], [data-testid="stCaptionContainer"]')
+        texts = [t.strip()[:400] for t in said.all_inner_texts()]
+        report.sections.append(("page at failure", f"script {state}; url {page.url}\n" + "\n".join(texts)))
