@@ -18,7 +18,7 @@ from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, Spec
 from ui import planner as P
 from ui.format import human_bytes, human_duration
 from ui.model_parts import describe_model, model_parts_inputs
-from ui.simulated import timeline_window, windowed_chart
+from ui.simulated import beside_the_table, timeline_window, windowed_chart
 from ui.state import engine, enter_through_app
 
 enter_through_app()
@@ -193,7 +193,8 @@ with answer:
         m2.metric("step time", human_duration(best.step.total), help="predicted: the fastest feasible layout")
         m3.metric(f"memory per {devices.word}", human_bytes(best.memory.total),
                   help=f"the predicted peak, of {human_bytes(devices.usable_bytes)} usable")  # fmt: skip
-    st.caption(f"{model} · {workload} · batch {batch} x {seq} · {dtype} · {devices.describe()}")
+    named = f"custom {chosen.family} (from {model})" if custom else model  # the preset's name is not the model's
+    st.caption(f"{named} · {workload} · batch {batch} x {seq} · {dtype} · {devices.describe()}")
 
 st.markdown(f"**{len(result.feasible)} feasible layouts**, fastest first (★: the recommendation)")
 feasible = P.feasible_table(result)
@@ -215,7 +216,7 @@ if piped and work.workload == "train":
         st.caption(
             "Simulated from the step-time model's pass times (runner/planner/simulate.py): equal stages, "
             f"messages {sim.inputs.get('transfer', 0) * 1e3:.3g} ms; the bubble theory for this schedule is "
-            f"{pick.step.bubble_fraction:.1%}."
+            f"{pick.step.bubble_fraction:.1%}. {beside_the_table(sim, pick.step)}"
         )
         width = timeline_window(sim)
         start = 0.0
@@ -235,11 +236,11 @@ if not fitting:
     st.info(f"None of these layouts fits this host ({here.describe()}).")
 else:
     here_fits = {c.layout.label(): c for c in fitting}
-    choice = here_fits[st.selectbox(
-        "layout", list(here_fits), key=K + "launch_choice",
-        format_func=lambda label: f"{label} · {human_bytes(here_fits[label].memory.total)} · "
-        f"{human_duration(here_fits[label].step.total)} predicted here",
-    )]  # fmt: skip
+    # The figures go beside the picker, not into its options: the browser keeps showing the option text it drew for
+    # a kept choice, so figures in it would read as before the last edit.
+    choice = here_fits[st.selectbox("layout", list(here_fits), key=K + "launch_choice")]
+    st.caption(f"{choice.layout.label()}: {human_bytes(choice.memory.total)} a {here.word}, "
+               f"{human_duration(choice.step.total)} a step, predicted here")  # fmt: skip
     steps = int(st.number_input("steps", min_value=1, value=5, key=K + "steps"))
     if st.button("Launch this layout", type="primary", key=K + "launch"):
         try:

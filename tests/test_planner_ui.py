@@ -376,6 +376,7 @@ def test_custom_model_fields_are_readable_and_say_what_empty_keeps(engine):
     at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
     at.selectbox(key="planner_model").set_value("llama-3.1-8b")
     at.checkbox(key="planner_custom").check().run()
+    assert any(c.value.startswith("custom llama (from llama-3.1-8b) · train") for c in at.caption)  # not the preset
     for key in ("planner_ffn_hidden", "planner_family", "planner_n_layer"):
         assert [type(b).__name__ for b in _path(at.main, key)].count("Column") == 1, key  # no column in a column
     assert _path(at.main, "planner_ffn_hidden")[0] is not _path(at.main, "planner_model")[0]  # below the row
@@ -427,4 +428,6 @@ def test_an_edit_redraws_the_timeline_and_the_launch_choice_from_the_new_inputs(
     fresh.run()
     assert not edited.exception and not fresh.exception
     assert before[1] == shown(edited)[1]  # the same layout picked before and after, its label kept
+    # the timeline says what its step leaves out of the table's (the data-parallel reduction of dp > 1 among them)
+    assert any("passes, messages and the bubble. The table's" in c for c in shown(edited)[0])
     assert shown(edited) == shown(fresh) != before

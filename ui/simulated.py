@@ -137,3 +137,15 @@ def windowed_chart(sim: Simulation, start_ms: float) -> alt.LayerChart:
     title = (f"Simulated {name}: p = {sim.p}, m = {sim.m}, step {human_duration(sim.step_time)}, bubble "
              f"{sim.bubble_mean:.1%} -- {lo:.4g} to {lo + width:.4g} ms shown")  # fmt: skip
     return charts.timeline_chart(sim.spans, title=title, window_ms=(lo, lo + width))
+
+
+def beside_the_table(sim: Simulation, step: Any) -> str:
+    """Why the simulated step is shorter than the plan's: the timeline draws the passes, messages and bubble of equal
+    stages; the plan's step (a StepTime) also counts what runs beside no pass, named with its share."""
+    parts = [("tensor-parallel collectives", step.tp_comm_s), ("the exposed data-parallel reduction", step.dp_comm_s),
+             ("the optimizer step", step.optimizer_s)]  # fmt: skip
+    named = [f"{name} {human_duration(s)}" for name, s in parts if s > 0]
+    text = f"The timeline's step is {human_duration(sim.step_time)}: passes, messages and the bubble."
+    if named:
+        text += f" The table's {human_duration(step.total)} also counts " + ", ".join(named) + "."
+    return text
