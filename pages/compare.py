@@ -6,12 +6,13 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
+from runner.analysis.same_work import WORK_FIELDS
 from runner.job.metrics import bubble_theory_formula
 from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
 from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
 from runner.spec.strategies import strategy_names
 from ui import charts
-from ui.alike import shared_training, unlike_curves
+from ui.alike import best_note, shared_training, unlike_baseline
 from ui.compare import (
     GUIDE_NOTES,
     comparison_table,
@@ -80,11 +81,13 @@ with st.expander("Best of each strategy", key=K + "best_open", on_change="rerun"
     model = c1.selectbox("model", list(PRESETS) + ["custom"], key=K + "best_model")
     workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "best_workload")
     if c3.button("Pick them", key=K + "best"):
-        best = [i for i in api.best_runs(engine(), model, workload) if i in labels]
+        picked = api.best_runs(engine(), model, workload)
+        best = [i for i in picked.ids if i in labels]
         if best:
             # The multiselect below is the selection: a widget keeps its own value over a new `default`, so
             # writing only the address would be overwritten by the old (empty) choice on the next line.
             st.session_state[K + "runs"] = best
+            c1.caption(best_note(picked))
         else:
             st.warning(f"No succeeded {workload} runs of the {model} model yet.")
 
@@ -143,7 +146,8 @@ def repeated_runs(runs: list[dict]) -> None:
 repeated_runs(runs)
 table = comparison_table(runs)
 baseline = st.selectbox("baseline (others shown as ratios to it)", [None, *chosen], format_func=lambda i: "none" if i is None else labels[i], key=K + "baseline")  # fmt: skip
-shown = readable_table(with_baseline(table, baseline), ratio=True) if baseline else readable_table(table)
+unlike = unlike_baseline(runs, baseline, WORK_FIELDS)
+shown = readable_table(with_baseline(table, baseline, unlike), ratio=True) if baseline else readable_table(table)
 st.dataframe(shown, hide_index=True,
              column_config={name: st.column_config.Column(help=why) for name, why in figure_help().items()})  # fmt: skip
 
@@ -214,7 +218,7 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     base = curve_baseline(runs, baseline)
     short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
     dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
-    table, per_step = loss_deviations(curves, base, short, dtype, unlike_curves(runs, base))
+    table, per_step = loss_deviations(curves, base, short, dtype, unlike_baseline(runs, base))
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
     st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip

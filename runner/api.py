@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from storage.runs import RunFilter
 FILTER_COLUMNS = ("status", "strategy", "model", "workload", "user")  # the columns filter_values answers for
 
 __all__ = [
-    "ANY_HOST", "HOST_GPUS", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
+    "ANY_HOST", "HOST_GPUS", "BestRuns", "LogText", "RunFilter", "SpecError", "active_runs", "best_runs", "cancel",
     "count_runs", "default_user", "delete", "ensure_runner", "export_csv", "export_runs", "filter_values",
     "follow", "get_run", "hosts", "is_terminal", "list_runs", "log", "log_tails", "loss_curves", "parse_spec",
     "rank_results", "repeat_problem", "repeat_runs", "runner_status", "step_metrics", "submit", "submit_converge", "submit_selftest",
@@ -279,21 +280,34 @@ def active_runs(engine: Engine) -> pd.DataFrame:
     return runs.active_runs(engine)
 
 
-def best_runs(engine: Engine, model: str, workload: str) -> list[int]:
+@dataclass(frozen=True)
+class BestRuns:
+    """What `best_runs` picked: `ids` ascending, the run whose work they all did (`work_of`, the newest), and each
+    strategy left out because none of its runs did that work, with the fields its newest run differs in."""
+
+    ids: list[int]
+    work_of: int | None = None
+    left_out: dict[str, list[str]] = field(default_factory=dict)
+
+
+def best_runs(engine: Engine, model: str, workload: str) -> BestRuns:
     """The fastest succeeded run (tokens/s) of each strategy for one model and workload, among the runs that did the
     same work as the newest of them (the model as built, batch, sequence, new tokens: runner.analysis.same_work), so
-    that what is picked can be ranked; ids ascending."""
+    that what is picked can be ranked; the strategies that ran only other work are named, not dropped unsaid."""
     candidates = runs.succeeded_runs(engine, model, workload)
     if not candidates:
-        return []
+        return BestRuns([])
     newest = RunSpec.from_dict(candidates[0][3])
     best: dict[str, tuple[float, int]] = {}
+    other: dict[str, list[str]] = {}  # strategy -> what its newest run's work differs in
     for run_id, strategy, tokens_per_s, spec in candidates:
-        if work_differences(newest, RunSpec.from_dict(spec)):
+        if differs := work_differences(newest, RunSpec.from_dict(spec)):
+            other.setdefault(strategy, differs)
             continue
         if strategy not in best or (tokens_per_s, run_id) > best[strategy]:
             best[strategy] = (tokens_per_s, run_id)
-    return sorted(run_id for _, run_id in best.values())
+    left_out = {s: d for s, d in other.items() if s not in best}
+    return BestRuns(sorted(run_id for _, run_id in best.values()), candidates[0][0], left_out)
 
 
 def step_metrics(engine: Engine, run_id: int) -> pd.DataFrame:

@@ -177,7 +177,7 @@ def test_compare_prints_groups_medians_with_intervals_and_what_the_runs_resolve(
     assert verdict["outcome"] == "higher" and verdict["runs"] == [4, 4]  # 4 runs of each resolve it
     text = cli_here(capsys, "compare", *map(str, ids)).stdout
     assert text.startswith("Runs grouped by spec") and "What the runs resolve (tokens/s):" in text
-    assert "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (97% interval" in text
+    assert "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (median of the 16 run-to-run ratios; 97% interval" in text
     missing = cli_here(capsys, "compare", str(ids[0]), "999")
     assert missing.returncode == 1 and missing.stdout.strip() == "no run 999"
 

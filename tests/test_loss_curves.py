@@ -15,7 +15,7 @@ from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
-from ui.alike import unlike_curves
+from ui.alike import unlike_baseline
 from ui.compare import curve_baseline, loss_deviations
 
 
@@ -62,7 +62,7 @@ def test_a_curve_of_other_work_is_not_held_against_the_baseline():
     layout's. It keeps its last loss and says why it is not compared; run 2 (another layout, same work) is."""
     runs = [{"id": 1, "spec": {"strategy": "single"}}, {"id": 2, "spec": {"strategy": "data", "dp": 2}},
             {"id": 3, "spec": {"strategy": "single", "model": "llama-tiny", "data": "stdlib"}}]  # fmt: skip
-    unlike = unlike_curves(runs, 1)
+    unlike = unlike_baseline(runs, 1)
     assert unlike == {3: "model tiny / llama-tiny: vocab_size 512 / 256, bias True / False, family gpt2 / llama, "
                          "data synthetic / stdlib"}  # stdlib is read byte by byte: 256 symbols
     table, per_step = loss_deviations(curves_frame(), 1, {1: "#1", 2: "#2", 3: "#3"}, unlike=unlike)
@@ -75,7 +75,7 @@ def test_a_curve_of_other_work_is_not_held_against_the_baseline():
     tiny = RunSpec(model="tiny").model_config()
     same = {"model": "custom", "n_layer": tiny.n_layer, "n_head": tiny.n_head, "n_embd": tiny.n_embd,
             "vocab_size": tiny.vocab_size, "block_size": tiny.block_size}  # fmt: skip
-    assert unlike_curves([runs[0], {"id": 4, "spec": {"strategy": "single", **same}}], 1) == {}
+    assert unlike_baseline([runs[0], {"id": 4, "spec": {"strategy": "single", **same}}], 1) == {}
 
 
 def test_the_baseline_is_the_one_chosen_else_the_first_single_device_run():

@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 
 from runner import api
+from runner.analysis.same_work import WORK_FIELDS
 from runner.spec.run_spec import RunSpec
 from storage import runner_rows
 from tests.test_ui_pages import page, texts
 from ui import charts
+from ui.alike import best_note, unlike_baseline
 from ui.compare import (
     comparison_table,
     guide_table,
@@ -66,6 +68,26 @@ def test_comparison_figures_ratios_and_differences(engine):
     assert readable_table(ratios, ratio=True).set_index("run").loc[b, "tokens/s"] == "0.5x"
 
 
+def test_no_ratio_to_a_baseline_of_other_work_and_the_table_says_each_runs_work(engine):
+    """A run of twice the batch read "2.5x the tokens/s" of the baseline: the ratio measured the batch. Its row now
+    says what differs instead, and every row shows the batch and sequence its figures measured."""
+    a = finished(engine, RunSpec(strategy="single", model="tiny"), 1000.0)
+    same = finished(engine, RunSpec(strategy="data", dp=2, model="tiny"), 1500.0)
+    other = finished(engine, RunSpec(strategy="data", dp=2, model="tiny", batch=16), 2500.0)
+    runs = [api.get_run(engine, i) for i in (a, same, other)]
+    unlike = unlike_baseline(runs, a, WORK_FIELDS)
+    assert unlike == {other: "batch 8 / 16"}
+    shown = readable_table(with_baseline(comparison_table(runs), a, unlike), ratio=True).set_index("run")
+    assert shown.loc[same, "tokens/s"] == "1.5x" and shown.loc[same, "not compared: differs in"] == ""
+    assert shown.loc[other, "tokens/s"] == "not compared" and shown.loc[other, "step p50 (s)"] == "not compared"
+    assert shown.loc[other, "not compared: differs in"] == "batch 8 / 16"
+    assert shown["batch x seq"].tolist() == ["8 x 64", "8 x 64", "16 x 64"]
+    at = page("pages/compare.py", runs=f"{a},{same},{other}")
+    at.selectbox(key="compare_baseline").set_value(a).run()
+    assert not at.exception
+    assert at.dataframe[0].value.set_index("run").loc[other, "tokens/s"] == "not compared"
+
+
 def test_compare_reads_verify_as_a_verdict_and_communication_as_payload_and_wire_bytes(engine):
     from tests.test_ui_pages import VERIFY, finished_run
 
@@ -100,15 +122,22 @@ def test_best_of_each_strategy_picks_the_fastest_succeeded_run(engine):
     fast = finished(engine, RunSpec(strategy="layer", pp=2), 300.0)
     single = finished(engine, RunSpec(strategy="single"), 200.0)
     finished(engine, RunSpec(strategy="single", workload="forward"), 900.0)  # another workload
-    assert api.best_runs(engine, "tiny", "train") == sorted([fast, single])
+    assert api.best_runs(engine, "tiny", "train").ids == sorted([fast, single])
     # Only runs of the newest one's work are picked, so the picks can be ranked: a faster single run at another
     # batch is not "the best single run" beside them, until a run of that batch is the newest.
     other = finished(engine, RunSpec(strategy="single", batch=4), 5000.0)
     newest = finished(engine, RunSpec(strategy="layer", pp=2), 100.0)
-    assert api.best_runs(engine, "tiny", "train") == sorted([fast, single])
-    assert newest not in api.best_runs(engine, "tiny", "train")  # slower than the earlier layer run of that work
+    assert api.best_runs(engine, "tiny", "train").ids == sorted([fast, single])
+    assert newest not in api.best_runs(engine, "tiny", "train").ids  # slower than the earlier layer run of that work
     finished(engine, RunSpec(strategy="data", dp=2, batch=4), 10.0)
-    assert api.best_runs(engine, "tiny", "train") == sorted([other, newest + 1])
+    picked = api.best_runs(engine, "tiny", "train")
+    assert picked.ids == sorted([other, newest + 1]) and picked.work_of == newest + 1
+    assert picked.left_out == {"layer": ["batch"]}  # its runs are all of batch 8: named, not dropped unsaid
+    assert best_note(picked) == (f"The fastest run of each strategy among those that did run #{newest + 1}'s work "
+                                 "(the newest). Left out, their runs differ in batch: layer.")  # fmt: skip
+    at = page("pages/compare.py")
+    at.button(key="compare_best").click().run()  # the page says so beside its pick
+    assert not at.exception and best_note(picked) in texts(at.caption)
 
 
 def test_timeline_chart_draws_one_bar_per_stage_microbatch_and_phase():

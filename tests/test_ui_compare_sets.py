@@ -50,7 +50,8 @@ def test_four_clearly_apart_runs_each_are_resolved_and_identical_ones_are_not(en
     assert data_single.outcome == "higher" and data_single.faster.startswith("data")
     # 16 ratios, 4 and 4 runs: min..max of them, 1900/1050 .. 2100/980, with 1 - 2/70 = 97% confidence.
     assert data_single.sentence == (
-        "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (97% interval 1.81..2.14, "
+        "data · tp1 pp1 dp2 is faster than single · tp1 pp1 dp1: 2.00x the tokens/s (median of the 16 run-to-run ratios; "
+        "97% interval 1.81..2.14, "
         "4 and 4 runs; resolved)."
     )
     assert single_layer.outcome == "unresolved" and "no difference these runs can resolve" in single_layer.sentence

@@ -1,12 +1,17 @@
 """What Compare says about runs that did not do the same work (runner.analysis.same_work decides which): the words
 for what differs, whether the chosen runs trained alike (the convergence bound's verdict), and which loss curves are
-not held against the baseline's. Pure functions of RunSpecs and get_run() dicts.
+not held against the baseline's, and what "Best of each strategy" left out. Pure functions of RunSpecs and get_run() dicts.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from runner.analysis.same_work import CURVE_FIELDS, TRAINING_FIELDS, work_differences
 from runner.spec.run_spec import RunSpec
+
+if TYPE_CHECKING:
+    from runner.api import BestRuns
 
 
 def difference_text(a: RunSpec, b: RunSpec, name: str) -> str:
@@ -28,9 +33,10 @@ def shared_training(runs: list[dict]) -> str | None:
     return specs[0].dtype if alike and specs[0].workload == "train" else None
 
 
-def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
-    """Runs whose loss curve cannot be held against the baseline's, each with what differs ('data stdlib /
-    synthetic'): a deviation from another model's or another data's curve measures nothing."""
+def unlike_baseline(runs: list[dict], baseline: int | None, fields: tuple[str, ...] = CURVE_FIELDS) -> dict[int, str]:
+    """Runs that cannot be held against the baseline, each with what differs ('data stdlib / synthetic'): with
+    CURVE_FIELDS their loss curves (a deviation from another model's or another data's curve measures nothing),
+    with WORK_FIELDS their figures (a ratio to a run of another batch measures the batch)."""
     base = next((r for r in runs if r["id"] == baseline), None)
     if base is None:
         return {}
@@ -38,6 +44,17 @@ def unlike_curves(runs: list[dict], baseline: int | None) -> dict[int, str]:
     out = {}
     for run in runs:
         other = RunSpec.from_dict(run["spec"])
-        if differ := work_differences(spec, other, CURVE_FIELDS):
+        if differ := work_differences(spec, other, fields):
             out[run["id"]] = ", ".join(difference_text(spec, other, name) for name in differ)
     return out
+
+
+def best_note(picked: BestRuns) -> str:
+    """What "Best of each strategy" picked among, and the strategies it left out for having run other work."""
+    text = f"The fastest run of each strategy among those that did run #{picked.work_of}'s work (the newest)."
+    by_fields: dict[str, list[str]] = {}
+    for strategy, fields in picked.left_out.items():
+        by_fields.setdefault(", ".join(fields), []).append(strategy)
+    for fields, strategies in by_fields.items():
+        text += f" Left out, their runs differ in {fields}: {', '.join(strategies)}."
+    return text

@@ -61,6 +61,8 @@ def run_figures(run: dict) -> dict[str, Any]:
         "ranks": run["world_size"],
         "model": spec.model,
         "workload": spec.workload,
+        # the work the figures measured, beside the layout: two runs alike but for it read alike without it
+        "work": f"{spec.batch} x {spec.seq}" + (f" +{spec.new_tokens}" if spec.workload == "generate" else ""),
         "device": r.get("device"),
         "pipeline": pp > 1,
         "verify": verdict(r.get("verify")),
@@ -153,11 +155,13 @@ def comparison_table(runs: list[dict]) -> pd.DataFrame:
 # The comparison table's columns as people read them, with a help line where the name alone is not enough.
 FIGURES: dict[str, tuple[str, str]] = {
     "run": ("run", ""),
+    "not_compared": ("not compared: differs in", "the baseline's work is not this run's, so no ratio is shown"),
     "strategy": ("strategy", ""),
     "degrees": ("layout", "tensor, pipeline and data-parallel degrees; microbatches and schedule of a pipeline"),
     "ranks": ("ranks", ""),
     "model": ("model", ""),
     "workload": ("workload", ""),
+    "work": ("batch x seq", "global batch (sequences) x sequence length; generate: + new tokens"),
     "verify": ("verify", "the job's verdict against the single-device reference"),
     "tokens_per_s": ("tokens/s", ""),
     "step_time_s_p50": ("step p50 (s)", "median time of a timed step"),
@@ -188,7 +192,7 @@ FIGURES: dict[str, tuple[str, str]] = {
 SHARES = ("params_share_max", "compute_share", "comm_share", "idle_share", "bubble_measured", "bubble_theory", "mfu")
 
 
-LABELS = ("run", "strategy", "degrees", "ranks", "model", "workload", "verify")  # shown as they are
+LABELS = ("run", "strategy", "degrees", "ranks", "model", "workload", "work", "not_compared", "verify")  # shown as they are
 
 
 def _figure_text(value: Any, key: str, ratio: bool) -> str | None:
@@ -224,14 +228,19 @@ def figure_help() -> dict[str, str]:
     return {name: why for name, why in FIGURES.values() if why}
 
 
-def with_baseline(table: pd.DataFrame, baseline: int) -> pd.DataFrame:
-    """Every numeric figure divided by the baseline run's (1.0 is the baseline itself)."""
+def with_baseline(table: pd.DataFrame, baseline: int, unlike: dict[int, str] | None = None) -> pd.DataFrame:
+    """Every numeric figure divided by the baseline run's (1.0 is the baseline itself), except for the runs in
+    `unlike` (ui.alike.unlike_baseline: run -> what its work differs in), which get no ratio and say why."""
     if table.empty or baseline not in set(table["run"]):
         return table
     numeric = table.select_dtypes("number").columns.drop(["run", "ranks"], errors="ignore")
     base = table.loc[table["run"] == baseline, numeric].iloc[0]
     out = table.copy()
     out[numeric] = table[numeric] / base.where(base != 0)
+    if unlike:
+        differs = table["run"].map(unlike)
+        out.loc[differs.notna(), numeric] = float("nan")
+        out.insert(out.columns.get_loc("run") + 1, "not_compared", differs.fillna(""))
     return out
 
 
@@ -271,7 +280,9 @@ def level(value: float | None, kind: str) -> str:
 
 def na_reason(figures: dict[str, Any], key: str) -> str:
     """Why a run has no figure for `key`, in a table cell: the bubble of a run without a pipeline, the MFU of a
-    CPU run, a figure recorded only by later versions."""
+    CPU run, a figure recorded only by later versions, a ratio to a baseline of other work."""
+    if figures.get("not_compared"):
+        return "not compared"
     if key in ("bubble_measured", "bubble_theory") and not figures.get("pipeline"):
         return "n/a: no pipeline"
     if key in ("bubble_measured", "bubble_theory") and figures.get("workload") != "train":
@@ -353,7 +364,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
     in the dtype's early window (float32 without a dtype) and overall with the step of it, the same for the held-out loss, its last
     losses, and with `dtype` (runs that trained alike, shared_training) the convergence check's verdict; one row
     per run and step: the training loss's relative deviation), from api.loss_curves. Runs in `unlike`
-    (unlike_curves) keep their last losses but are not compared: their row says what differs."""
+    (unlike_baseline) keep their last losses but are not compared: their row says what differs."""
     unlike = unlike or {}
     by_run = {int(k): g for k, g in curves.groupby("run_id")}
 

@@ -164,15 +164,17 @@ def verdicts(groups: list[Group]) -> list[Verdict]:
 
 def _sentence(fast: Group, slow: Group, r: Interval, outcome: str) -> str:
     counts = f"{r.n[1]} and {r.n[0]} runs"
+    # the estimate is the median of every run-to-run ratio (Hodges-Lehmann), not the ratio of the two medians shown
+    pairs = f"median of the {r.n[0] * r.n[1]} run-to-run ratios"
     span = f"{r.low:.2f}..{r.high:.2f}"
     if outcome == "higher":
         return (f"{fast.label} is faster than {slow.label}: {r.estimate:.2f}x the tokens/s "
-                f"({r.confidence:.0%} interval {span}, {counts}; resolved).")  # fmt: skip
+                f"({pairs}; {r.confidence:.0%} interval {span}, {counts}; resolved).")  # fmt: skip
     if outcome == "unresolved":
         return (f"{fast.label} against {slow.label}: no difference these runs can resolve (ratio of tokens/s "
-                f"{r.estimate:.2f}, {r.confidence:.0%} interval {span} includes 1; {counts}).")  # fmt: skip
+                f"{r.estimate:.2f}, {pairs}; {r.confidence:.0%} interval {span} includes 1; {counts}).")  # fmt: skip
     return (f"{fast.label} against {slow.label}: too few runs to resolve a difference (ratio of tokens/s "
-            f"{r.estimate:.2f} from {counts}; the best interval they allow, {span}, has only {r.confidence:.0%} "
+            f"{r.estimate:.2f}, {pairs}, from {counts}; the best interval they allow, {span}, has only {r.confidence:.0%} "
             f"confidence; {runs_needed_each()} runs of each reach {LEVEL:.0%}).")  # fmt: skip
 
 
