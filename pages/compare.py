@@ -87,7 +87,7 @@ with st.expander("Best of each strategy", key=K + "best_open", on_change="rerun"
             # The multiselect below is the selection: a widget keeps its own value over a new `default`, so
             # writing only the address would be overwritten by the old (empty) choice on the next line.
             st.session_state[K + "runs"] = best
-            c1.caption(best_note(picked))
+            st.caption(best_note(picked))
         else:
             st.warning(f"No succeeded {workload} runs of the {model} model yet.")
 

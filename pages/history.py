@@ -21,7 +21,7 @@ from ui.run_detail import (
     result_captions,
     timeline_title,
 )
-from ui.simulated import timeline_pair, timeline_pair_chart
+from ui.simulated import timeline_pair, timeline_pair_charts
 from ui.state import engine, enter_through_app
 from ui.verify import FAIL, PASS, differences, list_verdict, tolerance_text, verdict
 
@@ -125,7 +125,8 @@ def run_detail(run_id: int) -> None:
         # pass times (ui/simulated.py), what the schedule alone gives against what the machine took.
         pair = timeline_pair(spans, spec, r) if api.is_terminal(run["status"]) else None
         if pair is not None:
-            st.altair_chart(timeline_pair_chart(pair), width="stretch")
+            for chart in timeline_pair_charts(pair):
+                st.altair_chart(chart, width="stretch")
             st.caption(pair.caption)
         elif len(spans):
             # The guide's assembly-line picture, measured: the last timed step (all steps look alike).

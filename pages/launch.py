@@ -259,11 +259,9 @@ problems += [p for p in [api.repeat_problem(repeat)] if p]
 by_field = problems_by_field(problems)
 for field, messages in by_field.items():
     slot = notes.get(field)
-    text = "\n\n".join(messages)
-    if slot is not None:
-        slot.error(text, icon=":material/error:")
-    else:
-        st.error(f"**{field}**: {text}", icon=":material/error:")
+    # named even under its own widget: fields sharing a row share the slot's place (batch 0 and seq 0 read alike)
+    text = f"**{field}**: " + "\n\n".join(messages)
+    (slot if slot is not None else st).error(text, icon=":material/error:")
 
 st.divider()
 info, devices = st.columns([2, 1])

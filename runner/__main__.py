@@ -16,8 +16,10 @@ import time
 from runner import api
 from runner.service.launchers import add_serve_arguments, launcher_from_args
 from runner.spec.cli_flags import add_spec_arguments, specs_from_args
+from runner.spec.records import RunStatus
 from runner.spec.run_spec import (
     DEVICES,
+    WORKLOADS,
     SpecError,
 )
 from runner.spec.strategies import strategy_names
@@ -56,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
 
     listing = sub.add_parser("list", help="runs, newest first")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument("--limit", type=at_least(1), default=20, help="runs to list (default 20)")
+    listing.add_argument("--offset", type=at_least(0), default=0, help="newest runs to skip first (default 0)")
     add_filters(listing)
     sub.add_parser("show", help="one run").add_argument("id", type=int)
     sub.add_parser("cancel", help="cancel a queued or running run").add_argument("id", type=int)
@@ -100,10 +102,50 @@ def build_parser() -> argparse.ArgumentParser:
 FILTERS = ("status", "strategy", "model", "workload", "user", "tag")
 
 
+# The filters whose values are a closed set: a value outside it is refused (exit 2, naming it) instead of
+# matching no run, which read as "no runs".
+FILTER_CHOICES = {"status": [s.value for s in RunStatus], "strategy": strategy_names(), "workload": list(WORKLOADS)}
+
+
 def add_filters(parser: argparse.ArgumentParser) -> None:
     """The history page's filters as repeatable flags (any of the values given matches)."""
     for name in FILTERS:
-        parser.add_argument(f"--{name}", action="append", dest=f"filter_{name}", metavar=name.upper())
+        choices = FILTER_CHOICES.get(name)
+        parser.add_argument(f"--{name}", action="append", dest=f"filter_{name}", metavar=name.upper(), choices=choices,
+                            help=f"one of {', '.join(choices)}; repeat for any of several" if choices else "repeatable")  # fmt: skip
+
+
+def at_least(low: int):
+    """An argparse type: a whole number no less than `low` (argparse names the flag in its refusal)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number (got {text!r})") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    return parse
+
+
+def runs_text(df) -> str:
+    """`list` as people read it: one short line a run, the History table's figures, verify as a verdict."""
+    from ui.verify import list_verdict
+
+    if not len(df):
+        return "no runs"
+    rows = [("id", "status", "strategy", "layout", "model", "workload", "tokens/s", "step p50", "verify", "created")]
+    for r in df.to_dict("records"):
+        tokens = r["tokens_per_s"]
+        step = r["step_time_s_p50"]
+        rows.append((str(r["id"]), r["status"], r["strategy"], f"tp{r['tp']} pp{r['pp']} dp{r['dp']}", r["model"],
+                     r["workload"], f"{tokens:.4g}" if tokens == tokens and tokens else "—",
+                     f"{step * 1e3:.3g} ms" if step == step and step else "—",
+                     list_verdict(r.get("verify"), r["status"]), str(r["created_at"])[:16]))  # fmt: skip
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 def filters_from(args: argparse.Namespace) -> api.RunFilter:
@@ -122,6 +164,10 @@ def run_summary(run: dict) -> str:
     ]
     if r.get("tokens_per_s"):
         parts.append(f"{r['tokens_per_s']:.0f} tokens/s, step p50 {r['step_time_s_p50'] * 1000:.1f} ms")
+    if r.get("verify"):  # asked for with --verify: its verdict, as the run's page shows it
+        from ui.verify import verdict
+
+        parts.append(f"verify {verdict(r['verify']).upper()}")
     if run.get("error"):
         parts.append(run["error"])
     return " | ".join(parts)
@@ -325,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         emit(
             args,
             json.loads(df.to_json(orient="records", date_format="iso")),
-            df.to_string(index=False) if len(df) else "no runs",
+            runs_text(df),
         )
         return 0
     if args.command in ("show", "cancel"):
@@ -337,8 +383,10 @@ def main(argv: list[str] | None = None) -> int:
             emit(args, run, run_summary(run))
             return 0
         status = api.cancel(engine, args.id)
-        emit(args, {"id": args.id, "status": status}, f"run {args.id}: {status}")
-        return 0 if status in ("cancelled", "cancelling") else 1
+        done = status in ("cancelled", "cancelling")
+        text = f"run {args.id}: {status}" + ("" if done else " already; nothing to cancel")
+        emit(args, {"id": args.id, "status": status}, text)
+        return 0 if done else 1
     if args.command == "export":
         if args.format == "csv":
             for chunk in api.export_csv(engine, filters_from(args)):

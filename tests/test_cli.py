@@ -210,6 +210,20 @@ def test_list_and_export_take_the_history_filters(engine, capsys):
     exported = json.loads(cli_here(capsys, "export", "--format", "json", "--tag", "nightly").stdout)
     assert [r["id"] for r in exported] == [layer] and exported[0]["spec"]["pp"] == 2
     assert len(cli_here(capsys, "export", "--status", "succeeded").stdout.splitlines()) == 1  # the header only
+    # a value no run can have is refused, naming the flag and the choices, rather than read as "no runs"
+    for flag, value in (("--status", "bogus"), ("--strategy", "nope"), ("--workload", "fit")):
+        refused = cli_here(capsys, "list", flag, value)
+        assert refused.returncode == 2 and f"{flag}: invalid choice: '{value}'" in refused.stderr, refused.stderr
+    assert "(choose from 'queued', 'running', 'succeeded'" in cli_here(capsys, "export", "--status", "x").stderr
+    for flag, value, why in (("--limit", "-1", "must be at least 1"), ("--offset", "x", "must be a whole number")):
+        refused = cli_here(capsys, "list", flag, value)
+        assert refused.returncode == 2 and f"{flag}: {why}" in refused.stderr, refused.stderr
+    # one short line a run: its layout and verdict, not pandas' dump of every column and the verify record
+    lines = cli_here(capsys, "list").stdout.splitlines()
+    assert lines[0].split() == ["id", "status", "strategy", "layout", "model", "workload", "tokens/s", "step", "p50",
+                                "verify", "created"]  # fmt: skip
+    assert lines[1].split()[:9] == [str(single), "queued", "single", "tp1", "pp1", "dp1", "tiny", "train", "—"]
+    assert lines[2].split()[3:6] == ["tp1", "pp2", "dp1"] and max(map(len, lines)) < 120
 
 
 # ---- a team database: runs aimed at a host, logs of a run that ran on another ---------------------
@@ -365,3 +379,19 @@ def test_export_into_a_reader_that_stops_early_ends_without_a_traceback(engine):
     proc.stdout.close()
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 1 and b"Traceback" not in err, err
+
+
+def test_show_says_the_verify_verdict_and_cancel_of_a_finished_run_says_nothing_was_cancelled(engine, capsys):
+    """`submit --verify --wait` ends with run_summary: the verdict asked for is on its line."""
+    from runner.spec.run_spec import RunSpec
+    from tests.test_ui_pages import VERIFY, finished_run
+
+    passed = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True), {"verify": VERIFY}, [{}, {}])
+    failed = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True),
+                          {"verify": {**VERIFY, "passed": False}}, [{}, {}])  # fmt: skip
+    unverified = finished_run(engine, RunSpec(strategy="single"), {}, [{}])
+    assert cli_here(capsys, "show", str(passed)).stdout.strip().endswith("| verify PASS")
+    assert cli_here(capsys, "show", str(failed)).stdout.strip().endswith("| verify FAIL")
+    assert "verify" not in cli_here(capsys, "show", str(unverified)).stdout
+    cancel = cli_here(capsys, "cancel", str(passed))
+    assert cancel.returncode == 1 and cancel.stdout.strip() == f"run {passed}: succeeded already; nothing to cancel"

@@ -59,6 +59,9 @@ def test_launch_page_shows_a_bad_degree_under_its_field_and_disables_launch(engi
     assert at.button(key="launch_submit").disabled
     assert not at.code  # no command preview for a spec that will not run
     assert api.count_runs(engine) == 0
+    at.number_input(key="launch_batch").set_value(0)
+    at.number_input(key="launch_seq").set_value(0).run()  # one row, one cause: each message names its field
+    assert {"**batch**: must be at least 1 (got 0)", "**seq**: must be at least 1 (got 0)"} <= set(texts(at.error))
 
 
 def test_a_tensor_degree_that_does_not_divide_the_heads_names_tp(engine):

@@ -165,7 +165,7 @@ def verdicts(groups: list[Group]) -> list[Verdict]:
 def _sentence(fast: Group, slow: Group, r: Interval, outcome: str) -> str:
     counts = f"{r.n[1]} and {r.n[0]} runs"
     # the estimate is the median of every run-to-run ratio (Hodges-Lehmann), not the ratio of the two medians shown
-    pairs = f"median of the {r.n[0] * r.n[1]} run-to-run ratios"
+    pairs = "one run of each" if r.n == (1, 1) else f"median of the {r.n[0] * r.n[1]} run-to-run ratios"
     span = f"{r.low:.2f}..{r.high:.2f}"
     if outcome == "higher":
         return (f"{fast.label} is faster than {slow.label}: {r.estimate:.2f}x the tokens/s "

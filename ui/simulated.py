@@ -93,16 +93,20 @@ def timeline_pair(spans: pd.DataFrame, spec: dict[str, Any], result: dict[str, A
     return TimelinePair(step, spans[spans["step"] == step], sim.spans, sim, measured_bubble, caption)
 
 
-def timeline_pair_chart(pair: TimelinePair) -> alt.VConcatChart:
-    """Measured above simulated, one time axis: the same chart function draws both."""
+def timeline_pair_charts(pair: TimelinePair) -> tuple[alt.LayerChart, alt.LayerChart]:
+    """Measured and simulated, drawn by the same chart function on one time axis (both span 0 to the later end).
+    Two charts, not a vconcat: a concatenation keeps its own width, so it ran past the page and hid its legend."""
+    ends = [float(s["end"].max()) * 1e3 for s in (pair.measured, pair.simulated) if len(s)]
+    axis = (0.0, max(ends, default=1.0))
     measured = charts.timeline_chart(
         pair.measured,
         title=f"Pipeline timeline, step {pair.step}, measured (stage x microbatch; grey: waiting for a neighbour)",
+        window_ms=axis,
     )
     simulated = charts.timeline_chart(
-        pair.simulated, title="Simulated: the schedule alone, on this run's mean pass and transfer times"
+        pair.simulated, title="Simulated: the schedule alone, on this run's mean pass and transfer times", window_ms=axis
     )
-    return alt.vconcat(measured, simulated).resolve_scale(x="shared")
+    return measured, simulated
 
 
 def simulated_chart(sim: Simulation, title: str | None = None) -> alt.LayerChart:
