@@ -276,6 +276,10 @@ def delete_run(engine: Engine, run_id: int) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+# Beside the list's columns, what tells two runs of one layout apart in a spreadsheet: the work and how it ran.
+CSV_SPEC_FIELDS = ("batch", "seq", "steps", "dtype", "microbatches", "schedule", "zero_stage", "checkpoint")
+
+
 def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[str]:
     """CSV text of the filtered runs, streamed row by row from the query (header first)."""
     buf = io.StringIO()
@@ -287,12 +291,14 @@ def iter_runs_csv(engine: Engine, filters: RunFilter | None = None) -> Iterator[
         buf.truncate()
         return text
 
-    writer.writerow(LIST_COLUMNS)
+    writer.writerow([*LIST_COLUMNS, *CSV_SPEC_FIELDS, "verify", "error"])
     yield flush()
-    query = (filters or RunFilter()).apply(select(*(getattr(Run, c) for c in LIST_COLUMNS))).order_by(Run.id.desc())
+    cols = [*(getattr(Run, c) for c in LIST_COLUMNS), Run.spec, Run.result["verify"].label("verify"), Run.error]
+    query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc())
     with engine.connect() as conn:
-        for row in conn.execution_options(stream_results=True, yield_per=500).execute(query):
-            writer.writerow(
-                ["|".join(v) if isinstance(v, list) else iso_utc(v) if isinstance(v, datetime) else v for v in row]
-            )
+        for *row, spec, verify, error in conn.execution_options(stream_results=True, yield_per=500).execute(query):
+            listed = ["|".join(v) if isinstance(v, list) else iso_utc(v) if isinstance(v, datetime) else v for v in row]
+            passed = (verify or {}).get("passed")
+            verdict = "" if verify is None or passed is None else "pass" if passed else "fail"
+            writer.writerow([*listed, *((spec or {}).get(f) for f in CSV_SPEC_FIELDS), verdict, error or ""])
             yield flush()

@@ -200,6 +200,27 @@ def test_csv_export_streams_header_then_rows(engine):
     assert len(chunks) == 4
 
 
+def test_csv_export_tells_runs_of_one_layout_apart(engine):
+    """Two runs of one layout at another batch, one failing its verify, read alike in the export without the work,
+    the verdict and the reason a run failed."""
+    import csv
+
+
+    ok = api.submit(engine, RunSpec(strategy="data", dp=2, batch=16, dtype="bf16-mixed"))
+    runner_rows.claim_run(engine, ok, "r", "/tmp/none", [])
+    runner_rows.finish_run(engine, ok, "succeeded", result={"verify": {"passed": True}, "ranks": []})
+    bad = api.submit(engine, RunSpec(strategy="data", dp=2))
+    runner_rows.claim_run(engine, bad, "r", "/tmp/none", [])
+    runner_rows.finish_run(engine, bad, "failed", error="verify failed: grads rel 3e-2 > 1e-5",
+                           result={"verify": {"passed": False}, "ranks": []})  # fmt: skip
+    queued = api.submit(engine, RunSpec(strategy="data", dp=2, microbatches=2))
+    rows = {int(r["id"]): r for r in csv.DictReader("".join(runs.iter_runs_csv(engine)).splitlines())}
+    assert [rows[i]["batch"] for i in (ok, bad, queued)] == ["16", "8", "8"]
+    assert [rows[i]["dtype"] for i in (ok, bad)] == ["bf16-mixed", "float32"] and rows[queued]["microbatches"] == "2"
+    assert [rows[i]["verify"] for i in (ok, bad, queued)] == ["pass", "fail", ""]
+    assert rows[bad]["error"] == "verify failed: grads rel 3e-2 > 1e-5" and rows[ok]["error"] == ""
+
+
 def test_one_runner_lease_and_it_goes_stale(engine):
     assert hosts.acquire_lease(engine, "a", 1, [], "no GPU")
     assert not hosts.acquire_lease(engine, "b", 2, [], "no GPU")
