@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
+from runner.gpt.config import describe_model
 from runner.service.launchers.slurm import nodes_for, render_sbatch
 from runner.spec.estimates import memory_estimate
 from runner.spec.run_spec import (
@@ -25,7 +26,7 @@ from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, prompt_seq, repeat_note, spec_from_form, uses
 from ui.hosts import HERE, gpu_line, host_lines, partition_text, target_for, targets
-from ui.model_parts import checkpoint_dims, describe_model, model_parts_inputs
+from ui.model_parts import checkpoint_dims, model_parts_inputs
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py

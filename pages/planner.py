@@ -9,7 +9,7 @@ import subprocess
 import streamlit as st
 
 from runner import api
-from runner.gpt.config import model_problems
+from runner.gpt.config import describe_model, model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
 from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems
 from runner.planner.layouts import usable_note
@@ -17,7 +17,7 @@ from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.format import human_bytes, human_duration
-from ui.model_parts import describe_model, model_parts_inputs
+from ui.model_parts import model_parts_inputs
 from ui.simulated import beside_the_table, timeline_window, windowed_chart
 from ui.state import engine, enter_through_app
 

@@ -1,21 +1,12 @@
-"""The model's family and parts on the Launch and Planner pages: their inputs for a custom model, and one line
-describing a model (a preset, or what a Hugging Face folder's config.json says)."""
+"""The model's family and parts on the Launch and Planner pages: their inputs for a custom model, and what a Hugging
+Face folder's config.json says the model is (in runner.gpt.config.describe_model's words)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from runner.gpt.config import FAMILIES, GPTConfig
+from runner.gpt.config import FAMILIES, GPTConfig, describe_model
 from runner.job.checkpoint import config_from_hf_folder, is_hf_folder
-
-
-def describe_model(cfg: GPTConfig) -> str:
-    """One line of a model's shape, as the Launch and Planner pages show it."""
-    kv = f", {cfg.kv_heads} key/value heads" if cfg.kv_heads != cfg.n_head else ""
-    head = "tied head" if cfg.tie_head else "untied head"
-    rope = f", rope_theta {cfg.rope_theta:g}" if cfg.rotary else ""
-    return (f"{cfg.family}: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, MLP {cfg.d_ff}, "
-            f"vocabulary {cfg.vocab_size}, context {cfg.block_size}{rope}, {head}")  # fmt: skip
 
 
 def checkpoint_dims(weights: str | None) -> str | None:

@@ -191,3 +191,12 @@ def count_parameters(config: GPTConfig) -> int:
     positions = config.block_size * h if config.learned_positions else 0
     head = 0 if config.tie_head else config.vocab_size * h
     return config.vocab_size * h + positions + L * (2 * norm + attn + mlp) + norm + head
+
+
+def describe_model(cfg: GPTConfig) -> str:
+    """One line of a model's shape, as the Launch and Planner pages and `runner plan` show it."""
+    kv = f", {cfg.kv_heads} key/value heads" if cfg.kv_heads != cfg.n_head else ""
+    head = "tied head" if cfg.tie_head else "untied head"
+    rope = f", rope_theta {cfg.rope_theta:g}" if cfg.rotary else ""
+    return (f"{cfg.family}: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, MLP {cfg.d_ff}, "
+            f"vocabulary {cfg.vocab_size}, context {cfg.block_size}{rope}, {head}")  # fmt: skip

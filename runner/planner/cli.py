@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any
 
-from runner.gpt.config import FAMILIES
+from runner.gpt.config import FAMILIES, describe_model
 from runner.planner.devices import KINDS, Devices, described, efficiency_on, from_partition, preset
 from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems, zero_stages
 from runner.planner.layouts import STEP_NOTE, Plan, plan, usable_note
@@ -145,8 +145,7 @@ def format_plan(result: Plan, top: int = 15) -> str:
     unit, div = ("GiB", GiB) if biggest >= GiB else ("MiB", 2**20)
     lines = [
         f"{dev.describe()} [{dev.source}]",
-        f"model: {result.model.family}, {result.model.n_layer} layers, {result.model.n_head} heads "
-        f"({result.model.kv_heads} key/value), width {result.model.n_embd}, MLP {result.model.d_ff}; "
+        f"model: {describe_model(result.model)}",  # its head and rotary base too: a custom llama keeps gpt2's tie
         f"{result.work.workload} batch {result.work.batch} x seq {result.work.seq}, {result.work.dtype}, "
         f"checkpoint {result.work.checkpoint}, {result.work.schedule}; {compute_basis(dev, result.efficiency)}",
         "",
