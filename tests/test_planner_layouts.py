@@ -162,7 +162,7 @@ def test_plan_cli_table_and_bad_arguments(capsys):
     # the model line names every part the plan counts: a custom llama keeps the preset's tied head unless told
     args = ["plan", "--family", "llama", "--n-kv-head", "4", "--gpus", "4", "--gpu", "l4"]
     assert run_plan(parser.parse_args(args)) == 0
-    assert "model: llama: 12 layers, 12 heads, 4 key/value heads, width 768, MLP 3072, vocabulary 50257, context 1024, " \
+    assert "model: llama family: 12 layers, 12 heads, 4 key/value heads, width 768, MLP 3072, vocabulary 50257, context 1024, " \
         "rope_theta 10000, tied head\n" in capsys.readouterr().out
     assert run_plan(parser.parse_args(["plan", "--memory-gib", "10"])) == 2
     assert "--tflops" in capsys.readouterr().err

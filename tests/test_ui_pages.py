@@ -112,7 +112,7 @@ def test_a_hugging_face_folder_shows_its_config_dimensions(engine, tmp_path):
     at.selectbox(key="launch_model").select("checkpoint").run()
     at.text_input(key="launch_weights").input(str(tmp_path)).run()
     captions = texts(at.caption)
-    assert any("llama: 4 layers, 4 heads, 2 key/value heads, width 64, MLP 176" in c for c in captions), captions
+    assert any("llama family: 4 layers, 4 heads, 2 key/value heads, width 64, MLP 176" in c for c in captions), captions
     assert any("no model.safetensors" in e for e in texts(at.error)), texts(at.error)  # no tensors in the folder
     # a preset is described as the run builds it: text read byte by byte makes the vocabulary 256
     at = page("pages/launch.py")

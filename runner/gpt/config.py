@@ -198,5 +198,5 @@ def describe_model(cfg: GPTConfig) -> str:
     kv = f", {cfg.kv_heads} key/value heads" if cfg.kv_heads != cfg.n_head else ""
     head = "tied head" if cfg.tie_head else "untied head"
     rope = f", rope_theta {cfg.rope_theta:g}" if cfg.rotary else ""
-    return (f"{cfg.family}: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, MLP {cfg.d_ff}, "
+    return (f"{cfg.family} family: {cfg.n_layer} layers, {cfg.n_head} heads{kv}, width {cfg.n_embd}, MLP {cfg.d_ff}, "
             f"vocabulary {cfg.vocab_size}, context {cfg.block_size}{rope}, {head}")  # fmt: skip
