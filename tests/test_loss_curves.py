@@ -89,6 +89,9 @@ def test_loss_charts_draw_training_lines_and_held_out_points():
     spec = charts.loss_chart(steps).to_dict()
     marks = [layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"] for layer in spec["layer"]]
     assert marks == ["line", "point"]
+    assert spec["layer"][0]["encoding"]["color"]["scale"]["domain"] == ["training", "held-out"]
+    unevaluated = charts.loss_chart(steps.assign(eval_loss=None)).to_dict()  # eval every 0: no held-out in the legend
+    assert unevaluated["layer"][0]["encoding"]["color"]["scale"]["domain"] == ["training"]
     overlay = charts.loss_overlay_chart(curves_frame(), {1: "a", 2: "b", 3: "c"}).to_dict()
     assert len(overlay["layer"]) == 2
     dev = charts.deviation_chart(pd.DataFrame({"run": ["b", "b"], "step": [0, 1], "deviation": [0.0, 1e-6]}))

@@ -256,7 +256,13 @@ def rank_memory_by_coord_chart(ranks: pd.DataFrame, coord: str) -> alt.Chart:
 
 # steps are whole: ticks at whole steps only (a short run's axis would otherwise read 0.2, 0.4, ...)
 STEP_AXIS = alt.X("step:Q", title="step", axis=alt.Axis(format="d", tickMinStep=1))
-LOSS_KINDS = alt.Scale(domain=["training", "held-out"], range=["#4c78a8", "#e45756"])
+LOSS_COLOURS = {"training": "#4c78a8", "held-out": "#e45756"}
+
+
+def loss_kinds(data: pd.DataFrame) -> alt.Scale:
+    """The colours of the loss kinds the data holds: a legend naming "held-out" where no run evaluated one misleads."""
+    kinds = [k for k in LOSS_COLOURS if k in set(data["kind"])] if len(data) else list(LOSS_COLOURS)
+    return alt.Scale(domain=kinds, range=[LOSS_COLOURS[k] for k in kinds])
 
 
 def _long_losses(steps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -274,7 +280,7 @@ def loss_chart(steps: pd.DataFrame) -> alt.LayerChart:
     base = alt.Chart(data).encode(
         x=STEP_AXIS,
         y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
-        color=alt.Color("kind:N", scale=LOSS_KINDS, title=None),
+        color=alt.Color("kind:N", scale=loss_kinds(data), title=None),
         tooltip=["step", "kind", alt.Tooltip("value:Q", format=".4f", title="loss")],
     )
     return (base.mark_line() + base.transform_filter(alt.datum.kind == "held-out").mark_point(filled=True)).properties(
