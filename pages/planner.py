@@ -52,6 +52,17 @@ def here_devices() -> Devices:
     return api.this_host_devices(engine())
 
 
+def layout_choice(options: list[str], key: str) -> str:
+    """A layout picker that follows the plan's first (fastest) layout until the user picks one, then keeps that pick
+    while the plan still offers it. Options are labels, looked up in this run's plan: a selectbox keeps returning
+    the object it returned before while its label is offered, a layout judged on the inputs before the last edit."""
+    picked = key + "_picked"
+    if not st.session_state.get(picked) or st.session_state.get(key) not in options:
+        st.session_state[key] = options[0]  # (a default the user never chose does not outlive an edit)
+        st.session_state[picked] = False
+    return st.selectbox("layout", options, key=key, on_change=lambda: st.session_state.update({picked: True}))
+
+
 def calibrate_button(here: Devices) -> None:
     """This host's figures and where they come from, with a button that measures them again."""
     text, button = st.columns([5, 1], vertical_alignment="center")
@@ -207,10 +218,8 @@ with st.expander(f"{len(result.infeasible)} infeasible layouts, with the reason"
 piped = [c for c in result.feasible if c.layout.pp > 1][:30]
 if piped and work.workload == "train":
     st.subheader("Predicted pipeline timeline")
-    # Options are labels, looked up in this run's plan: a selectbox keeps the object it returned before while its
-    # label is still offered, which would draw (and launch) a layout judged on the inputs before the last edit.
     shown = {c.layout.label(): c for c in piped}
-    pick = shown[st.selectbox("layout", list(shown), key=K + "sim_choice")]
+    pick = shown[layout_choice(list(shown), K + "sim_choice")]
     sim = P.simulated_step(inputs, pick, devices)
     if sim is not None:
         st.caption(
@@ -238,7 +247,7 @@ else:
     here_fits = {c.layout.label(): c for c in fitting}
     # The figures go beside the picker, not into its options: the browser keeps showing the option text it drew for
     # a kept choice, so figures in it would read as before the last edit.
-    choice = here_fits[st.selectbox("layout", list(here_fits), key=K + "launch_choice")]
+    choice = here_fits[layout_choice(list(here_fits), K + "launch_choice")]
     st.caption(f"{choice.layout.label()}: {human_bytes(choice.memory.total)} a {here.word}, "
                f"{human_duration(choice.step.total)} a step, predicted here")  # fmt: skip
     steps = int(st.number_input("steps", min_value=1, value=5, key=K + "steps"))

@@ -427,7 +427,29 @@ def test_an_edit_redraws_the_timeline_and_the_launch_choice_from_the_new_inputs(
     fresh.session_state["planner_batch"] = 64
     fresh.run()
     assert not edited.exception and not fresh.exception
-    assert before[1] == shown(edited)[1]  # the same layout picked before and after, its label kept
     # the timeline says what its step leaves out of the table's (the data-parallel reduction of dp > 1 among them)
     assert any("passes, messages and the bubble. The table's" in c for c in shown(edited)[0])
     assert shown(edited) == shown(fresh) != before
+
+
+def test_the_timeline_follows_the_fastest_layout_until_the_user_picks_one(engine):
+    """After an edit the timeline shows the new plan's fastest pipelined layout, not the one that was first before;
+    a layout the user picked stays picked while the plan offers it."""
+    calibrated(engine)
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    sim = at.selectbox(key="planner_sim_choice")
+    assert sim.value == sim.options[0]
+    at.number_input(key="planner_count").set_value(512)  # the guide's GPT-3 175B, first at a batch of 8
+    at.selectbox(key="planner_model").set_value("gpt3-175b").run()
+    first_before = at.selectbox(key="planner_sim_choice").value
+    at.number_input(key="planner_batch").set_value(1536)
+    at.text_input(key="planner_ckpt").set_value("blocks").run()
+    sim = at.selectbox(key="planner_sim_choice")
+    assert first_before in sim.options and first_before != sim.options[0]  # (what a kept default would show)
+    assert not at.exception and sim.value == sim.options[0]  # the new plan's first
+    chosen = sim.options[2]
+    sim.set_value(chosen).run()
+    at.number_input(key="planner_seq").set_value(1024).run()
+    assert chosen in at.selectbox(key="planner_sim_choice").options
+    assert at.selectbox(key="planner_sim_choice").value == chosen
+
