@@ -176,10 +176,10 @@ else:
                            help="each matrix multiply timed from its shape and the GPU kind (runner/planner/devices.py); "
                            "off: every one at a flat share of peak")  # fmt: skip
     efficiency = None if modelled else e1.slider("compute efficiency (share of peak)", 0.05, 1.0, 0.5, key=K + "eff")
-if st.session_state.get(K + "all_for") != devices.count:  # a new count gets its own default, not the last one's
-    st.session_state[K + "all_for"] = devices.count
-    st.session_state[K + "all"] = devices.count > 8
-use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=K + "all",
+# A checkbox of its own for each count, with that count's default: writing the default into one shared key raced a
+# fast user (an edit sent while the count's rerun ran carried the old box, and the plan ignored the box shown).
+use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=f"{K}all_{devices.count}",
+                      value=devices.count > 8,
                       help="on many devices the layouts of every smaller count run to tens of thousands")  # fmt: skip
 
 work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp,

@@ -196,9 +196,9 @@ def test_planner_page_answers_first_and_launches(engine):
     assert "tp4 pp8 dp16 zero1" in list(at.dataframe[-1].value.layout)
     assert at.get("vega_lite_chart")  # the predicted pipeline timeline of a pipelined gpt2 layout
     # 'use every GPU' follows the count: 8 -> all counts up to 8; 512 -> only layouts of all 512
-    assert not at.checkbox(key="planner_all").value
+    assert not at.checkbox(key="planner_all_8").value
     at.number_input(key="planner_count").set_value(512).run()
-    assert at.checkbox(key="planner_all").value and not at.exception
+    assert at.checkbox(key="planner_all_512").value and not at.exception
     # (gpt2's batch of 8 fills no 512 GPUs: every layout is refused, each of all 512)
     assert at.error and len(at.dataframe[0].value) == 0
     refused = at.dataframe[1].value
