@@ -12,7 +12,7 @@ from runner import api
 from runner.gpt.config import describe_model, model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
 from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems
-from runner.planner.layouts import usable_note
+from runner.planner.layouts import DEFAULT_ZERO_STAGES, usable_note, uses_every_device_by_default
 from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
@@ -105,7 +105,7 @@ dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype",
 reduce_fp32 = c3.checkbox("reduce gradients in float32", key=K + "reduce_fp32",
                           help="bfloat16, bf16-master: 16-bit gradients reduced over data parallelism in float32")  # fmt: skip
 checkpoint = c3.text_input("activation checkpointing", value="none", help="none, blocks or every-K", key=K + "ckpt")
-zero = c3.multiselect("ZeRO stages", [0, 1, 2, 3], default=[0, 1], key=K + "zero")
+zero = c3.multiselect("ZeRO stages", [0, 1, 2, 3], default=list(DEFAULT_ZERO_STAGES), key=K + "zero")
 schedule = c4.selectbox("schedule", SCHEDULES, index=1, key=K + "schedule")
 microbatches = int(c4.number_input("microbatches (0: automatic)", min_value=0, value=0, key=K + "mb",
                                    help=MICROBATCHES_HELP))  # fmt: skip
@@ -179,7 +179,7 @@ else:
 # A checkbox of its own for each count, with that count's default: writing the default into one shared key raced a
 # fast user (an edit sent while the count's rerun ran carried the old box, and the plan ignored the box shown).
 use_all = e2.checkbox(f"use every {devices.word} (else also layouts on fewer)", key=f"{K}all_{devices.count}",
-                      value=devices.count > 8,
+                      value=uses_every_device_by_default(devices.count),
                       help="on many devices the layouts of every smaller count run to tens of thousands")  # fmt: skip
 
 work = Workload(workload, batch, seq, new_tokens, dtype, checkpoint, schedule, microbatches, virtual, sp,

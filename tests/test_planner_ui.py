@@ -10,7 +10,7 @@ from streamlit.testing.v1 import AppTest
 
 from runner import api
 from runner.planner.devices import cpu_host
-from runner.planner.layouts import evaluate
+from runner.planner.layouts import DEFAULT_ZERO_STAGES, evaluate
 from runner.planner.models import Layout, Workload
 from runner.spec.validation import validate_spec
 from storage.calibration import prediction_of
@@ -325,8 +325,8 @@ def test_plan_this_host_predicts_what_the_page_does(engine, capsys):
     assert run_plan(plan_args(*argv, "--json")) == 0
     cli = json.loads(capsys.readouterr().out)
     inputs = P.here_inputs(P.PlannerInputs("tiny", {}, Workload(batch=8, seq=64, dtype="float32")), here)
-    page = {c.layout.label(): c for c in P.plan(inputs.config(), inputs.work, here, efficiency=inputs.efficiency,
-                                                use_all=False).feasible}  # fmt: skip
+    page = {c.layout.label(): c for c in P.plan(inputs.config(), inputs.work, here, DEFAULT_ZERO_STAGES,
+                                                efficiency=inputs.efficiency, use_all=False).feasible}  # fmt: skip
     assert cli["efficiency"] == 1.0 and {c["label"] for c in cli["feasible"]} == set(page)
     for c in cli["feasible"]:
         assert c["step_s"] == pytest.approx(page[c["label"]].step.total, rel=1e-9), c["label"]
@@ -453,3 +453,17 @@ def test_the_timeline_follows_the_fastest_layout_until_the_user_picks_one(engine
     assert chosen in at.selectbox(key="planner_sim_choice").options
     assert at.selectbox(key="planner_sim_choice").value == chosen
 
+
+
+def test_the_page_and_runner_plan_start_from_the_same_defaults(engine, capsys):
+    """Same inputs, same answer: the page once planned ZeRO 0 and 1 on up to 8 GPUs' layouts where the CLI planned
+    ZeRO 0 on all 8 only, and they recommended different layouts for gpt2 on 8 H100s."""
+    from runner.planner.cli import run_plan
+
+    calibrated(engine)
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()  # gpt2, 8 H100, batch 8
+    assert run_plan(plan_args("--model", "gpt2", "--gpus", "8", "--gpu", "h100-80gb", "--json")) == 0
+    cli = json.loads(capsys.readouterr().out)
+    shown = at.dataframe[0].value
+    assert [c["label"] for c in cli["feasible"]] == list(shown.layout.str.replace(" ★", "", regex=False))
+    assert at.metric[0].value == cli["feasible"][0]["label"]

@@ -16,7 +16,14 @@ from typing import Any
 from runner.gpt.config import FAMILIES, describe_model
 from runner.planner.devices import KINDS, Devices, described, efficiency_on, from_partition, preset
 from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems, zero_stages
-from runner.planner.layouts import STEP_NOTE, Plan, plan, usable_note
+from runner.planner.layouts import (
+    DEFAULT_ZERO_STAGES,
+    STEP_NOTE,
+    Plan,
+    plan,
+    usable_note,
+    uses_every_device_by_default,
+)
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecError, SpecProblem
 
@@ -50,7 +57,8 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--microbatch-size", type=int, default=0, help=MICROBATCH_SIZE_HELP)
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--zero", default="0", help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1)")
+    p.add_argument("--zero", default=",".join(map(str, DEFAULT_ZERO_STAGES)),
+                   help="ZeRO stages to consider, e.g. 1 or 0,1,3 (applied where dp > 1; default 0,1 as on the page)")
     p.add_argument("--efficiency", type=float, default=None,
                    help="a flat share of peak FLOP/s for every matmul (default: modelled from the shapes and the GPU)")
     dev = p.add_argument_group("devices: a known GPU (--gpu), this host (--this-host), a Slurm partition, or described")
@@ -64,7 +72,11 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     dev.add_argument("--bw-intra", type=float, default=None, help="described: GB/s per device within a node")
     dev.add_argument("--bw-inter", type=float, default=None, help="described: GB/s per device between nodes")
     p.add_argument("--top", type=int, default=15, help="rows of each table (--json prints all)")
-    p.add_argument("--fewer", action="store_true", help="also layouts that leave some devices unused")
+    fewer = p.add_mutually_exclusive_group()  # neither: the page's default (also fewer on up to 8 devices)
+    fewer.add_argument("--fewer", action="store_const", const=True, dest="fewer",
+                       help="also layouts that leave some devices unused (default on up to 8 devices, as on the page)")
+    fewer.add_argument("--every-device", action="store_const", const=False, dest="fewer",
+                       help="only layouts that use every device (default above 8 devices)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     return p
 
@@ -207,7 +219,8 @@ def run_plan(args: argparse.Namespace) -> int:
         return 2
     zero, _ = zero_stages(str(args.zero))
     efficiency = efficiency_on(devices, args.efficiency)
-    result = plan(cfg, work, devices, zero_stages=zero, efficiency=efficiency, use_all=not args.fewer)
+    use_all = uses_every_device_by_default(devices.count) if args.fewer is None else not args.fewer
+    result = plan(cfg, work, devices, zero_stages=zero, efficiency=efficiency, use_all=use_all)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -171,6 +171,17 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
     return Candidate(layout, mem, step, tuple(reasons), work.microbatches_for(layout))
 
 
+# The stages and counts a plan considers unless told: ZeRO 0 and 1 (stage 1 costs one all-gather and saves most of
+# the optimizer state), and on up to 8 devices the layouts of fewer too (a node's worth, a short list), else only
+# the layouts of every device (the smaller counts' layouts run to tens of thousands). The page and `runner plan`
+# both start here, so the same inputs get the same answer.
+DEFAULT_ZERO_STAGES = (0, 1)
+
+
+def uses_every_device_by_default(count: int) -> bool:
+    return count > 8
+
+
 def plan(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tuple[int, ...] = (0,),
          efficiency: float | None = None, use_all: bool = True) -> Plan:  # fmt: skip
     """Every tp x pp x dp of devices.count (use_all; else of every count up to it) for each ZeRO stage asked
