@@ -159,6 +159,8 @@ def test_plan_cli_table_and_bad_arguments(capsys):
     assert run_plan(parser.parse_args(["plan", "--model", "gpt2", "--gpus", "4", "--gpu", "l4"])) == 0
     text = capsys.readouterr().out
     assert "GiB/GPU" in text and "infeasible" in text and "n_head 12 not divisible by tp 8" not in text
+    assert "GiB/GPU: the most a rank holds at one moment, not the sum of the columns" in text  # the page's peak-at
+    assert "the first row peaks at: " in text
     # the model line names every part the plan counts: a custom llama keeps the preset's tied head unless told
     args = ["plan", "--family", "llama", "--n-kv-head", "4", "--gpus", "4", "--gpu", "l4"]
     assert run_plan(parser.parse_args(args)) == 0
