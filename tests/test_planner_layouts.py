@@ -335,3 +335,19 @@ def test_a_forward_step_is_priced_at_the_models_own_layer():
             forward = predict_step(model, Layout(), Workload(workload="forward", batch=4, seq=2048, dtype="bfloat16"), h100)
             train = rank_passes(model, Layout(), Workload(batch=4, seq=2048, dtype="bfloat16"), h100, 0, None, 1.0)
             assert forward.compute_s == pytest.approx(train.forward, rel=0.1)
+
+
+def test_a_layout_refused_for_its_microbatch_names_gradient_accumulation_where_that_fits():
+    """Llama-3 8B on 16 H100 at batch 64 x 4096: without a pipeline each replica's 16 sequences ran as one
+    microbatch, and "needs 280 GiB" did not say that microbatches of one sequence need a fifth of it."""
+    cfg = with_dims(MODELS["llama-3.1-8b"], block_size=8192)
+    work = Workload(batch=64, seq=4096)
+    h100 = preset("h100-80gb", 16, 8)
+    (reason,) = evaluate(cfg, Layout(tp=4, dp=4), work, h100).reasons
+    one = evaluate(cfg, Layout(tp=4, dp=4), replace(work, microbatch_size=1), h100)
+    assert one.feasible and one.microbatches == 16
+    assert reason.endswith(f"; microbatches of 16 sequences: of 1 (microbatch_size 1, gradients accumulated) it needs "
+                           f"{one.memory.total / 2**30:.1f} GiB")  # fmt: skip
+    # a layout that one sequence a microbatch does not save says nothing of it
+    (reason,) = evaluate(cfg, Layout(dp=16), Workload(batch=16, seq=4096), h100).reasons
+    assert "microbatch" not in reason

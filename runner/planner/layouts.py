@@ -126,12 +126,17 @@ STEP_NOTE = ("the lab engine's AdamW step (runner/gpt/precision.py): foreach Ada
              "masters' float32 gradients, 4 more; DeepSpeed and Megatron-LM step differently")
 
 
-def memory_reason(mem: RankMemory, devices: Devices) -> str:
+def memory_reason(mem: RankMemory, devices: Devices, sequences: int = 1, one: RankMemory | None = None) -> str:
     """Why a layout's busiest rank does not fit, short enough to read in a table (the reserve: `usable_note`); a
-    peak in AdamW's step says how much of it is the lab engine's step (STEP_NOTE), which other engines differ on."""
+    peak in AdamW's step says how much of it is the lab engine's step (STEP_NOTE), which other engines differ on.
+    Where microbatches of `sequences` > 1 do not fit and microbatches of one would (`one`, the same layout's memory
+    with microbatch_size 1), it names that fix: gradient accumulation."""
     why = f"needs {mem.total / GiB:.1f} GiB per {devices.word}, you have {devices.usable_bytes / GiB:.1f} GiB"
     if mem.peak_at.startswith("AdamW's step") and mem.optimizer_step_bytes:
         why += f" (peak in AdamW's step: {mem.optimizer_step_bytes / GiB:.1f} GiB of it the lab engine's step buffers)"
+    elif sequences > 1 and one is not None and one.total <= devices.usable_bytes:
+        why += (f"; microbatches of {sequences} sequences: of 1 (microbatch_size 1, gradients accumulated) it needs "
+                f"{one.total / GiB:.1f} GiB")  # fmt: skip
     return why
 
 
@@ -166,9 +171,12 @@ def evaluate(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices,
     split = not any(r.startswith(UNSPLIT) for r in reasons)
     mem = layout_memory(cfg, layout, work) if split else None
     step = predict_step(cfg, layout, work, devices, efficiency) if split else None
+    m = work.microbatches_for(layout)
     if mem is not None and mem.total > devices.usable_bytes:
-        reasons.append(memory_reason(mem, devices))
-    return Candidate(layout, mem, step, tuple(reasons), work.microbatches_for(layout))
+        sequences = work.batch // layout.dp // m if work.workload == "train" else 1
+        one = layout_memory(cfg, layout, replace(work, microbatches=0, microbatch_size=1)) if sequences > 1 else None
+        reasons.append(memory_reason(mem, devices, sequences, one))
+    return Candidate(layout, mem, step, tuple(reasons), m)
 
 
 # The stages and counts a plan considers unless told: ZeRO 0 and 1 (stage 1 costs one all-gather and saves most of
