@@ -34,7 +34,10 @@ def test_infeasible_reasons_name_the_cause():
     assert "n_layer 12 not divisible by pp 8" in evaluate(gpt2, Layout(pp=8, dp=2), w, h100).reasons
     small = described(1, 24, 100, 10, 10, 1)  # 24 GiB, 1 GiB of it reserved for the CUDA context
     (reason,) = evaluate(gpt2, Layout(), Workload(batch=64, seq=1024), small).reasons
-    assert reason.startswith("needs ") and reason.endswith(", you have 23.0 GiB")  # short enough for a table cell
+    assert reason.startswith("needs 74.6 GiB per GPU, you have 23.0 GiB; microbatches of 64 sequences")
+    assert reason.endswith("it needs 3.0 GiB")  # the fix named: one sequence a microbatch
+    (reason,) = evaluate(gpt2, Layout(), Workload(batch=64, seq=1024, microbatch_size=1), described(1, 3, 100, 10, 10, 1)).reasons
+    assert reason.startswith("needs 3.0 GiB") and reason.endswith(", you have 2.0 GiB")  # no fix to name
     assert usable_note(small).startswith("you have 23.0 GiB of each GPU's 24.0, 1.0 reserved")  # said once beside it
 
 
