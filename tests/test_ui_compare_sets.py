@@ -34,6 +34,8 @@ def test_a_groups_median_interval_and_spread_with_the_confidence_three_runs_give
     assert (row["runs"], row["median"], row["interval"]) == (3, "1,000", "800..1,250")
     assert row["confidence"] == "75%: 6 runs reach 95%" and row["spread (min..max)"] == "800..1,250"
     assert table.loc["step time p50 (ms)", "median"] == "1000.00"  # 1000 / 1000 tokens/s in ms
+    one = medians_table(group_runs(runs[:1])).set_index("figure").loc["tokens/s"]
+    assert (one["runs"], one["interval"]) == (1, "none: one run")  # not 1,000..1,000, read as a certainty
     # One spec only: its spread is the noise, (1250 - 800) / 2 = 225 = 22.5% of the median 1000.
     assert comparison(runs)["noise"].startswith("All 3 runs are of one spec, so their spread is the machine's "
                                                 "noise alone: tokens/s from 800 to 1,250, ±22% around the median 1,000.")  # fmt: skip

@@ -115,8 +115,10 @@ def medians_table(groups: list[Group]) -> pd.DataFrame:
     for r in median_rows(groups):
         fmt = formats[r["figure"]].format
         short = f": {runs_needed()} runs reach {LEVEL:.0%}" if r["confidence"] < LEVEL - 1e-12 else ""
+        # one run has no interval (1,202..1,202 at 0% read as a measured certainty)
+        interval = f"{fmt(r['low'])}..{fmt(r['high'])}" if r["runs"] > 1 else "none: one run"
         rows.append({"figure": r["name"], "spec": r["spec"], "runs": r["runs"], "median": fmt(r["median"]),
-                     "interval": f"{fmt(r['low'])}..{fmt(r['high'])}", "confidence": f"{r['confidence']:.0%}{short}",
+                     "interval": interval, "confidence": f"{r['confidence']:.0%}{short}",
                      "spread (min..max)": f"{fmt(r['min'])}..{fmt(r['max'])}"})  # fmt: skip
     return pd.DataFrame(rows)
 
