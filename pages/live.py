@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 import streamlit as st
 
 from runner import api
+from runner.spec.records import TERMINAL_STATUSES
 from ui import charts
 from ui.format import status_label
 from ui.hosts import last_lines, stored_logs_caption
 from ui.nodes import nodes_caption
-from ui.run_detail import live_progress, progress_html
+from ui.run_detail import RECENT_S, live_progress, progress_html, recently_ended
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -68,6 +69,10 @@ def live_view() -> None:
                         f"— {row.wait_reason or 'waiting for the runner'}")  # fmt: skip
             if c2.button("Cancel", key=f"{K}cancelq_{row.id}"):
                 api.cancel(engine(), int(row.id))
+    ended = api.list_runs(engine(), api.RunFilter(status=[s.value for s in TERMINAL_STATUSES]), limit=10)
+    if lines := recently_ended(ended.to_dict("records"), datetime.now(UTC)):
+        st.subheader(f"Ended in the last {RECENT_S // 60} minutes")
+        st.markdown("\n".join(f"- {line}" for line in lines))
     st.caption(f"updated {time.strftime('%H:%M:%S')}")
 
 

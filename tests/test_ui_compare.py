@@ -177,6 +177,15 @@ def test_live_page_lists_running_and_queued_runs_with_wait_reasons(engine):
     assert api.get_run(engine, waiting)["status"] == "cancelled"
     at.button(key=f"live_cancel_{running}").click().run()
     assert api.get_run(engine, running)["cancel_requested"] is True
+    # the cancelled queued run says how it ended instead of vanishing; an hour-old run has left the list
+    from datetime import UTC, datetime, timedelta
+
+    old = finished(engine, RunSpec(strategy="single"), 100.0)
+    runner_rows.update_run(engine, old, finished_at=datetime.now(UTC) - timedelta(hours=1))
+    at.run()
+    ended = [m for m in texts(at.markdown) if f"(/history?run={waiting})" in m]
+    assert len(ended) == 1 and f"cancelled **[#{waiting}](/history?run={waiting})** single" in ended[0]
+    assert "ago" in ended[0] and f"(/history?run={old})" not in ended[0]
 
 
 def test_live_page_empty_state(engine):

@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from ui.charts import COLLECTIVES
-from ui.format import human_bytes, human_duration
+from ui.format import human_bytes, human_duration, status_label
 
 
 def progress(run: dict[str, Any]) -> tuple[float, str]:
@@ -33,6 +33,18 @@ def live_progress(
     if total and done >= total:  # the job still measures its tensor peak and writes its result
         left = "every step done, finishing"
     return frac, f"step {done} of {total} · elapsed {human_duration(elapsed)} · {left}"
+
+
+RECENT_S = 15 * 60  # how long the Live page keeps saying how a run ended
+
+
+def recently_ended(runs: Sequence[dict[str, Any]], now: datetime, within_s: float = RECENT_S) -> list[str]:
+    """One line for each run (list_runs rows) that ended within `within_s` of `now`, the latest end first: a run
+    leaving the Live page says how it ended instead of vanishing (a cancel read as nothing having happened)."""
+    ended = [r for r in runs if r.get("finished_at") is not None and (now - r["finished_at"]).total_seconds() <= within_s]
+    ended.sort(key=lambda r: r["finished_at"], reverse=True)
+    return [f"{status_label(r['status'])} **[#{r['id']}](/history?run={r['id']})** {r['strategy']} · {r['model']} · "
+            f"{r['workload']} — {human_duration((now - r['finished_at']).total_seconds())} ago" for r in ended]  # fmt: skip
 
 
 def progress_html(frac: float, text: str) -> str:
