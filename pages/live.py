@@ -42,8 +42,9 @@ def live_view() -> None:
                 api.cancel(engine(), int(row.id))
                 st.toast(f"cancelling run {row.id}")
             steps = api.step_metrics(engine(), int(row.id))["step_time_s"].tolist()
+            warmup = int(run["spec"].get("warmup", 0)) if run else 0
             frac, text = live_progress(row.started_at, steps, int(row.progress_step), int(row.total_steps),
-                                       datetime.now(UTC))  # fmt: skip
+                                       datetime.now(UTC), warmup)  # fmt: skip
             st.html(progress_html(frac, text))
             series = api.telemetry_series(engine(), [int(row.id)])
             if not series.empty:

@@ -26,6 +26,8 @@ def test_live_progress_says_elapsed_and_remaining_time():
     assert live_progress(None, [], 0, 6, now) == (0.0, "step 0 of 6 · elapsed 0 µs · remaining estimating…")
     assert live_progress(start, [1.0], 9, 6, now)[0] == 1.0
     assert live_progress(start, [0.5], 6, 6, now) == (1.0, "step 6 of 6 · elapsed 30.0 s · every step done, finishing")
+    # 300 timed steps typed, 1 warm-up before them: the 301 says what it counts
+    assert live_progress(start, [0.5], 43, 301, now, warmup=1)[1].startswith("step 43 of 301 (1 warm-up + 300 timed) ·")
 
 
 def test_the_progress_bar_is_drawn_where_its_line_says():

@@ -22,17 +22,19 @@ def progress(run: dict[str, Any]) -> tuple[float, str]:
 
 
 def live_progress(
-    started_at: datetime | None, step_times: Sequence[float], done: int, total: int, now: datetime
+    started_at: datetime | None, step_times: Sequence[float], done: int, total: int, now: datetime, warmup: int = 0
 ) -> tuple[float, str]:
-    """(fraction done, 'step s of n · elapsed … · remaining …') of a running run; the remaining time is the
-    mean step time so far times the steps left ('estimating…' before the first step)."""
+    """(fraction done, 'step s of n (w warm-up + t timed) · elapsed … · remaining …') of a running run: n counts the
+    warm-up steps too (the user typed the timed ones); the remaining time is the mean step time so far times the
+    steps left ('estimating…' before the first step)."""
     elapsed = (now - started_at).total_seconds() if started_at else 0.0
     remaining = sum(step_times) / len(step_times) * (total - done) if len(step_times) and done else None
     frac = min(done / total, 1.0) if total else 0.0
     left = "remaining " + (human_duration(remaining) if remaining is not None else "estimating…")
     if total and done >= total:  # the job still measures its tensor peak and writes its result
         left = "every step done, finishing"
-    return frac, f"step {done} of {total} · elapsed {human_duration(elapsed)} · {left}"
+    parts = f" ({warmup} warm-up + {total - warmup} timed)" if 0 < warmup < total else ""
+    return frac, f"step {done} of {total}{parts} · elapsed {human_duration(elapsed)} · {left}"
 
 
 RECENT_S = 15 * 60  # how long the Live page keeps saying how a run ended
