@@ -20,6 +20,7 @@ from ui.run_detail import (
     progress_html,
     result_captions,
     timeline_title,
+    unfinished_steps_text,
 )
 from ui.simulated import timeline_pair, timeline_pair_charts
 from ui.state import engine, enter_through_app
@@ -110,6 +111,8 @@ def run_detail(run_id: int) -> None:
             elif run["spec"].get("verify") is False:
                 st.caption("verify: off (not compared with the single-device reference)")
         steps = api.step_metrics(engine(), run_id)
+        if (partial := unfinished_steps_text(run, steps)) is not None:
+            st.caption(partial)
         if len(steps):
             st.altair_chart(charts.step_time_chart(steps), width="stretch")
         if len(steps) and steps["loss"].notna().any():

@@ -5,7 +5,15 @@ from __future__ import annotations
 from datetime import UTC, date, datetime
 
 from ui.filters import day_range, parse_day, run_filter
-from ui.run_detail import failure_text, live_progress, peak_memory, progress, progress_html, result_captions
+from ui.run_detail import (
+    failure_text,
+    live_progress,
+    peak_memory,
+    progress,
+    progress_html,
+    result_captions,
+    unfinished_steps_text,
+)
 
 
 def run(**changes):
@@ -80,3 +88,24 @@ def test_filters_from_days_and_choices():
     assert (f.strategy, f.user, f.status, f.tag) == (["layer"], None, None, ["nightly"])
     assert (f.since, f.until) == (datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 1, 4, tzinfo=UTC))  # end inclusive
     assert run_filter({}, "", None, None).tag is None
+
+
+def test_a_cancelled_runs_page_says_what_its_recorded_steps_measured(engine):
+    """Cancelled after 3 of 300 timed steps: its page kept the charts but no figure; now the recorded steps' median,
+    warm-up left out as the finished run's figure leaves it."""
+    from runner import api
+    from runner.spec.records import Step
+    from runner.spec.run_spec import RunSpec
+    from storage import runner_rows
+    from tests.test_ui_pages import page, texts
+
+    run_id = api.submit(engine, RunSpec(strategy="single", steps=300))
+    runner_rows.claim_run(engine, run_id, "r", "/tmp/none", [])
+    times = [(True, 5.0), (False, 0.2), (False, 0.4), (False, 0.3)]  # the warm-up step's 5 s is not a step's time
+    runner_rows.add_step_metrics(engine, run_id, [Step(rank=0, t=float(i), step=i, total_steps=301, warmup=w,
+                                                       step_time_s=s, loss=1.0) for i, (w, s) in enumerate(times)])  # fmt: skip
+    runner_rows.finish_run(engine, run_id, "cancelled", error="cancelled by the user")
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert "Before it ended, 3 timed steps of 300: step time p50 300.0 ms" in " ".join(texts(at.caption))
+    assert unfinished_steps_text(run(status="succeeded", result={"tokens_per_s": 1.0}), None) is None

@@ -5,6 +5,7 @@ the data it read, pipeline bubble) and the text a generate run wrote. The pages 
 from __future__ import annotations
 
 import html
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -58,6 +59,20 @@ def progress_html(frac: float, text: str) -> str:
             f'<div role="progressbar" aria-valuenow="{pct:g}" aria-valuemin="0" aria-valuemax="100" '
             f'style="height:0.5rem;border-radius:0.25rem;background:rgba(151,166,195,0.25)">'
             f'<div style="width:{pct:g}%;height:100%;border-radius:0.25rem;background:#ff4b4b"></div></div>')  # fmt: skip
+
+
+def unfinished_steps_text(run: dict[str, Any], steps: Any) -> str | None:
+    """What a run that ended without a result (cancelled, failed, lost) measured before it ended: its timed steps'
+    median time from the steps it recorded (step_metrics rows), where a finished run's figures would stand; None
+    for a run with a result, one still going, or one that timed no step."""
+    if run.get("result") or run["status"] not in ("cancelled", "failed", "lost") or not len(steps):
+        return None
+    timed = [float(t) for t, w in zip(steps["step_time_s"], steps["warmup"], strict=True) if not w and t == t]
+    if not timed:
+        return None
+    return (f"Before it ended, {len(timed)} timed step{'s' if len(timed) > 1 else ''} of "
+            f"{run['spec'].get('steps', '?')}: step time p50 {human_duration(statistics.median(timed))} (from the steps it "
+            f"recorded; a run that does not finish stores no throughput or memory figures).")  # fmt: skip
 
 
 def failure_text(run: dict[str, Any]) -> str | None:
