@@ -248,6 +248,18 @@ def cmd_selftest(args: argparse.Namespace) -> int:
 
     from runner import selftest
 
+    # The data every row reads is judged once, up front: a path that is not there refused each row on its own,
+    # printed as bare SKIP rows and "0 of 9 passed" (exit 1) instead of bad input naming the field (exit 2).
+    from runner.spec.run_spec import RunSpec
+    from runner.spec.validation import validate_spec
+
+    if problems := [p for p in validate_spec(RunSpec(data=args.data)) if p.field == "data"]:
+        if args.json:
+            print(json.dumps({"error": "invalid selftest input", "problems": [
+                {"field": p.field, "message": p.message} for p in problems]}))  # fmt: skip
+        for p in problems:
+            print(f"selftest: --data: {p.message}", file=sys.stderr)
+        return 2
     engine = get_engine()
     if not args.json:
         print("Parallel GPT Lab self-test")

@@ -179,8 +179,9 @@ def _mib(n: int) -> str:
 
 
 def format_row(row: Row) -> str:
-    if row.run_id is None:
-        return f"{'SKIP':5} {row.label}"
+    if row.run_id is None:  # not run: skipped for the devices, or refused (its reasons below it)
+        word = "ERROR" if row.verdict == "error" else "SKIP"
+        return f"{word:5} {row.label}" + "".join(f"\n      {failure}" for failure in row.failures)
     step = f"{row.step_time_s * 1e3:8.1f} ms" if row.step_time_s is not None else "       - ms"
     mem = "/".join(_mib(b) for b in row.peak_mem_bytes) or "-"
     comm = "-"

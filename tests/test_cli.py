@@ -395,3 +395,20 @@ def test_show_says_the_verify_verdict_and_cancel_of_a_finished_run_says_nothing_
     assert "verify" not in cli_here(capsys, "show", str(unverified)).stdout
     cancel = cli_here(capsys, "cancel", str(passed))
     assert cancel.returncode == 1 and cancel.stdout.strip() == f"run {passed}: succeeded already; nothing to cancel"
+
+
+def test_selftest_refuses_data_that_is_not_there_as_bad_input(engine, capsys):
+    """It printed nine bare SKIP rows and "FAILED: 0 of 9 runs passed verify; runs are in History" with nothing
+    queued, exit 1; the reason only in --json."""
+    refused = cli_here(capsys, "selftest", "--data", "/nope", "--strategy", "tensor")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("selftest: --data: no file or folder at '/nope'")
+    assert api.count_runs(engine) == 0
+
+
+def test_a_selftest_row_refused_says_why():
+    from runner.selftest import Row, format_row
+
+    line = format_row(Row(label="tensor tp=2 forward", status="refused", verdict="error", failures=["data: gone"]))
+    assert line.splitlines() == ["ERROR tensor tp=2 forward", "      data: gone"]
+    assert format_row(Row(label="pipeline pp=4 train")) == "SKIP  pipeline pp=4 train"
