@@ -216,7 +216,7 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
         return
     st.subheader("Loss curves")
     base = curve_baseline(runs, baseline)
-    short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs}
+    short = {r["id"]: f"#{r['id']} {r['spec']['strategy']}" for r in runs if r["id"] in chosen}
     dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
     table, per_step = loss_deviations(curves, base, short, dtype, unlike_baseline(runs, base))
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
@@ -234,7 +234,7 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
         "last held-out loss": st.column_config.NumberColumn(format="%.4f"),
     })  # fmt: skip
     if not per_step.empty and (per_step["deviation"] > 0).any():
-        st.altair_chart(charts.deviation_chart(per_step), width="stretch")
+        st.altair_chart(charts.deviation_chart(per_step, list(short.values())), width="stretch")
 
 
 loss_curves_section(runs, chosen, baseline)

@@ -94,8 +94,13 @@ def test_loss_charts_draw_training_lines_and_held_out_points():
     assert unevaluated["layer"][0]["encoding"]["color"]["scale"]["domain"] == ["training"]
     overlay = charts.loss_overlay_chart(curves_frame(), {1: "a", 2: "b", 3: "c"}).to_dict()
     assert len(overlay["layer"]) == 2
-    dev = charts.deviation_chart(pd.DataFrame({"run": ["b", "b"], "step": [0, 1], "deviation": [0.0, 1e-6]}))
-    assert dev.to_dict()["encoding"]["y"]["scale"]["type"] == "log"
+    dev = charts.deviation_chart(pd.DataFrame({"run": ["b", "b"], "step": [0, 1], "deviation": [0.0, 1e-6]}),
+                                 ["a", "b", "c"]).to_dict()  # fmt: skip
+    assert dev["encoding"]["y"]["scale"]["type"] == "log"
+    # one colour per run on both charts: the same domain in the same order; each legend lists what it draws
+    loss_colour, dev_colour = overlay["layer"][0]["encoding"]["color"], dev["encoding"]["color"]
+    assert loss_colour["scale"] == dev_colour["scale"] == {"domain": ["a", "b", "c"], "scheme": "tableau10"}
+    assert loss_colour["legend"]["values"] == ["a", "b", "c"] and dev_colour["legend"]["values"] == ["b"]
 
 
 def trained(engine, spec: RunSpec, losses: list[float], evals: dict[int, float], result: dict | None = None) -> int:

@@ -288,15 +288,24 @@ def loss_chart(steps: pd.DataFrame) -> alt.LayerChart:
     )
 
 
+def run_colours(runs: list[str], shown: pd.Series) -> alt.Color:
+    """A colour per run fixed by its place in `runs` (all the runs compared, in order), so one run has one colour
+    on every chart of the page; the legend lists the runs `shown` draws, in that order (not #1, #12, #4)."""
+    present = set(shown)
+    return alt.Color("run:N", title=None, scale=alt.Scale(domain=runs, scheme="tableau10"),
+                     legend=alt.Legend(values=[r for r in runs if r in present]))  # fmt: skip
+
+
 def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.LayerChart:
-    """Several runs' loss curves on one chart: training as lines, held-out as points, a colour per run."""
+    """Several runs' loss curves on one chart: training as lines, held-out as points, a colour per run (in the
+    order of `labels`, as the deviation chart colours them)."""
     data = _long_losses(curves, ["run_id"])
     data["run"] = data["run_id"].map(labels)
     data = pd.concat([thin(g) for _, g in data.groupby(["run", "kind"])]) if len(data) else data
     base = alt.Chart(data).encode(
         x=STEP_AXIS,
         y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
-        color=alt.Color("run:N", title=None),
+        color=run_colours(list(labels.values()), data["run"] if len(data) else pd.Series(dtype=str)),
         tooltip=["run", "step", "kind", alt.Tooltip("value:Q", format=".6f", title="loss")],
     )
     training = base.transform_filter(alt.datum.kind == "training").mark_line()
@@ -304,10 +313,11 @@ def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.Laye
     return (training + held_out).properties(title="Loss per step (lines: training; diamonds: held-out)")
 
 
-def deviation_chart(deviations: pd.DataFrame) -> alt.Chart:
+def deviation_chart(deviations: pd.DataFrame, runs: list[str] | None = None) -> alt.Chart:
     """|loss - baseline| / baseline per step and run, on a log scale (steps where the two agree exactly are left
-    out: a log scale has no zero)."""
+    out: a log scale has no zero); `runs` in the loss chart's order gives each run that chart's colour."""
     data = deviations[deviations["deviation"] > 0]
+    runs = runs if runs is not None else sorted(set(data["run"]))
     return (
         alt.Chart(data, title="Relative deviation from the baseline's training loss")
         .mark_line(point=True)
@@ -315,7 +325,7 @@ def deviation_chart(deviations: pd.DataFrame) -> alt.Chart:
             x=STEP_AXIS,
             y=alt.Y("deviation:Q", title="|loss - baseline| / baseline", scale=alt.Scale(type="log"),
                     axis=alt.Axis(format=".0e")),  # one notation across decades (not 0.000003 beside 2e-7)
-            color=alt.Color("run:N", title=None),
+            color=run_colours(runs, data["run"]),
             tooltip=["run", "step", alt.Tooltip("deviation:Q", format=".2e")],
         )
     )
