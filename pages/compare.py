@@ -52,7 +52,8 @@ def convergence_check() -> None:
                 tag, queued = api.submit_converge(engine(), picked or None, settings={"steps": int(steps),
                                                   "dtype": dtype, "data": data})  # fmt: skip
             except SpecError as exc:
-                st.error("Not queued: " + "; ".join(str(p) for p in exc.problems), icon=":material/error:")
+                st.error("Not queued:\n" + "\n".join(f"- **{p.field}**: {p.message}" for p in exc.problems),
+                         icon=":material/error:")  # fmt: skip
                 return
             ids = ",".join(str(i) for _, i in queued if i is not None)
             st.success(f"Queued {len(ids.split(','))} runs under the tag {tag}: follow them in [History]"

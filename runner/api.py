@@ -213,15 +213,25 @@ def submit_converge(engine: Engine, strategies: list[str] | None = None, device:
         gpus = len(status["gpus"]) if status and status["alive"] else 0
     chosen = device if device != "auto" else ("cuda" if gpus else "cpu")
     tag = f"{CONVERGE_TAG}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-    base = parse_spec({**DEFAULTS.to_dict(), **(settings or {})})
+    given = dict(settings or {})
+    if given.get("data") == "synthetic" and "eval_every" not in given:
+        given["eval_every"] = 0  # synthetic tokens have no held-out split: the default's evaluation, not the user's
+    base = parse_spec({**DEFAULTS.to_dict(), **given})
     try:
         planned = converge_specs(strategies, chosen, gpus, base=base, tag=tag)
     except ValueError as exc:
         raise SpecError([SpecProblem("strategy", str(exc))]) from exc
-    problems = [SpecProblem(p.field, f"{spec.strategy}: {p.message}") for spec, _ in planned if spec
-                for p in validate_spec(spec, gpu_count=gpus)]  # fmt: skip
+    # One problem once, with the strategies it holds for (none named when it holds for all): a bad data path was
+    # one sentence six times, "data: data: no file ..." among them.
+    strategies_of: dict[tuple[str, str], list[str]] = {}
+    for spec, _ in planned:
+        for p in validate_spec(spec, gpu_count=gpus) if spec else []:
+            strategies_of.setdefault((p.field, p.message), []).append(spec.strategy)
+    every = [spec.strategy for spec, _ in planned if spec]
+    problems = [SpecProblem(field, message if names == every else f"{message} (for {', '.join(names)})")
+                for (field, message), names in strategies_of.items()]  # fmt: skip
     if problems:
-        raise SpecError(list(dict.fromkeys(problems)))
+        raise SpecError(problems)
     return tag, [(label, submit(engine, spec, user=user, gpu_count=gpus) if spec else None) for spec, label in planned]
 
 

@@ -71,10 +71,18 @@ def test_bf16_is_judged_by_the_median_of_its_early_steps_so_a_one_step_spike_pas
 def test_a_refused_check_queues_nothing_and_names_the_field(engine):
     with pytest.raises(api.SpecError) as exc:
         api.submit_converge(engine, ["layer"], "cpu", settings={"data": "/nope/corpus"})
-    assert {p.field for p in exc.value.problems} == {"data"} and "layer: no file or folder" in str(exc.value)
+    (problem,) = exc.value.problems  # said once, not once a strategy (single, the baseline, and layer)
+    assert problem.field == "data" and problem.message.startswith("no file or folder at '/nope/corpus'")
+    # synthetic tokens have no held-out split: the check's default evaluation is dropped, not blamed on the user
+    tag, queued = api.submit_converge(engine, ["layer"], "cpu", settings={"data": "synthetic", "steps": 3})
+    assert {api.get_run(engine, i)["spec"]["eval_every"] for _, i in queued} == {0}
+    for _, i in queued:
+        api.cancel(engine, i)
+    with pytest.raises(api.SpecError, match="eval_every"):  # one the user gave is theirs to mend
+        api.submit_converge(engine, ["layer"], "cpu", settings={"data": "synthetic", "eval_every": 5})
     with pytest.raises(api.SpecError, match="strategy: no strategy zero"):
         api.submit_converge(engine, ["zero"], "cpu")
-    assert api.count_runs(engine) == 0
+    assert api.count_runs(engine) == len(queued)  # only the synthetic check's, cancelled
 
 
 def test_the_compare_page_queues_the_check_under_one_tag_and_links_its_runs(engine):
