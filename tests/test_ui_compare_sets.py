@@ -20,8 +20,13 @@ def test_runs_group_by_spec_apart_from_tags_and_time_limit_and_labels_name_what_
                    (DATA, 2000.0), (RunSpec(strategy="single", batch=4), 500.0))  # fmt: skip
     groups = group_runs(runs)
     assert [len(g.runs) for g in groups] == [2, 1, 1]
-    assert [g.label for g in groups] == ["single · tp1 pp1 dp1 · batch 8", "data · tp1 pp1 dp2 · batch 8",
-                                         "single · tp1 pp1 dp1 · batch 4"]  # fmt: skip
+    # each labelled by what it does not share with most: the batch-4 run by its batch
+    assert [g.label for g in groups] == ["single · tp1 pp1 dp1", "data · tp1 pp1 dp2", "single · tp1 pp1 dp1 · batch 4"]
+    custom = RunSpec(strategy="single", model="custom", n_layer=2, n_head=2, n_embd=32, vocab_size=256, block_size=64,
+                     eval_every=0, warmup=0, seed=7)  # fmt: skip
+    labels = [g.label for g in group_runs([*runs, *runs_of(engine, (custom, 900.0))])]
+    assert labels[:3] == ["single · tp1 pp1 dp1", "data · tp1 pp1 dp2", "single · tp1 pp1 dp1 · batch 4"]
+    assert "None" not in labels[3] and labels[3].startswith("single · tp1 pp1 dp1 · block_size 64")  # its own only
     queued = api.submit(engine, SINGLE)  # no result yet: not in any group
     assert len(group_runs([*runs, api.get_run(engine, queued)])) == 3
 

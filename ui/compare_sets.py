@@ -12,6 +12,7 @@ batch it is the reciprocal of tokens/s, so its verdict would be the same. Pure f
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
@@ -75,7 +76,10 @@ class Group:
 
 def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
     """Finished runs with a result, grouped by spec in order of first appearance, each labelled by its strategy,
-    degrees and the fields in which it differs from the other groups."""
+    degrees and the fields where its value is not the one most groups share (the first group's on a tie), unset
+    ones left out: labelling every group with every field any two differ in ran to 25 fields, 'block_size None'
+    among them. Two groups still read apart, since of any field they differ in one holds a value not the most
+    shared."""
     groups: dict[str, Group] = {}
     for run in runs:
         if not run.get("result"):
@@ -84,10 +88,12 @@ def group_runs(runs: list[dict[str, Any]]) -> list[Group]:
         groups.setdefault(spec.comparison_key(), Group("", spec)).runs.append(run)
     specs = [json.loads(key) for key in groups]
     differ = sorted(k for k in specs[0] if len({json.dumps(s.get(k)) for s in specs}) > 1) if specs else []
+    shared = {k: Counter(json.dumps(s.get(k)) for s in specs).most_common(1)[0][0] for k in differ}
     for group, spec in zip(groups.values(), specs, strict=True):
         run = group.runs[0]
         words = [spec["strategy"], f"tp{run['tp']} pp{run['pp']} dp{run['dp']}"]
-        words += [f"{k} {spec[k]}" for k in differ if k not in ("strategy", "tp", "pp", "dp")]
+        words += [f"{k} {spec[k]}" for k in differ if k not in ("strategy", "tp", "pp", "dp")
+                  and spec.get(k) is not None and json.dumps(spec.get(k)) != shared[k]]  # fmt: skip
         group.label = " · ".join(words)
     return list(groups.values())
 
