@@ -39,6 +39,10 @@ def test_every_problem_is_reported_at_once():
     problems = validate_spec(RunSpec(batch=0, steps=0, seq=-1, workload="sing"))
     assert fields_of(problems) == {"batch", "steps", "seq", "workload"}
     assert all(p.message for p in problems)
+    # a refused rotary base does not hide the key/value heads' problem, which it has no part in
+    custom = RunSpec(model="custom", n_layer=4, n_head=4, n_embd=64, vocab_size=512, block_size=128, family="llama",
+                     n_kv_head=3, rope_theta=-5.0)  # fmt: skip
+    assert fields_of(validate_spec(custom)) == {"rope_theta", "n_kv_head"}
 
 
 @pytest.mark.parametrize(

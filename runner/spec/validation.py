@@ -56,12 +56,16 @@ def validate_spec(spec: RunSpec, gpu_count: int | None = None, check_weights: bo
     _validate_fields(spec, add)
     if p:  # the checks below combine fields: run only those whose fields all passed, so every problem shows at once
         bad = {problem.field for problem in p}
+        # A refused rotary base sizes nothing the checks below reason from: they judge the rest with the family's own
+        # (a bad rope_theta hid the key/value heads' problem until it was mended).
+        judged = replace(spec, rope_theta=None) if "rope_theta" in bad else spec
+        bad -= {"rope_theta"}
         if not bad & _MODEL_READS:
-            _validate_model(spec, add)
+            _validate_model(judged, add)
         if not bad & _CONTEXT_READS:
-            _validate_context(spec, add)
+            _validate_context(judged, add)
         if not bad & _DATA_READS:
-            validate_data(spec, add)
+            validate_data(judged, add)
         return p
     _validate_strategy(spec, get_strategy(spec.strategy), add)
     _validate_options(spec, add)
