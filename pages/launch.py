@@ -132,7 +132,11 @@ with mid:
     note_slot("workload")
     c1, c2, c3 = st.columns(3)
     values["batch"] = c1.number_input("batch", value=8, key=K + "batch")
-    values["seq"] = c2.number_input("seq", value=64, key=K + "seq")
+    # A generate run's prompt is its sequence (its field is further down, its text kept in the session): the seq
+    # field says so and takes no value, where a 30 shown beside "seq follows the prompt: 11 tokens" was ignored.
+    prompted = values["workload"] == "generate" and bool(str(st.session_state.get(K + "prompt") or "").strip())
+    values["seq"] = c2.number_input("seq", value=64, key=K + "seq", disabled=prompted,
+                                    help="set by the prompt: its tokens are the sequence" if prompted else None)  # fmt: skip
     values["new_tokens"] = c3.number_input(
         "new tokens", value=16, key=K + "new_tokens", disabled=values["workload"] != "generate"
     )

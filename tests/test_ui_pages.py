@@ -454,3 +454,15 @@ def test_history_lists_each_runs_verdict_and_colours_both_charts_by_strategy(eng
     assert table.loc[[checked, failed, unchecked, queued], "verify"].tolist() == ["pass", "fail", "off", "—"]
     throughput, memory = (json.loads(c.proto.spec) for c in at.get("vega_lite_chart")[:2])
     assert throughput["encoding"]["color"]["field"] == memory["encoding"]["color"]["field"] == "strategy"
+
+
+def test_a_prompted_generate_runs_seq_field_says_the_prompt_sets_it(engine):
+    """The field showed 30 beside "seq follows the prompt: 11 tokens" and the run took 11: now it takes no value."""
+    at = page("pages/launch.py")
+    assert not at.number_input(key="launch_seq").disabled
+    at.radio(key="launch_workload").set_value("generate")
+    at.text_input(key="launch_data").set_value("stdlib").run()
+    at.text_input(key="launch_prompt").set_value("def main():").run()  # in the session before the rerun draws seq
+    seq = at.number_input(key="launch_seq")
+    assert seq.disabled and seq.help == "set by the prompt: its tokens are the sequence"
+    assert any(c.startswith("seq follows the prompt: ") for c in texts(at.caption)) and not at.exception
