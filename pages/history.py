@@ -15,6 +15,7 @@ from ui.nodes import nodes_caption
 from ui.run_detail import (
     failure_text,
     generation,
+    model_text,
     peak_memory,
     progress,
     progress_html,
@@ -73,6 +74,8 @@ def run_detail(run_id: int) -> None:
         st.title(f"Run {run_id}: {spec['strategy']} · {spec['model']} · {spec['workload']}")
         st.subheader(status_label(run["status"]))
         st.caption(placement_text(run))  # in a team database: whose run, and which host's runner has it
+        if (model := model_text(run)) is not None:
+            st.caption(model)
         if run["status"] == "queued":
             st.info(run["wait_reason"] or "waiting for the runner to pick it up")
         if run["status"] in ("queued", "running"):

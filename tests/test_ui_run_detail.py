@@ -109,3 +109,18 @@ def test_a_cancelled_runs_page_says_what_its_recorded_steps_measured(engine):
     assert not at.exception
     assert "Before it ended, 3 timed steps of 300: step time p50 300.0 ms" in " ".join(texts(at.caption))
     assert unfinished_steps_text(run(status="succeeded", result={"tokens_per_s": 1.0}), None) is None
+
+
+def test_the_run_page_says_which_model_a_custom_run_built_and_how_tp_laid_its_heads(engine):
+    """A custom llama's page said only "custom"; its dimensions, and the key/value heads' layout the ranks report
+    (split or replicated over tp), were in result.json alone."""
+    from runner.spec.run_spec import RunSpec
+    from tests.test_ui_pages import finished_run, page, texts
+
+    spec = RunSpec(strategy="tensor", tp=2, model="custom", n_layer=2, n_head=4, n_embd=64, vocab_size=256,
+                   block_size=64, family="llama", n_kv_head=2)  # fmt: skip
+    run_id = finished_run(engine, spec, {}, [{"tp_kv_heads": "split"}, {"tp_kv_heads": "split"}])
+    at = page("pages/history.py", run=str(run_id))
+    assert not at.exception
+    assert ("model: llama family: 2 layers, 4 heads, 2 key/value heads, width 64, MLP 256, vocabulary 256, "
+            "context 64, rope_theta 10000, tied head · key/value heads split over the tp ranks") in texts(at.caption)

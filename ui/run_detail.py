@@ -61,6 +61,23 @@ def progress_html(frac: float, text: str) -> str:
             f'<div style="width:{pct:g}%;height:100%;border-radius:0.25rem;background:#ff4b4b"></div></div>')  # fmt: skip
 
 
+def model_text(run: dict[str, Any]) -> str | None:
+    """The model the run built, in a line: a custom or Hugging Face run's title says only 'custom' or 'checkpoint'.
+    Its weights folder, and how tensor parallelism laid its key/value heads where a rank reported it."""
+    from runner.gpt.config import describe_model
+    from runner.spec.run_spec import RunSpec
+
+    spec = RunSpec.from_dict(run["spec"])
+    try:
+        cfg = spec.model_config()
+    except (OSError, ValueError):  # a folder on the host that ran it, not readable here
+        return f"model: from {spec.weights}" if spec.weights else None
+    ranks = (run.get("result") or {}).get("ranks") or run.get("ranks") or []
+    kv = next((r["tp_kv_heads"] for r in ranks if r.get("tp_kv_heads")), None)
+    return (f"model: {describe_model(cfg)}" + (f" · weights {spec.weights}" if spec.weights else "")
+            + (f" · key/value heads {kv} over the tp ranks" if kv else ""))  # fmt: skip
+
+
 def unfinished_steps_text(run: dict[str, Any], steps: Any) -> str | None:
     """What a run that ended without a result (cancelled, failed, lost) measured before it ended: its timed steps'
     median time from the steps it recorded (step_metrics rows), where a finished run's figures would stand; None
