@@ -250,7 +250,7 @@ with right:
         help="recorded with the run so the team's history says who ran what",
     ).strip() or api.default_user()  # fmt: skip
     values["weights"] = st.text_input(
-        "weights (optional)", key=K + "weights", placeholder="/path/model.safetensors or a Hugging Face folder",
+        "weights (optional)", key=K + "weights", placeholder="model.safetensors or a HF folder",
         help="a GPT-2 .safetensors/.pt file, or a Llama, Qwen2 or Mistral folder (model 'checkpoint')",
     )  # fmt: skip
     note_slot("weights")
