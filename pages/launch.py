@@ -70,11 +70,16 @@ with left:
     for f in ("tp", "pp", "dp"):
         note_slot(f)
     c1, c2 = st.columns(2)
+    # A schedule's microbatches default to 4 (a pipeline to fill); elsewhere to 1, the CLI's: there more
+    # microbatches mean gradient accumulation, which a run from the page took unasked. A key per kind keeps each.
+    piped = uses(s, "schedule")
     values["microbatches"] = c1.number_input(
         "microbatches",
-        value=4,
-        key=K + "microbatches",
+        value=4 if piped else 1,
+        key=K + ("microbatches" if piped else "microbatches_accumulated"),
         disabled=not uses(s, "microbatches"),
+        help="microbatches a pipeline step is cut into" if piped else "microbatches whose gradients accumulate "
+        "before one optimizer step (1: the whole batch at once)",
     )
     values["schedule"] = c2.selectbox(
         "schedule", SCHEDULES, index=1, key=K + "schedule", disabled=not uses(s, "schedule")

@@ -466,3 +466,13 @@ def test_a_prompted_generate_runs_seq_field_says_the_prompt_sets_it(engine):
     seq = at.number_input(key="launch_seq")
     assert seq.disabled and seq.help == "set by the prompt: its tokens are the sequence"
     assert any(c.startswith("seq follows the prompt: ") for c in texts(at.caption)) and not at.exception
+
+
+def test_microbatches_default_to_a_pipelines_four_and_elsewhere_to_the_clis_one(engine):
+    """A single run from the page accumulated gradients over 4 microbatches, unasked (the CLI's default is 1), and
+    Compare listed "microbatches 4" between it and the same spec from the CLI."""
+    at = page("pages/launch.py")
+    at.selectbox(key="launch_strategy").set_value("single").run()
+    assert at.number_input(key="launch_microbatches_accumulated").value == 1
+    at.selectbox(key="launch_strategy").set_value("pipeline").run()
+    assert at.number_input(key="launch_microbatches").value == 4 and not at.exception
