@@ -236,6 +236,9 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     })  # fmt: skip
     if not per_step.empty and (per_step["deviation"] > 0).any():
         st.altair_chart(charts.deviation_chart(per_step, list(short.values())), width="stretch")
+        if exact := int((per_step["deviation"] == 0).sum()):  # the line bridges them: say so
+            st.caption(f"{exact} of {len(per_step)} run-steps equal the baseline's loss exactly and are not drawn: a "
+                       "log scale has no zero.")  # fmt: skip
 
 
 loss_curves_section(runs, chosen, baseline)

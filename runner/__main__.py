@@ -164,6 +164,8 @@ def run_summary(run: dict) -> str:
     ]
     if r.get("tokens_per_s"):
         parts.append(f"{r['tokens_per_s']:.0f} tokens/s, step p50 {r['step_time_s_p50'] * 1000:.1f} ms")
+    if r.get("loss") is not None and run["spec"].get("workload", "train") == "train":
+        parts.append(f"final loss {r['loss']:.4f}")
     if r.get("verify"):  # asked for with --verify: its verdict, as the run's page shows it
         from ui.verify import verdict
 

@@ -386,11 +386,12 @@ def test_show_says_the_verify_verdict_and_cancel_of_a_finished_run_says_nothing_
     from runner.spec.run_spec import RunSpec
     from tests.test_ui_pages import VERIFY, finished_run
 
-    passed = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True), {"verify": VERIFY}, [{}, {}])
+    passed = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True), {"verify": VERIFY, "loss": 5.4321},
+                          [{}, {}])  # fmt: skip
     failed = finished_run(engine, RunSpec(strategy="data", dp=2, verify=True),
                           {"verify": {**VERIFY, "passed": False}}, [{}, {}])  # fmt: skip
     unverified = finished_run(engine, RunSpec(strategy="single"), {}, [{}])
-    assert cli_here(capsys, "show", str(passed)).stdout.strip().endswith("| verify PASS")
+    assert cli_here(capsys, "show", str(passed)).stdout.strip().endswith("| final loss 5.4321 | verify PASS")
     assert cli_here(capsys, "show", str(failed)).stdout.strip().endswith("| verify FAIL")
     assert "verify" not in cli_here(capsys, "show", str(unverified)).stdout
     cancel = cli_here(capsys, "cancel", str(passed))

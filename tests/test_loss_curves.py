@@ -138,3 +138,6 @@ def test_compare_overlays_the_chosen_runs_curves_with_their_deviation_from_the_s
     table = next(d.value for d in at.dataframe if "largest deviation" in d.value)
     assert table.set_index("run").loc[f"#{b} layer", "largest deviation"] == pytest.approx(3e-6)
     assert any(f"against #{a} single" in c for c in texts(at.caption))
+    # two of the layer run's three steps equal the baseline's: not on the log chart, which says so
+    assert "2 of 3 run-steps equal the baseline's loss exactly and are not drawn: a log scale has no zero." in texts(
+        at.caption)  # fmt: skip
