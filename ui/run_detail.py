@@ -4,13 +4,17 @@ the data it read, pipeline bubble) and the text a generate run wrote. The pages 
 
 from __future__ import annotations
 
+import functools
 import html
+import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from runner.gpt.config import GPTConfig, describe_model
+from runner.spec.run_spec import RunSpec
 from ui.charts import COLLECTIVES
 from ui.format import human_bytes, human_duration, status_label
 
@@ -61,20 +65,30 @@ def progress_html(frac: float, text: str) -> str:
             f'<div style="width:{pct:g}%;height:100%;border-radius:0.25rem;background:#ff4b4b"></div></div>')  # fmt: skip
 
 
+def built_model(spec: dict[str, Any]) -> GPTConfig | None:
+    """The model a run's spec builds; None where it cannot be read here (a weights folder on the host that ran it,
+    a malformed spec). Read once per spec: the run page redraws every second while a run goes, and a Hugging Face
+    run's model is its folder's config.json."""
+    return _built_model(json.dumps(spec, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=256)
+def _built_model(spec_json: str) -> GPTConfig | None:
+    try:
+        return RunSpec.from_dict(json.loads(spec_json)).model_config()
+    except (OSError, TypeError, ValueError):
+        return None
+
+
 def model_text(run: dict[str, Any]) -> str | None:
     """The model the run built, in a line: a custom or Hugging Face run's title says only 'custom' or 'checkpoint'.
     Its weights folder, and how tensor parallelism laid its key/value heads where a rank reported it."""
-    from runner.gpt.config import describe_model
-    from runner.spec.run_spec import RunSpec
-
-    spec = RunSpec.from_dict(run["spec"])
-    try:
-        cfg = spec.model_config()
-    except (OSError, ValueError):  # a folder on the host that ran it, not readable here
-        return f"model: from {spec.weights}" if spec.weights else None
-    ranks = (run.get("result") or {}).get("ranks") or run.get("ranks") or []
-    kv = next((r["tp_kv_heads"] for r in ranks if r.get("tp_kv_heads")), None)
-    return (f"model: {describe_model(cfg)}" + (f" · weights {spec.weights}" if spec.weights else "")
+    weights = run["spec"].get("weights")
+    cfg = built_model(run["spec"])
+    if cfg is None:
+        return f"model: from {weights}" if weights else None
+    kv = next((r["tp_kv_heads"] for r in run.get("ranks") or [] if r.get("tp_kv_heads")), None)
+    return (f"model: {describe_model(cfg)}" + (f" · weights {weights}" if weights else "")
             + (f" · key/value heads {kv} over the tp ranks" if kv else ""))  # fmt: skip
 
 

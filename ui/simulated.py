@@ -19,6 +19,7 @@ from runner.planner.simulate import Simulation, simulate_from_spans, spans_bubbl
 from runner.spec.run_spec import RunSpec
 from ui import charts
 from ui.format import human_duration
+from ui.run_detail import built_model
 
 
 @dataclass
@@ -45,14 +46,6 @@ def pipeline_shape(spec: dict[str, Any]) -> tuple[str, int, int, int] | None:
     return spec.get("schedule") or "1f1b", p, int(spec.get("microbatches") or 1), int(spec.get("virtual_stages") or 1)
 
 
-def _tied(spec: dict[str, Any]) -> bool:
-    """Whether the run's model ties its head to the token embedding (false where the spec cannot be read)."""
-    try:
-        return RunSpec.from_dict(spec).model_config().tie_head
-    except (TypeError, ValueError):
-        return False
-
-
 def _ms_list(values: list[float]) -> str:
     return " / ".join(f"{x * 1e3:.1f}" for x in values)
 
@@ -77,7 +70,8 @@ def timeline_pair(spans: pd.DataFrame, spec: dict[str, Any], result: dict[str, A
         + f" per stage; transfer {inputs['transfer'] * 1e3:.2f} ms (median of {inputs['transfer_samples']} receives)"
     )
     job = (result or {}).get("bubble_fraction")
-    tied = ", the tied-embedding sum" if _tied(spec) else ""  # only a tied head's two copies are summed
+    built = built_model(spec)  # only a tied head's two copies are summed
+    tied = ", the tied-embedding sum" if built is not None and built.tie_head else ""
     job_text = (
         f"; the job's own figure, whose step also holds the optimizer{tied} and the end-of-step barrier, is "
         f"{job:.1%}"
