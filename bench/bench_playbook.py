@@ -20,8 +20,9 @@ still predicted here (the runs did it).
 What the measurements themselves allow (bench/playbook_limits.py) is reported beside the targets, never in their
 place: the fit agreement over the configurations whose outcome a memory figure can explain (`memory_cannot_explain`,
 decided from the measured rows alone), the best agreement any usable memory would give the same peaks
-(`best_usable`), and how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank
-each other. Where the misses lie: the memory's in differences within a layout (`growth_per_sequence`: the measured
+(`best_usable`), how well runs that any compute model calls the same (ZeRO-0 and ZeRO-1 twins, `zero_twins`) rank
+each other, and the ranks over the runs that did not stall (`stalled`: a pipeline slot several times as long as the
+fastest of the same device work). Where the misses lie: the memory's in differences within a layout (`growth_per_sequence`: the measured
 growth from one micro-batch size to the next against the predicted, which the states and fixed costs cancel out
 of), the throughput's by kind of layout (`ratio_by_kind`). What the throughput ranks miss is shown, not fitted: the
 same ranks with a fixed host-side cost added for every layer and micro-batch pass (HOST_COSTS_S, a what-if beside
@@ -60,6 +61,7 @@ from bench.playbook_limits import (  # noqa: E402
     memory_cannot_explain,
     per_micro_batch,
     ratio_by_kind,
+    stall_lines,
     tp8_pair,
     with_host_cost,
     zero_twins,
@@ -350,6 +352,7 @@ def report(
             + ", ".join(f"{m} x{n} {c[1]:.2f} / {c[2]:.2f}" for (m, n), c in twins.cells.items()
                         if c[1] is not None and c[2] is not None)
             + f"; medians {statistics.median(ceiling):.2f} / {statistics.median(ours):.2f}.")  # fmt: skip
+    lines += stall_lines(results, summarize)
     kinds = ratio_by_kind(results)
     if kinds:
         lines += ["", "Where the throughput miss lies: median measured / predicted tokens/s per GPU (runs) by kind of "

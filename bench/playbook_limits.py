@@ -168,3 +168,85 @@ def per_micro_batch(results: list[Planned], max_tp: int = 8) -> tuple[tuple, lis
         measured_step = p.row.tokens / (p.row.tok_s_gpu * p.row.gpus)
         runs.append((p.row.mbs, measured_step / p.row.grad_acc * 1e3, p.step_s / p.row.grad_acc * 1e3))
     return layout, runs
+
+
+STALL_FACTOR = 4  # a pipeline slot this many times its kind's fastest is a stall (`stalled`; swept in the report)
+
+
+def slot_seconds(row: Row) -> float:
+    """The measured time of one pipeline slot: the step (the global batch's tokens over tokens/s per GPU times the
+    GPUs) over its grad_acc + pp - 1 slots (1F1B's micro-batches and its fill; grad_acc alone without a pipeline)."""
+    return row.tokens / (row.tok_s_gpu * row.gpus) / (row.grad_acc + row.pp - 1)
+
+
+def stalled(rows: list[Row], factor: float = STALL_FACTOR, min_accumulation: int = 1) -> list[bool]:
+    """For each row, whether its run stalled: its slot (`slot_seconds`) took at least `factor` times the fastest slot
+    of any run of the same model, tp, pp and micro-batch, on whatever nodes, data-parallel degree and ZeRO stage.
+    Those runs do the same device work a slot; what differs between them is paid once a step (the gradients'
+    reduction, ZeRO's gathers), which `min_accumulation` bounds: only runs whose step holds at least that many
+    micro-batches are judged. Decided from the measured rows alone, never from a prediction; rows without a result
+    are never stalled."""
+    fastest: dict = {}
+    for r in rows:
+        if r.tok_s_gpu:
+            key = (r.model, r.tp, r.pp, r.mbs)
+            fastest[key] = min(fastest.get(key, float("inf")), slot_seconds(r))
+    return [bool(r.tok_s_gpu) and r.grad_acc >= min_accumulation
+            and slot_seconds(r) >= factor * fastest[(r.model, r.tp, r.pp, r.mbs)] for r in rows]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Stalls:
+    """The runs `stalled` flags, what their ZeRO twins did, and the ranks without them."""
+
+    count: int
+    in_pipelines: int  # of them, runs with pp > 1
+    twins: tuple[int, int]  # of them with a ZeRO-0/1 twin with a result: how many twins, how many twins not stalled
+    slot_ms: tuple[float, float]  # the stalled slots' 10th and 90th percentile, ms
+    rho_without: dict  # (factor, min_accumulation) -> (runs left out, median rho over the others)
+
+
+def stalls(results: list[Planned], summarize) -> Stalls:
+    """`stalled` at STALL_FACTOR over every planned row, and the median rho (`summarize`, the benchmark's own) over
+    the runs it does not flag at factors 3, 4, 6 and 10, judging every run or only those of 8 micro-batches or more."""
+    rows = [p.row for p in results]
+    flags = stalled(rows)
+    by_config = {(r.model, r.nodes, r.tp, r.pp, r.dp, r.mbs, r.grad_acc, r.zero): f
+                 for r, f in zip(rows, flags, strict=True) if r.tok_s_gpu}  # fmt: skip
+    flagged = [r for r, f in zip(rows, flags, strict=True) if f]
+    twin_flags = [by_config[k] for r in flagged
+                  if (k := (r.model, r.nodes, r.tp, r.pp, r.dp, r.mbs, r.grad_acc, 1 - r.zero)) in by_config]  # fmt: skip
+    slots = [slot_seconds(r) * 1e3 for r in flagged]
+    rho = {}
+    for factor, least in itertools.product((3, 4, 6, 10), (1, 8)):
+        keep = stalled(rows, factor, least)
+        rho[(factor, least)] = (
+            sum(keep),
+            summarize([p for p, k in zip(results, keep, strict=True) if not k]).rho_median,
+        )
+    return Stalls(len(flagged), sum(1 for r in flagged if r.pp > 1), (len(twin_flags), twin_flags.count(False)),
+                  (percentile(slots, 0.1), percentile(slots, 0.9)) if slots else (0.0, 0.0), rho)  # fmt: skip
+
+
+def stall_lines(results: list[Planned], summarize) -> list[str]:
+    """The report's paragraph on stalled runs (`stalls`): what the measurements say of them, and the ranks without
+    them (`summarize`, the benchmark's own)."""
+    s = stalls(results, summarize)
+    if not s.count:
+        return []
+    sweep = ", ".join(
+        f"{rho:.2f} at {f}x ({n} left out)" for (f, least), (n, rho) in s.rho_without.items() if least == 1
+    )
+    judged = ", ".join(f"{rho:.2f} at {f}x" for (f, least), (_, rho) in s.rho_without.items() if least == 8)
+    return [
+        "",
+        f"Runs that stalled: {s.count} runs with a result spent {STALL_FACTOR} times or more as long on a pipeline slot "
+        "(the step over its micro-batches and the pipeline's fill) as the fastest run of the same model, tp, pp and "
+        "micro-batch on any number of nodes: the same device work a slot (`stalled`, decided from the measured rows "
+        f"alone). {s.in_pipelines} of them are pipelines; their slots took {s.slot_ms[0]:,.0f} to {s.slot_ms[1]:,.0f} ms "
+        f"(10th to 90th percentile) whatever the layout. {s.twins[0]} of them have a ZeRO twin with a result (the "
+        f"same configuration at the other ZeRO stage, which adds one all-gather a step) and {s.twins[1]} of those twins "
+        "did not stall: one configuration ran at both speeds, which no figure of the layout can rank. Over the runs that did not stall, "
+        f"the median rho is {sweep}; judging only runs of 8 or more micro-batches a step, where what a step adds "
+        f"once weighs least, {judged}. Beside the target, never in its place: the target is over every run.",
+    ]

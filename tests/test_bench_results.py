@@ -245,3 +245,29 @@ def test_the_playbook_benchmark_names_a_missing_csv_and_the_fix(tmp_path, capsys
     err = capsys.readouterr().err
     assert "--csv: no file at" in err and "measured-1b-8b.csv" in err
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_a_playbook_run_stalled_where_its_slot_took_several_times_its_kinds_fastest(tmp_path):
+    """1B, tp 2, pp 2, one sequence a micro-batch, 256 sequences a step of 4,096 tokens. On one node (dp 2, 128
+    micro-batches) at 4,000 tokens/s per GPU a step takes 256 x 4,096 / (4,000 x 8) = 32.77 s over 128 + 1 slots:
+    254 ms a slot. On two nodes (dp 4, 64 micro-batches) at 900 tokens/s: 72.82 s over 65 slots, 1,120 ms, 4.41
+    times as long: stalled at 4x, not at 6x, and not judged when only steps of 128 micro-batches are. Its ZeRO-1 twin
+    at 3,800 tokens/s (265 ms a slot) did not stall. A micro-batch of 2 is its own kind (its only run is its fastest),
+    and a run without a result never stalls."""
+    from bench.bench_playbook import plan_row, read_rows, summarize
+    from bench.playbook_limits import slot_seconds, stalled, stalls
+
+    csv = playbook_csv(tmp_path, "1B,1,8,2,2,2,0,1,128,256,4096,1,4000,30\n"
+                                 "1B,2,16,4,2,2,0,1,64,256,4096,1,900,30\n"
+                                 "1B,2,16,4,2,2,1,1,64,256,4096,1,3800,30\n"
+                                 "1B,2,16,4,2,2,0,2,32,256,4096,1,100,30\n"
+                                 "1B,2,16,4,2,2,0,4,16,256,4096,,,\n")  # fmt: skip
+    rows = read_rows(csv)
+    assert slot_seconds(rows[0]) == pytest.approx(0.254, abs=1e-3)
+    assert slot_seconds(rows[1]) == pytest.approx(1.120, abs=1e-3)
+    assert stalled(rows) == [False, True, False, False, False]
+    assert stalled(rows, factor=6) == [False] * 5
+    assert stalled(rows, min_accumulation=128) == [False] * 5
+    found = stalls([plan_row(r, 131072, "none") for r in rows], summarize)
+    assert (found.count, found.in_pipelines, found.twins) == (1, 1, (1, 1))
+    assert found.rho_without[(4, 1)][0] == 1 and found.rho_without[(10, 1)][0] == 0
