@@ -7,7 +7,7 @@ import streamlit as st
 
 from runner import api
 from runner.analysis.same_work import WORK_FIELDS
-from runner.job.metrics import bubble_theory_formula
+from runner.job.metrics import bubble_theory_formula, step_number
 from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
 from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
 from runner.spec.strategies import strategy_names
@@ -197,7 +197,7 @@ for run in runs:
     r = run["result"] or {}
     st.altair_chart(
         charts.timeline_chart(
-            spans[spans["step"] == last], title=f"#{run['id']} {run['spec']['strategy']}: step {last}",
+            spans[spans["step"] == last], title=f"#{run['id']} {run['spec']['strategy']}: step {step_number(last)}",
             bubble=(r.get("bubble_fraction"), r.get("bubble_fraction_theory")),
         ),
         width="stretch",

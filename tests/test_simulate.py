@@ -249,7 +249,7 @@ def test_run_page_draws_the_simulated_timeline_under_the_measured_one(engine, tm
     at = page("pages/history.py", run=str(run_id))
     assert not at.exception
     charts = [c.proto.spec for c in at.get("vega_lite_chart")]
-    measured = [i for i, c in enumerate(charts) if "Pipeline timeline, step 3, measured" in c]
+    measured = [i for i, c in enumerate(charts) if "Pipeline timeline, step 4, measured" in c]
     simulated = [i for i, c in enumerate(charts) if "Simulated: the schedule alone" in c]
     assert len(measured) == len(simulated) == 1 and simulated[0] == measured[0] + 1  # the simulation right under it
     assert any("Simulated from this run's own mean pass times" in c.value for c in at.caption)

@@ -66,3 +66,16 @@ def test_thin_keeps_the_last_point_and_bounds_the_size():
     out = charts.thin(df, max_points=100)
     assert len(out) <= 101 and out["x"].iloc[-1] == 10_000
     assert charts.thin(df.head(5)).equals(df.head(5))
+
+
+def test_every_step_chart_numbers_steps_from_1_as_the_rank_logs_do():
+    """Steps are stored from index 0; the rank logs print the first as "step 1/3" and the progress counts it as step 1
+    of 3, so each chart's first point is step 1 and its last step 3 (thinning none of three)."""
+    steps = pd.DataFrame({"step": [0, 1, 2], "warmup": [True, False, False], "step_time_s": 0.01, "loss": [3.0, 2.0, 1.0],
+                          "eval_loss": [None, None, 1.5]})  # fmt: skip
+    assert charts.step_time_chart(steps).data["step"].tolist() == [1, 2, 3]
+    assert sorted(set(charts.loss_chart(steps).data["step"])) == [1, 2, 3]
+    overlay = charts.loss_overlay_chart(steps.assign(run_id=7), {7: "#7"}).data
+    assert sorted(set(overlay["step"])) == [1, 2, 3]
+    deviations = pd.DataFrame({"run": "#7", "step": [0, 1, 2], "deviation": [0.0, 1e-6, 2e-6]})
+    assert charts.deviation_chart(deviations).data["step"].tolist() == [2, 3]  # index 0 agrees exactly: not drawn

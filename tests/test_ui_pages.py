@@ -336,7 +336,7 @@ def test_run_detail_of_a_finished_run_shows_figures_verify_and_ranks(engine, tmp
     assert held["rank"].tolist() == spent["rank"].tolist() == ["0", "1"]
     assert "params MiB" in held and "send MiB" in spent and "all_reduce MiB" not in spent
     charts = [c.proto.spec for c in at.get("vega_lite_chart")]
-    assert any("Layer split timeline, step 2 (stage x microbatch)" in c for c in charts), "no timeline of the last step"
+    assert any("Layer split timeline, step 3 (stage x microbatch)" in c for c in charts), "no timeline of the last step"
 
     at.selectbox(key=f"history_logrank_{run_id}").select(1).run()
     assert any("hello from rank 1" in c for c in texts(at.code))

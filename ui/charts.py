@@ -9,6 +9,8 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
+from runner.job.metrics import step_number
+
 MAX_POINTS = 2000
 # Tick labels without trailing zeros: a series of one sample (just after launch) has a domain of one value, and
 # Vega's default format then printed "0.000000".
@@ -101,8 +103,14 @@ def rank_time_chart(ranks: pd.DataFrame) -> alt.Chart:
     )
 
 
+def numbered(steps: pd.DataFrame) -> pd.DataFrame:
+    """`steps` with each stored step index replaced by the number a step is shown by (`step_number`: from 1, as the
+    rank logs and the progress count them)."""
+    return steps.assign(step=step_number(steps["step"]))
+
+
 def step_time_chart(steps: pd.DataFrame) -> alt.Chart:
-    data = thin(steps.assign(phase=steps["warmup"].map({True: "warm-up", False: "timed"})))
+    data = thin(numbered(steps).assign(phase=steps["warmup"].map({True: "warm-up", False: "timed"})))
     return (
         alt.Chart(data, title="Step time")
         .mark_line(point=True)
@@ -276,7 +284,7 @@ def _long_losses(steps: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 def loss_chart(steps: pd.DataFrame) -> alt.LayerChart:
     """One run's loss per step (warm-up steps train too) and its held-out loss on eval_every's steps."""
-    data = _long_losses(thin(steps), [])
+    data = _long_losses(thin(numbered(steps)), [])
     base = alt.Chart(data).encode(
         x=STEP_AXIS,
         y=alt.Y("value:Q", title="loss", scale=alt.Scale(zero=False)),
@@ -299,7 +307,7 @@ def run_colours(runs: list[str], shown: pd.Series) -> alt.Color:
 def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.LayerChart:
     """Several runs' loss curves on one chart: training as lines, held-out as points, a colour per run (in the
     order of `labels`, as the deviation chart colours them)."""
-    data = _long_losses(curves, ["run_id"])
+    data = _long_losses(numbered(curves), ["run_id"])
     data["run"] = data["run_id"].map(labels)
     data = pd.concat([thin(g) for _, g in data.groupby(["run", "kind"])]) if len(data) else data
     base = alt.Chart(data).encode(
@@ -316,7 +324,7 @@ def loss_overlay_chart(curves: pd.DataFrame, labels: dict[int, str]) -> alt.Laye
 def deviation_chart(deviations: pd.DataFrame, runs: list[str] | None = None) -> alt.Chart:
     """|loss - baseline| / baseline per step and run, on a log scale (steps where the two agree exactly are left
     out: a log scale has no zero); `runs` in the loss chart's order gives each run that chart's colour."""
-    data = deviations[deviations["deviation"] > 0]
+    data = numbered(deviations[deviations["deviation"] > 0])
     runs = runs if runs is not None else sorted(set(data["run"]))
     return (
         alt.Chart(data, title="Relative deviation from the baseline's training loss")

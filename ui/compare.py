@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from runner.gpt.config import count_parameters
-from runner.job.metrics import curve_deviation, relative_deviations
+from runner.job.metrics import curve_deviation, relative_deviations, step_number
 from runner.spec.converge_layouts import judge
 from runner.spec.run_spec import RunSpec
 from ui.verify import verdict
@@ -391,7 +391,7 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
         rows.append({
             "run": labels.get(run_id, f"#{run_id}"), "baseline": run_id == baseline, "steps compared": train.steps,
             "early deviation": judged.early_judged if judged.early.steps else None,
-            "largest deviation": train.largest if train.steps else None, "at step": train.at_step,
+            "largest deviation": train.largest if train.steps else None, "at step": step_number(train.at_step) if train.at_step is not None else None,
             "held-out deviation": held.largest if held.steps else None, **lasts,
             **({"verdict": "baseline" if run_id == baseline else judged.verdict} if dtype else {}),
         })  # fmt: skip

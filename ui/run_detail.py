@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from runner.gpt.config import GPTConfig, describe_model
+from runner.job.metrics import step_number
 from runner.spec.run_spec import RunSpec
 from ui.charts import COLLECTIVES
 from ui.format import human_bytes, human_duration, status_label
@@ -168,7 +169,7 @@ def timeline_title(spec: dict[str, Any], step: int, spans: Any) -> str:
         notes.append("grey: waiting for a neighbour")
     if phases & set(COLLECTIVES):
         notes.append("purple: collectives, inside the pass they ran in")
-    return f"{name} timeline, step {step} ({'; '.join(notes)})"
+    return f"{name} timeline, step {step_number(step)} ({'; '.join(notes)})"
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 import altair as alt
 import pandas as pd
 
+from runner.job.metrics import step_number
 from runner.planner.simulate import Simulation, simulate_from_spans, spans_bubble
 from runner.spec.run_spec import RunSpec
 from ui import charts
@@ -94,7 +95,7 @@ def timeline_pair_charts(pair: TimelinePair) -> tuple[alt.LayerChart, alt.LayerC
     axis = (0.0, max(ends, default=1.0))
     measured = charts.timeline_chart(
         pair.measured,
-        title=f"Pipeline timeline, step {pair.step}, measured (stage x microbatch; grey: waiting for a neighbour)",
+        title=f"Pipeline timeline, step {step_number(pair.step)}, measured (stage x microbatch; grey: waiting for a neighbour)",
         window_ms=axis,
     )
     simulated = charts.timeline_chart(

@@ -23,6 +23,7 @@ from typing import Any
 import pandas as pd
 
 from runner import api
+from runner.job.metrics import step_number
 from runner.spec.converge_layouts import BASELINE, DEFAULTS, bound_of, bound_text, judge
 from runner.spec.run_spec import DEVICES, DTYPES, SpecError
 
@@ -133,7 +134,7 @@ def format_row(row: Row) -> str:
             f"{_num(row.last_loss, '.4f')} in {row.steps} steps  held-out {_num(row.last_eval_loss, '.4f')}  "
             f"deviation {_num(row.early_deviation, '.1e')} early, "
             f"largest {_num(row.largest_deviation, '.1e')}"
-            + (f" at step {row.at_step}" if row.at_step is not None else ""))  # fmt: skip
+            + (f" at step {step_number(row.at_step)}" if row.at_step is not None else ""))  # fmt: skip
     return line + (f"\n      {row.error}" if row.error else "")
 
 

@@ -184,6 +184,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def step_number(index: int) -> int:
+    """The number a step is shown by: steps are stored from index 0 (events, the database, the analyses) and shown
+    from 1 (rank logs' "step 1/301", the progress "step 43 of 301", charts, timelines and messages), so the first step
+    reads "step 1" everywhere a user sees one."""
+    return index + 1
+
+
 @dataclass(frozen=True)
 class CurveDeviation:
     """How far one loss curve strays from a baseline's: the largest relative difference, where, over how many

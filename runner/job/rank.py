@@ -30,7 +30,7 @@ from runner.job import corpus, losses
 from runner.job.checkpoint import HFFolder, open_weights, shard_reader
 from runner.job.data import Batches, fold_seed
 from runner.job.load import LoadMeter, machine_load
-from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, tokens_per_step
+from runner.job.metrics import device_peak_flops, model_flops_per_step, percentile, step_number, tokens_per_step
 from runner.job.resources import CpuWaitMeter, MemoryMeter, pin_rank, rank_cores
 from runner.job.verify import inject_fault, trim_padding, verify_pass
 from runner.service import node_telemetry
@@ -172,7 +172,7 @@ def run_job(spec: RunSpec, run_dir: Path) -> None:
         # One line a step in every rank's log: what the Live page's log tail and `runner logs --follow` show.
         phase = "warm-up" if not timed else "timed"
         print(
-            f"step {step + 1}/{total} ({phase}) {seconds * 1e3:.1f} ms"
+            f"step {step_number(step)}/{total} ({phase}) {seconds * 1e3:.1f} ms"
             + (f" loss {loss:.4f}" if loss is not None else "")
             + (f" held-out loss {evaluated:.4f}" if evaluated is not None else ""),
             flush=True,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
+from runner.job.metrics import step_number
 from runner.service.failures import diagnose_failure, with_node
 from runner.service.launchers.base import Collected, Handle
 from runner.service.logs import LOG_TAIL_BYTES, log_names, log_path, read_log_tail
@@ -62,8 +63,8 @@ class Watched:
             if isinstance(e, Step):
                 steps.append(e)
                 if e.loss is not None and not math.isfinite(e.loss) and self.diverged is None:
-                    # The step as the rank logs print it ("step 3/5"), counting from 1.
-                    self.diverged = f"loss became {number_name(e.loss)} at step {e.step + 1}"
+                    # The step as the rank logs print it ("step 3/5")
+                    self.diverged = f"loss became {number_name(e.loss)} at step {step_number(e.step)}"
             elif isinstance(e, Span):
                 spans.append(e)
             elif isinstance(e, Error):
