@@ -206,6 +206,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
     view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
     view["ran_on"] = [ran_on(h, b) for h, b in zip(view["runner_host"], view["backend"], strict=True)]
     view["verify"] = [list_verdict(v, s) for v, s in zip(runs["verify"], runs["status"], strict=True)]
+    view[["user", "note"]] = view[["user", "note"]].fillna("")  # no note is an empty cell, not a grey "None"
     st.dataframe(
         view,
         hide_index=True,

@@ -26,7 +26,7 @@ from storage.db import runs_dir
 from ui.format import human_bytes
 from ui.forms import oversubscription_warning, problems_by_field, prompt_seq, repeat_note, spec_from_form, uses
 from ui.hosts import HERE, gpu_line, host_lines, partition_text, target_for, targets
-from ui.model_parts import checkpoint_dims, model_parts_inputs
+from ui.model_parts import checkpoint_dims, follow_weights_folder, model_parts_inputs
 from ui.state import engine, enter_through_app
 
 enter_through_app()  # a deep link on a fresh server would otherwise skip app.py
@@ -256,7 +256,8 @@ with right:
     ).strip() or api.default_user()  # fmt: skip
     values["weights"] = st.text_input(
         "weights (optional)", key=K + "weights", placeholder="model.safetensors or a HF folder",
-        help="a GPT-2 .safetensors/.pt file, or a Llama, Qwen2 or Mistral folder (model 'checkpoint')",
+        help="a GPT-2 .safetensors/.pt file, or a Llama, Qwen2 or Mistral folder (the model becomes 'checkpoint')",
+        on_change=follow_weights_folder, args=(K + "weights", K + "model"),
     )  # fmt: skip
     note_slot("weights")
     if folder := checkpoint_dims(values["weights"]):

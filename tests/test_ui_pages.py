@@ -109,8 +109,10 @@ def test_a_hugging_face_folder_shows_its_config_dimensions(engine, tmp_path):
         '"num_hidden_layers": 4, "intermediate_size": 176, "vocab_size": 512, "max_position_embeddings": 128}'
     )
     at = page("pages/launch.py")
-    at.selectbox(key="launch_model").select("checkpoint").run()
-    at.text_input(key="launch_weights").input(str(tmp_path)).run()
+    assert at.selectbox(key="launch_model").value == "tiny"
+    at.text_input(key="launch_weights").input(str(tmp_path)).run()  # the folder sets the model, as submit --weights
+    assert at.selectbox(key="launch_model").value == "checkpoint"
+    assert not any(e.startswith("**model**") for e in texts(at.error)), texts(at.error)
     captions = texts(at.caption)
     assert any("llama family: 4 layers, 4 heads, 2 key/value heads, width 64, MLP 176" in c for c in captions), captions
     assert any("no model.safetensors" in e for e in texts(at.error)), texts(at.error)  # no tensors in the folder

@@ -7,6 +7,7 @@ from typing import Any
 
 from runner.gpt.config import FAMILIES, GPTConfig, describe_model
 from runner.job.checkpoint import config_from_hf_folder, is_hf_folder
+from runner.spec.run_spec import FROM_WEIGHTS
 
 
 def checkpoint_dims(weights: str | None) -> str | None:
@@ -17,6 +18,16 @@ def checkpoint_dims(weights: str | None) -> str | None:
         return "config.json: " + describe_model(config_from_hf_folder(weights.strip()))
     except (OSError, ValueError) as exc:
         return f"config.json: {exc}"
+
+
+def follow_weights_folder(weights_key: str, model_key: str) -> None:
+    """An on_change for a weights field: a Hugging Face folder typed in sets the model to the one its config.json
+    gives (FROM_WEIGHTS), as `runner submit --weights DIR` does without --model, rather than leaving a preset the
+    folder then contradicts. Any other path leaves the model as the user chose it."""
+    import streamlit as st
+
+    if is_hf_folder((st.session_state.get(weights_key) or "").strip() or None):
+        st.session_state[model_key] = FROM_WEIGHTS
 
 
 def model_parts_inputs(prefix: str, base: GPTConfig | None = None, container=None,
