@@ -225,9 +225,10 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
     if dtype is not None:
         st.caption(f"The runs trained alike: verdict against the convergence check's bound for {bound_text(dtype)}.")
+    early = bound_of(dtype or "float32").early_steps
     st.dataframe(table, hide_index=True, column_config={
         "early deviation": st.column_config.NumberColumn(
-            format="%.2e", help=f"over the first {bound_of(dtype or 'float32').early_steps} steps: the largest "
+            f"early deviation (steps 1-{early})", format="%.2e", help=f"over the first {early} steps: the largest "
             "(bf16: the median, which a one-step loss spike does not move)"),
         "largest deviation": st.column_config.NumberColumn(format="%.2e"),
         "held-out deviation": st.column_config.NumberColumn(format="%.2e"),

@@ -217,9 +217,10 @@ def relative_deviations(baseline: Mapping[int, float | None], other: Mapping[int
 
 
 def curve_deviation(baseline: Mapping[int, float | None], other: Mapping[int, float | None]) -> CurveDeviation:
-    """The largest of relative_deviations, the first step where it occurs, and how many steps were compared."""
+    """The largest of relative_deviations, the first step where it occurs (None where the curves agree exactly:
+    no step stands out), and how many steps were compared."""
     per_step = relative_deviations(baseline, other)
     if not per_step:
         return CurveDeviation(0.0, None, 0)
     at = max(per_step, key=lambda k: (per_step[k], -k))
-    return CurveDeviation(per_step[at], at, len(per_step))
+    return CurveDeviation(per_step[at], at if per_step[at] else None, len(per_step))
