@@ -41,16 +41,18 @@ def convergence_check() -> None:
     """Queue the convergence check (every strategy, or those picked, on one corpus, seed and model) and show its
     runs here: their curves are compared on this page once they have run."""
     with st.expander("Run the convergence check", expanded=False):
-        c1, c2, c3 = st.columns([3, 1, 1])
+        c1, c2, c3, c4 = st.columns([3, 1, 1, 1])
         picked = c1.multiselect("strategies (single is the baseline)", strategy_names(), key=K + "conv_strategies",
                                 placeholder="every strategy")  # fmt: skip
         steps = c2.number_input("steps", min_value=1, value=DEFAULTS.steps, key=K + "conv_steps")
         dtype = c3.selectbox("dtype", DTYPES, key=K + "conv_dtype")
+        models = list(PRESETS)  # the Llama family's too: every strategy trains it against the single device
+        model = c4.selectbox("model", models, index=models.index(DEFAULTS.model), key=K + "conv_model")
         data = st.text_input("data", value=DEFAULTS.data, key=K + "conv_data").strip() or DEFAULTS.data
         if st.button("Run the convergence check", key=K + "conv_run", icon=":material/show_chart:"):
             try:
                 tag, queued = api.submit_converge(engine(), picked or None, settings={"steps": int(steps),
-                                                  "dtype": dtype, "data": data})  # fmt: skip
+                                                  "dtype": dtype, "data": data, "model": model})  # fmt: skip
             except SpecError as exc:
                 st.error("Not queued:\n" + "\n".join(f"- **{p.field}**: {p.message}" for p in exc.problems),
                          icon=":material/error:")  # fmt: skip

@@ -89,10 +89,11 @@ def test_the_compare_page_queues_the_check_under_one_tag_and_links_its_runs(engi
     at = page("pages/compare.py")
     at.multiselect(key="compare_conv_strategies").set_value(["layer"])
     at.number_input(key="compare_conv_steps").set_value(7)
+    at.selectbox(key="compare_conv_model").select("llama-tiny")
     at.button(key="compare_conv_run").click().run()
     assert not at.exception
     runs = api.list_runs(engine, api.RunFilter(tag=[CONVERGE_TAG]))
-    assert sorted(runs["strategy"]) == ["layer", "single"]
+    assert sorted(runs["strategy"]) == ["layer", "single"] and set(runs["model"]) == {"llama-tiny"}
     tag = next(t for t in runs["tags"].iloc[0] if t != CONVERGE_TAG)
     assert all(tag in t for t in runs["tags"]) and {r["spec"]["steps"] for r in map(
         lambda i: api.get_run(engine, int(i)), runs["id"])} == {7}  # fmt: skip
