@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import streamlit as st
 
 from runner import api
@@ -126,7 +128,9 @@ with mid:
         values["block_size"] = c2.number_input("block_size", value=base.block_size, key=K + "block")
         for f in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):
             note_slot(f)
-        values.update(model_parts_inputs(K))
+        # the placeholders show what an empty field becomes at the dimensions typed above (n_head, 4 x n_embd)
+        typed = {f: values[f] for f in ("n_head", "n_embd") if isinstance(values[f], int) and values[f] > 0}
+        values.update(model_parts_inputs(K, dataclasses.replace(base, **typed)))
         for f in MODEL_PARTS:
             note_slot(f)
     elif values["model"] in PRESETS:

@@ -87,6 +87,12 @@ def test_custom_model_dimensions_appear_and_are_validated(engine):
     at.selectbox(key="launch_model").select("custom").run()
     at.number_input(key="launch_n_layer").set_value(3).run()
     assert any("n_layer divisible by 2" in e for e in texts(at.error)), texts(at.error)
+    # an empty part shows what it becomes at the typed dimensions: 8 heads' worth of key/value heads, 4 x 96 wide
+    at.number_input(key="launch_n_head").set_value(8)
+    at.number_input(key="launch_n_embd").set_value(96).run()
+    placeholders = (at.number_input(key="launch_n_kv_head").proto.placeholder,
+                    at.number_input(key="launch_ffn_hidden").proto.placeholder)  # fmt: skip
+    assert placeholders == ("8", "384")
 
 
 def test_a_custom_llama_is_validated_under_its_fields_and_launched(engine):
