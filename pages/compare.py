@@ -15,6 +15,7 @@ from ui import charts
 from ui.alike import best_note, shared_training, unlike_baseline
 from ui.compare import (
     GUIDE_NOTES,
+    coinciding_curves,
     comparison_table,
     curve_baseline,
     figure_help,
@@ -223,6 +224,8 @@ def loss_curves_section(runs: list[dict], chosen: list[int], baseline: int | Non
     dtype = shared_training(runs)  # one model, data, seed and dtype: the convergence check's bound applies
     table, per_step = loss_deviations(curves, base, short, dtype, unlike_baseline(runs, base))
     st.altair_chart(charts.loss_overlay_chart(curves, short), width="stretch")
+    if hidden := coinciding_curves(curves, base, short):
+        st.caption(hidden)
     st.caption(f"Deviation: |loss - baseline| / baseline per step against {short.get(base, base)}, the largest over "
                "the steps both runs recorded; runs on the same data, seed and model should agree to rounding.")  # fmt: skip
     if dtype is not None:

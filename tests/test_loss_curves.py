@@ -141,3 +141,15 @@ def test_compare_overlays_the_chosen_runs_curves_with_their_deviation_from_the_s
     # two of the layer run's three steps equal the baseline's: not on the log chart, which says so
     assert "2 of 3 run-steps equal the baseline's loss exactly and are not drawn: a log scale has no zero." in texts(
         at.caption)  # fmt: skip
+
+
+def test_compare_names_the_curves_that_draw_one_line_with_the_baseline():
+    """The frame's losses run from 5.5 down to 4.0 and run 3's up to 1.01 x 5.2: a range of about 1.55, 1% of it
+    0.0155. Run 2 differs from run 1 by at most 2e-6 x 5.2 = 1.04e-5 (step 1): one line; run 3 by 0.052: seen."""
+    from ui.compare import coinciding_curves
+
+    labels = {1: "#1 single", 2: "#2 pipeline", 3: "#3 data"}
+    text = coinciding_curves(curves_frame(), 1, labels)
+    assert text == ("#1 single and #2 pipeline draw one line: its training loss is within 1.0e-05 of the baseline's "
+                    "at every step, less than 1% of the loss range drawn.")  # fmt: skip
+    assert coinciding_curves(curves_frame().query("run_id != 2"), 1, labels) is None

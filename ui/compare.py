@@ -402,3 +402,26 @@ def loss_deviations(curves: pd.DataFrame, baseline: int, labels: dict[int, str],
     if UNLIKE_COLUMN in table:  # beside the run's name, where a narrow page still shows it
         table.insert(1, UNLIKE_COLUMN, table.pop(UNLIKE_COLUMN).fillna(""))
     return table, pd.DataFrame(steps, columns=["run", "step", "deviation"])
+
+
+def coinciding_curves(curves: pd.DataFrame, baseline: int, labels: dict[int, str]) -> str | None:
+    """A caption naming the runs whose training-loss line the overlay chart draws over the baseline's: at every
+    step both recorded, they are within 1% of the loss range drawn (about 3 px of the chart's 300, a line's width),
+    so the legend names a colour the chart does not show. None where no run is hidden."""
+    loss = curves.dropna(subset=["loss"])
+    if baseline not in set(loss["run_id"]):
+        return None
+    span = float(loss["loss"].max() - loss["loss"].min())
+    base = loss[loss["run_id"] == baseline].set_index("step")["loss"]
+    hidden, widest = [], 0.0
+    for run_id, g in loss.groupby("run_id"):
+        ours, theirs = g.set_index("step")["loss"].align(base, join="inner")
+        if run_id != baseline and len(ours) and (gap := float((ours - theirs).abs().max())) <= 0.01 * span:
+            hidden.append(labels.get(int(run_id), f"#{run_id}"))
+            widest = max(widest, gap)
+    if not hidden:
+        return None
+    runs = [labels.get(baseline, f"#{baseline}"), *hidden]
+    return (f"{', '.join(runs[:-1])} and {runs[-1]} draw one line: "
+            f"{'their' if len(hidden) > 1 else 'its'} training loss is within {widest:.1e} of the baseline's at every "
+            "step, less than 1% of the loss range drawn.")  # fmt: skip
