@@ -56,12 +56,15 @@ from bench.playbook_limits import (  # noqa: E402
     MBS_BANDS,
     TP_BANDS,
     best_usable,
+    crossing_cost,
+    crossing_lines,
     growth_per_sequence,
     layout_failures,
     memory_cannot_explain,
     per_micro_batch,
     ratio_by_kind,
     stall_lines,
+    stalled,
     tp8_pair,
     with_host_cost,
     zero_twins,
@@ -353,11 +356,12 @@ def report(
                         if c[1] is not None and c[2] is not None)
             + f"; medians {statistics.median(ceiling):.2f} / {statistics.median(ours):.2f}.")  # fmt: skip
     lines += stall_lines(results, summarize)
-    kinds = ratio_by_kind(results)
+    steady = [p for p, f in zip(results, stalled([p.row for p in results]), strict=True) if not f]
+    kinds = ratio_by_kind(steady)
     if kinds:
         lines += ["", "Where the throughput miss lies: median measured / predicted tokens/s per GPU (runs) by kind of "
-                  "layout and sequences a micro-batch (`ratio_by_kind`). A kind far below the others is ranked too "
-                  "high within its cell.", "",
+                  "layout and sequences a micro-batch (`ratio_by_kind`), over the runs that did not stall. A kind far "
+                  "below the others is ranked too high within its cell.", "",
                   "| layout | " + " | ".join(f"micro-batch {m}" for m in MBS_BANDS) + " |",
                   "|---|" + "---|" * len(MBS_BANDS)]  # fmt: skip
         for pipeline, tp in itertools.product((False, True), TP_BANDS):
@@ -371,7 +375,9 @@ def report(
                       f"the prediction over {small[0]} runs, the same kind at 16 or more at {large[1]:.2f}: a cost "
                       "that does not grow with the micro-batch, largest where tensor-parallel groups span nodes."]  # fmt: skip
         lines.append("")
-    floor = per_micro_batch(results)
+    widest, link = MODELS["8B"][1], preset(DEVICE, 2 * GPUS_PER_NODE, GPUS_PER_NODE).bw_inter
+    lines += crossing_lines(crossing_cost([p.row for p in results]), widest, link)
+    floor = per_micro_batch(steady)
     if floor:
         (model_name, nodes, tp, pp, dp, zero), runs = floor
         lines.append(

@@ -250,3 +250,52 @@ def stall_lines(results: list[Planned], summarize) -> list[str]:
         f"the median rho is {sweep}; judging only runs of 8 or more micro-batches a step, where what a step adds "
         f"once weighs least, {judged}. Beside the target, never in its place: the target is over every run.",
     ]
+
+
+def stages_cross_nodes(row: Row) -> bool:
+    """Whether some pipeline neighbours of the run sit on different nodes. nanotron orders ranks (pp, dp, tp), tp
+    innermost (src/nanotron/parallel/context.py, `_init_parallel_groups`), so rank r's next stage is rank r + dp x tp,
+    on node (r + dp x tp) // (GPUs a node)."""
+    step, per_node = row.dp * row.tp, row.gpus // row.nodes
+    return row.pp > 1 and any(r // per_node != (r + step) // per_node for r in range(row.gpus - step))
+
+
+def crossing_cost(rows: list[Row]) -> dict[tuple[int, bool], list[tuple[float, float]]]:
+    """What it costs a pipeline's slot that its stages sit on different nodes, measured: for each model, tp, pp and
+    micro-batch run both with every stage boundary inside a node and with some across nodes (`stages_cross_nodes`),
+    the fastest slot across nodes over the fastest within, and their difference in seconds (runs that stalled left
+    out). Keyed (tp, one sequence a micro-batch or more); a list of (ratio, seconds)."""
+    flags = stalled(rows)
+    best: dict = defaultdict(dict)
+    for r, f in zip(rows, flags, strict=True):
+        if r.tok_s_gpu and r.pp > 1 and not f:
+            side = best[(r.model, r.tp, r.pp, r.mbs)]
+            crossing = stages_cross_nodes(r)
+            side[crossing] = min(side.get(crossing, float("inf")), slot_seconds(r))
+    ratios: dict = defaultdict(list)
+    for (_, tp, _, mbs), side in sorted(best.items()):
+        if len(side) == 2:
+            ratios[(tp, mbs == 1)].append((side[True] / side[False], side[True] - side[False]))
+    return dict(ratios)
+
+
+def crossing_lines(ratios: dict[tuple[int, bool], list[tuple[float, float]]], width: int, link: float) -> list[str]:
+    """The report's paragraph on pipelines whose stages sit on different nodes (`crossing_cost`). The bytes a stage
+    sends a micro-batch of one sequence are at most 4,096 positions (every run's) x `width` (the widest model's, at tp
+    1: sequence parallelism divides them by tp) x 2 (bfloat16): their time on `link` bytes/s between nodes stands
+    beside the extra."""
+    if not ratios:
+        return []
+    parts = [f"tp {tp} {'at one sequence' if one else 'at 2 or more'}: {statistics.median(r for r, _ in v):.2f} "
+             f"({len(v)})" for (tp, one), v in sorted(ratios.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]  # fmt: skip
+    extra = [s for (tp, one), v in ratios.items() if tp > 1 and one for _, s in v]
+    sent = 4096 * width * 2
+    tail = (f" At one sequence and tp > 1 a slot across nodes took a median {statistics.median(extra) * 1e3:.0f} ms "
+            f"more, where the most a stage sends a micro-batch ({sent / 2**20:.0f} MiB: 4,096 positions x {width:,} x "
+            f"2 bytes) takes {sent / link * 1e3:.2f} ms on the {link / 1e9:.0f} GB/s between nodes: what a slot pays for "
+            "crossing nodes is not the bytes." if extra else "")  # fmt: skip
+    return [
+        "Where the stages sit: the fastest slot of a pipeline whose stages span nodes over the fastest of the same "
+        "model, tp, pp and micro-batch with every stage boundary inside a node (`crossing_cost`, runs that stalled "
+        "left out), median (layouts): " + "; ".join(parts) + "." + tail + "\n",
+    ]

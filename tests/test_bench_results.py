@@ -271,3 +271,22 @@ def test_a_playbook_run_stalled_where_its_slot_took_several_times_its_kinds_fast
     found = stalls([plan_row(r, 131072, "none") for r in rows], summarize)
     assert (found.count, found.in_pipelines, found.twins) == (1, 1, (1, 1))
     assert found.rho_without[(4, 1)][0] == 1 and found.rho_without[(10, 1)][0] == 0
+
+
+def test_a_pipelines_slot_across_nodes_is_set_against_the_same_layout_within_one(tmp_path):
+    """nanotron orders ranks (pp, dp, tp): the next stage is dp x tp ranks on. 1B tp 4 pp 2 on one node (dp 1): rank
+    r's next stage is r + 4, on the same node; on two nodes (dp 2) it is r + 8, on the other. The first at 20,000
+    tokens/s per GPU: 256 x 4,096 / (20,000 x 8) = 6.554 s over 257 slots, 25.5 ms; the second at 6,000: 10.923 s
+    over 129 slots, 84.7 ms (3.32x, below the 4x of a stall), 59.2 ms more. tp 1 pp 8 on one node (r + 1) crosses
+    no node; tp 2 pp 4 on two nodes (dp 2: r + 4) does, from rank 4 on. A layout run on one side only gives nothing."""
+    from bench.bench_playbook import read_rows
+    from bench.playbook_limits import crossing_cost, stages_cross_nodes
+
+    csv = playbook_csv(tmp_path, "1B,1,8,1,4,2,0,1,256,256,4096,1,20000,30\n"
+                                 "1B,2,16,2,4,2,0,1,128,256,4096,1,6000,30\n"
+                                 "1B,1,8,1,1,8,0,1,256,256,4096,1,3000,30\n"
+                                 "1B,2,16,2,2,4,0,1,128,256,4096,1,3000,30\n")  # fmt: skip
+    rows = read_rows(csv)
+    assert [stages_cross_nodes(r) for r in rows] == [False, True, False, True]
+    ((key, [(ratio, extra)]),) = crossing_cost(rows).items()
+    assert key == (4, True) and ratio == pytest.approx(3.32, abs=0.01) and extra == pytest.approx(0.0592, abs=2e-4)
