@@ -9,7 +9,7 @@ from runner import api
 from runner.analysis.same_work import WORK_FIELDS
 from runner.job.metrics import bubble_theory_formula, step_number
 from runner.spec.converge_layouts import DEFAULTS, bound_of, bound_text
-from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError
+from runner.spec.run_spec import DTYPES, PRESETS, WORKLOADS, SpecError, model_label
 from runner.spec.strategies import strategy_names
 from ui import charts
 from ui.alike import best_note, shared_training, unlike_baseline
@@ -27,6 +27,7 @@ from ui.compare import (
     with_baseline,
 )
 from ui.compare_sets import group_runs, medians_table, noise_note, shared_note, verdicts
+from ui.format import ranks_text
 from ui.nodes import ranks_by_node, with_node
 from ui.planner import plan_comparisons, readable_comparison
 from ui.state import engine, enter_through_app
@@ -72,7 +73,8 @@ if recent.empty:
     st.stop()
 
 labels = {
-    int(r.id): f"#{r.id} {r.strategy} · {r.model} · {r.workload} · {r.world_size} ranks" for r in recent.itertuples()
+    int(r.id): f"#{r.id} {r.strategy} · {model_label(r.model, r.weights)} · {r.workload} · {ranks_text(r.world_size)}"
+    for r in recent.itertuples()
 }
 from_link = [int(x) for x in st.query_params.get("runs", "").split(",") if x.isdigit() and int(x) in labels]
 

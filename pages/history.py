@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from runner import api
-from runner.spec.run_spec import RunSpec
+from runner.spec.run_spec import RunSpec, model_label
 from ui import charts
 from ui.cpu import contention, contention_text, load_text, oversubscription_warning, shared_machine
 from ui.filters import FILTERS, day_range, parse_day, run_filter
@@ -71,7 +71,8 @@ def run_detail(run_id: int) -> None:
             st.error(f"There is no run {run_id}; it may have been deleted.")
             return
         spec = run["spec"]
-        st.title(f"Run {run_id}: {spec['strategy']} · {spec['model']} · {spec['workload']}")
+        st.title(f"Run {run_id}: {spec['strategy']} · {model_label(spec['model'], spec.get('weights'))} · "
+                 f"{spec['workload']}")
         st.subheader(status_label(run["status"]))
         st.caption(placement_text(run))  # in a team database: whose run, and which host's runner has it
         if (model := model_text(run)) is not None:
@@ -203,6 +204,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
     view["link"] = "?run=" + view["id"].astype(str)
     view["status"] = view["status"].map(status_label)
     view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
+    view["model"] = [model_label(m, w) for m, w in zip(view["model"], view["weights"], strict=True)]
     view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
     view["ran_on"] = [ran_on(h, b) for h, b in zip(view["runner_host"], view["backend"], strict=True)]
     view["verify"] = [list_verdict(v, s) for v, s in zip(runs["verify"], runs["status"], strict=True)]

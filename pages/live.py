@@ -9,8 +9,9 @@ import streamlit as st
 
 from runner import api
 from runner.spec.records import TERMINAL_STATUSES
+from runner.spec.run_spec import model_label
 from ui import charts
-from ui.format import status_label
+from ui.format import ranks_text, status_label
 from ui.hosts import last_lines, stored_logs_caption
 from ui.nodes import nodes_caption
 from ui.run_detail import RECENT_S, live_progress, progress_html, recently_ended
@@ -34,8 +35,9 @@ def live_view() -> None:
         run = api.get_run(engine(), int(row.id))
         with st.container(border=True):
             head, button = st.columns([5, 1])
-            head.markdown(f"**[#{row.id}](/history?run={row.id})** {row.strategy} · {row.model} · {row.workload} "
-                          f"· {row.world_size} ranks · {row.user}")  # fmt: skip
+            head.markdown(f"**[#{row.id}](/history?run={row.id})** {row.strategy} · "
+                          f"{model_label(row.model, row.weights)} · {row.workload} · {ranks_text(row.world_size)} · "
+                          f"{row.user}")  # fmt: skip
             if row.cancel_requested:
                 button.caption("cancelling…")
             elif button.button("Cancel", key=f"{K}cancel_{row.id}"):
@@ -66,7 +68,8 @@ def live_view() -> None:
         st.subheader("Queue")
         for row in queued.itertuples():
             c1, c2 = st.columns([5, 1])
-            c1.markdown(f"{status_label('queued')} **#{row.id}** {row.strategy} · {row.model} · {row.world_size} ranks "
+            c1.markdown(f"{status_label('queued')} **#{row.id}** {row.strategy} · {model_label(row.model, row.weights)} · "
+                        f"{ranks_text(row.world_size)} "
                         f"— {row.wait_reason or 'waiting for the runner'}")  # fmt: skip
             if c2.button("Cancel", key=f"{K}cancelq_{row.id}"):
                 api.cancel(engine(), int(row.id))

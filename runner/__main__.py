@@ -21,6 +21,7 @@ from runner.spec.run_spec import (
     DEVICES,
     WORKLOADS,
     SpecError,
+    model_label,
 )
 from runner.spec.strategies import strategy_names
 from storage.db import get_engine
@@ -140,8 +141,9 @@ def runs_text(df) -> str:
     for r in df.to_dict("records"):
         tokens = r["tokens_per_s"]
         step = r["step_time_s_p50"]
-        rows.append((str(r["id"]), r["status"], r["strategy"], f"tp{r['tp']} pp{r['pp']} dp{r['dp']}", r["model"],
-                     r["workload"], f"{tokens:.4g}" if tokens == tokens and tokens else "—",
+        rows.append((str(r["id"]), r["status"], r["strategy"], f"tp{r['tp']} pp{r['pp']} dp{r['dp']}",
+                     model_label(r["model"], r.get("weights")), r["workload"],
+                     (f"{tokens:,.0f}" if tokens >= 100 else f"{tokens:.3g}") if tokens == tokens and tokens else "—",
                      f"{step * 1e3:.3g} ms" if step == step and step else "—",
                      list_verdict(r.get("verify"), r["status"]), str(r["created_at"])[:16]))  # fmt: skip
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -160,7 +162,8 @@ def run_summary(run: dict) -> str:
     r = run.get("result") or {}
     parts = [
         f"run {run['id']}: {run['status']}",
-        f"{run['spec']['strategy']} {run['spec']['model']} {run['spec']['workload']}",
+        f"{run['spec']['strategy']} {model_label(run['spec']['model'], run['spec'].get('weights'))} "
+        f"{run['spec']['workload']}",
     ]
     if r.get("tokens_per_s"):
         parts.append(f"{r['tokens_per_s']:.0f} tokens/s, step p50 {r['step_time_s_p50'] * 1000:.1f} ms")

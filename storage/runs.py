@@ -180,13 +180,15 @@ def get_run(engine: Engine, run_id: int) -> dict[str, Any] | None:
 
 
 def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50, offset: int = 0) -> pd.DataFrame:
-    """LIST_COLUMNS of the filtered runs, newest first, and `verify`: the job's verify record (its verdict and
-    differences, a small part of the stored result; None for a run that did not verify or has no result yet)."""
-    cols = [getattr(Run, c) for c in LIST_COLUMNS] + [Run.result["verify"].label("verify")]
+    """LIST_COLUMNS of the filtered runs, newest first, `verify`: the job's verify record (its verdict and
+    differences, a small part of the stored result; None for a run that did not verify or has no result yet), and
+    `weights`: the spec's weights path (None without), which names a Hugging Face folder's model."""
+    cols = [getattr(Run, c) for c in LIST_COLUMNS] + [Run.result["verify"].label("verify"),
+                                                       Run.spec["weights"].label("weights")]  # fmt: skip
     query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc()).limit(limit).offset(offset)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
-    return pd.DataFrame(rows, columns=[*LIST_COLUMNS, "verify"])
+    return pd.DataFrame(rows, columns=[*LIST_COLUMNS, "verify", "weights"])
 
 
 def count_runs(engine: Engine, filters: RunFilter | None = None) -> int:
@@ -215,12 +217,13 @@ def succeeded_runs(engine: Engine, model: str, workload: str) -> list[tuple[int,
 
 
 def active_runs(engine: Engine) -> pd.DataFrame:
-    """Running and queued runs, oldest first, with progress and the reason a queued run waits."""
+    """Running and queued runs, oldest first, with progress, the reason a queued run waits and the spec's weights."""
     cols = ["id", "status", "strategy", "model", "workload", "world_size", "user", "created_at", "started_at",
             "progress_step", "total_steps", "wait_reason", "cancel_requested"]  # fmt: skip
-    q = select(*(getattr(Run, c) for c in cols)).where(Run.status.in_(("running", "queued"))).order_by(Run.id)
+    q = select(*(getattr(Run, c) for c in cols), Run.spec["weights"].label("weights")).where(
+        Run.status.in_(("running", "queued"))).order_by(Run.id)  # fmt: skip
     with engine.connect() as conn:
-        return pd.DataFrame(conn.execute(q).all(), columns=cols)
+        return pd.DataFrame(conn.execute(q).all(), columns=[*cols, "weights"])
 
 
 def request_cancel(engine: Engine, run_id: int) -> str:

@@ -112,6 +112,12 @@ def test_a_checkpoint_that_is_not_gpt2_is_refused(engine, tmp_path):
     save_file({"conv1.weight": torch.zeros(2, 2)}, str(path))
     proc = cli("submit", "--strategy", "single", "--weights", str(path))
     assert proc.returncode == 2 and "has no GPT-2 tensors" in proc.stderr
+    # a Hugging Face folder's own file: the message names the folder to give instead
+    (tmp_path / "config.json").write_text("{}")
+    proc = cli("submit", "--strategy", "single", "--weights", str(path))
+    assert proc.returncode == 2 and f"for the model of its folder give the folder, '{tmp_path}'" in proc.stderr
+    proc = cli("submit", "--strategy", "single", "--weights", str(tmp_path / "nowhere.safetensors"))
+    assert proc.returncode == 2 and "or of a Llama, Qwen2 or Mistral Hugging Face folder" in proc.stderr
 
 
 def test_submit_list_show_cancel_without_a_runner(engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import UTC, datetime, timedelta
 
+import pandas as pd
 import pytest
 from sqlalchemy import inspect, text
 
@@ -406,3 +407,20 @@ def test_the_list_carries_each_runs_verify_record(db_engine):
     queued = api.submit(db_engine, RunSpec(strategy="single"))
     listed = runs.list_runs(db_engine).set_index("id")["verify"]
     assert listed[checked] == VERIFY and listed[unchecked] is None and listed[queued] is None
+
+
+def test_the_run_lists_carry_each_specs_weights_so_a_folders_runs_are_named_by_it(db_engine):
+    """The JSON path reads the same on SQLite and PostgreSQL: a Hugging Face folder's run lists as "checkpoint
+    <folder>", a preset's run (weights None) by its preset alone."""
+    from runner.spec.run_spec import model_label
+    from storage.runs import insert_run
+
+    folder = insert_run(db_engine, RunSpec(strategy="single", model="checkpoint", weights="/models/hf-llama/"))
+    preset = insert_run(db_engine, RunSpec(strategy="single"))
+    listed = runs.list_runs(db_engine).set_index("id")
+    active = runs.active_runs(db_engine).set_index("id")
+    for table in (listed, active):
+        assert table.loc[folder, "weights"] == "/models/hf-llama/" and pd.isna(table.loc[preset, "weights"])
+    assert model_label("checkpoint", listed.loc[folder, "weights"]) == "checkpoint hf-llama"
+    assert model_label("tiny", listed.loc[preset, "weights"]) == "tiny"
+    assert model_label("checkpoint", float("nan")) == "checkpoint"  # a table's missing path names no folder

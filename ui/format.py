@@ -64,6 +64,11 @@ def human_rate(tokens_per_s: float | None) -> str:
     return f"{tokens_per_s:.3g} tok/s"  # a slow generate run makes 1.37, not "1"
 
 
+def ranks_text(count: int) -> str:
+    """"1 rank", "4 ranks"."""
+    return f"{count} rank{'s' if count != 1 else ''}"
+
+
 def status_label(status: str) -> str:
     return f"{STATUS_ICONS.get(status, '')} {status}".strip()
 

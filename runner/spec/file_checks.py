@@ -55,7 +55,8 @@ def validate_weights(spec: RunSpec, add: Add) -> None:
                        "folder (config.json and model.safetensors or its shards)")  # fmt: skip
         return
     if not path.is_file():
-        add("weights", f"no file at {str(path)!r}; give the path of a GPT-2 .safetensors or .pt/.bin file")
+        add("weights", f"no file at {str(path)!r}; give the path of a GPT-2 .safetensors or .pt/.bin file, or of a "
+                       "Llama, Qwen2 or Mistral Hugging Face folder")  # fmt: skip
         return
     try:
         shapes = checkpoint_shapes(path)
@@ -67,9 +68,12 @@ def validate_weights(spec: RunSpec, add: Add) -> None:
         return
     wte = shapes.get("wte.weight") or shapes.get("transformer.wte.weight")
     if wte is None or not any(k.endswith("attn.c_attn.weight") for k in shapes):
+        # a file of a Llama-family folder: the folder, not the file, is what loads it
+        folder = (f"; for the model of its folder give the folder, {str(path.parent)!r}"
+                  if (path.parent / "config.json").is_file() else "")  # fmt: skip
         add(
             "weights",
-            f"{path.name} has no GPT-2 tensors (wte.weight, h.N.attn.c_attn.weight); use a Hugging Face GPT-2 checkpoint",
+            f"{path.name} has no GPT-2 tensors (wte.weight, h.N.attn.c_attn.weight); use a Hugging Face GPT-2 checkpoint{folder}",
         )
         return
     cfg = spec.model_config()

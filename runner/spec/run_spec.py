@@ -14,6 +14,7 @@ import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from runner.gpt.config import PRESETS, GPTConfig, customized
@@ -43,6 +44,15 @@ MODEL_DIMS = ("n_layer", "n_head", "n_embd", "vocab_size", "block_size")  # what
 MODEL_PARTS = ("family", "n_kv_head", "ffn_hidden", "rope_theta", "tie_head")  # optional: the preset's otherwise
 MODEL_FIELDS = MODEL_DIMS + MODEL_PARTS
 FROM_WEIGHTS = "checkpoint"  # the model whose dimensions a Hugging Face folder's config.json gives
+
+
+def model_label(model: str, weights: str | None) -> str:
+    """The model as lists and titles name it: a Hugging Face folder's runs by the folder too ("checkpoint hf-llama"),
+    or every folder's runs would read alike; the stored and filtered name stays `model`. A missing path (None, or
+    a table's NaN) names none."""
+    if model == FROM_WEIGHTS and isinstance(weights, str) and weights:
+        return f"{model} {Path(str(weights).rstrip('/')).name or weights}"
+    return model
 
 
 def __getattr__(name: str) -> Any:
