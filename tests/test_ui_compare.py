@@ -55,6 +55,10 @@ def test_comparison_figures_ratios_and_differences(engine):
     assert list(ratios["tokens_per_s"]) == [1.0, 0.5]
     diff = spec_differences(runs)
     assert set(diff.index) == {"strategy", "pp"}
+    # train runs never read new_tokens; booleans read on/off and a missing path "—", not True/None
+    other = finished(engine, RunSpec(strategy="single", model="tiny", new_tokens=8, verify=True), 900.0)
+    diff = spec_differences([runs[0], api.get_run(engine, other)])
+    assert "new_tokens" not in diff.index and diff.loc["verify"].tolist() == ["off", "on"]
     guide = guide_table(runs).set_index("run")
     # 'single' computes 1.0 s of its 1.5 (67%: good), a third in communication (poor from 30%), and has no
     # pipeline, which its bubble cell says instead of a blank; the layer split computes 2.0 s of its 6.0

@@ -334,16 +334,29 @@ def _find(runs: list[dict], run_id: int) -> dict:
     return next(r for r in runs if r["id"] == run_id)
 
 
+def _setting(value: Any) -> str:
+    """A spec value as the differences table shows it: lists joined, on/off, "—" for none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "—"
+    return ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def spec_differences(runs: list[dict]) -> pd.DataFrame:
-    """Spec fields (rows) that differ between the runs (columns); empty when all specs are equal."""
+    """Spec fields (rows) that differ between the runs (columns), as text; empty when all specs are equal.
+    new_tokens only where a run generates: the other workloads never read it, so its default differing says
+    nothing."""
     if not runs:
         return pd.DataFrame()
     keys = sorted({k for r in runs for k in r["spec"]})
+    if not any(r["spec"].get("workload") == "generate" for r in runs):
+        keys = [k for k in keys if k != "new_tokens"]
     rows = {}
     for k in keys:
         values = [r["spec"].get(k) for r in runs]
         if len({repr(v) for v in values}) > 1:
-            rows[k] = [", ".join(v) if isinstance(v, list) else v for v in values]
+            rows[k] = [_setting(v) for v in values]
     return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{r['id']}" for r in runs])
 
 
