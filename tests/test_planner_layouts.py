@@ -354,3 +354,18 @@ def test_a_layout_refused_for_its_microbatch_names_gradient_accumulation_where_t
     # a layout that one sequence a microbatch does not save says nothing of it
     (reason,) = evaluate(cfg, Layout(dp=16), Workload(batch=16, seq=4096), h100).reasons
     assert "microbatch" not in reason
+
+
+def test_each_decode_step_reads_the_weights_and_cache_from_device_memory():
+    """Llama 3.1 8B in bfloat16 on one H100, one prompt of 128 generating 1,024 tokens: each of the 1,023 decode steps
+    reads the 8.03e9 weights' 16.06 GB, which at the data sheet's 3,350 GB/s takes at least 4.79 ms, 4.90 s in all;
+    at the 0.8 share of that bandwidth elementwise kernels reach (MEMORY_SHARE) 6.13 s. The key/value cache adds
+    32 layers x 2 x 1,024 wide x 2 bytes = 128 KiB a position, at most 1,151 positions a step: 0.15 GB, 1% of the
+    weights. Timed at the prompt's FLOP rate instead, the 1,023 tokens' 2 x 8e9 FLOPs each took 0.07 s."""
+    h100, cfg = preset("h100-80gb", 1), MODELS["llama-3.1-8b"]
+    work = Workload(workload="generate", batch=1, seq=128, new_tokens=1024, dtype="bfloat16")
+    step = predict_step(cfg, Layout(), work, h100)
+    assert 1023 * 16.06e9 / 3350e9 < step.compute_s  # the data sheet's bandwidth, whole: a floor
+    assert step.compute_s == pytest.approx(1023 * 16.06e9 / (3350e9 * 0.8), rel=0.03)
+    # the prompt alone, a forward of 128 positions, stays FLOP-bound: a decode of one token adds no memory floor
+    assert predict_step(cfg, Layout(), replace(work, new_tokens=1), h100).compute_s < 0.05

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass
 
 from runner.gpt.config import GPTConfig
 from runner.job.metrics import bubble_fraction_theory, model_flops
-from runner.planner.byte_counts import rank_parameters, stage_layers
+from runner.planner.byte_counts import rank_parameters, stage_layers, tp_widths
 from runner.planner.collectives import tp_collectives, tp_latency_s, wire_bytes
 from runner.planner.devices import Devices, matmul_seconds, memory_seconds
 from runner.planner.models import LOGIT_BYTES, Layout, Workload, padded_vocab
@@ -302,11 +302,27 @@ def predict_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Device
     return StepTime(compute, bubble, tp_s, pp_s, dp_s, bubble_fraction, flops, achieved, dp_total, optimizer)
 
 
+def _decode_bytes(cfg: GPTConfig, layout: Layout, work: Workload, rows: int, layers: int) -> float:
+    """Bytes the busiest rank reads from device memory over a generation's decode steps (new_tokens - 1: the prompt's
+    pass yields the first token): each step its weights once -- at their stored width, and under bf16-mixed
+    autocast's bfloat16 copy written and read again -- and its key/value cache, 2 x layers x rows x its key/value
+    width a position, over the seq + j - 1 positions step j attends to."""
+    steps = work.new_tokens - 1
+    psi = max(rank_parameters(cfg, layout, r, 1, work.tp_style).total for r in range(layout.pp))
+    cast = 2 * work.activation_width if work.param_width != work.activation_width else 0
+    _, kv_width, _ = tp_widths(cfg, layout.tp)
+    per_position = 2 * layers * rows * kv_width * work.activation_width
+    positions = steps * (work.seq - 1) + steps * (steps + 1) // 2
+    return steps * psi * (work.param_width + cast) + per_position * positions
+
+
 def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Devices, efficiency: float | None,
                     link_efficiency: float, flops: float) -> StepTime:  # fmt: skip
     """Forward and generate: the model FLOPs spread over the ranks at the modelled rate of a layer's forward, the
     pipeline filled and drained once, the tensor-parallel collectives of every pass (and of each decode step) with
-    their latency, and the full logits gathered for the user."""
+    their latency, and the full logits gathered for the user. A decode step (one position a row) takes at least the
+    time to read the rank's weights and its key/value cache from device memory (`_decode_bytes`): the roofline's
+    memory bound, which a handful of FLOPs a weight cannot reach."""
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     rows = max(1, work.batch // dp)
     clock = _Clock(devices, work.dtype, efficiency)
@@ -314,11 +330,15 @@ def _inference_step(cfg: GPTConfig, layout: Layout, work: Workload, devices: Dev
     layer_flops = layer_forward_flops(cfg, rows * work.seq, work.seq) / tp
     rate = layer_flops / fwd if fwd > 0 else devices.peak(work.dtype)  # this shape's FLOP/s
     compute = flops / layout.world_size / rate
+    layers = max(layout.cut) if layout.cut else cfg.n_layer // pp  # the longest stage's all-reduces
+    if work.workload == "generate" and work.new_tokens > 1:
+        decode_flops = flops - model_flops(cfg, "forward", work.batch, work.seq)
+        decoded = decode_flops / layout.world_size / rate
+        compute += max(decoded, clock.moved(_decode_bytes(cfg, layout, work, rows, layers))) - decoded
     m = work.microbatches_for(layout)  # an assembly line: GPipe's fill and drain
     bubble_fraction = bubble_fraction_theory("gpipe", pp, m, 1) if pp > 1 else 0.0
     bubble = compute * bubble_fraction / (1 - bubble_fraction)
     tp_s = pp_s = 0.0
-    layers = max(layout.cut) if layout.cut else cfg.n_layer // pp  # the longest stage's all-reduces
     if tp > 1:
         bw = group_bandwidth(devices, tp, link_efficiency)
         # a pipeline runs each micro-batch through its stages: the collectives are per micro-batch, the bytes per row
