@@ -369,3 +369,11 @@ def test_each_decode_step_reads_the_weights_and_cache_from_device_memory():
     assert step.compute_s == pytest.approx(1023 * 16.06e9 / (3350e9 * 0.8), rel=0.03)
     # the prompt alone, a forward of 128 positions, stays FLOP-bound: a decode of one token adds no memory floor
     assert predict_step(cfg, Layout(), replace(work, new_tokens=1), h100).compute_s < 0.05
+
+
+def test_a_global_batch_past_any_published_run_is_refused_by_name():
+    """A billion sequences filled the memory before a word was printed: the plan simulates every microbatch."""
+    cfg = MODELS["llama-3.1-8b"]
+    (problem,) = [p for p in input_problems(cfg, Workload(batch=10**9, seq=4096)) if p.field == "batch"]
+    assert problem.message.startswith("at most 65,536 sequences (got 1,000,000,000)")
+    assert not [p for p in input_problems(cfg, Workload(batch=65536, seq=4096)) if p.field == "batch"]

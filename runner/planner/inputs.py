@@ -32,6 +32,11 @@ from runner.spec.validation import validate_spec
 ZERO_CHOICES = (0, 1, 2, 3)
 MICROBATCHES_HELP = ("per replica, gradients accumulated over them; 0: one sequence each when pipelined, else the whole "
                      "batch as one")  # fmt: skip
+# The largest global batches published are a few thousand sequences (GPT-3 175B: 3.2M tokens of 2,048, about 1,560
+# sequences, Brown et al. 2020 table 2.1; Llama 3 405B: 16M tokens of 8,192, 2,048, Llama Team 2024 section 3.4.1):
+# 32 times the largest is a typo, and a plan's schedule simulates every microbatch (65,536 of them: seconds; a
+# billion filled the memory).
+MAX_BATCH = 65536
 MICROBATCH_SIZE_HELP = "sequences per microbatch (Megatron's --micro-batch-size), instead of a count of microbatches"
 CHECKED_PARTS = ("n_kv_head", "ffn_hidden", "rope_theta")  # the model parts submit's rules check when given
 
@@ -164,6 +169,9 @@ def _workload_problems(cfg: GPTConfig, work: Workload, add) -> None:
     train = work.workload == "train"
     if work.batch < 1:
         add("batch", f"must be at least 1 sequence (got {work.batch}): the global batch over all replicas")
+    elif work.batch > MAX_BATCH:
+        add("batch", f"at most {MAX_BATCH:,} sequences (got {work.batch:,}): the global batch over all replicas, "
+                     "which published runs keep to a few thousand; a plan simulates each microbatch")  # fmt: skip
     if work.seq < 1:
         add("seq", f"must be at least 1 token (got {work.seq})")
     elif cfg.block_size >= 1:
