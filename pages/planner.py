@@ -229,10 +229,14 @@ if piped and work.workload == "train":
         )
         width = timeline_window(sim)
         start = 0.0
+
+        def ms(x: float) -> str:  # "2,945" and "0.75", never "1.196e+04"
+            return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
         if width is not None:
             total = sim.step_time * 1e3
-            st.caption(f"{sim.m * sim.v} microbatch passes a stage are too many to read at once: {width:.4g} ms of "
-                       f"the {total:.4g} ms step shown; slide through the warm-up, steady state and cool-down.")  # fmt: skip
+            st.caption(f"{sim.m * sim.v} microbatch passes a stage are too many to read at once: {ms(width)} ms of "
+                       f"the {ms(total)} ms step shown; slide through the warm-up, steady state and cool-down.")  # fmt: skip
             start = st.slider("window from (ms)", 0.0, float(f"{total - width:.4g}"), 0.0, key=K + "sim_window")
         st.altair_chart(windowed_chart(sim, start), width="stretch")
 

@@ -168,7 +168,7 @@ def recommendation(p: Plan) -> str | None:
         return None
     word = p.devices.word
     return (f"{best.layout.label()} on {best.layout.world_size} {word}s: step {human_duration(best.step.total)} "
-            f"(bubble {best.step.bubble_fraction:.0%}), {human_bytes(best.memory.total)} per {word} of "
+            f"(bubble {best.step.bubble_fraction:.1%}), {human_bytes(best.memory.total)} per {word} of "
             f"{human_bytes(p.devices.usable_bytes)} usable")  # fmt: skip
 
 
