@@ -11,7 +11,7 @@ import streamlit as st
 from runner import api
 from runner.gpt.config import describe_model, model_problems
 from runner.planner.devices import KINDS, Devices, from_partition, preset
-from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems
+from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, default_seq, input_problems
 from runner.planner.layouts import DEFAULT_ZERO_STAGES, usable_note, uses_every_device_by_default
 from runner.planner.models import MODELS, Workload
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
@@ -98,7 +98,7 @@ for field, message in model_problems(chosen):
     c1.error(f"**{field}**: {message}")
 workload = c2.selectbox("workload", WORKLOADS, index=2, key=K + "workload")
 batch = int(c2.number_input("global batch", min_value=1, value=8, key=K + "batch"))
-seq = int(c2.number_input("sequence", min_value=1, value=min(1024, base.block_size), key=K + "seq"))
+seq = int(c2.number_input("sequence", min_value=1, value=default_seq(base.block_size), key=K + "seq"))
 new_tokens = int(c2.number_input("new tokens (generate)", min_value=1, value=16, key=K + "new_tokens"))
 dtype = c3.selectbox("precision", DTYPES, index=2, key=K + "dtype",
                      help="; ".join(f"{d}: {DTYPE_KEEPS[d]}" for d in DTYPES))  # fmt: skip

@@ -67,3 +67,15 @@ def test_the_page_and_runner_plan_start_from_the_same_defaults(engine, capsys):
     shown = at.dataframe[0].value
     assert [c["label"] for c in cli["feasible"]] == list(shown.layout.str.replace(" ★", "", regex=False))
     assert at.metric[0].value == cli["feasible"][0]["label"]
+
+
+def test_the_page_and_runner_plan_take_the_same_default_sequence(capsys):
+    """Llama 3.1 8B's context is 131,072: the CLI planned 8,192 positions where the page planned 1,024, so the same
+    untouched inputs gave two answers. Both now take `default_seq`."""
+    from runner.planner.cli import run_plan
+
+    at = AppTest.from_file(str(REPO / "pages/planner.py"), default_timeout=60).run()
+    at.selectbox(key="planner_model").set_value("llama-3.1-8b").run()
+    page_seq = at.number_input(key="planner_seq").value
+    assert run_plan(plan_args("--model", "llama-3.1-8b", "--gpus", "8", "--gpu", "h100-80gb", "--json")) == 0
+    assert json.loads(capsys.readouterr().out)["workload"]["seq"] == page_seq == 1024

@@ -15,7 +15,14 @@ from typing import Any
 
 from runner.gpt.config import FAMILIES, describe_model
 from runner.planner.devices import KINDS, Devices, described, efficiency_on, from_partition, preset
-from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, input_problems, zero_stages
+from runner.planner.inputs import (
+    DEFAULT_SEQ,
+    MICROBATCH_SIZE_HELP,
+    MICROBATCHES_HELP,
+    default_seq,
+    input_problems,
+    zero_stages,
+)
 from runner.planner.layouts import (
     DEFAULT_ZERO_STAGES,
     STEP_NOTE,
@@ -27,7 +34,6 @@ from runner.planner.layouts import (
 from runner.planner.models import MODELS, GiB, Workload, with_dims
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecError, SpecProblem
 
-DEFAULT_SEQ_CAP = 8192  # Llama 3's 131072-position context is not what a step trains on by default
 DEFAULT_GPU = "h100-80gb"
 DESCRIBED_PER_NODE = 8  # described devices without --gpus-per-node: a DGX-style node
 
@@ -45,7 +51,7 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--workload", default="train", choices=WORKLOADS)
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences, all replicas)")
     p.add_argument(
-        "--seq", type=int, default=None, help="sequence length (default: the model's block_size, at most 8192)"
+        "--seq", type=int, default=None, help=f"sequence length (default: the model's block_size, at most {DEFAULT_SEQ:,}, as the Planner page)"
     )
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--dtype", default="bf16-mixed", choices=DTYPES,
@@ -131,9 +137,9 @@ def _problem(field: str, message: str) -> SpecError:
 
 
 def workload_from_args(args: argparse.Namespace, block_size: int) -> Workload:
-    """The workload asked; seq defaults to the model's block_size (at most DEFAULT_SEQ_CAP), or 1 when block_size is
+    """The workload asked; seq defaults to `default_seq` (the page's default too), or 1 when block_size is
     itself wrong (below 1: its own problem, not one of a --seq the user never gave)."""
-    seq = args.seq if args.seq is not None else max(1, min(block_size, DEFAULT_SEQ_CAP))
+    seq = args.seq if args.seq is not None else default_seq(block_size)
     return Workload.of(args, seq=seq)
 
 

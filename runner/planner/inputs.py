@@ -37,6 +37,14 @@ MICROBATCHES_HELP = ("per replica, gradients accumulated over them; 0: one seque
 # 32 times the largest is a typo, and a plan's schedule simulates every microbatch (65,536 of them: seconds; a
 # billion filled the memory).
 MAX_BATCH = 65536
+DEFAULT_SEQ = 1024  # a plan's sequence unless given: Llama 3's 131,072-position context is not what a step trains on
+
+
+def default_seq(block_size: int) -> int:
+    """The sequence a plan takes unless given, on the page and the CLI alike: the model's context, at most
+    DEFAULT_SEQ (1 for a model without one)."""
+    return max(1, min(block_size, DEFAULT_SEQ))
+
 MICROBATCH_SIZE_HELP = "sequences per microbatch (Megatron's --micro-batch-size), instead of a count of microbatches"
 CHECKED_PARTS = ("n_kv_head", "ffn_hidden", "rope_theta")  # the model parts submit's rules check when given
 
