@@ -14,6 +14,7 @@ from runner.planner.devices import KINDS, Devices, from_partition, preset
 from runner.planner.inputs import MICROBATCH_SIZE_HELP, MICROBATCHES_HELP, default_seq, input_problems
 from runner.planner.layouts import DEFAULT_ZERO_STAGES, usable_note, uses_every_device_by_default
 from runner.planner.models import MODELS, Workload
+from runner.planner.what_fits import what_fits, what_fits_text
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, SCHEDULES, WORKLOADS, SpecError
 from ui import planner as P
 from ui.format import human_bytes, human_duration
@@ -197,6 +198,8 @@ with answer:
     best = result.best
     if best is None or best.step is None or best.memory is None:
         st.error(f"No layout of this model fits these {devices.word}s: each one's reason is listed below.")
+        found = what_fits(inputs.config(), work, devices, inputs.zero_stages, efficiency, use_all)
+        st.markdown(what_fits_text(found, devices.word))
     else:
         st.markdown(f"**Recommended: {P.recommendation(result)}**")
         m1, m2, m3 = st.columns(3)

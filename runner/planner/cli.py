@@ -32,6 +32,7 @@ from runner.planner.layouts import (
     uses_every_device_by_default,
 )
 from runner.planner.models import MODELS, GiB, Workload, with_dims
+from runner.planner.what_fits import what_fits, what_fits_text
 from runner.spec.run_spec import DTYPE_KEEPS, DTYPES, MODEL_FIELDS, SCHEDULES, WORKLOADS, SpecError, SpecProblem
 
 DEFAULT_GPU = "h100-80gb"
@@ -230,10 +231,16 @@ def run_plan(args: argparse.Namespace) -> int:
     efficiency = efficiency_on(devices, args.efficiency)
     use_all = uses_every_device_by_default(devices.count) if args.fewer is None else not args.fewer
     result = plan(cfg, work, devices, zero_stages=zero, efficiency=efficiency, use_all=use_all)
+    found = what_fits(cfg, work, devices, zero, efficiency, use_all) if not result.feasible else []
     if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
+        out = result.to_dict()
+        if not result.feasible:
+            out["what_fits"] = [{"change": words, **c.to_dict()} for words, c in found]
+        print(json.dumps(out, indent=1))
     else:
         print(format_plan(result, args.top))
+        if not result.feasible:
+            print("\n" + what_fits_text(found, devices.word))
     return 0
 
 
