@@ -207,6 +207,8 @@ with answer:
         m2.metric("step time", human_duration(best.step.total), help="predicted: the fastest feasible layout")
         m3.metric(f"memory per {devices.word}", human_bytes(best.memory.total),
                   help=f"the predicted peak, of {human_bytes(devices.usable_bytes)} usable")  # fmt: skip
+        if best.memory.notes:  # what the columns alone do not say (the gradients ZeRO-2 keeps whole, a cast copy)
+            st.caption("Memory of the recommendation: " + "; ".join(best.memory.notes) + ".")
     named = f"custom {chosen.family} (from {model})" if custom else model  # the preset's name is not the model's
     st.caption(f"{named} · {workload} · batch {batch} x {seq} · {dtype} · {devices.describe()}")
 

@@ -1,4 +1,5 @@
-"""runner/planner/what_fits.py: when no layout fits, the settings that would make one fit, on the CLI and the page."""
+"""runner/planner/what_fits.py: when no layout fits, the settings that would make one fit, on the CLI and the page;
+and what the recommendation's memory figure holds beyond its columns."""
 
 from __future__ import annotations
 
@@ -57,3 +58,15 @@ def test_the_cli_and_the_page_say_what_would_fit(capsys):
     at.number_input(key="planner_batch").set_value(1024)
     at.number_input(key="planner_seq").set_value(8192).run()
     assert not at.exception and any("What would fit" in m.value for m in at.markdown), [e.value for e in at.error]
+
+
+def test_the_recommendations_memory_notes_are_printed_with_it(capsys):
+    """Under ZeRO-2 with microbatches the grads column shows the shard while the peak holds the whole gradients
+    until the reduce-scatter: only the JSON said so, beside a column that seemed to contradict the total."""
+    from runner.planner.cli import run_plan
+
+    argv = ("--model", "llama-3.1-8b", "--gpus", "8", "--gpu", "h100-80gb", "--seq", "4096", "--batch", "256",
+            "--zero", "2", "--microbatch-size", "1")  # fmt: skip
+    assert run_plan(plan_args(*argv)) == 0
+    out = capsys.readouterr().out
+    assert "\nthe first row's memory: ZeRO-2/3 with microbatches: the full gradients exist until the reduce-scatter" in out

@@ -188,6 +188,8 @@ def format_plan(result: Plan, top: int = 15) -> str:
     if result.feasible and result.feasible[0].memory:
         lines.append(f"{unit}/{dev.word}: the most a rank holds at one moment, not the sum of the columns (each part's "
                      f"largest; gradients and temporaries come and go); the first row peaks at: {result.feasible[0].memory.peak_at}")  # fmt: skip
+        if result.feasible[0].memory.notes:
+            lines.append("the first row's memory: " + "; ".join(result.feasible[0].memory.notes))
     if result.work.workload == "train":
         lines.append(f"adamw: {STEP_NOTE}")
     lines += ["", f"infeasible ({len(result.infeasible)}):"] + ([f"  ({usable_note(dev)})"] if result.infeasible else [])
