@@ -94,7 +94,10 @@ def test_rank_table_shows_zero_sharding_checkpointing_and_precision_where_the_ru
     assert table["checkpointing saved MiB"].tolist() == [3.0, 1.0] and table["recompute s"].tolist() == [0.0123, 0.02]
     assert table["precision"].tolist() == ["bf16-mixed", "bf16-mixed"]
     plain = rank_table(ranks.assign(zero_stage=0).drop(columns=["precision", "grad_bytes", "recompute_s"]))
-    assert not {"ZeRO", "precision", "grads MiB", "recompute s"} & set(plain)
+    assert not {"ZeRO", "precision", "grads MiB", "recompute s", "weights read MiB"} & set(plain)
+    # a Hugging Face folder's run: each rank's own slices read (tp 2: about half the model each)
+    read = rank_table(ranks.assign(weights_bytes_read=[251008, 251008]))
+    assert read["weights read MiB"].tolist() == [0.24, 0.24]
 
 
 def test_rank_tables_split_what_each_rank_held_from_where_its_time_and_bytes_went():

@@ -94,6 +94,7 @@ def rank_table(ranks: pd.DataFrame) -> pd.DataFrame:
         ("cublas_workspace_bytes", "cuBLAS workspaces MiB"),  # CUDA: in the run's peak, not in the tensor peak
         ("peak_mem_bytes", "run's peak MiB"),  # what the run itself allocated (above set-up on CPU)
         ("peak_rss_bytes", "process peak RSS MiB"),  # the whole process: interpreter, torch, buffers
+        ("weights_bytes_read", "weights read MiB"),  # of a Hugging Face folder: this rank's own slices
     )
     for col, name in sizes:
         if col in ranks and ranks[col].notna().any():  # runs recorded before peak_rss_bytes have none
