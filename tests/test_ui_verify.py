@@ -36,6 +36,10 @@ def test_a_forward_run_has_no_gradient_row_and_a_generate_run_says_whether_token
     assert list(differences(forward)["quantity"]) == ["logits", "loss"]
     generate = {"passed": False, "logits_max_abs_diff": 1e-6, "tokens_equal": False}
     assert differences(generate)["bound"].tolist() == ["—", "must match: they DIFFER"]
+    # the bounds named are those of what was compared: a forward has no gradients, a generate no loss either
+    assert tolerance_text(forward) == "logits rel ≤ 1e-05, loss rel ≤ 1e-05 (compared in float32)"
+    generated = {**generate, "logits_max_rel_diff": 1e-6, "tolerances": FAILED["tolerances"]}
+    assert tolerance_text(generated) == "logits rel ≤ 1e-05"
 
 
 def test_a_legacy_verify_shows_its_numbers_without_tolerances():

@@ -43,10 +43,14 @@ def list_verdict(verify: dict[str, Any] | None, status: str) -> str:
 
 
 def tolerance_text(verify: dict[str, Any]) -> str:
-    """'logits rel ≤ 1e-05, loss rel ≤ 1e-05, …' in the dtype the comparison ran in; '' when none were recorded."""
+    """'logits rel ≤ 1e-05, loss rel ≤ 1e-05, …' in the dtype the comparison ran in, for the quantities the run
+    compared (a generate run has no loss, gradients or update to bound); '' when none were recorded."""
     tolerances = verify.get("tolerances") or {}
+    compared = {tol for _, abs_key, rel_key, tol in QUANTITIES
+                if verify.get(abs_key) is not None or (rel_key and verify.get(rel_key) is not None)}  # fmt: skip
     parts = [
-        " ".join(filter(None, (name, TOLERANCE_KIND.get(name), f"≤ {tol:.0e}"))) for name, tol in tolerances.items()
+        " ".join(filter(None, (name, TOLERANCE_KIND.get(name), f"≤ {tol:.0e}")))
+        for name, tol in tolerances.items() if name in compared or name not in TOLERANCE_KIND
     ]
     if not parts:
         return ""
