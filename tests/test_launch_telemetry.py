@@ -91,6 +91,28 @@ def test_sampler_reports_cpu_and_rss_of_each_rank_process():
     assert Sampler(proc.pid, time.time()).sample() == []  # a finished job samples as nothing, not an error
 
 
+def test_a_rank_that_exited_but_is_not_yet_reaped_is_not_sampled():
+    """Linux reads a zombie's RSS as 0: every run's memory chart fell to 0 at its last sample, as if it crashed."""
+    code = (
+        "import os, subprocess, sys, time\n"
+        "kid = subprocess.Popen([sys.executable, '-c', 'import time; x = bytearray(30_000_000); time.sleep(1)'],"
+        " env={**os.environ, 'RANK': '0'})\n"
+        "time.sleep(60)\n"  # never waits for it: the kid stays a zombie
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    try:
+        sampler = Sampler(proc.pid, time.time())
+        deadline = time.monotonic() + 15
+        while not sampler.sample() and time.monotonic() < deadline:  # its rank read while it runs
+            time.sleep(0.1)
+        (kid,) = psutil.Process(proc.pid).children()
+        while kid.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert kid.status() == psutil.STATUS_ZOMBIE and sampler.sample() == []
+    finally:
+        stop_group(proc.pid, grace_s=1.0, popen=proc)
+
+
 def test_modules_the_app_imports_do_not_import_torch():
     code = (
         "import sys\n"

@@ -90,6 +90,9 @@ class Sampler:
             if rank is None:
                 continue
             try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    # a rank that has exited but is not yet reaped reads an RSS of 0: not a sample of the run
+                    continue
                 # cpu_percent compares with the previous call on the same object; the first returns 0.
                 cpu = proc.cpu_percent(None)
                 rss = proc.memory_info().rss
