@@ -69,6 +69,8 @@ def test_comparison_figures_ratios_and_differences(engine):
     shown = readable_table(table).set_index("run")
     assert {"layout", "messages/step", "payload MiB/step", "idle share"} <= set(shown.columns)
     assert shown.loc[b, "idle share"] == "50.0%" and shown.loc[b, "MFU"] == "GPU only"
+    # in ms as the medians table gives it: 1,000 / 500 tokens/s = 2 s a step
+    assert shown.loc[b, "step p50 (ms)"] == 2000.0
     assert readable_table(ratios, ratio=True).set_index("run").loc[b, "tokens/s"] == "0.5x"
 
 
@@ -83,7 +85,7 @@ def test_no_ratio_to_a_baseline_of_other_work_and_the_table_says_each_runs_work(
     assert unlike == {other: "batch 8 / 16"}
     shown = readable_table(with_baseline(comparison_table(runs), a, unlike), ratio=True).set_index("run")
     assert shown.loc[same, "tokens/s"] == "1.5x" and shown.loc[same, "not compared: differs in"] == ""
-    assert shown.loc[other, "tokens/s"] == "not compared" and shown.loc[other, "step p50 (s)"] == "not compared"
+    assert shown.loc[other, "tokens/s"] == "not compared" and shown.loc[other, "step p50 (ms)"] == "not compared"
     assert shown.loc[other, "not compared: differs in"] == "batch 8 / 16"
     assert shown["batch x seq"].tolist() == ["8 x 64", "8 x 64", "16 x 64"]
     at = page("pages/compare.py", runs=f"{a},{same},{other}")

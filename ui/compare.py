@@ -164,7 +164,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "work": ("batch x seq", "global batch (sequences) x sequence length; generate: + new tokens"),
     "verify": ("verify", "the job's verdict against the single-device reference"),
     "tokens_per_s": ("tokens/s", ""),
-    "step_time_s_p50": ("step p50 (s)", "median time of a timed step"),
+    "step_time_s_p50": ("step p50 (ms)", "median time of a timed step"),
     "peak_tensor_mib_max": (
         "tensor peak MiB",
         "the most bytes a rank's tensors held at once in a step, largest "
@@ -212,7 +212,7 @@ def readable_table(table: pd.DataFrame, ratio: bool = False) -> pd.DataFrame:
     for key, (name, _) in FIGURES.items():
         if key not in table:
             continue
-        col = table[key]
+        col = table[key] * 1e3 if key == "step_time_s_p50" and not ratio else table[key]  # in ms, as the medians
         if key in LABELS:
             out[name] = col
         elif col.notna().all() and key not in SHARES and not ratio:
