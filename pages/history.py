@@ -206,6 +206,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
     view["tags"] = view["tags"].map(lambda t: ", ".join(t or []))
     view["model"] = [model_label(m, w) for m, w in zip(view["model"], view["weights"], strict=True)]
     view["peak_mem_mib"] = view["peak_mem_bytes_max"] / 2**20
+    view["step_ms_p50"] = view["step_time_s_p50"] * 1e3  # in ms, as Compare and the run page give it
     view["ran_on"] = [ran_on(h, b) for h, b in zip(view["runner_host"], view["backend"], strict=True)]
     view["verify"] = [list_verdict(v, s) for v, s in zip(runs["verify"], runs["status"], strict=True)]
     view[["user", "note"]] = view[["user", "note"]].fillna("")  # no note is an empty cell, not a grey "None"
@@ -224,7 +225,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             "pp",
             "dp",
             "tokens_per_s",
-            "step_time_s_p50",
+            "step_ms_p50",
             "peak_mem_mib",
             "ran_on",
             "user",
@@ -239,7 +240,7 @@ def runs_table(filters: api.RunFilter, offset: int) -> None:
             ),
             "world_size": st.column_config.NumberColumn("ranks"),
             "tokens_per_s": st.column_config.NumberColumn("tokens/s", format="%.0f"),
-            "step_time_s_p50": st.column_config.NumberColumn("step p50 (s)", format="%.4f"),
+            "step_ms_p50": st.column_config.NumberColumn("step p50 (ms)", format="%.2f"),
             "peak_mem_mib": st.column_config.NumberColumn("peak mem (MiB, max rank)", format="%.1f"),
             "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
             "ran_on": st.column_config.TextColumn(

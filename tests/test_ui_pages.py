@@ -460,6 +460,7 @@ def test_history_lists_each_runs_verdict_and_colours_both_charts_by_strategy(eng
     assert not at.exception
     table = at.dataframe[0].value.set_index("id")
     assert table.loc[[checked, failed, unchecked, queued], "verify"].tolist() == ["pass", "fail", "off", "—"]
+    assert table.loc[queued, "note"] == ""  # no note is an empty cell, not a grey "None"
     throughput, memory = (json.loads(c.proto.spec) for c in at.get("vega_lite_chart")[:2])
     assert throughput["encoding"]["color"]["field"] == memory["encoding"]["color"]["field"] == "strategy"
 
