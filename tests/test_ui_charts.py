@@ -74,6 +74,7 @@ def test_every_step_chart_numbers_steps_from_1_as_the_rank_logs_do():
     steps = pd.DataFrame({"step": [0, 1, 2], "warmup": [True, False, False], "step_time_s": 0.01, "loss": [3.0, 2.0, 1.0],
                           "eval_loss": [None, None, 1.5]})  # fmt: skip
     assert charts.step_time_chart(steps).data["step"].tolist() == [1, 2, 3]
+    assert charts.step_time_chart(steps).data["step_ms"].tolist() == [10.0, 10.0, 10.0]  # ms, as p50 and p90 read
     assert sorted(set(charts.loss_chart(steps).data["step"])) == [1, 2, 3]
     overlay = charts.loss_overlay_chart(steps.assign(run_id=7), {7: "#7"}).data
     assert sorted(set(overlay["step"])) == [1, 2, 3]
