@@ -38,6 +38,9 @@ LIST_COLUMNS = [
 ]  # fmt: skip
 
 
+WEIGHTS = Run.spec["weights"].label("weights")  # the spec's weights path: names a Hugging Face folder's model
+
+
 @dataclass
 class RunFilter:
     status: list[str] | None = None
@@ -183,8 +186,7 @@ def list_runs(engine: Engine, filters: RunFilter | None = None, limit: int = 50,
     """LIST_COLUMNS of the filtered runs, newest first, `verify`: the job's verify record (its verdict and
     differences, a small part of the stored result; None for a run that did not verify or has no result yet), and
     `weights`: the spec's weights path (None without), which names a Hugging Face folder's model."""
-    cols = [getattr(Run, c) for c in LIST_COLUMNS] + [Run.result["verify"].label("verify"),
-                                                       Run.spec["weights"].label("weights")]  # fmt: skip
+    cols = [getattr(Run, c) for c in LIST_COLUMNS] + [Run.result["verify"].label("verify"), WEIGHTS]
     query = (filters or RunFilter()).apply(select(*cols)).order_by(Run.id.desc()).limit(limit).offset(offset)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
@@ -220,8 +222,7 @@ def active_runs(engine: Engine) -> pd.DataFrame:
     """Running and queued runs, oldest first, with progress, the reason a queued run waits and the spec's weights."""
     cols = ["id", "status", "strategy", "model", "workload", "world_size", "user", "created_at", "started_at",
             "progress_step", "total_steps", "wait_reason", "cancel_requested"]  # fmt: skip
-    q = select(*(getattr(Run, c) for c in cols), Run.spec["weights"].label("weights")).where(
-        Run.status.in_(("running", "queued"))).order_by(Run.id)  # fmt: skip
+    q = select(*(getattr(Run, c) for c in cols), WEIGHTS).where(Run.status.in_(("running", "queued"))).order_by(Run.id)
     with engine.connect() as conn:
         return pd.DataFrame(conn.execute(q).all(), columns=[*cols, "weights"])
 

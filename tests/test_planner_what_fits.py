@@ -4,6 +4,7 @@ and what the recommendation's memory figure holds beyond its columns."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from streamlit.testing.v1 import AppTest
 
@@ -30,7 +31,7 @@ def test_each_change_is_planned_as_if_the_user_had_made_it():
     assert found, "checkpointing alone makes a layout fit (README's example)"
     for words, best in found:
         change = offered[words]
-        again = plan(SEVENTY_B, change.work, H100_64, change.zero_stages).best
+        again = plan(SEVENTY_B, replace(WORK, **change.fields), H100_64, change.zero_stages or (0, 1)).best
         assert again is not None and best.layout == again.layout and best.memory.total <= H100_64.usable_bytes
     text = what_fits_text(found, "GPU")
     assert text.startswith("What would fit") and "checkpoint blocks: " in text

@@ -164,7 +164,7 @@ FIGURES: dict[str, tuple[str, str]] = {
     "work": ("batch x seq", "global batch (sequences) x sequence length; generate: + new tokens"),
     "verify": ("verify", "the job's verdict against the single-device reference"),
     "tokens_per_s": ("tokens/s", ""),
-    "step_time_s_p50": ("step p50 (ms)", "median time of a timed step"),
+    "step_time_s_p50": ("step p50 (ms)", "median time of a timed step"),  # in ms: SCALE
     "peak_tensor_mib_max": (
         "tensor peak MiB",
         "the most bytes a rank's tensors held at once in a step, largest "
@@ -192,6 +192,7 @@ FIGURES: dict[str, tuple[str, str]] = {
 SHARES = ("params_share_max", "compute_share", "comm_share", "idle_share", "bubble_measured", "bubble_theory", "mfu")
 
 
+SCALE = {"step_time_s_p50": 1e3}  # figures shown in another unit than stored: step time in ms (Compare's tables)
 LABELS = ("run", "strategy", "degrees", "ranks", "model", "workload", "work", "not_compared", "verify")  # shown as they are
 
 
@@ -212,7 +213,7 @@ def readable_table(table: pd.DataFrame, ratio: bool = False) -> pd.DataFrame:
     for key, (name, _) in FIGURES.items():
         if key not in table:
             continue
-        col = table[key] * 1e3 if key == "step_time_s_p50" and not ratio else table[key]  # in ms, as the medians
+        col = table[key] * SCALE.get(key, 1) if not ratio else table[key]
         if key in LABELS:
             out[name] = col
         elif col.notna().all() and key not in SHARES and not ratio:

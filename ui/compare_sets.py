@@ -31,7 +31,7 @@ from runner.analysis.stats import (
 )
 from runner.spec.run_spec import RunSpec
 from ui.alike import difference_text
-from ui.compare import run_figures
+from ui.compare import SCALE, run_figures
 from ui.cpu import shared_machine
 
 # (figure in run_figures, what people call it, printf format): the figures that vary from run to run.
@@ -43,7 +43,6 @@ FIGURES = (
     ("bubble_measured", "pipeline bubble", "{:.1%}"),
     ("peak_rss_mib_max", "process peak RSS (MiB, max rank)", "{:,.1f}"),
 )
-SCALE = {"step_time_s_p50": 1e3}  # shown in ms
 JUDGED = "tokens_per_s"  # the figure whose differences are put into words (step time is its reciprocal)
 
 

@@ -10,7 +10,8 @@ their bfloat16 copies) and ZeRO up to stage 3 (the optimizer state, gradients an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from runner.gpt.config import GPTConfig
 from runner.planner.devices import Devices
@@ -22,11 +23,12 @@ ALL_ZERO = (0, 1, 2, 3)
 
 @dataclass(frozen=True)
 class Change:
-    """One setting changed: its words (as the fields are named, on the page and the CLI alike) and what it plans."""
+    """One setting changed: its words (as the fields are named, on the page and the CLI alike), the workload fields
+    it sets, and the ZeRO stages it plans (None: those asked)."""
 
     words: str
-    work: Workload
-    zero_stages: tuple[int, ...]
+    fields: dict[str, Any] = field(default_factory=dict)
+    zero_stages: tuple[int, ...] | None = None
 
 
 def changes(work: Workload, zero_stages: tuple[int, ...]) -> list[Change]:
@@ -34,15 +36,15 @@ def changes(work: Workload, zero_stages: tuple[int, ...]) -> list[Change]:
     train = work.workload == "train"
     out = []
     if train and work.microbatch_size != 1:
-        out.append(Change("microbatch_size 1", replace(work, microbatch_size=1, microbatches=0), zero_stages))
+        out.append(Change("microbatch_size 1", {"microbatch_size": 1, "microbatches": 0}))
     if train and work.checkpoint != "blocks":
-        out.append(Change("checkpoint blocks", replace(work, checkpoint="blocks"), zero_stages))
+        out.append(Change("checkpoint blocks", {"checkpoint": "blocks"}))
     if not work.sequence_parallel:
-        out.append(Change("sequence_parallel", replace(work, sequence_parallel=True), zero_stages))
+        out.append(Change("sequence_parallel", {"sequence_parallel": True}))
     if train and work.dtype in ("float32", "bf16-mixed"):
-        out.append(Change("dtype bf16-master", replace(work, dtype="bf16-master"), zero_stages))
+        out.append(Change("dtype bf16-master", {"dtype": "bf16-master"}))
     if train and tuple(sorted(zero_stages)) != ALL_ZERO:
-        out.append(Change("ZeRO stages 0-3", work, ALL_ZERO))
+        out.append(Change("ZeRO stages 0-3", zero_stages=ALL_ZERO))
     return out
 
 
@@ -53,15 +55,14 @@ def what_fits(cfg: GPTConfig, work: Workload, devices: Devices, zero_stages: tup
     options = changes(work, zero_stages)
     found = []
     for change in options:
-        best = plan(cfg, change.work, devices, change.zero_stages, efficiency, use_all).best
+        best = plan(cfg, replace(work, **change.fields), devices, change.zero_stages or zero_stages, efficiency,
+                    use_all).best  # fmt: skip
         if best is not None:
             found.append((change.words, best))
     if found or len(options) < 2:
         return found
-    together = work
-    for change in options:  # every field each change sets, on one workload
-        together = replace(together, **{k: v for k, v in change.work.__dict__.items() if v != work.__dict__[k]})
-    stages = ALL_ZERO if any(c.zero_stages == ALL_ZERO for c in options) else zero_stages
+    together = replace(work, **{k: v for c in options for k, v in c.fields.items()})
+    stages = ALL_ZERO if any(c.zero_stages for c in options) else zero_stages
     best = plan(cfg, together, devices, stages, efficiency, use_all).best
     return [(", ".join(c.words for c in options), best)] if best is not None else []
 
